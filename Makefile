@@ -1,0 +1,53 @@
+# One-command set-up on a fresh Debian 12 machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench bench-lb examples setup nginx clean
+
+setup: $(STAMP) nginx
+
+$(BIN)/python:
+	@$(PY) -m venv $(VENV) 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "fdngx: installing python3-venv (Debian)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null && rm -rf $(VENV) && $(PY) -m venv $(VENV); \
+	  else echo "fdngx: '$(PY) -m venv' failed; install python3-venv (as root: apt-get install python3-venv)" >&2; exit 1; fi; }
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+# nginx with the Lua module (for the OpenResty flavor) from Debian, only when missing.
+nginx:
+	@if command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "fdngx: installing nginx libnginx-mod-http-lua lua-resty-core (Debian)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    nginx libnginx-mod-http-lua lua-resty-core >/dev/null; \
+	  command -v invoke-rc.d >/dev/null && invoke-rc.d nginx stop >/dev/null 2>&1 || true; \
+	else echo "fdngx: nginx is missing; as root run: apt-get install nginx libnginx-mod-http-lua lua-resty-core" >&2; exit 1; fi
+
+demo: setup
+	$(BIN)/fdngx demo
+
+test: setup
+	$(BIN)/ruff check fdngx tests bench
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: setup
+	$(BIN)/ruff check fdngx tests bench
+
+examples: setup
+	$(BIN)/python -m tests.regen_examples
+
+bench: setup
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python -m bench.render
+	$(BIN)/python -m bench.lb
+
+clean:
+	rm -rf $(VENV) build *.egg-info

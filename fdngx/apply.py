@@ -1,0 +1,98 @@
+"""One render job, as `fdngx render` (and cron) runs it: inventory -> text -> stdout, file, or safe apply.
+
+The sidecar uses the same pieces (`nginx_control`, `nginx.safe_apply`), so there is one write path.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fdngx import inventory as inv_mod
+from fdngx.errors import UsageError
+from fdngx.inventory import Inventory
+from fdngx.nginx import ApplyResult, NginxControl, find_nginx, prepare_prefix, safe_apply, unified_diff
+from fdngx.render import RenderOptions, ServerState, parse_listen, render
+
+StatesFn = Callable[[Inventory], Mapping[str, ServerState] | None]
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    inventories: Sequence[Path]
+    opts: RenderOptions
+    out: Path | None = None  # None: stdout
+    prefix: Path | None = None
+    nginx_conf: Path | None = None
+    nginx_bin: str | None = None
+    reload_cmd: str | None = None
+    reload: bool = False
+    check: bool = False
+    diff: bool = False
+
+    def validated(self) -> RenderJob:
+        self.opts.validated()
+        if (self.reload or self.check) and self.out is None:
+            raise UsageError("--reload and --check need --out PATH (the file nginx reads)")
+        if self.reload and self.check:
+            raise UsageError("--check only compares; it cannot be combined with --reload")
+        return self
+
+
+@dataclass(frozen=True)
+class RenderOutcome:
+    text: str
+    result: ApplyResult | None = None
+    current: bool | None = None  # --check: is the file on disk up to date?
+    diff: str = ""
+
+
+def standalone_prefix(job: RenderJob) -> Path | None:
+    if job.opts.mode != "standalone":
+        return job.prefix
+    if job.prefix is not None:
+        return job.prefix
+    return job.out.parent.resolve() if job.out is not None else None
+
+
+def nginx_control(job: RenderJob) -> NginxControl:
+    """How to test/reload the nginx that reads `job.out`, derived from the mode and options."""
+    binary = find_nginx(job.nginx_bin)
+    reload_cmd = shlex.split(job.reload_cmd) if job.reload_cmd else None
+    verify_url = None
+    if job.opts.mode in ("site", "standalone"):
+        host, port = parse_listen(job.opts.listen)
+        verify_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/fdngx/generation"
+    if job.opts.mode == "standalone":
+        prefix = standalone_prefix(job)
+        conf = job.nginx_conf or (job.out.resolve() if job.out else None)
+        return NginxControl(binary, conf, prefix, "logs/error.log", reload_cmd, verify_url=verify_url)
+    return NginxControl(binary, job.nginx_conf, job.prefix, None, reload_cmd, verify_url=verify_url)
+
+
+def run_render(job: RenderJob, states_fn: StatesFn | None = None) -> RenderOutcome:
+    """Render once; write/apply per the job. `states_fn` (cron mode) turns a scrape into weights."""
+    job = job.validated()
+
+    def content() -> str:
+        inv = inv_mod.load_many(list(job.inventories))
+        states = states_fn(inv) if states_fn else None
+        return render(inv, job.opts, states)
+
+    if job.out is None:
+        return RenderOutcome(content())
+    if job.check or (job.diff and not job.reload):
+        text = content()
+        try:
+            old: bytes | None = job.out.read_bytes()
+        except FileNotFoundError:
+            old = None
+        return RenderOutcome(text, None, old == text.encode("utf-8"), unified_diff(old, text, job.out))
+    prefix = standalone_prefix(job)
+    if prefix is not None and job.opts.mode == "standalone":
+        prepare_prefix(prefix)
+    control = nginx_control(job) if job.reload else None
+    result = safe_apply(job.out, content, control, reload=job.reload)
+    return RenderOutcome("", result, None, result.diff)

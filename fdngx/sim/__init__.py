@@ -1,0 +1,1 @@
+"""Simulated FastDeploy replicas (fdngx sim)."""

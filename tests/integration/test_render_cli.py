@@ -1,0 +1,91 @@
+"""`fdngx render` as users run it: bad inputs, help, and an installed (non-editable) wheel."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.support import REPO, fdngx
+
+GOOD = {"name": "dp0", "host": "127.0.0.1", "port": 8001, "metrics_port": 9001}
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (json.dumps({"instances": [{**GOOD, "host": "10.0.0.1 10.0.0.2"}]}), "field 'host'"),
+        (json.dumps({"instances": [{**GOOD, "host": "127.0.0.1:1; } server { listen 1"}]}), "field 'host'"),
+        (json.dumps({"instances": [{**GOOD, "host": "a\nb"}]}), "field 'host'"),
+        (json.dumps({"instances": [{**GOOD, "port": 0}]}), "field 'port' = 0 is out of range"),
+        (json.dumps({"instances": [{**GOOD, "port": 70000}]}), "field 'port' = 70000 is out of range"),
+        (json.dumps({"instances": [GOOD, {**GOOD, "name": "dp1"}]}), "127.0.0.1:8001 is already listed as 'dp0'"),
+        (json.dumps({"instances": [{"name": "dp0", "port": 8001}]}), "missing field 'host'"),
+        ('{"instances": [', "invalid JSON at line 1"),
+        (json.dumps({"upstream": "x;y", "instances": [GOOD]}), "field 'upstream'"),
+    ],
+)
+def test_rejected_inventory_one_line_error_and_nothing_written(tmp_path: Path, content: str, expected: str) -> None:
+    inv = tmp_path / "bad.json"
+    inv.write_text(content)
+    out = tmp_path / "upstream.conf"
+    out.write_text("# the live config\n")
+    proc = fdngx("render", "-i", str(inv), "--out", str(out), "--reload", "--nginx-bin", "/bin/false")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("fdngx: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert str(inv) in proc.stderr and expected in proc.stderr
+    assert out.read_text() == "# the live config\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["bad.json", "upstream.conf"]
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    inv = REPO / "examples" / "fdngx.json"
+    assert fdngx("render", "-i", str(inv), "--mode", "bogus").returncode == 2
+    assert fdngx("render", "-i", str(inv), "--listen", "x:y", "--mode", "site").returncode == 2
+    proc = fdngx("render", "-i", str(inv), "--reload")
+    assert proc.returncode == 2 and "--out" in proc.stderr
+    assert fdngx("render", "--no-such-flag").returncode == 2
+
+
+def test_missing_inventory_names_the_file(tmp_path: Path) -> None:
+    proc = fdngx("render", cwd=tmp_path)
+    assert proc.returncode == 1 and "fdngx.json: inventory file not found" in proc.stderr
+
+
+def test_render_help_explains_every_option() -> None:
+    proc = fdngx("render", "--help")
+    assert proc.returncode == 0
+    for opt in ("--inventory", "--mode", "--flavor", "--out", "--listen", "--prefix", "--reload", "--check",
+                "--diff", "--nginx-conf", "--template-dir", "--reload-cmd", "Exit codes"):
+        assert opt in proc.stdout, opt
+
+
+def test_wheel_ships_templates_and_renders_from_elsewhere(tmp_path: Path) -> None:
+    """A non-editable install carries templates/: build the wheel, run it from another directory."""
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(REPO)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    wheel = next(tmp_path.glob("fdngx-*.whl"))
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        assert "fdngx/templates/upstream.conf.j2" in names and "fdngx/templates/standalone.conf.j2" in names
+        zf.extractall(site)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    (work / "fdngx.json").write_text((REPO / "examples" / "fdngx.json").read_text())
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(site)!r}); "
+         "import fdngx.cli, fdngx.render; assert fdngx.render.__file__.startswith(sys.path[0]); "
+         "sys.argv=['fdngx','render','--mode','standalone']; fdngx.cli.main()"],
+        capture_output=True, text=True, cwd=work, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "upstream fastdeploy {" in proc.stdout and "worker_shutdown_timeout" in proc.stdout

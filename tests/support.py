@@ -1,0 +1,182 @@
+"""Shared test helpers: free ports, condition waits, a real nginx under a temp prefix, tiny backends.
+
+Everything here starts real processes and stops them by PID (process group), even when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from fdngx.nginx import find_nginx, prepare_prefix
+
+REPO = Path(__file__).resolve().parent.parent
+BACKEND = Path(__file__).resolve().parent / "fixtures" / "echo_backend.py"
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (bound at once so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll `cond` until it returns something truthy; fail the test with `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+            if value:
+                return value
+        except Exception as exc:
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc})")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def stop_process_group(proc: subprocess.Popen[Any], grace: float = 10.0, sig: int = signal.SIGTERM) -> None:
+    """Stop a process we started in its own session, and everything in its group."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    # Children left in the group (nginx workers after a master crash) go too.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def fdngx(
+    *args: str, cwd: Path | None = None, timeout: float = 120.0, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a subprocess (as users and cron do)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fdngx", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fdngx {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+class Backends:
+    """Tiny HTTP replicas in one real process: each port answers /health and /v1/* with its name."""
+
+    def __init__(self, ports: Sequence[int], names: Sequence[str] | None = None, delay: float = 0.0) -> None:
+        self.ports = list(ports)
+        self.names = list(names or [f"b{i}" for i in range(len(ports))])
+        spec = ",".join(f"{p}={n}" for p, n in zip(self.ports, self.names, strict=True))
+        self.proc = subprocess.Popen(
+            [sys.executable, str(BACKEND), spec, str(delay)], start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            for p in self.ports:
+                wait_for(lambda p=p: http_ok(f"http://127.0.0.1:{p}/health"), 20, what=f"backend on {p}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        stop_process_group(self.proc)
+
+    def __enter__(self) -> Backends:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Nginx:
+    """A real nginx master (daemon off) under a temp prefix, started from a standalone config."""
+
+    def __init__(self, prefix: Path, conf: Path | None = None) -> None:
+        self.prefix = prefix
+        self.conf = conf or prefix / "nginx.conf"
+        self.binary = find_nginx()
+        prepare_prefix(prefix)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def argv(self, *extra: str) -> list[str]:
+        return [self.binary, "-p", f"{self.prefix}/", "-c", str(self.conf), "-e", "logs/error.log", *extra]
+
+    def test(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv("-t"), capture_output=True, text=True, timeout=30)
+
+    def start(self, url: str | None = None) -> Nginx:
+        self.proc = subprocess.Popen(
+            self.argv("-g", "daemon off;"), start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        pid_file = self.prefix / "logs" / "nginx.pid"
+        try:
+            wait_for(lambda: self.proc is not None and (self.proc.poll() is not None or pid_file.exists()), 20,
+                     what="nginx pid file")
+            if self.proc.poll() is not None:
+                raise AssertionError(f"nginx exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
+            if url:
+                wait_for(lambda: requests.get(url, timeout=1).status_code < 500, 20, what=f"nginx at {url}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def worker_pids(self) -> set[int]:
+        from fdngx.nginx import _children
+
+        assert self.proc is not None
+        return _children(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc)
+
+    def __enter__(self) -> Nginx:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def write_inventory(path: Path, instances: list[dict[str, Any]], upstream: str = "fastdeploy") -> Path:
+    path.write_text(json.dumps({"version": 1, "upstream": upstream, "instances": instances}, indent=2))
+    return path
+
+
+@contextlib.contextmanager
+def running(*things: Any) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for t in reversed(things):
+            t.stop()

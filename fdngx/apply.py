@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fdngx import inventory as inv_mod
+from fdngx import openresty
 from fdngx.errors import UsageError
 from fdngx.inventory import Inventory
 from fdngx.nginx import ApplyResult, NginxControl, find_nginx, prepare_prefix, safe_apply, unified_diff
@@ -31,6 +32,7 @@ class RenderJob:
     reload: bool = False
     check: bool = False
     diff: bool = False
+    admin_token_file: Path | None = None
 
     def validated(self) -> RenderJob:
         self.opts.validated()
@@ -72,9 +74,24 @@ def nginx_control(job: RenderJob) -> NginxControl:
     return NginxControl(binary, job.nginx_conf, job.prefix, None, reload_cmd, verify_url=verify_url)
 
 
+def finalize_options(job: RenderJob) -> RenderOptions:
+    """Fill in what the openresty flavor needs from the machine: the admin token and Lua modules."""
+    opts = job.opts
+    if opts.flavor != "openresty":
+        return opts
+    token_file = (job.admin_token_file or openresty.token_path(job.out)).resolve()
+    openresty.ensure_token(token_file)
+    modules = openresty.lua_modules(job.nginx_bin) if opts.mode == "standalone" else ()
+    return replace(opts, admin_token_file=str(token_file), lua_modules=opts.lua_modules or modules)
+
+
 def run_render(job: RenderJob, states_fn: StatesFn | None = None) -> RenderOutcome:
     """Render once; write/apply per the job. `states_fn` (cron mode) turns a scrape into weights."""
     job = job.validated()
+    prefix = standalone_prefix(job)
+    if prefix is not None and job.opts.mode == "standalone" and not (job.check or job.diff):
+        prepare_prefix(prefix)  # before the token file, which lives there too
+    job = replace(job, opts=finalize_options(job)).validated()
 
     def content() -> str:
         inv = inv_mod.load_many(list(job.inventories))
@@ -90,9 +107,6 @@ def run_render(job: RenderJob, states_fn: StatesFn | None = None) -> RenderOutco
         except FileNotFoundError:
             old = None
         return RenderOutcome(text, None, old == text.encode("utf-8"), unified_diff(old, text, job.out))
-    prefix = standalone_prefix(job)
-    if prefix is not None and job.opts.mode == "standalone":
-        prepare_prefix(prefix)
     control = nginx_control(job) if job.reload else None
     result = safe_apply(job.out, content, control, reload=job.reload)
     return RenderOutcome("", result, None, result.diff)

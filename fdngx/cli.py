@@ -79,6 +79,11 @@ def main() -> None:
     except FdngxError as exc:
         typer.secho(f"fdngx: error: {exc}", err=True, fg=typer.colors.RED)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        # A file or socket the user pointed us at: one line naming it, not a traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.secho(f"fdngx: error: {where}{exc.strerror or exc}", err=True, fg=typer.colors.RED)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

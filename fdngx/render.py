@@ -9,6 +9,7 @@ reload can be confirmed.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -49,7 +50,12 @@ class RenderOptions:
     worker_shutdown_timeout: str = "10m"
     read_timeout: str = "1h"
     client_max_body_size: str = "64m"
-    admin_token: str = ""
+    # OpenResty flavor: where the sidecar pushes weights, the token it must show, how the Lua picks.
+    admin_listen: str = "127.0.0.1:9401"
+    admin_token_file: str = ""
+    balancer_mode: str = "least"
+    # standalone + openresty on Debian's nginx: the dynamic modules to load (OpenResty has them built in).
+    lua_modules: tuple[str, ...] = ()
     # None: logs/access.log under the prefix (standalone) or /var/log/nginx/<upstream>.access.log (site).
     access_log: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -60,6 +66,12 @@ class RenderOptions:
         if self.flavor not in FLAVORS:
             raise UsageError(f"--flavor '{self.flavor}' is not one of {', '.join(FLAVORS)}")
         parse_listen(self.listen)
+        if self.flavor == "openresty":
+            parse_listen(self.admin_listen)
+            if self.admin_token_file and not re.fullmatch(r"[A-Za-z0-9_./@:+-]+", self.admin_token_file):
+                raise UsageError(f"--admin-token-file '{self.admin_token_file}': use a plain path, no spaces or quotes")
+            if self.balancer_mode not in ("least", "p2c"):
+                raise UsageError(f"--balancer '{self.balancer_mode}' is not one of least, p2c")
         if self.max_fails < 0 or self.fail_timeout < 1 or self.keepalive < 0:
             raise UsageError("--max-fails >= 0, --fail-timeout >= 1 and --keepalive >= 0 are required")
         return self
@@ -163,7 +175,10 @@ def context(inv: Inventory, opts: RenderOptions, states: Mapping[str, ServerStat
         "worker_shutdown_timeout": opts.worker_shutdown_timeout,
         "read_timeout": opts.read_timeout,
         "client_max_body_size": opts.client_max_body_size,
-        "admin_token": opts.admin_token,
+        "admin_token_file": opts.admin_token_file,
+        "admin_listen": opts.admin_listen,
+        "balancer_mode": opts.balancer_mode,
+        "lua_modules": list(opts.lua_modules) if opts.flavor == "openresty" else [],
         "access_log": opts.access_log or default_access_log(opts.mode, inv.upstream),
         "generation": GENERATION_TOKEN,
         **dict(opts.extra),
@@ -176,7 +191,18 @@ def render(inv: Inventory, opts: RenderOptions, states: Mapping[str, ServerState
     if not inv.instances:
         where = " + ".join(inv.sources) or "inventory"
         raise RenderError(f"{where}: no instances to render (nginx needs at least one server)")
-    name = f"{opts.mode}.conf.j2" if opts.flavor == "nginx" else f"{opts.mode}.{opts.flavor}.conf.j2"
+    if opts.flavor == "openresty":
+        if not opts.admin_token_file:
+            raise RenderError("openresty flavor: no admin token file (fdngx render creates one beside --out)")
+        # balancer_by_lua's set_current_peer takes addresses only; nginx resolves names at load time.
+        for inst in inv.instances:
+            try:
+                ipaddress.ip_address(inst.host)
+            except ValueError:
+                raise RenderError(
+                    f"instance '{inst.name}': the openresty flavor needs an IP address, not host '{inst.host}'"
+                ) from None
+    name = f"{opts.mode}.conf.j2"
     env = environment(opts.template_dir)
     try:
         text = env.get_template(name).render(context(inv, opts, states))

@@ -21,6 +21,9 @@ def rendered_files() -> dict[Path, str]:
     files[EXAMPLES / "fdngx-upstream.conf"] = render(sample, RenderOptions(mode="upstream"))
     files[EXAMPLES / "fdngx-site.conf"] = render(sample, RenderOptions(mode="site", listen="0.0.0.0:8080"))
     files[EXAMPLES / "standalone.conf"] = render(sample, RenderOptions(mode="standalone", listen="0.0.0.0:8080"))
+    files[EXAMPLES / "fdngx-upstream-openresty.conf"] = render(
+        sample, RenderOptions(mode="upstream", flavor="openresty", admin_token_file="/etc/fdngx/fdngx-admin.token")
+    )
     tricky = inventory.load(REPO / "tests" / "fixtures" / "golden-inventory.json")
     # Policy output on top of inventory weights: one replica held out, one re-weighted.
     states = {"node-b-dp2": ServerState(weight=5, down=True), "node-a-dp0": ServerState(weight=7)}

@@ -57,6 +57,16 @@ def render_cmd(
     max_fails: int = typer.Option(3, help="Per-server max_fails (passive health: failures within fail-timeout)."),
     fail_timeout: int = typer.Option(10, help="Per-server fail_timeout in seconds."),
     keepalive: int = typer.Option(64, help="Idle keepalive connections to the replicas per worker (0: off)."),
+    admin_listen: str = typer.Option(
+        "127.0.0.1:9401", help="openresty: ADDR:PORT of the loopback admin server the sidecar pushes weights to."
+    ),
+    admin_token_file: Path | None = typer.Option(
+        None, help="openresty: admin token file, created (0600) if missing (default: fdngx-admin.token beside --out)."
+    ),
+    balancer: str = typer.Option(
+        "least", help="openresty: least = least (in-flight + scraped external load) / weight over all replicas; "
+        "p2c = the better of two random replicas (less herding with several frontends)."
+    ),
     access_log: str | None = typer.Option(
         None, help="site/standalone access log path or 'off' (default: logs/access.log under the prefix "
         "for standalone, /var/log/nginx/<upstream>.access.log for site)."
@@ -76,6 +86,8 @@ def render_cmd(
         fail_timeout=fail_timeout,
         keepalive=keepalive,
         access_log=access_log,
+        admin_listen=admin_listen,
+        balancer_mode=balancer,
     )
     job = RenderJob(
         inventories=inventory_paths(inventory),
@@ -88,6 +100,7 @@ def render_cmd(
         reload=reload,
         check=check,
         diff=diff,
+        admin_token_file=admin_token_file,
     )
     outcome = run_render(job)
     if job.out is None:

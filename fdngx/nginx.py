@@ -214,7 +214,7 @@ class NginxControl:
             # The master logs why it refused the new config (bind() failed, ...) and keeps the old one.
             if not new_workers and (why := self._new_errors(log_offset)):
                 raise ApplyError(f"nginx refused the new config: {why}")
-            time.sleep(0.05)
+            time.sleep(0.02)
         why = self._new_errors(log_offset) or "no new worker processes and no new generation served"
         raise ApplyError(f"nginx did not take the new config within {self.timeout:.0f}s: {why}")
 

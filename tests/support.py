@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,23 +19,12 @@ from typing import Any
 import requests
 
 from fdngx.nginx import find_nginx, prepare_prefix
+from fdngx.sim.process import free_ports
+
+__all__ = ["Backends", "Nginx", "fdngx", "free_ports", "http_ok", "stop_process_group", "wait_for"]
 
 REPO = Path(__file__).resolve().parent.parent
 BACKEND = Path(__file__).resolve().parent / "fixtures" / "echo_backend.py"
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (bound at once so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "condition") -> Any:

@@ -1,0 +1,231 @@
+"""Start and stop an `fdngx sim` process from Python: the library API for tests, benchmarks and the demo.
+
+with start_sim([8001, 8002], [9001, 9002], speed=[1.0, 0.5], max_num_seqs=4) as sim:
+    sim.fault(1, unhealthy=True)
+    sim.state(0)["running"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+import requests
+
+from fdngx.errors import LaunchError
+
+STOP_GRACE_S = 5.0
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports that were free a moment ago (bound to port 0 together so they cannot repeat)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _csv(values: Sequence[Any] | Any) -> str:
+    if isinstance(values, (list, tuple)):
+        return ",".join(str(v) for v in values)
+    return str(values)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return " | ".join(text.strip().splitlines()[-lines:]) or "(empty log)"
+
+
+class SimProcess:
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        host: str,
+        ports: list[int],
+        metrics_ports: list[int],
+        log_path: Path,
+        log_file: BinaryIO,
+        own_log: bool = False,
+    ) -> None:
+        self.proc = proc
+        self.host = host
+        self.ports = ports
+        self.metrics_ports = metrics_ports
+        self.log_path = log_path
+        self._log_file = log_file
+        self._own_log = own_log
+        self._http = requests.Session()
+        self._http.trust_env = False  # never route loopback control calls through a proxy
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def url(self, i: int) -> str:
+        return f"http://{self.host}:{self.ports[i]}"
+
+    def metrics_url(self, i: int) -> str:
+        return f"http://{self.host}:{self.metrics_ports[i]}"
+
+    def _index(self, which: int) -> int:
+        """A replica index, or a metrics or API port number."""
+        if 0 <= which < len(self.ports):
+            return which
+        for seq in (self.metrics_ports, self.ports):
+            if which in seq:
+                return seq.index(which)
+        raise ValueError(f"no replica {which}: give an index below {len(self.ports)} or one of its ports")
+
+    def state(self, which: int) -> dict[str, Any]:
+        r = self._http.get(f"{self.metrics_url(self._index(which))}/sim/state", timeout=5)
+        r.raise_for_status()
+        return r.json()
+
+    def fault(self, which: int, **fault: Any) -> dict[str, Any]:
+        r = self._http.post(f"{self.metrics_url(self._index(which))}/sim/fault", json=fault, timeout=5)
+        if r.status_code != 200:
+            raise LaunchError(f"sim fault {fault} refused: {r.status_code} {r.text.strip()}")
+        return r.json()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, grace: float = STOP_GRACE_S) -> int | None:
+        """SIGTERM, then SIGKILL after `grace` seconds; by PID only; safe to call twice."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._http.close()
+        if not self._log_file.closed:
+            self._log_file.close()
+            # Start-up failures quote the log's tail; pass log_path to keep a log for longer.
+            if self._own_log:
+                self.log_path.unlink(missing_ok=True)
+        return self.proc.returncode
+
+    def __enter__(self) -> SimProcess:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        # Last resort so an exception between start and the `with` cannot leak a process.
+        proc = getattr(self, "proc", None)
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(Exception):
+                proc.kill()
+
+
+def sim_argv(
+    ports: Sequence[int],
+    metrics_ports: Sequence[int],
+    *,
+    host: str = "127.0.0.1",
+    speed: Sequence[float] | float | None = None,
+    max_num_seqs: Sequence[int] | int | None = None,
+    seed: int = 0,
+    extra_args: Iterable[str] = (),
+) -> list[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "fdngx.cli",
+        "sim",
+        "--ports",
+        _csv(ports),
+        "--metrics-ports",
+        _csv(metrics_ports),
+        "--host",
+        host,
+        "--seed",
+        str(seed),
+    ]
+    if speed is not None:
+        argv += ["--speed", _csv(speed)]
+    if max_num_seqs is not None:
+        argv += ["--max-num-seqs", _csv(max_num_seqs)]
+    return argv + list(extra_args)
+
+
+def start_sim(
+    ports: list[int],
+    metrics_ports: list[int],
+    *,
+    host: str = "127.0.0.1",
+    speed: Sequence[float] | float | None = None,
+    max_num_seqs: Sequence[int] | int | None = None,
+    seed: int = 0,
+    extra_args: Iterable[str] = (),
+    log_path: str | Path | None = None,
+    timeout: float = 30.0,
+) -> SimProcess:
+    """Start `fdngx sim` in its own session and return once every replica's /health answers 200."""
+    argv = sim_argv(
+        ports, metrics_ports, host=host, speed=speed, max_num_seqs=max_num_seqs, seed=seed, extra_args=extra_args
+    )
+    own_log = log_path is None
+    if log_path is None:
+        fd, name = tempfile.mkstemp(prefix="fdngx-sim-", suffix=".log")
+        os.close(fd)
+        log_path = name
+    path = Path(log_path)
+    log_file = path.open("ab")
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    sim = SimProcess(proc, host, list(ports), list(metrics_ports), path, log_file, own_log)
+    try:
+        _wait_healthy(sim, timeout, expect_unhealthy="--unhealthy" in argv)
+    except BaseException:
+        sim.stop(grace=1.0)
+        raise
+    return sim
+
+
+def _wait_healthy(sim: SimProcess, timeout: float, *, expect_unhealthy: bool) -> None:
+    deadline = time.monotonic() + timeout
+    pending = set(range(len(sim.ports)))
+    while pending:
+        if not sim.alive():
+            raise LaunchError(f"fdngx sim exited with status {sim.proc.returncode}: {_tail(sim.log_path)}")
+        for i in sorted(pending):
+            try:
+                # Started unhealthy on purpose: listening with the documented 404 is "up".
+                ok = (404,) if expect_unhealthy else (200,)
+                if sim._http.get(f"{sim.url(i)}/health", timeout=1).status_code in ok:
+                    pending.discard(i)
+            except requests.RequestException:
+                pass
+        if pending and time.monotonic() > deadline:
+            raise LaunchError(
+                f"fdngx sim replicas on ports {[sim.ports[i] for i in sorted(pending)]} not healthy after "
+                f"{timeout:.0f} s: {_tail(sim.log_path)}"
+            )
+        if pending:
+            time.sleep(0.05)

@@ -1,0 +1,153 @@
+"""`fdngx launch` and `fdngx stop`: option parsing only; the work is in fdngx.plan / launch / supervise."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from fdngx import launch as core
+from fdngx.cli import DEFAULT_INVENTORY, app
+from fdngx.plan import (
+    DEFAULT_BASE_PORT,
+    DEFAULT_TIMEOUT,
+    METRICS_OFFSET,
+    LaunchRequest,
+    build_plan,
+    parse_list,
+    parse_ports,
+)
+
+ENGINES_HELP = "fastdeploy | sim | vllm | sglang"
+
+
+@app.command(
+    "launch",
+    # Extra engine arguments only after `--`: unknown options before it stay errors, so a typo such as
+    # --gpu is reported instead of being handed to the engine.
+    context_settings={"allow_extra_args": True},
+    options_metavar="[OPTIONS] [-- ENGINE_ARGS...]",
+    epilog=(
+        "Examples:  fdngx launch --engine fastdeploy --num-servers 8 --gpus 0,1,2,3,4,5,6,7 --model M -- "
+        "--max-num-seqs 64\n\n"
+        "fdngx launch --engine sim --num-servers 4 --detach   (then: fdngx render ...; fdngx stop)"
+    ),
+)
+def launch_cmd(
+    ctx: typer.Context,
+    engine: str | None = typer.Option(
+        None, "--engine", "-e",
+        help=f"{ENGINES_HELP}. Default: fastdeploy when it is importable here, else sim (said on stderr).",
+    ),
+    num_servers: int = typer.Option(..., "--num-servers", "-n", min=1, help="How many data-parallel replicas."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Model name or path (required for fastdeploy, vllm, sglang; ignored by sim)."
+    ),
+    gpus: str | None = typer.Option(
+        None, "--gpus",
+        help="GPU ids, e.g. 0,1,2,3. FastDeploy multi_api_server: CUDA_VISIBLE_DEVICES for all ranks (required); "
+        "--per-instance, vllm, sglang: consecutive slices of --tensor-parallel-size GPUs per replica.",
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", "--host",
+        help="Address the replicas listen on and the inventory names (nginx connects to it).",
+    ),
+    base_port: int | None = typer.Option(
+        None, "--base-port",
+        help=f"First API port; replica i gets base+i. Default: {DEFAULT_BASE_PORT}. Excludes --ports.",
+    ),
+    ports: str | None = typer.Option(
+        None, "--ports", help="API ports, one per replica: 8001,8002,... Excludes --base-port."
+    ),
+    metrics_base_port: int | None = typer.Option(
+        None, "--metrics-base-port",
+        help=f"First metrics port (fastdeploy, sim). Default: each API port + {METRICS_OFFSET}. "
+        "vllm/sglang serve metrics on the API port.",
+    ),
+    metrics_ports: str | None = typer.Option(
+        None, "--metrics-ports", help="Metrics ports, one per replica. Excludes --metrics-base-port."
+    ),
+    inventory: Path = typer.Option(
+        DEFAULT_INVENTORY, "--inventory", "-i",
+        help="Inventory file to write (atomically, once every replica is healthy); its pidfile is <file>.pid.",
+    ),
+    log_dir: Path | None = typer.Option(
+        None, "--log-dir", help="Where each process's output goes. Default: fdngx-logs/ next to the inventory."
+    ),
+    timeout: float | None = typer.Option(
+        None, "--timeout",
+        help="Seconds to wait for every GET /health == 200. Default: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in DEFAULT_TIMEOUT.items()) + " (FastDeploy loads for minutes).",
+    ),
+    detach: bool = typer.Option(
+        False, "--detach", "-d",
+        help="Return once healthy; a supervisor keeps running (pidfile next to the inventory). Stop: fdngx stop.",
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the exact command lines, environment and inventory; start nothing."
+    ),
+    per_instance: bool = typer.Option(
+        False, "--per-instance",
+        help="fastdeploy/sim: one independent server process per replica instead of one multi-server process group.",
+    ),
+    restart: str = typer.Option(
+        "no", "--restart",
+        help="no | on-failure: restart a process that dies, with backoff 1,2,4..60 s (a multi-server group "
+        "restarts as a whole, since its ranks fail together).",
+    ),
+    grace: float = typer.Option(
+        15.0, "--grace", help="Seconds between the stop signal and SIGKILL when stopping a process group."
+    ),
+) -> None:
+    """Start data-parallel replicas, wait until each /health is 200, write the inventory, supervise them.
+
+    Engine arguments go after `--` and are passed through unchanged; fdngx adds only what they lack (--model, --host, --data-parallel-size, --engine-worker-queue-port) and refuses flags it sets per replica (--port, ...).
+
+    Foreground by default: Ctrl-C or SIGTERM stops every process it started, no orphans. With --detach a supervisor keeps them running; `fdngx stop` ends it.
+    """  # noqa: E501
+    if engine is None:
+        engine = "fastdeploy" if core.fastdeploy_installed() else "sim"
+        why = "FastDeploy is importable here" if engine == "fastdeploy" else "FastDeploy is not installed here"
+        typer.echo(f"fdngx: no --engine given and {why}: using --engine {engine}", err=True)
+    else:
+        typer.echo(f"fdngx: engine: {engine}", err=True)
+    req = LaunchRequest(
+        engine=engine,
+        num_servers=num_servers,
+        model=model,
+        gpus=parse_list(gpus, "--gpus") if gpus is not None else None,
+        host=host,
+        ports=parse_ports(ports, "--ports") if ports is not None else None,
+        metrics_ports=parse_ports(metrics_ports, "--metrics-ports") if metrics_ports is not None else None,
+        base_port=base_port,
+        metrics_base_port=metrics_base_port,
+        extra_args=list(ctx.args),
+        per_instance=per_instance,
+        inventory=inventory,
+        log_dir=log_dir,
+        timeout=timeout,
+        restart=restart,
+        grace=grace,
+    )
+    plan = build_plan(req)
+    if dry_run:
+        sys.stdout.write(plan.describe())
+        return
+    code = core.launch(plan, detach=detach)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command("stop")
+def stop_cmd(
+    inventory: Path = typer.Option(
+        DEFAULT_INVENTORY, "--inventory", "-i", help="Inventory written by `fdngx launch`; its pidfile is <file>.pid."
+    ),
+    grace: float | None = typer.Option(
+        None, "--grace", help="Seconds before SIGKILL. Default: the --grace the launch used (15)."
+    ),
+) -> None:
+    """Stop a launch (a detached one, or a foreground one from another shell): its supervisor and every process it started; say what was stopped."""  # noqa: E501
+    for line in core.stop(inventory, grace=grace):
+        typer.echo(f"fdngx: {line}")

@@ -1,0 +1,313 @@
+"""Launch planning: options -> exact processes (argv, env, log) and the inventory they will serve.
+
+Pure: nothing here starts a process, binds a port or touches the file system, so `--dry-run` and the unit
+tests see exactly what a real launch runs. Each engine module builds its own command lines from a
+`LaunchRequest` and the planned ports (`fdngx.engines.<engine>.build_launch`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fdngx.errors import UsageError
+from fdngx.inventory import ENGINES, Instance, Inventory, check_unique, parse_inventory, valid_host
+
+DEFAULT_BASE_PORT = 8001
+# Metrics ports sit a fixed offset above the API ports, so `8003` and `9003` are visibly the same replica.
+METRICS_OFFSET = 1000
+# FastDeploy's engine worker queue ports: one per rank, another fixed offset (see engines/fastdeploy.py).
+QUEUE_OFFSET = 2000
+DEFAULT_TIMEOUT = {"fastdeploy": 1800.0, "vllm": 1800.0, "sglang": 1800.0, "sim": 60.0}
+RESTART_POLICIES = ("no", "on-failure")
+
+
+@dataclass
+class LaunchRequest:
+    """What the user asked for, already parsed (the CLI fills it, tests build it directly)."""
+
+    engine: str
+    num_servers: int
+    model: str | None = None
+    gpus: list[str] | None = None
+    host: str = "127.0.0.1"
+    ports: list[int] | None = None
+    metrics_ports: list[int] | None = None
+    base_port: int | None = None
+    metrics_base_port: int | None = None
+    extra_args: list[str] = field(default_factory=list)
+    per_instance: bool = False
+    inventory: Path = Path("fdngx.json")
+    log_dir: Path | None = None
+    timeout: float | None = None
+    restart: str = "no"
+    grace: float = 15.0
+    # The interpreter for `python -m ...` engines: the one running fdngx, so its packages are the engine's.
+    python: str = sys.executable
+
+
+@dataclass
+class ProcSpec:
+    """One process to start in its own session; it serves the inventory instances named in `instances`."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log: str
+    instances: list[str]
+    # multi_api_server only stops its children on SIGINT (its Ctrl-C path); everything else takes SIGTERM.
+    stop_signal: str = "SIGTERM"
+
+    def command_line(self) -> str:
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
+        return f"{env} {shlex.join(self.argv)}" if env else shlex.join(self.argv)
+
+
+@dataclass
+class Plan:
+    engine: str
+    procs: list[ProcSpec]
+    inventory: Inventory
+    inventory_path: str
+    log_dir: str
+    ports: list[int]
+    timeout: float
+    restart: str
+    grace: float
+    # True when every instance lives in one process (multi_api_server, one sim): they fail and restart together.
+    grouped: bool
+
+    @property
+    def pidfile(self) -> str:
+        return pidfile_for(self.inventory_path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine,
+            "procs": [vars(p) for p in self.procs],
+            "inventory": self.inventory.to_dict(),
+            "inventory_path": self.inventory_path,
+            "log_dir": self.log_dir,
+            "ports": self.ports,
+            "timeout": self.timeout,
+            "restart": self.restart,
+            "grace": self.grace,
+            "grouped": self.grouped,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        return cls(
+            engine=data["engine"],
+            procs=[ProcSpec(**p) for p in data["procs"]],
+            inventory=parse_inventory(data["inventory"], "<launch plan>"),
+            inventory_path=data["inventory_path"],
+            log_dir=data["log_dir"],
+            ports=list(data["ports"]),
+            timeout=float(data["timeout"]),
+            restart=data["restart"],
+            grace=float(data["grace"]),
+            grouped=bool(data["grouped"]),
+        )
+
+    def describe(self) -> str:
+        """The dry-run text: every command line with its environment, then the inventory."""
+        lines = [f"# engine: {self.engine}; {len(self.procs)} process(es), each in its own process group"]
+        for p in self.procs:
+            lines.append(f"# {p.name}: serves {', '.join(p.instances)}; output -> {p.log}")
+            lines.append(p.command_line())
+        lines.append(f"# ports that must be free: {','.join(map(str, self.ports))}")
+        lines.append(f"# inventory -> {self.inventory_path} (pid per instance added once started):")
+        lines.append(self.inventory.to_json().rstrip("\n"))
+        return "\n".join(lines) + "\n"
+
+
+def pidfile_for(inventory_path: str | Path) -> str:
+    """The supervisor's pidfile sits next to the inventory it serves: `fdngx.json` -> `fdngx.json.pid`."""
+    return str(inventory_path) + ".pid"
+
+
+# -- parsing helpers used by the CLI and the engine builders -------------------------------------------
+
+
+def parse_list(text: str, what: str) -> list[str]:
+    items = [s.strip() for s in text.split(",")]
+    if not text.strip() or any(not s for s in items):
+        raise UsageError(f"{what} must be a comma-separated list like 0,1,2, got {text!r}")
+    return items
+
+
+def parse_ports(text: str, what: str) -> list[int]:
+    ports = []
+    for item in parse_list(text, what):
+        if not item.isdigit() or not 1 <= int(item) <= 65535:
+            raise UsageError(f"{what}: {item!r} is not a port number 1..65535")
+        ports.append(int(item))
+    return ports
+
+
+def find_flag(args: Sequence[str], *names: str) -> tuple[str, str] | None:
+    """The (flag, value) the user passed for any of `names` (`--x v` or `--x=v`); the last one wins, as in argparse."""
+    found = None
+    for i, tok in enumerate(args):
+        if tok == "--":
+            break
+        for name in names:
+            if tok == name:
+                if i + 1 >= len(args):
+                    raise UsageError(f"engine argument {name} after -- has no value")
+                found = (name, args[i + 1])
+            elif tok.startswith(name + "="):
+                found = (name, tok[len(name) + 1 :])
+    return found
+
+
+def int_flag(args: Sequence[str], *names: str) -> int | None:
+    hit = find_flag(args, *names)
+    if hit is None:
+        return None
+    try:
+        return int(hit[1])
+    except ValueError:
+        raise UsageError(f"engine argument {hit[0]} after -- must be an integer, got {hit[1]!r}") from None
+
+
+def forbid(args: Sequence[str], why: str, *names: str) -> None:
+    """Flags fdngx sets per replica: a user value would silently fight ours, so refuse it by name."""
+    for name in names:
+        if find_flag(args, name) is not None:
+            raise UsageError(f"engine argument {name} after -- conflicts with fdngx: {why}")
+
+
+def resolve_model(req: LaunchRequest, *user_flags: str) -> tuple[str, bool]:
+    """(model, user_passed_it): --model and a model flag after -- must agree; one of them is required."""
+    user = find_flag(req.extra_args, *user_flags)
+    if user and req.model and user[1] != req.model:
+        raise UsageError(f"--model {req.model} conflicts with engine argument {user[0]} {user[1]} after --")
+    model = req.model or (user[1] if user else None)
+    if not model:
+        raise UsageError(f"--model is required for --engine {req.engine}")
+    return model, user is not None
+
+
+def gpu_slices(req: LaunchRequest, per_replica: int, required: bool) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES per replica: consecutive slices of --gpus, `per_replica` GPUs each."""
+    if not req.gpus:
+        if required:
+            raise UsageError(
+                f"--gpus is required for --engine {req.engine} with {req.num_servers} replicas: "
+                "each needs its own GPUs (e.g. --gpus 0,1,2,3)"
+            )
+        return [None] * req.num_servers
+    need = per_replica * req.num_servers
+    if len(req.gpus) < need:
+        raise UsageError(
+            f"--gpus lists {len(req.gpus)} GPU(s) but {req.num_servers} replicas x {per_replica} GPU(s) need {need}"
+        )
+    return [",".join(req.gpus[i * per_replica : (i + 1) * per_replica]) for i in range(req.num_servers)]
+
+
+@dataclass
+class Ports:
+    api: list[int]
+    metrics: list[int]
+
+
+def plan_ports(req: LaunchRequest, metrics_on_api_port: bool) -> Ports:
+    """API and metrics ports: explicit lists win, else consecutive ports from the base ports."""
+    n = req.num_servers
+    if req.ports is not None and req.base_port is not None:
+        raise UsageError("--ports and --base-port exclude each other: give one")
+    if req.metrics_ports is not None and req.metrics_base_port is not None:
+        raise UsageError("--metrics-ports and --metrics-base-port exclude each other: give one")
+    if req.ports is not None:
+        api = list(req.ports)
+    else:
+        base = DEFAULT_BASE_PORT if req.base_port is None else req.base_port
+        api = [base + i for i in range(n)]
+    if len(api) != n:
+        raise UsageError(f"--ports lists {len(api)} port(s) but --num-servers is {n}")
+    if metrics_on_api_port:
+        if req.metrics_ports is not None or req.metrics_base_port is not None:
+            raise UsageError(f"--engine {req.engine} serves metrics on its API port: drop --metrics-ports/-base-port")
+        metrics = list(api)
+    elif req.metrics_ports is not None:
+        metrics = list(req.metrics_ports)
+        if len(metrics) != n:
+            raise UsageError(f"--metrics-ports lists {len(metrics)} port(s) but --num-servers is {n}")
+    elif req.metrics_base_port is not None:
+        metrics = [req.metrics_base_port + i for i in range(n)]
+    else:
+        metrics = [p + METRICS_OFFSET for p in api]
+    for p in api + metrics:
+        if not 1 <= p <= 65535:
+            raise UsageError(f"port {p} is out of range 1..65535 (lower --base-port/--metrics-base-port)")
+    check_distinct(api + (metrics if not metrics_on_api_port else []), "API and metrics ports together")
+    return Ports(api, metrics)
+
+
+def check_distinct(ports: list[int], what: str) -> None:
+    seen: set[int] = set()
+    for p in ports:
+        if p in seen:
+            raise UsageError(f"port {p} is planned twice ({what}): choose other --ports/--metrics-ports")
+        seen.add(p)
+
+
+def make_instances(
+    req: LaunchRequest,
+    ports: Ports,
+    max_num_seqs: int | list[int],
+    logs: list[str],
+    extra: list[dict[str, Any]] | None = None,
+) -> list[Instance]:
+    out = []
+    seqs = max_num_seqs if isinstance(max_num_seqs, list) else [max_num_seqs] * req.num_servers
+    for i in range(req.num_servers):
+        more = {"log": logs[i], **(extra[i] if extra else {})}
+        out.append(Instance(f"dp{i}", req.host, ports.api[i], ports.metrics[i], req.engine, seqs[i], extra=more))
+    check_unique(out, "launch plan")
+    return out
+
+
+def build_plan(req: LaunchRequest) -> Plan:
+    """Validate the request and ask the engine module for its processes."""
+    if req.num_servers < 1:
+        raise UsageError(f"--num-servers must be at least 1, got {req.num_servers}")
+    if not valid_host(req.host):
+        raise UsageError(f"--host {req.host!r} is not an IP address or RFC 1123 hostname")
+    if req.restart not in RESTART_POLICIES:
+        raise UsageError(f"--restart must be one of {', '.join(RESTART_POLICIES)}, got {req.restart!r}")
+    if req.grace < 0:
+        raise UsageError(f"--grace must be 0 or more seconds, got {req.grace}")
+    if req.engine not in ENGINES:
+        raise UsageError(f"unknown engine {req.engine!r} (known: {', '.join(ENGINES)})")
+    # Each engine module has build_launch(req) -> (procs, instances, extra ports to check, grouped).
+    builder = importlib.import_module(f"fdngx.engines.{req.engine}").build_launch
+    inventory_path = Path(req.inventory).absolute()
+    log_dir = Path(req.log_dir).absolute() if req.log_dir else inventory_path.parent / "fdngx-logs"
+    req = LaunchRequest(**{**vars(req), "inventory": inventory_path, "log_dir": log_dir})
+    procs, instances, extra_ports, grouped = builder(req)
+    ports = [i.port for i in instances] + [i.metrics_port for i in instances if i.metrics_port != i.port]
+    ports += extra_ports
+    check_distinct(ports, "API, metrics and engine ports together")
+    timeout = DEFAULT_TIMEOUT[req.engine] if req.timeout is None else req.timeout
+    if timeout <= 0:
+        raise UsageError(f"--timeout must be positive, got {timeout}")
+    return Plan(
+        engine=req.engine,
+        procs=procs,
+        inventory=Inventory(instances, upstream="fastdeploy"),
+        inventory_path=str(inventory_path),
+        log_dir=str(log_dir),
+        ports=ports,
+        timeout=timeout,
+        restart=req.restart,
+        grace=req.grace,
+        grouped=grouped,
+    )

@@ -1,0 +1,244 @@
+"""Process primitives for launch/stop: start in a new session, identify by (pid, start time), stop a group.
+
+Safety rule: fdngx only ever signals processes it started. A pid alone can be reused by the kernel, so
+every pid we keep is paired with its start time from /proc/<pid>/stat and checked before any signal.
+A process group id stays reserved while any member lives, so signalling a group we created is safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from fdngx.plan import ProcSpec
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+except OSError:  # not glibc/Linux: the safety nets below are skipped, the group signals still work
+    _libc = None
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (which may contain spaces and parentheses)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError, OSError):
+        return None
+    return raw[raw.rfind(")") + 2 :].split()
+
+
+def starttime(pid: int) -> int | None:
+    """Start time in clock ticks since boot; None when the pid is gone or a zombie."""
+    f = _stat(pid)
+    if f is None or f[0] in ("Z", "X"):
+        return None
+    return int(f[19])
+
+
+def same_process(pid: int, start: int | None) -> bool:
+    """True when `pid` is still the very process we recorded (not a reused pid)."""
+    return pid > 0 and start is not None and starttime(pid) == start
+
+
+def cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "?"
+    return " ".join(raw.replace(b"\0", b" ").decode(errors="replace").split()) or "?"
+
+
+def group_alive(pgid: int) -> bool:
+    """Any live (non-zombie) member in process group `pgid`?"""
+    for pid in _all_pids():
+        f = _stat(pid)
+        if f and f[0] not in ("Z", "X") and int(f[2]) == pgid:
+            return True
+    return False
+
+
+def _all_pids() -> list[int]:
+    try:
+        return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return []
+
+
+def group_is_ours(pgid: int, start: int | None) -> bool:
+    """Is process group `pgid` still the one we created with leader start time `start`?
+
+    Leader alive: it must be the same process. Leader gone: the pgid stays reserved while members live,
+    so remaining members are the leader's (multi_api_server's orphaned ranks).
+    """
+    now = starttime(pgid)
+    if now is not None:
+        return now == start
+    return group_alive(pgid)
+
+
+def descendants(root: int) -> dict[int, int]:
+    """Live descendants of `root` as {pid: start time}: what a stop must see gone, whatever their group."""
+    parent: dict[int, int] = {}
+    start: dict[int, int] = {}
+    for pid in _all_pids():
+        f = _stat(pid)
+        if f and f[0] not in ("Z", "X"):
+            parent[pid] = int(f[1])
+            start[pid] = int(f[19])
+    out: dict[int, int] = {}
+    frontier = [root]
+    while frontier:
+        p = frontier.pop()
+        for child, ppid in parent.items():
+            if ppid == p and child not in out:
+                out[child] = start[child]
+                frontier.append(child)
+    return out
+
+
+def become_subreaper() -> None:
+    """Orphaned grandchildren (FastDeploy's workers when an api_server dies) reparent to us, not init,
+    so they stay visible as our descendants and get stopped with the rest."""
+    if _libc is not None:
+        _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _child_setup(parent: int) -> None:
+    # Runs in the child between fork and exec (after setsid). If the supervisor dies without a chance to
+    # clean up (SIGKILL, OOM), the kernel sends SIGTERM to the child instead of leaving it running.
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def start(spec: ProcSpec) -> subprocess.Popen[bytes]:
+    """Start one process in its own session (so its pgid is its pid), output appended to its log."""
+    log = Path(spec.log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **spec.env}
+    with open(log, "ab") as fh:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        fh.write(f"# fdngx {stamp}: starting {spec.name}: {spec.command_line()}\n".encode())
+        fh.flush()
+        return subprocess.Popen(
+            spec.argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+            preexec_fn=functools.partial(_child_setup, os.getpid()),
+        )
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+        return True
+    return False
+
+
+def signal_pid(pid: int, start: int | None, sig: int) -> bool:
+    if not same_process(pid, start):
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+        return True
+    return False
+
+
+def reap(popens: Iterable[subprocess.Popen[bytes]]) -> None:
+    """Collect exit statuses: our Popen children first, then reparented orphans (we are their subreaper)."""
+    known = set()
+    for p in popens:
+        p.poll()
+        known.add(p.pid)
+    me = os.getpid()
+    for pid in _all_pids():
+        if pid in known:
+            continue
+        st = _raw_state(pid)
+        if st is not None and st[0] == "Z" and st[1] == me:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+
+
+def _raw_state(pid: int) -> tuple[str, int] | None:
+    f = _stat(pid)
+    return (f[0], int(f[1])) if f else None
+
+
+def stop_all(
+    groups: list[tuple[int, int, str]],
+    popens: list[subprocess.Popen[bytes]],
+    grace: float,
+    extra: dict[int, int] | None = None,
+) -> list[int]:
+    """Stop process groups [(pgid, leader start time, stop signal name)] and every recorded descendant.
+
+    Graceful signal to each group, wait up to `grace` seconds for the groups and the `extra` processes
+    (a descendants() snapshot taken before, to catch members that left the group), then SIGKILL what is
+    left. Returns the pids that needed SIGKILL.
+    """
+    extra = dict(extra or {})
+    for pgid, start, signame in groups:
+        if group_is_ours(pgid, start):
+            signal_group(pgid, getattr(signal, signame))
+    deadline = time.monotonic() + grace
+    termed = False
+    while time.monotonic() < deadline:
+        reap(popens)
+        left = _survivors(groups, extra)
+        if not left:
+            return []
+        if not termed and not any(group_is_ours(pgid, start) for pgid, start, _s in groups):
+            # The groups are gone but processes that left them (own sessions) remain: ask them too.
+            termed = True
+            for pid, start in extra.items():
+                signal_pid(pid, start, signal.SIGTERM)
+        time.sleep(0.1)
+    killed = []
+    for pgid, start, _sig in groups:
+        if group_is_ours(pgid, start) and signal_group(pgid, signal.SIGKILL):
+            killed.append(pgid)
+    for pid, start in extra.items():
+        if signal_pid(pid, start, signal.SIGKILL):
+            killed.append(pid)
+    end = time.monotonic() + 5.0
+    while time.monotonic() < end and _survivors(groups, extra):
+        reap(popens)
+        time.sleep(0.05)
+    reap(popens)
+    return killed
+
+
+def _survivors(groups: list[tuple[int, int, str]], extra: dict[int, int]) -> list[int]:
+    alive = [pgid for pgid, start, _g in groups if group_is_ours(pgid, start)]
+    alive += [pid for pid, start in extra.items() if same_process(pid, start)]
+    return alive
+
+
+def tail(path: str | Path, lines: int = 30) -> str:
+    """The last lines of a log file (bounded read: logs of a failing engine can be huge)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 64 * 1024))
+            data = fh.read()
+    except OSError as exc:
+        return f"(cannot read {path}: {exc.strerror})"
+    text = data.decode(errors="replace").splitlines()
+    return "\n".join(text[-lines:])

@@ -12,7 +12,6 @@ and standalone configs, `GET /fdngx/generation` answers the new file's generatio
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import shlex
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import requests
 
+from fdngx import procs
 from fdngx.errors import ApplyError, UsageError
 from fdngx.fsutil import atomic_write, backup, file_lock, read_bytes_or_none, restore
 
@@ -64,50 +64,15 @@ def unified_diff(old: bytes | None, new: str, path: Path) -> str:
     )
 
 
-def _children(ppid: int) -> set[int]:
-    found: set[int] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        # The command name may hold spaces or parens: fields start after the last ')'.
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 1 and int(fields[1]) == ppid:
-            found.add(int(entry))
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read().replace(b"\0", b" ").decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
 def _old_workers_retired(old: set[int]) -> bool:
     """Old workers close their listening sockets when they retitle themselves 'is shutting down'.
 
     Until then a new connection may still land on an old worker and see the old config.
     """
     for pid in old:
-        title = _cmdline(pid)
+        title = procs.cmdline(pid)
         if "worker process" in title and "shutting down" not in title:
             return False
-    return True
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -155,7 +120,7 @@ class NginxControl:
             pid = int(path.read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _pid_alive(pid) else None
+        return pid if procs.alive(pid) else None
 
     def _pid_file_from_conf(self) -> Path:
         conf = self.conf or Path("/etc/nginx/nginx.conf")
@@ -197,7 +162,7 @@ class NginxControl:
                 "nginx is not running (no live master in its pid file); start it first, e.g. "
                 f"{shlex.join(self.argv())}"
             )
-        before = _children(master)
+        before = procs.children(master)
         log_offset = self._error_log_size()
         argv = list(self.reload_cmd) if self.reload_cmd else self.argv("-s", "reload")
         proc = self._run(argv, "reload")
@@ -206,10 +171,10 @@ class NginxControl:
         deadline = time.monotonic() + self.timeout
         new_workers = False
         while time.monotonic() < deadline:
-            new_workers = new_workers or bool(_children(master) - before)
+            new_workers = new_workers or bool(procs.children(master) - before)
             if new_workers and _old_workers_retired(before) and self._serves(expect_generation):
                 return
-            if not _pid_alive(master):
+            if not procs.alive(master):
                 raise ApplyError(f"nginx master {master} exited during reload {self._new_errors(log_offset)}".strip())
             # The master logs why it refused the new config (bind() failed, ...) and keeps the old one.
             if not new_workers and (why := self._new_errors(log_offset)):

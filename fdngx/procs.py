@@ -86,6 +86,20 @@ def group_is_ours(pgid: int, start: int | None) -> bool:
     return group_alive(pgid)
 
 
+def children(ppid: int) -> set[int]:
+    """Live direct children of `ppid` (nginx's workers, for a reload's proof)."""
+    out = set()
+    for pid in _all_pids():
+        f = _stat(pid)
+        if f and f[0] not in ("Z", "X") and int(f[1]) == ppid:
+            out.add(pid)
+    return out
+
+
+def alive(pid: int) -> bool:
+    return starttime(pid) is not None
+
+
 def descendants(root: int) -> dict[int, int]:
     """Live descendants of `root` as {pid: start time}: what a stop must see gone, whatever their group."""
     parent: dict[int, int] = {}

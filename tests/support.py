@@ -140,10 +140,10 @@ class Nginx:
         return self
 
     def worker_pids(self) -> set[int]:
-        from fdngx.nginx import _children
+        from fdngx.procs import children
 
         assert self.proc is not None
-        return _children(self.proc.pid)
+        return children(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -71,7 +71,9 @@ def _root(
 # -- commands: each module registers its own on `app`; one import line per command module -----------
 from fdngx.commands import launch as _launch  # noqa: E402,F401
 from fdngx.commands import render as _render  # noqa: E402,F401
+from fdngx.commands import sidecar as _sidecar  # noqa: E402,F401
 from fdngx.commands import sim as _sim  # noqa: E402,F401
+from fdngx.commands import status as _status  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,0 +1,164 @@
+"""`fdngx sidecar`: the control loop that keeps nginx's weights in line with each replica's load."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import replace
+from pathlib import Path
+from types import FrameType
+
+import typer
+
+from fdngx.apply import RenderJob, finalize_options, nginx_control, standalone_prefix
+from fdngx.cli import InventoryOpt, app, inventory_paths
+from fdngx.errors import UsageError
+from fdngx.nginx import prepare_prefix
+from fdngx.openresty import Admin, read_token
+from fdngx.policy import config_for_flavor
+from fdngx.render import RenderOptions
+from fdngx.sidecar import Sidecar, SidecarConfig
+
+log = logging.getLogger("fdngx.sidecar")
+
+EPILOG = (
+    "Examples:\n\n"
+    "  fdngx sidecar --out /etc/nginx/conf.d/fdngx-upstream.conf                # system nginx, upstream block\n\n"
+    "  fdngx sidecar --mode standalone --out /srv/fdngx/nginx.conf --listen 8080 # private nginx under /srv/fdngx\n\n"
+    "Signals: SIGHUP re-reads the inventory now; SIGTERM/SIGINT stop after the current cycle.\n"
+    "Logs one line per change with its reason. Policy state lives in <out>.state.json."
+)
+
+
+@app.command("sidecar", epilog=EPILOG)
+def sidecar_cmd(
+    inventory: list[Path] | None = InventoryOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="The config file nginx reads; rewritten only when it changes."),
+    interval: float = typer.Option(2.0, help="Seconds between scrape + policy cycles."),
+    mode: str = typer.Option("upstream", "--mode", "-m", help="What --out holds: upstream, site or standalone."),
+    flavor: str = typer.Option(
+        "nginx",
+        help="nginx: weights in the config, a change = a reload (rare: dead-band, hold, budget). openresty: the "
+        "Lua balancer gets weights and scraped load by push every cycle, never a reload (render with the same "
+        "--flavor/--admin-listen first).",
+    ),
+    admin_listen: str = typer.Option(
+        "127.0.0.1:9401", help="openresty: ADDR:PORT of the balancer's loopback admin server (as rendered)."
+    ),
+    admin_token_file: Path | None = typer.Option(
+        None, help="openresty: admin token file (default: fdngx-admin.token beside --out)."
+    ),
+    balancer: str = typer.Option("least", help="openresty: least or p2c (see `fdngx render --help`)."),
+    listen: str = typer.Option("127.0.0.1:8080", help="site/standalone: ADDR:PORT nginx listens on."),
+    prefix: Path | None = typer.Option(None, help="nginx prefix (-p); standalone default: --out's directory."),
+    nginx_conf: Path | None = typer.Option(
+        None, help="Main nginx.conf for `nginx -t -c` (default: nginx's own; standalone: --out)."
+    ),
+    nginx_bin: str | None = typer.Option(None, help="nginx binary (default: nginx on PATH, then /usr/sbin/nginx)."),
+    reload_cmd: str | None = typer.Option(None, help="Reload with this command instead of `nginx -s reload`."),
+    no_reload: bool = typer.Option(False, "--no-reload", help="Only write --out; something else reloads nginx."),
+    metrics_listen: str = typer.Option(
+        "127.0.0.1:9400", help="ADDR:PORT for the sidecar's own Prometheus /metrics; 'off' to disable."
+    ),
+    state: Path | None = typer.Option(None, help="Policy state file (default: <out>.state.json)."),
+    debounce: float = typer.Option(1.0, help="Seconds of quiet after an inventory file changes before re-reading it."),
+    max_reloads_per_minute: int = typer.Option(4, help="Reload budget: weight changes beyond it wait."),
+    min_hold: float = typer.Option(10.0, help="Seconds a weight stays before it may move again."),
+    fail_threshold: int = typer.Option(3, help="Consecutive failed /health checks (anything but 200) before `down`."),
+    recover_threshold: int = typer.Option(2, help="Consecutive /health 200 before a down replica is back."),
+    ramp: float = typer.Option(30.0, help="Seconds a recovered replica takes to ramp back to full weight."),
+    stale_after: float = typer.Option(10.0, help="Seconds after which old metrics stop steering a weight."),
+    scale: int = typer.Option(20, help="nginx weight of the biggest replica at neutral load."),
+    max_fails: int = typer.Option(3, help="Per-server max_fails (nginx passive health)."),
+    fail_timeout: int = typer.Option(10, help="Per-server fail_timeout in seconds."),
+    keepalive: int = typer.Option(64, help="Idle keepalive connections to the replicas per worker (0: off)."),
+    template_dir: Path | None = typer.Option(None, help="Directory whose templates override the built-in ones."),
+    access_log: str | None = typer.Option(None, help="site/standalone access log path or 'off'."),
+) -> None:
+    """Keep nginx's weights in line with each replica's real load (scrape -> policy -> safe apply).
+
+    Weights start from capacity (max_batch_size, else max_num_seqs, times the inventory weight) and move only when a replica carries more load per slot than the fleet (traffic nginx cannot see, KV pressure). A replica failing /health is marked down and ramps back after recovery. nginx's least_conn still picks each request.
+    """  # noqa: E501 (one line per paragraph: the help formatter re-wraps it)
+    opts = RenderOptions(
+        mode=mode,
+        flavor=flavor,
+        listen=listen,
+        template_dir=template_dir,
+        max_fails=max_fails,
+        fail_timeout=fail_timeout,
+        keepalive=keepalive,
+        access_log=access_log,
+        admin_listen=admin_listen,
+        balancer_mode=balancer,
+    )
+    job = RenderJob(
+        inventories=inventory_paths(inventory),
+        opts=opts,
+        out=out,
+        prefix=prefix,
+        nginx_conf=nginx_conf,
+        nginx_bin=nginx_bin,
+        reload_cmd=reload_cmd,
+        reload=not no_reload,
+        admin_token_file=admin_token_file,
+    ).validated()
+    if interval <= 0 or debounce < 0:
+        raise UsageError("--interval must be > 0 and --debounce >= 0")
+    pushing = flavor == "openresty"
+    policy = config_for_flavor(
+        flavor,
+        interval=interval,
+        max_reloads_per_minute=max_reloads_per_minute,
+        min_hold=min_hold,
+        fail_threshold=fail_threshold,
+        recover_threshold=recover_threshold,
+        ramp_duration=ramp,
+        stale_after=stale_after,
+        scale=scale,
+        max_weight=max(100, scale),
+    )
+    sp = standalone_prefix(job)
+    if sp is not None and mode == "standalone":
+        prepare_prefix(sp)
+    job = replace(job, opts=finalize_options(job))  # openresty: the token file and Lua modules
+    opts = job.opts
+    control = None if no_reload else nginx_control(job)
+    admin = Admin(opts.admin_listen, read_token(Path(opts.admin_token_file))) if pushing else None
+    config = SidecarConfig(
+        inventories=tuple(job.inventories),
+        out=out,
+        render_opts=opts,
+        control=control,
+        admin=admin,
+        reload=not no_reload,
+        policy=policy,
+        state_path=state,
+        debounce=debounce,
+        scrape_deadline=min(1.5, max(0.2, interval * 0.75)),
+    )
+    sidecar = Sidecar(config)
+    if metrics_listen.lower() != "off":
+        host, port = sidecar.telemetry.serve(metrics_listen)
+        log.info("own metrics on http://%s:%d/metrics", host, port)
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        sidecar.stop()
+
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        sidecar.inventory_changed(immediate=True)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, on_hup)
+    sidecar.watch()
+    log.info(
+        "sidecar: %d instance(s), every %.1fs, writing %s%s",
+        len(sidecar.inventory.instances),
+        interval,
+        out,
+        f" and pushing weights to {admin.url}" if admin else ("" if no_reload else " and reloading nginx"),
+    )
+    try:
+        sidecar.run()
+    finally:
+        sidecar.telemetry.close()

@@ -1,0 +1,367 @@
+"""The weight policy. PURE: samples + previous state + config + now -> decisions and the next state.
+
+nginx's least_conn stays in charge of each request; a weight only tells it how many in-flight requests a
+replica should carry relative to the others. So a weight carries what nginx cannot see:
+
+    base_i   = scale * capacity_i * static_i / max_j(capacity_j * static_j)     (slots: max_batch_size)
+    u_i      = EWMA((running_i + queued_i) / capacity_i + kv_gain * kv_excess_i)  (normalised load)
+    U        = sum(u_i * capacity_i) / sum(capacity_i)                        (fleet load, per slot)
+    e_i      = log((U + soft) / (u_i + soft)), shrunk toward 0 by `tolerance`  (imbalance beyond noise)
+    log g_i  = (1 - leak) * log g_i + gain * e_i, then centred on the fleet      (leaky integral correction)
+    weight_i = round(base_i * g_i * ramp_i), clamped to 1..max_weight
+
+When nginx is the only source of traffic, least_conn already equalises per-slot load, u_i == U and g stays
+1: the weight is the capacity weight and nothing moves. Traffic nginx does not see (other frontends, direct
+clients), a replica slower than its slot count suggests, or KV pressure make u_i > U and the integral term
+pushes the weight down until the loads meet (a proportional term alone leaves most of the imbalance in
+place). The tolerance keeps noise out of the integral and the small leak bounds what remains of its
+random walk. `soft` keeps an idle fleet (0 vs 1 running) from moving anything. Dead-band, minimum hold
+and a reload budget keep reloads rare, because every reload also resets nginx's own balancing state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
+
+from fdngx.errors import UsageError
+from fdngx.inventory import Instance, Inventory
+from fdngx.policy_state import InstanceState, PolicyState
+from fdngx.scrape import LoadSample
+
+_WINDOW = 60.0  # the reload budget is per minute
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    interval: float = 2.0  # seconds between cycles (the sidecar's; cron mode uses its own period)
+    alpha: float = 0.3  # EWMA weight of a new sample
+    gain: float = 0.3  # integral gain per cycle on log(fleet load / own load)
+    leak: float = 0.01  # per-cycle pull of the correction back to neutral (bounds noise's random walk)
+    tolerance: float = 0.05  # log load ratios within +-0.05 count as balanced: noise is not integrated
+    soft: float = 0.25  # added to per-slot loads: an idle fleet's noise moves nothing
+    min_factor: float = 0.1  # bounds on the correction g
+    max_factor: float = 2.0
+    kv_threshold: float = 0.85  # KV usage above this counts as extra load
+    kv_gain: float = 1.0  # KV 100% adds one full set of slots to the load
+    deadband_rel: float = 0.2  # ignore weight moves smaller than 20% of the current weight...
+    deadband_abs: int = 2  # ...or smaller than this many units
+    min_hold: float = 10.0  # seconds a weight stays before it may move again
+    max_reloads_per_minute: int = 4
+    fail_threshold: int = 3  # consecutive failed /health before `down`
+    recover_threshold: int = 2  # consecutive /health 200 before back up
+    ramp_duration: float = 30.0  # seconds from recovery to full weight (nginx OSS has no slow_start)
+    ramp_steps: int = 4
+    stale_after: float = 10.0  # metrics older than this no longer steer the weight
+    stale_half_life: float = 10.0  # how fast a stale correction fades back to neutral
+    scale: int = 20  # weight of the biggest replica at neutral load
+    max_weight: int = 100
+
+    def validated(self) -> PolicyConfig:
+        checks = [
+            (self.interval > 0, "interval must be > 0"),
+            (0 < self.alpha <= 1, "alpha must be in (0, 1]"),
+            (self.gain >= 0 and 0 <= self.leak <= 1, "gain must be >= 0 and leak in [0, 1]"),
+            (0 < self.min_factor <= 1 <= self.max_factor, "min_factor <= 1 <= max_factor, both > 0"),
+            (self.fail_threshold >= 1 and self.recover_threshold >= 1, "fail/recover thresholds must be >= 1"),
+            (self.max_reloads_per_minute >= 1, "max reloads per minute must be >= 1"),
+            (1 <= self.scale <= self.max_weight, "1 <= scale <= max_weight"),
+            (self.ramp_steps >= 1 and self.ramp_duration >= 0, "ramp steps >= 1, ramp duration >= 0"),
+            (self.stale_after > 0 and self.stale_half_life > 0, "stale times must be > 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UsageError(f"policy: {msg}")
+        return self
+
+
+def config_for_flavor(flavor: str, **settings: Any) -> PolicyConfig:
+    """The policy as each flavor needs it.
+
+    openresty: the Lua balancer sees live in-flight plus the scraped load itself, so the weight carries only
+    capacity, health and ramp (a load correction would count the load twice), and since a change costs no
+    reload there is no dead-band, hold or reload budget to pay for.
+    """
+    if flavor == "openresty":
+        settings.update(gain=0.0, deadband_rel=0.0, deadband_abs=0, min_hold=0.0, max_reloads_per_minute=10_000)
+    return PolicyConfig(**settings).validated()
+
+
+@dataclass(frozen=True)
+class Decision:
+    name: str
+    weight: int
+    down: bool
+    reason: str
+    changed: bool
+    previous: int | None = None  # weight applied before this cycle
+    wanted: int | None = None  # what the formula asked for (before dead-band, hold, budget)
+    load: float | None = None  # smoothed per-slot load
+
+
+@dataclass(frozen=True)
+class Decisions:
+    items: tuple[Decision, ...]
+    fleet_load: float | None = None
+    fail_open: str | None = None  # why the policy fell back to static weights, if it did
+
+    @property
+    def changed(self) -> bool:
+        return any(d.changed for d in self.items)
+
+    def by_name(self) -> dict[str, Decision]:
+        return {d.name: d for d in self.items}
+
+    def __iter__(self) -> Iterator[Decision]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def base_weights(inventory: Inventory, capacities: Mapping[str, float], config: PolicyConfig) -> dict[str, float]:
+    """Capacity weights: the biggest replica (slots x static weight) gets `scale`."""
+    raw = {i.name: capacities.get(i.name, float(i.max_num_seqs)) * i.weight for i in inventory.instances}
+    top = max(raw.values(), default=1.0) or 1.0
+    return {name: config.scale * v / top for name, v in raw.items()}
+
+
+def _quantise(x: float, config: PolicyConfig) -> int:
+    return max(1, min(config.max_weight, round(x)))
+
+
+def _sample_load(s: LoadSample, cap: float, config: PolicyConfig) -> float:
+    # On FastDeploy builds without num_requests_queuing, `waiting` reads ~0 under backlog: trust only
+    # running (against slots) and KV usage there.
+    queued = s.queued if s.queued_reliable else 0.0
+    load = (s.running + queued) / cap
+    if s.kv_usage is not None and s.kv_usage > config.kv_threshold:
+        load += config.kv_gain * (s.kv_usage - config.kv_threshold) / (1.0 - config.kv_threshold)
+    return load
+
+
+def _describe(s: LoadSample | None, st: InstanceState, fleet: float | None) -> str:
+    if st.load is None:
+        return "no metrics yet"
+    if s is None or not s.ok:
+        return f"load {st.load:.2f}/slot (this scrape failed: {st.last_error})"
+    kv = f", KV {s.kv_usage:.0%}" if s.kv_usage is not None else ""
+    queue = f"queue {s.queued:.0f}" if s.queued_reliable else "queue unknown (old FastDeploy)"
+    vs = f" vs fleet {fleet:.2f}" if fleet is not None else ""
+    return f"load {st.load:.2f}/slot{vs} (running {s.running:.0f}, {queue}{kv})"
+
+
+def _health(st: InstanceState, s: LoadSample | None) -> None:
+    if s is not None and s.healthy:
+        st.oks, st.fails, st.health_error = st.oks + 1, 0, None
+    else:
+        st.fails, st.oks = st.fails + 1, 0
+        st.health_error = "not scraped" if s is None else (s.health_error or "not 200")
+
+
+def _metrics(st: InstanceState, s: LoadSample | None, inst: Instance, now: float, config: PolicyConfig) -> None:
+    if s is None or not s.ok:
+        st.last_error = "not scraped" if s is None else s.error
+        return
+    if s.capacity:
+        st.capacity = s.capacity
+    cap = st.capacity or float(inst.max_num_seqs)
+    u = _sample_load(s, cap, config)
+    st.load = u if st.load is None else config.alpha * u + (1 - config.alpha) * st.load
+    st.last_ok_at, st.last_error = now, None
+
+
+def _fresh(st: InstanceState, now: float, config: PolicyConfig) -> bool:
+    return st.last_ok_at is not None and now - st.last_ok_at <= config.stale_after
+
+
+def _ramp_step(st: InstanceState, now: float, config: PolicyConfig) -> int | None:
+    """Step 1..ramp_steps of the ramp after recovery, None when not ramping."""
+    if st.recovered_at is None or config.ramp_duration <= 0:
+        return None
+    step = int((now - st.recovered_at) / config.ramp_duration * config.ramp_steps) + 1
+    return max(1, step) if step <= config.ramp_steps else None
+
+
+def _ramp(st: InstanceState, now: float, config: PolicyConfig) -> tuple[float, int | None]:
+    """Fraction of the weight during the ramp and its step; clears the ramp once it is over."""
+    step = _ramp_step(st, now, config)
+    if step is None:
+        st.recovered_at = None
+        return 1.0, None
+    return step / config.ramp_steps, step
+
+
+def _update_gains(
+    states: dict[str, InstanceState], active: list[str], caps: Mapping[str, float], dt: float, config: PolicyConfig
+) -> float | None:
+    """Advance every correction by one cycle; returns the fleet load (None without fresh replicas)."""
+    total_cap = sum(caps[n] for n in active)
+    fleet = sum((states[n].load or 0.0) * caps[n] for n in active) / total_cap if active else None
+    lo, hi = math.log(config.min_factor), math.log(config.max_factor)
+    for name, st in states.items():
+        if name in active and fleet is not None:
+            err = math.log((fleet + config.soft) / ((st.load or 0.0) + config.soft))
+            # Soft threshold: noise inside the tolerance adds nothing, a real imbalance integrates fully.
+            err = math.copysign(max(0.0, abs(err) - config.tolerance), err)
+            st.log_gain = (1 - config.leak) * st.log_gain + config.gain * err
+        else:
+            # Stale or down: fade toward neutral so a replica never keeps a verdict based on old data.
+            st.log_gain *= 0.5 ** (dt / config.stale_half_life)
+        st.log_gain = min(hi, max(lo, st.log_gain))
+    if len(active) > 1:
+        # Only relative weights matter: keep the capacity-weighted mean correction at 1 so the fleet
+        # cannot drift toward the clamps together.
+        mean = sum(states[n].log_gain * caps[n] for n in active) / total_cap
+        for n in active:
+            states[n].log_gain = min(hi, max(lo, states[n].log_gain - mean))
+    return fleet
+
+
+def decide(
+    samples: Mapping[str, LoadSample],
+    inventory: Inventory,
+    state: PolicyState,
+    config: PolicyConfig,
+    now: float,
+) -> tuple[Decisions, PolicyState]:
+    """One policy cycle. Does not mutate `state`; returns the decisions and the state to keep."""
+    insts = sorted(inventory.instances, key=lambda i: i.name)
+    prev = {n: replace(st) for n, st in state.instances.items()}
+    states = {i.name: replace(prev[i.name]) if i.name in prev else InstanceState() for i in insts}
+    dt = config.interval if state.updated_at is None else max(0.0, now - state.updated_at)
+    for inst in insts:
+        _health(states[inst.name], samples.get(inst.name))
+        _metrics(states[inst.name], samples.get(inst.name), inst, now, config)
+
+    caps = {i.name: states[i.name].capacity or float(i.max_num_seqs) for i in insts}
+    base = base_weights(inventory, caps, config)
+    want_down = {}
+    for inst in insts:
+        st = states[inst.name]
+        # Once down, a replica needs `recover_threshold` good checks in a row; up, `fail_threshold` bad.
+        want_down[inst.name] = st.oks < config.recover_threshold if st.down else st.fails >= config.fail_threshold
+    for inst in insts:
+        st = states[inst.name]
+        if st.down and not want_down[inst.name] and st.weight is not None:
+            # Back from down: the ramp starts now, from neutral (its old correction says nothing now).
+            st.recovered_at, st.log_gain = now, 0.0
+    fresh = {i.name for i in insts if _fresh(states[i.name], now, config)}
+    # A ramping replica is under-loaded on purpose: letting its load steer the correction would wind the
+    # integral up and overshoot once the ramp ends. It rejoins at neutral.
+    ramping = {i.name for i in insts if _ramp_step(states[i.name], now, config) is not None}
+    active = [i.name for i in insts if i.name in fresh and not want_down[i.name] and i.name not in ramping]
+    fleet = _update_gains(states, active, caps, dt, config)
+
+    fail_open = None
+    if insts and all(want_down.values()):
+        fail_open = "all replicas fail /health"
+    elif insts and not fresh:
+        fail_open = "no replica has fresh metrics"
+
+    recent = [t for t in state.reloads if now - t < _WINDOW]
+    plans = {
+        i.name: _plan(
+            states[i.name],
+            prev.get(i.name),
+            samples.get(i.name),
+            base[i.name],
+            want_down[i.name],
+            i.name in fresh,
+            fleet,
+            fail_open,
+            now,
+            config,
+        )
+        for i in insts
+    }
+
+    # One cycle = at most one reload. An exempt change (health, fail-open, first weights) pays for the
+    # reload anyway, so held weight changes ride along for free; otherwise the budget decides.
+    exempt_change = any(p.changed and p.exempt for p in plans.values())
+    budget_ok = exempt_change or len(recent) < config.max_reloads_per_minute
+    items = []
+    for inst in insts:
+        weight, down, reason, change, exempt, wanted = plans[inst.name]
+        st, old = states[inst.name], prev.get(inst.name)
+        old_w = old.weight if old else None
+        if change and not exempt and not budget_ok:
+            weight, down, change = old_w or weight, old.down if old else down, False
+            reason = f"hold: reload budget exhausted ({config.max_reloads_per_minute}/min); wanted {old_w}->{wanted}"
+        if change:
+            st.last_change_at = now
+        st.weight, st.down = weight, down
+        items.append(Decision(inst.name, weight, down, reason, change, old_w, wanted, st.load))
+    decisions = Decisions(tuple(items), fleet, fail_open)
+    reloads = [*recent, now] if decisions.changed else recent
+    return decisions, PolicyState(states, reloads, now)
+
+
+class _Plan(NamedTuple):
+    weight: int
+    down: bool
+    reason: str
+    changed: bool
+    exempt: bool  # from the reload budget (health, fail-open, first weights)
+    wanted: int
+
+
+def _plan(
+    st: InstanceState,
+    old: InstanceState | None,
+    s: LoadSample | None,
+    base: float,
+    want_down: bool,
+    fresh: bool,
+    fleet: float | None,
+    fail_open: str | None,
+    now: float,
+    config: PolicyConfig,
+) -> _Plan:
+    """What one replica should get this cycle, before the fleet-wide reload budget."""
+    old_w, old_down = (old.weight, old.down) if old else (None, False)
+    if fail_open:
+        w = _quantise(base, config)
+        st.recovered_at = None
+        change = old_w != w or old_down
+        return _Plan(w, False, f"fail open: {fail_open}; static weight {w}", change, True, w)
+    if want_down:
+        w = old_w or _quantise(base, config)
+        if old_down:
+            why = (
+                f"down: /health failing ({st.health_error})"
+                if st.fails
+                else (f"down: /health ok {st.oks}/{config.recover_threshold} toward recovery")
+            )
+            return _Plan(w, True, why, False, True, w)
+        return _Plan(w, True, f"down: /health failed {st.fails}x ({st.health_error})", True, True, w)
+    recovering = old_down and old_w is not None
+    frac, step = _ramp(st, now, config)
+    g = math.exp(st.log_gain)
+    wanted = _quantise(base * g * frac, config)
+    ramp = f"ramp {step}/{config.ramp_steps} after recovery; " if step is not None else ""
+    if recovering:
+        # Not exempt from the budget: a flapping replica must not buy itself a reload every few cycles.
+        return _Plan(wanted, False, f"up: /health ok {st.oks}x; {ramp}weight {wanted}", True, False, wanted)
+    if fresh:
+        what = _describe(s, st, fleet)
+    else:
+        age = "never read" if st.last_ok_at is None else f"{now - st.last_ok_at:.0f}s old"
+        what = f"stale metrics ({age}: {st.last_error}); fading to neutral"
+    if st.fails:
+        what = f"/health failed {st.fails}/{config.fail_threshold} ({st.health_error}); {what}"
+    if old_w is None:
+        return _Plan(wanted, False, f"initial: {what}; weight {wanted}", True, True, wanted)
+    if wanted == old_w:
+        return _Plan(old_w, False, f"{ramp}{what}; weight {old_w}", False, False, wanted)
+    if step is None:
+        if abs(wanted - old_w) < max(config.deadband_abs, config.deadband_rel * old_w):
+            reason = f"{what}; weight {old_w} (wanted {wanted}: within dead-band)"
+            return _Plan(old_w, False, reason, False, False, wanted)
+        since = now - old.last_change_at if old and old.last_change_at is not None else math.inf
+        if since < config.min_hold:
+            reason = f"hold: changed {since:.0f}s ago (min {config.min_hold:.0f}s); {what}; wanted {old_w}->{wanted}"
+            return _Plan(old_w, False, reason, False, False, wanted)
+    return _Plan(wanted, False, f"{ramp}{what}; weight {old_w}->{wanted}", True, False, wanted)

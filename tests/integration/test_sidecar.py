@@ -1,0 +1,346 @@
+"""`fdngx sidecar` end to end: real nginx, simulated replicas (one process each, so one can die), the real CLI.
+
+Assertions read the sidecar's own /metrics (what it applied) and nginx's split (X-Fdngx-Replica headers of
+requests sent through nginx). Every wait polls with a generous timeout; every process is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from fdngx.openresty import lua_modules
+from fdngx.sim.process import SimProcess, start_sim
+from tests.support import Nginx, fdngx, free_ports, stop_process_group, wait_for, write_inventory
+
+pytestmark = pytest.mark.nginx
+
+SEQS = 8  # small slots: a few long requests make a visible load
+
+
+class Loop:
+    """N simulated replicas, a standalone nginx rendered from their inventory, and a sidecar on it."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        n: int = 3,
+        listed: int | None = None,
+        interval: float = 0.5,
+        args: tuple[str, ...] = (),
+        openresty: bool = False,
+    ) -> None:
+        ports = free_ports(2 * n + 3)
+        self.api, self.met = ports[:n], ports[n : 2 * n]
+        self.port, self.metrics_port = ports[2 * n], ports[2 * n + 1]
+        flavor = ("--flavor", "openresty", "--admin-listen", f"127.0.0.1:{ports[2 * n + 2]}") if openresty else ()
+        self.tmp = tmp
+        self.interval = interval
+        self.sims: list[SimProcess | None] = [None] * n
+        self.nginx: Nginx | None = None
+        self.sidecar: subprocess.Popen[bytes] | None = None
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.inv = tmp / "fdngx.json"
+        self.conf = tmp / "nginx" / "nginx.conf"
+        self.log = tmp / "sidecar.log"
+        try:
+            for i in range(n):
+                self.start_replica(i)
+            self.write_inventory(listed if listed is not None else n)
+            fdngx(
+                "render",
+                "-i",
+                str(self.inv),
+                "--mode",
+                "standalone",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--out",
+                str(self.conf),
+                *flavor,
+                check=True,
+            )
+            self.nginx = Nginx(tmp / "nginx").start(f"{self.url}/health")
+            argv = [
+                sys.executable,
+                "-m",
+                "fdngx",
+                "sidecar",
+                "-i",
+                str(self.inv),
+                "--mode",
+                "standalone",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--out",
+                str(self.conf),
+                "--interval",
+                str(interval),
+                "--metrics-listen",
+                f"127.0.0.1:{self.metrics_port}",
+                "--debounce",
+                "0.5",
+                *flavor,
+                *args,
+            ]
+            with self.log.open("wb") as fh:
+                self.sidecar = subprocess.Popen(argv, start_new_session=True, stdout=fh, stderr=subprocess.STDOUT)
+            # The first cycle replaces the inventory's static weights with capacity weights: one reload.
+            first = "fdngx_pushes_total" if openresty else "fdngx_reloads_total"
+            wait_for(lambda: self.metric(first) >= 1, 30, what=f"first apply ({self.tail()})")
+        except BaseException:
+            self.stop()
+            raise
+
+    def name_of(self, port: str) -> str:
+        return f"dp{self.api.index(int(port))}"
+
+    def start_replica(self, i: int) -> None:
+        self.sims[i] = start_sim(
+            [self.api[i]], [self.met[i]], max_num_seqs=SEQS, seed=i, log_path=self.tmp / f"sim{i}.log"
+        )
+
+    def kill_replica(self, i: int) -> None:
+        sim = self.sims[i]
+        assert sim is not None
+        sim.stop(grace=2.0)
+        self.sims[i] = None
+
+    def write_inventory(self, count: int) -> None:
+        write_inventory(
+            self.inv,
+            [
+                {
+                    "name": f"dp{i}",
+                    "host": "127.0.0.1",
+                    "port": self.api[i],
+                    "metrics_port": self.met[i],
+                    "engine": "sim",
+                    "max_num_seqs": SEQS,
+                }
+                for i in range(count)
+            ],
+        )
+
+    def tail(self) -> str:
+        try:
+            return " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-8:])
+        except OSError:
+            return ""
+
+    def metrics(self) -> dict[tuple[str, str], float]:
+        text = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2).text
+        out: dict[tuple[str, str], float] = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                key = s.labels.get("instance") or s.labels.get("le") or s.labels.get("generation") or ""
+                out[(s.name, key)] = s.value
+        return out
+
+    def metric(self, name: str, instance: str = "") -> float:
+        try:
+            return self.metrics().get((name, instance), float("nan"))
+        except requests.RequestException:
+            return float("nan")
+
+    def post(self, base: str, session: requests.Session, max_tokens: int = 1, timeout: float = 30) -> requests.Response:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
+        return session.post(f"{base}/v1/chat/completions", json=body, timeout=timeout)
+
+    def split(self, n: int) -> collections.Counter[str]:
+        """Replicas that served n sequential tiny requests through nginx (no conns open: the weights decide)."""
+        with requests.Session() as s:
+            return collections.Counter(
+                self.name_of(self.post(self.url, s).headers["X-Fdngx-Replica"]) for _ in range(n)
+            )
+
+    def stop(self) -> None:
+        if self.sidecar is not None:
+            stop_process_group(self.sidecar)
+        if self.nginx is not None:
+            self.nginx.stop()
+        for sim in self.sims:
+            if sim is not None:
+                sim.stop(grace=2.0)
+
+
+class Traffic:
+    """Client threads sending requests in a loop; records (start, end, ok, detail) for every request."""
+
+    def __init__(self, loop: Loop, base: str, threads: int, max_tokens: int) -> None:
+        self.loop, self.base, self.max_tokens = loop, base, max_tokens
+        self.results: list[tuple[float, float, bool, str]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self) -> None:
+        with requests.Session() as s:
+            while not self._stop.is_set():
+                start = time.monotonic()
+                try:
+                    r = self.loop.post(self.base, s, self.max_tokens)
+                    ok, detail = r.status_code == 200, f"{r.status_code} {r.headers.get('X-Fdngx-Replica', '')}"
+                except requests.RequestException as exc:
+                    ok, detail = False, type(exc).__name__
+                self.results.append((start, time.monotonic(), ok, detail))
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+
+@contextlib.contextmanager
+def loop_of(tmp: Path, *args: str, **kw: Any) -> Iterator[Loop]:
+    lp = Loop(tmp, args=args, **kw)
+    try:
+        yield lp
+    finally:
+        lp.stop()
+
+
+def test_loaded_replica_loses_weight_and_nginx_split_follows(tmp_path: Path) -> None:
+    with loop_of(tmp_path, "--min-hold", "1") as lp:
+        before = lp.split(30)
+        assert min(before.values()) >= 6, before  # equal weights: about a third each
+        # Traffic nginx cannot see: 6 long requests straight to dp0 (6 of its 8 slots busy, no queue).
+        direct = Traffic(lp, f"http://127.0.0.1:{lp.api[0]}", threads=6, max_tokens=400)
+        try:
+            t0 = time.monotonic()
+            wait_for(lambda: lp.metric("fdngx_instance_weight", "dp0") <= 10, 30, what=f"dp0 weight drop ({lp.tail()})")
+            took = time.monotonic() - t0
+            after = lp.split(40)
+        finally:
+            direct.stop()
+        assert after["dp0"] <= 40 * 10 / 50, (before, after)  # dp0 weight <= 10 vs 20+20
+        assert after["dp1"] >= 12 and after["dp2"] >= 12, after
+        assert lp.metric("fdngx_instance_weight", "dp1") >= 20
+        print(f"dp0 weight <= 10 after {took:.1f}s of direct load; split before {dict(before)} after {dict(after)}")
+        assert "dp0: load" in lp.log.read_text(), "the change is logged with its reason"
+
+
+def test_killed_replica_goes_down_without_client_errors_and_ramps_back(tmp_path: Path) -> None:
+    with loop_of(tmp_path, "--ramp", "3", "--max-reloads-per-minute", "20", "--min-hold", "1") as lp:
+        traffic = Traffic(lp, lp.url, threads=3, max_tokens=3)
+        try:
+            wait_for(lambda: len(traffic.results) > 20, 30, what="traffic")
+            lp.kill_replica(1)
+            killed = time.monotonic()
+            wait_for(lambda: lp.metric("fdngx_instance_up", "dp1") == 0, 20, what=f"dp1 down ({lp.tail()})")
+            assert " down;" in lp.conf.read_text() or " down;  # dp1" in lp.conf.read_text()
+            lp.start_replica(1)
+            weights: list[float] = []
+
+            def back() -> bool:
+                weights.append(
+                    lp.metric("fdngx_instance_weight", "dp1") if lp.metric("fdngx_instance_up", "dp1") == 1 else 0.0
+                )
+                return weights[-1] >= 20
+
+            wait_for(back, 30, interval=0.05, what=f"dp1 back at full weight ({lp.tail()})")
+            restarted_ok = time.monotonic()
+            time.sleep(1.0)
+        finally:
+            traffic.stop()
+        ramp = sorted({w for w in weights if 0 < w < 20})
+        assert ramp and ramp[0] == 5, f"ramped through {ramp}"
+        # Requests started after the kill (the replica gone, not cut mid-stream) all succeed: nginx
+        # retries connection failures and the sidecar marks the replica down.
+        late = [r for r in traffic.results if r[0] > killed + 0.2]
+        bad = [r for r in late if not r[2]]
+        assert late and not bad, bad[:5]
+        served_after = {r[3].split()[-1] for r in traffic.results if r[0] > restarted_ok and r[2]}
+        assert str(lp.api[1]) in served_after, "the restarted replica serves again"
+
+
+def test_garbage_and_slow_metrics_from_one_replica_leave_the_others_alone(tmp_path: Path) -> None:
+    with loop_of(tmp_path) as lp:
+        assert lp.sims[0] is not None and lp.sims[1] is not None
+        lp.sims[0].fault(0, garbage_metrics=True)
+        lp.sims[1].fault(0, metrics_delay=5.0)
+        wait_for(
+            lambda: (
+                lp.metric("fdngx_instance_scrape_errors_total", "dp0") >= 4
+                and lp.metric("fdngx_instance_scrape_errors_total", "dp1") >= 4
+            ),
+            30,
+            what="scrape errors counted",
+        )
+        m = lp.metrics()
+        assert m.get(("fdngx_instance_scrape_errors_total", "dp2"), 0.0) == 0.0
+        assert all(m[("fdngx_instance_up", f"dp{i}")] == 1 for i in range(3))
+        assert m[("fdngx_instance_scrape_age_seconds", "dp2")] < 2.0
+        # A slow replica cannot stretch a cycle past the scrape deadline (0.375 s at a 0.5 s interval).
+        count = m[("fdngx_cycle_duration_seconds_count", "")]
+        assert m[("fdngx_cycle_duration_seconds_bucket", "1.0")] == count
+        assert lp.sidecar is not None and lp.sidecar.poll() is None
+        status = fdngx("status", "-i", str(lp.inv), "--json", "--out", str(lp.conf), check=True)
+        rows = {r["name"]: r for r in json.loads(status.stdout)["instances"]}
+        assert "bad metrics" in rows["dp0"]["scrape_error"] and rows["dp2"]["scrape_error"] is None
+        assert rows["dp2"]["running"] is not None and rows["dp2"]["current_weight"] == 20
+
+
+def test_steady_load_reloads_at_most_once_a_minute(tmp_path: Path) -> None:
+    with loop_of(tmp_path) as lp:  # default hold, dead-band and budget; 0.5 s interval
+        traffic = Traffic(lp, lp.url, threads=9, max_tokens=20)  # ~3 busy slots of 8 per replica, noisy
+        try:
+            time.sleep(3)
+            r0 = lp.metric("fdngx_reloads_total")
+            time.sleep(45)
+            r1 = lp.metric("fdngx_reloads_total")
+        finally:
+            traffic.stop()
+        assert r1 - r0 <= 1, f"{r1 - r0} reloads in 45 s of steady load: {lp.tail()}"
+        assert all(r[2] for r in traffic.results)
+
+
+def test_inventory_edit_is_picked_up_and_sigterm_exits_cleanly(tmp_path: Path) -> None:
+    with loop_of(tmp_path, n=3, listed=2) as lp:
+        assert set(lp.split(10)) == {"dp0", "dp1"}
+        lp.write_inventory(3)
+        t0 = time.monotonic()
+        wait_for(lambda: "dp2" in lp.split(6), 15, what=f"dp2 served after the edit ({lp.tail()})")
+        took = time.monotonic() - t0
+        assert took < 0.5 + 2 * 0.5 + 3.0, f"picked up after {took:.1f}s"  # debounce + 2 cycles + reload
+        # A broken edit is logged and the previous inventory kept.
+        lp.inv.write_text("{ not json")
+        wait_for(lambda: "inventory not reloaded" in lp.log.read_text(), 10, what="bad inventory logged")
+        assert set(lp.split(9)) == {"dp0", "dp1", "dp2"}
+        assert lp.sidecar is not None
+        lp.sidecar.send_signal(signal.SIGTERM)
+        assert lp.sidecar.wait(timeout=10) == 0
+
+
+@pytest.mark.skipif(not lua_modules(None), reason="needs libnginx-mod-http-lua")
+def test_openresty_flavor_follows_load_without_reloads(tmp_path: Path) -> None:
+    with loop_of(tmp_path, openresty=True) as lp:
+        assert lp.nginx is not None
+        workers = lp.nginx.worker_pids()
+        before = lp.split(30)
+        assert min(before.values()) >= 6, before
+        direct = Traffic(lp, f"http://127.0.0.1:{lp.api[0]}", threads=6, max_tokens=400)
+        try:
+            # The pushed load makes dp0 the worst choice while its direct traffic lasts.
+            wait_for(lambda: lp.metric("fdngx_instance_running", "dp0") >= 5, 30, what="dp0 loaded")
+            wait_for(lambda: lp.split(12)["dp0"] == 0, 20, interval=0.3, what=f"dp0 avoided ({lp.tail()})")
+        finally:
+            direct.stop()
+        assert lp.metric("fdngx_reloads_total") == 0
+        assert lp.nginx.worker_pids() == workers, "no reload: the same nginx workers served throughout"
+        assert lp.metric("fdngx_instance_weight", "dp0") == 20, "weights carry capacity only in this flavor"

@@ -1,0 +1,384 @@
+"""The weight policy, driven cycle by cycle with made-up samples and a made-up clock."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import random
+from collections.abc import Callable
+
+import pytest
+
+from fdngx.errors import UsageError
+from fdngx.inventory import Instance, Inventory
+from fdngx.policy import Decisions, PolicyConfig, PolicyState, decide
+from fdngx.scrape import LoadSample
+
+T0 = 1_000_000.0
+CFG = PolicyConfig()
+
+
+def inventory(*caps: int, weights: tuple[int, ...] | None = None) -> Inventory:
+    weights = weights or (1,) * len(caps)
+    return Inventory(
+        [
+            Instance(f"dp{n}", "127.0.0.1", 8000 + n, 9000 + n, max_num_seqs=c, weight=w)
+            for n, (c, w) in enumerate(zip(caps, weights, strict=True))
+        ]
+    )
+
+
+def sample(
+    name: str,
+    running: float = 20,
+    queued: float = 0,
+    kv: float | None = 0.3,
+    cap: float | None = None,
+    healthy: bool = True,
+    ok: bool = True,
+    reliable: bool = True,
+    health_error: str | None = None,
+) -> LoadSample:
+    if not ok:
+        return LoadSample(name, False, healthy, error="read timeout", health_error=health_error)
+    return LoadSample(name, True, healthy, running, queued, kv, cap, reliable, health_error=health_error)
+
+
+SampleFn = Callable[[int, str], LoadSample]
+
+
+def run(
+    inv: Inventory,
+    fn: SampleFn,
+    cycles: int,
+    cfg: PolicyConfig = CFG,
+    state: PolicyState | None = None,
+    start: float = T0,
+) -> tuple[list[Decisions], PolicyState, float]:
+    """`cycles` policy cycles `cfg.interval` apart; fn(cycle, name) gives each sample."""
+    state = state or PolicyState()
+    out = []
+    t = start
+    for k in range(cycles):
+        samples = {i.name: fn(k, i.name) for i in inv.instances}
+        d, state = decide(samples, inv, state, cfg, t)
+        out.append(d)
+        t += cfg.interval
+    return out, state, t
+
+
+def weights(d: Decisions) -> dict[str, int]:
+    return {x.name: x.weight for x in d}
+
+
+def even(per_slot: float = 0.5) -> SampleFn:
+    return lambda k, name: sample(name, running=per_slot * 64)
+
+
+# -- capacity -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("caps", "static", "metric_caps", "expected"),
+    [
+        ((64, 64), (1, 1), (None, None), {"dp0": 20, "dp1": 20}),
+        ((64, 32), (1, 1), (None, None), {"dp0": 20, "dp1": 10}),  # inventory max_num_seqs
+        ((64, 64), (1, 1), (64.0, 32.0), {"dp0": 20, "dp1": 10}),  # metrics max_batch_size wins
+        ((64, 64), (2, 1), (None, None), {"dp0": 20, "dp1": 10}),  # static weight multiplies
+        ((128, 64, 64, 32), (1, 1, 1, 1), (None,) * 4, {"dp0": 20, "dp1": 10, "dp2": 10, "dp3": 5}),
+    ],
+)
+def test_capacity_sets_the_neutral_weight(
+    caps: tuple[int, ...], static: tuple[int, ...], metric_caps: tuple[float | None, ...], expected: dict[str, int]
+) -> None:
+    inv = inventory(*caps, weights=static)
+    cap_of = {f"dp{n}": c for n, c in enumerate(metric_caps)}
+    real = {f"dp{n}": c or caps[n] for n, c in enumerate(metric_caps)}
+
+    # Same load per slot everywhere: the replica with twice the slots runs twice the requests.
+    def fn(k: int, name: str) -> LoadSample:
+        return sample(name, running=0.5 * real[name], cap=cap_of[name])
+
+    ds, _, _ = run(inv, fn, 20)
+    assert weights(ds[-1]) == expected
+    assert all(not d.changed for d in ds[1:]), "balanced load must not move anything after the first cycle"
+
+
+# -- load -----------------------------------------------------------------------------------------------
+
+
+def test_queue_build_up_lowers_weight_and_others_take_it() -> None:
+    inv = inventory(64, 64, 64, 64)
+
+    def fn(k: int, name: str) -> LoadSample:
+        if name == "dp0" and k >= 5:
+            return sample(name, running=64, queued=12)  # traffic nginx cannot see
+        return sample(name, running=40)
+
+    ds, _, _ = run(inv, fn, 40)
+    before, after = weights(ds[4]), weights(ds[-1])
+    assert before == {"dp0": 20, "dp1": 20, "dp2": 20, "dp3": 20}
+    assert after["dp0"] <= 10, after
+    assert all(after[n] >= 20 for n in ("dp1", "dp2", "dp3")), after
+    dp0 = [d.by_name()["dp0"] for d in ds]
+    moves = [x for x in dp0 if x.changed and x.weight < 20]
+    assert moves and "queue 12" in moves[0].reason and "->" in moves[0].reason
+    # Monotone: a persistent overload never bounces back up while it lasts.
+    series = [x.weight for x in dp0]
+    assert all(b <= a for a, b in itertools.pairwise(series[5:]))
+
+
+def test_unreliable_queue_is_ignored() -> None:
+    inv = inventory(64, 64)
+
+    def fn(k: int, name: str) -> LoadSample:
+        # An old FastDeploy reports a made-up backlog on dp0: only running counts there.
+        return sample(name, running=30, queued=50 if name == "dp0" else 0, reliable=False)
+
+    ds, _, _ = run(inv, fn, 30)
+    assert weights(ds[-1]) == {"dp0": 20, "dp1": 20}
+    assert "queue unknown" in ds[-1].by_name()["dp0"].reason
+
+
+@pytest.mark.parametrize(("kv", "lowered"), [(0.99, True), (0.8, False)])
+def test_kv_pressure(kv: float, lowered: bool) -> None:
+    inv = inventory(64, 64, 64)
+
+    def fn(k: int, name: str) -> LoadSample:
+        return sample(name, running=30, kv=kv if name == "dp0" else 0.4)
+
+    ds, _, _ = run(inv, fn, 40)
+    w = weights(ds[-1])
+    assert (w["dp0"] < 16) is lowered, w
+    assert w["dp1"] == w["dp2"] >= 20
+
+
+def test_idle_fleet_noise_moves_nothing() -> None:
+    inv = inventory(64, 64)
+    ds, _, _ = run(inv, lambda k, n: sample(n, running=1 if n == "dp0" else 0, kv=0.01), 60)
+    assert weights(ds[-1]) == {"dp0": 20, "dp1": 20}
+
+
+# -- stability ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_noisy_steady_load_reloads_at_most_once_a_minute(seed: int) -> None:
+    rng = random.Random(seed)
+    inv = inventory(64, 64, 64, 64)
+
+    def fn(k: int, name: str) -> LoadSample:
+        running = min(64.0, max(0.0, rng.gauss(45, 8)))
+        return sample(name, running=running, queued=max(0.0, rng.gauss(0, 2)), kv=rng.uniform(0.3, 0.7))
+
+    ds, _, _ = run(inv, fn, 300)  # 10 minutes at 2 s
+    reloads = sum(d.changed for d in ds[1:])
+    assert reloads <= 10, [x.reason for d in ds if d.changed for x in d if x.changed]
+
+
+def _one(inv: Inventory, state: PolicyState, t: float, cfg: PolicyConfig = CFG, **over: float) -> Decisions:
+    samples = {i.name: sample(i.name, **over) if i.name == "dp0" else sample(i.name) for i in inv.instances}
+    d, _ = decide(samples, inv, state, cfg, t)
+    return d
+
+
+def test_dead_band_and_hold_reasons() -> None:
+    inv = inventory(64, 64)
+    _, state, t = run(inv, even(20 / 64), 3)
+    st0 = state.instances["dp0"]
+    # Pretend the correction already wants dp0 a little lower: 20 -> 18 is inside the 20% dead-band.
+    st0.log_gain = -0.1
+    d = _one(inv, state, t).by_name()["dp0"]
+    assert not d.changed and d.weight == 20 and "dead-band" in d.reason
+    # A big move right after a change is held until min_hold has passed.
+    st0.log_gain, st0.last_change_at = -1.0, t - 4
+    d = _one(inv, state, t).by_name()["dp0"]
+    assert not d.changed and d.weight == 20 and "hold: changed 4s ago" in d.reason
+    st0.last_change_at = t - CFG.min_hold - 1
+    d = _one(inv, state, t).by_name()["dp0"]
+    assert d.changed and d.weight < 16 and "20->" in d.reason
+
+
+def test_reload_budget_caps_changes_per_minute() -> None:
+    cfg = PolicyConfig(max_reloads_per_minute=2, min_hold=0, deadband_abs=0, deadband_rel=0.0, gain=2.0)
+    inv = inventory(64, 64)
+
+    def fn(k: int, name: str) -> LoadSample:
+        hot = "dp0" if (k // 2) % 2 else "dp1"  # load flips every 2 cycles: wants a change almost every cycle
+        return sample(name, running=64 if name == hot else 10, queued=20 if name == hot else 0)
+
+    ds, _, _ = run(inv, fn, 60, cfg)
+    times = [T0 + k * cfg.interval for k, d in enumerate(ds) if d.changed and k > 0]
+    for t in times:
+        assert sum(1 for u in times if t - 60 < u <= t) <= 2
+    assert any("reload budget exhausted (2/min)" in x.reason for d in ds for x in d)
+
+
+# -- health ---------------------------------------------------------------------------------------------
+
+
+def test_down_after_k_failed_health_checks() -> None:
+    inv = inventory(64, 64)
+
+    def fn(k: int, name: str) -> LoadSample:
+        bad = name == "dp1" and k >= 2
+        return sample(name, healthy=not bad, health_error="404" if bad else None)
+
+    ds, _, _ = run(inv, fn, 6)
+    dp1 = [d.by_name()["dp1"] for d in ds]
+    assert [x.down for x in dp1] == [False, False, False, False, True, True]
+    assert dp1[4].changed and dp1[4].reason == "down: /health failed 3x (404)"
+    assert not dp1[5].changed
+    assert not any(d.by_name()["dp0"].down for d in ds)
+
+
+def test_health_304_counts_as_failure_and_a_blip_resets() -> None:
+    inv = inventory(64, 64)
+    pattern = [False, False, True, False, False, True]  # never 3 in a row
+
+    def fn(k: int, name: str) -> LoadSample:
+        ok = name == "dp0" or pattern[k]
+        return sample(name, healthy=ok, health_error=None if ok else "304")
+
+    ds, _, _ = run(inv, fn, len(pattern))
+    assert not any(x.down for d in ds for x in d)
+
+
+def test_recovery_ramps_back() -> None:
+    inv = inventory(64, 64)
+
+    def fn(k: int, name: str) -> LoadSample:
+        bad = name == "dp1" and 1 <= k < 6
+        return sample(name, running=20, healthy=not bad, health_error="connection refused" if bad else None)
+
+    ds, _, _ = run(inv, fn, 45)
+    dp1 = [d.by_name()["dp1"] for d in ds]
+    assert dp1[3].down and dp1[6].down, "one good check is not enough (recover threshold 2)"
+    up = dp1[7]
+    assert not up.down and up.changed and up.weight == 5 and "ramp 1/4" in up.reason
+    ramp = [x.weight for x in dp1[7:]]
+    assert ramp == sorted(ramp) and ramp[-1] == 20
+    assert any("ramp 2/4" in x.reason for x in dp1)
+    # Initial weights, down, up and ramp 2/4 spent the 4 reloads of the minute: later steps wait for the
+    # budget instead of buying extra reloads, and the ramp completes once the minute has passed.
+    assert 5 < dp1[7 + 16].weight < 20 and "reload budget exhausted" in dp1[7 + 16].reason
+    assert dp1[7 + 32].weight == 20
+
+
+def test_stale_metrics_fade_to_neutral() -> None:
+    inv = inventory(64, 64, 64)
+
+    def fn(k: int, name: str) -> LoadSample:
+        if name != "dp0":
+            return sample(name, running=30)
+        if k < 30:
+            return sample(name, running=64, queued=30)
+        return sample(name, ok=False)  # metrics broken, /health fine
+
+    ds, _, _ = run(inv, fn, 80)
+    low = ds[29].by_name()["dp0"].weight
+    assert low <= 10
+    assert not ds[32].by_name()["dp0"].changed, "a short gap keeps the last verdict"
+    assert ds[-1].by_name()["dp0"].weight >= 17
+    assert not ds[-1].by_name()["dp0"].down
+    assert any("stale metrics" in d.by_name()["dp0"].reason for d in ds[40:])
+
+
+def test_all_stale_fails_open_to_static_weights() -> None:
+    inv = inventory(64, 32)
+    ds, state, _ = run(inv, lambda k, n: sample(n, running=64 if n == "dp0" else 0, queued=40 if n == "dp0" else 0), 30)
+    assert ds[-1].by_name()["dp0"].weight < 20
+    ds, _, _ = run(inv, lambda k, n: sample(n, ok=False), 10, state=state, start=T0 + 60)
+    last = ds[-1]
+    assert last.fail_open == "no replica has fresh metrics"
+    assert weights(last) == {"dp0": 20, "dp1": 10} and not any(x.down for x in last)
+    assert all(x.reason.startswith("fail open") for x in last)
+
+
+def test_all_down_fails_open() -> None:
+    inv = inventory(64, 64, 64)
+    ds, _, _ = run(inv, lambda k, n: sample(n, healthy=False, health_error="connection refused"), 6)
+    assert all(not x.down for d in ds for x in d)
+    assert ds[-1].fail_open == "all replicas fail /health"
+
+
+def test_partial_outage_is_not_fail_open() -> None:
+    inv = inventory(64, 64, 64)
+    ds, _, _ = run(inv, lambda k, n: sample(n, healthy=n == "dp0", health_error=None if n == "dp0" else "404"), 6)
+    assert ds[-1].fail_open is None
+    assert [x.down for x in ds[-1]] == [False, True, True]
+
+
+# -- state ----------------------------------------------------------------------------------------------
+
+
+def test_state_round_trips_through_json_and_continues_identically() -> None:
+    inv = inventory(64, 64, 32)
+
+    def fn(k: int, name: str) -> LoadSample:
+        return sample(name, running=60 if name == "dp0" else 20, queued=k % 5, healthy=not (name == "dp2" and k > 8))
+
+    _, state, t = run(inv, fn, 12)
+    restored = PolicyState.from_dict(json.loads(json.dumps(state.to_dict())))
+    assert restored == state
+    a, _, _ = run(inv, fn, 10, state=state, start=t)
+    b, _, _ = run(inv, fn, 10, state=restored, start=t)
+    assert a == b
+
+
+@pytest.mark.parametrize("raw", [None, [], {"version": 99}, {"version": 1, "instances": []}])
+def test_bad_state_is_rejected(raw: object) -> None:
+    with pytest.raises(ValueError):
+        PolicyState.from_dict(raw)
+
+
+def test_decide_is_pure() -> None:
+    inv = inventory(64, 64)
+    _, state, t = run(inv, even(), 3)
+    frozen = copy.deepcopy(state)
+    samples = {"dp0": sample("dp0", running=64, queued=9), "dp1": sample("dp1", healthy=False)}
+    d1, _ = decide(samples, inv, state, CFG, t)
+    d2, _ = decide(samples, inv, state, CFG, t)
+    assert state == frozen and d1 == d2
+
+
+def test_inventory_changes_add_and_drop_instances() -> None:
+    _, state, t = run(inventory(64, 64), even(), 3)
+    bigger = inventory(64, 64, 64)
+    d, state = decide({n: sample(n) for n in ("dp0", "dp1", "dp2")}, bigger, state, CFG, t)
+    new = d.by_name()["dp2"]
+    assert new.changed and new.weight == 20 and new.reason.startswith("initial")
+    d, state = decide({"dp0": sample("dp0")}, inventory(64), state, CFG, t + 2)
+    assert set(state.instances) == {"dp0"} and len(d) == 1
+
+
+def test_missing_sample_counts_as_a_failed_check() -> None:
+    inv = inventory(64, 64)
+    state = PolicyState()
+    for k in range(3):
+        ds_k, state = decide({"dp0": sample("dp0")}, inv, state, CFG, T0 + 2 * k)
+    assert ds_k.by_name()["dp1"].down and "not scraped" in ds_k.by_name()["dp1"].reason
+
+
+@pytest.mark.parametrize("bad", [{"alpha": 0}, {"fail_threshold": 0}, {"scale": 500}, {"min_factor": 2.0}])
+def test_bad_config_is_a_usage_error(bad: dict[str, float]) -> None:
+    with pytest.raises(UsageError):
+        PolicyConfig(**bad).validated()  # type: ignore[arg-type]
+
+
+def test_ramp_does_not_wind_up_the_correction() -> None:
+    # While it ramps, the recovered replica is under-loaded on purpose; that must not pile up a bonus
+    # that overshoots its weight once the ramp ends.
+    cfg = PolicyConfig(max_reloads_per_minute=100)
+    inv = inventory(64, 64, 64)
+
+    def fn(k: int, name: str) -> LoadSample:
+        bad = name == "dp1" and 1 <= k < 6
+        running = 2 if name == "dp1" else 50
+        return sample(name, running=running, healthy=not bad, health_error="404" if bad else None)
+
+    ds, _, _ = run(inv, fn, 7 + 15 + 2, cfg)
+    ramp = [d.by_name()["dp1"].weight for d in ds[7:22]]
+    assert sorted(set(ramp)) == [5, 10, 15, 20], ramp  # exact quarters of the capacity weight
+    assert ds[-1].by_name()["dp1"].weight == 20

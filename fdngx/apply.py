@@ -6,16 +6,20 @@ The sidecar uses the same pieces (`nginx_control`, `nginx.safe_apply`), so there
 from __future__ import annotations
 
 import shlex
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fdngx import inventory as inv_mod
 from fdngx import openresty
+from fdngx.cycle import CycleResult, run_cycle, state_path_for
 from fdngx.errors import UsageError
 from fdngx.inventory import Inventory
 from fdngx.nginx import ApplyResult, NginxControl, find_nginx, prepare_prefix, safe_apply, unified_diff
+from fdngx.policy import config_for_flavor
 from fdngx.render import RenderOptions, ServerState, parse_listen, render
+from fdngx.scrape import loads_of
 
 StatesFn = Callable[[Inventory], Mapping[str, ServerState] | None]
 
@@ -33,6 +37,7 @@ class RenderJob:
     check: bool = False
     diff: bool = False
     admin_token_file: Path | None = None
+    scrape: bool = False  # cron mode: weights from one scrape + policy cycle, state beside --out
 
     def validated(self) -> RenderJob:
         self.opts.validated()
@@ -49,6 +54,7 @@ class RenderOutcome:
     result: ApplyResult | None = None
     current: bool | None = None  # --check: is the file on disk up to date?
     diff: str = ""
+    cycle: CycleResult | None = None  # --scrape: what the policy saw and decided
 
 
 def standalone_prefix(job: RenderJob) -> Path | None:
@@ -92,21 +98,39 @@ def run_render(job: RenderJob, states_fn: StatesFn | None = None) -> RenderOutco
     if prefix is not None and job.opts.mode == "standalone" and not (job.check or job.diff):
         prepare_prefix(prefix)  # before the token file, which lives there too
     job = replace(job, opts=finalize_options(job)).validated()
+    dry = job.out is None or job.check or (job.diff and not job.reload)
+    cycles: list[CycleResult] = []
 
     def content() -> str:
         inv = inv_mod.load_many(list(job.inventories))
         states = states_fn(inv) if states_fn else None
+        if job.scrape:
+            # Runs under safe_apply's lock: overlapping cron runs see each other's state in order.
+            with tempfile.TemporaryDirectory() as scratch:
+                state_path = state_path_for(job.out) if job.out is not None else Path(scratch) / "state.json"
+                config = config_for_flavor(job.opts.flavor)
+                cycles.append(run_cycle(inv, state_path=state_path, config=config, save=not dry))
+            states = cycles[-1].states
         return render(inv, job.opts, states)
 
     if job.out is None:
-        return RenderOutcome(content())
-    if job.check or (job.diff and not job.reload):
+        text = content()
+        return RenderOutcome(text, cycle=cycles[-1] if cycles else None)
+    if dry:
         text = content()
         try:
             old: bytes | None = job.out.read_bytes()
         except FileNotFoundError:
             old = None
-        return RenderOutcome(text, None, old == text.encode("utf-8"), unified_diff(old, text, job.out))
+        current = old == text.encode("utf-8")
+        return RenderOutcome(text, None, current, unified_diff(old, text, job.out), cycles[-1] if cycles else None)
     control = nginx_control(job) if job.reload else None
     result = safe_apply(job.out, content, control, reload=job.reload)
-    return RenderOutcome("", result, None, result.diff)
+    cycle = cycles[-1] if cycles else None
+    if cycle is not None and job.opts.flavor == "openresty" and job.reload:
+        # The config holds no weights in this flavor: they go to the balancer's shared memory.
+        token_file = Path(job.opts.admin_token_file)
+        openresty.Admin(job.opts.admin_listen, openresty.read_token(token_file)).push(
+            cycle.states, loads_of(cycle.samples)
+        )
+    return RenderOutcome("", result, None, result.diff, cycle)

@@ -37,6 +37,10 @@ def render_cmd(
     prefix: Path | None = typer.Option(
         None, help="nginx prefix (-p). standalone: pid, logs and temp files go here (default: --out's directory)."
     ),
+    scrape: bool = typer.Option(
+        False, "--scrape", help="Cron mode: weights from one metrics scrape + the sidecar's policy; its state "
+        "(smoothing, hold times, failure counts) persists in <out>.state.json between runs."
+    ),
     reload: bool = typer.Option(
         False, "--reload", help="Safe apply: lock, write atomically, `nginx -t`, reload, confirm, roll back on failure."
     ),
@@ -101,8 +105,13 @@ def render_cmd(
         check=check,
         diff=diff,
         admin_token_file=admin_token_file,
+        scrape=scrape,
     )
     outcome = run_render(job)
+    if outcome.cycle is not None:
+        for d in outcome.cycle.decisions:
+            if d.changed:
+                typer.echo(f"fdngx: {d.name}: {d.reason}", err=True)
     if job.out is None:
         typer.echo(outcome.text, nl=False)
         return

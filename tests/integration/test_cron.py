@@ -1,0 +1,46 @@
+"""Cron mode: `fdngx render --scrape --reload`, one policy cycle per run, state carried in a file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fdngx.sim.process import start_sim
+from tests.support import Nginx, fdngx, free_ports
+
+
+def test_cron_runs_carry_state_and_take_a_dead_replica_out(tmp_path: Path) -> None:
+    api = free_ports(3)
+    metrics = free_ports(3)
+    with start_sim(api, metrics, max_num_seqs=[8, 8, 16]) as sim:
+        inv = tmp_path / "fdngx.json"
+        inv.write_text(json.dumps({"instances": [
+            {"name": f"dp{i}", "host": "127.0.0.1", "port": p, "metrics_port": m, "engine": "sim"}
+            for i, (p, m) in enumerate(zip(api, metrics, strict=True))
+        ]}))
+        conf = tmp_path / "nginx" / "nginx.conf"
+        port = free_ports(1)[0]
+        args = ["render", "-i", str(inv), "--mode", "standalone", "--listen", str(port), "--out", str(conf)]
+        fdngx(*args, check=True)
+        nginx = Nginx(conf.parent).start(f"http://127.0.0.1:{port}/health")
+        try:
+            first = fdngx(*args, "--scrape", "--reload")
+            assert first.returncode == 0, first.stderr
+            text = conf.read_text()
+            # capacity from the replicas' own max_batch_size: dp2 has twice the slots, twice the weight
+            assert f"server 127.0.0.1:{api[2]} weight=20 " in text
+            assert f"server 127.0.0.1:{api[0]} weight=10 " in text
+            state_file = conf.with_name("nginx.conf.state.json")
+            assert set(json.loads(state_file.read_text())["instances"]) == {"dp0", "dp1", "dp2"}
+
+            sim.fault(1, crash=True)
+            before = state_file.read_bytes()
+            check = fdngx(*args, "--scrape", "--check")
+            assert check.returncode in (0, 1) and state_file.read_bytes() == before  # --check writes nothing
+            runs = [fdngx(*args, "--scrape", "--reload") for _ in range(3)]
+            assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+            assert f"server 127.0.0.1:{api[1]} weight=10 max_fails=3 fail_timeout=10s down;" in conf.read_text()
+            assert "dp1: down: /health failed 3x" in runs[-1].stderr
+            assert "down" not in runs[0].stderr  # one failed check is not enough (K = 3)
+        finally:
+            nginx.stop()

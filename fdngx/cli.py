@@ -69,6 +69,7 @@ def _root(
 
 
 # -- commands: each module registers its own on `app`; one import line per command module -----------
+from fdngx.commands import demo as _demo  # noqa: E402,F401
 from fdngx.commands import launch as _launch  # noqa: E402,F401
 from fdngx.commands import render as _render  # noqa: E402,F401
 from fdngx.commands import sidecar as _sidecar  # noqa: E402,F401

@@ -1,0 +1,38 @@
+"""`fdngx demo` (what `make demo` runs) end to end, bounded by --duration; it must leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from tests.support import fdngx, free_ports
+
+
+def test_demo_runs_the_loop_and_cleans_up(tmp_path: Path) -> None:
+    work = tmp_path / "demo"
+    port = free_ports(1)[0]
+    proc = fdngx("demo", "--dir", str(work), "--port", str(port), "--duration", "24", "--interval", "1",
+                 timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert f"http://127.0.0.1:{port}/v1" in out
+    # every replica served traffic through nginx, and status printed a row per replica
+    shares = re.findall(r"share by replica port: (.*)", out)
+    assert shares, out[-3000:]
+    assert len(re.findall(r"\d+: \d+%", shares[-1])) == 4, shares[-1]
+    assert all(re.search(rf"^dp{i}\s+yes\s", out, re.M) for i in range(4)), out[-3000:]
+    # the replica that also gets direct traffic ends with a lower weight than the others
+    last = out[out.rfind("INSTANCE"):]
+    weights = {m[0]: int(m[1]) for m in re.findall(r"^(dp\d)\s+yes\s+\S+\s+\S+\s+\S+\s+(\d+)", last, re.M)}
+    assert weights["dp2"] < min(weights["dp0"], weights["dp1"]), last
+    # nothing left running: every pid the launch recorded is gone
+    inv = json.loads((work / "fdngx.json").read_text())
+    for inst in inv["instances"]:
+        pid = inst.get("pid")
+        if pid:
+            assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+    assert not (work / "fdngx.json.pid").exists()
+    nginx_pid = work / "nginx" / "logs" / "nginx.pid"
+    assert not nginx_pid.exists() or not os.path.exists(f"/proc/{nginx_pid.read_text().strip()}")

@@ -16,6 +16,7 @@ from fdngx.errors import UsageError
 from fdngx.nginx import prepare_prefix
 from fdngx.openresty import Admin, read_token
 from fdngx.policy import config_for_flavor
+from fdngx.registry import Registry, RegistryServer
 from fdngx.render import RenderOptions
 from fdngx.sidecar import Sidecar, SidecarConfig
 
@@ -74,6 +75,11 @@ def sidecar_cmd(
     keepalive: int = typer.Option(64, help="Idle keepalive connections to the replicas per worker (0: off)."),
     template_dir: Path | None = typer.Option(None, help="Directory whose templates override the built-in ones."),
     access_log: str | None = typer.Option(None, help="site/standalone access log path or 'off'."),
+    registry_listen: str | None = typer.Option(
+        None, help="ADDR:PORT for a FastDeploy-compatible POST /register (instances started with "
+        "--router http://ADDR:PORT add themselves to the first --inventory). Unauthenticated, like "
+        "FastDeploy's routers: bind it to a private interface. Default: off."
+    ),
 ) -> None:
     """Keep nginx's weights in line with each replica's real load (scrape -> policy -> safe apply).
 
@@ -136,6 +142,11 @@ def sidecar_cmd(
         debounce=debounce,
         scrape_deadline=min(1.5, max(0.2, interval * 0.75)),
     )
+    registry = None
+    if registry_listen:
+        # Before the sidecar loads the inventory: the registry creates it (empty) when missing.
+        registry = RegistryServer(registry_listen, Registry(job.inventories[0])).start()
+        log.info("registry: FastDeploy instances may POST http://%s/register", registry_listen)
     sidecar = Sidecar(config)
     if metrics_listen.lower() != "off":
         host, port = sidecar.telemetry.serve(metrics_listen)
@@ -162,3 +173,5 @@ def sidecar_cmd(
         sidecar.run()
     finally:
         sidecar.telemetry.close()
+        if registry is not None:
+            registry.stop()

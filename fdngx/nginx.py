@@ -76,6 +76,10 @@ def _old_workers_retired(old: set[int]) -> bool:
     return True
 
 
+class NginxNotRunning(ApplyError):
+    """Nothing to reload: the file passed `nginx -t` and is kept for when nginx starts."""
+
+
 @dataclass
 class NginxControl:
     """How to test and reload one nginx: binary, `-p` prefix, `-c` main config, or a reload command."""
@@ -158,9 +162,9 @@ class NginxControl:
         """Reload and wait until nginx serves the new configuration; raises ApplyError otherwise."""
         master = self.master_pid()
         if master is None:
-            raise ApplyError(
-                "nginx is not running (no live master in its pid file); start it first, e.g. "
-                f"{shlex.join(self.argv())}"
+            raise NginxNotRunning(
+                "nginx is not running (no live master in its pid file); it will read the new file when "
+                f"started, e.g. {shlex.join(self.argv())}"
             )
         before = procs.children(master)
         log_offset = self._error_log_size()
@@ -207,13 +211,15 @@ class ApplyResult:
     reloaded: bool
     diff: str
     generation: str | None
+    note: str = ""
 
     @property
     def summary(self) -> str:
         if not self.changed:
             return f"{self.path}: unchanged"
         gen = f" (generation {self.generation})" if self.generation else ""
-        return f"{self.path}: {'applied and reloaded' if self.reloaded else 'written'}{gen}"
+        note = f"; {self.note}" if self.note else ""
+        return f"{self.path}: {'applied and reloaded' if self.reloaded else 'written'}{gen}{note}"
 
 
 def lock_path(path: Path) -> Path:
@@ -252,6 +258,9 @@ def safe_apply(
             if reload:
                 reload_started = True
                 control.reload(generation)
+        except NginxNotRunning as exc:
+            # At boot, cron or the sidecar may run before nginx: the file passed `nginx -t`, keep it.
+            return ApplyResult(path, True, False, diff, generation, str(exc))
         except BaseException as exc:
             restore(path, old)
             reason = str(exc) if isinstance(exc, ApplyError) else f"{type(exc).__name__}: {exc}"

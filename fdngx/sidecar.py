@@ -227,6 +227,8 @@ class Sidecar:
                     reload=self.config.reload and self.config.control is not None,
                 )
                 self._render_pending = False
+                if applied.note:
+                    log.warning("%s", applied.summary)
                 self.telemetry.applied(applied.generation, time.monotonic() - t0, applied.reloaded)
             except FdngxError as exc:
                 error = str(exc)

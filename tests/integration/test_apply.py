@@ -229,3 +229,21 @@ def test_check_and_diff(site: Site) -> None:
 
 def test_nginx_binary_is_found() -> None:
     assert Path(find_nginx()).name == "nginx"
+
+
+def test_reload_with_nginx_not_running_keeps_the_tested_file(tmp_path: Path) -> None:
+    """At boot cron may run before nginx: a config that passes `nginx -t` is kept, nothing to reload."""
+    conf = tmp_path / "p" / "nginx.conf"
+    args = ["render", "-i", str(REPO / "examples" / "fdngx.json"), "--mode", "standalone", "--out", str(conf),
+            "--listen", str(free_ports(1)[0])]
+    proc = fdngx(*args, "--reload")
+    assert proc.returncode == 0, proc.stderr
+    assert "written" in proc.stderr and "nginx is not running" in proc.stderr
+    assert Nginx(conf.parent).test().returncode == 0
+    bad = tmp_path / "tpl"
+    bad.mkdir()
+    (bad / "_proxy.j2").write_text("        proxy_pass http://{{ upstream }};\n        bogus_directive on;\n")
+    before = conf.read_bytes()
+    proc = fdngx(*args, "--reload", "--template-dir", str(bad), "--keepalive", "8")
+    assert proc.returncode == 1 and "nginx -t failed" in proc.stderr
+    assert conf.read_bytes() == before

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
+from fdngx.procs import alive
 from tests.support import fdngx, free_ports
 
 
@@ -29,10 +29,8 @@ def test_demo_runs_the_loop_and_cleans_up(tmp_path: Path) -> None:
     assert weights["dp2"] < min(weights["dp0"], weights["dp1"]), last
     # nothing left running: every pid the launch recorded is gone
     inv = json.loads((work / "fdngx.json").read_text())
-    for inst in inv["instances"]:
-        pid = inst.get("pid")
-        if pid:
-            assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+    pids = [inst["pid"] for inst in inv["instances"] if inst.get("pid")]
+    assert pids and not any(alive(pid) for pid in pids)
     assert not (work / "fdngx.json.pid").exists()
     nginx_pid = work / "nginx" / "logs" / "nginx.pid"
-    assert not nginx_pid.exists() or not os.path.exists(f"/proc/{nginx_pid.read_text().strip()}")
+    assert not nginx_pid.exists() or not alive(int(nginx_pid.read_text()))

@@ -8,7 +8,24 @@ import typer
 
 from fdngx.apply import RenderJob, run_render
 from fdngx.cli import InventoryOpt, app, inventory_paths
-from fdngx.render import RenderOptions
+from fdngx.commands.options import (
+    AccessLogOpt,
+    AdminListenOpt,
+    AdminTokenFileOpt,
+    BalancerOpt,
+    FailTimeoutOpt,
+    FlavorOpt,
+    KeepaliveOpt,
+    ListenOpt,
+    MaxFailsOpt,
+    ModeOpt,
+    NginxBinOpt,
+    NginxConfOpt,
+    PrefixOpt,
+    ReloadCmdOpt,
+    TemplateDirOpt,
+    render_options,
+)
 
 EPILOG = (
     "Examples:\n\n"
@@ -22,21 +39,11 @@ EPILOG = (
 @app.command("render", epilog=EPILOG)
 def render_cmd(
     inventory: list[Path] | None = InventoryOpt,
-    mode: str = typer.Option(
-        "upstream",
-        "--mode",
-        "-m",
-        help="upstream: the `upstream {}` block to include from your own config; site: upstream + a "
-        "`server {}` for the OpenAI routes (include inside http {}); standalone: a complete nginx.conf "
-        "that runs without root under --prefix.",
-    ),
-    flavor: str = typer.Option("nginx", help="nginx: weights in the config (a weight change = a reload); "
-                               "openresty: a Lua balancer whose weights the sidecar updates with no reload."),
+    mode: str = ModeOpt,
+    flavor: str = FlavorOpt,
     out: str = typer.Option("-", "--out", "-o", help="Where to write: a file path, or - for stdout."),
-    listen: str = typer.Option("127.0.0.1:8080", help="site/standalone: ADDR:PORT (or PORT) nginx listens on."),
-    prefix: Path | None = typer.Option(
-        None, help="nginx prefix (-p). standalone: pid, logs and temp files go here (default: --out's directory)."
-    ),
+    listen: str = ListenOpt,
+    prefix: Path | None = PrefixOpt,
     scrape: bool = typer.Option(
         False, "--scrape", help="Cron mode: weights from one metrics scrape + the sidecar's policy; its state "
         "(smoothing, hold times, failure counts) persists in <out>.state.json between runs."
@@ -48,50 +55,27 @@ def render_cmd(
         False, "--check", help="Only compare: exit 0 if --out is current, 1 if a render would change it."
     ),
     diff: bool = typer.Option(False, "--diff", help="Show a unified diff against --out (alone: change nothing)."),
-    nginx_conf: Path | None = typer.Option(
-        None, help="The main nginx.conf for `nginx -t -c` (default: nginx's own; standalone: --out)."
-    ),
-    nginx_bin: str | None = typer.Option(None, help="nginx binary (default: nginx on PATH, then /usr/sbin/nginx)."),
-    reload_cmd: str | None = typer.Option(
-        None, help="Reload with this command instead of `nginx -s reload`, e.g. 'systemctl reload nginx'."
-    ),
-    template_dir: Path | None = typer.Option(
-        None, help="Directory whose templates override the built-in ones (same file names, e.g. _proxy.j2)."
-    ),
-    max_fails: int = typer.Option(3, help="Per-server max_fails (passive health: failures within fail-timeout)."),
-    fail_timeout: int = typer.Option(10, help="Per-server fail_timeout in seconds."),
-    keepalive: int = typer.Option(64, help="Idle keepalive connections to the replicas per worker (0: off)."),
-    admin_listen: str = typer.Option(
-        "127.0.0.1:9401", help="openresty: ADDR:PORT of the loopback admin server the sidecar pushes weights to."
-    ),
-    admin_token_file: Path | None = typer.Option(
-        None, help="openresty: admin token file, created (0600) if missing (default: fdngx-admin.token beside --out)."
-    ),
-    balancer: str = typer.Option(
-        "least", help="openresty: least = least (in-flight + scraped external load) / weight over all replicas; "
-        "p2c = the better of two random replicas (less herding with several frontends)."
-    ),
-    access_log: str | None = typer.Option(
-        None, help="site/standalone access log path or 'off' (default: logs/access.log under the prefix "
-        "for standalone, /var/log/nginx/<upstream>.access.log for site)."
-    ),
+    nginx_conf: Path | None = NginxConfOpt,
+    nginx_bin: str | None = NginxBinOpt,
+    reload_cmd: str | None = ReloadCmdOpt,
+    template_dir: Path | None = TemplateDirOpt,
+    max_fails: int = MaxFailsOpt,
+    fail_timeout: int = FailTimeoutOpt,
+    keepalive: int = KeepaliveOpt,
+    admin_listen: str = AdminListenOpt,
+    admin_token_file: Path | None = AdminTokenFileOpt,
+    balancer: str = BalancerOpt,
+    access_log: str | None = AccessLogOpt,
 ) -> None:
     """Render the nginx config for the inventory; with --reload, apply it safely.
 
     Deterministic: the same inventory (and weights) always gives the same bytes, so an unchanged
     render never reloads nginx. This is the command to run from cron.
     """
-    opts = RenderOptions(
-        mode=mode,
-        flavor=flavor,
-        listen=listen,
-        template_dir=template_dir,
-        max_fails=max_fails,
-        fail_timeout=fail_timeout,
-        keepalive=keepalive,
-        access_log=access_log,
-        admin_listen=admin_listen,
-        balancer_mode=balancer,
+    opts = render_options(
+        mode=mode, flavor=flavor, listen=listen, template_dir=template_dir, max_fails=max_fails,
+        fail_timeout=fail_timeout, keepalive=keepalive, access_log=access_log, admin_listen=admin_listen,
+        balancer=balancer,
     )
     job = RenderJob(
         inventories=inventory_paths(inventory),

@@ -12,12 +12,29 @@ import typer
 
 from fdngx.apply import RenderJob, finalize_options, nginx_control, standalone_prefix
 from fdngx.cli import InventoryOpt, app, inventory_paths
+from fdngx.commands.options import (
+    AccessLogOpt,
+    AdminListenOpt,
+    AdminTokenFileOpt,
+    BalancerOpt,
+    FailTimeoutOpt,
+    FlavorOpt,
+    KeepaliveOpt,
+    ListenOpt,
+    MaxFailsOpt,
+    ModeOpt,
+    NginxBinOpt,
+    NginxConfOpt,
+    PrefixOpt,
+    ReloadCmdOpt,
+    TemplateDirOpt,
+    render_options,
+)
 from fdngx.errors import UsageError
 from fdngx.nginx import prepare_prefix
 from fdngx.openresty import Admin, read_token
 from fdngx.policy import config_for_flavor
 from fdngx.registry import Registry, RegistryServer
-from fdngx.render import RenderOptions
 from fdngx.sidecar import Sidecar, SidecarConfig
 
 log = logging.getLogger("fdngx.sidecar")
@@ -36,27 +53,16 @@ def sidecar_cmd(
     inventory: list[Path] | None = InventoryOpt,
     out: Path = typer.Option(..., "--out", "-o", help="The config file nginx reads; rewritten only when it changes."),
     interval: float = typer.Option(2.0, help="Seconds between scrape + policy cycles."),
-    mode: str = typer.Option("upstream", "--mode", "-m", help="What --out holds: upstream, site or standalone."),
-    flavor: str = typer.Option(
-        "nginx",
-        help="nginx: weights in the config, a change = a reload (rare: dead-band, hold, budget). openresty: the "
-        "Lua balancer gets weights and scraped load by push every cycle, never a reload (render with the same "
-        "--flavor/--admin-listen first).",
-    ),
-    admin_listen: str = typer.Option(
-        "127.0.0.1:9401", help="openresty: ADDR:PORT of the balancer's loopback admin server (as rendered)."
-    ),
-    admin_token_file: Path | None = typer.Option(
-        None, help="openresty: admin token file (default: fdngx-admin.token beside --out)."
-    ),
-    balancer: str = typer.Option("least", help="openresty: least or p2c (see `fdngx render --help`)."),
-    listen: str = typer.Option("127.0.0.1:8080", help="site/standalone: ADDR:PORT nginx listens on."),
-    prefix: Path | None = typer.Option(None, help="nginx prefix (-p); standalone default: --out's directory."),
-    nginx_conf: Path | None = typer.Option(
-        None, help="Main nginx.conf for `nginx -t -c` (default: nginx's own; standalone: --out)."
-    ),
-    nginx_bin: str | None = typer.Option(None, help="nginx binary (default: nginx on PATH, then /usr/sbin/nginx)."),
-    reload_cmd: str | None = typer.Option(None, help="Reload with this command instead of `nginx -s reload`."),
+    mode: str = ModeOpt,
+    flavor: str = FlavorOpt,
+    admin_listen: str = AdminListenOpt,
+    admin_token_file: Path | None = AdminTokenFileOpt,
+    balancer: str = BalancerOpt,
+    listen: str = ListenOpt,
+    prefix: Path | None = PrefixOpt,
+    nginx_conf: Path | None = NginxConfOpt,
+    nginx_bin: str | None = NginxBinOpt,
+    reload_cmd: str | None = ReloadCmdOpt,
     no_reload: bool = typer.Option(False, "--no-reload", help="Only write --out; something else reloads nginx."),
     metrics_listen: str = typer.Option(
         "127.0.0.1:9400", help="ADDR:PORT for the sidecar's own Prometheus /metrics; 'off' to disable."
@@ -70,11 +76,11 @@ def sidecar_cmd(
     ramp: float = typer.Option(30.0, help="Seconds a recovered replica takes to ramp back to full weight."),
     stale_after: float = typer.Option(10.0, help="Seconds after which old metrics stop steering a weight."),
     scale: int = typer.Option(20, help="nginx weight of the biggest replica at neutral load."),
-    max_fails: int = typer.Option(3, help="Per-server max_fails (nginx passive health)."),
-    fail_timeout: int = typer.Option(10, help="Per-server fail_timeout in seconds."),
-    keepalive: int = typer.Option(64, help="Idle keepalive connections to the replicas per worker (0: off)."),
-    template_dir: Path | None = typer.Option(None, help="Directory whose templates override the built-in ones."),
-    access_log: str | None = typer.Option(None, help="site/standalone access log path or 'off'."),
+    max_fails: int = MaxFailsOpt,
+    fail_timeout: int = FailTimeoutOpt,
+    keepalive: int = KeepaliveOpt,
+    template_dir: Path | None = TemplateDirOpt,
+    access_log: str | None = AccessLogOpt,
     registry_listen: str | None = typer.Option(
         None, help="ADDR:PORT for a FastDeploy-compatible POST /register (instances started with "
         "--router http://ADDR:PORT add themselves to the first --inventory). Unauthenticated, like "
@@ -85,17 +91,10 @@ def sidecar_cmd(
 
     Weights start from capacity (max_batch_size, else max_num_seqs, times the inventory weight) and move only when a replica carries more load per slot than the fleet (traffic nginx cannot see, KV pressure). A replica failing /health is marked down and ramps back after recovery. nginx's least_conn still picks each request.
     """  # noqa: E501 (one line per paragraph: the help formatter re-wraps it)
-    opts = RenderOptions(
-        mode=mode,
-        flavor=flavor,
-        listen=listen,
-        template_dir=template_dir,
-        max_fails=max_fails,
-        fail_timeout=fail_timeout,
-        keepalive=keepalive,
-        access_log=access_log,
-        admin_listen=admin_listen,
-        balancer_mode=balancer,
+    opts = render_options(
+        mode=mode, flavor=flavor, listen=listen, template_dir=template_dir, max_fails=max_fails,
+        fail_timeout=fail_timeout, keepalive=keepalive, access_log=access_log, admin_listen=admin_listen,
+        balancer=balancer,
     )
     job = RenderJob(
         inventories=inventory_paths(inventory),

@@ -1,0 +1,72 @@
+"""Options that `render` and `sidecar` share: one definition, one help text, one way to build the job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fdngx.render import RenderOptions
+
+ModeOpt = typer.Option(
+    "upstream", "--mode", "-m",
+    help="upstream: the `upstream {}` block to include from your own config; site: upstream + a `server {}` "
+    "for the OpenAI routes (include inside http {}); standalone: a complete nginx.conf that runs without "
+    "root under --prefix.",
+)
+FlavorOpt = typer.Option(
+    "nginx",
+    help="nginx: weights in the config (a weight change = a reload). openresty: a Lua balancer whose weights "
+    "the sidecar (or cron) pushes into nginx's shared memory, never a reload.",
+)
+ListenOpt = typer.Option("127.0.0.1:8080", help="site/standalone: ADDR:PORT (or PORT) nginx listens on.")
+PrefixOpt = typer.Option(
+    None, help="nginx prefix (-p). standalone: pid, logs and temp files go here (default: --out's directory)."
+)
+NginxConfOpt = typer.Option(
+    None, help="The main nginx.conf for `nginx -t -c` (default: nginx's own; standalone: --out)."
+)
+NginxBinOpt = typer.Option(None, help="nginx binary (default: nginx on PATH, then /usr/sbin/nginx).")
+ReloadCmdOpt = typer.Option(
+    None, help="Reload with this command instead of `nginx -s reload`, e.g. 'systemctl reload nginx'."
+)
+TemplateDirOpt = typer.Option(
+    None, help="Directory whose templates override the built-in ones (same file names, e.g. _proxy.j2)."
+)
+MaxFailsOpt = typer.Option(3, help="Per-server max_fails (passive health: failures within fail-timeout).")
+FailTimeoutOpt = typer.Option(10, help="Per-server fail_timeout in seconds.")
+KeepaliveOpt = typer.Option(64, help="Idle keepalive connections to the replicas per worker (0: off).")
+AdminListenOpt = typer.Option(
+    "127.0.0.1:9401", help="openresty: ADDR:PORT of the loopback admin server that takes weight pushes."
+)
+AdminTokenFileOpt = typer.Option(
+    None, help="openresty: admin token file, created (0600) if missing (default: fdngx-admin.token beside --out)."
+)
+BalancerOpt = typer.Option(
+    "least", help="openresty: least = least (in-flight + scraped external load) / weight over all replicas; "
+    "p2c = the better of two random replicas (less herding with several frontends)."
+)
+AccessLogOpt = typer.Option(
+    None, help="site/standalone access log path or 'off' (default: logs/access.log under the prefix for "
+    "standalone, /var/log/nginx/<upstream>.access.log for site)."
+)
+
+
+def render_options(
+    *,
+    mode: str,
+    flavor: str,
+    listen: str,
+    template_dir: Path | None,
+    max_fails: int,
+    fail_timeout: int,
+    keepalive: int,
+    access_log: str | None,
+    admin_listen: str,
+    balancer: str,
+) -> RenderOptions:
+    return RenderOptions(
+        mode=mode, flavor=flavor, listen=listen, template_dir=template_dir, max_fails=max_fails,
+        fail_timeout=fail_timeout, keepalive=keepalive, access_log=access_log, admin_listen=admin_listen,
+        balancer_mode=balancer,
+    )

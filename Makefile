@@ -47,6 +47,9 @@ examples: setup
 bench: setup
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	$(BIN)/python -m bench.render
+	$(BIN)/python -m bench.sim_overhead
+	$(BIN)/python -m bench.sidecar_overhead
+	$(BIN)/python -m bench.overhead
 	$(BIN)/python -m bench.lb
 
 clean:

@@ -1,0 +1,243 @@
+"""The frontends under test. Each: start(cluster, workdir, count) -> base URLs (one per instance), stop().
+
+Adding one = a small class and a line in FRONTENDS. `count` > 1 is the two-frontends scenario: that many
+independent instances (own processes, own state), the load generator splits traffic between them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.lb import procs
+from bench.lb.cluster import Cluster
+from fdngx.nginx import find_nginx, prepare_prefix
+from fdngx.sim.process import free_ports
+
+
+class Frontend:
+    name = "base"
+    oracle = False  # the load generator routes by itself
+    extra_warmup = 0.0  # seconds of warm-up on top of the common one (control loops need to converge)
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, cluster: Cluster, workdir: Path, count: int) -> list[str]:
+        raise NotImplementedError
+
+    def reloads(self) -> int | None:
+        """Config reloads so far (summed over instances); None when the frontend has no such thing."""
+        return None
+
+    def pgids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            procs.stop_group(p)
+        self.procs = []
+
+
+class Oracle(Frontend):
+    """Join-the-shortest-queue in the load generator on exact in-flight counts per slot (loadgen.py)."""
+
+    name = "oracle"
+    oracle = True
+
+    def start(self, cluster: Cluster, workdir: Path, count: int) -> list[str]:
+        return []
+
+
+HAND_CONF = """\
+# What a sysadmin writes by hand: SSE-safe proxying, keepalive, nginx's default retries (error timeout).
+worker_processes auto;
+pid logs/nginx.pid;
+error_log logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path tmp/client_body;
+    proxy_temp_path tmp/proxy;
+    upstream llm {{
+{balance}
+{servers}
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 64m;
+        location /v1/ {{
+            proxy_pass http://llm;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_cache off;
+            proxy_read_timeout 1h;
+        }}
+        location = /health {{ return 200 "ok"; }}
+    }}
+}}
+"""
+
+
+def start_nginx(prefix: Path, port: int) -> subprocess.Popen[bytes]:
+    prepare_prefix(prefix)
+    argv = [find_nginx(), "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf"), "-e", "logs/error.log",
+            "-g", "daemon off;"]
+    proc = procs.spawn(argv, prefix / "logs" / "stdout.log")
+    procs.wait_http(f"http://127.0.0.1:{port}/health", 20, proc)
+    return proc
+
+
+class HandNginx(Frontend):
+    def __init__(self, name: str, balance: str, zone: bool) -> None:
+        super().__init__()
+        self.name = name
+        self.balance = balance
+        self.zone = zone
+
+    def start(self, cluster: Cluster, workdir: Path, count: int) -> list[str]:
+        urls = []
+        for k, port in enumerate(free_ports(count)):
+            prefix = workdir / f"{self.name}-{k}"
+            prefix.mkdir(parents=True, exist_ok=True)
+            lines = ["        zone llm 256k;"] if self.zone else []
+            if self.balance:
+                lines.append(f"        {self.balance};")
+            servers = "\n".join(f"        server 127.0.0.1:{p};" for p in cluster.ports)
+            (prefix / "nginx.conf").write_text(HAND_CONF.format(balance="\n".join(lines), servers=servers, port=port))
+            self.procs.append(start_nginx(prefix, port))
+            urls.append(f"http://127.0.0.1:{port}")
+        return urls
+
+
+def fdngx_cli(*args: str, log: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "fdngx", *args], capture_output=True, text=True, timeout=60)
+    log.write_text(out.stdout + out.stderr)
+    if out.returncode != 0:
+        raise RuntimeError(f"fdngx {' '.join(args[:2])} exited {out.returncode}: {out.stderr.strip()[-500:]}")
+
+
+def metric_value(url: str, name: str) -> float:
+    """Sum of a sample's values in a Prometheus text page (0 when absent)."""
+    text = requests.get(url, timeout=2).text
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name:
+                total += s.value
+    return total
+
+
+class FdngxNginx(Frontend):
+    """fdngx render --mode standalone (+ optionally the sidecar loop on it).
+
+    render_args/sidecar_args carry a flavor's options (e.g. --flavor openresty); `sidecar` False is the
+    static flavor: capacity weights from the inventory, rendered once.
+    """
+
+    def __init__(self, name: str, *, sidecar: bool, render_args: tuple[str, ...] = (),
+                 sidecar_args: tuple[str, ...] = (), extra_warmup: float = 0.0) -> None:
+        super().__init__()
+        self.name = name
+        self.sidecar = sidecar
+        self.render_args = render_args
+        self.sidecar_args = sidecar_args
+        self.extra_warmup = extra_warmup
+        self.metrics_urls: list[str] = []
+
+    def start(self, cluster: Cluster, workdir: Path, count: int) -> list[str]:
+        urls = []
+        for k in range(count):
+            port, mport, aport = free_ports(3)
+            prefix = workdir / f"{self.name}-{k}"
+            inv = cluster.inventory(prefix / "fdngx.json", capacity_weights=not self.sidecar)
+            conf = prefix / "nginx.conf"
+            common = ["-i", str(inv), "--mode", "standalone", "--listen", f"127.0.0.1:{port}", "--out", str(conf),
+                      *[a.replace("{admin_port}", str(aport)) for a in self.render_args]]
+            fdngx_cli("render", *common, "--access-log", "off", log=prefix / "render.log")
+            self.procs.append(start_nginx(prefix, port))
+            if self.sidecar:
+                argv = [sys.executable, "-m", "fdngx", "sidecar", *common, "--access-log", "off",
+                        "--metrics-listen", f"127.0.0.1:{mport}",
+                        *[a.replace("{admin_port}", str(aport)) for a in self.sidecar_args]]
+                proc = procs.spawn(argv, prefix / "sidecar.log")
+                self.procs.append(proc)
+                murl = f"http://127.0.0.1:{mport}/metrics"
+                procs.wait_http(murl, 30, proc)
+                self.metrics_urls.append(murl)
+            urls.append(f"http://127.0.0.1:{port}")
+        return urls
+
+    def reloads(self) -> int | None:
+        if not self.sidecar:
+            return 0
+        total = 0
+        for url in self.metrics_urls:
+            try:
+                total += int(metric_value(url, "fdngx_reloads_total"))
+            except (requests.RequestException, ValueError):
+                return None
+        return total
+
+
+class SglangGateway(Frontend):
+    """SGLang Model Gateway (PyPI sglang-router) with one policy; no hub access (see README)."""
+
+    def __init__(self, policy: str) -> None:
+        super().__init__()
+        self.policy = policy
+        self.name = f"sglang-{ {'round_robin': 'rr', 'power_of_two': 'p2', 'cache_aware': 'ca'}[policy] }"
+
+    def start(self, cluster: Cluster, workdir: Path, count: int) -> list[str]:
+        env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="1", NO_PROXY="*",
+                   no_proxy="*")
+        urls = []
+        for k in range(count):
+            port, pport = free_ports(2)
+            d = workdir / f"{self.name}-{k}"
+            d.mkdir(parents=True, exist_ok=True)
+            argv = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+                    "--worker-urls", *[cluster.url(i) for i in range(cluster.n)], "--policy", self.policy,
+                    "--log-level", "warn", "--prometheus-host", "127.0.0.1", "--prometheus-port", str(pport)]
+            proc = procs.spawn(argv, d / "gateway.log", env=env)
+            self.procs.append(proc)
+            procs.wait_http(f"http://127.0.0.1:{port}/v1/models", 60, proc)
+            urls.append(f"http://127.0.0.1:{port}")
+        return urls
+
+    def stop(self) -> None:
+        for p in self.procs:
+            procs.stop_group(p, grace=2.0)
+        self.procs = []
+
+
+OPENRESTY = ("--flavor", "openresty", "--admin-listen", "127.0.0.1:{admin_port}")
+
+FRONTENDS: dict[str, Callable[[], Frontend]] = {
+    "oracle": Oracle,
+    "nginx-rr": lambda: HandNginx("nginx-rr", "", zone=False),
+    "nginx-lc": lambda: HandNginx("nginx-lc", "least_conn", zone=True),
+    "fdngx-static": lambda: FdngxNginx("fdngx-static", sidecar=False),
+    # interval 1 s: the simulator runs ~1.7x faster than a real engine (workload.py); other policy
+    # settings are the sidecar's defaults. 20 s extra warm-up: about two of its 10 s min-hold periods, so
+    # the windows see the loop after its first corrections (measured: ~20 s to drain the external backlog).
+    "fdngx-sidecar": lambda: FdngxNginx("fdngx-sidecar", sidecar=True, sidecar_args=("--interval", "1"),
+                                        extra_warmup=20.0),
+    # No reloads: the balancer gets load and weights pushed every cycle, so a few intervals are enough.
+    "fdngx-openresty": lambda: FdngxNginx("fdngx-openresty", sidecar=True, render_args=OPENRESTY,
+                                          sidecar_args=("--interval", "1"), extra_warmup=5.0),
+    "fdngx-openresty-p2c": lambda: FdngxNginx("fdngx-openresty-p2c", sidecar=True,
+                                              render_args=(*OPENRESTY, "--balancer", "p2c"),
+                                              sidecar_args=("--interval", "1"), extra_warmup=5.0),
+    "sglang-rr": lambda: SglangGateway("round_robin"),
+    "sglang-p2": lambda: SglangGateway("power_of_two"),
+    "sglang-ca": lambda: SglangGateway("cache_aware"),
+}

@@ -1,0 +1,150 @@
+"""The load-balancing benchmark's pure parts: statistics, the schedule, capacity, target ratios."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from bench.lb import report
+from bench.lb.stats import Record, cpu_busy, median_spread, percentile, share_over_time, summarize
+from bench.lb.workload import (
+    BATCH_COST,
+    PREFILL_RATE,
+    TOKEN_RATE,
+    Mix,
+    ReplicaSpec,
+    make_schedule,
+    prompt_text,
+    replica_capacity,
+)
+from fdngx.sim.model import ModelParams, ReplicaModel, SimRequest
+
+
+def test_percentile_matches_linear_interpolation() -> None:
+    xs = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert percentile(xs, 0) == 1.0
+    assert percentile(xs, 50) == 3.0
+    assert percentile(xs, 100) == 5.0
+    assert percentile(xs, 90) == pytest.approx(4.6)
+    assert math.isnan(percentile([], 99))
+    with pytest.raises(ValueError):
+        percentile(xs, 101)
+
+
+def test_summarize_counts_errors_and_shares() -> None:
+    recs = [
+        Record(0, 0.1, 0, 200, "", 0.1, 1.0, 0),
+        Record(1, 0.2, 0, 200, "", 0.3, 2.0, 1),
+        Record(2, 0.3, 0, 502, "http_502", math.nan, math.nan, -1),
+        Record(3, 0.4, 0, 200, "killed", 0.2, math.nan, 1),
+    ]
+    s = summarize(recs, duration=2.0, n_replicas=2)
+    assert s["completed"] == 2
+    assert s["throughput"] == 1.0
+    assert s["errors"] == 2
+    assert s["unexpected_errors"] == 1  # the killed stream is expected
+    assert s["share"] == pytest.approx([1 / 3, 2 / 3])
+    assert s["ttft_p50"] == pytest.approx(0.2)
+
+
+def test_share_over_time_bins_by_send_time() -> None:
+    recs = [Record(i, t, 0, 200, "", 0.1, 0.2, rep) for i, (t, rep) in enumerate([(0.1, 0), (0.5, 1), (1.5, 1)])]
+    assert share_over_time(recs, 2, 1.0, 0.0, 2.0) == [[0.5, 0.5], [0.0, 1.0]]
+
+
+def test_median_spread_and_cpu_busy() -> None:
+    assert median_spread([3.0, 1.0, math.nan, 2.0]) == (2.0, 1.0, 3.0)
+    assert all(math.isnan(x) for x in median_spread([math.nan]))
+    # user nice system idle iowait ...: 30 busy ticks of 100
+    assert cpu_busy([0, 0, 0, 0, 0], [20, 0, 10, 60, 10]) == pytest.approx(0.3)
+
+
+def test_schedule_is_deterministic_and_measured_part_ignores_warmup() -> None:
+    kw = {"rate": 40.0, "measure": 10.0, "cooldown": 5.0, "mix": Mix(), "n_frontends": 2, "p_external": 0.25}
+    a = make_schedule(warmup=3.0, seed=7, **kw)
+    b = make_schedule(warmup=3.0, seed=7, **kw)
+    c = make_schedule(warmup=15.0, seed=7, **kw)
+    assert a == b
+    ma, mc = a.measured(), c.measured()
+    assert [(round(r.t - 3.0, 9), r.prompt_tokens, r.max_tokens, r.route) for r in ma] == \
+        [(round(r.t - 15.0, 9), r.prompt_tokens, r.max_tokens, r.route) for r in mc]
+    assert make_schedule(warmup=3.0, seed=8, **kw).measured() != ma
+    assert all(3.0 <= r.t < 13.0 for r in ma)
+    assert [r.t for r in a.reqs] == sorted(r.t for r in a.reqs)
+
+
+def test_window_k_of_a_multi_window_schedule_equals_a_fresh_schedule_seeded_seed_plus_k() -> None:
+    kw = {"rate": 30.0, "measure": 5.0, "cooldown": 2.0, "mix": Mix()}
+    multi = make_schedule(warmup=2.0, seed=10, windows=3, **kw)
+    for k in range(3):
+        single = make_schedule(warmup=9.0, seed=10 + k, **kw)
+        assert [(round(r.t - multi.window_start(k), 9), r.max_tokens) for r in multi.measured(k)] == \
+            [(round(r.t - 9.0, 9), r.max_tokens) for r in single.measured(0)]
+        assert all(multi.window_start(k) <= r.t < multi.window_start(k + 1) for r in multi.measured(k))
+
+
+def test_schedule_rate_and_routing_fractions() -> None:
+    s = make_schedule(rate=50.0, warmup=0.0, measure=200.0, cooldown=0.0, seed=1, mix=Mix(), n_frontends=2,
+                      p_external=0.25)
+    m = s.measured()
+    assert len(m) / 200.0 == pytest.approx(50.0, rel=0.05)
+    ext = sum(r.route == -1 for r in m) / len(m)
+    assert ext == pytest.approx(0.25, abs=0.03)
+    fe1 = sum(r.route == 1 for r in m) / sum(r.route >= 0 for r in m)
+    assert fe1 == pytest.approx(0.5, abs=0.04)
+    mean_out = sum(r.max_tokens for r in m) / len(m)
+    assert mean_out == pytest.approx(Mix().mean_output(), rel=0.06)
+
+
+def test_prompt_text_length() -> None:
+    assert len(prompt_text(12, 100)) == 400
+    assert prompt_text(1, 50) != prompt_text(2, 50)
+
+
+@pytest.mark.parametrize("spec", [ReplicaSpec(), ReplicaSpec(slots=8), ReplicaSpec(speed=0.5)])
+def test_capacity_formula_matches_the_simulators_model(spec: ReplicaSpec) -> None:
+    """Drive the simulator's own queueing model, saturated, on a fake clock: completions per second must
+    match replica_capacity (the number the arrival rate is derived from)."""
+    mix = Mix()
+    params = ModelParams(max_num_seqs=spec.slots, token_rate=TOKEN_RATE, batch_cost=BATCH_COST,
+                         prefill_rate=PREFILL_RATE, jitter=0.0)
+    model = ReplicaModel(params, speed=spec.speed)
+    rng = random.Random(3)
+    sched = make_schedule(rate=1000.0, warmup=0.0, measure=4.0, cooldown=0.0, seed=3, mix=mix)
+    reqs = [SimRequest(i, r.prompt_tokens, r.max_tokens, 0.0) for i, r in enumerate(sched.reqs)]
+    rng.shuffle(reqs)
+    for r in reqs:
+        model.submit(r)
+    now, done, t_start = 0.0, 0, None
+    while model.waiting and done < 2500:
+        now += model.begin_step(now) or 0.0
+        finished = [r for r in model.end_step(now) if r.finished is not None]
+        if t_start is None and model.steps_total == 200:  # past the ramp-up
+            t_start, done = now, 0
+        elif t_start is not None:
+            done += len(finished)
+    measured = done / (now - t_start)
+    assert measured == pytest.approx(replica_capacity(spec, mix), rel=0.06)
+
+
+def _cell(p99: float, tput: float = 50.0, unexpected: int = 0) -> dict:
+    return {"ttft_p99": (p99, p99, p99), "throughput": (tput, tput, tput), "unexpected_errors": [unexpected]}
+
+
+def test_targets_pick_best_flavor_and_judge() -> None:
+    agg = {"external": {"oracle": _cell(0.30), "nginx-lc": _cell(1.0), "fdngx-static": _cell(0.9),
+                        "fdngx-sidecar": _cell(0.35), "sglang-p2": _cell(2.0), "sglang-ca": _cell(0.5)}}
+    lines = {t["target"]: t for t in report.targets(agg)}
+    assert all(t["best_fdngx"] == "fdngx-sidecar" for t in lines.values())
+    assert lines["p99 TTFT vs oracle"]["value"] == pytest.approx(0.35 / 0.30)
+    assert lines["p99 TTFT vs oracle"]["result"] == "PASS"
+    assert lines["p99 TTFT vs nginx-lc"]["bound"] == 0.75
+    assert lines["p99 TTFT vs nginx-lc"]["result"] == "PASS"
+    assert lines["p99 TTFT vs sglang-ca (best sglang)"]["result"] == "PASS"
+    agg["external"]["fdngx-sidecar"] = _cell(0.8, unexpected=2)
+    agg["external"]["fdngx-static"] = _cell(0.9)
+    lines = {t["target"]: t for t in report.targets(agg)}
+    assert lines["p99 TTFT vs nginx-lc"]["result"] == "MISS"
+    assert lines["unexpected errors (max over runs)"]["result"] == "MISS"

@@ -52,7 +52,7 @@ class PolicyConfig:
     max_reloads_per_minute: int = 4
     fail_threshold: int = 3  # consecutive failed /health before `down`
     recover_threshold: int = 2  # consecutive /health 200 before back up
-    ramp_duration: float = 30.0  # seconds from recovery to full weight (nginx OSS has no slow_start)
+    ramp_duration: float = 10.0  # seconds from recovery to full weight (nginx OSS has no slow_start)
     ramp_steps: int = 4
     stale_after: float = 10.0  # metrics older than this no longer steer the weight
     stale_half_life: float = 10.0  # how fast a stale correction fades back to neutral

@@ -43,7 +43,7 @@ class RenderOptions:
     listen: str = "127.0.0.1:8080"
     template_dir: Path | None = None
     max_fails: int = 3
-    fail_timeout: int = 10
+    fail_timeout: int = 3
     keepalive: int = 64
     worker_processes: str = "auto"
     # Old workers keep serving open streams after a reload; this bounds how long they may linger.

@@ -73,7 +73,7 @@ def sidecar_cmd(
     min_hold: float = typer.Option(10.0, help="Seconds a weight stays before it may move again."),
     fail_threshold: int = typer.Option(3, help="Consecutive failed /health checks (anything but 200) before `down`."),
     recover_threshold: int = typer.Option(2, help="Consecutive /health 200 before a down replica is back."),
-    ramp: float = typer.Option(30.0, help="Seconds a recovered replica takes to ramp back to full weight."),
+    ramp: float = typer.Option(10.0, help="Seconds a recovered replica takes to ramp back to full weight."),
     stale_after: float = typer.Option(10.0, help="Seconds after which old metrics stop steering a weight."),
     scale: int = typer.Option(20, help="nginx weight of the biggest replica at neutral load."),
     max_fails: int = MaxFailsOpt,

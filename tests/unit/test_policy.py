@@ -370,7 +370,7 @@ def test_bad_config_is_a_usage_error(bad: dict[str, float]) -> None:
 def test_ramp_does_not_wind_up_the_correction() -> None:
     # While it ramps, the recovered replica is under-loaded on purpose; that must not pile up a bonus
     # that overshoots its weight once the ramp ends.
-    cfg = PolicyConfig(max_reloads_per_minute=100)
+    cfg = PolicyConfig(max_reloads_per_minute=100, ramp_duration=30.0)  # 15 cycles of ramp to watch
     inv = inventory(64, 64, 64)
 
     def fn(k: int, name: str) -> LoadSample:

@@ -10,10 +10,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import os
 import random
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +25,7 @@ import requests
 
 from fdngx.errors import LaunchError
 from fdngx.nginx import find_nginx
+from fdngx.procs import stop_popen_group
 
 
 def _port_free(port: int) -> bool:
@@ -127,19 +126,6 @@ def _run(argv: list[str], echo: Callable[[str], None]) -> str:
     return proc.stdout + proc.stderr
 
 
-def _stop(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
-
-
 def run_demo(cfg: DemoConfig) -> dict[str, int]:
     """Run until Ctrl-C or cfg.duration; returns requests served per replica (tests check it)."""
     echo = cfg.echo
@@ -223,8 +209,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, int]:
         for load in (traffic, bypass):
             if load is not None:
                 load.close()
-        _stop(sidecar)
-        _stop(nginx_proc)
+        for proc in (sidecar, nginx_proc):
+            if proc is not None:
+                stop_popen_group(proc)
         if launched:
             with contextlib.suppress(Exception):
                 echo(_run(_fdngx("stop", "--inventory", str(inv)), echo).strip())

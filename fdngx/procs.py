@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from fdngx.plan import ProcSpec
 
@@ -162,6 +163,22 @@ def signal_group(pgid: int, sig: int) -> bool:
         os.killpg(pgid, sig)
         return True
     return False
+
+
+def stop_popen_group(proc: subprocess.Popen[Any], grace: float = 10.0, sig: int = signal.SIGTERM) -> None:
+    """Stop a child started in its own session (start_new_session=True) and whatever is left in its group.
+
+    `sig` to the group, SIGKILL after `grace` seconds, then SIGKILL for members that outlived the leader
+    (nginx workers whose master died). Idempotent.
+    """
+    if proc.poll() is None:
+        signal_group(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            signal_group(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    signal_group(proc.pid, signal.SIGKILL)
 
 
 def signal_pid(pid: int, start: int | None, sig: int) -> bool:

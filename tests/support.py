@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ from typing import Any
 import requests
 
 from fdngx.nginx import find_nginx, prepare_prefix
+from fdngx.procs import stop_popen_group as stop_process_group
 from fdngx.sim.process import free_ports
 
 __all__ = ["Backends", "Nginx", "fdngx", "free_ports", "http_ok", "stop_process_group", "wait_for"]
@@ -47,22 +46,6 @@ def http_ok(url: str) -> bool:
         return requests.get(url, timeout=1).status_code == 200
     except requests.RequestException:
         return False
-
-
-def stop_process_group(proc: subprocess.Popen[Any], grace: float = 10.0, sig: int = signal.SIGTERM) -> None:
-    """Stop a process we started in its own session, and everything in its group."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    # Children left in the group (nginx workers after a master crash) go too.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def fdngx(

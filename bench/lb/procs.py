@@ -10,7 +10,6 @@ import atexit
 import contextlib
 import os
 import platform
-import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import requests
+
+from fdngx.procs import stop_popen_group
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 _live: dict[int, subprocess.Popen[bytes]] = {}
@@ -34,17 +35,7 @@ def spawn(argv: Sequence[str], log: Path, env: dict[str, str] | None = None) -> 
 def stop_group(proc: subprocess.Popen[Any], grace: float = 3.0) -> None:
     """SIGTERM the group, SIGKILL it after `grace` s (sglang's gateway keeps serving long after SIGTERM),
     then SIGKILL leftovers of the group (nginx workers whose master died)."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_popen_group(proc, grace)
     _live.pop(proc.pid, None)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import shlex
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,13 +15,10 @@ from fdngx import inventory as inv_mod
 from fdngx import openresty
 from fdngx.cycle import CycleResult, run_cycle, state_path_for
 from fdngx.errors import UsageError
-from fdngx.inventory import Inventory
 from fdngx.nginx import ApplyResult, NginxControl, find_nginx, prepare_prefix, safe_apply, unified_diff
 from fdngx.policy import config_for_flavor
-from fdngx.render import RenderOptions, ServerState, parse_listen, render
+from fdngx.render import RenderOptions, parse_listen, render
 from fdngx.scrape import loads_of
-
-StatesFn = Callable[[Inventory], Mapping[str, ServerState] | None]
 
 
 @dataclass(frozen=True)
@@ -91,8 +88,8 @@ def finalize_options(job: RenderJob) -> RenderOptions:
     return replace(opts, admin_token_file=str(token_file), lua_modules=opts.lua_modules or modules)
 
 
-def run_render(job: RenderJob, states_fn: StatesFn | None = None) -> RenderOutcome:
-    """Render once; write/apply per the job. `states_fn` (cron mode) turns a scrape into weights."""
+def run_render(job: RenderJob) -> RenderOutcome:
+    """Render once; write/apply per the job (with --scrape, weights from one policy cycle)."""
     job = job.validated()
     prefix = standalone_prefix(job)
     if prefix is not None and job.opts.mode == "standalone" and not (job.check or job.diff):
@@ -103,7 +100,7 @@ def run_render(job: RenderJob, states_fn: StatesFn | None = None) -> RenderOutco
 
     def content() -> str:
         inv = inv_mod.load_many(list(job.inventories))
-        states = states_fn(inv) if states_fn else None
+        states = None
         if job.scrape:
             # Runs under safe_apply's lock: overlapping cron runs see each other's state in order.
             with tempfile.TemporaryDirectory() as scratch:

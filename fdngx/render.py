@@ -8,6 +8,7 @@ reload can be confirmed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import re
@@ -126,16 +127,14 @@ def _environment(template_dir: Path | None) -> jinja2.Environment:
     )
 
 
-_ENV_CACHE: dict[Path | None, jinja2.Environment] = {}
+@functools.cache
+def _builtin_environment() -> jinja2.Environment:
+    return _environment(None)
 
 
 def environment(template_dir: Path | None) -> jinja2.Environment:
     # A user's template dir is re-read on every render (the sidecar must pick up edits), ours is cached.
-    if template_dir is not None:
-        return _environment(template_dir)
-    if None not in _ENV_CACHE:
-        _ENV_CACHE[None] = _environment(None)
-    return _ENV_CACHE[None]
+    return _environment(template_dir) if template_dir is not None else _builtin_environment()
 
 
 def _server(inst: Instance, state: ServerState | None) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from fdngx.policy_state import InstanceState, PolicyState
 from fdngx.scrape import LoadSample
 
 _WINDOW = 60.0  # the reload budget is per minute
+BUDGET_HOLD = "hold: reload budget exhausted"  # how a decision held back by the budget starts its reason
 
 
 @dataclass(frozen=True)
@@ -289,7 +290,7 @@ def decide(
         old_w = old.weight if old else None
         if change and not exempt and not budget_ok:
             weight, down, change = old_w or weight, old.down if old else down, False
-            reason = f"hold: reload budget exhausted ({config.max_reloads_per_minute}/min); wanted {old_w}->{wanted}"
+            reason = f"{BUDGET_HOLD} ({config.max_reloads_per_minute}/min); wanted {old_w}->{wanted}"
         if change:
             st.last_change_at = now
         st.weight, st.down = weight, down

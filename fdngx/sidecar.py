@@ -27,7 +27,7 @@ from fdngx.fetch import Client
 from fdngx.inventory import Inventory
 from fdngx.nginx import ApplyResult, NginxControl, safe_apply
 from fdngx.openresty import Admin
-from fdngx.policy import Decisions, PolicyConfig, decide
+from fdngx.policy import BUDGET_HOLD, Decisions, PolicyConfig, decide
 from fdngx.render import RenderOptions, ServerState, render
 from fdngx.scrape import LoadSample, loads_of, make_client, scrape_all
 from fdngx.telemetry import Telemetry
@@ -104,6 +104,7 @@ class Sidecar:
         self._observer: Any = None
         self.cycles = 0
         self._last_error: str | None = None
+        self._budget_holding = False
         self._last_error_at = 0.0
         self._saved_at = -math.inf
 
@@ -203,6 +204,21 @@ class Sidecar:
         self.telemetry.apply_seconds.observe(time.monotonic() - t0)
         return None
 
+    def _note_budget(self, decisions: Decisions) -> None:
+        """Say once when the reload budget starts holding changes back, and once when it lets go."""
+        held = [d for d in decisions if d.reason.startswith(BUDGET_HOLD)]
+        if held and not self._budget_holding:
+            wants = ", ".join(f"{d.name} {d.previous}->{d.wanted}" for d in held)
+            log.info(
+                "%s (%d/min): holding %s until a reload slot frees (--max-reloads-per-minute)",
+                BUDGET_HOLD.removeprefix("hold: "),
+                self.policy.max_reloads_per_minute,
+                wants,
+            )
+        elif not held and self._budget_holding:
+            log.info("reload budget available again")
+        self._budget_holding = bool(held)
+
     def run_once(self) -> CycleReport:
         """One cycle: scrape, decide, apply if anything changed, keep the state."""
         started = time.monotonic()
@@ -250,6 +266,7 @@ class Sidecar:
         elif not error and self._last_error is not None:
             log.info("apply works again")
             self._last_error = None
+        self._note_budget(decisions)
         if decisions.fail_open and (decisions.changed or self.cycles == 0):
             log.warning("failing open: %s", decisions.fail_open)
         self.state = new_state

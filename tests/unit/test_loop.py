@@ -215,7 +215,7 @@ def test_a_file_rewritten_non_stop_is_still_picked_up(tmp_path: Path) -> None:
             sc.inventory_changed()  # events keep coming every 20 ms: the quiet period never arrives
             time.sleep(0.02)
         assert len(sc.inventory.instances) == 3
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < 3.5  # vs never: the writes go on for 5 s
     finally:
         sc.stop()
         runner.join(timeout=10)

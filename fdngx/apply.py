@@ -35,6 +35,7 @@ class RenderJob:
     diff: bool = False
     admin_token_file: Path | None = None
     scrape: bool = False  # cron mode: weights from one scrape + policy cycle, state beside --out
+    speed_aware: bool | None = None  # cron mode: None = the flavor's default
 
     def validated(self) -> RenderJob:
         self.opts.validated()
@@ -105,7 +106,7 @@ def run_render(job: RenderJob) -> RenderOutcome:
             # Runs under safe_apply's lock: overlapping cron runs see each other's state in order.
             with tempfile.TemporaryDirectory() as scratch:
                 state_path = state_path_for(job.out) if job.out is not None else Path(scratch) / "state.json"
-                config = config_for_flavor(job.opts.flavor)
+                config = config_for_flavor(job.opts.flavor, speed_aware=job.speed_aware)
                 cycles.append(run_cycle(inv, state_path=state_path, config=config, save=not dry))
             states = cycles[-1].states
         return render(inv, job.opts, states)

@@ -162,10 +162,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, int]:
         nginx_proc = subprocess.Popen(argv, start_new_session=True)
         _wait_http(f"{url}/health", 20)
 
-        echo("\n== 4. sidecar: scrape /metrics every interval, weights follow real load, safe reloads")
+        echo("\n== 4. sidecar: scrape /metrics every interval, weights follow real load, safe reloads\n"
+             "   (--speed-aware, off by default with plain nginx, so the half-speed replica's weight shows it)")
         side_argv = _fdngx("sidecar", "-i", str(inv), "--out", str(conf), "--mode", "standalone",
                            "--listen", f"127.0.0.1:{listen}", "--interval", str(cfg.interval),
-                           "--metrics-listen", f"127.0.0.1:{sidecar_metrics}")
+                           "--metrics-listen", f"127.0.0.1:{sidecar_metrics}", "--speed-aware")
         echo(f"$ {shlex.join(['fdngx', *side_argv[3:]])}")
         sidecar = subprocess.Popen(side_argv, start_new_session=True)
 
@@ -176,8 +177,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, int]:
         bypass.start()
         echo(f"\n== 5. traffic: {cfg.concurrency} concurrent streaming chat completions through nginx, and "
              f"{cfg.direct} more\n   sent straight to port {direct_port} by 'another client' nginx cannot see: "
-             "the sidecar lowers that replica's weight. The half-speed replica gets a smaller share from\n"
-             "   least_conn itself (its requests last longer), so its weight stays at capacity.\n")
+             "the sidecar lowers that replica's weight. The half-speed replica's weight drops to about\n"
+             "   half once its time per output token is measured (fdngx status says 'decodes at 0.5x').\n")
         echo(f"Point curl or an OpenAI client at {url}/v1 (any api_key), e.g.\n"
              f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' "
              "-d '{\"model\":\"demo\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'\n"

@@ -24,6 +24,10 @@ class InstanceState:
     last_error: str | None = None
     last_change_at: float | None = None
     recovered_at: float | None = None  # start of the ramp after recovery
+    tpot_sum: float | None = None  # the TPOT histogram's counters at the last speed update
+    tpot_count: float | None = None
+    tpot: float | None = None  # EWMA of the mean time per output token between updates, seconds
+    speed: float = 1.0  # speed factor applied to the weight (1: within tolerance of the fleet's median)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> InstanceState:
@@ -36,11 +40,14 @@ class PolicyState:
     instances: dict[str, InstanceState] = field(default_factory=dict)
     reloads: list[float] = field(default_factory=list)  # times of cycles that changed something
     updated_at: float | None = None
+    # The PolicyConfig that wrote this state (as a dict): `fdngx status` decides with the same settings.
+    config: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
             "updated_at": self.updated_at,
+            "config": dict(sorted(self.config.items())),
             "reloads": list(self.reloads),
             "instances": {name: asdict(st) for name, st in sorted(self.instances.items())},
         }
@@ -53,11 +60,15 @@ class PolicyState:
         insts = raw.get("instances", {})
         if not isinstance(insts, dict):
             raise ValueError("'instances' must be an object")
+        config = raw.get("config", {})
+        if not isinstance(config, dict):
+            raise ValueError("'config' must be an object")
         try:
             return cls(
                 instances={str(k): InstanceState.from_dict(v) for k, v in insts.items()},
                 reloads=[float(t) for t in raw.get("reloads", [])],
                 updated_at=raw.get("updated_at"),
+                config=config,
             )
         except (TypeError, AttributeError) as exc:
             raise ValueError(f"bad state: {exc}") from None

@@ -41,6 +41,10 @@ class LoadSample:
     kv_usage: float | None = None
     capacity: float | None = None
     queued_reliable: bool = True
+    # Counters of the engine's time-per-output-token histogram (sum of seconds, observations): the policy
+    # turns their increase between scrapes into the replica's decode speed.
+    tpot_sum: float | None = None
+    tpot_count: float | None = None
     scraped_at: float = 0.0
     latency: float = 0.0
     error: str | None = None
@@ -66,7 +70,8 @@ def make_client() -> Client:
 def wanted_names(engine: EngineSpec) -> frozenset[str]:
     m = engine.metrics
     marker = (m.queued_marker,) if m.queued_marker else ()
-    return frozenset((*m.running, *m.queued, *m.kv_usage, *m.capacity, *marker))
+    tpot = [f"{n}{suffix}" for n in m.tpot for suffix in ("_sum", "_count")]
+    return frozenset((*m.running, *m.queued, *m.kv_usage, *m.capacity, *marker, *tpot))
 
 
 @functools.lru_cache(maxsize=16)
@@ -143,12 +148,20 @@ def load_from_metrics(values: Mapping[str, list[float]], engine: EngineSpec) -> 
     capacity: float | None = None
     if cap:
         capacity = sum(_finite(names.capacity[0], cap)) or None  # 0 slots means "not reported"
+    tpot_sum = tpot_count = None
+    for hname in names.tpot:  # optional: without it the policy simply has no speed signal
+        if f"{hname}_sum" in values and f"{hname}_count" in values:
+            tpot_sum = sum(_finite(f"{hname}_sum", values[f"{hname}_sum"]))
+            tpot_count = sum(_finite(f"{hname}_count", values[f"{hname}_count"]))
+            break
     return {
         "running": run_total,
         "queued": queued_total,
         "kv_usage": kv_usage,
         "capacity": capacity,
         "queued_reliable": reliable,
+        "tpot_sum": tpot_sum,
+        "tpot_count": tpot_count,
     }
 
 

@@ -27,6 +27,9 @@ class Telemetry:
         self.weight = Gauge("fdngx_instance_weight", "nginx weight currently applied", lbl, registry=r)
         self.running = Gauge("fdngx_instance_running", "Requests running, last scrape", lbl, registry=r)
         self.queued = Gauge("fdngx_instance_queued", "Requests queued/waiting, last scrape", lbl, registry=r)
+        self.speed = Gauge(
+            "fdngx_instance_speed", "Decode speed factor in the weight (1: near the fleet's median)", lbl, registry=r
+        )
         self.kv = Gauge("fdngx_instance_kv_usage", "KV-cache usage 0..1, last scrape", lbl, registry=r)
         self.age = Gauge(
             "fdngx_instance_scrape_age_seconds", "Seconds since the last usable metrics scrape", lbl, registry=r
@@ -73,6 +76,7 @@ class Telemetry:
             for d in decisions:
                 self.up.labels(d.name).set(0 if d.down else 1)
                 self.weight.labels(d.name).set(d.weight)
+                self.speed.labels(d.name).set(d.speed)
                 s = samples.get(d.name)
                 if s is not None and s.ok:
                     self.running.labels(d.name).set(s.running)
@@ -85,7 +89,8 @@ class Telemetry:
                 self.age.labels(d.name).set(now - last if last is not None else float("inf"))
 
     def _forget(self, name: str) -> None:
-        for metric in (self.up, self.weight, self.running, self.queued, self.kv, self.age, self.scrape_errors):
+        gauges = (self.up, self.weight, self.speed, self.running, self.queued, self.kv, self.age)
+        for metric in (*gauges, self.scrape_errors):
             with contextlib.suppress(KeyError):
                 metric.remove(name)
 

@@ -23,6 +23,7 @@ from fdngx.commands.options import (
     NginxConfOpt,
     PrefixOpt,
     ReloadCmdOpt,
+    SpeedAwareOpt,
     TemplateDirOpt,
     render_options,
 )
@@ -66,6 +67,7 @@ def render_cmd(
     admin_token_file: Path | None = AdminTokenFileOpt,
     balancer: str = BalancerOpt,
     access_log: str | None = AccessLogOpt,
+    speed_aware: bool | None = SpeedAwareOpt,
 ) -> None:
     """Render the nginx config for the inventory; with --reload, apply it safely.
 
@@ -90,6 +92,7 @@ def render_cmd(
         diff=diff,
         admin_token_file=admin_token_file,
         scrape=scrape,
+        speed_aware=speed_aware,
     )
     outcome = run_render(job)
     if outcome.cycle is not None:

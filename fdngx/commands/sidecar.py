@@ -27,6 +27,7 @@ from fdngx.commands.options import (
     NginxConfOpt,
     PrefixOpt,
     ReloadCmdOpt,
+    SpeedAwareOpt,
     TemplateDirOpt,
     render_options,
 )
@@ -76,6 +77,7 @@ def sidecar_cmd(
     ramp: float = typer.Option(10.0, help="Seconds a recovered replica takes to ramp back to full weight."),
     stale_after: float = typer.Option(10.0, help="Seconds after which old metrics stop steering a weight."),
     scale: int = typer.Option(20, help="nginx weight of the biggest replica at neutral load."),
+    speed_aware: bool | None = SpeedAwareOpt,
     max_fails: int = MaxFailsOpt,
     fail_timeout: int = FailTimeoutOpt,
     keepalive: int = KeepaliveOpt,
@@ -119,6 +121,7 @@ def sidecar_cmd(
         recover_threshold=recover_threshold,
         ramp_duration=ramp,
         stale_after=stale_after,
+        speed_aware=speed_aware,
         scale=scale,
         max_weight=max(100, scale),
     )

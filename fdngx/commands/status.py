@@ -12,12 +12,13 @@ import typer
 from fdngx import inventory as inv_mod
 from fdngx.cli import InventoryOpt, app, inventory_paths
 from fdngx.cycle import load_state, state_path_for
-from fdngx.policy import Decisions, PolicyConfig, PolicyState, decide
+from fdngx.policy import Decisions, PolicyState, config_of_state, decide
 from fdngx.scrape import LoadSample, scrape_all
 
 EPILOG = (
     "Current weight: from the policy state of a running sidecar or cron job (--out or --state), else the "
-    "inventory's static weight. Proposed: what the next cycle would apply, with the reason. Read-only: "
+    "inventory's static weight. Proposed: what the next cycle would apply, with the reason, under the "
+    "policy settings that state was written with (defaults without one). Read-only: "
     "the state file is not written.\n\nExit codes: 0 shown, 1 error (e.g. bad inventory), 2 usage."
 )
 
@@ -95,7 +96,7 @@ def status_cmd(
     state_file = state or (state_path_for(out) if out else None)
     pstate = load_state(state_file) if state_file else PolicyState()
     samples = scrape_all(inv.instances, timeout=timeout, deadline=max(1.5, timeout * 1.5))
-    decisions, _ = decide(samples, inv, pstate, PolicyConfig(), time.time())
+    decisions, _ = decide(samples, inv, pstate, config_of_state(pstate), time.time())
     rows = _rows(samples, decisions, pstate, {i.name: i.weight for i in inv.instances})
     if as_json:
         doc = {"fleet_load": decisions.fleet_load, "fail_open": decisions.fail_open, "instances": rows}

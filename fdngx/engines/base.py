@@ -13,6 +13,8 @@ class MetricNames:
     queued: tuple[str, ...]
     kv_usage: tuple[str, ...]
     capacity: tuple[str, ...] = ()
+    # Histogram(s) of time per output token (their _sum and _count): the replica's decode speed.
+    tpot: tuple[str, ...] = ()
     # A series whose absence means `queued` cannot be trusted (FastDeploy before 2026-04-29).
     queued_marker: str | None = None
 

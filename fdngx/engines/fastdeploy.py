@@ -26,6 +26,7 @@ SPEC = EngineSpec(
         queued=("fastdeploy:num_requests_waiting", "fastdeploy:num_requests_queuing"),
         kv_usage=("fastdeploy:gpu_cache_usage_perc",),
         capacity=("fastdeploy:max_batch_size",),
+        tpot=("fastdeploy:time_per_output_token_seconds",),
         queued_marker="fastdeploy:num_requests_queuing",
     ),
 )

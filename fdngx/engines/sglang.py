@@ -22,6 +22,7 @@ SPEC = EngineSpec(
         running=("sglang:num_running_reqs",),
         queued=("sglang:num_queue_reqs",),
         kv_usage=("sglang:token_usage",),
+        tpot=("sglang:inter_token_latency_seconds", "sglang:time_per_output_token_seconds"),
     ),
     metrics_on_api_port=True,
 )

@@ -22,6 +22,7 @@ SPEC = EngineSpec(
         running=("vllm:num_requests_running",),
         queued=("vllm:num_requests_waiting",),
         kv_usage=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+        tpot=("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
     ),
     metrics_on_api_port=True,
 )

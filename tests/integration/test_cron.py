@@ -31,7 +31,13 @@ def test_cron_runs_carry_state_and_take_a_dead_replica_out(tmp_path: Path) -> No
             assert f"server 127.0.0.1:{api[2]} weight=20 " in text
             assert f"server 127.0.0.1:{api[0]} weight=10 " in text
             state_file = conf.with_name("nginx.conf.state.json")
-            assert set(json.loads(state_file.read_text())["instances"]) == {"dp0", "dp1", "dp2"}
+            saved = json.loads(state_file.read_text())
+            assert set(saved["instances"]) == {"dp0", "dp1", "dp2"}
+            assert saved["config"]["speed_aware"] is False  # the nginx flavor's default, recorded for status
+            assert fdngx(*args, "--scrape", "--speed-aware", "--check").returncode in (0, 1)
+            assert json.loads(state_file.read_text()) == saved  # --check writes nothing
+            fdngx(*args, "--scrape", "--speed-aware", "--reload", check=True)
+            assert json.loads(state_file.read_text())["config"]["speed_aware"] is True
 
             sim.fault(1, crash=True)
             before = state_file.read_bytes()

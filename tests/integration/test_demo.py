@@ -27,6 +27,9 @@ def test_demo_runs_the_loop_and_cleans_up(tmp_path: Path) -> None:
     last = out[out.rfind("INSTANCE"):]
     weights = {m[0]: int(m[1]) for m in re.findall(r"^(dp\d)\s+yes\s+\S+\s+\S+\s+\S+\s+(\d+)", last, re.M)}
     assert weights["dp2"] < min(weights["dp0"], weights["dp1"]), last
+    # the half-speed replica is measured as such, says so, and carries a lower weight
+    assert re.search(r"^dp3 .*decodes at 0\.[3-6]\dx the fleet's speed", last, re.M), last
+    assert weights["dp3"] < min(weights["dp0"], weights["dp1"]), last
     # nothing left running: every pid the launch recorded is gone
     inv = json.loads((work / "fdngx.json").read_text())
     pids = [inst["pid"] for inst in inv["instances"] if inst.get("pid")]

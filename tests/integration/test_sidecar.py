@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -43,12 +44,14 @@ class Loop:
         interval: float = 0.5,
         args: tuple[str, ...] = (),
         openresty: bool = False,
+        speeds: tuple[float, ...] = (),
     ) -> None:
         ports = free_ports(2 * n + 3)
         self.api, self.met = ports[:n], ports[n : 2 * n]
         self.port, self.metrics_port = ports[2 * n], ports[2 * n + 1]
         flavor = ("--flavor", "openresty", "--admin-listen", f"127.0.0.1:{ports[2 * n + 2]}") if openresty else ()
         self.tmp = tmp
+        self.speeds = speeds
         self.interval = interval
         self.sims: list[SimProcess | None] = [None] * n
         self.nginx: Nginx | None = None
@@ -111,7 +114,12 @@ class Loop:
 
     def start_replica(self, i: int) -> None:
         self.sims[i] = start_sim(
-            [self.api[i]], [self.met[i]], max_num_seqs=SEQS, seed=i, log_path=self.tmp / f"sim{i}.log"
+            [self.api[i]],
+            [self.met[i]],
+            max_num_seqs=SEQS,
+            seed=i,
+            speed=self.speeds[i] if self.speeds else 1.0,
+            log_path=self.tmp / f"sim{i}.log",
         )
 
     def kill_replica(self, i: int) -> None:
@@ -150,6 +158,9 @@ class Loop:
                 key = s.labels.get("instance") or s.labels.get("le") or s.labels.get("generation") or ""
                 out[(s.name, key)] = s.value
         return out
+
+    def weights(self) -> dict[str, float]:
+        return {f"dp{i}": self.metric("fdngx_instance_weight", f"dp{i}") for i in range(len(self.api))}
 
     def metric(self, name: str, instance: str = "") -> float:
         try:
@@ -226,12 +237,9 @@ def test_loaded_replica_loses_weight_and_nginx_split_follows(tmp_path: Path) -> 
         # Traffic nginx cannot see: 6 long requests straight to dp0 (6 of its 8 slots busy, no queue).
         direct = Traffic(lp, f"http://127.0.0.1:{lp.api[0]}", threads=6, max_tokens=400)
 
-        def weights() -> dict[str, float]:
-            return {f"dp{i}": lp.metric("fdngx_instance_weight", f"dp{i}") for i in range(3)}
-
         def halved() -> dict[str, float] | None:
             # Only relative weights matter (the policy centres its corrections on the fleet).
-            w = weights()
+            w = lp.weights()
             return w if w["dp0"] <= 0.5 * min(w["dp1"], w["dp2"]) else None
 
         try:
@@ -246,6 +254,28 @@ def test_loaded_replica_loses_weight_and_nginx_split_follows(tmp_path: Path) -> 
         assert after["dp1"] >= 12 and after["dp2"] >= 12, (w, after)
         print(f"dp0 at half weight after {took:.1f}s: {w}; split before {dict(before)} after {dict(after)}")
         assert "dp0: load" in lp.log.read_text(), "the change is logged with its reason"
+
+
+def test_half_speed_replica_gets_a_lower_weight_with_the_reason(tmp_path: Path) -> None:
+    args = ("--min-hold", "1", "--max-reloads-per-minute", "30", "--speed-aware")
+    with loop_of(tmp_path, *args, speeds=(1.0, 1.0, 0.5)) as lp:
+        traffic = Traffic(lp, lp.url, threads=6, max_tokens=30)
+
+        def slowed() -> dict[str, float] | None:
+            w = lp.weights()
+            return w if w["dp2"] <= 0.7 * min(w["dp0"], w["dp1"]) else None
+
+        try:
+            w = wait_for(slowed, 40, what=f"dp2's weight below the others' ({lp.tail()})")
+            speed = {f"dp{i}": lp.metric("fdngx_instance_speed", f"dp{i}") for i in range(3)}
+        finally:
+            traffic.stop()
+        assert speed["dp0"] == speed["dp1"] == 1.0 and 0.35 < speed["dp2"] < 0.7, (speed, w)
+        assert re.search(r"dp2: .*decodes at 0\.\d\dx the fleet's speed", lp.log.read_text()), lp.tail()
+        assert all(r[2] for r in traffic.results)
+        status = fdngx("status", "-i", str(lp.inv), "--json", "--out", str(lp.conf), check=True)
+        rows = {r["name"]: r for r in json.loads(status.stdout)["instances"]}
+        assert "decodes at" in rows["dp2"]["reason"] and "decodes at" not in rows["dp0"]["reason"], rows
 
 
 def test_reload_budget_holds_changes_and_says_so(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from fdngx.errors import UsageError
 from fdngx.inventory import Instance, Inventory
-from fdngx.policy import Decisions, PolicyConfig, PolicyState, decide
+from fdngx.policy import Decisions, PolicyConfig, PolicyState, config_for_flavor, decide
 from fdngx.scrape import LoadSample
 
 T0 = 1_000_000.0
@@ -382,3 +382,123 @@ def test_ramp_does_not_wind_up_the_correction() -> None:
     ramp = [d.by_name()["dp1"].weight for d in ds[7:22]]
     assert sorted(set(ramp)) == [5, 10, 15, 20], ramp  # exact quarters of the capacity weight
     assert ds[-1].by_name()["dp1"].weight == 20
+
+
+# -- decode speed ---------------------------------------------------------------------------------------
+
+
+SPEED = PolicyConfig(speed_aware=True)
+
+
+def with_tpot(
+    tpots: dict[str, float], per_cycle: float = 50, running: dict[str, float] | None = None
+) -> SampleFn:
+    """Each replica observes `per_cycle` output tokens per cycle at its own time per token (seconds);
+    `running` per replica (default 32 of 64 slots each)."""
+
+    def fn(k: int, name: str) -> LoadSample:
+        count = (k + 1) * per_cycle
+        busy = (running or {}).get(name, 32)
+        return LoadSample(name, True, True, busy, 0, 0.3, None, True, tpots[name] * count, count)
+
+    return fn
+
+
+def test_a_half_speed_replica_gets_half_the_weight_and_the_reason_says_why() -> None:
+    inv = inventory(64, 64, 64, 64)
+    tpots = {"dp0": 0.02, "dp1": 0.02, "dp2": 0.021, "dp3": 0.04}
+    # What nginx does with those weights: dp3 carries half the in-flight requests of the others.
+    ds, state, _ = run(inv, with_tpot(tpots, running={"dp3": 16}), 30, cfg=SPEED)
+    w = weights(ds[-1])
+    # Half of 20, give or take the dead-band; dp2's 5 % is within the tolerance.
+    assert abs(w["dp3"] - 10) <= 1 and w["dp0"] == w["dp1"] == w["dp2"] == 20, w
+    d3 = ds[-1].by_name()["dp3"]
+    assert d3.speed == pytest.approx(0.0205 / 0.04)  # against the median TPOT
+    assert "decodes at 0.51x the fleet's speed (TPOT 40 ms)" in d3.reason
+    assert abs(state.instances["dp3"].log_gain) < 0.1, "the load correction does not undo the speed factor"
+
+
+def test_equal_replicas_with_noisy_tpot_keep_their_weights() -> None:
+    rng = random.Random(7)
+    inv = inventory(64, 64, 64)
+    totals = {n: [0.0, 0.0] for n in ("dp0", "dp1", "dp2")}
+
+    def fn(k: int, name: str) -> LoadSample:
+        n = rng.randint(10, 60)
+        totals[name][0] += n * 0.02 * rng.uniform(0.85, 1.15)  # +-15 % per interval
+        totals[name][1] += n
+        return LoadSample(name, True, True, 32, 0, 0.3, None, True, *totals[name])
+
+    ds, _, _ = run(inv, fn, 200, cfg=SPEED)
+    assert sum(d.changed for d in ds[1:]) == 0
+    assert all(d.speed == 1.0 for d in ds[-1])
+
+
+def test_few_observations_accumulate_until_there_are_enough() -> None:
+    inv = inventory(64, 64)
+    _, state, _ = run(inv, with_tpot({"dp0": 0.02, "dp1": 0.05}, per_cycle=3), 2, cfg=SPEED)
+    assert state.instances["dp1"].tpot is None  # 3 then 6 observations: below speed_min_tokens (8)
+    _, state, _ = run(inv, with_tpot({"dp0": 0.02, "dp1": 0.05}, per_cycle=3), 4, cfg=SPEED)
+    assert state.instances["dp1"].tpot == pytest.approx(0.05)
+
+
+def test_a_counter_reset_rebaselines_instead_of_producing_a_speed() -> None:
+    inv = inventory(64, 64)
+    fn = with_tpot({"dp0": 0.02, "dp1": 0.02})
+    _, state, t = run(inv, fn, 5, cfg=SPEED)
+    before = state.instances["dp1"].tpot
+
+    def restarted(k: int, name: str) -> LoadSample:
+        if name == "dp1":  # the engine restarted: its counters start again from zero
+            return LoadSample(name, True, True, 32, 0, 0.3, None, True, 0.5, 5.0)
+        return fn(k + 5, name)
+
+    _, state, _ = run(inv, restarted, 1, cfg=SPEED, state=state, start=t)
+    assert state.instances["dp1"].tpot == before and state.instances["dp1"].tpot_count == 5.0
+
+
+def test_without_tpot_series_the_speed_stays_neutral() -> None:
+    inv = inventory(64, 64)
+    ds, _, _ = run(inv, even(), 10, cfg=SPEED)
+    assert all(d.speed == 1.0 for d in ds[-1]) and weights(ds[-1]) == {"dp0": 20, "dp1": 20}
+
+
+def test_speed_factor_has_hysteresis_at_the_edge() -> None:
+    inv = inventory(64, 64, 64)
+    # dp2 25 % slower: log(1/1.25) = -0.22, beyond the 0.2 tolerance
+    _, state, t = run(inv, with_tpot({"dp0": 0.02, "dp1": 0.02, "dp2": 0.025}), 30, cfg=SPEED)
+    assert state.instances["dp2"].speed == pytest.approx(0.8)
+    # now 15 % slower (log -0.14): inside the tolerance, beyond half of it: the factor stays
+    fn = with_tpot({"dp0": 0.02, "dp1": 0.02, "dp2": 0.023}, per_cycle=50)
+    _, state, t = run(inv, lambda k, n: fn(k + 30, n), 40, cfg=SPEED, state=state, start=t)
+    assert state.instances["dp2"].speed == pytest.approx(0.02 / 0.023, rel=0.02)
+    # 5 % slower: back to neutral
+    fn = with_tpot({"dp0": 0.02, "dp1": 0.02, "dp2": 0.021}, per_cycle=50)
+    _, state, _ = run(inv, lambda k, n: fn(k + 70, n), 40, cfg=SPEED, state=state, start=t)
+    assert state.instances["dp2"].speed == 1.0
+
+
+def test_speed_is_on_by_default_for_openresty_only_and_can_be_overridden() -> None:
+    assert config_for_flavor("openresty").speed_aware is True
+    assert config_for_flavor("nginx").speed_aware is False
+    assert config_for_flavor("nginx", speed_aware=True).speed_aware is True
+    assert config_for_flavor("openresty", speed_aware=False).speed_aware is False
+    assert config_for_flavor("nginx", speed_aware=None).speed_aware is False  # the CLI's "not given"
+
+
+def test_speed_unaware_policy_ignores_tpot() -> None:
+    inv = inventory(64, 64)
+    ds, state, _ = run(inv, with_tpot({"dp0": 0.02, "dp1": 0.04}), 20)
+    assert weights(ds[-1]) == {"dp0": 20, "dp1": 20} and state.instances["dp1"].speed == 1.0
+    assert state.instances["dp1"].tpot == pytest.approx(0.04), "still measured: status and a later switch use it"
+
+
+def test_the_state_remembers_the_settings_that_wrote_it() -> None:
+    from fdngx.policy import config_of_state
+
+    cfg = PolicyConfig(speed_aware=True, min_hold=3.0, max_reloads_per_minute=9)
+    _, state, _ = run(inventory(64, 64), even(), 2, cfg)
+    back = PolicyState.from_dict(json.loads(json.dumps(state.to_dict())))
+    assert config_of_state(back) == cfg
+    assert config_of_state(PolicyState()) == PolicyConfig()
+    assert config_of_state(PolicyState(config={"alpha": 7.0, "unknown": 1})) == PolicyConfig()  # invalid: defaults

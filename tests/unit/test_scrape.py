@@ -41,7 +41,16 @@ def _load(text: str, engine: str) -> dict[str, object]:
 def test_fastdeploy_sample_page() -> None:
     got = _load(FD_PAGE, "fastdeploy")
     # 3 running, 2 waiting + 0 queuing, 0.1875 KV, max_batch_size 64 (see the fixture's header)
-    assert got == {"running": 3.0, "queued": 2.0, "kv_usage": 0.1875, "capacity": 64.0, "queued_reliable": True}
+    # TPOT histogram: 9663.2 s over 401267 tokens
+    assert got == {
+        "running": 3.0,
+        "queued": 2.0,
+        "kv_usage": 0.1875,
+        "capacity": 64.0,
+        "queued_reliable": True,
+        "tpot_sum": 9663.2,
+        "tpot_count": 401267.0,
+    }
 
 
 def test_fastdeploy_queued_adds_waiting_and_queuing() -> None:
@@ -58,7 +67,15 @@ def test_old_fastdeploy_without_queuing_marks_queue_unreliable() -> None:
 
 def test_vllm_sums_running_over_engines_and_takes_max_kv() -> None:
     got = _load((FIXTURES / "vllm-metrics-sample.prom").read_text(), "vllm")
-    assert got == {"running": 7.0, "queued": 3.0, "kv_usage": 0.5, "capacity": None, "queued_reliable": True}
+    assert got == {
+        "running": 7.0,
+        "queued": 3.0,
+        "kv_usage": 0.5,
+        "capacity": None,
+        "queued_reliable": True,
+        "tpot_sum": 30.0,  # the newer name, summed over engines
+        "tpot_count": 1500.0,
+    }
 
 
 def test_vllm_old_kv_name_still_read() -> None:
@@ -68,7 +85,21 @@ def test_vllm_old_kv_name_still_read() -> None:
 
 def test_sglang_page() -> None:
     got = _load((FIXTURES / "sglang-metrics-sample.prom").read_text(), "sglang")
-    assert got == {"running": 11.0, "queued": 4.0, "kv_usage": 0.92, "capacity": None, "queued_reliable": True}
+    assert got == {
+        "running": 11.0,
+        "queued": 4.0,
+        "kv_usage": 0.92,
+        "capacity": None,
+        "queued_reliable": True,
+        "tpot_sum": 9.6,  # the older name: read when the newer one is absent
+        "tpot_count": 320.0,
+    }
+
+
+def test_a_page_without_tpot_still_gives_a_load() -> None:
+    page = "\n".join(line for line in FD_PAGE.splitlines() if "time_per_output_token" not in line)
+    got = _load(page, "fastdeploy")
+    assert (got["running"], got["tpot_sum"], got["tpot_count"]) == (3.0, None, None)
 
 
 @pytest.mark.parametrize(

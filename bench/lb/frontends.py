@@ -237,6 +237,12 @@ FRONTENDS: dict[str, Callable[[], Frontend]] = {
     "fdngx-openresty-p2c": lambda: FdngxNginx("fdngx-openresty-p2c", sidecar=True,
                                               render_args=(*OPENRESTY, "--balancer", "p2c"),
                                               sidecar_args=("--interval", "1"), extra_warmup=5.0),
+    # The speed factor's trade-off (policy.config_for_flavor): each flavor with its non-default setting.
+    "fdngx-sidecar-speed": lambda: FdngxNginx("fdngx-sidecar-speed", sidecar=True,
+                                              sidecar_args=("--interval", "1", "--speed-aware"), extra_warmup=20.0),
+    "fdngx-openresty-nospeed": lambda: FdngxNginx("fdngx-openresty-nospeed", sidecar=True, render_args=OPENRESTY,
+                                                  sidecar_args=("--interval", "1", "--no-speed-aware"),
+                                                  extra_warmup=5.0),
     "sglang-rr": lambda: SglangGateway("round_robin"),
     "sglang-p2": lambda: SglangGateway("power_of_two"),
     "sglang-ca": lambda: SglangGateway("cache_aware"),

@@ -110,11 +110,11 @@ def config_for_flavor(flavor: str, **settings: Any) -> PolicyConfig:
     capacity, health, speed and ramp (a load correction would count the load twice), and since a change costs
     no reload there is no dead-band, hold or reload budget to pay for.
 
-    Speed: measured with one half-speed replica of four (bench/lb, 3 runs each), scaling its weight by its
-    speed cut p99 end-to-end latency by 27 % at equal p99 TTFT (539 vs 499 ms) through the Lua balancer,
-    which also sees the fast replicas' queues and spills onto the slow one when they fill; through nginx's
-    weighted least_conn it cut p99 E2E by 18 % but raised p99 TTFT 1.7x (758 vs 440 ms: the fast replicas'
-    slots fill first). So it is on by default for openresty only; `speed_aware` overrides.
+    Speed: measured with one half-speed replica of four (bench/lb, 3 windows each, two runs), scaling its
+    weight by its speed cut p99 end-to-end latency by 13-27 % with p99 TTFT within noise through the Lua
+    balancer, which also sees the fast replicas' queues and spills onto the slow one when they fill;
+    through nginx's weighted least_conn it cut p99 E2E by 18-27 % but raised p99 TTFT 1.7-2.2x (the fast
+    replicas' slots fill first). So it is on by default for openresty only; `speed_aware` overrides.
     """
     if settings.get("speed_aware") is None:
         settings["speed_aware"] = flavor == "openresty"

@@ -62,6 +62,10 @@ class PolicyConfig:
     recover_threshold: int = 2  # consecutive /health 200 before back up
     ramp_duration: float = 10.0  # seconds from recovery to full weight (nginx OSS has no slow_start)
     ramp_steps: int = 4
+    # The ramp protects a cold replica while the others have room; once they queue (fleet load per slot at
+    # or above this), every request held back from the returning replica waits in a queue elsewhere, so the
+    # ramp ends at once.
+    ramp_until_load: float = 1.0
     stale_after: float = 10.0  # metrics older than this no longer steer the weight
     stale_half_life: float = 10.0  # how fast a stale correction fades back to neutral
     # A replica's decode speed (TPOT against the fleet's median) scales its weight. Off for the nginx
@@ -413,9 +417,14 @@ def _plan(
         return _Plan(w, True, f"down: /health failed {st.fails}x ({st.health_error})", True, True, w)
     recovering = old_down and old_w is not None
     frac, step = _ramp(st, now, config)
+    skipped = ""
+    if step is not None and fleet is not None and fleet >= config.ramp_until_load:
+        st.recovered_at = None
+        frac, step = 1.0, None
+        skipped = f"ramp ended: the others queue ({fleet:.2f}/slot); "
     g = math.exp(st.log_gain)
     wanted = _quantise(base * st.speed * g * frac, config)
-    ramp = f"ramp {step}/{config.ramp_steps} after recovery; " if step is not None else ""
+    ramp = f"ramp {step}/{config.ramp_steps} after recovery; " if step is not None else skipped
     if recovering:
         # Not exempt from the budget: a flapping replica must not buy itself a reload every few cycles.
         up = f"up: /health ok {st.oks}x; {ramp}"
@@ -431,7 +440,7 @@ def _plan(
         return _Plan(wanted, False, f"initial: {what}; weight {wanted}", True, True, wanted)
     if wanted == old_w:
         return _Plan(old_w, False, f"{ramp}{what}; weight {old_w}", False, False, wanted)
-    if step is None:
+    if step is None and not skipped:  # a ramp step, or its early end, is not held back
         if abs(wanted - old_w) < max(config.deadband_abs, config.deadband_rel * old_w):
             reason = f"{what}; weight {old_w} (wanted {wanted}: within dead-band)"
             return _Plan(old_w, False, reason, False, False, wanted)
@@ -439,4 +448,7 @@ def _plan(
         if since < config.min_hold:
             reason = f"hold: changed {since:.0f}s ago (min {config.min_hold:.0f}s); {what}; wanted {old_w}->{wanted}"
             return _Plan(old_w, False, reason, False, False, wanted)
-    return _Plan(wanted, False, f"{ramp}{what}; weight {old_w}->{wanted}", True, False, wanted, f"{ramp}{what}")
+    # An early end of the ramp is exempt from the reload budget: the fleet is queueing now (at most one
+    # such reload per recovery, and the recovery itself is not exempt).
+    exempt = bool(skipped)
+    return _Plan(wanted, False, f"{ramp}{what}; weight {old_w}->{wanted}", True, exempt, wanted, f"{ramp}{what}")

@@ -266,6 +266,41 @@ def test_recovery_ramps_back() -> None:
     assert dp1[7 + 32].weight == 20
 
 
+def test_recovery_skips_the_ramp_while_the_others_queue() -> None:
+    inv = inventory(64, 64, 64)
+
+    def fn(k: int, name: str) -> LoadSample:
+        if name == "dp1":
+            bad = 1 <= k < 6
+            return sample(name, running=0, healthy=not bad, health_error="connection refused" if bad else None)
+        return sample(name, running=64, queued=16)  # slots full and a queue: 1.25/slot
+
+    ds, _, _ = run(inv, fn, 12)
+    dp1 = [d.by_name()["dp1"] for d in ds]
+    up = dp1[7]
+    assert not up.down and up.changed and up.weight == 20, up
+    assert "ramp ended: the others queue (1.25/slot)" in up.reason
+
+
+def test_a_ramp_in_progress_ends_when_the_others_start_to_queue() -> None:
+    inv = inventory(64, 64)
+    busy = {"queued": 0.0}
+
+    def fn(k: int, name: str) -> LoadSample:
+        if name == "dp1":
+            bad = 1 <= k < 6
+            return sample(name, running=0, healthy=not bad, health_error="connection refused" if bad else None)
+        return sample(name, running=32, queued=busy["queued"])
+
+    ds, state, t = run(inv, fn, 9)  # recovered at cycle 7, ramp 1/4 at 0.5/slot
+    assert ds[7].by_name()["dp1"].weight == 5
+    busy["queued"] = 64.0  # the other replica now queues a full set of slots: 1.5/slot
+    ds, _, _ = run(inv, lambda k, n: fn(k + 9, n), 4, state=state, start=t)
+    later = [d.by_name()["dp1"] for d in ds]
+    ended = next(x for x in later if x.changed)
+    assert ended.weight == 20 and "ramp ended" in ended.reason, later
+
+
 def test_stale_metrics_fade_to_neutral() -> None:
     inv = inventory(64, 64, 64)
 

@@ -39,7 +39,6 @@ from fdngx.policy_state import InstanceState, PolicyState
 from fdngx.scrape import LoadSample
 
 _WINDOW = 60.0  # the reload budget is per minute
-BUDGET_HOLD = "hold: reload budget exhausted"  # how a decision held back by the budget starts its reason
 
 
 @dataclass(frozen=True)
@@ -138,6 +137,7 @@ class Decision:
     wanted: int | None = None  # what the formula asked for (before dead-band, hold, budget)
     load: float | None = None  # smoothed per-slot load
     speed: float = 1.0  # decode speed factor in the weight
+    budget_held: bool = False  # a change the reload budget held back this cycle
 
 
 @dataclass(frozen=True)
@@ -364,13 +364,15 @@ def decide(
         weight, down, reason, change, exempt, wanted, what = plans[inst.name]
         st, old = states[inst.name], prev.get(inst.name)
         old_w = old.weight if old else None
-        if change and not exempt and not budget_ok:
+        held = change and not exempt and not budget_ok
+        if held:
             weight, down, change = old_w or weight, old.down if old else down, False
-            reason = f"{BUDGET_HOLD} ({config.max_reloads_per_minute}/min); {what}; wanted {old_w}->{wanted}"
+            budget = f"hold: reload budget exhausted ({config.max_reloads_per_minute}/min)"
+            reason = f"{budget}; {what}; wanted {old_w}->{wanted}"
         if change:
             st.last_change_at = now
         st.weight, st.down = weight, down
-        items.append(Decision(inst.name, weight, down, reason, change, old_w, wanted, st.load, st.speed))
+        items.append(Decision(inst.name, weight, down, reason, change, old_w, wanted, st.load, st.speed, held))
     decisions = Decisions(tuple(items), fleet, fail_open)
     reloads = [*recent, now] if decisions.changed else recent
     return decisions, PolicyState(states, reloads, now, asdict(config))

@@ -27,7 +27,7 @@ from fdngx.fetch import Client
 from fdngx.inventory import Inventory
 from fdngx.nginx import ApplyResult, NginxControl, safe_apply
 from fdngx.openresty import Admin
-from fdngx.policy import BUDGET_HOLD, Decisions, PolicyConfig, decide
+from fdngx.policy import Decisions, PolicyConfig, decide
 from fdngx.render import RenderOptions, ServerState, render
 from fdngx.scrape import LoadSample, loads_of, make_client, scrape_all
 from fdngx.telemetry import Telemetry
@@ -206,12 +206,11 @@ class Sidecar:
 
     def _note_budget(self, decisions: Decisions) -> None:
         """Say once when the reload budget starts holding changes back, and once when it lets go."""
-        held = [d for d in decisions if d.reason.startswith(BUDGET_HOLD)]
+        held = [d for d in decisions if d.budget_held]
         if held and not self._budget_holding:
             wants = ", ".join(f"{d.name} {d.previous}->{d.wanted}" for d in held)
             log.info(
-                "%s (%d/min): holding %s until a reload slot frees (--max-reloads-per-minute)",
-                BUDGET_HOLD.removeprefix("hold: "),
+                "reload budget exhausted (%d/min): holding %s until a reload slot frees (--max-reloads-per-minute)",
                 self.policy.max_reloads_per_minute,
                 wants,
             )

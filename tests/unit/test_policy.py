@@ -213,6 +213,10 @@ def test_reload_budget_caps_changes_per_minute() -> None:
     for t in times:
         assert sum(1 for u in times if t - 60 < u <= t) <= 2
     assert any("reload budget exhausted (2/min)" in x.reason for d in ds for x in d)
+    # The flag the sidecar logs from marks exactly those decisions, none of which changed anything.
+    held = [x for d in ds for x in d if x.budget_held]
+    assert held and all(not x.changed and "reload budget exhausted" in x.reason for x in held)
+    assert all(x.budget_held for d in ds for x in d if "reload budget exhausted" in x.reason)
 
 
 # -- health ---------------------------------------------------------------------------------------------

@@ -64,40 +64,23 @@ class Loop:
             for i in range(n):
                 self.start_replica(i)
             self.write_inventory(listed if listed is not None else n)
-            fdngx(
-                "render",
-                "-i",
-                str(self.inv),
-                "--mode",
-                "standalone",
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                "--out",
-                str(self.conf),
-                *flavor,
-                check=True,
-            )
+            # What render and the sidecar share: the same inventory, output and flavor.
+            common = ["-i", str(self.inv), "--mode", "standalone", "--listen", f"127.0.0.1:{self.port}"]
+            common += ["--out", str(self.conf), *flavor]
+            fdngx("render", *common, check=True)
             self.nginx = Nginx(tmp / "nginx").start(f"{self.url}/health")
             argv = [
                 sys.executable,
                 "-m",
                 "fdngx",
                 "sidecar",
-                "-i",
-                str(self.inv),
-                "--mode",
-                "standalone",
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                "--out",
-                str(self.conf),
+                *common,
                 "--interval",
                 str(interval),
                 "--metrics-listen",
                 f"127.0.0.1:{self.metrics_port}",
                 "--debounce",
                 "0.5",
-                *flavor,
                 *args,
             ]
             with self.log.open("wb") as fh:

@@ -13,9 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from fdngx.inventory import Instance, Inventory
-from fdngx.nginx import NginxControl, find_nginx, prepare_prefix, safe_apply
-from fdngx.render import RenderOptions, ServerState, render
+from fdngx.domain import Instance, Inventory, ServerState
+from fdngx.nginx.apply import safe_apply
+from fdngx.nginx.control import NginxControl, find_nginx, prepare_prefix
+from fdngx.nginx.render import RenderOptions, render
 
 
 def inventory(n: int) -> Inventory:
@@ -68,16 +69,16 @@ def bench_apply() -> float:
             control = NginxControl(nginx, conf, prefix, "logs/error.log",
                                    verify_url=f"http://127.0.0.1:{port}/fdngx/generation")
             weights = iter(range(2, 10_000))  # 1 is the current weight: start with a real change
-            t_apply = timed(lambda: safe_apply(conf, lambda: render(inv, opts, {"dp0": ServerState(next(weights))}),
-                                               control, reload=True), 10)
+            t_apply = timed(lambda: safe_apply(conf, render(inv, opts, {"dp0": ServerState(next(weights))}),
+                                               control, reload=True, standalone=True), 10)
             t_test = timed(lambda: subprocess.run([*argv, "-t", "-q"], check=True), 10)
-            t_same = timed(lambda: safe_apply(conf, lambda: conf.read_text(), control, reload=True), 10)
+            t_same = timed(lambda: safe_apply(conf, conf.read_text(), control, reload=True, standalone=True), 10)
         finally:
             proc.terminate()
             proc.wait(timeout=10)
-    print(f"full safe apply (render, nginx -t, swap, reload, confirm): {ms(t_apply)}   target < 1 s")
+    print(f"full safe apply (render, nginx -t x2, swap, reload, confirm): {ms(t_apply)}   target < 1 s")
     print(f"  of which a bare `nginx -t`:                              {ms(t_test)}")
-    print(f"  unchanged render (lock, compare, no reload):             {ms(t_same)}")
+    print(f"  unchanged render (lock, compare, served generation):     {ms(t_same)}")
     print(f"  ratio apply / bare nginx -t: {statistics.median(t_apply) / statistics.median(t_test):.1f}x")
     return statistics.median(t_apply)
 

@@ -17,10 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from fdngx.inventory import Instance, Inventory
-from fdngx.policy import PolicyConfig, PolicyState, decide
-from fdngx.scrape import make_client, scrape_all
+from fdngx.domain import Engine, Instance, Inventory
 from fdngx.sim.process import SimProcess, free_ports, start_sim
+from fdngx.weights.policy import decide
+from fdngx.weights.scrape import make_client, scrape_all
+from fdngx.weights.settings import PolicyConfig
+from fdngx.weights.state import PolicyState
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -28,7 +30,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 def inventory(api: list[int], met: list[int]) -> Inventory:
     return Inventory(
         [
-            Instance(f"dp{i}", "127.0.0.1", a, m, "sim", max_num_seqs=64)
+            Instance(f"dp{i}", "127.0.0.1", a, m, Engine.SIM, max_num_seqs=64)
             for i, (a, m) in enumerate(zip(api, met, strict=True))
         ]
     )

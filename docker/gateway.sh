@@ -8,4 +8,4 @@ LISTEN=${FDNGX_LISTEN:-0.0.0.0:8080}
 fdngx render -i "$INVENTORY" --mode standalone --listen "$LISTEN" --out "$PREFIX/nginx.conf"
 nginx -p "$PREFIX/" -c "$PREFIX/nginx.conf" -e logs/error.log
 exec fdngx sidecar -i "$INVENTORY" --mode standalone --listen "$LISTEN" --out "$PREFIX/nginx.conf" \
-  --metrics-listen 0.0.0.0:9400 "$@"
+  --metrics-listen 0.0.0.0:18400 "$@"

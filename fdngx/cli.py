@@ -1,17 +1,19 @@
-"""The `fdngx` command line. It only wires: parse options, call one core function, print its result.
+"""The `fdngx` command line. It only wires: each module in fdngx.commands parses its options, calls one
+core function and prints its result; this module registers them on one typer app.
 
 Errors: core functions raise FdngxError; `main()` prints its one-line message and exits 1 (2 for usage).
+Nothing imports this module back.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
-from pathlib import Path
 
 import typer
 
+from fdngx.commands import demo, launch, render, sidecar, sim, status
 from fdngx.errors import FdngxError
+from fdngx.logs import setup_logging
 
 app = typer.Typer(
     name="fdngx",
@@ -25,29 +27,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
-
-log = logging.getLogger("fdngx")
-
-DEFAULT_INVENTORY = Path("fdngx.json")
-InventoryOpt = typer.Option(
-    None,
-    "--inventory",
-    "-i",
-    help="Inventory file (repeat to merge several, e.g. one per node). Default: ./fdngx.json.",
-)
-
-
-def inventory_paths(paths: list[Path] | None) -> list[Path]:
-    return list(paths) if paths else [DEFAULT_INVENTORY]
-
-
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s fdngx %(levelname)s %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-        stream=sys.stderr,
-    )
 
 
 def _print_version(value: bool) -> None:
@@ -68,13 +47,8 @@ def _root(
     setup_logging(verbose)
 
 
-# -- commands: each module registers its own on `app`; one import line per command module -----------
-from fdngx.commands import demo as _demo  # noqa: E402,F401
-from fdngx.commands import launch as _launch  # noqa: E402,F401
-from fdngx.commands import render as _render  # noqa: E402,F401
-from fdngx.commands import sidecar as _sidecar  # noqa: E402,F401
-from fdngx.commands import sim as _sim  # noqa: E402,F401
-from fdngx.commands import status as _status  # noqa: E402,F401
+for _module in (launch, render, sidecar, status, sim, demo):
+    _module.register(app)
 
 
 def main() -> None:
@@ -92,7 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # `python -m fdngx.cli`: go through the real module so the command imports register on its app.
-    from fdngx.cli import main as _main
-
-    _main()
+    main()

@@ -24,8 +24,8 @@ from pathlib import Path
 import requests
 
 from fdngx.errors import LaunchError
-from fdngx.nginx import find_nginx
-from fdngx.procs import stop_popen_group
+from fdngx.nginx.control import find_nginx
+from fdngx.system.procs import stop_popen_group
 
 
 def _port_free(port: int) -> bool:

@@ -33,8 +33,8 @@ class LaunchError(FdngxError):
     """Starting, supervising or stopping replicas failed."""
 
 
-class ScrapeError(FdngxError):
-    """Metrics could not be read where a single answer was required."""
+class UnsafeFileError(FdngxError):
+    """A file fdngx must trust is a symlink, not a regular file, or writable by another account."""
 
 
 class UsageError(FdngxError):

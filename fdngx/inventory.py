@@ -1,8 +1,10 @@
 """The inventory (`fdngx.json`): instances to balance over. Load, validate, merge, save atomically.
 
-Everything in here ends up in nginx config text, so validation is strict: a host is an IP literal or an
-RFC 1123 hostname and nothing else, and names are plain tokens. Unknown fields (launch adds `pid`, `log`)
-are kept through a load/save round trip.
+Everything in here ends up in nginx config text, so validation is strict and by full-string match: a
+host is an IP literal (no scope id) or an RFC 1123 hostname whose last label has a letter, names are
+plain tokens, and `version` is the integer 1. Unknown fields (launch adds `pid`, `log`) are kept through a
+load/save round trip but never reach a config. Duplicates are found on canonical addresses (`::1` and
+`0:0::1`, `127.0.0.1` and `::ffff:127.0.0.1`, `localhost` and `localhost.` are the same server).
 """
 
 from __future__ import annotations
@@ -11,95 +13,33 @@ import ipaddress
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fdngx.domain import Engine, Instance, Inventory, Role, is_ip, valid_host
 from fdngx.errors import InventoryError
-from fdngx.fsutil import atomic_write
+from fdngx.system.files import atomic_write, read_regular_file
 
 VERSION = 1
-ENGINES = ("fastdeploy", "vllm", "sglang", "sim")
-ROLES = ("mixed", "prefill", "decode")
 DEFAULT_UPSTREAM = "fastdeploy"
 DEFAULT_MAX_NUM_SEQS = 64
+MAX_BYTES = 16 * 1024 * 1024  # ~50,000 instances; anything bigger is not an inventory
+MAX_DEPTH = 32  # unknown fields round-trip, but not as a 100,000-deep structure
+MAX_WEIGHT = 10_000  # nginx accepts up to 2^31-1, but anything beyond a few thousand is a mistake
 
-_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
-_UPSTREAM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+UPSTREAM = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _KNOWN = ("name", "host", "port", "metrics_port", "engine", "max_num_seqs", "weight", "role")
 
 
-def valid_host(host: str) -> bool:
-    """True for an IPv4/IPv6 literal or an RFC 1123 hostname: the only things safe in nginx config."""
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        pass
-    if not host or len(host) > 253:
-        return False
-    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
-    return all(_LABEL.match(label) for label in labels)
-
-
-@dataclass
-class Instance:
-    """One replica: an API port to proxy to and a metrics port to scrape."""
-
-    name: str
-    host: str
-    port: int
-    metrics_port: int
-    engine: str = "fastdeploy"
-    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
-    weight: int = 1
-    role: str = "mixed"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def address(self) -> str:
-        """`host:port` as nginx wants it (IPv6 in brackets)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-    @property
-    def metrics_url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.metrics_port}/metrics"
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.address}"
-
-    def to_dict(self) -> dict[str, Any]:
-        known = {k: getattr(self, k) for k in _KNOWN}
-        return {**known, **self.extra}
-
-
-@dataclass
-class Inventory:
-    """The instances behind one nginx upstream."""
-
-    instances: list[Instance]
-    upstream: str = DEFAULT_UPSTREAM
-    version: int = VERSION
-    extra: dict[str, Any] = field(default_factory=dict)
-    sources: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "upstream": self.upstream,
-            **self.extra,
-            "instances": [i.to_dict() for i in self.instances],
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
-
-    def by_name(self) -> dict[str, Instance]:
-        return {i.name: i for i in self.instances}
+def address_key(host: str, port: int) -> tuple[str, int]:
+    """The canonical (host, port) of a server, for duplicate detection."""
+    if is_ip(host):
+        ip = ipaddress.ip_address(host)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return ip.compressed, port
+    return host.lower().rstrip("."), port
 
 
 def _int_field(raw: Mapping[str, Any], key: str, where: str, lo: int, hi: int, default: int | None = None) -> int:
@@ -109,8 +49,8 @@ def _int_field(raw: Mapping[str, Any], key: str, where: str, lo: int, hi: int, d
         return default
     value = raw[key]
     # bool is an int subclass in Python; `"port": true` is a mistake, not port 1.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InventoryError(f"{where}: field '{key}' must be an integer, got {json.dumps(value)}")
+    if type(value) is not int:
+        raise InventoryError(f"{where}: field '{key}' must be an integer, got {_show(value)}")
     if not lo <= value <= hi:
         raise InventoryError(f"{where}: field '{key}' = {value} is out of range {lo}..{hi}")
     return value
@@ -123,8 +63,33 @@ def _str_field(raw: Mapping[str, Any], key: str, where: str, default: str | None
         return default
     value = raw[key]
     if not isinstance(value, str):
-        raise InventoryError(f"{where}: field '{key}' must be a string, got {json.dumps(value)}")
+        raise InventoryError(f"{where}: field '{key}' must be a string, got {_show(value)}")
     return value
+
+
+def _show(value: Any) -> str:
+    """A value in an error message: JSON, cut short (one line, whatever the input)."""
+    try:
+        text = json.dumps(value, ensure_ascii=True)
+    except (TypeError, ValueError, RecursionError):
+        text = type(value).__name__
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of a decoded JSON value, stopping once past `limit`."""
+    stack = [(value, 1)]
+    deepest = 0
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > limit:
+            return deepest
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return deepest
 
 
 def parse_instance(raw: Any, source: str, index: int) -> Instance:
@@ -132,46 +97,47 @@ def parse_instance(raw: Any, source: str, index: int) -> Instance:
     where = f"{source} instance #{index}"
     if not isinstance(raw, dict):
         raise InventoryError(f"{where}: an instance must be a JSON object, got {type(raw).__name__}")
-    if isinstance(raw.get("name"), str) and _NAME.match(raw["name"]):
+    if isinstance(raw.get("name"), str) and NAME.fullmatch(raw["name"]):
         where = f"{source} instance '{raw['name']}'"
     host = _str_field(raw, "host", where)
     if not valid_host(host):
         raise InventoryError(
-            f"{where}: field 'host' = {json.dumps(host)} is not an IP address or RFC 1123 hostname"
+            f"{where}: field 'host' = {_show(host)} is not an IP address or RFC 1123 hostname "
+            "(no IPv6 scope ids, no all-numeric names)"
         )
     port = _int_field(raw, "port", where, 1, 65535)
     metrics_port = _int_field(raw, "metrics_port", where, 1, 65535, default=port)
-    default_name = f"{host}:{port}"
-    name = _str_field(raw, "name", where, default=default_name)
-    if not _NAME.match(name):
+    name = _str_field(raw, "name", where, default=f"{host}:{port}")
+    if not NAME.fullmatch(name):
         raise InventoryError(
-            f"{where}: field 'name' = {json.dumps(name)} must be letters, digits and . _ : @ - (max 128)"
+            f"{where}: field 'name' = {_show(name)} must be letters, digits and . _ : @ - (max 128)"
         )
     where = f"{source} instance '{name}'"
-    engine = _str_field(raw, "engine", where, default="fastdeploy")
-    if engine not in ENGINES:
-        raise InventoryError(f"{where}: field 'engine' = {json.dumps(engine)} is not one of {', '.join(ENGINES)}")
-    role = _str_field(raw, "role", where, default="mixed")
-    if role not in ROLES:
-        raise InventoryError(f"{where}: field 'role' = {json.dumps(role)} is not one of {', '.join(ROLES)}")
+    engine = _str_field(raw, "engine", where, default=Engine.FASTDEPLOY.value)
+    if engine not in Engine.values():
+        raise InventoryError(f"{where}: field 'engine' = {_show(engine)} is not one of {', '.join(Engine.values())}")
+    role = _str_field(raw, "role", where, default=Role.MIXED.value)
+    if role not in Role.values():
+        raise InventoryError(f"{where}: field 'role' = {_show(role)} is not one of {', '.join(Role.values())}")
     max_num_seqs = _int_field(raw, "max_num_seqs", where, 1, 1_000_000, default=DEFAULT_MAX_NUM_SEQS)
-    # nginx accepts weights 1..(2^31-1) but anything beyond a few thousand is a mistake.
-    weight = _int_field(raw, "weight", where, 1, 10_000, default=1)
+    weight = _int_field(raw, "weight", where, 1, MAX_WEIGHT, default=1)
     extra = {k: v for k, v in raw.items() if k not in _KNOWN}
-    return Instance(name, host, port, metrics_port, engine, max_num_seqs, weight, role, extra)
+    return Instance(name, host, port, metrics_port, Engine(engine), max_num_seqs, weight, Role(role), extra)
 
 
 def parse_inventory(data: Any, source: str = "<inventory>") -> Inventory:
     """Validate a decoded inventory document."""
     if not isinstance(data, dict):
         raise InventoryError(f"{source}: the inventory must be a JSON object with an 'instances' list")
+    if _depth(data, MAX_DEPTH) > MAX_DEPTH:
+        raise InventoryError(f"{source}: nested more than {MAX_DEPTH} levels deep: not an fdngx inventory")
     version = data.get("version", VERSION)
-    if version != VERSION:
-        raise InventoryError(f"{source}: field 'version' = {json.dumps(version)} is not supported (expected {VERSION})")
+    if type(version) is not int or version != VERSION:
+        raise InventoryError(f"{source}: field 'version' = {_show(version)} is not supported (expected {VERSION})")
     upstream = data.get("upstream", DEFAULT_UPSTREAM)
-    if not isinstance(upstream, str) or not _UPSTREAM.match(upstream):
+    if not isinstance(upstream, str) or not UPSTREAM.fullmatch(upstream):
         raise InventoryError(
-            f"{source}: field 'upstream' = {json.dumps(upstream)} must be a name of letters, digits and _"
+            f"{source}: field 'upstream' = {_show(upstream)} must be a name of letters, digits and _ (max 64)"
         )
     if "instances" not in data:
         raise InventoryError(f"{source}: missing field 'instances'")
@@ -186,11 +152,11 @@ def parse_inventory(data: Any, source: str = "<inventory>") -> Inventory:
 
 
 def check_unique(instances: Iterable[Instance], source: str) -> None:
-    """(host, port) and names must be unique: nginx would send twice the traffic to a duplicated server."""
+    """Canonical (host, port) and names must be unique: nginx would send twice the traffic to a duplicate."""
     seen_addr: dict[tuple[str, int], str] = {}
     seen_name: set[str] = set()
     for inst in instances:
-        key = (inst.host.lower(), inst.port)
+        key = address_key(inst.host, inst.port)
         if key in seen_addr:
             raise InventoryError(
                 f"{source} instance '{inst.name}': {inst.address} is already listed as '{seen_addr[key]}'"
@@ -201,20 +167,27 @@ def check_unique(instances: Iterable[Instance], source: str) -> None:
         seen_name.add(inst.name)
 
 
-def load(path: str | Path) -> Inventory:
-    """Read and validate one inventory file."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InventoryError(f"{p}: inventory file not found (run 'fdngx launch' or pass --inventory)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InventoryError(f"{p}: cannot read inventory: {exc}") from None
+def parse_text(text: str | bytes, source: str) -> Inventory:
+    """Decode and validate an inventory document; errors name `source`."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InventoryError(f"{p}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    return parse_inventory(data, str(p))
+        raise InventoryError(f"{source}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except (RecursionError, UnicodeDecodeError, ValueError) as exc:
+        raise InventoryError(f"{source}: not an fdngx inventory ({type(exc).__name__})") from None
+    return parse_inventory(data, source)
+
+
+def load(path: str | Path) -> Inventory:
+    """Read and validate one inventory file (a regular file, at most MAX_BYTES)."""
+    p = Path(path).absolute()
+    try:
+        raw = read_regular_file(p, MAX_BYTES)
+    except FileNotFoundError:
+        raise InventoryError(f"{p}: inventory file not found (run 'fdngx launch' or pass --inventory)") from None
+    except OSError as exc:
+        raise InventoryError(f"{p}: cannot read inventory: {exc.strerror or exc}") from None
+    return parse_text(raw, str(p))
 
 
 def merge(inventories: list[Inventory]) -> Inventory:
@@ -232,10 +205,14 @@ def merge(inventories: list[Inventory]) -> Inventory:
     return Inventory(instances, inventories[0].upstream, VERSION, dict(inventories[0].extra), sources)
 
 
-def load_many(paths: list[str | Path]) -> Inventory:
+def load_many(paths: Iterable[str | Path]) -> Inventory:
     return merge([load(p) for p in paths])
 
 
+def to_json(inv: Inventory) -> str:
+    return json.dumps(inv.to_dict(), indent=2, sort_keys=False) + "\n"
+
+
 def save(inv: Inventory, path: str | Path) -> None:
-    """Write atomically (temp file in the same directory, fsync, rename)."""
-    atomic_write(Path(path), inv.to_json())
+    """Write atomically (temp file in the same directory, fsync, rename; a symlinked path keeps its link)."""
+    atomic_write(Path(path), to_json(inv))

@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fdngx import inventory
-from fdngx.render import RenderOptions, ServerState, render
+from fdngx.domain import ServerState
+from fdngx.nginx.render import RenderOptions, render
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples" / "nginx"
@@ -57,7 +58,10 @@ def rendered_files() -> dict[Path, str]:
     files[EXAMPLES / "fdngx-site.conf"] = render(sample, RenderOptions(mode="site", listen="0.0.0.0:8080"))
     files[EXAMPLES / "standalone.conf"] = render(sample, RenderOptions(mode="standalone", listen="0.0.0.0:8080"))
     files[EXAMPLES / "fdngx-upstream-openresty.conf"] = render(
-        sample, RenderOptions(mode="upstream", flavor="openresty", admin_token_file="/etc/fdngx/fdngx-admin.token")
+        sample,
+        RenderOptions(
+            mode="upstream", flavor="openresty", admin_token_file="/etc/nginx/conf.d/.fdngx.conf.fdngx-admin-token"
+        ),
     )
     tricky = inventory.load(REPO / "tests" / "fixtures" / "golden-inventory.json")
     # Policy output on top of inventory weights: one replica held out, one re-weighted.

@@ -5,6 +5,7 @@ Everything here starts real processes and stops them by PID (process group), eve
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import subprocess
@@ -16,11 +17,13 @@ from typing import Any
 
 import requests
 
-from fdngx.nginx import find_nginx, prepare_prefix
-from fdngx.procs import stop_popen_group as stop_process_group
+from fdngx.nginx.control import find_nginx, prepare_prefix
 from fdngx.sim.process import free_ports
+from fdngx.system.procs import stop_popen_group as stop_process_group
 
-__all__ = ["Backends", "Nginx", "fdngx", "free_ports", "http_ok", "stop_process_group", "wait_for"]
+__all__ = [
+    "Backends", "Nginx", "Site", "fdngx", "free_ports", "http_ok", "instances", "stop_process_group", "wait_for",
+]
 
 REPO = Path(__file__).resolve().parent.parent
 BACKEND = Path(__file__).resolve().parent / "fixtures" / "echo_backend.py"
@@ -123,7 +126,7 @@ class Nginx:
         return self
 
     def worker_pids(self) -> set[int]:
-        from fdngx.procs import children
+        from fdngx.system.procs import children
 
         assert self.proc is not None
         return children(self.proc.pid)
@@ -151,3 +154,42 @@ def running(*things: Any) -> Iterator[None]:
     finally:
         for t in reversed(things):
             t.stop()
+
+
+def instances(ports: list[int], weights: list[int]) -> list[dict[str, object]]:
+    return [
+        {"name": f"b{i}", "host": "127.0.0.1", "port": p, "metrics_port": p, "weight": w}
+        for i, (p, w) in enumerate(zip(ports, weights, strict=True))
+    ]
+
+
+class Site:
+    """A standalone nginx rendered by `fdngx render` from an inventory, in a temp dir."""
+
+    def __init__(self, tmp: Path, backends: Backends, weights: list[int]) -> None:
+        self.tmp = tmp
+        self.backends = backends
+        self.inv = write_inventory(tmp / "fdngx.json", instances(backends.ports, weights))
+        self.port = free_ports(1)[0]
+        self.conf = tmp / "nginx" / "nginx.conf"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = ["-i", str(self.inv), "--mode", "standalone", "--listen", f"127.0.0.1:{self.port}",
+                     "--out", str(self.conf)]
+        fdngx("render", *self.args, check=True)
+        self.nginx = Nginx(tmp / "nginx").start(f"{self.url}/health")
+
+    def set_weights(self, weights: list[int]) -> None:
+        write_inventory(self.inv, instances(self.backends.ports, weights))
+
+    def apply(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        return fdngx("render", *self.args, "--reload", *extra)
+
+    def generation(self) -> str:
+        return requests.get(f"{self.url}/fdngx/generation", timeout=5).text.strip()
+
+    def split(self, n: int) -> collections.Counter[str]:
+        with requests.Session() as s:
+            return collections.Counter(
+                s.post(f"{self.url}/v1/chat/completions", json={}, timeout=10).headers["X-Fdngx-Replica"]
+                for _ in range(n)
+            )

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.lb import procs
 from bench.lb.cluster import Cluster
-from fdngx.nginx import find_nginx, prepare_prefix
+from fdngx.nginx.control import find_nginx, prepare_prefix
 from fdngx.sim.process import free_ports
 
 

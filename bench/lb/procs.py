@@ -18,7 +18,7 @@ from typing import Any
 
 import requests
 
-from fdngx.procs import stop_popen_group
+from fdngx.system.procs import stop_popen_group
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 _live: dict[int, subprocess.Popen[bytes]] = {}
@@ -128,7 +128,7 @@ def machine() -> dict[str, Any]:
 
 
 def _nginx_version() -> str:
-    from fdngx.nginx import find_nginx
+    from fdngx.nginx.control import find_nginx
 
     try:
         out = subprocess.run([find_nginx(), "-v"], capture_output=True, text=True, timeout=10)

@@ -1,1 +1,2 @@
-"""Typer wiring for each command group; each module registers its commands on fdngx.cli.app."""
+"""One module per command: parse options, call one core function, print its result. `register(app)` puts
+each on the typer app in fdngx.cli; none of them imports fdngx.cli."""

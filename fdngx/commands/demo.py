@@ -6,11 +6,9 @@ from pathlib import Path
 
 import typer
 
-from fdngx.cli import app
 from fdngx.demo import DemoConfig, run_demo
 
 
-@app.command("demo")
 def demo_cmd(
     workdir: Path = typer.Option(Path("demo-run"), "--dir", help="Where the inventory, nginx prefix and logs go."),
     port: int = typer.Option(8080, help="Port nginx listens on (127.0.0.1); a free one is chosen if taken."),
@@ -33,3 +31,7 @@ def demo_cmd(
     if n not in (1, replicas):
         raise typer.BadParameter(f"--speeds has {n} values for {replicas} replicas")
     run_demo(DemoConfig(workdir, port, replicas, speeds, max_num_seqs, concurrency, direct, interval, duration))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo_cmd)

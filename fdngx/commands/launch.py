@@ -7,38 +7,26 @@ from pathlib import Path
 
 import typer
 
-from fdngx import launch as core
-from fdngx.cli import DEFAULT_INVENTORY, app
-from fdngx.plan import (
-    DEFAULT_BASE_PORT,
-    DEFAULT_TIMEOUT,
-    METRICS_OFFSET,
-    LaunchRequest,
-    build_plan,
-    parse_list,
-    parse_ports,
+from fdngx import engines
+from fdngx.commands.options import DEFAULT_INVENTORY
+from fdngx.domain import Engine, Restart
+from fdngx.engines.argv import DEFAULT_BASE_PORT, METRICS_OFFSET, LaunchRequest, parse_list, parse_ports
+from fdngx.launch import run as core
+from fdngx.launch.plan import build_plan
+
+TIMEOUTS = ", ".join(f"{e.value} {engines.spec(e).default_timeout:.0f}" for e in Engine)
+EPILOG = (
+    "Examples:  fdngx launch --engine fastdeploy --num-servers 8 --gpus 0,1,2,3,4,5,6,7 --model M -- "
+    "--max-num-seqs 64\n\n"
+    "fdngx launch --engine sim --num-servers 4 --detach   (then: fdngx render ...; fdngx stop)"
 )
 
-ENGINES_HELP = "fastdeploy | sim | vllm | sglang"
 
-
-@app.command(
-    "launch",
-    # Extra engine arguments only after `--`: unknown options before it stay errors, so a typo such as
-    # --gpu is reported instead of being handed to the engine.
-    context_settings={"allow_extra_args": True},
-    options_metavar="[OPTIONS] [-- ENGINE_ARGS...]",
-    epilog=(
-        "Examples:  fdngx launch --engine fastdeploy --num-servers 8 --gpus 0,1,2,3,4,5,6,7 --model M -- "
-        "--max-num-seqs 64\n\n"
-        "fdngx launch --engine sim --num-servers 4 --detach   (then: fdngx render ...; fdngx stop)"
-    ),
-)
 def launch_cmd(
     ctx: typer.Context,
-    engine: str | None = typer.Option(
+    engine: Engine | None = typer.Option(
         None, "--engine", "-e",
-        help=f"{ENGINES_HELP}. Default: fastdeploy when it is importable here, else sim (said on stderr).",
+        help="Default: fastdeploy when it is importable here, else sim (said on stderr).",
     ),
     num_servers: int = typer.Option(..., "--num-servers", "-n", min=1, help="How many data-parallel replicas."),
     model: str | None = typer.Option(
@@ -78,7 +66,7 @@ def launch_cmd(
     timeout: float | None = typer.Option(
         None, "--timeout",
         help="Seconds to wait for every GET /health == 200. Default: "
-        + ", ".join(f"{k} {v:.0f}" for k, v in DEFAULT_TIMEOUT.items()) + " (FastDeploy loads for minutes).",
+        + TIMEOUTS + " (FastDeploy loads for minutes).",
     ),
     detach: bool = typer.Option(
         False, "--detach", "-d",
@@ -91,8 +79,8 @@ def launch_cmd(
         False, "--per-instance",
         help="fastdeploy/sim: one independent server process per replica instead of one multi-server process group.",
     ),
-    restart: str = typer.Option(
-        "no", "--restart",
+    restart: Restart = typer.Option(
+        Restart.NO, "--restart",
         help="no | on-failure: restart a process that dies, with backoff 1,2,4..60 s (a multi-server group "
         "restarts as a whole, since its ranks fail together).",
     ),
@@ -107,11 +95,9 @@ def launch_cmd(
     Foreground by default: Ctrl-C or SIGTERM stops every process it started, no orphans. With --detach a supervisor keeps them running; `fdngx stop` ends it.
     """  # noqa: E501
     if engine is None:
-        engine = "fastdeploy" if core.fastdeploy_installed() else "sim"
-        why = "FastDeploy is importable here" if engine == "fastdeploy" else "FastDeploy is not installed here"
+        engine = Engine.FASTDEPLOY if core.fastdeploy_installed() else Engine.SIM
+        why = "FastDeploy is importable here" if engine is Engine.FASTDEPLOY else "FastDeploy is not installed here"
         typer.echo(f"fdngx: no --engine given and {why}: using --engine {engine}", err=True)
-    else:
-        typer.echo(f"fdngx: engine: {engine}", err=True)
     req = LaunchRequest(
         engine=engine,
         num_servers=num_servers,
@@ -139,7 +125,6 @@ def launch_cmd(
         raise typer.Exit(code)
 
 
-@app.command("stop")
 def stop_cmd(
     inventory: Path = typer.Option(
         DEFAULT_INVENTORY, "--inventory", "-i", help="Inventory written by `fdngx launch`; its pidfile is <file>.pid."
@@ -151,3 +136,13 @@ def stop_cmd(
     """Stop a launch (a detached one, or a foreground one from another shell): its supervisor and every process it started; say what was stopped."""  # noqa: E501
     for line in core.stop(inventory, grace=grace):
         typer.echo(f"fdngx: {line}")
+
+
+def register(app: typer.Typer) -> None:
+    # Extra engine arguments only after `--`: unknown options before it stay errors, so a typo such as
+    # --gpu is reported instead of being handed to the engine.
+    app.command(
+        "launch", context_settings={"allow_extra_args": True}, options_metavar="[OPTIONS] [-- ENGINE_ARGS...]",
+        epilog=EPILOG,
+    )(launch_cmd)
+    app.command("stop")(stop_cmd)

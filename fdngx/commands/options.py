@@ -1,4 +1,4 @@
-"""Options that `render` and `sidecar` share: one definition, one help text, one way to build the job."""
+"""Options the commands share: one definition, one help text, one way to build what they describe."""
 
 from __future__ import annotations
 
@@ -6,16 +6,32 @@ from pathlib import Path
 
 import typer
 
-from fdngx.render import RenderOptions
+from fdngx.domain import Balancer, Flavor, Mode
+from fdngx.nginx.render import RenderOptions
+from fdngx.nginx.target import TargetSpec
+
+DEFAULT_INVENTORY = Path("fdngx.json")
+InventoryOpt = typer.Option(
+    None,
+    "--inventory",
+    "-i",
+    help="Inventory file (repeat to merge several, e.g. one per node). Default: ./fdngx.json.",
+)
+
+
+def inventory_paths(paths: list[Path] | None) -> list[Path]:
+    """The inventories to read, as absolute paths (errors then name a file that means something in cron)."""
+    return [p.absolute() for p in (paths or [DEFAULT_INVENTORY])]
+
 
 ModeOpt = typer.Option(
-    "upstream", "--mode", "-m",
+    Mode.UPSTREAM, "--mode", "-m",
     help="upstream: the `upstream {}` block to include from your own config; site: upstream + a `server {}` "
     "for the OpenAI routes (include inside http {}); standalone: a complete nginx.conf that runs without "
     "root under --prefix.",
 )
 FlavorOpt = typer.Option(
-    "nginx",
+    Flavor.NGINX,
     help="nginx: weights in the config (a weight change = a reload). openresty: a Lua balancer whose weights "
     "the sidecar (or cron) pushes into nginx's shared memory, never a reload.",
 )
@@ -40,10 +56,10 @@ AdminListenOpt = typer.Option(
     "127.0.0.1:9401", help="openresty: ADDR:PORT of the loopback admin server that takes weight pushes."
 )
 AdminTokenFileOpt = typer.Option(
-    None, help="openresty: admin token file, created (0600) if missing (default: fdngx-admin.token beside --out)."
+    None, help="openresty: admin token file, created (0600) if missing (default: .<out name>.fdngx-admin-token beside --out)."
 )
 BalancerOpt = typer.Option(
-    "least", help="openresty: least = least (in-flight + scraped external load) / weight over all replicas; "
+    Balancer.LEAST, help="openresty: least = least (in-flight + scraped external load) / weight over all replicas; "
     "p2c = the better of two random replicas (less herding with several frontends)."
 )
 SpeedAwareOpt = typer.Option(
@@ -62,8 +78,8 @@ AccessLogOpt = typer.Option(
 
 def render_options(
     *,
-    mode: str,
-    flavor: str,
+    mode: Mode,
+    flavor: Flavor,
     listen: str,
     template_dir: Path | None,
     max_fails: int,
@@ -71,10 +87,24 @@ def render_options(
     keepalive: int,
     access_log: str | None,
     admin_listen: str,
-    balancer: str,
+    balancer: Balancer,
 ) -> RenderOptions:
     return RenderOptions(
-        mode=mode, flavor=flavor, listen=listen, template_dir=template_dir, max_fails=max_fails,
-        fail_timeout=fail_timeout, keepalive=keepalive, access_log=access_log, admin_listen=admin_listen,
+        mode=mode, flavor=flavor, listen=listen, template_dir=template_dir, max_fails=max_fails,  # type: ignore[arg-type]
+        fail_timeout=fail_timeout, keepalive=keepalive, access_log=access_log, admin_listen=admin_listen,  # type: ignore[arg-type]
         balancer_mode=balancer,
-    )
+    ).validated()
+
+
+def target_spec(
+    opts: RenderOptions,
+    *,
+    out: Path | None,
+    prefix: Path | None,
+    nginx_conf: Path | None,
+    nginx_bin: str | None,
+    reload_cmd: str | None,
+    reload: bool,
+    admin_token_file: Path | None,
+) -> TargetSpec:
+    return TargetSpec(opts, out, prefix, nginx_conf, nginx_bin, reload_cmd, reload, admin_token_file).validated()

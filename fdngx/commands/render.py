@@ -1,13 +1,14 @@
-"""`fdngx render`: inventory -> nginx config, printed, written, or safely applied."""
+"""`fdngx render`: inventory -> nginx config, printed, written, or safely applied; with --scrape, one
+controller cycle (what cron runs)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
 
-from fdngx.apply import RenderJob, run_render
-from fdngx.cli import InventoryOpt, app, inventory_paths
+from fdngx import inventory as inv_mod
 from fdngx.commands.options import (
     AccessLogOpt,
     AdminListenOpt,
@@ -15,6 +16,7 @@ from fdngx.commands.options import (
     BalancerOpt,
     FailTimeoutOpt,
     FlavorOpt,
+    InventoryOpt,
     KeepaliveOpt,
     ListenOpt,
     MaxFailsOpt,
@@ -25,32 +27,43 @@ from fdngx.commands.options import (
     ReloadCmdOpt,
     SpeedAwareOpt,
     TemplateDirOpt,
+    inventory_paths,
     render_options,
+    target_spec,
 )
+from fdngx.domain import Balancer, Flavor, Mode
+from fdngx.errors import UsageError
+from fdngx.nginx.apply import unified_diff
+from fdngx.nginx.target import open_target
+from fdngx.system.files import read_bytes_or_none, real_target
+from fdngx.weights.controller import Controller
+from fdngx.weights.settings import config_for_flavor
+from fdngx.weights.store import store_for
 
 EPILOG = (
     "Examples:\n\n"
     "  fdngx render --out -                                   # print the upstream block\n\n"
     "  fdngx render --out /etc/nginx/conf.d/fdngx-upstream.conf --reload   # safe apply (cron)\n\n"
+    "  fdngx render --out /etc/nginx/conf.d/fdngx-upstream.conf --reload --scrape   # cron, weights from load\n\n"
     "  fdngx render --mode standalone --out /srv/fdngx/nginx.conf --listen 0.0.0.0:8080\n\n"
     "Exit codes: 0 applied or unchanged (--check: file is current), 1 error or (--check) file is stale, 2 usage."
 )
 
 
-@app.command("render", epilog=EPILOG)
 def render_cmd(
     inventory: list[Path] | None = InventoryOpt,
-    mode: str = ModeOpt,
-    flavor: str = FlavorOpt,
+    mode: Mode = ModeOpt,
+    flavor: Flavor = FlavorOpt,
     out: str = typer.Option("-", "--out", "-o", help="Where to write: a file path, or - for stdout."),
     listen: str = ListenOpt,
     prefix: Path | None = PrefixOpt,
     scrape: bool = typer.Option(
         False, "--scrape", help="Cron mode: weights from one metrics scrape + the sidecar's policy; its state "
-        "(smoothing, hold times, failure counts) persists in <out>.state.json between runs."
+        "(smoothing, hold times, failure counts) persists beside --out (.<name>.fdngx-state.json) between runs."
     ),
     reload: bool = typer.Option(
-        False, "--reload", help="Safe apply: lock, write atomically, `nginx -t`, reload, confirm, roll back on failure."
+        False, "--reload", help="Safe apply: lock, test the candidate, swap, `nginx -t`, reload, confirm, roll back "
+        "on failure."
     ),
     check: bool = typer.Option(
         False, "--check", help="Only compare: exit 0 if --out is current, 1 if a render would change it."
@@ -65,7 +78,7 @@ def render_cmd(
     keepalive: int = KeepaliveOpt,
     admin_listen: str = AdminListenOpt,
     admin_token_file: Path | None = AdminTokenFileOpt,
-    balancer: str = BalancerOpt,
+    balancer: Balancer = BalancerOpt,
     access_log: str | None = AccessLogOpt,
     speed_aware: bool | None = SpeedAwareOpt,
 ) -> None:
@@ -74,39 +87,50 @@ def render_cmd(
     Deterministic: the same inventory (and weights) always gives the same bytes, so an unchanged
     render never reloads nginx. This is the command to run from cron.
     """
+    out_path = None if out == "-" else Path(out)
+    if (reload or check) and out_path is None:
+        raise UsageError("--reload and --check need --out PATH (the file nginx reads)")
+    if reload and check:
+        raise UsageError("--check only compares; it cannot be combined with --reload")
     opts = render_options(
         mode=mode, flavor=flavor, listen=listen, template_dir=template_dir, max_fails=max_fails,
         fail_timeout=fail_timeout, keepalive=keepalive, access_log=access_log, admin_listen=admin_listen,
         balancer=balancer,
     )
-    job = RenderJob(
-        inventories=inventory_paths(inventory),
-        opts=opts,
-        out=None if out == "-" else Path(out),
-        prefix=prefix,
-        nginx_conf=nginx_conf,
-        nginx_bin=nginx_bin,
-        reload_cmd=reload_cmd,
-        reload=reload,
-        check=check,
-        diff=diff,
-        admin_token_file=admin_token_file,
-        scrape=scrape,
-        speed_aware=speed_aware,
-    )
-    outcome = run_render(job)
-    if outcome.cycle is not None:
-        for d in outcome.cycle.decisions:
-            if d.changed:
-                typer.echo(f"fdngx: {d.name}: {d.reason}", err=True)
-    if job.out is None:
-        typer.echo(outcome.text, nl=False)
-        return
-    if diff and outcome.diff:
-        typer.echo(outcome.diff, nl=False)
-    if outcome.result is not None:
-        typer.echo(outcome.result.summary, err=True)
-    elif check:
-        typer.echo(f"{job.out}: {'current' if outcome.current else 'stale: a render would change it'}", err=True)
-        if not outcome.current:
+    dry = out_path is None or check or (diff and not reload)
+    spec = target_spec(opts, out=out_path, prefix=prefix, nginx_conf=nginx_conf, nginx_bin=nginx_bin,
+                       reload_cmd=reload_cmd, reload=reload and not dry, admin_token_file=admin_token_file)
+    target = open_target(spec, dry=dry)
+    inv = inv_mod.load_many(inventory_paths(inventory))
+    policy = config_for_flavor(flavor, speed_aware=speed_aware) if scrape else None
+    store = store_for(out_path) if scrape and out_path is not None else None
+    if dry:
+        # Change nothing: no write, no push, no state saved.
+        text = Controller(target.dry(), policy, log_outcome=False).run_once(inv, store, save=False).text
+        if out_path is None:
+            typer.echo(text, nl=False)
+            return
+        old = read_bytes_or_none(real_target(out_path))
+        if diff:
+            typer.echo(unified_diff(old, text, out_path), nl=False)
+        current = old == text.encode("utf-8")
+        if check:
+            typer.echo(f"{out_path}: {'current' if current else 'stale: a render would change it'}", err=True)
+        if (check or diff) and not current:
             raise typer.Exit(1)
+        return
+    result = Controller(target, policy, log_outcome=False).run_once(inv, store)
+    if result.error is not None:
+        typer.secho(f"fdngx: error: {result.error}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
+    if diff and result.applied is not None and result.applied.diff:
+        typer.echo(result.applied.diff, nl=False)
+    if result.applied is not None:
+        typer.echo(result.applied.summary, err=True)
+    elif result.pushed is not None:
+        typer.echo(f"pushed weights to {result.pushed} peer(s)", err=True)
+    sys.stderr.flush()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("render", epilog=EPILOG)(render_cmd)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import logging
 import signal
-from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
 import typer
 
-from fdngx.apply import RenderJob, finalize_options, nginx_control, standalone_prefix
-from fdngx.cli import InventoryOpt, app, inventory_paths
 from fdngx.commands.options import (
     AccessLogOpt,
     AdminListenOpt,
@@ -19,6 +16,7 @@ from fdngx.commands.options import (
     BalancerOpt,
     FailTimeoutOpt,
     FlavorOpt,
+    InventoryOpt,
     KeepaliveOpt,
     ListenOpt,
     MaxFailsOpt,
@@ -29,14 +27,17 @@ from fdngx.commands.options import (
     ReloadCmdOpt,
     SpeedAwareOpt,
     TemplateDirOpt,
+    inventory_paths,
     render_options,
+    target_spec,
 )
+from fdngx.domain import Balancer, Flavor, Mode
 from fdngx.errors import UsageError
-from fdngx.nginx import prepare_prefix
-from fdngx.openresty import Admin, read_token
-from fdngx.policy import config_for_flavor
-from fdngx.registry import Registry, RegistryServer
-from fdngx.sidecar import Sidecar, SidecarConfig
+from fdngx.nginx.target import open_target
+from fdngx.weights.registry import Registry, RegistryServer
+from fdngx.weights.settings import config_for_flavor
+from fdngx.weights.sidecar import Sidecar, SidecarConfig
+from fdngx.weights.telemetry import DEFAULT_LISTEN, Telemetry
 
 log = logging.getLogger("fdngx.sidecar")
 
@@ -45,20 +46,19 @@ EPILOG = (
     "  fdngx sidecar --out /etc/nginx/conf.d/fdngx-upstream.conf                # system nginx, upstream block\n\n"
     "  fdngx sidecar --mode standalone --out /srv/fdngx/nginx.conf --listen 8080 # private nginx under /srv/fdngx\n\n"
     "Signals: SIGHUP re-reads the inventory now; SIGTERM/SIGINT stop after the current cycle.\n"
-    "Logs one line per change with its reason. Policy state lives in <out>.state.json."
+    "Logs one line per change with its reason. Policy state lives beside --out (.<name>.fdngx-state.json)."
 )
 
 
-@app.command("sidecar", epilog=EPILOG)
 def sidecar_cmd(
     inventory: list[Path] | None = InventoryOpt,
     out: Path = typer.Option(..., "--out", "-o", help="The config file nginx reads; rewritten only when it changes."),
     interval: float = typer.Option(2.0, help="Seconds between scrape + policy cycles."),
-    mode: str = ModeOpt,
-    flavor: str = FlavorOpt,
+    mode: Mode = ModeOpt,
+    flavor: Flavor = FlavorOpt,
     admin_listen: str = AdminListenOpt,
     admin_token_file: Path | None = AdminTokenFileOpt,
-    balancer: str = BalancerOpt,
+    balancer: Balancer = BalancerOpt,
     listen: str = ListenOpt,
     prefix: Path | None = PrefixOpt,
     nginx_conf: Path | None = NginxConfOpt,
@@ -66,9 +66,9 @@ def sidecar_cmd(
     reload_cmd: str | None = ReloadCmdOpt,
     no_reload: bool = typer.Option(False, "--no-reload", help="Only write --out; something else reloads nginx."),
     metrics_listen: str = typer.Option(
-        "127.0.0.1:9400", help="ADDR:PORT for the sidecar's own Prometheus /metrics; 'off' to disable."
+        DEFAULT_LISTEN, help="ADDR:PORT for the sidecar's own Prometheus /metrics; 'off' to disable."
     ),
-    state: Path | None = typer.Option(None, help="Policy state file (default: <out>.state.json)."),
+    state: Path | None = typer.Option(None, help="Policy state file (default: .<out name>.fdngx-state.json)."),
     debounce: float = typer.Option(1.0, help="Seconds of quiet after an inventory file changes before re-reading it."),
     max_reloads_per_minute: int = typer.Option(4, help="Reload budget: weight changes beyond it wait."),
     min_hold: float = typer.Option(10.0, help="Seconds a weight stays before it may move again."),
@@ -93,25 +93,15 @@ def sidecar_cmd(
 
     Weights start from capacity (max_batch_size, else max_num_seqs, times the inventory weight) and move only when a replica carries more load per slot than the fleet (traffic nginx cannot see, KV pressure). A replica failing /health is marked down and ramps back after recovery. nginx's least_conn still picks each request.
     """  # noqa: E501 (one line per paragraph: the help formatter re-wraps it)
+    if interval <= 0 or debounce < 0:
+        raise UsageError("--interval must be > 0 and --debounce >= 0")
     opts = render_options(
         mode=mode, flavor=flavor, listen=listen, template_dir=template_dir, max_fails=max_fails,
         fail_timeout=fail_timeout, keepalive=keepalive, access_log=access_log, admin_listen=admin_listen,
         balancer=balancer,
     )
-    job = RenderJob(
-        inventories=inventory_paths(inventory),
-        opts=opts,
-        out=out,
-        prefix=prefix,
-        nginx_conf=nginx_conf,
-        nginx_bin=nginx_bin,
-        reload_cmd=reload_cmd,
-        reload=not no_reload,
-        admin_token_file=admin_token_file,
-    ).validated()
-    if interval <= 0 or debounce < 0:
-        raise UsageError("--interval must be > 0 and --debounce >= 0")
-    pushing = flavor == "openresty"
+    spec = target_spec(opts, out=out, prefix=prefix, nginx_conf=nginx_conf, nginx_bin=nginx_bin,
+                       reload_cmd=reload_cmd, reload=not no_reload, admin_token_file=admin_token_file)
     policy = config_for_flavor(
         flavor,
         interval=interval,
@@ -125,31 +115,22 @@ def sidecar_cmd(
         scale=scale,
         max_weight=max(100, scale),
     )
-    sp = standalone_prefix(job)
-    if sp is not None and mode == "standalone":
-        prepare_prefix(sp)
-    job = replace(job, opts=finalize_options(job))  # openresty: the token file and Lua modules
-    opts = job.opts
-    control = None if no_reload else nginx_control(job)
-    admin = Admin(opts.admin_listen, read_token(Path(opts.admin_token_file))) if pushing else None
+    inventories = inventory_paths(inventory)
+    registry = None
+    if registry_listen:
+        # Before the sidecar loads the inventory: the registry creates it (empty) when missing.
+        registry = RegistryServer(registry_listen, Registry(inventories[0])).start()
+        log.info("registry: FastDeploy instances may POST http://%s/register", registry_listen)
+    target = open_target(spec)
     config = SidecarConfig(
-        inventories=tuple(job.inventories),
-        out=out,
-        render_opts=opts,
-        control=control,
-        admin=admin,
-        reload=not no_reload,
+        inventories=tuple(inventories),
+        target=target,
         policy=policy,
         state_path=state,
         debounce=debounce,
         scrape_deadline=min(1.5, max(0.2, interval * 0.75)),
     )
-    registry = None
-    if registry_listen:
-        # Before the sidecar loads the inventory: the registry creates it (empty) when missing.
-        registry = RegistryServer(registry_listen, Registry(job.inventories[0])).start()
-        log.info("registry: FastDeploy instances may POST http://%s/register", registry_listen)
-    sidecar = Sidecar(config)
+    sidecar = Sidecar(config, telemetry=Telemetry(flavor=flavor.value))
     if metrics_listen.lower() != "off":
         host, port = sidecar.telemetry.serve(metrics_listen)
         log.info("own metrics on http://%s:%d/metrics", host, port)
@@ -164,16 +145,16 @@ def sidecar_cmd(
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGHUP, on_hup)
     sidecar.watch()
-    log.info(
-        "sidecar: %d instance(s), every %.1fs, writing %s%s",
-        len(sidecar.inventory.instances),
-        interval,
-        out,
-        f" and pushing weights to {admin.url}" if admin else ("" if no_reload else " and reloading nginx"),
-    )
+    how = (f" and pushing weights to {target.admin.url}" if target.admin
+           else ("" if no_reload else " and reloading nginx"))
+    log.info("sidecar: %d instance(s), every %.1fs, writing %s%s", len(sidecar.inventory.instances), interval, out, how)
     try:
         sidecar.run()
     finally:
         sidecar.telemetry.close()
         if registry is not None:
             registry.stop()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sidecar", epilog=EPILOG)(sidecar_cmd)

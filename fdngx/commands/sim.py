@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import typer
 
-from fdngx.cli import app, setup_logging
+from fdngx.logs import setup_logging
 from fdngx.sim import model as m
 
 
-@app.command("sim")
 def sim(
     ports: str = typer.Option(..., "--ports", help="API ports, comma-separated, one per replica."),
     metrics_ports: str = typer.Option(..., "--metrics-ports", help="Metrics ports, one per replica."),
@@ -131,3 +130,7 @@ def sim(
     code = run(cfg)
     if code:
         raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sim")(sim)

@@ -10,10 +10,13 @@ from typing import Any
 import typer
 
 from fdngx import inventory as inv_mod
-from fdngx.cli import InventoryOpt, app, inventory_paths
-from fdngx.cycle import load_state, state_path_for
-from fdngx.policy import Decisions, PolicyState, config_of_state, decide
-from fdngx.scrape import LoadSample, scrape_all
+from fdngx.commands.options import InventoryOpt, inventory_paths
+from fdngx.domain import LoadSample
+from fdngx.weights.policy import Decisions, decide
+from fdngx.weights.scrape import scrape_all
+from fdngx.weights.settings import config_of_state
+from fdngx.weights.state import PolicyState
+from fdngx.weights.store import store_for
 
 EPILOG = (
     "Current weight: from the policy state of a running sidecar or cron job (--out or --state), else the "
@@ -77,7 +80,6 @@ def _table(rows: list[dict[str, Any]]) -> str:
     )
 
 
-@app.command("status", epilog=EPILOG)
 def status_cmd(
     inventory: list[Path] | None = InventoryOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per instance) instead of a table."),
@@ -85,7 +87,7 @@ def status_cmd(
         None,
         "--out",
         "-o",
-        help="The config file a sidecar/cron job writes: its <out>.state.json gives the "
+        help="The config file a sidecar/cron job writes: the policy state beside it gives the "
         "current weights and the policy's memory.",
     ),
     state: Path | None = typer.Option(None, help="Policy state file to read (overrides --out's)."),
@@ -93,8 +95,7 @@ def status_cmd(
 ) -> None:
     """Scrape every instance once and show health, load, current and proposed weight, and the reason."""
     inv = inv_mod.load_many(list(inventory_paths(inventory)))
-    state_file = state or (state_path_for(out) if out else None)
-    pstate = load_state(state_file) if state_file else PolicyState()
+    pstate = store_for(out or Path("."), state).load() if (out or state) else PolicyState()
     samples = scrape_all(inv.instances, timeout=timeout, deadline=max(1.5, timeout * 1.5))
     decisions, _ = decide(samples, inv, pstate, config_of_state(pstate), time.time())
     rows = _rows(samples, decisions, pstate, {i.name: i.weight for i in inv.instances})
@@ -107,3 +108,7 @@ def status_cmd(
         typer.echo(f"\nfail open: {decisions.fail_open}")
     elif decisions.fleet_load is not None:
         typer.echo(f"\nfleet load {decisions.fleet_load:.2f} per slot")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("status", epilog=EPILOG)(status_cmd)

@@ -1,26 +1,21 @@
-"""Engine adapters: what differs between FastDeploy, vLLM, SGLang and the simulator.
+"""Engine adapters: one registry entry per engine (FastDeploy, vLLM, SGLang, the simulator).
 
-Each engine module defines `SPEC`, an EngineSpec: metric names for the load signals and the health
-path. Launch command lines for each engine live beside it (see `fdngx.launch`).
+Each entry carries the engine's launch builder, default launch timeout, metric names for the load
+signals, health path and "is it installed" check. Nothing else in fdngx keeps a per-engine table.
 """
 
 from __future__ import annotations
 
-from fdngx.engines.base import EngineSpec, MetricNames
-from fdngx.engines.fastdeploy import SPEC as FASTDEPLOY
-from fdngx.engines.sglang import SPEC as SGLANG
-from fdngx.engines.vllm import SPEC as VLLM
-from fdngx.errors import UsageError
+from fdngx.domain import Engine
+from fdngx.engines import fastdeploy, sglang, sim, vllm
+from fdngx.engines.base import EngineSpec, Launched, MetricNames
 
-# The simulator speaks FastDeploy's API and metric names exactly.
-SPECS: dict[str, EngineSpec] = {"fastdeploy": FASTDEPLOY, "vllm": VLLM, "sglang": SGLANG, "sim": FASTDEPLOY}
+REGISTRY: dict[Engine, EngineSpec] = {e.SPEC.name: e.SPEC for e in (fastdeploy, vllm, sglang, sim)}
 
 
-def spec(engine: str) -> EngineSpec:
-    try:
-        return SPECS[engine]
-    except KeyError:
-        raise UsageError(f"unknown engine '{engine}' (known: {', '.join(SPECS)})") from None
+def spec(engine: Engine | str) -> EngineSpec:
+    """The registry entry; `engine` was validated as an Engine when the inventory or CLI was parsed."""
+    return REGISTRY[Engine(engine)]
 
 
-__all__ = ["SPECS", "EngineSpec", "MetricNames", "spec"]
+__all__ = ["REGISTRY", "EngineSpec", "Launched", "MetricNames", "spec"]

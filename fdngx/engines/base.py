@@ -1,8 +1,14 @@
-"""The shape of an engine adapter."""
+"""The shape of an engine adapter: one EngineSpec per engine carries every per-engine fact fdngx uses."""
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from fdngx.domain import Engine, Instance
+from fdngx.engines.argv import LaunchRequest, ProcSpec
 
 
 @dataclass(frozen=True)
@@ -20,9 +26,34 @@ class MetricNames:
 
 
 @dataclass(frozen=True)
+class Launched:
+    """What an engine's launch builder returns: the processes, the inventory instances they serve, extra
+    ports that must be free (engine-internal ones), and whether all instances live and die together."""
+
+    procs: list[ProcSpec]
+    instances: list[Instance]
+    extra_ports: list[int]
+    grouped: bool
+
+
+Builder = Callable[[LaunchRequest], Launched]
+
+
+@dataclass(frozen=True)
 class EngineSpec:
-    name: str
+    name: Engine
     metrics: MetricNames
+    build_launch: Builder
+    # Seconds `fdngx launch` waits for every /health == 200 by default (a real model loads for minutes).
+    default_timeout: float = 1800.0
     health_path: str = "/health"
     # Whether metrics are served on the API port (vLLM, SGLang) rather than a separate metrics port.
     metrics_on_api_port: bool = False
+    # How to tell the engine is installed for this interpreter: a Python module or a command on PATH.
+    module: str | None = None
+    command: str | None = None
+
+    def installed(self) -> bool:
+        if self.module is not None and importlib.util.find_spec(self.module) is None:
+            return False
+        return self.command is None or shutil.which(self.command) is not None

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from fdngx.engines.base import EngineSpec, MetricNames
-from fdngx.errors import UsageError
-from fdngx.inventory import Instance
-from fdngx.plan import (
-    QUEUE_OFFSET,
+from fdngx.domain import Engine
+from fdngx.engines.argv import (
     LaunchRequest,
     ProcSpec,
     find_flag,
@@ -18,18 +15,8 @@ from fdngx.plan import (
     plan_ports,
     resolve_model,
 )
-
-SPEC = EngineSpec(
-    name="fastdeploy",
-    metrics=MetricNames(
-        running=("fastdeploy:num_requests_running",),
-        queued=("fastdeploy:num_requests_waiting", "fastdeploy:num_requests_queuing"),
-        kv_usage=("fastdeploy:gpu_cache_usage_perc",),
-        capacity=("fastdeploy:max_batch_size",),
-        tpot=("fastdeploy:time_per_output_token_seconds",),
-        queued_marker="fastdeploy:num_requests_queuing",
-    ),
-)
+from fdngx.engines.base import EngineSpec, Launched, MetricNames
+from fdngx.errors import UsageError
 
 # -- launch ----------------------------------------------------------------------------------------------
 # The builders below turn a LaunchRequest into exact command lines; see shared/reference/fastdeploy.md.
@@ -38,9 +25,11 @@ MULTI_MODULE = "fastdeploy.entrypoints.openai.multi_api_server"
 SERVER_MODULE = "fastdeploy.entrypoints.openai.api_server"
 # FastDeploy's own default when --max-num-seqs is not given.
 DEFAULT_MAX_NUM_SEQS = 8
+# Engine worker queue ports: one per rank, a fixed offset above the API ports (see _queue_ports).
+QUEUE_OFFSET = 2000
 
 
-def build_launch(req: LaunchRequest) -> tuple[list[ProcSpec], list[Instance], list[int], bool]:
+def build_launch(req: LaunchRequest) -> Launched:
     """multi_api_server (one process group, ranks fail together) or, with --per-instance, one api_server each."""
     args = list(req.extra_args)
     if "--args" in args:
@@ -93,7 +82,7 @@ def build_launch(req: LaunchRequest) -> tuple[list[ProcSpec], list[Instance], li
         proc = ProcSpec("multi_api_server", argv, env, log, names, stop_signal="SIGINT")
         extra = [{"fd_log_dir": f"{fd_log_dir}/log_{i}"} for i in range(req.num_servers)]
         instances = make_instances(req, ports, max_num_seqs, [log] * req.num_servers, extra)
-        return [proc], instances, queue, True
+        return Launched([proc], instances, queue, True)
 
     if dp not in (None, 1):
         raise UsageError(
@@ -118,7 +107,7 @@ def build_launch(req: LaunchRequest) -> tuple[list[ProcSpec], list[Instance], li
         env = {"CUDA_VISIBLE_DEVICES": slices[i] or "", "FD_LOG_DIR": f"{fd_log_dir}/{name}"}
         procs.append(ProcSpec(name, argv, env, log, [name]))
         logs.append(log)
-    return procs, make_instances(req, ports, max_num_seqs, logs), queue, False
+    return Launched(procs, make_instances(req, ports, max_num_seqs, logs), queue, False)
 
 
 def _queue_ports(req: LaunchRequest, args: list[str], api: list[int]) -> list[int]:
@@ -141,3 +130,18 @@ def _queue_ports(req: LaunchRequest, args: list[str], api: list[int]) -> list[in
         if p > 65535:
             raise UsageError(f"engine worker queue port {p} is out of range: pass --engine-worker-queue-port after --")
     return ports
+
+
+SPEC = EngineSpec(
+    name=Engine.FASTDEPLOY,
+    build_launch=build_launch,
+    module="fastdeploy",
+    metrics=MetricNames(
+        running=("fastdeploy:num_requests_running",),
+        queued=("fastdeploy:num_requests_waiting", "fastdeploy:num_requests_queuing"),
+        kv_usage=("fastdeploy:gpu_cache_usage_perc",),
+        capacity=("fastdeploy:max_batch_size",),
+        tpot=("fastdeploy:time_per_output_token_seconds",),
+        queued_marker="fastdeploy:num_requests_queuing",
+    ),
+)

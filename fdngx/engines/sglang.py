@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from fdngx.engines.base import EngineSpec, MetricNames
-from fdngx.inventory import Instance
-from fdngx.plan import (
+from fdngx.domain import Engine
+from fdngx.engines.argv import (
     LaunchRequest,
     ProcSpec,
     find_flag,
@@ -15,18 +14,7 @@ from fdngx.plan import (
     plan_ports,
     resolve_model,
 )
-
-SPEC = EngineSpec(
-    name="sglang",
-    metrics=MetricNames(
-        running=("sglang:num_running_reqs",),
-        queued=("sglang:num_queue_reqs",),
-        kv_usage=("sglang:token_usage",),
-        tpot=("sglang:inter_token_latency_seconds", "sglang:time_per_output_token_seconds"),
-    ),
-    metrics_on_api_port=True,
-)
-
+from fdngx.engines.base import EngineSpec, Launched, MetricNames
 
 # -- launch ----------------------------------------------------------------------------------------------
 # SGLang sizes its batch from free memory when --max-running-requests is not given; this is the
@@ -35,7 +23,7 @@ DEFAULT_MAX_NUM_SEQS = 256
 MODULE = "sglang.launch_server"
 
 
-def build_launch(req: LaunchRequest) -> tuple[list[ProcSpec], list[Instance], list[int], bool]:
+def build_launch(req: LaunchRequest) -> Launched:
     """One `python -m sglang.launch_server` per replica with its GPU slice; metrics on the API port."""
     args = list(req.extra_args)
     forbid(args, "fdngx gives each replica its own port; use --ports/--base-port", "--port")
@@ -58,4 +46,18 @@ def build_launch(req: LaunchRequest) -> tuple[list[ProcSpec], list[Instance], li
         env = {"CUDA_VISIBLE_DEVICES": slices[i]} if slices[i] is not None else {}
         procs.append(ProcSpec(name, argv, env, log, [name]))
         logs.append(log)
-    return procs, make_instances(req, ports, max_num_seqs, logs), [], False
+    return Launched(procs, make_instances(req, ports, max_num_seqs, logs), [], False)
+
+
+SPEC = EngineSpec(
+    name=Engine.SGLANG,
+    build_launch=build_launch,
+    module="sglang",
+    metrics=MetricNames(
+        running=("sglang:num_running_reqs",),
+        queued=("sglang:num_queue_reqs",),
+        kv_usage=("sglang:token_usage",),
+        tpot=("sglang:inter_token_latency_seconds", "sglang:time_per_output_token_seconds"),
+    ),
+    metrics_on_api_port=True,
+)

@@ -1,13 +1,12 @@
-"""The simulator (`fdngx sim`): launch command lines. It speaks FastDeploy's API and metric names.
-
-Its metric names are FastDeploy's (see fdngx.engines.SPECS); this module only builds launch argv.
-"""
+"""The simulator (`fdngx sim`): it speaks FastDeploy's API and metric names; here are its launch command lines."""
 
 from __future__ import annotations
 
+from fdngx.domain import Engine
+from fdngx.engines.argv import LaunchRequest, ProcSpec, find_flag, forbid, make_instances, parse_list, plan_ports
+from fdngx.engines.base import EngineSpec, Launched
+from fdngx.engines.fastdeploy import SPEC as FASTDEPLOY
 from fdngx.errors import UsageError
-from fdngx.inventory import Instance
-from fdngx.plan import LaunchRequest, ProcSpec, find_flag, forbid, make_instances, parse_list, plan_ports
 
 # `fdngx sim --max-num-seqs` default.
 DEFAULT_MAX_NUM_SEQS = 64
@@ -15,7 +14,7 @@ DEFAULT_MAX_NUM_SEQS = 64
 PER_REPLICA = ("--max-num-seqs", "--speed", "--max-concurrency")
 
 
-def build_launch(req: LaunchRequest) -> tuple[list[ProcSpec], list[Instance], list[int], bool]:
+def build_launch(req: LaunchRequest) -> Launched:
     """One `fdngx sim` hosting every replica (like multi_api_server), or one per replica with --per-instance.
 
     Run through `python -m fdngx.cli` so it works without the `fdngx` console script on PATH.
@@ -34,7 +33,7 @@ def build_launch(req: LaunchRequest) -> tuple[list[ProcSpec], list[Instance], li
         argv = [*head, *host, "--ports", _csv(ports.api), "--metrics-ports", _csv(ports.metrics), *args]
         names = [f"dp{i}" for i in range(req.num_servers)]
         instances = make_instances(req, ports, max_num_seqs, [log] * req.num_servers)
-        return [ProcSpec("sim", argv, {}, log, names)], instances, [], True
+        return Launched([ProcSpec("sim", argv, {}, log, names)], instances, [], True)
     procs, logs = [], []
     for i in range(req.num_servers):
         name = f"dp{i}"
@@ -46,7 +45,7 @@ def build_launch(req: LaunchRequest) -> tuple[list[ProcSpec], list[Instance], li
         argv = [*head, *host, "--ports", str(ports.api[i]), "--metrics-ports", str(ports.metrics[i]), *mine]
         procs.append(ProcSpec(name, argv, {}, log, [name]))
         logs.append(log)
-    return procs, make_instances(req, ports, max_num_seqs, logs), [], False
+    return Launched(procs, make_instances(req, ports, max_num_seqs, logs), [], False)
 
 
 def _csv(ports: list[int]) -> str:
@@ -82,3 +81,13 @@ def _without(args: list[str], flag: str) -> list[str]:
         elif not tok.startswith(flag + "="):
             out.append(tok)
     return out
+
+
+# The simulator speaks FastDeploy's API and metric names exactly; it starts in seconds, not minutes.
+SPEC = EngineSpec(
+    name=Engine.SIM,
+    metrics=FASTDEPLOY.metrics,
+    build_launch=build_launch,
+    default_timeout=60.0,
+    health_path=FASTDEPLOY.health_path,
+)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from fdngx.engines.base import EngineSpec, MetricNames
-from fdngx.inventory import Instance
-from fdngx.plan import (
+from fdngx.domain import Engine
+from fdngx.engines.argv import (
     LaunchRequest,
     ProcSpec,
     find_flag,
@@ -15,25 +14,14 @@ from fdngx.plan import (
     plan_ports,
     resolve_model,
 )
-
-SPEC = EngineSpec(
-    name="vllm",
-    metrics=MetricNames(
-        running=("vllm:num_requests_running",),
-        queued=("vllm:num_requests_waiting",),
-        kv_usage=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
-        tpot=("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
-    ),
-    metrics_on_api_port=True,
-)
-
+from fdngx.engines.base import EngineSpec, Launched, MetricNames
 
 # -- launch ----------------------------------------------------------------------------------------------
 # vLLM's scheduler default for the OpenAI server when --max-num-seqs is not given.
 DEFAULT_MAX_NUM_SEQS = 256
 
 
-def build_launch(req: LaunchRequest) -> tuple[list[ProcSpec], list[Instance], list[int], bool]:
+def build_launch(req: LaunchRequest) -> Launched:
     """One `vllm serve` per replica, each with its own GPU slice and port; metrics on the API port."""
     args = list(req.extra_args)
     forbid(args, "fdngx gives each replica its own port; use --ports/--base-port", "--port")
@@ -53,4 +41,18 @@ def build_launch(req: LaunchRequest) -> tuple[list[ProcSpec], list[Instance], li
         env = {"CUDA_VISIBLE_DEVICES": slices[i]} if slices[i] is not None else {}
         procs.append(ProcSpec(name, argv, env, log, [name]))
         logs.append(log)
-    return procs, make_instances(req, ports, max_num_seqs, logs), [], False
+    return Launched(procs, make_instances(req, ports, max_num_seqs, logs), [], False)
+
+
+SPEC = EngineSpec(
+    name=Engine.VLLM,
+    build_launch=build_launch,
+    command="vllm",
+    metrics=MetricNames(
+        running=("vllm:num_requests_running",),
+        queued=("vllm:num_requests_waiting",),
+        kv_usage=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+        tpot=("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
+    ),
+    metrics_on_api_port=True,
+)

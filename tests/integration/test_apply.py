@@ -13,47 +13,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from fdngx.nginx import find_nginx, generation_in
-from tests.support import REPO, Backends, Nginx, fdngx, free_ports, wait_for, write_inventory
+from fdngx.nginx.control import find_nginx, generation_in
+from tests.support import REPO, Backends, Nginx, Site, fdngx, free_ports, instances, wait_for, write_inventory
 
-
-def instances(ports: list[int], weights: list[int]) -> list[dict[str, object]]:
-    return [
-        {"name": f"b{i}", "host": "127.0.0.1", "port": p, "metrics_port": p, "weight": w}
-        for i, (p, w) in enumerate(zip(ports, weights, strict=True))
-    ]
-
-
-class Site:
-    """A standalone nginx rendered by `fdngx render` from an inventory, in a temp dir."""
-
-    def __init__(self, tmp: Path, backends: Backends, weights: list[int]) -> None:
-        self.tmp = tmp
-        self.backends = backends
-        self.inv = write_inventory(tmp / "fdngx.json", instances(backends.ports, weights))
-        self.port = free_ports(1)[0]
-        self.conf = tmp / "nginx" / "nginx.conf"
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = ["-i", str(self.inv), "--mode", "standalone", "--listen", f"127.0.0.1:{self.port}",
-                     "--out", str(self.conf)]
-        fdngx("render", *self.args, check=True)
-        self.nginx = Nginx(tmp / "nginx").start(f"{self.url}/health")
-
-    def set_weights(self, weights: list[int]) -> None:
-        write_inventory(self.inv, instances(self.backends.ports, weights))
-
-    def apply(self, *extra: str) -> subprocess.CompletedProcess[str]:
-        return fdngx("render", *self.args, "--reload", *extra)
-
-    def generation(self) -> str:
-        return requests.get(f"{self.url}/fdngx/generation", timeout=5).text.strip()
-
-    def split(self, n: int) -> collections.Counter[str]:
-        with requests.Session() as s:
-            return collections.Counter(
-                s.post(f"{self.url}/v1/chat/completions", json={}, timeout=10).headers["X-Fdngx-Replica"]
-                for _ in range(n)
-            )
+pytestmark = pytest.mark.nginx
 
 
 @pytest.fixture
@@ -168,8 +131,8 @@ def test_config_nginx_rejects_is_rolled_back_with_nginx_message(site: Site, tmp_
     site.set_weights([2, 2])
     proc = site.apply("--template-dir", str(bad))
     assert proc.returncode == 1
-    assert "nginx -t failed" in proc.stderr and 'unknown directive "proxy_bogus_directive"' in proc.stderr
-    assert "restored the previous file" in proc.stderr
+    assert "nginx -t (candidate) failed" in proc.stderr and 'unknown directive "proxy_bogus_directive"' in proc.stderr
+    assert "the live file was not touched" in proc.stderr
     assert proc.stderr.count("\n") == 1
     assert site.conf.read_bytes() == before_bytes
     assert site.generation() == before_gen and site.nginx.worker_pids() == workers
@@ -191,6 +154,9 @@ def test_reload_that_nginx_cannot_take_is_rolled_back(site: Site) -> None:
         blocker.close()
     assert proc.returncode == 1, proc.stderr
     assert "restored the previous file" in proc.stderr
+    # What really happened: nginx refused the new listen and kept the old config; no second reload failed.
+    assert "nginx refused the new config and keeps running the old one" in proc.stderr, proc.stderr
+    assert "bind()" in proc.stderr and "failed too" not in proc.stderr and "also failed" not in proc.stderr
     assert site.conf.read_bytes() == before_bytes
     assert site.split(4)
 
@@ -208,7 +174,8 @@ def test_concurrent_applies_leave_one_valid_config(site: Site) -> None:
     text = site.conf.read_text()
     assert generation_in(text) == site.generation()
     assert Nginx(site.conf.parent).test().returncode == 0
-    assert not list(site.conf.parent.glob(".nginx.conf.*.tmp"))
+    assert not list(site.conf.parent.glob(".nginx.conf.*.fdngx-tmp"))
+    assert not (site.conf.parent / ".nginx.conf.fdngx-journal").exists()
 
 
 def test_check_and_diff(site: Site) -> None:
@@ -220,11 +187,13 @@ def test_check_and_diff(site: Site) -> None:
     check = fdngx("render", *site.args, "--check")
     assert check.returncode == 1 and "stale" in check.stderr
     diff = fdngx("render", *site.args, "--diff")
-    assert diff.returncode == 0
+    assert diff.returncode == 1, "like diff(1): 1 when there is a difference"
     lines = diff.stdout.splitlines()
     assert any(ln.startswith("-") and "server 127.0.0.1:" in ln and "weight=1" in ln for ln in lines), diff.stdout
     assert any(ln.startswith("+") and "server 127.0.0.1:" in ln and "weight=5" in ln for ln in lines), diff.stdout
     assert site.conf.read_bytes() == before  # --diff alone changes nothing
+    assert site.apply().returncode == 0
+    assert fdngx("render", *site.args, "--diff").returncode == 0, "no difference: 0"
 
 
 def test_nginx_binary_is_found() -> None:
@@ -245,5 +214,5 @@ def test_reload_with_nginx_not_running_keeps_the_tested_file(tmp_path: Path) -> 
     (bad / "_proxy.j2").write_text("        proxy_pass http://{{ upstream }};\n        bogus_directive on;\n")
     before = conf.read_bytes()
     proc = fdngx(*args, "--reload", "--template-dir", str(bad), "--keepalive", "8")
-    assert proc.returncode == 1 and "nginx -t failed" in proc.stderr
+    assert proc.returncode == 1 and "nginx -t (candidate) failed" in proc.stderr
     assert conf.read_bytes() == before

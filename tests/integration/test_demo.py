@@ -6,8 +6,12 @@ import json
 import re
 from pathlib import Path
 
-from fdngx.procs import alive
+import pytest
+
+from fdngx.system.procs import alive
 from tests.support import fdngx, free_ports
+
+pytestmark = pytest.mark.nginx
 
 
 def test_demo_runs_the_loop_and_cleans_up(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from fdngx import procs
+from fdngx.system import procs
 from tests.support import free_ports, http_ok, wait_for
 
 pytestmark = pytest.mark.skipif(
@@ -340,22 +340,24 @@ http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
 
 
 def fake_plan(tmp: Path, restart: str = "no") -> tuple[Any, Path]:
-    from fdngx.inventory import Instance, Inventory
-    from fdngx.plan import Plan, ProcSpec
+    from fdngx.domain import Engine, Instance, Inventory, Restart
+    from fdngx.engines.argv import ProcSpec
+    from fdngx.launch.plan import Plan
 
     port, mport = free_ports(2)
     worker_file = tmp / "worker.pid"
     argv = [sys.executable, "-c", FAKE_ENGINE, str(port), str(worker_file)]
     spec = ProcSpec("fake", argv, {}, str(tmp / "logs" / "fake.log"), ["dp0"])
-    inv = Inventory([Instance("dp0", "127.0.0.1", port, mport, "sim")])
-    plan = Plan("sim", [spec], inv, str(tmp / "fdngx.json"), str(tmp / "logs"), [port], 30.0, restart, 5.0, False)
+    inv = Inventory([Instance("dp0", "127.0.0.1", port, mport, Engine.SIM)])
+    plan = Plan(Engine.SIM, [spec], inv, str(tmp / "fdngx.json"), str(tmp / "logs"), [port], 30.0, Restart(restart),
+                5.0, False)
     return plan, worker_file
 
 
 def test_stop_reaches_workers_that_left_the_process_group(launcher: Launcher) -> None:
     import io
 
-    from fdngx.launch import launch, stop
+    from fdngx.launch.run import launch, stop
 
     plan, worker_file = fake_plan(launcher.tmp)
     assert launch(plan, detach=True, out=io.StringIO()) == 0
@@ -371,7 +373,7 @@ def test_stop_reaches_workers_that_left_the_process_group(launcher: Launcher) ->
 def test_a_dead_leaders_orphaned_worker_is_stopped_too(launcher: Launcher) -> None:
     import io
 
-    from fdngx.launch import launch, stop
+    from fdngx.launch.run import launch, stop
 
     plan, worker_file = fake_plan(launcher.tmp)
     assert launch(plan, detach=True, out=io.StringIO()) == 0

@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 import requests
 
-from fdngx.openresty import Admin, lua_modules
-from fdngx.render import ServerState
+from fdngx.domain import Listen, ServerState
+from fdngx.nginx.openresty import Admin, lua_modules
 from tests.support import Backends, Nginx, fdngx, free_ports, wait_for, write_inventory
 
-pytestmark = pytest.mark.skipif(not lua_modules(None), reason="needs libnginx-mod-http-lua (make test installs it)")
+pytestmark = [
+    pytest.mark.nginx,
+    pytest.mark.skipif(not lua_modules(None), reason="needs libnginx-mod-http-lua (make test installs it)"),
+]
 
 
 class LuaSite:
@@ -29,8 +32,8 @@ class LuaSite:
         self.args = ["-i", str(self.inv), "--mode", "standalone", "--flavor", "openresty",
                      "--listen", str(self.port), "--admin-listen", f"127.0.0.1:{admin_port}", "--out", str(self.conf)]
         fdngx("render", *self.args, check=True)
-        token = (self.conf.parent / "fdngx-admin.token").read_text().strip()
-        self.admin = Admin(f"127.0.0.1:{admin_port}", token)
+        token = (self.conf.parent / ".nginx.conf.fdngx-admin-token").read_text().strip()
+        self.admin = Admin(Listen("127.0.0.1", admin_port), token)
         self.nginx = Nginx(self.conf.parent).start(f"{self.url}/health")
 
     def split(self, n: int, workers: int = 1) -> collections.Counter[str]:
@@ -55,7 +58,7 @@ def test_config_is_valid_and_token_stays_out_of_it(lua_site: LuaSite) -> None:
     text = lua_site.conf.read_text()
     assert "balancer_by_lua_block" in text and "lua_shared_dict fdngx_fastdeploy" in text
     assert lua_site.admin.token not in text
-    assert (lua_site.conf.parent / "fdngx-admin.token").stat().st_mode & 0o777 == 0o600
+    assert (lua_site.conf.parent / ".nginx.conf.fdngx-admin-token").stat().st_mode & 0o777 == 0o600
     # rendering again is byte-identical (the token file is reused, not regenerated)
     assert "unchanged" in fdngx("render", *lua_site.args, check=True).stderr
 
@@ -79,9 +82,14 @@ def test_pushes_change_routing_without_reload(lua_site: LuaSite) -> None:
 
 def test_inflight_is_counted_and_released(lua_site: LuaSite) -> None:
     lua_site.split(40, workers=8)
-    peers = wait_for(lambda: (p := lua_site.admin.peers()) and all(v["inflight"] == 0 for v in p.values()) and p,
-                     10, what="in-flight counters back to 0")
-    assert set(peers) == {"b0", "b1"}
+    def peers() -> dict[str, int]:
+        # GET on the admin location lists "name weight down inflight score" per peer.
+        r = requests.get(lua_site.admin.url, headers={"X-Fdngx-Token": lua_site.admin.token}, timeout=5)
+        return {ln.split()[0]: int(float(ln.split()[3])) for ln in r.text.splitlines()}
+
+    peers_now = wait_for(lambda: (p := peers()) and all(v == 0 for v in p.values()) and p,
+                         10, what="in-flight counters back to 0")
+    assert set(peers_now) == {"b0", "b1"}
 
 
 def test_all_held_out_fails_open(lua_site: LuaSite) -> None:

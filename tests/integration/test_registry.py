@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import requests
 
 from fdngx.sim.process import start_sim
 from tests.support import Nginx, free_ports, stop_process_group, wait_for
+
+pytestmark = pytest.mark.nginx
 
 
 def test_registered_instance_reaches_nginx(tmp_path: Path) -> None:

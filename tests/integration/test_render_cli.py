@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -66,9 +67,13 @@ def test_render_help_explains_every_option() -> None:
 
 def test_wheel_ships_templates_and_renders_from_elsewhere(tmp_path: Path) -> None:
     """A non-editable install carries templates/: build the wheel, run it from another directory."""
+    # Build from a clean copy: an in-tree build/ left by an earlier build would leak stale modules in.
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                            "bench", "tests", "demo-run"))
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-         str(REPO)],
+         str(src)],
         capture_output=True, text=True, timeout=300,
     )
     assert build.returncode == 0, build.stderr
@@ -83,7 +88,7 @@ def test_wheel_ships_templates_and_renders_from_elsewhere(tmp_path: Path) -> Non
     (work / "fdngx.json").write_text((REPO / "examples" / "fdngx.json").read_text())
     proc = subprocess.run(
         [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(site)!r}); "
-         "import fdngx.cli, fdngx.render; assert fdngx.render.__file__.startswith(sys.path[0]); "
+         "import fdngx.cli, fdngx.nginx.render as r; assert r.__file__.startswith(sys.path[0]); "
          "sys.argv=['fdngx','render','--mode','standalone']; fdngx.cli.main()"],
         capture_output=True, text=True, cwd=work, timeout=60,
     )

@@ -23,7 +23,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from fdngx.openresty import lua_modules
+from fdngx.nginx.openresty import lua_modules
 from fdngx.sim.process import SimProcess, start_sim
 from tests.support import Nginx, fdngx, free_ports, stop_process_group, wait_for, write_inventory
 
@@ -138,12 +138,12 @@ class Loop:
         out: dict[tuple[str, str], float] = {}
         for fam in text_string_to_metric_families(text):
             for s in fam.samples:
-                key = s.labels.get("instance") or s.labels.get("le") or s.labels.get("generation") or ""
+                key = s.labels.get("replica") or s.labels.get("le") or ""
                 out[(s.name, key)] = s.value
         return out
 
     def weights(self) -> dict[str, float]:
-        return {f"dp{i}": self.metric("fdngx_instance_weight", f"dp{i}") for i in range(len(self.api))}
+        return {f"dp{i}": self.metric("fdngx_replica_weight", f"dp{i}") for i in range(len(self.api))}
 
     def metric(self, name: str, instance: str = "") -> float:
         try:
@@ -250,7 +250,7 @@ def test_half_speed_replica_gets_a_lower_weight_with_the_reason(tmp_path: Path) 
 
         try:
             w = wait_for(slowed, 40, what=f"dp2's weight below the others' ({lp.tail()})")
-            speed = {f"dp{i}": lp.metric("fdngx_instance_speed", f"dp{i}") for i in range(3)}
+            speed = {f"dp{i}": lp.metric("fdngx_replica_speed_ratio", f"dp{i}") for i in range(3)}
         finally:
             traffic.stop()
         assert speed["dp0"] == speed["dp1"] == 1.0 and 0.35 < speed["dp2"] < 0.7, (speed, w)
@@ -268,7 +268,7 @@ def test_reload_budget_holds_changes_and_says_so(tmp_path: Path) -> None:
         direct = Traffic(lp, f"http://127.0.0.1:{lp.api[0]}", threads=6, max_tokens=400)
         try:
             wait_for(lambda: "reload budget" in lp.log.read_text(), 30, what=f"budget hold logged ({lp.tail()})")
-            assert lp.metric("fdngx_instance_weight", "dp0") == 20, "held: nginx keeps the applied weight"
+            assert lp.metric("fdngx_replica_weight", "dp0") == 20, "held: nginx keeps the applied weight"
             assert lp.metric("fdngx_reloads_total") == 1
         finally:
             direct.stop()
@@ -281,14 +281,14 @@ def test_killed_replica_goes_down_without_client_errors_and_ramps_back(tmp_path:
             wait_for(lambda: len(traffic.results) > 20, 30, what="traffic")
             lp.kill_replica(1)
             killed = time.monotonic()
-            wait_for(lambda: lp.metric("fdngx_instance_up", "dp1") == 0, 20, what=f"dp1 down ({lp.tail()})")
+            wait_for(lambda: lp.metric("fdngx_replica_up", "dp1") == 0, 20, what=f"dp1 down ({lp.tail()})")
             assert " down;" in lp.conf.read_text() or " down;  # dp1" in lp.conf.read_text()
             lp.start_replica(1)
             weights: list[float] = []
 
             def back() -> bool:
                 weights.append(
-                    lp.metric("fdngx_instance_weight", "dp1") if lp.metric("fdngx_instance_up", "dp1") == 1 else 0.0
+                    lp.metric("fdngx_replica_weight", "dp1") if lp.metric("fdngx_replica_up", "dp1") == 1 else 0.0
                 )
                 return weights[-1] >= 20
 
@@ -315,16 +315,16 @@ def test_garbage_and_slow_metrics_from_one_replica_leave_the_others_alone(tmp_pa
         lp.sims[1].fault(0, metrics_delay=5.0)
         wait_for(
             lambda: (
-                lp.metric("fdngx_instance_scrape_errors_total", "dp0") >= 4
-                and lp.metric("fdngx_instance_scrape_errors_total", "dp1") >= 4
+                lp.metric("fdngx_replica_scrape_errors_total", "dp0") >= 4
+                and lp.metric("fdngx_replica_scrape_errors_total", "dp1") >= 4
             ),
             30,
             what="scrape errors counted",
         )
         m = lp.metrics()
-        assert m.get(("fdngx_instance_scrape_errors_total", "dp2"), 0.0) == 0.0
-        assert all(m[("fdngx_instance_up", f"dp{i}")] == 1 for i in range(3))
-        assert m[("fdngx_instance_scrape_age_seconds", "dp2")] < 2.0
+        assert m.get(("fdngx_replica_scrape_errors_total", "dp2"), 0.0) == 0.0
+        assert all(m[("fdngx_replica_up", f"dp{i}")] == 1 for i in range(3))
+        assert m[("fdngx_replica_scrape_age_seconds", "dp2")] < 2.0
         # A slow replica cannot stretch a cycle past the scrape deadline (0.375 s at a 0.5 s interval).
         count = m[("fdngx_cycle_duration_seconds_count", "")]
         assert m[("fdngx_cycle_duration_seconds_bucket", "1.0")] == count
@@ -376,10 +376,10 @@ def test_openresty_flavor_follows_load_without_reloads(tmp_path: Path) -> None:
         direct = Traffic(lp, f"http://127.0.0.1:{lp.api[0]}", threads=6, max_tokens=400)
         try:
             # The pushed load makes dp0 the worst choice while its direct traffic lasts.
-            wait_for(lambda: lp.metric("fdngx_instance_running", "dp0") >= 5, 30, what="dp0 loaded")
+            wait_for(lambda: lp.metric("fdngx_replica_running", "dp0") >= 5, 30, what="dp0 loaded")
             wait_for(lambda: lp.split(12)["dp0"] == 0, 20, interval=0.3, what=f"dp0 avoided ({lp.tail()})")
         finally:
             direct.stop()
         assert lp.metric("fdngx_reloads_total") == 0
         assert lp.nginx.worker_pids() == workers, "no reload: the same nginx workers served throughout"
-        assert lp.metric("fdngx_instance_weight", "dp0") == 20, "weights carry capacity only in this flavor"
+        assert lp.metric("fdngx_replica_weight", "dp0") == 20, "weights carry capacity only in this flavor"

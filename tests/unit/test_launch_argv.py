@@ -10,8 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from fdngx.cli import app
+from fdngx.engines.argv import LaunchRequest, find_flag
 from fdngx.errors import UsageError
-from fdngx.plan import LaunchRequest, Plan, build_plan, find_flag
+from fdngx.launch.plan import Plan, build_plan
 
 PY = sys.executable
 INV = Path("/srv/fd/fdngx.json")
@@ -283,7 +284,7 @@ def test_cli_rejects_unknown_options_before_the_separator() -> None:
 
 
 def test_cli_says_which_engine_when_defaulting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr("fdngx.launch.fastdeploy_installed", lambda: False)
+    monkeypatch.setattr("fdngx.launch.run.fastdeploy_installed", lambda: False)
     result = CliRunner().invoke(app, ["launch", "--dry-run", "-n", "1", "-i", str(tmp_path / "f.json")])
     assert result.exit_code == 0
     assert "no --engine given and FastDeploy is not installed here: using --engine sim" in result.output

@@ -1,4 +1,5 @@
-"""The sidecar loop, cron-mode cycle and telemetry with fake scrapes and a fake apply (no nginx, no sleep)."""
+"""The controller's one cycle (as the sidecar and cron run it) and telemetry, with fake scrapes and a fake
+apply (no nginx, no sleep)."""
 
 from __future__ import annotations
 
@@ -14,18 +15,42 @@ import pytest
 import requests
 from prometheus_client import generate_latest
 
-from fdngx import cycle
+from fdngx.domain import Engine, Instance, Inventory, LoadSample
 from fdngx.errors import ApplyError
-from fdngx.inventory import Instance, Inventory, save
-from fdngx.nginx import ApplyResult, safe_apply
-from fdngx.policy import PolicyConfig, PolicyState
-from fdngx.scrape import LoadSample
-from fdngx.sidecar import Sidecar, SidecarConfig
-from fdngx.telemetry import Telemetry
+from fdngx.inventory import save
+from fdngx.nginx.apply import ApplyResult, safe_apply
+from fdngx.nginx.render import RenderOptions
+from fdngx.nginx.target import Target
+from fdngx.weights.controller import Controller
+from fdngx.weights.settings import PolicyConfig
+from fdngx.weights.sidecar import Sidecar, SidecarConfig
+from fdngx.weights.state import PolicyState
+from fdngx.weights.store import StateStore, store_for
+from fdngx.weights.telemetry import Telemetry
 
 
 def inv_of(n: int) -> Inventory:
-    return Inventory([Instance(f"dp{i}", "127.0.0.1", 8000 + i, 9000 + i, "sim", max_num_seqs=64) for i in range(n)])
+    return Inventory(
+        [Instance(f"dp{i}", "127.0.0.1", 8000 + i, 9000 + i, Engine.SIM, max_num_seqs=64) for i in range(n)]
+    )
+
+
+class FakeTarget(Target):
+    """The real render and the real file write; the apply fails on demand (as a failed nginx -t would)."""
+
+    def __init__(self, out: Path, fail: Callable[[], bool], written: list[str]) -> None:
+        super().__init__(out, RenderOptions(), None, False, None)
+        object.__setattr__(self, "fail", fail)
+        object.__setattr__(self, "written", written)
+
+    def apply(self, text: str) -> ApplyResult:
+        assert self.out is not None
+        if self.fail():  # type: ignore[attr-defined]
+            raise ApplyError(f"{self.out}: nginx -t failed: boom; restored the previous file")
+        result = safe_apply(self.out, text, None, reload=False)
+        if result.changed:
+            self.written.append(self.out.read_text())  # type: ignore[attr-defined]
+        return result
 
 
 class FakeScrape:
@@ -68,18 +93,10 @@ def make(
 ) -> tuple[Sidecar, FakeScrape, Clock, list[str]]:
     save(inv_of(n), tmp / "fdngx.json")
     written: list[str] = []
-
-    def apply(path: Path, content_fn: Callable[[], str], control: Any, *, reload: bool) -> ApplyResult:
-        if fail():
-            raise ApplyError(f"{path}: nginx -t failed: boom; restored the previous file")
-        result = safe_apply(path, content_fn, None, reload=False)
-        if result.changed:
-            written.append(path.read_text())
-        return result
-
     scrape, clock = FakeScrape(), Clock()
-    cfg = SidecarConfig((tmp / "fdngx.json",), tmp / "upstream.conf", policy=PolicyConfig(**policy), debounce=0.2)
-    sc = Sidecar(cfg, scrape=scrape, apply=apply, clock=clock, telemetry=Telemetry())
+    target = FakeTarget(tmp / "upstream.conf", fail, written)
+    cfg = SidecarConfig((tmp / "fdngx.json",), target, policy=PolicyConfig(**policy), debounce=0.2)
+    sc = Sidecar(cfg, scrape=scrape, clock=clock, telemetry=Telemetry())
     return sc, scrape, clock, written
 
 
@@ -97,7 +114,7 @@ def test_first_cycle_writes_then_only_changes_write(tmp_path: Path) -> None:
     cycles(sc, clock, 10)
     weights = {m[2]: int(m[1]) for m in re.finditer(r"weight=(\d+) .*# (dp\d)", written[-1])}
     assert len(written) >= 2 and weights["dp0"] < 17 and weights["dp1"] >= 20 and weights["dp2"] >= 20, weights
-    saved = json.loads((tmp_path / "upstream.conf.state.json").read_text())
+    saved = json.loads((tmp_path / ".upstream.conf.fdngx-state.json").read_text())
     assert saved["instances"]["dp0"]["weight"] < 17
 
 
@@ -109,7 +126,9 @@ def test_failed_apply_keeps_the_change_pending(tmp_path: Path) -> None:
     scrape.unhealthy.add("dp1")
     cycles(sc, clock, 4)
     assert not sc.state.instances["dp1"].down, "nginx never got `down`: the state must not claim it"
-    assert sc.telemetry.reload_failures._value.get() >= 1
+    assert sc.telemetry.apply_failures._value.get() >= 1
+    saved = json.loads((tmp_path / ".upstream.conf.fdngx-state.json").read_text())
+    assert saved["instances"]["dp1"]["down"] is False, "the saved state claims what nginx never got"
     failing["on"] = False
     report = sc.run_once()
     assert report.error is None and report.decisions.by_name()["dp1"].down
@@ -151,15 +170,18 @@ def test_telemetry_exports_and_forgets_instances(tmp_path: Path) -> None:
     scrape.unhealthy.add("dp2")
     cycles(sc, clock, 4)
     text = generate_latest(sc.telemetry.registry).decode()
-    assert 'fdngx_instance_weight{instance="dp0"} 20.0' in text
-    assert 'fdngx_instance_up{instance="dp2"} 0.0' in text
-    assert 'fdngx_instance_running{instance="dp1"} 10.0' in text
-    assert "fdngx_config_generation{generation=" in text or "fdngx_reloads_total" in text
+    assert 'fdngx_replica_weight{replica="dp0"} 20.0' in text
+    assert 'fdngx_replica_up{replica="dp2"} 0.0' in text
+    assert 'fdngx_replica_running{replica="dp1"} 10.0' in text
+    generation = re.search(r"^fdngx_config_generation ([0-9.e+]+)$", text, re.M)
+    assert generation and float(generation.group(1)) > 0, "the generation of the file written, as a number"
+    assert 'fdngx_replica_scrape_errors_total{replica="dp0"} 0.0' in text, "counters exist from the start"
+    assert "_created" not in text
     save(inv_of(2), tmp_path / "fdngx.json")
     assert sc.reload_inventory()
     sc.run_once()
     text = generate_latest(sc.telemetry.registry).decode()
-    assert 'instance="dp2"' not in text
+    assert 'replica="dp2"' not in text
 
 
 def test_telemetry_serves_on_a_port() -> None:
@@ -167,7 +189,7 @@ def test_telemetry_serves_on_a_port() -> None:
     host, port = t.serve("127.0.0.1:0")
     try:
         body = requests.get(f"http://{host}:{port}/metrics", timeout=5).text
-        assert "fdngx_reloads_total" in body
+        assert "fdngx_reloads_total 0.0" in body and "fdngx_build_info{" in body
     finally:
         t.close()
 
@@ -175,33 +197,61 @@ def test_telemetry_serves_on_a_port() -> None:
 # -- cron mode --------------------------------------------------------------------------------------------
 
 
-def test_run_cycle_persists_state_between_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def cron(tmp: Path, scrape: FakeScrape, fail: Callable[[], bool] = lambda: False) -> Controller:
+    """What `render --scrape` builds: the same Controller, run once per process."""
+    target = FakeTarget(tmp / "upstream.conf", fail, [])
+    return Controller(target, PolicyConfig(), scrape=scrape, clock=Clock(), log_outcome=False)
+
+
+def test_cron_runs_persist_state_between_runs(tmp_path: Path) -> None:
     scrape = FakeScrape()
-    monkeypatch.setattr(cycle, "scrape_all", scrape)
-    state_path = cycle.state_path_for(tmp_path / "upstream.conf")
-    assert state_path.name == "upstream.conf.state.json"
+    store = store_for(tmp_path / "upstream.conf")
+    assert store.path.name == ".upstream.conf.fdngx-state.json"
     inv = inv_of(2)
     scrape.unhealthy.add("dp1")
-    results = [cycle.run_cycle(inv, state_path=state_path, now=1000.0 + 60 * k) for k in range(3)]
+    results = []
+    for k in range(3):
+        controller = cron(tmp_path, scrape)  # a new process each minute
+        controller.clock.t = 1000.0 + 60 * k  # type: ignore[attr-defined]
+        results.append(controller.run_once(inv, store))
     # Three separate runs (as cron does) add up to K=3 failed checks: the state carried the count.
-    assert [r.states["dp1"].down for r in results] == [False, False, True]
+    assert [r.decisions.by_name()["dp1"].down for r in results] == [False, False, True]
     assert results[2].changed and "failed 3x (404)" in results[2].decisions.by_name()["dp1"].reason
-    assert results[0].states["dp0"].weight == 20
+    assert results[0].decisions.by_name()["dp0"].weight == 20
+    assert " down;" in (tmp_path / "upstream.conf").read_text()
 
 
-def test_corrupt_state_starts_fresh(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    p = tmp_path / "x.state.json"
+def test_cron_failed_apply_leaves_the_applied_weights_in_the_state(tmp_path: Path) -> None:
+    scrape = FakeScrape()
+    store = store_for(tmp_path / "upstream.conf")
+    inv = inv_of(2)
+    cron(tmp_path, scrape).run_once(inv, store)
+    before = json.loads(store.path.read_text())["instances"]
+    scrape.unhealthy.add("dp1")
+    for _ in range(3):
+        result = cron(tmp_path, scrape, fail=lambda: True).run_once(inv, store)
+    assert result.error and result.decisions.by_name()["dp1"].down, "the policy wanted `down`..."
+    after = json.loads(store.path.read_text())["instances"]
+    assert after["dp1"]["down"] is False and after["dp1"]["weight"] == before["dp1"]["weight"], "...nginx never got it"
+    assert after["dp1"]["fails"] == 3, "health counts and smoothing are kept"
+
+
+def test_corrupt_or_mistyped_state_starts_fresh(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    p = tmp_path / ".x.fdngx-state.json"
     p.write_text("{ not json")
-    assert cycle.load_state(p) == PolicyState()
-    assert "ignoring unreadable policy state" in caplog.text
-    assert cycle.load_state(tmp_path / "missing.json") == PolicyState()
+    p.chmod(0o600)
+    assert StateStore(p).load() == PolicyState()
+    assert "ignoring unusable policy state" in caplog.text
+    p.write_text('{"version":1,"instances":{"dp0":{"weight":"abc"}}}')
+    assert StateStore(p).load() == PolicyState()
+    assert "'weight'" in caplog.text
+    assert StateStore(tmp_path / "missing.json").load() == PolicyState()
 
 
-def test_run_cycle_without_save_leaves_no_trace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cycle, "scrape_all", FakeScrape())
-    state_path = tmp_path / "u.conf.state.json"
-    result = cycle.run_cycle(inv_of(2), state_path=state_path, now=1000.0, save=False)
-    assert result.states["dp0"].weight == 20 and not state_path.exists()
+def test_dry_run_leaves_no_trace(tmp_path: Path) -> None:
+    store = store_for(tmp_path / "upstream.conf")
+    result = cron(tmp_path, FakeScrape()).run_once(inv_of(2), store, save=False)
+    assert result.decisions.by_name()["dp0"].weight == 20 and not store.path.exists()
 
 
 def test_a_file_rewritten_non_stop_is_still_picked_up(tmp_path: Path) -> None:

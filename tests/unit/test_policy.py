@@ -10,10 +10,11 @@ from collections.abc import Callable
 
 import pytest
 
+from fdngx.domain import Instance, Inventory, LoadSample
 from fdngx.errors import UsageError
-from fdngx.inventory import Instance, Inventory
-from fdngx.policy import Decisions, PolicyConfig, PolicyState, config_for_flavor, decide
-from fdngx.scrape import LoadSample
+from fdngx.weights.policy import Decisions, decide
+from fdngx.weights.settings import PolicyConfig, config_for_flavor, config_of_state
+from fdngx.weights.state import PolicyState
 
 T0 = 1_000_000.0
 CFG = PolicyConfig()
@@ -533,7 +534,6 @@ def test_speed_unaware_policy_ignores_tpot() -> None:
 
 
 def test_the_state_remembers_the_settings_that_wrote_it() -> None:
-    from fdngx.policy import config_of_state
 
     cfg = PolicyConfig(speed_aware=True, min_hold=3.0, max_reloads_per_minute=9)
     _, state, _ = run(inventory(64, 64), even(), 2, cfg)

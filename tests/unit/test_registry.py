@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fdngx.registry import Registry, instance_name
+from fdngx.weights.registry import Registry, instance_name
 
 BODY = {"role": "mixed", "host_ip": "10.0.0.7", "port": 8001, "metrics_port": 9001, "connector_port": 0,
         "rdma_ports": [], "engine_worker_queue_port": 8600, "device_ids": [0], "transfer_protocol": ["ipc"],

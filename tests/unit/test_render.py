@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 
 from fdngx import inventory
+from fdngx.domain import Listen, ServerState
 from fdngx.errors import RenderError, UsageError
-from fdngx.nginx import generation_in
-from fdngx.render import RenderOptions, ServerState, parse_listen, render
+from fdngx.nginx.control import generation_in
+from fdngx.nginx.render import RenderOptions, render
 from tests.regen_examples import rendered_files
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,4 +112,5 @@ def test_bad_options_and_empty_inventory() -> None:
     ],
 )
 def test_parse_listen(listen: str, expected: tuple[str, int]) -> None:
-    assert parse_listen(listen) == expected
+    parsed = Listen.parse(listen)
+    assert (parsed.reach_host, parsed.port) == expected

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from fdngx.domain import Engine, Instance, Load, LoadSample
 from fdngx.engines import spec
-from fdngx.fetch import HttpClient, RequestsClient
-from fdngx.inventory import Instance
-from fdngx.scrape import LoadSample, load_from_metrics, parse_metrics, scrape_all, wanted_names
+from fdngx.weights.fetch import HttpClient
+from fdngx.weights.scrape import load_from_metrics, parse_metrics, scrape_all, wanted_names
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 FD_PAGE = (FIXTURES / "fastdeploy-metrics-sample.prom").read_text()
@@ -28,7 +28,7 @@ fastdeploy:gpu_cache_usage_perc 0.5
 """
 
 
-def _load(text: str, engine: str) -> dict[str, object]:
+def _load(text: str, engine: str) -> Load:
     # The scraper parses only the series it uses; both ways must agree.
     full = load_from_metrics(parse_metrics(text), spec(engine))
     assert load_from_metrics(parse_metrics(text, wanted_names(spec(engine))), spec(engine)) == full
@@ -42,64 +42,64 @@ def test_fastdeploy_sample_page() -> None:
     got = _load(FD_PAGE, "fastdeploy")
     # 3 running, 2 waiting + 0 queuing, 0.1875 KV, max_batch_size 64 (see the fixture's header)
     # TPOT histogram: 9663.2 s over 401267 tokens
-    assert got == {
-        "running": 3.0,
-        "queued": 2.0,
-        "kv_usage": 0.1875,
-        "capacity": 64.0,
-        "queued_reliable": True,
-        "tpot_sum": 9663.2,
-        "tpot_count": 401267.0,
-    }
+    assert got == Load(
+        running=3.0,
+        queued=2.0,
+        kv_usage=0.1875,
+        capacity=64.0,
+        queued_reliable=True,
+        tpot_sum=9663.2,
+        tpot_count=401267.0,
+    )
 
 
 def test_fastdeploy_queued_adds_waiting_and_queuing() -> None:
     page = FD_PAGE.replace("fastdeploy:num_requests_queuing 0.0", "fastdeploy:num_requests_queuing 7.0")
-    assert _load(page, "fastdeploy")["queued"] == 9.0
+    assert _load(page, "fastdeploy").queued == 9.0
 
 
 def test_old_fastdeploy_without_queuing_marks_queue_unreliable() -> None:
     page = "\n".join(line for line in FD_PAGE.splitlines() if "num_requests_queuing" not in line)
     got = _load(page, "fastdeploy")
-    assert got["queued_reliable"] is False
-    assert got["queued"] == 2.0
+    assert got.queued_reliable is False
+    assert got.queued == 2.0
 
 
 def test_vllm_sums_running_over_engines_and_takes_max_kv() -> None:
     got = _load((FIXTURES / "vllm-metrics-sample.prom").read_text(), "vllm")
-    assert got == {
-        "running": 7.0,
-        "queued": 3.0,
-        "kv_usage": 0.5,
-        "capacity": None,
-        "queued_reliable": True,
-        "tpot_sum": 30.0,  # the newer name, summed over engines
-        "tpot_count": 1500.0,
-    }
+    assert got == Load(
+        running=7.0,
+        queued=3.0,
+        kv_usage=0.5,
+        capacity=None,
+        queued_reliable=True,
+        tpot_sum=30.0,  # the newer name, summed over engines
+        tpot_count=1500.0,
+    )
 
 
 def test_vllm_old_kv_name_still_read() -> None:
     page = (FIXTURES / "vllm-metrics-sample.prom").read_text().replace("kv_cache_usage_perc", "gpu_cache_usage_perc")
-    assert _load(page, "vllm")["kv_usage"] == 0.5
+    assert _load(page, "vllm").kv_usage == 0.5
 
 
 def test_sglang_page() -> None:
     got = _load((FIXTURES / "sglang-metrics-sample.prom").read_text(), "sglang")
-    assert got == {
-        "running": 11.0,
-        "queued": 4.0,
-        "kv_usage": 0.92,
-        "capacity": None,
-        "queued_reliable": True,
-        "tpot_sum": 9.6,  # the older name: read when the newer one is absent
-        "tpot_count": 320.0,
-    }
+    assert got == Load(
+        running=11.0,
+        queued=4.0,
+        kv_usage=0.92,
+        capacity=None,
+        queued_reliable=True,
+        tpot_sum=9.6,  # the older name: read when the newer one is absent
+        tpot_count=320.0,
+    )
 
 
 def test_a_page_without_tpot_still_gives_a_load() -> None:
     page = "\n".join(line for line in FD_PAGE.splitlines() if "time_per_output_token" not in line)
     got = _load(page, "fastdeploy")
-    assert (got["running"], got["tpot_sum"], got["tpot_count"]) == (3.0, None, None)
+    assert (got.running, got.tpot_sum, got.tpot_count) == (3.0, None, None)
 
 
 @pytest.mark.parametrize(
@@ -121,7 +121,7 @@ def test_bad_pages_raise_value_error(page: str, needle: str | None) -> None:
 
 def test_percent_kv_is_normalised() -> None:
     page = FD_MINIMAL.format(running=1, waiting=0).replace("0.5", "93.0")
-    assert _load(page, "fastdeploy")["kv_usage"] == pytest.approx(0.93)
+    assert _load(page, "fastdeploy").kv_usage == pytest.approx(0.93)
 
 
 # -- HTTP: a real local server per instance ------------------------------------------------------------
@@ -242,12 +242,11 @@ def test_health_other_than_200_is_unhealthy(servers: Callable[[Behaviour], Insta
     ],
     ids=["garbage", "nan", "missing", "huge", "drip", "slow"],
 )
-@pytest.mark.parametrize("client", ["http.client", "requests"])
 def test_one_bad_instance_does_not_hurt_the_others(
-    servers: Callable[[Behaviour], Instance], bad: Behaviour, needle: str, client: str
+    servers: Callable[[Behaviour], Instance], bad: Behaviour, needle: str
 ) -> None:
     insts = [servers(good()), servers(bad), servers(good())]
-    session = HttpClient() if client == "http.client" else RequestsClient()
+    session = HttpClient()
     t0 = time.monotonic()
     try:
         got = scrape_all(insts, session=session, timeout=0.5, connect_timeout=0.5, deadline=1.0, max_bytes=256 * 1024)
@@ -263,11 +262,10 @@ def test_one_bad_instance_does_not_hurt_the_others(
     assert not math.isnan(broken.running)
 
 
-@pytest.mark.parametrize("client", ["http.client", "requests"])
-def test_refused_connection_is_a_sample_not_an_exception(servers: Callable[[Behaviour], Instance], client: str) -> None:
+def test_refused_connection_is_a_sample_not_an_exception(servers: Callable[[Behaviour], Instance]) -> None:
     good_one = servers(good())
-    dead = Instance("dead", "127.0.0.1", 9, 9, "fastdeploy")  # discard port: nothing listens
-    session = HttpClient() if client == "http.client" else RequestsClient()
+    dead = Instance("dead", "127.0.0.1", 9, 9, Engine.FASTDEPLOY)  # discard port: nothing listens
+    session = HttpClient()
     got = scrape_all([good_one, dead], session=session, timeout=0.5, deadline=1.0)
     session.close()
     assert got["dp0"].ok
@@ -278,7 +276,7 @@ def test_refused_connection_is_a_sample_not_an_exception(servers: Callable[[Beha
 def test_vllm_metrics_come_from_the_api_port(servers: Callable[[Behaviour], Instance]) -> None:
     inst = servers(good((FIXTURES / "vllm-metrics-sample.prom").read_text()))
     # A wrong metrics_port must not matter: vLLM serves /metrics on the API port.
-    vllm = Instance("v", inst.host, inst.port, 9, "vllm")
+    vllm = Instance("v", inst.host, inst.port, 9, Engine.VLLM)
     got = scrape_all([vllm])["v"]
     assert got.ok and got.running == 7.0
 
@@ -310,7 +308,7 @@ def test_only_the_used_series_are_parsed() -> None:
     # Garbage on lines we do not use is not our business; garbage on a line we use is an error.
     fd = spec("fastdeploy")
     page = FD_PAGE + "\nsome_other_metric{{{ broken\n"
-    assert load_from_metrics(parse_metrics(page, wanted_names(fd)), fd)["running"] == 3.0
+    assert load_from_metrics(parse_metrics(page, wanted_names(fd)), fd).running == 3.0
     page = FD_PAGE.replace("fastdeploy:num_requests_waiting 2.0", "fastdeploy:num_requests_waiting{oops=} x")
     with pytest.raises(ValueError):
         load_from_metrics(parse_metrics(page, wanted_names(fd)), fd)

@@ -4,44 +4,51 @@ Rendering is deterministic: servers sorted by name, integer weights, no timestam
 that differ between runs. So "same text" means "nothing to reload", and golden files stay stable.
 The generation id is a hash of the rendered text itself, served back by site/standalone configs so a
 reload can be confirmed.
+
+Input never becomes code: every value a template prints goes through the filter of its output syntax
+(fdngx.nginx.escape): `arg` for an nginx directive argument, `lua` for a Lua literal. StrictUndefined
+turns a missing value into an error instead of an empty string.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
 from fdngx import __version__
+from fdngx.domain import Balancer, Flavor, Instance, Inventory, Listen, Mode, Role, ServerState, is_ip
 from fdngx.errors import RenderError, UsageError
-from fdngx.inventory import Instance, Inventory
+from fdngx.nginx.escape import EscapeError, lua_literal, nginx_arg, nginx_size, nginx_time
 
-MODES = ("upstream", "site", "standalone")
-FLAVORS = ("nginx", "openresty")
 GENERATION_TOKEN = "@@FDNGX_GENERATION@@"
-_LISTEN = re.compile(r"^(?:(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):)?(?P<port>\d{1,5})$")
+MAX_WEIGHT = 10_000  # the same bound as the inventory's static weights
+DEFAULT_LISTEN = Listen("127.0.0.1", 8080)
+DEFAULT_ADMIN_LISTEN = Listen("127.0.0.1", 9401)
 
 
-@dataclass(frozen=True)
-class ServerState:
-    """What the policy decided for one instance: overrides the inventory's static weight."""
-
-    weight: int
-    down: bool = False
+def _listen(value: Listen | str, what: str) -> Listen:
+    if isinstance(value, Listen):
+        return value
+    try:
+        return Listen.parse(value, what)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 @dataclass(frozen=True)
 class RenderOptions:
-    mode: str = "upstream"
-    flavor: str = "nginx"
-    listen: str = "127.0.0.1:8080"
+    """How to render. Strings given for the typed fields are parsed (and refused) at construction."""
+
+    mode: Mode = Mode.UPSTREAM
+    flavor: Flavor = Flavor.NGINX
+    listen: Listen = DEFAULT_LISTEN
     template_dir: Path | None = None
     max_fails: int = 3
     fail_timeout: int = 3
@@ -52,48 +59,56 @@ class RenderOptions:
     read_timeout: str = "1h"
     client_max_body_size: str = "64m"
     # OpenResty flavor: where the sidecar pushes weights, the token it must show, how the Lua picks.
-    admin_listen: str = "127.0.0.1:9401"
+    admin_listen: Listen = DEFAULT_ADMIN_LISTEN
     admin_token_file: str = ""
-    balancer_mode: str = "least"
+    balancer_mode: Balancer = Balancer.LEAST
     # standalone + openresty on Debian's nginx: the dynamic modules to load (OpenResty has them built in).
     lua_modules: tuple[str, ...] = ()
     # None: logs/access.log under the prefix (standalone) or /var/log/nginx/<upstream>.access.log (site).
     access_log: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def coerce(name: str, kind: type, what: str) -> None:
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, kind(value))
+            except ValueError:
+                allowed = ", ".join(m.value for m in kind)  # type: ignore[attr-defined]
+                raise UsageError(f"{what} {value!r} is not one of {allowed}") from None
+
+        coerce("mode", Mode, "--mode")
+        coerce("flavor", Flavor, "--flavor")
+        coerce("balancer_mode", Balancer, "--balancer")
+        object.__setattr__(self, "listen", _listen(self.listen, "--listen"))
+        object.__setattr__(self, "admin_listen", _listen(self.admin_listen, "--admin-listen"))
 
     def validated(self) -> RenderOptions:
-        if self.mode not in MODES:
-            raise UsageError(f"--mode '{self.mode}' is not one of {', '.join(MODES)}")
-        if self.flavor not in FLAVORS:
-            raise UsageError(f"--flavor '{self.flavor}' is not one of {', '.join(FLAVORS)}")
-        parse_listen(self.listen)
-        if self.flavor == "openresty":
-            parse_listen(self.admin_listen)
-            if self.admin_token_file and not re.fullmatch(r"[A-Za-z0-9_./@:+-]+", self.admin_token_file):
-                raise UsageError(f"--admin-token-file '{self.admin_token_file}': use a plain path, no spaces or quotes")
-            if self.balancer_mode not in ("least", "p2c"):
-                raise UsageError(f"--balancer '{self.balancer_mode}' is not one of least, p2c")
+        """Every value that lands in the config, checked for its syntax; raises UsageError naming the option."""
         if self.max_fails < 0 or self.fail_timeout < 1 or self.keepalive < 0:
             raise UsageError("--max-fails >= 0, --fail-timeout >= 1 and --keepalive >= 0 are required")
+        checks = [
+            ("--worker-processes", self.worker_processes, lambda v: v == "auto" or v.isdigit()),
+            ("worker_shutdown_timeout", self.worker_shutdown_timeout, nginx_time),
+            ("--read-timeout", self.read_timeout, nginx_time),
+            ("--client-max-body-size", self.client_max_body_size, nginx_size),
+        ]
+        for what, value, ok in checks:
+            if not ok(value):
+                raise UsageError(f"{what} {value!r} is not a valid nginx value")
+        for what, value in (("--access-log", self.access_log), ("--admin-token-file", self.admin_token_file),
+                            *(("lua module", m) for m in self.lua_modules)):
+            if value:
+                try:
+                    nginx_arg(value)
+                except EscapeError:
+                    raise UsageError(
+                        f"{what} {value!r}: use a plain path (letters, digits, . _ / - : @ +), no spaces or quotes"
+                    ) from None
         return self
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """`ADDR:PORT` or `PORT` -> (host to reach it from this machine, port)."""
-    m = _LISTEN.match(listen.strip())
-    port = int(m.group("port")) if m else 0
-    if not m or not 1 <= port <= 65535:
-        raise UsageError(f"--listen '{listen}' must be ADDR:PORT or PORT (e.g. 127.0.0.1:8080)")
-    host = (m.group("host") or "127.0.0.1").strip("[]")
-    if host in ("0.0.0.0", "*"):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    return host, port
-
-
-def default_access_log(mode: str, upstream: str) -> str:
-    return "logs/access.log" if mode == "standalone" else f"/var/log/nginx/{upstream}.access.log"
+def default_access_log(mode: Mode, upstream: str) -> str:
+    return "logs/access.log" if mode is Mode.STANDALONE else f"/var/log/nginx/{upstream}.access.log"
 
 
 def natural_key(name: str) -> list[Any]:
@@ -103,7 +118,7 @@ def natural_key(name: str) -> list[Any]:
 
 def builtin_template_dir() -> Path:
     """templates/ ships inside the wheel as fdngx/templates; in a source checkout it sits beside fdngx/."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent
     for candidate in (here / "templates", here.parent / "templates"):
         if (candidate / "upstream.conf.j2").is_file():
             return candidate
@@ -114,10 +129,10 @@ def _environment(template_dir: Path | None) -> jinja2.Environment:
     loaders: list[jinja2.BaseLoader] = []
     if template_dir is not None:
         if not Path(template_dir).is_dir():
-            raise UsageError(f"--template-dir {template_dir}: not a directory")
+            raise UsageError(f"--template-dir {Path(template_dir).absolute()}: not a directory")
         loaders.append(jinja2.FileSystemLoader(str(template_dir)))
     loaders.append(jinja2.FileSystemLoader(str(builtin_template_dir())))
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.ChoiceLoader(loaders),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
@@ -125,6 +140,9 @@ def _environment(template_dir: Path | None) -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
+    env.filters["arg"] = nginx_arg
+    env.filters["lua"] = lua_literal
+    return env
 
 
 @functools.cache
@@ -144,29 +162,28 @@ def _server(inst: Instance, state: ServerState | None) -> dict[str, Any]:
         "address": inst.address,
         "host": inst.host,
         "port": inst.port,
-        "weight": max(1, int(weight)),
+        "weight": max(1, min(MAX_WEIGHT, int(weight))),
         "down": bool(state.down) if state is not None else False,
         "max_num_seqs": inst.max_num_seqs,
-        "engine": inst.engine,
-        "role": inst.role,
+        "engine": inst.engine.value,
+        "role": inst.role.value,
     }
 
 
 def context(inv: Inventory, opts: RenderOptions, states: Mapping[str, ServerState] | None = None) -> dict[str, Any]:
     states = states or {}
     servers = [_server(i, states.get(i.name)) for i in sorted(inv.instances, key=lambda i: natural_key(i.name))]
-    listen_host, listen_port = parse_listen(opts.listen)
     return {
         "version": __version__,
         "upstream": inv.upstream,
         "servers": servers,
         # Shared-memory zone for least_conn/max_fails across workers: ~1 KiB a server is ample.
         "zone_kb": 256 + len(servers),
-        "mode": opts.mode,
-        "flavor": opts.flavor,
-        "listen": opts.listen,
-        "listen_host": listen_host,
-        "listen_port": listen_port,
+        "mode": opts.mode.value,
+        "flavor": opts.flavor.value,
+        "listen": str(opts.listen),
+        "listen_host": opts.listen.reach_host,
+        "listen_port": opts.listen.port,
         "max_fails": opts.max_fails,
         "fail_timeout": opts.fail_timeout,
         "keepalive": opts.keepalive,
@@ -175,33 +192,41 @@ def context(inv: Inventory, opts: RenderOptions, states: Mapping[str, ServerStat
         "read_timeout": opts.read_timeout,
         "client_max_body_size": opts.client_max_body_size,
         "admin_token_file": opts.admin_token_file,
-        "admin_listen": opts.admin_listen,
-        "balancer_mode": opts.balancer_mode,
-        "lua_modules": list(opts.lua_modules) if opts.flavor == "openresty" else [],
+        "admin_listen": str(opts.admin_listen),
+        "balancer_mode": opts.balancer_mode.value,
+        "lua_modules": list(opts.lua_modules) if opts.flavor is Flavor.OPENRESTY else [],
         "access_log": opts.access_log or default_access_log(opts.mode, inv.upstream),
         "generation": GENERATION_TOKEN,
-        **dict(opts.extra),
     }
+
+
+def check_renderable(inv: Inventory, opts: RenderOptions) -> None:
+    """What a valid inventory may still not do in this flavor; raises RenderError naming the instance."""
+    if not inv.instances:
+        where = " + ".join(inv.sources) or "inventory"
+        raise RenderError(f"{where}: no instances to render (nginx needs at least one server)")
+    for inst in inv.instances:
+        if inst.role is not Role.MIXED:
+            raise RenderError(
+                f"instance '{inst.name}': role '{inst.role}' cannot share a plain upstream with mixed instances "
+                "(a prefill- or decode-only instance must not get plain requests); see docs/fastdeploy.md"
+            )
+    if opts.flavor is Flavor.OPENRESTY:
+        if not opts.admin_token_file:
+            raise RenderError("openresty flavor: no admin token file (fdngx render creates one beside --out)")
+        # balancer_by_lua's set_current_peer takes addresses only; nginx resolves names at load time.
+        for inst in inv.instances:
+            if not is_ip(inst.host):
+                raise RenderError(
+                    f"instance '{inst.name}': the openresty flavor needs an IP address, not host '{inst.host}'"
+                )
 
 
 def render(inv: Inventory, opts: RenderOptions, states: Mapping[str, ServerState] | None = None) -> str:
     """Render the config for `opts.mode`; raises RenderError with the template's file and line."""
     opts = opts.validated()
-    if not inv.instances:
-        where = " + ".join(inv.sources) or "inventory"
-        raise RenderError(f"{where}: no instances to render (nginx needs at least one server)")
-    if opts.flavor == "openresty":
-        if not opts.admin_token_file:
-            raise RenderError("openresty flavor: no admin token file (fdngx render creates one beside --out)")
-        # balancer_by_lua's set_current_peer takes addresses only; nginx resolves names at load time.
-        for inst in inv.instances:
-            try:
-                ipaddress.ip_address(inst.host)
-            except ValueError:
-                raise RenderError(
-                    f"instance '{inst.name}': the openresty flavor needs an IP address, not host '{inst.host}'"
-                ) from None
-    name = f"{opts.mode}.conf.j2"
+    check_renderable(inv, opts)
+    name = f"{opts.mode.value}.conf.j2"
     env = environment(opts.template_dir)
     try:
         text = env.get_template(name).render(context(inv, opts, states))
@@ -211,6 +236,8 @@ def render(inv: Inventory, opts: RenderOptions, states: Mapping[str, ServerState
         raise RenderError(f"template {exc.name} not found (template dir: {opts.template_dir or 'built-in'})") from None
     except jinja2.UndefinedError as exc:
         raise RenderError(f"template {name}: {exc.message}") from None
+    except EscapeError as exc:
+        raise RenderError(f"template {name}: {exc}") from None
     return stamp_generation(text)
 
 

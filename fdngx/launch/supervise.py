@@ -1,6 +1,6 @@
 """The supervisor: start the planned processes, wait for health, write the inventory, watch, restart, stop.
 
-Runs inside `fdngx launch` (foreground) or as `python -m fdngx.supervise` reading the plan as JSON on
+Runs inside `fdngx launch` (foreground) or as `python -m fdngx.launch.supervise` reading the plan as JSON on
 stdin (`--detach`). multi_api_server never polls its ranks and orphans them on SIGTERM, so fdngx owns
 supervision: every process in its own session, stops by process group, and this process is the
 subreaper of everything below it so nothing escapes to init.
@@ -16,14 +16,18 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 from fdngx import inventory as inv_mod
-from fdngx import procs
 from fdngx.engines import spec as engine_spec
+from fdngx.engines.argv import ProcSpec
 from fdngx.errors import FdngxError, LaunchError
-from fdngx.launch import Progress, health, remove_pidfile, write_pidfile
-from fdngx.plan import Plan, ProcSpec
+from fdngx.launch.pidfile import remove_pidfile, write_pidfile
+from fdngx.launch.plan import Plan
+from fdngx.launch.probe import health
+from fdngx.launch.progress import Progress
+from fdngx.system import procs
 
 POLL = 0.25
 # While running, each instance is probed this often; REFUSED_LIMIT refused connections in a row mean the
@@ -178,7 +182,8 @@ class Supervisor:
 
     def _start(self, c: Child) -> None:
         c.tree.clear()
-        c.popen = procs.start(c.spec)
+        header = f"starting {c.spec.name}: {c.spec.command_line()}"
+        c.popen = procs.start(c.spec.argv, c.spec.env, Path(c.spec.log), header)
         c.start = procs.starttime(c.popen.pid)
         c.state, c.started_at, c.healthy_at, c.exit_code = "starting", time.monotonic(), None, None
         for name in c.spec.instances:
@@ -373,7 +378,7 @@ def _pgid(pid: int) -> int | None:
 
 
 def main() -> None:
-    """`python -m fdngx.supervise`: the detached supervisor; the plan arrives as JSON on stdin."""
+    """`python -m fdngx.launch.supervise`: the detached supervisor; the plan arrives as JSON on stdin."""
     plan = Plan.from_dict(json.loads(sys.stdin.read()))
     sys.stdin.close()
     try:

@@ -1,9 +1,8 @@
-"""The control loop: every interval scrape -> policy -> (only when something changed) safe apply, or,
-for the openresty flavor, a push of weights and load to the Lua balancer every cycle (no reloads).
+"""The sidecar: the controller's cycle (fdngx.weights.controller) on a timer, an inventory watch and
+signals. Nothing about weights or nginx is decided here.
 
 Triggers: the timer; the inventory file(s) changing on disk (watchdog, debounced, because `launch` and
 editors write in bursts); SIGHUP (reload the inventory now). SIGTERM ends the loop between cycles.
-Every config write goes through `nginx.safe_apply`, the same path as `fdngx render --reload`.
 """
 
 from __future__ import annotations
@@ -21,16 +20,16 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from fdngx import inventory as inv_mod
-from fdngx.cycle import load_state, save_state, server_states, state_path_for, unapplied
+from fdngx.domain import Inventory, LoadSample
 from fdngx.errors import FdngxError
-from fdngx.fetch import Client
-from fdngx.inventory import Inventory
-from fdngx.nginx import ApplyResult, NginxControl, safe_apply
-from fdngx.openresty import Admin
-from fdngx.policy import Decisions, PolicyConfig, decide
-from fdngx.render import RenderOptions, ServerState, render
-from fdngx.scrape import LoadSample, loads_of, make_client, scrape_all
-from fdngx.telemetry import Telemetry
+from fdngx.nginx.target import Target
+from fdngx.weights.controller import Controller, CycleResult
+from fdngx.weights.fetch import Client
+from fdngx.weights.policy import Decisions
+from fdngx.weights.scrape import make_client, scrape_all
+from fdngx.weights.settings import PolicyConfig
+from fdngx.weights.store import StateStore, store_for
+from fdngx.weights.telemetry import Telemetry
 
 log = logging.getLogger("fdngx.sidecar")
 STATE_SAVE_EVERY = 10.0
@@ -39,27 +38,16 @@ STATE_SAVE_EVERY = 10.0
 @dataclass(frozen=True)
 class SidecarConfig:
     inventories: tuple[Path, ...]
-    out: Path
-    render_opts: RenderOptions = field(default_factory=RenderOptions)
-    control: NginxControl | None = None  # None: write the file only (someone else reloads)
-    admin: Admin | None = None  # openresty flavor: push weights and load here instead of reloading
-    reload: bool = True
+    target: Target
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    state_path: Path | None = None  # default: <out>.state.json
+    state_path: Path | None = None  # default: a dot-file beside --out (fdngx.weights.store.store_for)
     debounce: float = 1.0  # seconds of quiet after an inventory change before re-reading it
     scrape_deadline: float = 1.5
 
     @property
-    def state_file(self) -> Path:
-        return self.state_path or state_path_for(self.out)
-
-
-@dataclass(frozen=True)
-class CycleReport:
-    decisions: Decisions
-    samples: dict[str, LoadSample]
-    applied: ApplyResult | None  # None: nothing needed writing
-    error: str | None  # why the apply failed (the old config stays)
+    def store(self) -> StateStore:
+        assert self.target.out is not None
+        return store_for(self.target.out, self.state_path)
 
 
 class _InventoryWatch(FileSystemEventHandler):
@@ -84,18 +72,15 @@ class Sidecar:
         session: Client | None = None,
         clock: Callable[[], float] = time.time,
         scrape: Callable[..., dict[str, LoadSample]] = scrape_all,
-        apply: Callable[..., ApplyResult] = safe_apply,
     ) -> None:
         self.config = config
         self.policy = config.policy.validated()
-        config.render_opts.validated()
         self.telemetry = telemetry or Telemetry()
         self.session = session or make_client()
-        self.clock = clock
-        self.scrape = scrape
-        self.apply = apply
-        self.inventory: Inventory = inv_mod.load_many(list(config.inventories))  # a bad one at start is fatal
-        self.state = load_state(config.state_file)
+        self.controller = Controller(config.target, self.policy, self.session, scrape, clock, config.scrape_deadline)
+        self.inventory: Inventory = inv_mod.load_many(config.inventories)  # a bad one at start is fatal
+        self.store = config.store
+        self.state = self.store.load()
         self._render_pending = True  # the first cycle always makes the file match the inventory
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -103,11 +88,8 @@ class Sidecar:
         self._first_change_at: float | None = None
         self._observer: Any = None
         self.cycles = 0
-        self._last_error: str | None = None
         self._budget_holding = False
-        self._last_error_at = 0.0
         self._saved_at = -math.inf
-
     # -- triggers (any thread, signal handlers included) ---------------------------------------------
 
     def inventory_changed(self, immediate: bool = False) -> None:
@@ -187,22 +169,10 @@ class Sidecar:
 
     def save(self) -> None:
         try:
-            save_state(self.config.state_file, self.state)
+            self.store.save(self.state)
             self._saved_at = time.monotonic()
         except OSError as exc:
-            log.warning("%s: cannot save policy state: %s", self.config.state_file, exc)
-
-    def _push(self, states: dict[str, ServerState], samples: dict[str, LoadSample]) -> str | None:
-        """Every cycle, not only on change: the balancer fades scraped load that is not refreshed."""
-        assert self.config.admin is not None
-        t0 = time.monotonic()
-        try:
-            self.config.admin.push(states, loads_of(samples))
-        except FdngxError as exc:
-            return str(exc)
-        self.telemetry.pushes.inc()
-        self.telemetry.apply_seconds.observe(time.monotonic() - t0)
-        return None
+            log.warning("%s: cannot save policy state: %s", self.store.path, exc)
 
     def _note_budget(self, decisions: Decisions) -> None:
         """Say once when the reload budget starts holding changes back, and once when it lets go."""
@@ -218,62 +188,21 @@ class Sidecar:
             log.info("reload budget available again")
         self._budget_holding = bool(held)
 
-    def run_once(self) -> CycleReport:
-        """One cycle: scrape, decide, apply if anything changed, keep the state."""
+    def run_once(self) -> CycleResult:
+        """One cycle through the controller; then telemetry, and the state saved on change or every 10 s."""
         started = time.monotonic()
-        inv = self.inventory
-        samples = self.scrape(inv.instances, session=self.session, deadline=self.config.scrape_deadline)
-        now = self.clock()
-        decisions, new_state = decide(samples, inv, self.state, self.policy, now)
-        applied: ApplyResult | None = None
-        error: str | None = None
-        states = server_states(decisions)
-        pushing = self.config.admin is not None
-        # nginx flavor: weights live in the config, so a change is a write + reload. openresty flavor: the
-        # config follows the inventory only (static weights) and weights go to the Lua balancer by push.
-        if self._render_pending or (decisions.changed and not pushing):
-            t0 = time.monotonic()
-            rendered = None if pushing else states
-            try:
-                applied = self.apply(
-                    self.config.out,
-                    lambda: render(inv, self.config.render_opts, rendered),
-                    self.config.control,
-                    reload=self.config.reload and self.config.control is not None,
-                )
-                self._render_pending = False
-                if applied.note:
-                    log.warning("%s", applied.summary)
-                self.telemetry.applied(applied.generation, time.monotonic() - t0, applied.reloaded)
-            except FdngxError as exc:
-                error = str(exc)
-        if pushing and error is None:
-            error = self._push(states, samples)
-        if error is not None:
-            self.telemetry.reload_failures.inc()
-            new_state = unapplied(new_state, self.state)
-        # While an apply keeps failing the same way, say so once a minute, not every cycle: a stopped
-        # nginx must not flood the log (the same changes stay pending and are retried each cycle).
-        quiet = error is not None and error == self._last_error and time.monotonic() - self._last_error_at < 60
-        if not quiet:
-            for d in decisions:
-                if d.changed:
-                    log.info("%s%s: %s", "NOT APPLIED " if error else "", d.name, d.reason)
-        if error and not quiet:
-            log.error("apply failed: %s", error)
-            self._last_error, self._last_error_at = error, time.monotonic()
-        elif not error and self._last_error is not None:
-            log.info("apply works again")
-            self._last_error = None
+        result, self.state = self.controller.step(self.inventory, self.state, force_render=self._render_pending)
+        if result.error is None:
+            self._render_pending = False
+        decisions = result.decisions
+        assert decisions is not None
         self._note_budget(decisions)
-        if decisions.fail_open and (decisions.changed or self.cycles == 0):
+        if decisions.fail_open and self.cycles == 0 and not decisions.changed:
             log.warning("failing open: %s", decisions.fail_open)
-        self.state = new_state
         # Every change at once (status and a restarted sidecar must see what nginx has); otherwise every
         # 10 s: an fsync'd write per second buys nothing but a few lost seconds of smoothing on a crash.
         if decisions.changed or time.monotonic() - self._saved_at >= STATE_SAVE_EVERY:
             self.save()
-        self.telemetry.observe(samples, decisions, new_state, now)
-        self.telemetry.cycle_seconds.observe(time.monotonic() - started)
+        self.telemetry.cycle(result, self.state, self.controller.clock(), time.monotonic() - started)
         self.cycles += 1
-        return CycleReport(decisions, samples, applied, error)
+        return result

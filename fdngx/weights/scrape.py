@@ -13,53 +13,25 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ALL_COMPLETED, Future, wait
-from dataclasses import dataclass
+from dataclasses import replace
 
-import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from fdngx.domain import Instance, Load, LoadSample
 from fdngx.engines import EngineSpec, spec
-from fdngx.fetch import Client, Fetch, HttpClient, RequestsClient
-from fdngx.inventory import Instance
+from fdngx.weights.fetch import Client, Fetch, HttpClient
 
 CONNECT_TIMEOUT = 0.5
 READ_TIMEOUT = 1.0
 DEADLINE = 1.5
 MAX_BYTES = 2 * 1024 * 1024  # a FastDeploy page is ~20 KB; vLLM with many labels a few hundred KB
 _HEALTH_BYTES = 64 * 1024
-
-
-@dataclass(frozen=True)
-class LoadSample:
-    """What one scrape saw on one instance. `ok` means the load numbers are usable."""
-
-    name: str
-    ok: bool
-    healthy: bool
-    running: float = 0.0
-    queued: float = 0.0
-    kv_usage: float | None = None
-    capacity: float | None = None
-    queued_reliable: bool = True
-    # Counters of the engine's time-per-output-token histogram (sum of seconds, observations): the policy
-    # turns their increase between scrapes into the replica's decode speed.
-    tpot_sum: float | None = None
-    tpot_count: float | None = None
-    scraped_at: float = 0.0
-    latency: float = 0.0
-    error: str | None = None
-    # Why /health was not 200 ("404", "connection refused", ...): shown in down reasons.
-    health_error: str | None = None
-
-    @property
-    def load(self) -> float:
-        """Requests on the replica: running plus a backlog the engine reports reliably."""
-        return self.running + (self.queued if self.queued_reliable else 0.0)
-
-
-def loads_of(samples: Mapping[str, LoadSample]) -> dict[str, float]:
-    """Scraped load of every healthy, readable replica (what the OpenResty balancer is told)."""
-    return {name: s.load for name, s in samples.items() if s.ok and s.healthy}
+# Sane ranges: a value outside is clamped before the policy sees it (a buggy build can report anything).
+MAX_REQUESTS = 1_000_000.0  # running or queued on one replica
+# A scraped capacity (slots) is trusted within this factor of the inventory's max_num_seqs: enough to
+# correct a guess (vLLM's 256 vs 1024), not enough for one replica to claim the fleet's traffic.
+CAPACITY_TRUST = 8.0
+MAX_COUNTER = 1e15  # histogram counters (seconds, observations): far beyond any engine's uptime
 
 
 def make_client() -> Client:
@@ -120,14 +92,19 @@ def _finite(name: str, vals: list[float]) -> list[float]:
     return vals
 
 
-def load_from_metrics(values: Mapping[str, list[float]], engine: EngineSpec) -> dict[str, object]:
-    """Map parsed samples to LoadSample fields. Raises ValueError naming what is missing or wrong."""
+def _clamp(v: float, lo: float, hi: float) -> float:
+    return min(hi, max(lo, v))
+
+
+def load_from_metrics(values: Mapping[str, list[float]], engine: EngineSpec) -> Load:
+    """Map parsed samples to load signals, clamped to sane ranges. Raises ValueError naming what is
+    missing or wrong (a non-finite or negative value)."""
     names = engine.metrics
     running = _pick(values, names.running)
     if running is None:
         raise ValueError(f"missing series {names.running[0]}")
     # Counts add up over label sets (vLLM labels per engine); queued names add up too (waiting + queuing).
-    run_total = sum(_finite(names.running[0], running))
+    run_total = _clamp(sum(_finite(names.running[0], running)), 0.0, MAX_REQUESTS)
     queued_total = 0.0
     seen_queued = False
     for qname in names.queued:
@@ -136,6 +113,7 @@ def load_from_metrics(values: Mapping[str, list[float]], engine: EngineSpec) -> 
             queued_total += sum(_finite(qname, values[qname]))
     if not seen_queued:
         raise ValueError(f"missing series {names.queued[0]}")
+    queued_total = _clamp(queued_total, 0.0, MAX_REQUESTS)
     reliable = names.queued_marker is None or names.queued_marker in values
     kv = _pick(values, names.kv_usage)
     kv_usage: float | None = None
@@ -147,22 +125,15 @@ def load_from_metrics(values: Mapping[str, list[float]], engine: EngineSpec) -> 
     cap = _pick(values, names.capacity) if names.capacity else None
     capacity: float | None = None
     if cap:
-        capacity = sum(_finite(names.capacity[0], cap)) or None  # 0 slots means "not reported"
+        total = sum(_finite(names.capacity[0], cap))
+        capacity = _clamp(total, 1.0, MAX_REQUESTS) if total >= 1 else None  # 0 slots means "not reported"
     tpot_sum = tpot_count = None
     for hname in names.tpot:  # optional: without it the policy simply has no speed signal
         if f"{hname}_sum" in values and f"{hname}_count" in values:
-            tpot_sum = sum(_finite(f"{hname}_sum", values[f"{hname}_sum"]))
-            tpot_count = sum(_finite(f"{hname}_count", values[f"{hname}_count"]))
+            tpot_sum = _clamp(sum(_finite(f"{hname}_sum", values[f"{hname}_sum"])), 0.0, MAX_COUNTER)
+            tpot_count = _clamp(sum(_finite(f"{hname}_count", values[f"{hname}_count"])), 0.0, MAX_COUNTER)
             break
-    return {
-        "running": run_total,
-        "queued": queued_total,
-        "kv_usage": kv_usage,
-        "capacity": capacity,
-        "queued_reliable": reliable,
-        "tpot_sum": tpot_sum,
-        "tpot_count": tpot_count,
-    }
+    return Load(run_total, queued_total, kv_usage, capacity, reliable, tpot_sum, tpot_count)
 
 
 def _metrics_url(inst: Instance, engine: EngineSpec) -> str:
@@ -191,34 +162,32 @@ def _build(inst: Instance, engine: EngineSpec, metrics: Fetch | None, health: Fe
     error = metrics.error
     if error is None and metrics.status != 200:
         error = f"HTTP {metrics.status}"
-    fields: dict[str, object] = {}
+    load: Load | None = None
     if error is None:
         try:
             text = metrics.body.decode("utf-8", "replace")
-            fields = load_from_metrics(parse_metrics(text, wanted_names(engine)), engine)
+            load = trusted_capacity(load_from_metrics(parse_metrics(text, wanted_names(engine)), engine), inst)
         except Exception as exc:  # the parser raises ValueError and friends, never let one escape
             error = f"bad metrics: {exc}"[:200]
-    if error is not None:
+    if load is None:
         return LoadSample(
             inst.name, False, healthy, scraped_at=at, latency=metrics.latency, error=error, health_error=health_error
         )
-    return LoadSample(
-        inst.name, True, healthy, scraped_at=at, latency=metrics.latency, health_error=health_error, **fields
-    )  # type: ignore[arg-type]
+    return LoadSample.of(inst.name, healthy, load, scraped_at=at, latency=metrics.latency, health_error=health_error)
 
 
-def _as_client(session: Client | requests.Session | None) -> tuple[Client, bool]:
-    if session is None:
-        return HttpClient(), True
-    if isinstance(session, requests.Session):
-        return RequestsClient(session), False
-    return session, False
+def trusted_capacity(load: Load, inst: Instance) -> Load:
+    """The scraped capacity, within CAPACITY_TRUST of what the inventory says."""
+    if load.capacity is None:
+        return load
+    lo, hi = inst.max_num_seqs / CAPACITY_TRUST, inst.max_num_seqs * CAPACITY_TRUST
+    return replace(load, capacity=_clamp(load.capacity, max(1.0, lo), hi))
 
 
 def scrape_all(
     instances: Iterable[Instance],
     *,
-    session: Client | requests.Session | None = None,
+    session: Client | None = None,
     timeout: float = READ_TIMEOUT,
     connect_timeout: float = CONNECT_TIMEOUT,
     deadline: float = DEADLINE,
@@ -228,12 +197,12 @@ def scrape_all(
     """Scrape metrics and health of every instance at once; returns a sample per instance name.
 
     The whole call returns within about `deadline` seconds whatever the replicas do. `session`: a
-    Client from make_client() (reused across cycles), a requests.Session, or None for a one-off client.
+    Client from make_client() (reused across cycles), or None for a one-off client.
     """
     insts = list(instances)
     if not insts:
         return {}
-    client, own = _as_client(session)
+    client, own = (HttpClient(), True) if session is None else (session, False)
     end = time.monotonic() + deadline
     common = {"connect_timeout": connect_timeout, "read_timeout": timeout, "deadline": end}
     jobs: dict[Future[Fetch], tuple[int, str]] = {}

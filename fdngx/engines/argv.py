@@ -1,13 +1,11 @@
-"""Launch planning: options -> exact processes (argv, env, log) and the inventory they will serve.
+"""What every engine's launch builder shares: the request, the process spec, and argv/port helpers.
 
-Pure: nothing here starts a process, binds a port or touches the file system, so `--dry-run` and the unit
-tests see exactly what a real launch runs. Each engine module builds its own command lines from a
-`LaunchRequest` and the planned ports (`fdngx.engines.<engine>.build_launch`).
+Pure: nothing here starts a process or binds a port. An engine module (fdngx.engines.<engine>) turns a
+LaunchRequest into ProcSpecs and inventory instances with these; fdngx.launch.plan asks it to.
 """
 
 from __future__ import annotations
 
-import importlib
 import shlex
 import sys
 from collections.abc import Sequence
@@ -15,23 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fdngx.domain import Engine, Instance, Restart
 from fdngx.errors import UsageError
-from fdngx.inventory import ENGINES, Instance, Inventory, check_unique, parse_inventory, valid_host
 
 DEFAULT_BASE_PORT = 8001
 # Metrics ports sit a fixed offset above the API ports, so `8003` and `9003` are visibly the same replica.
 METRICS_OFFSET = 1000
-# FastDeploy's engine worker queue ports: one per rank, another fixed offset (see engines/fastdeploy.py).
-QUEUE_OFFSET = 2000
-DEFAULT_TIMEOUT = {"fastdeploy": 1800.0, "vllm": 1800.0, "sglang": 1800.0, "sim": 60.0}
-RESTART_POLICIES = ("no", "on-failure")
 
 
 @dataclass
 class LaunchRequest:
     """What the user asked for, already parsed (the CLI fills it, tests build it directly)."""
 
-    engine: str
+    engine: Engine
     num_servers: int
     model: str | None = None
     gpus: list[str] | None = None
@@ -45,7 +39,7 @@ class LaunchRequest:
     inventory: Path = Path("fdngx.json")
     log_dir: Path | None = None
     timeout: float | None = None
-    restart: str = "no"
+    restart: Restart = Restart.NO
     grace: float = 15.0
     # The interpreter for `python -m ...` engines: the one running fdngx, so its packages are the engine's.
     python: str = sys.executable
@@ -66,73 +60,6 @@ class ProcSpec:
     def command_line(self) -> str:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
         return f"{env} {shlex.join(self.argv)}" if env else shlex.join(self.argv)
-
-
-@dataclass
-class Plan:
-    engine: str
-    procs: list[ProcSpec]
-    inventory: Inventory
-    inventory_path: str
-    log_dir: str
-    ports: list[int]
-    timeout: float
-    restart: str
-    grace: float
-    # True when every instance lives in one process (multi_api_server, one sim): they fail and restart together.
-    grouped: bool
-
-    @property
-    def pidfile(self) -> str:
-        return pidfile_for(self.inventory_path)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "engine": self.engine,
-            "procs": [vars(p) for p in self.procs],
-            "inventory": self.inventory.to_dict(),
-            "inventory_path": self.inventory_path,
-            "log_dir": self.log_dir,
-            "ports": self.ports,
-            "timeout": self.timeout,
-            "restart": self.restart,
-            "grace": self.grace,
-            "grouped": self.grouped,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Plan:
-        return cls(
-            engine=data["engine"],
-            procs=[ProcSpec(**p) for p in data["procs"]],
-            inventory=parse_inventory(data["inventory"], "<launch plan>"),
-            inventory_path=data["inventory_path"],
-            log_dir=data["log_dir"],
-            ports=list(data["ports"]),
-            timeout=float(data["timeout"]),
-            restart=data["restart"],
-            grace=float(data["grace"]),
-            grouped=bool(data["grouped"]),
-        )
-
-    def describe(self) -> str:
-        """The dry-run text: every command line with its environment, then the inventory."""
-        lines = [f"# engine: {self.engine}; {len(self.procs)} process(es), each in its own process group"]
-        for p in self.procs:
-            lines.append(f"# {p.name}: serves {', '.join(p.instances)}; output -> {p.log}")
-            lines.append(p.command_line())
-        lines.append(f"# ports that must be free: {','.join(map(str, self.ports))}")
-        lines.append(f"# inventory -> {self.inventory_path} (pid per instance added once started):")
-        lines.append(self.inventory.to_json().rstrip("\n"))
-        return "\n".join(lines) + "\n"
-
-
-def pidfile_for(inventory_path: str | Path) -> str:
-    """The supervisor's pidfile sits next to the inventory it serves: `fdngx.json` -> `fdngx.json.pid`."""
-    return str(inventory_path) + ".pid"
-
-
-# -- parsing helpers used by the CLI and the engine builders -------------------------------------------
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -271,43 +198,6 @@ def make_instances(
     for i in range(req.num_servers):
         more = {"log": logs[i], **(extra[i] if extra else {})}
         out.append(Instance(f"dp{i}", req.host, ports.api[i], ports.metrics[i], req.engine, seqs[i], extra=more))
-    check_unique(out, "launch plan")
     return out
 
 
-def build_plan(req: LaunchRequest) -> Plan:
-    """Validate the request and ask the engine module for its processes."""
-    if req.num_servers < 1:
-        raise UsageError(f"--num-servers must be at least 1, got {req.num_servers}")
-    if not valid_host(req.host):
-        raise UsageError(f"--host {req.host!r} is not an IP address or RFC 1123 hostname")
-    if req.restart not in RESTART_POLICIES:
-        raise UsageError(f"--restart must be one of {', '.join(RESTART_POLICIES)}, got {req.restart!r}")
-    if req.grace < 0:
-        raise UsageError(f"--grace must be 0 or more seconds, got {req.grace}")
-    if req.engine not in ENGINES:
-        raise UsageError(f"unknown engine {req.engine!r} (known: {', '.join(ENGINES)})")
-    # Each engine module has build_launch(req) -> (procs, instances, extra ports to check, grouped).
-    builder = importlib.import_module(f"fdngx.engines.{req.engine}").build_launch
-    inventory_path = Path(req.inventory).absolute()
-    log_dir = Path(req.log_dir).absolute() if req.log_dir else inventory_path.parent / "fdngx-logs"
-    req = LaunchRequest(**{**vars(req), "inventory": inventory_path, "log_dir": log_dir})
-    procs, instances, extra_ports, grouped = builder(req)
-    ports = [i.port for i in instances] + [i.metrics_port for i in instances if i.metrics_port != i.port]
-    ports += extra_ports
-    check_distinct(ports, "API, metrics and engine ports together")
-    timeout = DEFAULT_TIMEOUT[req.engine] if req.timeout is None else req.timeout
-    if timeout <= 0:
-        raise UsageError(f"--timeout must be positive, got {timeout}")
-    return Plan(
-        engine=req.engine,
-        procs=procs,
-        inventory=Inventory(instances, upstream="fastdeploy"),
-        inventory_path=str(inventory_path),
-        log_dir=str(log_dir),
-        ports=ports,
-        timeout=timeout,
-        restart=req.restart,
-        grace=req.grace,
-        grouped=grouped,
-    )

@@ -30,100 +30,14 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, NamedTuple
+from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 
-from fdngx.errors import UsageError
-from fdngx.inventory import Instance, Inventory
-from fdngx.policy_state import InstanceState, PolicyState
-from fdngx.scrape import LoadSample
+from fdngx.domain import Instance, Inventory, LoadSample
+from fdngx.weights.settings import PolicyConfig
+from fdngx.weights.state import InstanceState, PolicyState
 
 _WINDOW = 60.0  # the reload budget is per minute
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    interval: float = 2.0  # seconds between cycles (the sidecar's; cron mode uses its own period)
-    alpha: float = 0.3  # EWMA weight of a new sample
-    gain: float = 0.3  # integral gain per cycle on log(fleet load / own load)
-    leak: float = 0.01  # per-cycle pull of the correction back to neutral (bounds noise's random walk)
-    tolerance: float = 0.05  # log load ratios within +-0.05 count as balanced: noise is not integrated
-    soft: float = 0.25  # added to per-slot loads: an idle fleet's noise moves nothing
-    min_factor: float = 0.1  # bounds on the correction g
-    max_factor: float = 2.0
-    kv_threshold: float = 0.85  # KV usage above this counts as extra load
-    kv_gain: float = 1.0  # KV 100% adds one full set of slots to the load
-    deadband_rel: float = 0.2  # ignore weight moves smaller than 20% of the current weight...
-    deadband_abs: int = 2  # ...or smaller than this many units
-    min_hold: float = 10.0  # seconds a weight stays before it may move again
-    max_reloads_per_minute: int = 4
-    fail_threshold: int = 3  # consecutive failed /health before `down`
-    recover_threshold: int = 2  # consecutive /health 200 before back up
-    ramp_duration: float = 10.0  # seconds from recovery to full weight (nginx OSS has no slow_start)
-    ramp_steps: int = 4
-    # The ramp protects a cold replica while the others have room; once they queue (fleet load per slot at
-    # or above this), every request held back from the returning replica waits in a queue elsewhere, so the
-    # ramp ends at once.
-    ramp_until_load: float = 1.0
-    stale_after: float = 10.0  # metrics older than this no longer steer the weight
-    stale_half_life: float = 10.0  # how fast a stale correction fades back to neutral
-    # A replica's decode speed (TPOT against the fleet's median) scales its weight. Off for the nginx
-    # flavor (see config_for_flavor), on for openresty.
-    speed_aware: bool = False
-    speed_tolerance: float = 0.2  # |log speed ratio| beyond this moves the weight (about 18 % slower)
-    speed_min_tokens: float = 8  # TPOT observations needed for one speed update
-    min_speed: float = 0.25  # bounds on the speed factor
-    max_speed: float = 2.0
-    scale: int = 20  # weight of the biggest replica at neutral load
-    max_weight: int = 100
-
-    def validated(self) -> PolicyConfig:
-        checks = [
-            (self.interval > 0, "interval must be > 0"),
-            (0 < self.alpha <= 1, "alpha must be in (0, 1]"),
-            (self.gain >= 0 and 0 <= self.leak <= 1, "gain must be >= 0 and leak in [0, 1]"),
-            (0 < self.min_factor <= 1 <= self.max_factor, "min_factor <= 1 <= max_factor, both > 0"),
-            (self.fail_threshold >= 1 and self.recover_threshold >= 1, "fail/recover thresholds must be >= 1"),
-            (self.max_reloads_per_minute >= 1, "max reloads per minute must be >= 1"),
-            (1 <= self.scale <= self.max_weight, "1 <= scale <= max_weight"),
-            (self.ramp_steps >= 1 and self.ramp_duration >= 0, "ramp steps >= 1, ramp duration >= 0"),
-            (self.stale_after > 0 and self.stale_half_life > 0, "stale times must be > 0"),
-            (self.speed_tolerance >= 0, "speed tolerance must be >= 0"),
-            (0 < self.min_speed <= 1 <= self.max_speed, "min_speed <= 1 <= max_speed, both > 0"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UsageError(f"policy: {msg}")
-        return self
-
-
-def config_of_state(state: PolicyState) -> PolicyConfig:
-    """The settings of the sidecar or cron job that wrote `state` (defaults for what it does not say)."""
-    known = {f.name for f in fields(PolicyConfig)}
-    try:
-        return PolicyConfig(**{k: v for k, v in state.config.items() if k in known}).validated()
-    except (TypeError, UsageError):
-        return PolicyConfig()
-
-
-def config_for_flavor(flavor: str, **settings: Any) -> PolicyConfig:
-    """The policy as each flavor needs it.
-
-    openresty: the Lua balancer sees live in-flight plus the scraped load itself, so the weight carries only
-    capacity, health, speed and ramp (a load correction would count the load twice), and since a change costs
-    no reload there is no dead-band, hold or reload budget to pay for.
-
-    Speed: measured with one half-speed replica of four (bench/lb, 3 windows each, two runs), scaling its
-    weight by its speed cut p99 end-to-end latency by 13-27 % with p99 TTFT within noise through the Lua
-    balancer, which also sees the fast replicas' queues and spills onto the slow one when they fill;
-    through nginx's weighted least_conn it cut p99 E2E by 18-27 % but raised p99 TTFT 1.7-2.2x (the fast
-    replicas' slots fill first). So it is on by default for openresty only; `speed_aware` overrides.
-    """
-    if settings.get("speed_aware") is None:
-        settings["speed_aware"] = flavor == "openresty"
-    if flavor == "openresty":
-        settings.update(gain=0.0, deadband_rel=0.0, deadband_abs=0, min_hold=0.0, max_reloads_per_minute=10_000)
-    return PolicyConfig(**settings).validated()
 
 
 @dataclass(frozen=True)
@@ -168,6 +82,8 @@ def base_weights(inventory: Inventory, capacities: Mapping[str, float], config: 
 
 
 def _quantise(x: float, config: PolicyConfig) -> int:
+    if not math.isfinite(x):
+        return config.max_weight if x > 0 else 1
     return max(1, min(config.max_weight, round(x)))
 
 

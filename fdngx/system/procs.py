@@ -1,4 +1,4 @@
-"""Process primitives for launch/stop: start in a new session, identify by (pid, start time), stop a group.
+"""Process primitives: start in a new session, identify by (pid, start time), stop a group, read /proc.
 
 Safety rule: fdngx only ever signals processes it started. A pid alone can be reused by the kernel, so
 every pid we keep is paired with its start time from /proc/<pid>/stat and checked before any signal.
@@ -18,8 +18,6 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-
-from fdngx.plan import ProcSpec
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -44,6 +42,22 @@ def starttime(pid: int) -> int | None:
     if f is None or f[0] in ("Z", "X"):
         return None
     return int(f[19])
+
+
+@functools.cache
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def start_time_epoch(pid: int) -> float | None:
+    """When `pid` started, in seconds since the epoch (1/CLK_TCK resolution); None when gone."""
+    ticks = starttime(pid)
+    if ticks is None:
+        return None
+    return _boot_time() + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def same_process(pid: int, start: int | None) -> bool:
@@ -137,17 +151,17 @@ def _child_setup(parent: int) -> None:
         os._exit(1)
 
 
-def start(spec: ProcSpec) -> subprocess.Popen[bytes]:
-    """Start one process in its own session (so its pgid is its pid), output appended to its log."""
-    log = Path(spec.log)
+def start(argv: list[str], env: dict[str, str], log: Path, header: str) -> subprocess.Popen[bytes]:
+    """Start one process in its own session (so its pgid is its pid), output appended to `log` after a
+    `# fdngx <time>: <header>` line."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **spec.env}
+    env = {**os.environ, **env}
     with open(log, "ab") as fh:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-        fh.write(f"# fdngx {stamp}: starting {spec.name}: {spec.command_line()}\n".encode())
+        fh.write(f"# fdngx {stamp}: {header}\n".encode())
         fh.flush()
         return subprocess.Popen(
-            spec.argv,
+            argv,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=fh,

@@ -1,8 +1,13 @@
 """The policy's memory between cycles: per-instance smoothing, health counts, applied weights, the reload
-budget. JSON-serialisable, so cron mode can keep it in a file beside the config (see fdngx.cycle)."""
+budget. Pure values; fdngx.weights.store keeps them in a file between cron runs and sidecar restarts.
+
+`from_dict` checks the document against this schema: a state file with a wrong type anywhere is
+refused as a whole (ValueError), and the store starts fresh, as it does for garbage.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -30,9 +35,37 @@ class InstanceState:
     speed: float = 1.0  # speed factor applied to the weight (1: within tolerance of the fleet's median)
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> InstanceState:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+    def from_dict(cls, raw: Any) -> InstanceState:
+        """Raises ValueError naming the first field of the wrong type; unknown fields are ignored."""
+        if not isinstance(raw, Mapping):
+            raise ValueError("an instance state must be an object")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in raw:
+                continue
+            values[f.name] = _typed(f.name, raw[f.name], str(f.type))
+        return cls(**values)
+
+
+def _typed(name: str, value: Any, kind: str) -> Any:
+    """`value` if it fits the annotation `kind` (as written above), else ValueError."""
+    optional = kind.endswith("| None")
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"field {name!r} must not be null")
+    base = kind.removesuffix(" | None")
+    if base == "bool":
+        ok = isinstance(value, bool)
+    elif base == "int":
+        ok = type(value) is int
+    elif base == "float":
+        ok = type(value) in (int, float) and math.isfinite(value)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ValueError(f"field {name!r} = {str(value)[:40]!r} is not {base}")
+    return float(value) if base == "float" else value
 
 
 @dataclass
@@ -54,8 +87,8 @@ class PolicyState:
 
     @classmethod
     def from_dict(cls, raw: Any) -> PolicyState:
-        """Raises ValueError on a document that is not a state of this version."""
-        if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION:
+        """Raises ValueError on a document that is not a state of this version, or has a wrong type."""
+        if not isinstance(raw, dict) or type(raw.get("version")) is not int or raw["version"] != STATE_VERSION:
             raise ValueError("not an fdngx policy state (version 1)")
         insts = raw.get("instances", {})
         if not isinstance(insts, dict):
@@ -63,12 +96,20 @@ class PolicyState:
         config = raw.get("config", {})
         if not isinstance(config, dict):
             raise ValueError("'config' must be an object")
-        try:
-            return cls(
-                instances={str(k): InstanceState.from_dict(v) for k, v in insts.items()},
-                reloads=[float(t) for t in raw.get("reloads", [])],
-                updated_at=raw.get("updated_at"),
-                config=config,
-            )
-        except (TypeError, AttributeError) as exc:
-            raise ValueError(f"bad state: {exc}") from None
+        reloads = raw.get("reloads", [])
+        if not isinstance(reloads, list):
+            raise ValueError("'reloads' must be a list")
+        updated_at = raw.get("updated_at")
+        return cls(
+            instances={str(k): _instance(k, v) for k, v in insts.items()},
+            reloads=[_typed("reloads", t, "float") for t in reloads],
+            updated_at=None if updated_at is None else _typed("updated_at", updated_at, "float"),
+            config=config,
+        )
+
+
+def _instance(name: str, raw: Any) -> InstanceState:
+    try:
+        return InstanceState.from_dict(raw)
+    except ValueError as exc:
+        raise ValueError(f"instance {name!r}: {exc}") from None

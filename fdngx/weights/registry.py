@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import socket
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from fdngx import inventory as inv_mod
-from fdngx.errors import FdngxError, InventoryError
-from fdngx.fsutil import file_lock
-from fdngx.render import parse_listen
+from fdngx.domain import Inventory, Listen, Role
+from fdngx.errors import FdngxError, InventoryError, UsageError
+from fdngx.system.files import file_lock
 
 log = logging.getLogger("fdngx.registry")
 MAX_BODY = 64 * 1024
@@ -56,7 +57,7 @@ class Registry:
         self.lock = self.path.with_name(f".{self.path.name}.registry.lock")
         with file_lock(self.lock):
             if not self.path.exists():
-                inv_mod.save(inv_mod.Inventory([], upstream), self.path)
+                inv_mod.save(Inventory([], upstream), self.path)
 
     def register(self, body: Any, peer: str | None = None) -> tuple[int, dict[str, Any]]:
         """Validate one registration and merge it; returns (HTTP status, JSON answer)."""
@@ -105,7 +106,7 @@ class Registry:
 
     def registered_number(self) -> dict[str, int]:
         counts = Counter(i.role for i in inv_mod.load(self.path).instances)
-        return {role: counts.get(role, 0) for role in inv_mod.ROLES}
+        return {role.value: counts.get(role, 0) for role in Role}
 
 
 def _ok() -> dict[str, Any]:
@@ -156,14 +157,21 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(404, {"detail": "not found"})
 
 
+class _V6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 class RegistryServer:
     """The HTTP side, on its own thread (the sidecar runs it beside its loop)."""
 
     def __init__(self, listen: str, registry: Registry) -> None:
-        _, port = parse_listen(listen)  # validates; the bind address is what the user wrote (0.0.0.0 too)
-        host = listen.rsplit(":", 1)[0] if ":" in listen else "127.0.0.1"
+        try:
+            where = Listen.parse(listen, "--registry-listen", allow_zero=True)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         handler = type("Handler", (_Handler,), {"registry": registry})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
+        server_class = _V6Server if ":" in where.bind_host else ThreadingHTTPServer
+        self.httpd = server_class((where.bind_host, where.port), handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="fdngx-registry", daemon=True)
 

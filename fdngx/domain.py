@@ -1,0 +1,256 @@
+"""Shared value types. No fdngx imports here: every layer may use these, and they use nothing of ours.
+
+- The closed sets a user picks from (Mode, Flavor, Engine, Balancer, Restart, Role) as string enums, so
+  typer validates them, JSON writes their value, and code compares members instead of strings.
+- Instance and Inventory (the replicas behind one upstream), ServerState (what the policy decided for
+  one), LoadSample (what one scrape saw on one).
+- Listen (ADDR:PORT parsing and formatting) and hostport (the one place that puts IPv6 in brackets).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class StrEnum(str, Enum):
+    """A string enum whose str() and format() are its value (enum.StrEnum needs Python 3.11)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+class Mode(StrEnum):
+    """What `render` writes: the upstream block alone, upstream + server, or a whole nginx.conf."""
+
+    UPSTREAM = "upstream"
+    SITE = "site"
+    STANDALONE = "standalone"
+
+
+class Flavor(StrEnum):
+    """nginx: weights in the config (a change is a reload). openresty: a Lua balancer fed by pushes."""
+
+    NGINX = "nginx"
+    OPENRESTY = "openresty"
+
+
+class Engine(StrEnum):
+    FASTDEPLOY = "fastdeploy"
+    VLLM = "vllm"
+    SGLANG = "sglang"
+    SIM = "sim"
+
+
+class Balancer(StrEnum):
+    """How the Lua balancer picks: the least loaded replica, or the better of two random ones."""
+
+    LEAST = "least"
+    P2C = "p2c"
+
+
+class Restart(StrEnum):
+    NO = "no"
+    ON_FAILURE = "on-failure"
+
+
+class Role(StrEnum):
+    MIXED = "mixed"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+def is_ip(host: str) -> bool:
+    """An IPv4 or IPv6 literal, without a scope id (`fe80::1%eth0` is refused: it cannot reach nginx safely)."""
+    if "%" in host:
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def hostport(host: str, port: int) -> str:
+    """`host:port` as nginx and URLs want it: IPv6 literals in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_LISTEN = re.compile(r"(?:(?P<host>\[[0-9A-Fa-f:.]+\]|\*|[A-Za-z0-9.-]+):)?(?P<port>[0-9]{1,5})")
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+@dataclass(frozen=True)
+class Listen:
+    """An `ADDR:PORT` (or `PORT`) to listen on. `host` is unbracketed; `*` or '' (a bare port, as nginx
+    reads it) mean every IPv4 address."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, what: str = "--listen", *, allow_zero: bool = False) -> Listen:
+        """Raises ValueError with a message naming `what`; port 0 (pick a free one) only with allow_zero."""
+        m = _LISTEN.fullmatch(text.strip()) if isinstance(text, str) else None
+        port = int(m.group("port")) if m else -1
+        lo = 0 if allow_zero else 1
+        host = (m.group("host") or "").strip("[]") if m else "?"
+        if not m or not lo <= port <= 65535 or not (host in ("", "*") or is_ip(host) or _hostname(host)):
+            raise ValueError(f"{what} {text!r} must be ADDR:PORT or PORT (e.g. 127.0.0.1:8080, [::1]:8080, 8080)")
+        return cls(host, port)
+
+    @property
+    def bind_host(self) -> str:
+        return "0.0.0.0" if self.host in ("", "*") else self.host
+
+    @property
+    def reach_host(self) -> str:
+        """Where this machine reaches the listener: a wildcard address means loopback."""
+        return {"": "127.0.0.1", "*": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+
+    def url(self, path: str = "") -> str:
+        return f"http://{hostport(self.reach_host, self.port)}{path}"
+
+    def __str__(self) -> str:
+        """The nginx `listen` argument (and what a user would type)."""
+        if self.host in ("", "*"):
+            return f"{self.host}:{self.port}" if self.host else str(self.port)
+        return hostport(self.host, self.port)
+
+
+def _hostname(host: str) -> bool:
+    """An RFC 1123 hostname whose last label has a letter (so `999` or `0x7f000001` are not names)."""
+    if not host or len(host) > 253:
+        return False
+    labels = (host[:-1] if host.endswith(".") else host).split(".")
+    return all(_LABEL.fullmatch(label) for label in labels) and any(c.isalpha() for c in labels[-1])
+
+
+def valid_host(host: str) -> bool:
+    """True for an IPv4/IPv6 literal (no scope id) or an RFC 1123 hostname: the only hosts safe in config."""
+    return isinstance(host, str) and (is_ip(host) or _hostname(host))
+
+
+@dataclass
+class Instance:
+    """One replica: an API port to proxy to and a metrics port to scrape."""
+
+    name: str
+    host: str
+    port: int
+    metrics_port: int
+    engine: Engine = Engine.FASTDEPLOY
+    max_num_seqs: int = 64
+    weight: int = 1
+    role: Role = Role.MIXED
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        """`host:port` as nginx wants it (IPv6 in brackets)."""
+        return hostport(self.host, self.port)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{hostport(self.host, self.metrics_port)}/metrics"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.address}"
+
+    def to_dict(self) -> dict[str, Any]:
+        known = {
+            "name": self.name, "host": self.host, "port": self.port, "metrics_port": self.metrics_port,
+            "engine": self.engine.value, "max_num_seqs": self.max_num_seqs, "weight": self.weight,
+            "role": self.role.value,
+        }
+        return {**known, **self.extra}
+
+
+@dataclass
+class Inventory:
+    """The instances behind one nginx upstream."""
+
+    instances: list[Instance]
+    upstream: str = "fastdeploy"
+    version: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+    sources: tuple[str, ...] = ()
+
+    def by_name(self) -> dict[str, Instance]:
+        return {i.name: i for i in self.instances}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "upstream": self.upstream,
+            **self.extra,
+            "instances": [i.to_dict() for i in self.instances],
+        }
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """What the policy decided for one instance: overrides the inventory's static weight."""
+
+    weight: int
+    down: bool = False
+
+
+@dataclass(frozen=True)
+class Load:
+    """The load signals read from one metrics page (see fdngx.weights.scrape.load_from_metrics)."""
+
+    running: float = 0.0
+    queued: float = 0.0
+    kv_usage: float | None = None
+    capacity: float | None = None
+    queued_reliable: bool = True
+    # Counters of the engine's time-per-output-token histogram (sum of seconds, observations): the policy
+    # turns their increase between scrapes into the replica's decode speed.
+    tpot_sum: float | None = None
+    tpot_count: float | None = None
+
+
+@dataclass(frozen=True)
+class LoadSample:
+    """What one scrape saw on one instance. `ok` means the load numbers are usable."""
+
+    name: str
+    ok: bool
+    healthy: bool
+    running: float = 0.0
+    queued: float = 0.0
+    kv_usage: float | None = None
+    capacity: float | None = None
+    queued_reliable: bool = True
+    tpot_sum: float | None = None
+    tpot_count: float | None = None
+    scraped_at: float = 0.0
+    latency: float = 0.0
+    error: str | None = None
+    # Why /health was not 200 ("404", "connection refused", ...): shown in down reasons.
+    health_error: str | None = None
+
+    @classmethod
+    def of(cls, name: str, healthy: bool, load: Load, **meta: Any) -> LoadSample:
+        """A usable sample from the signals one metrics page gave."""
+        return cls(
+            name, True, healthy, load.running, load.queued, load.kv_usage, load.capacity, load.queued_reliable,
+            load.tpot_sum, load.tpot_count, **meta,
+        )
+
+    @property
+    def load(self) -> float:
+        """Requests on the replica: running plus a backlog the engine reports reliably."""
+        return self.running + (self.queued if self.queued_reliable else 0.0)

@@ -1,0 +1,94 @@
+"""Probes a launch needs: is a replica healthy (GET /health == 200), is a port free, who holds it."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import http.client
+import os
+import socket
+from pathlib import Path
+
+from fdngx.errors import LaunchError
+from fdngx.system import procs
+
+
+def probe_host(host: str) -> str:
+    """Where to probe an instance from this machine: a wildcard listen address means loopback."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def health(host: str, port: int, path: str = "/health", timeout: float = 2.0) -> tuple[bool, str]:
+    """(healthy, what we saw). Only 200 is healthy: FastDeploy answers 404/304 while its workers are not."""
+    conn = http.client.HTTPConnection(probe_host(host), port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status == 200, "healthy" if resp.status == 200 else f"HTTP {resp.status}"
+    except ConnectionRefusedError:
+        return False, "not listening yet"
+    except TimeoutError:
+        return False, f"no answer in {timeout:.0f}s"
+    except (OSError, http.client.HTTPException) as exc:
+        return False, getattr(exc, "strerror", None) or type(exc).__name__
+    finally:
+        conn.close()
+
+
+def port_holder(port: int) -> str | None:
+    """'pid N (command)' holding a TCP port, from /proc; None when not visible (another user's process)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            # 0A = LISTEN, 07 = CLOSE (bound, not listening): both block a server's bind.
+            if len(f) > 9 and int(f[1].rsplit(":", 1)[1], 16) == port and f[3] in ("0A", "07") and f[9] != "0":
+                inodes.add(f"socket:[{f[9]}]")
+    if not inodes:
+        return None
+    for pid in sorted(int(d) for d in os.listdir("/proc") if d.isdigit()):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    return f"pid {pid} ({procs.cmdline(pid)[:80]})"
+    return None
+
+
+def port_free(host: str, port: int) -> bool:
+    """Can a server bind `port`? Checks the wildcard address too: FastDeploy binds 0.0.0.0 for its checks."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    for addr in dict.fromkeys((host, wildcard)):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            # Servers set SO_REUSEADDR, so lingering TIME_WAIT connections must not count as busy.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((addr, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return False
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    raise LaunchError(f"cannot check port {port} on {addr}: {exc.strerror}") from None
+    return True
+
+
+def check_ports(host: str, ports: list[int]) -> None:
+    busy = [p for p in ports if not port_free(host, p)]
+    if not busy:
+        return
+    where = "; ".join(
+        f"port {p} is in use by {port_holder(p) or f'a process fdngx cannot see (try: ss -ltnp sport = :{p})'}"
+        for p in busy
+    )
+    raise LaunchError(f"{where}: stop it or choose other ports (--base-port/--ports); nothing was started")
+
+

@@ -1,0 +1,313 @@
+"""The one safe-apply path every write of nginx config goes through, crash-safe.
+
+    lock -> recover an interrupted apply -> skip if identical (and served) -> write the candidate beside
+    the live file -> `nginx -t` on the candidate -> journal + backup -> atomic swap -> `nginx -t` on the
+    full config -> reload -> confirm the new generation serves -> clear the journal
+
+At no moment is the live file a config that has not passed `nginx -t`: the candidate is tested before
+the swap (standalone: the whole candidate config; an included snippet: a small wrapper config that
+includes it), then the full config after it. On any failure the previous file is restored and nginx is
+put back on it only if it took the new one; the message says what really happened, in nginx's words.
+
+A crash (SIGKILL, power loss) between the swap and the confirmation leaves a journal. The next apply
+(cron's next run, or the sidecar at start) rolls the interrupted apply back before doing anything else
+and says so; the render that follows applies the change again through the whole path.
+
+Every file beside the live one is a dot-file (nginx's `include dir/*` does not match them) created
+exclusively, never through a symlink: `.NAME.fdngx-lock`, `.NAME.fdngx-bak`, `.NAME.fdngx-journal`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import glob
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fdngx.errors import ApplyError
+from fdngx.nginx.control import NginxControl, NginxNotRunning, ReloadError, generation_in
+from fdngx.system.files import atomic_write, file_lock, read_bytes_or_none, real_target, remove
+
+log = logging.getLogger("fdngx.apply")
+PAUSE_ENV = "FDNGX_TEST_PAUSE_AT"  # tests: pause at a step (name) so a test can SIGKILL the apply there
+
+
+def aside(path: Path, what: str) -> Path:
+    """A file fdngx keeps beside `path`: hidden from include globs (a dot-file)."""
+    return path.with_name(f".{path.name}.fdngx-{what}")
+
+
+def lock_path(path: Path) -> Path:
+    return aside(real_target(path), "lock")
+
+
+def unified_diff(old: bytes | None, new: str, path: Path) -> str:
+    old_lines = (old or b"").decode("utf-8", "replace").splitlines(keepends=True)
+    return "".join(
+        difflib.unified_diff(old_lines, new.splitlines(keepends=True), f"{path} (on disk)", f"{path} (rendered)")
+    )
+
+
+def _sha(data: bytes | None) -> str | None:
+    return hashlib.sha256(data).hexdigest() if data is not None else None
+
+
+def _pause(step: str) -> None:
+    """Test hook: with FDNGX_TEST_PAUSE_AT=<step>, say so on stderr and wait to be killed (at most 60 s)."""
+    if os.environ.get(PAUSE_ENV) == step:
+        print(f"fdngx: test hook: paused at {step}", file=sys.stderr, flush=True)
+        time.sleep(60)
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    path: Path
+    changed: bool
+    reloaded: bool
+    diff: str
+    generation: str | None
+    note: str = ""  # something the user must hear although the apply succeeded (nginx down, ...)
+    nginx_running: bool | None = None  # None: not asked (no reload requested)
+    recovered: str = ""  # what recovery did about an interrupted earlier apply
+    reload_seconds: float = 0.0
+
+    @property
+    def summary(self) -> str:
+        parts = [self.recovered] if self.recovered else []
+        if not self.changed:
+            parts.append(f"{self.path}: unchanged" + (f"; {self.note}" if self.note else ""))
+        else:
+            gen = f" (generation {self.generation})" if self.generation else ""
+            note = f"; {self.note}" if self.note else ""
+            took = f" in {self.reload_seconds:.2f}s" if self.reloaded else ""
+            parts.append(f"{self.path}: {'applied and reloaded' if self.reloaded else 'written'}{gen}{took}{note}")
+        return "\n".join(parts)
+
+
+# -- the journal ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Journal:
+    """An apply in progress: written (fsync'd) before the swap, removed once confirmed or rolled back."""
+
+    path: str
+    had_old: bool  # False: there was no live file before (rollback removes it)
+    old_sha256: str | None
+    new_sha256: str
+    pid: int
+    started: float
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True) + "\n"
+
+    @classmethod
+    def read(cls, path: Path) -> Journal | None:
+        data = read_bytes_or_none(path, 64 * 1024)
+        if data is None:
+            return None
+        try:
+            raw = json.loads(data)
+            return cls(str(raw["path"]), bool(raw["had_old"]), raw["old_sha256"], str(raw["new_sha256"]),
+                       int(raw["pid"]), float(raw["started"]))
+        except (ValueError, KeyError, TypeError):
+            return cls("", False, None, "", 0, 0.0)  # unreadable: treated as "interrupted, unknown"
+
+
+def recover(target: Path, control: NginxControl | None, reload: bool) -> str:
+    """Finish what an interrupted apply left (call under the lock): roll back to the backup when the live
+    file is the untested/unconfirmed candidate. Returns what was done, '' when there was nothing to do."""
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.fdngx-tmp"):
+        remove(stale)  # a candidate an interrupted apply never swapped in (we hold the lock: nobody else writes)
+    jpath = aside(target, "journal")
+    journal = Journal.read(jpath)
+    if journal is None:
+        return ""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(journal.started)) if journal.started else "?"
+    what = f"an interrupted apply of {target} (pid {journal.pid}, started {when})"
+    live = read_bytes_or_none(target)
+    backup = aside(target, "bak")
+    if _sha(live) != journal.new_sha256 or not journal.new_sha256:
+        remove(jpath)
+        if _sha(live) == journal.old_sha256:
+            return f"recovered {what}: it stopped before the swap; the live file is the previous one"
+        return f"recovered {what}: the live file has changed since; left it as it is"
+    saved = read_bytes_or_none(backup) if journal.had_old else None
+    if journal.had_old and (saved is None or _sha(saved) != journal.old_sha256):
+        remove(jpath)
+        raise ApplyError(f"{what} left {target} unconfirmed and its backup {backup} is missing or changed; "
+                         f"check the file with nginx -t and remove {jpath}")
+    _restore(target, saved)
+    done = f"recovered {what}: restored the previous {target}"
+    if control is not None and reload:
+        try:
+            control.reload(None)
+            done += "; nginx reloaded on it"
+        except NginxNotRunning:
+            done += "; nginx is not running"
+        except ApplyError as exc:
+            done += f"; reloading nginx on it failed: {exc}"
+    remove(jpath)
+    log.warning("%s", done)
+    return done
+
+
+def _restore(target: Path, saved: bytes | None) -> None:
+    if saved is None:
+        remove(target)
+    else:
+        atomic_write(target, saved)
+
+
+# -- the candidate test ------------------------------------------------------------------------------
+
+
+def _test_candidate(candidate: Path, control: NginxControl, standalone: bool, wrapper_head: str) -> None:
+    """`nginx -t` on the candidate before it goes live: a standalone config as itself (same prefix), a
+    snippet through a wrapper config that includes it inside http {}."""
+    if standalone:
+        control.test(conf=candidate, what="nginx -t (candidate)")
+        return
+    with tempfile.TemporaryDirectory(prefix="fdngx-test-") as tmp:
+        wrapper = Path(tmp) / "nginx.conf"
+        wrapper.write_text(
+            f"{wrapper_head}pid {tmp}/nginx.pid;\nerror_log stderr;\nevents {{}}\n"
+            f"http {{\n    include {candidate};\n}}\n"
+        )
+        control.test(conf=wrapper, prefix=Path(tmp), what="nginx -t (candidate in a test wrapper)")
+
+
+def _write_candidate(target: Path, content: bytes, like: Path) -> Path:
+    """The candidate: an exclusive temp file beside the target, with the live file's owner and mode."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".fdngx-tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(content)
+            try:
+                st = os.stat(like)
+                os.fchmod(fh.fileno(), st.st_mode & 0o7777)
+                with contextlib.suppress(PermissionError):
+                    os.fchown(fh.fileno(), st.st_uid, st.st_gid)
+            except FileNotFoundError:
+                os.fchmod(fh.fileno(), 0o644)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        remove(Path(tmp))
+        raise
+    return Path(tmp)
+
+
+# -- safe apply --------------------------------------------------------------------------------------
+
+
+def safe_apply(
+    path: Path,
+    content: str,
+    control: NginxControl | None,
+    *,
+    reload: bool,
+    standalone: bool = False,
+    wrapper_head: str = "",
+    lock_timeout: float = 120.0,
+) -> ApplyResult:
+    """Write `content` to `path` the safe way (see module doc). `control=None`: write only, no nginx.
+
+    `standalone`: `content` is a whole nginx.conf (tested as itself), else a snippet (tested in a wrapper,
+    `wrapper_head` = lines it needs first, e.g. load_module for the Lua module).
+    """
+    path = Path(path)
+    target = real_target(path)
+    if not target.parent.is_dir():
+        raise ApplyError(f"{path}: directory {target.parent} does not exist")
+    data = content.encode("utf-8")
+    generation = generation_in(content)
+    with file_lock(lock_path(path), timeout=lock_timeout):
+        _pause("locked")
+        recovered = recover(target, control, reload)
+        old = read_bytes_or_none(target)
+        if old == data:
+            return _unchanged(path, control, reload, generation, recovered)
+        diff = unified_diff(old, content, path)
+        if control is None:
+            atomic_write(target, data)
+            return ApplyResult(path, True, False, diff, generation, recovered=recovered)
+        candidate = _write_candidate(target, data, target)
+        try:
+            try:
+                _test_candidate(candidate, control, standalone, wrapper_head)
+            except ApplyError as exc:
+                raise ApplyError(f"{path}: {exc}; the live file was not touched") from None
+            _pause("candidate-tested")
+            journal = aside(target, "journal")
+            if old is not None:
+                atomic_write(aside(target, "bak"), old)
+            atomic_write(journal, Journal(str(target), old is not None, _sha(old), _sha(data) or "", os.getpid(),
+                                          time.time()).to_json(), mode=0o600)
+            os.replace(candidate, target)
+        except BaseException:
+            remove(candidate)
+            raise
+        _pause("swapped")
+        return _finish(path, target, old, diff, generation, control, reload, recovered)
+
+
+def _unchanged(path: Path, control: NginxControl | None, reload: bool, generation: str | None,
+               recovered: str) -> ApplyResult:
+    """Identical bytes: nothing to write. Still say when nginx is down, and reload when nginx serves
+    another generation than the file's (a crash after an earlier swap, or someone reverted nginx)."""
+    if control is None or not reload:
+        return ApplyResult(path, False, False, "", generation, recovered=recovered)
+    if not control.running():
+        return ApplyResult(path, False, False, "", generation, "nginx is not running", False, recovered)
+    served = control.served_generation()
+    if generation and control.verify_url and served != generation:
+        took = control.reload(generation)
+        note = f"nginx served generation {served or 'unknown'}: reloaded"
+        return ApplyResult(path, False, True, "", generation, note, True, recovered, took)
+    return ApplyResult(path, False, False, "", generation, "", True, recovered)
+
+
+def _finish(path: Path, target: Path, old: bytes | None, diff: str, generation: str | None,
+            control: NginxControl, reload: bool, recovered: str) -> ApplyResult:
+    """After the swap: full `nginx -t`, reload, confirm; on failure restore and say what happened."""
+    jpath = aside(target, "journal")
+    took_new = False
+    try:
+        control.test()
+        _pause("tested")
+        if not reload:
+            remove(jpath)
+            return ApplyResult(path, True, False, diff, generation, recovered=recovered)
+        seconds = control.reload(generation)
+        _pause("reloaded")
+    except NginxNotRunning as exc:
+        # At boot, cron or the sidecar may run before nginx: the file passed `nginx -t`, keep it.
+        remove(jpath)
+        return ApplyResult(path, True, False, diff, generation, str(exc), False, recovered)
+    except BaseException as exc:
+        took_new = isinstance(exc, ReloadError) and exc.took_new
+        _restore(target, old)
+        reason = str(exc) if isinstance(exc, ApplyError) else f"{type(exc).__name__}: {exc}"
+        if took_new and old is not None:
+            # nginx started workers on the bad file; put it back on the old one (proof: new workers only,
+            # the generation URL belongs to the config we just gave up on).
+            try:
+                control.reload(None)
+                reason += "; nginx is back on the previous config"
+            except ApplyError as again:
+                reason += f"; putting nginx back on the previous config failed too: {again}"
+        remove(jpath)
+        if not isinstance(exc, Exception):
+            raise
+        raise ApplyError(f"{path}: {reason}; restored the previous file") from None
+    remove(jpath)
+    return ApplyResult(path, True, True, diff, generation, "", True, recovered, seconds)

@@ -1,0 +1,266 @@
+"""Talking to one nginx: find it, `nginx -t`, reload it, prove the reload, and make sure it is our nginx.
+
+A reload's exit status only says a signal was sent. Proof that nginx loaded the new file: the master
+started new worker processes (it keeps the old ones when the new config fails to load), the old workers
+retitled themselves "shutting down", and, for site and standalone configs, `GET /fdngx/generation`
+answers the new file's generation id.
+
+Process identity: a pid file can be stale and its pid reused by an unrelated process. fdngx signals a
+master only when its command line is nginx's master title and it started before the pid file was
+written (a reused pid belongs to a process that started later).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from fdngx.errors import ApplyError, UsageError
+from fdngx.system import procs
+
+_GENERATION = re.compile(r"^# fdngx-generation: ([0-9a-f]+)$", re.M)
+_PID_DIRECTIVE = re.compile(r"^\s*pid\s+([^;\s]+)\s*;", re.M)
+DEFAULT_PID_FILE = Path("/run/nginx.pid")
+# nginx retries a failed bind() five times, 500 ms apart, before it gives up on a new config.
+BIND_RETRY_SECONDS = 3.0
+
+Runner = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+def find_nginx(binary: str | None = None) -> str:
+    """The nginx binary: as given, else on PATH, else Debian's /usr/sbin/nginx (not on a user's PATH)."""
+    candidates = [binary] if binary else ["nginx", "/usr/sbin/nginx", "/usr/local/openresty/nginx/sbin/nginx"]
+    for cand in candidates:
+        found = shutil.which(cand) if cand else None
+        if found:
+            return found
+    raise UsageError(
+        f"nginx binary {binary or 'nginx'} not found; install it (apt-get install nginx) or pass --nginx-bin"
+    )
+
+
+def generation_in(text: str) -> str | None:
+    m = _GENERATION.search(text)
+    return m.group(1) if m else None
+
+
+def prepare_prefix(prefix: Path) -> None:
+    """A standalone prefix needs logs/ and tmp/ before nginx starts (nginx creates only leaf dirs)."""
+    for sub in ("logs", "tmp"):
+        (prefix / sub).mkdir(parents=True, exist_ok=True)
+
+
+def nginx_message(text: str) -> str:
+    """nginx's own words, without its 'nginx: ' prefixes and the final 'test failed' line."""
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    useful = [ln for ln in lines if "test failed" not in ln and "syntax is ok" not in ln] or lines
+    return "; ".join(ln.removeprefix("nginx: ") for ln in useful) or "(no output)"
+
+
+def _old_workers_retired(old: set[int]) -> bool:
+    """Old workers close their listening sockets when they retitle themselves 'is shutting down'.
+
+    Until then a new connection may still land on an old worker and see the old config.
+    """
+    for pid in old:
+        title = procs.cmdline(pid)
+        if "worker process" in title and "shutting down" not in title:
+            return False
+    return True
+
+
+class NginxNotRunning(ApplyError):
+    """Nothing to reload: no live nginx master behind the pid file."""
+
+
+class ReloadError(ApplyError):
+    """A reload failed. `took_new`: nginx started workers on the new config (so a rollback must reload
+    again); False: nginx refused it and still runs the old one (a rollback only restores the file)."""
+
+    def __init__(self, message: str, took_new: bool) -> None:
+        super().__init__(message)
+        self.took_new = took_new
+
+
+@dataclass
+class NginxControl:
+    """How to test and reload one nginx: binary, `-p` prefix, `-c` main config, or a reload command."""
+
+    binary: str = "nginx"
+    conf: Path | None = None
+    prefix: Path | None = None
+    error_log: str | None = None
+    reload_cmd: Sequence[str] | None = None
+    pid_file: Path | None = None
+    verify_url: str | None = None
+    timeout: float = 15.0
+    runner: Runner = field(default=subprocess.run, repr=False)
+
+    def argv(self, *extra: str, conf: Path | None = None, prefix: Path | None = None) -> list[str]:
+        args = [self.binary]
+        prefix = prefix if prefix is not None else self.prefix
+        conf = conf if conf is not None else self.conf
+        if prefix is not None:
+            args += ["-p", f"{str(prefix).rstrip('/')}/"]
+        if conf is not None:
+            args += ["-c", str(conf)]
+        if self.error_log is not None:
+            args += ["-e", self.error_log]
+        return [*args, *extra]
+
+    def _run(self, argv: list[str], what: str) -> subprocess.CompletedProcess[str]:
+        try:
+            return self.runner(argv, capture_output=True, text=True, timeout=max(self.timeout, 30.0))
+        except FileNotFoundError:
+            raise ApplyError(f"{what}: {argv[0]} not found") from None
+        except subprocess.TimeoutExpired:
+            raise ApplyError(f"{what}: {shlex.join(argv)} did not finish in time") from None
+
+    def test(self, conf: Path | None = None, prefix: Path | None = None, what: str = "nginx -t") -> None:
+        """`nginx -t` on the full configuration (or on `conf`); raises ApplyError with nginx's own message."""
+        proc = self._run(self.argv("-t", "-q", conf=conf, prefix=prefix), what)
+        if proc.returncode != 0:
+            raise ApplyError(f"{what} failed: {nginx_message(proc.stderr or proc.stdout)}")
+
+    @property
+    def main_conf(self) -> Path:
+        return self.conf or Path("/etc/nginx/nginx.conf")
+
+    def pid_path(self) -> Path:
+        if self.pid_file is not None:
+            return self.pid_file
+        try:
+            m = _PID_DIRECTIVE.search(self.main_conf.read_text(encoding="utf-8", errors="replace"))
+        except OSError:
+            m = None
+        if not m:
+            return DEFAULT_PID_FILE
+        pid = Path(m.group(1))
+        return pid if pid.is_absolute() or self.prefix is None else self.prefix / pid
+
+    def master_pid(self) -> int | None:
+        """The live nginx master named by the pid file, verified; None when nginx is not running.
+
+        Verified: the process's title is nginx's master title and it started no later than the pid file
+        was written. A stale pid file whose pid was reused by another process gives None."""
+        path = self.pid_path()
+        try:
+            pid = int(path.read_text().strip())
+            written = path.stat().st_mtime
+        except (OSError, ValueError):
+            return None
+        started = procs.start_time_epoch(pid)
+        if started is None or started > written + 2.0:
+            return None
+        title = procs.cmdline(pid)
+        if not title.startswith("nginx: master process"):
+            return None
+        return pid
+
+    def running(self) -> bool:
+        return self.master_pid() is not None
+
+    def _error_log_path(self) -> Path:
+        path = Path(self.error_log) if self.error_log else Path("/var/log/nginx/error.log")
+        return self.prefix / path if not path.is_absolute() and self.prefix is not None else path
+
+    def _error_log_size(self) -> int:
+        try:
+            return self._error_log_path().stat().st_size
+        except OSError:
+            return 0
+
+    def _new_errors(self, offset: int) -> str:
+        """The last [emerg]/[alert]/[crit] line nginx logged after `offset`, or ''."""
+        try:
+            with open(self._error_log_path(), "rb") as fh:
+                fh.seek(offset)
+                lines = fh.read(1 << 20).decode("utf-8", "replace").splitlines()
+        except OSError:
+            return ""
+        bad = [ln for ln in lines if "[emerg]" in ln or "[alert]" in ln or "[crit]" in ln]
+        return nginx_message(bad[-1]) if bad else ""
+
+    def _signal_reload(self, master: int) -> None:
+        if self.reload_cmd:
+            argv = list(self.reload_cmd)
+            proc = self._run(argv, "reload")
+            if proc.returncode != 0:
+                raise ReloadError(f"{shlex.join(argv)} failed: {nginx_message(proc.stderr or proc.stdout)}", False)
+            return
+        # Not `nginx -s reload`: it signals whatever pid the pid file names, unchecked.
+        try:
+            os.kill(master, signal.SIGHUP)
+        except OSError as exc:
+            raise ReloadError(f"cannot signal nginx master {master}: {exc.strerror}", False) from None
+
+    def reload(self, expect_generation: str | None = None) -> float:
+        """Reload and wait until nginx serves the new configuration; returns the seconds it took.
+
+        Raises NginxNotRunning, or ReloadError saying whether nginx took the new config."""
+        master = self.master_pid()
+        if master is None:
+            raise NginxNotRunning(
+                f"nginx is not running (no live nginx master behind {self.pid_path()}); it will read the new "
+                f"file when started, e.g. {shlex.join(self.argv())}"
+            )
+        t0 = time.monotonic()
+        before = procs.children(master)
+        log_offset = self._error_log_size()
+        self._signal_reload(master)
+        deadline = time.monotonic() + self.timeout
+        new_workers = False
+        while time.monotonic() < deadline:
+            new_workers = new_workers or bool(procs.children(master) - before)
+            if new_workers and _old_workers_retired(before) and self._serves(expect_generation):
+                return time.monotonic() - t0
+            if not procs.alive(master):
+                why = self._new_errors(log_offset)
+                raise ReloadError(f"nginx master {master} exited during the reload {why}".strip(), True)
+            # The master logs why it refused the new config (bind() failed, ...) and keeps the old one. It
+            # retries a failed bind() for a few seconds: wait until it has given up, so its retries are not
+            # mistaken later for a failure of the rollback.
+            if not new_workers and (why := self._new_errors(log_offset)):
+                self._settle(log_offset, master, before)
+                raise ReloadError(f"nginx refused the new config and keeps running the old one: {why}", False)
+            time.sleep(0.02)
+        why = self._new_errors(log_offset) or "no new worker processes and no new generation served"
+        raise ReloadError(f"nginx did not take the new config within {self.timeout:.0f}s: {why}", new_workers)
+
+    def _settle(self, offset: int, master: int, before: set[int]) -> None:
+        """After a refused reload, wait until nginx stopped retrying (no new error line for a moment)."""
+        end = time.monotonic() + BIND_RETRY_SECONDS
+        size = self._error_log_size()
+        quiet_since = time.monotonic()
+        while time.monotonic() < end and procs.alive(master):
+            now_size = self._error_log_size()
+            if now_size != size:
+                size, quiet_since = now_size, time.monotonic()
+            elif time.monotonic() - quiet_since > 0.7:
+                return
+            time.sleep(0.05)
+
+    def _serves(self, generation: str | None) -> bool:
+        if not self.verify_url or not generation:
+            return True
+        return self.served_generation() == generation
+
+    def served_generation(self) -> str | None:
+        """What `GET /fdngx/generation` answers now (site/standalone), None when unknown or unreachable."""
+        if not self.verify_url:
+            return None
+        try:
+            resp = requests.get(self.verify_url, timeout=2)
+        except requests.RequestException:
+            return None
+        return resp.text.strip() if resp.status_code == 200 else None

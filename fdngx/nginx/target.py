@@ -1,0 +1,122 @@
+"""The nginx config fdngx owns: where it lives, how it is rendered, tested, reloaded, or pushed to.
+
+`TargetSpec` is what the user asked for (render's and the sidecar's shared options); `open_target` turns
+it into a `Target` once, preparing what the machine must provide (a standalone prefix, the OpenResty
+admin token, the Lua modules). The controller (fdngx.weights.controller) renders and applies through
+the Target; nothing else writes nginx config.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from fdngx.domain import Flavor, Inventory, LoadSample, Mode, ServerState
+from fdngx.errors import UsageError
+from fdngx.nginx import openresty
+from fdngx.nginx.apply import ApplyResult, safe_apply
+from fdngx.nginx.control import NginxControl, find_nginx, prepare_prefix
+from fdngx.nginx.render import RenderOptions, render
+from fdngx.system.files import real_target, writable_by_others
+
+log = logging.getLogger("fdngx.target")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    opts: RenderOptions
+    out: Path | None = None  # None: stdout
+    prefix: Path | None = None
+    nginx_conf: Path | None = None
+    nginx_bin: str | None = None
+    reload_cmd: str | None = None
+    reload: bool = False
+    admin_token_file: Path | None = None
+
+    def validated(self) -> TargetSpec:
+        self.opts.validated()
+        if self.reload and self.out is None:
+            raise UsageError("--reload needs --out PATH (the file nginx reads)")
+        return self
+
+    @property
+    def standalone_prefix(self) -> Path | None:
+        if self.opts.mode is not Mode.STANDALONE or self.prefix is not None:
+            return self.prefix
+        return self.out.absolute().parent if self.out is not None else None
+
+
+@dataclass(frozen=True)
+class Target:
+    out: Path | None
+    opts: RenderOptions
+    control: NginxControl | None  # None: write the file only (someone else reloads)
+    reload: bool
+    admin: openresty.Admin | None  # openresty flavor: weights go here, not into the config
+
+    @property
+    def pushing(self) -> bool:
+        return self.admin is not None
+
+    def dry(self) -> Target:
+        """The same render, going nowhere: no write, no reload, no push."""
+        return replace(self, out=None, control=None, reload=False, admin=None)
+
+    def render(self, inv: Inventory, states: Mapping[str, ServerState] | None) -> str:
+        """The config text; the openresty flavor's carries no weights (they are pushed)."""
+        return render(inv, self.opts, None if self.opts.flavor is Flavor.OPENRESTY else states)
+
+    def apply(self, text: str) -> ApplyResult:
+        assert self.out is not None
+        return safe_apply(
+            self.out, text, self.control, reload=self.reload and self.control is not None,
+            standalone=self.opts.mode is Mode.STANDALONE, wrapper_head=self._wrapper_head(),
+        )
+
+    def push(self, states: Mapping[str, ServerState], samples: Mapping[str, LoadSample]) -> int:
+        assert self.admin is not None
+        return self.admin.push(states, openresty.loads_of(samples))
+
+    def _wrapper_head(self) -> str:
+        """What a snippet needs before http {} to be tested alone: the Lua modules for openresty."""
+        if self.opts.flavor is not Flavor.OPENRESTY:
+            return ""
+        binary = self.control.binary if self.control is not None else None
+        return "".join(f"load_module {m};\n" for m in openresty.lua_modules(binary))
+
+
+def nginx_control(spec: TargetSpec) -> NginxControl:
+    """How to test/reload the nginx that reads `spec.out`, derived from the mode and options."""
+    binary = find_nginx(spec.nginx_bin)
+    reload_cmd = shlex.split(spec.reload_cmd) if spec.reload_cmd else None
+    verify_url = None
+    if spec.opts.mode in (Mode.SITE, Mode.STANDALONE):
+        verify_url = spec.opts.listen.url("/fdngx/generation")
+    if spec.opts.mode is Mode.STANDALONE:
+        conf = spec.nginx_conf or (real_target(spec.out) if spec.out else None)
+        return NginxControl(binary, conf, spec.standalone_prefix, "logs/error.log", reload_cmd, verify_url=verify_url)
+    return NginxControl(binary, spec.nginx_conf, spec.prefix, None, reload_cmd, verify_url=verify_url)
+
+
+def open_target(spec: TargetSpec, *, dry: bool = False) -> Target:
+    """Prepare the machine for `spec` (unless `dry`: --check/--diff/stdout change nothing) and return it."""
+    spec = spec.validated()
+    opts = spec.opts
+    if spec.out is not None and not dry and writable_by_others(real_target(spec.out).parent):
+        log.warning("%s: its directory is writable by other accounts; anyone there can replace what nginx reads",
+                    real_target(spec.out).parent)
+    prefix = spec.standalone_prefix
+    if prefix is not None and opts.mode is Mode.STANDALONE and not dry:
+        prepare_prefix(prefix)  # before the token file, which may live there too
+    admin = None
+    if opts.flavor is Flavor.OPENRESTY:
+        token_file = (spec.admin_token_file or openresty.token_path(spec.out)).absolute()
+        modules = openresty.lua_modules(spec.nginx_bin) if opts.mode is Mode.STANDALONE else ()
+        opts = replace(opts, admin_token_file=str(token_file), lua_modules=opts.lua_modules or modules).validated()
+        # The config names the token file, not the token: a dry run needs neither the token nor a push.
+        admin = None if dry else openresty.Admin(opts.admin_listen, openresty.ensure_token(token_file))
+    control = nginx_control(spec) if spec.reload else None
+    return Target(spec.out, opts, control, spec.reload, admin)

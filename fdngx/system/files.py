@@ -1,0 +1,177 @@
+"""File-system primitives that stay safe in a directory other accounts can write to.
+
+- atomic_write: the reader sees the old bytes or the new bytes, never a mix; a crash half-way leaves the
+  old file. The temp file is created exclusively (O_EXCL: a planted file or symlink makes it fail, never
+  followed) in the target's directory, so the rename never crosses a file system. A symlinked path is
+  followed: its target is replaced and the link kept (Debian's sites-enabled -> sites-available). The
+  replaced file's owner, group and mode are kept.
+- read_regular_file: regular files only (a FIFO would hang the reader while it holds a lock), bounded.
+- file_lock: the lock file is opened with O_NOFOLLOW and must be a regular file we own.
+- check_private: token and state files must belong to us and not be writable by anyone else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from fdngx.errors import ApplyError, UnsafeFileError
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def real_target(path: Path) -> Path:
+    """Where a write to `path` lands: `path`, or the final target of a symlink chain (absolute)."""
+    path = Path(path).absolute()
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def atomic_write(path: Path, content: str | bytes, mode: int | None = None) -> Path:
+    """Replace `path` (through a symlink: its target) with `content` atomically; returns the file written.
+
+    Keeps the old file's mode, owner and group; `mode` applies to a new file (default 0644) or forces one.
+    """
+    target = real_target(Path(path))
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    try:
+        old = os.stat(target, follow_symlinks=False)
+    except FileNotFoundError:
+        old = None
+    if old is not None and not stat.S_ISREG(old.st_mode):
+        raise UnsafeFileError(f"{target}: not a regular file; refusing to replace it")
+    perm = mode if mode is not None else (stat.S_IMODE(old.st_mode) if old is not None else 0o644)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".fdngx-tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+                with contextlib.suppress(PermissionError):  # only root may give a file away
+                    os.fchown(fh.fileno(), old.st_uid, old.st_gid)
+            os.fchmod(fh.fileno(), perm)
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(target.parent)
+    return target
+
+
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file (symlinks to one are fine), at most `max_bytes`; OSError otherwise.
+
+    Opened non-blocking so a FIFO cannot hang us, then checked with fstat.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        chunks, size = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            size += len(chunk)
+            if size > max_bytes:
+                raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", str(path))
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_bytes_or_none(path: Path, max_bytes: int = 64 << 20) -> bytes | None:
+    try:
+        return read_regular_file(path, max_bytes)
+    except FileNotFoundError:
+        return None
+
+
+def remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def check_private(path: Path, what: str) -> None:
+    """Refuse a file another account could have planted or can change: it must be a regular file (not a
+    symlink) owned by us, writable by nobody else. Raises UnsafeFileError with the fix."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+        raise UnsafeFileError(f"{path}: the {what} must be a regular file, not a symlink or special file")
+    if st.st_uid != os.geteuid():
+        raise UnsafeFileError(
+            f"{path}: the {what} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}); "
+            "remove it and let fdngx create it"
+        )
+    if st.st_mode & 0o022:
+        raise UnsafeFileError(
+            f"{path}: the {what} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"chmod go-w {path}, or remove it and let fdngx create it"
+        )
+
+
+def writable_by_others(directory: Path) -> bool:
+    """Can an account other than ours (and root) create or replace files in `directory`?"""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return False
+    if st.st_uid not in (0, os.geteuid()):
+        return True
+    return bool(st.st_mode & 0o002) or bool(st.st_mode & 0o020 and st.st_gid != os.getegid())
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout: float = 60.0) -> Iterator[None]:
+    """An exclusive flock on `path` (created 0600 if needed, never through a symlink); waits `timeout` s.
+
+    flock is released by the kernel when the process dies, so a crashed cron run never wedges the next one.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFileError(f"{path}: the lock file is a symlink; remove it (someone planted it)") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise UnsafeFileError(f"{path}: the lock file is not a regular file owned by this user; remove it")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise ApplyError(
+                        f"{path}: another fdngx run holds the lock for more than {timeout:.0f}s; giving up"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,159 @@
+"""ONE control cycle, for cron and the sidecar alike (consul-template's runner; its `-once` is cron):
+
+    scrape every replica -> decide (pure policy) -> render -> safe apply (nginx flavor: the weights are in
+    the config) and/or push (openresty flavor: the config carries no weights) -> keep the state, with
+    the weights and down flags nginx really got
+
+`fdngx render --scrape` runs `run_once` (state from and to the store, under the store's lock); the
+sidecar calls `step` on its timer, inventory watch and SIGHUP with the state it keeps in memory. Scrape
+and policy run outside the nginx lock; safe_apply takes it for write, test, reload and confirm only.
+A failed apply or push leaves the applied weights in the state as they were, so the next cycle still
+sees the change as pending and `fdngx status` never shows weights nginx does not have.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from fdngx.domain import Inventory, LoadSample, ServerState
+from fdngx.errors import FdngxError
+from fdngx.nginx.apply import ApplyResult
+from fdngx.nginx.target import Target
+from fdngx.weights.fetch import Client
+from fdngx.weights.policy import Decisions, decide
+from fdngx.weights.scrape import scrape_all
+from fdngx.weights.settings import PolicyConfig
+from fdngx.weights.state import PolicyState
+from fdngx.weights.store import StateStore
+
+log = logging.getLogger("fdngx.controller")
+Scrape = Callable[..., dict[str, LoadSample]]
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    decisions: Decisions | None  # None: a static render (no scrape, inventory weights)
+    samples: dict[str, LoadSample]
+    applied: ApplyResult | None  # None: nothing was written (identical, or push only)
+    pushed: int | None  # openresty: peers the balancer took; None: no push this cycle
+    error: str | None  # why the apply or push failed (nginx keeps what it had)
+    text: str = ""  # the rendered config
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.decisions and self.decisions.changed) or bool(self.applied and self.applied.changed)
+
+    @property
+    def nginx_running(self) -> bool | None:
+        return self.applied.nginx_running if self.applied is not None else None
+
+
+def server_states(decisions: Decisions) -> dict[str, ServerState]:
+    return {d.name: ServerState(d.weight, d.down) for d in decisions}
+
+
+def unapplied(new: PolicyState, old: PolicyState) -> PolicyState:
+    """`new` with the applied weights/down of `old`: what to keep when writing the config failed, so
+    the next cycle sees the change as still pending instead of done (health counts and smoothing stay)."""
+    instances = {}
+    for name, st in new.instances.items():
+        prev = old.instances.get(name)
+        instances[name] = replace(
+            st,
+            weight=prev.weight if prev else None,
+            down=prev.down if prev else False,
+            last_change_at=prev.last_change_at if prev else None,
+        )
+    reloads = [t for t in new.reloads if t in old.reloads]
+    return PolicyState(instances, reloads, new.updated_at, new.config)
+
+
+@dataclass
+class Controller:
+    target: Target
+    policy: PolicyConfig | None  # None: no scrape, the inventory's static weights
+    session: Client | None = None
+    scrape: Scrape = scrape_all
+    clock: Callable[[], float] = time.time
+    scrape_deadline: float = 1.5
+    # The sidecar logs what each apply did; a command (cron) prints its one result itself.
+    log_outcome: bool = True
+    # While an apply keeps failing the same way, say so once a minute, not every cycle.
+    _last_error: str | None = field(default=None, repr=False)
+    _last_error_at: float = field(default=0.0, repr=False)
+
+    def step(
+        self, inv: Inventory, state: PolicyState, *, force_render: bool = False
+    ) -> tuple[CycleResult, PolicyState]:
+        """One cycle: scrape, decide, render, apply and/or push. Never raises for a failed apply (it is in
+        the result); the returned state records only what nginx got."""
+        decisions = None
+        samples: dict[str, LoadSample] = {}
+        new_state = state
+        if self.policy is not None:
+            samples = self.scrape(inv.instances, session=self.session, deadline=self.scrape_deadline)
+            decisions, new_state = decide(samples, inv, state, self.policy, self.clock())
+        states = server_states(decisions) if decisions is not None else None
+        applied: ApplyResult | None = None
+        pushed: int | None = None
+        error: str | None = None
+        text = ""
+        try:
+            text = self.target.render(inv, states)
+            # nginx flavor: a weight change is a config change. openresty: the text follows the inventory
+            # only; the apply is cheap when identical (one read, one compare) and still reports nginx down.
+            if self.target.out is not None and (force_render or decisions is None or decisions.changed
+                                                or self.target.pushing):
+                applied = self.target.apply(text)
+            if self.target.pushing and states is not None:
+                # Every cycle, not only on change: the balancer fades scraped load that is not refreshed.
+                pushed = self.target.push(states, samples)
+        except FdngxError as exc:
+            error = str(exc)
+        if error is not None and decisions is not None:
+            new_state = unapplied(new_state, state)
+        result = CycleResult(decisions, samples, applied, pushed, error, text)
+        self._log(result)
+        return result, new_state
+
+    def run_once(self, inv: Inventory, store: StateStore | None, *, save: bool = True) -> CycleResult:
+        """Cron: one step with the state from `store`, saved back under its lock. `save=False` (--diff,
+        --check) reads the state and changes nothing; no store: a fresh state in memory."""
+        if store is None or not save:
+            return self.step(inv, store.load() if store else PolicyState(), force_render=True)[0]
+        with store.locked():
+            result, new_state = self.step(inv, store.load(), force_render=True)
+            if self.policy is not None:
+                store.save(new_state)
+        return result
+
+    def _log(self, result: CycleResult) -> None:
+        """One line per change, always; the apply's outcome only with log_outcome (the sidecar)."""
+        error = result.error
+        quiet = error is not None and error == self._last_error and time.monotonic() - self._last_error_at < 60
+        if result.decisions is not None and not quiet:
+            for d in result.decisions:
+                if d.changed:
+                    log.info("%s%s: %s", "NOT APPLIED " if error else "", d.name, d.reason)
+            if result.decisions.fail_open and result.decisions.changed:
+                log.warning("failing open: %s", result.decisions.fail_open)
+        if not self.log_outcome:
+            return
+        if error is not None:
+            if not quiet:
+                log.error("apply failed: %s", error)
+                self._last_error, self._last_error_at = error, time.monotonic()
+        elif self._last_error is not None:
+            log.info("apply works again")
+            self._last_error = None
+        if result.applied is not None:
+            if result.applied.recovered:
+                log.warning("%s", result.applied.recovered)
+            if result.applied.reloaded:
+                log.info("%s", result.applied.summary)
+            elif result.applied.nginx_running is False:
+                log.warning("%s: nginx is not running: changes wait in the file until it starts",
+                            result.applied.path)

@@ -1,0 +1,76 @@
+"""Where the policy state lives between cron runs and sidecar restarts: a JSON file beside the config.
+
+Reads never fail the caller: a missing, unreadable, garbage or wrongly typed state is logged and
+replaced by a fresh one (the worst a lost state costs is a cycle of neutral weights). The file must
+belong to this user and not be writable by others (refused otherwise: someone could steer the weights).
+A state from before fdngx kept it as a dot-file (`<out>.state.json`) is read once and moved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from fdngx.nginx.apply import aside
+from fdngx.system.files import atomic_write, check_private, file_lock, read_regular_file, real_target, remove
+from fdngx.weights.state import PolicyState
+
+log = logging.getLogger("fdngx.state")
+MAX_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StateStore:
+    path: Path
+    legacy: Path | None = None  # an older location to read once, then remove
+
+    def lock_path(self) -> Path:
+        return self.path.with_name(f"{self.path.name}.lock" if self.path.name.startswith(".")
+                                   else f".{self.path.name}.lock")
+
+    @contextlib.contextmanager
+    def locked(self, timeout: float = 60.0) -> Iterator[None]:
+        """Held for a whole cron cycle: two overlapping runs cannot both read the old state."""
+        with file_lock(self.lock_path(), timeout=timeout):
+            yield
+
+    def load(self) -> PolicyState:
+        for path in (self.path, self.legacy):
+            if path is None:
+                continue
+            state = self._read(path)
+            if state is not None:
+                return state
+        return PolicyState()
+
+    def _read(self, path: Path) -> PolicyState | None:
+        check_private(path, "policy state file")
+        try:
+            text = read_regular_file(path, MAX_BYTES)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("%s: cannot read policy state (%s); starting fresh", path, exc.strerror or exc)
+            return PolicyState()
+        try:
+            return PolicyState.from_dict(json.loads(text))
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            log.warning("%s: ignoring unusable policy state (%s); starting fresh", path, str(exc)[:200])
+            return PolicyState()
+
+    def save(self, state: PolicyState) -> None:
+        atomic_write(self.path, json.dumps(state.to_dict(), indent=1, sort_keys=True) + "\n", mode=0o600)
+        if self.legacy is not None:
+            remove(self.legacy)
+
+
+def store_for(out: Path, state: Path | None = None) -> StateStore:
+    """The state of the config at `out`: `state` if given, else a dot-file beside it (hidden from include
+    globs); an old `<out>.state.json` is read once and moved."""
+    if state is not None:
+        return StateStore(state.absolute())
+    return StateStore(aside(real_target(out), "state.json"), legacy=out.absolute().with_name(out.name + ".state.json"))

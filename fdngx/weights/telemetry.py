@@ -1,0 +1,169 @@
+"""The sidecar's own Prometheus metrics (served on --metrics-listen, default 127.0.0.1:18400).
+
+A private registry, so importing fdngx never adds series to anyone else's default registry, and the
+per-replica series of a replica that left the inventory are removed instead of freezing at old values.
+The per-replica label is `replica` (Prometheus owns `instance`: it would be renamed exported_instance);
+labelled counters are created at 0 when a replica appears, so rate() works from the first scrape; no
+`_created` series. The default port is outside the exporter range 9100-9999 (9400 is dcgm-exporter's,
+which runs on most GPU hosts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+
+from fdngx import __version__
+from fdngx.domain import Listen, LoadSample
+from fdngx.errors import UsageError
+from fdngx.weights.controller import CycleResult
+from fdngx.weights.state import PolicyState
+
+DEFAULT_LISTEN = "127.0.0.1:18400"
+disable_created_metrics()
+
+
+class Telemetry:
+    def __init__(self, registry: CollectorRegistry | None = None, flavor: str = "nginx") -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        lbl = ["replica"]
+        self.build = Gauge("fdngx_build_info", "fdngx version (value 1)", ["version", "flavor"], registry=r)
+        self.build.labels(__version__, flavor).set(1)
+        self.up = Gauge("fdngx_replica_up", "1 when the replica is in rotation, 0 when held out", lbl, registry=r)
+        self.weight = Gauge("fdngx_replica_weight", "Weight applied (nginx config or Lua balancer)", lbl, registry=r)
+        self.running = Gauge("fdngx_replica_running", "Requests running, last scrape", lbl, registry=r)
+        self.queued = Gauge("fdngx_replica_queued", "Requests queued/waiting, last scrape", lbl, registry=r)
+        self.speed = Gauge(
+            "fdngx_replica_speed_ratio", "Decode speed factor in the weight (1: near the fleet's median)", lbl,
+            registry=r,
+        )
+        self.kv = Gauge("fdngx_replica_kv_usage_ratio", "KV-cache usage 0..1, last scrape", lbl, registry=r)
+        self.age = Gauge(
+            "fdngx_replica_scrape_age_seconds", "Seconds since the last usable metrics scrape", lbl, registry=r
+        )
+        self.signal = Gauge(
+            "fdngx_replica_load_signal", "1 when the last scrape gave a usable load signal, 0 when not", lbl,
+            registry=r,
+        )
+        self.scrape_errors = Counter(
+            "fdngx_replica_scrape_errors_total", "Scrapes whose metrics could not be used", lbl, registry=r
+        )
+        self.reloads = Counter("fdngx_reloads_total", "nginx reloads fdngx made (confirmed)", registry=r)
+        self.apply_failures = Counter(
+            "fdngx_apply_failures_total", "Applies (write + test + reload, or openresty push) that failed", registry=r
+        )
+        self.pushes = Counter("fdngx_pushes_total", "openresty flavor: weight/load pushes to the balancer", registry=r)
+        self.nginx_up = Gauge(
+            "fdngx_nginx_up", "1 when the nginx fdngx reloads is running (last apply), 0 when not", registry=r
+        )
+        self.last_success = Gauge(
+            "fdngx_last_apply_success_timestamp_seconds",
+            "When nginx last took what fdngx decided (apply, or push), Unix time", registry=r,
+        )
+        self.budget_held = Gauge(
+            "fdngx_budget_held", "1 while the reload budget holds weight changes back", registry=r
+        )
+        self.apply_seconds = Histogram(
+            "fdngx_apply_duration_seconds", "Write + nginx -t + reload + confirm, or a push",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r,
+        )
+        self.cycle_seconds = Histogram(
+            "fdngx_cycle_duration_seconds", "One scrape + policy (+ apply) cycle",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r,
+        )
+        self.fail_open = Gauge("fdngx_fail_open", "1 while the policy fails open to static weights", registry=r)
+        self.generation = Gauge(
+            "fdngx_config_generation", "Generation of the config last applied, as a number (its 12 hex digits)",
+            registry=r,
+        )
+        self._known: set[str] = set()
+        self._server: Any = None
+        self._lock = threading.Lock()
+
+    def cycle(self, result: CycleResult, state: PolicyState, now: float, seconds: float) -> None:
+        """Record one controller cycle."""
+        with self._lock:
+            self.cycle_seconds.observe(seconds)
+            self._apply(result, now)
+            if result.decisions is not None:
+                self._replicas(result, state, now)
+
+    def _apply(self, result: CycleResult, now: float) -> None:
+        applied = result.applied
+        if result.error is not None:
+            self.apply_failures.inc()
+        elif applied is not None or result.pushed is not None:
+            self.last_success.set(now)
+        if result.pushed is not None:
+            self.pushes.inc()
+        if applied is not None:
+            if applied.nginx_running is not None:
+                self.nginx_up.set(1 if applied.nginx_running else 0)
+            if applied.reloaded:
+                self.reloads.inc()
+                self.apply_seconds.observe(applied.reload_seconds)
+            if applied.generation:
+                self.generation.set(int(applied.generation, 16))
+
+    def _replicas(self, result: CycleResult, state: PolicyState, now: float) -> None:
+        decisions = result.decisions
+        assert decisions is not None
+        names = {d.name for d in decisions}
+        for gone in self._known - names:
+            self._forget(gone)
+        for new in names - self._known:
+            self.scrape_errors.labels(new)  # created at 0
+        self._known = names
+        self.fail_open.set(1 if decisions.fail_open else 0)
+        self.budget_held.set(1 if any(d.budget_held for d in decisions) else 0)
+        samples: Mapping[str, LoadSample] = result.samples
+        for d in decisions:
+            self.up.labels(d.name).set(0 if d.down else 1)
+            self.weight.labels(d.name).set(d.weight)
+            self.speed.labels(d.name).set(d.speed)
+            s = samples.get(d.name)
+            ok = s is not None and s.ok
+            self.signal.labels(d.name).set(1 if ok else 0)
+            if s is not None and s.ok:
+                self.running.labels(d.name).set(s.running)
+                self.queued.labels(d.name).set(s.queued)
+                self.kv.labels(d.name).set(s.kv_usage if s.kv_usage is not None else math.nan)
+            else:
+                self.scrape_errors.labels(d.name).inc()
+            st = state.instances.get(d.name)
+            last = st.last_ok_at if st else None
+            self.age.labels(d.name).set(now - last if last is not None else math.inf)
+
+    def _forget(self, name: str) -> None:
+        per_replica = (self.up, self.weight, self.speed, self.running, self.queued, self.kv, self.age, self.signal,
+                       self.scrape_errors)
+        for metric in per_replica:
+            with contextlib.suppress(KeyError):
+                metric.remove(name)
+
+    def serve(self, listen: str) -> tuple[str, int]:
+        """Serve /metrics on ADDR:PORT in a daemon thread; returns the bound address."""
+        try:
+            where = Listen.parse(listen, "--metrics-listen", allow_zero=True)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        try:
+            server, _thread = start_http_server(where.port, addr=where.bind_host, registry=self.registry)
+        except OSError as exc:
+            raise UsageError(f"--metrics-listen {listen}: cannot listen ({exc.strerror or exc}); pick a free port "
+                             "or 'off'") from None
+        self._server = server
+        return where.bind_host, server.server_port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+

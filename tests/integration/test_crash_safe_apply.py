@@ -1,0 +1,94 @@
+"""A crash (SIGKILL) at every step of `render --reload`: the live file always passes `nginx -t`, and the
+next run says what it found and finishes the job (real nginx, real processes, a test hook to pause)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fdngx.nginx.control import generation_in
+from tests.support import Backends, Nginx, Site, fdngx, wait_for
+
+pytestmark = pytest.mark.nginx
+
+STEPS = ["locked", "candidate-tested", "swapped", "tested", "reloaded"]
+JOURNALED = {"swapped", "tested", "reloaded"}  # the steps after the swap: a journal is left behind
+
+
+@pytest.fixture
+def site(tmp_path: Path, two_backends: Backends) -> Iterator[Site]:
+    s = Site(tmp_path, two_backends, [1, 3])
+    try:
+        yield s
+    finally:
+        s.nginx.stop()
+
+
+def kill_at(site: Site, step: str) -> None:
+    """Start `render --reload` paused at `step`, then SIGKILL it there."""
+    env = {**os.environ, "FDNGX_TEST_PAUSE_AT": step}
+    proc = subprocess.Popen([sys.executable, "-m", "fdngx", "render", *site.args, "--reload"], env=env,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:  # ends when the process does; the hook waits at most 60 s
+            seen.append(line)
+            if f"paused at {step}" in line:
+                break
+        assert any(f"paused at {step}" in ln for ln in seen), "".join(seen)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_sigkill_at_any_step_leaves_a_tested_file_and_the_next_run_completes(site: Site, step: str) -> None:
+    old_bytes, old_gen = site.conf.read_bytes(), site.generation()
+    site.set_weights([4, 1])
+    kill_at(site, step)
+
+    assert Nginx(site.conf.parent).test().returncode == 0, "the live file must always pass nginx -t"
+    assert site.nginx.proc is not None and site.nginx.proc.poll() is None, "nginx keeps running"
+    assert site.split(4), "and keeps serving"
+    journal = site.conf.parent / ".nginx.conf.fdngx-journal"
+    assert journal.exists() == (step in JOURNALED)
+    if step not in JOURNALED:
+        assert site.conf.read_bytes() == old_bytes, "killed before the swap: the live file was never touched"
+
+    again = fdngx("render", *site.args, "--reload")
+    assert again.returncode == 0, again.stderr
+    if step in JOURNALED:
+        assert "recovered an interrupted apply" in again.stderr, again.stderr
+        assert "restored the previous" in again.stderr
+    new_gen = generation_in(site.conf.read_text())
+    assert new_gen and new_gen != old_gen
+    wait_for(lambda: site.generation() == new_gen, 15, what="nginx serves the new generation")
+    assert not journal.exists()
+    assert not list(site.conf.parent.glob(".nginx.conf.*.fdngx-tmp")), "no stale candidate left behind"
+    assert site.split(10)["b0"] >= 6, "weights 4:1 are live"
+
+
+def test_identical_file_but_nginx_on_another_generation_is_reloaded(site: Site) -> None:
+    """A crash after the swap whose journal was lost: the bytes match, nginx does not serve them."""
+    site.set_weights([4, 1])
+    kill_at(site, "swapped")
+    (site.conf.parent / ".nginx.conf.fdngx-journal").unlink()  # as if the journal never made it to disk
+    file_gen = generation_in(site.conf.read_text())
+    assert site.generation() != file_gen
+    again = fdngx("render", *site.args, "--reload")
+    assert again.returncode == 0 and "reloaded" in again.stderr, again.stderr
+    assert site.generation() == file_gen
+
+
+def test_reload_while_nginx_is_down_says_so_every_run(site: Site) -> None:
+    site.nginx.stop()
+    for _ in range(2):  # unchanged or not, every run says nginx is down
+        proc = fdngx("render", *site.args, "--reload")
+        assert proc.returncode == 0 and "nginx is not running" in proc.stderr, proc.stderr

@@ -56,7 +56,9 @@ AdminListenOpt = typer.Option(
     "127.0.0.1:9401", help="openresty: ADDR:PORT of the loopback admin server that takes weight pushes."
 )
 AdminTokenFileOpt = typer.Option(
-    None, help="openresty: admin token file, created (0600) if missing (default: .<out name>.fdngx-admin-token beside --out)."
+    None,
+    help="openresty: admin token file, created (0600) if missing (default: .<out name>.fdngx-admin-token beside "
+    "--out).",
 )
 BalancerOpt = typer.Option(
     Balancer.LEAST, help="openresty: least = least (in-flight + scraped external load) / weight over all replicas; "

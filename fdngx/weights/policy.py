@@ -33,7 +33,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
-from fdngx.domain import Instance, Inventory, LoadSample
+from fdngx.domain import Inventory, LoadSample
+from fdngx.weights.sample import describe, fold_health, fold_metrics
 from fdngx.weights.settings import PolicyConfig
 from fdngx.weights.state import InstanceState, PolicyState
 
@@ -52,6 +53,7 @@ class Decision:
     load: float | None = None  # smoothed per-slot load
     speed: float = 1.0  # decode speed factor in the weight
     budget_held: bool = False  # a change the reload budget held back this cycle
+    load_signal: bool = True  # this cycle's metrics were read and believed (False: failed or "metrics invalid")
 
 
 @dataclass(frozen=True)
@@ -85,64 +87,6 @@ def _quantise(x: float, config: PolicyConfig) -> int:
     if not math.isfinite(x):
         return config.max_weight if x > 0 else 1
     return max(1, min(config.max_weight, round(x)))
-
-
-def _sample_load(s: LoadSample, cap: float, config: PolicyConfig) -> float:
-    # On FastDeploy builds without num_requests_queuing, `waiting` reads ~0 under backlog: trust only
-    # running (against slots) and KV usage there.
-    queued = s.queued if s.queued_reliable else 0.0
-    load = (s.running + queued) / cap
-    if s.kv_usage is not None and s.kv_usage > config.kv_threshold:
-        load += config.kv_gain * (s.kv_usage - config.kv_threshold) / (1.0 - config.kv_threshold)
-    return load
-
-
-def _describe(s: LoadSample | None, st: InstanceState, fleet: float | None) -> str:
-    if st.load is None:
-        return "no metrics yet"
-    if s is None or not s.ok:
-        return f"load {st.load:.2f}/slot (this scrape failed: {st.last_error})"
-    kv = f", KV {s.kv_usage:.0%}" if s.kv_usage is not None else ""
-    queue = f"queue {s.queued:.0f}" if s.queued_reliable else "queue unknown (old FastDeploy)"
-    vs = f" vs fleet {fleet:.2f}" if fleet is not None else ""
-    speed = f"; decodes at {st.speed:.2f}x the fleet's speed (TPOT {st.tpot * 1000:.0f} ms)" if st.speed != 1 else ""
-    return f"load {st.load:.2f}/slot{vs} (running {s.running:.0f}, {queue}{kv}){speed}"
-
-
-def _health(st: InstanceState, s: LoadSample | None) -> None:
-    if s is not None and s.healthy:
-        st.oks, st.fails, st.health_error = st.oks + 1, 0, None
-    else:
-        st.fails, st.oks = st.fails + 1, 0
-        st.health_error = "not scraped" if s is None else (s.health_error or "not 200")
-
-
-def _metrics(st: InstanceState, s: LoadSample | None, inst: Instance, now: float, config: PolicyConfig) -> None:
-    if s is None or not s.ok:
-        st.last_error = "not scraped" if s is None else s.error
-        return
-    if s.capacity:
-        st.capacity = s.capacity
-    cap = st.capacity or float(inst.max_num_seqs)
-    u = _sample_load(s, cap, config)
-    st.load = u if st.load is None else config.alpha * u + (1 - config.alpha) * st.load
-    st.last_ok_at, st.last_error = now, None
-    _tpot(st, s, config)
-
-
-def _tpot(st: InstanceState, s: LoadSample, config: PolicyConfig) -> None:
-    """Mean time per output token since the last update, once enough tokens (or requests) were observed."""
-    if s.tpot_sum is None or s.tpot_count is None:
-        return
-    if st.tpot_sum is None or st.tpot_count is None or s.tpot_count < st.tpot_count or s.tpot_sum < st.tpot_sum:
-        st.tpot_sum, st.tpot_count = s.tpot_sum, s.tpot_count  # first sight, or the engine restarted
-        return
-    n = s.tpot_count - st.tpot_count
-    if n < config.speed_min_tokens:
-        return  # keep the baseline: the next scrapes add to this interval
-    mean = (s.tpot_sum - st.tpot_sum) / n
-    st.tpot = mean if st.tpot is None else config.alpha * mean + (1 - config.alpha) * st.tpot
-    st.tpot_sum, st.tpot_count = s.tpot_sum, s.tpot_count
 
 
 def _update_speeds(states: dict[str, InstanceState], active: list[str], config: PolicyConfig) -> None:
@@ -225,8 +169,8 @@ def decide(
     states = {i.name: replace(prev[i.name]) if i.name in prev else InstanceState() for i in insts}
     dt = config.interval if state.updated_at is None else max(0.0, now - state.updated_at)
     for inst in insts:
-        _health(states[inst.name], samples.get(inst.name))
-        _metrics(states[inst.name], samples.get(inst.name), inst, now, config)
+        fold_health(states[inst.name], samples.get(inst.name))
+        fold_metrics(states[inst.name], samples.get(inst.name), inst, now, config)
 
     caps = {i.name: states[i.name].capacity or float(i.max_num_seqs) for i in insts}
     base = base_weights(inventory, caps, config)
@@ -288,7 +232,9 @@ def decide(
         if change:
             st.last_change_at = now
         st.weight, st.down = weight, down
-        items.append(Decision(inst.name, weight, down, reason, change, old_w, wanted, st.load, st.speed, held))
+        sample = samples.get(inst.name)
+        signal = sample is not None and sample.ok and st.last_error is None
+        items.append(Decision(inst.name, weight, down, reason, change, old_w, wanted, st.load, st.speed, held, signal))
     decisions = Decisions(tuple(items), fleet, fail_open)
     reloads = [*recent, now] if decisions.changed else recent
     return decisions, PolicyState(states, reloads, now, asdict(config))
@@ -348,7 +294,7 @@ def _plan(
         up = f"up: /health ok {st.oks}x; {ramp}"
         return _Plan(wanted, False, f"{up}weight {wanted}", True, False, wanted, up.removesuffix("; "))
     if fresh:
-        what = _describe(s, st, fleet)
+        what = describe(s, st, fleet)
     else:
         age = "never read" if st.last_ok_at is None else f"{now - st.last_ok_at:.0f}s old"
         what = f"stale metrics ({age}: {st.last_error}); fading to neutral"

@@ -13,6 +13,13 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 STATE_VERSION = 1
+# Ranges a loaded value is clamped to: a state file edited by hand (or by someone else) cannot push the
+# policy's arithmetic out of bounds.
+RANGES = {
+    "weight": (1, 100_000), "fails": (0, 1_000_000), "oks": (0, 1_000_000), "load": (0.0, 1e6),
+    "log_gain": (-20.0, 20.0), "capacity": (1.0, 1e6), "tpot_sum": (0.0, 1e15), "tpot_count": (0.0, 1e15),
+    "tpot": (1e-6, 1e3), "speed": (0.01, 100.0),
+}
 
 
 @dataclass
@@ -43,7 +50,11 @@ class InstanceState:
         for f in fields(cls):
             if f.name not in raw:
                 continue
-            values[f.name] = _typed(f.name, raw[f.name], str(f.type))
+            value = _typed(f.name, raw[f.name], str(f.type))
+            if value is not None and f.name in RANGES:
+                lo, hi = RANGES[f.name]
+                value = min(hi, max(lo, value))
+            values[f.name] = value
         return cls(**values)
 
 

@@ -128,9 +128,8 @@ class Telemetry:
             self.weight.labels(d.name).set(d.weight)
             self.speed.labels(d.name).set(d.speed)
             s = samples.get(d.name)
-            ok = s is not None and s.ok
-            self.signal.labels(d.name).set(1 if ok else 0)
-            if s is not None and s.ok:
+            self.signal.labels(d.name).set(1 if d.load_signal else 0)
+            if s is not None and s.ok and d.load_signal:
                 self.running.labels(d.name).set(s.running)
                 self.queued.labels(d.name).set(s.queued)
                 self.kv.labels(d.name).set(s.kv_usage if s.kv_usage is not None else math.nan)

@@ -45,7 +45,7 @@ async def one_stream(session: aiohttp.ClientSession, url: str, max_tokens: int, 
             await resp.read()
             return
         async for line in resp.content:
-            if line.startswith(b"data: {") and b'"content": "' in line and b'"content": ""' not in line:
+            if line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line:
                 tokens += 1
                 if first is None:
                     first = time.monotonic() - t0

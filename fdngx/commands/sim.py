@@ -43,6 +43,9 @@ def sim(
         False, "--legacy-metrics", help="Pre-2026-04 FastDeploy: no num_requests_queuing series, waiting stays 0."
     ),
     unhealthy: bool = typer.Option(False, "--unhealthy", help="Fault: /health and /ping answer 404."),
+    no_weights: bool = typer.Option(
+        False, "--no-weights", help="Fault: /health, /ping, completions and /v1/models answer 304 (weights cleared)."
+    ),
     error_rate: float = typer.Option(0.0, "--error-rate", help="Fault: share of completions answered 500 at once."),
     hang: bool = typer.Option(False, "--hang", help="Fault: accept completions and never answer."),
     metrics_delay: float = typer.Option(0.0, "--metrics-delay", help="Fault: /metrics answers after this many s."),
@@ -99,6 +102,7 @@ def sim(
     checked = validate_fault(
         {
             "unhealthy": unhealthy,
+            "no_weights": no_weights,
             "error_rate": error_rate,
             "hang": hang,
             "metrics_delay": metrics_delay,

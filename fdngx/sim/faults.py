@@ -3,14 +3,16 @@
 | fault | effect |
 |---|---|
 | `unhealthy: bool` | `/health` and `/ping` answer 404 "Worker Service Not Healthy"; completions still work |
-| `error_rate: 0..1` | that share of completion requests gets an immediate 500 (OpenAI-style error body) |
+| `no_weights: bool` | weights cleared (dynamic weight loading): `/health`, `/ping`, completions, `/v1/models`: 304 |
+| `error_rate: 0..1` | that share of completion requests gets an immediate 500 (FastDeploy's internal_error body) |
 | `hang: bool` | completion requests are accepted and never answered (until the client gives up) |
 | `metrics_delay: s` | `/metrics` answers after that many seconds |
 | `garbage_metrics: bool` | `/metrics` answers 200 with text that breaks a Prometheus parser part way |
 | `speed: > 0` | the replica's speed factor (step times are divided by it) |
 | `crash: true` | the replica closes its API and metrics sockets (connections refused), cuts open streams |
 
-Crash is irreversible; once every replica of a process has crashed, the process exits with status 1.
+`no_weights` has no startup flag (set it at run time). Crash is irreversible; once every replica of a process
+has crashed, the process exits with status 1.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from typing import Any
 
 from fdngx.errors import UsageError
 
-FAULT_NAMES = ("unhealthy", "error_rate", "hang", "metrics_delay", "garbage_metrics", "speed", "crash")
+FAULT_NAMES = ("unhealthy", "no_weights", "error_rate", "hang", "metrics_delay", "garbage_metrics", "speed", "crash")
 
 
 @dataclass
 class Faults:
     unhealthy: bool = False
+    no_weights: bool = False
     error_rate: float = 0.0
     hang: bool = False
     metrics_delay: float = 0.0
@@ -34,6 +37,7 @@ class Faults:
     def as_dict(self) -> dict[str, Any]:
         return {
             "unhealthy": self.unhealthy,
+            "no_weights": self.no_weights,
             "error_rate": self.error_rate,
             "hang": self.hang,
             "metrics_delay": self.metrics_delay,
@@ -72,7 +76,7 @@ def validate_fault(body: Any, *, cli: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in body.items():
         label = _label(key, cli)
-        if key in ("unhealthy", "hang", "garbage_metrics", "crash"):
+        if key in ("unhealthy", "no_weights", "hang", "garbage_metrics", "crash"):
             out[key] = _bool(label, value)
         elif key == "error_rate":
             out[key] = _number(label, value, low=0.0, high=1.0)

@@ -61,6 +61,11 @@ class SimRequest:
     first_token: float | None = None
     finished: float | None = None
     generated: int = 0
+    # The gap since this request's previous token, set on every token after the first: FastDeploy observes
+    # time_per_output_token_seconds once per decode step per request (output/token_processor.py,
+    # TokenProcessor._record_metrics: current_time - task.last_token_time).
+    last_token: float | None = None
+    token_gap: float | None = None
     blocks: int = 0  # KV blocks reserved at admission
     cancelled: bool = False
     # The server hangs its wake-up handle here; the model never touches it.
@@ -158,6 +163,8 @@ class ReplicaModel:
             req.generated += 1
             if req.first_token is None:
                 req.first_token = now
+            req.token_gap = None if req.last_token is None else now - req.last_token
+            req.last_token = now
             if req.generated >= req.max_tokens:
                 req.finished = now
                 del self.running[req.rid]

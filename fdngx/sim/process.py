@@ -201,14 +201,16 @@ def start_sim(
     )
     sim = SimProcess(proc, host, list(ports), list(metrics_ports), path, log_file, own_log)
     try:
-        _wait_healthy(sim, timeout, expect_unhealthy="--unhealthy" in argv)
+        # Started faulty on purpose: listening with the documented status is "up".
+        expect = 404 if "--unhealthy" in argv else 304 if "--no-weights" in argv else 200
+        _wait_healthy(sim, timeout, expect=expect)
     except BaseException:
         sim.stop(grace=1.0)
         raise
     return sim
 
 
-def _wait_healthy(sim: SimProcess, timeout: float, *, expect_unhealthy: bool) -> None:
+def _wait_healthy(sim: SimProcess, timeout: float, *, expect: int = 200) -> None:
     deadline = time.monotonic() + timeout
     pending = set(range(len(sim.ports)))
     while pending:
@@ -216,9 +218,7 @@ def _wait_healthy(sim: SimProcess, timeout: float, *, expect_unhealthy: bool) ->
             raise LaunchError(f"fdngx sim exited with status {sim.proc.returncode}: {_tail(sim.log_path)}")
         for i in sorted(pending):
             try:
-                # Started unhealthy on purpose: listening with the documented 404 is "up".
-                ok = (404,) if expect_unhealthy else (200,)
-                if sim._http.get(f"{sim.url(i)}/health", timeout=1).status_code in ok:
+                if sim._http.get(f"{sim.url(i)}/health", timeout=1).status_code == expect:
                     pending.discard(i)
             except requests.RequestException:
                 pass

@@ -1,189 +1,238 @@
-"""OpenAI-compatible request parsing and response bodies, shaped as FastDeploy sends them.
+"""OpenAI-compatible response bodies, shaped byte for byte as FastDeploy sends them.
 
-Streaming is the hot path (one SSE event per token per stream), so token events are built by joining
-pre-encoded byte fragments instead of serialising a dict per token.
+Mirrored from PaddlePaddle/FastDeploy (the versions read are listed in tests/fixtures/upstream/README.md):
+
+- fastdeploy/entrypoints/openai/protocol.py: every body's fields and their order (pydantic dumps fields in
+  definition order; streamed chunks use `model_dump_json(exclude_unset=True)`, full answers `model_dump()`);
+  `ErrorInfo(message, type, param, code)` with a string `code`; `ModelInfo`/`ModelPermission`.
+- fastdeploy/entrypoints/openai/api_server.py: 429 is `{"detail": ...}`; bodies are starlette
+  `JSONResponse`s (compact JSON). Which request gets which error: validation.py.
+- serving_chat.py `chat_completion_stream_generator` / serving_completion.py `completion_stream_generator`:
+  the chunk sequence (see `Formatter`).
+
+Streaming is the hot path (one SSE event per token per stream), so token events are joined from pre-encoded
+byte fragments instead of serialising a dict per token.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
-
-# Plain ASCII words: they need no JSON escaping, which keeps the byte templates valid.
-_TEXT = (
-    "the model said that load balancing across replicas keeps queues short and time to first token low "
-    "while nginx counts connections and the sidecar adjusts weights from metrics every few seconds"
-)
-VOCAB = tuple(f" {w}" for w in _TEXT.split(" "))
-VOCAB_BYTES = tuple(w.encode() for w in VOCAB)
-DONE = b"data: [DONE]\n\n"
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-
-
-def error_body(message: str, *, code: int, type_: str = "invalid_request_error", param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 @dataclass(frozen=True)
 class Parsed:
     chat: bool
-    model: str
+    request_id: str
     prompt_tokens: int
-    max_tokens: int
+    max_tokens: int  # tokens this request generates
+    capped: bool  # the client set max_tokens: the answer ends at the cap ("length"), else at EOS ("stop")
     stream: bool
     include_usage: bool
 
 
-def _text_len(content: Any, where: str) -> int:
-    if content is None:
-        return 0
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):
-        total = 0
-        for part in content:
-            if not isinstance(part, dict):
-                raise BadRequest(f"{where} parts must be objects", where)
-            text = part.get("text", "")
-            total += len(text) if isinstance(text, str) else 0
-        return total
-    raise BadRequest(f"{where} must be a string or a list of content parts", where)
+# Plain ASCII words: they need no JSON escaping beyond the quotes.
+_TEXT = (
+    "the model said that load balancing across replicas keeps queues short and time to first token low "
+    "while nginx counts connections and the sidecar adjusts weights from metrics every few seconds"
+)
+VOCAB = tuple(f" {w}" for w in _TEXT.split(" "))
+VOCAB_JSON = tuple(json.dumps(w).encode() for w in VOCAB)
+DONE = b"data: [DONE]\n\n"
+MAX_MODEL_LEN = 8192
+INTERNAL_ERROR = "internal_error"
+INVALID_REQUEST_ERROR = "invalid_request_error"
 
 
-def _int_field(body: dict, name: str) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadRequest(f"{name} must be a positive integer, got {value!r}", name)
-    return value
+def dumps(obj: Any) -> bytes:
+    """JSON as starlette's JSONResponse writes it (compact, UTF-8)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def parse_request(raw: bytes, *, chat: bool, default_model: str, default_max_tokens: int) -> Parsed:
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise BadRequest("messages must be a non-empty list", "messages")
-        chars = 0
-        for i, msg in enumerate(messages):
-            if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
-                raise BadRequest(f"messages[{i}] must be an object with a string role", "messages")
-            chars += _text_len(msg.get("content"), f"messages[{i}].content")
-        prompt_tokens = max(1, chars // 4) + 3 * len(messages)  # the chat template adds a few tokens a turn
+def error_body(message: str, type_: str, *, param: str | None = None, code: str | None = None) -> dict:
+    """FastDeploy's ErrorResponse (protocol.py): ErrorInfo fields in their definition order."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def too_many_requests_body(max_concurrency: int) -> dict:
+    """api_server.py `connection_manager`: HTTPException(429, detail=...) answered as {"detail": ...}.
+
+    N is the instance's `--max-concurrency` (the whole instance's, not one worker's share)."""
+    return {"detail": f"Too many requests,current max concurrency is {max_concurrency}"}
+
+
+def usage(prompt: int, completion: int, *, full: bool, chat: bool) -> dict[str, Any]:
+    """protocol.py UsageInfo. Streamed (exclude_unset) it carries only the details the handler set."""
+    if not full:
+        prompt_details: dict[str, Any] = {"cached_tokens": 0}
+    elif chat:
+        prompt_details = {"cached_tokens": 0, "image_tokens": 0, "video_tokens": 0}
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            prompt_tokens = max(1, len(prompt) // 4)
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            prompt_tokens = len(prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, str) for t in prompt):
-            prompt_tokens = max(1, sum(len(t) for t in prompt) // 4)
-        else:
-            raise BadRequest("prompt must be a string, a list of strings or a list of token ids", "prompt")
-    max_tokens = _int_field(body, "max_completion_tokens") or _int_field(body, "max_tokens") or default_max_tokens
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("stream must be a boolean", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise BadRequest("stream_options must be an object", "stream_options")
-    model = body.get("model") or default_model
-    if not isinstance(model, str):
-        raise BadRequest("model must be a string", "model")
-    return Parsed(chat, model, prompt_tokens, max_tokens, stream, bool(options.get("include_usage")))
+        prompt_details = {"cached_tokens": 0, "image_tokens": None, "video_tokens": None}
+    return {
+        "prompt_tokens": prompt,
+        "total_tokens": prompt + completion,
+        "completion_tokens": completion,
+        "prompt_tokens_details": prompt_details,
+        "completion_tokens_details": {"reasoning_tokens": 0, "image_tokens": 0},
+    }
 
 
-def usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def models_body(name: str, max_model_len: int = MAX_MODEL_LEN) -> dict:
+    """serving_models.py list_models: ModelList of ModelInfo(owned_by "FastDeploy", one ModelPermission)."""
+    now = int(time.time())
+    permission = {
+        "id": f"modelperm-{uuid.uuid4().hex}",
+        "object": "model_permission",
+        "created": now,
+        "allow_create_engine": False,
+        "allow_sampling": True,
+        "allow_logprobs": True,
+        "allow_search_indices": False,
+        "allow_view": True,
+        "allow_fine_tuning": False,
+        "organization": "*",
+        "group": None,
+        "is_blocking": False,
+    }
+    card = {
+        "id": name,
+        "object": "model",
+        "created": now,
+        "owned_by": "FastDeploy",
+        "root": name,
+        "parent": None,
+        "max_model_len": max_model_len,
+        "permission": [permission],
+    }
+    return {"object": "list", "data": [card]}
 
 
 class Formatter:
-    """Bodies for one request: SSE events when streaming, one JSON document otherwise."""
+    """The bodies of one request: SSE events when streaming, one JSON document otherwise.
 
-    def __init__(self, parsed: Parsed, rid: int, model: str, salt: int) -> None:
+    Chat stream (serving_chat.py): a first chunk whose delta carries role "assistant", content "" and
+    reasoning_content "" (FastDeploy writes it with a space before the blank line), then one chunk per token;
+    `finish_reason` rides on the last token's chunk ("length" at the client's max_tokens, else "stop", whose
+    token is the EOS and decodes to ""); a usage chunk when stream_options asks; `data: [DONE]`.
+    Completion stream (serving_completion.py): no first chunk, no "object" key in chunks, same ending.
+    """
+
+    def __init__(self, parsed: Parsed, model: str, salt: int) -> None:
         self.parsed = parsed
         self.salt = salt
-        self.created = int(time.time())
-        if parsed.chat:
-            self.id = f"chatcmpl-{rid:x}"
-            self.object = "chat.completion.chunk"
-        else:
-            self.id = f"cmpl-{rid:x}"
-            self.object = "text_completion"
+        self.id = parsed.request_id
         self.model = model
-        head = json.dumps({"id": self.id, "object": self.object, "created": self.created, "model": model})[:-1]
+        self.created = int(time.time())
+        self.finish_reason = "length" if parsed.capped else "stop"
+        ident = f'"id":{json.dumps(self.id, ensure_ascii=False)}'
+        model_json = json.dumps(model, ensure_ascii=False)
         if parsed.chat:
-            self._pre = f'data: {head}, "choices": [{{"index": 0, "delta": {{"content": "'.encode()
-            self._post = b'"}, "logprobs": null, "finish_reason": null}]}\n\n'
+            self.object = "chat.completion.chunk"
+            head = f'data: {{{ident},"object":"{self.object}","created":{self.created},"model":{model_json},'
+            self._pre = (head + '"choices":[{"index":0,"delta":{"content":').encode()
+            self._mid = (
+                b',"prompt_token_ids":null,"completion_token_ids":null,"reasoning_content":"","tool_calls":null},'
+                b'"logprobs":null,"draft_logprobs":null,'
+            )
         else:
-            self._pre = f'data: {head}, "choices": [{{"index": 0, "text": "'.encode()
-            self._post = b'", "logprobs": null, "finish_reason": null}]}\n\n'
+            self.object = "text_completion"
+            head = f'data: {{{ident},"created":{self.created},"model":{model_json},'
+            self._pre = (head + '"choices":[{"index":0,"text":').encode()
 
     def word(self, i: int) -> bytes:
-        return VOCAB_BYTES[(i + self.salt) % len(VOCAB_BYTES)]
+        return VOCAB_JSON[(i + self.salt) % len(VOCAB_JSON)]
 
-    def _event(self, payload: dict) -> bytes:
-        return b"data: " + json.dumps(payload).encode() + b"\n\n"
-
-    def _chunk(self, choices: list, **extra: Any) -> dict:
-        return {
-            "id": self.id,
-            "object": self.object,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            **extra,
-        }
+    def _token(self, i: int, arrival: bytes, last: bool) -> bytes:
+        word = b'""' if last and not self.parsed.capped else self.word(i)
+        finish = f'"finish_reason":"{self.finish_reason}",'.encode() if last else b""
+        if self.parsed.chat:
+            return self._pre + word + self._mid + finish + b'"arrival_time":' + arrival + b"}]}\n\n"
+        return (
+            self._pre + word + b',"arrival_time":' + arrival + b',"logprobs":null,"draft_logprobs":null,'
+            b'"prompt_token_ids":null,"completion_token_ids":null,"completion_tokens":null,"reasoning_content":""'
+            + (b"," + finish[:-1] if last else b"")
+            + b',"tool_calls":null}]}\n\n'
+        )
 
     def first_event(self) -> bytes:
         if not self.parsed.chat:
             return b""
-        return self._event(
-            self._chunk(
-                [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
-            )
-        )
+        delta = {
+            "role": "assistant",
+            "content": "",
+            "prompt_token_ids": None,
+            "completion_token_ids": None,
+            "reasoning_content": "",
+            "tool_calls": None,
+        }
+        return b"data: " + dumps(self._chunk([{"index": 0, "delta": delta}])) + b" \n\n"
 
-    def token_events(self, start: int, end: int) -> bytes:
-        pre, post = self._pre, self._post
-        return b"".join(pre + self.word(i) + post for i in range(start, end))
+    def token_events(self, start: int, end: int, arrival: float, finished: bool) -> bytes:
+        """Tokens start..end-1; `arrival` is seconds since the request entered the batch, as FastDeploy's
+        `arrival_time`; the last one carries finish_reason when `finished`."""
+        stamp = repr(float(arrival)).encode()
+        return b"".join(self._token(i, stamp, finished and i == end - 1) for i in range(start, end))
 
-    def final_events(self, completion_tokens: int, finish_reason: str = "length") -> bytes:
-        if self.parsed.chat:
-            choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": finish_reason}
-        out = self._event(self._chunk([choice]))
+    def _chunk(self, choices: list, **extra: Any) -> dict:
+        head: dict[str, Any] = {"id": self.id}
+        if self.parsed.chat:  # the completion handler never sets `object` on its stream chunks
+            head["object"] = self.object
+        return {**head, "created": self.created, "model": self.model, "choices": choices, **extra}
+
+    def final_events(self, completion_tokens: int) -> bytes:
+        """After the last token chunk: the usage chunk if asked, then [DONE]."""
+        out = b""
         if self.parsed.include_usage:
-            out += self._event(self._chunk([], usage=usage(self.parsed.prompt_tokens, completion_tokens)))
+            body = usage(self.parsed.prompt_tokens, completion_tokens, full=False, chat=self.parsed.chat)
+            out = b"data: " + dumps(self._chunk([], usage=body)) + b"\n\n"
         return out + DONE
 
-    def full_body(self, completion_tokens: int, finish_reason: str = "length") -> dict:
-        text = "".join(VOCAB[(i + self.salt) % len(VOCAB)] for i in range(completion_tokens))
+    def text(self, completion_tokens: int) -> str:
+        words = completion_tokens if self.parsed.capped else completion_tokens - 1  # the EOS has no text
+        return "".join(VOCAB[(i + self.salt) % len(VOCAB)] for i in range(max(0, words)))
+
+    def full_body(self, completion_tokens: int) -> dict:
+        """serving_chat.py chat_completion_full_generator / serving_completion.py, dumped with every field."""
+        text = self.text(completion_tokens)
         if self.parsed.chat:
+            message = {
+                "role": "assistant",
+                "content": text,
+                "multimodal_content": None,
+                "reasoning_content": None,
+                "tool_calls": None,
+                "prompt_token_ids": None,
+                "completion_token_ids": None,
+                "prompt_tokens": None,
+                "completion_tokens": None,
+            }
             choice: dict[str, Any] = {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": None,
-                "finish_reason": finish_reason,
+                "draft_logprobs": None,
+                "finish_reason": self.finish_reason,
             }
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {
+                "index": 0,
+                "text": text,
+                "prompt_token_ids": None,
+                "completion_token_ids": None,
+                "prompt_tokens": None,
+                "completion_tokens": None,
+                "arrival_time": None,
+                "logprobs": None,
+                "draft_logprobs": None,
+                "reasoning_content": None,
+                "finish_reason": self.finish_reason,
+                "tool_calls": None,
+            }
             obj = "text_completion"
         return {
             "id": self.id,
@@ -191,5 +240,5 @@ class Formatter:
             "created": self.created,
             "model": self.model,
             "choices": [choice],
-            "usage": usage(self.parsed.prompt_tokens, completion_tokens),
+            "usage": usage(self.parsed.prompt_tokens, completion_tokens, full=True, chat=self.parsed.chat),
         }

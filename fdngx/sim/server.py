@@ -1,5 +1,8 @@
 """HTTP side of `fdngx sim`: per replica one aiohttp app on the API port and one on the metrics port.
 
+The routes, status codes and bodies mirror PaddlePaddle/FastDeploy fastdeploy/entrypoints/openai/api_server.py
+(see protocol.py for the bodies and tests/fixtures/upstream/README.md for the versions read).
+
 All replicas share one asyncio loop. Each replica runs one stepping task that advances its whole batch at
 once and wakes the streams that got a token, so CPU cost grows with tokens, not with timers per request.
 """
@@ -12,6 +15,7 @@ import itertools
 import json
 import logging
 import random
+import time
 from typing import Any
 
 from aiohttp import web
@@ -19,9 +23,20 @@ from aiohttp import web
 from fdngx.errors import LaunchError, UsageError
 from fdngx.sim.config import ReplicaConfig, SimConfig
 from fdngx.sim.faults import Faults, validate_fault
+from fdngx.sim.introspect import config_info, replica_state
 from fdngx.sim.metrics import GARBAGE_METRICS, ReplicaMetrics
 from fdngx.sim.model import ReplicaModel, SimRequest
-from fdngx.sim.protocol import BadRequest, Formatter, error_body, parse_request
+from fdngx.sim.protocol import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST_ERROR,
+    MAX_MODEL_LEN,
+    Formatter,
+    dumps,
+    error_body,
+    models_body,
+    too_many_requests_body,
+)
+from fdngx.sim.validation import RequestError, parse_request
 
 log = logging.getLogger("fdngx.sim")
 
@@ -41,7 +56,14 @@ def is_loopback(remote: str | None) -> bool:
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
-    return web.json_response(obj, status=status)
+    """A starlette JSONResponse: compact JSON."""
+    return web.Response(body=dumps(obj), status=status, content_type="application/json")
+
+
+# The status FastDeploy answers while its model weights are cleared (dynamic weight loading): api_server.py
+# `health` (is_workers_alive false: "No model weight enabled") and the completion and models routes
+# ({"error": "Worker Service Not Healthy"}). A 304 carries no body on the wire, so neither text arrives.
+NOT_MODIFIED = 304
 
 
 class Replica:
@@ -115,13 +137,32 @@ class Replica:
             for req in progressed:
                 if req.generated == 1:
                     metrics.on_first_token(req)
+                else:
+                    metrics.on_token(req)
                 if req.finished is not None:
                     metrics.on_finish(req)
                 req.waiter.set()
 
     # -- API port ----------------------------------------------------------------------------------
     def _api_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        metrics = self.metrics
+
+        @web.middleware
+        async def http_metrics(request: web.Request, handler: Any) -> web.StreamResponse:
+            # metrics_middleware.py PrometheusMiddleware: count and time every non-excluded API request.
+            t0 = time.monotonic()
+            status = 500
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except web.HTTPException as exc:
+                status = exc.status
+                raise
+            finally:
+                metrics.on_http(request.method, request.path, status, time.monotonic() - t0)
+
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[http_metrics])
         name = self.rc.name
 
         async def tag(_request: web.Request, response: web.StreamResponse) -> None:
@@ -131,8 +172,11 @@ class Replica:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._text)
         app.router.add_get("/v1/models", self._models)
-        for path in ("/health", "/ping", "/health_generate"):
-            app.router.add_get(path, self._health)
+        # api_server.py: /health is GET only; /ping (for SageMaker) takes GET and POST and answers as /health.
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/ping", self._health)
+        app.router.add_post("/ping", self._health)
+        app.router.add_get("/health_generate", self._health)  # SGLang's gateway probes this one
         for path in ("/get_model_info", "/model_info"):
             app.router.add_get(path, self._model_info)
         for path in ("/get_server_info", "/server_info"):
@@ -141,21 +185,18 @@ class Replica:
         return app
 
     async def _health(self, _request: web.Request) -> web.Response:
+        # api_server.py health(): check_health (worker heartbeat) first: 404 with its message; then
+        # is_workers_alive (weights loaded): 304.
         if self.faults.unhealthy:
             return web.Response(status=404, text="Worker Service Not Healthy")
-        return web.Response(status=200, text="")
+        if self.faults.no_weights:
+            return web.Response(status=NOT_MODIFIED)
+        return web.Response(status=200)
 
     async def _models(self, _request: web.Request) -> web.Response:
-        card = {
-            "id": self.sim.model_name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "fdngx-sim",
-            "root": self.sim.model_name,
-            "parent": None,
-            "max_model_len": 8192,
-        }
-        return _json({"object": "list", "data": [card]})
+        if self.faults.no_weights:
+            return web.Response(status=NOT_MODIFIED)
+        return _json(models_body(self.sim.model_name))
 
     # No model_path or tokenizer_path here or in server_info: SGLang's gateway would try to fetch that
     # tokenizer from the Hugging Face hub, and nothing here may reach outside this machine.
@@ -169,14 +210,20 @@ class Replica:
         )
 
     async def _server_info(self, _request: web.Request) -> web.Response:
+        # SGLang's http_server.py get_server_info: server args, then scheduler_info, internal_states (one per DP
+        # rank) and version (tests/fixtures/upstream/sglang-server-info.json); the last two keys are the sim's.
+        tokens = self.rc.params.kv_blocks * self.rc.params.block_size
         return _json(
             {
                 "served_model_name": self.sim.model_name,
                 "tp_size": 1,
                 "dp_size": 1,
-                "version": "fdngx-sim",
                 "max_running_requests": self.rc.max_num_seqs,
-                "max_total_tokens": self.rc.params.kv_blocks * self.rc.params.block_size,
+                "max_total_tokens": tokens,
+                "max_total_num_tokens": tokens,
+                "max_req_input_len": MAX_MODEL_LEN - 6,
+                "internal_states": [{"last_gen_throughput": 0.0, "memory_usage": {"token_capacity": tokens}}],
+                "version": "fdngx-sim",
                 "max_batch_size": self.rc.max_num_seqs,
                 "load_in_flight": self.in_flight,
             }
@@ -203,23 +250,22 @@ class Replica:
         return await self._completion(request, chat=False)
 
     async def _completion(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        # Order as in api_server.py create_chat_completion: FastAPI validates the body first, then the weights
+        # check, then connection_manager() takes the concurrency semaphore or answers 429 at once.
         try:
-            parsed = parse_request(
-                await request.read(),
-                chat=chat,
-                default_model=self.sim.model_name,
-                default_max_tokens=self.sim.default_max_tokens,
-            )
-        except BadRequest as exc:
-            return _json(error_body(exc.message, code=400, param=exc.param), status=400)
-        if self.faults.error_rate and self._rng.random() < self.faults.error_rate:
-            self.errors += 1
-            msg = "simulated internal error (fdngx sim error_rate fault)"
-            return _json(error_body(msg, code=500, type_="internal_server_error"), status=500)
+            parsed = parse_request(await request.read(), chat=chat, default_max_tokens=self.sim.default_max_tokens)
+        except RequestError as exc:
+            return _json(exc.body, status=exc.status)
+        if self.faults.no_weights:
+            return web.Response(status=NOT_MODIFIED)
         if self.in_flight >= self.rc.max_concurrency:
             self.rejected += 1
-            msg = f"The number of concurrent requests has reached the limit ({self.rc.max_concurrency}); try later"
-            return _json(error_body(msg, code=429, type_="rate_limit_exceeded"), status=429)
+            return _json(too_many_requests_body(self.rc.max_concurrency), status=429)
+        if self.faults.error_rate and self._rng.random() < self.faults.error_rate:
+            # An engine error answered as the handler's ErrorResponse: HTTP 500, type internal_error.
+            self.errors += 1
+            msg = f"request[{parsed.request_id}] simulated engine error (fdngx sim error_rate fault)"
+            return _json(error_body(msg, INTERNAL_ERROR), status=500)
         self.in_flight += 1
         req: SimRequest | None = None
         try:
@@ -232,7 +278,9 @@ class Replica:
             loop = asyncio.get_running_loop()
             req = SimRequest(next(self._ids), parsed.prompt_tokens, parsed.max_tokens, loop.time())
             req.waiter = asyncio.Event()
-            fmt = Formatter(parsed, req.rid, parsed.model, salt=req.rid * 7 + self.rc.index)
+            # The served model's name, whatever the request asked for (serving_models.py
+            # is_supported_model without --served-model-name).
+            fmt = Formatter(parsed, self.sim.model_name, salt=req.rid * 7 + self.rc.index)
             self.metrics.on_arrival(req)
             self.model.submit(req)
             self._wake.set()
@@ -248,23 +296,24 @@ class Replica:
                 self.model.cancel(req)
 
     async def _stream(self, request: web.Request, req: SimRequest, fmt: Formatter) -> web.StreamResponse:
-        resp = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
-        )
+        # starlette's StreamingResponse sends the 200 and its headers before the generator yields anything:
+        # as soon as the request is in the engine, long before the first token.
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
         sent = 0
         while True:
             await req.waiter.wait()
             req.waiter.clear()
-            if sent == 0:
-                # Headers go out with the first token, as FastDeploy's streaming generator does.
-                await resp.prepare(request)
-                head = fmt.first_event()
-            else:
-                head = b""
             n = req.generated
-            body = head + fmt.token_events(sent, n)
+            if n == sent:
+                continue
+            # The role chunk goes out with the first token (serving_chat.py, first_iteration).
+            head = fmt.first_event() if sent == 0 else b""
+            assert req.admitted is not None and req.last_token is not None
+            done = req.finished is not None
+            body = head + fmt.token_events(sent, n, req.last_token - req.admitted, finished=done)
             sent = n
-            if req.finished is not None:
+            if done:
                 await resp.write(body + fmt.final_events(n))
                 await resp.write_eof()
                 return resp
@@ -284,64 +333,14 @@ class Replica:
             await asyncio.sleep(self.faults.metrics_delay)
         if self.faults.garbage_metrics:
             return web.Response(body=GARBAGE_METRICS, content_type="text/plain")
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+        # api_server.py metrics(): Response(text, media_type="text/plain"), charset added by starlette.
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; charset=utf-8"})
 
     async def _config_info(self, _request: web.Request) -> web.Response:
-        p = self.rc.params
-        return _json(
-            {
-                "model_config": {"model": self.sim.model_name, "max_model_len": 8192},
-                "scheduler_config": {
-                    "max_num_seqs": self.rc.max_num_seqs,
-                    "max_num_batched_tokens": p.max_prefill_tokens,
-                },
-                "cache_config": {
-                    "block_size": p.block_size,
-                    "total_block_num": p.kv_blocks,
-                    "enable_prefix_caching": True,
-                },
-                "parallel_config": {
-                    "tensor_parallel_size": 1,
-                    "data_parallel_size": len(self.sim.replicas),
-                    "local_data_parallel_id": self.rc.index,
-                },
-                "port": self.rc.port,
-                "metrics_port": self.rc.metrics_port,
-                "max_concurrency": self.rc.max_concurrency,
-                "sim": {
-                    "speed": self.model.speed,
-                    "token_rate": p.token_rate,
-                    "batch_cost": p.batch_cost,
-                    "prefill_rate": p.prefill_rate,
-                    "jitter": p.jitter,
-                    "legacy_metrics": self.sim.legacy_metrics,
-                },
-            }
-        )
+        return _json(config_info(self.rc, self.sim, self.model))
 
     def state(self) -> dict[str, Any]:
-        m = self.model
-        return {
-            "name": self.rc.name,
-            "index": self.rc.index,
-            "port": self.rc.port,
-            "metrics_port": self.rc.metrics_port,
-            "running": m.num_running,
-            "waiting": m.num_waiting,
-            "in_flight": self.in_flight,
-            "hung": self.hung,
-            "healthy": not self.faults.unhealthy,
-            "speed": m.speed,
-            "max_num_seqs": self.rc.max_num_seqs,
-            "max_concurrency": self.rc.max_concurrency,
-            "kv_usage": m.cache_usage(),
-            "requests_total": m.requests_total,
-            "success_total": m.success_total,
-            "rejected_total": self.rejected,
-            "errors_total": self.errors,
-            "generation_tokens_total": m.generation_tokens_total,
-            "faults": self.faults.as_dict(),
-        }
+        return replica_state(self)
 
     async def _state(self, request: web.Request) -> web.Response:
         if not is_loopback(request.remote):
@@ -354,9 +353,9 @@ class Replica:
         try:
             fault = validate_fault(json.loads(await request.read() or b"null"))
         except ValueError:
-            return _json(error_body("fault body is not valid JSON", code=400), status=400)
+            return _json(error_body("fault body is not valid JSON", INVALID_REQUEST_ERROR), status=400)
         except UsageError as exc:
-            return _json(error_body(str(exc), code=400), status=400)
+            return _json(error_body(str(exc), INVALID_REQUEST_ERROR, code="invalid_value"), status=400)
         self.apply_fault(fault)
         return _json(self.state())
 

@@ -12,8 +12,9 @@ from fdngx.sim.config import build_config
 from fdngx.sim.faults import validate_fault
 from fdngx.sim.metrics import GARBAGE_METRICS, ReplicaMetrics, build_1_2_5_buckets
 from fdngx.sim.model import ModelParams, ReplicaModel, SimRequest
-from fdngx.sim.protocol import BadRequest, Formatter, parse_request
+from fdngx.sim.protocol import Formatter
 from fdngx.sim.server import is_loopback
+from fdngx.sim.validation import RequestError, parse_request
 
 NO_JITTER = ModelParams(max_num_seqs=2, jitter=0.0)
 
@@ -192,9 +193,10 @@ def test_is_loopback() -> None:
 
 
 # -- requests and bodies ---------------------------------------------------------------------------
+# (Which error FastDeploy answers for which request, and the exact bodies: tests/unit/test_sim_fidelity.py.)
 def parse(body: object, chat: bool = True) -> object:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return parse_request(raw, chat=chat, default_model="m", default_max_tokens=128)
+    return parse_request(raw, chat=chat, default_max_tokens=128)
 
 
 def test_parse_request_fields() -> None:
@@ -206,10 +208,11 @@ def test_parse_request_fields() -> None:
             "stream_options": {"include_usage": True},
         }
     )
-    assert (p.prompt_tokens, p.max_tokens, p.stream, p.include_usage) == (103, 7, True, True)
+    assert (p.prompt_tokens, p.max_tokens, p.capped, p.stream, p.include_usage) == (103, 7, True, True, True)
     assert parse({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 9}).max_tokens == 9
     assert parse({"prompt": "y" * 80}, chat=False).prompt_tokens == 20
-    assert parse({"prompt": [1, 2, 3]}, chat=False).max_tokens == 128
+    uncapped = parse({"prompt": [1, 2, 3]}, chat=False)
+    assert (uncapped.max_tokens, uncapped.capped, uncapped.prompt_tokens) == (128, False, 3)
 
 
 @pytest.mark.parametrize(
@@ -220,21 +223,28 @@ def test_parse_request_fields() -> None:
         {"messages": []},
         {"messages": [{"content": "no role"}]},
         {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
-        {"messages": [{"role": "user", "content": "x"}], "stream": "yes"},
+        {"messages": [{"role": "user", "content": "x"}], "stream": "maybe"},
         {"prompt": 5},
     ],
 )
 def test_parse_request_rejects(body: object) -> None:
-    with pytest.raises(BadRequest):
+    with pytest.raises(RequestError) as err:
         parse(body, chat=not (isinstance(body, dict) and "prompt" in body))
+    assert err.value.status in (400, 500) and set(err.value.body["error"]) == {"message", "type", "param", "code"}
 
 
 def test_stream_events_are_valid_openai_chunks() -> None:
     p = parse(
-        {"messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": {"include_usage": True}}
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 3,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
     )
-    fmt = Formatter(p, 5, "m", salt=3)
-    raw = fmt.first_event() + fmt.token_events(0, 3) + fmt.final_events(3)
+    fmt = Formatter(p, "m", salt=3)
+    raw = fmt.first_event() + fmt.token_events(0, 2, 0.1, finished=False) + fmt.token_events(2, 3, 0.2, True)
+    raw += fmt.final_events(3)
     events = [e[len(b"data: ") :] for e in raw.split(b"\n\n") if e]
     assert events[-1] == b"[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
@@ -258,9 +268,12 @@ def sample(text: bytes, name: str) -> float:
     raise KeyError(name)
 
 
-def test_metrics_names_types_and_values() -> None:
+@pytest.mark.parametrize("legacy", [False, True], ids=["default", "legacy"])
+def test_metrics_names_types_and_values(legacy: bool) -> None:
+    """Both shapes of fastdeploy/metrics/metrics.py; the full comparison with the upstream pages is in
+    test_sim_fidelity.py."""
     model = ReplicaModel(NO_JITTER)
-    metrics = ReplicaMetrics(model)
+    metrics = ReplicaMetrics(model, legacy=legacy)
     for r in make(5):
         model.submit(r)
     model.begin_step(0.0)
@@ -270,22 +283,14 @@ def test_metrics_names_types_and_values() -> None:
     assert fams["fastdeploy:time_to_first_token_seconds"].type == "histogram"
     assert fams["fastdeploy:requests_number"].type == "counter"
     assert sample(text, "fastdeploy:num_requests_running") == 2
-    assert sample(text, "fastdeploy:num_requests_waiting") + sample(text, "fastdeploy:num_requests_queuing") == 3
+    if legacy:
+        assert b"num_requests_queuing" not in text
+        assert sample(text, "fastdeploy:num_requests_waiting") == 0
+    else:
+        assert sample(text, "fastdeploy:num_requests_waiting") + sample(text, "fastdeploy:num_requests_queuing") == 3
     assert sample(text, "fastdeploy:max_batch_size") == 2
     assert b"fastdeploy:requests_number_total" in text and b"_created" not in text
     assert b'fastdeploy:time_to_first_token_seconds_bucket{le="0.04"}' in text
-
-
-def test_legacy_metrics_hide_the_backlog() -> None:
-    model = ReplicaModel(NO_JITTER)
-    metrics = ReplicaMetrics(model, legacy=True)
-    for r in make(5):
-        model.submit(r)
-    model.begin_step(0.0)
-    text = metrics.render()
-    assert b"num_requests_queuing" not in text
-    assert sample(text, "fastdeploy:num_requests_waiting") == 0
-    assert sample(text, "fastdeploy:num_requests_running") == 2
 
 
 def test_garbage_metrics_break_the_parser() -> None:

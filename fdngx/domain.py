@@ -241,6 +241,9 @@ class LoadSample:
     error: str | None = None
     # Why /health was not 200 ("404", "connection refused", ...): shown in down reasons.
     health_error: str | None = None
+    # /health was refused at once (nothing listens): nginx's passive check retries such a replica's requests
+    # elsewhere in about a millisecond, so taking it out with a reload is not urgent.
+    refused: bool = False
 
     @classmethod
     def of(cls, name: str, healthy: bool, load: Load, **meta: Any) -> LoadSample:

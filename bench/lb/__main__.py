@@ -58,6 +58,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--no-report", action="store_true", help="only write per-run JSON")
     p.add_argument("--all-cells", action="store_true", help="round-robin frontends in every scenario too")
+    p.add_argument("--keep-logs", action="store_true",
+                   help="keep every cell's work directory (nginx, sidecar and replica logs) under OUT/kept")
     return p.parse_args(argv)
 
 
@@ -97,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             if idle > 0.3:
                 print(f"  machine still {idle:.0%} busy from other processes after 10 s; running anyway", flush=True)
             try:
-                cell = run_cell(SCENARIOS[s], f, seed=seed, timing=timing, windows=windows, keep=args.out / "failed")
+                keep = args.out / ("kept" if args.keep_logs else "failed")
+                cell = run_cell(SCENARIOS[s], f, seed=seed, timing=timing, windows=windows, keep=keep,
+                                keep_always=args.keep_logs)
             except Exception as exc:  # one broken frontend must not end the whole grid
                 print(f"[{k}/{len(plan)}] {s:14s} {f:14s}: FAILED: {exc}", flush=True)
                 results.append({"scenario": s, "frontend": f, "seed": seed, "failed": str(exc)})

@@ -68,7 +68,7 @@ class Snapshots:
 
 
 def run_cell(scenario: Scenario, frontend: str, *, seed: int, timing: Timing, windows: int = 1,
-             keep: Path | None = None) -> list[dict[str, Any]]:
+             keep: Path | None = None, keep_always: bool = False) -> list[dict[str, Any]]:
     """Fresh replicas and frontend, one warm-up, then `windows` measured windows back to back (window k's
     requests are seeded by seed + k). Returns one result per window."""
     fe = FRONTENDS[frontend]()
@@ -96,7 +96,7 @@ def run_cell(scenario: Scenario, frontend: str, *, seed: int, timing: Timing, wi
     finally:
         fe.stop()
         cluster.stop()
-        if not ok and keep is not None:
+        if (keep_always or not ok) and keep is not None:
             keep.mkdir(parents=True, exist_ok=True)
             shutil.copytree(work, keep / work.name, dirs_exist_ok=True)
         shutil.rmtree(work, ignore_errors=True)

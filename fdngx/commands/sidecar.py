@@ -74,7 +74,14 @@ def sidecar_cmd(
     min_hold: float = typer.Option(10.0, help="Seconds a weight stays before it may move again."),
     fail_threshold: int = typer.Option(3, help="Consecutive failed /health checks (anything but 200) before `down`."),
     recover_threshold: int = typer.Option(2, help="Consecutive /health 200 before a down replica is back."),
-    ramp: float = typer.Option(10.0, help="Seconds a recovered replica takes to ramp back to full weight."),
+    ramp: float = typer.Option(
+        0.0, help="Seconds a recovered replica takes to ramp back to full weight (0: at once, which a fleet that "
+        "needs the replica wants)."
+    ),
+    refused_grace: float = typer.Option(
+        30.0, help="Seconds a replica whose /health is refused (nothing listens) stays in the config before `down`: "
+        "nginx's passive check (max_fails/fail_timeout) covers it meanwhile, with no reload."
+    ),
     stale_after: float = typer.Option(10.0, help="Seconds after which old metrics stop steering a weight."),
     scale: int = typer.Option(20, help="nginx weight of the biggest replica at neutral load."),
     speed_aware: bool | None = SpeedAwareOpt,
@@ -110,6 +117,7 @@ def sidecar_cmd(
         fail_threshold=fail_threshold,
         recover_threshold=recover_threshold,
         ramp_duration=ramp,
+        refused_grace=refused_grace,
         stale_after=stale_after,
         speed_aware=speed_aware,
         scale=scale,

@@ -6,23 +6,21 @@ replica should carry relative to the others. So a weight carries what nginx cann
     base_i   = scale * capacity_i * static_i / max_j(capacity_j * static_j)     (slots: max_batch_size)
     u_i      = EWMA((running_i + queued_i) / capacity_i + kv_gain * kv_excess_i)  (normalised load)
     s_i      = median_j(tpot_j) / tpot_i when beyond `speed_tolerance`, else 1   (decode speed factor)
-    U        = sum(u_i * capacity_i) / sum(s_i * capacity_i)                  (fleet load, per fast slot)
-    e_i      = log((s_i * U + soft) / (u_i + soft)), shrunk toward 0 by `tolerance`  (imbalance beyond noise)
-    log g_i  = (1 - leak) * log g_i + gain * e_i, then centred on the fleet      (leaky integral correction)
+    g_i      = the load model's correction for traffic nginx does not see (see _update_corrections)
     weight_i = round(base_i * s_i * g_i * ramp_i), clamped to 1..max_weight
 
-When nginx is the only source of traffic, least_conn already equalises per-slot load, u_i == U and g stays
-1: the weight is the capacity weight and nothing moves. Traffic nginx does not see (other frontends, direct
-clients), a replica slower than its slot count suggests, or KV pressure make u_i > U and the integral term
-pushes the weight down until the loads meet (a proportional term alone leaves most of the imbalance in
-place). The tolerance keeps noise out of the integral and the small leak bounds what remains of its
-random walk. `soft` keeps an idle fleet (0 vs 1 running) from moving anything. Dead-band, minimum hold
-and a reload budget keep reloads rare, because every reload also resets nginx's own balancing state.
+When nginx is the only source of traffic, least_conn already equalises in-flight per weight, the model
+finds nothing external and g stays 1: the weight is the capacity weight and nothing moves. Traffic nginx
+does not see (other frontends, direct clients) or KV pressure shows up as load beyond nginx's share, and
+g lowers that replica's weight in one step toward where the loads meet. `soft` keeps an idle fleet
+(0 vs 1 running) from moving anything. Dead-band, minimum hold and a reload budget keep reloads rare,
+because every reload also resets nginx's own balancing state; health changes (down, and back up) are
+exempt from the budget: restoring capacity never waits.
 
 Speed (`speed_aware`; see config_for_flavor for when it pays): tpot_i is the EWMA of the replica's mean
 time per output token between scrapes, from the engine's TPOT histogram. A replica decoding at half the
 fleet's speed takes twice as long per request, so it gets half the weight and half the in-flight
-requests; its load target scales the same way, so the integral does not undo it. Off, s_i = 1.
+requests; its load target scales the same way, so the correction does not undo it. Off, s_i = 1.
 """
 
 from __future__ import annotations
@@ -126,33 +124,70 @@ def _ramp(st: InstanceState, now: float, config: PolicyConfig) -> tuple[float, i
     return step / config.ramp_steps, step
 
 
-def _update_gains(
-    states: dict[str, InstanceState], active: list[str], caps: Mapping[str, float], dt: float, config: PolicyConfig
+def _update_corrections(
+    states: dict[str, InstanceState],
+    active: list[str],
+    caps: Mapping[str, float],
+    base: Mapping[str, float],
+    top_slots: float,
+    dt: float,
+    config: PolicyConfig,
 ) -> float | None:
-    """Advance every correction by one cycle; returns the fleet load (None without fresh replicas).
+    """Move every replica's load correction toward the load model's estimate; returns the fleet load per
+    (speed-adjusted) slot, None without fresh replicas.
 
-    The load target of a replica is the fleet's per-slot load times its speed factor: a slow replica is
-    meant to carry less, and the correction must not undo that."""
-    total_cap = sum(caps[n] for n in active)
-    fast_cap = sum(caps[n] * states[n].speed for n in active)
-    fleet = sum((states[n].load or 0.0) * caps[n] for n in active) / fast_cap if active else None
+    The model: nginx's weighted least_conn keeps its own in-flight requests per unit of weight about
+    equal, so the replica with the least load per applied weight carries nginx's traffic only, and
+    c = its load / its weight is nginx's in-flight per weight unit (replicas below half the median are
+    left out of that minimum: nginx is not sending them their share, and no weight can change that).
+    Whatever a replica carries beyond c x its weight came from elsewhere (other frontends, direct clients)
+    or is KV pressure:
+
+        external_i = max(0, L_i - c * w_i)         L_i = smoothed requests (running + queued), w_i = applied
+        want_i     = max(0, U * b_i - external_i) + soft * b_i
+        f_i        = want_i / b_i / (sum(want) / sum(b))      1 when nothing is external
+
+    with b_i = slots x static weight x speed (the effective slots) and U = sum(L) / sum(b).
+
+    One step to the estimate, not an integral: nothing winds up while a weight waits for its reload, and a
+    replica whose backlog drains gets its weight back as its load falls."""
     lo, hi = math.log(config.min_factor), math.log(config.max_factor)
+    # A replica nginx has no weight for yet has had no traffic from it, and one failing /health may be
+    # skipped by nginx's passive check: neither says anything about nginx's share.
+    model = [n for n in active if states[n].weight is not None and not states[n].fails]
+    if not active:
+        for st in states.values():
+            st.log_gain *= 0.5 ** (dt / config.stale_half_life)
+        return None
+    # Effective slots: capacity x static weight x speed (what the base weight and speed factor express).
+    slots = {n: base[n] * top_slots / config.scale * states[n].speed for n in active}
+    load = {n: (states[n].load or 0.0) * caps[n] for n in active}
+    fleet = sum(load[n] for n in active) / sum(caps[n] * states[n].speed for n in active)
+    want: dict[str, float] = {}
+    if len(model) > 1:
+        applied = {n: float(states[n].weight or 1) for n in model}
+        ratios = {n: load[n] / applied[n] for n in model}
+        # nginx's share per weight unit: the least loaded replica's, ignoring one far below the others
+        # (nginx is not sending it its share: passive failure, ...; its weight cannot fix that).
+        typical = statistics.median(ratios.values())
+        per_weight = min(r for r in ratios.values() if r >= 0.5 * typical)
+        share = sum(load[n] for n in model) / sum(slots[n] for n in model)  # requests per effective slot
+        want = {
+            n: max(0.0, share * slots[n] - max(0.0, load[n] - per_weight * applied[n])) + config.soft * slots[n]
+            for n in model
+        }
+        mean = sum(want.values()) / sum(slots[n] for n in model)
     for name, st in states.items():
-        if name in active and fleet is not None:
-            err = math.log((fleet * st.speed + config.soft) / ((st.load or 0.0) + config.soft))
-            # Soft threshold: noise inside the tolerance adds nothing, a real imbalance integrates fully.
-            err = math.copysign(max(0.0, abs(err) - config.tolerance), err)
-            st.log_gain = (1 - config.leak) * st.log_gain + config.gain * err
+        if name in want:
+            target = math.log(want[name] / slots[name] / mean) if want[name] > 0 else lo
+            target = 0.0 if abs(target) <= config.tolerance else min(hi, max(lo, target))
+            st.log_gain += config.gain * (target - st.log_gain)
+        elif name in active:
+            st.log_gain = 0.0  # alone, or new: nothing to compare with
         else:
             # Stale or down: fade toward neutral so a replica never keeps a verdict based on old data.
             st.log_gain *= 0.5 ** (dt / config.stale_half_life)
         st.log_gain = min(hi, max(lo, st.log_gain))
-    if len(active) > 1:
-        # Only relative weights matter: keep the capacity-weighted mean correction at 1 so the fleet
-        # cannot drift toward the clamps together.
-        mean = sum(states[n].log_gain * caps[n] for n in active) / total_cap
-        for n in active:
-            states[n].log_gain = min(hi, max(lo, states[n].log_gain - mean))
     return fleet
 
 
@@ -169,7 +204,7 @@ def decide(
     states = {i.name: replace(prev[i.name]) if i.name in prev else InstanceState() for i in insts}
     dt = config.interval if state.updated_at is None else max(0.0, now - state.updated_at)
     for inst in insts:
-        fold_health(states[inst.name], samples.get(inst.name))
+        fold_health(states[inst.name], samples.get(inst.name), now)
         fold_metrics(states[inst.name], samples.get(inst.name), inst, now, config)
 
     caps = {i.name: states[i.name].capacity or float(i.max_num_seqs) for i in insts}
@@ -177,8 +212,13 @@ def decide(
     want_down = {}
     for inst in insts:
         st = states[inst.name]
-        # Once down, a replica needs `recover_threshold` good checks in a row; up, `fail_threshold` bad.
-        want_down[inst.name] = st.oks < config.recover_threshold if st.down else st.fails >= config.fail_threshold
+        # Once down, a replica needs `recover_threshold` good checks in a row; up, `fail_threshold` bad (and,
+        # when nothing listens, `refused_grace` seconds: nginx's passive check covers that without a reload).
+        if st.down:
+            want_down[inst.name] = st.oks < config.recover_threshold
+        else:
+            graced = st.refused and st.failing_since is not None and now - st.failing_since < config.refused_grace
+            want_down[inst.name] = st.fails >= config.fail_threshold and not graced
     for inst in insts:
         st = states[inst.name]
         if st.down and not want_down[inst.name] and st.weight is not None:
@@ -190,7 +230,8 @@ def decide(
     ramping = {i.name for i in insts if _ramp_step(states[i.name], now, config) is not None}
     active = [i.name for i in insts if i.name in fresh and not want_down[i.name] and i.name not in ramping]
     _update_speeds(states, active, config)
-    fleet = _update_gains(states, active, caps, dt, config)
+    top_slots = max((caps[i.name] * i.weight for i in insts), default=1.0)
+    fleet = _update_corrections(states, active, caps, base, top_slots, dt, config)
 
     fail_open = None
     if insts and all(want_down.values()):
@@ -216,20 +257,26 @@ def decide(
     }
 
     # One cycle = at most one reload. An exempt change (health, fail-open, first weights) pays for the
-    # reload anyway, so held weight changes ride along for free; otherwise the budget decides.
+    # reload anyway; otherwise the budget decides. Once a reload is paid for, every other replica whose
+    # wanted weight differs rides along (dead-band and hold only exist to save reloads), so one reload
+    # carries the whole current estimate instead of spending the budget one replica at a time.
     exempt_change = any(p.changed and p.exempt for p in plans.values())
     budget_ok = exempt_change or len(recent) < config.max_reloads_per_minute
+    reloading = any(p.changed and (p.exempt or budget_ok) for p in plans.values())
     items = []
     for inst in insts:
-        weight, down, reason, change, exempt, wanted, what = plans[inst.name]
+        weight, down, reason, change, exempt, wanted, what, initial = plans[inst.name]
         st, old = states[inst.name], prev.get(inst.name)
         old_w = old.weight if old else None
+        if reloading and not change and not down and old_w is not None and wanted != old_w and not fail_open:
+            weight, change = wanted, True
+            reason = f"{what}; weight {old_w}->{wanted} (with this reload)"
         held = change and not exempt and not budget_ok
         if held:
             weight, down, change = old_w or weight, old.down if old else down, False
             budget = f"hold: reload budget exhausted ({config.max_reloads_per_minute}/min)"
             reason = f"{budget}; {what}; wanted {old_w}->{wanted}"
-        if change:
+        if change and not initial:
             st.last_change_at = now
         st.weight, st.down = weight, down
         sample = samples.get(inst.name)
@@ -248,6 +295,7 @@ class _Plan(NamedTuple):
     exempt: bool  # from the reload budget (health, fail-open, first weights)
     wanted: int
     what: str = ""  # what the replica looks like, for a reason that replaces this one
+    initial: bool = False  # first weights: they start no hold time (the first load correction may follow)
 
 
 def _plan(
@@ -290,9 +338,10 @@ def _plan(
     wanted = _quantise(base * st.speed * g * frac, config)
     ramp = f"ramp {step}/{config.ramp_steps} after recovery; " if step is not None else skipped
     if recovering:
-        # Not exempt from the budget: a flapping replica must not buy itself a reload every few cycles.
+        # Exempt from the budget: restoring capacity must never wait for a reload slot (a flapping replica
+        # still needs fail_threshold bad and recover_threshold good checks per round trip).
         up = f"up: /health ok {st.oks}x; {ramp}"
-        return _Plan(wanted, False, f"{up}weight {wanted}", True, False, wanted, up.removesuffix("; "))
+        return _Plan(wanted, False, f"{up}weight {wanted}", True, True, wanted, up.removesuffix("; "))
     if fresh:
         what = describe(s, st, fleet)
     else:
@@ -301,17 +350,17 @@ def _plan(
     if st.fails:
         what = f"/health failed {st.fails}/{config.fail_threshold} ({st.health_error}); {what}"
     if old_w is None:
-        return _Plan(wanted, False, f"initial: {what}; weight {wanted}", True, True, wanted)
+        return _Plan(wanted, False, f"initial: {what}; weight {wanted}", True, True, wanted, initial=True)
     if wanted == old_w:
-        return _Plan(old_w, False, f"{ramp}{what}; weight {old_w}", False, False, wanted)
+        return _Plan(old_w, False, f"{ramp}{what}; weight {old_w}", False, False, wanted, f"{ramp}{what}")
     if step is None and not skipped:  # a ramp step, or its early end, is not held back
         if abs(wanted - old_w) < max(config.deadband_abs, config.deadband_rel * old_w):
             reason = f"{what}; weight {old_w} (wanted {wanted}: within dead-band)"
-            return _Plan(old_w, False, reason, False, False, wanted)
+            return _Plan(old_w, False, reason, False, False, wanted, what)
         since = now - old.last_change_at if old and old.last_change_at is not None else math.inf
         if since < config.min_hold:
             reason = f"hold: changed {since:.0f}s ago (min {config.min_hold:.0f}s); {what}; wanted {old_w}->{wanted}"
-            return _Plan(old_w, False, reason, False, False, wanted)
+            return _Plan(old_w, False, reason, False, False, wanted, what)
     # An early end of the ramp is exempt from the reload budget: the fleet is queueing now (at most one
     # such reload per recovery, and the recovery itself is not exempt).
     exempt = bool(skipped)

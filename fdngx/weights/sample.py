@@ -37,10 +37,13 @@ def describe(s: LoadSample | None, st: InstanceState, fleet: float | None) -> st
     return f"load {st.load:.2f}/slot{vs} (running {s.running:.0f}, {queue}{kv}){speed}"
 
 
-def fold_health(st: InstanceState, s: LoadSample | None) -> None:
+def fold_health(st: InstanceState, s: LoadSample | None, now: float) -> None:
     if s is not None and s.healthy:
-        st.oks, st.fails, st.health_error = st.oks + 1, 0, None
+        st.oks, st.fails, st.health_error, st.failing_since, st.refused = st.oks + 1, 0, None, None, False
     else:
+        if st.fails == 0:
+            st.failing_since, st.refused = now, True
+        st.refused = st.refused and s is not None and s.refused
         st.fails, st.oks = st.fails + 1, 0
         st.health_error = "not scraped" if s is None else (s.health_error or "not 200")
 

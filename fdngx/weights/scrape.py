@@ -150,6 +150,7 @@ def _build(inst: Instance, engine: EngineSpec, metrics: Fetch | None, health: Fe
         health_error = str(health.status)
     else:
         health_error = None
+    refused = health is not None and health.error == "connection refused"
     if metrics is None:
         return LoadSample(
             inst.name,
@@ -158,6 +159,7 @@ def _build(inst: Instance, engine: EngineSpec, metrics: Fetch | None, health: Fe
             scraped_at=at,
             error="no answer before the scrape deadline",
             health_error=health_error,
+            refused=refused,
         )
     error = metrics.error
     if error is None and metrics.status != 200:
@@ -171,9 +173,11 @@ def _build(inst: Instance, engine: EngineSpec, metrics: Fetch | None, health: Fe
             error = f"bad metrics: {exc}"[:200]
     if load is None:
         return LoadSample(
-            inst.name, False, healthy, scraped_at=at, latency=metrics.latency, error=error, health_error=health_error
+            inst.name, False, healthy, scraped_at=at, latency=metrics.latency, error=error, health_error=health_error,
+            refused=refused,
         )
-    return LoadSample.of(inst.name, healthy, load, scraped_at=at, latency=metrics.latency, health_error=health_error)
+    return LoadSample.of(inst.name, healthy, load, scraped_at=at, latency=metrics.latency, health_error=health_error,
+                         refused=refused)
 
 
 def trusted_capacity(load: Load, inst: Instance) -> Load:

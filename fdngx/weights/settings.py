@@ -14,10 +14,11 @@ from fdngx.weights.state import PolicyState
 class PolicyConfig:
     interval: float = 2.0  # seconds between cycles (the sidecar's; cron mode uses its own period)
     alpha: float = 0.3  # EWMA weight of a new sample
-    gain: float = 0.3  # integral gain per cycle on log(fleet load / own load)
-    leak: float = 0.01  # per-cycle pull of the correction back to neutral (bounds noise's random walk)
-    tolerance: float = 0.05  # log load ratios within +-0.05 count as balanced: noise is not integrated
-    soft: float = 0.25  # added to per-slot loads: an idle fleet's noise moves nothing
+    # How far each cycle moves the correction toward the load model's estimate (1: all the way; 0: no load
+    # correction at all, as in the openresty flavor, whose balancer sees the scraped load itself).
+    gain: float = 0.5
+    tolerance: float = 0.05  # |log correction| within this counts as balanced: noise moves nothing
+    soft: float = 0.05  # requests per slot every replica is owed in the load model: idle noise moves nothing
     min_factor: float = 0.1  # bounds on the correction g
     max_factor: float = 2.0
     kv_threshold: float = 0.85  # KV usage above this counts as extra load
@@ -27,8 +28,14 @@ class PolicyConfig:
     min_hold: float = 10.0  # seconds a weight stays before it may move again
     max_reloads_per_minute: int = 4
     fail_threshold: int = 3  # consecutive failed /health before `down`
+    # ...but a replica whose /health is refused (nothing listens) stays in the config this long: nginx's own
+    # passive check (max_fails/fail_timeout) retries its requests elsewhere at once and brings it back as
+    # soon as it listens again, with no reload (each reload blinds least_conn for about a stream's length).
+    refused_grace: float = 30.0
     recover_threshold: int = 2  # consecutive /health 200 before back up
-    ramp_duration: float = 10.0  # seconds from recovery to full weight (nginx OSS has no slow_start)
+    # Seconds from recovery to full weight; 0 (default): full weight at once, as a fleet that needs the
+    # replica wants (measured: a ramp under the reload budget kept a restarted replica idle for 25-30 s).
+    ramp_duration: float = 0.0
     ramp_steps: int = 4
     # The ramp protects a cold replica while the others have room; once they queue (fleet load per slot at
     # or above this), every request held back from the returning replica waits in a queue elsewhere, so the
@@ -50,7 +57,8 @@ class PolicyConfig:
         checks = [
             (self.interval > 0, "interval must be > 0"),
             (0 < self.alpha <= 1, "alpha must be in (0, 1]"),
-            (self.gain >= 0 and 0 <= self.leak <= 1, "gain must be >= 0 and leak in [0, 1]"),
+            (0 <= self.gain <= 1, "gain must be in [0, 1]"),
+            (self.refused_grace >= 0, "refused grace must be >= 0"),
             (0 < self.min_factor <= 1 <= self.max_factor, "min_factor <= 1 <= max_factor, both > 0"),
             (self.fail_threshold >= 1 and self.recover_threshold >= 1, "fail/recover thresholds must be >= 1"),
             (self.max_reloads_per_minute >= 1, "max reloads per minute must be >= 1"),

@@ -29,6 +29,8 @@ class InstanceState:
     fails: int = 0  # consecutive failed health checks
     oks: int = 0  # consecutive good health checks
     health_error: str | None = None
+    failing_since: float | None = None  # first failed /health of the current run of failures
+    refused: bool = False  # the failures so far were refused connections only
     load: float | None = None  # EWMA of the per-slot load
     log_gain: float = 0.0  # log of the correction g
     capacity: float | None = None  # last capacity seen in metrics

@@ -7,6 +7,7 @@ import itertools
 import json
 import random
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -49,6 +50,27 @@ def sample(
 SampleFn = Callable[[int, str], LoadSample]
 
 
+class LeastConn:
+    """A closed loop: nginx's weighted least_conn spreads `total` in-flight requests over the replicas in
+    proportion to the weights the policy applied last (20 each before the first), and `external` adds load
+    nginx does not see. `make(k, name, running)` builds the sample (default: sample(name, running))."""
+
+    def __init__(self, names: list[str], total: float, external: dict[str, float] | None = None,
+                 make: Callable[[int, str, float], LoadSample] | None = None) -> None:
+        self.names, self.total, self.external = names, total, external or {}
+        self.make = make or (lambda k, name, running: sample(name, running=running))
+        self.weights = dict.fromkeys(names, 20)
+
+    def observe(self, d: Decisions) -> None:
+        self.weights = {x.name: x.weight for x in d}
+
+    def running(self, name: str) -> float:
+        return self.total * self.weights[name] / sum(self.weights.values()) + self.external.get(name, 0.0)
+
+    def __call__(self, k: int, name: str) -> LoadSample:
+        return self.make(k, name, self.running(name))
+
+
 def run(
     inv: Inventory,
     fn: SampleFn,
@@ -64,6 +86,8 @@ def run(
     for k in range(cycles):
         samples = {i.name: fn(k, i.name) for i in inv.instances}
         d, state = decide(samples, inv, state, cfg, t)
+        if isinstance(fn, LeastConn):
+            fn.observe(d)
         out.append(d)
         t += cfg.interval
     return out, state, t
@@ -96,10 +120,12 @@ def test_capacity_sets_the_neutral_weight(
     inv = inventory(*caps, weights=static)
     cap_of = {f"dp{n}": c for n, c in enumerate(metric_caps)}
     real = {f"dp{n}": c or caps[n] for n, c in enumerate(metric_caps)}
+    share = {f"dp{n}": w / max(static) for n, w in enumerate(static)}
 
-    # Same load per slot everywhere: the replica with twice the slots runs twice the requests.
+    # What least_conn does with those weights: the replica with twice the slots (or twice the static
+    # weight) runs twice the requests.
     def fn(k: int, name: str) -> LoadSample:
-        return sample(name, running=0.5 * real[name], cap=cap_of[name])
+        return sample(name, running=0.5 * real[name] * share[name], cap=cap_of[name])
 
     ds, _, _ = run(inv, fn, 20)
     assert weights(ds[-1]) == expected
@@ -250,6 +276,10 @@ def test_health_304_counts_as_failure_and_a_blip_resets() -> None:
     assert not any(x.down for d in ds for x in d)
 
 
+# The ramp alone (no load correction): ramp steps, their budget and their early end.
+RAMP = PolicyConfig(ramp_duration=10.0, gain=0.0)
+
+
 def test_recovery_ramps_back() -> None:
     inv = inventory(64, 64)
 
@@ -257,7 +287,7 @@ def test_recovery_ramps_back() -> None:
         bad = name == "dp1" and 1 <= k < 6
         return sample(name, running=20, healthy=not bad, health_error="connection refused" if bad else None)
 
-    ds, _, _ = run(inv, fn, 45)
+    ds, _, _ = run(inv, fn, 45, cfg=RAMP)
     dp1 = [d.by_name()["dp1"] for d in ds]
     assert dp1[3].down and dp1[6].down, "one good check is not enough (recover threshold 2)"
     up = dp1[7]
@@ -280,7 +310,7 @@ def test_recovery_skips_the_ramp_while_the_others_queue() -> None:
             return sample(name, running=0, healthy=not bad, health_error="connection refused" if bad else None)
         return sample(name, running=64, queued=16)  # slots full and a queue: 1.25/slot
 
-    ds, _, _ = run(inv, fn, 12)
+    ds, _, _ = run(inv, fn, 12, cfg=RAMP)
     dp1 = [d.by_name()["dp1"] for d in ds]
     up = dp1[7]
     assert not up.down and up.changed and up.weight == 20, up
@@ -297,13 +327,13 @@ def test_a_ramp_in_progress_ends_when_the_others_start_to_queue() -> None:
             return sample(name, running=0, healthy=not bad, health_error="connection refused" if bad else None)
         return sample(name, running=32, queued=busy["queued"])
 
-    ds, state, t = run(inv, fn, 9)  # recovered at cycle 7, ramp 1/4 at 0.5/slot
+    ds, state, t = run(inv, fn, 9, cfg=RAMP)  # recovered at cycle 7, ramp 1/4 at 0.5/slot
     assert ds[7].by_name()["dp1"].weight == 5
     busy["queued"] = 64.0  # the other replica now queues a full set of slots: 1.5/slot
-    ds, _, _ = run(inv, lambda k, n: fn(k + 9, n), 4, state=state, start=t)
+    ds, _, _ = run(inv, lambda k, n: fn(k + 9, n), 4, cfg=RAMP, state=state, start=t)
     later = [d.by_name()["dp1"] for d in ds]
-    ended = next(x for x in later if x.changed)
-    assert ended.weight == 20 and "ramp ended" in ended.reason, later
+    ended = next(x for x in later if "ramp ended" in x.reason)  # as soon as the smoothed load reaches 1/slot
+    assert ended.weight == 20 and ended.changed, later
 
 
 def test_stale_metrics_fade_to_neutral() -> None:
@@ -327,7 +357,7 @@ def test_stale_metrics_fade_to_neutral() -> None:
 
 def test_all_stale_fails_open_to_static_weights() -> None:
     inv = inventory(64, 32)
-    ds, state, _ = run(inv, lambda k, n: sample(n, running=64 if n == "dp0" else 0, queued=40 if n == "dp0" else 0), 30)
+    ds, state, _ = run(inv, LeastConn(["dp0", "dp1"], total=60, external={"dp0": 40}), 30)
     assert ds[-1].by_name()["dp0"].weight < 20
     ds, _, _ = run(inv, lambda k, n: sample(n, ok=False), 10, state=state, start=T0 + 60)
     last = ds[-1]
@@ -447,8 +477,11 @@ def with_tpot(
 def test_a_half_speed_replica_gets_half_the_weight_and_the_reason_says_why() -> None:
     inv = inventory(64, 64, 64, 64)
     tpots = {"dp0": 0.02, "dp1": 0.02, "dp2": 0.021, "dp3": 0.04}
-    # What nginx does with those weights: dp3 carries half the in-flight requests of the others.
-    ds, state, _ = run(inv, with_tpot(tpots, running={"dp3": 16}), 30, cfg=SPEED)
+    tokens = with_tpot(tpots)
+    # nginx spreads 128 in-flight requests by weight: once dp3's weight halves, it carries half as many.
+    loop = LeastConn(["dp0", "dp1", "dp2", "dp3"], 128,
+                     make=lambda k, name, running: replace(tokens(k, name), running=running))
+    ds, state, _ = run(inv, loop, 30, cfg=SPEED)
     w = weights(ds[-1])
     # Half of 20, give or take the dead-band; dp2's 5 % is within the tolerance.
     assert abs(w["dp3"] - 10) <= 1 and w["dp0"] == w["dp1"] == w["dp2"] == 20, w
@@ -541,3 +574,119 @@ def test_the_state_remembers_the_settings_that_wrote_it() -> None:
     assert config_of_state(back) == cfg
     assert config_of_state(PolicyState()) == PolicyConfig()
     assert config_of_state(PolicyState(config={"alpha": 7.0, "unknown": 1})) == PolicyConfig()  # invalid: defaults
+
+
+# -- the load model (nginx flavor), in a closed loop with least_conn ---------------------------------------
+
+
+def per_slot_loads(loop: LeastConn) -> dict[str, float]:
+    return {n: loop.running(n) / 64 for n in loop.names}
+
+
+def test_external_load_is_estimated_and_balanced_in_a_few_reloads() -> None:
+    """25 % of the traffic goes straight to dp0: the model finds it and nginx's share moves to the others."""
+    names = ["dp0", "dp1", "dp2", "dp3"]
+    loop = LeastConn(names, total=120, external={"dp0": 40})
+    ds, _, _ = run(inventory(64, 64, 64, 64), loop, 30)
+    loads = per_slot_loads(loop)
+    assert max(loads.values()) / min(loads.values()) < 1.15, (loads, weights(ds[-1]))
+    w = weights(ds[-1])
+    assert w["dp0"] < w["dp1"] == w["dp2"] == w["dp3"], w
+    changes = sum(1 for d in ds if d.changed)
+    assert changes <= 4, f"{changes} reloads for one external source"
+    moved = next(d.by_name()["dp0"] for d in ds if d.by_name()["dp0"].changed and d.by_name()["dp0"].previous)
+    assert "weight 20->" in moved.reason
+
+
+def test_the_first_load_correction_does_not_wait_for_a_hold_after_the_initial_weights() -> None:
+    names = ["dp0", "dp1", "dp2", "dp3"]
+    ds, _, _ = run(inventory(64, 64, 64, 64), LeastConn(names, total=120, external={"dp0": 40}), 4)
+    dp0 = [d.by_name()["dp0"] for d in ds]
+    assert dp0[0].changed and "initial" in dp0[0].reason
+    assert any(x.changed and x.weight < 20 for x in dp0[1:4]), [x.reason for x in dp0]
+
+
+def test_symmetric_frontends_see_no_external_load() -> None:
+    """Two frontends with the same weights: each sees the other's traffic spread by the same weights."""
+    names = ["dp0", "dp1", "dp2"]
+    ds, _, _ = run(inventory(64, 64, 64), LeastConn(names, total=150), 20)
+    assert all(not d.changed for d in ds[1:]) and weights(ds[-1]) == dict.fromkeys(names, 20)
+
+
+def test_a_replica_nginx_skips_does_not_collapse_the_others() -> None:
+    """dp3 reads 0 in flight although it has weight (nginx's passive check skips it): no weight can fix
+    that, and the others must not all look external."""
+    names = ["dp0", "dp1", "dp2", "dp3"]
+    loop = LeastConn(names, total=120, make=lambda k, name, running: sample(name, running=0 if name == "dp3"
+                                                                            else running))
+    ds, _, _ = run(inventory(64, 64, 64, 64), loop, 20)
+    w = weights(ds[-1])
+    assert w["dp0"] == w["dp1"] == w["dp2"] == 20, w
+
+
+def test_recovery_is_exempt_from_the_reload_budget() -> None:
+    """Restoring capacity never waits for a reload slot (DESIGN.md: the 3.3x lesson)."""
+    inv = inventory(64, 64, 64)
+    cfg = PolicyConfig(max_reloads_per_minute=1)
+
+    def fn(k: int, name: str) -> LoadSample:
+        bad = name == "dp2" and 1 <= k < 5
+        return sample(name, healthy=not bad, health_error="404" if bad else None)
+
+    ds, _, _ = run(inv, fn, 8, cfg=cfg)
+    dp2 = [d.by_name()["dp2"] for d in ds]
+    up = next(k for k, x in enumerate(dp2) if k > 3 and not x.down)
+    assert dp2[up].changed and dp2[up].weight == 20 and not dp2[up].budget_held, dp2[up]
+    assert up == 6, "two good checks after the last failure (recover threshold 2), no wait for the budget"
+
+
+def test_refused_health_is_left_to_nginx_for_the_grace_period() -> None:
+    """Nothing listens: nginx's passive check covers it without a reload; `down` only after the grace."""
+    inv = inventory(64, 64)
+
+    def fn(k: int, name: str) -> LoadSample:
+        if name == "dp1":
+            return LoadSample(name, False, False, error="connection refused", health_error="connection refused",
+                              refused=True)
+        return sample(name)
+
+    ds, _, _ = run(inv, fn, 20)  # 2 s apart: 38 s
+    downs = [k for k, d in enumerate(ds) if d.by_name()["dp1"].down]
+    assert downs and downs[0] * CFG.interval >= CFG.refused_grace, downs
+    assert "/health failed" in ds[3].by_name()["dp1"].reason and not ds[3].by_name()["dp1"].down
+
+
+def test_an_http_health_failure_still_goes_down_after_k_checks() -> None:
+    inv = inventory(64, 64)
+
+    def fn(k: int, name: str) -> LoadSample:
+        return sample(name, healthy=name != "dp1", health_error="404" if name == "dp1" else None)
+
+    ds, _, _ = run(inv, fn, 4)
+    assert [d.by_name()["dp1"].down for d in ds] == [False, False, True, True]
+
+
+def test_no_ramp_by_default_full_weight_at_once() -> None:
+    inv = inventory(64, 64)
+
+    def fn(k: int, name: str) -> LoadSample:
+        bad = name == "dp1" and 1 <= k < 5
+        return sample(name, healthy=not bad, health_error="404" if bad else None)
+
+    ds, _, _ = run(inv, fn, 8)
+    back = [d.by_name()["dp1"] for d in ds if not d.by_name()["dp1"].down][1:]
+    assert back and back[0].weight == 20 and "ramp" not in back[0].reason
+
+
+def test_once_a_reload_is_paid_for_every_pending_weight_rides_along() -> None:
+    """One replica's change passes the dead-band; the others' smaller pending moves go in the same reload."""
+    inv = inventory(64, 64, 64, 64)
+    loop = LeastConn(["dp0", "dp1", "dp2", "dp3"], total=120, external={"dp0": 40})
+    ds, _, _ = run(inv, loop, 6)
+    reloads = [d for d in ds[1:] if d.changed]
+    assert reloads, "the external load moves something"
+    first = reloads[0]
+    moved = {x.name for x in first if x.changed}
+    assert len(moved) > 1, [x.reason for x in first]
+    riders = [x for x in first if x.changed and "with this reload" in x.reason]
+    assert all(x.reason.startswith("load ") for x in riders), [x.reason for x in riders]

@@ -274,8 +274,36 @@ def test_reload_budget_holds_changes_and_says_so(tmp_path: Path) -> None:
             direct.stop()
 
 
-def test_killed_replica_goes_down_without_client_errors_and_ramps_back(tmp_path: Path) -> None:
-    with loop_of(tmp_path, "--ramp", "3", "--max-reloads-per-minute", "20", "--min-hold", "1") as lp:
+def test_killed_replica_is_left_to_nginx_and_serves_again_with_no_reload(tmp_path: Path) -> None:
+    """Default settings: nothing listens on dp1 for a few seconds. nginx retries its requests elsewhere and
+    takes it back once it listens; the sidecar does not reload (each reload blinds least_conn)."""
+    with loop_of(tmp_path) as lp:
+        traffic = Traffic(lp, lp.url, threads=3, max_tokens=3)
+        try:
+            wait_for(lambda: len(traffic.results) > 20, 30, what="traffic")
+            reloads = lp.metric("fdngx_reloads_total")
+            errors = lp.metric("fdngx_replica_scrape_errors_total", "dp1")
+            lp.kill_replica(1)
+            killed = time.monotonic()
+            # More failed checks than the threshold (3), and dp1 is still in rotation: inside the grace.
+            wait_for(lambda: lp.metric("fdngx_replica_scrape_errors_total", "dp1") >= errors + 4, 20,
+                     what=f"failed checks on dp1 ({lp.tail()})")
+            assert lp.metric("fdngx_replica_up", "dp1") == 1
+            lp.start_replica(1)
+            restarted = time.monotonic()
+            wait_for(lambda: any(r[0] > restarted and r[2] and r[3].split()[-1] == str(lp.api[1])
+                                 for r in list(traffic.results)), 20, what="the restarted replica serves again")
+        finally:
+            traffic.stop()
+        assert lp.metric("fdngx_reloads_total") == reloads, "no reload for an outage nginx handles itself"
+        assert lp.metric("fdngx_replica_up", "dp1") == 1
+        late = [r for r in traffic.results if r[0] > killed + 0.2]
+        assert late and all(r[2] for r in late), [r for r in late if not r[2]][:5]
+
+
+def test_killed_replica_goes_down_after_the_grace_and_ramps_back(tmp_path: Path) -> None:
+    with loop_of(tmp_path, "--refused-grace", "1", "--ramp", "3", "--max-reloads-per-minute", "20",
+                 "--min-hold", "1") as lp:
         traffic = Traffic(lp, lp.url, threads=3, max_tokens=3)
         try:
             wait_for(lambda: len(traffic.results) > 20, 30, what="traffic")

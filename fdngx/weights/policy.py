@@ -124,6 +124,13 @@ def _ramp(st: InstanceState, now: float, config: PolicyConfig) -> tuple[float, i
     return step / config.ramp_steps, step
 
 
+def _external(load: float, nginx_share: float) -> float:
+    """Load beyond nginx's share, once it stands out of the noise: a count of in-flight requests wanders by
+    about its square root, so less than two of those is not evidence of traffic from elsewhere."""
+    excess = load - nginx_share
+    return excess if excess >= 2.0 * math.sqrt(nginx_share + 1.0) else 0.0
+
+
 def _update_corrections(
     states: dict[str, InstanceState],
     active: list[str],
@@ -143,7 +150,8 @@ def _update_corrections(
     Whatever a replica carries beyond c x its weight came from elsewhere (other frontends, direct clients)
     or is KV pressure:
 
-        external_i = max(0, L_i - c * w_i)         L_i = smoothed requests (running + queued), w_i = applied
+        external_i = L_i - c * w_i, counted once beyond 2 sqrt(c * w_i + 1) (noise)
+                                                   L_i = smoothed requests (running + queued), w_i = applied
         want_i     = max(0, U * b_i - external_i) + soft * b_i
         f_i        = want_i / b_i / (sum(want) / sum(b))      1 when nothing is external
 
@@ -172,10 +180,8 @@ def _update_corrections(
         typical = statistics.median(ratios.values())
         per_weight = min(r for r in ratios.values() if r >= 0.5 * typical)
         share = sum(load[n] for n in model) / sum(slots[n] for n in model)  # requests per effective slot
-        want = {
-            n: max(0.0, share * slots[n] - max(0.0, load[n] - per_weight * applied[n])) + config.soft * slots[n]
-            for n in model
-        }
+        want = {n: max(0.0, share * slots[n] - _external(load[n], per_weight * applied[n])) + config.soft * slots[n]
+                for n in model}
         mean = sum(want.values()) / sum(slots[n] for n in model)
     for name, st in states.items():
         if name in want:

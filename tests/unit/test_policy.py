@@ -690,3 +690,11 @@ def test_once_a_reload_is_paid_for_every_pending_weight_rides_along() -> None:
     assert len(moved) > 1, [x.reason for x in first]
     riders = [x for x in first if x.changed and "with this reload" in x.reason]
     assert all(x.reason.startswith("load ") for x in riders), [x.reason for x in riders]
+
+
+def test_a_few_requests_of_noise_move_nothing() -> None:
+    """3 requests in flight over 24 slots, unevenly (2, 1, 0): noise, not traffic from elsewhere."""
+    inv = inventory(8, 8, 8)
+    uneven = {"dp0": 1.0, "dp1": 0.0, "dp2": 2.0}
+    ds, _, _ = run(inv, lambda k, n: sample(n, running=uneven[n]), 20)
+    assert all(not d.changed for d in ds[1:]), [x.reason for d in ds for x in d if x.changed]

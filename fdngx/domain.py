@@ -88,6 +88,9 @@ def hostport(host: str, port: int) -> str:
 
 _LISTEN = re.compile(r"(?:(?P<host>\[[0-9A-Fa-f:.]+\]|\*|[A-Za-z0-9.-]+):)?(?P<port>[0-9]{1,5})")
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+# A last label the C library would read as a number (inet_aton: `999`, `0x7f000001`, `127.1`, `1.0x7f`):
+# nginx hands a name it cannot parse to getaddrinfo, which turns these into addresses.
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")
 
 
 @dataclass(frozen=True)
@@ -129,11 +132,14 @@ class Listen:
 
 
 def _hostname(host: str) -> bool:
-    """An RFC 1123 hostname whose last label has a letter (so `999` or `0x7f000001` are not names)."""
+    """An RFC 1123 hostname whose last label has a letter and is not a number in any form inet_aton reads
+    (so `999`, `127.1` or `0x7f000001` are not names)."""
     if not host or len(host) > 253:
         return False
     labels = (host[:-1] if host.endswith(".") else host).split(".")
-    return all(_LABEL.fullmatch(label) for label in labels) and any(c.isalpha() for c in labels[-1])
+    last = labels[-1]
+    return (all(_LABEL.fullmatch(label) for label in labels) and any(c.isalpha() for c in last)
+            and not _NUMERIC_LABEL.fullmatch(last))
 
 
 def valid_host(host: str) -> bool:

@@ -34,7 +34,8 @@ from fdngx.commands.options import (
 from fdngx.domain import Balancer, Flavor, Mode
 from fdngx.errors import UsageError
 from fdngx.nginx.target import open_target
-from fdngx.weights.registry import Registry, RegistryServer
+from fdngx.registry.core import Registry, RegistrySettings
+from fdngx.registry.http import RegistryServer
 from fdngx.weights.settings import config_for_flavor
 from fdngx.weights.sidecar import Sidecar, SidecarConfig
 from fdngx.weights.telemetry import DEFAULT_LISTEN, Telemetry
@@ -95,6 +96,22 @@ def sidecar_cmd(
         "--router http://ADDR:PORT add themselves to the first --inventory). Unauthenticated, like "
         "FastDeploy's routers: bind it to a private interface. Default: off."
     ),
+    registry_allow: str = typer.Option(
+        "loopback,private", help="Who may use --registry-listen: CIDRs, 'loopback', 'private' (RFC 1918, fc00::/7)."
+    ),
+    registry_targets: str = typer.Option(
+        "loopback,private", help="Addresses instances may register (CIDRs, 'loopback', 'private'); link-local "
+        "and multicast never."
+    ),
+    registry_grace: float = typer.Option(
+        30.0, help="Seconds without a heartbeat (FastDeploy posts every 5 s), or failing /health, before a "
+        "registered instance is removed; its next registration adds it back. 0: never remove."
+    ),
+    registry_metrics_port: str | None = typer.Option(
+        None, help="Metrics port of a registered instance whose registration has none and whose API port "
+        "serves no /metrics: a port (9001), an offset from the API port (+1000), or a JSON table file "
+        "{\"8001\": 9001, \"10.0.0.5:8002\": 9102}. Otherwise it is balanced with no load signal."
+    ),
 ) -> None:
     """Keep nginx's weights in line with each replica's real load (scrape -> policy -> safe apply).
 
@@ -127,7 +144,9 @@ def sidecar_cmd(
     registry = None
     if registry_listen:
         # Before the sidecar loads the inventory: the registry creates it (empty) when missing.
-        registry = RegistryServer(registry_listen, Registry(inventories[0])).start()
+        settings = RegistrySettings.from_options(registry_grace, registry_targets, registry_metrics_port)
+        owner = Registry(inventories[0], inventories[1:], settings=settings)
+        registry = RegistryServer(registry_listen, owner, allow=registry_allow).start()
         log.info("registry: FastDeploy instances may POST http://%s/register", registry_listen)
     target = open_target(spec)
     config = SidecarConfig(

@@ -1,0 +1,368 @@
+"""FastDeploy's router registration protocol, feeding the inventory (`fdngx sidecar --registry-listen`).
+
+An instance started with `--router URL` checks its own /health and POSTs `{router}/register` every 5 s
+(`fastdeploy/engine/register_manager.py`); the POST doubles as its heartbeat. Like FastDeploy's Go router
+(`fastdeploy/golang_router/internal/manager/register.go`, `health.go`), fdngx answers
+`{"code": 200, "msg": "Register success"}`, 400 with the reason for a bad body, 503 when the instance's
+own /health is not 200, and drops instances that stop heart-beating or keep failing /health (after
+`--registry-grace`); the next heartbeat adds them back. Only mixed instances are taken: prefill/decode
+(PD disaggregation) need FastDeploy's router, which pairs them per request.
+
+What fdngx adds, because it writes what nginx will load: the address must be allowed
+(`--registry-targets`), a name is resolved once and stored as its address, a registration that would
+duplicate an instance of any `-i` file is refused (409), and the metrics port is found when the body has
+none (the API port's /metrics, else `--registry-metrics-port`, else the instance is marked
+`"metrics_source": "none"`: no load signal, with one WARNING). Writes are atomic and under a lock; a
+heartbeat that changes nothing writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import wait
+from pathlib import Path
+from typing import Any
+
+from fdngx import inventory as inv_mod
+from fdngx.domain import Instance, Inventory, Role, hostport, valid_host
+from fdngx.errors import FdngxError, InventoryError
+from fdngx.registry.body import BodyError, Registration, parse_body, worker_info
+from fdngx.registry.probe import HttpProbe, Probe
+from fdngx.registry.rules import NameCache, RegistrySettings, canonical_ip, never_registrable
+from fdngx.system.files import file_lock
+
+log = logging.getLogger("fdngx.registry")
+Key = tuple[str, int]
+OK = {"code": 200, "msg": "Register success"}  # register.go RegisterInstance
+PD_REFUSED = (
+    "only MIXED instances are allowed: fdngx balances mixed instances only; a {role} instance is half of "
+    "a PD-disaggregated pair and needs FastDeploy's router started with --splitwise (see docs/fastdeploy.md)"
+)
+
+
+def answer(status: int, msg: str) -> tuple[int, dict[str, Any]]:
+    """An error in both routers' shapes: the Go router's {code, msg} and the Python router's {detail}."""
+    return status, {"code": status, "msg": msg, "detail": msg}
+
+
+def instance_name(host: str, port: int) -> str:
+    return f"fd-{host.replace(':', '.')}-{port}".replace("..", ".")
+
+
+class Refused(Exception):
+    def __init__(self, status: int, msg: str) -> None:
+        super().__init__(msg)
+        self.status = status
+
+
+def _reachable_host(host_ip: str, peer: str | None) -> str:
+    """FastDeploy takes host_ip from gethostbyname(gethostname()) (fastdeploy/utils.py get_host_ip), which
+    is 127.0.1.1 on Debian: a registration from another machine that claims loopback means "the address
+    you see me at"."""
+    claimed, remote = canonical_ip(host_ip), canonical_ip(peer or "")
+    if claimed is not None and claimed.is_loopback and remote is not None and not remote.is_loopback:
+        return str(remote)
+    return host_ip
+
+
+class Registry:
+    """Registrations -> registry-owned instances (`"registered": true`) in the first inventory file
+    (created empty if missing); `others` are the sidecar's other -i files, checked for duplicates."""
+
+    def __init__(
+        self,
+        path: Path,
+        others: Sequence[Path] = (),
+        *,
+        settings: RegistrySettings | None = None,
+        probe: Probe | None = None,
+        names: NameCache | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        upstream: str | None = None,
+    ) -> None:
+        self.path = Path(path).absolute()
+        self.others = [Path(p).absolute() for p in others if Path(p).absolute() != Path(path).absolute()]
+        self.settings = settings or RegistrySettings()
+        self.probe = probe or HttpProbe()
+        self.names = names or NameCache()
+        self.clock = clock
+        self.lock = self.path.with_name(f".{self.path.name}.registry.lock")
+        self._mu = threading.Lock()
+        self._seen: dict[Key, float] = {}  # last heartbeat
+        self._failing: dict[Key, tuple[float, str]] = {}  # failing /health since, why
+        self._probed: dict[Key, float] = {}  # last metrics search for an instance without a load signal
+        self._warned: set[Key] = set()
+        with self._mu, file_lock(self.lock):
+            if not self.path.exists():
+                name = upstream or next((i.upstream for i in self._load_others()), inv_mod.DEFAULT_UPSTREAM)
+                inv_mod.save(Inventory([], name), self.path)
+        now = clock()
+        for inst in self._owned(inv_mod.load(self.path)):
+            self._seen[inv_mod.address_key(inst.host, inst.port)] = now  # a fresh grace after a restart
+        self.check(health=False)  # before the sidecar loads the files: drop what now conflicts
+
+    # -- POST /register ----------------------------------------------------------------------------------
+
+    def register(self, body: Any, peer: str | None = None) -> tuple[int, dict[str, Any]]:
+        """Check one registration and merge it; returns (HTTP status, JSON answer). Never raises."""
+        try:
+            reg = parse_body(body)
+            if reg.role is not Role.MIXED:
+                return answer(400, PD_REFUSED.format(role=reg.role.value))
+            host, asked = self._target(reg.host_ip, peer)
+            key = inv_mod.address_key(host, reg.port)
+            self._check_elsewhere(key, instance_name(host, reg.port))
+            current = self._find(inv_mod.load(self.path), key)
+            if current is not None and current.extra.get("registered") is not True:
+                return 200, dict(OK)  # listed by hand in this file: already balanced, never touched
+            # register.go RegisterInstanceCore: CheckWorkerHealth before accepting; "not healthy" -> 503.
+            why = self.probe.health(host, reg.port)
+            if why is not None:
+                return answer(503, f"service is not healthy: GET {hostport(host, reg.port)}/health: {why}")
+            metrics_port, source = self._metrics(reg, host, asked, current, key)
+            self._save(reg, host, asked, metrics_port, source, key)
+        except BodyError as exc:
+            return answer(400, str(exc))
+        except Refused as exc:
+            return answer(exc.status, str(exc))
+        except (FdngxError, OSError) as exc:
+            log.error("registry: %s", exc)
+            return answer(500, f"fdngx could not record the registration: {exc}")
+        except Exception as exc:  # a bug: say so in the log, answer the instance, keep serving the others
+            log.exception("registry: registration from %s failed", peer)
+            return answer(500, f"fdngx could not record the registration: {type(exc).__name__}")
+        return 200, dict(OK)
+
+    def _target(self, host_ip: str, peer: str | None) -> tuple[str, str | None]:
+        """The address to store for `host_ip` (a name resolved once), and the name it was given as."""
+        host = _reachable_host(host_ip, peer)
+        ip = canonical_ip(host)
+        asked = None
+        if ip is None:
+            if not valid_host(host):
+                raise Refused(400, f"invalid host_ip: {host[:80]!r} (an IP address or an RFC 1123 host name)")
+            found = [a for a in (canonical_ip(x) for x in self.names.resolve(host)) if a is not None]
+            if not found:
+                raise Refused(400, f"host_ip {host!r} does not resolve: nginx could not use it; send an address")
+            ip, asked = found[0], host
+        why = never_registrable(ip)
+        if why is not None:
+            raise Refused(400, f"host_ip {host}: {why}; it can never be registered")
+        if not self.settings.targets.allows(ip):
+            raise Refused(403, f"host_ip {host} ({ip}) is not in --registry-targets {self.settings.targets.text}")
+        return ip.compressed, asked
+
+    def _metrics(self, reg: Registration, host: str, asked: str | None, current: Instance | None,
+                 key: Key) -> tuple[int, str]:
+        """(metrics port, source): the body's; else kept from before; else /metrics on the API port; else
+        --registry-metrics-port; else none (one WARNING per instance)."""
+        if reg.metrics_port is not None:
+            return reg.metrics_port, "body"
+        source = current.extra.get("metrics_source") if current is not None else None
+        now = self.clock()
+        if current is not None and source in ("api-port", "rule"):
+            return current.metrics_port, str(source)
+        recent = now - self._probed.get(key, -1e18) < self.settings.reprobe_after
+        if current is not None and source == "none" and recent:
+            return current.metrics_port, "none"
+        self._probed[key] = now
+        name = instance_name(host, reg.port)
+        api_why = self.probe.metrics(host, reg.port)
+        if api_why is None:
+            return reg.port, "api-port"
+        rule = self.settings.metrics_rule
+        port = rule.port_for([host, *([asked] if asked else [])], reg.port) if rule else None
+        if rule is not None and port is not None:
+            rule_why = self.probe.metrics(host, port)
+            if rule_why is not None and key not in self._warned:
+                self._warned.add(key)
+                log.warning("registry: %s: metrics port %d from --registry-metrics-port %s does not serve "
+                            "/metrics yet (%s); using it anyway", name, port, rule.text, rule_why)
+            return port, "rule"
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(
+                "registry: %s has no load signal: its registration has no metrics_port, /metrics on its API "
+                "port %d gave %s, and %s; nginx balances it by its own connection counts only (start "
+                "FastDeploy with --metrics-port and pass --registry-metrics-port)", name, reg.port, api_why,
+                f"--registry-metrics-port {rule.text} gives no port for it" if rule else "no --registry-metrics-port",
+            )
+        return reg.port, "none"
+
+    def _save(self, reg: Registration, host: str, asked: str | None, metrics_port: int, source: str,
+              key: Key) -> None:
+        new = {"name": instance_name(host, reg.port), "host": host, "port": reg.port, "metrics_port": metrics_port,
+               "engine": "fastdeploy", "role": reg.role.value, "registered": True, "metrics_source": source,
+               "fastdeploy": reg.info}
+        if asked:
+            new["registered_as"] = asked
+        with self._mu, file_lock(self.lock):
+            inv = inv_mod.load(self.path)
+            index = next((n for n, i in enumerate(inv.instances)
+                          if inv_mod.address_key(i.host, i.port) == key), None)
+            if index is not None:
+                old = inv.instances[index].to_dict()
+                if old.get("registered") is not True:
+                    return
+                merged = {**old, **new, "name": old["name"]}  # hand edits (weight, max_num_seqs) stay
+                if merged == old:
+                    self._seen[key] = self.clock()
+                    return
+                inst = inv_mod.parse_instance(merged, str(self.path), index)
+                inv.instances[index] = inst
+                log.info("registry: %s updated (metrics port %d from %s)", inst.name, metrics_port, source)
+            else:
+                inst = inv_mod.parse_instance(new, f"registration of {hostport(host, reg.port)}", 0)
+                inv.instances.append(inst)
+                log.info("registry: %s registered at %s (metrics port %d from %s)", inst.name, inst.address,
+                         metrics_port, source)
+            try:
+                inv_mod.check_unique(inv.instances, str(self.path))
+                inv_mod.merge([inv, *self._load_others()])  # one upstream, no duplicate across files
+            except InventoryError as exc:
+                clash = "already listed" in str(exc) or "used twice" in str(exc)
+                raise Refused(409 if clash else 400, f"not registered: {exc}") from None
+            inv_mod.save(inv, self.path)
+            self._seen[key] = self.clock()
+            self._failing.pop(key, None)
+
+    # -- duplicates across -i files ------------------------------------------------------------------------
+
+    def _load_others(self) -> list[Inventory]:
+        """The other -i files as they are now; one that cannot be read is skipped here (the sidecar reports
+        it) and checked again on every registration and every cycle of `check`."""
+        out = []
+        for p in self.others:
+            try:
+                out.append(inv_mod.load(p))
+            except InventoryError as exc:
+                log.debug("registry: %s", exc)
+        return out
+
+    def _check_elsewhere(self, key: Key, name: str) -> None:
+        for other in self._load_others():
+            for inst in other.instances:
+                if inv_mod.address_key(inst.host, inst.port) == key or inst.name == name:
+                    raise Refused(409, f"{inst.address} is already listed in {other.sources[0]} as '{inst.name}': "
+                                       "fdngx balances it from there; not registered twice")
+
+    @staticmethod
+    def _find(inv: Inventory, key: Key) -> Instance | None:
+        return next((i for i in inv.instances if inv_mod.address_key(i.host, i.port) == key), None)
+
+    @staticmethod
+    def _owned(inv: Inventory) -> list[Instance]:
+        return [i for i in inv.instances if i.extra.get("registered") is True]
+
+    # -- the periodic check (health.go MonitorInstanceHealth) ------------------------------------------------
+
+    def check(self, health: bool = True) -> list[str]:
+        """Remove registry-owned instances whose heartbeats stopped, that fail /health, for longer than the
+        grace, or that another -i file now lists. Returns the names removed. Never raises."""
+        try:
+            owned = self._owned(inv_mod.load(self.path))
+        except InventoryError as exc:
+            log.error("registry: %s", exc)
+            return []
+        now, grace = self.clock(), self.settings.grace
+        results = self._health_all(owned) if health and owned else {}
+        gone: dict[Key, tuple[str, float | None]] = {}  # why, and the heartbeat it was judged on
+        taken: dict[Key | str, str] = {}  # address keys and names the other -i files use
+        for other in self._load_others():
+            for inst in other.instances:
+                taken[inv_mod.address_key(inst.host, inst.port)] = f"now listed in {other.sources[0]}"
+                taken[inst.name] = f"its name is now used in {other.sources[0]}"
+        with self._mu:
+            for inst in owned:
+                key = inv_mod.address_key(inst.host, inst.port)
+                seen = self._seen.setdefault(key, now)
+                if key in results:
+                    if results[key] is None:
+                        self._failing.pop(key, None)
+                    else:
+                        self._failing.setdefault(key, (now, str(results[key])))
+                since, why = self._failing.get(key, (now, ""))
+                clash = taken.get(key) or taken.get(inst.name)
+                if clash:
+                    gone[key] = clash, None
+                elif grace > 0 and now - seen > grace:
+                    gone[key] = f"no heartbeat for {now - seen:.0f} s (--registry-grace {grace:g})", seen
+                elif grace > 0 and now - since > grace:
+                    gone[key] = f"/health failing for {now - since:.0f} s ({why})", seen
+        return self._remove(gone) if gone else []
+
+    def _health_all(self, owned: list[Instance]) -> dict[Key, str | None]:
+        pool = getattr(self.probe, "client", None)
+        keys = [inv_mod.address_key(i.host, i.port) for i in owned]
+        if pool is None or not hasattr(pool, "executor"):
+            return {k: self.probe.health(i.host, i.port) for k, i in zip(keys, owned, strict=True)}
+        submit = pool.executor().submit
+        futures = {submit(self.probe.health, i.host, i.port): k for k, i in zip(keys, owned, strict=True)}
+        done, _ = wait(futures, timeout=self.settings.check_interval + 5)
+        return {futures[f]: f.result() for f in done}
+
+    def _remove(self, gone: dict[Key, tuple[str, float | None]]) -> list[str]:
+        removed = []
+        try:
+            with self._mu, file_lock(self.lock):
+                inv = inv_mod.load(self.path)
+                keep = []
+                for inst in inv.instances:
+                    key = inv_mod.address_key(inst.host, inst.port)
+                    why, judged = gone.get(key, ("", None))
+                    # A heartbeat since the judgement (it passed /health too) keeps the instance.
+                    fresh = judged is not None and self._seen.get(key) != judged
+                    if key in gone and inst.extra.get("registered") is True and not fresh:
+                        removed.append(inst.name)
+                        log.info("registry: %s removed: %s; its next registration adds it back", inst.name, why)
+                        for table in (self._seen, self._failing, self._probed):
+                            table.pop(key, None)
+                        self._warned.discard(key)
+                    else:
+                        keep.append(inst)
+                if removed:
+                    inv.instances = keep
+                    inv_mod.save(inv, self.path)
+        except (FdngxError, OSError) as exc:
+            log.error("registry: could not remove %s: %s", ", ".join(removed) or "instances", exc)
+            return []
+        return removed
+
+    # -- GET /registered, /registered_number, /health_generate -------------------------------------------
+
+    def _balanced(self) -> list[Instance]:
+        try:
+            own = inv_mod.load(self.path).instances
+        except InventoryError as exc:
+            log.error("registry: %s", exc)
+            own = []
+        return own + [i for inv in self._load_others() for i in inv.instances]
+
+    def registered(self) -> dict[str, Any]:
+        """register.go Registered: {code, msg, prefill[], decode[], mixed[]}, over every instance nginx
+        balances (all -i files)."""
+        out: dict[str, Any] = {"code": 200, "msg": "success", "prefill": [], "decode": [], "mixed": []}
+        for inst in self._balanced():
+            out[inst.role.value].append(worker_info(inst))
+        return out
+
+    def registered_number(self) -> dict[str, int]:
+        """register.go RegisteredNumber / router.py registered_number: {mixed, prefill, decode}."""
+        counts = {r.value: 0 for r in Role}
+        for inst in self._balanced():
+            counts[inst.role.value] += 1
+        return {"mixed": counts["mixed"], "prefill": counts["prefill"], "decode": counts["decode"]}
+
+    def health_generate(self) -> dict[str, Any]:
+        """health.go HealthGenerate answers {code: 200, msg: "Health check complete"} after checking; fdngx
+        reports what its last periodic check saw (a GET here makes no outbound call)."""
+        with self._mu:
+            failing = sorted(f"http://{hostport(h, p)}" for (h, p) in self._failing)
+        return {"code": 200, "msg": "Health check complete", "unhealthy": failing}
+
+    def close(self) -> None:
+        self.probe.close()
+        self.names.close()

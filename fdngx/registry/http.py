@@ -1,0 +1,271 @@
+"""The registry's HTTP side: FastDeploy's router endpoints on `--registry-listen`, hardened.
+
+Routes as in `fastdeploy/golang_router/internal/router/router.go` (POST /register, GET /registered,
+/registered_number, /health_generate) plus the Python router's GET /health (`fastdeploy/router/router.py`).
+/metrics and /v1/* are answered 404 with where to go instead (fdngx's metrics are on --metrics-listen;
+requests go to nginx).
+
+Nothing a client sends can wedge it or hold resources: a fixed pool of worker threads (a connection
+beyond the pool and its short queue is closed at once), one request per connection, a socket timeout and
+a total deadline for reading the request (a watchdog shuts slow connections down), Content-Length
+required and at most 64 KiB (411/400/413), a per-source rate limit (429), and a source allow-list (403).
+Every error is one line of JSON; nothing is printed as a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import socket
+import socketserver
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+from fdngx.domain import Listen
+from fdngx.errors import UsageError
+from fdngx.registry.core import Registry, answer
+from fdngx.registry.rules import DEFAULT_ALLOW, Networks, RateLimit, canonical_ip
+
+log = logging.getLogger("fdngx.registry")
+MAX_BODY = 64 * 1024
+WORKERS = 8
+QUEUE = 32  # connections waiting for a worker; beyond that a new one is closed at once
+READ_DEADLINE = 5.0  # s to send the whole request (line, headers, body)
+LINGER_SECONDS, LINGER_BYTES = 0.5, 256 * 1024
+_LENGTH = re.compile(r"[0-9]{1,7}")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    registry: Registry
+    sources: Networks
+    limit: RateLimit
+    server: _PoolServer
+    protocol_version = "HTTP/1.1"
+    timeout = READ_DEADLINE  # socket timeout of every read (StreamRequestHandler.setup)
+    error_content_type = "application/json"
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.debug("registry %s: " + fmt, self.client_address[0], *args)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (bad request line, 501 for other methods, 414) as one-line JSON too."""
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self._send(*answer(code, message or self.responses.get(code, ("error",))[0]))
+
+    def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(payload).encode()
+        self.close_connection = True  # one request per connection: no client keeps a worker
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _admit(self) -> bool:
+        """Source allow-list, then the rate limit; answers and returns False when refused."""
+        peer = canonical_ip(self.client_address[0])
+        if peer is None or not self.sources.allows(peer):
+            self._send(*answer(403, f"{self.client_address[0]} may not use this registry (--registry-allow "
+                                    f"{self.sources.text})"))
+            return False
+        if not self.limit.allow(str(peer)):
+            self._send(*answer(429, "too many requests from this address; slow down"), {"Retry-After": "1"})
+            return False
+        return True
+
+    def _body(self) -> bytes | None:
+        """The request body, by a valid Content-Length within MAX_BODY; answers and returns None if not."""
+        if self.headers.get("Transfer-Encoding"):
+            self._send(*answer(411, "send the body with a Content-Length (no Transfer-Encoding)"))
+            return None
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            self._send(*answer(411, "Content-Length required"))
+            return None
+        text = values[0].strip()
+        if len(set(v.strip() for v in values)) != 1 or not _LENGTH.fullmatch(text):
+            self._send(*answer(400, f"invalid Content-Length {text[:20]!r}: a number of bytes, 0..{MAX_BODY}"))
+            return None
+        length = int(text)
+        if length > MAX_BODY:
+            self._send(*answer(413, f"body of {length} bytes is over the {MAX_BODY}-byte limit"))
+            return None
+        data = self.rfile.read(length) if length else b""
+        if len(data) != length:
+            self.close_connection = True
+            return None  # the client went away or the read deadline passed: nobody to answer
+        return data
+
+    def do_POST(self) -> None:
+        if not self._admit():
+            return
+        if self.path.split("?")[0].rstrip("/") != "/register":
+            return self._send(*answer(404, f"no POST {self.path[:80]} here; FastDeploy registers at POST /register"))
+        raw = self._body()
+        if raw is None:
+            return
+        self.server.read_done(self.request)
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            return self._send(*answer(400, "Invalid InstanceInfo JSON format: the body is not JSON"))
+        self._send(*self.registry.register(body, self.client_address[0]))
+
+    def do_GET(self) -> None:
+        if not self._admit():
+            return
+        self.server.read_done(self.request)
+        path = self.path.split("?")[0].rstrip("/")
+        routes = {"/registered": self.registry.registered, "/registered_number": self.registry.registered_number,
+                  "/health_generate": self.registry.health_generate}
+        if path in routes:
+            return self._send(200, routes[path]())
+        if path == "/health":
+            return self._send(200, {"code": 200, "msg": "ok"})
+        if path == "/metrics":
+            return self._send(*answer(404, "fdngx's own metrics are on `fdngx sidecar --metrics-listen`"))
+        if path.startswith("/v1/"):
+            return self._send(*answer(404, "this is the registry: send requests to nginx"))
+        self._send(*answer(404, f"no GET {self.path[:80]} here"))
+
+
+def _linger(request: socket.socket) -> None:
+    """Close like nginx's lingering_close, bounded: after the answer, read (and drop) what the client is
+    still sending for a moment, so a refused body (413, 411) does not turn the answer into a reset."""
+    with contextlib.suppress(OSError):
+        request.shutdown(socket.SHUT_WR)
+        request.settimeout(0.2)
+        end, left = time.monotonic() + LINGER_SECONDS, LINGER_BYTES
+        while left > 0 and time.monotonic() < end and (chunk := request.recv(65536)):
+            left -= len(chunk)
+
+
+class _PoolServer(socketserver.TCPServer):
+    """A TCP server whose requests run on a fixed pool; a watchdog bounds how long reading one may take.
+    (Not http.server.HTTPServer: its server_bind looks the bind address up in DNS.)"""
+
+    allow_reuse_address = True
+    request_queue_size = 128  # listen backlog: a burst of connections is accepted (and judged), not dropped
+
+    def __init__(self, addr: tuple[str, int], handler: type[_Handler], workers: int, queue: int,
+                 read_deadline: float, family: int) -> None:
+        self.address_family = family
+        super().__init__(addr, handler)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fdngx-registry")
+        self.capacity = workers + queue
+        self.slots = threading.BoundedSemaphore(self.capacity)
+        self.read_deadline = read_deadline
+        self._reading: dict[socket.socket, float] = {}
+        self._busy_said = -1e9
+        self._mu = threading.Lock()
+        self._stop = threading.Event()
+        self.watchdog = threading.Thread(target=self._watch, name="fdngx-registry-watchdog", daemon=True)
+        self.watchdog.start()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            if time.monotonic() - self._busy_said > 60:  # once a minute: a flood must not flood the log too
+                self._busy_said = time.monotonic()
+                log.warning("registry: busy (%d connections open): closing new ones, from %s first",
+                            self.capacity, client_address[0])
+            self.shutdown_request(request)
+            return
+        with self._mu:
+            self._reading[request] = time.monotonic()
+        try:
+            self.pool.submit(self._work, request, client_address)
+        except RuntimeError:  # shutting down
+            self.read_done(request)
+            self.shutdown_request(request)
+            self.slots.release()
+
+    def _work(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception as exc:  # a client that vanished mid-request: nothing to tell anyone
+            log.debug("registry: %s: %s", client_address[0], exc)
+        finally:
+            self.read_done(request)
+            _linger(request)
+            self.shutdown_request(request)
+            self.slots.release()
+
+    def read_done(self, request: Any) -> None:
+        with self._mu:
+            self._reading.pop(request, None)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            now = time.monotonic()
+            with self._mu:
+                late = [s for s, t in self._reading.items() if now - t > self.read_deadline]
+                for s in late:
+                    del self._reading[s]
+            for s in late:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("registry: error serving %s", client_address[0])
+
+    def server_close(self) -> None:
+        self._stop.set()
+        super().server_close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class RegistryServer:
+    """The HTTP side and the periodic check, each on its own thread (the sidecar runs them beside its loop)."""
+
+    def __init__(self, listen: str, registry: Registry, *, allow: str = DEFAULT_ALLOW,
+                 limit: RateLimit | None = None, workers: int = WORKERS, queue: int = QUEUE,
+                 read_deadline: float = READ_DEADLINE) -> None:
+        try:
+            where = Listen.parse(listen, "--registry-listen", allow_zero=True)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        sources = Networks.parse(allow, "--registry-allow")
+        handler = type("Handler", (_Handler,), {"registry": registry, "sources": sources,
+                                                 "limit": limit or RateLimit(), "timeout": read_deadline})
+        family = socket.AF_INET6 if ":" in where.bind_host else socket.AF_INET
+        try:
+            self.httpd = _PoolServer((where.bind_host, where.port), handler, workers, queue, read_deadline, family)
+        except OSError as exc:
+            raise UsageError(f"--registry-listen {listen}: cannot listen: {exc.strerror or exc}") from None
+        self.registry = registry
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.1,), name="fdngx-registry",
+                                       daemon=True)
+        self.checker = threading.Thread(target=self._check_loop, name="fdngx-registry-check", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    def _check_loop(self) -> None:
+        while not self._stop.wait(self.registry.settings.check_interval):
+            try:
+                self.registry.check()
+            except Exception:  # never let the check thread die: it is what removes dead instances
+                log.exception("registry: periodic check failed")
+
+    def start(self) -> RegistryServer:
+        self.thread.start()
+        self.checker.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.registry.close()

@@ -1,5 +1,7 @@
 """The `fdngx` command line. It only wires: each module in fdngx.commands parses its options, calls one
-core function and prints its result; this module registers them on one typer app.
+core function and prints its result; this module registers them on one typer app, and gives every
+option of every command its FDNGX_* environment variables and its place in a --config file
+(fdngx.config: the precedence is there).
 
 Errors: core functions raise FdngxError; `main()` prints its one-line message and exits 1 (2 for usage).
 Nothing imports this module back.
@@ -7,13 +9,17 @@ Nothing imports this module back.
 
 from __future__ import annotations
 
+import logging
 import sys
+from enum import Enum
+from pathlib import Path
 
 import typer
 
 from fdngx.commands import demo, launch, render, sidecar, sim, status
+from fdngx.config import attach_envvars, load_settings
 from fdngx.errors import FdngxError
-from fdngx.logs import setup_logging
+from fdngx.logs import say, setup_logging
 
 app = typer.Typer(
     name="fdngx",
@@ -22,8 +28,14 @@ app = typer.Typer(
         "Typical use: `fdngx launch` (start replicas, write fdngx.json), then `fdngx render` (write and "
         "safely apply the nginx upstream), then `fdngx sidecar` or a cron line to keep weights current."
     ),
+    epilog=(
+        "Settings: every option can also come from the environment, FDNGX_<COMMAND>_<OPTION> or FDNGX_<OPTION> "
+        "(FDNGX_RENDER_OUT, FDNGX_INVENTORY=/a.json:/b.json), or from a TOML file (--config): top-level keys for "
+        "every command that has the option, a \\[render], \\[sidecar], ... table per command. Precedence: command "
+        "line > FDNGX_<COMMAND>_<OPTION> > FDNGX_<OPTION> > \\[command] table > top-level key > default."
+    ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
@@ -37,14 +49,54 @@ def _print_version(value: bool) -> None:
         raise typer.Exit(0)
 
 
+class LogFormat(str, Enum):
+    AUTO = "auto"
+    TEXT = "text"
+    JOURNAL = "journal"
+    JSON = "json"
+
+
 @app.callback()
 def _root(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging on stderr."),
+    ctx: typer.Context,
+    config: Path | None = typer.Option(
+        None, "--config", envvar="FDNGX_CONFIG", dir_okay=False,
+        help="TOML file with settings for any command: top-level keys, or a \\[render], \\[sidecar], ... table. "
+        "Unknown keys are an error.",
+    ),
+    log_format: LogFormat = typer.Option(
+        LogFormat.AUTO, "--log-format", envvar="FDNGX_LOG_FORMAT",
+        help="text: timestamped lines; journal: sd-daemon priority prefixes (<4>...), no timestamp; json: one "
+        "object per line (ts, level, logger, msg, extras). auto: journal when stderr is the journal "
+        "($JOURNAL_STREAM), else text.",
+    ),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", envvar="FDNGX_VERBOSE", help="Debug logging (fdngx's own loggers only)."
+    ),
     version: bool = typer.Option(
         False, "--version", help="Print the version and exit.", is_eager=True, callback=_print_version
     ),
 ) -> None:
-    setup_logging(verbose)
+    setup_logging(verbose, log_format.value)  # now: a bad --config is reported in the chosen shape
+    attach_envvars(ctx.command)
+    if config is None:
+        return
+    params = {p.name: p for p in ctx.command.params}
+    settings = load_settings(ctx, config, ctx.command, {"log-format": params["log_format"],
+                                                        "verbose": params["verbose"]})
+    ctx.default_map = {**(ctx.default_map or {}), **settings.default_map}
+    # The root's own options were parsed before the file was read: take the file's value where the
+    # command line and the environment gave none.
+    if _defaulted(ctx, "log_format") and "log_format" in settings.root:
+        log_format = LogFormat(str(settings.root["log_format"]).lower())
+    if _defaulted(ctx, "verbose") and "verbose" in settings.root:
+        verbose = bool(settings.root["verbose"])
+    setup_logging(verbose, log_format.value)
+
+
+def _defaulted(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is None or source.name == "DEFAULT"
 
 
 for _module in (launch, render, sidecar, status, sim, demo):
@@ -54,14 +106,15 @@ for _module in (launch, render, sidecar, status, sim, demo):
 def main() -> None:
     # standalone mode: typer/click print usage errors and exit 2 themselves; our errors surface here.
     try:
-        app()
+        # prog_name: `python -m fdngx` is still `fdngx` in usage lines and in completion's _FDNGX_COMPLETE.
+        app(prog_name="fdngx")
     except FdngxError as exc:
-        typer.secho(f"fdngx: error: {exc}", err=True, fg=typer.colors.RED)
+        say(f"fdngx: error: {exc}", logging.ERROR, color="red")
         sys.exit(exc.exit_code)
     except OSError as exc:
-        # A file or socket the user pointed us at: one line naming it, not a traceback.
-        where = f"{exc.filename}: " if exc.filename else ""
-        typer.secho(f"fdngx: error: {where}{exc.strerror or exc}", err=True, fg=typer.colors.RED)
+        # A file or socket the user pointed us at: one line naming it (absolute: cron's cwd is not yours).
+        where = f"{Path(exc.filename).absolute()}: " if isinstance(exc.filename, str) and exc.filename else ""
+        say(f"fdngx: error: {where}{exc.strerror or exc}", logging.ERROR, color="red")
         sys.exit(1)
 
 

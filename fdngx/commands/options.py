@@ -91,6 +91,7 @@ def render_options(
     admin_listen: str,
     balancer: Balancer,
 ) -> RenderOptions:
+    template_dir = _absolute(template_dir)
     return RenderOptions(
         mode=mode, flavor=flavor, listen=listen, template_dir=template_dir, max_fails=max_fails,  # type: ignore[arg-type]
         fail_timeout=fail_timeout, keepalive=keepalive, access_log=access_log, admin_listen=admin_listen,  # type: ignore[arg-type]
@@ -109,4 +110,11 @@ def target_spec(
     reload: bool,
     admin_token_file: Path | None,
 ) -> TargetSpec:
-    return TargetSpec(opts, out, prefix, nginx_conf, nginx_bin, reload_cmd, reload, admin_token_file).validated()
+    # Absolute: errors then name files that mean something from cron, and nginx -p/-c get paths it cannot
+    # resolve against its own compiled-in prefix instead of the directory fdngx was started in.
+    return TargetSpec(opts, _absolute(out), _absolute(prefix), _absolute(nginx_conf), nginx_bin, reload_cmd, reload,
+                      _absolute(admin_token_file)).validated()
+
+
+def _absolute(path: Path | None) -> Path | None:
+    return None if path is None else Path(path).absolute()

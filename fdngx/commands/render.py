@@ -3,7 +3,7 @@ controller cycle (what cron runs)."""
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 
 import typer
@@ -33,6 +33,7 @@ from fdngx.commands.options import (
 )
 from fdngx.domain import Balancer, Flavor, Mode
 from fdngx.errors import UsageError
+from fdngx.logs import say
 from fdngx.nginx.apply import unified_diff
 from fdngx.nginx.target import open_target
 from fdngx.system.files import read_bytes_or_none, real_target
@@ -46,7 +47,10 @@ EPILOG = (
     "  fdngx render --out /etc/nginx/conf.d/fdngx-upstream.conf --reload   # safe apply (cron)\n\n"
     "  fdngx render --out /etc/nginx/conf.d/fdngx-upstream.conf --reload --scrape   # cron, weights from load\n\n"
     "  fdngx render --mode standalone --out /srv/fdngx/nginx.conf --listen 0.0.0.0:8080\n\n"
-    "Exit codes: 0 applied or unchanged (--check: file is current), 1 error or (--check) file is stale, 2 usage."
+    "  fdngx render --out /etc/nginx/conf.d/fdngx-upstream.conf --reload --scrape --quiet   # crontab: mail only "
+    "on change or failure\n\n"
+    "Exit codes: 0 applied or unchanged (--check: file is current), 1 error or (--check, --diff) file is stale, "
+    "2 usage."
 )
 
 
@@ -81,13 +85,17 @@ def render_cmd(
     balancer: Balancer = BalancerOpt,
     access_log: str | None = AccessLogOpt,
     speed_aware: bool | None = SpeedAwareOpt,
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="For cron: print nothing unless something changed or failed (errors still go "
+        "to stderr, exit 1); no 'unchanged' or 'current' line.",
+    ),
 ) -> None:
     """Render the nginx config for the inventory; with --reload, apply it safely.
 
     Deterministic: the same inventory (and weights) always gives the same bytes, so an unchanged
     render never reloads nginx. This is the command to run from cron.
     """
-    out_path = None if out == "-" else Path(out)
+    out_path = None if out == "-" else Path(out).absolute()  # errors and summaries name it as cron can use it
     if (reload or check) and out_path is None:
         raise UsageError("--reload and --check need --out PATH (the file nginx reads)")
     if reload and check:
@@ -106,7 +114,11 @@ def render_cmd(
     store = store_for(out_path) if scrape and out_path is not None else None
     if dry:
         # Change nothing: no write, no push, no state saved.
-        text = Controller(target.dry(), policy, log_outcome=False).run_once(inv, store, save=False).text
+        preview = Controller(target.dry(), policy, log_outcome=False).run_once(inv, store, save=False)
+        if preview.error is not None:  # a template or option the render refused: nothing to show or compare
+            say(f"fdngx: error: {preview.error}", logging.ERROR, color="red")
+            raise typer.Exit(1)
+        text = preview.text
         if out_path is None:
             typer.echo(text, nl=False)
             return
@@ -114,22 +126,25 @@ def render_cmd(
         if diff:
             typer.echo(unified_diff(old, text, out_path), nl=False)
         current = old == text.encode("utf-8")
-        if check:
-            typer.echo(f"{out_path}: {'current' if current else 'stale: a render would change it'}", err=True)
+        if check and not (quiet and current):
+            say(f"{out_path}: {'current' if current else 'stale: a render would change it'}")
         if (check or diff) and not current:
             raise typer.Exit(1)
         return
     result = Controller(target, policy, log_outcome=False).run_once(inv, store)
     if result.error is not None:
-        typer.secho(f"fdngx: error: {result.error}", err=True, fg=typer.colors.RED)
+        say(f"fdngx: error: {result.error}", logging.ERROR, color="red")
         raise typer.Exit(1)
     if diff and result.applied is not None and result.applied.diff:
         typer.echo(result.applied.diff, nl=False)
-    if result.applied is not None:
-        typer.echo(result.applied.summary, err=True)
-    elif result.pushed is not None:
-        typer.echo(f"pushed weights to {result.pushed} peer(s)", err=True)
-    sys.stderr.flush()
+    applied = result.applied
+    if applied is not None:
+        # Quiet: an unchanged file is news only with a note (nginx not running) or a recovered apply.
+        if not quiet or applied.changed or applied.note or applied.recovered:
+            level = logging.WARNING if applied.note or applied.recovered else logging.INFO
+            say(applied.summary, level)
+    elif result.pushed is not None and not (quiet and not result.changed):
+        say(f"pushed weights to {result.pushed} peer(s)")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,88 +1,46 @@
-"""`fdngx status`: one scrape, one line per instance: health, load, current and proposed weight, why."""
+"""`fdngx status`: one scrape, one row per replica: health, load, current and proposed weight, why; with
+--watch, a live view of the same with a short history of load and weight per replica."""
 
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import typer
 
-from fdngx import inventory as inv_mod
+from fdngx.commands import status_view as view
 from fdngx.commands.options import InventoryOpt, inventory_paths
-from fdngx.domain import LoadSample
-from fdngx.weights.policy import Decisions, decide
-from fdngx.weights.scrape import scrape_all
-from fdngx.weights.settings import config_of_state
-from fdngx.weights.state import PolicyState
+from fdngx.errors import FdngxError, UsageError
+from fdngx.logs import say
 from fdngx.weights.store import store_for
 
 EPILOG = (
     "Current weight: from the policy state of a running sidecar or cron job (--out or --state), else the "
     "inventory's static weight. Proposed: what the next cycle would apply, with the reason, under the "
-    "policy settings that state was written with (defaults without one). Read-only: "
-    "the state file is not written.\n\nExit codes: 0 shown, 1 error (e.g. bad inventory), 2 usage."
+    "policy settings that state was written with (defaults without one). WEIGHT: the current weight, NEXT: "
+    "the proposed one; SHARE: the current weight's share of the replicas nginx sends to; LOAD: requests "
+    "per slot now (1.00 = every slot busy); UP: this scrape's /health. Read-only: "
+    "the state file is not written.\n\n"
+    "--json: one document {fleet_load, fail_open, instances: [{name, healthy, up, running, queued, kv_usage, "
+    "load, current_weight, current_down, share, proposed_weight, proposed_down, changed, reason, ...}]}; with "
+    "--watch, one such document per line (plus ts).\n\n"
+    "--watch: redraws every --interval on a terminal (Ctrl-C quits, exit 0); with load and weight history "
+    "per replica (x: held out, dot: no metrics). Without --out/--state the view carries the policy's memory "
+    "from frame to frame, so WEIGHT/NEXT show what a sidecar started now would do. Not a terminal: one "
+    "frame after another (--count N: N frames, then exit 0).\n\n"
+    "Exit codes: 0 shown, 1 error (e.g. bad inventory), 2 usage."
 )
-
-
-def _rows(
-    samples: dict[str, LoadSample], decisions: Decisions, state: PolicyState, static: dict[str, int]
-) -> list[dict[str, Any]]:
-    rows = []
-    for d in decisions:
-        s = samples.get(d.name)
-        st = state.instances.get(d.name)
-        current = st.weight if st is not None and st.weight is not None else static[d.name]
-        rows.append(
-            {
-                "name": d.name,
-                "healthy": bool(s and s.healthy),
-                "up": not d.down,
-                "running": s.running if s and s.ok else None,
-                "queued": s.queued if s and s.ok else None,
-                "queued_reliable": s.queued_reliable if s and s.ok else None,
-                "kv_usage": s.kv_usage if s and s.ok else None,
-                "capacity": s.capacity if s and s.ok else None,
-                "scrape_error": s.error if s else "not scraped",
-                "health_error": s.health_error if s else None,
-                "latency_ms": round(s.latency * 1000, 1) if s else None,
-                "current_weight": current,
-                "current_down": bool(st.down) if st is not None else False,
-                "proposed_weight": d.weight,
-                "proposed_down": d.down,
-                "changed": d.changed,
-                "reason": d.reason,
-            }
-        )
-    return rows
-
-
-def _num(v: float | None, fmt: str = "{:.0f}") -> str:
-    return "-" if v is None else fmt.format(v)
-
-
-def _table(rows: list[dict[str, Any]]) -> str:
-    head = ["INSTANCE", "UP", "RUNNING", "QUEUED", "KV", "WEIGHT", "PROPOSED", "REASON"]
-    lines = [head]
-    for r in rows:
-        up = "yes" if r["healthy"] else "NO"
-        queued = _num(r["queued"]) + ("?" if r["queued_reliable"] is False else "")
-        kv = _num(r["kv_usage"] * 100 if r["kv_usage"] is not None else None) + (
-            "%" if r["kv_usage"] is not None else ""
-        )
-        cur = "down" if r["current_down"] else str(r["current_weight"])
-        new = "down" if r["proposed_down"] else str(r["proposed_weight"])
-        lines.append([r["name"], up, _num(r["running"]), queued, kv, cur, new, r["reason"]])
-    widths = [max(len(row[i]) for row in lines) for i in range(len(head) - 1)]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1] for row in lines
-    )
 
 
 def status_cmd(
     inventory: list[Path] | None = InventoryOpt,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per instance) instead of a table."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print {fleet_load, fail_open, instances: [one object per replica]} instead of a "
+        "table (--watch: one such document per line)."
+    ),
     out: Path | None = typer.Option(
         None,
         "--out",
@@ -92,22 +50,84 @@ def status_cmd(
     ),
     state: Path | None = typer.Option(None, help="Policy state file to read (overrides --out's)."),
     timeout: float = typer.Option(1.0, help="Per-request read timeout in seconds for the scrape."),
+    watch: bool = typer.Option(
+        False, "--watch", "-w", help="Live view: a new scrape every --interval, with load and weight history."
+    ),
+    interval: float = typer.Option(2.0, "--interval", "-n", help="--watch: seconds between frames."),
+    count: int | None = typer.Option(
+        None, "--count", help="--watch: stop after this many frames (default: until Ctrl-C). Implies --watch."
+    ),
+    history: int = typer.Option(30, "--history", help="--watch: frames of load and weight history to show."),
 ) -> None:
     """Scrape every instance once and show health, load, current and proposed weight, and the reason."""
-    inv = inv_mod.load_many(list(inventory_paths(inventory)))
-    pstate = store_for(out or Path("."), state).load() if (out or state) else PolicyState()
-    samples = scrape_all(inv.instances, timeout=timeout, deadline=max(1.5, timeout * 1.5))
-    decisions, _ = decide(samples, inv, pstate, config_of_state(pstate), time.time())
-    rows = _rows(samples, decisions, pstate, {i.name: i.weight for i in inv.instances})
+    if interval < 0.2 or history < 1 or (count is not None and count < 1):
+        raise UsageError("--interval must be >= 0.2, --history >= 1 and --count >= 1")
+    store = store_for(out or Path("."), state) if (out or state) else None
+    watching = watch or count is not None
+    source = view.Source(inventory_paths(inventory), store, timeout, remember=watching)
+    try:
+        if watching:
+            _watch(source, as_json=as_json, interval=interval, count=count, size=history)
+            return
+        snap = source.take()
+    finally:
+        source.close()
     if as_json:
-        doc = {"fleet_load": decisions.fleet_load, "fail_open": decisions.fail_open, "instances": rows}
-        typer.echo(json.dumps(doc, indent=2))
+        typer.echo(json.dumps(snap.to_json(), indent=2))
         return
-    typer.echo(_table(rows))
-    if decisions.fail_open:
-        typer.echo(f"\nfail open: {decisions.fail_open}")
-    elif decisions.fleet_load is not None:
-        typer.echo(f"\nfleet load {decisions.fleet_load:.2f} per slot")
+    console = view.console_for(sys.stdout)
+    view.show(console, view.table(snap))
+    if line := view.summary(snap):
+        typer.echo(f"\n{line}")
+
+
+def _watch(source: view.Source, *, as_json: bool, interval: float, count: int | None, size: int) -> None:
+    """Frames until --count or Ctrl-C (exit 0 either way). A failure after the first frame (the inventory
+    being rewritten, say) is shown and the watch goes on; on the first one it is the command's error."""
+    console = view.console_for(sys.stdout)
+    unicode = view.unicode_ok(console)
+    live_view = console.is_terminal and not as_json
+    hist = view.History(size)
+    number = 0
+    live = None
+    try:
+        while count is None or number < count:
+            started = time.monotonic()
+            try:
+                snap = source.take()
+            except FdngxError as exc:
+                if number == 0:
+                    raise
+                say(f"fdngx: status: {exc}", logging.WARNING)
+            else:
+                number += 1
+                hist.add(snap)
+                if as_json:
+                    typer.echo(view.json_line(snap))
+                else:
+                    hint = "Ctrl-C to quit" if live_view else ""
+                    shown = view.frame(snap, hist, interval=interval, number=number, unicode=unicode, hint=hint,
+                                       spark=view.spark_width(console, size))
+                    if live_view:
+                        if live is None:
+                            from rich.live import Live
+
+                            live = Live(shown, console=console, auto_refresh=False, transient=False)
+                            live.start(refresh=True)
+                        else:
+                            live.update(shown, refresh=True)
+                    else:
+                        view.show(console, shown)
+                        typer.echo()
+                sys.stdout.flush()
+            if count is not None and number >= count:
+                break
+            time.sleep(max(0.0, interval - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a watch ends: exit 0
+    finally:
+        if live is not None:
+            live.stop()
 
 
 def register(app: typer.Typer) -> None:

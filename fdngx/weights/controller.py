@@ -71,6 +71,17 @@ def unapplied(new: PolicyState, old: PolicyState) -> PolicyState:
     return PolicyState(instances, reloads, new.updated_at, new.config)
 
 
+def _log_scrapes(old: PolicyState, new: PolicyState) -> None:
+    """A replica's metrics failing, and working again: one WARNING each, not one per cycle (from the state,
+    so cron runs a minute apart say it once too)."""
+    for name, st in new.instances.items():
+        was = old.instances[name].last_error if name in old.instances else None
+        if st.last_error is not None and was is None:
+            log.warning("%s: metrics scrape failing: %s", name, st.last_error)
+        elif st.last_error is None and was is not None:
+            log.warning("%s: metrics scrape works again", name)
+
+
 @dataclass
 class Controller:
     target: Target
@@ -96,6 +107,7 @@ class Controller:
         if self.policy is not None:
             samples = self.scrape(inv.instances, session=self.session, deadline=self.scrape_deadline)
             decisions, new_state = decide(samples, inv, state, self.policy, self.clock())
+            _log_scrapes(state, new_state)
         states = server_states(decisions) if decisions is not None else None
         applied: ApplyResult | None = None
         pushed: int | None = None
@@ -137,7 +149,9 @@ class Controller:
         if result.decisions is not None and not quiet:
             for d in result.decisions:
                 if d.changed:
-                    log.info("%s%s: %s", "NOT APPLIED " if error else "", d.name, d.reason)
+                    # A replica taken out, or a change nginx did not get, is what an operator must see.
+                    level = logging.WARNING if error or d.down else logging.INFO
+                    log.log(level, "%s%s: %s", "NOT APPLIED " if error else "", d.name, d.reason)
             if result.decisions.fail_open and result.decisions.changed:
                 log.warning("failing open: %s", result.decisions.fail_open)
         if not self.log_outcome:

@@ -45,15 +45,15 @@ def test_cron_runs_carry_state_and_take_a_dead_replica_out(tmp_path: Path) -> No
             fdngx(*args, "--scrape", "--speed-aware", "--reload", check=True)
             assert json.loads(state_file.read_text())["config"]["speed_aware"] is True
 
-            sim.fault(1, crash=True)
-            before = state_file.read_bytes()
+            sim.fault(1, unhealthy=True)  # /health 404: the engine answers but is not well (a refused one is
+            before = state_file.read_bytes()  # left to nginx's passive check for --refused-grace)
             check = fdngx(*args, "--scrape", "--check")
             # One failed check is not `down` yet (K = 3), so the file is still current; nothing is written.
             assert check.returncode == 0 and state_file.read_bytes() == before, check.stderr
             runs = [fdngx(*args, "--scrape", "--reload") for _ in range(3)]
             assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
             assert f"server 127.0.0.1:{api[1]} weight=10 max_fails=3 fail_timeout=3s down;" in conf.read_text()
-            assert "dp1: down: /health failed 3x" in runs[-1].stderr
+            assert "dp1: down: /health failed 3x (404)" in runs[-1].stderr
             assert "down" not in runs[0].stderr  # one failed check is not enough (K = 3)
         finally:
             nginx.stop()
@@ -83,7 +83,7 @@ def test_cron_with_the_openresty_flavor_never_reloads(tmp_path: Path) -> None:
             master, workers = nginx.proc.pid, nginx.worker_pids()
             first = fdngx(*args, "--scrape", "--reload")
             assert first.returncode == 0 and "unchanged" in first.stderr, first.stderr  # weights are not in it
-            sim.fault(1, crash=True)  # health changes: down after three runs
+            sim.fault(1, unhealthy=True)  # health changes (404): down after three runs
             runs = [fdngx(*args, "--scrape", "--reload") for _ in range(3)]
             assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
             assert "dp1: down: /health failed 3x" in runs[-1].stderr

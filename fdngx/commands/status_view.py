@@ -1,0 +1,264 @@
+"""What `fdngx status` shows: one snapshot (scrape every replica once, ask the policy what it would do)
+as rows, a rich table whose long reasons wrap, and, for `--watch`, frames with a short history of load
+and weight per replica as sparklines.
+
+Read-only: the policy state is read (from a sidecar's or cron's state file) and never written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from fdngx import inventory as inv_mod
+from fdngx.domain import Inventory, LoadSample
+from fdngx.weights.policy import Decisions, decide
+from fdngx.weights.scrape import make_client, scrape_all
+from fdngx.weights.settings import config_of_state
+from fdngx.weights.state import PolicyState
+from fdngx.weights.store import StateStore
+
+SPARK = "▁▂▃▄▅▆▇█"
+SPARK_ASCII = "_-=+*#"
+NO_DATA = {True: "·", False: "."}  # metrics unreadable this frame
+DOWN = {True: "×", False: "x"}  # held out of nginx (weight history)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    at: float
+    rows: list[dict[str, Any]]
+    fleet_load: float | None
+    fail_open: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The `--json` document: {fleet_load, fail_open, instances: [one object per replica]}."""
+        return {"fleet_load": self.fleet_load, "fail_open": self.fail_open, "instances": self.rows}
+
+
+def rows_of(
+    inv: Inventory, samples: dict[str, LoadSample], decisions: Decisions, state: PolicyState
+) -> list[dict[str, Any]]:
+    insts = {i.name: i for i in inv.instances}
+    rows = []
+    for d in decisions:
+        s = samples.get(d.name)
+        st = state.instances.get(d.name)
+        inst = insts[d.name]
+        ok = bool(s and s.ok)
+        capacity = (s.capacity if s and s.capacity else None) or float(inst.max_num_seqs)
+        rows.append(
+            {
+                "name": d.name,
+                "healthy": bool(s and s.healthy),
+                "up": not d.down,
+                "running": s.running if s and ok else None,
+                "queued": s.queued if s and ok else None,
+                "queued_reliable": s.queued_reliable if s and ok else None,
+                "kv_usage": s.kv_usage if s and ok else None,
+                "capacity": s.capacity if s and ok else None,
+                # requests per slot now (running + a reliable queue, over capacity): 1.0 = every slot busy
+                "load": round(s.load / capacity, 3) if s and ok else None,
+                "scrape_error": s.error if s else "not scraped",
+                "health_error": s.health_error if s else None,
+                "latency_ms": round(s.latency * 1000, 1) if s else None,
+                "current_weight": st.weight if st is not None and st.weight is not None else inst.weight,
+                "current_down": bool(st.down) if st is not None else False,
+                "proposed_weight": d.weight,
+                "proposed_down": d.down,
+                "changed": d.changed,
+                "reason": d.reason,
+            }
+        )
+    total = sum(r["current_weight"] for r in rows if not r["current_down"])
+    for r in rows:
+        # nginx's split by weight now (least_conn then picks per request among them)
+        r["share"] = round(r["current_weight"] / total, 3) if total and not r["current_down"] else 0.0
+    return rows
+
+
+class Source:
+    """Snapshots of one fleet: the inventory re-read each time (it changes), the policy state from `store`
+    (a running sidecar's view) or, without one and with `remember`, the policy's memory carried from one
+    snapshot to the next (what a sidecar started now would do)."""
+
+    def __init__(self, inventories: list[Path], store: StateStore | None, timeout: float, remember: bool = False):
+        self.inventories = inventories
+        self.store = store
+        self.timeout = timeout
+        self.remember = remember
+        self.memory = PolicyState()
+        self.session = make_client()
+
+    def take(self) -> Snapshot:
+        inv = inv_mod.load_many(self.inventories)
+        pstate = self.store.load() if self.store is not None else self.memory
+        samples = scrape_all(inv.instances, session=self.session, timeout=self.timeout,
+                             deadline=max(1.5, self.timeout * 1.5))
+        now = time.time()
+        decisions, new_state = decide(samples, inv, pstate, config_of_state(pstate), now)
+        if self.remember and self.store is None:
+            self.memory = new_state
+        return Snapshot(now, rows_of(inv, samples, decisions, pstate), decisions.fleet_load, decisions.fail_open)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+class History:
+    """The last `size` loads and applied weights of each replica (None: no metrics / held out)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.load: dict[str, deque[float | None]] = {}
+        self.weight: dict[str, deque[int | None]] = {}
+
+    def add(self, snap: Snapshot) -> None:
+        for r in snap.rows:
+            self.load.setdefault(r["name"], deque(maxlen=self.size)).append(r["load"])
+            weight = None if r["current_down"] else r["current_weight"]
+            self.weight.setdefault(r["name"], deque(maxlen=self.size)).append(weight)
+
+    def top_weight(self) -> float:
+        return float(max((w for ws in self.weight.values() for w in ws if w is not None), default=1) or 1)
+
+
+def sparkline(values: Iterable[float | None], top: float, *, unicode: bool = True, none: str | None = None) -> str:
+    """One character per value, scaled to 0..top; None as `none` (default: the no-data mark)."""
+    ramp = SPARK if unicode else SPARK_ASCII
+    missing = NO_DATA[unicode] if none is None else none
+    out = []
+    for v in values:
+        if v is None:
+            out.append(missing)
+            continue
+        frac = 0.0 if top <= 0 else min(1.0, max(0.0, v / top))
+        out.append(ramp[min(len(ramp) - 1, int(frac * (len(ramp) - 1) + 0.5))])
+    return "".join(out)
+
+
+def _num(v: float | None, fmt: str = "{:.0f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def _weight(weight: int, down: bool) -> str:
+    return "down" if down else str(weight)
+
+
+def _cell(r: dict[str, Any], column: str) -> Text:
+    if column == "UP":
+        return Text("yes", style="green") if r["healthy"] else Text("NO", style="bold red")
+    if column == "RUN":
+        return Text(_num(r["running"]))
+    if column == "QUEUE":
+        return Text(_num(r["queued"]) + ("?" if r["queued_reliable"] is False else ""))
+    if column == "KV":
+        return Text("-" if r["kv_usage"] is None else f"{r['kv_usage'] * 100:.0f}%")
+    if column == "WEIGHT":
+        return Text(_weight(r["current_weight"], r["current_down"]), style="red" if r["current_down"] else "")
+    if column == "NEXT":
+        return Text(_weight(r["proposed_weight"], r["proposed_down"]), style="bold" if r["changed"] else "")
+    if column == "SHARE":
+        return Text(f"{r['share'] * 100:.0f}%")
+    if column == "LOAD":
+        return Text(_num(r["load"], "{:.2f}"))
+    reason = r["reason"]
+    if not r["healthy"] and r["health_error"] and r["health_error"] not in reason:
+        reason += f" [/health: {r['health_error']}]"
+    return Text(reason)
+
+
+# One-shot: the first six columns keep their order (scripts and the demo read them). --watch: fewer
+# numbers (the reason carries running, queue and KV) to leave room for the history.
+COLUMNS = ("INSTANCE", "UP", "RUN", "QUEUE", "KV", "WEIGHT", "NEXT", "SHARE", "LOAD")
+WATCH_COLUMNS = ("INSTANCE", "UP", "LOAD", "WEIGHT", "NEXT", "SHARE")
+
+
+def table(snap: Snapshot, history: History | None = None, *, unicode: bool = True, spark: int = 0) -> Table:
+    """The status table; with `history`, the --watch one with `spark` characters of load and weight history.
+    Only REASON wraps (on a terminal; a pipe gets one line per replica)."""
+    t = Table(box=None, pad_edge=False, show_edge=False, header_style="bold", expand=False)
+    columns = WATCH_COLUMNS if history is not None else COLUMNS
+    for name in columns:
+        t.add_column(name, no_wrap=True)
+    if history is not None:
+        t.add_column("LOAD TREND", no_wrap=True, min_width=spark)
+        t.add_column("WEIGHT TREND", no_wrap=True, min_width=spark)
+    t.add_column("REASON", overflow="fold", min_width=20, ratio=1)
+    top_w = history.top_weight() if history is not None else 1.0
+    for r in snap.rows:
+        cells = [Text(r["name"]), *(_cell(r, c) for c in columns[1:])]
+        if history is not None:
+            loads = list(history.load.get(r["name"], ()))[-spark:]
+            top_l = max([1.0, *(v for v in loads if v is not None)])
+            cells.append(Text(sparkline(loads, top_l, unicode=unicode), style="cyan"))
+            weights = list(history.weight.get(r["name"], ()))[-spark:]
+            cells.append(Text(sparkline(weights, top_w, unicode=unicode, none=DOWN[unicode]), style="magenta"))
+        cells.append(_cell(r, "REASON"))
+        t.add_row(*cells)
+    return t
+
+
+def summary(snap: Snapshot) -> str:
+    if snap.fail_open:
+        return f"fail open: {snap.fail_open}"
+    if snap.fleet_load is not None:
+        return f"fleet load {snap.fleet_load:.2f} per slot"
+    return ""
+
+
+def spark_width(console: Console, size: int) -> int:
+    """History characters per trend column: all of it when the console is wide enough, else what fits
+    beside the other columns and a readable REASON (at least 6)."""
+    if not console.is_terminal:
+        return size
+    return max(6, min(size, (console.width - 72) // 2))
+
+
+def frame(snap: Snapshot, history: History, *, interval: float, number: int, unicode: bool = True,
+          hint: str = "", spark: int = 30) -> RenderableType:
+    """One --watch frame: a header line (time, fleet load or fail-open), the table with history."""
+    when = time.strftime("%H:%M:%S", time.localtime(snap.at))
+    head = Text(f"fdngx status  {when}  frame {number}  every {interval:g}s  ", style="bold")
+    head.append(summary(snap), style="red" if snap.fail_open else "")
+    parts: list[RenderableType] = [head, table(snap, history, unicode=unicode, spark=spark)]
+    if hint:
+        parts.append(Text(hint, style="dim"))
+    return Group(*parts)
+
+
+def console_for(stream: Any) -> Console:
+    """A terminal: its width, so REASON wraps. A pipe or file: wide enough that each replica is one line
+    (scripts grep rows), no colours."""
+    probe = Console(file=stream)
+    if probe.is_terminal:
+        return probe
+    return Console(file=stream, width=1000, no_color=True, highlight=False)
+
+
+def unicode_ok(console: Console) -> bool:
+    return (console.encoding or "").lower().replace("-", "").startswith("utf")
+
+
+def show(console: Console, renderable: RenderableType) -> None:
+    """Print; on a pipe without the cell padding rich leaves at the end of each line."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    with console.capture() as cap:
+        console.print(renderable)
+    text = "\n".join(line.rstrip() for line in cap.get().splitlines())
+    console.file.write(text + "\n")
+
+
+def json_line(snap: Snapshot) -> str:
+    return json.dumps({"ts": round(snap.at, 3), **snap.to_json()}, separators=(",", ":"))

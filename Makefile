@@ -5,9 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-lb examples setup nginx clean
+.PHONY: demo test lint bench bench-lb examples setup nginx luajit clean
 
-setup: $(STAMP) nginx
+setup: $(STAMP) nginx luajit
 
 $(BIN)/python:
 	@$(PY) -m venv $(VENV) 2>/dev/null || { \
@@ -30,6 +30,15 @@ nginx:
 	    nginx libnginx-mod-http-lua lua-resty-core >/dev/null; \
 	  command -v invoke-rc.d >/dev/null && invoke-rc.d nginx stop >/dev/null 2>&1 || true; \
 	else echo "fdngx: nginx is missing; as root run: apt-get install nginx libnginx-mod-http-lua lua-resty-core" >&2; exit 1; fi
+
+# OpenResty's LuaJIT (Debian luajit2), the runtime nginx's Lua module uses: the Lua balancer's unit tests.
+luajit:
+	@if command -v luajit >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "fdngx: installing luajit2 (Debian) for the Lua unit tests"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends luajit2 >/dev/null \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends luajit2 >/dev/null; }; \
+	else echo "fdngx: luajit missing (the Lua unit tests skip); as root: apt-get install luajit2" >&2; fi
 
 demo: setup
 	$(BIN)/fdngx demo

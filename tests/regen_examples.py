@@ -60,7 +60,8 @@ def rendered_files() -> dict[Path, str]:
     files[EXAMPLES / "fdngx-upstream-openresty.conf"] = render(
         sample,
         RenderOptions(
-            mode="upstream", flavor="openresty", admin_token_file="/etc/nginx/conf.d/.fdngx.conf.fdngx-admin-token"
+            mode="upstream", flavor="openresty", admin_token_file="/etc/nginx/conf.d/.fdngx.conf.fdngx-admin-token",
+            lua_dir="/opt/fdngx/.venv/lib/python3.11/site-packages/fdngx/templates/lua",
         ),
     )
     tricky = inventory.load(REPO / "tests" / "fixtures" / "golden-inventory.json")

@@ -1,22 +1,39 @@
-"""The OpenResty flavor's side channel: the admin token, Lua module discovery, and weight pushes.
+"""The OpenResty flavor's side channel: the admin token, the peers file, Lua module discovery, and pushes.
 
-With this flavor nginx's config only changes when the inventory does; weights, down states and scraped
-load go to the Lua balancer's shared dict through a loopback-only, token-protected admin location.
+With this flavor nginx's config only changes when an option does: the replicas themselves (membership,
+addresses, capacity), their weights, down states and scraped load reach the Lua balancer
+(templates/lua/fdngx/) as DATA, in one line format that one validating parser (fdngx.peers) reads:
+
+    generation <n>
+    peer <name> <host> <port> <weight> <down 0|1> <capacity> <load>
+
+- the peers file `.<config>.fdngx-peers` beside the config: the inventory's replicas with capacity
+  weights, read by init_by_lua when nginx starts or reloads; rewritten (atomically) only when the
+  inventory's replicas change;
+- the admin push: the same lines with the policy's weights, down flags and scraped load, POSTed to the
+  loopback admin location every cycle; a whole snapshot, so a replica added or removed needs no reload.
+
+Generations: the pusher's wall clock in ms, strictly increasing within a process. A frontend keeps the
+newest and refuses an older one (409), so two controllers can push side by side; run them with NTP.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import secrets
+import threading
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
 
-from fdngx.domain import Listen, LoadSample, ServerState
+from fdngx.domain import Instance, Inventory, Listen, LoadSample, ServerState, is_ip
 from fdngx.errors import ApplyError
-from fdngx.system.files import atomic_write, check_private, read_regular_file, real_target
+from fdngx.nginx.render import natural_key
+from fdngx.system.files import atomic_write, check_private, read_bytes_or_none, read_regular_file, real_target
 
 DEBIAN_MODULES = (
     Path("/usr/lib/nginx/modules/ndk_http_module.so"),
@@ -24,6 +41,16 @@ DEBIAN_MODULES = (
 )
 MAX_WEIGHT = 10_000
 MAX_LOAD = 1e6  # requests on one replica; anything above is a broken scrape, not load
+MAX_CAPACITY = 1_000_000
+# The capacity weight of the biggest replica in the peers file: the policy's default scale
+# (fdngx.weights.settings.PolicyConfig.scale, base weights in fdngx.weights.policy.base_weights), so the
+# first push after a start moves no weight when the load is neutral.
+SCALE = 20
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # fdngx.inventory.NAME, checked again here
+
+
+class AdminUnreachable(ApplyError):
+    """No answer from the admin location: nginx is not running, or not (yet) with this config."""
 
 
 def token_path(out: Path | None) -> Path:
@@ -61,20 +88,135 @@ def lua_modules(binary: str | None) -> tuple[str, ...]:
     return ()
 
 
+def peers_path(out: Path | None) -> Path:
+    """The peers file lives beside the config as a dot-file (hidden from include globs), like the token."""
+    if out is None:
+        return Path(".fdngx-peers").absolute()
+    target = real_target(out)
+    return target.with_name(f".{target.name}.fdngx-peers")
+
+
 def loads_of(samples: Mapping[str, LoadSample]) -> dict[str, float]:
     """Scraped load of every healthy, readable replica (what the OpenResty balancer is told)."""
     return {name: s.load for name, s in samples.items() if s.ok and s.healthy}
 
 
-def push_body(states: Mapping[str, ServerState], loads: Mapping[str, float]) -> str:
-    """The admin POST body: one `name weight down load` line per peer, every value bounded."""
-    lines = []
-    for name, s in sorted(states.items()):
-        weight = max(1, min(MAX_WEIGHT, int(s.weight)))
-        load = float(loads.get(name, 0.0))
-        load = min(MAX_LOAD, load) if math.isfinite(load) and load > 0 else 0.0
-        lines.append(f"{name} {weight} {1 if s.down else 0} {load:.3f}\n")
-    return "".join(lines)
+_generation_lock = threading.Lock()
+_last_generation = 0
+
+
+def next_generation() -> int:
+    """The pusher's wall clock in ms, strictly increasing within this process (a clock stepped back
+    cannot make a later push look older than an earlier one from here)."""
+    global _last_generation
+    with _generation_lock:
+        _last_generation = max(_last_generation + 1, time.time_ns() // 1_000_000)
+        return _last_generation
+
+
+def _bounded(value: float, lo: float, hi: float) -> float:
+    return min(hi, max(lo, value)) if math.isfinite(value) else lo
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One `peer` line. Every value is bounded here as the Lua parser demands, so a line fdngx writes is
+    never refused; name and host are checked again (they come from the validated inventory)."""
+
+    name: str
+    host: str
+    port: int
+    weight: int
+    down: bool
+    capacity: int
+    load: float = 0.0
+
+    def line(self) -> str:
+        if not _NAME.fullmatch(self.name) or not is_ip(self.host) or not 1 <= self.port <= 65535:
+            raise ApplyError(f"instance '{self.name}': cannot go to the openresty balancer (name, IP host, port)")
+        weight = int(_bounded(self.weight, 1, MAX_WEIGHT))
+        capacity = int(_bounded(round(self.capacity), 1, MAX_CAPACITY))
+        load = _bounded(self.load, 0.0, MAX_LOAD)
+        return f"peer {self.name} {self.host} {self.port} {weight} {1 if self.down else 0} {capacity} {load:.3f}\n"
+
+
+def snapshot(generation: int, peers: list[Peer], upstream: str = "") -> str:
+    """A whole snapshot: the text the peers file holds and the admin location takes."""
+    head = f"# fdngx peers{f' for upstream {upstream}' if upstream else ''}: replicas as data for the Lua balancer\n"
+    return head + f"generation {generation}\n" + "".join(p.line() for p in peers)
+
+
+def capacity_weights(inv: Inventory) -> dict[str, int]:
+    """What the balancer uses before the first push: the biggest replica (slots x static weight) gets SCALE,
+    the others in proportion, so a replica with half the slots takes half the requests from the first one."""
+    raw = {i.name: i.max_num_seqs * i.weight for i in inv.instances}
+    top = max(raw.values(), default=1) or 1
+    return {name: max(1, min(MAX_WEIGHT, round(SCALE * v / top))) for name, v in raw.items()}
+
+
+def _ordered(inv: Inventory) -> list[Instance]:
+    return sorted(inv.instances, key=lambda i: natural_key(i.name))
+
+
+def initial_peers(inv: Inventory) -> list[Peer]:
+    weights = capacity_weights(inv)
+    return [Peer(i.name, i.host, i.port, weights[i.name], False, i.max_num_seqs) for i in _ordered(inv)]
+
+
+def live_peers(inv: Inventory, states: Mapping[str, ServerState], samples: Mapping[str, LoadSample]) -> list[Peer]:
+    """The inventory's replicas with the policy's weights and down flags, scraped capacity and load."""
+    weights = capacity_weights(inv)
+    loads = loads_of(samples)
+    peers = []
+    for i in _ordered(inv):
+        state = states.get(i.name)
+        sample = samples.get(i.name)
+        capacity = sample.capacity if sample is not None and sample.ok and sample.capacity else i.max_num_seqs
+        peers.append(Peer(
+            i.name, i.host, i.port, state.weight if state is not None else weights[i.name],
+            bool(state.down) if state is not None else False, int(_bounded(capacity, 1, MAX_CAPACITY)),
+            loads.get(i.name, 0.0),
+        ))
+    return peers
+
+
+def _peer_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("peer ")]
+
+
+def write_peers_file(path: Path, inv: Inventory) -> str:
+    """Make the peers file list the inventory's replicas; returns its text. Rewritten (atomically, with a
+    new generation) only when a replica changed: weights and health live in pushes, not here."""
+    new_lines = [p.line().rstrip("\n") for p in initial_peers(inv)]
+    # nginx's master reads it as root: it must be ours, not a symlink someone planted beside the config.
+    check_private(path, "openresty peers file")
+    old = read_bytes_or_none(path, 8 << 20)
+    old_text = old.decode("utf-8", "replace") if old is not None else None
+    if old_text is not None and _peer_lines(old_text) == new_lines and "\ngeneration " in old_text:
+        return old_text
+    text = snapshot(next_generation(), initial_peers(inv), inv.upstream)
+    atomic_write(path, text, mode=0o644)
+    return text
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What a frontend said to a push: applied, the same generation again, or refused as older."""
+
+    status: str  # "ok", "unchanged" or "stale"
+    generation: int
+    peers: int = 0
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    current: int | None = None  # stale: the generation in force there
+
+    @property
+    def accepted(self) -> bool:
+        return self.status in ("ok", "unchanged")
+
+
+def _fields(text: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in text.split() if "=" in part)
 
 
 @dataclass(frozen=True)
@@ -84,26 +226,54 @@ class Admin:
     listen: Listen
     token: str
     timeout: float = 2.0
+    _session: requests.Session = field(default_factory=requests.Session, repr=False, compare=False)
 
     @property
     def url(self) -> str:
         return self.listen.url("/fdngx/peers")
 
-    def push(self, states: Mapping[str, ServerState], loads: Mapping[str, float] | None = None,
-             session: requests.Session | None = None) -> int:
-        """Send weights, down flags and scraped load (running + queued); returns how many peers took it."""
-        body = push_body(states, loads or {})
-        http = session or requests
+    def _request(self, method: str, body: str | None = None) -> requests.Response:
+        headers = {"X-Fdngx-Token": self.token}
+        for attempt in (1, 2):
+            try:
+                return self._session.request(method, self.url, data=body, headers=headers, timeout=self.timeout)
+            except requests.ConnectionError as exc:
+                # A kept-alive connection that nginx closed (a reload ends idle ones): once more on a fresh
+                # one. Safe: a snapshot sent twice carries the same generation ("unchanged").
+                if attempt == 2 or isinstance(exc, requests.ConnectTimeout):
+                    raise AdminUnreachable(f"openresty admin {self.url}: {exc}") from None
+            except requests.RequestException as exc:
+                raise ApplyError(f"openresty admin {self.url}: {exc}") from None
+        raise AssertionError("unreachable")
+
+    def push(self, body: str) -> PushResult:
+        """POST one whole snapshot. A refused older generation is a result (another controller is ahead),
+        not an error; anything else that is not applied raises ApplyError with the balancer's reason."""
+        resp = self._request("POST", body)
+        text = resp.text.strip()
+        fields = _fields(text)
         try:
-            resp = http.post(self.url, data=body, headers={"X-Fdngx-Token": self.token}, timeout=self.timeout)
-        except requests.RequestException as exc:
-            raise ApplyError(f"openresty admin {self.url}: {exc}") from None
+            if resp.status_code == 409:
+                return PushResult("stale", int(fields["generation"]), current=int(fields["current"]))
+            if resp.status_code == 200:
+                added, removed = fields.get("added", ""), fields.get("removed", "")
+                return PushResult(text.split()[0], int(fields["generation"]), int(fields["peers"]),
+                                  tuple(filter(None, added.split(","))), tuple(filter(None, removed.split(","))))
+        except (KeyError, ValueError, IndexError):
+            raise ApplyError(f"openresty admin {self.url}: unexpected answer {text[:200]!r}") from None
+        raise ApplyError(f"openresty admin {self.url}: HTTP {resp.status_code} {text[:300]}")
+
+    def view(self) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+        """The balancer's view: (pool fields, {peer name: its fields}) from GET on the admin location."""
+        resp = self._request("GET")
         if resp.status_code != 200:
             raise ApplyError(f"openresty admin {self.url}: HTTP {resp.status_code} {resp.text.strip()[:200]}")
-        try:
-            return int(resp.text.split()[1])
-        except (IndexError, ValueError):
-            raise ApplyError(f"openresty admin {self.url}: unexpected answer {resp.text[:200]!r}") from None
+        lines = resp.text.strip().splitlines()
+        peers = {f["peer"]: f for f in map(_fields, lines[1:]) if "peer" in f}
+        return _fields(lines[0]) if lines else {}, peers
+
+    def close(self) -> None:
+        self._session.close()
 
 
 def read_token(path: Path) -> str:

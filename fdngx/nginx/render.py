@@ -61,6 +61,10 @@ class RenderOptions:
     # OpenResty flavor: where the sidecar pushes weights, the token it must show, how the Lua picks.
     admin_listen: Listen = DEFAULT_ADMIN_LISTEN
     admin_token_file: str = ""
+    # The replicas reach the Lua balancer as data: this file (written beside the config) at start and
+    # reload, then pushes. The Lua modules load from lua_dir (default: the ones shipped with fdngx).
+    peers_file: str = ""
+    lua_dir: str = ""
     balancer_mode: Balancer = Balancer.LEAST
     # standalone + openresty on Debian's nginx: the dynamic modules to load (OpenResty has them built in).
     lua_modules: tuple[str, ...] = ()
@@ -96,6 +100,7 @@ class RenderOptions:
             if not ok(value):
                 raise UsageError(f"{what} {value!r} is not a valid nginx value")
         for what, value in (("--access-log", self.access_log), ("--admin-token-file", self.admin_token_file),
+                            ("peers file", self.peers_file), ("Lua module directory", self.lua_dir),
                             *(("lua module", m) for m in self.lua_modules)):
             if value:
                 try:
@@ -123,6 +128,23 @@ def builtin_template_dir() -> Path:
         if (candidate / "upstream.conf.j2").is_file():
             return candidate
     raise RenderError(f"built-in templates not found next to {here} (broken install? reinstall fdngx)")
+
+
+def default_peers_file(token_file: str) -> str:
+    """The peers file beside the admin token: `.NAME.fdngx-admin-token` -> `.NAME.fdngx-peers` (fdngx render
+    names both after --out and passes both; this serves a caller that gives only the token file)."""
+    stem = token_file.removesuffix("-admin-token")
+    return f"{stem}-peers" if stem != token_file else f"{token_file}.fdngx-peers"
+
+
+def lua_path(opts: RenderOptions) -> list[str]:
+    """Where `require("fdngx.balancer")` looks, in order: a --template-dir's lua/ (to override a module),
+    then opts.lua_dir or the modules shipped with fdngx."""
+    dirs: list[str] = []
+    if opts.template_dir is not None and (Path(opts.template_dir) / "lua").is_dir():
+        dirs.append(str((Path(opts.template_dir) / "lua").absolute()))
+    dirs.append(opts.lua_dir or str(builtin_template_dir() / "lua"))
+    return dirs
 
 
 def _environment(template_dir: Path | None) -> jinja2.Environment:
@@ -192,6 +214,8 @@ def context(inv: Inventory, opts: RenderOptions, states: Mapping[str, ServerStat
         "read_timeout": opts.read_timeout,
         "client_max_body_size": opts.client_max_body_size,
         "admin_token_file": opts.admin_token_file,
+        "peers_file": opts.peers_file or default_peers_file(opts.admin_token_file),
+        "lua_path": lua_path(opts) if opts.flavor is Flavor.OPENRESTY else [],
         "admin_listen": str(opts.admin_listen),
         "balancer_mode": opts.balancer_mode.value,
         "lua_modules": list(opts.lua_modules) if opts.flavor is Flavor.OPENRESTY else [],

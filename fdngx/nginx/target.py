@@ -20,7 +20,7 @@ from fdngx.nginx import openresty
 from fdngx.nginx.apply import ApplyResult, safe_apply
 from fdngx.nginx.control import NginxControl, find_nginx, prepare_prefix
 from fdngx.nginx.render import RenderOptions, render
-from fdngx.system.files import real_target, writable_by_others
+from fdngx.system.files import read_bytes_or_none, real_target, writable_by_others
 
 log = logging.getLogger("fdngx.target")
 
@@ -56,6 +56,7 @@ class Target:
     control: NginxControl | None  # None: write the file only (someone else reloads)
     reload: bool
     admin: openresty.Admin | None  # openresty flavor: weights go here, not into the config
+    peers_file: Path | None = None  # openresty flavor: the replicas as data, beside the config
 
     @property
     def pushing(self) -> bool:
@@ -63,11 +64,17 @@ class Target:
 
     def dry(self) -> Target:
         """The same render, going nowhere: no write, no reload, no push."""
-        return replace(self, out=None, control=None, reload=False, admin=None)
+        return replace(self, out=None, control=None, reload=False, admin=None, peers_file=None)
 
     def render(self, inv: Inventory, states: Mapping[str, ServerState] | None) -> str:
         """The config text; the openresty flavor's carries no weights (they are pushed)."""
         return render(inv, self.opts, None if self.opts.flavor is Flavor.OPENRESTY else states)
+
+    def write_peers(self, inv: Inventory) -> None:
+        """openresty: the replicas as data beside the config (only rewritten when one changed). Before the
+        config's apply: the start or reload that may cause reads the replicas from this file."""
+        if self.peers_file is not None:
+            openresty.write_peers_file(self.peers_file, inv)
 
     def apply(self, text: str) -> ApplyResult:
         assert self.out is not None
@@ -76,9 +83,39 @@ class Target:
             standalone=self.opts.mode is Mode.STANDALONE, wrapper_head=self._wrapper_head(),
         )
 
-    def push(self, states: Mapping[str, ServerState], samples: Mapping[str, LoadSample]) -> int:
+    def push(self, inv: Inventory, states: Mapping[str, ServerState] | None,
+             samples: Mapping[str, LoadSample]) -> int | None:
+        """Send the balancer a whole snapshot; returns how many peers it now has (0: it refused this one
+        because another controller's is newer), None when a static snapshot found no nginx to take it.
+
+        With policy states: their weights, down flags and the scraped load, under a new generation. Without
+        (a render with no scrape): the peers file as written, under its own generation, so re-sending it is
+        a no-op and never undoes a newer push. That one is best effort: an nginx that is not running reads
+        the file when it starts."""
         assert self.admin is not None
-        return self.admin.push(states, openresty.loads_of(samples))
+        if states is None:
+            body = read_bytes_or_none(self.peers_file) if self.peers_file is not None else None
+            text = body.decode("utf-8") if body else openresty.snapshot(
+                openresty.next_generation(), openresty.initial_peers(inv), inv.upstream)
+            try:
+                result = self.admin.push(text)
+            except openresty.AdminUnreachable as exc:
+                log.debug("no push: %s (nginx reads %s when it starts)", exc, self.peers_file)
+                return None
+            if not result.accepted:  # a sidecar's newer snapshot is in force: as it should be
+                return 0
+        else:
+            peers = openresty.live_peers(inv, states, samples)
+            result = self.admin.push(openresty.snapshot(openresty.next_generation(), peers, inv.upstream))
+        if not result.accepted:
+            # Two controllers side by side: the other one's snapshot is newer; this one's next push wins again.
+            log.info("%s: generation %d refused, the balancer has a newer one (%s) from another controller",
+                     self.admin.url, result.generation, result.current)
+            return 0
+        if result.added or result.removed:
+            log.info("%s: replicas added %s, removed %s (no reload)", self.admin.url,
+                     ", ".join(result.added) or "none", ", ".join(result.removed) or "none")
+        return result.peers
 
     def _wrapper_head(self) -> str:
         """What a snippet needs before http {} to be tested alone: the Lua modules for openresty."""
@@ -114,9 +151,12 @@ def open_target(spec: TargetSpec, *, dry: bool = False) -> Target:
     admin = None
     if opts.flavor is Flavor.OPENRESTY:
         token_file = (spec.admin_token_file or openresty.token_path(spec.out)).absolute()
+        peers_file = openresty.peers_path(spec.out)
         modules = openresty.lua_modules(spec.nginx_bin) if opts.mode is Mode.STANDALONE else ()
-        opts = replace(opts, admin_token_file=str(token_file), lua_modules=opts.lua_modules or modules).validated()
+        opts = replace(opts, admin_token_file=str(token_file), peers_file=str(peers_file),
+                       lua_modules=opts.lua_modules or modules).validated()
         # The config names the token file, not the token: a dry run needs neither the token nor a push.
         admin = None if dry else openresty.Admin(opts.admin_listen, openresty.ensure_token(token_file))
     control = nginx_control(spec) if spec.reload else None
-    return Target(spec.out, opts, control, spec.reload, admin)
+    peers = Path(opts.peers_file) if admin is not None else None
+    return Target(spec.out, opts, control, spec.reload, admin, peers)

@@ -119,10 +119,13 @@ class Controller:
             # only; the apply is cheap when identical (one read, one compare) and still reports nginx down.
             if self.target.out is not None and (force_render or decisions is None or decisions.changed
                                                 or self.target.pushing):
+                self.target.write_peers(inv)
                 applied = self.target.apply(text)
-            if self.target.pushing and states is not None:
+            if self.target.pushing:
                 # Every cycle, not only on change: the balancer fades scraped load that is not refreshed.
-                pushed = self.target.push(states, samples)
+                # A static render (no policy) pushes the peers file, so a replica added or removed needs
+                # no reload either.
+                pushed = self.target.push(inv, states, samples)
         except FdngxError as exc:
             error = str(exc)
         if error is not None and decisions is not None:

@@ -1,8 +1,14 @@
-"""The OpenResty flavor on Debian's nginx + libnginx-mod-http-lua: weights change with no reload."""
+"""The OpenResty flavor on Debian's nginx + libnginx-mod-http-lua: the Lua balancer as a module, replicas as
+data, pushes (weights, membership, generations) with no reload, and a hostile admin body changing nothing.
+
+Health (passive failures, active probes, the sidecar's `down`) and in-flight reconciliation:
+test_openresty_health.py.
+"""
 
 from __future__ import annotations
 
 import collections
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,97 +16,158 @@ from pathlib import Path
 import pytest
 import requests
 
-from fdngx.domain import Listen, ServerState
-from fdngx.nginx.openresty import Admin, lua_modules
-from tests.support import Backends, Nginx, fdngx, free_ports, wait_for, write_inventory
+from fdngx.nginx.openresty import Admin, PushResult
+from fdngx.nginx.render import builtin_template_dir
+from tests.integration.lua_site import LuaSite, needs_lua
+from tests.support import fdngx, wait_for
 
-pytestmark = [
-    pytest.mark.nginx,
-    pytest.mark.skipif(not lua_modules(None), reason="needs libnginx-mod-http-lua (make test installs it)"),
-]
-
-
-class LuaSite:
-    def __init__(self, tmp: Path, backends: Backends, weights: list[int]) -> None:
-        self.port, admin_port = free_ports(2)
-        self.inv = write_inventory(tmp / "fdngx.json", [
-            {"name": f"b{i}", "host": "127.0.0.1", "port": p, "metrics_port": p, "weight": w}
-            for i, (p, w) in enumerate(zip(backends.ports, weights, strict=True))
-        ])
-        self.conf = tmp / "nginx" / "nginx.conf"
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = ["-i", str(self.inv), "--mode", "standalone", "--flavor", "openresty",
-                     "--listen", str(self.port), "--admin-listen", f"127.0.0.1:{admin_port}", "--out", str(self.conf)]
-        fdngx("render", *self.args, check=True)
-        token = (self.conf.parent / ".nginx.conf.fdngx-admin-token").read_text().strip()
-        self.admin = Admin(Listen("127.0.0.1", admin_port), token)
-        self.nginx = Nginx(self.conf.parent).start(f"{self.url}/health")
-
-    def split(self, n: int, workers: int = 1) -> collections.Counter[str]:
-        def one(_: int) -> str:
-            return requests.post(f"{self.url}/v1/completions", json={}, timeout=10).headers["X-Fdngx-Replica"]
-
-        with ThreadPoolExecutor(workers) as pool:
-            return collections.Counter(pool.map(one, range(n)))
+pytestmark = needs_lua
 
 
 @pytest.fixture
-def lua_site(tmp_path: Path) -> Iterator[LuaSite]:
-    with Backends(free_ports(2), ["b0", "b1"], delay=0.05) as backends:
-        site = LuaSite(tmp_path, backends, [1, 3])
-        try:
-            yield site
-        finally:
-            site.nginx.stop()
+def site(tmp_path: Path) -> Iterator[LuaSite]:
+    s = LuaSite(tmp_path, 2, weights=[1, 3])
+    try:
+        yield s
+    finally:
+        s.stop()
 
 
-def test_config_is_valid_and_token_stays_out_of_it(lua_site: LuaSite) -> None:
-    text = lua_site.conf.read_text()
-    assert "balancer_by_lua_block" in text and "lua_shared_dict fdngx_fastdeploy" in text
-    assert lua_site.admin.token not in text
-    assert (lua_site.conf.parent / ".nginx.conf.fdngx-admin-token").stat().st_mode & 0o777 == 0o600
-    # rendering again is byte-identical (the token file is reused, not regenerated)
-    assert "unchanged" in fdngx("render", *lua_site.args, check=True).stderr
+def test_the_module_is_required_and_the_replicas_are_data(site: LuaSite) -> None:
+    text = site.conf.read_text()
+    lua_dir = builtin_template_dir() / "lua"
+    assert f'lua_package_path "{lua_dir}/?.lua;;";' in text
+    assert 'require("fdngx.balancer").init(' in text and "balancer_by_lua_block" in text
+    # No replica reaches the config text: names, ports and weights live in the peers file.
+    for name, port in site.ports.items():
+        assert not re.search(rf"\b{name}\b", text) and str(port) not in text
+    peers = site.peers_file.read_text()
+    # capacity weights: slots x static weight (64 x 1, 64 x 3), the biggest at 20
+    assert f"peer b0 127.0.0.1 {site.ports['b0']} 7 0 64 0.000\n" in peers
+    assert f"peer b1 127.0.0.1 {site.ports['b1']} 20 0 64 0.000\n" in peers
+    assert site.admin.token not in text and site.token_file.stat().st_mode & 0o777 == 0o600
+    assert "unchanged" in fdngx("render", *site.args, check=True).stderr  # the same bytes again
 
 
-def test_idle_split_follows_static_weights(lua_site: LuaSite) -> None:
-    counts = lua_site.split(120)
-    assert 0.62 <= counts["b1"] / 120 <= 0.88, counts  # weights 1:3, idle: weighted ties like nginx
+def test_idle_split_follows_the_capacity_weights(site: LuaSite) -> None:
+    counts = site.split(120)
+    assert 0.62 <= counts["b1"] / 120 <= 0.88, counts  # static weights 1:3 at equal slots: weighted ties
 
 
-def test_pushes_change_routing_without_reload(lua_site: LuaSite) -> None:
-    workers = lua_site.nginx.worker_pids()
-    # Hold b1 out: everything goes to b0.
-    assert lua_site.admin.push({"b0": ServerState(1), "b1": ServerState(3, down=True)}) == 2
-    assert lua_site.split(30) == collections.Counter({"b0": 30})
-    # Back in, and b0 now carries heavy load from elsewhere (e.g. another frontend): b1 takes the traffic.
-    lua_site.admin.push({"b0": ServerState(1), "b1": ServerState(1)}, loads={"b0": 50.0, "b1": 0.0})
-    counts = lua_site.split(40, workers=4)
+def test_pushes_change_routing_without_reload(site: LuaSite) -> None:
+    assert site.nginx is not None
+    workers = site.nginx.worker_pids()
+    gen = site.generation()
+    result = site.admin.push(site.snapshot(gen + 1, {"b0": (1, 0, 0), "b1": (3, 1, 0)}))
+    assert result == PushResult("ok", gen + 1, 2)
+    assert site.split(30) == collections.Counter({"b0": 30})
+    # Back in, and b0 carries heavy load from elsewhere (another frontend): b1 takes the traffic.
+    site.admin.push(site.snapshot(gen + 2, {"b0": (1, 0, 50.0), "b1": (1, 0, 0.0)}))
+    counts = site.split(40, workers=4)
     assert counts["b1"] >= 36, counts
-    assert lua_site.nginx.worker_pids() == workers  # no reload happened
+    assert site.nginx.worker_pids() == workers  # no reload happened
 
 
-def test_inflight_is_counted_and_released(lua_site: LuaSite) -> None:
-    lua_site.split(40, workers=8)
-    def peers() -> dict[str, int]:
-        # GET on the admin location lists "name weight down inflight score" per peer.
-        r = requests.get(lua_site.admin.url, headers={"X-Fdngx-Token": lua_site.admin.token}, timeout=5)
-        return {ln.split()[0]: int(float(ln.split()[3])) for ln in r.text.splitlines()}
+def test_a_replica_added_or_removed_is_pushed_not_reloaded(tmp_path: Path) -> None:
+    site = LuaSite(tmp_path, 3, listed=2)
+    try:
+        assert site.nginx is not None and site.nginx.proc is not None
+        master, workers, config = site.nginx.proc.pid, site.nginx.worker_pids(), site.conf.read_bytes()
+        assert set(site.split(12)) == {"b0", "b1"}
+        site.list(["b0", "b1", "b2"])
+        run = fdngx("render", *site.args, "--reload", check=True)
+        assert "unchanged" in run.stderr, run.stderr
+        assert site.conf.read_bytes() == config, "a membership change does not change the config text"
+        assert "peer b2 " in site.peers_file.read_text()
+        assert set(site.view()) == {"b0", "b1", "b2"}
+        wait_for(lambda: "b2" in site.split(9), 10, what="b2 served")
+        site.list(["b1", "b2"])
+        fdngx("render", *site.args, "--reload", check=True)
+        assert set(site.view()) == {"b1", "b2"} and "b0" not in site.split(20)
+        assert site.nginx.proc.pid == master and site.nginx.worker_pids() == workers, "no reload happened"
+        # Re-sending the file is a no-op: its generation is not newer than what is in force.
+        assert "unchanged" in fdngx("render", *site.args, "--reload", check=True).stderr
+    finally:
+        site.stop()
 
-    peers_now = wait_for(lambda: (p := peers()) and all(v == 0 for v in p.values()) and p,
-                         10, what="in-flight counters back to 0")
-    assert set(peers_now) == {"b0", "b1"}
+
+def test_admin_body_is_all_or_nothing_and_hostile_bodies_change_nothing(site: LuaSite) -> None:
+    gen = site.generation()
+    before = site.view()
+    pwned = site.tmp / "PWNED"
+    good = f"peer b0 127.0.0.1 {site.ports['b0']} 7 0 64 0.000"
+    hostile = [
+        f"generation {gen + 1}\n{good}\npeer b1 127.0.0.1 {site.ports['b1']} abc 0 64 0\n",  # 2nd line bad
+        f"generation {gen + 1}\n{good}\npeer b1 127.0.0.1 {site.ports['b1']} 100000000000000000000000000 0 64 0\n",
+        f"generation {gen + 1}\n{good}\npeer b1 127.0.0.1 {site.ports['b1']} 1 0 64 1e308\n",
+        f"generation {gen + 1}\n{good}\npeer b1 127.0.0.1 {site.ports['b1']} 1 0 64 nan\n",
+        f'generation {gen + 1}\n{good}\npeer b1"..os.execute("touch {pwned}").." 127.0.0.1 1 1 0 1 0\n',
+        f'generation {gen + 1}\n{good}\npeer b1 ::1%"..(os.execute("touch {pwned}") and "").." 1 1 0 1 0\n',
+        f"generation {gen + 1}\n{good}\npeer b1 localhost 80 1 0 64 0\n",
+        f"generation {gen + 1}\n{good}\npeer b1 127.0.0.1 {site.ports['b1']} 1 0 64 0\r\n",
+        f"generation {gen + 1}\n{good}\npeer b0 127.0.0.2 80 1 0 64 0\n",  # duplicate name
+        f"generation {gen + 1}\n{good}\nos.execute('touch {pwned}')\n",
+        f"generation {gen + 1}\n",  # would empty the pool
+        "",
+        f"{good}\ngeneration {gen + 1}\n",
+        "\x00" * 100,
+    ]
+    for body in hostile:
+        r = requests.post(site.admin.url, data=body.encode(), headers={"X-Fdngx-Token": site.admin.token}, timeout=5)
+        assert r.status_code == 400 and "nothing applied" in r.text, (body, r.status_code, r.text)
+    big = f"generation {gen + 1}\n" + "#" * (5 << 20)
+    r = requests.post(site.admin.url, data=big, headers={"X-Fdngx-Token": site.admin.token}, timeout=10)
+    assert r.status_code == 413
+    assert site.generation() == gen and site.view() == before, "nothing was applied"
+    assert not pwned.exists()
+    assert sum(site.split(10).values()) == 10
 
 
-def test_all_held_out_fails_open(lua_site: LuaSite) -> None:
-    lua_site.admin.push({"b0": ServerState(1, down=True), "b1": ServerState(1, down=True)})
-    assert sum(lua_site.split(10).values()) == 10
+def test_unknown_and_removed_peers_are_reported(site: LuaSite) -> None:
+    gen = site.generation()
+    body = (f"generation {gen + 1}\npeer b0 127.0.0.1 {site.ports['b0']} 5 0 64 0\n"
+            f"peer x9 127.0.0.2 {site.ports['b1']} 1 0 16 0\n")
+    assert site.admin.push(body) == PushResult("ok", gen + 1, 2, added=("x9",), removed=("b1",))
 
 
-def test_admin_needs_the_token(lua_site: LuaSite) -> None:
-    bad = Admin(lua_site.admin.listen, "x" * 32)
+def test_generations_the_newest_push_wins(site: LuaSite) -> None:
+    gen = site.generation()
+    newer = site.snapshot(gen + 10, {"b0": (9, 0, 0), "b1": (1, 0, 0)})
+    assert site.admin.push(newer).status == "ok"
+    older = site.snapshot(gen + 5, {"b0": (1, 0, 0), "b1": (9, 0, 0)})
+    r = requests.post(site.admin.url, data=older, headers={"X-Fdngx-Token": site.admin.token}, timeout=5)
+    assert r.status_code == 409 and f"current={gen + 10}" in r.text, r.text
+    assert site.admin.push(older) == PushResult("stale", gen + 5, current=gen + 10)
+    assert site.admin.push(newer).status == "unchanged"  # a retry of the one in force
+    assert site.view()["b0"]["weight"] == "9"
+    # A reload keeps the newest push (the shared dict survives it; the peers file is older).
+    assert site.nginx is not None and site.nginx.proc is not None
+    workers = site.nginx.worker_pids()
+    site.nginx.proc.send_signal(1)  # SIGHUP
+    wait_for(lambda: site.nginx is not None and not site.nginx.worker_pids() & workers, 20, what="new workers")
+    assert site.generation() == gen + 10 and site.view()["b0"]["weight"] == "9"
+
+
+def test_two_controllers_pushing_side_by_side_converge_on_the_newest(site: LuaSite) -> None:
+    gen = site.generation()
+    bodies = [site.snapshot(gen + g, {"b0": (g, 0, 0), "b1": (1, 0, 0)}) for g in range(1, 41)]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(site.admin.push, bodies[0::2] + bodies[1::2]))
+    assert {r.status for r in results} <= {"ok", "stale", "unchanged"}
+    assert site.generation() == gen + 40 and site.view()["b0"]["weight"] == "40"
+
+
+def test_admin_needs_the_token(site: LuaSite) -> None:
+    bad = Admin(site.admin.listen, "x" * 32)
     with pytest.raises(Exception, match="HTTP 403"):
-        bad.push({"b0": ServerState(1)})
-    r = requests.post(lua_site.admin.url, data="b0 1 1 0\n", timeout=5)
+        bad.push(site.snapshot(site.generation() + 1, {"b0": (1, 1, 0), "b1": (1, 1, 0)}))
+    with pytest.raises(Exception, match="HTTP 403"):
+        bad.view()
+    r = requests.post(site.admin.url, data="generation 1\n", timeout=5)
     assert r.status_code == 403
-    assert lua_site.split(20)["b0"] > 0  # the rejected push changed nothing
+    assert site.split(20)["b0"] > 0  # the rejected push changed nothing
+
+
+def test_all_held_out_fails_open(site: LuaSite) -> None:
+    site.admin.push(site.snapshot(site.generation() + 1, {"b0": (1, 1, 0), "b1": (1, 1, 0)}))
+    assert sum(site.split(10).values()) == 10

@@ -1,0 +1,104 @@
+-- fdngx.admin: the loopback-only, token-protected admin location (content_by_lua).
+--
+-- POST: a whole snapshot (fdngx.peers format: generation + every peer with weight, down, capacity and
+-- scraped load). All or nothing: the body is validated completely before anything is applied.
+--   200 "ok generation=G peers=N added=a,b removed=c"   applied (added/removed: membership changes)
+--   200 "unchanged generation=G peers=N"                 the same generation again (a retry): nothing to do
+--   400 "line K: <reason>"                               malformed: nothing applied
+--   409 "stale generation=G current=C"                   older than the one in force (another controller
+--                                                        pushed a newer one): refused, nothing applied
+--   403 bad or missing X-Fdngx-Token; 413 body too large; 405 other methods
+-- GET: the balancer's view, one line per peer, key=value (for tests and `fdngx status`).
+
+local peers = require("fdngx.peers")
+local pool_mod = require("fdngx.pool")
+local pick = require("fdngx.pick")
+local health = require("fdngx.health")
+local bit = require("bit")
+
+local M = {}
+
+local format, concat, byte = string.format, table.concat, string.byte
+
+-- Compare in time independent of where the first difference is.
+local function same(a, b)
+    if type(a) ~= "string" or #a ~= #b then return false end
+    local diff = 0
+    for i = 1, #a do diff = bit.bor(diff, bit.bxor(byte(a, i), byte(b, i))) end
+    return diff == 0
+end
+
+local function answer(status, text)
+    ngx.status = status
+    ngx.header["Content-Type"] = "text/plain"
+    ngx.say(text)
+    return ngx.exit(status)
+end
+
+local function locked(dict, fn)
+    for _ = 1, 400 do
+        if dict:add("adm:lock", true, 5) then
+            local ok, a, b = pcall(fn)
+            dict:delete("adm:lock")
+            if not ok then error(a) end
+            return a, b
+        end
+        ngx.sleep(0.005)
+    end
+    return 503, "busy: another push holds the admin lock"
+end
+
+local function post(pool)
+    ngx.req.read_body()
+    local body = ngx.req.get_body_data()
+    if body == nil and ngx.req.get_body_file() then
+        return 413, "body larger than the admin's client_body_buffer_size"
+    end
+    local snap, err = peers.parse(body or "")
+    if not snap then return 400, err .. " (nothing applied)" end
+    local dict = pool.dict
+    return locked(dict, function()
+        local current = dict:get("gen") or -1
+        if snap.generation < current then
+            return 409, format("stale generation=%d current=%d (nothing applied)", snap.generation, current)
+        end
+        if snap.generation == current then
+            return 200, format("unchanged generation=%d peers=%d", current, #snap.peers)
+        end
+        local added, removed = pool_mod.install(pool, body, snap, ngx.now())
+        if not added then return 500, removed end
+        ngx.log(ngx.INFO, "fdngx: pool ", pool.name, " generation ", snap.generation, ": ", #snap.peers,
+                " peer(s), added ", #added, ", removed ", #removed)
+        return 200, format("ok generation=%d peers=%d added=%s removed=%s", snap.generation, #snap.peers,
+                           concat(added, ","), concat(removed, ","))
+    end)
+end
+
+local function view(pool)
+    local now = ngx.now()
+    pool_mod.sync(pool, now)
+    local lines = { format("generation=%d age=%.3f peers=%d mode=%s", pool.gen or -1, now - (pool.snap_at or now),
+                           #pool.peers, pool.mode) }
+    for _, p in ipairs(pool.peers) do
+        local inflight = pool.ledger:inflight(p.name)
+        local ext = pick.faded(p.ext, pool.snap_at, now)
+        local _, state = health.usable(p.h, p.down, p.s_at, now)
+        lines[#lines + 1] = format(
+            "peer=%s addr=%s:%d weight=%d down=%d capacity=%d inflight=%d ext=%.3f score=%.4f per_slot=%.3f "
+            .. "health=%s level=%d", p.name, p.addr, p.port, p.weight, p.down and 1 or 0, p.capacity, inflight,
+            ext, (inflight + ext) / p.weight, (inflight + ext) / p.capacity, state, p.h.level)
+    end
+    return 200, concat(lines, "\n")
+end
+
+function M.handle(pool)
+    if not same(ngx.var.http_x_fdngx_token, pool.token) then
+        return answer(403, "bad or missing X-Fdngx-Token")
+    end
+    local method = ngx.req.get_method()
+    if method == "POST" then return answer(post(pool)) end
+    if method == "GET" then return answer(view(pool)) end
+    return answer(405, "GET or POST")
+end
+
+return M

@@ -1,0 +1,223 @@
+-- fdngx.balancer: the OpenResty flavor's balancer_by_lua (works with OpenResty and with Debian's nginx +
+-- libnginx-mod-http-lua + lua-resty-core). Loaded with require() through lua_package_path; the config
+-- passes it constants only (pool and dict names, file paths, mode), through fdngx's Lua escaping.
+--
+-- Data flow:
+--   fdngx render writes the peers file (.<config>.fdngx-peers: every replica's name, address, weight,
+--   capacity) beside the config  ->  init_by_lua (master, at start and reload) validates it with
+--   fdngx.peers and installs it in the shared dict unless a newer push is already there (the dict
+--   survives reloads)  ->  the sidecar (or cron) POSTs whole snapshots to the admin location
+--   (fdngx.admin), newest generation wins, no reload, membership changes included  ->  each worker keeps
+--   a parsed copy (fdngx.pool.sync), refreshed by a 0.1 s timer and on the next request after a change.
+--
+-- Per request: one shared-dict read of `ver`, one of each candidate's in-flight count, the pick
+-- (fdngx.pick: least (in flight + external load) / capacity-carrying weight, or p2c), and two increments
+-- (fdngx.ledger). The attempt's end (a retry, or the log phase) releases it and feeds fdngx.health: a
+-- connect error or a 502/503/504 takes the peer out at once, a timer's /health probe brings it back.
+--
+-- Per-request state is kept by $request_id in a worker-local table, not in ngx.ctx, because ngx.ctx is
+-- dropped by an internal redirect (error_page): the open attempt would then never be released.
+
+local ngx_balancer = require("ngx.balancer")
+local ffi = require("ffi")
+local peers = require("fdngx.peers")
+local pick = require("fdngx.pick")
+local health = require("fdngx.health")
+local ledger = require("fdngx.ledger")
+local pool_mod = require("fdngx.pool")
+local admin = require("fdngx.admin")
+
+pcall(ffi.cdef, "int kill(int pid, int sig);")
+
+local M = {}
+
+local TICK = 0.1 -- seconds between a worker's timer runs (sync, probes, lease, reaping)
+local PROBE_TIMEOUT_MS = 500
+local ESRCH = 3
+-- A response with one of these statuses means the peer is broken, not merely full (429) or failing one
+-- request (500): nginx never answers them itself for a peer that did answer.
+local FAILS = { [502] = true, [503] = true, [504] = true }
+
+local pools = {} -- name -> pool: built by init() in the master, inherited by every worker
+local open = {} -- $request_id -> { pool, peer, tried }: this worker's balanced requests in flight
+
+local now_of, min, floor = ngx.now, math.min, math.floor
+
+local function read_file(path, what, limit)
+    local fh, err = io.open(path, "rb")
+    if not fh then error("fdngx: cannot read the " .. what .. " " .. path .. ": " .. tostring(err), 0) end
+    local data = fh:read(limit + 1) or ""
+    fh:close()
+    if #data > limit then error("fdngx: the " .. what .. " " .. path .. " is larger than " .. limit .. " bytes", 0) end
+    return data
+end
+
+-- init_by_lua: cfg = { pool, dict, token_file, peers_file, mode } (constants from the config).
+function M.init(cfg)
+    for _, k in ipairs({ "pool", "dict", "token_file", "peers_file", "mode" }) do
+        if type(cfg[k]) ~= "string" then error("fdngx: init needs the string " .. k, 0) end
+    end
+    local dict = ngx.shared[cfg.dict]
+    if not dict then error("fdngx: lua_shared_dict " .. cfg.dict .. " is missing", 0) end
+    -- The token stays out of the (world-readable) config: read from its 0600 file by the master.
+    local token = read_file(cfg.token_file, "admin token file", 4096):match("^([^\r\n]*)")
+    if #token < 16 then error("fdngx: the admin token in " .. cfg.token_file .. " is shorter than 16 characters", 0) end
+    local text = read_file(cfg.peers_file, "peers file", peers.MAX_BYTES)
+    local snap, err = peers.parse(text)
+    if not snap then error("fdngx: peers file " .. cfg.peers_file .. ": " .. err, 0) end
+    local pool = { name = cfg.pool, dict = dict, token = token, mode = cfg.mode == "p2c" and "p2c" or "least",
+                   peers = {}, by_name = {}, scratch = {} }
+    -- The dict survives a reload: keep what a newer push put there, unless it is unreadable (an older
+    -- fdngx's layout after an upgrade).
+    local current = peers.parse(dict:get("snap"))
+    if not current or current.generation < snap.generation then
+        local added, ierr = pool_mod.install(pool, text, snap, now_of())
+        if not added then error("fdngx: " .. ierr, 0) end
+    end
+    pools[cfg.pool] = pool
+end
+
+local function pid_alive(pid)
+    if not pid then return false end
+    if ffi.C.kill(pid, 0) == 0 then return true end
+    return ffi.errno() ~= ESRCH -- EPERM: it exists, as another user
+end
+
+local function failed(pool, name, now, why)
+    local h, moved = pool_mod.mark(pool, name, health.on_failure, now)
+    if moved then
+        ngx.log(ngx.WARN, "fdngx: ", name, " ", why, ": out of new picks for ", string.format("%.1f", h.till - now),
+                " s, or until its /health answers 200")
+    end
+end
+
+local function probe(premature, pool, name, addr, port)
+    if premature then return end
+    local sock = ngx.socket.tcp()
+    sock:settimeouts(PROBE_TIMEOUT_MS, PROBE_TIMEOUT_MS, PROBE_TIMEOUT_MS)
+    local good = false
+    if sock:connect(addr, port) then
+        local sent = sock:send("GET /health HTTP/1.1\r\nHost: " .. addr .. ":" .. port
+                               .. "\r\nUser-Agent: fdngx-balancer\r\nConnection: close\r\n\r\n")
+        local line = sent and sock:receive("*l")
+        good = line ~= nil and line:match("^HTTP/%d%.%d (%d%d%d)") == "200"
+        sock:close()
+    end
+    if not pool.by_name[name] then return end -- removed meanwhile
+    local h, moved = pool_mod.mark(pool, name, function(rec, t) return health.on_probe(rec, good, t) end, now_of())
+    if moved and not health.balancer_out(h, now_of()) then
+        ngx.log(ngx.WARN, "fdngx: ", name, " answers /health 200 again: back in picks")
+    end
+end
+
+local function tick(premature, pool)
+    if premature then return end -- the worker is exiting: its lease lapses, its pid keeps its counts
+    local now = now_of()
+    local ok, err = pool_mod.sync(pool, now)
+    if ok == nil then ngx.log(ngx.ERR, "fdngx: ", err) end
+    local dict = pool.dict
+    for _, p in ipairs(pool.peers) do
+        if health.needs_probe(p.h, p.down, now) and dict:add("pl:" .. p.name, true, health.PROBE_EVERY) then
+            ngx.timer.at(0, probe, pool, p.name, p.addr, p.port)
+        end
+    end
+    if now >= pool.renew_at then
+        pool.ledger:renew()
+        pool.renew_at = now + ledger.RENEW_EVERY
+    end
+    if now >= pool.reap_at then
+        pool.reap_at = now + ledger.REAP_EVERY
+        if dict:add("reap", true, ledger.REAP_EVERY * 0.9) then
+            local taken, workers = ledger.reap(dict, pid_alive)
+            if taken ~= 0 then
+                ngx.log(ngx.WARN, "fdngx: took back ", taken, " in-flight request(s) of ", workers, " dead worker(s)")
+            end
+        end
+    end
+end
+
+function M.init_worker()
+    local ok, process = pcall(require, "ngx.process")
+    if ok and process.type() ~= "worker" then return end
+    local now, pid = now_of(), ngx.worker.pid()
+    -- Each worker its own random sequence: otherwise every worker makes the same tie-breaks and p2c draws.
+    math.randomseed(floor(now * 1000) + pid)
+    for _, pool in pairs(pools) do
+        pool.ledger = ledger.new(pool.dict, ledger.worker_id(pid, now))
+        pool.ledger:renew()
+        pool.renew_at, pool.reap_at = now + ledger.RENEW_EVERY, now + ledger.REAP_EVERY
+        local synced, err = pool_mod.sync(pool, now, true)
+        if synced == nil then ngx.log(ngx.ERR, "fdngx: ", err) end
+        -- One closure pair per pool, reading the request's time from the pool: no allocation per request.
+        pool.usable = function(p) return (health.usable(p.h, p.down, p.s_at, pool.now)) end
+        local dict = pool.dict
+        pool.load = function(p)
+            local n = dict:get(p.ikey)
+            return (n and n > 0 and n or 0) + pick.faded(p.ext, pool.snap_at, pool.now)
+        end
+        local started, terr = ngx.timer.every(TICK, tick, pool)
+        if not started then ngx.log(ngx.ERR, "fdngx: cannot start the balancer timer: ", terr) end
+    end
+end
+
+-- balancer_by_lua: pick the peer for this attempt (the first, or a retry after a failure).
+function M.balance(name)
+    local pool = pools[name]
+    local now = now_of()
+    pool.now = now
+    pool_mod.sync(pool, now)
+    local rid = ngx.var.request_id
+    local st = open[rid]
+    if st and st.peer then
+        -- nginx is retrying (connection error, 429/502/503/504): the previous peer no longer holds this
+        -- request; its failure counts against its health unless it only said "full" (429).
+        local state, code = ngx_balancer.get_last_failure()
+        if state == "failed" or FAILS[code] then failed(pool, st.peer, now, "failed (" .. (code or state) .. ")") end
+        pool.ledger:release(st.peer)
+        st.tried[st.peer] = true
+        st.peer = nil
+    elseif not st then
+        st = { pool = pool, tried = {} }
+        open[rid] = st
+        local more = min(#pool.peers - 1, 2)
+        if more > 0 then ngx_balancer.set_more_tries(more) end
+    end
+    local p = pick.choose(pool.mode, pool.peers, st.tried, pool.usable, pool.load, math.random, pool.scratch)
+    if not p then
+        open[rid] = nil
+        return ngx.exit(502)
+    end
+    st.peer = p.name
+    pool.ledger:acquire(p.name)
+    local ok, err = ngx_balancer.set_current_peer(p.addr, p.port)
+    if not ok then
+        ngx.log(ngx.ERR, "fdngx: set_current_peer ", p.addr, ":", p.port, " failed: ", err)
+        return ngx.exit(500)
+    end
+end
+
+-- log_by_lua (http level): the request is over; release its attempt and learn from its status.
+function M.log()
+    if next(open) == nil then return end -- nothing balanced is open in this worker: not one of ours
+    local rid = ngx.var.request_id
+    local st = open[rid]
+    if not st then return end
+    open[rid] = nil
+    local name, pool = st.peer, st.pool
+    if not name then return end
+    local now = now_of()
+    local code = tonumber((ngx.var.upstream_status or ""):match("(%d+)%D*$"))
+    if code and FAILS[code] then
+        failed(pool, name, now, "answered " .. code)
+    elseif code then
+        local p = pool.by_name[name]
+        if p and p.h and (p.h.level > 0 or p.h.out) then pool_mod.mark(pool, name, health.on_success, now) end
+    end
+    pool.ledger:release(name)
+end
+
+function M.admin(name)
+    return admin.handle(pools[name])
+end
+
+return M

@@ -1,0 +1,125 @@
+-- fdngx.health: whether a peer may take new requests (pure Lua: no ngx, testable with luajit).
+--
+-- Two opinions meet here:
+--   * the balancer's own, first-hand: a request that could not connect (or timed out), or a 502/503/504
+--     from the peer, takes it out at once for a back-off of 0.5 s doubling per consecutive failure up to
+--     8 s. While it is out, an active probe (GET /health, only 200 counts, one per peer every 0.25 s
+--     across all workers) keeps it out while it fails and brings it back on its first 200, unless it is
+--     flapping (more than FLAP_LEVEL request failures in a row without a success: /health says 200 but
+--     requests fail), in which case only the back-off's end lets it try again. A request that succeeds
+--     resets the back-off.
+--   * the sidecar's, pushed as `down` (K failed /health checks, 2 good ones to come back, every 2 s).
+--
+-- The rule when they disagree:
+--   * the balancer out, the sidecar up: the balancer wins. Its evidence is this frontend's own failed
+--     connections and probes; the sidecar checks from elsewhere, every few seconds, and keeps a replica
+--     whose /health is refused "up" for a grace period on purpose (nginx's passive check covers it).
+--     This lasts only as long as fresh evidence does: without a new failure the back-off ends by itself.
+--   * the sidecar down, the balancer up: the balancer wins only when it saw the peer come back (out, then
+--     a probe 200) after the sidecar said down, and only for DISAGREE_FOR (10 s) from that moment; the
+--     sidecar needs 2 good checks (~4 s) to agree. If it still says down after that, the sidecar wins (it
+--     holds the peer out for a reason of its own) until either side changes its mind.
+--
+-- A record is { out = bool, level = n, till = t, changed = t, ok_at = t } (times: ngx.now() seconds);
+-- it lives in the shared dict as one string (encode/decode) so every worker sees one state.
+
+local M = {}
+
+M.BASE = 0.5 -- seconds out after the first failure
+M.MAX = 8.0 -- longest back-off
+M.FLAP_LEVEL = 3 -- request failures in a row after which a probe 200 alone no longer brings a peer back
+M.HOLD = 0.5 -- a failed probe keeps the peer out at least this long (probes run every PROBE_EVERY)
+M.PROBE_EVERY = 0.25
+M.DISAGREE_FOR = 10.0
+
+local floor, max, min, tonumber, format = math.floor, math.max, math.min, tonumber, string.format
+
+function M.new()
+    return { out = false, level = 0, till = 0, changed = 0, ok_at = 0 }
+end
+
+function M.encode(h)
+    return format("%d %d %.3f %.3f %.3f", h.out and 1 or 0, h.level, h.till, h.changed, h.ok_at)
+end
+
+function M.decode(s)
+    if type(s) ~= "string" then return M.new() end
+    local out, level, till, changed, ok_at = s:match("^([01]) (%d+) ([%d.]+) ([%d.]+) ([%d.]+)$")
+    if not out then return M.new() end
+    return { out = out == "1", level = tonumber(level), till = tonumber(till), changed = tonumber(changed),
+             ok_at = tonumber(ok_at) }
+end
+
+local function copy(h)
+    return { out = h.out, level = h.level, till = h.till, changed = h.changed, ok_at = h.ok_at }
+end
+
+function M.backoff(level)
+    return min(M.MAX, M.BASE * 2 ^ max(0, level - 1))
+end
+
+-- The balancer's own opinion now: out while a failure's back-off (or a failed probe's hold) lasts.
+function M.balancer_out(h, now)
+    return h.out and now < h.till
+end
+
+-- A request failed on this peer (connect error, timeout, 502/503/504).
+function M.on_failure(h, now)
+    local n = copy(h)
+    n.level = min(h.level + 1, 30)
+    n.till = max(h.till, now + M.backoff(n.level))
+    if not M.balancer_out(h, now) then
+        n.out, n.changed = true, now
+    end
+    return n
+end
+
+-- A request got a response from this peer that is not a failure: the back-off starts over.
+function M.on_success(h, now)
+    if h.level == 0 and not h.out then return h end
+    local n = copy(h)
+    n.level = 0
+    if h.out then n.out, n.till, n.changed = false, 0, now end
+    return n
+end
+
+-- A probe finished: ok is true for a 200 on /health. `out` stays set after a back-off lapses by itself,
+-- so the first 200 afterwards still counts as a recovery the balancer saw (see usable).
+function M.on_probe(h, ok, now)
+    local n = copy(h)
+    if ok then
+        n.ok_at = now
+        if h.out and (h.level <= M.FLAP_LEVEL or now >= h.till) then
+            n.out, n.till, n.changed = false, 0, now
+        end
+    else
+        n.till = max(h.till, now + M.HOLD)
+        if not M.balancer_out(h, now) then n.out, n.changed = true, now end
+    end
+    return n
+end
+
+-- Probe this peer? While the balancer holds it out, and while the sidecar says it is down (so the
+-- balancer sees a restarted replica's first 200 itself).
+function M.needs_probe(h, sidecar_down, now)
+    return sidecar_down or M.balancer_out(h, now)
+end
+
+-- May this peer take new requests? Returns the answer and the state for the status view:
+-- "up", "out" (the balancer's back-off), "down" (the sidecar's), "probe-up" (the balancer's recovery
+-- overrides the sidecar's down for now).
+function M.usable(h, sidecar_down, sidecar_at, now)
+    if M.balancer_out(h, now) then return false, "out" end
+    if not sidecar_down then return true, "up" end
+    if not h.out and h.changed > sidecar_at and now - h.changed < M.DISAGREE_FOR then
+        return true, "probe-up"
+    end
+    return false, "down"
+end
+
+-- Rounded to ms so a record survives encode/decode unchanged (tests compare them).
+function M.ms(t)
+    return floor(t * 1000 + 0.5) / 1000
+end
+
+return M

@@ -1,0 +1,95 @@
+-- fdngx.ledger: in-flight counters that cannot drift (no ngx here: any object with the ngx.shared.DICT
+-- methods get/set/incr/delete/get_keys will do, so luajit tests drive it with a fake dict).
+--
+-- What must hold: `i:<peer>` in the shared dict is the number of requests this nginx has open on the
+-- peer, over all workers, including workers of an older configuration still draining after a reload.
+-- The balancer increments it when it picks a peer and decrements it when that attempt ends (retry or log
+-- phase). A worker that dies mid-request (crash, SIGKILL, OOM) never decrements, and a plain counter
+-- would then stay high forever, starving that peer.
+--
+-- So each worker also keeps its own share in `o:<wid>:<peer>` (incremented and decremented with the
+-- total, in the same non-yielding Lua step), and a lease `alive:<wid>` it renews every second with a
+-- 5 s expiry. wid = "<pid>.<start ms>" is unique even when the kernel reuses a pid. Every REAP_EVERY
+-- seconds one worker (a shared-dict lock) looks for shares whose worker has no lease AND whose pid no
+-- longer exists (kill(pid, 0) == ESRCH): a worker draining after a reload cannot renew its lease (its
+-- timers stop) but is still alive, so it is left alone and its requests still decrement when they end.
+-- A dead worker's shares are subtracted from the totals and deleted: exact, since nobody else writes
+-- them. A share that reaches 0 is deleted by its owner, so the keys stay few.
+-- Reads clamp at 0, so a transient race can never make a peer look better than idle.
+
+local M = {}
+
+M.LEASE = 5 -- seconds a worker's lease lasts without renewal
+M.RENEW_EVERY = 1
+M.REAP_EVERY = 2
+
+local Ledger = {}
+Ledger.__index = Ledger
+
+-- wid: this worker's id; dict: the pool's shared dict.
+function M.new(dict, wid)
+    return setmetatable({ dict = dict, wid = wid, prefix = "o:" .. wid .. ":" }, Ledger)
+end
+
+function M.worker_id(pid, now)
+    return string.format("%d.%d", pid, math.floor(now * 1000))
+end
+
+function Ledger:acquire(name)
+    local dict = self.dict
+    dict:incr("i:" .. name, 1, 0)
+    dict:incr(self.prefix .. name, 1, 0)
+end
+
+function Ledger:release(name)
+    local dict = self.dict
+    local key = self.prefix .. name
+    local mine = dict:incr(key, -1)
+    -- A missing share means it was reaped (this worker was taken for dead): the total no longer holds it.
+    if mine ~= nil then
+        dict:incr("i:" .. name, -1, 0)
+        if mine <= 0 then dict:delete(key) end
+    end
+end
+
+function Ledger:inflight(name)
+    local n = self.dict:get("i:" .. name)
+    if not n or n < 0 then return 0 end
+    return n
+end
+
+function Ledger:renew()
+    self.dict:set("alive:" .. self.wid, true, M.LEASE)
+end
+
+-- Subtract the shares of dead workers from the totals; pid_alive(pid) -> bool. Returns how many requests
+-- were taken back and from how many worker ids.
+function M.reap(dict, pid_alive)
+    local taken, dead = 0, {}
+    local keys = dict:get_keys(0)
+    for _, key in ipairs(keys) do
+        local wid, name = key:match("^o:([0-9]+%.[0-9]+):(.+)$")
+        if wid then
+            local gone = dead[wid]
+            if gone == nil then
+                gone = dict:get("alive:" .. wid) == nil and not pid_alive(tonumber(wid:match("^[0-9]+")))
+                dead[wid] = gone
+            end
+            if gone then
+                local v = dict:get(key)
+                dict:delete(key)
+                if v and v ~= 0 then
+                    dict:incr("i:" .. name, -v, 0)
+                    taken = taken + v
+                end
+            end
+        end
+    end
+    local workers = 0
+    for _, gone in pairs(dead) do
+        if gone then workers = workers + 1 end
+    end
+    return taken, workers
+end
+
+return M

@@ -1,0 +1,172 @@
+-- fdngx.peers: the one parser for the balancer's peer snapshots (pure Lua: no ngx, testable with luajit).
+--
+-- The same text reaches the balancer two ways: the peers file fdngx writes beside the config (read once
+-- by init_by_lua when nginx starts or reloads) and the admin POST of a sidecar or cron run (no reload).
+-- Either way it is DATA, never Lua source: this parser validates every byte of it before anything is used,
+-- and refuses the whole text on the first bad line (all or nothing).
+--
+--     # comments and blank lines are ignored
+--     generation 1733212345678
+--     peer <name> <host> <port> <weight> <down> <capacity> <load>
+--
+-- generation: the pusher's monotonic number (fdngx: wall-clock ms), exactly once, before the peers.
+-- name: as the inventory allows ([A-Za-z0-9][A-Za-z0-9._:@-]*, up to 128). host: an IPv4 or IPv6 literal
+-- (the openresty flavor sets peers by address). port 1..65535. weight 1..10000: the peer's share, which
+-- already carries its capacity (see fdngx.pick). down 0|1: the sidecar's verdict. capacity 1..1000000:
+-- slots (max_num_seqs or the scraped max_batch_size). load 0..1000000 with up to 3 decimals: running +
+-- queued requests at the last scrape. Fields are separated by exactly one space; nothing else is accepted.
+
+local M = {}
+
+M.MAX_BYTES = 4 * 1024 * 1024
+M.MAX_PEERS = 10000
+M.MAX_LINE = 400
+M.MAX_WEIGHT = 10000
+M.MAX_CAPACITY = 1000000
+M.MAX_LOAD = 1000000
+
+local tonumber, sub, find, match, lower, format = tonumber, string.sub, string.find, string.match, string.lower,
+    string.format
+
+-- A field as it may be echoed in an error message: quoted with Lua's %q, never longer than 40 bytes.
+local function shown(s)
+    if #s > 40 then s = sub(s, 1, 40) .. "..." end
+    return format("%q", (s:gsub("[^%w%p ]", "?")))
+end
+
+local function integer(s, lo, hi)
+    if not match(s, "^[1-9][0-9]*$") and s ~= "0" then return nil end
+    if #s > 16 then return nil end -- exact in a double
+    local n = tonumber(s)
+    if n < lo or n > hi then return nil end
+    return n
+end
+
+local function ipv4(s)
+    local a, b, c, d = match(s, "^([0-9]+)%.([0-9]+)%.([0-9]+)%.([0-9]+)$")
+    if not a then return false end
+    for _, octet in ipairs({ a, b, c, d }) do
+        if not integer(octet, 0, 255) then return false end -- no leading zeros: 010 is octal to inet_aton
+    end
+    return true
+end
+
+-- "a:b:c" -> how many 1..4-digit hex groups, or nil; "" -> 0.
+local function hex_groups(side)
+    if side == "" then return 0 end
+    local n = 0
+    for part in (side .. ":"):gmatch("([^:]*):") do
+        if #part > 4 or not match(part, "^[0-9A-Fa-f]+$") then return nil end
+        n = n + 1
+    end
+    return n
+end
+
+local function ipv6(s)
+    if #s < 2 or #s > 45 or not match(s, "^[0-9A-Fa-f:.]+$") then return false end
+    if find(s, ".", 1, true) then -- a trailing embedded IPv4 stands for two groups
+        local head, v4 = match(s, "^(.*:)([0-9.]+)$")
+        if not head or not ipv4(v4) then return false end
+        s = head .. "0:0"
+    end
+    local gap = find(s, "::", 1, true)
+    if not gap then return hex_groups(s) == 8 end
+    if find(s, "::", gap + 1, true) then return false end -- two gaps, or ":::"
+    local left, right = hex_groups(sub(s, 1, gap - 1)), hex_groups(sub(s, gap + 2))
+    return left ~= nil and right ~= nil and left + right <= 7
+end
+
+function M.valid_host(s)
+    return ipv4(s) or (find(s, ":", 1, true) ~= nil and ipv6(s))
+end
+
+function M.valid_name(s)
+    return #s <= 128 and match(s, "^[A-Za-z0-9][A-Za-z0-9._:@-]*$") ~= nil
+end
+
+local function load_value(s)
+    if #s > 12 or not (match(s, "^[0-9]+$") or match(s, "^[0-9]+%.[0-9][0-9]?[0-9]?$")) then return nil end
+    local n = tonumber(s)
+    if not n or n > M.MAX_LOAD then return nil end
+    return n
+end
+
+-- One "peer ..." line (without the keyword) -> peer table, or nil and the reason.
+local function parse_peer(rest)
+    local name, host, port, weight, down, capacity, load =
+        match(rest, "^([^ ]+) ([^ ]+) ([^ ]+) ([^ ]+) ([^ ]+) ([^ ]+) ([^ ]+)$")
+    if not name then
+        return nil, "want 'peer NAME HOST PORT WEIGHT DOWN CAPACITY LOAD' (single spaces)"
+    end
+    if not M.valid_name(name) then return nil, "bad name " .. shown(name) end
+    if not M.valid_host(host) then return nil, "bad host " .. shown(host) .. " (an IPv4 or IPv6 literal)" end
+    local p = {
+        name = name,
+        host = host,
+        -- ngx.balancer and cosockets parse "host:port" themselves: IPv6 needs its brackets.
+        addr = find(host, ":", 1, true) and ("[" .. host .. "]") or host,
+        port = integer(port, 1, 65535),
+        weight = integer(weight, 1, M.MAX_WEIGHT),
+        capacity = integer(capacity, 1, M.MAX_CAPACITY),
+        load = load_value(load),
+    }
+    if not p.port then return nil, "bad port " .. shown(port) .. " (1..65535)" end
+    if not p.weight then return nil, "bad weight " .. shown(weight) .. " (1..10000)" end
+    if down ~= "0" and down ~= "1" then return nil, "bad down " .. shown(down) .. " (0 or 1)" end
+    p.down = down == "1"
+    if not p.capacity then return nil, "bad capacity " .. shown(capacity) .. " (1..1000000)" end
+    if not p.load then return nil, "bad load " .. shown(load) .. " (0..1000000, up to 3 decimals)" end
+    return p
+end
+
+-- parse(text) -> snapshot, or nil and "line N: reason". A snapshot is
+--   { generation = number, peers = { peer, ... } (in text order), by_name = { [name] = peer } }
+function M.parse(text)
+    if type(text) ~= "string" then return nil, "no snapshot" end
+    if #text > M.MAX_BYTES then return nil, "larger than " .. M.MAX_BYTES .. " bytes" end
+    if find(text, "\r", 1, true) or find(text, "%z") then return nil, "carriage return or NUL byte" end
+    local snap = { peers = {}, by_name = {} }
+    local addrs, count, lineno = {}, 0, 0
+    for line in (text .. "\n"):gmatch("([^\n]*)\n") do
+        lineno = lineno + 1
+        local at = "line " .. lineno .. ": "
+        if #line > M.MAX_LINE then return nil, at .. "longer than " .. M.MAX_LINE .. " bytes" end
+        local kind = sub(line, 1, 1) == "#" and "#" or match(line, "^([a-z]*)")
+        if kind == "generation" then
+            if snap.generation then return nil, at .. "a second generation line" end
+            local g = sub(line, 11, 11) == " " and integer(sub(line, 12), 0, 2 ^ 53)
+            if not g then return nil, at .. "bad generation " .. shown(sub(line, 12)) end
+            snap.generation = g
+        elseif kind == "peer" and sub(line, 5, 5) == " " then
+            if not snap.generation then return nil, at .. "a peer before the generation line" end
+            local p, err = parse_peer(sub(line, 6))
+            if not p then return nil, at .. err end
+            if snap.by_name[p.name] then return nil, at .. "duplicate peer " .. shown(p.name) end
+            local key = lower(p.host) .. "|" .. p.port
+            if addrs[key] then return nil, at .. "duplicate address " .. shown(p.host .. " " .. p.port) end
+            count = count + 1
+            if count > M.MAX_PEERS then return nil, at .. "more than " .. M.MAX_PEERS .. " peers" end
+            addrs[key] = true
+            snap.by_name[p.name] = p
+            snap.peers[count] = p
+        elseif line ~= "" and kind ~= "#" then
+            return nil, at .. "unknown line " .. shown(line)
+        end
+    end
+    if not snap.generation then return nil, "no generation line" end
+    if count == 0 then return nil, "no peers (a snapshot must list every peer; refusing to empty the pool)" end
+    return snap
+end
+
+-- Names in `a` missing from `b` (both snapshots or nil), sorted: what a push added or removed.
+function M.missing(a, b)
+    local out = {}
+    if not a then return out end
+    for _, p in ipairs(a.peers) do
+        if not (b and b.by_name[p.name]) then out[#out + 1] = p.name end
+    end
+    table.sort(out)
+    return out
+end
+
+return M

@@ -1,0 +1,106 @@
+-- fdngx.pick: which peer takes the next request (pure Lua: no ngx, testable with luajit).
+--
+-- One formula, lowest wins:
+--
+--     score = (in flight from this nginx + external load) / weight
+--
+-- * in flight: requests this nginx (all workers) has open on the peer right now (fdngx.ledger).
+-- * external load: what the sidecar last scraped there (running + queued) minus what this nginx had in
+--   flight at that moment, i.e. load from other frontends and clients; it fades linearly to 0 over
+--   STALE_AFTER seconds, so an old scrape cannot steer for long.
+-- * weight: the peer's share, and it ALREADY carries capacity: fdngx writes weight = 20 * slots * static
+--   weight / the largest (slots * static weight) into the peers file, and the sidecar pushes the policy's
+--   weights, which are the same capacity weights times speed (and recovery ramp). So a replica with half
+--   the slots has half the weight and gets half the requests from the very first one, before any push.
+--   Capacity is never multiplied in again here (that would count it twice); the snapshot carries the
+--   slot count only for the status view (load per slot).
+--
+-- least: the lowest score over every usable peer (nginx's weighted least_conn, plus the external load);
+-- ties (e.g. an idle pool) go to a weight-proportional random pick, as nginx's weighted round robin would
+-- spread them. p2c: two distinct peers drawn with probability proportional to weight, the lower score
+-- wins; against herding when several frontends act on the same snapshot.
+
+local M = {}
+
+M.STALE_AFTER = 10.0
+local EPS = 1e-9
+
+-- External load `ext` pushed at `pushed_at`, as it counts at `now`.
+function M.faded(ext, pushed_at, now)
+    if not ext or ext <= 0 then return 0 end
+    local age = now - pushed_at
+    if age <= 0 then return ext end
+    if age >= M.STALE_AFTER then return 0 end
+    return ext * (1 - age / M.STALE_AFTER)
+end
+
+function M.least(cands, n, load, rand)
+    local best, best_score, tie_weight = nil, 0, 0
+    for i = 1, n do
+        local p = cands[i]
+        local s = load(p) / p.weight
+        if best == nil or s < best_score - EPS then
+            best, best_score, tie_weight = p, s, p.weight
+        elseif s <= best_score + EPS then
+            -- weighted reservoir: each of the equals wins with probability weight / their total weight
+            tie_weight = tie_weight + p.weight
+            if rand() * tie_weight < p.weight then best = p end
+        end
+    end
+    return best, best_score
+end
+
+-- Index of a weight-proportional random candidate, never `skip`; `total` excludes skip's weight.
+local function weighted(cands, n, total, rand, skip)
+    local r = rand() * total
+    for i = 1, n do
+        if i ~= skip then
+            r = r - cands[i].weight
+            if r < 0 then return i end
+        end
+    end
+    for i = n, 1, -1 do -- float round-off left r at 0: the last eligible one
+        if i ~= skip then return i end
+    end
+end
+
+function M.p2c(cands, n, load, rand)
+    if n <= 2 then return M.least(cands, n, load, rand) end
+    local total = 0
+    for i = 1, n do total = total + cands[i].weight end
+    local a = weighted(cands, n, total, rand)
+    local b = weighted(cands, n, total - cands[a].weight, rand, a)
+    local pa, pb = cands[a], cands[b]
+    local sa, sb = load(pa) / pa.weight, load(pb) / pb.weight
+    if sa < sb - EPS then return pa, sa end
+    if sb < sa - EPS then return pb, sb end
+    if rand() * (pa.weight + pb.weight) < pa.weight then return pa, sa end
+    return pb, sb
+end
+
+-- Copy into `out` the peers not yet tried by this request for which ok(p) holds; returns how many.
+function M.candidates(peers, tried, ok, out)
+    local n = 0
+    for i = 1, #peers do
+        local p = peers[i]
+        if not tried[p.name] and ok(p) then
+            n = n + 1
+            out[n] = p
+        end
+    end
+    return n
+end
+
+local function always() return true end
+
+-- The peer for the next attempt of a request, or nil when every peer has been tried. If no untried peer
+-- is usable (all out or down), fail open: a guess beats a 502 for every client.
+function M.choose(mode, peers, tried, usable, load, rand, scratch)
+    local n = M.candidates(peers, tried, usable, scratch)
+    if n == 0 then n = M.candidates(peers, tried, always, scratch) end
+    if n == 0 then return nil end
+    if mode == "p2c" then return M.p2c(scratch, n, load, rand) end
+    return M.least(scratch, n, load, rand)
+end
+
+return M

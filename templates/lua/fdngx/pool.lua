@@ -1,0 +1,93 @@
+-- fdngx.pool: one upstream's state in the shared dict, and each worker's copy of it (no ngx here: the
+-- dict and the clock are passed in, so luajit tests drive it with a fake dict).
+--
+-- Shared dict layout (lua_shared_dict fdngx_<upstream>; it survives reloads, not restarts):
+--   snap        the snapshot text in force, exactly as validated (fdngx.peers)
+--   gen         its generation: a push must carry a newer one to replace it
+--   snap_at     when it was installed (ages the external load)
+--   ver         bumped after every install and every health change; workers compare this one number
+--               per request and re-read the rest only when it moves
+--   x:<peer>    external load at install: the pushed load minus this nginx's own in flight then
+--   sa:<peer>   when the sidecar's `down` last changed for the peer (fdngx.health's disagreement rule)
+--   h:<peer>    the balancer's own health record (fdngx.health.encode)
+--   i:, o:, alive:   in-flight counters (fdngx.ledger); pl:<peer>, reap, adm: locks
+--
+-- Per worker, `pool.peers` is a parsed copy (weights, down, capacity, external load, health) refreshed by
+-- sync(): on a timer, and on the next request after `ver` moves. Picking a peer then costs one shared-dict
+-- read per candidate (its in-flight count) plus one for `ver`.
+
+local peers = require("fdngx.peers")
+local health = require("fdngx.health")
+
+local M = {}
+
+local max = math.max
+
+-- Make `snap` (parsed from `text`) the one in force. The caller holds the admin lock (or is init_by_lua,
+-- before any worker exists). Returns the names added and removed, or nil and an error.
+function M.install(pool, text, snap, now)
+    local dict = pool.dict
+    local old = peers.parse(dict:get("snap"))
+    for _, p in ipairs(snap.peers) do
+        local inflight = max(0, dict:get("i:" .. p.name) or 0)
+        dict:set("x:" .. p.name, max(0, p.load - inflight))
+        local prev = old and old.by_name[p.name]
+        if not prev or prev.down ~= p.down then dict:set("sa:" .. p.name, now) end
+    end
+    local removed = peers.missing(old, snap)
+    for _, name in ipairs(removed) do
+        -- its in-flight count stays until its open requests end; a peer re-added later starts fresh
+        dict:delete("x:" .. name)
+        dict:delete("sa:" .. name)
+        dict:delete("h:" .. name)
+    end
+    local ok, err = dict:set("snap", text)
+    if not ok then return nil, "shared dict: " .. tostring(err) end
+    dict:set("snap_at", now)
+    dict:set("gen", snap.generation)
+    dict:incr("ver", 1, 0)
+    return peers.missing(snap, old), removed
+end
+
+-- Refresh this worker's copy if `ver` moved. Returns true when something was re-read, or nil and an error
+-- (the copy in use stays).
+function M.sync(pool, now, force)
+    local dict = pool.dict
+    local ver = dict:get("ver")
+    if ver == pool.ver and not force then return false end
+    local gen = dict:get("gen")
+    if gen ~= pool.gen or force then
+        local snap, err = peers.parse(dict:get("snap"))
+        if not snap then return nil, "snapshot in the shared dict: " .. err end
+        for _, p in ipairs(snap.peers) do
+            p.ext = dict:get("x:" .. p.name) or 0
+            p.s_at = dict:get("sa:" .. p.name) or 0
+            p.ikey = "i:" .. p.name -- its in-flight counter (fdngx.ledger), read once per pick
+        end
+        pool.peers, pool.by_name, pool.gen = snap.peers, snap.by_name, gen
+        pool.snap_at = dict:get("snap_at") or now
+    end
+    for _, p in ipairs(pool.peers) do
+        p.h = health.decode(dict:get("h:" .. p.name))
+    end
+    pool.ver = ver
+    return true
+end
+
+-- Apply a health event to peer `name`: event(record, now) -> record. Shared at once (`ver`), and in this
+-- worker's copy. Two workers racing on one record can lose one update (one back-off step): harmless.
+-- Returns the new record and whether the peer's usability changed.
+function M.mark(pool, name, event, now)
+    local dict = pool.dict
+    local key = "h:" .. name
+    local h = health.decode(dict:get(key))
+    local n = event(h, now)
+    if n == h then return h, false end
+    dict:set(key, health.encode(n))
+    dict:incr("ver", 1, 0)
+    local p = pool.by_name and pool.by_name[name]
+    if p then p.h = health.decode(health.encode(n)) end
+    return n, health.balancer_out(h, now) ~= health.balancer_out(n, now)
+end
+
+return M

@@ -1,0 +1,207 @@
+"""The OpenResty flavor's own health and accounting, through the real nginx: capacity from the first request,
+a failed replica out at once and back within a second of its first /health 200, the sidecar's `down` winning
+a longer disagreement, and in-flight counters that return to 0 (retries, client aborts, a killed worker)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.integration.lua_site import LuaSite, needs_lua
+from tests.support import http_ok, wait_for
+
+pytestmark = needs_lua
+
+
+class Traffic:
+    """Requests through nginx from a few threads until stopped, each answer recorded with its time."""
+
+    def __init__(self, site: LuaSite, threads: int = 4) -> None:
+        self.site = site
+        self.answers: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            replica = self.site.one(timeout=10)
+            self.answers.append((time.monotonic(), replica))
+
+    def first(self, replica: str, after: float) -> float | None:
+        return next((t for t, r in list(self.answers) if r == replica and t >= after), None)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=15)
+
+
+@pytest.fixture
+def trio(tmp_path: Path) -> Iterator[LuaSite]:
+    site = LuaSite(tmp_path, 3, delay=0.02)
+    try:
+        yield site
+    finally:
+        site.stop()
+
+
+def test_a_half_slots_replica_gets_half_the_load_from_the_first_requests(tmp_path: Path) -> None:
+    site = LuaSite(tmp_path, 3, capacities=[64, 32, 64], delay=1.5)
+    try:
+        counts = site.split(30, workers=30)  # all in flight together, before any push
+        assert sum(counts.values()) == 30, counts
+        assert 4 <= counts["b1"] <= 8, counts  # ideal 6 of 30 (weights 20:10:20)
+        assert set(site.view()["b1"].items()) >= {("weight", "10"), ("capacity", "32")}
+    finally:
+        site.stop()
+
+
+def test_a_killed_replica_is_out_at_once_and_back_within_a_second_of_its_first_200(trio: LuaSite) -> None:
+    assert set(trio.split(12)) == {"b0", "b1", "b2"}
+    port = trio.ports["b2"]
+    trio.stop_backend("b2")
+    answers = trio.split(30)
+    assert set(answers) <= {"b0", "b1"} and sum(answers.values()) == 30, answers  # retried elsewhere, no error
+    refused = [ln for ln in trio.error_log().splitlines() if "connect() failed" in ln and f":{port}/" in ln]
+    assert len(refused) == 1, refused  # the first failure took it out of every worker's picks
+    assert trio.view()["b2"]["health"] == "out"
+    # It stays out while its /health fails (well past the first 0.5 s back-off), probed, not tried.
+    until = time.monotonic() + 2.0
+    while time.monotonic() < until:
+        assert trio.view()["b2"]["health"] == "out"
+        time.sleep(0.2)
+    first_200: list[float] = []
+
+    def poll() -> None:
+        while not first_200 and time.monotonic() < until + 30:
+            if http_ok(f"http://127.0.0.1:{port}/health"):
+                first_200.append(time.monotonic())
+            time.sleep(0.01)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    traffic = Traffic(trio)
+    try:
+        trio.start_backend("b2")
+        wait_for(lambda: first_200, 10, what="b2 answering /health")
+        back = wait_for(lambda: traffic.first("b2", first_200[0]), 5, interval=0.02, what="b2 picked again")
+    finally:
+        traffic.stop()
+        poller.join(timeout=5)
+    assert back - first_200[0] < 1.0, f"b2 picked {back - first_200[0]:.2f}s after its first /health 200"
+    assert "answers /health 200 again" in trio.error_log()
+
+
+class _Failing(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _answer(self) -> None:
+        if self.headers.get("Content-Length"):
+            self.rfile.read(int(self.headers["Content-Length"]))
+        code = 200 if self.path == "/health" else 503
+        self.send_response(code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = _answer
+    do_POST = _answer
+
+
+def test_503s_take_a_replica_out_and_a_flapping_one_stays_out(tmp_path: Path) -> None:
+    site = LuaSite(tmp_path, 2, delay=0.01)
+    server = None
+    try:
+        site.stop_backend("b1")
+        server = ThreadingHTTPServer(("127.0.0.1", site.ports["b1"]), _Failing)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        answers = site.split(40)
+        assert answers == {"b0": 40}, answers  # every 503 retried on b0 (proxy_next_upstream http_503)
+        view = site.view()["b1"]
+        # /health says 200, so probes bring it back at first; each return fails again: the back-off grows
+        # and, past a few failures in a row, a probe's 200 no longer brings it back before the back-off ends.
+        assert int(view["level"]) >= 2, view
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        site.stop()
+
+
+def test_the_sidecars_down_wins_a_longer_disagreement(tmp_path: Path) -> None:
+    site = LuaSite(tmp_path, 2, delay=0.02)
+    try:
+        push_down = site.snapshot(site.generation() + 1, {"b0": (20, 0, 0), "b1": (20, 1, 0)})
+        site.admin.push(push_down)
+        assert site.view()["b1"]["health"] == "down" and "b1" not in site.split(20)  # no evidence against it
+        site.stop_backend("b1")
+        wait_for(lambda: site.view()["b1"]["health"] == "out", 5, interval=0.05, what="b1 probed and found out")
+        site.start_backend("b1")
+        started = time.monotonic()
+        # The balancer saw it come back: it overrides the sidecar's (older) down at once...
+        wait_for(lambda: site.view()["b1"]["health"] == "probe-up", 3, interval=0.05, what="b1 probe-up")
+        assert "b1" in site.split(20)
+        # ...for 10 s; the sidecar keeps pushing down, and then it wins.
+        wait_for(lambda: site.view()["b1"]["health"] == "down", 15, interval=0.2, what="the sidecar's down")
+        assert time.monotonic() - started >= 9.0
+        assert site.admin.push(push_down).status == "unchanged"
+        assert "b1" not in site.split(20)
+    finally:
+        site.stop()
+
+
+def test_inflight_counters_return_to_zero(trio: LuaSite) -> None:
+    trio.split(60, workers=8)
+    # retries: a replica dies under traffic
+    with ThreadPoolExecutor(1) as pool:
+        later = pool.submit(trio.split, 60, 6)
+        time.sleep(0.1)
+        trio.stop_backend("b1")
+        assert "error" not in later.result()
+    wait_for(lambda: all(v == 0 for v in trio.inflight().values()), 10, what=f"in flight back to 0: {trio.view()}")
+
+
+def test_client_aborts_release_their_slot(tmp_path: Path) -> None:
+    site = LuaSite(tmp_path, 2, delay=2.0)
+    try:
+        def abort(_: int) -> None:
+            with contextlib.suppress(requests.RequestException):
+                requests.post(f"{site.url}/v1/completions", json={}, timeout=0.3)
+
+        with ThreadPoolExecutor(10) as pool:
+            list(pool.map(abort, range(10)))
+        wait_for(lambda: all(v == 0 for v in site.inflight().values()), 10, what=f"slots released: {site.view()}")
+    finally:
+        site.stop()
+
+
+def test_killed_workers_requests_are_taken_back(tmp_path: Path) -> None:
+    site = LuaSite(tmp_path, 2, delay=4.0)
+    try:
+        assert site.nginx is not None
+        pool = ThreadPoolExecutor(8)
+        futures = [pool.submit(site.one, 30) for _ in range(8)]
+        wait_for(lambda: sum(site.inflight().values()) == 8, 10, what="8 requests in flight")
+        for worker in site.nginx.worker_pids():
+            os.kill(worker, signal.SIGKILL)  # mid-request: they never release what they hold
+        assert {f.result() for f in futures} == {"error"}
+        pool.shutdown()
+        wait_for(lambda: sum(site.inflight().values()) == 0, 20, interval=0.25,
+                 what=f"a dead worker's in-flight counts taken back: {site.view()}")
+        assert "dead worker" in site.error_log()
+    finally:
+        site.stop()

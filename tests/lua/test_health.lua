@@ -1,0 +1,90 @@
+-- fdngx.health: back-off, probes, and who wins when the balancer and the sidecar disagree.
+local health = require("fdngx.health")
+
+return {
+    ["a failure takes the peer out at once; the back-off doubles from 0.5 s up to 8 s"] = function(t)
+        local h = health.new()
+        t.ok(health.usable(h, false, 0, 100))
+        h = health.on_failure(h, 100)
+        t.ok(not health.usable(h, false, 0, 100), "out at once")
+        t.ok(not health.usable(h, false, 0, 100.49))
+        t.ok(health.usable(h, false, 0, 100.5), "back after 0.5 s without other evidence")
+        local outs = {}
+        for i = 1, 7 do
+            local at = 200 + i * 100
+            h = health.on_failure(h, at)
+            outs[i] = h.till - at
+        end
+        t.eq(table.concat(outs, ","), "1,2,4,8,8,8,8")
+    end,
+
+    ["a success resets the back-off; a failed probe keeps the peer out"] = function(t)
+        local h = health.on_failure(health.on_failure(health.new(), 10), 10.1)
+        t.eq(h.level, 2)
+        local held = health.on_probe(h, false, 11.0)
+        t.ok(health.balancer_out(held, 11.4), "a failed probe holds it out")
+        h = health.on_success(h, 12)
+        t.eq(h.level, 0)
+        t.ok(health.usable(h, false, 0, 12))
+        local same = health.new()
+        t.ok(health.on_success(same, 1) == same, "nothing to write when nothing changes")
+    end,
+
+    ["a probe's first 200 brings a failed peer back at once"] = function(t)
+        local h = health.on_failure(health.new(), 50) -- out until 50.5
+        for i = 1, 20 do h = health.on_probe(h, false, 50 + i * 0.25) end -- down for 5 s: still out
+        t.ok(not health.usable(h, false, 0, 55.1))
+        h = health.on_probe(h, true, 55.2)
+        local ok, state = health.usable(h, false, 0, 55.2)
+        t.ok(ok); t.eq(state, "up")
+    end,
+
+    ["a flapping peer (probe 200, requests fail) waits out its back-off"] = function(t)
+        local h = health.new()
+        for i = 1, health.FLAP_LEVEL + 1 do h = health.on_failure(h, i * 0.01) end
+        local till = h.till
+        h = health.on_probe(h, true, 0.1)
+        t.ok(not health.usable(h, false, 0, 0.1), "probe 200 alone does not bring it back")
+        t.ok(health.usable(h, false, 0, till), "its back-off's end does")
+        h = health.on_probe(h, true, till + 0.1)
+        t.ok(not h.out, "and a 200 after that clears the flag")
+    end,
+
+    ["the balancer's failure evidence wins over the sidecar's up"] = function(t)
+        local h = health.on_failure(health.new(), 100)
+        for i = 1, 80 do h = health.on_probe(h, false, 100 + i * 0.25) end -- 20 s of refused probes
+        local ok, state = health.usable(h, false, 0, 120)
+        t.ok(not ok); t.eq(state, "out")
+    end,
+
+    ["the sidecar's down wins, unless the balancer saw the peer come back, for 10 s at most"] = function(t)
+        local h = health.new()
+        -- sidecar says down at t=10; the balancer has no evidence of its own: down
+        local ok, state = health.usable(h, true, 10, 10.1)
+        t.ok(not ok); t.eq(state, "down")
+        t.ok(health.needs_probe(h, true, 10.1), "the balancer probes what the sidecar holds down")
+        -- a probe 200 with no outage seen: still the sidecar's call
+        h = health.on_probe(h, true, 10.2)
+        t.ok(not health.usable(h, true, 10, 10.3))
+        -- the balancer sees it fail and come back (a restart): it wins for DISAGREE_FOR
+        h = health.on_probe(h, false, 10.5)
+        t.ok(not health.usable(h, true, 10, 10.6))
+        h = health.on_probe(h, true, 12.0)
+        ok, state = health.usable(h, true, 10, 12.0)
+        t.ok(ok); t.eq(state, "probe-up")
+        t.ok(health.usable(h, true, 10, 12 + health.DISAGREE_FOR - 0.01))
+        ok, state = health.usable(h, true, 10, 12 + health.DISAGREE_FOR)
+        t.ok(not ok, "the sidecar still says down after 10 s: it wins"); t.eq(state, "down")
+        -- a recovery seen before the sidecar's verdict does not override it
+        t.ok(not health.usable(h, true, 13, 13.1))
+    end,
+
+    ["records survive the shared dict (encode/decode)"] = function(t)
+        local h = health.on_probe(health.on_failure(health.new(), 1733212345.678), true, 1733212346.5)
+        local back = health.decode(health.encode(h))
+        t.eq(back.out, h.out); t.eq(back.level, h.level); t.eq(back.changed, h.changed)
+        t.near(back.ok_at, h.ok_at, 0.001); t.near(back.till, h.till, 0.001)
+        t.eq(health.decode(nil).level, 0)
+        t.eq(health.decode("garbage").out, false)
+    end,
+}

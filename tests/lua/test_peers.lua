@@ -1,0 +1,131 @@
+-- fdngx.peers: the one validating parser for the peers file and the admin push.
+local peers = require("fdngx.peers")
+
+local GOOD = table.concat({
+    "# fdngx peers for upstream fastdeploy",
+    "generation 1733212345678",
+    "peer dp0 127.0.0.1 8001 20 0 64 3.250",
+    "peer dp1 ::1 8002 10 1 32 0",
+    "peer node-b.dp2@x:y 10.0.0.3 8003 1 0 1 1000000",
+    "",
+}, "\n")
+
+local function body(line)
+    return "generation 1\n" .. line .. "\n"
+end
+
+return {
+    ["a valid snapshot parses, in order, with bracketed IPv6 addresses"] = function(t)
+        local snap = assert(peers.parse(GOOD))
+        t.eq(snap.generation, 1733212345678)
+        t.eq(#snap.peers, 3)
+        local p = snap.peers[1]
+        t.eq(p.name, "dp0"); t.eq(p.host, "127.0.0.1"); t.eq(p.addr, "127.0.0.1"); t.eq(p.port, 8001)
+        t.eq(p.weight, 20); t.eq(p.down, false); t.eq(p.capacity, 64); t.eq(p.load, 3.25)
+        t.eq(snap.by_name.dp1.addr, "[::1]"); t.eq(snap.by_name.dp1.down, true)
+        t.eq(snap.peers[3].name, "node-b.dp2@x:y")
+    end,
+
+    ["hosts: IP literals only, no scope id, no leading zeros"] = function(t)
+        for _, host in ipairs({ "127.0.0.1", "0.0.0.0", "255.255.255.255", "::", "::1", "fe80::1", "1::",
+                                "2001:db8::8:800:200c:417a", "::ffff:10.0.0.1", "1:2:3:4:5:6:7:8",
+                                "1:2:3:4:5:6:1.2.3.4", "ABCD::ef" }) do
+            t.ok(peers.valid_host(host), host .. " should be valid")
+        end
+        for _, host in ipairs({ "", "localhost", "256.0.0.1", "010.0.0.1", "1.2.3", "1.2.3.4.5", ":::", "1::2::3",
+                                "fe80::1%eth0", "1:2:3:4:5:6:7:8:9", "12345::", "::1 ", " ::1", "1.2.3.4::",
+                                "::1\"..os.execute('id')..\"", "g::1", "1:2:3:4:5:6:7:1.2.3.4", "[::1]",
+                                "999", "0x7f000001" }) do
+            t.ok(not peers.valid_host(host), host .. " should be refused")
+        end
+    end,
+
+    ["hostile and malformed lines are refused with their line number"] = function(t)
+        local cases = {
+            { "peer a\"..os.execute('id')..\" 127.0.0.1 1 1 0 1 0", "bad name" },
+            { "peer dp0 ::1%\"..(os.execute(\"id\"))..\" 1 1 0 1 0", "bad host" },
+            { "peer dp0 fe80::1%eth0 1 1 0 1 0", "bad host" },
+            { "peer dp0 127.0.0.1 0 1 0 1 0", "bad port" },
+            { "peer dp0 127.0.0.1 65536 1 0 1 0", "bad port" },
+            { "peer dp0 127.0.0.1 080 1 0 1 0", "bad port" },
+            { "peer dp0 127.0.0.1 80 0 0 1 0", "bad weight" },
+            { "peer dp0 127.0.0.1 80 10001 0 1 0", "bad weight" },
+            { "peer dp0 127.0.0.1 80 1e26 0 1 0", "bad weight" },
+            { "peer dp0 127.0.0.1 80 -1 0 1 0", "bad weight" },
+            { "peer dp0 127.0.0.1 80 1 2 1 0", "bad down" },
+            { "peer dp0 127.0.0.1 80 1 true 1 0", "bad down" },
+            { "peer dp0 127.0.0.1 80 1 0 0 0", "bad capacity" },
+            { "peer dp0 127.0.0.1 80 1 0 1000001 0", "bad capacity" },
+            { "peer dp0 127.0.0.1 80 1 0 1 1e308", "bad load" },
+            { "peer dp0 127.0.0.1 80 1 0 1 nan", "bad load" },
+            { "peer dp0 127.0.0.1 80 1 0 1 inf", "bad load" },
+            { "peer dp0 127.0.0.1 80 1 0 1 -1", "bad load" },
+            { "peer dp0 127.0.0.1 80 1 0 1 .5", "bad load" },
+            { "peer dp0 127.0.0.1 80 1 0 1 1.2345", "bad load" },
+            { "peer dp0 127.0.0.1 80 1 0 1 1000000.001", "bad load" },
+            { "peer dp0 127.0.0.1 80 1 0 1 0x10", "bad load" },
+            { "peer dp0 127.0.0.1 80 1 0 1", "want 'peer NAME" },
+            { "peer dp0 127.0.0.1 80 1 0 1 0 extra", "want 'peer NAME" },
+            { "peer dp0  127.0.0.1 80 1 0 1 0", "want 'peer NAME" },
+            { "peer dp0 127.0.0.1 80 1 0 1 0 ", "want 'peer NAME" },
+            { "peer\tdp0 127.0.0.1 80 1 0 1 0", "unknown line" },
+            { "os.execute('id')", "unknown line" },
+            { "return 1", "unknown line" },
+            { "Peer dp0 127.0.0.1 80 1 0 1 0", "unknown line" },
+        }
+        for _, case in ipairs(cases) do
+            t.fails(function() return peers.parse(body(case[1])) end, "line 2: " .. case[2], case[1])
+        end
+    end,
+
+    ["structure: generation first and once, peers unique, never empty"] = function(t)
+        t.fails(function() return peers.parse("peer dp0 127.0.0.1 80 1 0 1 0\ngeneration 1\n") end,
+                "line 1: a peer before the generation line")
+        t.fails(function() return peers.parse("generation 1\ngeneration 2\n") end, "line 2: a second generation")
+        t.fails(function() return peers.parse("generation -1\n") end, "bad generation")
+        t.fails(function() return peers.parse("generation 12345678901234567\n") end, "bad generation")
+        t.fails(function() return peers.parse("generation 1\n") end, "no peers")
+        t.fails(function() return peers.parse("") end, "no generation line")
+        t.fails(function() return peers.parse(nil) end, "no snapshot")
+        t.fails(function()
+            return peers.parse(body("peer a 127.0.0.1 80 1 0 1 0\npeer a 127.0.0.2 80 1 0 1 0"))
+        end, "line 3: duplicate peer")
+        t.fails(function()
+            return peers.parse(body("peer a ::1 80 1 0 1 0\npeer b ::1 80 1 0 1 0"))
+        end, "line 3: duplicate address")
+    end,
+
+    ["bytes that could smuggle a second line or cut one short are refused"] = function(t)
+        t.fails(function() return peers.parse(body("peer dp0 127.0.0.1 80 1 0 1 0\r")) end, "carriage return")
+        t.fails(function() return peers.parse(body("peer dp0 127.0.0.1 80 1 0 1 0\0")) end, "NUL")
+        t.fails(function() return peers.parse(body("peer " .. string.rep("a", 500) .. " 127.0.0.1 80 1 0 1 0")) end,
+                "longer than")
+        t.fails(function() return peers.parse(body("peer " .. string.rep("a", 129) .. " 127.0.0.1 80 1 0 1 0")) end,
+                "bad name")
+    end,
+
+    ["size caps: peers and bytes"] = function(t)
+        local lines = { "generation 1" }
+        for i = 1, peers.MAX_PEERS + 1 do
+            lines[#lines + 1] = string.format("peer p%d 10.%d.%d.%d 80 1 0 1 0", i, math.floor(i / 65536) % 256,
+                                              math.floor(i / 256) % 256, i % 256)
+        end
+        t.fails(function() return peers.parse(table.concat(lines, "\n")) end, "more than 10000 peers")
+        t.fails(function() return peers.parse(string.rep("#", peers.MAX_BYTES + 1)) end, "larger than")
+    end,
+
+    ["error messages quote hostile fields harmlessly and briefly"] = function(t)
+        local _, err = peers.parse(body("peer " .. string.rep("\1", 60) .. " 127.0.0.1 80 1 0 1 0"))
+        t.ok(err and not err:find("\1", 1, true), err)
+        t.ok(#err < 120, err)
+    end,
+
+    ["missing(): what a push added or removed"] = function(t)
+        local a = assert(peers.parse(body("peer a 127.0.0.1 80 1 0 1 0\npeer b 127.0.0.1 81 1 0 1 0")))
+        local b = assert(peers.parse(body("peer b 127.0.0.1 81 1 0 1 0\npeer c 127.0.0.1 82 1 0 1 0")))
+        t.eq(table.concat(peers.missing(a, b), ","), "a")
+        t.eq(table.concat(peers.missing(b, a), ","), "c")
+        t.eq(#peers.missing(nil, a), 0)
+        t.eq(table.concat(peers.missing(a, nil), ","), "a,b")
+    end,
+}

@@ -1,0 +1,93 @@
+-- fdngx.pick: least (in flight + external) / capacity weight, p2c, fail open.
+local pick = require("fdngx.pick")
+
+local function peers(spec)
+    local out = {}
+    for i, w in ipairs(spec) do out[i] = { name = "p" .. i, weight = w, ext = 0 } end
+    return out
+end
+
+local function yes() return true end
+
+-- Send n requests that never finish: each lands on the lowest score; returns the count per peer.
+local function fill(mode, list, n, seed)
+    math.randomseed(seed or 1)
+    local inflight, counts, scratch = {}, {}, {}
+    local function load(p) return inflight[p.name] or 0 end
+    for _ = 1, n do
+        local p = pick.choose(mode, list, {}, yes, load, math.random, scratch)
+        inflight[p.name] = (inflight[p.name] or 0) + 1
+        counts[p.name] = (counts[p.name] or 0) + 1
+    end
+    return counts
+end
+
+return {
+    ["least: the lowest score wins"] = function(t)
+        local list = peers({ 20, 20, 20 })
+        local inflight = { p1 = 3, p2 = 1, p3 = 2 }
+        local p = pick.choose("least", list, {}, yes, function(q) return inflight[q.name] end, math.random, {})
+        t.eq(p.name, "p2")
+    end,
+
+    ["capacity: a half-slots replica (half the weight) gets half the requests from the first ones"] = function(t)
+        local counts = fill("least", peers({ 20, 10, 20 }), 50)
+        t.eq(counts.p1, 20); t.eq(counts.p2, 10); t.eq(counts.p3, 20)
+    end,
+
+    ["idle ties follow the weights, like nginx's weighted round robin"] = function(t)
+        math.randomseed(7)
+        local list, counts, scratch = peers({ 1, 3 }), { p1 = 0, p2 = 0 }, {}
+        for _ = 1, 4000 do
+            local p = pick.choose("least", list, {}, yes, function() return 0 end, math.random, scratch)
+            counts[p.name] = counts[p.name] + 1
+        end
+        t.near(counts.p2 / 4000, 0.75, 0.03)
+    end,
+
+    ["external load steers, and fades over STALE_AFTER"] = function(t)
+        t.eq(pick.faded(10, 100, 100), 10)
+        t.eq(pick.faded(10, 100, 105), 5)
+        t.eq(pick.faded(10, 100, 100 + pick.STALE_AFTER), 0)
+        t.eq(pick.faded(0, 100, 101), 0)
+        local list = peers({ 20, 20 })
+        list[1].ext = 50
+        local p = pick.choose("least", list, {}, yes, function(q) return q.ext end, math.random, {})
+        t.eq(p.name, "p2")
+    end,
+
+    ["p2c: never the worse of its two draws, and spreads over many peers"] = function(t)
+        local list = peers({ 20, 20, 20, 20 })
+        local counts = fill("p2c", list, 400, 3)
+        for i = 1, 4 do t.near(counts["p" .. i], 100, 25, "p" .. i) end
+        -- the most loaded peer is never chosen while it is strictly the worst
+        local inflight = { p1 = 9, p2 = 1, p3 = 1, p4 = 1 }
+        math.randomseed(5)
+        for _ = 1, 200 do
+            local p = pick.p2c(list, 4, function(q) return inflight[q.name] end, math.random)
+            t.ok(p.name ~= "p1")
+        end
+    end,
+
+    ["p2c draws in proportion to weight"] = function(t)
+        math.randomseed(11)
+        local list, hits = peers({ 30, 10, 10, 10 }), 0
+        for _ = 1, 6000 do
+            if pick.p2c(list, 4, function() return 0 end, math.random).name == "p1" then hits = hits + 1 end
+        end
+        t.ok(hits / 6000 > 0.4 and hits / 6000 < 0.6, "p1 share " .. hits / 6000)
+    end,
+
+    ["retries skip tried peers; all unusable fails open; all tried gives nil"] = function(t)
+        local list = peers({ 1, 1, 1 })
+        local zero = function() return 0 end
+        local p = pick.choose("least", list, { p1 = true, p3 = true }, yes, zero, math.random, {})
+        t.eq(p.name, "p2")
+        local none = function() return false end
+        p = pick.choose("least", list, { p1 = true }, none, zero, math.random, {})
+        t.ok(p and p.name ~= "p1", "fail open among the untried")
+        t.eq(pick.choose("p2c", list, { p1 = true, p2 = true, p3 = true }, yes, zero, math.random, {}), nil)
+        local usable = function(q) return q.name == "p3" end
+        for _ = 1, 20 do t.eq(pick.choose("p2c", list, {}, usable, zero, math.random, {}).name, "p3") end
+    end,
+}

@@ -1,0 +1,87 @@
+-- fdngx.pool: installing snapshots in the shared dict and each worker's copy of them.
+local pool_mod = require("fdngx.pool")
+local peers = require("fdngx.peers")
+local health = require("fdngx.health")
+local fakedict = require("fakedict")
+
+local function snap(gen, lines)
+    local text = "generation " .. gen .. "\n" .. table.concat(lines, "\n") .. "\n"
+    return text, assert(peers.parse(text))
+end
+
+local function new_pool(dict) return { name = "fastdeploy", dict = dict } end
+
+local function install(pool, gen, lines, now)
+    local text, parsed = snap(gen, lines)
+    return pool_mod.install(pool, text, parsed, now or 0)
+end
+
+return {
+    ["install: external load is what this nginx did not send; membership changes are reported"] = function(t)
+        local dict = fakedict.new()
+        local pool = new_pool(dict)
+        local added, removed = install(pool, 1, { "peer a 127.0.0.1 1 20 0 64 0",
+                                                                "peer b 127.0.0.1 2 20 0 64 0" })
+        t.eq(table.concat(added, ","), "a,b"); t.eq(#removed, 0)
+        dict:set("i:a", 3)
+        dict.clock = 5
+        added, removed = install(pool, 2, { "peer a 127.0.0.1 1 20 0 64 5.5",
+                                                          "peer c 127.0.0.1 3 20 1 64 1" }, 5)
+        t.eq(table.concat(added, ","), "c"); t.eq(table.concat(removed, ","), "b")
+        t.eq(dict:get("x:a"), 2.5)
+        t.eq(dict:get("x:c"), 1)
+        t.eq(dict:get("x:b"), nil)
+        t.eq(dict:get("gen"), 2); t.eq(dict:get("snap_at"), 5)
+    end,
+
+    ["install: the sidecar's down changes are timed, unchanged flags keep their time"] = function(t)
+        local dict = fakedict.new()
+        local pool = new_pool(dict)
+        install(pool, 1, { "peer a 127.0.0.1 1 20 0 64 0" }, 10)
+        t.eq(dict:get("sa:a"), 10)
+        install(pool, 2, { "peer a 127.0.0.1 1 20 0 64 0" }, 20)
+        t.eq(dict:get("sa:a"), 10)
+        install(pool, 3, { "peer a 127.0.0.1 1 20 1 64 0" }, 30)
+        t.eq(dict:get("sa:a"), 30)
+    end,
+
+    ["sync: a worker re-reads only when ver moves, re-parses only when the generation does"] = function(t)
+        local dict = fakedict.new()
+        local admin, worker = new_pool(dict), new_pool(dict)
+        install(admin, 1, { "peer a 127.0.0.1 1 20 0 64 0", "peer b 127.0.0.1 2 10 0 32 0" }, 1)
+        t.eq(pool_mod.sync(worker, 1), true)
+        t.eq(#worker.peers, 2); t.eq(worker.by_name.b.weight, 10); t.eq(worker.gen, 1)
+        t.eq(pool_mod.sync(worker, 2), false, "nothing moved")
+        local before = worker.peers
+        pool_mod.mark(admin, "a", health.on_failure, 3)
+        t.eq(pool_mod.sync(worker, 3), true)
+        t.ok(worker.peers == before, "a health change does not re-parse the snapshot")
+        t.ok(not health.usable(worker.by_name.a.h, false, 0, 3), "but the health is shared at once")
+        install(admin, 2, { "peer a 127.0.0.1 1 5 0 64 0" }, 4)
+        pool_mod.sync(worker, 4)
+        t.eq(#worker.peers, 1); t.eq(worker.by_name.a.weight, 5); t.eq(worker.by_name.b, nil)
+    end,
+
+    ["a removed peer's health is forgotten: re-added, it starts fresh"] = function(t)
+        local dict = fakedict.new()
+        local pool = new_pool(dict)
+        install(pool, 1, { "peer a 127.0.0.1 1 20 0 64 0" }, 1)
+        pool_mod.mark(pool, "a", health.on_failure, 1)
+        t.ok(dict:get("h:a") ~= nil)
+        install(pool, 2, { "peer b 127.0.0.1 2 20 0 64 0" }, 2)
+        t.eq(dict:get("h:a"), nil)
+    end,
+
+    ["mark reports when usability changes"] = function(t)
+        local dict = fakedict.new()
+        local pool = new_pool(dict)
+        install(pool, 1, { "peer a 127.0.0.1 1 20 0 64 0" }, 1)
+        local _, moved = pool_mod.mark(pool, "a", health.on_failure, 1)
+        t.eq(moved, true)
+        _, moved = pool_mod.mark(pool, "a", health.on_failure, 1.1)
+        t.eq(moved, false, "already out")
+        local ver = dict:get("ver")
+        _, moved = pool_mod.mark(pool, "a", health.on_success, 1.2)
+        t.eq(moved, true); t.eq(dict:get("ver"), ver + 1)
+    end,
+}

@@ -1,0 +1,103 @@
+"""The OpenResty flavor's data: snapshots fdngx writes (peers file, pushes) and what the Lua parser accepts."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fdngx.domain import Instance, Inventory, LoadSample, ServerState
+from fdngx.errors import ApplyError, UnsafeFileError
+from fdngx.nginx import openresty
+from fdngx.nginx.openresty import Peer, capacity_weights, live_peers, snapshot, write_peers_file
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+def inv(*specs: tuple[str, str, int, int, int]) -> Inventory:
+    return Inventory([Instance(n, h, p, p, max_num_seqs=c, weight=w) for n, h, p, c, w in specs])
+
+
+def test_capacity_weights_give_a_half_slots_replica_half_the_weight() -> None:
+    fleet = inv(("dp0", "127.0.0.1", 1, 64, 1), ("dp1", "127.0.0.1", 2, 32, 1), ("dp2", "127.0.0.1", 3, 64, 2))
+    assert capacity_weights(fleet) == {"dp0": 10, "dp1": 5, "dp2": 20}
+
+
+def test_live_peers_carry_policy_weights_scraped_capacity_and_bounded_values() -> None:
+    fleet = inv(("dp0", "127.0.0.1", 1, 64, 1), ("dp1", "::1", 2, 32, 1), ("dp10", "10.0.0.1", 3, 8, 1))
+    samples = {
+        "dp0": LoadSample("dp0", True, True, running=3, queued=1.5, capacity=128.0),
+        "dp1": LoadSample("dp1", True, True, running=math.inf),
+        "dp10": LoadSample("dp10", False, False),
+    }
+    states = {"dp0": ServerState(7), "dp1": ServerState(10**26, down=True)}
+    text = snapshot(42, live_peers(fleet, states, samples), "fastdeploy")
+    assert text.splitlines()[1:] == [
+        "generation 42",
+        "peer dp0 127.0.0.1 1 7 0 128 4.500",
+        "peer dp1 ::1 2 10000 1 32 0.000",  # weight clamped; an infinite load is no load
+        "peer dp10 10.0.0.1 3 2 0 8 0.000",  # no state: its capacity weight (20 * 8 / 64); after dp1
+    ]
+
+
+def test_a_line_fdngx_would_write_for_a_non_ip_host_is_refused() -> None:
+    with pytest.raises(ApplyError, match="dp0"):
+        Peer("dp0", "localhost", 80, 1, False, 1).line()
+    with pytest.raises(ApplyError):
+        Peer('dp0"..os.execute("id")', "127.0.0.1", 80, 1, False, 1).line()
+
+
+def test_the_peers_file_changes_only_with_the_replicas(tmp_path: Path) -> None:
+    path = tmp_path / ".nginx.conf.fdngx-peers"
+    fleet = inv(("dp0", "127.0.0.1", 1, 64, 1))
+    first = write_peers_file(path, fleet)
+    assert path.read_text() == first and path.stat().st_mode & 0o777 == 0o644
+    assert write_peers_file(path, fleet) == first  # same replicas: same file, same generation
+    grown = inv(("dp0", "127.0.0.1", 1, 64, 1), ("dp1", "127.0.0.1", 2, 64, 1))
+    second = write_peers_file(path, grown)
+    assert "peer dp1 " in second and second != first
+    assert int(second.splitlines()[1].split()[1]) > int(first.splitlines()[1].split()[1])
+
+
+def test_a_planted_peers_file_symlink_is_refused(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    link = tmp_path / ".nginx.conf.fdngx-peers"
+    os.symlink(victim, link)
+    with pytest.raises(UnsafeFileError):
+        write_peers_file(link, inv(("dp0", "127.0.0.1", 1, 64, 1)))
+    assert victim.read_text() == "precious\n"
+
+
+def test_generations_strictly_increase() -> None:
+    gens = [openresty.next_generation() for _ in range(1000)]
+    assert gens == sorted(set(gens))
+
+
+@pytest.mark.skipif(shutil.which("luajit") is None, reason="needs luajit: apt-get install luajit2")
+def test_every_snapshot_fdngx_writes_is_one_the_lua_parser_accepts(tmp_path: Path) -> None:
+    fleet = inv(("dp0", "127.0.0.1", 1, 1, 1), ("a.b-c_d:e@f", "2001:db8::8:800:200c:417a", 65535, 1_000_000, 10_000),
+                ("z" * 128, "::ffff:10.0.0.1", 80, 7, 3))
+    samples = {"dp0": LoadSample("dp0", True, True, running=999_999.9999, queued=5.0)}
+    bodies = [snapshot(1, openresty.initial_peers(fleet), "fastdeploy"),
+              snapshot(2**53, live_peers(fleet, {"dp0": ServerState(0, down=True)}, samples))]
+    for i, body in enumerate(bodies):
+        (tmp_path / f"s{i}").write_text(body)
+    script = tmp_path / "parse.lua"
+    script.write_text(
+        "package.path = arg[1] .. '/?.lua;' .. package.path\n"
+        "local peers = require('fdngx.peers')\n"
+        "for i = 2, #arg do\n"
+        "  local f = io.open(arg[i]); local s, err = peers.parse(f:read('*a')); f:close()\n"
+        "  if not s then print(arg[i] .. ': ' .. err); os.exit(1) end\n"
+        "  print(#s.peers)\n"
+        "end\n"
+    )
+    proc = subprocess.run(["luajit", str(script), str(REPO / "templates" / "lua"),
+                           *[str(tmp_path / f"s{i}") for i in range(len(bodies))]],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.split() == ["3", "3"], proc.stdout + proc.stderr

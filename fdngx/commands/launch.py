@@ -10,7 +10,7 @@ import typer
 from fdngx import engines
 from fdngx.commands.options import DEFAULT_INVENTORY
 from fdngx.domain import Engine, Restart
-from fdngx.engines.argv import DEFAULT_BASE_PORT, METRICS_OFFSET, LaunchRequest, parse_list, parse_ports
+from fdngx.engines.argv import DEFAULT_BASE_PORT, METRICS_OFFSET, DpMode, LaunchRequest, parse_list, parse_ports
 from fdngx.launch import run as core
 from fdngx.launch.plan import build_plan
 
@@ -37,9 +37,20 @@ def launch_cmd(
         help="GPU ids, e.g. 0,1,2,3. FastDeploy multi_api_server: CUDA_VISIBLE_DEVICES for all ranks (required); "
         "--per-instance, vllm, sglang: consecutive slices of --tensor-parallel-size GPUs per replica.",
     ),
-    host: str = typer.Option(
-        "127.0.0.1", "--host",
-        help="Address the replicas listen on and the inventory names (nginx connects to it).",
+    host: str | None = typer.Option(
+        None, "--host",
+        help="Address the replicas listen on. Default: 127.0.0.1; with --router 0.0.0.0 (all addresses), so "
+        "FastDeploy's own pre-registration health check on this machine's resolved address passes.",
+    ),
+    advertise_host: str | None = typer.Option(
+        None, "--advertise-host",
+        help="Address the inventory names (nginx and other nodes connect to it). Default: --host; with --router "
+        "and a wildcard --host, this machine's resolved address (gethostbyname(gethostname())).",
+    ),
+    router: str | None = typer.Option(
+        None, "--router",
+        help="fastdeploy: register every replica with this router (FastDeploy's --router URL, e.g. "
+        "http://10.0.0.5:9000 or fdngx sidecar --registry-listen).",
     ),
     base_port: int | None = typer.Option(
         None, "--base-port",
@@ -55,6 +66,11 @@ def launch_cmd(
     ),
     metrics_ports: str | None = typer.Option(
         None, "--metrics-ports", help="Metrics ports, one per replica. Excludes --metrics-base-port."
+    ),
+    controller_ports: str | None = typer.Option(
+        None, "--controller-ports",
+        help="fastdeploy: controller ports, one per replica (multi_api_server --controller-ports; "
+        "--per-instance: each api_server's --controller-port). Default: none.",
     ),
     inventory: Path = typer.Option(
         DEFAULT_INVENTORY, "--inventory", "-i",
@@ -77,7 +93,15 @@ def launch_cmd(
     ),
     per_instance: bool = typer.Option(
         False, "--per-instance",
-        help="fastdeploy/sim: one independent server process per replica instead of one multi-server process group.",
+        help="fastdeploy/sim: one independent server process per replica instead of one multi-server process group "
+        "(the same as --dp-mode independent).",
+    ),
+    dp_mode: DpMode | None = typer.Option(
+        None, "--dp-mode",
+        help="independent: replicas that share nothing. moe: the ranks of ONE data-parallel group of a MoE model "
+        "(vllm: one `vllm serve --data-parallel-size N --data-parallel-rank i` per rank; sglang: one server with "
+        "--dp-size N --enable-dp-attention; fastdeploy/sim: one multi-server group). Default: fastdeploy and sim "
+        "run one multi-server group, vllm and sglang independent replicas.",
     ),
     restart: Restart = typer.Option(
         Restart.NO, "--restart",
@@ -90,7 +114,7 @@ def launch_cmd(
 ) -> None:
     """Start data-parallel replicas, wait until each /health is 200, write the inventory, supervise them.
 
-    Engine arguments go after `--` and are passed through unchanged; fdngx adds only what they lack (--model, --host, --data-parallel-size, --engine-worker-queue-port) and refuses flags it sets per replica (--port, ...).
+    Engine arguments go after `--` and are passed through unchanged (flags fdngx reads, such as --engine-worker-queue-port=a,b, as two tokens); fdngx adds only what they lack (--model, --host, --data-parallel-size, --engine-worker-queue-port, --router) and refuses flags it sets per replica (--port, ...).
 
     Foreground by default: Ctrl-C or SIGTERM stops every process it started, no orphans. With --detach a supervisor keeps them running; `fdngx stop` ends it.
     """  # noqa: E501
@@ -104,6 +128,10 @@ def launch_cmd(
         model=model,
         gpus=parse_list(gpus, "--gpus") if gpus is not None else None,
         host=host,
+        advertise_host=advertise_host,
+        router=router,
+        controller_ports=parse_ports(controller_ports, "--controller-ports") if controller_ports is not None else None,
+        dp_mode=dp_mode,
         ports=parse_ports(ports, "--ports") if ports is not None else None,
         metrics_ports=parse_ports(metrics_ports, "--metrics-ports") if metrics_ports is not None else None,
         base_port=base_port,
@@ -117,6 +145,8 @@ def launch_cmd(
         grace=grace,
     )
     plan = build_plan(req)
+    for warning in plan.warnings:
+        typer.echo(f"fdngx: warning: {warning}", err=True)
     if dry_run:
         sys.stdout.write(plan.describe())
         return

@@ -13,12 +13,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fdngx.domain import Engine, Instance, Restart
+from fdngx.domain import Engine, Instance, Restart, StrEnum
 from fdngx.errors import UsageError
 
 DEFAULT_BASE_PORT = 8001
+DEFAULT_HOST = "127.0.0.1"
 # Metrics ports sit a fixed offset above the API ports, so `8003` and `9003` are visibly the same replica.
 METRICS_OFFSET = 1000
+
+
+class DpMode(StrEnum):
+    """independent: replicas that share nothing (any model); moe: the ranks of ONE data-parallel group of a
+    MoE model (attention data-parallel, experts shared across ranks), which fail together."""
+
+    INDEPENDENT = "independent"
+    MOE = "moe"
 
 
 @dataclass
@@ -29,7 +38,14 @@ class LaunchRequest:
     num_servers: int
     model: str | None = None
     gpus: list[str] | None = None
-    host: str = "127.0.0.1"
+    # None: not given (the plan picks 127.0.0.1, or 0.0.0.0 with --router); the builders see the decision.
+    host: str | None = None
+    # The address the inventory names (nginx and other nodes connect to it); None: the plan decides.
+    advertise_host: str | None = None
+    router: str | None = None
+    controller_ports: list[int] | None = None
+    # None: the engine's own default (fastdeploy: multi_api_server, a moe group; the others: independent).
+    dp_mode: DpMode | None = None
     ports: list[int] | None = None
     metrics_ports: list[int] | None = None
     base_port: int | None = None
@@ -62,6 +78,22 @@ class ProcSpec:
         return f"{env} {shlex.join(self.argv)}" if env else shlex.join(self.argv)
 
 
+def bind_host(req: LaunchRequest) -> str:
+    return req.host or DEFAULT_HOST
+
+
+def two_token(args: Sequence[str], *names: str) -> list[str]:
+    """`--flag=value` -> `--flag value` for `names` (before any `--`). Some launchers match a flag by its exact
+    token (multi_api_server's --engine-worker-queue-port): the = form would pass by them unseen."""
+    out: list[str] = []
+    for i, tok in enumerate(args):
+        if tok == "--":
+            return out + list(args[i:])
+        flag, eq, value = tok.partition("=")
+        out += [flag, value] if eq and flag in names else [tok]
+    return out
+
+
 def parse_list(text: str, what: str) -> list[str]:
     items = [s.strip() for s in text.split(",")]
     if not text.strip() or any(not s for s in items):
@@ -92,6 +124,16 @@ def find_flag(args: Sequence[str], *names: str) -> tuple[str, str] | None:
             elif tok.startswith(name + "="):
                 found = (name, tok[len(name) + 1 :])
     return found
+
+
+def has_flag(args: Sequence[str], *names: str) -> bool:
+    """Is any of `names` (a flag with or without a value) among the engine arguments before any `--`?"""
+    for tok in args:
+        if tok == "--":
+            return False
+        if tok.split("=", 1)[0] in names:
+            return True
+    return False
 
 
 def int_flag(args: Sequence[str], *names: str) -> int | None:
@@ -192,12 +234,24 @@ def make_instances(
     max_num_seqs: int | list[int],
     logs: list[str],
     extra: list[dict[str, Any]] | None = None,
+    guessed: bool = False,
 ) -> list[Instance]:
+    """The inventory entries: named by the advertised host. `guessed`: max_num_seqs is fdngx's guess, not the
+    engine's known setting (the inventory says `capacity_guessed: true`; the scraper then trusts what the
+    engine reports, or the peak of running requests it saw, over the guess)."""
     out = []
     seqs = max_num_seqs if isinstance(max_num_seqs, list) else [max_num_seqs] * req.num_servers
+    host = req.advertise_host or bind_host(req)
     for i in range(req.num_servers):
         more = {"log": logs[i], **(extra[i] if extra else {})}
-        out.append(Instance(f"dp{i}", req.host, ports.api[i], ports.metrics[i], req.engine, seqs[i], extra=more))
+        if guessed:
+            more["capacity_guessed"] = True
+        out.append(Instance(f"dp{i}", host, ports.api[i], ports.metrics[i], req.engine, seqs[i], extra=more))
     return out
+
+
+def refuse_controller_ports(req: LaunchRequest) -> None:
+    if req.controller_ports is not None:
+        raise UsageError(f"--controller-ports is a FastDeploy option; --engine {req.engine} has no controller port")
 
 

@@ -34,6 +34,9 @@ class Launched:
     instances: list[Instance]
     extra_ports: list[int]
     grouped: bool
+    # Separate processes that are ranks of one data-parallel group (vLLM's external load balancing): when
+    # one dies the others cannot go on, so the supervisor stops and restarts them together.
+    coupled: bool = False
 
 
 Builder = Callable[[LaunchRequest], Launched]
@@ -49,6 +52,11 @@ class EngineSpec:
     health_path: str = "/health"
     # Whether metrics are served on the API port (vLLM, SGLang) rather than a separate metrics port.
     metrics_on_api_port: bool = False
+    # A JSON page on the API port that states the replica's capacity when its metrics do not (SGLang's
+    # GET /get_server_info); read by the scraper as an optional extra, see fdngx.weights.scrape.
+    capacity_info_path: str | None = None
+    # Whether its replicas register with a router themselves (FastDeploy's --router URL).
+    registers: bool = False
     # How to tell the engine is installed for this interpreter: a Python module or a command on PATH.
     module: str | None = None
     command: str | None = None

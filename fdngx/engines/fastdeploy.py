@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from fdngx.domain import Engine
 from fdngx.engines.argv import (
+    DpMode,
     LaunchRequest,
     ProcSpec,
+    bind_host,
     find_flag,
     forbid,
     gpu_slices,
@@ -14,6 +16,7 @@ from fdngx.engines.argv import (
     parse_ports,
     plan_ports,
     resolve_model,
+    two_token,
 )
 from fdngx.engines.base import EngineSpec, Launched, MetricNames
 from fdngx.errors import UsageError
@@ -27,26 +30,45 @@ SERVER_MODULE = "fastdeploy.entrypoints.openai.api_server"
 DEFAULT_MAX_NUM_SEQS = 8
 # Engine worker queue ports: one per rank, a fixed offset above the API ports (see _queue_ports).
 QUEUE_OFFSET = 2000
+# Every flag fdngx reads or adds. multi_api_server finds --engine-worker-queue-port by its exact token
+# (fastdeploy/entrypoints/openai/multi_api_server.py, start_servers: `server_args[i] ==
+# "--engine-worker-queue-port"`; newer builds treat --cache-queue-port and --pd-comm-port alike), so the
+# `--flag=value` form would slip past it: fdngx passes all of them as two tokens. `-tp` is FastDeploy's
+# alias of --tensor-parallel-size (fastdeploy/engine/args_utils.py).
+READ = (
+    "--model", "--host", "--tensor-parallel-size", "-tp", "--data-parallel-size", "--max-num-seqs",
+    "--engine-worker-queue-port", "--cache-queue-port", "--pd-comm-port", "--router",
+)
+# Comma lists with one port per rank inside multi_api_server's --args (each child takes its own entry).
+PER_RANK_PORTS = ("--cache-queue-port", "--pd-comm-port")
 
 
 def build_launch(req: LaunchRequest) -> Launched:
-    """multi_api_server (one process group, ranks fail together) or, with --per-instance, one api_server each."""
-    args = list(req.extra_args)
+    """multi_api_server (one process group, ranks fail together) or, with --per-instance / --dp-mode
+    independent, one api_server each."""
+    args = two_token(req.extra_args, *READ)
     if "--args" in args:
         raise UsageError("engine argument --args after -- conflicts with fdngx: fdngx builds multi_api_server's --args")
-    forbid(args, "fdngx sets it per replica; use --ports/--base-port and --metrics-ports/--metrics-base-port",
-           "--port", "--metrics-port", "--controller-port", "--local-data-parallel-id")
+    forbid(args, "fdngx sets it per replica; use --ports/--base-port, --metrics-ports/--metrics-base-port and "
+           "--controller-ports", "--port", "--metrics-port", "--controller-port", "--local-data-parallel-id")
     forbid(args, "it is an fdngx launch option (before --), not an api_server flag",
            "--ports", "--metrics-ports", "--num-servers", "--controller-ports")
+    if req.per_instance and req.dp_mode is DpMode.MOE:
+        raise UsageError("--per-instance conflicts with --dp-mode moe: one multi_api_server runs the ranks of a "
+                         "data-parallel group; --per-instance starts independent replicas")
+    independent = req.per_instance or req.dp_mode is DpMode.INDEPENDENT
     model, user_model = resolve_model(req, "--model")
-    tp = int_flag(args, "--tensor-parallel-size") or 1
+    tp = int_flag(args, "--tensor-parallel-size", "-tp") or 1
     dp = int_flag(args, "--data-parallel-size")
     max_num_seqs = int_flag(args, "--max-num-seqs") or DEFAULT_MAX_NUM_SEQS
-    if not req.per_instance and dp is not None and dp != req.num_servers:
+    if not independent and dp is not None and dp != req.num_servers:
         raise UsageError(
             f"engine argument --data-parallel-size {dp} after -- conflicts with --num-servers {req.num_servers}"
         )
+    if independent:
+        _check_independent(args, dp)
     ports = plan_ports(req, metrics_on_api_port=False)
+    controller = _controller_ports(req)
     queue = _queue_ports(req, args, ports.api)
     # FastDeploy refuses to start on CUDA without CUDA_VISIBLE_DEVICES, so fdngx never guesses.
     slices = gpu_slices(req, tp, required=True)
@@ -56,13 +78,16 @@ def build_launch(req: LaunchRequest) -> Launched:
     if not user_model:
         ours += ["--model", model]
     if find_flag(args, "--host") is None:
-        ours += ["--host", req.host]
+        ours += ["--host", bind_host(req)]
+    if req.router is not None and find_flag(args, "--router") is None:
+        ours += ["--router", req.router]
 
-    if not req.per_instance:
+    if not independent:
         if dp is None:
             ours += ["--data-parallel-size", str(req.num_servers)]
         if find_flag(args, "--engine-worker-queue-port") is None:
             ours += ["--engine-worker-queue-port", ",".join(map(str, queue))]
+        more_ports = [p for flag in PER_RANK_PORTS for p in _rank_list(req, args, flag)]
         log = str(req.log_dir / "multi_api_server.log")
         argv = [
             req.python, "-m", MULTI_MODULE,
@@ -70,6 +95,7 @@ def build_launch(req: LaunchRequest) -> Launched:
             "--ports", ",".join(map(str, ports.api)),
             # Without metrics ports the children serve /metrics from a forked web worker whose gauges read 0.
             "--metrics-ports", ",".join(map(str, ports.metrics)),
+            *(["--controller-ports", ",".join(map(str, controller))] if controller else []),
             # --args must be last: multi_api_server hands every token after it to each child verbatim.
             "--args", *args, *ours,
         ]
@@ -79,11 +105,32 @@ def build_launch(req: LaunchRequest) -> Launched:
             "FD_ENABLE_MULTI_API_SERVER": "1",
         }
         names = [f"dp{i}" for i in range(req.num_servers)]
+        # It stops its ranks only on KeyboardInterrupt: SIGINT to stop it, and as its parent-death signal.
         proc = ProcSpec("multi_api_server", argv, env, log, names, stop_signal="SIGINT")
-        extra = [{"fd_log_dir": f"{fd_log_dir}/log_{i}"} for i in range(req.num_servers)]
+        extra = [{"fd_log_dir": f"{fd_log_dir}/log_{i}", **_controller_extra(controller, i)}
+                 for i in range(req.num_servers)]
         instances = make_instances(req, ports, max_num_seqs, [log] * req.num_servers, extra)
-        return Launched([proc], instances, queue, True)
+        return Launched([proc], instances, queue + controller + more_ports, True)
 
+    procs, logs = [], []
+    for i in range(req.num_servers):
+        name = f"dp{i}"
+        log = str(req.log_dir / f"{name}.log")
+        argv = [
+            req.python, "-m", SERVER_MODULE, *args, *ours,
+            "--port", str(ports.api[i]),
+            "--metrics-port", str(ports.metrics[i]),
+            "--engine-worker-queue-port", str(queue[i]),
+            *(["--controller-port", str(controller[i])] if controller else []),
+        ]
+        env = {"CUDA_VISIBLE_DEVICES": slices[i] or "", "FD_LOG_DIR": f"{fd_log_dir}/{name}"}
+        procs.append(ProcSpec(name, argv, env, log, [name]))
+        logs.append(log)
+    extra = [_controller_extra(controller, i) for i in range(req.num_servers)]
+    return Launched(procs, make_instances(req, ports, max_num_seqs, logs, extra), queue + controller, False)
+
+
+def _check_independent(args: list[str], dp: int | None) -> None:
     if dp not in (None, 1):
         raise UsageError(
             f"engine argument --data-parallel-size {dp} after -- conflicts with --per-instance "
@@ -94,20 +141,36 @@ def build_launch(req: LaunchRequest) -> Launched:
             "engine argument --engine-worker-queue-port after -- conflicts with --per-instance: fdngx gives each "
             f"replica its own (API port + {QUEUE_OFFSET})"
         )
-    procs, logs = [], []
-    for i in range(req.num_servers):
-        name = f"dp{i}"
-        log = str(req.log_dir / f"{name}.log")
-        argv = [
-            req.python, "-m", SERVER_MODULE, *args, *ours,
-            "--port", str(ports.api[i]),
-            "--metrics-port", str(ports.metrics[i]),
-            "--engine-worker-queue-port", str(queue[i]),
-        ]
-        env = {"CUDA_VISIBLE_DEVICES": slices[i] or "", "FD_LOG_DIR": f"{fd_log_dir}/{name}"}
-        procs.append(ProcSpec(name, argv, env, log, [name]))
-        logs.append(log)
-    return Launched(procs, make_instances(req, ports, max_num_seqs, logs), queue, False)
+    for flag in PER_RANK_PORTS:
+        if find_flag(args, flag) is not None:
+            raise UsageError(f"engine argument {flag} after -- conflicts with --per-instance: every replica would "
+                             "get the same port; leave it out and each picks a free one")
+
+
+def _controller_ports(req: LaunchRequest) -> list[int]:
+    """--controller-ports: one per server (multi_api_server's own option, which hands child i
+    `--controller-port C_i`); [] when not given (multi_api_server's default -1: no controller)."""
+    if req.controller_ports is None:
+        return []
+    if len(req.controller_ports) != req.num_servers:
+        raise UsageError(f"--controller-ports lists {len(req.controller_ports)} port(s) but --num-servers is "
+                         f"{req.num_servers}")
+    return list(req.controller_ports)
+
+
+def _controller_extra(controller: list[int], i: int) -> dict[str, int]:
+    return {"controller_port": controller[i]} if controller else {}
+
+
+def _rank_list(req: LaunchRequest, args: list[str], flag: str) -> list[int]:
+    """A user's per-rank port list (one entry per server): checked and returned, so it is pre-checked free."""
+    hit = find_flag(args, flag)
+    if hit is None:
+        return []
+    ports = parse_ports(hit[1], f"engine argument {flag}")
+    if len(ports) != req.num_servers:
+        raise UsageError(f"engine argument {flag} lists {len(ports)} port(s) but --num-servers is {req.num_servers}")
+    return ports
 
 
 def _queue_ports(req: LaunchRequest, args: list[str], api: list[int]) -> list[int]:
@@ -116,15 +179,9 @@ def _queue_ports(req: LaunchRequest, args: list[str], api: list[int]) -> list[in
     Old multi_api_server builds crash when the flag is missing, newer ones pick free ports; fdngx always
     passes it so the ports are known, checked free beforehand, and stable across restarts.
     """
-    user = find_flag(args, "--engine-worker-queue-port")
-    if user is not None:
-        ports = parse_ports(user[1], "engine argument --engine-worker-queue-port")
-        if len(ports) != req.num_servers:
-            raise UsageError(
-                f"engine argument --engine-worker-queue-port lists {len(ports)} port(s) but --num-servers is "
-                f"{req.num_servers}"
-            )
-        return ports
+    user = _rank_list(req, args, "--engine-worker-queue-port")
+    if user:
+        return user
     ports = [p + QUEUE_OFFSET for p in api]
     for p in ports:
         if p > 65535:
@@ -136,6 +193,7 @@ SPEC = EngineSpec(
     name=Engine.FASTDEPLOY,
     build_launch=build_launch,
     module="fastdeploy",
+    registers=True,
     metrics=MetricNames(
         running=("fastdeploy:num_requests_running",),
         queued=("fastdeploy:num_requests_waiting", "fastdeploy:num_requests_queuing"),

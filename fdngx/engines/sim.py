@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 from fdngx.domain import Engine
-from fdngx.engines.argv import LaunchRequest, ProcSpec, find_flag, forbid, make_instances, parse_list, plan_ports
+from fdngx.engines.argv import (
+    DpMode,
+    LaunchRequest,
+    ProcSpec,
+    bind_host,
+    find_flag,
+    forbid,
+    make_instances,
+    parse_list,
+    plan_ports,
+    refuse_controller_ports,
+)
 from fdngx.engines.base import EngineSpec, Launched
 from fdngx.engines.fastdeploy import SPEC as FASTDEPLOY
 from fdngx.errors import UsageError
@@ -15,11 +26,17 @@ PER_REPLICA = ("--max-num-seqs", "--speed", "--max-concurrency")
 
 
 def build_launch(req: LaunchRequest) -> Launched:
-    """One `fdngx sim` hosting every replica (like multi_api_server), or one per replica with --per-instance.
+    """One `fdngx sim` hosting every replica (like multi_api_server; --dp-mode moe says so explicitly), or one
+    per replica with --per-instance / --dp-mode independent.
 
     Run through `python -m fdngx.cli` so it works without the `fdngx` console script on PATH.
     """
     args = list(req.extra_args)
+    refuse_controller_ports(req)
+    if req.per_instance and req.dp_mode is DpMode.MOE:
+        raise UsageError("--per-instance conflicts with --dp-mode moe: the simulator runs the ranks of one group in "
+                         "one process, like multi_api_server")
+    independent = req.per_instance or req.dp_mode is DpMode.INDEPENDENT
     forbid(args, "fdngx plans the ports; use --ports/--base-port and --metrics-ports/--metrics-base-port",
            "--ports", "--metrics-ports")
     per_replica = {flag: _per_replica(args, flag, req.num_servers) for flag in PER_REPLICA}
@@ -27,8 +44,8 @@ def build_launch(req: LaunchRequest) -> Launched:
     max_num_seqs = [_positive(v, "--max-num-seqs") for v in seqs]
     ports = plan_ports(req, metrics_on_api_port=False)
     head = [req.python, "-m", "fdngx.cli", "sim"]
-    host = [] if find_flag(args, "--host") else ["--host", req.host]
-    if not req.per_instance:
+    host = [] if find_flag(args, "--host") else ["--host", bind_host(req)]
+    if not independent:
         log = str(req.log_dir / "sim.log")
         argv = [*head, *host, "--ports", _csv(ports.api), "--metrics-ports", _csv(ports.metrics), *args]
         names = [f"dp{i}" for i in range(req.num_servers)]

@@ -1,2 +1,3 @@
-"""Starting replicas: plan (pure argv/env/inventory), run (launch, detach, stop), supervise, probe
-(health, ports), progress, pidfile. Per-engine command lines live in fdngx.engines."""
+"""Starting replicas: plan (pure argv/env/inventory), hosts (listen vs advertised address, FastDeploy's router
+self-check), run (launch, detach, stop), supervise and children (the supervision loop, typed child states),
+probe (typed health, ports), progress, pidfile (the typed record). Per-engine command lines: fdngx.engines."""

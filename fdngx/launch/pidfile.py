@@ -1,45 +1,226 @@
-"""The supervisor's pidfile (`<inventory>.pid`): who supervises which processes, and their state."""
+"""The supervisor's pidfile (`<inventory>.pid`): who supervises which processes, and their state.
+
+One typed record, written by the supervisor and read in one place (read_pidfile), validated on load: a
+field of the wrong type is an error naming the file and the field, never a KeyError later. Every pid
+comes with its start time, so a stale file can never make `fdngx stop` signal somebody else's process.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fdngx.domain import Engine, StrEnum
 from fdngx.errors import LaunchError
 from fdngx.system import procs
 from fdngx.system.files import atomic_write
 
+MAX_BYTES = 4 * 1024 * 1024  # a pidfile lists a few processes and their members: far below this
+# The only signals a record may ask `fdngx stop` to send (anything else is a corrupt or planted file).
+STOP_SIGNALS = ("SIGINT", "SIGTERM")
 
-def read_pidfile(path: str | Path) -> dict[str, Any] | None:
+
+class LaunchState(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class ChildState(StrEnum):
+    STARTING = "starting"  # started, /health not 200 yet
+    RUNNING = "running"
+    WAITING_RESTART = "waiting-restart"  # died; --restart on-failure starts it again after a backoff
+    EXITED = "exited"  # died or stopped; no restart coming
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    pid: int
+    start: int | None  # /proc start time in clock ticks: the pid's identity
+
+    def alive(self) -> bool:
+        return procs.same_process(self.pid, self.start)
+
+
+@dataclass
+class ChildRecord:
+    name: str
+    pid: int | None
+    start: int | None
+    stop_signal: str
+    instances: list[str]
+    state: ChildState
+    # Descendants seen while it ran {pid: start time}: the only processes `stop` may signal one by one once
+    # the group's leader is gone (FastDeploy's workers live in sessions of their own).
+    members: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class Pidfile:
+    supervisor: ProcessRecord
+    state: LaunchState
+    detached: bool
+    engine: Engine
+    inventory: str
+    grace: float
+    children: list[ChildRecord]
+    instances: dict[str, str]  # instance name -> what its last /health probe saw
+    error: str | None = None
+    log_tail: str | None = None
+    log_file: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "supervisor": {"pid": self.supervisor.pid, "start": self.supervisor.start},
+            "state": self.state.value,
+            "detached": self.detached,
+            "engine": self.engine.value,
+            "inventory": self.inventory,
+            "grace": self.grace,
+            "children": [
+                {"name": c.name, "pid": c.pid, "start": c.start, "stop_signal": c.stop_signal,
+                 "instances": c.instances, "state": c.state.value,
+                 "members": [[p, s] for p, s in sorted(c.members.items())]}
+                for c in self.children
+            ],
+            "instances": self.instances,
+        }
+        if self.error is not None:
+            data.update(error=self.error, log_tail=self.log_tail, log_file=self.log_file)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Pidfile:
+        """Validate a loaded document; raises LaunchError naming `where` and the field."""
+        f = _Fields(where)
+        doc = f.as_obj(data, "the document")
+        sup = f.as_obj(doc.get("supervisor"), "supervisor")
+        children = []
+        for n, raw in enumerate(f.as_list(doc.get("children", []), "children")):
+            c = f.as_obj(raw, f"children[{n}]")
+            sig = f.as_str(c.get("stop_signal", "SIGTERM"), f"children[{n}].stop_signal")
+            if sig not in STOP_SIGNALS:
+                raise f.error(f"children[{n}].stop_signal", f"must be one of {', '.join(STOP_SIGNALS)}")
+            members = {}
+            for m, pair in enumerate(f.as_list(c.get("members", []), f"children[{n}].members")):
+                what = f"children[{n}].members[{m}]"
+                if not isinstance(pair, list) or len(pair) != 2:
+                    raise f.error(what, "must be [pid, start time]")
+                members[f.as_pid(pair[0], what)] = f.as_int(pair[1], what)
+            children.append(ChildRecord(
+                name=f.as_str(c.get("name"), f"children[{n}].name"),
+                pid=None if c.get("pid") is None else f.as_pid(c["pid"], f"children[{n}].pid"),
+                start=f.opt_int(c.get("start"), f"children[{n}].start"),
+                stop_signal=sig,
+                instances=[f.as_str(i, f"children[{n}].instances") for i in f.as_list(c.get("instances", []),
+                                                                                  f"children[{n}].instances")],
+                state=f.as_enum(ChildState, c.get("state", "exited"), f"children[{n}].state"),
+                members=members,
+            ))
+        instances = f.as_obj(doc.get("instances", {}), "instances")
+        return cls(
+            supervisor=ProcessRecord(f.as_pid(sup.get("pid"), "supervisor.pid"),
+                                     f.opt_int(sup.get("start"), "supervisor.start")),
+            state=f.as_enum(LaunchState, doc.get("state"), "state"),
+            detached=bool(doc.get("detached", False)),
+            engine=f.as_enum(Engine, doc.get("engine", "sim"), "engine"),
+            inventory=f.as_str(doc.get("inventory", ""), "inventory"),
+            grace=f.as_grace(doc.get("grace", 15.0)),
+            children=children,
+            instances={f.as_str(k, "instances"): f.as_str(v, f"instances.{k}") for k, v in instances.items()},
+            error=None if doc.get("error") is None else f.as_str(doc["error"], "error"),
+            log_tail=None if doc.get("log_tail") is None else f.as_str(doc["log_tail"], "log_tail"),
+            log_file=None if doc.get("log_file") is None else f.as_str(doc["log_file"], "log_file"),
+        )
+
+
+class _Fields:
+    """Type checks for one document, each failure naming the file and the field."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def error(self, name: str, why: str) -> LaunchError:
+        return LaunchError(f"{self.where}: pidfile field {name} {why}; remove the file if no fdngx supervisor runs")
+
+    def as_obj(self, v: Any, name: str) -> dict[str, Any]:
+        if not isinstance(v, dict):
+            raise self.error(name, "must be an object")
+        return v
+
+    def as_list(self, v: Any, name: str) -> list[Any]:
+        if not isinstance(v, list):
+            raise self.error(name, "must be a list")
+        return v
+
+    def as_str(self, v: Any, name: str) -> str:
+        if not isinstance(v, str):
+            raise self.error(name, "must be a string")
+        return v
+
+    def as_int(self, v: Any, name: str) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise self.error(name, "must be a non-negative integer")
+        return v
+
+    def opt_int(self, v: Any, name: str) -> int | None:
+        return None if v is None else self.as_int(v, name)
+
+    def as_pid(self, v: Any, name: str) -> int:
+        # 0 and negative pids mean "my group" / "every process" to kill(2): never from a file.
+        if self.as_int(v, name) < 1:
+            raise self.error(name, "must be a pid (1 or more)")
+        return int(v)
+
+    def as_grace(self, v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 3600:
+            raise self.error("grace", "must be 0..3600 seconds")
+        return float(v)
+
+    def as_enum(self, kind: type[StrEnum], v: Any, name: str) -> Any:
+        try:
+            return kind(v)
+        except ValueError:
+            raise self.error(name, f"must be one of {', '.join(kind.values())}") from None
+
+
+def read_pidfile(path: str | Path) -> Pidfile | None:
+    """The pidfile next to an inventory, validated; None when there is none."""
+    where = str(Path(path).absolute())
     try:
-        data = json.loads(Path(path).read_text())
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_BYTES + 1)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
-        raise LaunchError(f"{path}: unreadable pidfile ({exc}); remove it if no fdngx supervisor runs") from None
-    return data if isinstance(data, dict) else None
+    except OSError as exc:
+        raise LaunchError(
+            f"{where}: unreadable pidfile ({exc.strerror}); remove it if no fdngx supervisor runs"
+        ) from None
+    if len(raw) > MAX_BYTES:
+        raise LaunchError(f"{where}: pidfile over {MAX_BYTES} bytes; remove it if no fdngx supervisor runs")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise LaunchError(f"{where}: unreadable pidfile ({exc}); remove it if no fdngx supervisor runs") from None
+    return Pidfile.from_dict(data, where)
 
 
-def write_pidfile(path: str | Path, data: dict[str, Any]) -> None:
-    atomic_write(Path(path), json.dumps(data, indent=2) + "\n")
+def write_pidfile(path: str | Path, record: Pidfile) -> None:
+    atomic_write(Path(path), json.dumps(record.to_dict(), indent=2) + "\n")
 
 
-def live_supervisor(path: str | Path) -> dict[str, Any] | None:
-    """The pidfile's content when its supervisor still runs (same pid and start time), else None."""
-    data = read_pidfile(path)
-    sup = (data or {}).get("supervisor") or {}
-    if data and procs.same_process(int(sup.get("pid", 0)), sup.get("start")):
-        return data
-    return None
+def live_supervisor(path: str | Path) -> Pidfile | None:
+    """The pidfile's record when its supervisor still runs (same pid and start time), else None."""
+    record = read_pidfile(path)
+    return record if record is not None and record.supervisor.alive() else None
 
 
 def remove_pidfile(path: str | Path, pid: int) -> None:
     """Remove the pidfile only when it is still ours (a newer launch may have replaced it)."""
     with contextlib.suppress(Exception):
-        data = read_pidfile(path)
-        if data and data.get("supervisor", {}).get("pid") == pid:
+        record = read_pidfile(path)
+        if record is not None and record.supervisor.pid == pid:
             Path(path).unlink()
-
-

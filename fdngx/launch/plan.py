@@ -7,15 +7,16 @@ tests see exactly what a real launch runs. The engine's registry entry builds it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from fdngx import engines
-from fdngx.domain import Engine, Inventory, Restart, valid_host
-from fdngx.engines.argv import LaunchRequest, ProcSpec, check_distinct
+from fdngx.domain import Engine, Inventory, Restart
+from fdngx.engines.argv import DEFAULT_HOST, DpMode, LaunchRequest, ProcSpec, check_distinct, find_flag
 from fdngx.errors import UsageError
 from fdngx.inventory import check_unique, parse_inventory, to_json
+from fdngx.launch.hosts import Resolver, decide, resolve_self
 
 
 @dataclass
@@ -31,6 +32,13 @@ class Plan:
     grace: float
     # True when every instance lives in one process (multi_api_server, one sim): they fail and restart together.
     grouped: bool
+    # Separate processes that are ranks of one data-parallel group: stopped and restarted together.
+    coupled: bool = False
+    # Where the replicas listen (the engines' --host); the supervisor probes /health there. The inventory's
+    # host is the advertised address, which may not be reachable from here (NAT, another interface).
+    bind_host: str = DEFAULT_HOST
+    # One line each, for stderr before anything starts (e.g. FastDeploy's router self-check would fail).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def pidfile(self) -> str:
@@ -48,6 +56,9 @@ class Plan:
             "restart": self.restart.value,
             "grace": self.grace,
             "grouped": self.grouped,
+            "coupled": self.coupled,
+            "bind_host": self.bind_host,
+            "warnings": self.warnings,
         }
 
     @classmethod
@@ -63,11 +74,16 @@ class Plan:
             restart=Restart(data["restart"]),
             grace=float(data["grace"]),
             grouped=bool(data["grouped"]),
+            coupled=bool(data.get("coupled", False)),
+            bind_host=str(data.get("bind_host", DEFAULT_HOST)),
+            warnings=[str(w) for w in data.get("warnings", [])],
         )
 
     def describe(self) -> str:
         """The dry-run text: every command line with its environment, then the inventory."""
         lines = [f"# engine: {self.engine}; {len(self.procs)} process(es), each in its own process group"]
+        if self.coupled:
+            lines.append("# the processes are ranks of one data-parallel group: they stop and restart together")
         for p in self.procs:
             lines.append(f"# {p.name}: serves {', '.join(p.instances)}; output -> {p.log}")
             lines.append(p.command_line())
@@ -82,21 +98,27 @@ def pidfile_for(inventory_path: str | Path) -> str:
     return str(inventory_path) + ".pid"
 
 
-def build_plan(req: LaunchRequest) -> Plan:
-    """Validate the request and ask the engine's registry entry for its processes."""
+def build_plan(req: LaunchRequest, resolve: Resolver | None = None) -> Plan:
+    """Validate the request and ask the engine's registry entry for its processes.
+
+    `resolve` says what this machine's name resolves to; it is asked only with --router (FastDeploy's
+    registration self-check, see fdngx.launch.hosts)."""
     if req.num_servers < 1:
         raise UsageError(f"--num-servers must be at least 1, got {req.num_servers}")
-    if not valid_host(req.host):
-        raise UsageError(f"--host {req.host!r} is not an IP address or RFC 1123 hostname")
     if req.grace < 0:
         raise UsageError(f"--grace must be 0 or more seconds, got {req.grace}")
     if req.restart not in Restart.values():
         raise UsageError(f"--restart must be one of {', '.join(Restart.values())}, got {req.restart!r}")
+    if req.dp_mode is not None and req.dp_mode not in DpMode.values():
+        raise UsageError(f"--dp-mode must be one of {', '.join(DpMode.values())}, got {req.dp_mode!r}")
     engine = engines.spec(req.engine)
+    router = _router(req, engine.registers)
+    binding = decide(req.host, req.advertise_host, router, resolve or resolve_self)
     inventory_path = Path(req.inventory).absolute()
     log_dir = Path(req.log_dir).absolute() if req.log_dir else inventory_path.parent / "fdngx-logs"
     req = replace(req, engine=Engine(req.engine), restart=Restart(req.restart), inventory=inventory_path,
-                  log_dir=log_dir)
+                  log_dir=log_dir, host=binding.bind, advertise_host=binding.advertise, router=router,
+                  dp_mode=None if req.dp_mode is None else DpMode(req.dp_mode))
     launched = engine.build_launch(req)
     check_unique(launched.instances, "launch plan")
     instances = launched.instances
@@ -117,4 +139,20 @@ def build_plan(req: LaunchRequest) -> Plan:
         restart=req.restart,
         grace=req.grace,
         grouped=launched.grouped,
+        coupled=launched.coupled,
+        bind_host=binding.bind,
+        warnings=list(binding.warnings),
     )
+
+
+def _router(req: LaunchRequest, registers: bool) -> str | None:
+    """--router (fdngx's option) or `--router` after -- (FastDeploy's own flag): the same thing, said once."""
+    if not registers:
+        if req.router is not None:
+            raise UsageError(f"--router: --engine {req.engine} does not register with a router (FastDeploy's "
+                             "--router); put its replicas in the inventory instead")
+        return None
+    user = find_flag(req.extra_args, "--router")
+    if user is not None and req.router is not None and user[1] != req.router:
+        raise UsageError(f"--router {req.router} conflicts with engine argument --router {user[1]} after --")
+    return req.router if req.router is not None else (user[1] if user else None)

@@ -7,8 +7,10 @@ import errno
 import http.client
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
+from fdngx.domain import StrEnum
 from fdngx.errors import LaunchError
 from fdngx.system import procs
 
@@ -18,20 +20,55 @@ def probe_host(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
 
 
-def health(host: str, port: int, path: str = "/health", timeout: float = 2.0) -> tuple[bool, str]:
-    """(healthy, what we saw). Only 200 is healthy: FastDeploy answers 404/304 while its workers are not."""
+class HealthState(StrEnum):
+    """What one GET /health saw."""
+
+    HEALTHY = "healthy"  # 200
+    NOT_LISTENING = "not-listening"  # connection refused: nothing bound yet (a model loads), or the rank died
+    HTTP_STATUS = "http-status"  # an answer other than 200 (FastDeploy: 404 no worker heartbeat, 304 no weights)
+    TIMEOUT = "timeout"  # connected, no answer in time
+    ERROR = "error"  # any other socket or protocol error
+
+
+@dataclass(frozen=True)
+class Health:
+    state: HealthState
+    status: int | None = None  # the HTTP status, for HTTP_STATUS
+    detail: str = ""  # the error's words, for ERROR; the timeout, for TIMEOUT
+
+    @property
+    def ok(self) -> bool:
+        return self.state is HealthState.HEALTHY
+
+    def __str__(self) -> str:
+        """What a person reads in progress lines, the pidfile and errors."""
+        if self.state is HealthState.HEALTHY:
+            return "healthy"
+        if self.state is HealthState.NOT_LISTENING:
+            return "not listening yet"
+        if self.state is HealthState.HTTP_STATUS:
+            return f"HTTP {self.status}"
+        if self.state is HealthState.TIMEOUT:
+            return f"no answer in {self.detail}"
+        return self.detail or "error"
+
+
+def health(host: str, port: int, path: str = "/health", timeout: float = 2.0) -> Health:
+    """One GET of the health path. Only 200 is healthy: FastDeploy answers 404/304 while its workers are not."""
     conn = http.client.HTTPConnection(probe_host(host), port, timeout=timeout)
     try:
         conn.request("GET", path)
         resp = conn.getresponse()
         resp.read()
-        return resp.status == 200, "healthy" if resp.status == 200 else f"HTTP {resp.status}"
+        if resp.status == 200:
+            return Health(HealthState.HEALTHY, 200)
+        return Health(HealthState.HTTP_STATUS, resp.status)
     except ConnectionRefusedError:
-        return False, "not listening yet"
+        return Health(HealthState.NOT_LISTENING)
     except TimeoutError:
-        return False, f"no answer in {timeout:.0f}s"
+        return Health(HealthState.TIMEOUT, detail=f"{timeout:.0f}s")
     except (OSError, http.client.HTTPException) as exc:
-        return False, getattr(exc, "strerror", None) or type(exc).__name__
+        return Health(HealthState.ERROR, detail=getattr(exc, "strerror", None) or type(exc).__name__)
     finally:
         conn.close()
 

@@ -8,6 +8,7 @@ group stop) in fdngx.system.procs; command lines in fdngx.launch.plan and fdngx.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from typing import Any, TextIO
 from fdngx import engines
 from fdngx.domain import Engine
 from fdngx.errors import LaunchError
-from fdngx.launch.pidfile import live_supervisor, read_pidfile, remove_pidfile
+from fdngx.launch.pidfile import LaunchState, live_supervisor, read_pidfile, remove_pidfile
 from fdngx.launch.plan import Plan, pidfile_for
 from fdngx.launch.probe import check_ports
 from fdngx.launch.progress import Progress
@@ -50,10 +51,10 @@ def preflight(plan: Plan) -> None:
     if running:
         raise LaunchError(
             f"{plan.pidfile}: replicas launched with this inventory are still supervised by pid "
-            f"{running['supervisor']['pid']}; run 'fdngx stop --inventory {plan.inventory_path}' first"
+            f"{running.supervisor.pid}; run 'fdngx stop --inventory {plan.inventory_path}' first"
         )
     check_engine(plan.engine)
-    check_ports(plan.inventory.instances[0].host, plan.ports)
+    check_ports(plan.bind_host, plan.ports)
 
 
 def launch(plan: Plan, detach: bool = False, out: TextIO | None = None) -> int:
@@ -86,17 +87,18 @@ def _launch_detached(plan: Plan, out: TextIO) -> int:
     sup.stdin.write(json.dumps(plan.to_dict()).encode())
     sup.stdin.close()
     progress.say(f"supervisor pid {sup.pid} starting {len(plan.procs)} process(es); its log: {log}")
-    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    got: list[int] = []
+    old = signal.signal(signal.SIGTERM, functools.partial(_raise_interrupt, got))
     deadline = time.monotonic() + plan.timeout + plan.grace + 30
     try:
         while True:
             rc = sup.poll()
-            data = read_pidfile(plan.pidfile) or {}
-            if data.get("supervisor", {}).get("pid") != sup.pid:
-                data = {}
-            if data.get("instances"):
-                progress.update(data["instances"])
-            if rc is None and data.get("state") == "ready":
+            record = read_pidfile(plan.pidfile)
+            if record is not None and record.supervisor.pid != sup.pid:
+                record = None  # an older launch's file: not ours to follow
+            if record is not None and record.instances:
+                progress.update(record.instances)
+            if rc is None and record is not None and record.state is LaunchState.READY:
                 progress.say(
                     f"{len(plan.inventory.instances)} replica(s) healthy; inventory {plan.inventory_path}; "
                     f"supervisor pid {sup.pid} (pidfile {plan.pidfile}); stop with: fdngx stop --inventory "
@@ -104,18 +106,21 @@ def _launch_detached(plan: Plan, out: TextIO) -> int:
                 )
                 return 0
             if rc is not None:
-                if data.get("log_tail"):
-                    progress.say(f"last lines of {data.get('log_file', log)}:")
-                    print(data["log_tail"], file=out)
+                if record is not None and record.log_tail:
+                    progress.say(f"last lines of {record.log_file or log}:")
+                    print(record.log_tail, file=out)
                 remove_pidfile(plan.pidfile, sup.pid)
-                raise LaunchError(data.get("error") or f"the supervisor exited with status {rc}; see {log}")
+                raise LaunchError((record.error if record else None)
+                                  or f"the supervisor exited with status {rc}; see {log}")
             if time.monotonic() > deadline:
                 raise LaunchError(f"the supervisor did not report ready in time; stopped it; see {log}")
             time.sleep(0.2)
     except KeyboardInterrupt:
         _stop_supervisor(sup, plan, progress)
-        progress.say("interrupted: stopped the supervisor and every replica")
-        return 130
+        signum = got[0] if got else signal.SIGINT
+        progress.say(f"{signal.Signals(signum).name}: stopped the supervisor and every replica before they were "
+                     "healthy")
+        return 128 + signum
     except LaunchError:
         # Failed while starting: nothing may keep running behind the user's back.
         _stop_supervisor(sup, plan, progress)
@@ -137,7 +142,8 @@ def _stop_supervisor(sup: subprocess.Popen[bytes], plan: Plan, progress: Progres
         stop(plan.inventory_path, progress.out)
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
+def _raise_interrupt(got: list[int], signum: int, frame: Any) -> None:
+    got.append(signum)
     raise KeyboardInterrupt
 
 
@@ -145,40 +151,47 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def stop(inventory_path: str | Path, out: TextIO | None = None, grace: float | None = None) -> list[str]:
-    """Stop the supervisor recorded next to the inventory and everything it started; say what stopped."""
+    """Stop the supervisor recorded next to the inventory and everything it started; say what stopped.
+
+    Only processes the pidfile recorded, each still the very process (pid and start time): a group only
+    while its recorded leader lives; with the leader gone, the recorded members one by one. A stale file
+    naming a pid or group id the kernel has since handed to someone else stops nothing of theirs."""
     out = out or sys.stderr
-    pidfile = pidfile_for(Path(inventory_path).absolute())
-    data = read_pidfile(pidfile)
-    if data is None:
-        if not Path(inventory_path).exists():
-            raise LaunchError(f"{inventory_path}: no such inventory and no pidfile {pidfile}: nothing to stop")
+    inventory = Path(inventory_path).absolute()
+    pidfile = pidfile_for(inventory)
+    record = read_pidfile(pidfile)
+    if record is None:
+        if not inventory.exists():
+            raise LaunchError(f"{inventory}: no such inventory and no pidfile {pidfile}: nothing to stop")
         return [f"nothing to stop: no supervisor pidfile {pidfile} (a foreground launch stops with Ctrl-C)"]
-    sup = data.get("supervisor", {})
-    pid, start = int(sup.get("pid", 0)), sup.get("start")
-    grace = float(data.get("grace", 15.0)) if grace is None else grace
+    sup = record.supervisor
+    grace = record.grace if grace is None else grace
     report = []
-    supervised = procs.same_process(pid, start)
+    supervised = sup.alive()
     if supervised:
-        print(f"fdngx: stopping supervisor pid {pid} (up to {grace + 15:.0f}s)", file=out, flush=True)
-        procs.signal_pid(pid, start, signal.SIGTERM)
+        print(f"fdngx: stopping supervisor pid {sup.pid} (up to {grace + 15:.0f}s)", file=out, flush=True)
+        procs.signal_pid(sup.pid, sup.start, signal.SIGTERM)
         deadline = time.monotonic() + grace + 15
-        while procs.same_process(pid, start) and time.monotonic() < deadline:
+        while sup.alive() and time.monotonic() < deadline:
             time.sleep(0.1)
-        if procs.signal_pid(pid, start, signal.SIGKILL):
-            report.append(f"supervisor pid {pid} did not exit in time: killed")
+        if procs.signal_pid(sup.pid, sup.start, signal.SIGKILL):
+            report.append(f"supervisor pid {sup.pid} did not exit in time: killed")
         else:
-            report.append(f"stopped supervisor pid {pid}")
+            report.append(f"stopped supervisor pid {sup.pid}")
     else:
-        report.append(f"supervisor pid {pid} was not running (stale pidfile)")
-    children = [c for c in data.get("children", []) if c.get("pid")]
-    groups = [(int(c["pid"]), c.get("start"), c.get("stop_signal", "SIGTERM")) for c in children]
-    left = [g for g in groups if procs.group_is_ours(g[0], g[1])]
-    killed = procs.stop_all(left, [], grace) if left else []
+        report.append(f"supervisor pid {sup.pid} was not running (stale pidfile)")
+    children = [c for c in record.children if c.pid is not None]
+    groups = [(c.pid, c.start, c.stop_signal) for c in children if c.pid is not None and c.start is not None]
+    left = [(pgid, start, sig) for pgid, start, sig in groups if procs.group_is_ours(pgid, start)]
+    members = {p: s for c in children for p, s in c.members.items() if procs.same_process(p, s)}
+    killed = procs.stop_all(left, [], grace, members) if left or members else []
     left_pids = {g[0] for g in left}
     for c in children:
-        pid_c = int(c["pid"])
-        how = "killed" if pid_c in killed else "stopped" if supervised or pid_c in left_pids else "already gone:"
-        report.append(f"{how} {c['name']} pid {pid_c} serving {', '.join(c.get('instances', []))}")
+        assert c.pid is not None
+        how = "killed" if c.pid in killed else "stopped" if supervised or c.pid in left_pids else "already gone:"
+        report.append(f"{how} {c.name} pid {c.pid} serving {', '.join(c.instances)}")
+    if members and not supervised:
+        report.append(f"stopped {len(members)} recorded member process(es) of those groups")
     with contextlib.suppress(FileNotFoundError):
         Path(pidfile).unlink()
     return report

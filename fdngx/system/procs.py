@@ -2,7 +2,10 @@
 
 Safety rule: fdngx only ever signals processes it started. A pid alone can be reused by the kernel, so
 every pid we keep is paired with its start time from /proc/<pid>/stat and checked before any signal.
-A process group id stays reserved while any member lives, so signalling a group we created is safe.
+A whole group is signalled only while its leader is the very process we recorded (a zombie leader still
+holds its pid, so the group id cannot have been handed out again). Once the leader is gone its group id
+proves nothing (a stale pidfile may name a group id since reused by someone else's process group), so
+only the members we recorded, each checked by its own start time, are signalled then.
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ def starttime(pid: int) -> int | None:
     return int(f[19])
 
 
+def _starttime_any(pid: int) -> int | None:
+    """Start time of `pid` even when it is a zombie (it still holds its pid and group id)."""
+    f = _stat(pid)
+    return None if f is None or f[0] == "X" else int(f[19])
+
+
 @functools.cache
 def _boot_time() -> float:
     for line in Path("/proc/stat").read_text().splitlines():
@@ -75,11 +84,7 @@ def cmdline(pid: int) -> str:
 
 def group_alive(pgid: int) -> bool:
     """Any live (non-zombie) member in process group `pgid`?"""
-    for pid in _all_pids():
-        f = _stat(pid)
-        if f and f[0] not in ("Z", "X") and int(f[2]) == pgid:
-            return True
-    return False
+    return bool(group_members(pgid))
 
 
 def _all_pids() -> list[int]:
@@ -90,15 +95,16 @@ def _all_pids() -> list[int]:
 
 
 def group_is_ours(pgid: int, start: int | None) -> bool:
-    """Is process group `pgid` still the one we created with leader start time `start`?
+    """May we signal process group `pgid`, recorded with leader start time `start`?
 
-    Leader alive: it must be the same process. Leader gone: the pgid stays reserved while members live,
-    so remaining members are the leader's (multi_api_server's orphaned ranks).
+    Only while its leader, alive or a zombie not yet reaped, is the very process we recorded: then the
+    group id cannot have been reused. With the leader gone the answer is no, even if members live: a
+    group id named by a stale record may since belong to someone else's group. Callers signal the members
+    they recorded one by one instead (stop_all's `extra`).
     """
-    now = starttime(pgid)
-    if now is not None:
-        return now == start
-    return group_alive(pgid)
+    if start is None or _starttime_any(pgid) != start:
+        return False
+    return starttime(pgid) is not None or group_alive(pgid)  # a zombie leader: is anyone left in its group?
 
 
 def children(ppid: int) -> set[int]:
@@ -142,18 +148,24 @@ def become_subreaper() -> None:
         _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def _child_setup(parent: int) -> None:
+def _child_setup(parent: int, death_signal: int) -> None:
     # Runs in the child between fork and exec (after setsid). If the supervisor dies without a chance to
-    # clean up (SIGKILL, OOM), the kernel sends SIGTERM to the child instead of leaving it running.
+    # clean up (SIGKILL, OOM), the kernel sends `death_signal` to the child instead of leaving it running:
+    # the child's own stop signal (multi_api_server only cleans up its ranks on SIGINT, its Ctrl-C path).
+    # An ignored signal stays ignored across exec (a shell's `cmd &` ignores SIGINT): restore the default,
+    # or that stop signal would never reach the engine's handler.
+    signal.signal(death_signal, signal.SIG_DFL)
     if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        _libc.prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
 
 
-def start(argv: list[str], env: dict[str, str], log: Path, header: str) -> subprocess.Popen[bytes]:
+def start(
+    argv: list[str], env: dict[str, str], log: Path, header: str, death_signal: int = signal.SIGTERM
+) -> subprocess.Popen[bytes]:
     """Start one process in its own session (so its pgid is its pid), output appended to `log` after a
-    `# fdngx <time>: <header>` line."""
+    `# fdngx <time>: <header>` line. `death_signal` reaches it if this process dies without cleaning up."""
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **env}
     with open(log, "ab") as fh:
@@ -168,7 +180,7 @@ def start(argv: list[str], env: dict[str, str], log: Path, header: str) -> subpr
             stderr=subprocess.STDOUT,
             start_new_session=True,
             close_fds=True,
-            preexec_fn=functools.partial(_child_setup, os.getpid()),
+            preexec_fn=functools.partial(_child_setup, os.getpid(), death_signal),
         )
 
 
@@ -179,12 +191,25 @@ def signal_group(pgid: int, sig: int) -> bool:
     return False
 
 
+def group_members(pgid: int) -> dict[int, int]:
+    """Live members of process group `pgid` as {pid: start time}."""
+    out = {}
+    for pid in _all_pids():
+        f = _stat(pid)
+        if f and f[0] not in ("Z", "X") and int(f[2]) == pgid:
+            out[pid] = int(f[19])
+    return out
+
+
 def stop_popen_group(proc: subprocess.Popen[Any], grace: float = 10.0, sig: int = signal.SIGTERM) -> None:
     """Stop a child started in its own session (start_new_session=True) and whatever is left in its group.
 
     `sig` to the group, SIGKILL after `grace` seconds, then SIGKILL for members that outlived the leader
-    (nginx workers whose master died). Idempotent.
+    (nginx workers whose master died). The group is signalled only while the leader is unreaped (alive or
+    a zombie: its group id cannot have been reused); the members left after that are the ones seen in the
+    group before the leader was reaped, each checked by start time. Idempotent.
     """
+    members = group_members(proc.pid) if proc.returncode is None else {}
     if proc.poll() is None:
         signal_group(proc.pid, sig)
         try:
@@ -192,7 +217,9 @@ def stop_popen_group(proc: subprocess.Popen[Any], grace: float = 10.0, sig: int 
         except subprocess.TimeoutExpired:
             signal_group(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-    signal_group(proc.pid, signal.SIGKILL)
+    for pid, start in members.items():
+        if pid != proc.pid:
+            signal_pid(pid, start, signal.SIGKILL)
 
 
 def signal_pid(pid: int, start: int | None, sig: int) -> bool:
@@ -233,9 +260,11 @@ def stop_all(
 ) -> list[int]:
     """Stop process groups [(pgid, leader start time, stop signal name)] and every recorded descendant.
 
-    Graceful signal to each group, wait up to `grace` seconds for the groups and the `extra` processes
-    (a descendants() snapshot taken before, to catch members that left the group), then SIGKILL what is
-    left. Returns the pids that needed SIGKILL.
+    Graceful signal to each group whose leader is still the recorded process, wait up to `grace` seconds
+    for the groups and the `extra` processes {pid: start time} (members we recorded: a descendants()
+    snapshot, or a pidfile's record; each is signalled only while it is that very process), then SIGKILL
+    what is left. A group whose leader is gone is never signalled as a group: its recorded members are.
+    Returns the pids that needed SIGKILL.
     """
     extra = dict(extra or {})
     for pgid, start, signame in groups:

@@ -3,14 +3,23 @@
 Never raises for one instance: a refused connection, garbage, NaN, a missing series, a huge page or a
 server that drips bytes all become a sample with `error` set, and no instance can hold the others past
 the total deadline. The policy then decides what a bad sample means (stale, down, ...).
+
+Capacity (slots) comes from where the engine states it: FastDeploy's `fastdeploy:max_batch_size` gauge,
+SGLang's GET /get_server_info (an optional extra GET, bounded like the others; its failure is no error),
+and vLLM nowhere (its metrics carry no scheduler setting). When the inventory's max_num_seqs is a guess
+(`capacity_guessed: true`, written by `fdngx launch`) and the engine states nothing, the highest running
+count seen is a floor under it: a replica that ran 600 requests at once has at least 600 slots.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ALL_COMPLETED, Future, wait
 from dataclasses import replace
@@ -26,6 +35,8 @@ READ_TIMEOUT = 1.0
 DEADLINE = 1.5
 MAX_BYTES = 2 * 1024 * 1024  # a FastDeploy page is ~20 KB; vLLM with many labels a few hundred KB
 _HEALTH_BYTES = 64 * 1024
+# SGLang's /get_server_info: every server argument plus one small entry per DP rank (a few KB to ~100 KB).
+_INFO_BYTES = 1024 * 1024
 # Sane ranges: a value outside is clamped before the policy sees it (a buggy build can report anything).
 MAX_REQUESTS = 1_000_000.0  # running or queued on one replica
 # A scraped capacity (slots) is trusted within this factor of the inventory's max_num_seqs: enough to
@@ -136,21 +147,118 @@ def load_from_metrics(values: Mapping[str, list[float]], engine: EngineSpec) -> 
     return Load(run_total, queued_total, kv_usage, capacity, reliable, tpot_sum, tpot_count)
 
 
+def capacity_from_server_info(body: bytes) -> float | None:
+    """Slots an SGLang server states in GET /get_server_info, or None (never raises).
+
+    python/sglang/srt/entrypoints/http_server.py get_server_info() = server args + scheduler info +
+    `internal_states` (one per DP rank). Newer schedulers put the effective per-rank limit in each state
+    (`effective_max_running_requests_per_dp`, managers/scheduler.py get_internal_state): their sum is the
+    server's. Else `max_running_requests`, the server argument (null unless the user set it).
+    """
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    states = doc.get("internal_states")
+    if isinstance(states, list) and states and all(isinstance(st, dict) for st in states):
+        per_rank = [st.get("effective_max_running_requests_per_dp") for st in states]
+        if all(_slots(v) for v in per_rank):
+            return _clamp(float(sum(per_rank)), 1.0, MAX_REQUESTS)
+    total = doc.get("max_running_requests")
+    return _clamp(float(total), 1.0, MAX_REQUESTS) if _slots(total) else None
+
+
+def _slots(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 1
+
+
+class PeakRunning:
+    """The highest running count seen per replica: a floor under a guessed capacity. Bounded; a replica
+    that refuses connections (restarted, maybe with other settings) starts over."""
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._peak: dict[tuple[str, str, int], float] = {}
+        self._lock = threading.Lock()
+
+    def see(self, inst: Instance, running: float) -> float:
+        key = (inst.name, inst.host, inst.port)
+        with self._lock:
+            if key not in self._peak and len(self._peak) >= self.LIMIT:
+                self._peak.pop(next(iter(self._peak)))
+            peak = max(self._peak.get(key, 0.0), running)
+            self._peak[key] = peak
+            return peak
+
+    def forget(self, inst: Instance) -> None:
+        with self._lock:
+            self._peak.pop((inst.name, inst.host, inst.port), None)
+
+
+# One memory per scrape session: the sidecar keeps its client for its whole life, so peaks accumulate there;
+# a one-off client (cron, status) sees only what its own scrape saw.
+_PEAKS: weakref.WeakKeyDictionary[Client, PeakRunning] = weakref.WeakKeyDictionary()
+_PEAKS_LOCK = threading.Lock()
+
+
+def _peaks_for(client: Client) -> PeakRunning:
+    with _PEAKS_LOCK:
+        peaks = _PEAKS.get(client)
+        if peaks is None:
+            peaks = _PEAKS[client] = PeakRunning()
+        return peaks
+
+
+def learn_capacity(load: Load, inst: Instance, info: Fetch | None, peaks: PeakRunning) -> Load:
+    """The capacity the engine states (metrics first, then its info page), else for a guessed inventory
+    capacity the peak of running requests when it is above the guess. Clamped by trusted_capacity."""
+    if load.capacity is None and info is not None and info.error is None and info.status == 200:
+        stated = capacity_from_server_info(info.body)
+        if stated is not None:
+            load = replace(load, capacity=stated)
+    if load.capacity is None and inst.extra.get("capacity_guessed") is True:
+        peak = peaks.see(inst, load.running)
+        if peak > inst.max_num_seqs:
+            load = replace(load, capacity=peak)
+    return trusted_capacity(load, inst)
+
+
+def printable(text: str) -> str:
+    """`text` with every control character escaped (`\\x1b`). Error texts quote what a replica sent (the
+    parser quotes the page, http.client the status line): no terminal escape from a replica may reach
+    `fdngx status`, the logs or telemetry."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _metrics_url(inst: Instance, engine: EngineSpec) -> str:
     return f"{inst.base_url}/metrics" if engine.metrics_on_api_port else inst.metrics_url
 
 
-def _build(inst: Instance, engine: EngineSpec, metrics: Fetch | None, health: Fetch | None, at: float) -> LoadSample:
+def _build(
+    inst: Instance,
+    engine: EngineSpec,
+    metrics: Fetch | None,
+    health: Fetch | None,
+    at: float,
+    info: Fetch | None = None,
+    peaks: PeakRunning | None = None,
+) -> LoadSample:
     healthy = health is not None and health.status == 200 and health.error is None
     if health is None:
         health_error: str | None = "no answer before the scrape deadline"
     elif health.error:
-        health_error = health.error
+        health_error = printable(health.error)
     elif health.status != 200:
         health_error = str(health.status)
     else:
         health_error = None
     refused = health is not None and health.error == "connection refused"
+    peaks = peaks or PeakRunning()
+    if refused:
+        peaks.forget(inst)
     if metrics is None:
         return LoadSample(
             inst.name,
@@ -161,16 +269,17 @@ def _build(inst: Instance, engine: EngineSpec, metrics: Fetch | None, health: Fe
             health_error=health_error,
             refused=refused,
         )
-    error = metrics.error
+    error = printable(metrics.error) if metrics.error is not None else None
     if error is None and metrics.status != 200:
         error = f"HTTP {metrics.status}"
     load: Load | None = None
     if error is None:
         try:
             text = metrics.body.decode("utf-8", "replace")
-            load = trusted_capacity(load_from_metrics(parse_metrics(text, wanted_names(engine)), engine), inst)
+            load = learn_capacity(load_from_metrics(parse_metrics(text, wanted_names(engine)), engine), inst, info,
+                                  peaks)
         except Exception as exc:  # the parser raises ValueError and friends, never let one escape
-            error = f"bad metrics: {exc}"[:200]
+            error = printable(f"bad metrics: {exc}")[:200]
     if load is None:
         return LoadSample(
             inst.name, False, healthy, scraped_at=at, latency=metrics.latency, error=error, health_error=health_error,
@@ -197,16 +306,20 @@ def scrape_all(
     deadline: float = DEADLINE,
     max_bytes: int = MAX_BYTES,
     now: Callable[[], float] = time.time,
+    peaks: PeakRunning | None = None,
 ) -> dict[str, LoadSample]:
     """Scrape metrics and health of every instance at once; returns a sample per instance name.
 
     The whole call returns within about `deadline` seconds whatever the replicas do. `session`: a
-    Client from make_client() (reused across cycles), or None for a one-off client.
+    Client from make_client() (reused across cycles), or None for a one-off client. `peaks`: the memory of
+    running peaks (default: one per session).
     """
     insts = list(instances)
     if not insts:
         return {}
     client, own = (HttpClient(), True) if session is None else (session, False)
+    if peaks is None:
+        peaks = PeakRunning() if own else _peaks_for(client)
     end = time.monotonic() + deadline
     common = {"connect_timeout": connect_timeout, "read_timeout": timeout, "deadline": end}
     jobs: dict[Future[Fetch], tuple[int, str]] = {}
@@ -218,6 +331,9 @@ def scrape_all(
             jobs[pool.submit(client.get, url, max_bytes=max_bytes, **common)] = (n, "m")
             health = inst.base_url + engine.health_path
             jobs[pool.submit(client.get, health, max_bytes=_HEALTH_BYTES, status_only=True, **common)] = (n, "h")
+            if engine.capacity_info_path is not None:
+                info = inst.base_url + engine.capacity_info_path
+                jobs[pool.submit(client.get, info, max_bytes=_INFO_BYTES, **common)] = (n, "i")
         wait(jobs, timeout=max(0.0, end - time.monotonic()) + 0.05, return_when=ALL_COMPLETED)
         results: dict[tuple[int, str], Fetch] = {}
         for fut, key in jobs.items():
@@ -230,6 +346,7 @@ def scrape_all(
             client.close()
     at = now()
     return {
-        inst.name: _build(inst, spec(inst.engine), results.get((n, "m")), results.get((n, "h")), at)
+        inst.name: _build(inst, spec(inst.engine), results.get((n, "m")), results.get((n, "h")), at,
+                          results.get((n, "i")), peaks)
         for n, inst in enumerate(insts)
     }

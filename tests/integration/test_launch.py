@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -410,3 +411,307 @@ def test_a_lost_rank_restarts_its_whole_group(launcher: Launcher) -> None:
     err = p.stderr.read() if p.stderr else ""
     assert "lost dp1" in err and "restarting sim (restart #1)" in err
     launcher.assert_all_gone()
+
+
+# -- issue 10 item 6: stop signals only what it recorded; a signal during the health wait ----------------
+
+
+def standin(tmp: Path, launcher: Launcher, *, leave_member: bool = False) -> tuple[int, int | None]:
+    """A process in a session of its own, standing in for a process that got a pid fdngx once recorded.
+
+    leave_member: its leader exits at once and leaves a member alive in its group (a group whose id a stale
+    pidfile might name after the kernel reused it). Returns (pid or group id, the member's pid)."""
+    member_file = tmp / f"member-{len(launcher.pids)}"
+    code = (
+        "import os, subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(member_file)!r}, 'w').write(str(p.pid))\n"
+        + ("os._exit(0)\n" if leave_member else "time.sleep(600)\n")
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    launcher.procs.append(proc)  # type: ignore[arg-type]
+    member = int(wait_for(lambda: member_file.exists() and member_file.read_text(), timeout=30, what="member"))
+    launcher.pids[proc.pid] = procs.starttime(proc.pid)
+    launcher.pids[member] = procs.starttime(member)
+    if leave_member:
+        proc.wait(30)
+        assert os.getpgid(member) == proc.pid  # the group lives on without its leader
+    return proc.pid, member
+
+
+def write_stale_pidfile(launcher: Launcher, children: list[dict[str, Any]], sup: tuple[int, int | None]) -> None:
+    launcher.inv.write_text(json.dumps({"version": 1, "upstream": "fastdeploy", "instances": []}))
+    launcher.pidfile.write_text(json.dumps({
+        "supervisor": {"pid": sup[0], "start": sup[1]}, "state": "ready", "detached": True, "engine": "sim",
+        "inventory": str(launcher.inv), "grace": 2, "children": children, "instances": {},
+    }))  # fmt: skip
+
+
+def test_stop_never_signals_a_process_whose_start_time_differs(launcher: Launcher) -> None:
+    leader, member = standin(launcher.tmp, launcher)
+    start = procs.starttime(leader)
+    assert start is not None
+    # A stale record: same pids, other start times (what a reused pid looks like).
+    child = {"name": "sim", "pid": leader, "start": start + 1, "stop_signal": "SIGTERM", "instances": ["dp0"],
+             "state": "running", "members": [[member, (procs.starttime(member) or 0) + 1]]}  # fmt: skip
+    write_stale_pidfile(launcher, [child], (leader, start + 7))
+    s = launcher.run("stop", "--inventory", str(launcher.inv))
+    assert s.returncode == 0, s.stderr
+    assert f"supervisor pid {leader} was not running (stale pidfile)" in s.stdout
+    assert f"already gone: sim pid {leader}" in s.stdout
+    time.sleep(0.5)
+    assert procs.same_process(leader, start) and procs.alive(member)  # nobody signalled
+    assert not launcher.pidfile.exists()
+
+
+def test_stop_with_the_leader_gone_signals_only_recorded_members(launcher: Launcher) -> None:
+    group, member = standin(launcher.tmp, launcher, leave_member=True)
+    mstart = procs.starttime(member)
+    assert mstart is not None
+    # The group id's leader is gone: killpg would reach whoever is in that group now. Not recorded: untouched.
+    child = {"name": "sim", "pid": group, "start": 12345, "stop_signal": "SIGTERM", "instances": ["dp0"],
+             "state": "running", "members": []}  # fmt: skip
+    write_stale_pidfile(launcher, [child], (group, 1))
+    assert launcher.run("stop", "--inventory", str(launcher.inv)).returncode == 0
+    time.sleep(0.5)
+    assert procs.same_process(member, mstart)
+    # Recorded with another start time: still untouched.
+    write_stale_pidfile(launcher, [{**child, "members": [[member, mstart + 1]]}], (group, 1))
+    assert launcher.run("stop", "--inventory", str(launcher.inv)).returncode == 0
+    time.sleep(0.5)
+    assert procs.same_process(member, mstart)
+    # Recorded as that very process: stopped, by its own pid.
+    write_stale_pidfile(launcher, [{**child, "members": [[member, mstart]]}], (group, 1))
+    s = launcher.run("stop", "--inventory", str(launcher.inv))
+    assert s.returncode == 0, s.stderr
+    assert "stopped 1 recorded member process(es)" in s.stdout
+    wait_for(lambda: not procs.same_process(member, mstart), timeout=30, what="the recorded member to stop")
+
+
+def test_group_is_ours_needs_the_recorded_leader() -> None:
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    try:
+        start = procs.starttime(p.pid)
+        assert start is not None
+        assert procs.group_is_ours(p.pid, start)
+        assert not procs.group_is_ours(p.pid, start + 1)
+        assert not procs.group_is_ours(p.pid, None)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(10)
+    assert not procs.group_is_ours(p.pid, start)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_the_health_wait_exits_128_plus_the_signal(launcher: Launcher, sig: int) -> None:
+    p = launcher.start("--engine", "sim", "-n", "2", "--per-instance", "--timeout", "120", *sim_ports(2),
+                       "--", "--unhealthy")  # fmt: skip
+
+    def children() -> list[int] | None:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            pf = json.loads(launcher.pidfile.read_text())
+            pids = [c["pid"] for c in pf["children"] if c["pid"]]
+            return pids if len(pids) == 2 and pf["instances"].get("dp1") == "HTTP 404" else None
+        return None
+
+    pids = wait_for(children, timeout=STARTUP, interval=0.2, what="both replicas answering 404")
+    launcher.remember()
+    os.kill(p.pid, sig)
+    assert p.wait(60) == 128 + sig
+    err = p.stderr.read() if p.stderr else ""
+    assert "before every replica was healthy" in err and "no inventory written" in err
+    assert not launcher.inv.exists() and not launcher.pidfile.exists()
+    for pid in pids:
+        wait_for(lambda pid=pid: not procs.alive(pid), timeout=30, what=f"pid {pid} to exit")
+    launcher.assert_all_gone()
+
+
+def test_sigterm_to_a_detaching_launch_before_ready_exits_143(launcher: Launcher) -> None:
+    p = subprocess.Popen(
+        launcher.cmd("launch", "--detach", "--inventory", str(launcher.inv), "--engine", "sim", "-n", "1",
+                     "--timeout", "120", *sim_ports(1), "--", "--unhealthy"),
+        cwd=launcher.tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    launcher.procs.append(p)
+    launcher.pids[p.pid] = procs.starttime(p.pid)
+
+    def starting() -> bool:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            pf = json.loads(launcher.pidfile.read_text())
+            return pf["instances"].get("dp0") == "HTTP 404"
+        return False
+
+    wait_for(starting, timeout=STARTUP, interval=0.2, what="the replica answering 404")
+    launcher.remember()
+    os.kill(p.pid, signal.SIGTERM)
+    assert p.wait(90) == 128 + signal.SIGTERM
+    assert "SIGTERM: stopped the supervisor and every replica" in (p.stderr.read() if p.stderr else "")
+    launcher.assert_all_gone()
+    assert not launcher.inv.exists()
+
+
+# -- issue 11: SIGINT as multi_api_server's parent-death signal ---------------------------------------------
+
+# Like multi_api_server: stops its ranks only from `except KeyboardInterrupt` (SIGINT's default action).
+KEYBOARD_ONLY = """
+import sys, time
+try:
+    while True:
+        time.sleep(0.1)
+except KeyboardInterrupt:
+    open(sys.argv[1], "w").write("KeyboardInterrupt")
+"""
+
+# A supervisor stand-in that starts it through procs.start and is then SIGKILLed. It ignores SIGINT first,
+# as a shell does for `cmd &`: an ignored signal survives exec, and must not survive into the engine.
+PARENT = """
+import signal, sys
+from pathlib import Path
+from fdngx.system import procs
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+child = procs.start([sys.executable, "-c", sys.argv[1], sys.argv[2]], {}, Path(sys.argv[3]), "test",
+                    death_signal=getattr(signal, sys.argv[4]))
+print(child.pid, flush=True)
+signal.pause()
+"""
+
+
+@pytest.mark.parametrize(("death", "handled"), [("SIGINT", True), ("SIGTERM", False)])
+def test_parent_death_signal_reaches_the_engine(launcher: Launcher, death: str, handled: bool) -> None:
+    marker = launcher.tmp / "marker"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, KEYBOARD_ONLY, str(marker), str(launcher.tmp / "child.log"), death],
+        stdout=subprocess.PIPE, text=True, start_new_session=True, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    launcher.procs.append(parent)  # type: ignore[arg-type]
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    launcher.pids[child] = procs.starttime(child)
+    time.sleep(0.5)  # let the child reach its try block
+    os.kill(parent.pid, signal.SIGKILL)  # no chance to clean up: only the kernel's parent-death signal
+    parent.wait(10)
+    wait_for(lambda: not procs.alive(child), timeout=30, what="the orphaned child to stop")
+    # SIGINT runs multi_api_server's KeyboardInterrupt path (it stops its ranks); SIGTERM kills it outright.
+    assert (marker.exists() and marker.read_text() == "KeyboardInterrupt") is handled
+
+
+# -- coupled ranks (vLLM's external load balancing): one dies, all restart ----------------------------------
+
+
+def coupled_plan(tmp: Path, restart: str) -> Any:
+    from dataclasses import replace
+
+    from fdngx.engines.argv import LaunchRequest
+    from fdngx.launch.plan import build_plan
+
+    ports = [int(x) for x in free_ports(4)]
+    req = LaunchRequest(engine="sim", num_servers=2, per_instance=True, inventory=tmp / "fdngx.json",
+                        ports=ports[:2], metrics_ports=ports[2:], restart=restart, grace=5.0)  # fmt: skip
+    return replace(build_plan(req), coupled=True)
+
+
+def test_coupled_ranks_restart_together(launcher: Launcher) -> None:
+    import io
+
+    from fdngx.launch.run import launch, stop
+
+    plan = coupled_plan(launcher.tmp, "on-failure")
+    assert launch(plan, detach=True, out=io.StringIO()) == 0
+    doc = launcher.inventory()
+    old = [i["pid"] for i in doc["instances"]]
+    os.kill(old[0], signal.SIGKILL)
+
+    def both_new() -> list[dict[str, Any]] | None:
+        insts = launcher.inventory()["instances"]
+        ok = all(i["pid"] not in old and i["status"] == "running" for i in insts)
+        return insts if ok else None
+
+    insts = wait_for(both_new, timeout=STARTUP, interval=0.2, what="both ranks restarted")
+    assert all(health(i) for i in insts)
+    assert not procs.alive(old[1])  # the surviving rank was stopped, not left running alone
+    log = (Path(plan.log_dir) / "supervisor.log").read_text()
+    assert "stopping dp1: ranks of one data-parallel group cannot run without dp0" in log
+    stop(launcher.inv, out=io.StringIO())
+    launcher.assert_all_gone()
+
+
+def test_coupled_ranks_exit_together_without_restart(launcher: Launcher) -> None:
+    import io
+
+    from fdngx.launch.run import launch, stop
+
+    plan = coupled_plan(launcher.tmp, "no")
+    assert launch(plan, detach=True, out=io.StringIO()) == 0
+    doc = launcher.inventory()
+    os.kill(doc["instances"][1]["pid"], signal.SIGKILL)
+
+    def exited() -> bool:
+        return all(i["status"] == "exited" for i in launcher.inventory()["instances"])
+
+    wait_for(exited, timeout=30, interval=0.2, what="both ranks marked exited")
+    wait_for(lambda: not procs.alive(doc["instances"][0]["pid"]), timeout=30, what="dp0 stopped with dp1")
+    stop(launcher.inv, out=io.StringIO())
+    launcher.assert_all_gone()
+
+
+# -- typed health probe, absolute paths -----------------------------------------------------------------
+
+
+def test_health_probe_states_against_real_sockets() -> None:
+    import http.server
+    import threading
+
+    from fdngx.launch.probe import HealthState, health
+
+    class NotHealthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotHealthy)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()  # accepts connections, never answers
+    try:
+        assert health("127.0.0.1", srv.server_address[1]).state is HealthState.HTTP_STATUS
+        assert health("127.0.0.1", srv.server_address[1]).status == 404
+        free = free_ports(1)[0]
+        assert health("127.0.0.1", free).state is HealthState.NOT_LISTENING
+        h = health("127.0.0.1", silent.getsockname()[1], timeout=0.5)
+        assert h.state is HealthState.TIMEOUT and str(h) == "no answer in 0s"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        silent.close()
+
+
+def test_stop_errors_name_absolute_paths(launcher: Launcher) -> None:
+    r = launcher.run("stop", "--inventory", "nowhere.json")
+    assert r.returncode == 1
+    assert f"{launcher.tmp}/nowhere.json: no such inventory and no pidfile {launcher.tmp}/nowhere.json.pid" in r.stderr
+
+
+def test_stop_popen_group_reaches_members_that_outlived_their_leader(tmp_path: Path) -> None:
+    member_file = tmp_path / "member"
+    code = (
+        "import os, subprocess, sys\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(member_file)!r}, 'w').write(str(p.pid))\n"
+        "os._exit(0)\n"
+    )
+    leader = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    member = int(wait_for(lambda: member_file.exists() and member_file.read_text(), timeout=30, what="member"))
+    mstart = procs.starttime(member)
+    try:
+        wait_for(lambda: procs.starttime(leader.pid) is None, timeout=30, what="the leader to exit (a zombie)")
+        procs.stop_popen_group(leader, grace=5)
+        wait_for(lambda: not procs.same_process(member, mstart), timeout=30, what="the member to be stopped")
+        assert leader.returncode == 0
+        procs.stop_popen_group(leader, grace=5)  # idempotent, and signals nothing once reaped
+    finally:
+        if procs.same_process(member, mstart):
+            os.kill(member, signal.SIGKILL)

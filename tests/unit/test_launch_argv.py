@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -90,7 +92,8 @@ def test_fastdeploy_metrics_base_port_and_base_port() -> None:
 
 def test_fastdeploy_model_from_engine_args_only() -> None:
     argv, _ = one(plan("fastdeploy", 1, "--model=/m/ernie", gpus=["0"]))
-    assert argv[-7:] == ["--model=/m/ernie", "--host", "127.0.0.1", "--data-parallel-size", "1",
+    # The = form of a flag fdngx reads reaches multi_api_server as two tokens (it matches exact tokens).
+    assert argv[-8:] == ["--model", "/m/ernie", "--host", "127.0.0.1", "--data-parallel-size", "1",
                          "--engine-worker-queue-port", "10001"]  # fmt: skip
 
 
@@ -289,3 +292,413 @@ def test_cli_says_which_engine_when_defaulting(monkeypatch: pytest.MonkeyPatch, 
     assert result.exit_code == 0
     assert "no --engine given and FastDeploy is not installed here: using --engine sim" in result.output
     assert f"{PY} -m fdngx.cli sim --host 127.0.0.1 --ports 8001 --metrics-ports 9001" in result.output
+
+
+# -- issue 11: -tp, the = form, controller ports, per-rank port lists ----------------------------------------
+
+
+def test_fastdeploy_tp_alias_slices_gpus_in_both_forms() -> None:
+    for tp in (["-tp", "2"], ["-tp=2"], ["--tensor-parallel-size=2"]):
+        p = plan("fastdeploy", 2, *tp, model="M", gpus=["0", "1", "2", "3"], per_instance=True)
+        assert [c.env["CUDA_VISIBLE_DEVICES"] for c in p.procs] == ["0,1", "2,3"], tp
+        assert p.procs[0].argv[3:5] == [tp[0].split("=")[0], "2"]  # two tokens, whatever the user wrote
+    with pytest.raises(UsageError, match="8 replicas x 2 GPU"):
+        plan("fastdeploy", 8, "-tp", "2", model="M", gpus=GPUS8)
+
+
+def test_fastdeploy_equals_form_queue_ports_reach_multi_api_server_as_two_tokens() -> None:
+    p = plan("fastdeploy", 2, "--engine-worker-queue-port=25611,25621", "--cache-queue-port=25612,25622",
+             model="M", gpus=["0", "1"])  # fmt: skip
+    argv, _ = one(p)
+    tail = argv[argv.index("--args") + 1 :]
+    assert tail[:4] == ["--engine-worker-queue-port", "25611,25621", "--cache-queue-port", "25612,25622"]
+    assert not any(t.startswith("--engine-worker-queue-port=") for t in argv)
+    assert tail.count("--engine-worker-queue-port") == 1  # fdngx adds none of its own
+    # The user's ports are the ones recorded and checked free.
+    assert p.ports == [8001, 8002, 9001, 9002, 25611, 25621, 25612, 25622]
+
+
+def test_two_token_only_touches_the_named_flags_and_stops_at_the_separator() -> None:
+    from fdngx.engines.argv import two_token
+
+    got = two_token(["--a=1", "--b=x=y", "--c=2", "--", "--a=3"], "--a", "--b")
+    assert got == ["--a", "1", "--b", "x=y", "--c=2", "--", "--a=3"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "kw", "message"),
+    [
+        (["--cache-queue-port", "1,2,3"], {}, "--cache-queue-port lists 3 port(s) but --num-servers is 2"),
+        (["--pd-comm-port=5,6"], {"per_instance": True}, "--pd-comm-port after -- conflicts with --per-instance"),
+        (["--engine-worker-queue-port=5,6"], {"per_instance": True}, "conflicts with --per-instance"),
+        ([], {"controller_ports": [7001]}, "--controller-ports lists 1 port(s) but --num-servers is 2"),
+        ([], {"controller_ports": [9001, 9002]}, "port 9001 is planned twice"),
+        (["--controller-ports", "1,2"], {}, "--controller-ports after -- conflicts with fdngx"),
+        (["--controller-port=7"], {}, "--controller-port after -- conflicts with fdngx"),
+        ([], {"per_instance": True, "dp_mode": "moe"}, "--per-instance conflicts with --dp-mode moe"),
+    ],
+)
+def test_fastdeploy_port_list_refusals(extra: list[str], kw: dict, message: str) -> None:
+    with pytest.raises(UsageError) as err:
+        plan("fastdeploy", 2, *extra, **{"model": "M", "gpus": ["0", "1"], **kw})
+    assert message in str(err.value)
+
+
+def test_fastdeploy_controller_ports_one_per_server() -> None:
+    p = plan("fastdeploy", 2, model="M", gpus=["0", "1"], controller_ports=[7001, 7002])
+    argv, _ = one(p)
+    assert argv[3:11] == ["--num-servers", "2", "--ports", "8001,8002", "--metrics-ports", "9001,9002",
+                          "--controller-ports", "7001,7002"]  # fmt: skip
+    assert argv.index("--controller-ports") < argv.index("--args")  # a multi_api_server option, not a child flag
+    assert p.ports == [8001, 8002, 9001, 9002, 10001, 10002, 7001, 7002]
+    assert [i.extra["controller_port"] for i in p.inventory.instances] == [7001, 7002]
+    per = plan("fastdeploy", 2, model="M", gpus=["0", "1"], controller_ports=[7001, 7002], per_instance=True)
+    assert [c.argv[-2:] for c in per.procs] == [["--controller-port", "7001"], ["--controller-port", "7002"]]
+    assert 7002 in per.ports
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang", "sim"])
+def test_controller_ports_and_router_are_fastdeploy_only(engine: str) -> None:
+    with pytest.raises(UsageError, match="--controller-ports is a FastDeploy option"):
+        plan(engine, 1, model="M", controller_ports=[7001])
+    with pytest.raises(UsageError, match=f"--router: --engine {engine} does not register"):
+        plan(engine, 1, model="M", router="http://127.0.0.1:9000")
+
+
+def test_multi_api_server_stops_and_dies_with_sigint_others_with_sigterm() -> None:
+    from fdngx.launch.children import Child
+
+    multi = plan("fastdeploy", 2, model="M", gpus=["0", "1"]).procs[0]
+    single = plan("fastdeploy", 2, model="M", gpus=["0", "1"], per_instance=True).procs[0]
+    assert Child(multi).death_signal == signal.SIGINT  # it handles only KeyboardInterrupt
+    assert Child(single).death_signal == signal.SIGTERM
+    assert Child(plan("vllm", 1, model="M").procs[0]).death_signal == signal.SIGTERM
+
+
+# -- issue 11: MoE data parallelism -----------------------------------------------------------------------
+
+
+def test_vllm_moe_one_serve_per_rank_as_its_external_load_balancing_docs_say() -> None:
+    p = plan("vllm", 2, "--enable-expert-parallel", model="deepseek", gpus=["0", "1"], dp_mode="moe")
+    assert [c.argv for c in p.procs] == [
+        ["vllm", "serve", "deepseek", "--host", "127.0.0.1", "--port", "8001", "--data-parallel-size", "2",
+         "--data-parallel-rank", "0", "--enable-expert-parallel"],
+        ["vllm", "serve", "deepseek", "--host", "127.0.0.1", "--port", "8002", "--data-parallel-size", "2",
+         "--data-parallel-rank", "1", "--enable-expert-parallel"],
+    ]  # fmt: skip
+    assert [c.env for c in p.procs] == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
+    assert p.coupled and not p.grouped
+    assert p.ports == [8001, 8002, 29550]  # rank 0's data-parallel RPC port (vLLM's default) must be free too
+    assert "ranks of one data-parallel group" in p.describe()
+    # The user's own size (equal to --num-servers) and RPC port are kept, not repeated.
+    q = plan("vllm", 2, "-dp", "2", "--data-parallel-rpc-port=13345", "-tp", "2", model="M", gpus=GPUS8[:4],
+             dp_mode="moe")  # fmt: skip
+    assert q.procs[1].argv[5:9] == ["--port", "8002", "--data-parallel-rank", "1"]
+    assert q.procs[1].env == {"CUDA_VISIBLE_DEVICES": "2,3"}
+    assert q.ports == [8001, 8002, 13345]
+
+
+@pytest.mark.parametrize(
+    ("engine", "extra", "kw", "message"),
+    [
+        ("vllm", ["-dp", "4"], {"dp_mode": "moe"}, "--data-parallel-size 4 after -- conflicts with --num-servers 2"),
+        ("vllm", ["--data-parallel-rank", "0"], {"dp_mode": "moe"}, "--data-parallel-rank after -- conflicts"),
+        ("vllm", ["--headless"], {"dp_mode": "moe"}, "not vLLM's internal or hybrid load balancer"),
+        ("vllm", ["-dpl", "2"], {"dp_mode": "moe"}, "-dpl after -- conflicts"),
+        ("vllm", ["--data-parallel-size", "2"], {}, "use --dp-mode moe"),
+        ("sglang", ["--dp-size", "2"], {}, "use --dp-mode moe"),
+        ("sglang", ["--enable-dp-attention"], {}, "needs --dp-size, which fdngx sets with --dp-mode moe"),
+        ("sglang", ["--tp", "3"], {"dp_mode": "moe"}, "--tp-size (3) to be a multiple of the DP size"),
+        ("sglang", ["--dp", "4"], {"dp_mode": "moe"}, "--dp-size 4 after -- conflicts with --num-servers 2"),
+        ("sglang", [], {"dp_mode": "moe", "ports": [1, 2]}, "give one port in --ports, got 2"),
+    ],
+)
+def test_moe_refusals_are_clear(engine: str, extra: list[str], kw: dict, message: str) -> None:
+    with pytest.raises(UsageError) as err:
+        plan(engine, 2, *extra, **{"model": "M", "gpus": ["0", "1"], **kw})
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_moe_needs_two_ranks() -> None:
+    with pytest.raises(UsageError, match="needs --num-servers 2 or more"):
+        plan("vllm", 1, model="M", dp_mode="moe")
+    with pytest.raises(UsageError, match="dp-size > 1"):
+        plan("sglang", 1, model="M", dp_mode="moe")
+
+
+def test_sglang_moe_is_one_dp_attention_server_with_one_endpoint() -> None:
+    p = plan("sglang", 4, "--tp", "8", model="deepseek", gpus=GPUS8, dp_mode="moe", base_port=30000)
+    argv, env = one(p)
+    assert argv == [PY, "-m", "sglang.launch_server", "--model-path", "deepseek", "--host", "127.0.0.1",
+                    "--port", "30000", "--dp-size", "4", "--enable-dp-attention", "--enable-metrics",
+                    "--tp", "8"]  # fmt: skip
+    assert env == {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
+    [inst] = p.inventory.instances  # SGLang balances its ranks itself, behind this one endpoint
+    assert (inst.name, inst.port, inst.metrics_port) == ("dp0", 30000, 30000)
+    assert inst.extra["dp_ranks"] == 4 and inst.extra["capacity_guessed"] is True
+    assert p.grouped and p.ports == [30000]
+    # Without a --tp-size, the DP size is the TP size (one GPU per rank).
+    q = plan("sglang", 2, "--max-running-requests", "64", model="M", dp_mode="moe")
+    assert one(q)[0][9:15] == ["--tp-size", "2", "--dp-size", "2", "--enable-dp-attention", "--enable-metrics"]
+    assert "capacity_guessed" not in q.inventory.instances[0].extra
+    assert q.inventory.instances[0].max_num_seqs == 64
+
+
+def test_dp_mode_independent_is_per_instance_for_fastdeploy_and_sim() -> None:
+    a = plan("fastdeploy", 2, model="M", gpus=["0", "1"], dp_mode="independent")
+    b = plan("fastdeploy", 2, model="M", gpus=["0", "1"], per_instance=True)
+    assert a.to_dict() == b.to_dict()
+    assert [c.name for c in plan("sim", 2, dp_mode="independent").procs] == ["dp0", "dp1"]
+    assert [c.name for c in plan("sim", 2, dp_mode="moe").procs] == ["sim"]
+    with pytest.raises(UsageError, match="--per-instance conflicts with --dp-mode moe"):
+        plan("sim", 2, dp_mode="moe", per_instance=True)
+
+
+def test_guessed_capacity_is_marked_in_the_inventory() -> None:
+    guessed = plan("vllm", 1, model="M").inventory.instances[0]
+    assert guessed.max_num_seqs == 256 and guessed.extra["capacity_guessed"] is True
+    assert "capacity_guessed" not in plan("vllm", 1, "--max-num-seqs=512", model="M").inventory.instances[0].extra
+    assert plan("sglang", 1, model="M").inventory.instances[0].extra["capacity_guessed"] is True
+    # FastDeploy's default (8) and the simulator's are known settings, not guesses.
+    assert "capacity_guessed" not in plan("fastdeploy", 1, model="M", gpus=["0"]).inventory.instances[0].extra
+    assert "capacity_guessed" not in plan("sim", 1).inventory.instances[0].extra
+
+
+# -- --router, --host, --advertise-host (FastDeploy's registration self-check) ---------------------------
+
+
+def resolver(address: str | None, name: str = "gpu-node-7") -> Any:
+    from fdngx.launch.hosts import SelfName
+
+    calls: list[int] = []
+
+    def resolve() -> SelfName:
+        calls.append(1)
+        return SelfName(name, address, None if address else "Name or service not known")
+
+    resolve.calls = calls  # type: ignore[attr-defined]
+    return resolve
+
+
+@pytest.mark.parametrize(
+    ("host", "advertise", "router", "address", "bind", "named", "warns"),
+    [
+        # No router: 127.0.0.1 unless told; the resolver is not even asked.
+        (None, None, None, None, "127.0.0.1", "127.0.0.1", []),
+        ("0.0.0.0", None, None, None, "0.0.0.0", "0.0.0.0", []),
+        (None, "10.1.2.3", None, None, "127.0.0.1", "10.1.2.3", ["listen on 127.0.0.1 only"]),
+        # Router: listen on every address, name the resolved one.
+        (None, None, "10.0.0.5:9000", "192.168.1.20", "0.0.0.0", "192.168.1.20", []),
+        (None, "gw.example.org", "10.0.0.5:9000", "192.168.1.20", "0.0.0.0", "gw.example.org", []),
+        ("192.168.1.20", None, "10.0.0.5:9000", "192.168.1.20", "192.168.1.20", "192.168.1.20", []),
+        # The Debian case: the name resolves to 127.0.1.1; a 127.0.0.1 bind never passes FastDeploy's check.
+        ("127.0.0.1", None, "http://127.0.0.1:9000", "127.0.1.1", "127.0.0.1", "127.0.0.1",
+         ["FastDeploy checks http://127.0.1.1:PORT/health", "use --host 0.0.0.0 or --host 127.0.1.1"]),
+        ("127.0.0.1", None, "http://127.0.0.1:9000", "192.168.1.20", "127.0.0.1", "127.0.0.1",
+         ["gpu-node-7 resolves to 192.168.1.20", "no replica will ever register"]),
+        # A loopback registration address is useless to a router on another machine.
+        (None, None, "http://10.0.0.5:9000", "127.0.1.1", "0.0.0.0", "127.0.1.1",
+         ["registers host_ip 127.0.1.1", "router on 10.0.0.5 cannot reach"]),
+        (None, None, "http://127.0.0.1:9000", "127.0.1.1", "0.0.0.0", "127.0.1.1", []),
+    ],
+)
+def test_host_decision(host: str | None, advertise: str | None, router: str | None, address: str | None,
+                       bind: str, named: str, warns: list[str]) -> None:  # fmt: skip
+    from fdngx.launch.hosts import decide
+
+    resolve = resolver(address)
+    got = decide(host, advertise, router, resolve)
+    assert (got.bind, got.advertise) == (bind, named)
+    text = " | ".join(got.warnings)
+    assert all(w in text for w in warns), text
+    assert bool(got.warnings) == bool(warns)
+    assert all("\n" not in w for w in got.warnings)
+    assert bool(resolve.calls) == (router is not None)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("host", "advertise", "router", "message"),
+    [
+        (None, None, "http://10.0.0.5:9000", "'gpu-node-7' does not resolve"),
+        (None, None, " ", "must be a URL"),
+        (None, None, "http://:9000", "must be a URL"),
+        (None, "0.0.0.0", None, "not a wildcard"),
+        ("a b", None, None, "--host 'a b' is not an IP address"),
+        (None, "x;y", None, "--advertise-host 'x;y' is not an IP address"),
+    ],
+)
+def test_host_decision_refusals(host: str | None, advertise: str | None, router: str, message: str) -> None:
+    from fdngx.launch.hosts import decide
+
+    with pytest.raises(UsageError, match=message):
+        decide(host, advertise, router, resolver(None))
+
+
+def test_fastdeploy_router_plan_binds_everywhere_and_names_the_resolved_address() -> None:
+    req = LaunchRequest(engine="fastdeploy", num_servers=2, model="M", gpus=["0", "1"], inventory=INV,
+                        router="http://10.0.0.5:9000")  # fmt: skip
+    p = build_plan(req, resolve=resolver("192.168.1.20"))
+    argv, _ = one(p)
+    assert argv[argv.index("--args") + 1 :][:6] == ["--model", "M", "--host", "0.0.0.0", "--router",
+                                                     "http://10.0.0.5:9000"]  # fmt: skip
+    assert [i.host for i in p.inventory.instances] == ["192.168.1.20"] * 2
+    assert p.bind_host == "0.0.0.0" and p.warnings == []
+    assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))).bind_host == "0.0.0.0"
+    # FastDeploy's own --router after -- is the same thing (and is not passed twice).
+    q = build_plan(LaunchRequest(engine="fastdeploy", num_servers=1, model="M", gpus=["0"], inventory=INV,
+                                 extra_args=["--router=10.0.0.5:9000"]), resolve=resolver("192.168.1.20"))
+    tail = one(q)[0]
+    assert tail.count("--router") == 1 and q.inventory.instances[0].host == "192.168.1.20"
+    with pytest.raises(UsageError, match="--router http://a:1 conflicts with engine argument --router b:2"):
+        build_plan(LaunchRequest(engine="fastdeploy", num_servers=1, model="M", gpus=["0"], router="http://a:1",
+                                 extra_args=["--router", "b:2"]), resolve=resolver("192.168.1.20"))
+
+
+def test_cli_router_warning_is_one_line_on_stderr(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr("fdngx.launch.plan.resolve_self", resolver("127.0.1.1", "debian"))
+    result = CliRunner().invoke(
+        app,
+        ["launch", "--dry-run", "--engine", "fastdeploy", "-n", "1", "--gpus", "0", "--model", "M",
+         "--host", "127.0.0.1", "--router", "127.0.0.1:9000", "--inventory", str(tmp_path / "f.json")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("fdngx: warning:")]
+    assert len(warnings) == 1
+    assert "FastDeploy checks http://127.0.1.1:PORT/health" in warnings[0]
+    assert "--host 127.0.0.1 --router 127.0.0.1:9000" in result.output
+
+
+# -- progress off a terminal -------------------------------------------------------------------------------
+
+
+def test_progress_says_it_is_still_waiting_every_30s_off_a_terminal() -> None:
+    import io
+
+    from fdngx.launch.progress import Progress
+
+    now = [0.0]
+    out = io.StringIO()
+    prog = Progress(["dp0", "dp1"], out, timeout=1800, clock=lambda: now[0])
+    waiting = {"dp0": "not listening yet", "dp1": "not listening yet"}
+    prog.update(waiting)
+    assert out.getvalue().count("\n") == 2  # the first sight of each
+    for t in (10.0, 29.0):
+        now[0] = t
+        prog.update(waiting)
+    assert "still waiting" not in out.getvalue()
+    now[0] = 30.5
+    prog.update(waiting)
+    assert "fdngx: still waiting after 30s of 1800s: 0/2 healthy; dp0: not listening yet, dp1: not listening yet\n" \
+        in out.getvalue()
+    now[0] = 45.0
+    prog.update({"dp0": "healthy", "dp1": "HTTP 404"})  # a change is a line of its own, and resets the clock
+    now[0] = 70.0
+    prog.update({"dp0": "healthy", "dp1": "HTTP 404"})
+    assert out.getvalue().count("still waiting") == 1
+    now[0] = 75.5
+    prog.update({"dp0": "healthy", "dp1": "HTTP 404"})
+    assert out.getvalue().rstrip().endswith("still waiting after 76s of 1800s: 1/2 healthy; dp1: HTTP 404")
+    now[0] = 200.0
+    prog.update({"dp0": "healthy", "dp1": "healthy"})
+    now[0] = 400.0
+    prog.update({"dp0": "healthy", "dp1": "healthy"})  # nothing pending: nothing to say
+    assert out.getvalue().count("still waiting") == 2
+
+
+def test_progress_on_a_terminal_redraws_instead() -> None:
+    import io
+
+    from fdngx.launch.progress import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    now = [0.0]
+    out = Tty()
+    prog = Progress(["dp0"], out, clock=lambda: now[0])
+    for t in (0.0, 31.0, 62.0):
+        now[0] = t
+        prog.update({"dp0": "not listening yet"})
+    assert "still waiting" not in out.getvalue() and "\r\x1b[K[" in out.getvalue()
+
+
+# -- typed values: health, pidfile -------------------------------------------------------------------------
+
+
+def test_health_results_are_typed_and_read_well() -> None:
+    from fdngx.launch.probe import Health, HealthState
+
+    assert Health(HealthState.HEALTHY, 200).ok
+    assert not Health(HealthState.HTTP_STATUS, 404).ok
+    assert [str(h) for h in (
+        Health(HealthState.HEALTHY, 200), Health(HealthState.NOT_LISTENING), Health(HealthState.HTTP_STATUS, 304),
+        Health(HealthState.TIMEOUT, detail="2s"), Health(HealthState.ERROR, detail="No route to host"),
+    )] == ["healthy", "not listening yet", "HTTP 304", "no answer in 2s", "No route to host"]  # fmt: skip
+
+
+def pidfile_doc() -> dict:
+    return {
+        "supervisor": {"pid": 4242, "start": 99}, "state": "ready", "detached": True, "engine": "sim",
+        "inventory": "/srv/fdngx.json", "grace": 5,
+        "children": [{"name": "sim", "pid": 4243, "start": 100, "stop_signal": "SIGINT", "instances": ["dp0"],
+                      "state": "running", "members": [[4250, 120], [4251, 121]]}],
+        "instances": {"dp0": "healthy"},
+    }  # fmt: skip
+
+
+def test_pidfile_round_trips_typed(tmp_path: Path) -> None:
+    from fdngx.launch.pidfile import ChildState, LaunchState, read_pidfile, write_pidfile
+
+    path = tmp_path / "f.json.pid"
+    path.write_text(json.dumps(pidfile_doc()))
+    rec = read_pidfile(path)
+    assert rec is not None
+    assert rec.state is LaunchState.READY and rec.children[0].state is ChildState.RUNNING
+    assert rec.children[0].members == {4250: 120, 4251: 121}
+    assert rec.supervisor.pid == 4242 and rec.grace == 5.0
+    write_pidfile(path, rec)
+    assert read_pidfile(path) == rec
+    assert read_pidfile(tmp_path / "none.pid") is None
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d["supervisor"].update(pid=0), "supervisor.pid must be a pid"),
+        (lambda d: d["supervisor"].update(pid="12"), "supervisor.pid must be a non-negative integer"),
+        (lambda d: d["supervisor"].update(start=True), "supervisor.start must be a non-negative integer"),
+        (lambda d: d.update(state="exploded"), "state must be one of starting, ready, failed"),
+        (lambda d: d["children"][0].update(stop_signal="SIGKILL"), "children[0].stop_signal must be one of"),
+        (lambda d: d["children"][0].update(pid=-1), "children[0].pid must be"),
+        (lambda d: d["children"][0].update(members=[[1]]), "children[0].members[0] must be [pid, start time]"),
+        (lambda d: d["children"][0].update(members=[[0, 5]]), "children[0].members[0] must be a pid"),
+        (lambda d: d.update(children={}), "children must be a list"),
+        (lambda d: d.update(grace=1e9), "grace must be 0..3600 seconds"),
+        (lambda d: d.update(engine="ollama"), "engine must be one of"),
+    ],
+)
+def test_pidfile_is_validated_on_load(tmp_path: Path, change: Any, message: str) -> None:
+    from fdngx.errors import LaunchError
+    from fdngx.launch.pidfile import read_pidfile
+
+    doc = pidfile_doc()
+    change(doc)
+    path = tmp_path / "f.json.pid"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(LaunchError) as err:
+        read_pidfile(path)
+    assert f"{path}: pidfile field {message}" in str(err.value)
+
+
+def test_pidfile_garbage_is_one_error_naming_the_absolute_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fdngx.errors import LaunchError
+    from fdngx.launch.pidfile import read_pidfile
+
+    monkeypatch.chdir(tmp_path)
+    for text in ("{not json", "[1, 2]", "[" * 100_000):
+        Path("f.json.pid").write_text(text)
+        with pytest.raises(LaunchError) as err:
+            read_pidfile("f.json.pid")
+        assert str(err.value).startswith(f"{tmp_path}/f.json.pid: ")

@@ -1,0 +1,105 @@
+"""One supervised process (a Child), its typed state, and how the supervisor stops one or all of them.
+
+Every signal goes through fdngx.system.procs, which checks (pid, start time) first: a group is signalled
+only while its recorded leader lives; otherwise the members recorded as our descendants, one by one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fdngx.engines.argv import ProcSpec
+from fdngx.launch.pidfile import ChildRecord, ChildState
+from fdngx.system import procs
+
+
+@dataclass
+class Child:
+    spec: ProcSpec
+    popen: subprocess.Popen[bytes] | None = None
+    start: int | None = None
+    state: ChildState = ChildState.STARTING
+    started_at: float = 0.0
+    healthy_at: float | None = None
+    restarts: int = 0
+    restart_at: float = 0.0
+    exit_code: int | None = None
+    # Descendants seen so far {pid: start time}, refreshed while the child runs (see remember_trees).
+    tree: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen is not None else None
+
+    @property
+    def death_signal(self) -> int:
+        return int(getattr(signal, self.spec.stop_signal))
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def record(self) -> ChildRecord:
+        return ChildRecord(self.spec.name, self.pid, self.start, self.spec.stop_signal, list(self.spec.instances),
+                           self.state, dict(self.tree))
+
+
+def describe_exit(rc: int) -> str:
+    if rc < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-rc).name}"
+        return f"was killed by signal {-rc}"
+    return f"exited with status {rc}"
+
+
+def remember_trees(children: list[Child]) -> bool:
+    """Note each live child's descendants: once a leader dies its workers reparent to us and the link is lost,
+    and FastDeploy starts its GPU workers in sessions of their own, outside the child's group. True when
+    something new was seen (the pidfile then records it for `fdngx stop`)."""
+    changed = False
+    for c in children:
+        if c.alive() and c.popen is not None:
+            seen = procs.descendants(c.popen.pid)
+            changed |= not seen.items() <= c.tree.items()
+            c.tree.update(seen)
+    return changed
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def stop_child(c: Child, grace: float) -> None:
+    """Stop one child: its group (while its leader is the process we started), the members of that group
+    that are our descendants (even reparented ones) and every descendant we saw, each by (pid, start)."""
+    if c.popen is None:
+        return
+    if c.popen.poll() is None:
+        c.tree.update(procs.descendants(c.popen.pid))
+    mine = {p: s for p, s in procs.descendants(os.getpid()).items() if _pgid(p) == c.popen.pid}
+    mine.update(c.tree)
+    procs.stop_all([(c.popen.pid, c.start or 0, c.spec.stop_signal)], [c.popen], grace, mine)
+    c.tree.clear()
+
+
+def stop_every(children: list[Child], grace: float, announce: Callable[[int], None]) -> list[int]:
+    """Stop every child group and every descendant of this process, whatever group it moved to; `announce`
+    gets the number of groups before the (up to `grace` seconds) wait. Returns the pids that needed SIGKILL."""
+    live = [c for c in children if c.popen is not None]
+    if not live:
+        return []
+    snapshot = procs.descendants(os.getpid())
+    for c in live:
+        snapshot.update(c.tree)
+    groups = [(c.popen.pid, c.start or 0, c.spec.stop_signal) for c in live if c.popen is not None]
+    popens = [c.popen for c in live if c.popen is not None]
+    if any(c.alive() for c in live) or snapshot:
+        announce(len(groups))
+    return procs.stop_all(groups, popens, grace, snapshot)

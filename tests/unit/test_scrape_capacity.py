@@ -1,0 +1,197 @@
+"""Capacity learned from the engines: SGLang's /get_server_info, and the observed running peak as a floor
+under a guessed capacity (vLLM states none). Loopback HTTP servers only; the scrape stays bounded."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fdngx.domain import Engine, Instance, Load
+from fdngx.weights.fetch import Fetch, HttpClient
+from fdngx.weights.scrape import PeakRunning, capacity_from_server_info, learn_capacity, scrape_all
+
+UPSTREAM = Path(__file__).resolve().parent.parent / "fixtures" / "upstream"
+SGLANG_INFO = (UPSTREAM / "sglang-server-info.json").read_bytes()
+STOP = threading.Event()
+
+
+def sglang_page(running: float) -> str:
+    return (
+        "# TYPE sglang:num_running_reqs gauge\n"
+        f'sglang:num_running_reqs{{tp_rank="0"}} {running}\n'
+        "# TYPE sglang:num_queue_reqs gauge\n"
+        'sglang:num_queue_reqs{tp_rank="0"} 0\n'
+        "# TYPE sglang:token_usage gauge\n"
+        'sglang:token_usage{tp_rank="0"} 0.1\n'
+    )
+
+
+def vllm_page(running: float) -> str:
+    return (
+        "# TYPE vllm:num_requests_running gauge\n"
+        f'vllm:num_requests_running{{engine="0"}} {running}\n'
+        "# TYPE vllm:num_requests_waiting gauge\n"
+        'vllm:num_requests_waiting{engine="0"} 0\n'
+    )
+
+
+class Replica:
+    """A loopback replica whose pages the test changes between scrapes."""
+
+    def __init__(self) -> None:
+        self.pages: dict[str, tuple[int, bytes]] = {"/health": (200, b"")}
+        self.hang: set[str] = set()
+        self.hits: list[str] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                owner.hits.append(self.path)
+                if self.path in owner.hang:
+                    STOP.wait(5.0)
+                    return
+                status, body = owner.pages.get(self.path, (404, b"no"))
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.srv.daemon_threads = True
+        self.srv.block_on_close = False
+        threading.Thread(target=self.srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.port = self.srv.server_address[1]
+
+    def instance(self, engine: Engine, max_num_seqs: int, **extra: Any) -> Instance:
+        return Instance("r", "127.0.0.1", self.port, self.port, engine, max_num_seqs, extra=dict(extra))
+
+
+@pytest.fixture
+def replica() -> Iterator[Callable[[], Replica]]:
+    STOP.clear()
+    made: list[Replica] = []
+
+    def make() -> Replica:
+        made.append(Replica())
+        return made[-1]
+
+    yield make
+    STOP.set()
+    for r in made:
+        r.srv.shutdown()
+        r.srv.server_close()
+
+
+# -- pure -------------------------------------------------------------------------------------------------
+
+
+def test_server_info_states_sglang_capacity() -> None:
+    # The fixture reconstructed from SGLang's http_server.py: max_running_requests 128, set by the user.
+    assert capacity_from_server_info(SGLANG_INFO) == 128.0
+    doc = json.loads(SGLANG_INFO)
+    # Newer schedulers: the effective limit per DP rank; the server's is their sum (DP attention: 2 ranks).
+    doc["max_running_requests"] = None
+    doc["internal_states"] = [{"effective_max_running_requests_per_dp": 48}] * 2
+    assert capacity_from_server_info(json.dumps(doc).encode()) == 96.0
+    # A rank without the field: fall back to the server argument (null here: nothing stated).
+    doc["internal_states"][1] = {"last_gen_throughput": 1.0}
+    assert capacity_from_server_info(json.dumps(doc).encode()) is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"not json", b"[1,2]", b'{"max_running_requests": true}', b'{"max_running_requests": "128"}',
+     b'{"max_running_requests": 0}', b'{"max_running_requests": NaN}', b'{"max_running_requests": -5}',
+     b'{"internal_states": [{"effective_max_running_requests_per_dp": 1e400}]}', b"[" * 100_000],
+)  # fmt: skip
+def test_server_info_garbage_states_nothing(body: bytes) -> None:
+    assert capacity_from_server_info(body) is None
+
+
+def test_server_info_is_clamped() -> None:
+    assert capacity_from_server_info(b'{"max_running_requests": 1e300}') == 1_000_000.0
+
+
+def test_peak_is_a_floor_only_under_a_guessed_capacity() -> None:
+    peaks = PeakRunning()
+    guessed = Instance("v", "127.0.0.1", 8001, 8001, Engine.VLLM, 256, extra={"capacity_guessed": True})
+    known = Instance("k", "127.0.0.1", 8002, 8002, Engine.VLLM, 256)
+    assert learn_capacity(Load(running=100.0), guessed, None, peaks).capacity is None  # under the guess: no news
+    assert learn_capacity(Load(running=600.0), guessed, None, peaks).capacity == 600.0
+    assert learn_capacity(Load(running=10.0), guessed, None, peaks).capacity == 600.0  # a floor: it stays
+    assert learn_capacity(Load(running=600.0), known, None, peaks).capacity is None  # a known setting is not a guess
+    peaks.forget(guessed)
+    assert learn_capacity(Load(running=10.0), guessed, None, peaks).capacity is None
+    # What the engine states wins over the floor, and both stay within the inventory's trust band (8x).
+    info = Fetch(200, b'{"max_running_requests": 1000}', 0.01, None)
+    assert learn_capacity(Load(running=900.0), guessed, info, PeakRunning()).capacity == 1000.0
+    assert learn_capacity(Load(running=5000.0), guessed, None, PeakRunning()).capacity == 2048.0
+    failed = Fetch(None, b"", 0.01, "timed out")
+    assert learn_capacity(Load(running=1.0, capacity=64.0), guessed, failed, PeakRunning()).capacity == 64.0
+
+
+def test_peak_memory_is_bounded() -> None:
+    peaks = PeakRunning()
+    for i in range(PeakRunning.LIMIT + 50):
+        peaks.see(Instance(f"r{i}", "127.0.0.1", 1000 + i % 60000, 1, Engine.VLLM), 1.0)
+    assert len(peaks._peak) == PeakRunning.LIMIT
+
+
+# -- scraping real sockets --------------------------------------------------------------------------------
+
+
+def test_sglang_capacity_from_its_info_page(replica: Callable[[], Replica]) -> None:
+    r = replica()
+    r.pages["/metrics"] = (200, sglang_page(11).encode())
+    r.pages["/get_server_info"] = (200, SGLANG_INFO)
+    got = scrape_all([r.instance(Engine.SGLANG, 256, capacity_guessed=True)])["r"]
+    assert got.ok and got.running == 11.0 and got.capacity == 128.0
+    assert "/get_server_info" in r.hits
+
+
+@pytest.mark.parametrize("broken", ["500", "hang", "garbage"])
+def test_a_broken_info_page_is_no_error_and_keeps_the_scrape_bounded(
+    replica: Callable[[], Replica], broken: str
+) -> None:
+    import time
+
+    r = replica()
+    r.pages["/metrics"] = (200, sglang_page(3).encode())
+    if broken == "500":
+        r.pages["/get_server_info"] = (500, b"oops")
+    elif broken == "hang":
+        r.hang.add("/get_server_info")
+    else:
+        r.pages["/get_server_info"] = (200, b"{" * 50_000)
+    t0 = time.monotonic()
+    got = scrape_all([r.instance(Engine.SGLANG, 48)], timeout=0.5, deadline=1.0)["r"]
+    assert time.monotonic() - t0 < 3.0
+    assert got.ok and got.error is None and got.healthy
+    assert got.running == 3.0 and got.capacity is None  # the policy falls back to the inventory's 48
+
+
+def test_vllm_guessed_capacity_learns_the_running_peak_within_one_session(replica: Callable[[], Replica]) -> None:
+    r = replica()
+    inst = r.instance(Engine.VLLM, 256, capacity_guessed=True)
+    client = HttpClient()
+    try:
+        r.pages["/metrics"] = (200, vllm_page(700).encode())
+        assert scrape_all([inst], session=client)["r"].capacity == 700.0
+        r.pages["/metrics"] = (200, vllm_page(20).encode())
+        assert scrape_all([inst], session=client)["r"].capacity == 700.0  # the session remembers the peak
+        assert scrape_all([inst])["r"].capacity is None  # a one-off scrape knows only what it saw
+    finally:
+        client.close()
+    # vLLM has no info page: no extra GET is made for it.
+    assert set(r.hits) == {"/metrics", "/health"}

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-lb examples setup nginx luajit clean
+.PHONY: demo test lint fuzz bench bench-lb examples setup nginx luajit clean
 
 setup: $(STAMP) nginx luajit
 
@@ -46,6 +46,10 @@ demo: setup
 test: setup
 	$(BIN)/ruff check fdngx tests bench
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The property tests over hostile input, much longer than in `make test` (3,000 examples each).
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q -p no:cacheprovider tests/security -k property
 
 lint: setup
 	$(BIN)/ruff check fdngx tests bench

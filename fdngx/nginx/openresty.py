@@ -66,7 +66,7 @@ def ensure_token(path: Path) -> str:
     """Read the token, creating a random one (mode 0600) the first time: stable, so renders stay identical.
 
     A token file another account could have planted or can read is refused (UnsafeFileError)."""
-    check_private(path, "openresty admin token")
+    check_private(path, "openresty admin token", secret=True)
     try:
         token = read_token(path)
         if token:
@@ -75,7 +75,7 @@ def ensure_token(path: Path) -> str:
         if path.exists():
             raise
     token = secrets.token_urlsafe(24)
-    atomic_write(path, token + "\n", mode=0o600)
+    atomic_write(path, token + "\n", mode=0o600, private=True)
     return token
 
 
@@ -195,7 +195,7 @@ def write_peers_file(path: Path, inv: Inventory) -> str:
     if old_text is not None and _peer_lines(old_text) == new_lines and "\ngeneration " in old_text:
         return old_text
     text = snapshot(next_generation(), initial_peers(inv), inv.upstream)
-    atomic_write(path, text, mode=0o644)
+    atomic_write(path, text, mode=0o644, private=True)
     return text
 
 

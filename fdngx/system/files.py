@@ -119,9 +119,10 @@ def remove(path: Path) -> None:
         os.unlink(path)
 
 
-def check_private(path: Path, what: str) -> None:
+def check_private(path: Path, what: str, *, secret: bool = False) -> None:
     """Refuse a file another account could have planted or can change: it must be a regular file (not a
-    symlink) owned by us, writable by nobody else. Raises UnsafeFileError with the fix."""
+    symlink) owned by us, writable by nobody else (a `secret` readable by nobody else either, as ssh wants
+    of a key). Raises UnsafeFileError with the fix."""
     try:
         st = os.stat(path, follow_symlinks=False)
     except FileNotFoundError:
@@ -133,10 +134,12 @@ def check_private(path: Path, what: str) -> None:
             f"{path}: the {what} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}); "
             "remove it and let fdngx create it"
         )
-    if st.st_mode & 0o022:
+    if st.st_mode & (0o077 if secret else 0o022):
+        how = "readable or writable" if secret else "writable"
+        fix = "go-rwx" if secret else "go-w"
         raise UnsafeFileError(
-            f"{path}: the {what} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"chmod go-w {path}, or remove it and let fdngx create it"
+            f"{path}: the {what} is {how} by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"chmod {fix} {path}, or remove it and let fdngx create it"
         )
 
 

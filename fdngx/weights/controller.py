@@ -41,14 +41,12 @@ class CycleResult:
     pushed: int | None  # openresty: peers the balancer took; None: no push this cycle
     error: str | None  # why the apply or push failed (nginx keeps what it had)
     text: str = ""  # the rendered config
+    # Whether the nginx fdngx reloads runs, checked every cycle (None: fdngx does not reload, so it cannot say).
+    nginx_running: bool | None = None
 
     @property
     def changed(self) -> bool:
         return bool(self.decisions and self.decisions.changed) or bool(self.applied and self.applied.changed)
-
-    @property
-    def nginx_running(self) -> bool | None:
-        return self.applied.nginx_running if self.applied is not None else None
 
 
 def server_states(decisions: Decisions) -> dict[str, ServerState]:
@@ -130,9 +128,17 @@ class Controller:
             error = str(exc)
         if error is not None and decisions is not None:
             new_state = unapplied(new_state, state)
-        result = CycleResult(decisions, samples, applied, pushed, error, text)
+        result = CycleResult(decisions, samples, applied, pushed, error, text, self._nginx_running(applied))
         self._log(result)
         return result, new_state
+
+    def _nginx_running(self, applied: ApplyResult | None) -> bool | None:
+        """What the apply found, else a look at the master (a pid file and /proc: cheap every cycle), so a
+        stopped nginx shows at once even while no weight changes."""
+        if applied is not None and applied.nginx_running is not None:
+            return applied.nginx_running
+        control = self.target.control
+        return control.running() if control is not None and self.target.reload else None
 
     def run_once(self, inv: Inventory, store: StateStore | None, *, save: bool = True) -> CycleResult:
         """Cron: one step with the state from `store`, saved back under its lock. `save=False` (--diff,

@@ -206,7 +206,9 @@ def decide(
 ) -> tuple[Decisions, PolicyState]:
     """One policy cycle. Does not mutate `state`; returns the decisions and the state to keep."""
     insts = sorted(inventory.instances, key=lambda i: i.name)
-    prev = {n: replace(st) for n, st in state.instances.items()}
+    # A weight stored by a run with a bigger --scale is brought into this run's bounds before anything uses it.
+    prev = {n: replace(st, weight=None if st.weight is None else max(1, min(config.max_weight, st.weight)))
+            for n, st in state.instances.items()}
     states = {i.name: replace(prev[i.name]) if i.name in prev else InstanceState() for i in insts}
     dt = config.interval if state.updated_at is None else max(0.0, now - state.updated_at)
     for inst in insts:

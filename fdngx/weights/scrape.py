@@ -41,7 +41,10 @@ _INFO_BYTES = 1024 * 1024
 MAX_REQUESTS = 1_000_000.0  # running or queued on one replica
 # A scraped capacity (slots) is trusted within this factor of the inventory's max_num_seqs: enough to
 # correct a guess (vLLM's 256 vs 1024), not enough for one replica to claim the fleet's traffic.
-CAPACITY_TRUST = 8.0
+CAPACITY_TRUST = 8.0  # below the inventory (a replica claiming fewer slots only lowers its own weight)
+# Above it, a stated capacity is trusted this far: a replica that lies about max_batch_size cannot take the
+# fleet's traffic. A guessed inventory capacity (`capacity_guessed`: vLLM's 256 vs 1024) gets CAPACITY_TRUST.
+CAPACITY_ABOVE = 2.0
 MAX_COUNTER = 1e15  # histogram counters (seconds, observations): far beyond any engine's uptime
 
 
@@ -233,6 +236,14 @@ def printable(text: str) -> str:
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+NO_LOAD_SIGNAL = "no load signal (registered without a metrics port; see --registry-metrics-port)"
+
+
+def no_load_signal(inst: Instance) -> bool:
+    """The registry found no metrics port for this instance: its health is checked, its load is not read."""
+    return inst.extra.get("metrics_source") == "none"
+
+
 def _metrics_url(inst: Instance, engine: EngineSpec) -> str:
     return f"{inst.base_url}/metrics" if engine.metrics_on_api_port else inst.metrics_url
 
@@ -265,7 +276,7 @@ def _build(
             False,
             healthy,
             scraped_at=at,
-            error="no answer before the scrape deadline",
+            error=NO_LOAD_SIGNAL if no_load_signal(inst) else "no answer before the scrape deadline",
             health_error=health_error,
             refused=refused,
         )
@@ -290,10 +301,12 @@ def _build(
 
 
 def trusted_capacity(load: Load, inst: Instance) -> Load:
-    """The scraped capacity, within CAPACITY_TRUST of what the inventory says."""
+    """The scraped capacity, within what the inventory says: down to 1/CAPACITY_TRUST, up to CAPACITY_ABOVE
+    times (CAPACITY_TRUST when the inventory's number is a guess)."""
     if load.capacity is None:
         return load
-    lo, hi = inst.max_num_seqs / CAPACITY_TRUST, inst.max_num_seqs * CAPACITY_TRUST
+    above = CAPACITY_TRUST if inst.extra.get("capacity_guessed") is True else CAPACITY_ABOVE
+    lo, hi = inst.max_num_seqs / CAPACITY_TRUST, inst.max_num_seqs * above
     return replace(load, capacity=_clamp(load.capacity, max(1.0, lo), hi))
 
 
@@ -327,8 +340,9 @@ def scrape_all(
         pool = client.executor()
         for n, inst in enumerate(insts):
             engine = spec(inst.engine)
-            url = _metrics_url(inst, engine)
-            jobs[pool.submit(client.get, url, max_bytes=max_bytes, **common)] = (n, "m")
+            if not no_load_signal(inst):
+                url = _metrics_url(inst, engine)
+                jobs[pool.submit(client.get, url, max_bytes=max_bytes, **common)] = (n, "m")
             health = inst.base_url + engine.health_path
             jobs[pool.submit(client.get, health, max_bytes=_HEALTH_BYTES, status_only=True, **common)] = (n, "h")
             if engine.capacity_info_path is not None:

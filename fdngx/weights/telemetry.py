@@ -51,6 +51,10 @@ class Telemetry:
             "fdngx_replica_load_signal", "1 when the last scrape gave a usable load signal, 0 when not", lbl,
             registry=r,
         )
+        self.slots = Gauge("fdngx_replica_slots", "Capacity the policy uses (max_batch_size, else max_num_seqs)",
+                           lbl, registry=r)
+        self.load = Gauge("fdngx_replica_load_ratio", "Smoothed load per slot the policy uses ((running + queued) "
+                          "/ slots, plus KV pressure)", lbl, registry=r)
         self.scrape_errors = Counter(
             "fdngx_replica_scrape_errors_total", "Scrapes whose metrics could not be used", lbl, registry=r
         )
@@ -60,11 +64,14 @@ class Telemetry:
         )
         self.pushes = Counter("fdngx_pushes_total", "openresty flavor: weight/load pushes to the balancer", registry=r)
         self.nginx_up = Gauge(
-            "fdngx_nginx_up", "1 when the nginx fdngx reloads is running (last apply), 0 when not", registry=r
+            "fdngx_nginx_up", "1 when the nginx fdngx reloads is running, 0 when not (checked every cycle; NaN "
+            "when fdngx does not reload nginx, e.g. --no-reload)", registry=r
         )
+        self.nginx_up.set(math.nan)
         self.last_success = Gauge(
             "fdngx_last_apply_success_timestamp_seconds",
-            "When nginx last took what fdngx decided (apply, or push), Unix time", registry=r,
+            "Last cycle at whose end nginx had what fdngx decided (applied, pushed, or already current), Unix time",
+            registry=r,
         )
         self.budget_held = Gauge(
             "fdngx_budget_held", "1 while the reload budget holds weight changes back", registry=r
@@ -96,15 +103,15 @@ class Telemetry:
 
     def _apply(self, result: CycleResult, now: float) -> None:
         applied = result.applied
+        if result.nginx_running is not None:
+            self.nginx_up.set(1 if result.nginx_running else 0)
         if result.error is not None:
             self.apply_failures.inc()
-        elif applied is not None or result.pushed is not None:
+        elif result.nginx_running is not False:
             self.last_success.set(now)
         if result.pushed is not None:
             self.pushes.inc()
         if applied is not None:
-            if applied.nginx_running is not None:
-                self.nginx_up.set(1 if applied.nginx_running else 0)
             if applied.reloaded:
                 self.reloads.inc()
                 self.apply_seconds.observe(applied.reload_seconds)
@@ -136,12 +143,16 @@ class Telemetry:
             else:
                 self.scrape_errors.labels(d.name).inc()
             st = state.instances.get(d.name)
+            if st is not None and st.capacity is not None:
+                self.slots.labels(d.name).set(st.capacity)
+            if d.load is not None:
+                self.load.labels(d.name).set(d.load)
             last = st.last_ok_at if st else None
             self.age.labels(d.name).set(now - last if last is not None else math.inf)
 
     def _forget(self, name: str) -> None:
         per_replica = (self.up, self.weight, self.speed, self.running, self.queued, self.kv, self.age, self.signal,
-                       self.scrape_errors)
+                       self.slots, self.load, self.scrape_errors)
         for metric in per_replica:
             with contextlib.suppress(KeyError):
                 metric.remove(name)

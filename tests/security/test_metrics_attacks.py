@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fdngx.weights.scrape import CAPACITY_TRUST
+from fdngx.weights.scrape import CAPACITY_ABOVE, CAPACITY_TRUST
 from tests.security.conftest import PageServer, cli, fastdeploy_page, write
 
 StartPage = Callable[[str, str], PageServer]
@@ -147,8 +147,8 @@ def test_status_shows_a_replica_with_bad_metrics_without_a_traceback(tmp_path: P
 
 
 def test_a_capacity_liar_at_1e300_cannot_take_the_fleet(tmp_path: Path, page_servers: StartPage) -> None:
-    """The scraped capacity is trusted within CAPACITY_TRUST of the inventory's max_num_seqs (the original
-    gave the liar 20 and the others 1). What remains (up to 8x) is listed as open in docs/security.md."""
+    """A scraped capacity above the inventory's max_num_seqs is trusted up to CAPACITY_ABOVE (2x) times it
+    (the original gave the liar 20 and the others 1)."""
     inv, ports = _fleet(tmp_path, page_servers, fastdeploy_page(running=8, max_batch_size="1e300"), honest=3)
     out = tmp_path / "fdngx.conf"
     _cron(inv, out)
@@ -156,8 +156,8 @@ def test_a_capacity_liar_at_1e300_cannot_take_the_fleet(tmp_path: Path, page_ser
     honest = [w[f"ok{i}"] for i in range(3)]
     assert len(set(honest)) == 1, w
     # Integer weights: each is within 0.5 of what the formula gives.
-    assert w["liar"] <= CAPACITY_TRUST * (honest[0] + 0.5), w
-    assert honest[0] >= 2, w
+    assert w["liar"] <= CAPACITY_ABOVE * (honest[0] + 0.5), w
+    assert honest[0] >= 9, w
 
 
 def test_a_replicas_status_line_cannot_send_terminal_escapes() -> None:

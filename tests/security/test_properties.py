@@ -247,11 +247,6 @@ def test_property_policy_never_raises_and_weights_stay_in_bounds(data: st.DataOb
                      data.draw(st.lists(st.integers(1, 10_000), min_size=n, max_size=n)))
     names = [i.name for i in inv.instances]
     state = _state(data.draw(state_doc(names)))
-    # A stored weight above this config's max_weight (a state from a run with a bigger --scale) is carried
-    # into a down or budget-held replica as it is: test_a_stored_weight_above_max_weight_is_clamped (xfail).
-    for st_ in state.instances.values():
-        if st_.weight is not None:
-            st_.weight = min(st_.weight, config.max_weight)
     now = data.draw(st.floats(-1e12, 1e12))
     for _ in range(data.draw(st.integers(1, 4))):
         samples = {}
@@ -266,8 +261,6 @@ def test_property_policy_never_raises_and_weights_stay_in_bounds(data: st.DataOb
         now += data.draw(st.one_of(st.floats(-100, 1e6), st.sampled_from([0.0, 2.0, 1e9])))
 
 
-@pytest.mark.xfail(strict=True, reason="open: decide() keeps a stored weight above config.max_weight for a down "
-                   "or budget-held replica (fdngx/weights/policy.py, outside this change); see docs/security.md")
 def test_a_stored_weight_above_max_weight_is_clamped() -> None:
     """A sidecar ran with --scale 500 (max_weight 500), then restarts with the default (max_weight 100)."""
     config = PolicyConfig()

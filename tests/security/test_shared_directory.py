@@ -167,7 +167,8 @@ def _plant(path: Path, text: str, uid: int, mode: int) -> Path:
 
 
 @needs_root
-@pytest.mark.parametrize("owner, mode", [(NOBODY, 0o644), (NOBODY, 0o600), (0, 0o664), (0, 0o666)])
+@pytest.mark.parametrize("owner, mode", [(NOBODY, 0o644), (NOBODY, 0o600), (0, 0o664), (0, 0o666), (0, 0o644),
+                                         (0, 0o640)])
 def test_an_admin_token_planted_or_writable_by_another_account_is_refused(tmp_path: Path, owner: int,
                                                                            mode: int) -> None:
     shared = tmp_path / "conf.d"

@@ -126,3 +126,8 @@ def test_merge_multi_node(tmp_path: Path) -> None:
     other = inventory.parse_inventory({"upstream": "other", "instances": [inst(name="d0", port=1)]}, "d.json")
     with pytest.raises(InventoryError, match="different upstreams"):
         inventory.merge([a, other])
+
+
+def test_an_ipv6_host_without_a_name_gets_a_valid_default_name() -> None:
+    inv = inventory.parse_inventory({"version": 1, "instances": [{"host": "::1", "port": 8001}]}, "x.json")
+    assert inv.instances[0].name == "ip6-1-8001" and inv.instances[0].address == "[::1]:8001"

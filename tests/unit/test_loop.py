@@ -269,3 +269,37 @@ def test_a_file_rewritten_non_stop_is_still_picked_up(tmp_path: Path) -> None:
     finally:
         sc.stop()
         runner.join(timeout=10)
+
+
+class FakeControl:
+    """An nginx that runs, or not (fdngx only asks)."""
+
+    def __init__(self) -> None:
+        self.up = True
+
+    def running(self) -> bool:
+        return self.up
+
+
+def test_nginx_up_is_checked_every_cycle_even_when_nothing_changes(tmp_path: Path) -> None:
+    sc, _, clock, _ = make(tmp_path)
+    control = FakeControl()
+    object.__setattr__(sc.config.target, "control", control)
+    object.__setattr__(sc.config.target, "reload", True)
+    cycles(sc, clock, 3)
+
+    def up() -> str:
+        return re.search(r"^fdngx_nginx_up (\S+)$", generate_latest(sc.telemetry.registry).decode(), re.M).group(1)
+
+    assert up() == "1.0"
+    control.up = False  # nginx stopped; weights steady: no apply runs, the look at the master says so
+    result = sc.run_once()
+    assert result.applied is None and result.nginx_running is False and up() == "0.0"
+    text = generate_latest(sc.telemetry.registry).decode()
+    assert 'fdngx_replica_slots{replica="dp0"} 64.0' in text and 'fdngx_replica_load_ratio{replica="dp0"}' in text
+
+
+def test_nginx_up_is_unknown_when_fdngx_does_not_reload(tmp_path: Path) -> None:
+    sc, _, clock, _ = make(tmp_path)
+    cycles(sc, clock, 2)
+    assert re.search(r"^fdngx_nginx_up NaN$", generate_latest(sc.telemetry.registry).decode(), re.M)

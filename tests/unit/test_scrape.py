@@ -312,3 +312,13 @@ def test_only_the_used_series_are_parsed() -> None:
     page = FD_PAGE.replace("fastdeploy:num_requests_waiting 2.0", "fastdeploy:num_requests_waiting{oops=} x")
     with pytest.raises(ValueError):
         load_from_metrics(parse_metrics(page, wanted_names(fd)), fd)
+
+
+def test_an_instance_registered_without_a_metrics_port_is_health_checked_with_no_load_signal(
+    servers: Callable[[Behaviour], Instance],
+) -> None:
+    inst = servers(good())
+    inst.extra["metrics_source"] = "none"  # what the registry writes when it finds no metrics port
+    got = scrape_all([inst])[inst.name]
+    assert got.healthy and not got.ok
+    assert got.error is not None and got.error.startswith("no load signal")

@@ -1,6 +1,6 @@
 """python -m bench.lb: the load-balancing benchmark (see bench/README.md).
 
-    python -m bench.lb                      # full grid: 6 scenarios x frontends x 3 repeats (~35 min)
+    python -m bench.lb                      # full grid: 7 scenarios x 2 metric shapes x frontends x 3 repeats
     python -m bench.lb --quick              # one repeat, shorter windows: a smoke run
     python -m bench.lb --scenario external --frontend nginx-lc,fdngx-sidecar --reps 3
 """
@@ -23,17 +23,12 @@ from bench.lb.frontends import FRONTENDS
 from bench.lb.runner import Timing, run_cell
 from bench.lb.scenarios import SCENARIOS
 
-DEFAULT_FRONTENDS = ["oracle", "nginx-rr", "nginx-lc", "fdngx-static", "fdngx-sidecar", "fdngx-openresty",
-                     "fdngx-openresty-p2c", "fdngx-sidecar-speed", "fdngx-openresty-nospeed", "sglang-rr",
+DEFAULT_FRONTENDS = ["oracle", "nginx-rr", "nginx-lc", "fdngx-default", "fdngx-recommended", "sglang-rr",
                      "sglang-p2", "sglang-ca"]
 SEED = 20261128  # fixed before any result was seen; repeat r uses SEED + r
 # Round robin is known to be far off (issue 6: 7-15x at p99); to fit the time budget it runs only where
 # that claim was made. --all-cells runs every frontend everywhere.
-# The OpenResty p2c balancer exists for several frontends acting on one snapshot: run it there.
-# The speed-factor variants (each flavor with its non-default --speed-aware) matter where speeds differ.
-ONLY_IN = {"nginx-rr": ("half-speed",), "sglang-rr": ("half-speed",),
-           "fdngx-openresty-p2c": ("two-frontends",), "fdngx-sidecar-speed": ("half-speed",),
-           "fdngx-openresty-nospeed": ("half-speed",)}
+ONLY_IN = {"nginx-rr": ("half-speed", "half-speed-legacy"), "sglang-rr": ("half-speed", "half-speed-legacy")}
 
 
 def _csv(value: str, known: list[str], what: str) -> list[str]:

@@ -14,10 +14,10 @@ from fdngx.sim.process import SimProcess, free_ports, start_sim
 
 class Cluster:
     def __init__(self, specs: list[ReplicaSpec], workdir: Path, seed: int, *, token_rate: float = TOKEN_RATE,
-                 prefill_rate: float = PREFILL_RATE) -> None:
+                 prefill_rate: float = PREFILL_RATE, legacy: bool = False) -> None:
         self.specs = specs
         self.sim_args = ["--token-rate", str(token_rate), "--prefill-rate", str(prefill_rate),
-                         "--batch-cost", str(BATCH_COST)]
+                         "--batch-cost", str(BATCH_COST), *(["--legacy-metrics"] if legacy else [])]
         self.workdir = workdir
         self.seed = seed
         ports = free_ports(2 * len(specs))

@@ -226,23 +226,15 @@ FRONTENDS: dict[str, Callable[[], Frontend]] = {
     "nginx-rr": lambda: HandNginx("nginx-rr", "", zone=False),
     "nginx-lc": lambda: HandNginx("nginx-lc", "least_conn", zone=True),
     "fdngx-static": lambda: FdngxNginx("fdngx-static", sidecar=False),
-    # interval 1 s: the simulator runs ~1.7x faster than a real engine (workload.py); other policy
-    # settings are the sidecar's defaults. 20 s extra warm-up: about two of its 10 s min-hold periods, so
-    # the windows see the loop after its first corrections (measured: ~20 s to drain the external backlog).
-    "fdngx-sidecar": lambda: FdngxNginx("fdngx-sidecar", sidecar=True, sidecar_args=("--interval", "1"),
+    # The two configurations a user runs, named for what they are, with the sidecar's default settings
+    # but the interval: 1 s, since the simulator runs ~1.7x faster than a real engine (workload.py).
+    # fdngx-default: `fdngx render`'s default output (upstream with least_conn and weights) kept by the sidecar
+    # with reloads. 20 s extra warm-up: the first load corrections and their reloads are done by then.
+    "fdngx-default": lambda: FdngxNginx("fdngx-default", sidecar=True, sidecar_args=("--interval", "1"),
                                         extra_warmup=20.0),
-    # No reloads: the balancer gets load and weights pushed every cycle, so a few intervals are enough.
-    "fdngx-openresty": lambda: FdngxNginx("fdngx-openresty", sidecar=True, render_args=OPENRESTY,
-                                          sidecar_args=("--interval", "1"), extra_warmup=5.0),
-    "fdngx-openresty-p2c": lambda: FdngxNginx("fdngx-openresty-p2c", sidecar=True,
-                                              render_args=(*OPENRESTY, "--balancer", "p2c"),
-                                              sidecar_args=("--interval", "1"), extra_warmup=5.0),
-    # The speed factor's trade-off (policy.config_for_flavor): each flavor with its non-default setting.
-    "fdngx-sidecar-speed": lambda: FdngxNginx("fdngx-sidecar-speed", sidecar=True,
-                                              sidecar_args=("--interval", "1", "--speed-aware"), extra_warmup=20.0),
-    "fdngx-openresty-nospeed": lambda: FdngxNginx("fdngx-openresty-nospeed", sidecar=True, render_args=OPENRESTY,
-                                                  sidecar_args=("--interval", "1", "--no-speed-aware"),
-                                                  extra_warmup=5.0),
+    # fdngx-recommended: the OpenResty flavor (the Lua balancer, pushes, no reloads).
+    "fdngx-recommended": lambda: FdngxNginx("fdngx-recommended", sidecar=True, render_args=OPENRESTY,
+                                            sidecar_args=("--interval", "1"), extra_warmup=5.0),
     "sglang-rr": lambda: SglangGateway("round_robin"),
     "sglang-p2": lambda: SglangGateway("power_of_two"),
     "sglang-ca": lambda: SglangGateway("cache_aware"),

@@ -176,13 +176,27 @@ class LoadGen:
                         "waiting": [s["waiting"] if s else None for s in states]})
             await asyncio.sleep(max(0.0, 0.5 - (self.now() - t)))
 
-    async def _event(self, ev: Event) -> None:
+    async def _event(self, ev: Event, session: aiohttp.ClientSession) -> None:
         await asyncio.sleep(max(0.0, ev.at - self.now()))
         self.event_log.append((round(self.now(), 3), ev.name))
         if ev.name.startswith("kill"):
             self.kills.append((self.now(), int(ev.name.split()[-1])))
         await asyncio.get_running_loop().run_in_executor(None, ev.action)
         self.event_log.append((round(self.now(), 3), ev.name + " done"))
+        if ev.name.startswith("kill"):
+            await self._first_health(session, int(ev.name.split()[-1]))
+
+    async def _first_health(self, session: aiohttp.ClientSession, i: int) -> None:
+        """After a kill: poll the replica's /health every 20 ms and log the first 200 ("health i 200"), the
+        moment a balancer could know it is back (the recovery time is measured from there)."""
+        timeout = aiohttp.ClientTimeout(total=0.2)
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with session.get(self.cluster.url(i) + "/health", timeout=timeout) as r:
+                    if r.status == 200:
+                        self.event_log.append((round(self.now(), 3), f"health {i} 200"))
+                        return
+            await asyncio.sleep(0.02)
 
     # -- the run -------------------------------------------------------------------------------------
     async def run(self) -> RunOutput:
@@ -194,7 +208,7 @@ class LoadGen:
         async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
             self.t0 = time.monotonic()
             bg = [asyncio.create_task(self._lag_probe()), asyncio.create_task(self._sampler(session, samples))]
-            bg += [asyncio.create_task(self._event(ev)) for ev in self.events]
+            bg += [asyncio.create_task(self._event(ev, session)) for ev in self.events]
             label = "warm"
             try:
                 for req in sched.reqs:

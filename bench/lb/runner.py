@@ -73,7 +73,7 @@ def run_cell(scenario: Scenario, frontend: str, *, seed: int, timing: Timing, wi
     requests are seeded by seed + k). Returns one result per window."""
     fe = FRONTENDS[frontend]()
     work = Path(tempfile.mkdtemp(prefix=f"fdngx-lb-{scenario.name}-{frontend}-"))
-    cluster = Cluster(scenario.specs, work / "sim", seed)
+    cluster = Cluster(scenario.specs, work / "sim", seed, legacy=scenario.legacy)
     ok = False
     try:
         t_setup = time.monotonic()
@@ -102,6 +102,25 @@ def run_cell(scenario: Scenario, frontend: str, *, seed: int, timing: Timing, wi
         shutil.rmtree(work, ignore_errors=True)
     return [_window_result(scenario, frontend, seed + k, k, sched, out, snaps.result(k), timing, setup_s)
             for k in range(windows)]
+
+
+def recovery(out: RunOutput, start: float, measure: float, n: int, span: float = 0.5) -> float | None:
+    """Seconds from the restarted replica's first /health 200 until it takes its share of new requests: the
+    first request sent to it through the frontend that starts a `span`-second stretch in which it got at
+    least half of a fair share (1 / 2n). None without a restart in the window; +inf when it never did."""
+    back = [(t, int(name.split()[1])) for t, name in out.events if name.endswith(" 200") and name.startswith("health")]
+    back = [(t, i) for t, i in back if start <= t < start + measure]
+    if not back:
+        return None
+    t0, i = back[0]
+    sent = sorted((r.t, r.replica == i) for r in out.records if r.route >= 0 and r.t >= t0 and r.status)
+    for k, (t, hit) in enumerate(sent):
+        if t + span > start + measure:
+            break
+        stretch = [h for u, h in sent[k:] if u < t + span]
+        if hit and sum(stretch) / len(stretch) >= 1 / (2 * n):
+            return round(t - t0, 3)
+    return math.inf
 
 
 def _window_result(scenario: Scenario, frontend: str, seed: int, k: int, sched: Schedule, out: RunOutput,
@@ -138,6 +157,7 @@ def _window_result(scenario: Scenario, frontend: str, seed: int, k: int, sched: 
         "loadgen": {"lateness_p99": out.lateness_p99, "lag_p99": out.lag_p99, "lag_max": out.lag_max},
         "saturation": flags,
         "events": [e for e in out.events if start <= e[0] < start + timing.measure + 2],
+        "recovery_s": recovery(out, start, timing.measure, n),
         "samples": [x for x in out.samples if start <= x["t"] < start + timing.measure],
         "records": {
             "fields": ["t", "route", "status", "error", "ttft", "e2e", "replica"],

@@ -1,8 +1,9 @@
-"""The six scenarios: 4 replicas, arrivals at 80 % of the scenario's total capacity (workload.py)."""
+"""The scenarios: 4 replicas, arrivals at 80 % of the scenario's total capacity (workload.py), each in both
+metric shapes (with and without FastDeploy's num_requests_queuing)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from bench.lb.workload import SLOTS, Mix, ReplicaSpec, total_capacity
 
@@ -22,6 +23,9 @@ class Scenario:
     p_external: float = 0.0
     kill: tuple[float, float] | None = None  # (kill, restart) seconds into the measured window
     mix: Mix = field(default_factory=Mix)
+    # FastDeploy before 2026-04 (and every source version read): no num_requests_queuing series, and
+    # num_requests_waiting stays near 0 under a backlog (`fdngx sim --legacy-metrics`).
+    legacy: bool = False
 
     def capacity(self) -> float:
         return total_capacity(self.specs, self.mix)
@@ -37,9 +41,7 @@ def _specs(**odd: float) -> list[ReplicaSpec]:
     return specs
 
 
-SCENARIOS: dict[str, Scenario] = {
-    s.name: s
-    for s in (
+BASE = (
         Scenario("homogeneous", "4 equal replicas", _specs()),
         Scenario("half-speed", f"replica {ODD} runs at half speed (not in the inventory)", _specs(speed=0.5)),
         Scenario("half-slots", f"replica {ODD} has 8 slots instead of 16 (in the inventory)", _specs(slots=8)),
@@ -49,5 +51,13 @@ SCENARIOS: dict[str, Scenario] = {
                  p_external=0.25),
         Scenario("kill-restart", f"replica {ODD} killed {KILL_AT:.0f} s into the window, restarted at "
                  f"{RESTART_AT:.0f} s", _specs(), kill=(KILL_AT, RESTART_AT)),
-    )
+        Scenario("four-frontends", "four independent frontend instances, a quarter of the traffic each", _specs(),
+                 n_frontends=4),
+)
+# Every scenario in both metric shapes: with num_requests_queuing (the simulator's default) and without it
+# (`-legacy`: what most FastDeploy deployments show, where the queue is not visible in the metrics).
+SCENARIOS: dict[str, Scenario] = {
+    **{s.name: s for s in BASE},
+    **{f"{s.name}-legacy": replace(s, name=f"{s.name}-legacy", about=f"{s.about}; legacy metrics (no queue)",
+                                   legacy=True) for s in BASE},
 }

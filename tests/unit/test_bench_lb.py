@@ -133,18 +133,37 @@ def _cell(p99: float, tput: float = 50.0, unexpected: int = 0) -> dict:
     return {"ttft_p99": (p99, p99, p99), "throughput": (tput, tput, tput), "unexpected_errors": [unexpected]}
 
 
-def test_targets_pick_best_flavor_and_judge() -> None:
-    agg = {"external": {"oracle": _cell(0.30), "nginx-lc": _cell(1.0), "fdngx-static": _cell(0.9),
-                        "fdngx-sidecar": _cell(0.35), "sglang-p2": _cell(2.0), "sglang-ca": _cell(0.5)}}
-    lines = {t["target"]: t for t in report.targets(agg)}
-    assert all(t["best_fdngx"] == "fdngx-sidecar" for t in lines.values())
-    assert lines["p99 TTFT vs oracle"]["value"] == pytest.approx(0.35 / 0.30)
-    assert lines["p99 TTFT vs oracle"]["result"] == "PASS"
-    assert lines["p99 TTFT vs nginx-lc"]["bound"] == 0.75
-    assert lines["p99 TTFT vs nginx-lc"]["result"] == "PASS"
-    assert lines["p99 TTFT vs sglang-ca (best sglang)"]["result"] == "PASS"
-    agg["external"]["fdngx-sidecar"] = _cell(0.8, unexpected=2)
-    agg["external"]["fdngx-static"] = _cell(0.9)
-    lines = {t["target"]: t for t in report.targets(agg)}
-    assert lines["p99 TTFT vs nginx-lc"]["result"] == "MISS"
-    assert lines["unexpected errors (max over runs)"]["result"] == "MISS"
+def test_targets_judge_the_two_configurations_by_issue_12s_bounds() -> None:
+    agg = {"external": {"oracle": _cell(0.30), "nginx-lc": _cell(1.0), "fdngx-default": _cell(0.44),
+                        "fdngx-recommended": _cell(0.33), "sglang-p2": _cell(2.0), "sglang-ca": _cell(0.5)}}
+    lines = {(t["best_fdngx"], t["target"]): t for t in report.targets(agg)}
+    rec, dflt = "fdngx-recommended", "fdngx-default"
+    assert lines[(rec, "p99 TTFT vs oracle")]["value"] == pytest.approx(0.33 / 0.30)
+    vs_oracle = lines[(rec, "p99 TTFT vs oracle")]
+    assert vs_oracle["bound"] == 1.15 and vs_oracle["result"] == "PASS"
+    assert lines[(rec, "p99 TTFT vs nginx-lc")]["bound"] == 0.5, "external: half of least_conn"
+    assert lines[(rec, "p99 TTFT vs sglang-ca (best sglang)")]["result"] == "PASS"
+    dflt_oracle = lines[(dflt, "p99 TTFT vs oracle")]
+    assert dflt_oracle["bound"] == 1.5 and dflt_oracle["result"] == "PASS"
+    assert lines[(dflt, "p99 TTFT vs nginx-lc")]["bound"] == 1.0
+    assert (dflt, "unexpected errors (max over runs)") not in lines, "the error and sglang bounds are the recommended's"
+    agg["external"]["fdngx-recommended"] = _cell(0.6, unexpected=2)
+    agg["external-legacy"] = {"oracle": _cell(0.30), "nginx-lc": _cell(1.0), "fdngx-recommended": _cell(0.6)}
+    lines = {(t["scenario"], t["best_fdngx"], t["target"]): t for t in report.targets(agg)}
+    assert lines[("external", rec, "p99 TTFT vs nginx-lc")]["result"] == "MISS"
+    assert lines[("external", rec, "unexpected errors (max over runs)")]["result"] == "MISS"
+    assert lines[("external-legacy", rec, "p99 TTFT vs nginx-lc")]["bound"] == 0.5, "the legacy shape too"
+
+
+def test_recovery_is_measured_from_the_first_health_200() -> None:
+    from bench.lb.loadgen import RunOutput
+    from bench.lb.runner import recovery
+    from bench.lb.stats import Record
+
+    # Replica 3 answers /health at t=6.2; requests every 0.05 s; it gets its first ones from t=6.6.
+    recs = [Record(k, 5.0 + 0.05 * k, 0, 200, "", 0.1, 1.0, 3 if 5.0 + 0.05 * k >= 6.6 and k % 3 == 0 else k % 3)
+            for k in range(80)]
+    out = RunOutput(recs, 0.0, 0.0, 0.0, events=[(3.0, "kill 3"), (6.2, "health 3 200")])
+    back = recovery(out, start=0.0, measure=10.0, n=4)
+    assert back is not None and 0.4 <= back <= 0.5, back  # its first request, at 6.65
+    assert recovery(RunOutput(recs, 0.0, 0.0, 0.0, events=[]), start=0.0, measure=10.0, n=4) is None

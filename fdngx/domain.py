@@ -211,6 +211,9 @@ class ServerState:
 
     weight: int
     down: bool = False
+    # nginx's `backup`: no requests of nginx's own while the primaries are available (traffic from elsewhere
+    # already fills it); unlike `down`, it still takes requests when every other replica has failed.
+    backup: bool = False
 
 
 @dataclass(frozen=True)
@@ -261,5 +264,15 @@ class LoadSample:
 
     @property
     def load(self) -> float:
-        """Requests on the replica: running plus a backlog the engine reports reliably."""
-        return self.running + (self.queued if self.queued_reliable else 0.0)
+        """Requests on the replica, against the slots it reports (see requests)."""
+        return self.requests(self.capacity)
+
+    def requests(self, slots: float | None) -> float:
+        """Requests on the replica: running plus the backlog. Where the engine does not report its backlog
+        reliably (FastDeploy before num_requests_queuing: `waiting` reads ~0 under a backlog), a replica with
+        every slot busy is assumed to hold a queue as long as its slots: its backlog is unknown, not zero, and
+        a balancer that took it for zero would keep feeding it."""
+        if self.queued_reliable:
+            return self.running + self.queued
+        full = slots is not None and slots >= 1 and self.running >= slots
+        return self.running + (slots if full and slots is not None else 0.0)

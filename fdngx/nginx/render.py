@@ -186,6 +186,7 @@ def _server(inst: Instance, state: ServerState | None) -> dict[str, Any]:
         "port": inst.port,
         "weight": max(1, min(MAX_WEIGHT, int(weight))),
         "down": bool(state.down) if state is not None else False,
+        "backup": bool(state.backup) if state is not None and not state.down else False,
         "max_num_seqs": inst.max_num_seqs,
         "engine": inst.engine.value,
         "role": inst.role.value,

@@ -50,7 +50,7 @@ class CycleResult:
 
 
 def server_states(decisions: Decisions) -> dict[str, ServerState]:
-    return {d.name: ServerState(d.weight, d.down) for d in decisions}
+    return {d.name: ServerState(d.weight, d.down, d.backup) for d in decisions}
 
 
 def unapplied(new: PolicyState, old: PolicyState) -> PolicyState:
@@ -63,6 +63,7 @@ def unapplied(new: PolicyState, old: PolicyState) -> PolicyState:
             st,
             weight=prev.weight if prev else None,
             down=prev.down if prev else False,
+            backup=prev.backup if prev else False,
             last_change_at=prev.last_change_at if prev else None,
         )
     reloads = [t for t in new.reloads if t in old.reloads]

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
 from fdngx.domain import Inventory, LoadSample
+from fdngx.weights.model import update_corrections
 from fdngx.weights.sample import describe, fold_health, fold_metrics
 from fdngx.weights.settings import PolicyConfig
 from fdngx.weights.state import InstanceState, PolicyState
@@ -52,6 +53,7 @@ class Decision:
     speed: float = 1.0  # decode speed factor in the weight
     budget_held: bool = False  # a change the reload budget held back this cycle
     load_signal: bool = True  # this cycle's metrics were read and believed (False: failed or "metrics invalid")
+    backup: bool = False  # nginx's `backup`: traffic from elsewhere fills it (see _update_corrections)
 
 
 @dataclass(frozen=True)
@@ -124,79 +126,6 @@ def _ramp(st: InstanceState, now: float, config: PolicyConfig) -> tuple[float, i
     return step / config.ramp_steps, step
 
 
-def _external(load: float, nginx_share: float) -> float:
-    """Load beyond nginx's share, once it stands out of the noise: a count of in-flight requests wanders by
-    about its square root, so less than two of those is not evidence of traffic from elsewhere."""
-    excess = load - nginx_share
-    return excess if excess >= 2.0 * math.sqrt(nginx_share + 1.0) else 0.0
-
-
-def _update_corrections(
-    states: dict[str, InstanceState],
-    active: list[str],
-    caps: Mapping[str, float],
-    base: Mapping[str, float],
-    top_slots: float,
-    dt: float,
-    config: PolicyConfig,
-) -> float | None:
-    """Move every replica's load correction toward the load model's estimate; returns the fleet load per
-    (speed-adjusted) slot, None without fresh replicas.
-
-    The model: nginx's weighted least_conn keeps its own in-flight requests per unit of weight about
-    equal, so the replica with the least load per applied weight carries nginx's traffic only, and
-    c = its load / its weight is nginx's in-flight per weight unit (replicas below half the median are
-    left out of that minimum: nginx is not sending them their share, and no weight can change that).
-    Whatever a replica carries beyond c x its weight came from elsewhere (other frontends, direct clients)
-    or is KV pressure:
-
-        external_i = L_i - c * w_i, counted once beyond 2 sqrt(c * w_i + 1) (noise)
-                                                   L_i = smoothed requests (running + queued), w_i = applied
-        want_i     = max(0, U * b_i - external_i) + soft * b_i
-        f_i        = want_i / b_i / (sum(want) / sum(b))      1 when nothing is external
-
-    with b_i = slots x static weight x speed (the effective slots) and U = sum(L) / sum(b).
-
-    One step to the estimate, not an integral: nothing winds up while a weight waits for its reload, and a
-    replica whose backlog drains gets its weight back as its load falls."""
-    lo, hi = math.log(config.min_factor), math.log(config.max_factor)
-    # A replica nginx has no weight for yet has had no traffic from it, and one failing /health may be
-    # skipped by nginx's passive check: neither says anything about nginx's share.
-    model = [n for n in active if states[n].weight is not None and not states[n].fails]
-    if not active:
-        for st in states.values():
-            st.log_gain *= 0.5 ** (dt / config.stale_half_life)
-        return None
-    # Effective slots: capacity x static weight x speed (what the base weight and speed factor express).
-    slots = {n: base[n] * top_slots / config.scale * states[n].speed for n in active}
-    load = {n: (states[n].load or 0.0) * caps[n] for n in active}
-    fleet = sum(load[n] for n in active) / sum(caps[n] * states[n].speed for n in active)
-    want: dict[str, float] = {}
-    if len(model) > 1:
-        applied = {n: float(states[n].weight or 1) for n in model}
-        ratios = {n: load[n] / applied[n] for n in model}
-        # nginx's share per weight unit: the least loaded replica's, ignoring one far below the others
-        # (nginx is not sending it its share: passive failure, ...; its weight cannot fix that).
-        typical = statistics.median(ratios.values())
-        per_weight = min(r for r in ratios.values() if r >= 0.5 * typical)
-        share = sum(load[n] for n in model) / sum(slots[n] for n in model)  # requests per effective slot
-        want = {n: max(0.0, share * slots[n] - _external(load[n], per_weight * applied[n])) + config.soft * slots[n]
-                for n in model}
-        mean = sum(want.values()) / sum(slots[n] for n in model)
-    for name, st in states.items():
-        if name in want:
-            target = math.log(want[name] / slots[name] / mean) if want[name] > 0 else lo
-            target = 0.0 if abs(target) <= config.tolerance else min(hi, max(lo, target))
-            st.log_gain += config.gain * (target - st.log_gain)
-        elif name in active:
-            st.log_gain = 0.0  # alone, or new: nothing to compare with
-        else:
-            # Stale or down: fade toward neutral so a replica never keeps a verdict based on old data.
-            st.log_gain *= 0.5 ** (dt / config.stale_half_life)
-        st.log_gain = min(hi, max(lo, st.log_gain))
-    return fleet
-
-
 def decide(
     samples: Mapping[str, LoadSample],
     inventory: Inventory,
@@ -239,7 +168,7 @@ def decide(
     active = [i.name for i in insts if i.name in fresh and not want_down[i.name] and i.name not in ramping]
     _update_speeds(states, active, config)
     top_slots = max((caps[i.name] * i.weight for i in insts), default=1.0)
-    fleet = _update_corrections(states, active, caps, base, top_slots, dt, config)
+    fleet = update_corrections(states, active, caps, base, top_slots, dt, config)
 
     fail_open = None
     if insts and all(want_down.values()):
@@ -273,23 +202,24 @@ def decide(
     reloading = any(p.changed and (p.exempt or budget_ok) for p in plans.values())
     items = []
     for inst in insts:
-        weight, down, reason, change, exempt, wanted, what, initial = plans[inst.name]
+        weight, down, reason, change, exempt, wanted, what, initial, backup = plans[inst.name]
         st, old = states[inst.name], prev.get(inst.name)
-        old_w = old.weight if old else None
+        old_w, old_backup = (old.weight, old.backup) if old else (None, False)
         if reloading and not change and not down and old_w is not None and wanted != old_w and not fail_open:
             weight, change = wanted, True
             reason = f"{what}; weight {old_w}->{wanted} (with this reload)"
         held = change and not exempt and not budget_ok
         if held:
-            weight, down, change = old_w or weight, old.down if old else down, False
+            weight, down, change, backup = old_w or weight, old.down if old else down, False, old_backup
             budget = f"hold: reload budget exhausted ({config.max_reloads_per_minute}/min)"
             reason = f"{budget}; {what}; wanted {old_w}->{wanted}"
         if change and not initial:
             st.last_change_at = now
-        st.weight, st.down = weight, down
+        st.weight, st.down, st.backup = weight, down, backup
         sample = samples.get(inst.name)
         signal = sample is not None and sample.ok and st.last_error is None
-        items.append(Decision(inst.name, weight, down, reason, change, old_w, wanted, st.load, st.speed, held, signal))
+        items.append(Decision(inst.name, weight, down, reason, change, old_w, wanted, st.load, st.speed, held, signal,
+                              backup))
     decisions = Decisions(tuple(items), fleet, fail_open)
     reloads = [*recent, now] if decisions.changed else recent
     return decisions, PolicyState(states, reloads, now, asdict(config))
@@ -304,6 +234,7 @@ class _Plan(NamedTuple):
     wanted: int
     what: str = ""  # what the replica looks like, for a reason that replaces this one
     initial: bool = False  # first weights: they start no hold time (the first load correction may follow)
+    backup: bool = False  # nginx's `backup` (the load model's overflow verdict)
 
 
 def _plan(
@@ -359,17 +290,33 @@ def _plan(
         what = f"/health failed {st.fails}/{config.fail_threshold} ({st.health_error}); {what}"
     if old_w is None:
         return _Plan(wanted, False, f"initial: {what}; weight {wanted}", True, True, wanted, initial=True)
+    old_backup = bool(old and old.backup)
+    if st.overflow != old_backup:
+        if not st.overflow:
+            # Exempt: giving nginx a replica back is restoring capacity, which never waits for the budget. From
+            # neutral, as after `down`: the correction that led to backup describes traffic that has gone.
+            st.log_gain = 0.0
+            wanted = _quantise(base * st.speed * frac, config)
+            why = f"{what}; back from backup, weight {old_w}->{wanted}"
+            return _Plan(wanted, False, why, True, True, wanted, what)
+        since = now - old.last_change_at if old and old.last_change_at is not None else math.inf
+        if since >= config.min_hold:
+            why = (f"{what}; backup (traffic from elsewhere fills it: nginx sends it none while the others are "
+                   f"up); weight {old_w}->{wanted}")
+            return _Plan(wanted, False, why, True, False, wanted, what, backup=True)
     if wanted == old_w:
-        return _Plan(old_w, False, f"{ramp}{what}; weight {old_w}", False, False, wanted, f"{ramp}{what}")
+        return _Plan(old_w, False, f"{ramp}{what}; weight {old_w}", False, False, wanted, f"{ramp}{what}",
+                     backup=old_backup)
     if step is None and not skipped:  # a ramp step, or its early end, is not held back
         if abs(wanted - old_w) < max(config.deadband_abs, config.deadband_rel * old_w):
             reason = f"{what}; weight {old_w} (wanted {wanted}: within dead-band)"
-            return _Plan(old_w, False, reason, False, False, wanted, what)
+            return _Plan(old_w, False, reason, False, False, wanted, what, backup=old_backup)
         since = now - old.last_change_at if old and old.last_change_at is not None else math.inf
         if since < config.min_hold:
             reason = f"hold: changed {since:.0f}s ago (min {config.min_hold:.0f}s); {what}; wanted {old_w}->{wanted}"
-            return _Plan(old_w, False, reason, False, False, wanted, what)
+            return _Plan(old_w, False, reason, False, False, wanted, what, backup=old_backup)
     # An early end of the ramp is exempt from the reload budget: the fleet is queueing now (at most one
-    # such reload per recovery, and the recovery itself is not exempt).
+    # such reload per recovery).
     exempt = bool(skipped)
-    return _Plan(wanted, False, f"{ramp}{what}; weight {old_w}->{wanted}", True, exempt, wanted, f"{ramp}{what}")
+    return _Plan(wanted, False, f"{ramp}{what}; weight {old_w}->{wanted}", True, exempt, wanted, f"{ramp}{what}",
+                 backup=old_backup)

@@ -16,10 +16,9 @@ from fdngx.weights.state import InstanceState
 
 
 def sample_load(s: LoadSample, cap: float, config: PolicyConfig) -> float:
-    # On FastDeploy builds without num_requests_queuing, `waiting` reads ~0 under backlog: trust only
-    # running (against slots) and KV usage there.
-    queued = s.queued if s.queued_reliable else 0.0
-    load = (s.running + queued) / cap
+    # On FastDeploy builds without num_requests_queuing, `waiting` reads ~0 under backlog: running (against
+    # slots, a full replica counted as queueing as many again) and KV usage there.
+    load = s.requests(cap) / cap
     if s.kv_usage is not None and s.kv_usage > config.kv_threshold:
         load += config.kv_gain * (s.kv_usage - config.kv_threshold) / (1.0 - config.kv_threshold)
     return load

@@ -26,6 +26,8 @@ RANGES = {
 class InstanceState:
     weight: int | None = None  # weight applied (None: never decided)
     down: bool = False  # `down` applied
+    backup: bool = False  # `backup` applied: traffic from elsewhere fills it, nginx sends it nothing of its own
+    overflow: bool = False  # the load model's verdict behind `backup` (with hysteresis)
     fails: int = 0  # consecutive failed health checks
     oks: int = 0  # consecutive good health checks
     health_error: str | None = None

@@ -62,7 +62,8 @@ class LeastConn:
         self.weights = dict.fromkeys(names, 20)
 
     def observe(self, d: Decisions) -> None:
-        self.weights = {x.name: x.weight for x in d}
+        # nginx sends a `backup` server nothing while the others are available.
+        self.weights = {x.name: 0 if x.backup else x.weight for x in d}
 
     def running(self, name: str) -> float:
         return self.total * self.weights[name] / sum(self.weights.values()) + self.external.get(name, 0.0)
@@ -592,6 +593,7 @@ def test_external_load_is_estimated_and_balanced_in_a_few_reloads() -> None:
     assert max(loads.values()) / min(loads.values()) < 1.15, (loads, weights(ds[-1]))
     w = weights(ds[-1])
     assert w["dp0"] < w["dp1"] == w["dp2"] == w["dp3"], w
+    assert ds[-1].by_name()["dp0"].backup, "its own traffic fills it: nginx sends it none (nginx `backup`)"
     changes = sum(1 for d in ds if d.changed)
     assert changes <= 4, f"{changes} reloads for one external source"
     moved = next(d.by_name()["dp0"] for d in ds if d.by_name()["dp0"].changed and d.by_name()["dp0"].previous)
@@ -698,3 +700,34 @@ def test_a_few_requests_of_noise_move_nothing() -> None:
     uneven = {"dp0": 1.0, "dp1": 0.0, "dp2": 2.0}
     ds, _, _ = run(inv, lambda k, n: sample(n, running=uneven[n]), 20)
     assert all(not d.changed for d in ds[1:]), [x.reason for d in ds for x in d if x.changed]
+
+
+def test_a_replica_leaves_backup_at_once_when_the_traffic_from_elsewhere_stops() -> None:
+    names = ["dp0", "dp1", "dp2", "dp3"]
+    loop = LeastConn(names, total=120, external={"dp0": 40})
+    inv = inventory(64, 64, 64, 64)
+    ds, state, t = run(inv, loop, 30)
+    assert ds[-1].by_name()["dp0"].backup
+    state.reloads = [t - 1.0]  # the budget (1/min below) is spent: leaving backup must not wait for it
+    loop.external = {}  # the other client went away: dp0 idles while nginx sends it nothing
+    ds, _, _ = run(inv, loop, 8, cfg=PolicyConfig(max_reloads_per_minute=1), state=state, start=t)
+    back = next(d.by_name()["dp0"] for d in ds if not d.by_name()["dp0"].backup)
+    assert back.changed and "back from backup" in back.reason and not back.budget_held, back
+    assert back.weight == 20, "from neutral: the correction that led to backup described traffic now gone"
+
+
+def test_never_every_replica_is_backup() -> None:
+    """Two frontends' worth of traffic nginx cannot see on both replicas: someone must take nginx's own."""
+    loop = LeastConn(["dp0", "dp1"], total=20, external={"dp0": 60, "dp1": 60})
+    ds, _, _ = run(inventory(64, 64), loop, 20)
+    assert not any(x.backup for d in ds for x in d)
+
+
+def test_a_full_replica_whose_queue_is_not_reported_counts_as_queueing() -> None:
+    """Legacy FastDeploy: `waiting` reads 0 under a backlog. All 64 slots busy: the backlog is unknown, not
+    zero, so the replica counts as carrying as many again (and the balancer stops feeding it)."""
+    full = sample("dp0", running=64, queued=0, reliable=False)
+    half = sample("dp1", running=32, queued=0, reliable=False)
+    assert full.requests(64) == 128 and half.requests(64) == 32
+    assert full.load == 64, "without a reported capacity nothing is assumed"
+    assert replace(full, capacity=64.0).load == 128

@@ -114,3 +114,10 @@ def test_bad_options_and_empty_inventory() -> None:
 def test_parse_listen(listen: str, expected: tuple[str, int]) -> None:
     parsed = Listen.parse(listen)
     assert (parsed.reach_host, parsed.port) == expected
+
+
+def test_a_replica_filled_by_traffic_from_elsewhere_is_rendered_as_backup() -> None:
+    text = render(sample(), RenderOptions(), {"dp0": ServerState(2, backup=True), "dp1": ServerState(3, down=True,
+                                                                                                   backup=True)})
+    assert "server 127.0.0.1:8001 weight=2 max_fails=3 fail_timeout=3s backup;  # dp0" in text
+    assert "weight=3 max_fails=3 fail_timeout=3s down;  # dp1" in text, "down wins over backup"

@@ -229,6 +229,9 @@ class Load:
     # turns their increase between scrapes into the replica's decode speed.
     tpot_sum: float | None = None
     tpot_count: float | None = None
+    # Sum of the queue-time histogram (seconds), and `queued` estimated from its growth (see scrape).
+    queue_time_sum: float | None = None
+    queued_estimated: bool = False
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,7 @@ class LoadSample:
     queued_reliable: bool = True
     tpot_sum: float | None = None
     tpot_count: float | None = None
+    queued_estimated: bool = False  # `queued` comes from queue times (Little's law), not from a gauge
     scraped_at: float = 0.0
     latency: float = 0.0
     error: str | None = None
@@ -259,7 +263,7 @@ class LoadSample:
         """A usable sample from the signals one metrics page gave."""
         return cls(
             name, True, healthy, load.running, load.queued, load.kv_usage, load.capacity, load.queued_reliable,
-            load.tpot_sum, load.tpot_count, **meta,
+            load.tpot_sum, load.tpot_count, load.queued_estimated, **meta,
         )
 
     @property

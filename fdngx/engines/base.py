@@ -21,6 +21,9 @@ class MetricNames:
     capacity: tuple[str, ...] = ()
     # Histogram(s) of time per output token (their _sum and _count): the replica's decode speed.
     tpot: tuple[str, ...] = ()
+    # Histogram(s) of the time requests waited before admission (their _sum): where the engine does not
+    # report its backlog, the increase of that sum per second is the average queue length (Little's law).
+    queue_time: tuple[str, ...] = ()
     # A series whose absence means `queued` cannot be trusted (FastDeploy before 2026-04-29).
     queued_marker: str | None = None
 

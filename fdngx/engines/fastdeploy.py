@@ -200,6 +200,7 @@ SPEC = EngineSpec(
         kv_usage=("fastdeploy:gpu_cache_usage_perc",),
         capacity=("fastdeploy:max_batch_size",),
         tpot=("fastdeploy:time_per_output_token_seconds",),
+        queue_time=("fastdeploy:request_queue_time_seconds",),
         queued_marker="fastdeploy:num_requests_queuing",
     ),
 )

@@ -125,6 +125,7 @@ SPEC = EngineSpec(
         queued=("sglang:num_queue_reqs",),
         kv_usage=("sglang:token_usage",),
         tpot=("sglang:inter_token_latency_seconds", "sglang:time_per_output_token_seconds"),
+        queue_time=("sglang:queue_time_seconds",),
     ),
     metrics_on_api_port=True,
     capacity_info_path="/get_server_info",

@@ -105,6 +105,7 @@ SPEC = EngineSpec(
         # vllm:cache_config_info (CacheConfig fields: block_size, num_gpu_blocks, ...), and max_num_seqs is
         # a SchedulerConfig field. A guessed capacity is corrected by the observed peak of running requests.
         tpot=("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
+        queue_time=("vllm:request_queue_time_seconds",),
     ),
     metrics_on_api_port=True,
 )

@@ -14,21 +14,25 @@ count seen is a floor under it: a replica that ran 600 requests at once has at l
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
-import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ALL_COMPLETED, Future, wait
-from dataclasses import replace
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from fdngx.domain import Instance, Load, LoadSample
 from fdngx.engines import EngineSpec, spec
 from fdngx.weights.fetch import Client, Fetch, HttpClient
+from fdngx.weights.memory import (
+    MAX_REQUESTS,
+    PeakRunning,
+    clamp,
+    estimate_queue,
+    learn_capacity,
+    peaks_for,
+)
 
 CONNECT_TIMEOUT = 0.5
 READ_TIMEOUT = 1.0
@@ -38,13 +42,8 @@ _HEALTH_BYTES = 64 * 1024
 # SGLang's /get_server_info: every server argument plus one small entry per DP rank (a few KB to ~100 KB).
 _INFO_BYTES = 1024 * 1024
 # Sane ranges: a value outside is clamped before the policy sees it (a buggy build can report anything).
-MAX_REQUESTS = 1_000_000.0  # running or queued on one replica
 # A scraped capacity (slots) is trusted within this factor of the inventory's max_num_seqs: enough to
 # correct a guess (vLLM's 256 vs 1024), not enough for one replica to claim the fleet's traffic.
-CAPACITY_TRUST = 8.0  # below the inventory (a replica claiming fewer slots only lowers its own weight)
-# Above it, a stated capacity is trusted this far: a replica that lies about max_batch_size cannot take the
-# fleet's traffic. A guessed inventory capacity (`capacity_guessed`: vLLM's 256 vs 1024) gets CAPACITY_TRUST.
-CAPACITY_ABOVE = 2.0
 MAX_COUNTER = 1e15  # histogram counters (seconds, observations): far beyond any engine's uptime
 
 
@@ -57,7 +56,8 @@ def wanted_names(engine: EngineSpec) -> frozenset[str]:
     m = engine.metrics
     marker = (m.queued_marker,) if m.queued_marker else ()
     tpot = [f"{n}{suffix}" for n in m.tpot for suffix in ("_sum", "_count")]
-    return frozenset((*m.running, *m.queued, *m.kv_usage, *m.capacity, *marker, *tpot))
+    queue_time = [f"{n}_sum" for n in m.queue_time]
+    return frozenset((*m.running, *m.queued, *m.kv_usage, *m.capacity, *marker, *tpot, *queue_time))
 
 
 @functools.lru_cache(maxsize=16)
@@ -106,10 +106,6 @@ def _finite(name: str, vals: list[float]) -> list[float]:
     return vals
 
 
-def _clamp(v: float, lo: float, hi: float) -> float:
-    return min(hi, max(lo, v))
-
-
 def load_from_metrics(values: Mapping[str, list[float]], engine: EngineSpec) -> Load:
     """Map parsed samples to load signals, clamped to sane ranges. Raises ValueError naming what is
     missing or wrong (a non-finite or negative value)."""
@@ -118,7 +114,7 @@ def load_from_metrics(values: Mapping[str, list[float]], engine: EngineSpec) -> 
     if running is None:
         raise ValueError(f"missing series {names.running[0]}")
     # Counts add up over label sets (vLLM labels per engine); queued names add up too (waiting + queuing).
-    run_total = _clamp(sum(_finite(names.running[0], running)), 0.0, MAX_REQUESTS)
+    run_total = clamp(sum(_finite(names.running[0], running)), 0.0, MAX_REQUESTS)
     queued_total = 0.0
     seen_queued = False
     for qname in names.queued:
@@ -127,7 +123,7 @@ def load_from_metrics(values: Mapping[str, list[float]], engine: EngineSpec) -> 
             queued_total += sum(_finite(qname, values[qname]))
     if not seen_queued:
         raise ValueError(f"missing series {names.queued[0]}")
-    queued_total = _clamp(queued_total, 0.0, MAX_REQUESTS)
+    queued_total = clamp(queued_total, 0.0, MAX_REQUESTS)
     reliable = names.queued_marker is None or names.queued_marker in values
     kv = _pick(values, names.kv_usage)
     kv_usage: float | None = None
@@ -140,93 +136,19 @@ def load_from_metrics(values: Mapping[str, list[float]], engine: EngineSpec) -> 
     capacity: float | None = None
     if cap:
         total = sum(_finite(names.capacity[0], cap))
-        capacity = _clamp(total, 1.0, MAX_REQUESTS) if total >= 1 else None  # 0 slots means "not reported"
+        capacity = clamp(total, 1.0, MAX_REQUESTS) if total >= 1 else None  # 0 slots means "not reported"
     tpot_sum = tpot_count = None
     for hname in names.tpot:  # optional: without it the policy simply has no speed signal
         if f"{hname}_sum" in values and f"{hname}_count" in values:
-            tpot_sum = _clamp(sum(_finite(f"{hname}_sum", values[f"{hname}_sum"])), 0.0, MAX_COUNTER)
-            tpot_count = _clamp(sum(_finite(f"{hname}_count", values[f"{hname}_count"])), 0.0, MAX_COUNTER)
+            tpot_sum = clamp(sum(_finite(f"{hname}_sum", values[f"{hname}_sum"])), 0.0, MAX_COUNTER)
+            tpot_count = clamp(sum(_finite(f"{hname}_count", values[f"{hname}_count"])), 0.0, MAX_COUNTER)
             break
-    return Load(run_total, queued_total, kv_usage, capacity, reliable, tpot_sum, tpot_count)
-
-
-def capacity_from_server_info(body: bytes) -> float | None:
-    """Slots an SGLang server states in GET /get_server_info, or None (never raises).
-
-    python/sglang/srt/entrypoints/http_server.py get_server_info() = server args + scheduler info +
-    `internal_states` (one per DP rank). Newer schedulers put the effective per-rank limit in each state
-    (`effective_max_running_requests_per_dp`, managers/scheduler.py get_internal_state): their sum is the
-    server's. Else `max_running_requests`, the server argument (null unless the user set it).
-    """
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(doc, dict):
-        return None
-    states = doc.get("internal_states")
-    if isinstance(states, list) and states and all(isinstance(st, dict) for st in states):
-        per_rank = [st.get("effective_max_running_requests_per_dp") for st in states]
-        if all(_slots(v) for v in per_rank):
-            return _clamp(float(sum(per_rank)), 1.0, MAX_REQUESTS)
-    total = doc.get("max_running_requests")
-    return _clamp(float(total), 1.0, MAX_REQUESTS) if _slots(total) else None
-
-
-def _slots(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 1
-
-
-class PeakRunning:
-    """The highest running count seen per replica: a floor under a guessed capacity. Bounded; a replica
-    that refuses connections (restarted, maybe with other settings) starts over."""
-
-    LIMIT = 4096
-
-    def __init__(self) -> None:
-        self._peak: dict[tuple[str, str, int], float] = {}
-        self._lock = threading.Lock()
-
-    def see(self, inst: Instance, running: float) -> float:
-        key = (inst.name, inst.host, inst.port)
-        with self._lock:
-            if key not in self._peak and len(self._peak) >= self.LIMIT:
-                self._peak.pop(next(iter(self._peak)))
-            peak = max(self._peak.get(key, 0.0), running)
-            self._peak[key] = peak
-            return peak
-
-    def forget(self, inst: Instance) -> None:
-        with self._lock:
-            self._peak.pop((inst.name, inst.host, inst.port), None)
-
-
-# One memory per scrape session: the sidecar keeps its client for its whole life, so peaks accumulate there;
-# a one-off client (cron, status) sees only what its own scrape saw.
-_PEAKS: weakref.WeakKeyDictionary[Client, PeakRunning] = weakref.WeakKeyDictionary()
-_PEAKS_LOCK = threading.Lock()
-
-
-def _peaks_for(client: Client) -> PeakRunning:
-    with _PEAKS_LOCK:
-        peaks = _PEAKS.get(client)
-        if peaks is None:
-            peaks = _PEAKS[client] = PeakRunning()
-        return peaks
-
-
-def learn_capacity(load: Load, inst: Instance, info: Fetch | None, peaks: PeakRunning) -> Load:
-    """The capacity the engine states (metrics first, then its info page), else for a guessed inventory
-    capacity the peak of running requests when it is above the guess. Clamped by trusted_capacity."""
-    if load.capacity is None and info is not None and info.error is None and info.status == 200:
-        stated = capacity_from_server_info(info.body)
-        if stated is not None:
-            load = replace(load, capacity=stated)
-    if load.capacity is None and inst.extra.get("capacity_guessed") is True:
-        peak = peaks.see(inst, load.running)
-        if peak > inst.max_num_seqs:
-            load = replace(load, capacity=peak)
-    return trusted_capacity(load, inst)
+    queue_time_sum = None
+    for hname in names.queue_time:
+        if f"{hname}_sum" in values:
+            queue_time_sum = clamp(sum(_finite(f"{hname}_sum", values[f"{hname}_sum"])), 0.0, MAX_COUNTER)
+            break
+    return Load(run_total, queued_total, kv_usage, capacity, reliable, tpot_sum, tpot_count, queue_time_sum)
 
 
 def printable(text: str) -> str:
@@ -289,6 +211,7 @@ def _build(
             text = metrics.body.decode("utf-8", "replace")
             load = learn_capacity(load_from_metrics(parse_metrics(text, wanted_names(engine)), engine), inst, info,
                                   peaks)
+            load = estimate_queue(load, inst, peaks, at)
         except Exception as exc:  # the parser raises ValueError and friends, never let one escape
             error = printable(f"bad metrics: {exc}")[:200]
     if load is None:
@@ -298,16 +221,6 @@ def _build(
         )
     return LoadSample.of(inst.name, healthy, load, scraped_at=at, latency=metrics.latency, health_error=health_error,
                          refused=refused)
-
-
-def trusted_capacity(load: Load, inst: Instance) -> Load:
-    """The scraped capacity, within what the inventory says: down to 1/CAPACITY_TRUST, up to CAPACITY_ABOVE
-    times (CAPACITY_TRUST when the inventory's number is a guess)."""
-    if load.capacity is None:
-        return load
-    above = CAPACITY_TRUST if inst.extra.get("capacity_guessed") is True else CAPACITY_ABOVE
-    lo, hi = inst.max_num_seqs / CAPACITY_TRUST, inst.max_num_seqs * above
-    return replace(load, capacity=_clamp(load.capacity, max(1.0, lo), hi))
 
 
 def scrape_all(
@@ -332,7 +245,7 @@ def scrape_all(
         return {}
     client, own = (HttpClient(), True) if session is None else (session, False)
     if peaks is None:
-        peaks = PeakRunning() if own else _peaks_for(client)
+        peaks = PeakRunning() if own else peaks_for(client)
     end = time.monotonic() + deadline
     common = {"connect_timeout": connect_timeout, "read_timeout": timeout, "deadline": end}
     jobs: dict[Future[Fetch], tuple[int, str]] = {}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fdngx.weights.scrape import CAPACITY_ABOVE, CAPACITY_TRUST
+from fdngx.weights.memory import CAPACITY_ABOVE, CAPACITY_TRUST
 from tests.security.conftest import PageServer, cli, fastdeploy_page, write
 
 StartPage = Callable[[str, str], PageServer]
@@ -91,8 +91,9 @@ def test_every_bad_page_stays_with_its_replica_through_scrape_and_policy(page_se
     """In process, over real HTTP: the bad replica's sample is refused or clamped, the others are read,
     and the policy keeps every weight in bounds, cycle after cycle."""
     from fdngx.domain import Engine, Instance, Inventory
+    from fdngx.weights.memory import MAX_REQUESTS
     from fdngx.weights.policy import decide
-    from fdngx.weights.scrape import MAX_REQUESTS, scrape_all
+    from fdngx.weights.scrape import scrape_all
     from fdngx.weights.settings import PolicyConfig
     from fdngx.weights.state import PolicyState
 

@@ -30,8 +30,9 @@ from fdngx.engines import spec
 from fdngx.errors import InventoryError
 from fdngx.inventory import NAME, UPSTREAM, address_key, parse_text, to_json
 from fdngx.weights.fetch import Client, Fetch
+from fdngx.weights.memory import CAPACITY_TRUST, MAX_REQUESTS
 from fdngx.weights.policy import decide
-from fdngx.weights.scrape import CAPACITY_TRUST, MAX_COUNTER, MAX_REQUESTS, scrape_all, wanted_names
+from fdngx.weights.scrape import MAX_COUNTER, scrape_all, wanted_names
 from fdngx.weights.settings import PolicyConfig, config_for_flavor, config_of_state
 from fdngx.weights.state import PolicyState
 from fdngx.weights.store import StateStore

@@ -50,6 +50,7 @@ def test_fastdeploy_sample_page() -> None:
         queued_reliable=True,
         tpot_sum=9663.2,
         tpot_count=401267.0,
+        queue_time_sum=188.4,  # fastdeploy:request_queue_time_seconds_sum: waits, for a backlog estimate
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ import pytest
 
 from fdngx.domain import Engine, Instance, Load
 from fdngx.weights.fetch import Fetch, HttpClient
-from fdngx.weights.scrape import PeakRunning, capacity_from_server_info, learn_capacity, scrape_all
+from fdngx.weights.memory import PeakRunning, capacity_from_server_info, learn_capacity
+from fdngx.weights.scrape import scrape_all
 
 UPSTREAM = Path(__file__).resolve().parent.parent / "fixtures" / "upstream"
 SGLANG_INFO = (UPSTREAM / "sglang-server-info.json").read_bytes()
@@ -195,3 +197,20 @@ def test_vllm_guessed_capacity_learns_the_running_peak_within_one_session(replic
         client.close()
     # vLLM has no info page: no extra GET is made for it.
     assert set(r.hits) == {"/metrics", "/health"}
+
+
+def test_a_legacy_backlog_is_estimated_from_queue_times() -> None:
+    """FastDeploy without num_requests_queuing: `waiting` says nothing. The queue-time histogram's sum grew by
+    6 s in 2 s: on average 3 requests waited (Little's law)."""
+    from fdngx.weights.memory import estimate_queue
+
+    inst = Instance("dp0", "127.0.0.1", 8001, 9001, Engine.FASTDEPLOY)
+    memory = PeakRunning()
+    first = Load(running=16.0, queued=0.0, capacity=16.0, queued_reliable=False, queue_time_sum=100.0)
+    assert estimate_queue(first, inst, memory, at=1000.0) == first, "one read says nothing yet"
+    later = estimate_queue(replace(first, queue_time_sum=106.0), inst, memory, at=1002.0)
+    assert later.queued == pytest.approx(3.0) and later.queued_reliable and later.queued_estimated
+    reset = estimate_queue(replace(first, queue_time_sum=1.0), inst, memory, at=1004.0)
+    assert not reset.queued_estimated, "a restarted engine's counter starts over: no estimate from it"
+    reliable = Load(running=4.0, queued=2.0, queue_time_sum=110.0)
+    assert estimate_queue(reliable, inst, memory, at=1006.0) == reliable, "a reported queue is used as it is"

@@ -49,7 +49,11 @@ class PolicyConfig:
     speed_tolerance: float = 0.2  # |log speed ratio| beyond this moves the weight (about 18 % slower)
     speed_min_tokens: float = 8  # TPOT observations needed for one speed update
     min_speed: float = 0.25  # bounds on the speed factor
-    max_speed: float = 2.0
+    # Never above 1: a replica running fewer requests decodes each faster (a smaller batch), so a low TPOT
+    # says as much about its load as about its hardware. Measured: with a half-slots replica (legacy metrics),
+    # a factor of 1.3 from its small batches raised its weight past its slots, and its queue set the p99
+    # (1.9x the oracle). Only a replica slower than the fleet is scaled down.
+    max_speed: float = 1.0
     scale: int = 20  # weight of the biggest replica at neutral load
     max_weight: int = 100
 

@@ -731,3 +731,13 @@ def test_a_full_replica_whose_queue_is_not_reported_counts_as_queueing() -> None
     assert full.requests(64) == 128 and half.requests(64) == 32
     assert full.load == 64, "without a reported capacity nothing is assumed"
     assert replace(full, capacity=64.0).load == 128
+
+
+def test_a_replica_that_only_looks_fast_is_not_given_more_than_its_capacity() -> None:
+    """Fewer slots, smaller batches, lower TPOT: that is load, not hardware. The speed factor never rises
+    above 1, so its weight stays its capacity weight."""
+    inv = inventory(64, 64, 64, 32)
+    tpots = {"dp0": 0.039, "dp1": 0.039, "dp2": 0.040, "dp3": 0.025}
+    ds, _, _ = run(inv, with_tpot(tpots), 20, cfg=config_for_flavor("openresty"))  # speed-aware, no load model
+    d3 = ds[-1].by_name()["dp3"]
+    assert d3.speed == 1.0 and d3.weight == 10, d3

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint fuzz bench bench-lb examples setup nginx luajit ops-tools clean
+.PHONY: demo test lint fuzz bench bench-fleet bench-lb examples setup nginx luajit ops-tools clean
 
 setup: $(STAMP) nginx luajit ops-tools
 
@@ -87,6 +87,15 @@ bench: setup
 	$(BIN)/python -m bench.sidecar_overhead
 	$(BIN)/python -m bench.overhead
 	$(BIN)/python -m bench.lb
+
+# The load-balancing grid alone (about an hour on 2 cores): bench/results/results.md.
+bench-lb: setup
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python -m bench.lb
+
+# Controller mode at fleet scale (256 and 1,000 simulated replicas, 1/4/8 frontends): bench/results/fleet.md.
+bench-fleet: setup
+	$(BIN)/python -m bench.fleet
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import typer
 
 from fdngx.domain import Balancer, Flavor, Mode
+from fdngx.errors import UsageError
+from fdngx.nginx import frontdoor
+from fdngx.nginx.frontdoor import AccessLogFormat
 from fdngx.nginx.render import RenderOptions
 from fdngx.nginx.target import TargetSpec
 
@@ -55,6 +59,11 @@ KeepaliveOpt = typer.Option(64, help="Idle keepalive connections to the replicas
 AdminListenOpt = typer.Option(
     "127.0.0.1:9401", help="openresty: ADDR:PORT of the loopback admin server that takes weight pushes."
 )
+AdminAllowOpt = typer.Option(
+    "loopback", help="openresty: who may reach the admin server (nginx `allow`, all else denied): IP addresses or "
+    "CIDRs, comma-separated, or 'loopback'. Name the controllers' addresses when `fdngx sidecar --push-to` "
+    "pushes from another host (the token is still required).",
+)
 AdminTokenFileOpt = typer.Option(
     None,
     help="openresty: admin token file, created (0600) if missing (default: .<out name>.fdngx-admin-token beside "
@@ -77,6 +86,49 @@ AccessLogOpt = typer.Option(
     "standalone, /var/log/nginx/<upstream>.access.log for site)."
 )
 
+# -- the front door (site/standalone): fdngx.nginx.frontdoor --
+ReadTimeoutOpt = typer.Option(
+    "1h", help="site/standalone: how long nginx waits for a replica between two reads or writes "
+    "(proxy_read_timeout, proxy_send_timeout): a stream silent for longer is cut. nginx time: 90s, 10m, 1h."
+)
+ConnectTimeoutOpt = typer.Option(
+    "5s", help="site/standalone: how long nginx waits for a replica to accept a connection before it tries "
+    "the next one (proxy_connect_timeout)."
+)
+ClientBodyBufferSizeOpt = typer.Option(
+    "1m", help="site/standalone: request bodies (prompts) up to this size stay in memory instead of a temp "
+    "file (client_body_buffer_size; memory per request being read). nginx size: 512k, 1m."
+)
+AccessLogFormatOpt = typer.Option(
+    AccessLogFormat.TEXT, help="site/standalone access log lines: text (key=value) or json (one object a line, "
+    "escape=json). Both carry the replica's time to first byte (upstream_header_time) and the request length."
+)
+TlsCertOpt = typer.Option(
+    None, "--tls-cert", help="site/standalone: serve HTTPS with HTTP/2 on --listen with this certificate chain "
+    "(PEM; with --tls-key). TLSv1.2 and TLSv1.3 only. Default: plain HTTP.", dir_okay=False,
+)
+TlsKeyOpt = typer.Option(None, "--tls-key", help="site/standalone: the private key of --tls-cert (PEM).",
+                         dir_okay=False)
+ApiKeysFileOpt = typer.Option(
+    None, "--api-keys-file", help="site/standalone: nginx answers 401 (OpenAI's JSON) to /v1/ requests without "
+    "'Authorization: Bearer <key>' for a key in this file: one a line (8-256 of A-Z a-z 0-9 . _ ~ + / = -), # "
+    "comments. The keys go into a 0600 file beside --out (.<name>.fdngx-api-keys), never into the config; "
+    "rerun render (or restart the sidecar) after editing it. /health stays open. Default: no keys.",
+    dir_okay=False,
+)
+ApiKeysForwardOpt = typer.Option(
+    True, "--api-keys-forward/--no-api-keys-forward", help="With --api-keys-file: pass the Authorization header "
+    "on to the replica (for an engine that checks the key too, e.g. FastDeploy --api-key), or strip it."
+)
+RateLimitOpt = typer.Option(
+    None, help="site/standalone: requests per client address (per API key with --api-keys-file) nginx passes "
+    "on: 10 or 10r/s, 600r/m; more get 429 (OpenAI's JSON, Retry-After). Default: no limit."
+)
+RateBurstOpt = typer.Option(
+    None, help="With --rate-limit: how many requests above the rate a client may send at once (passed on "
+    "without delay). Default: one second's worth of the rate."
+)
+
 
 def render_options(
     *,
@@ -90,13 +142,35 @@ def render_options(
     access_log: str | None,
     admin_listen: str,
     balancer: Balancer,
+    admin_allow: str = "loopback",
+    read_timeout: str = "1h",
+    connect_timeout: str = "5s",
+    client_body_buffer_size: str = "1m",
+    access_log_format: AccessLogFormat = AccessLogFormat.TEXT,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    api_keys_file: Path | None = None,
+    api_keys_forward: bool = True,
+    rate_limit: str | None = None,
+    rate_burst: int | None = None,
 ) -> RenderOptions:
     template_dir = _absolute(template_dir)
-    return RenderOptions(
+    opts = RenderOptions(
         mode=mode, flavor=flavor, listen=listen, template_dir=template_dir, max_fails=max_fails,  # type: ignore[arg-type]
         fail_timeout=fail_timeout, keepalive=keepalive, access_log=access_log, admin_listen=admin_listen,  # type: ignore[arg-type]
-        balancer_mode=balancer,
+        balancer_mode=balancer, admin_allow=admin_allow,  # type: ignore[arg-type]
+        read_timeout=read_timeout, connect_timeout=connect_timeout, client_body_buffer_size=client_body_buffer_size,
+        access_log_format=access_log_format, tls_cert=_path_text(tls_cert), tls_key=_path_text(tls_key),
+        api_keys_file=_path_text(api_keys_file), api_keys_forward=api_keys_forward,
+        rate_limit=rate_limit or "", rate_burst=rate_burst,  # type: ignore[arg-type]
     ).validated()
+    # Files nginx's master will read: there and readable now, not at the reload.
+    for what, path in (("--tls-cert", opts.tls_cert), ("--tls-key", opts.tls_key)):
+        if path:
+            frontdoor.check_readable(what, path)
+    if opts.api_keys_file:
+        frontdoor.load_api_keys(Path(opts.api_keys_file))  # refuses a bad file before anything is written
+    return opts
 
 
 def target_spec(
@@ -109,12 +183,35 @@ def target_spec(
     reload_cmd: str | None,
     reload: bool,
     admin_token_file: Path | None,
+    dry: bool = False,
 ) -> TargetSpec:
     # Absolute: errors then name files that mean something from cron, and nginx -p/-c get paths it cannot
     # resolve against its own compiled-in prefix instead of the directory fdngx was started in.
-    return TargetSpec(opts, _absolute(out), _absolute(prefix), _absolute(nginx_conf), nginx_bin, reload_cmd, reload,
+    out = _absolute(out)
+    opts = with_api_key_map(opts, out, write=not dry and out is not None)
+    return TargetSpec(opts, out, _absolute(prefix), _absolute(nginx_conf), nginx_bin, reload_cmd, reload,
                       _absolute(admin_token_file)).validated()
+
+
+def with_api_key_map(opts: RenderOptions, out: Path | None, *, write: bool) -> RenderOptions:
+    """--api-keys-file: (re)write the 0600 key map beside `out` (unless a dry run) and name it in the options.
+    Read at every `fdngx render` run (cron picks up a changed keys file) and at the sidecar's start."""
+    if not opts.api_keys_file:
+        return opts
+    path = frontdoor.map_path(out)
+    keys = frontdoor.load_api_keys(Path(opts.api_keys_file))
+    try:
+        if write and opts.mode is Mode.STANDALONE:
+            path.parent.mkdir(parents=True, exist_ok=True)  # the prefix, which the target prepares next
+        version = frontdoor.ensure_key_map(path, keys, write=write)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write the API key map: {exc.strerror or exc}") from None
+    return replace(opts, api_keys_map=str(path), api_keys_version=version).validated()
 
 
 def _absolute(path: Path | None) -> Path | None:
     return None if path is None else Path(path).absolute()
+
+
+def _path_text(path: Path | None) -> str:
+    return "" if path is None else str(_absolute(path))

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import logging
+import resource
 import signal
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
 import typer
 
 from fdngx.commands.options import (
+    AccessLogFormatOpt,
     AccessLogOpt,
+    AdminAllowOpt,
     AdminListenOpt,
     AdminTokenFileOpt,
+    ApiKeysFileOpt,
+    ApiKeysForwardOpt,
     BalancerOpt,
+    ClientBodyBufferSizeOpt,
+    ConnectTimeoutOpt,
     FailTimeoutOpt,
     FlavorOpt,
     InventoryOpt,
@@ -24,15 +32,23 @@ from fdngx.commands.options import (
     NginxBinOpt,
     NginxConfOpt,
     PrefixOpt,
+    RateBurstOpt,
+    RateLimitOpt,
+    ReadTimeoutOpt,
     ReloadCmdOpt,
     SpeedAwareOpt,
     TemplateDirOpt,
+    TlsCertOpt,
+    TlsKeyOpt,
     inventory_paths,
     render_options,
     target_spec,
 )
 from fdngx.domain import Balancer, Flavor, Mode
 from fdngx.errors import UsageError
+from fdngx.nginx import openresty
+from fdngx.nginx.fanout import frontend_specs
+from fdngx.nginx.frontdoor import AccessLogFormat
 from fdngx.nginx.target import open_target
 from fdngx.registry.core import Registry, RegistrySettings
 from fdngx.registry.http import RegistryServer
@@ -46,6 +62,8 @@ EPILOG = (
     "Examples:\n\n"
     "  fdngx sidecar --out /etc/nginx/conf.d/fdngx-upstream.conf                # system nginx, upstream block\n\n"
     "  fdngx sidecar --mode standalone --out /srv/fdngx/nginx.conf --listen 8080 # private nginx under /srv/fdngx\n\n"
+    "  fdngx sidecar --flavor openresty --push-to-file /etc/fdngx/frontends --push-token-file /etc/fdngx/admin-token"
+    "   # controller: one scrape, N OpenResty frontends (docs/controller.md)\n\n"
     "Signals: SIGHUP re-reads the inventory now; SIGTERM/SIGINT stop after the current cycle.\n"
     "Logs one line per change with its reason. Policy state lives beside --out (.<name>.fdngx-state.json)."
 )
@@ -53,12 +71,34 @@ EPILOG = (
 
 def sidecar_cmd(
     inventory: list[Path] | None = InventoryOpt,
-    out: Path = typer.Option(..., "--out", "-o", help="The config file nginx reads; rewritten only when it changes."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="The config file nginx reads; rewritten only when it changes. Required unless "
+        "--push-to/--push-to-file (controller mode: then only for an nginx on this host too)."
+    ),
     interval: float = typer.Option(2.0, help="Seconds between scrape + policy cycles."),
     mode: Mode = ModeOpt,
     flavor: Flavor = FlavorOpt,
     admin_listen: str = AdminListenOpt,
+    admin_allow: str = AdminAllowOpt,
     admin_token_file: Path | None = AdminTokenFileOpt,
+    push_to: list[str] | None = typer.Option(
+        None, "--push-to", help="Controller mode (openresty): also push every snapshot to these frontends' admin "
+        "servers, http://HOST:PORT (their --admin-listen), comma-separated or repeated. One scrape, the same "
+        "snapshot and generation everywhere; this host renders and reloads nothing unless --out is given."
+    ),
+    push_to_file: Path | None = typer.Option(
+        None, "--push-to-file", help="Controller mode: a file with one frontend admin URL per line (optionally "
+        "followed by its own token file), re-read when it changes."
+    ),
+    push_token_file: Path | None = typer.Option(
+        None, "--push-token-file", help="Controller mode: the admin token the frontends share (each renders with "
+        "--admin-token-file pointing at a copy of it; 0600, at least 16 characters). Default: the local "
+        "--admin-token-file with --out."
+    ),
+    push_timeout: float = typer.Option(
+        0.5, help="Controller mode: seconds one push may take (connect, and each read); a slower or dead "
+        "frontend never delays the others."
+    ),
     balancer: Balancer = BalancerOpt,
     listen: str = ListenOpt,
     prefix: Path | None = PrefixOpt,
@@ -91,6 +131,16 @@ def sidecar_cmd(
     keepalive: int = KeepaliveOpt,
     template_dir: Path | None = TemplateDirOpt,
     access_log: str | None = AccessLogOpt,
+    read_timeout: str = ReadTimeoutOpt,
+    connect_timeout: str = ConnectTimeoutOpt,
+    client_body_buffer_size: str = ClientBodyBufferSizeOpt,
+    access_log_format: AccessLogFormat = AccessLogFormatOpt,
+    tls_cert: Path | None = TlsCertOpt,
+    tls_key: Path | None = TlsKeyOpt,
+    api_keys_file: Path | None = ApiKeysFileOpt,
+    api_keys_forward: bool = ApiKeysForwardOpt,
+    rate_limit: str | None = RateLimitOpt,
+    rate_burst: int | None = RateBurstOpt,
     registry_listen: str | None = typer.Option(
         None, help="ADDR:PORT for a FastDeploy-compatible POST /register (instances started with "
         "--router http://ADDR:PORT add themselves to the first --inventory). Unauthenticated, like "
@@ -119,13 +169,26 @@ def sidecar_cmd(
     """  # noqa: E501 (one line per paragraph: the help formatter re-wraps it)
     if interval <= 0 or debounce < 0:
         raise UsageError("--interval must be > 0 and --debounce >= 0")
+    controller = bool(push_to) or push_to_file is not None
+    if out is None and not controller:
+        raise UsageError("--out is required (or --push-to/--push-to-file: controller mode)")
     opts = render_options(
         mode=mode, flavor=flavor, listen=listen, template_dir=template_dir, max_fails=max_fails,
         fail_timeout=fail_timeout, keepalive=keepalive, access_log=access_log, admin_listen=admin_listen,
-        balancer=balancer,
+        balancer=balancer, admin_allow=admin_allow,
+        read_timeout=read_timeout, connect_timeout=connect_timeout, client_body_buffer_size=client_body_buffer_size,
+        access_log_format=access_log_format, tls_cert=tls_cert, tls_key=tls_key, api_keys_file=api_keys_file,
+        api_keys_forward=api_keys_forward, rate_limit=rate_limit, rate_burst=rate_burst,
     )
-    spec = target_spec(opts, out=out, prefix=prefix, nginx_conf=nginx_conf, nginx_bin=nginx_bin,
-                       reload_cmd=reload_cmd, reload=not no_reload, admin_token_file=admin_token_file)
+    token_file = push_token_file.absolute() if push_token_file else None
+    if token_file is None and out is not None and controller:
+        token_file = (admin_token_file or openresty.token_path(out.absolute())).absolute()
+    urls = [u for entry in push_to or () for u in entry.split(",") if u.strip()]
+    frontends = tuple(frontend_specs(urls, token_file)) if controller else ()
+    spec = replace(target_spec(opts, out=out, prefix=prefix, nginx_conf=nginx_conf, nginx_bin=nginx_bin,
+                               reload_cmd=reload_cmd, reload=not no_reload and out is not None,
+                               admin_token_file=admin_token_file),
+                   controller=controller, frontends=frontends, push_timeout=push_timeout).validated()
     policy = config_for_flavor(
         flavor,
         interval=interval,
@@ -156,6 +219,9 @@ def sidecar_cmd(
         state_path=state,
         debounce=debounce,
         scrape_deadline=min(1.5, max(0.2, interval * 0.75)),
+        frontends=frontends,
+        push_file=push_to_file.absolute() if push_to_file else None,
+        push_token_file=token_file,
     )
     sidecar = Sidecar(config, telemetry=Telemetry(flavor=flavor.value))
     if metrics_listen.lower() != "off":
@@ -172,15 +238,38 @@ def sidecar_cmd(
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGHUP, on_hup)
     sidecar.watch()
-    how = (f" and pushing weights to {target.admin.url}" if target.admin
-           else ("" if no_reload else " and reloading nginx"))
-    log.info("sidecar: %d instance(s), every %.1fs, writing %s%s", len(sidecar.inventory.instances), interval, out, how)
+    if target.fanout is not None:
+        where = f"writing {out} and " if out is not None else ""
+        how = f"{where}pushing to {len(target.fanout.labels)} frontend(s): {', '.join(target.fanout.labels[:8])}"
+    else:
+        how = f"writing {out}" + (f" and pushing weights to {target.admin.url}" if target.admin
+                                  else ("" if no_reload else " and reloading nginx"))
+    raise_fd_limit(len(sidecar.inventory.instances))
+    log.info("sidecar: %d instance(s), every %.1fs, %s", len(sidecar.inventory.instances), interval, how)
     try:
         sidecar.run()
     finally:
         sidecar.telemetry.close()
         if registry is not None:
             registry.stop()
+
+
+def raise_fd_limit(instances: int) -> None:
+    """A fleet's scrape keeps two connections per replica open (metrics and API port, keep-alive): lift the soft
+    open-files limit to the hard one when the soft one is too low for that (systemd's default soft limit is
+    1024), as Go programs do at start. Never lowers it; says so when even the hard limit is short."""
+    want = 4 * instances + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= want or soft == resource.RLIM_INFINITY:
+        return
+    new = hard if hard == resource.RLIM_INFINITY else min(hard, max(want, soft))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    except (ValueError, OSError):
+        new = soft
+    if new != resource.RLIM_INFINITY and new < want:
+        log.warning("open-files limit %d is low for %d instance(s) (want %d: LimitNOFILE= in the unit)", new,
+                    instances, want)
 
 
 def register(app: typer.Typer) -> None:

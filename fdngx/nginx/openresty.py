@@ -27,10 +27,11 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 
-from fdngx.domain import Instance, Inventory, Listen, LoadSample, ServerState, is_ip
+from fdngx.domain import Instance, Inventory, Listen, LoadSample, ServerState, is_ip, valid_host
 from fdngx.errors import ApplyError
 from fdngx.nginx.render import natural_key
 from fdngx.system.files import atomic_write, check_private, read_bytes_or_none, read_regular_file, real_target
@@ -219,18 +220,34 @@ def _fields(text: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in text.split() if "=" in part)
 
 
+ADMIN_PATH = "/fdngx/peers"
+
+
+def _direct_session() -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False  # pushes go straight to the frontend, never through an HTTP(S)_PROXY
+    return session
+
+
 @dataclass(frozen=True)
 class Admin:
-    """Client for the Lua balancer's admin location."""
+    """Client for the Lua balancer's admin location (`listen`: where this machine reaches it)."""
 
     listen: Listen
     token: str
     timeout: float = 2.0
-    _session: requests.Session = field(default_factory=requests.Session, repr=False, compare=False)
+    path: str = ADMIN_PATH
+    _session: requests.Session = field(default_factory=_direct_session, repr=False, compare=False)
+
+    @classmethod
+    def from_url(cls, url: str, token: str, timeout: float = 2.0) -> Admin:
+        """`http://HOST:PORT[/fdngx/peers]` (a frontend's --admin-listen, as the controller reaches it)."""
+        listen, path = parse_admin_url(url)
+        return cls(listen, token, timeout, path)
 
     @property
     def url(self) -> str:
-        return self.listen.url("/fdngx/peers")
+        return self.listen.url(self.path)
 
     def _request(self, method: str, body: str | None = None) -> requests.Response:
         headers = {"X-Fdngx-Token": self.token}
@@ -274,6 +291,23 @@ class Admin:
 
     def close(self) -> None:
         self._session.close()
+
+
+def parse_admin_url(url: str) -> tuple[Listen, str]:
+    """`http://HOST:PORT[/path]` -> (where, path). Plain HTTP only (the admin server speaks nothing else); a
+    path other than the admin location's is refused. Raises ValueError naming the URL."""
+    parts = urlsplit(url.strip())
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    host = parts.hostname or ""
+    path = parts.path if parts.path not in ("", "/") else ADMIN_PATH
+    if (parts.scheme != "http" or not port or not valid_host(host) or parts.query or parts.fragment
+            or parts.username or parts.password or path not in (ADMIN_PATH, ADMIN_PATH + "/")):
+        raise ValueError(f"admin URL {url!r}: want http://HOST:PORT or http://HOST:PORT{ADMIN_PATH} (a frontend's "
+                         "--admin-listen as this host reaches it)")
+    return Listen(host, port), ADMIN_PATH
 
 
 def read_token(path: Path) -> str:

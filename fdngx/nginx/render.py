@@ -6,14 +6,16 @@ The generation id is a hash of the rendered text itself, served back by site/sta
 reload can be confirmed.
 
 Input never becomes code: every value a template prints goes through the filter of its output syntax
-(fdngx.nginx.escape): `arg` for an nginx directive argument, `lua` for a Lua literal. StrictUndefined
-turns a missing value into an error instead of an empty string.
+(fdngx.nginx.escape): `arg` for an nginx directive argument, `nginx_string` for a quoted one (a user's
+path, an error body), `lua` for a Lua literal. StrictUndefined turns a missing value into an error
+instead of an empty string.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,12 +27,40 @@ import jinja2
 from fdngx import __version__
 from fdngx.domain import Balancer, Flavor, Instance, Inventory, Listen, Mode, Role, ServerState, is_ip
 from fdngx.errors import RenderError, UsageError
-from fdngx.nginx.escape import EscapeError, lua_literal, nginx_arg, nginx_size, nginx_time
+from fdngx.nginx import frontdoor
+from fdngx.nginx.escape import EscapeError, lua_literal, nginx_arg, nginx_size, nginx_string, nginx_time
 
 GENERATION_TOKEN = "@@FDNGX_GENERATION@@"
 MAX_WEIGHT = 10_000  # the same bound as the inventory's static weights
 DEFAULT_LISTEN = Listen("127.0.0.1", 8080)
 DEFAULT_ADMIN_LISTEN = Listen("127.0.0.1", 9401)
+# Who may reach the openresty admin location (nginx `allow`; everything else is denied). Remote pushes
+# (`fdngx sidecar --push-to`, controller mode) need the controllers' addresses here; the token still applies.
+LOOPBACK_ALLOW = ("127.0.0.1", "::1")
+
+
+def admin_allow_list(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """`--admin-allow`: comma-separated IP addresses or CIDRs, or `loopback`, as nginx `allow` arguments
+    (an address alone stays an address: `127.0.0.1`, not `127.0.0.1/32`). Raises UsageError."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    out: list[str] = []
+    for raw in (p.strip() for p in parts):
+        if not raw:
+            continue
+        if raw == "loopback":
+            entries = list(LOOPBACK_ALLOW)
+        else:
+            try:
+                net = ipaddress.ip_network(raw, strict=False)
+            except ValueError:
+                raise UsageError(f"--admin-allow {raw!r}: want IP addresses or CIDRs (10.0.0.0/8, fd00::/8) "
+                                 "or 'loopback', comma-separated") from None
+            full = net.prefixlen == net.max_prefixlen
+            entries = [str(net.network_address) if full else str(net)]
+        out.extend(e for e in entries if e not in out)
+    if not out:
+        raise UsageError("--admin-allow: name at least one address, CIDR or 'loopback'")
+    return tuple(out)
 
 
 def _listen(value: Listen | str, what: str) -> Listen:
@@ -57,9 +87,13 @@ class RenderOptions:
     # Old workers keep serving open streams after a reload; this bounds how long they may linger.
     worker_shutdown_timeout: str = "10m"
     read_timeout: str = "1h"
+    connect_timeout: str = "5s"
     client_max_body_size: str = "64m"
+    # A prompt up to this size stays in memory (larger ones go to a temp file, one write per request).
+    client_body_buffer_size: str = "1m"
     # OpenResty flavor: where the sidecar pushes weights, the token it must show, how the Lua picks.
     admin_listen: Listen = DEFAULT_ADMIN_LISTEN
+    admin_allow: tuple[str, ...] = LOOPBACK_ALLOW
     admin_token_file: str = ""
     # The replicas reach the Lua balancer as data: this file (written beside the config) at start and
     # reload, then pushes. The Lua modules load from lua_dir (default: the ones shipped with fdngx).
@@ -70,6 +104,17 @@ class RenderOptions:
     lua_modules: tuple[str, ...] = ()
     # None: logs/access.log under the prefix (standalone) or /var/log/nginx/<upstream>.access.log (site).
     access_log: str | None = None
+    access_log_format: frontdoor.AccessLogFormat = frontdoor.AccessLogFormat.TEXT
+    # The front door (site/standalone; fdngx.nginx.frontdoor): TLS with HTTP/2, API keys, rate limits.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # The keys file the user wrote; the 0600 key map beside the config (written by fdngx) and its version.
+    api_keys_file: str = ""
+    api_keys_map: str = ""
+    api_keys_version: str = ""
+    api_keys_forward: bool = True
+    rate_limit: str = ""  # nginx's `10r/s` or `600r/m`; '' = off
+    rate_burst: int | None = None  # None: one second's worth
 
     def __post_init__(self) -> None:
         def coerce(name: str, kind: type, what: str) -> None:
@@ -83,8 +128,11 @@ class RenderOptions:
         coerce("mode", Mode, "--mode")
         coerce("flavor", Flavor, "--flavor")
         coerce("balancer_mode", Balancer, "--balancer")
+        coerce("access_log_format", frontdoor.AccessLogFormat, "--access-log-format")
+        object.__setattr__(self, "rate_limit", frontdoor.rate(self.rate_limit))
         object.__setattr__(self, "listen", _listen(self.listen, "--listen"))
         object.__setattr__(self, "admin_listen", _listen(self.admin_listen, "--admin-listen"))
+        object.__setattr__(self, "admin_allow", admin_allow_list(self.admin_allow))
 
     def validated(self) -> RenderOptions:
         """Every value that lands in the config, checked for its syntax; raises UsageError naming the option."""
@@ -94,7 +142,9 @@ class RenderOptions:
             ("--worker-processes", self.worker_processes, lambda v: v == "auto" or v.isdigit()),
             ("worker_shutdown_timeout", self.worker_shutdown_timeout, nginx_time),
             ("--read-timeout", self.read_timeout, nginx_time),
+            ("--connect-timeout", self.connect_timeout, nginx_time),
             ("--client-max-body-size", self.client_max_body_size, nginx_size),
+            ("--client-body-buffer-size", self.client_body_buffer_size, nginx_size),
         ]
         for what, value, ok in checks:
             if not ok(value):
@@ -109,7 +159,25 @@ class RenderOptions:
                     raise UsageError(
                         f"{what} {value!r}: use a plain path (letters, digits, . _ / - : @ +), no spaces or quotes"
                     ) from None
+        self._validate_front_door()
         return self
+
+    def _validate_front_door(self) -> None:
+        frontdoor.check_tls(self.tls_cert, self.tls_key)
+        frontdoor.check_path("--tls-cert", self.tls_cert)
+        frontdoor.check_path("--tls-key", self.tls_key)
+        frontdoor.check_path("--api-keys-file", self.api_keys_file)
+        frontdoor.check_path("API key map", self.api_keys_map, include=True)
+        frontdoor.check_version(self.api_keys_version)
+        frontdoor.check_rate(self.rate_limit, self.rate_burst)
+        if not isinstance(self.api_keys_forward, bool):
+            raise UsageError("--api-keys-forward is a flag")
+        if self.mode is Mode.UPSTREAM:
+            given = [name for name, on in (("--tls-cert", self.tls_cert), ("--api-keys-file", self.api_keys_file),
+                                           ("--rate-limit", self.rate_limit)) if on]
+            if given:
+                raise UsageError(f"{', '.join(given)}: only for --mode site or standalone (an upstream block has "
+                                 "no server to guard)")
 
 
 def default_access_log(mode: Mode, upstream: str) -> str:
@@ -164,6 +232,7 @@ def _environment(template_dir: Path | None) -> jinja2.Environment:
     )
     env.filters["arg"] = nginx_arg
     env.filters["lua"] = lua_literal
+    env.filters["nginx_string"] = nginx_string
     return env
 
 
@@ -213,15 +282,42 @@ def context(inv: Inventory, opts: RenderOptions, states: Mapping[str, ServerStat
         "worker_processes": opts.worker_processes,
         "worker_shutdown_timeout": opts.worker_shutdown_timeout,
         "read_timeout": opts.read_timeout,
+        "connect_timeout": opts.connect_timeout,
         "client_max_body_size": opts.client_max_body_size,
+        "client_body_buffer_size": opts.client_body_buffer_size,
         "admin_token_file": opts.admin_token_file,
         "peers_file": opts.peers_file or default_peers_file(opts.admin_token_file),
         "lua_path": lua_path(opts) if opts.flavor is Flavor.OPENRESTY else [],
         "admin_listen": str(opts.admin_listen),
+        "admin_allow": list(opts.admin_allow),
         "balancer_mode": opts.balancer_mode.value,
         "lua_modules": list(opts.lua_modules) if opts.flavor is Flavor.OPENRESTY else [],
         "access_log": opts.access_log or default_access_log(opts.mode, inv.upstream),
+        **front_door(opts),
         "generation": GENERATION_TOKEN,
+    }
+
+
+def front_door(opts: RenderOptions) -> dict[str, Any]:
+    """What site and standalone configs answer themselves, and what guards them (fdngx.nginx.frontdoor)."""
+    api_keys = None
+    if opts.api_keys_map:
+        api_keys = {"map": opts.api_keys_map, "version": opts.api_keys_version or "unwritten",
+                    "forward": opts.api_keys_forward}
+    rate_limit = None
+    if opts.rate_limit:
+        burst = opts.rate_burst if opts.rate_burst is not None else frontdoor.default_burst(opts.rate_limit)
+        rate_limit = {"rate": opts.rate_limit, "burst": burst, "by_key": api_keys is not None}
+    return {
+        "access_log_format": opts.access_log_format.value,
+        "tls": {"cert": opts.tls_cert, "key": opts.tls_key} if opts.tls_cert else None,
+        "api_keys": api_keys,
+        "rate_limit": rate_limit,
+        "error_pages": [
+            {"status": e.status, "body": e.body(), "retry_after": e.retry_after}
+            for e in frontdoor.error_pages(opts.client_max_body_size)
+        ],
+        "plain_http": {"status": frontdoor.PLAIN_HTTP.status, "body": frontdoor.PLAIN_HTTP.body()},
     }
 
 
@@ -236,6 +332,10 @@ def check_renderable(inv: Inventory, opts: RenderOptions) -> None:
                 f"instance '{inst.name}': role '{inst.role}' cannot share a plain upstream with mixed instances "
                 "(a prefill- or decode-only instance must not get plain requests); see docs/fastdeploy.md"
             )
+    if opts.api_keys_file and not opts.api_keys_map:
+        # Never render an open door for a user who asked for keys: the key map is written before the render.
+        raise RenderError("--api-keys-file: the key map was not prepared (fdngx render and sidecar write it "
+                          "beside --out)")
     if opts.flavor is Flavor.OPENRESTY:
         if not opts.admin_token_file:
             raise RenderError("openresty flavor: no admin token file (fdngx render creates one beside --out)")

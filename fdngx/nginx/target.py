@@ -19,6 +19,7 @@ from fdngx.errors import UsageError
 from fdngx.nginx import openresty
 from fdngx.nginx.apply import ApplyResult, safe_apply
 from fdngx.nginx.control import NginxControl, find_nginx, prepare_prefix
+from fdngx.nginx.fanout import Fanout, FrontendSpec, PushOutcome
 from fdngx.nginx.render import RenderOptions, render
 from fdngx.system.files import read_bytes_or_none, real_target, writable_by_others
 
@@ -35,11 +36,17 @@ class TargetSpec:
     reload_cmd: str | None = None
     reload: bool = False
     admin_token_file: Path | None = None
+    # Controller mode (fdngx.nginx.fanout): push every snapshot to these frontends' admin locations too.
+    controller: bool = False
+    frontends: tuple[FrontendSpec, ...] = ()
+    push_timeout: float = 0.5
 
     def validated(self) -> TargetSpec:
         self.opts.validated()
         if self.reload and self.out is None:
             raise UsageError("--reload needs --out PATH (the file nginx reads)")
+        if self.controller and self.opts.flavor is not Flavor.OPENRESTY:
+            raise UsageError("--push-to/--push-to-file push to OpenResty frontends: add --flavor openresty")
         return self
 
     @property
@@ -57,14 +64,22 @@ class Target:
     reload: bool
     admin: openresty.Admin | None  # openresty flavor: weights go here, not into the config
     peers_file: Path | None = None  # openresty flavor: the replicas as data, beside the config
+    # Controller mode: every frontend (a local one from --out included) gets the same snapshot through this.
+    fanout: Fanout | None = None
+    local: FrontendSpec | None = None  # controller mode with --out: this host's nginx, always pushed to
 
     @property
     def pushing(self) -> bool:
-        return self.admin is not None
+        return self.admin is not None or self.fanout is not None
+
+    @property
+    def renders(self) -> bool:
+        """False for a controller with no nginx of its own (no --out): it only pushes."""
+        return self.fanout is None or self.out is not None
 
     def dry(self) -> Target:
         """The same render, going nowhere: no write, no reload, no push."""
-        return replace(self, out=None, control=None, reload=False, admin=None, peers_file=None)
+        return replace(self, out=None, control=None, reload=False, admin=None, peers_file=None, fanout=None)
 
     def render(self, inv: Inventory, states: Mapping[str, ServerState] | None) -> str:
         """The config text; the openresty flavor's carries no weights (they are pushed)."""
@@ -117,6 +132,22 @@ class Target:
                      ", ".join(result.added) or "none", ", ".join(result.removed) or "none")
         return result.peers
 
+    def push_all(self, inv: Inventory, states: Mapping[str, ServerState] | None,
+                 samples: Mapping[str, LoadSample]) -> tuple[PushOutcome, ...]:
+        """Controller mode: ONE snapshot (one generation, the same bytes) to every frontend at once."""
+        assert self.fanout is not None
+        peers = openresty.live_peers(inv, states, samples) if states is not None else openresty.initial_peers(inv)
+        return self.fanout.push(openresty.snapshot(openresty.next_generation(), peers, inv.upstream))
+
+    def set_frontends(self, specs: list[FrontendSpec]) -> None:
+        """Controller mode: a new frontend list (the push file changed); this host's nginx stays in it."""
+        assert self.fanout is not None
+        self.fanout.set_frontends(_unique([self.local, *specs] if self.local is not None else specs))
+
+    def close(self) -> None:
+        if self.fanout is not None:
+            self.fanout.close()
+
     def _wrapper_head(self) -> str:
         """What a snippet needs before http {} to be tested alone: the Lua modules for openresty."""
         if self.opts.flavor is not Flavor.OPENRESTY:
@@ -149,7 +180,10 @@ def open_target(spec: TargetSpec, *, dry: bool = False) -> Target:
     if prefix is not None and opts.mode is Mode.STANDALONE and not dry:
         prepare_prefix(prefix)  # before the token file, which may live there too
     admin = None
-    if opts.flavor is Flavor.OPENRESTY:
+    local_spec = None
+    frontends = list(spec.frontends)
+    local = spec.out is not None or not spec.controller  # controller mode alone renders no nginx of its own
+    if opts.flavor is Flavor.OPENRESTY and local:
         token_file = (spec.admin_token_file or openresty.token_path(spec.out)).absolute()
         peers_file = openresty.peers_path(spec.out)
         modules = openresty.lua_modules(spec.nginx_bin) if opts.mode is Mode.STANDALONE else ()
@@ -157,6 +191,21 @@ def open_target(spec: TargetSpec, *, dry: bool = False) -> Target:
                        lua_modules=opts.lua_modules or modules).validated()
         # The config names the token file, not the token: a dry run needs neither the token nor a push.
         admin = None if dry else openresty.Admin(opts.admin_listen, openresty.ensure_token(token_file))
+        if admin is not None and spec.controller:
+            # The local nginx is one more frontend: the same bytes as the others, in the same fan-out.
+            local_spec = FrontendSpec(admin.url, token_file)
+            frontends.insert(0, local_spec)
     control = nginx_control(spec) if spec.reload else None
     peers = Path(opts.peers_file) if admin is not None else None
-    return Target(spec.out, opts, control, spec.reload, admin, peers)
+    fanout = None
+    if spec.controller and not dry:
+        fanout = Fanout(_unique(frontends), spec.push_timeout)
+        admin = None  # every push goes through the fan-out
+    return Target(spec.out, opts, control, spec.reload, admin, peers, fanout, local_spec)
+
+
+def _unique(specs: list[FrontendSpec]) -> list[FrontendSpec]:
+    seen: dict[str, FrontendSpec] = {}
+    for s in specs:
+        seen.setdefault(s.url, s)
+    return list(seen.values())

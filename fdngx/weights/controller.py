@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from fdngx.domain import Inventory, LoadSample, ServerState
 from fdngx.errors import FdngxError
 from fdngx.nginx.apply import ApplyResult
+from fdngx.nginx.fanout import PushOutcome
 from fdngx.nginx.target import Target
 from fdngx.weights.fetch import Client
 from fdngx.weights.policy import Decisions, decide
@@ -43,6 +44,11 @@ class CycleResult:
     text: str = ""  # the rendered config
     # Whether the nginx fdngx reloads runs, checked every cycle (None: fdngx does not reload, so it cannot say).
     nginx_running: bool | None = None
+    # Controller mode: what each frontend did with this cycle's snapshot (fdngx.nginx.fanout).
+    pushes: tuple[PushOutcome, ...] = ()
+    # Seconds spent scraping + deciding, and pushing (for logs, telemetry and the fleet benchmark).
+    scrape_seconds: float = 0.0
+    push_seconds: float = 0.0
 
     @property
     def changed(self) -> bool:
@@ -81,6 +87,21 @@ def _log_scrapes(old: PolicyState, new: PolicyState) -> None:
             log.warning("%s: metrics scrape works again", name)
 
 
+def fleet_outcome(pushes: tuple[PushOutcome, ...]) -> tuple[int | None, str | None]:
+    """(peers the frontends took, or 0 when every one holds another controller's newer snapshot; the cycle's
+    error, only when no frontend answered at all: then none has the change and it stays pending)."""
+    if not pushes:
+        return None, None
+    taken = [o.peers for o in pushes if o.accepted]
+    if taken:
+        return max(taken), None
+    if any(o.status == "stale" for o in pushes):
+        return 0, None
+    why = "; ".join(f"{o.frontend}: {o.error or o.status}" for o in pushes[:3])
+    more = f" (and {len(pushes) - 3} more)" if len(pushes) > 3 else ""
+    return None, f"no frontend took the push: {why}{more}"
+
+
 @dataclass
 class Controller:
     target: Target
@@ -103,33 +124,46 @@ class Controller:
         decisions = None
         samples: dict[str, LoadSample] = {}
         new_state = state
+        started = time.monotonic()
         if self.policy is not None:
             samples = self.scrape(inv.instances, session=self.session, deadline=self.scrape_deadline)
             decisions, new_state = decide(samples, inv, state, self.policy, self.clock())
             _log_scrapes(state, new_state)
+        scraped = time.monotonic()
         states = server_states(decisions) if decisions is not None else None
         applied: ApplyResult | None = None
         pushed: int | None = None
+        pushes: tuple[PushOutcome, ...] = ()
         error: str | None = None
         text = ""
+        push_started = push_ended = scraped
         try:
-            text = self.target.render(inv, states)
+            if self.target.renders:
+                text = self.target.render(inv, states)
             # nginx flavor: a weight change is a config change. openresty: the text follows the inventory
             # only; the apply is cheap when identical (one read, one compare) and still reports nginx down.
             if self.target.out is not None and (force_render or decisions is None or decisions.changed
                                                 or self.target.pushing):
                 self.target.write_peers(inv)
                 applied = self.target.apply(text)
-            if self.target.pushing:
+            push_started = time.monotonic()
+            if self.target.fanout is not None:
+                # Controller mode: the same snapshot to every frontend at once; one that fails is its own
+                # problem (logged and counted per frontend), the cycle fails only if none took it.
+                pushes = self.target.push_all(inv, states, samples)
+                pushed, error = fleet_outcome(pushes)
+            elif self.target.pushing:
                 # Every cycle, not only on change: the balancer fades scraped load that is not refreshed.
                 # A static render (no policy) pushes the peers file, so a replica added or removed needs
                 # no reload either.
                 pushed = self.target.push(inv, states, samples)
+            push_ended = time.monotonic()
         except FdngxError as exc:
             error = str(exc)
         if error is not None and decisions is not None:
             new_state = unapplied(new_state, state)
-        result = CycleResult(decisions, samples, applied, pushed, error, text, self._nginx_running(applied))
+        result = CycleResult(decisions, samples, applied, pushed, error, text, self._nginx_running(applied), pushes,
+                             scraped - started, push_ended - push_started)
         self._log(result)
         return result, new_state
 

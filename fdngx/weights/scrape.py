@@ -18,13 +18,15 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ALL_COMPLETED, Future, wait
+from dataclasses import replace
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from fdngx.domain import Instance, Load, LoadSample
 from fdngx.engines import EngineSpec, spec
-from fdngx.weights.fetch import Client, Fetch, HttpClient
+from fdngx.weights.batch import BatchClient, Job
+from fdngx.weights.fetch import Client, Fetch, run_all
 from fdngx.weights.memory import (
     MAX_REQUESTS,
     PeakRunning,
@@ -33,6 +35,7 @@ from fdngx.weights.memory import (
     learn_capacity,
     peaks_for,
 )
+from fdngx.weights.promtext import fast_values
 
 CONNECT_TIMEOUT = 0.5
 READ_TIMEOUT = 1.0
@@ -48,8 +51,9 @@ MAX_COUNTER = 1e15  # histogram counters (seconds, observations): far beyond any
 
 
 def make_client() -> Client:
-    """The default client (http.client keep-alive pool). Keep one for the life of a loop and close it."""
-    return HttpClient()
+    """The default client: every GET of a cycle on one thread (fdngx.weights.batch), keep-alive connections
+    kept between cycles. Keep one for the life of a loop and close it."""
+    return BatchClient()
 
 
 def wanted_names(engine: EngineSpec) -> frozenset[str]:
@@ -81,6 +85,9 @@ def parse_metrics(text: str, names: frozenset[str] | None = None) -> dict[str, l
     """Sample name -> values (one per label set), only for `names` when given. Raises ValueError on
     anything unparsable."""
     if names is not None:
+        fast = fast_values(text, names)  # the usual page, read as the parser would read it
+        if fast is not None:
+            return fast
         text = relevant_lines(text, names)
     values: dict[str, list[float]] = {}
     # The parser is a generator that raises part way through bad input; consume it all here.
@@ -209,8 +216,8 @@ def _build(
     if error is None:
         try:
             text = metrics.body.decode("utf-8", "replace")
-            load = learn_capacity(load_from_metrics(parse_metrics(text, wanted_names(engine)), engine), inst, info,
-                                  peaks)
+            values = metrics.values if metrics.values is not None else parse_metrics(text, wanted_names(engine))
+            load = learn_capacity(load_from_metrics(values, engine), inst, info, peaks)
             load = estimate_queue(load, inst, peaks, at)
         except Exception as exc:  # the parser raises ValueError and friends, never let one escape
             error = printable(f"bad metrics: {exc}")[:200]
@@ -221,6 +228,22 @@ def _build(
         )
     return LoadSample.of(inst.name, healthy, load, scraped_at=at, latency=metrics.latency, health_error=health_error,
                          refused=refused)
+
+
+def _fetch_parsed(client: Client, url: str, names: frozenset[str], **kwargs: Any) -> Fetch:
+    return _with_values(client.get(url, **kwargs), names)
+
+
+def _with_values(got: Fetch, names: frozenset[str]) -> Fetch:
+    """A metrics page parsed where it was fetched (a pool worker, or the batch loop as it arrives), so parsing
+    1,000 pages overlaps the fetches still waiting on the network. One that does not parse is left to
+    _build, which parses it again and reports why."""
+    if got.error is None and got.status == 200:
+        try:
+            return replace(got, values=parse_metrics(got.body.decode("utf-8", "replace"), names))
+        except Exception:  # parsed again by _build, which turns the error into the sample's
+            pass
+    return got
 
 
 def scrape_all(
@@ -243,31 +266,35 @@ def scrape_all(
     insts = list(instances)
     if not insts:
         return {}
-    client, own = (HttpClient(), True) if session is None else (session, False)
+    client, own = (BatchClient(), True) if session is None else (session, False)
     if peaks is None:
         peaks = PeakRunning() if own else peaks_for(client)
     end = time.monotonic() + deadline
     common = {"connect_timeout": connect_timeout, "read_timeout": timeout, "deadline": end}
-    jobs: dict[Future[Fetch], tuple[int, str]] = {}
+    jobs: list[tuple[tuple[int, str], Callable[..., Fetch], dict[str, Any]]] = []
     try:
-        pool = client.executor()
         for n, inst in enumerate(insts):
             engine = spec(inst.engine)
             if not no_load_signal(inst):
                 url = _metrics_url(inst, engine)
-                jobs[pool.submit(client.get, url, max_bytes=max_bytes, **common)] = (n, "m")
+                jobs.append(((n, "m"), _fetch_parsed, {"client": client, "url": url, "names": wanted_names(engine),
+                                                        "max_bytes": max_bytes, **common}))
             health = inst.base_url + engine.health_path
-            jobs[pool.submit(client.get, health, max_bytes=_HEALTH_BYTES, status_only=True, **common)] = (n, "h")
+            jobs.append(((n, "h"), client.get, {"url": health, "max_bytes": _HEALTH_BYTES, "status_only": True,
+                                                 **common}))
             if engine.capacity_info_path is not None:
                 info = inst.base_url + engine.capacity_info_path
-                jobs[pool.submit(client.get, info, max_bytes=_INFO_BYTES, **common)] = (n, "i")
-        wait(jobs, timeout=max(0.0, end - time.monotonic()) + 0.05, return_when=ALL_COMPLETED)
-        results: dict[tuple[int, str], Fetch] = {}
-        for fut, key in jobs.items():
-            if fut.done() and not fut.cancelled():
-                results[key] = fut.result()
-            else:
-                fut.cancel()  # still queued behind stuck workers: drop it
+                jobs.append(((n, "i"), client.get, {"url": info, "max_bytes": _INFO_BYTES, **common}))
+        if isinstance(client, BatchClient):
+            # Fleet scale: every GET on one thread (fdngx.weights.batch), the same results and bounds.
+            batch = [Job(key, kw["url"], kw["max_bytes"], kw.get("status_only", False),
+                         functools.partial(_with_values, names=kw["names"]) if "names" in kw else None)
+                     for key, _fn, kw in jobs]
+            results: dict[tuple[int, str], Fetch] = client.get_many(  # type: ignore[assignment]
+                batch, connect_timeout=connect_timeout, read_timeout=timeout, deadline=end)
+        else:
+            # Jobs still queued behind stuck workers at the deadline are dropped.
+            results = run_all(client.executor(), jobs, end)  # type: ignore[assignment]
     finally:
         if own:
             client.close()

@@ -22,7 +22,10 @@ from watchdog.observers import Observer
 from fdngx import inventory as inv_mod
 from fdngx.domain import Inventory, LoadSample
 from fdngx.errors import FdngxError
+from fdngx.nginx.apply import aside
+from fdngx.nginx.fanout import FrontendSpec, read_push_file
 from fdngx.nginx.target import Target
+from fdngx.system.files import real_target
 from fdngx.weights.controller import Controller, CycleResult
 from fdngx.weights.fetch import Client
 from fdngx.weights.policy import Decisions
@@ -43,10 +46,17 @@ class SidecarConfig:
     state_path: Path | None = None  # default: a dot-file beside --out (fdngx.weights.store.store_for)
     debounce: float = 1.0  # seconds of quiet after an inventory change before re-reading it
     scrape_deadline: float = 1.5
+    # Controller mode: frontends from --push-to, and a push file re-read when it changes (checked each cycle).
+    frontends: tuple[FrontendSpec, ...] = ()
+    push_file: Path | None = None
+    push_token_file: Path | None = None
 
     @property
     def store(self) -> StateStore:
-        assert self.target.out is not None
+        if self.target.out is None:
+            # A controller with no nginx of its own keeps its state beside its (first) inventory.
+            return StateStore((self.state_path or aside(real_target(self.inventories[0]), "controller-state.json"))
+                              .absolute())
         return store_for(self.target.out, self.state_path)
 
 
@@ -90,6 +100,10 @@ class Sidecar:
         self.cycles = 0
         self._budget_holding = False
         self._saved_at = -math.inf
+        self._push_file_seen: tuple[int, int, int] | None = None
+        self._push_file_error: str | None = None
+        if config.push_file is not None:
+            self.refresh_frontends(strict=True)  # a bad push file at start is fatal, like a bad inventory
     # -- triggers (any thread, signal handlers included) ---------------------------------------------
 
     def inventory_changed(self, immediate: bool = False) -> None:
@@ -150,6 +164,7 @@ class Sidecar:
             if self.cycles:
                 self.save()
             self.session.close()
+            self.config.target.close()
             if self._observer is not None:
                 self._observer.stop()
                 self._observer.join(timeout=5)
@@ -166,6 +181,31 @@ class Sidecar:
             self.inventory = new
             self._render_pending = True
         return True
+
+    def refresh_frontends(self, strict: bool = False) -> None:
+        """Re-read the push file when it changed (inode, size or mtime): a cheap stat per cycle. A bad or
+        missing file keeps the frontends in use (said once); `strict` (at start) raises instead."""
+        path = self.config.push_file
+        if path is None or self.config.target.fanout is None:
+            return
+        try:
+            st = path.stat()
+            seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if seen == self._push_file_seen:
+                return
+            specs = read_push_file(path, self.config.push_token_file)
+            self.config.target.set_frontends([*self.config.frontends, *specs])
+        except (OSError, FdngxError) as exc:
+            why = str(exc) if isinstance(exc, FdngxError) else f"{path}: {exc.strerror or exc}"
+            if strict:
+                raise FdngxError(why) from None
+            if why != self._push_file_error:
+                log.error("push file not re-read, keeping the frontends in use: %s", why)
+                self._push_file_error = why
+            return
+        if self._push_file_error is not None:
+            log.info("%s: push file read again", path)
+        self._push_file_seen, self._push_file_error = seen, None
 
     def save(self) -> None:
         try:
@@ -191,6 +231,7 @@ class Sidecar:
     def run_once(self) -> CycleResult:
         """One cycle through the controller; then telemetry, and the state saved on change or every 10 s."""
         started = time.monotonic()
+        self.refresh_frontends()
         result, self.state = self.controller.step(self.inventory, self.state, force_render=self._render_pending)
         if result.error is None:
             self._render_pending = False
@@ -205,4 +246,14 @@ class Sidecar:
             self.save()
         self.telemetry.cycle(result, self.state, self.controller.clock(), time.monotonic() - started)
         self.cycles += 1
+        if log.isEnabledFor(logging.DEBUG):
+            # One structured line per cycle (--log-format json carries the fields): what the fleet benchmark reads.
+            log.debug("cycle %d: scrape+policy %.0f ms, push %.0f ms, %d replica(s), %d frontend(s)", self.cycles,
+                      1000 * result.scrape_seconds, 1000 * result.push_seconds, len(result.samples),
+                      len(result.pushes), extra={
+                          "cycle": self.cycles, "scrape_policy_s": round(result.scrape_seconds, 6),
+                          "push_s": round(result.push_seconds, 6), "cycle_s": round(time.monotonic() - started, 6),
+                          "pushes": {o.frontend: [o.status, round(o.seconds, 6)] for o in result.pushes},
+                          "generation": max((o.generation or 0 for o in result.pushes), default=None),
+                      })
         return result

@@ -91,7 +91,25 @@ class Telemetry:
             "fdngx_config_generation", "Generation of the config last applied, as a number (its 12 hex digits)",
             registry=r,
         )
+        fl = ["frontend"]
+        self.push_failures = Counter(
+            "fdngx_push_failures_total", "Controller mode: pushes to a frontend that failed (refused, timed out, "
+            "HTTP error)", fl, registry=r,
+        )
+        self.push_stale = Counter(
+            "fdngx_push_stale_total", "Controller mode: pushes a frontend refused as older (409: another "
+            "controller's newer snapshot is in force there)", fl, registry=r,
+        )
+        self.push_seconds = Histogram(
+            "fdngx_push_duration_seconds", "Controller mode: one push to a frontend (POST + validate + install)",
+            fl, buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r,
+        )
+        self.frontend_up = Gauge(
+            "fdngx_frontend_up", "Controller mode: 1 when the frontend answered the last push (took it, or holds "
+            "a newer one), 0 when not", fl, registry=r,
+        )
         self._known: set[str] = set()
+        self._frontends: set[str] = set()
         self._server: Any = None
         self._lock = threading.Lock()
 
@@ -100,6 +118,8 @@ class Telemetry:
         with self._lock:
             self.cycle_seconds.observe(seconds)
             self._apply(result, now)
+            if result.pushes:
+                self._pushes(result)
             if result.decisions is not None:
                 self._replicas(result, state, now)
 
@@ -119,6 +139,27 @@ class Telemetry:
                 self.apply_seconds.observe(applied.reload_seconds)
             if applied.generation:
                 self.generation.set(int(applied.generation, 16))
+
+    def _pushes(self, result: CycleResult) -> None:
+        names = {o.frontend for o in result.pushes}
+        for gone in self._frontends - names:
+            for metric in (self.push_failures, self.push_stale, self.push_seconds, self.frontend_up):
+                with contextlib.suppress(KeyError):
+                    metric.remove(gone)
+        for new in names - self._frontends:
+            self.push_failures.labels(new)  # created at 0
+            self.push_stale.labels(new)
+        self._frontends = names
+        for o in result.pushes:
+            if o.status == "busy":
+                continue  # no push was made: the last one still hangs (it counted as failed already)
+            self.frontend_up.labels(o.frontend).set(1 if o.answered else 0)
+            if o.status == "stale":
+                self.push_stale.labels(o.frontend).inc()
+            elif not o.accepted:
+                self.push_failures.labels(o.frontend).inc()
+            if o.answered:
+                self.push_seconds.labels(o.frontend).observe(o.seconds)
 
     def _replicas(self, result: CycleResult, state: PolicyState, now: float) -> None:
         decisions = result.decisions

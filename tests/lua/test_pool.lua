@@ -34,6 +34,25 @@ return {
         t.eq(dict:get("gen"), 2); t.eq(dict:get("snap_at"), 5)
     end,
 
+    ["install: a worker's copy of the generation in force stands in for parsing it again"] = function(t)
+        local dict = fakedict.new()
+        local pool = new_pool(dict)
+        install(pool, 1, { "peer a 127.0.0.1 1 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" })
+        t.eq(pool_mod.sync(pool, 1), true)
+        local parse, parsed = peers.parse, 0
+        peers.parse = function(text) parsed = parsed + 1; return parse(text) end
+        local added, removed = install(pool, 2, { "peer b 127.0.0.1 2 20 1 64 0", "peer c 127.0.0.1 3 20 0 64 0" })
+        t.eq(parsed, 1, "only the new snapshot was parsed (by the test's own snap())")
+        t.eq(table.concat(added, ","), "c"); t.eq(table.concat(removed, ","), "a")
+        t.eq(dict:get("sa:b"), 0, "b's down flag moved")
+        -- A stale copy (another worker installed meanwhile): parsed from the dict instead.
+        install(new_pool(dict), 3, { "peer c 127.0.0.1 3 20 0 64 0" })
+        parsed = 0
+        added, removed = install(pool, 4, { "peer c 127.0.0.1 3 20 0 64 0", "peer d 127.0.0.1 4 20 0 64 0" })
+        peers.parse = parse
+        t.eq(parsed, 2); t.eq(table.concat(added, ","), "d"); t.eq(#removed, 0)
+    end,
+
     ["install: the sidecar's down changes are timed, unchanged flags keep their time"] = function(t)
         local dict = fakedict.new()
         local pool = new_pool(dict)

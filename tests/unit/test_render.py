@@ -20,7 +20,8 @@ def sample() -> inventory.Inventory:
 
 
 def test_golden_and_examples_are_current() -> None:
-    """examples/nginx and tests/golden are what the code renders today (`make examples` regenerates)."""
+    """examples/nginx, tests/golden and the CLI reference docs/cli.md are what the code renders today
+    (`make examples` regenerates them)."""
     stale = [str(p.relative_to(REPO)) for p, text in rendered_files().items() if p.read_text() != text]
     assert not stale, f"stale rendered files (run `make examples`): {stale}"
 

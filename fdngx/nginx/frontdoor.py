@@ -1,0 +1,269 @@
+"""The front door of site and standalone configs: what nginx itself answers (errors in OpenAI's JSON shape),
+TLS, API keys, rate limits. The values are checked here; fdngx.nginx.render puts them in its context and the
+templates print them through the escaping filters.
+
+API keys are secrets and the config is world-readable (configs are 0644 under a 0755 /etc/nginx, and get
+pasted into bug reports), so the keys never enter it. They go into a separate file beside the config,
+`.<config name>.fdngx-api-keys`, mode 0600, owned by fdngx's account (root beside a system nginx, whose master
+reads it as root when it loads the config), written atomically without following a link planted at its name;
+the config `include`s it inside a `map`. Plain nginx cannot hash, so the file holds the keys themselves: it is
+protected like ssh keys are, by its mode. (The alternative, a 0600 config, would also hide the rest of the
+config from the people who debug nginx, and `fdngx render --out -` or `--diff` would print the keys.)
+
+Each key is one regex entry matching the whole `Authorization: Bearer <key>` header, case-sensitively (a map's
+plain strings are matched case-insensitively, and would also need a larger map_hash_bucket_size in the
+http {} of a config that is not ours). A request tries them in order: with 5,000 keys, measured, a request
+took 0.2-0.4 ms longer than with one. The map's value names the key by its line in the keys file (`L3`):
+the access log and the per-key rate limit use it, and the key itself never reaches a log.
+
+The config carries the key map's version (a random token written into the key file whenever its keys change),
+not a hash of the keys: a changed keys file changes the config, so `fdngx render --reload` reloads nginx, and
+nothing in the world-readable config can be used to test a guessed key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from fdngx.domain import StrEnum
+from fdngx.errors import UsageError
+from fdngx.nginx.escape import EscapeError, nginx_string
+from fdngx.system.files import atomic_write, read_bytes_or_none, read_regular_file, real_target
+
+log = logging.getLogger("fdngx.frontdoor")
+
+API_KEY = re.compile(r"[A-Za-z0-9._~+/=-]{8,256}")
+API_KEY_CHARS = "8-256 characters from A-Z a-z 0-9 . _ ~ + / = -"
+MAX_KEYS_FILE = 1 << 20
+MAX_KEYS = 10_000
+_RATE = re.compile(r"(?P<n>[1-9][0-9]{0,5})(?:r?/(?P<unit>[sm]))?")
+_NGINX_RATE = re.compile(r"[1-9][0-9]{0,5}r/[sm]")
+_VERSION = re.compile(r"[0-9a-f]{16}|unwritten")
+_MAP_VERSION = re.compile(r"^# version ([0-9a-f]{16})$", re.M)
+_MAP_ENTRY = re.compile(r'^"~\^\(\?i:bearer\) \+[^"\n]+\$" L[0-9]+;$', re.M)
+_GLOB = frozenset("*?[")
+MAX_BURST = 100_000
+
+
+class AccessLogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+# -- nginx's own answers -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErrorPage:
+    """One status nginx itself may answer with, as an OpenAI error object."""
+
+    status: int
+    type: str
+    code: str
+    message: str
+    retry_after: int = 0  # seconds; 0: no Retry-After header
+
+    def body(self) -> str:
+        return json.dumps({"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}},
+                          separators=(",", ":"))
+
+
+def error_pages(client_max_body_size: str) -> list[ErrorPage]:
+    """Every status nginx answers by itself in these configs (a replica's own answers pass through untouched)."""
+    bad = "invalid_request_error"
+    return [
+        ErrorPage(400, bad, "bad_request", "Bad request: nginx could not parse it."),
+        ErrorPage(401, bad, "invalid_api_key", "Incorrect API key provided. Send a valid key as "
+                  "'Authorization: Bearer <key>'."),
+        ErrorPage(403, bad, "forbidden", "Forbidden."),
+        ErrorPage(404, bad, "not_found", "Not found: fdngx serves /v1/ and /health."),
+        ErrorPage(405, bad, "method_not_allowed", "Method not allowed."),
+        ErrorPage(413, bad, "request_too_large", f"Request body too large: the limit is {client_max_body_size}."),
+        ErrorPage(414, bad, "uri_too_long", "Request URI too long."),
+        ErrorPage(429, "rate_limit_error", "rate_limit_exceeded", "Rate limit reached: too many requests, "
+                  "retry after a moment.", retry_after=1),
+        ErrorPage(494, bad, "header_too_large", "Request header too large."),
+        ErrorPage(500, "server_error", "internal_error", "Internal error in the proxy (nginx)."),
+        ErrorPage(502, "server_error", "bad_gateway", "No replica answered: the connection to it failed or broke "
+                  "before a response."),
+        ErrorPage(503, "server_error", "service_unavailable", "No replica can take the request now: every replica "
+                  "is busy or failing. Retry after a moment.", retry_after=1),
+        ErrorPage(504, "server_error", "gateway_timeout", "The replica did not answer in time."),
+    ]
+
+
+PLAIN_HTTP = ErrorPage(400, "invalid_request_error", "https_required",
+                       "This port speaks HTTPS: the request was sent as plain HTTP.")
+
+
+# -- option values -------------------------------------------------------------------------------------------
+
+
+def rate(value: str | None) -> str:
+    """`--rate-limit`: 10, 10/s, 10r/s or 600r/m -> nginx's `10r/s` / `600r/m`; '', 0 or 'off' -> ''."""
+    if value is not None and not isinstance(value, str):
+        raise UsageError(f"--rate-limit {value!r}: want text such as 10r/s")
+    text = (value or "").strip()
+    if text in ("", "0", "off"):
+        return ""
+    m = _RATE.fullmatch(text)
+    if not m:
+        raise UsageError(f"--rate-limit {text!r}: want requests per second (10, 10r/s) or per minute (600r/m), "
+                         "1..999999")
+    return f"{m.group('n')}r/{m.group('unit') or 's'}"
+
+
+def default_burst(nginx_rate: str) -> int:
+    """One second's worth of requests (at least 1): a client may send that many at once."""
+    n, unit = nginx_rate.split("r/")
+    return max(1, math.ceil(int(n) / (60 if unit == "m" else 1)))
+
+
+def check_rate(nginx_rate: str, burst: int | None) -> None:
+    if nginx_rate and not _NGINX_RATE.fullmatch(nginx_rate):
+        raise UsageError(f"--rate-limit {nginx_rate!r} is not a valid nginx rate")
+    if burst is not None and (isinstance(burst, bool) or not isinstance(burst, int) or not 0 <= burst <= MAX_BURST):
+        raise UsageError(f"--rate-burst {burst!r}: want a whole number 0..{MAX_BURST}")
+    if burst is not None and not nginx_rate:
+        raise UsageError("--rate-burst needs --rate-limit")
+
+
+def check_path(what: str, value: str, *, include: bool = False) -> None:
+    """A path printed as an nginx string: absolute, no `$` (nginx would read a variable), no control
+    characters; an `include`d one also no glob characters (nginx would include what they match)."""
+    if not value:
+        return
+    try:
+        nginx_string(value)
+    except EscapeError:
+        raise UsageError(f"{what} {value[:80]!r}: a path without '$' or control characters, please") from None
+    if not value.startswith("/"):
+        raise UsageError(f"{what} {value!r}: want an absolute path")
+    if include and _GLOB & set(value):
+        raise UsageError(f"{what} {value!r}: a path without * ? [ (nginx would read it as a pattern)")
+
+
+def check_version(value: str) -> None:
+    if value and not _VERSION.fullmatch(value):
+        raise UsageError(f"API key map version {value!r} is not one fdngx writes")
+
+
+def check_readable(what: str, path: str) -> None:
+    """--tls-cert, --tls-key: a regular file this account can read (nginx's master reads it as root)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{what} {path}: no such file")
+    if not os.access(p, os.R_OK):
+        raise UsageError(f"{what} {path}: not readable")
+
+
+def check_tls(cert: str, key: str) -> None:
+    if bool(cert) != bool(key):
+        raise UsageError("--tls-cert and --tls-key go together (the certificate chain and its private key)")
+
+
+# -- API keys ------------------------------------------------------------------------------------------------
+
+
+def load_api_keys(path: Path) -> list[tuple[int, str]]:
+    """(line number, key) for every key in the file: one a line, blank lines and `#` comments ignored.
+    Raises UsageError naming the file and the line, never the value (it is a secret)."""
+    try:
+        data = read_regular_file(path, MAX_KEYS_FILE)
+    except FileNotFoundError:
+        raise UsageError(f"--api-keys-file {path}: no such file") from None
+    except OSError as exc:
+        raise UsageError(f"--api-keys-file {path}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise UsageError(f"--api-keys-file {path}: not ASCII text (keys are {API_KEY_CHARS})") from None
+    keys: list[tuple[int, str]] = []
+    seen: set[str] = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        value = line.split("#", 1)[0].strip()
+        if not value:
+            continue
+        if not API_KEY.fullmatch(value):
+            raise UsageError(f"--api-keys-file {path}:{number}: not a valid API key ({API_KEY_CHARS}; the value "
+                             "is not shown)")
+        if value not in seen:
+            seen.add(value)
+            keys.append((number, value))
+    if not keys:
+        raise UsageError(f"--api-keys-file {path}: no keys in it (one a line; # starts a comment)")
+    if len(keys) > MAX_KEYS:
+        raise UsageError(f"--api-keys-file {path}: {len(keys)} keys, at most {MAX_KEYS}")
+    mode = os.stat(path).st_mode
+    if mode & 0o077:
+        log.warning("%s: the API keys file is readable or writable by group or others (mode %04o); chmod 600 it",
+                    path, stat.S_IMODE(mode))
+    return keys
+
+
+def map_path(out: Path | None) -> Path:
+    """The key map lives beside the config it guards as a dot-file (hidden from include globs), or in the
+    working directory when the config goes to stdout."""
+    if out is None:
+        return Path(".fdngx-api-keys").absolute()
+    target = real_target(out)
+    return target.with_name(f".{target.name}.fdngx-api-keys")
+
+
+def map_entries(keys: list[tuple[int, str]]) -> list[str]:
+    """One nginx map entry a key: a case-sensitive regex on the whole Authorization header -> `L<line>`.
+    A key has no `"`, `\\`, `$` or space (API_KEY); `.` and `+`, the regex metacharacters it may hold, are
+    escaped. nginx keeps `\\.` and `\\+` as they are inside a double-quoted string."""
+    out = []
+    for number, key in keys:
+        if not API_KEY.fullmatch(key):
+            raise UsageError(f"API key on line {number} is not valid")
+        pattern = key.replace(".", "\\.").replace("+", "\\+")
+        out.append(f'"~^(?i:bearer) +{pattern}$" L{number};')
+    return out
+
+
+def _ours_and_private(path: Path) -> bool:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+
+def _current_version(path: Path, entries: list[str]) -> str | None:
+    """The version of the key map at `path` if it is ours, private and holds exactly these entries."""
+    if not _ours_and_private(path):
+        return None
+    old = read_bytes_or_none(path, 4 * MAX_KEYS_FILE)
+    text = old.decode("ascii", "replace") if old is not None else ""
+    m = _MAP_VERSION.search(text)
+    if m is None or _MAP_ENTRY.findall(text) != entries:
+        return None
+    return m.group(1)
+
+
+def ensure_key_map(path: Path, keys: list[tuple[int, str]], *, write: bool) -> str:
+    """Make the 0600 key map at `path` hold `keys`; returns its version. Rewritten (atomically, replacing a
+    planted link or file instead of writing through it) only when the keys changed, with a new version.
+    Without `write` (--check, --diff, stdout) nothing is written: the version of the map in place, or
+    `unwritten`."""
+    entries = map_entries(keys)
+    current = _current_version(path, entries)
+    if current is not None:
+        return current
+    if not write:
+        return "unwritten"
+    version = secrets.token_hex(8)
+    text = ("# Generated by fdngx from --api-keys-file: do not edit. Mode 0600: the API keys are secrets.\n"
+            f"# version {version}\n" + "".join(f"{e}\n" for e in entries))
+    atomic_write(path, text, mode=0o600, private=True)
+    return version

@@ -108,6 +108,10 @@ def launch_cmd(
         help="no | on-failure: restart a process that dies, with backoff 1,2,4..60 s (a multi-server group "
         "restarts as a whole, since its ranks fail together).",
     ),
+    name_prefix: str = typer.Option(
+        "", "--name-prefix", help="Prepended to every instance name (node1- gives node1-dp0, node1-dp1, ...): "
+        "with one launch per node, the nodes' inventories merge (render -i a.json -i b.json) without clashing."
+    ),
     grace: float = typer.Option(
         15.0, "--grace", help="Seconds between the stop signal and SIGKILL when stopping a process group."
     ),
@@ -143,6 +147,7 @@ def launch_cmd(
         timeout=timeout,
         restart=restart,
         grace=grace,
+        name_prefix=name_prefix,
     )
     plan = build_plan(req)
     for warning in plan.warnings:

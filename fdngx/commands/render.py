@@ -10,10 +10,16 @@ import typer
 
 from fdngx import inventory as inv_mod
 from fdngx.commands.options import (
+    AccessLogFormatOpt,
     AccessLogOpt,
+    AdminAllowOpt,
     AdminListenOpt,
     AdminTokenFileOpt,
+    ApiKeysFileOpt,
+    ApiKeysForwardOpt,
     BalancerOpt,
+    ClientBodyBufferSizeOpt,
+    ConnectTimeoutOpt,
     FailTimeoutOpt,
     FlavorOpt,
     InventoryOpt,
@@ -24,9 +30,14 @@ from fdngx.commands.options import (
     NginxBinOpt,
     NginxConfOpt,
     PrefixOpt,
+    RateBurstOpt,
+    RateLimitOpt,
+    ReadTimeoutOpt,
     ReloadCmdOpt,
     SpeedAwareOpt,
     TemplateDirOpt,
+    TlsCertOpt,
+    TlsKeyOpt,
     inventory_paths,
     render_options,
     target_spec,
@@ -35,6 +46,7 @@ from fdngx.domain import Balancer, Flavor, Mode
 from fdngx.errors import UsageError
 from fdngx.logs import say
 from fdngx.nginx.apply import unified_diff
+from fdngx.nginx.frontdoor import AccessLogFormat
 from fdngx.nginx.target import open_target
 from fdngx.system.files import read_bytes_or_none, real_target
 from fdngx.weights.controller import Controller
@@ -81,9 +93,20 @@ def render_cmd(
     fail_timeout: int = FailTimeoutOpt,
     keepalive: int = KeepaliveOpt,
     admin_listen: str = AdminListenOpt,
+    admin_allow: str = AdminAllowOpt,
     admin_token_file: Path | None = AdminTokenFileOpt,
     balancer: Balancer = BalancerOpt,
     access_log: str | None = AccessLogOpt,
+    read_timeout: str = ReadTimeoutOpt,
+    connect_timeout: str = ConnectTimeoutOpt,
+    client_body_buffer_size: str = ClientBodyBufferSizeOpt,
+    access_log_format: AccessLogFormat = AccessLogFormatOpt,
+    tls_cert: Path | None = TlsCertOpt,
+    tls_key: Path | None = TlsKeyOpt,
+    api_keys_file: Path | None = ApiKeysFileOpt,
+    api_keys_forward: bool = ApiKeysForwardOpt,
+    rate_limit: str | None = RateLimitOpt,
+    rate_burst: int | None = RateBurstOpt,
     speed_aware: bool | None = SpeedAwareOpt,
     quiet: bool = typer.Option(
         False, "--quiet", "-q", help="For cron: print nothing unless something changed or failed (errors still go "
@@ -103,11 +126,15 @@ def render_cmd(
     opts = render_options(
         mode=mode, flavor=flavor, listen=listen, template_dir=template_dir, max_fails=max_fails,
         fail_timeout=fail_timeout, keepalive=keepalive, access_log=access_log, admin_listen=admin_listen,
-        balancer=balancer,
+        balancer=balancer, admin_allow=admin_allow,
+        read_timeout=read_timeout, connect_timeout=connect_timeout, client_body_buffer_size=client_body_buffer_size,
+        access_log_format=access_log_format, tls_cert=tls_cert, tls_key=tls_key, api_keys_file=api_keys_file,
+        api_keys_forward=api_keys_forward, rate_limit=rate_limit, rate_burst=rate_burst,
     )
     dry = out_path is None or check or (diff and not reload)
     spec = target_spec(opts, out=out_path, prefix=prefix, nginx_conf=nginx_conf, nginx_bin=nginx_bin,
-                       reload_cmd=reload_cmd, reload=reload and not dry, admin_token_file=admin_token_file)
+                       reload_cmd=reload_cmd, reload=reload and not dry, admin_token_file=admin_token_file,
+                       dry=dry)
     target = open_target(spec, dry=dry)
     inv = inv_mod.load_many(inventory_paths(inventory))
     policy = config_for_flavor(flavor, speed_aware=speed_aware) if scrape else None
@@ -138,13 +165,12 @@ def render_cmd(
     if diff and result.applied is not None and result.applied.diff:
         typer.echo(result.applied.diff, nl=False)
     applied = result.applied
-    if applied is not None:
-        # Quiet: an unchanged file is news only with a note (nginx not running) or a recovered apply.
-        if not quiet or applied.changed or applied.note or applied.recovered:
-            level = logging.WARNING if applied.note or applied.recovered else logging.INFO
-            say(applied.summary, level)
-    elif result.pushed is not None and not (quiet and not result.changed):
-        say(f"pushed weights to {result.pushed} peer(s)")
+    # Quiet: an unchanged file is news only with a note (nginx not running) or a recovered apply.
+    if applied is not None and (not quiet or applied.changed or applied.note or applied.recovered):
+        level = logging.WARNING if applied.note or applied.recovered else logging.INFO
+        say(applied.summary, level)
+    if result.pushed is not None and not (quiet and not result.changed):
+        say(f"pushed weights to {result.pushed} peer(s)")  # openresty: the weights went to the balancer, no reload
 
 
 def register(app: typer.Typer) -> None:

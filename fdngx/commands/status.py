@@ -24,7 +24,7 @@ EPILOG = (
     "the proposed one; SHARE: the current weight's share of the replicas nginx sends to; LOAD: requests "
     "per slot now (1.00 = every slot busy); UP: this scrape's /health. Read-only: "
     "the state file is not written.\n\n"
-    "--json: one document {fleet_load, fail_open, instances: [{name, healthy, up, running, queued, kv_usage, "
+    "--json: one document {fleet_load, fail_open, instances: \\[{name, healthy, up, running, queued, kv_usage, "
     "load, current_weight, current_down, share, proposed_weight, proposed_down, changed, reason, ...}]}; with "
     "--watch, one such document per line (plus ts).\n\n"
     "--watch: redraws every --interval on a terminal (Ctrl-C quits, exit 0); with load and weight history "
@@ -38,7 +38,7 @@ EPILOG = (
 def status_cmd(
     inventory: list[Path] | None = InventoryOpt,
     as_json: bool = typer.Option(
-        False, "--json", help="Print {fleet_load, fail_open, instances: [one object per replica]} instead of a "
+        False, "--json", help="Print {fleet_load, fail_open, instances: \\[one object per replica]} instead of a "
         "table (--watch: one such document per line)."
     ),
     out: Path | None = typer.Option(

@@ -57,6 +57,8 @@ class LaunchRequest:
     timeout: float | None = None
     restart: Restart = Restart.NO
     grace: float = 15.0
+    # Prepended to every instance name (dp0 -> node1-dp0): one launch per node, merged inventories stay unique.
+    name_prefix: str = ""
     # The interpreter for `python -m ...` engines: the one running fdngx, so its packages are the engine's.
     python: str = sys.executable
 

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from fdngx import engines
-from fdngx.domain import Engine, Inventory, Restart
+from fdngx.domain import Engine, Instance, Inventory, Restart
 from fdngx.engines.argv import DEFAULT_HOST, DpMode, LaunchRequest, ProcSpec, check_distinct, find_flag
 from fdngx.errors import UsageError
-from fdngx.inventory import check_unique, parse_inventory, to_json
+from fdngx.inventory import NAME, check_unique, parse_inventory, to_json
 from fdngx.launch.hosts import Resolver, decide, resolve_self
 
 
@@ -120,8 +120,8 @@ def build_plan(req: LaunchRequest, resolve: Resolver | None = None) -> Plan:
                   log_dir=log_dir, host=binding.bind, advertise_host=binding.advertise, router=router,
                   dp_mode=None if req.dp_mode is None else DpMode(req.dp_mode))
     launched = engine.build_launch(req)
-    check_unique(launched.instances, "launch plan")
-    instances = launched.instances
+    instances, procs = _prefixed(req.name_prefix, launched.instances, launched.procs)
+    check_unique(instances, "launch plan")
     ports = [i.port for i in instances] + [i.metrics_port for i in instances if i.metrics_port != i.port]
     ports += launched.extra_ports
     check_distinct(ports, "API, metrics and engine ports together")
@@ -130,7 +130,7 @@ def build_plan(req: LaunchRequest, resolve: Resolver | None = None) -> Plan:
         raise UsageError(f"--timeout must be positive, got {timeout}")
     return Plan(
         engine=req.engine,
-        procs=launched.procs,
+        procs=procs,
         inventory=Inventory(instances, upstream="fastdeploy"),
         inventory_path=str(inventory_path),
         log_dir=str(log_dir),
@@ -143,6 +143,17 @@ def build_plan(req: LaunchRequest, resolve: Resolver | None = None) -> Plan:
         bind_host=binding.bind,
         warnings=list(binding.warnings),
     )
+
+
+def _prefixed(prefix: str, instances: list[Instance], procs: list[ProcSpec]) -> tuple[list[Instance], list[ProcSpec]]:
+    """--name-prefix: node1-dp0, node1-dp1, ... in the inventory and in what each process serves."""
+    if not prefix:
+        return instances, procs
+    if not NAME.fullmatch(prefix + "dp0"):
+        raise UsageError(f"--name-prefix {prefix!r}: instance names are letters, digits and . _ : @ - (starting "
+                         "with a letter or digit, at most 128 characters)")
+    return ([replace(i, name=prefix + i.name) for i in instances],
+            [replace(p, instances=[prefix + n for n in p.instances]) for p in procs])
 
 
 def _router(req: LaunchRequest, registers: bool) -> str | None:

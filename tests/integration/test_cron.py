@@ -88,6 +88,7 @@ def test_cron_with_the_openresty_flavor_never_reloads(tmp_path: Path) -> None:
             assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
             assert "dp1: down: /health failed 3x" in runs[-1].stderr
             assert all("unchanged" in r.stderr for r in runs), [r.stderr for r in runs]
+            assert "pushed weights to 3 peer(s)" in runs[-1].stderr, "the change went out by push, and says so"
             state = json.loads(conf.with_name(".nginx.conf.fdngx-state.json").read_text())
             assert state["instances"]["dp1"]["down"] is True, "the push reached the balancer, so the state says so"
             assert nginx.worker_pids() == workers and nginx.proc.pid == master and nginx.proc.poll() is None

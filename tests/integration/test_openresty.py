@@ -73,7 +73,7 @@ def test_a_replica_added_or_removed_is_pushed_not_reloaded(tmp_path: Path) -> No
     try:
         assert site.nginx is not None and site.nginx.proc is not None
         master, workers, config = site.nginx.proc.pid, site.nginx.worker_pids(), site.conf.read_bytes()
-        assert set(site.split(12)) == {"b0", "b1"}
+        assert set(site.split(30)) == {"b0", "b1"}
         site.list(["b0", "b1", "b2"])
         run = fdngx("render", *site.args, "--reload", check=True)
         assert "unchanged" in run.stderr, run.stderr

@@ -69,7 +69,8 @@ def test_a_half_slots_replica_gets_half_the_load_from_the_first_requests(tmp_pat
 
 
 def test_a_killed_replica_is_out_at_once_and_back_within_a_second_of_its_first_200(trio: LuaSite) -> None:
-    assert set(trio.split(12)) == {"b0", "b1", "b2"}
+    # Idle ties go to a random pick: P(one replica never picked in 36) = 3 * (2/3)^36 < 2e-6.
+    assert set(trio.split(36)) == {"b0", "b1", "b2"}
     port = trio.ports["b2"]
     trio.stop_backend("b2")
     answers = trio.split(30)

@@ -237,6 +237,15 @@ def test_sim_per_instance_splits_per_replica_lists() -> None:
     assert p.timeout == 9
 
 
+def test_name_prefix_renames_every_instance_and_what_each_process_serves() -> None:
+    p = plan("sim", 2, per_instance=True, name_prefix="node1-")
+    assert [i.name for i in p.inventory.instances] == ["node1-dp0", "node1-dp1"]
+    assert [c.instances for c in p.procs] == [["node1-dp0"], ["node1-dp1"]]
+    assert [c.argv for c in p.procs] == [c.argv for c in plan("sim", 2, per_instance=True).procs]  # names only
+    with pytest.raises(UsageError, match="--name-prefix 'a b'"):
+        plan("sim", 2, name_prefix="a b")
+
+
 def test_sim_refuses_its_port_flags_and_bad_lists() -> None:
     with pytest.raises(UsageError, match="--ports after -- conflicts"):
         plan("sim", 2, "--ports", "1,2")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -90,6 +91,8 @@ def _watch(source: view.Source, *, as_json: bool, interval: float, count: int | 
     hist = view.History(size)
     number = 0
     live = None
+    # Ctrl-C ends a watch even when started with SIGINT ignored (a background job of a script, nohup).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while count is None or number < count:
             started = time.monotonic()

@@ -373,7 +373,9 @@ def test_the_sidecar_units_capabilities_suffice_for_nginx_t_and_a_reload(tmp_pat
     for cap in caps:  # each one is needed: the set is as narrow as works
         without = run(setpriv, bounding([c for c in caps if c != cap]), "--inh-caps=-all", *argv)
         assert without.returncode != 0, f"nginx -t passed without {cap}: the unit could drop it"
-    target = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    # SIGHUP's default action back, even under nohup (an ignored SIGHUP is inherited and would be kept).
+    target = subprocess.Popen(["sleep", "30"], start_new_session=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         assert run(setpriv, "--bounding-set=-all", "--inh-caps=-all", "kill", "-HUP", str(target.pid)).returncode == 0
         assert target.wait(timeout=10) == -signal.SIGHUP

@@ -48,7 +48,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help=f"comma list; known: {', '.join(FRONTENDS)}")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=float, default=None, help="seconds before the first window (default 2)")
-    p.add_argument("--measure", type=float, default=None, help="one measured window, seconds (default 10)")
+    p.add_argument("--measure", type=float, default=None, help="one measured window, seconds (default 20)")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--no-report", action="store_true", help="only write per-run JSON")

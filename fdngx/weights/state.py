@@ -28,6 +28,7 @@ class InstanceState:
     down: bool = False  # `down` applied
     backup: bool = False  # `backup` applied: traffic from elsewhere fills it, nginx sends it nothing of its own
     overflow: bool = False  # the load model's verdict behind `backup` (with hysteresis)
+    calm_since: float | None = None  # while `backup`: since when the verdict has said the replica is not full
     fails: int = 0  # consecutive failed health checks
     oks: int = 0  # consecutive good health checks
     health_error: str | None = None

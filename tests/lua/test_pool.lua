@@ -2,6 +2,7 @@
 local pool_mod = require("fdngx.pool")
 local peers = require("fdngx.peers")
 local health = require("fdngx.health")
+local pick = require("fdngx.pick")
 local fakedict = require("fakedict")
 
 local function snap(gen, lines)
@@ -24,14 +25,42 @@ return {
                                                                 "peer b 127.0.0.1 2 20 0 64 0" })
         t.eq(table.concat(added, ","), "a,b"); t.eq(#removed, 0)
         dict:set("i:a", 3)
-        dict.clock = 5
+        -- a push after the previous one faded out entirely (STALE_AFTER): taken whole
+        local later = pick.STALE_AFTER + 1
+        dict.clock = later
         added, removed = install(pool, 2, { "peer a 127.0.0.1 1 20 0 64 5.5",
-                                                          "peer c 127.0.0.1 3 20 1 64 1" }, 5)
+                                                          "peer c 127.0.0.1 3 20 1 64 1" }, later)
         t.eq(table.concat(added, ","), "c"); t.eq(table.concat(removed, ","), "b")
         t.eq(dict:get("x:a"), 2.5)
         t.eq(dict:get("x:c"), 1)
         t.eq(dict:get("x:b"), nil)
-        t.eq(dict:get("gen"), 2); t.eq(dict:get("snap_at"), 5)
+        t.eq(dict:get("gen"), 2); t.eq(dict:get("snap_at"), later)
+    end,
+
+    ["install: external load is smoothed across pushes: a swing shrinks, a steady load comes through"] = function(t)
+        local dict = fakedict.new()
+        local pool = new_pool(dict)
+        local function push(gen, load, now)
+            install(pool, gen, { "peer a 127.0.0.1 1 20 0 64 " .. load, "peer n 127.0.0.1 2 20 0 64 0" }, now)
+            return dict:get("x:a")
+        end
+        t.eq(push(1, 10, 0), 10, "a first push is taken whole")
+        t.near(push(2, 0, 1), 10 * math.exp(-1 / pool_mod.SMOOTH), 1e-9)
+        -- other frontends swinging 0 <-> 8 from push to push (1 s apart): seen as a small swing around 4
+        local lo, hi = math.huge, -math.huge
+        for gen = 3, 40 do
+            local x = push(gen, gen % 2 == 0 and 8 or 0, gen - 1)
+            if gen > 20 then lo, hi = math.min(lo, x), math.max(hi, x) end
+        end
+        t.ok(hi - lo < 8 / 3, "swing " .. (hi - lo) .. " of 8")
+        t.near((hi + lo) / 2, 4, 0.2)
+        -- traffic that goes to the replica directly and stays: within 10 % of it after 5 s of pushes
+        local x
+        for gen = 41, 46 do x = push(gen, 12, gen - 1) end
+        t.near(x, 12, 1.2)
+        -- a peer added by a push starts from its own load, not from nothing
+        install(pool, 47, { "peer a 127.0.0.1 1 20 0 64 12", "peer b 127.0.0.1 3 20 0 64 7" }, 47)
+        t.eq(dict:get("x:b"), 7)
     end,
 
     ["install: a worker's copy of the generation in force stands in for parsing it again"] = function(t)

@@ -702,7 +702,42 @@ def test_a_few_requests_of_noise_move_nothing() -> None:
     assert all(not d.changed for d in ds[1:]), [x.reason for d in ds for x in d if x.changed]
 
 
-def test_a_replica_leaves_backup_at_once_when_the_traffic_from_elsewhere_stops() -> None:
+def _in_backup(total: float) -> tuple[LeastConn, Inventory, PolicyState, float]:
+    def make(k: int, name: str, r: float) -> LoadSample:
+        return sample(name, running=min(r, 64.0), queued=max(0.0, r - 64.0))
+    loop = LeastConn(["dp0", "dp1", "dp2", "dp3"], total=total, external={"dp0": 0.9 * total}, make=make)
+    inv = inventory(64, 64, 64, 64)
+    ds, state, t = run(inv, loop, 30)
+    assert ds[-1].by_name()["dp0"].backup
+    return loop, inv, state, t
+
+
+def test_a_lull_shorter_than_the_hold_does_not_bring_a_replica_back_from_backup() -> None:
+    """The other client pauses for 8 s (its requests drain, dp0 looks free) and comes back: dp0 stays
+    `backup` throughout, instead of being flooded at full weight by nginx until it is seen full again."""
+    loop, inv, state, t = _in_backup(total=120.0)
+    external = loop.external
+    loop.external = {}
+    ds, state, t = run(inv, loop, 4, state=state, start=t)
+    loop.external = external
+    later, _, _ = run(inv, loop, 6, state=state, start=t)
+    reasons = [d.by_name()["dp0"].reason for d in ds + later]
+    assert all(d.by_name()["dp0"].backup for d in ds + later), reasons
+    assert any("looks free" in r for r in reasons), reasons
+
+
+def test_a_replica_leaves_backup_without_the_hold_when_the_others_queue() -> None:
+    """The others hold more requests than slots: dp0's capacity is needed the moment it looks free."""
+    loop, inv, state, t = _in_backup(total=300.0)
+    loop.external = {}
+    ds, _, _ = run(inv, loop, 12, state=state, start=t)
+    first_free = next(k for k, d in enumerate(ds) if d.by_name()["dp0"].load < 0.7 * ds[k].by_name()["dp1"].load)
+    back = next(k for k, d in enumerate(ds) if not d.by_name()["dp0"].backup)
+    assert "back from backup" in ds[back].by_name()["dp0"].reason
+    assert (back - first_free) * CFG.interval < CFG.min_hold, [d.by_name()["dp0"].reason for d in ds]
+
+
+def test_a_replica_leaves_backup_when_the_traffic_from_elsewhere_stops() -> None:
     names = ["dp0", "dp1", "dp2", "dp3"]
     loop = LeastConn(names, total=120, external={"dp0": 40})
     inv = inventory(64, 64, 64, 64)
@@ -714,6 +749,44 @@ def test_a_replica_leaves_backup_at_once_when_the_traffic_from_elsewhere_stops()
     back = next(d.by_name()["dp0"] for d in ds if not d.by_name()["dp0"].backup)
     assert back.changed and "back from backup" in back.reason and not back.budget_held, back
     assert back.weight == 20, "from neutral: the correction that led to backup described traffic now gone"
+
+
+def _after_a_lull(external_after: float, total: float) -> list[Decisions]:
+    """dp0 in backup (traffic from elsewhere fills it), then a lull brings it back; the traffic from
+    elsewhere returns (`external_after`) within the hold. The decisions of the 4 cycles after its return."""
+    def make(k: int, name: str, r: float) -> LoadSample:
+        return sample(name, running=min(r, 64.0), queued=max(0.0, r - 64.0))
+    names = ["dp0", "dp1", "dp2", "dp3"]
+    inv = inventory(64, 64, 64, 64)
+    loop = LeastConn(names, total=total, external={"dp0": 0.9 * total}, make=make)
+    ds, state, t = run(inv, loop, 30)
+    assert ds[-1].by_name()["dp0"].backup
+    loop.external = {}
+    for _ in range(30):  # one cycle at a time, until the lull brings it back
+        ds, state, t = run(inv, loop, 1, state=state, start=t)
+        if not ds[-1].by_name()["dp0"].backup:
+            break
+    assert "back from backup" in ds[-1].by_name()["dp0"].reason, ds[-1].by_name()["dp0"].reason
+    loop.external = {"dp0": external_after}
+    ds, _, _ = run(inv, loop, 4, state=state, start=t)
+    return ds
+
+
+def test_a_replica_that_queues_goes_back_to_backup_without_waiting_for_the_hold() -> None:
+    """nginx feeds dp0 its full share again; with the other client back it holds more requests than
+    slots: waiting out the hold would queue nginx's requests behind it (protective, like `down`)."""
+    ds = _after_a_lull(external_after=90.0, total=120.0)
+    dp0 = [d.by_name()["dp0"] for d in ds]
+    assert any(x.backup for x in dp0[:3]), [x.reason for x in dp0]
+    assert CFG.interval * 3 < CFG.min_hold, "the test's window lies inside the hold"
+
+
+def test_a_replica_filled_but_not_queueing_waits_for_the_hold_before_backup() -> None:
+    """The same return, but dp0 keeps fewer requests than slots: the hold (against reload churn) stands."""
+    ds = _after_a_lull(external_after=40.0, total=60.0)
+    dp0 = [d.by_name()["dp0"] for d in ds]
+    assert not any(x.backup for x in dp0), [x.reason for x in dp0]
+    assert any("hold" in x.reason for x in dp0) or any(x.changed for x in dp0), [x.reason for x in dp0]
 
 
 def test_never_every_replica_is_backup() -> None:

@@ -6,8 +6,8 @@
 --
 -- * in flight: requests this nginx (all workers) has open on the peer right now (fdngx.ledger).
 -- * external load: what the sidecar last scraped there (running + queued) minus what this nginx had in
---   flight at that moment, i.e. load from other frontends and clients; it fades linearly to 0 over
---   STALE_AFTER seconds, so an old scrape cannot steer for long.
+--   flight at that moment, i.e. load from other frontends and clients, smoothed across pushes
+--   (fdngx.pool); it fades linearly to 0 over STALE_AFTER seconds, so an old scrape cannot steer for long.
 -- * weight: the peer's share, and it ALREADY carries capacity: fdngx writes weight = 20 * slots * static
 --   weight / the largest (slots * static weight) into the peers file, and the sidecar pushes the policy's
 --   weights, which are the same capacity weights times speed (and recovery ramp). So a replica with half

@@ -7,7 +7,8 @@
 --   snap_at     when it was installed (ages the external load)
 --   ver         bumped after every install and every health change; workers compare this one number
 --               per request and re-read the rest only when it moves
---   x:<peer>    external load at install: the pushed load minus this nginx's own in flight then
+--   x:<peer>    external load at install: the pushed load minus this nginx's own in flight then, smoothed
+--               across pushes (M.SMOOTH)
 --   sa:<peer>   when the sidecar's `down` last changed for the peer (fdngx.health's disagreement rule)
 --   h:<peer>    the balancer's own health record (fdngx.health.encode)
 --   i:, o:, alive:   in-flight counters (fdngx.ledger); pl:<peer>, reap, adm: locks
@@ -18,10 +19,19 @@
 
 local peers = require("fdngx.peers")
 local health = require("fdngx.health")
+local pick = require("fdngx.pick")
 
 local M = {}
 
-local max = math.max
+local max, exp = math.max, math.exp
+
+-- External load is smoothed across pushes with this time constant (seconds). What other frontends have in
+-- flight on a peer swings from push to push as they balance against each other: taken whole, every frontend
+-- corrects the same swing at once (N frontends, N times too much: a ping-pong). Load nothing here balances
+-- (clients that go to a replica directly) persists, and comes through the smoothing whole within seconds.
+-- Measured (bench.lb, 20 s windows, same seeds, before -> after): p99 TTFT with 25 % of requests going to
+-- one replica directly 289 -> 234 ms (oracle 226); a half-speed replica, legacy metrics, 348 -> 301 ms.
+M.SMOOTH = 2.0
 
 -- Make `snap` (parsed from `text`) the one in force. The caller holds the admin lock (or is init_by_lua,
 -- before any worker exists). Returns the names added and removed, or nil and an error.
@@ -37,10 +47,16 @@ end
 function M.install(pool, text, snap, now)
     local dict = pool.dict
     local old = in_force(pool, dict)
+    -- the part of the previous estimate kept: none after a long gap (it faded out in the picks meanwhile)
+    local dt = now - (dict:get("snap_at") or now - pick.STALE_AFTER)
+    local keep = (dt > 0 and dt < pick.STALE_AFTER) and exp(-dt / M.SMOOTH) or 0
     for _, p in ipairs(snap.peers) do
         local inflight = max(0, dict:get("i:" .. p.name) or 0)
-        dict:set("x:" .. p.name, max(0, p.load - inflight))
+        local x = max(0, p.load - inflight)
         local prev = old and old.by_name[p.name]
+        local was = prev and dict:get("x:" .. p.name)
+        if was then x = keep * was + (1 - keep) * x end
+        dict:set("x:" .. p.name, x)
         if not prev or prev.down ~= p.down then dict:set("sa:" .. p.name, now) end
     end
     local removed = peers.missing(old, snap)

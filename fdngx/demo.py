@@ -177,8 +177,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, int]:
         bypass.start()
         echo(f"\n== 5. traffic: {cfg.concurrency} concurrent streaming chat completions through nginx, and "
              f"{cfg.direct} more\n   sent straight to port {direct_port} by 'another client' nginx cannot see: "
-             "the sidecar lowers that replica's weight. The half-speed replica's weight drops to about\n"
-             "   half once its time per output token is measured (fdngx status says 'decodes at 0.5x').\n")
+             "the sidecar lowers that replica's weight,\n"
+             "   or makes it nginx's backup while that traffic fills it. The half-speed replica's weight drops to\n"
+             "   about half once its time per output token is measured (fdngx status says 'decodes at 0.5x').\n")
         echo(f"Point curl or an OpenAI client at {url}/v1 (any api_key), e.g.\n"
              f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' "
              "-d '{\"model\":\"demo\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'\n"
@@ -194,17 +195,18 @@ def run_demo(cfg: DemoConfig) -> dict[str, int]:
             now = collections.Counter(traffic.served)
             delta = now - last
             last = now
-            total = sum(delta.values()) or 1
-            share = "  ".join(f"{k}: {100 * v / total:.0f}%" for k, v in sorted(delta.items()))
-            echo(f"-- last {cfg.status_every:.0f}s: {sum(delta.values())} requests, share by replica port: {share}"
+            echo(f"-- last {cfg.status_every:.0f}s: {_shares(delta)}"
                  + (f"  errors: {dict(traffic.errors)}" if traffic.errors else "")
                  + (f"  retried: {traffic.retried}" if traffic.retried else ""))
             proc = subprocess.run(_fdngx("status", "-i", str(inv), "--out", str(conf)),
                                   capture_output=True, text=True, timeout=60)
             echo(proc.stdout.rstrip() or proc.stderr.rstrip())
+        echo(_whole_run(traffic))
         return dict(traffic.served)
     except KeyboardInterrupt:
         echo("\nfdngx demo: stopping")
+        if traffic:
+            echo(_whole_run(traffic))
         return dict(traffic.served) if traffic else {}
     finally:
         for load in (traffic, bypass):
@@ -216,6 +218,17 @@ def run_demo(cfg: DemoConfig) -> dict[str, int]:
         if launched:
             with contextlib.suppress(Exception):
                 echo(_run(_fdngx("stop", "--inventory", str(inv)), echo).strip())
+
+
+def _shares(served: collections.Counter[str]) -> str:
+    total = sum(served.values())
+    share = "  ".join(f"{k}: {100 * v / (total or 1):.0f}%" for k, v in sorted(served.items()))
+    return f"{total} requests, share by replica port: {share}"
+
+
+def _whole_run(traffic: Traffic) -> str:
+    """The requests nginx served per replica port over the whole run: what the weights added up to."""
+    return f"-- whole run through nginx: {_shares(collections.Counter(traffic.served))}"
 
 
 def _wait_http(url: str, timeout: float) -> None:

@@ -54,7 +54,9 @@ TemplateDirOpt = typer.Option(
     None, help="Directory whose templates override the built-in ones (same file names, e.g. _proxy.j2)."
 )
 MaxFailsOpt = typer.Option(3, help="Per-server max_fails (passive health: failures within fail-timeout).")
-FailTimeoutOpt = typer.Option(3, help="Per-server fail_timeout in seconds.")
+FailTimeoutOpt = typer.Option(
+    1, help="Per-server fail_timeout in seconds: how long nginx holds out a failing replica before it tries it "
+    "again, so how soon a restarted one is used (nginx counts whole seconds: 1 means 1-2 s).")
 KeepaliveOpt = typer.Option(64, help="Idle keepalive connections to the replicas per worker (0: off).")
 AdminListenOpt = typer.Option(
     "127.0.0.1:9401", help="openresty: ADDR:PORT of the loopback admin server that takes weight pushes."

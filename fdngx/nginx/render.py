@@ -81,7 +81,9 @@ class RenderOptions:
     listen: Listen = DEFAULT_LISTEN
     template_dir: Path | None = None
     max_fails: int = 3
-    fail_timeout: int = 3
+    # nginx tries a server it holds out again after this many seconds (whole seconds: 1 means 1-2 s); the
+    # sidecar leaves a refused replica to this check, so it decides how soon a restarted one is used again.
+    fail_timeout: int = 1
     keepalive: int = 64
     worker_processes: str = "auto"
     # Old workers keep serving open streams after a reload; this bounds how long they may linger.

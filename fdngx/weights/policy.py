@@ -320,6 +320,15 @@ def _plan(
             why = (f"{what}; backup (traffic from elsewhere fills it: nginx sends it none while the others are "
                    f"up); weight {old_w}->{wanted}")
             return _Plan(wanted, False, why, True, False, wanted, what, backup=True)
+    resumed = now - st.resumed_at if st.resumed_at is not None else math.inf
+    if resumed < config.min_hold and wanted != old_w and step is None and not skipped:
+        # A restarted replica is empty for a moment and least_conn already fills it first; a weight raised for
+        # that (and lowered again a hold later) costs two reloads, each blinding least_conn in the middle of
+        # the drain (bench.lb kill-restart: a reload 1-3 s after the restart). Nor does it ride along with
+        # another reload: the reading is a transient, not the traffic.
+        reason = (f"hold: metrics back {resumed:.0f}s ago after a gap or a restart (min {config.min_hold:.0f}s); "
+                  f"{what}; weight {old_w} (transient: wanted {wanted})")
+        return _Plan(old_w, False, reason, False, False, old_w, what, backup=old_backup)
     if wanted == old_w:
         return _Plan(old_w, False, f"{ramp}{what}; weight {old_w}", False, False, wanted, f"{ramp}{what}",
                      backup=old_backup)

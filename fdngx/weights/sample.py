@@ -97,6 +97,9 @@ def _fold(st: InstanceState, s: LoadSample, inst: Instance, now: float, config: 
     cap = st.capacity or float(inst.max_num_seqs)
     u = sample_load(s, cap, config)
     st.load = u if st.load is None else config.alpha * u + (1 - config.alpha) * st.load
+    restarted = st.tpot_count is not None and s.tpot_count is not None and s.tpot_count < st.tpot_count
+    if st.last_ok_at is not None and (st.last_error is not None or restarted):
+        st.resumed_at = now
     st.last_ok_at, st.last_error = now, None
     _tpot(st, s, config)
 

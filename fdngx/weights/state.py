@@ -40,6 +40,9 @@ class InstanceState:
     last_ok_at: float | None = None  # last usable metrics
     last_error: str | None = None
     last_change_at: float | None = None
+    # Metrics usable again after a gap (failed scrapes) or counters that went back (an engine restart): the
+    # first readings describe the restart's transient, not the traffic (see policy._plan).
+    resumed_at: float | None = None
     recovered_at: float | None = None  # start of the ramp after recovery
     tpot_sum: float | None = None  # the TPOT histogram's counters at the last speed update
     tpot_count: float | None = None

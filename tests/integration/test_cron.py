@@ -52,7 +52,7 @@ def test_cron_runs_carry_state_and_take_a_dead_replica_out(tmp_path: Path) -> No
             assert check.returncode == 0 and state_file.read_bytes() == before, check.stderr
             runs = [fdngx(*args, "--scrape", "--reload") for _ in range(3)]
             assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
-            assert f"server 127.0.0.1:{api[1]} weight=10 max_fails=3 fail_timeout=3s down;" in conf.read_text()
+            assert f"server 127.0.0.1:{api[1]} weight=10 max_fails=3 fail_timeout=1s down;" in conf.read_text()
             assert "dp1: down: /health failed 3x (404)" in runs[-1].stderr
             assert "down" not in runs[0].stderr  # one failed check is not enough (K = 3)
         finally:

@@ -814,3 +814,50 @@ def test_a_replica_that_only_looks_fast_is_not_given_more_than_its_capacity() ->
     ds, _, _ = run(inv, with_tpot(tpots), 20, cfg=config_for_flavor("openresty"))  # speed-aware, no load model
     d3 = ds[-1].by_name()["dp3"]
     assert d3.speed == 1.0 and d3.weight == 10, d3
+
+
+# -- a restart's transient ------------------------------------------------------------------------------
+
+
+def _restart(gap: bool) -> SampleFn:
+    """dp3 restarts at cycle 6: with `gap`, two refused scrapes first (nginx's passive check covers them) and
+    counters that go on (each signal is tested alone); without, its counters simply start again. It comes
+    back empty while the others queue (as in bench.lb: three replicas carried the whole load meanwhile)."""
+
+    def fn(k: int, name: str) -> LoadSample:
+        restarted = name == "dp3" and k >= 6
+        if name == "dp3" and gap and k in (6, 7):
+            return LoadSample(name, False, False, error="connection refused", health_error="connection refused",
+                              refused=True)
+        running, queued = ((0 if k < 8 else 40), 0) if restarted else (64, 30 if k >= 6 else 0)
+        count = (k - 5) * 10.0 if restarted and not gap else 100.0 + k * 10
+        return LoadSample(name, True, True, running, queued, 0.3, None, True, tpot_sum=count * 0.02,
+                          tpot_count=count)
+
+    return fn
+
+
+@pytest.mark.parametrize("gap", [True, False])
+def test_a_restarted_replica_keeps_its_weight_through_the_transient(gap: bool) -> None:
+    """Empty for a moment after a restart, it would look under-loaded and get a higher weight (and a lower
+    one a hold later): two reloads in the middle of the drain (bench.lb kill-restart)."""
+    inv = inventory(64, 64, 64, 64)
+    ds, _, _ = run(inv, _restart(gap), 16)
+    back = 8 if gap else 6
+    hold = [d.by_name()["dp3"] for d in ds[back:back + int(CFG.min_hold / CFG.interval)]]
+    assert all(x.weight == 20 and not x.changed for x in hold), [x.reason for x in hold]
+    assert any("hold: metrics back" in x.reason and "transient" in x.reason for x in hold), [x.reason for x in hold]
+    assert not any(d.changed for d in ds[back:back + 3]), "no reload for the transient"
+
+
+def test_the_transient_hold_is_what_keeps_the_weight() -> None:
+    """The same restart seen as an ordinary sample (no gap, counters that keep growing) moves the weight."""
+    inv = inventory(64, 64, 64, 64)
+
+    def fn(k: int, name: str) -> LoadSample:
+        s = _restart(False)(k, name)
+        return replace(s, tpot_sum=(100.0 + k * 10) * 0.02, tpot_count=100.0 + k * 10)
+
+    ds, _, _ = run(inv, fn, 10)
+    assert any(d.by_name()["dp3"].changed and d.by_name()["dp3"].weight > 20 for d in ds[6:]), \
+        [d.by_name()["dp3"].reason for d in ds[6:]]

@@ -120,5 +120,5 @@ def test_parse_listen(listen: str, expected: tuple[str, int]) -> None:
 def test_a_replica_filled_by_traffic_from_elsewhere_is_rendered_as_backup() -> None:
     text = render(sample(), RenderOptions(), {"dp0": ServerState(2, backup=True), "dp1": ServerState(3, down=True,
                                                                                                    backup=True)})
-    assert "server 127.0.0.1:8001 weight=2 max_fails=3 fail_timeout=3s backup;  # dp0" in text
-    assert "weight=3 max_fails=3 fail_timeout=3s down;  # dp1" in text, "down wins over backup"
+    assert "server 127.0.0.1:8001 weight=2 max_fails=3 fail_timeout=1s backup;  # dp0" in text
+    assert "weight=3 max_fails=3 fail_timeout=1s down;  # dp1" in text, "down wins over backup"

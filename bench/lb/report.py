@@ -129,6 +129,10 @@ def markdown(agg: dict[str, dict[str, dict[str, Any]]], tgt: list[dict[str, Any]
         f"{meta['started']}, {meta.get('wall_minutes', '?')} min).  ",
         f"Timing: warm-up {meta['timing']['warmup']} s (+ the frontend's extra warm-up), measured window "
         f"{meta['timing']['measure']} s.", "",
+        *[f"Rerun, replacing every frontend's runs of {', '.join(r['scenarios'])} (all side by side in that run): "
+          f"`{r['command'].strip()}` (started {r['started']}, {r.get('wall_minutes', '?')} min): {r['why']}  "
+          for r in meta.get("reruns", [])],
+        *([""] if meta.get("reruns") else []),
         "Cells: median over repeats, (min-max) in brackets. TTFT and E2E are of requests sent through the "
         "frontend; share is of all measured requests (external ones included) per replica 0..3. Errors: total "
         "per run (of which unexpected, i.e. not open on a replica at the moment it was killed). CPU: busiest "
@@ -260,10 +264,31 @@ def write_all(results: list[dict[str, Any]], meta: dict[str, Any], outdir: Path)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.lb.report")
+    p = argparse.ArgumentParser(prog="python -m bench.lb.report", description="Rewrite the report from OUT/runs.")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--merge", type=Path, metavar="DIR",
+                   help="a rerun's --out: its scenarios' runs replace OUT's (every frontend of those scenarios: "
+                        "the rerun must have run them all), and the report names the rerun")
+    p.add_argument("--why", default="", help="with --merge: what changed, shown beside the rerun")
     args = p.parse_args()
     meta = json.loads((args.out / "results.json").read_text())["meta"]
+    if args.merge:
+        rerun = json.loads((args.merge / "results.json").read_text())["meta"]
+        if not args.why:
+            raise SystemExit("--merge needs --why: the report says what the rerun changed")
+        old = {tuple(f.name.split("__")[:2]) for f in (args.out / "runs").glob("*.json")}
+        new = {tuple(f.name.split("__")[:2]) for f in (args.merge / "runs").glob("*.json")}
+        missing = sorted(c for c in old - new if c[0] in rerun["scenarios"])
+        if missing:
+            raise SystemExit(f"the rerun lacks {', '.join('/'.join(c) for c in missing)}: its ratios would mix runs")
+        for f in sorted((args.out / "runs").glob("*.json")):
+            if f.name.split("__")[0] in rerun["scenarios"]:
+                f.unlink()
+        for f in sorted((args.merge / "runs").glob("*.json")):
+            (args.out / "runs" / f.name).write_text(f.read_text())
+        meta.setdefault("reruns", []).append({k: rerun.get(k) for k in ("command", "started", "wall_minutes",
+                                                                         "scenarios", "frontends")}
+                                             | {"why": args.why})
     results = [json.loads(f.read_text()) for f in sorted((args.out / "runs").glob("*.json"))]
     print(write_all(results, meta, args.out))
 

@@ -1,7 +1,8 @@
 #!/bin/bash
 # fdngx-gateway: nginx and the fdngx sidecar in one container, supervised together.
 #
-#   fdngx-gateway [SIDECAR OPTIONS...]  render a standalone nginx.conf from the inventory, run nginx in the
+#   fdngx-gateway [SIDECAR OPTIONS...]  render a standalone nginx.conf from the inventory (one sidecar cycle
+#                                       with these options: `fdngx sidecar --once`), run nginx in the
 #                                       foreground and the sidecar beside it; as soon as either exits, stop
 #                                       the other and exit (non-zero), so the restart policy sees it.
 #   fdngx-gateway health                the HEALTHCHECK: nginx answers /health, the sidecar /metrics.
@@ -67,7 +68,9 @@ fi
 
 mkdir -p "$PREFIX/logs" || exit 1
 common=(-i "$INVENTORY" --mode standalone --listen "$LISTEN" --out "$PREFIX/nginx.conf" --access-log /dev/stdout)
-fdngx render "${common[@]}" >/dev/null || exit
+# The config nginx starts with: one sidecar cycle with every option the sidecar will run with (flavor, TLS,
+# API keys, limits...), so nginx never serves, even for a second, a config without them.
+fdngx sidecar "${common[@]}" "$@" --once || exit
 
 # A pid file left by an earlier run of this container would name a process that is not this nginx.
 rm -f "$PREFIX/logs/nginx.pid"

@@ -106,6 +106,10 @@ def sidecar_cmd(
     nginx_bin: str | None = NginxBinOpt,
     reload_cmd: str | None = ReloadCmdOpt,
     no_reload: bool = typer.Option(False, "--no-reload", help="Only write --out; something else reloads nginx."),
+    once: bool = typer.Option(
+        False, "--once", help="Run one cycle (scrape, decide, render, apply) and exit, 1 if the apply failed: the "
+        "config a new nginx starts with, with every option the sidecar will run with (docker/gateway.sh)."
+    ),
     metrics_listen: str = typer.Option(
         DEFAULT_LISTEN, help="ADDR:PORT for the sidecar's own Prometheus /metrics; 'off' to disable."
     ),
@@ -209,8 +213,9 @@ def sidecar_cmd(
         # Before the sidecar loads the inventory: the registry creates it (empty) when missing.
         settings = RegistrySettings.from_options(registry_grace, registry_targets, registry_metrics_port)
         owner = Registry(inventories[0], inventories[1:], settings=settings)
-        registry = RegistryServer(registry_listen, owner, allow=registry_allow).start()
-        log.info("registry: FastDeploy instances may POST http://%s/register", registry_listen)
+        if not once:  # one cycle serves no registrations; the inventory exists now all the same
+            registry = RegistryServer(registry_listen, owner, allow=registry_allow).start()
+            log.info("registry: FastDeploy instances may POST http://%s/register", registry_listen)
     target = open_target(spec)
     config = SidecarConfig(
         inventories=tuple(inventories),
@@ -224,6 +229,10 @@ def sidecar_cmd(
         push_token_file=token_file,
     )
     sidecar = Sidecar(config, telemetry=Telemetry(flavor=flavor.value))
+    if once:
+        if sidecar.once().error is not None:
+            raise typer.Exit(1)  # the controller logged why; nginx keeps what it had
+        return
     if metrics_listen.lower() != "off":
         host, port = sidecar.telemetry.serve(metrics_listen)
         log.info("own metrics on http://%s:%d/metrics", host, port)

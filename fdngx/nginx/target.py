@@ -121,7 +121,15 @@ class Target:
                 return 0
         else:
             peers = openresty.live_peers(inv, states, samples)
-            result = self.admin.push(openresty.snapshot(openresty.next_generation(), peers, inv.upstream))
+            try:
+                result = self.admin.push(openresty.snapshot(openresty.next_generation(), peers, inv.upstream))
+            except openresty.AdminUnreachable as exc:
+                if self.control is None or self.control.running():
+                    raise
+                # Nothing to push to: a starting nginx reads the replicas from the peers file, and the first
+                # push after that carries the weights (every cycle pushes a whole snapshot).
+                log.debug("no push: %s (nginx is not running; it reads %s when it starts)", exc, self.peers_file)
+                return None
         if not result.accepted:
             # Two controllers side by side: the other one's snapshot is newer; this one's next push wins again.
             log.info("%s: generation %d refused, the balancer has a newer one (%s) from another controller",

@@ -115,6 +115,7 @@ class Controller:
     # While an apply keeps failing the same way, say so once a minute, not every cycle.
     _last_error: str | None = field(default=None, repr=False)
     _last_error_at: float = field(default=0.0, repr=False)
+    _said_down: bool = field(default=False, repr=False)  # "nginx is not running" said since it last ran
 
     def step(
         self, inv: Inventory, state: PolicyState, *, force_render: bool = False
@@ -212,6 +213,8 @@ class Controller:
                 log.warning("%s", result.applied.recovered)
             if result.applied.reloaded:
                 log.info("%s", result.applied.summary)
-            elif result.applied.nginx_running is False:
+            elif result.applied.nginx_running is False and not self._said_down:
+                # Once until nginx runs again: the openresty flavor applies (compares) every cycle.
                 log.warning("%s: nginx is not running: changes wait in the file until it starts",
                             result.applied.path)
+            self._said_down = result.applied.nginx_running is False

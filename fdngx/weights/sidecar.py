@@ -161,14 +161,24 @@ class Sidecar:
                 self._wake.wait(max(0.0, min(waits)))
                 self._wake.clear()
         finally:
-            if self.cycles:
-                self.save()
-            self.session.close()
-            self.config.target.close()
-            if self._observer is not None:
-                self._observer.stop()
-                self._observer.join(timeout=5)
+            self._close()
             log.info("sidecar stopped after %d cycles", self.cycles)
+
+    def once(self) -> CycleResult:
+        """One cycle, then the clean-up run() ends with (consul-template's -once: the same loop, once)."""
+        try:
+            return self.run_once()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        if self.cycles:
+            self.save()
+        self.session.close()
+        self.config.target.close()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
 
     def reload_inventory(self) -> bool:
         try:

@@ -449,7 +449,7 @@ FAKE_FDNGX = """#!{python}
 import os, signal, sys, time
 log = open(os.environ["FAKE_LOG"], "a", buffering=1)
 log.write("fdngx " + " ".join(sys.argv[1:]) + "\\n")
-if sys.argv[1] != "sidecar":
+if sys.argv[1] != "sidecar" or "--once" in sys.argv:
     sys.exit(0)
 def stop(sig, _):
     log.write(f"sidecar got {{signal.Signals(sig).name}}\\n")
@@ -477,6 +477,10 @@ class Gateway:
 
     def events(self) -> list[str]:
         return self.log.read_text().splitlines() if self.log.exists() else []
+
+    def sidecar_started(self) -> bool:
+        """The long-running sidecar, not the one cycle (--once) that wrote the config nginx starts with."""
+        return any(e.startswith("fdngx sidecar") and "--once" not in e for e in self.events())
 
     def wait(self, timeout: float) -> int:
         return self.proc.wait(timeout=timeout)
@@ -510,7 +514,12 @@ def test_gateway_exits_when_either_child_exits(tmp_path: Path, fakes: Path, env:
     events = gw.events()
     assert status == (3 if "nginx" in gone else 1), (events, gw.err.read_text())  # never 0: it was not asked
     assert gone in events and stopped in events and time.monotonic() - start < 10, events
-    sidecar = next(e for e in events if e.startswith("fdngx sidecar"))
+    # The config nginx starts with comes from one cycle with the same options (a front door's TLS or API keys
+    # must not be missing from it, even for a second), before nginx starts.
+    first = next(e for e in events if e.startswith("fdngx "))
+    assert first.startswith("fdngx sidecar") and first.endswith("--interval 1 --once"), events
+    assert events.index(first) < next(k for k, e in enumerate(events) if e.startswith("nginx start")), events
+    sidecar = next(e for e in events if e.startswith("fdngx sidecar") and "--once" not in e)
     assert "--access-log /dev/stdout" in sidecar and sidecar.endswith("--interval 1")  # extra args go to it
     assert "error_log stderr" in next(e for e in events if e.startswith("nginx start"))
 
@@ -518,7 +527,7 @@ def test_gateway_exits_when_either_child_exits(tmp_path: Path, fakes: Path, env:
 def test_gateway_forwards_sigterm_once(tmp_path: Path, fakes: Path) -> None:
     gw = Gateway(tmp_path, fakes, {})
     try:
-        wait_for(lambda: any(e.startswith("fdngx sidecar") for e in gw.events()), 10, what="the sidecar started")
+        wait_for(lambda: gw.sidecar_started(), 10, what="the sidecar started")
         gw.proc.send_signal(signal.SIGTERM)
         assert gw.wait(timeout=15) == 0
     finally:
@@ -530,7 +539,7 @@ def test_gateway_forwards_sigterm_once(tmp_path: Path, fakes: Path) -> None:
 def test_gateway_stops_a_deaf_nginx_hard_after_its_timeout(tmp_path: Path, fakes: Path) -> None:
     gw = Gateway(tmp_path, fakes, {"FAKE_NGINX_DEAF": "1", "FDNGX_STOP_TIMEOUT": "1"})
     try:
-        wait_for(lambda: any(e.startswith("fdngx sidecar") for e in gw.events()), 10, what="the sidecar started")
+        wait_for(lambda: gw.sidecar_started(), 10, what="the sidecar started")
         start = time.monotonic()
         gw.proc.send_signal(signal.SIGTERM)
         assert gw.wait(timeout=15) == 0
@@ -552,12 +561,19 @@ def test_gateway_runs_real_nginx_and_sidecar_with_logs_on_stdout_and_stderr(tmp_
         for name, target in (("fdngx", VENV_BIN / "fdngx"), ("python3", Path(sys.executable)),
                              ("nginx", Path(find_nginx()))):
             (bin_dir / name).symlink_to(target)
-        gw = Gateway(tmp_path, bin_dir, env, "--interval", "0.5")
+        keys = tmp_path / "api-keys"
+        keys.write_text("sk-gateway-test-key-0001\n")
+        keys.chmod(0o600)
+        # A front-door option given as an argument: nginx must start with it, not get it a reload later.
+        gw = Gateway(tmp_path, bin_dir, env, "--interval", "0.5", "--api-keys-file", str(keys))
         try:
             health = [str(DOCKER / "gateway.sh"), "health"]
             wait_for(lambda: run(*health, env=gw.env, timeout=20).returncode == 0, 30, what="gateway health")
-            r = requests.post(f"http://127.0.0.1:{ports[2]}/v1/chat/completions", timeout=20,
-                              json={"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+            chat = {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+            url = f"http://127.0.0.1:{ports[2]}/v1/chat/completions"
+            r = requests.post(url, json=chat, timeout=20)
+            assert r.status_code == 401 and "reloaded" not in gw.err.read_text(), (r.status_code, gw.err.read_text())
+            r = requests.post(url, json=chat, timeout=20, headers={"Authorization": "Bearer sk-gateway-test-key-0001"})
             assert r.status_code == 200
             wait_for(lambda: "POST /v1/chat/completions HTTP/1.1\" 200" in gw.out.read_text(), 10,
                      what="nginx's access log on the gateway's stdout")

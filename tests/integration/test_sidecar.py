@@ -413,3 +413,38 @@ def test_openresty_flavor_follows_load_without_reloads(tmp_path: Path) -> None:
         assert lp.metric("fdngx_reloads_total") == 0
         assert lp.nginx.worker_pids() == workers, "no reload: the same nginx workers served throughout"
         assert lp.metric("fdngx_replica_weight", "dp0") == 20, "weights carry capacity only in this flavor"
+
+
+@pytest.mark.parametrize("openresty", [
+    False, pytest.param(True, marks=pytest.mark.skipif(not lua_modules(None), reason="needs libnginx-mod-http-lua"))])
+def test_once_writes_the_config_a_new_nginx_starts_with(tmp_path: Path, openresty: bool) -> None:
+    """`sidecar --once` (docker/gateway.sh, before nginx starts): one cycle with the sidecar's options, exit 0,
+    a tested config that a fresh nginx serves from; nginx not running is said, the push (openresty) waits."""
+    api, met, port, admin = free_ports(4)
+    prefix = tmp_path / "nginx"
+    conf = prefix / "nginx.conf"
+    inv = write_inventory(tmp_path / "fdngx.json", [
+        {"name": "dp0", "host": "127.0.0.1", "port": api, "metrics_port": met, "engine": "sim"}])
+    flavor = ("--flavor", "openresty", "--admin-listen", f"127.0.0.1:{admin}") if openresty else ()
+    with start_sim([api], [met], max_num_seqs=SEQS) as sim:
+        proc = fdngx("sidecar", "-i", str(inv), "--mode", "standalone", "--listen", f"127.0.0.1:{port}",
+                     "--out", str(conf), "--interval", "0.5", *flavor, "--once", timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr.count("nginx is not running") == 1 and "apply failed" not in proc.stderr, proc.stderr
+        assert "dp0: initial" in proc.stderr and "sidecar:" not in proc.stderr  # one cycle, no loop started
+        nginx = Nginx(prefix, conf).start(f"http://127.0.0.1:{port}/health")
+        try:
+            r = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=20, json={
+                "model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200 and sim.proc.poll() is None, r.text
+        finally:
+            nginx.stop()
+
+
+def test_once_exits_1_when_the_apply_fails(tmp_path: Path) -> None:
+    """Nothing to render (an empty inventory): one line saying so, exit 1, no config written."""
+    inv = write_inventory(tmp_path / "fdngx.json", [])
+    out = tmp_path / "nginx" / "nginx.conf"
+    proc = fdngx("sidecar", "-i", str(inv), "--mode", "standalone", "--listen", "127.0.0.1:9", "--out", str(out),
+                 "--once", timeout=60)
+    assert proc.returncode == 1 and "no instances to render" in proc.stderr and not out.exists(), proc.stderr

@@ -448,3 +448,27 @@ def test_once_exits_1_when_the_apply_fails(tmp_path: Path) -> None:
     proc = fdngx("sidecar", "-i", str(inv), "--mode", "standalone", "--listen", "127.0.0.1:9", "--out", str(out),
                  "--once", timeout=60)
     assert proc.returncode == 1 and "no instances to render" in proc.stderr and not out.exists(), proc.stderr
+
+
+def test_a_stopped_openresty_nginx_is_said_once_and_fails_no_cycle(tmp_path: Path) -> None:
+    """openresty flavor, nginx not started: every cycle compares the config and would push; the push waits
+    (nginx reads the peers file when it starts) and the warning comes once, not once a cycle."""
+    if not lua_modules(None):
+        pytest.skip("needs libnginx-mod-http-lua")
+    api, met, port, admin = free_ports(4)
+    inv = write_inventory(tmp_path / "fdngx.json", [
+        {"name": "dp0", "host": "127.0.0.1", "port": api, "metrics_port": met, "engine": "sim"}])
+    err = tmp_path / "sidecar.err"
+    with start_sim([api], [met], max_num_seqs=SEQS), err.open("wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fdngx", "-v", "sidecar", "-i", str(inv), "--mode", "standalone", "--listen",
+             f"127.0.0.1:{port}", "--out", str(tmp_path / "nginx" / "nginx.conf"), "--flavor", "openresty",
+             "--admin-listen", f"127.0.0.1:{admin}", "--interval", "0.2", "--metrics-listen", "off"],
+            stdout=subprocess.DEVNULL, stderr=fh, start_new_session=True)
+        try:
+            wait_for(lambda: len(re.findall(r"cycle \d+:", err.read_text())) >= 5, 30, what="5 sidecar cycles")
+        finally:
+            stop_process_group(proc)
+    text = err.read_text()
+    assert text.count("nginx is not running: changes wait in the file") == 1, text
+    assert "apply failed" not in text and "no push" in text, text

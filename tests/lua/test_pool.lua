@@ -63,6 +63,25 @@ return {
         t.eq(dict:get("x:b"), 7)
     end,
 
+    ["sync: a phantom request fades to exactly none, so idle peers tie again; a steady one counts"] = function(t)
+        local dict = fakedict.new()
+        local pool = new_pool(dict)
+        local function ext(gen, load, now)
+            install(pool, gen, { "peer a 127.0.0.1 1 20 0 64 " .. load, "peer b 127.0.0.1 2 20 0 64 0" }, now)
+            pool_mod.sync(pool, now)
+            return pool.by_name.a.ext, dict:get("x:a")
+        end
+        ext(1, 0, 0)
+        local seen, kept = ext(2, 1, 1)  -- one request seen once (it ended between the scrape and the push)
+        t.eq(seen, 0, "less than half a request is none for the picks")
+        t.ok(kept > 0, "but the smoothing keeps it")
+        for gen = 3, 8 do seen = ext(gen, 1, gen - 1) end
+        t.near(seen, 1, 0.1, "a request that stays there comes through")
+        for gen = 9, 11 do seen = ext(gen, 0, gen - 1) end
+        t.eq(seen, 0, "and once gone it is none after a few pushes, not a fraction left for seconds")
+        t.eq(pool.by_name.b.ext, 0)
+    end,
+
     ["install: a worker's copy of the generation in force stands in for parsing it again"] = function(t)
         local dict = fakedict.new()
         local pool = new_pool(dict)

@@ -263,6 +263,27 @@ def write_all(results: list[dict[str, Any]], meta: dict[str, Any], outdir: Path)
     return md
 
 
+def _cells(runs: Path) -> dict[Path, tuple[str, str]]:
+    """Each run file's (scenario, frontend), from its name: <scenario>__<frontend>__r<rep>.json."""
+    return {f: (f.name.split("__")[0], f.name.split("__")[1]) for f in sorted(runs.glob("*.json"))}
+
+
+def merge(out: Path, rerun_dir: Path, why: str, meta: dict[str, Any]) -> None:
+    """A rerun's scenarios replace OUT's runs of them (every frontend: ratios never mix runs); meta names it."""
+    rerun = json.loads((rerun_dir / "results.json").read_text())["meta"]
+    old, new = _cells(out / "runs"), _cells(rerun_dir / "runs")
+    missing = sorted(c for c in set(old.values()) - set(new.values()) if c[0] in rerun["scenarios"])
+    if missing:
+        raise SystemExit(f"the rerun lacks {', '.join('/'.join(c) for c in missing)}: its ratios would mix runs")
+    for f, (scenario, _) in old.items():
+        if scenario in rerun["scenarios"]:
+            f.unlink()
+    for f in new:
+        (out / "runs" / f.name).write_text(f.read_text())
+    meta.setdefault("reruns", []).append(
+        {k: rerun.get(k) for k in ("command", "started", "wall_minutes", "scenarios", "frontends")} | {"why": why})
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.lb.report", description="Rewrite the report from OUT/runs.")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -273,22 +294,9 @@ def main() -> None:
     args = p.parse_args()
     meta = json.loads((args.out / "results.json").read_text())["meta"]
     if args.merge:
-        rerun = json.loads((args.merge / "results.json").read_text())["meta"]
         if not args.why:
             raise SystemExit("--merge needs --why: the report says what the rerun changed")
-        old = {tuple(f.name.split("__")[:2]) for f in (args.out / "runs").glob("*.json")}
-        new = {tuple(f.name.split("__")[:2]) for f in (args.merge / "runs").glob("*.json")}
-        missing = sorted(c for c in old - new if c[0] in rerun["scenarios"])
-        if missing:
-            raise SystemExit(f"the rerun lacks {', '.join('/'.join(c) for c in missing)}: its ratios would mix runs")
-        for f in sorted((args.out / "runs").glob("*.json")):
-            if f.name.split("__")[0] in rerun["scenarios"]:
-                f.unlink()
-        for f in sorted((args.merge / "runs").glob("*.json")):
-            (args.out / "runs" / f.name).write_text(f.read_text())
-        meta.setdefault("reruns", []).append({k: rerun.get(k) for k in ("command", "started", "wall_minutes",
-                                                                         "scenarios", "frontends")}
-                                             | {"why": args.why})
+        merge(args.out, args.merge, args.why, meta)
     results = [json.loads(f.read_text()) for f in sorted((args.out / "runs").glob("*.json"))]
     print(write_all(results, meta, args.out))
 

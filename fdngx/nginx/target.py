@@ -101,7 +101,8 @@ class Target:
     def push(self, inv: Inventory, states: Mapping[str, ServerState] | None,
              samples: Mapping[str, LoadSample]) -> int | None:
         """Send the balancer a whole snapshot; returns how many peers it now has (0: it refused this one
-        because another controller's is newer), None when a static snapshot found no nginx to take it.
+        because another controller's is newer), None when no nginx took it: a static snapshot's push is best
+        effort, the policy's waits only for an nginx that is not running.
 
         With policy states: their weights, down flags and the scraped load, under a new generation. Without
         (a render with no scrape): the peers file as written, under its own generation, so re-sending it is
@@ -112,28 +113,25 @@ class Target:
             body = read_bytes_or_none(self.peers_file) if self.peers_file is not None else None
             text = body.decode("utf-8") if body else openresty.snapshot(
                 openresty.next_generation(), openresty.initial_peers(inv), inv.upstream)
-            try:
-                result = self.admin.push(text)
-            except openresty.AdminUnreachable as exc:
-                log.debug("no push: %s (nginx reads %s when it starts)", exc, self.peers_file)
-                return None
-            if not result.accepted:  # a sidecar's newer snapshot is in force: as it should be
-                return 0
         else:
             peers = openresty.live_peers(inv, states, samples)
-            try:
-                result = self.admin.push(openresty.snapshot(openresty.next_generation(), peers, inv.upstream))
-            except openresty.AdminUnreachable as exc:
-                if self.control is None or self.control.running():
-                    raise
-                # Nothing to push to: a starting nginx reads the replicas from the peers file, and the first
-                # push after that carries the weights (every cycle pushes a whole snapshot).
-                log.debug("no push: %s (nginx is not running; it reads %s when it starts)", exc, self.peers_file)
-                return None
+            text = openresty.snapshot(openresty.next_generation(), peers, inv.upstream)
+        try:
+            result = self.admin.push(text)
+        except openresty.AdminUnreachable as exc:
+            # A static snapshot is best effort. The policy's waits only for an nginx that is not running: it
+            # reads the replicas from the peers file when it starts, and the next cycle's push (a whole
+            # snapshot, every cycle) carries the weights.
+            if states is not None and (self.control is None or self.control.running()):
+                raise
+            log.debug("no push: %s (nginx reads %s when it starts)", exc, self.peers_file)
+            return None
         if not result.accepted:
-            # Two controllers side by side: the other one's snapshot is newer; this one's next push wins again.
-            log.info("%s: generation %d refused, the balancer has a newer one (%s) from another controller",
-                     self.admin.url, result.generation, result.current)
+            # Static: a sidecar's newer snapshot is in force, as it should be. The policy's: two controllers side
+            # by side, the other one's snapshot is newer; this one's next push wins again.
+            if states is not None:
+                log.info("%s: generation %d refused, the balancer has a newer one (%s) from another controller",
+                         self.admin.url, result.generation, result.current)
             return 0
         if result.added or result.removed:
             log.info("%s: replicas added %s, removed %s (no reload)", self.admin.url,

@@ -6,6 +6,7 @@ addresses, capacity), their weights, down states and scraped load reach the Lua 
 
     generation <n>
     peer <name> <host> <port> <weight> <down 0|1> <capacity> <load>
+    empty                       (instead of any peer: no replica yet, nginx answers 503; registry mode)
 
 - the peers file `.<config>.fdngx-peers` beside the config: the inventory's replicas with capacity
   weights, read by init_by_lua when nginx starts or reloads; rewritten (atomically) only when the
@@ -144,7 +145,8 @@ class Peer:
 def snapshot(generation: int, peers: list[Peer], upstream: str = "") -> str:
     """A whole snapshot: the text the peers file holds and the admin location takes."""
     head = f"# fdngx peers{f' for upstream {upstream}' if upstream else ''}: replicas as data for the Lua balancer\n"
-    return head + f"generation {generation}\n" + "".join(p.line() for p in peers)
+    # A snapshot with no peer says so: the parser refuses one that does not (a body cut short).
+    return head + f"generation {generation}\n" + ("".join(p.line() for p in peers) or "empty\n")
 
 
 def capacity_weights(inv: Inventory) -> dict[str, int]:

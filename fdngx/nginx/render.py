@@ -117,6 +117,10 @@ class RenderOptions:
     api_keys_forward: bool = True
     rate_limit: str = ""  # nginx's `10r/s` or `600r/m`; '' = off
     rate_burst: int | None = None  # None: one second's worth
+    # No instances is a fleet, not a mistake: the registry fills it (`fdngx sidecar --registry-listen`). The
+    # upstream then holds one placeholder server marked down, so nginx answers 503 + Retry-After until the first
+    # instance registers. Otherwise an empty inventory is refused (a config without replicas is never useful).
+    allow_empty: bool = False
 
     def __post_init__(self) -> None:
         def coerce(name: str, kind: type, what: str) -> None:
@@ -325,9 +329,10 @@ def front_door(opts: RenderOptions) -> dict[str, Any]:
 
 def check_renderable(inv: Inventory, opts: RenderOptions) -> None:
     """What a valid inventory may still not do in this flavor; raises RenderError naming the instance."""
-    if not inv.instances:
+    if not inv.instances and not opts.allow_empty:
         where = " + ".join(inv.sources) or "inventory"
-        raise RenderError(f"{where}: no instances to render (nginx needs at least one server)")
+        raise RenderError(f"{where}: no instances to render (nginx needs at least one server; only a sidecar "
+                          "with --registry-listen renders an empty fleet, which answers 503 until one registers)")
     for inst in inv.instances:
         if inst.role is not Role.MIXED:
             raise RenderError(

@@ -19,9 +19,10 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from fdngx.nginx.openresty import lua_modules
 from fdngx.registry.core import instance_name
 from fdngx.sim.process import start_sim
-from tests.support import Backends, Nginx, free_ports, stop_process_group, wait_for, write_inventory
+from tests.support import Backends, Nginx, fdngx, free_ports, stop_process_group, wait_for, write_inventory
 
 pytestmark = pytest.mark.nginx
 
@@ -51,6 +52,12 @@ def sidecar_metric(port: int, name: str, replica: str) -> float | None:
             if s.name == name and s.labels.get("replica") == replica:
                 return float(s.value)
     return None
+
+
+def completion(listen: int) -> requests.Response:
+    with requests.Session() as s:
+        s.trust_env = False
+        return s.post(f"http://127.0.0.1:{listen}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=10)
 
 
 def served_by(listen: int, n: int = 12) -> set[str]:
@@ -175,3 +182,54 @@ def test_registry_answers_like_fastdeploys_router(tmp_path: Path) -> None:
             assert (hg["code"], hg["msg"]) == (200, "Health check complete")
         finally:
             stop_process_group(sidecar)
+
+
+@pytest.mark.parametrize("openresty", [
+    False, pytest.param(True, marks=pytest.mark.skipif(not lua_modules(None), reason="needs libnginx-mod-http-lua"))])
+def test_an_empty_fleet_starts_and_answers_503_until_an_instance_registers(tmp_path: Path, openresty: bool) -> None:
+    """A gateway whose replicas all come from registrations (docker/gateway.sh with --registry-listen): the
+    first config has no replica yet. It renders (one placeholder server held down; the Lua balancer: a snapshot
+    with no peer), nginx starts and answers an OpenAI error 503 with Retry-After; the first registration then
+    serves through that same nginx within one interval (openresty: pushed, no reload)."""
+    api, met, reg_port, listen, admin = free_ports(5)
+    own = tmp_path / "registered.json"  # does not exist: the registry creates it, empty
+    conf = tmp_path / "nginx" / "nginx.conf"
+    router = f"127.0.0.1:{reg_port}"
+    flavor = ("--flavor", "openresty", "--admin-listen", f"127.0.0.1:{admin}") if openresty else ()
+    args = ("sidecar", "-i", str(own), "--out", str(conf), "--mode", "standalone", "--listen", f"127.0.0.1:{listen}",
+            "--registry-listen", router, "--registry-metrics-port", f"{met - api:+d}", "--registry-grace", str(GRACE),
+            *flavor)
+    first = fdngx(*args, "--once", timeout=60)
+    assert first.returncode == 0 and conf.exists(), first.stderr
+    assert json.loads(own.read_text())["instances"] == []
+    procs: list[subprocess.Popen[bytes]] = []
+    nginx = Nginx(conf.parent).start(f"http://127.0.0.1:{listen}/health")
+    try:
+        workers = nginx.worker_pids()
+        r = completion(listen)
+        assert r.status_code == 503 and r.headers.get("Retry-After") == "1", (r.status_code, r.text)
+        assert r.json()["error"]["code"] == "service_unavailable", r.text
+        assert r.headers.get("X-Fdngx-Replica") is None  # nginx's own answer: no replica named
+
+        log = tmp_path / "sidecar.log"
+        with log.open("wb") as fh:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "fdngx", *args, "--interval", "0.5", "--debounce", "0.2",
+                 "--metrics-listen", "off"],
+                start_new_session=True, stdout=fh, stderr=subprocess.STDOUT))
+        with start_sim([api], [met], log_path=tmp_path / "sim.log"):
+            wait_for(lambda: "no instance yet: nginx answers 503" in log.read_text(errors="replace"), 30,
+                     what=f"the sidecar saying it waits for registrations ({log.read_text(errors='replace')[-300:]})")
+            procs.append(start_register_loop(api, router))
+            wait_for(lambda: served_by(listen, 4) == {str(api)}, 10, interval=0.1,
+                     what=f"the registered replica serving ({log.read_text(errors='replace')[-400:]})")
+            # Its heartbeats stop: the fleet is empty again (openresty: a snapshot that says `empty`), 503 again.
+            stop_process_group(procs.pop())
+            wait_for(lambda: completion(listen).status_code == 503, GRACE + CHECK + 5, interval=0.2,
+                     what=f"503 once the last instance left ({log.read_text(errors='replace')[-400:]})")
+        if openresty:
+            assert nginx.worker_pids() == workers, "the openresty flavor adds a member with no reload"
+    finally:
+        for p in reversed(procs):
+            stop_process_group(p)
+        nginx.stop()

@@ -78,13 +78,19 @@ return {
         end
     end,
 
-    ["structure: generation first and once, peers unique, never empty"] = function(t)
+    ["structure: generation first and once, peers unique, no peer only when it says empty"] = function(t)
         t.fails(function() return peers.parse("peer dp0 127.0.0.1 80 1 0 1 0\ngeneration 1\n") end,
                 "line 1: a peer before the generation line")
         t.fails(function() return peers.parse("generation 1\ngeneration 2\n") end, "line 2: a second generation")
         t.fails(function() return peers.parse("generation -1\n") end, "bad generation")
         t.fails(function() return peers.parse("generation 12345678901234567\n") end, "bad generation")
         t.fails(function() return peers.parse("generation 1\n") end, "no peers")
+        local empty = assert(peers.parse("# none registered yet\ngeneration 7\nempty\n"))
+        t.eq(empty.generation, 7); t.eq(#empty.peers, 0); t.eq(next(empty.by_name), nil)
+        t.fails(function() return peers.parse("empty\ngeneration 1\n") end, "line 1: empty before the generation")
+        t.fails(function() return peers.parse("generation 1\nempty\nempty\n") end, "line 3: a second empty")
+        t.fails(function() return peers.parse(body("empty\npeer a 127.0.0.1 80 1 0 1 0")) end, "says empty")
+        t.fails(function() return peers.parse("generation 1\nempty now\n") end, "line 2: unknown line")
         t.fails(function() return peers.parse("") end, "no generation line")
         t.fails(function() return peers.parse(nil) end, "no snapshot")
         t.fails(function()

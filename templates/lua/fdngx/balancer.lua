@@ -34,6 +34,7 @@ local M = {}
 local TICK = 0.1 -- seconds between a worker's timer runs (sync, probes, lease, reaping)
 local PROBE_TIMEOUT_MS = 500
 local ESRCH = 3
+local NGX_BUSY = -3 -- ngx_core.h
 -- A response with one of these statuses means the peer is broken, not merely full (429) or failing one
 -- request (500): nginx never answers them itself for a peer that did answer.
 local FAILS = { [502] = true, [503] = true, [504] = true }
@@ -185,7 +186,10 @@ function M.balance(name)
     local p = pick.choose(pool.mode, pool.peers, st.tried, pool.usable, pool.load, math.random, pool.scratch)
     if not p then
         open[rid] = nil
-        return ngx.exit(502)
+        -- No peer left to try, or none at all (none registered yet): NGX_BUSY, nginx's own "no live
+        -- upstreams", which the site answers as 503 + Retry-After like the plain flavor (lua-nginx-module
+        -- passes only NGX_ERROR, NGX_BUSY and NGX_DECLINED through from here; a status would become a 500).
+        return ngx.exit(NGX_BUSY)
     end
     st.peer = p.name
     pool.ledger:acquire(p.name)

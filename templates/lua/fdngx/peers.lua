@@ -15,6 +15,9 @@
 -- already carries its capacity (see fdngx.pick). down 0|1: the sidecar's verdict. capacity 1..1000000:
 -- slots (max_num_seqs or the scraped max_batch_size). load 0..1000000 with up to 3 decimals: running +
 -- queued requests at the last scrape. Fields are separated by exactly one space; nothing else is accepted.
+-- empty: the line that makes a snapshot with no peer valid (an empty fleet: instances register with
+-- fdngx's registry later; the balancer answers 503 until a snapshot names one). Without it, no peer is
+-- refused, so a body cut after its generation line can never empty the pool.
 
 local M = {}
 
@@ -137,6 +140,10 @@ function M.parse(text)
             local g = sub(line, 11, 11) == " " and integer(sub(line, 12), 0, 2 ^ 53)
             if not g then return nil, at .. "bad generation " .. shown(sub(line, 12)) end
             snap.generation = g
+        elseif kind == "empty" and line == "empty" then
+            if not snap.generation then return nil, at .. "empty before the generation line" end
+            if snap.empty then return nil, at .. "a second empty line" end
+            snap.empty = true
         elseif kind == "peer" and sub(line, 5, 5) == " " then
             if not snap.generation then return nil, at .. "a peer before the generation line" end
             local p, err = parse_peer(sub(line, 6))
@@ -154,7 +161,10 @@ function M.parse(text)
         end
     end
     if not snap.generation then return nil, "no generation line" end
-    if count == 0 then return nil, "no peers (a snapshot must list every peer; refusing to empty the pool)" end
+    if count == 0 and not snap.empty then
+        return nil, "no peers (a snapshot must list every peer, or say empty; refusing to empty the pool)"
+    end
+    if count > 0 and snap.empty then return nil, "peers in a snapshot that says empty" end
     return snap
 end
 

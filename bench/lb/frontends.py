@@ -225,6 +225,9 @@ FRONTENDS: dict[str, Callable[[], Frontend]] = {
     "oracle": Oracle,
     "nginx-rr": lambda: HandNginx("nginx-rr", "", zone=False),
     "nginx-lc": lambda: HandNginx("nginx-lc", "least_conn", zone=True),
+    # The same config again, side by side: how far two cells differ when nothing differs (the noise floor of
+    # every ratio target; the report shows twin / nginx-lc). Not in the default grid.
+    "nginx-lc-twin": lambda: HandNginx("nginx-lc-twin", "least_conn", zone=True),
     "fdngx-static": lambda: FdngxNginx("fdngx-static", sidecar=False),
     # The two configurations a user runs, named for what they are, with the sidecar's default settings
     # but the interval: 1 s, since the simulator runs ~1.7x faster than a real engine (workload.py).

@@ -18,6 +18,7 @@ from bench.lb.stats import median_spread, percentile, ratio
 METRICS = ("ttft_p50", "ttft_p99", "e2e_p99", "throughput")
 THROUGHPUT_TOL = 0.99  # "equal": open-loop throughput is the offered load, so 1 % is noise
 RECOMMENDED, DEFAULT = "fdngx-recommended", "fdngx-default"
+TWIN = "nginx-lc-twin"  # nginx-lc run again beside it (noise_floor)
 # Issue 12's bounds (p99 TTFT ratios, medians of repeats).
 VS_ORACLE = {RECOMMENDED: 1.15, DEFAULT: 1.5}
 VS_LC_STRICT = ("external", "half-slots")  # the recommended configuration: <= 0.5x nginx-lc there
@@ -180,11 +181,27 @@ def markdown(agg: dict[str, dict[str, dict[str, Any]]], tgt: list[dict[str, Any]
         out.append(f"| {t['scenario']} | {t['best_fdngx']} | {t['target']} | {t['value']:.2f} | {t['op']} "
                    f"{t['bound']:g} | {t['result']}{by} |")
     out.append("")
+    out += noise_floor(agg)
     if overhead:
         out += ["## Proxy overhead (bench/overhead.py)", "", overhead.get("markdown", ""), ""]
     out += ["Plots: `ttft_cdf.png` (TTFT CDF per frontend, each scenario), `share_<scenario>.png` (per-replica "
             "share of requests over the window, first repeat).", ""]
     return "\n".join(out)
+
+
+def noise_floor(agg: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """Where nginx-lc ran twice side by side (`nginx-lc-twin`): the ratio between two identical cells, i.e. how
+    far a ratio target's value moves by chance at this window length and number of repeats."""
+    rows = [(s, row[TWIN], row["nginx-lc"]) for s, row in agg.items() if TWIN in row and "nginx-lc" in row]
+    if not rows:
+        return []
+    out = ["## Noise floor: the same nginx least_conn config twice, side by side", "",
+           "`nginx-lc-twin` is `nginx-lc` again. A ratio between them is what a target's value moves by chance.", "",
+           "| scenario | p99 TTFT twin / nginx-lc (median of repeats) | pooled p99 ratio |", "|---|---|---|"]
+    for s, twin, lc in rows:
+        out.append(f"| {s} | {ratio(twin['ttft_p99'][0], lc['ttft_p99'][0]):.2f} | "
+                   f"{ratio(twin['ttft_p99_pooled'], lc['ttft_p99_pooled']):.2f} |")
+    return [*out, ""]
 
 
 def plots(results: list[dict[str, Any]], outdir: Path) -> None:

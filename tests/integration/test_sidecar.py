@@ -399,8 +399,8 @@ def test_openresty_flavor_follows_load_without_reloads(tmp_path: Path) -> None:
     with loop_of(tmp_path, openresty=True) as lp:
         assert lp.nginx is not None
         workers = lp.nginx.worker_pids()
-        # Idle, equal weights: every pick is a weighted coin among ties; 60 draws keep each near 20 (the chance
-        # that one gets fewer than 8 is about 0.1 %).
+        # Idle, equal weights: ties go round (smooth weighted round robin), so 60 sequential requests give each
+        # about 20; a scrape that caught one of them in flight may hold a replica out for a pick or two.
         before = lp.split(60)
         assert min(before.values()) >= 8, before
         direct = Traffic(lp, f"http://127.0.0.1:{lp.api[0]}", threads=6, max_tokens=400)

@@ -35,14 +35,42 @@ return {
         t.eq(counts.p1, 20); t.eq(counts.p2, 10); t.eq(counts.p3, 20)
     end,
 
-    ["idle ties follow the weights, like nginx's weighted round robin"] = function(t)
+    ["idle ties follow the weights exactly, in nginx's smooth weighted round robin"] = function(t)
         math.randomseed(7)
         local list, counts, scratch = peers({ 1, 3 }), { p1 = 0, p2 = 0 }, {}
         for _ = 1, 4000 do
             local p = pick.choose("least", list, {}, yes, function() return 0 end, math.random, scratch)
             counts[p.name] = counts[p.name] + 1
         end
-        t.near(counts.p2 / 4000, 0.75, 0.03)
+        t.near(counts.p2, 3000, 1)
+    end,
+
+    ["equal loads go round: never the same peer twice while an equal one waits"] = function(t)
+        math.randomseed(11)
+        local list, scratch = peers({ 20, 20, 20, 20 }), {}
+        local last, counts = nil, {}
+        for i = 1, 400 do
+            local p = pick.choose("least", list, {}, yes, function() return 0 end, math.random, scratch)
+            t.ok(p ~= last, "pick " .. i .. " repeats " .. p.name)
+            counts[p.name] = (counts[p.name] or 0) + 1
+            last = p
+        end
+        for i = 1, 4 do t.eq(counts["p" .. i], 100, "p" .. i) end
+        -- only the equals take part: a loaded peer is skipped, the others still rotate
+        local inflight = { p1 = 0, p2 = 5, p3 = 0, p4 = 0 }
+        local seen = {}
+        for _ = 1, 3 do
+            local p = pick.choose("least", list, {}, yes, function(q) return inflight[q.name] end, math.random, scratch)
+            t.ok(p.name ~= "p2"); t.ok(not seen[p.name], "each of the three once"); seen[p.name] = true
+        end
+    end,
+
+    ["external load counts in whole requests"] = function(t)
+        t.eq(pick.external(0.49, 100, 100), 0)
+        t.eq(pick.external(0.5, 100, 100), 1)
+        t.eq(pick.external(2.4, 100, 100), 2)
+        t.eq(pick.external(3, 100, 100 + pick.STALE_AFTER / 2), 2) -- 1.5 after half the fade
+        t.eq(pick.external(nil, 100, 100), 0)
     end,
 
     ["external load steers, and fades over STALE_AFTER"] = function(t)

@@ -63,23 +63,36 @@ return {
         t.eq(dict:get("x:b"), 7)
     end,
 
-    ["sync: a phantom request fades to exactly none, so idle peers tie again; a steady one counts"] = function(t)
+    ["sync: a phantom request counts as none in the picks, so idle peers tie again; a steady one counts"] = function(t)
         local dict = fakedict.new()
         local pool = new_pool(dict)
         local function ext(gen, load, now)
             install(pool, gen, { "peer a 127.0.0.1 1 20 0 64 " .. load, "peer b 127.0.0.1 2 20 0 64 0" }, now)
             pool_mod.sync(pool, now)
-            return pool.by_name.a.ext, dict:get("x:a")
+            return pick.external(pool.by_name.a.ext, pool.snap_at, now), pool.by_name.a.ext
         end
         ext(1, 0, 0)
         local seen, kept = ext(2, 1, 1)  -- one request seen once (it ended between the scrape and the push)
         t.eq(seen, 0, "less than half a request is none for the picks")
         t.ok(kept > 0, "but the smoothing keeps it")
         for gen = 3, 8 do seen = ext(gen, 1, gen - 1) end
-        t.near(seen, 1, 0.1, "a request that stays there comes through")
+        t.eq(seen, 1, "a request that stays there comes through, whole")
         for gen = 9, 11 do seen = ext(gen, 0, gen - 1) end
         t.eq(seen, 0, "and once gone it is none after a few pushes, not a fraction left for seconds")
-        t.eq(pool.by_name.b.ext, 0)
+        t.eq(pick.external(pool.by_name.b.ext, pool.snap_at, 10), 0)
+    end,
+
+    ["sync: a push keeps each peer's place in the tie rotation"] = function(t)
+        local dict = fakedict.new()
+        local pool = new_pool(dict)
+        install(pool, 1, { "peer a 127.0.0.1 1 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }, 0)
+        pool_mod.sync(pool, 0)
+        local zero = function() return 0 end
+        local first = pick.choose("least", pool.peers, {}, function() return true end, zero, math.random, {})
+        install(pool, 2, { "peer a 127.0.0.1 1 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }, 1)
+        pool_mod.sync(pool, 1)
+        local second = pick.choose("least", pool.peers, {}, function() return true end, zero, math.random, {})
+        t.ok(first.name ~= second.name, "the other idle peer is next, across the push")
     end,
 
     ["install: a worker's copy of the generation in force stands in for parsing it again"] = function(t)

@@ -155,6 +155,17 @@ def test_targets_judge_the_two_configurations_by_issue_12s_bounds() -> None:
     assert lines[("external-legacy", rec, "p99 TTFT vs nginx-lc")]["bound"] == 0.5, "the legacy shape too"
 
 
+def test_the_noise_floor_compares_nginx_lc_with_its_twin_and_judges_nothing() -> None:
+    twin, lc = _cell(0.275), _cell(0.25)
+    twin["ttft_p99_pooled"], lc["ttft_p99_pooled"] = 0.30, 0.32
+    agg = {"homogeneous": {"nginx-lc": lc, "nginx-lc-twin": twin, "fdngx-recommended": _cell(0.25)},
+           "external": {"nginx-lc": _cell(1.0)}}
+    lines = report.noise_floor(agg)
+    assert "| homogeneous | 1.10 | 0.94 |" in lines and not any(ln.startswith("| external") for ln in lines)
+    assert not any(t["best_fdngx"] == "nginx-lc-twin" for t in report.targets(agg))
+    assert report.noise_floor({"external": {"nginx-lc": _cell(1.0)}}) == []
+
+
 def test_recovery_is_measured_from_the_first_health_200() -> None:
     from bench.lb.loadgen import RunOutput
     from bench.lb.runner import recovery

@@ -15,12 +15,19 @@
 --   Capacity is never multiplied in again here (that would count it twice); the snapshot carries the
 --   slot count only for the status view (load per slot).
 --
+-- External load counts in whole requests (M.external), like the in-flight count: a fraction is scrape
+-- timing (a request that ended between the scrape and the push), and it would break every tie.
+--
 -- least: the lowest score over every usable peer (nginx's weighted least_conn, plus the external load);
--- ties (e.g. an idle pool) go to a weight-proportional random pick, as nginx's weighted round robin would
--- spread them. p2c: two distinct peers drawn with probability proportional to weight, the lower score
--- wins; against herding when several frontends act on the same snapshot.
+-- ties (an idle pool, or equal loads) go round in nginx's smooth weighted round robin, as nginx's least_conn
+-- spreads them: in proportion to weight, and the peer picked least recently first, so two requests in a row
+-- do not land on one replica while another equal one waits (each worker keeps its own rotation, p.cw).
+-- p2c: two distinct peers drawn with probability proportional to weight, the lower score wins; against
+-- herding when several frontends act on the same snapshot.
 
 local M = {}
+
+local floor = math.floor
 
 M.STALE_AFTER = 10.0
 local EPS = 1e-9
@@ -34,20 +41,38 @@ function M.faded(ext, pushed_at, now)
     return ext * (1 - age / M.STALE_AFTER)
 end
 
+-- External load `ext` pushed at `pushed_at`, in whole requests at `now` (half a request or more is one).
+function M.external(ext, pushed_at, now)
+    return floor(M.faded(ext, pushed_at, now) + 0.5)
+end
+
 function M.least(cands, n, load, rand)
-    local best, best_score, tie_weight = nil, 0, 0
+    local best, best_score, ties = nil, 0, 0
     for i = 1, n do
         local p = cands[i]
         local s = load(p) / p.weight
+        p.sc = s
         if best == nil or s < best_score - EPS then
-            best, best_score, tie_weight = p, s, p.weight
+            best, best_score, ties = p, s, 1
         elseif s <= best_score + EPS then
-            -- weighted reservoir: each of the equals wins with probability weight / their total weight
-            tie_weight = tie_weight + p.weight
-            if rand() * tie_weight < p.weight then best = p end
+            ties = ties + 1
         end
     end
-    return best, best_score
+    if ties < 2 then return best, best_score end
+    -- Smooth weighted round robin among the equals (nginx's ngx_http_upstream_get_least_conn_peer): each
+    -- gains its weight, the one ahead wins and falls back by their total. A peer first seen starts at a
+    -- random point of its turn, so workers (and peers added later) do not move in step.
+    local total, top = 0, nil
+    for i = 1, n do
+        local p = cands[i]
+        if p.sc <= best_score + EPS then
+            p.cw = (p.cw or rand() * p.weight) + p.weight
+            total = total + p.weight
+            if top == nil or p.cw > top.cw then top = p end
+        end
+    end
+    top.cw = top.cw - total
+    return top, best_score
 end
 
 -- Index of a weight-proportional random candidate, never `skip`; `total` excludes skip's weight.

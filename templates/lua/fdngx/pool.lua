@@ -32,11 +32,6 @@ local max, exp = math.max, math.exp
 -- Measured (bench.lb, 20 s windows, same seeds, before -> after): p99 TTFT with 25 % of requests going to
 -- one replica directly 289 -> 234 ms (oracle 226); a half-speed replica, legacy metrics, 348 -> 301 ms.
 M.SMOOTH = 2.0
--- Less than half a request of external load is none. A request of this nginx's that ended between the
--- scrape and the push is counted there once, and the smoothing would keep a fraction of it for seconds:
--- then that fraction, not the weighted coin, breaks every tie among idle peers (measured: an idle fleet sent
--- 60 of 60 sequential requests to one replica, stretch after stretch).
-M.NOISE = 0.5
 
 -- Make `snap` (parsed from `text`) the one in force. The caller holds the admin lock (or is init_by_lua,
 -- before any worker exists). Returns the names added and removed, or nil and an error.
@@ -90,8 +85,13 @@ function M.sync(pool, now, force)
         local snap, err = peers.parse(dict:get("snap"))
         if not snap then return nil, "snapshot in the shared dict: " .. err end
         for _, p in ipairs(snap.peers) do
-            local ext = dict:get("x:" .. p.name) or 0
-            p.ext = ext >= M.NOISE and ext or 0  -- the smoothing keeps the fraction; the picks ignore it
+            -- smoothed, fraction included; the picks count it in whole requests (fdngx.pick.external): a
+            -- request of this nginx's that ended between the scrape and the push is counted there once, and
+            -- the fraction the smoothing keeps of it for seconds must not break every tie among idle peers
+            -- (measured before: an idle fleet sent 60 of 60 sequential requests to one replica)
+            p.ext = dict:get("x:" .. p.name) or 0
+            local was = pool.by_name and pool.by_name[p.name]
+            p.cw = was and was.cw -- its place in the tie rotation (fdngx.pick.least) outlives a push
             p.s_at = dict:get("sa:" .. p.name) or 0
             p.ikey = "i:" .. p.name -- its in-flight counter (fdngx.ledger), read once per pick
         end

@@ -155,6 +155,7 @@ def render_options(
     api_keys_forward: bool = True,
     rate_limit: str | None = None,
     rate_burst: int | None = None,
+    allow_empty: bool = False,
 ) -> RenderOptions:
     template_dir = _absolute(template_dir)
     opts = RenderOptions(
@@ -164,7 +165,7 @@ def render_options(
         read_timeout=read_timeout, connect_timeout=connect_timeout, client_body_buffer_size=client_body_buffer_size,
         access_log_format=access_log_format, tls_cert=_path_text(tls_cert), tls_key=_path_text(tls_key),
         api_keys_file=_path_text(api_keys_file), api_keys_forward=api_keys_forward,
-        rate_limit=rate_limit or "", rate_burst=rate_burst,  # type: ignore[arg-type]
+        rate_limit=rate_limit or "", rate_burst=rate_burst, allow_empty=allow_empty,  # type: ignore[arg-type]
     ).validated()
     # Files nginx's master will read: there and readable now, not at the reload.
     for what, path in (("--tls-cert", opts.tls_cert), ("--tls-key", opts.tls_key)):

@@ -176,14 +176,15 @@ def sidecar_cmd(
     controller = bool(push_to) or push_to_file is not None
     if out is None and not controller:
         raise UsageError("--out is required (or --push-to/--push-to-file: controller mode)")
-    opts = replace(render_options(
+    opts = render_options(
         mode=mode, flavor=flavor, listen=listen, template_dir=template_dir, max_fails=max_fails,
         fail_timeout=fail_timeout, keepalive=keepalive, access_log=access_log, admin_listen=admin_listen,
         balancer=balancer, admin_allow=admin_allow,
         read_timeout=read_timeout, connect_timeout=connect_timeout, client_body_buffer_size=client_body_buffer_size,
         access_log_format=access_log_format, tls_cert=tls_cert, tls_key=tls_key, api_keys_file=api_keys_file,
         api_keys_forward=api_keys_forward, rate_limit=rate_limit, rate_burst=rate_burst,
-    ), allow_empty=bool(registry_listen))  # instances register later: until then nginx answers 503
+        allow_empty=bool(registry_listen),  # instances register later: until then nginx answers 503
+    )
     token_file = push_token_file.absolute() if push_token_file else None
     if token_file is None and out is not None and controller:
         token_file = (admin_token_file or openresty.token_path(out.absolute())).absolute()

@@ -61,11 +61,7 @@ def completion(listen: int) -> requests.Response:
 
 
 def served_by(listen: int, n: int = 12) -> set[str]:
-    url = f"http://127.0.0.1:{listen}/v1/completions"
-    with requests.Session() as s:
-        s.trust_env = False
-        return {str(s.post(url, json={"prompt": "x", "max_tokens": 1}, timeout=10).headers.get("X-Fdngx-Replica"))
-                for _ in range(n)}
+    return {str(completion(listen).headers.get("X-Fdngx-Replica")) for _ in range(n)}
 
 
 def test_fastdeploy_register_loop_end_to_end(tmp_path: Path) -> None:

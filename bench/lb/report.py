@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.lb.scenarios import SCENARIOS
-from bench.lb.stats import median_spread, percentile, ratio
+from bench.lb.stats import (
+    BOOT_N,
+    bootstrap_tails,
+    median_spread,
+    percentile,
+    ratio,
+    ratio_interval,
+    tail_blocks,
+    verdict,
+)
 
 METRICS = ("ttft_p50", "ttft_p99", "e2e_p99", "throughput")
 THROUGHPUT_TOL = 0.99  # "equal": open-loop throughput is the offered load, so 1 % is noise
@@ -66,8 +75,20 @@ def _best(row: dict[str, dict[str, Any]], prefix: str) -> str | None:
     return min(cands)[1] if cands else None
 
 
-def targets(agg: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+def tails(results: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """Per scenario and frontend, the pooled p99 TTFT of each paired block resample of its repeats."""
+    cells: dict[str, dict[str, list[tuple[int, list[Any]]]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        if "failed" not in r:
+            cells[r["scenario"]][r["frontend"]].append((r.get("rep", 0), r["records"]["rows"]))
+    return {s: bootstrap_tails({f: tail_blocks(runs) for f, runs in fes.items()}) for s, fes in cells.items()}
+
+
+def targets(agg: dict[str, dict[str, dict[str, Any]]],
+            boot: dict[str, dict[str, list[float]]] | None = None) -> list[dict[str, Any]]:
     """One line per (scenario, configuration, target): the ratio, its bound, PASS/MISS (n/a when missing).
+    With `boot` (tails()), a p99 ratio line also carries the pooled ratio's 95 % interval over paired resamples
+    and what it says about the bound (holds, fails, undecided): whether a PASS or MISS is more than chance.
 
     Issue 12: the recommended configuration <= 1.15x the oracle everywhere, <= 1.0x nginx-lc everywhere and
     <= 0.5x in external and half-slots, <= the best SGLang gateway policy, throughput equal to least_conn,
@@ -81,24 +102,31 @@ def targets(agg: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
             if b is None:
                 continue
 
-            def add(name: str, value: float, bound: float, le: bool = True, s: str = s, conf: str = conf) -> None:
+            def add(name: str, value: float, bound: float, le: bool = True, s: str = s, conf: str = conf,
+                    vs: str = "", row: dict[str, dict[str, Any]] = row) -> None:
                 ok = (value <= bound) if le else (value >= bound)
-                lines.append({"scenario": s, "best_fdngx": conf, "target": name, "value": value, "bound": bound,
-                              "op": "<=" if le else ">=", "result": "n/a" if math.isnan(value) else
-                              ("PASS" if ok else "MISS")})
+                line = {"scenario": s, "best_fdngx": conf, "target": name, "value": value, "bound": bound,
+                        "op": "<=" if le else ">=",
+                        "result": "n/a" if math.isnan(value) else ("PASS" if ok else "MISS")}
+                if vs and boot and s in boot and conf in boot[s] and vs in boot[s]:
+                    line["pooled"] = ratio(row[conf]["ttft_p99_pooled"], row[vs]["ttft_p99_pooled"])
+                    line["interval"] = ratio_interval(boot[s][conf], boot[s][vs])
+                    line["verdict"] = verdict(line["interval"], bound)
+                lines.append(line)
 
             if orc:
-                add("p99 TTFT vs oracle", ratio(b["ttft_p99"][0], orc["ttft_p99"][0]), VS_ORACLE[conf])
+                add("p99 TTFT vs oracle", ratio(b["ttft_p99"][0], orc["ttft_p99"][0]), VS_ORACLE[conf], vs="oracle")
             if lc:
                 strict = conf == RECOMMENDED and base_name(s) in VS_LC_STRICT
-                add("p99 TTFT vs nginx-lc", ratio(b["ttft_p99"][0], lc["ttft_p99"][0]), 0.5 if strict else 1.0)
+                add("p99 TTFT vs nginx-lc", ratio(b["ttft_p99"][0], lc["ttft_p99"][0]), 0.5 if strict else 1.0,
+                    vs="nginx-lc")
                 if conf == RECOMMENDED:
                     add("throughput vs nginx-lc", ratio(b["throughput"][0], lc["throughput"][0]), THROUGHPUT_TOL,
                         le=False)
             if conf == RECOMMENDED:
                 add("unexpected errors (max over runs)", float(max(b["unexpected_errors"], default=0)), 0.0)
                 if sg:
-                    add(f"p99 TTFT vs {sg} (best sglang)", ratio(b["ttft_p99"][0], row[sg]["ttft_p99"][0]), 1.0)
+                    add(f"p99 TTFT vs {sg} (best sglang)", ratio(b["ttft_p99"][0], row[sg]["ttft_p99"][0]), 1.0, vs=sg)
                 if b.get("recovery_s"):
                     add("back after restart, s (max over runs)", max(b["recovery_s"]), RECOVERY_S)
     return lines
@@ -119,7 +147,7 @@ def _ms(ms: tuple[float, float, float]) -> str:
 
 
 def markdown(agg: dict[str, dict[str, dict[str, Any]]], tgt: list[dict[str, Any]], meta: dict[str, Any],
-             overhead: dict[str, Any] | None) -> str:
+             overhead: dict[str, Any] | None, boot: dict[str, dict[str, list[float]]] | None = None) -> str:
     m = meta["machine"]
     out = [
         "# Load-balancing benchmark results", "",
@@ -169,19 +197,30 @@ def markdown(agg: dict[str, dict[str, dict[str, Any]]], tgt: list[dict[str, Any]
                        f"{ext} | {back} |")
         out.append("")
     passed = sum(1 for t in tgt if t["result"] == "PASS")
+    judged = [t for t in tgt if "verdict" in t]
+    said = {v: sum(1 for t in judged if t["verdict"] == v) for v in ("holds", "undecided", "fails")}
     out += ["## Targets (issue 12): the recommended and the default configuration, medians", "",
-            f"{passed} of {len(tgt)} pass.", "",
-            "| scenario | configuration | target | value | bound | result |", "|---|---|---|---|---|---|"]
+            f"{passed} of {len(tgt)} pass.", ""]
+    if judged:
+        out += [f"How sure: for the {len(judged)} p99 ratios, the ratio of pooled p99s (all repeats' requests) "
+                f"and its 95 % interval over {BOOT_N} paired block resamples (whole seconds of the same requests "
+                "in both cells, drawn alike). *holds* / *fails*: the whole interval is within / beyond the "
+                "bound; *undecided*: it spans the bound, so a PASS or MISS there is the luck of the windows. "
+                f"Here: {said['holds']} hold, {said['undecided']} undecided, {said['fails']} fail.", ""]
+    out += ["| scenario | configuration | target | value | bound | result | pooled [95 % interval] | resamples |",
+            "|---|---|---|---|---|---|---|---|"]
     for t in tgt:
         by = ""
         if t["result"] == "MISS" and t["bound"]:
             by = f" by {abs(t['value'] / t['bound'] - 1):.0%}"
         elif t["result"] == "MISS":
             by = f" ({t['value']:g})"
+        sure = (f"{t['pooled']:.2f} [{t['interval'][0]:.2f}-{t['interval'][1]:.2f}] | {t['verdict']}"
+                if "verdict" in t else " | ")
         out.append(f"| {t['scenario']} | {t['best_fdngx']} | {t['target']} | {t['value']:.2f} | {t['op']} "
-                   f"{t['bound']:g} | {t['result']}{by} |")
+                   f"{t['bound']:g} | {t['result']}{by} | {sure} |")
     out.append("")
-    out += noise_floor(agg)
+    out += noise_floor(agg, boot)
     if overhead:
         out += ["## Proxy overhead (bench/overhead.py)", "", overhead.get("markdown", ""), ""]
     out += ["Plots: `ttft_cdf.png` (TTFT CDF per frontend, each scenario), `share_<scenario>.png` (per-replica "
@@ -189,7 +228,8 @@ def markdown(agg: dict[str, dict[str, dict[str, Any]]], tgt: list[dict[str, Any]
     return "\n".join(out)
 
 
-def noise_floor(agg: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+def noise_floor(agg: dict[str, dict[str, dict[str, Any]]],
+                boot: dict[str, dict[str, list[float]]] | None = None) -> list[str]:
     """Where nginx-lc ran twice side by side (`nginx-lc-twin`): the ratio between two identical cells, i.e. how
     far a ratio target's value moves by chance at this window length and number of repeats."""
     rows = [(s, row[TWIN], row["nginx-lc"]) for s, row in agg.items() if TWIN in row and "nginx-lc" in row]
@@ -197,10 +237,13 @@ def noise_floor(agg: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
         return []
     out = ["## Noise floor: the same nginx least_conn config twice, side by side", "",
            "`nginx-lc-twin` is `nginx-lc` again. A ratio between them is what a target's value moves by chance.", "",
-           "| scenario | p99 TTFT twin / nginx-lc (median of repeats) | pooled p99 ratio |", "|---|---|---|"]
+           "| scenario | p99 TTFT twin / nginx-lc (median of repeats) | pooled p99 ratio | 95 % interval |",
+           "|---|---|---|---|"]
     for s, twin, lc in rows:
+        lo, hi = ratio_interval(boot[s][TWIN], boot[s]["nginx-lc"]) if boot and s in boot else (math.nan, math.nan)
         out.append(f"| {s} | {ratio(twin['ttft_p99'][0], lc['ttft_p99'][0]):.2f} | "
-                   f"{ratio(twin['ttft_p99_pooled'], lc['ttft_p99_pooled']):.2f} |")
+                   f"{ratio(twin['ttft_p99_pooled'], lc['ttft_p99_pooled']):.2f} | "
+                   + ("" if math.isnan(lo) else f"{lo:.2f}-{hi:.2f}") + " |")
     return [*out, ""]
 
 
@@ -268,10 +311,11 @@ def plots(results: list[dict[str, Any]], outdir: Path) -> None:
 
 def write_all(results: list[dict[str, Any]], meta: dict[str, Any], outdir: Path) -> str:
     agg = aggregate(results)
-    tgt = targets(agg)
+    boot = tails(results)
+    tgt = targets(agg, boot)
     ov_path = outdir / "overhead.json"
     overhead = json.loads(ov_path.read_text()) if ov_path.exists() else None
-    md = markdown(agg, tgt, meta, overhead)
+    md = markdown(agg, tgt, meta, overhead, boot)
     (outdir / "results.md").write_text(md)
     failed = [{k: r[k] for k in ("scenario", "frontend", "seed", "failed")} for r in results if "failed" in r]
     (outdir / "results.json").write_text(json.dumps(

@@ -1,11 +1,15 @@
-"""Pure statistics for the benchmark: percentiles, one run's summary, medians and spread over repeats."""
+"""Pure statistics for the benchmark: percentiles, one run's summary, medians and spread over repeats, and a
+paired block bootstrap of pooled tails (how sure a ratio target is)."""
 
 from __future__ import annotations
 
 import math
+import random
 import statistics
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 # Errors a frontend cannot avoid: the stream was open on the replica when it was killed.
@@ -106,3 +110,50 @@ def cpu_busy(before: Sequence[int], after: Sequence[int]) -> float:
         return math.nan
     idle = delta[3] + (delta[4] if len(delta) > 4 else 0)  # idle + iowait
     return 1.0 - idle / total
+
+
+# A paired block bootstrap of pooled tails. Every frontend of a scenario is sent the same requests at the same
+# planned times (workload.py), so second s of repeat r holds the same requests in every cell: resampling those
+# blocks, with the same draws for every frontend, keeps the pairing. Whole seconds move together because
+# queueing couples the requests sent close to one another; resampling single requests would understate the
+# spread.
+BLOCK_S = 1.0
+BOOT_N = 400  # resamples: the interval's ends move by about 0.01 between seeds
+Blocks = dict[tuple[int, int], list[float]]
+
+
+def tail_blocks(runs: Iterable[tuple[int, Iterable[Sequence[Any]]]], block_s: float = BLOCK_S) -> Blocks:
+    """TTFTs of completed requests sent through the frontend, by (repeat, second of the window).
+
+    `runs`: (repeat, record rows as runner.py stores them: t, route, status, error, ttft, ...)."""
+    blocks: Blocks = defaultdict(list)
+    for rep, rows in runs:
+        for row in rows:
+            if row[1] >= 0 and not row[3] and row[4] is not None:
+                blocks[(rep, math.floor(row[0] / block_s))].append(row[4])
+    return dict(blocks)
+
+
+def bootstrap_tails(cells: dict[str, Blocks], *, q: float = 99, n: int = BOOT_N,
+                    seed: int = 0) -> dict[str, list[float]]:
+    """Per frontend, the pooled q-th percentile of each of n resamples, drawn with the same blocks for all."""
+    keys = sorted(set().union(*cells.values())) if cells else []
+    rng = random.Random(seed)
+    draws = [[rng.randrange(len(keys)) for _ in keys] for _ in range(n)] if keys else []
+    return {f: [percentile(list(chain.from_iterable(blocks.get(keys[i], ()) for i in d)), q) for d in draws]
+            for f, blocks in cells.items()}
+
+
+def ratio_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """The central `level` interval of a/b over paired resamples (NaN, NaN without any)."""
+    rs = [x / y for x, y in zip(a, b, strict=True) if y and not math.isnan(x) and not math.isnan(y)]
+    tail = (1 - level) / 2 * 100
+    return (percentile(rs, tail), percentile(rs, 100 - tail)) if rs else (math.nan, math.nan)
+
+
+def verdict(interval: tuple[float, float], bound: float) -> str:
+    """What the resamples say about `ratio <= bound`: holds, fails, or undecided (the interval spans it)."""
+    lo, hi = interval
+    if math.isnan(lo):
+        return "n/a"
+    return "holds" if hi <= bound else "fails" if lo > bound else "undecided"

@@ -8,7 +8,18 @@ import random
 import pytest
 
 from bench.lb import report
-from bench.lb.stats import Record, cpu_busy, median_spread, percentile, share_over_time, summarize
+from bench.lb.stats import (
+    Record,
+    bootstrap_tails,
+    cpu_busy,
+    median_spread,
+    percentile,
+    ratio_interval,
+    share_over_time,
+    summarize,
+    tail_blocks,
+    verdict,
+)
 from bench.lb.workload import (
     BATCH_COST,
     PREFILL_RATE,
@@ -161,7 +172,7 @@ def test_the_noise_floor_compares_nginx_lc_with_its_twin_and_judges_nothing() ->
     agg = {"homogeneous": {"nginx-lc": lc, "nginx-lc-twin": twin, "fdngx-recommended": _cell(0.25)},
            "external": {"nginx-lc": _cell(1.0)}}
     lines = report.noise_floor(agg)
-    assert "| homogeneous | 1.10 | 0.94 |" in lines and not any(ln.startswith("| external") for ln in lines)
+    assert "| homogeneous | 1.10 | 0.94 |  |" in lines and not any(ln.startswith("| external") for ln in lines)
     assert not any(t["best_fdngx"] == "nginx-lc-twin" for t in report.targets(agg))
     assert report.noise_floor({"external": {"nginx-lc": _cell(1.0)}}) == []
 
@@ -178,3 +189,56 @@ def test_recovery_is_measured_from_the_first_health_200() -> None:
     back = recovery(out, start=0.0, measure=10.0, n=4)
     assert back is not None and 0.4 <= back <= 0.5, back  # its first request, at 6.65
     assert recovery(RunOutput(recs, 0.0, 0.0, 0.0, events=[]), start=0.0, measure=10.0, n=4) is None
+
+
+def _rows(rng: random.Random, seconds: int, *, slow_every: int = 0) -> list[list]:
+    """Record rows as runner.py stores them (t, route, status, error, ttft, e2e, replica), 30 per second."""
+    rows = []
+    for sec in range(seconds):
+        slow = slow_every and sec % slow_every == 0
+        for k in range(30):
+            rows.append([sec + k / 30, 0, 200, "", rng.uniform(0.05, 0.1) + (2.0 if slow else 0.0), 1.0, 0])
+    return rows
+
+
+def test_tail_blocks_group_completed_frontend_requests_by_repeat_and_second() -> None:
+    rows = [[0.2, 0, 200, "", 0.1, 1.0, 0], [0.9, 1, 200, "", 0.2, 1.0, 1], [1.5, 0, 200, "", 0.3, 1.0, 0],
+            [1.6, -1, 200, "", 9.0, 9.0, 0], [1.7, 0, 0, "connect", None, None, -1], [1.8, 0, 200, "", None, None, 0]]
+    assert tail_blocks([(0, rows), (2, rows[:1])]) == {(0, 0): [0.1, 0.2], (0, 1): [0.3], (2, 0): [0.1]}
+
+
+def test_paired_resamples_see_a_steady_ratio_through_noisy_seconds() -> None:
+    # The same requests in both cells: b is a's latency x 1.1, and a few seconds are 20x slower than the rest.
+    # Drawn alike, every resample shows 1.1; drawn apart, the slow seconds would swing the ratio both ways.
+    rows = _rows(random.Random(1), 60, slow_every=7)
+    a = tail_blocks([(0, rows)])
+    b = {k: [x * 1.1 for x in v] for k, v in a.items()}
+    boot = bootstrap_tails({"a": a, "b": b}, n=200)
+    lo, hi = ratio_interval(boot["b"], boot["a"])
+    assert lo == pytest.approx(1.1) and hi == pytest.approx(1.1)
+    assert verdict((lo, hi), 1.0) == "fails" and verdict((lo, hi), 1.15) == "holds"
+
+
+def test_two_cells_of_the_same_distribution_are_undecided_at_one() -> None:
+    a = tail_blocks([(0, _rows(random.Random(2), 60, slow_every=9))])
+    b = tail_blocks([(0, _rows(random.Random(3), 60, slow_every=11))])
+    boot = bootstrap_tails({"a": a, "b": b}, n=200)
+    interval = ratio_interval(boot["a"], boot["b"])
+    assert interval[0] < 1.0 < interval[1] and verdict(interval, 1.0) == "undecided"
+    assert bootstrap_tails({"a": a, "b": b}, n=50) == bootstrap_tails({"a": a, "b": b}, n=50), "a report is stable"
+    assert verdict((math.nan, math.nan), 1.0) == "n/a"
+
+
+def test_targets_say_how_sure_a_ratio_is_when_given_resamples() -> None:
+    agg = {"homogeneous": {"oracle": _cell(0.25), "nginx-lc": _cell(0.25), "fdngx-recommended": _cell(0.30)}}
+    for v in agg["homogeneous"].values():
+        v["ttft_p99_pooled"] = v["ttft_p99"][0]
+    boot = {"homogeneous": {"oracle": [0.25, 0.25, 0.25], "nginx-lc": [0.2, 0.35, 0.25],
+                            "fdngx-recommended": [0.30, 0.30, 0.30]}}
+    lines = {t["target"]: t for t in report.targets(agg, boot)}
+    vs_oracle = lines["p99 TTFT vs oracle"]
+    assert vs_oracle["result"] == "MISS" and vs_oracle["verdict"] == "fails"
+    assert vs_oracle["pooled"] == pytest.approx(1.2)
+    assert lines["p99 TTFT vs nginx-lc"]["verdict"] == "undecided"
+    assert "verdict" not in lines["throughput vs nginx-lc"]
+    assert all("verdict" not in t for t in report.targets(agg)), "without resamples, the medians alone"

@@ -99,6 +99,17 @@ return {
         t.fails(function()
             return peers.parse(body("peer a ::1 80 1 0 1 0\npeer b ::1 80 1 0 1 0"))
         end, "line 3: duplicate address")
+        -- one address however it is written (fdngx.inventory.address_key's rule)
+        for _, pair in ipairs({ { "::1", "0:0:0:0:0:0:0:1" }, { "::ffff:127.0.0.1", "127.0.0.1" },
+                                { "2001:DB8::1", "2001:0db8:0:0::0001" }, { "::ffff:7f00:1", "127.0.0.1" },
+                                { "1::", "1:0:0:0:0:0:0.0.0.0" } }) do
+            t.fails(function()
+                return peers.parse(body("peer a " .. pair[1] .. " 80 1 0 1 0\npeer b " .. pair[2] .. " 80 1 0 1 0"))
+            end, "line 3: duplicate address", pair[1] .. " = " .. pair[2])
+        end
+        t.ok(peers.parse(body("peer a ::1 80 1 0 1 0\npeer b ::1 81 1 0 1 0\npeer c ::2 80 1 0 1 0")))
+        t.eq(peers.address("::ffff:10.0.0.1"), "10.0.0.1")
+        t.eq(peers.address("2001:DB8::8:800:200C:417A"), "2001:db8:0:0:8:800:200c:417a")
     end,
 
     ["bytes that could smuggle a second line or cut one short are refused"] = function(t)

@@ -7,8 +7,9 @@ accepts (fdngx.inventory.NAME), a host Python's `ipaddress` reads as a literal w
 (fdngx.domain.is_ip: the same check the inventory and the snapshot writer make), bounded decimal integers.
 The property: the Lua parser accepts a one-peer snapshot exactly when that Python reference does, so a
 host Python refuses is never dialled by nginx, and a line fdngx would write is never refused at a push.
-IPv6 text is generated group by group (gaps, embedded IPv4, over-long groups, stray characters), where a
-hand-written parser is most likely to differ from a maintained one.
+IPv6 text is generated group by group (gaps, embedded IPv4, over-long groups, stray characters), and
+written every legal way and one character off, where a hand-written parser is most likely to differ from a
+maintained one. And two spellings of one address are one address, as the inventory counts them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from fdngx.domain import is_ip
-from fdngx.inventory import NAME
+from fdngx.inventory import NAME, address_key
 from tests.security.conftest import scaled
 from tests.security.strategies import META
 from tests.support import REPO
@@ -123,11 +124,13 @@ def v6(draw: st.DrawFn) -> str:
     return text
 
 
+v6_groups = st.lists(st.one_of(st.just(0), st.integers(0, 0xFFFF)), min_size=8, max_size=8)
+
+
 @st.composite
-def v6_written(draw: st.DrawFn) -> str:
-    """A valid IPv6 address written any way RFC 4291 allows: each group padded or not, any one run of zero
-    groups (not only the longest) as '::', the last 32 bits as a dotted quad or not."""
-    groups = draw(st.lists(st.one_of(st.just(0), st.integers(0, 0xFFFF)), min_size=8, max_size=8))
+def spelled(draw: st.DrawFn, groups: list[int]) -> str:
+    """IPv6 `groups` written any way RFC 4291 allows: each group padded or not, upper or lower case, any one
+    run of zero groups (not only the longest) as '::', the last 32 bits as a dotted quad or not."""
     cells = [f"{g:04x}" if draw(st.booleans()) else f"{g:x}" for g in groups]
     if draw(st.booleans()):
         cells = [c.upper() if draw(st.booleans()) else c for c in cells]
@@ -140,6 +143,10 @@ def v6_written(draw: st.DrawFn) -> str:
         i, j = draw(st.sampled_from(zero_runs))
         return ":".join(cells[:i]) + "::" + ":".join(cells[j:])
     return ":".join(cells)
+
+
+def v6_written() -> st.SearchStrategy[str]:
+    return v6_groups.flatmap(spelled)
 
 
 @st.composite
@@ -213,6 +220,35 @@ def test_property_the_lua_parser_reads_a_host_exactly_as_python_does(lua_parser:
     event("accepted" if want else "refused")
     got = lua_parse(lua_parser, b"generation 1\n" + line.encode("utf-8", "surrogatepass") + b"\n")
     assert got.startswith("ok") == want, (host, got)
+
+
+@st.composite
+def two_hosts(draw: st.DrawFn) -> tuple[str, str]:
+    """Two spellings of one address (IPv6 twice, or an IPv4 address and its IPv4-mapped IPv6 form), or of two
+    addresses that differ in one group."""
+    groups = draw(v6_groups)
+    how = draw(st.sampled_from(["same", "mapped", "other"]))
+    if how == "mapped":
+        v4 = draw(st.ip_addresses(v=4))
+        return str(v4), draw(spelled([0, 0, 0, 0, 0, 0xFFFF, int(v4) >> 16, int(v4) & 0xFFFF]))
+    other = list(groups)
+    if how == "other":
+        k = draw(st.integers(0, 7))
+        other[k] = (other[k] + draw(st.integers(1, 0xFFFF))) % 0x10000
+    return draw(spelled(groups)), draw(spelled(other))
+
+
+@scaled(400)
+@given(two_hosts())
+def test_property_two_spellings_of_one_address_are_one_address(lua_parser: subprocess.Popen[bytes],
+                                                                hosts: tuple[str, str]) -> None:
+    """The balancer's duplicate check counts an address as fdngx's inventory does (address_key): a snapshot
+    cannot list one replica twice under two spellings and give it two shares."""
+    a, b = hosts
+    same = address_key(a, 8000) == address_key(b, 8000)
+    event("same address" if same else "two addresses")
+    got = lua_parse(lua_parser, f"generation 1\npeer a {a} 8000 1 0 16 0\npeer b {b} 8000 1 0 16 0\n".encode())
+    assert ("duplicate address" in got) == same and (got.startswith("ok") != same), (a, b, got)
 
 
 def test_the_reference_and_the_parser_agree_on_chosen_lines(lua_parser: subprocess.Popen[bytes]) -> None:

@@ -28,8 +28,9 @@ M.MAX_WEIGHT = 10000
 M.MAX_CAPACITY = 1000000
 M.MAX_LOAD = 1000000
 
-local tonumber, sub, find, match, lower, format = tonumber, string.sub, string.find, string.match, string.lower,
-    string.format
+local tonumber, sub, find, match, format, floor = tonumber, string.sub, string.find, string.match, string.format,
+    math.floor
+local unpack = unpack or table.unpack -- luajit's, or Lua 5.2+'s
 
 -- A field as it may be echoed in an error message: quoted with Lua's %q, never longer than 40 bytes.
 local function shown(s)
@@ -54,33 +55,59 @@ local function ipv4(s)
     return true
 end
 
--- "a:b:c" -> how many 1..4-digit hex groups, or nil; "" -> 0.
+-- "a:b:c" -> its 1..4-digit hex groups as numbers, or nil; "" -> none.
 local function hex_groups(side)
-    if side == "" then return 0 end
-    local n = 0
+    local out = {}
+    if side == "" then return out end
     for part in (side .. ":"):gmatch("([^:]*):") do
         if #part > 4 or not match(part, "^[0-9A-Fa-f]+$") then return nil end
-        n = n + 1
+        out[#out + 1] = tonumber(part, 16)
     end
-    return n
+    return out
 end
 
+-- An IPv6 literal -> its 8 groups as numbers, or nil.
 local function ipv6(s)
-    if #s < 2 or #s > 45 or not match(s, "^[0-9A-Fa-f:.]+$") then return false end
+    if #s < 2 or #s > 45 or not match(s, "^[0-9A-Fa-f:.]+$") then return nil end
+    local quad
     if find(s, ".", 1, true) then -- a trailing embedded IPv4 stands for two groups
         local head, v4 = match(s, "^(.*:)([0-9.]+)$")
-        if not head or not ipv4(v4) then return false end
-        s = head .. "0:0"
+        if not head or not ipv4(v4) then return nil end
+        quad, s = v4, head .. "0:0"
     end
+    local groups
     local gap = find(s, "::", 1, true)
-    if not gap then return hex_groups(s) == 8 end
-    if find(s, "::", gap + 1, true) then return false end -- two gaps, or ":::"
-    local left, right = hex_groups(sub(s, 1, gap - 1)), hex_groups(sub(s, gap + 2))
-    return left ~= nil and right ~= nil and left + right <= 7
+    if not gap then
+        groups = hex_groups(s)
+        if not groups or #groups ~= 8 then return nil end
+    else
+        if find(s, "::", gap + 1, true) then return nil end -- two gaps, or ":::"
+        local left, right = hex_groups(sub(s, 1, gap - 1)), hex_groups(sub(s, gap + 2))
+        if not left or not right or #left + #right > 7 then return nil end -- a gap stands for one group or more
+        groups = left
+        for _ = 1, 8 - #left - #right do groups[#groups + 1] = 0 end
+        for _, g in ipairs(right) do groups[#groups + 1] = g end
+    end
+    if quad then
+        local a, b, c, d = match(quad, "^(%d+)%.(%d+)%.(%d+)%.(%d+)$")
+        groups[7], groups[8] = tonumber(a) * 256 + tonumber(b), tonumber(c) * 256 + tonumber(d)
+    end
+    return groups
 end
 
 function M.valid_host(s)
-    return ipv4(s) or (find(s, ":", 1, true) ~= nil and ipv6(s))
+    return ipv4(s) or (find(s, ":", 1, true) ~= nil and ipv6(s) ~= nil)
+end
+
+-- The address a valid host names, in one spelling per address (fdngx.inventory.address_key's rule: an
+-- IPv4-mapped IPv6 address is its IPv4 one), so "::1" and "0:0:0:0:0:0:0:1" are one peer's address twice.
+function M.address(host)
+    if not find(host, ":", 1, true) then return host end
+    local g = ipv6(host)
+    if g[1] == 0 and g[2] == 0 and g[3] == 0 and g[4] == 0 and g[5] == 0 and g[6] == 0xffff then
+        return format("%d.%d.%d.%d", floor(g[7] / 256), g[7] % 256, floor(g[8] / 256), g[8] % 256)
+    end
+    return format("%x:%x:%x:%x:%x:%x:%x:%x", unpack(g))
 end
 
 function M.valid_name(s)
@@ -149,7 +176,7 @@ function M.parse(text)
             local p, err = parse_peer(sub(line, 6))
             if not p then return nil, at .. err end
             if snap.by_name[p.name] then return nil, at .. "duplicate peer " .. shown(p.name) end
-            local key = lower(p.host) .. "|" .. p.port
+            local key = M.address(p.host) .. "|" .. p.port
             if addrs[key] then return nil, at .. "duplicate address " .. shown(p.host .. " " .. p.port) end
             count = count + 1
             if count > M.MAX_PEERS then return nil, at .. "more than " .. M.MAX_PEERS .. " peers" end

@@ -58,8 +58,8 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, An
             agg["share"] = [median_spread(r["all_summary"]["share"][i] for r in runs)[0] for i in range(n)]
             # All windows' requests together: a steadier tail estimate than the median of per-window p99s
             # (shown for context; the targets use the medians, as the issue asks).
-            pooled = [row[4] for r in runs for row in r["records"]["rows"] if row[1] >= 0 and not row[3]]
-            agg["ttft_p99_pooled"] = percentile(pooled, 99)
+            blocks = tail_blocks((r.get("rep", 0), r["records"]["rows"]) for r in runs)
+            agg["ttft_p99_pooled"] = percentile([x for b in blocks.values() for x in b], 99)
             agg["busy_max"] = max((r["cpu"].get("busy", math.nan) for r in runs), default=math.nan)
             agg["saturated"] = sum(1 for r in runs if r["saturation"])
             ext = [r["external_summary"] for r in runs if r.get("external_summary")]

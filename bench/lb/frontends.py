@@ -238,6 +238,11 @@ FRONTENDS: dict[str, Callable[[], Frontend]] = {
     # fdngx-recommended: the OpenResty flavor (the Lua balancer, pushes, no reloads).
     "fdngx-recommended": lambda: FdngxNginx("fdngx-recommended", sidecar=True, render_args=OPENRESTY,
                                             sidecar_args=("--interval", "1"), extra_warmup=5.0),
+    # The recommended configuration without the decode speed factor in its weights (--no-speed-aware): what
+    # the factor costs or buys, side by side (the half-speed scenarios). Not in the default grid.
+    "fdngx-recommended-nospeed": lambda: FdngxNginx("fdngx-recommended-nospeed", sidecar=True, render_args=OPENRESTY,
+                                                    sidecar_args=("--interval", "1", "--no-speed-aware"),
+                                                    extra_warmup=5.0),
     "sglang-rr": lambda: SglangGateway("round_robin"),
     "sglang-p2": lambda: SglangGateway("power_of_two"),
     "sglang-ca": lambda: SglangGateway("cache_aware"),

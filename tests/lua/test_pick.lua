@@ -65,6 +65,57 @@ return {
         end
     end,
 
+    ["a free slot beats a queue, whatever the weights"] = function(t)
+        -- three fast replicas (weight 20) full, a half-speed one (weight 10) with free slots
+        local list = peers({ 20, 20, 20, 10 })
+        for _, p in ipairs(list) do p.capacity = 16 end
+        local inflight = { p1 = 16, p2 = 16, p3 = 16, p4 = 10 }
+        local p = pick.choose("least", list, {}, yes, function(q) return inflight[q.name] end, math.random, {})
+        t.eq(p.name, "p4") -- by load / weight alone: 0.8 against 1.0, a fast one (and a queued request)
+        t.ok(pick.score(list[4], 10) < pick.score(list[1], 16), "free below full")
+        t.eq(pick.score(list[4], 15), 1.5)
+        t.eq(pick.score(list[4], 16), pick.FULL + 0.1)
+    end,
+
+    ["slots fill by weight, then every slot, then queues by weight"] = function(t)
+        local list = peers({ 20, 20, 20, 10 })
+        for _, p in ipairs(list) do p.capacity = 16 end
+        -- 64 slots: the slow one takes half the in-flight of a fast one while all have room, then the rest of
+        -- its slots before anything queues; 14 more queue 4, 4, 4 and 2 (each queue per weight <= 0.2)
+        local counts = fill("least", list, 56)
+        t.eq(counts.p1, 16); t.eq(counts.p2, 16); t.eq(counts.p3, 16); t.eq(counts.p4, 8)
+        counts = fill("least", list, 64)
+        t.eq(counts.p1, 16); t.eq(counts.p2, 16); t.eq(counts.p3, 16); t.eq(counts.p4, 16)
+        counts = fill("least", list, 78)
+        t.eq(counts.p1, 20); t.eq(counts.p2, 20); t.eq(counts.p3, 20); t.eq(counts.p4, 18)
+    end,
+
+    ["p2c: a drawn peer with a free slot beats a drawn full one"] = function(t)
+        local list = peers({ 20, 20, 10 })
+        for _, p in ipairs(list) do p.capacity = 16 end
+        local inflight = { p1 = 16, p2 = 16, p3 = 10 }
+        math.randomseed(9)
+        local hits = 0
+        for _ = 1, 3000 do
+            if pick.p2c(list, 3, function(q) return inflight[q.name] end, math.random).name == "p3" then
+                hits = hits + 1
+            end
+        end
+        -- p3 wins every draw it is in: 1 - 2 * (20/50 * 20/30) = 0.467 of them
+        t.near(hits / 3000, 0.467, 0.03, "p3 share")
+    end,
+
+    ["equal capacities and weights: the score orders as load / weight"] = function(t)
+        math.randomseed(13)
+        for _ = 1, 500 do
+            local list = peers({ 20, 20, 20, 20 })
+            local inflight = {}
+            for _, p in ipairs(list) do p.capacity = 8; inflight[p.name] = math.random(0, 12) end
+            local p = pick.choose("least", list, {}, yes, function(q) return inflight[q.name] end, math.random, {})
+            for _, q in ipairs(list) do t.ok(inflight[p.name] <= inflight[q.name], "lowest load picked") end
+        end
+    end,
+
     ["external load counts in whole requests"] = function(t)
         t.eq(pick.external(0.49, 100, 100), 0)
         t.eq(pick.external(0.5, 100, 100), 1)

@@ -86,7 +86,8 @@ local function view(pool)
         lines[#lines + 1] = format(
             "peer=%s addr=%s:%d weight=%d down=%d capacity=%d inflight=%d ext=%.3f score=%.4f per_slot=%.3f "
             .. "health=%s level=%d", p.name, p.addr, p.port, p.weight, p.down and 1 or 0, p.capacity, inflight,
-            ext, (inflight + ext) / p.weight, (inflight + ext) / p.capacity, state, p.h.level)
+            ext, pick.score(p, inflight + pick.external(p.ext, pool.snap_at, now)), (inflight + ext) / p.capacity,
+            state, p.h.level)
     end
     return 200, concat(lines, "\n")
 end

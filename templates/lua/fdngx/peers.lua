@@ -95,19 +95,21 @@ local function ipv6(s)
     return groups
 end
 
-function M.valid_host(s)
-    return ipv4(s) or (find(s, ":", 1, true) ~= nil and ipv6(s) ~= nil)
-end
-
--- The address a valid host names, in one spelling per address (fdngx.inventory.address_key's rule: an
--- IPv4-mapped IPv6 address is its IPv4 one), so "::1" and "0:0:0:0:0:0:0:1" are one peer's address twice.
+-- The address a host names, in one spelling per address (fdngx.inventory.address_key's rule: an
+-- IPv4-mapped IPv6 address is its IPv4 one), so "::1" and "0:0:0:0:0:0:0:1" are one peer's address twice;
+-- nil when the host is not an IPv4 or IPv6 literal. One parse both validates and names the address.
 function M.address(host)
-    if not find(host, ":", 1, true) then return host end
+    if not find(host, ":", 1, true) then return ipv4(host) and host or nil end
     local g = ipv6(host)
+    if not g then return nil end
     if g[1] == 0 and g[2] == 0 and g[3] == 0 and g[4] == 0 and g[5] == 0 and g[6] == 0xffff then
         return format("%d.%d.%d.%d", floor(g[7] / 256), g[7] % 256, floor(g[8] / 256), g[8] % 256)
     end
     return format("%x:%x:%x:%x:%x:%x:%x:%x", unpack(g))
+end
+
+function M.valid_host(s)
+    return M.address(s) ~= nil
 end
 
 function M.valid_name(s)
@@ -129,10 +131,12 @@ local function parse_peer(rest)
         return nil, "want 'peer NAME HOST PORT WEIGHT DOWN CAPACITY LOAD' (single spaces)"
     end
     if not M.valid_name(name) then return nil, "bad name " .. shown(name) end
-    if not M.valid_host(host) then return nil, "bad host " .. shown(host) .. " (an IPv4 or IPv6 literal)" end
+    local address = M.address(host)
+    if not address then return nil, "bad host " .. shown(host) .. " (an IPv4 or IPv6 literal)" end
     local p = {
         name = name,
         host = host,
+        address = address, -- one spelling per address: the duplicate check's key
         -- ngx.balancer and cosockets parse "host:port" themselves: IPv6 needs its brackets.
         addr = find(host, ":", 1, true) and ("[" .. host .. "]") or host,
         port = integer(port, 1, 65535),
@@ -176,7 +180,7 @@ function M.parse(text)
             local p, err = parse_peer(sub(line, 6))
             if not p then return nil, at .. err end
             if snap.by_name[p.name] then return nil, at .. "duplicate peer " .. shown(p.name) end
-            local key = M.address(p.host) .. "|" .. p.port
+            local key = p.address .. "|" .. p.port
             if addrs[key] then return nil, at .. "duplicate address " .. shown(p.host .. " " .. p.port) end
             count = count + 1
             if count > M.MAX_PEERS then return nil, at .. "more than " .. M.MAX_PEERS .. " peers" end

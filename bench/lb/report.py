@@ -15,6 +15,7 @@ from typing import Any
 from bench.lb.scenarios import SCENARIOS
 from bench.lb.stats import (
     BOOT_N,
+    Blocks,
     bootstrap_tails,
     median_spread,
     percentile,
@@ -38,11 +39,21 @@ def base_name(scenario: str) -> str:
     return scenario.removesuffix("-legacy")
 
 
-def aggregate(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+def _group(results: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """The completed runs per scenario and frontend (a failed run has no measurements)."""
     cells: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
         if "failed" not in r:
             cells[r["scenario"]][r["frontend"]].append(r)
+    return cells
+
+
+def _blocks(runs: list[dict[str, Any]]) -> Blocks:
+    return tail_blocks((r.get("rep", 0), r["records"]["rows"]) for r in runs)
+
+
+def aggregate(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    cells = _group(results)
     out: dict[str, dict[str, dict[str, Any]]] = {}
     order = list(SCENARIOS)
     for s, fes in sorted(cells.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
@@ -58,8 +69,7 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, An
             agg["share"] = [median_spread(r["all_summary"]["share"][i] for r in runs)[0] for i in range(n)]
             # All windows' requests together: a steadier tail estimate than the median of per-window p99s
             # (shown for context; the targets use the medians, as the issue asks).
-            blocks = tail_blocks((r.get("rep", 0), r["records"]["rows"]) for r in runs)
-            agg["ttft_p99_pooled"] = percentile([x for b in blocks.values() for x in b], 99)
+            agg["ttft_p99_pooled"] = percentile([x for b in _blocks(runs).values() for x in b], 99)
             agg["busy_max"] = max((r["cpu"].get("busy", math.nan) for r in runs), default=math.nan)
             agg["saturated"] = sum(1 for r in runs if r["saturation"])
             ext = [r["external_summary"] for r in runs if r.get("external_summary")]
@@ -77,11 +87,7 @@ def _best(row: dict[str, dict[str, Any]], prefix: str) -> str | None:
 
 def tails(results: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
     """Per scenario and frontend, the pooled p99 TTFT of each paired block resample of its repeats."""
-    cells: dict[str, dict[str, list[tuple[int, list[Any]]]]] = defaultdict(lambda: defaultdict(list))
-    for r in results:
-        if "failed" not in r:
-            cells[r["scenario"]][r["frontend"]].append((r.get("rep", 0), r["records"]["rows"]))
-    return {s: bootstrap_tails({f: tail_blocks(runs) for f, runs in fes.items()}) for s, fes in cells.items()}
+    return {s: bootstrap_tails({f: _blocks(runs) for f, runs in fes.items()}) for s, fes in _group(results).items()}
 
 
 def targets(agg: dict[str, dict[str, dict[str, Any]]],

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from fdngx.weights.settings import PolicyConfig
 from fdngx.weights.state import InstanceState
@@ -27,6 +27,7 @@ def update_corrections(
     top_slots: float,
     dt: float,
     config: PolicyConfig,
+    settling: Collection[str] = (),
 ) -> float | None:
     """Move every replica's load correction toward the load model's estimate; returns the fleet load per
     (speed-adjusted) slot, None without fresh replicas.
@@ -48,9 +49,12 @@ def update_corrections(
     One step to the estimate, not an integral: nothing winds up while a weight waits for its reload, and a
     replica whose backlog drains gets its weight back as its load falls."""
     lo, hi = math.log(config.min_factor), math.log(config.max_factor)
-    # A replica nginx has no weight for yet has had no traffic from it, and one failing /health may be
-    # skipped by nginx's passive check: neither says anything about nginx's share.
-    model = [n for n in active if states[n].weight is not None and not states[n].fails]
+    # A replica nginx has no weight for yet has had no traffic from it, one failing /health may be skipped
+    # by nginx's passive check, and one `settling` (metrics back after a gap or a restart) is refilling: none
+    # says anything about nginx's share. A settling one, not far enough below the others to be left out of the
+    # minimum below, set nginx's share per weight, and the replicas that had carried the fleet meanwhile looked
+    # loaded from elsewhere: all lowered in one reload, raised in the next (bench.lb kill-restart-legacy).
+    model = [n for n in active if states[n].weight is not None and not states[n].fails and n not in settling]
     if not active:
         for st in states.values():
             st.log_gain *= 0.5 ** (dt / config.stale_half_life)
@@ -87,12 +91,13 @@ def update_corrections(
             target = math.log(want[name] / slots[name] / mean) if want[name] > 0 else lo
             target = 0.0 if abs(target) <= config.tolerance else min(hi, max(lo, target))
             st.log_gain += config.gain * (target - st.log_gain)
+        elif name in active and (len(model) < 2 or st.weight is None):
+            st.log_gain, st.overflow = 0.0, False  # alone, or new: nothing to compare with
         elif name in active:
-            st.log_gain = 0.0  # alone, or new: nothing to compare with
+            pass  # failing /health or settling: its verdicts wait for a reading that says something
         else:
             # Stale or down: fade toward neutral so a replica never keeps a verdict based on old data.
             st.log_gain *= 0.5 ** (dt / config.stale_half_life)
-        if name not in want:
             st.overflow = False
         st.log_gain = min(hi, max(lo, st.log_gain))
     return fleet

@@ -109,6 +109,11 @@ def _fresh(st: InstanceState, now: float, config: PolicyConfig) -> bool:
     return st.last_ok_at is not None and now - st.last_ok_at <= config.stale_after
 
 
+def _resumed_for(st: InstanceState, now: float) -> float:
+    """Seconds since the replica's metrics came back after a gap or a restart (inf: not lately)."""
+    return now - st.resumed_at if st.resumed_at is not None else math.inf
+
+
 def _ramp_step(st: InstanceState, now: float, config: PolicyConfig) -> int | None:
     """Step 1..ramp_steps of the ramp after recovery, None when not ramping."""
     if st.recovered_at is None or config.ramp_duration <= 0:
@@ -168,7 +173,10 @@ def decide(
     active = [i.name for i in insts if i.name in fresh and not want_down[i.name] and i.name not in ramping]
     _update_speeds(states, active, config)
     top_slots = max((caps[i.name] * i.weight for i in insts), default=1.0)
-    fleet = update_corrections(states, active, caps, base, top_slots, dt, config)
+    # Back from a gap or a restart, a replica's reading is a transient (nginx's passive check lets it fill
+    # again; its smoothed load still holds the old readings): it says nothing of nginx's share per weight.
+    settling = {n for n in active if _resumed_for(states[n], now) < config.min_hold}
+    fleet = update_corrections(states, active, caps, base, top_slots, dt, config, settling)
 
     fail_open = None
     if insts and all(want_down.values()):
@@ -320,7 +328,7 @@ def _plan(
             why = (f"{what}; backup (traffic from elsewhere fills it: nginx sends it none while the others are "
                    f"up); weight {old_w}->{wanted}")
             return _Plan(wanted, False, why, True, False, wanted, what, backup=True)
-    resumed = now - st.resumed_at if st.resumed_at is not None else math.inf
+    resumed = _resumed_for(st, now)
     if resumed < config.min_hold and wanted != old_w and step is None and not skipped:
         # A restarted replica is empty for a moment and least_conn already fills it first; a weight raised for
         # that (and lowered again a hold later) costs two reloads, each blinding least_conn in the middle of

@@ -148,7 +148,7 @@ def check_walkthrough(report: dict[str, Any], home: Path) -> None:
         "nginx serving a chat completion": r'"object":\s*"chat\.completion"',
         "a cron-style cycle applied weights": r"nginx\.conf: applied and reloaded",
         "the sidecar exporting weights": r'fdngx_replica_weight\{replica="dp0"\} 20',
-        "the OpenResty flavor holding pushed weights": r"peer=dp0 .*weight=20",
+        "the OpenResty flavor holding pushed weights": r"peer=dp0 .*weight=20 .*score=[0-9.]+ per_slot=",
         "the sidecar marking the killed replica down": r"WARNING dp1: down: ",
         "nginx told (down in the config)": r"down;\s+# dp1",
         "FdngxReplicaDown firing in Prometheus":

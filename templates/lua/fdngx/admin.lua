@@ -77,6 +77,7 @@ end
 local function view(pool)
     local now = ngx.now()
     pool_mod.sync(pool, now)
+    pool.now = now -- the time pool.load reads the external load at, as a pick does
     local lines = { format("generation=%d age=%.3f peers=%d mode=%s", pool.gen or -1, now - (pool.snap_at or now),
                            #pool.peers, pool.mode) }
     for _, p in ipairs(pool.peers) do
@@ -86,8 +87,7 @@ local function view(pool)
         lines[#lines + 1] = format(
             "peer=%s addr=%s:%d weight=%d down=%d capacity=%d inflight=%d ext=%.3f score=%.4f per_slot=%.3f "
             .. "health=%s level=%d", p.name, p.addr, p.port, p.weight, p.down and 1 or 0, p.capacity, inflight,
-            ext, pick.score(p, inflight + pick.external(p.ext, pool.snap_at, now)), (inflight + ext) / p.capacity,
-            state, p.h.level)
+            ext, pick.score(p, pool.load(p)), (inflight + ext) / p.capacity, state, p.h.level)
     end
     return 200, concat(lines, "\n")
 end

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
@@ -89,12 +89,18 @@ def _quantise(x: float, config: PolicyConfig) -> int:
     return max(1, min(config.max_weight, round(x)))
 
 
-def _update_speeds(states: dict[str, InstanceState], active: list[str], config: PolicyConfig) -> None:
+def _update_speeds(
+    states: dict[str, InstanceState], active: list[str], settling: Collection[str], config: PolicyConfig
+) -> None:
     """Speed factor of each active replica against the median TPOT of the active ones (2 or more); a
-    replica that is stale, down or ramping is neutral (its speed is not known now)."""
-    known = sorted(t for n in active if (t := states[n].tpot) is not None and t > 0)
+    replica that is stale, down or ramping is neutral (its speed is not known now). A settling one (metrics
+    back after a gap or a restart) keeps its factor and stays out of the median: its first tokens are the
+    restart's transient, not its hardware."""
+    known = sorted(t for n in active if n not in settling and (t := states[n].tpot) is not None and t > 0)
     median = statistics.median(known) if len(known) >= 2 and config.speed_aware else None
     for name, st in states.items():
+        if name in settling and config.speed_aware:
+            continue
         if median is None or name not in active or st.tpot is None or st.tpot <= 0:
             st.speed = 1.0
             continue
@@ -171,11 +177,13 @@ def decide(
     # integral up and overshoot once the ramp ends. It rejoins at neutral.
     ramping = {i.name for i in insts if _ramp_step(states[i.name], now, config) is not None}
     active = [i.name for i in insts if i.name in fresh and not want_down[i.name] and i.name not in ramping]
-    _update_speeds(states, active, config)
-    top_slots = max((caps[i.name] * i.weight for i in insts), default=1.0)
     # Back from a gap or a restart, a replica's reading is a transient (nginx's passive check lets it fill
-    # again; its smoothed load still holds the old readings): it says nothing of nginx's share per weight.
+    # again; its smoothed load still holds the old readings, its first tokens run in an empty batch): it says
+    # nothing of nginx's share per weight, nor of its speed. Its correction and speed factor wait, so its
+    # weight moves only for what the restart did change: its capacity (a new max_num_seqs).
     settling = {n for n in active if _resumed_for(states[n], now) < config.min_hold}
+    _update_speeds(states, active, settling, config)
+    top_slots = max((caps[i.name] * i.weight for i in insts), default=1.0)
     fleet = update_corrections(states, active, caps, base, top_slots, dt, config, settling)
 
     fail_open = None
@@ -296,6 +304,9 @@ def _plan(
         what = f"stale metrics ({age}: {st.last_error}); fading to neutral"
     if st.fails:
         what = f"/health failed {st.fails}/{config.fail_threshold} ({st.health_error}); {what}"
+    elif fresh and (resumed := _resumed_for(st, now)) < config.min_hold:
+        what = (f"settling: metrics back {resumed:.0f}s ago after a gap or a restart (min {config.min_hold:.0f}s), "
+                f"correction and speed wait; {what}")
     if old_w is None:
         return _Plan(wanted, False, f"initial: {what}; weight {wanted}", True, True, wanted, initial=True)
     old_backup = bool(old and old.backup)
@@ -328,15 +339,6 @@ def _plan(
             why = (f"{what}; backup (traffic from elsewhere fills it: nginx sends it none while the others are "
                    f"up); weight {old_w}->{wanted}")
             return _Plan(wanted, False, why, True, False, wanted, what, backup=True)
-    resumed = _resumed_for(st, now)
-    if resumed < config.min_hold and wanted != old_w and step is None and not skipped:
-        # A restarted replica is empty for a moment and least_conn already fills it first; a weight raised for
-        # that (and lowered again a hold later) costs two reloads, each blinding least_conn in the middle of
-        # the drain (bench.lb kill-restart: a reload 1-3 s after the restart). Nor does it ride along with
-        # another reload: the reading is a transient, not the traffic.
-        reason = (f"hold: metrics back {resumed:.0f}s ago after a gap or a restart (min {config.min_hold:.0f}s); "
-                  f"{what}; weight {old_w} (transient: wanted {wanted})")
-        return _Plan(old_w, False, reason, False, False, old_w, what, backup=old_backup)
     if wanted == old_w:
         return _Plan(old_w, False, f"{ramp}{what}; weight {old_w}", False, False, wanted, f"{ramp}{what}",
                      backup=old_backup)

@@ -872,7 +872,7 @@ def test_a_restarted_replica_keeps_a_corrected_weight_through_the_kill_and_the_t
     assert all(x.weight == before.weight and not x.changed for x in through), [x.reason for x in through]
 
 
-def test_the_transient_hold_is_what_keeps_the_weight() -> None:
+def test_settling_is_what_keeps_the_weight() -> None:
     """The same restart seen as an ordinary sample (no gap, counters that keep growing) moves the weight."""
     inv = inventory(64, 64, 64, 64)
 
@@ -883,6 +883,43 @@ def test_the_transient_hold_is_what_keeps_the_weight() -> None:
     ds, _, _ = run(inv, fn, 10)
     assert any(d.by_name()["dp3"].changed and d.by_name()["dp3"].weight > 20 for d in ds[6:]), \
         [d.by_name()["dp3"].reason for d in ds[6:]]
+
+
+def test_a_replica_restarted_with_fewer_slots_gets_its_new_weight_at_once() -> None:
+    """A restart that changes max_num_seqs is a new configuration, not a transient: its capacity weight
+    follows at the first reading (before, held for min_hold at the old one, nginx kept sending it twice its
+    share of a now smaller batch)."""
+    inv = inventory(64, 64, 64, 64)
+
+    def fn(k: int, name: str) -> LoadSample:
+        s = _restart(False)(k, name)
+        return replace(s, capacity=32.0 if name == "dp3" and k >= 6 else 64.0)
+
+    ds, _, _ = run(inv, fn, 10)
+    assert ds[5].by_name()["dp3"].weight == 20
+    first = ds[6].by_name()["dp3"]
+    assert first.weight == 10 and first.changed, first.reason
+    assert all(weights(d)["dp3"] == 10 for d in ds[6:]), [d.by_name()["dp3"].reason for d in ds[6:]]
+
+
+def test_a_restarted_replicas_first_tokens_do_not_move_its_speed() -> None:
+    """Speed-aware with reloads (`--speed-aware` on the nginx flavor): a replica whose first tokens after a
+    restart run slow (cold caches, graphs being captured) keeps its speed factor while it settles; its speed
+    would otherwise be set by the warm-up (weight 20 -> 15 -> ... at each cycle's reload) and set back later."""
+    inv = inventory(64, 64, 64, 64)
+    cfg = replace(CFG, speed_aware=True)
+    assert cfg.min_hold > 2 * cfg.interval
+    steady = with_tpot(dict.fromkeys(("dp0", "dp1", "dp2", "dp3"), 0.04))
+
+    def fn(k: int, name: str) -> LoadSample:
+        if name != "dp3" or k < 6:
+            return steady(k, name)
+        count = (k - 5) * 50.0  # counters start again, every token at twice the time
+        return replace(steady(k, name), tpot_sum=0.08 * count, tpot_count=count)
+
+    ds, _, _ = run(inv, fn, 6 + int(cfg.min_hold / cfg.interval), cfg=cfg)
+    through = [d.by_name()["dp3"] for d in ds[6:]]
+    assert all(x.weight == 20 and x.speed == 1.0 for x in through), [x.reason for x in through]
 
 
 def test_a_restarted_replica_does_not_make_the_others_look_loaded_from_elsewhere() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 from fdngx.nginx.control import find_nginx, prepare_prefix
@@ -22,11 +24,44 @@ from fdngx.sim.process import free_ports
 from fdngx.system.procs import stop_popen_group as stop_process_group
 
 __all__ = [
-    "Backends", "Nginx", "Site", "fdngx", "free_ports", "http_ok", "instances", "stop_process_group", "wait_for",
+    "NEEDS_LUAJIT", "Backends", "Nginx", "Site", "fdngx", "free_ports", "http_ok", "instances", "luajit_coprocess",
+    "luajit_script", "stop_process_group", "wait_for",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
 BACKEND = Path(__file__).resolve().parent / "fixtures" / "echo_backend.py"
+LUA_DIR = REPO / "templates" / "lua"
+
+NEEDS_LUAJIT = pytest.mark.skipif(
+    shutil.which("luajit") is None,
+    reason="needs the luajit interpreter: apt-get install luajit2 (OpenResty's LuaJIT branch, the one nginx's Lua "
+    "module runs on; Debian's `luajit` package works too)",
+)
+
+
+def luajit_script(path: Path, body: str) -> list[str]:
+    """Write `body` as a luajit script that can `require` the balancer's modules (templates/lua, passed as
+    arg[1]); returns the argv that runs it (append more arguments)."""
+    path.write_text("package.path = arg[1] .. '/?.lua;' .. package.path\n" + body)
+    return ["luajit", str(path), str(LUA_DIR)]
+
+
+@contextlib.contextmanager
+def luajit_coprocess(path: Path, body: str, text: bool = False) -> Iterator[subprocess.Popen[Any]]:
+    """A luajit script answering on its stdout what it reads on its stdin, for the length of the block; then
+    its stdin is closed and it must end (killed, and the block fails, if not within 10 s)."""
+    proc = subprocess.Popen(luajit_script(path, body), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=text)
+    try:
+        yield proc
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "condition") -> Any:

@@ -15,7 +15,6 @@ maintained one. And two spellings of one address are one address, as the invento
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 
@@ -27,13 +26,12 @@ from fdngx.domain import is_ip
 from fdngx.inventory import NAME, address_key
 from tests.security.conftest import scaled
 from tests.security.strategies import META
-from tests.support import REPO
+from tests.support import NEEDS_LUAJIT, luajit_coprocess
 
-pytestmark = pytest.mark.skipif(shutil.which("luajit") is None, reason="needs luajit: apt-get install luajit2")
+pytestmark = NEEDS_LUAJIT
 
 # A coprocess: reads "<length>\n<body>" and answers one line per body, "ok" or "err <reason>".
 SERVER = r"""
-package.path = arg[1] .. '/?.lua;' .. package.path
 local peers = require('fdngx.peers')
 while true do
   local n = io.read('*l')
@@ -76,14 +74,8 @@ def reference(line: str) -> bool:
 
 @pytest.fixture(scope="module")
 def lua_parser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
-    script = tmp_path_factory.mktemp("lua") / "serve.lua"
-    script.write_text(SERVER)
-    proc = subprocess.Popen(["luajit", str(script), str(REPO / "templates" / "lua")], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE)
-    yield proc
-    assert proc.stdin is not None
-    proc.stdin.close()
-    proc.wait(timeout=10)
+    with luajit_coprocess(tmp_path_factory.mktemp("lua") / "serve.lua", SERVER) as proc:
+        yield proc
 
 
 def lua_parse(proc: subprocess.Popen[bytes], body: bytes) -> str:

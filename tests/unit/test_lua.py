@@ -12,16 +12,12 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent.parent
-LUA_DIR = REPO / "templates" / "lua"
+from tests.support import LUA_DIR, NEEDS_LUAJIT, REPO
+
 TESTS = REPO / "tests" / "lua"
 LUAJIT = shutil.which("luajit")
 
-pytestmark = pytest.mark.skipif(
-    LUAJIT is None,
-    reason="needs the luajit interpreter: apt-get install luajit2 (OpenResty's LuaJIT branch, the one nginx's Lua "
-    "module runs on; Debian's `luajit` package works too)",
-)
+pytestmark = NEEDS_LUAJIT
 
 
 def modules() -> list[Path]:

@@ -9,7 +9,6 @@ by that key, never which one. Random fleets of 1..12 peers with weights 1..100, 
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Iterator
 from fractions import Fraction
@@ -18,13 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support import REPO
+from tests.support import NEEDS_LUAJIT, luajit_coprocess
 
-pytestmark = pytest.mark.skipif(shutil.which("luajit") is None, reason="needs luajit: apt-get install luajit2")
+pytestmark = NEEDS_LUAJIT
 
 # A coprocess: one fleet per line, "n  w c load tried usable  ...", answers the index (1-based) picked, or 0.
 SERVER = r"""
-package.path = arg[1] .. '/?.lua;' .. package.path
 local pick = require('fdngx.pick')
 math.randomseed(1)
 for line in io.lines() do
@@ -60,14 +58,8 @@ def key(weight: int, slots: int, load: int) -> tuple[bool, Fraction]:
 
 @pytest.fixture(scope="module")
 def lua_pick(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[str]]:
-    script = tmp_path_factory.mktemp("lua") / "pick.lua"
-    script.write_text(SERVER)
-    proc = subprocess.Popen(["luajit", str(script), str(REPO / "templates" / "lua")], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    yield proc
-    assert proc.stdin is not None
-    proc.stdin.close()
-    proc.wait(timeout=10)
+    with luajit_coprocess(tmp_path_factory.mktemp("lua") / "pick.lua", SERVER, text=True) as proc:
+        yield proc
 
 
 def ask(proc: subprocess.Popen[str], fleet: list[tuple[int, int, int, bool, bool]]) -> int:

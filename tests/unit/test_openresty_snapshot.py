@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,8 +13,7 @@ from fdngx.domain import Instance, Inventory, LoadSample, ServerState
 from fdngx.errors import ApplyError, UnsafeFileError
 from fdngx.nginx import openresty
 from fdngx.nginx.openresty import Peer, capacity_weights, live_peers, snapshot, write_peers_file
-
-REPO = Path(__file__).resolve().parent.parent.parent
+from tests.support import NEEDS_LUAJIT, luajit_script
 
 
 def inv(*specs: tuple[str, str, int, int, int]) -> Inventory:
@@ -78,7 +76,7 @@ def test_generations_strictly_increase() -> None:
     assert gens == sorted(set(gens))
 
 
-@pytest.mark.skipif(shutil.which("luajit") is None, reason="needs luajit: apt-get install luajit2")
+@NEEDS_LUAJIT
 def test_every_snapshot_fdngx_writes_is_one_the_lua_parser_accepts(tmp_path: Path) -> None:
     fleet = inv(("dp0", "127.0.0.1", 1, 1, 1), ("a.b-c_d:e@f", "2001:db8::8:800:200c:417a", 65535, 1_000_000, 10_000),
                 ("z" * 128, "::ffff:10.0.0.1", 80, 7, 3))
@@ -87,9 +85,8 @@ def test_every_snapshot_fdngx_writes_is_one_the_lua_parser_accepts(tmp_path: Pat
               snapshot(2**53, live_peers(fleet, {"dp0": ServerState(0, down=True)}, samples))]
     for i, body in enumerate(bodies):
         (tmp_path / f"s{i}").write_text(body)
-    script = tmp_path / "parse.lua"
-    script.write_text(
-        "package.path = arg[1] .. '/?.lua;' .. package.path\n"
+    argv = luajit_script(
+        tmp_path / "parse.lua",
         "local peers = require('fdngx.peers')\n"
         "for i = 2, #arg do\n"
         "  local f = io.open(arg[i]); local s, err = peers.parse(f:read('*a')); f:close()\n"
@@ -97,7 +94,6 @@ def test_every_snapshot_fdngx_writes_is_one_the_lua_parser_accepts(tmp_path: Pat
         "  print(#s.peers)\n"
         "end\n"
     )
-    proc = subprocess.run(["luajit", str(script), str(REPO / "templates" / "lua"),
-                           *[str(tmp_path / f"s{i}") for i in range(len(bodies))]],
+    proc = subprocess.run([*argv, *[str(tmp_path / f"s{i}") for i in range(len(bodies))]],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.split() == ["3", "3"], proc.stdout + proc.stderr

@@ -201,6 +201,7 @@ def decide(
             base[i.name],
             want_down[i.name],
             i.name in fresh,
+            i.name in settling,
             fleet,
             fail_open,
             now,
@@ -260,6 +261,7 @@ def _plan(
     base: float,
     want_down: bool,
     fresh: bool,
+    settling: bool,
     fleet: float | None,
     fail_open: str | None,
     now: float,
@@ -304,9 +306,9 @@ def _plan(
         what = f"stale metrics ({age}: {st.last_error}); fading to neutral"
     if st.fails:
         what = f"/health failed {st.fails}/{config.fail_threshold} ({st.health_error}); {what}"
-    elif fresh and (resumed := _resumed_for(st, now)) < config.min_hold:
-        what = (f"settling: metrics back {resumed:.0f}s ago after a gap or a restart (min {config.min_hold:.0f}s), "
-                f"correction and speed wait; {what}")
+    elif settling:
+        what = (f"settling: metrics back {_resumed_for(st, now):.0f}s ago after a gap or a restart "
+                f"(min {config.min_hold:.0f}s), correction and speed wait; {what}")
     if old_w is None:
         return _Plan(wanted, False, f"initial: {what}; weight {wanted}", True, True, wanted, initial=True)
     old_backup = bool(old and old.backup)

@@ -899,6 +899,7 @@ def test_a_replica_restarted_with_fewer_slots_gets_its_new_weight_at_once() -> N
     assert ds[5].by_name()["dp3"].weight == 20
     first = ds[6].by_name()["dp3"]
     assert first.weight == 10 and first.changed, first.reason
+    assert first.reason.startswith("settling: metrics back 0s ago"), first.reason
     assert all(weights(d)["dp3"] == 10 for d in ds[6:]), [d.by_name()["dp3"].reason for d in ds[6:]]
 
 

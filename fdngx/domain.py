@@ -64,6 +64,14 @@ class Restart(StrEnum):
     ON_FAILURE = "on-failure"
 
 
+class QueueEstimate(StrEnum):
+    """Where a replica's backlog came from when the engine does not report it (FastDeploy before
+    num_requests_queuing): its request counters at the scrape, or the growth of its queue-time histogram."""
+
+    COUNTERS = "request counters"
+    QUEUE_TIMES = "queue times"
+
+
 class Role(StrEnum):
     MIXED = "mixed"
     PREFILL = "prefill"
@@ -229,9 +237,11 @@ class Load:
     # turns their increase between scrapes into the replica's decode speed.
     tpot_sum: float | None = None
     tpot_count: float | None = None
-    # Sum of the queue-time histogram (seconds), and `queued` estimated from its growth (see scrape).
+    # Sum of the queue-time histogram (seconds); requests the engine received and has not finished (its
+    # received counter minus its success counter); and where `queued` was estimated from (see memory).
     queue_time_sum: float | None = None
-    queued_estimated: bool = False
+    unfinished: float | None = None
+    queue_estimate: QueueEstimate | None = None
 
 
 @dataclass(frozen=True)
@@ -248,7 +258,7 @@ class LoadSample:
     queued_reliable: bool = True
     tpot_sum: float | None = None
     tpot_count: float | None = None
-    queued_estimated: bool = False  # `queued` comes from queue times (Little's law), not from a gauge
+    queue_estimate: QueueEstimate | None = None  # `queued` was estimated (from what), not read from a gauge
     scraped_at: float = 0.0
     latency: float = 0.0
     error: str | None = None
@@ -263,7 +273,7 @@ class LoadSample:
         """A usable sample from the signals one metrics page gave."""
         return cls(
             name, True, healthy, load.running, load.queued, load.kv_usage, load.capacity, load.queued_reliable,
-            load.tpot_sum, load.tpot_count, load.queued_estimated, **meta,
+            load.tpot_sum, load.tpot_count, load.queue_estimate, **meta,
         )
 
     @property

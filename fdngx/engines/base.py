@@ -24,6 +24,11 @@ class MetricNames:
     # Histogram(s) of the time requests waited before admission (their _sum): where the engine does not
     # report its backlog, the increase of that sum per second is the average queue length (Little's law).
     queue_time: tuple[str, ...] = ()
+    # Counters of requests the engine received and of those it finished (exposition names, `_total`
+    # included): where the backlog is not reported, received - finished - running is the backlog at the
+    # scrape, less the requests lost without a success (aborted, failed), which the scraper calibrates out.
+    received: tuple[str, ...] = ()
+    finished: tuple[str, ...] = ()
     # A series whose absence means `queued` cannot be trusted (FastDeploy before 2026-04-29).
     queued_marker: str | None = None
 

@@ -201,6 +201,10 @@ SPEC = EngineSpec(
         capacity=("fastdeploy:max_batch_size",),
         tpot=("fastdeploy:time_per_output_token_seconds",),
         queue_time=("fastdeploy:request_queue_time_seconds",),
+        # common_engine.py _insert_zmq_task_to_scheduler: requests_number.inc() as the engine takes a request;
+        # output/token_processor.py _record_completion_metrics: request_success_total.inc() as one finishes.
+        received=("fastdeploy:requests_number_total",),
+        finished=("fastdeploy:request_success_total",),
         queued_marker="fastdeploy:num_requests_queuing",
     ),
 )

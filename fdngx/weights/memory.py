@@ -1,6 +1,7 @@
 """What a scrape session learns about each replica beyond one page: its capacity (stated by the engine, or a
 floor from the running peaks when the inventory's number is a guess, trusted only within bounds) and its
-backlog where the engine does not report it (from the growth of its queue-time histogram)."""
+backlog where the engine does not report it (from its request counters, else from the growth of its
+queue-time histogram)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import json
 import math
 import threading
 import weakref
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from fdngx.domain import Instance, Load
+from fdngx.domain import Instance, Load, QueueEstimate
 from fdngx.weights.fetch import Client, Fetch
 
 MAX_REQUESTS = 1_000_000.0  # running or queued on one replica
@@ -51,21 +52,62 @@ def _slots(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 1
 
 
+@dataclass
+class _Lost:
+    """Requests a replica's counters hold that are neither running nor waiting (see PeakRunning.backlog)."""
+
+    lost: float | None = None  # None: not calibrated yet
+    last_free: float | None = None  # unfinished - running at the previous scrape, if a slot was free then
+
+
 class PeakRunning:
     """What a scrape session remembers per replica between scrapes. Bounded; a replica that refuses
     connections (restarted, maybe with other settings) starts over.
 
     - the highest running count seen: a floor under a guessed capacity;
-    - the queue-time histogram's sum and when it was read: where the engine does not report its backlog
-      (FastDeploy without num_requests_queuing), its growth per second is the average number of requests
-      that waited over the interval (Little's law: the sum of their waits divided by the time)."""
+    - where the engine does not report its backlog (FastDeploy without num_requests_queuing):
+      * its request counters: received - finished - running is the backlog at the scrape plus the requests
+        the engine lost without a success (aborted, failed), which only grow; that count is calibrated
+        whenever a slot is free (no backlog then) and never above what the counters hold;
+      * else the queue-time histogram's sum and when it was read: its growth per second is the average
+        number of requests that waited over the interval (Little's law: the sum of their waits divided by
+        the time), which trails a backlog that builds up by the length of the waits."""
 
     LIMIT = 4096
 
     def __init__(self) -> None:
         self._peak: dict[tuple[str, str, int], float] = {}
         self._queue: dict[tuple[str, str, int], tuple[float, float]] = {}
+        self._lost: dict[tuple[str, str, int], _Lost] = {}
         self._lock = threading.Lock()
+
+    def backlog(self, inst: Instance, unfinished: float, running: float, slots: float) -> float | None:
+        """Requests waiting at the scrape from the engine's counters, or None (not calibrated yet).
+
+        A slot is free: no backlog (the engine admits within a step), so what the counters hold beyond `running`
+        was lost; taken as the lower of two such scrapes in a row, so one request caught between its arrival
+        and its admission does not count as lost. Every slot taken: the counters less the lost ones, and the
+        lost ones are never more than the counters hold (a restart starts the counters over)."""
+        key = (inst.name, inst.host, inst.port)
+        hidden = unfinished - running
+        with self._lock:
+            st = self._lost.get(key)
+            if st is None:
+                if len(self._lost) >= self.LIMIT:
+                    self._lost.pop(next(iter(self._lost)))
+                st = self._lost[key] = _Lost()
+            if running < slots:
+                if st.last_free is not None:
+                    st.lost = min(hidden, st.last_free)
+                else:
+                    st.lost = hidden if st.lost is None else min(st.lost, hidden)
+                st.last_free = hidden
+                return 0.0
+            st.last_free = None
+            if st.lost is None:
+                return None
+            st.lost = min(st.lost, hidden)
+            return hidden - st.lost
 
     def queue_rate(self, inst: Instance, queue_time_sum: float, at: float) -> float | None:
         """Average requests waiting since the last read, or None (first read, counter reset, no time)."""
@@ -92,6 +134,7 @@ class PeakRunning:
         with self._lock:
             self._peak.pop((inst.name, inst.host, inst.port), None)
             self._queue.pop((inst.name, inst.host, inst.port), None)
+            self._lost.pop((inst.name, inst.host, inst.port), None)
 
 
 # One memory per scrape session: the sidecar keeps its client for its whole life, so peaks accumulate there;
@@ -123,13 +166,20 @@ def learn_capacity(load: Load, inst: Instance, info: Fetch | None, peaks: PeakRu
 
 
 def estimate_queue(load: Load, inst: Instance, memory: PeakRunning, at: float) -> Load:
-    """Where the backlog is not reported reliably, the queue estimated from queue times (see PeakRunning)."""
-    if load.queue_time_sum is None:
+    """Where the backlog is not reported reliably, the queue estimated from the request counters, else from
+    queue times (see PeakRunning). Both memories are fed at every scrape, so either is ready when needed."""
+    counted = None
+    if load.unfinished is not None:
+        slots = load.capacity if load.capacity is not None else float(inst.max_num_seqs)
+        counted = memory.backlog(inst, load.unfinished, load.running, slots)
+    rate = memory.queue_rate(inst, load.queue_time_sum, at) if load.queue_time_sum is not None else None
+    if load.queued_reliable:
         return load
-    rate = memory.queue_rate(inst, load.queue_time_sum, at)
-    if load.queued_reliable or rate is None:
-        return load
-    return replace(load, queued=rate, queued_reliable=True, queued_estimated=True)
+    if counted is not None:
+        return replace(load, queued=counted, queued_reliable=True, queue_estimate=QueueEstimate.COUNTERS)
+    if rate is not None:
+        return replace(load, queued=rate, queued_reliable=True, queue_estimate=QueueEstimate.QUEUE_TIMES)
+    return load
 
 
 def trusted_capacity(load: Load, inst: Instance) -> Load:

@@ -5,7 +5,8 @@ At fleet scale the sidecar parses 1,000 pages per cycle; prometheus_client's pur
 2 s interval. Here every kept line must match a strict grammar that prometheus_client reads the same way:
 
     # HELP <name>[ <text>]
-    # TYPE <name> gauge|histogram|summary|untyped       (a counter renames samples: left to the parser)
+    # TYPE <name> gauge|histogram|summary|untyped
+    # TYPE <name>_total counter                          (other counters: left to the parser)
     <name>[{<label>="<value>",...}] <number>[ <integer timestamp>]
 
 with single spaces, label values without quotes or backslashes, no reserved (`__`) or repeated label
@@ -27,7 +28,7 @@ _SAMPLE = re.compile(
     rf"(?P<value>{_NUMBER})(?: -?[0-9]{{1,19}})?"
 )
 _COMMENT = re.compile(r"# (?:HELP [a-zA-Z_:][a-zA-Z0-9_:]*(?: [^\n]*)?|TYPE [a-zA-Z_:][a-zA-Z0-9_:]* "
-                      r"(?:gauge|histogram|summary|untyped))")
+                      r"(?:gauge|histogram|summary|untyped)|TYPE [a-zA-Z_:][a-zA-Z0-9_:]*_total counter)")
 _INTEGER = re.compile(r"[-+]?[0-9]+")
 _LABEL_NAME = re.compile(r'(?:^|,)([a-zA-Z_][a-zA-Z0-9_]*)="')
 _MAX_VALUE = 40  # longer numbers go to the parser (int() refuses over 4,300 digits, float() does not)

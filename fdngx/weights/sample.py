@@ -30,8 +30,8 @@ def describe(s: LoadSample | None, st: InstanceState, fleet: float | None) -> st
     if s is None or not s.ok or (st.last_error or "").startswith(INVALID):
         return f"load {st.load:.2f}/slot (this scrape failed: {st.last_error})"
     kv = f", KV {s.kv_usage:.0%}" if s.kv_usage is not None else ""
-    if s.queued_estimated:
-        queue = f"queue ~{s.queued:.0f} (from queue times)"
+    if s.queue_estimate is not None:
+        queue = f"queue ~{s.queued:.0f} (from {s.queue_estimate.value})"
     else:
         queue = f"queue {s.queued:.0f}" if s.queued_reliable else "queue unknown (old FastDeploy)"
     vs = f" vs fleet {fleet:.2f}" if fleet is not None else ""

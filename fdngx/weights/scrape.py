@@ -61,7 +61,8 @@ def wanted_names(engine: EngineSpec) -> frozenset[str]:
     marker = (m.queued_marker,) if m.queued_marker else ()
     tpot = [f"{n}{suffix}" for n in m.tpot for suffix in ("_sum", "_count")]
     queue_time = [f"{n}_sum" for n in m.queue_time]
-    return frozenset((*m.running, *m.queued, *m.kv_usage, *m.capacity, *marker, *tpot, *queue_time))
+    return frozenset((*m.running, *m.queued, *m.kv_usage, *m.capacity, *marker, *tpot, *queue_time, *m.received,
+                      *m.finished))
 
 
 @functools.lru_cache(maxsize=16)
@@ -155,7 +156,14 @@ def load_from_metrics(values: Mapping[str, list[float]], engine: EngineSpec) -> 
         if f"{hname}_sum" in values:
             queue_time_sum = clamp(sum(_finite(f"{hname}_sum", values[f"{hname}_sum"])), 0.0, MAX_COUNTER)
             break
-    return Load(run_total, queued_total, kv_usage, capacity, reliable, tpot_sum, tpot_count, queue_time_sum)
+    received, finished = _pick(values, names.received), _pick(values, names.finished)
+    unfinished = None
+    if received and finished:  # optional, both or nothing: requests taken and not finished yet
+        r_total = clamp(sum(_finite(names.received[0], received)), 0.0, MAX_COUNTER)
+        f_total = clamp(sum(_finite(names.finished[0], finished)), 0.0, MAX_COUNTER)
+        unfinished = clamp(r_total - f_total, 0.0, MAX_REQUESTS)
+    return Load(run_total, queued_total, kv_usage, capacity, reliable, tpot_sum, tpot_count, queue_time_sum,
+                unfinished)
 
 
 def printable(text: str) -> str:

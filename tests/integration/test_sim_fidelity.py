@@ -234,6 +234,49 @@ def test_backlog_per_shape_on_the_wire(sims: Callable[..., SimProcess], legacy: 
     wait_for(lambda: sim.state(0)["in_flight"] == 0, what="closed clients to leave")
 
 
+def test_a_legacy_backlog_is_counted_from_the_request_counters(sims: Callable[..., SimProcess]) -> None:
+    """Legacy shape (no queue gauge): fdngx's scraper reads the backlog from requests_number_total -
+    request_success_total - running (common_engine.py counts a request as the engine takes it,
+    token_processor.py _record_completion_metrics as it succeeds), after calibrating the requests lost without
+    a success (here: streams the client closed mid-answer) while a slot was free."""
+    from fdngx.domain import Engine, Instance, QueueEstimate
+    from fdngx.weights.memory import PeakRunning
+    from fdngx.weights.scrape import scrape_all
+
+    sim = sims(1, max_num_seqs=1, extra_args=["--token-rate", "50", "--legacy-metrics"])
+    inst = Instance("dp0", "127.0.0.1", sim.ports[0], sim.metrics_ports[0], Engine.FASTDEPLOY, max_num_seqs=1)
+    memory = PeakRunning()
+
+    def backlog() -> tuple[float, QueueEstimate | None]:
+        got = scrape_all([inst], peaks=memory)["dp0"]
+        assert got.ok, got.error
+        return got.queued, got.queue_estimate
+
+    def open_and_wait(n: int) -> list[socket.socket]:
+        socks = [open_stream(sim.ports[0]) for _ in range(n)]
+        wait_for(lambda: sim.state(0)["waiting"] == n - 1, what=f"a backlog of {n - 1}")
+        return socks
+
+    for _ in range(2):  # idle: calibrated, nothing lost
+        assert backlog() == (0.0, QueueEstimate.COUNTERS)
+    socks = open_and_wait(4)
+    assert backlog() == (3.0, QueueEstimate.COUNTERS)
+    for s in socks:  # the client goes away: four requests the engine never finishes
+        s.close()
+    wait_for(lambda: sim.state(0)["in_flight"] == 0, what="closed clients to leave")
+    state = sim.state(0)
+    assert state["requests_total"] - state["success_total"] == 4, "the sim finishes none of them as a success"
+    for _ in range(2):
+        assert backlog() == (0.0, QueueEstimate.COUNTERS)
+    socks = open_and_wait(3)
+    try:
+        assert backlog() == (2.0, QueueEstimate.COUNTERS), "the four lost requests are not taken for a backlog"
+    finally:
+        for s in socks:
+            s.close()
+    wait_for(lambda: sim.state(0)["in_flight"] == 0, what="closed clients to leave")
+
+
 def test_tpot_counts_every_token_on_the_wire(sims: Callable[..., SimProcess]) -> None:
     """output/token_processor.py TokenProcessor._record_metrics: one time_per_output_token_seconds observation per
     token after each request's first, so two answers of 20 and 10 tokens add 19 + 9 observations."""

@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 
-from fdngx.domain import Engine, Instance, Load
+from fdngx.domain import Engine, Instance, Load, LoadSample, QueueEstimate
 from fdngx.weights.fetch import Fetch, HttpClient
 from fdngx.weights.memory import PeakRunning, capacity_from_server_info, learn_capacity
+from fdngx.weights.sample import describe
 from fdngx.weights.scrape import scrape_all
+from fdngx.weights.state import InstanceState
 
 UPSTREAM = Path(__file__).resolve().parent.parent / "fixtures" / "upstream"
 SGLANG_INFO = (UPSTREAM / "sglang-server-info.json").read_bytes()
@@ -209,8 +211,58 @@ def test_a_legacy_backlog_is_estimated_from_queue_times() -> None:
     first = Load(running=16.0, queued=0.0, capacity=16.0, queued_reliable=False, queue_time_sum=100.0)
     assert estimate_queue(first, inst, memory, at=1000.0) == first, "one read says nothing yet"
     later = estimate_queue(replace(first, queue_time_sum=106.0), inst, memory, at=1002.0)
-    assert later.queued == pytest.approx(3.0) and later.queued_reliable and later.queued_estimated
+    assert later.queued == pytest.approx(3.0) and later.queued_reliable
+    assert later.queue_estimate is QueueEstimate.QUEUE_TIMES
     reset = estimate_queue(replace(first, queue_time_sum=1.0), inst, memory, at=1004.0)
-    assert not reset.queued_estimated, "a restarted engine's counter starts over: no estimate from it"
+    assert reset.queue_estimate is None, "a restarted engine's counter starts over: no estimate from it"
     reliable = Load(running=4.0, queued=2.0, queue_time_sum=110.0)
     assert estimate_queue(reliable, inst, memory, at=1006.0) == reliable, "a reported queue is used as it is"
+
+
+def _counted(memory: PeakRunning, inst: Instance, unfinished: float, running: float, slots: float = 16.0) -> Load:
+    from fdngx.weights.memory import estimate_queue
+
+    load = Load(running=running, queued=0.0, capacity=slots, queued_reliable=False, unfinished=unfinished)
+    return estimate_queue(load, inst, memory, at=0.0)
+
+
+def test_a_legacy_backlog_is_read_from_the_request_counters() -> None:
+    """FastDeploy without num_requests_queuing: received - finished - running is the backlog at the scrape,
+    less the requests the engine lost without a success (an abort), counted while a slot is free."""
+    inst = Instance("dp0", "127.0.0.1", 8001, 9001, Engine.FASTDEPLOY)
+    memory = PeakRunning()
+    assert _counted(memory, inst, 20.0, 16.0).queue_estimate is None, "full at the first read: not calibrated"
+    # Two scrapes with a free slot: 3 requests the counters hold are neither running nor waiting (lost).
+    assert _counted(memory, inst, 13.0, 10.0).queued == 0.0
+    assert _counted(memory, inst, 15.0, 12.0).queued == 0.0
+    full = _counted(memory, inst, 16.0 + 3.0 + 9.0, 16.0)
+    assert full.queued == 9.0 and full.queue_estimate is QueueEstimate.COUNTERS and full.queued_reliable
+    said = describe(LoadSample.of("dp0", True, full), InstanceState(load=1.5), None)
+    assert "queue ~9 (from request counters)" in said
+    # The counters start over (a restart the scraper did not see refused): never a negative backlog.
+    assert _counted(memory, inst, 16.0, 16.0).queued == 0.0
+    assert _counted(memory, inst, 16.0 + 5.0, 16.0).queued == 5.0, "lost recalibrated down to 0 by the restart"
+
+
+def test_one_request_between_arrival_and_admission_is_not_taken_for_lost() -> None:
+    """A scrape that catches one request arriving while a slot is free must not make the estimator think it
+    was lost (it would then hide one request of every later backlog): the lower of two free scrapes counts."""
+    inst = Instance("dp0", "127.0.0.1", 8001, 9001, Engine.FASTDEPLOY)
+    memory = PeakRunning()
+    _counted(memory, inst, 8.0, 8.0)
+    _counted(memory, inst, 15.0, 14.0)  # one request not admitted yet at this scrape
+    _counted(memory, inst, 12.0, 12.0)
+    assert _counted(memory, inst, 16.0 + 4.0, 16.0).queued == 4.0
+
+
+def test_counters_win_over_queue_times_and_a_reported_queue_wins_over_both() -> None:
+    from fdngx.weights.memory import estimate_queue
+
+    inst = Instance("dp0", "127.0.0.1", 8001, 9001, Engine.FASTDEPLOY)
+    memory = PeakRunning()
+    base = Load(running=16.0, queued=0.0, capacity=16.0, queued_reliable=False, queue_time_sum=100.0)
+    estimate_queue(replace(base, running=4.0, unfinished=4.0), inst, memory, at=1000.0)
+    both = estimate_queue(replace(base, queue_time_sum=106.0, unfinished=23.0), inst, memory, at=1002.0)
+    assert both.queued == 7.0 and both.queue_estimate is QueueEstimate.COUNTERS
+    reported = Load(running=16.0, queued=2.0, capacity=16.0, unfinished=40.0)
+    assert estimate_queue(reported, inst, memory, at=1004.0) == reported

@@ -28,9 +28,11 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 
 from fdngx.domain import Instance, Inventory, Listen, LoadSample, ServerState, is_ip, valid_host
 from fdngx.errors import ApplyError
@@ -225,6 +227,14 @@ def _fields(text: str) -> dict[str, str]:
 ADMIN_PATH = "/fdngx/peers"
 
 
+MAX_ANSWER = 8 * 1024 * 1024  # the view of 1,000 peers is ~200 KB
+
+
+class _Answer(NamedTuple):
+    status_code: int
+    text: str
+
+
 def _direct_session() -> requests.Session:
     session = requests.Session()
     session.trust_env = False  # pushes go straight to the frontend, never through an HTTP(S)_PROXY
@@ -251,17 +261,26 @@ class Admin:
     def url(self) -> str:
         return self.listen.url(self.path)
 
-    def _request(self, method: str, body: str | None = None) -> requests.Response:
-        headers = {"X-Fdngx-Token": self.token}
+    def _request(self, method: str, body: str | None = None) -> _Answer:
+        """One call to the admin location. Never follows a redirect (the token goes to this address only)
+        and reads at most MAX_ANSWER bytes of the answer: whatever listens on the admin port is not trusted
+        until it answers as the balancer does."""
+        headers = {"X-Fdngx-Token": self.token, "Accept-Encoding": "identity"}
         for attempt in (1, 2):
             try:
-                return self._session.request(method, self.url, data=body, headers=headers, timeout=self.timeout)
+                resp = self._session.request(method, self.url, data=body, headers=headers, timeout=self.timeout,
+                                             allow_redirects=False, stream=True)
+                with resp:
+                    raw = resp.raw.read(MAX_ANSWER + 1, decode_content=False)
+                if len(raw) > MAX_ANSWER:
+                    raise ApplyError(f"openresty admin {self.url}: answer over {MAX_ANSWER} bytes")
+                return _Answer(resp.status_code, raw.decode("utf-8", "replace"))
             except requests.ConnectionError as exc:
                 # A kept-alive connection that nginx closed (a reload ends idle ones): once more on a fresh
                 # one. Safe: a snapshot sent twice carries the same generation ("unchanged").
                 if attempt == 2 or isinstance(exc, requests.ConnectTimeout):
                     raise AdminUnreachable(f"openresty admin {self.url}: {exc}") from None
-            except requests.RequestException as exc:
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 raise ApplyError(f"openresty admin {self.url}: {exc}") from None
         raise AssertionError("unreachable")
 

@@ -108,7 +108,10 @@ class Response:
                     self.chunk = -2
                 continue
             if len(self.buf) < self.chunk + 2:
-                return False
+                # A chunk counts against max_bytes as it arrives, not once whole: a chunk size line of
+                # fffffffffff must not buffer gigabytes first.
+                partial = min(len(self.buf), self.chunk)
+                return self.size + partial > self.max_bytes and self._add(bytes(self.buf[:partial]))
             piece = bytes(self.buf[: self.chunk])
             del self.buf[: self.chunk + 2]
             self.chunk = -1

@@ -172,3 +172,48 @@ def test_the_cycle_fails_only_when_no_frontend_answered() -> None:
     peers, error = fleet_outcome((bad, PushOutcome("d:1", "timeout", error="no answer within 0.5 s")))
     assert peers is None and error is not None and "c:1: connection refused" in error
     assert fleet_outcome(()) == (None, None)
+
+
+def test_a_squatter_on_the_admin_port_gets_the_token_once_and_no_redirect_is_followed() -> None:
+    """Whatever listens on the admin port (nginx stopped, another user bound it) may answer 307 elsewhere:
+    fdngx must not follow it (requests keeps custom headers, the token included, across redirects), nor read
+    an endless answer; both are errors naming the admin URL."""
+    from fdngx.errors import ApplyError
+    from fdngx.nginx.openresty import MAX_ANSWER, Admin
+
+    hits: list[str | None] = []
+
+    class Target(_Admin):
+        def do_POST(self) -> None:
+            hits.append(self.headers.get("X-Fdngx-Token"))
+            super().do_POST()
+
+    target = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Target)
+
+    class Redirect(_Admin):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(307)
+            self.send_header("Location", f"http://127.0.0.1:{target.server_port}/fdngx/peers")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    class Endless(_Admin):
+        answer = (200, "x" * (MAX_ANSWER + 10))
+
+    servers = [target, http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect),
+               http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endless)]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    try:
+        redirect = Admin.from_url(f"http://127.0.0.1:{servers[1].server_port}", "secret-token")
+        with pytest.raises(ApplyError, match=r"openresty admin http://127\.0\.0\.1:\d+/fdngx/peers: HTTP 307"):
+            redirect.push('{"generation": 1}')
+        assert hits == [], "the redirect was followed with the token"
+        endless = Admin.from_url(f"http://127.0.0.1:{servers[2].server_port}", "secret-token")
+        with pytest.raises(ApplyError, match="answer over"):
+            endless.push('{"generation": 1}')
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()

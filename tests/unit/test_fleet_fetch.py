@@ -205,3 +205,18 @@ def test_odd_answers_read_as_http_client_reads_them(answer: bytes) -> None:
     finally:
         srv.close()
     assert (b.status, b.body, b.error) == (a.status, a.body, a.error)
+
+
+def test_a_huge_chunk_counts_against_the_cap_as_it_arrives() -> None:
+    """A hostile replica declares one chunk of 17 TB and streams it: the response stops at max_bytes, with the
+    buffer bounded by it, instead of buffering the chunk until it is whole (935 MB RSS in one scrape before)."""
+    from fdngx.weights.http1 import Response
+
+    resp = Response(max_bytes=2 * 1024 * 1024)
+    assert not resp.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffff\r\n")
+    piece, fed, done = b"x" * 65536, 0, False
+    while not done and fed < 64 * 1024 * 1024:
+        done = resp.feed(piece)
+        fed += len(piece)
+    assert done and resp.oversize
+    assert fed <= 2 * 1024 * 1024 + len(piece), "stopped as soon as the cap was passed"

@@ -48,6 +48,12 @@ _INFO_BYTES = 1024 * 1024
 # A scraped capacity (slots) is trusted within this factor of the inventory's max_num_seqs: enough to
 # correct a guess (vLLM's 256 vs 1024), not enough for one replica to claim the fleet's traffic.
 MAX_COUNTER = 1e15  # histogram counters (seconds, observations): far beyond any engine's uptime
+# What a page that fails the fast path (fdngx.weights.promtext) may hand prometheus_client's parser, which is
+# quadratic in a line's escaped characters: one 1 MB label value of backslash-quotes costs it ~25 s of CPU.
+# A kept line is ~100 bytes (a FastDeploy gauge) to a few hundred (vLLM's labels); within these bounds the
+# worst page parses in tens of milliseconds.
+MAX_PARSED_LINE = 4096
+MAX_PARSED_BYTES = 64 * 1024
 
 
 def make_client() -> Client:
@@ -82,14 +88,26 @@ def relevant_lines(text: str, names: frozenset[str]) -> str:
     return "\n".join(m.group(0) for m in _line_filter(names).finditer(text)) + "\n"
 
 
+def _parser_bounds(text: str) -> None:
+    """Refuse, before prometheus_client's parser sees them, lines it would spend seconds on."""
+    if len(text) > MAX_PARSED_BYTES:
+        raise ValueError(f"{len(text)} bytes of lines for the series fdngx reads (at most {MAX_PARSED_BYTES} "
+                         "outside the plain format)")
+    longest = max(map(len, text.split("\n")))
+    if longest > MAX_PARSED_LINE:
+        raise ValueError(f"a line of {longest} bytes for a series fdngx reads (at most {MAX_PARSED_LINE})")
+
+
 def parse_metrics(text: str, names: frozenset[str] | None = None) -> dict[str, list[float]]:
     """Sample name -> values (one per label set), only for `names` when given. Raises ValueError on
-    anything unparsable."""
+    anything unparsable, and on lines too long or too many for the parser (MAX_PARSED_LINE,
+    MAX_PARSED_BYTES)."""
     if names is not None:
         fast = fast_values(text, names)  # the usual page, read as the parser would read it
         if fast is not None:
             return fast
         text = relevant_lines(text, names)
+    _parser_bounds(text)
     values: dict[str, list[float]] = {}
     # The parser is a generator that raises part way through bad input; consume it all here.
     for family in text_string_to_metric_families(text):
@@ -228,7 +246,7 @@ def _build(
             load = learn_capacity(load_from_metrics(values, engine), inst, info, peaks)
             load = estimate_queue(load, inst, peaks, at)
         except Exception as exc:  # the parser raises ValueError and friends, never let one escape
-            error = printable(f"bad metrics: {exc}")[:200]
+            error = _bad_metrics(exc)
     if load is None:
         return LoadSample(
             inst.name, False, healthy, scraped_at=at, latency=metrics.latency, error=error, health_error=health_error,
@@ -242,15 +260,19 @@ def _fetch_parsed(client: Client, url: str, names: frozenset[str], **kwargs: Any
     return _with_values(client.get(url, **kwargs), names)
 
 
+def _bad_metrics(exc: Exception) -> str:
+    return printable(f"bad metrics: {exc}")[:200]
+
+
 def _with_values(got: Fetch, names: frozenset[str]) -> Fetch:
     """A metrics page parsed where it was fetched (a pool worker, or the batch loop as it arrives), so parsing
-    1,000 pages overlaps the fetches still waiting on the network. One that does not parse is left to
-    _build, which parses it again and reports why."""
+    1,000 pages overlaps the fetches still waiting on the network. One that does not parse is parsed once:
+    the reason is its error, which _build reports."""
     if got.error is None and got.status == 200:
         try:
             return replace(got, values=parse_metrics(got.body.decode("utf-8", "replace"), names))
-        except Exception:  # parsed again by _build, which turns the error into the sample's
-            pass
+        except Exception as exc:  # the parser raises ValueError and friends, never let one escape
+            return replace(got, error=_bad_metrics(exc))
     return got
 
 

@@ -13,8 +13,17 @@ import pytest
 
 from fdngx.domain import Engine, Instance, Load, LoadSample
 from fdngx.engines import spec
+from fdngx.weights import scrape as scrape_mod
 from fdngx.weights.fetch import HttpClient
-from fdngx.weights.scrape import load_from_metrics, parse_metrics, scrape_all, wanted_names
+from fdngx.weights.scrape import (
+    MAX_PARSED_BYTES,
+    MAX_PARSED_LINE,
+    load_from_metrics,
+    make_client,
+    parse_metrics,
+    scrape_all,
+    wanted_names,
+)
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 FD_PAGE = (FIXTURES / "fastdeploy-metrics-sample.prom").read_text()
@@ -314,6 +323,57 @@ def test_only_the_used_series_are_parsed() -> None:
     page = FD_PAGE.replace("fastdeploy:num_requests_waiting 2.0", "fastdeploy:num_requests_waiting{oops=} x")
     with pytest.raises(ValueError):
         load_from_metrics(parse_metrics(page, wanted_names(fd)), fd)
+
+
+def _escaped_line(value_bytes: int) -> str:
+    return 'fastdeploy:num_requests_running{a="' + '\\"' * (value_bytes // 2) + '"} 1\n'
+
+
+@pytest.mark.parametrize(
+    ("page", "needle"),
+    [
+        # prometheus_client's parser is quadratic in a line's escapes: 1 MB of them cost it ~25 s of CPU.
+        (FD_PAGE + _escaped_line(MAX_PARSED_LINE), f"a line of {len(_escaped_line(MAX_PARSED_LINE)) - 1} bytes"),
+        (FD_PAGE + _escaped_line(1000) * (MAX_PARSED_BYTES // 1000), "bytes of lines for the series fdngx reads"),
+    ],
+    ids=["long-line", "many-lines"],
+)
+def test_lines_the_parser_would_spend_seconds_on_are_refused_before_it(page: str, needle: str) -> None:
+    fd = spec("fastdeploy")
+    with pytest.raises(ValueError, match=needle):
+        parse_metrics(page, wanted_names(fd))
+
+
+def test_the_largest_page_within_the_bounds_is_still_read() -> None:
+    fd = spec("fastdeploy")
+    line = _escaped_line(MAX_PARSED_LINE - 40)
+    assert len(line) <= MAX_PARSED_LINE + 1
+    page = FD_PAGE + line * ((MAX_PARSED_BYTES - len(FD_PAGE)) // len(line))
+    values = parse_metrics(page, wanted_names(fd))
+    assert len(values["fastdeploy:num_requests_running"]) > 1  # through the parser, every label set read
+
+
+def test_a_page_that_does_not_parse_is_parsed_once_per_scrape(
+    servers: Callable[[Behaviour], Instance], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real = scrape_mod.text_string_to_metric_families
+
+    def counting(text: str) -> Iterator[object]:
+        calls.append(len(text))
+        return real(text)
+
+    monkeypatch.setattr(scrape_mod, "text_string_to_metric_families", counting)
+    for session in (HttpClient(), make_client()):  # the worker pool and the batch loop
+        calls.clear()
+        try:
+            got = scrape_all([servers(good(FD_PAGE + 'fastdeploy:num_requests_running{a="\\""} x\n'))],
+                             session=session, deadline=2.0)
+        finally:
+            session.close()
+        sample = next(iter(got.values()))
+        assert not sample.ok and sample.error is not None and sample.error.startswith("bad metrics")
+        assert len(calls) == 1, f"{type(session).__name__}: parsed {len(calls)} times"
 
 
 def test_an_instance_registered_without_a_metrics_port_is_health_checked_with_no_load_signal(

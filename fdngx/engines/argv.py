@@ -22,6 +22,15 @@ DEFAULT_HOST = "127.0.0.1"
 METRICS_OFFSET = 1000
 
 
+# Environment a rank must not inherit from fdngx's: shared by every rank, it mixes their state. With
+# PROMETHEUS_MULTIPROC_DIR set, prometheus_client sums the counters of every process writing to that
+# directory: N ranks sharing one would each report the sum, and the request counters fdngx reads a backlog
+# from would be N ranks' worth. Unset, every engine makes a private one per server (FastDeploy:
+# fastdeploy/metrics/prometheus_multiprocess_setup.py setup_multiprocess_prometheus; vLLM's
+# setup_multiprocess_prometheus, which asks to "Unset the variable"; SGLang a temporary one per server).
+RANK_PRIVATE_ENV = ("PROMETHEUS_MULTIPROC_DIR",)
+
+
 class DpMode(StrEnum):
     """independent: replicas that share nothing (any model); moe: the ranks of ONE data-parallel group of a
     MoE model (attention data-parallel, experts shared across ranks), which fail together."""

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 from fdngx import inventory as inv_mod
 from fdngx.domain import Restart
 from fdngx.engines import spec as engine_spec
+from fdngx.engines.argv import RANK_PRIVATE_ENV
 from fdngx.errors import FdngxError, LaunchError
 from fdngx.launch.children import Child, describe_exit, remember_trees, stop_child, stop_every
 from fdngx.launch.pidfile import ChildState, LaunchState, Pidfile, ProcessRecord, remove_pidfile, write_pidfile
@@ -137,6 +138,10 @@ class Supervisor:
             self._pidfile(LaunchState.STARTING)
             self.progress.say(f"engine {self.plan.engine}: starting {len(self.children)} process(es), "
                               f"waiting up to {self.plan.timeout:.0f}s for {len(self.status)} /health endpoint(s)")
+            for var in RANK_PRIVATE_ENV:
+                if var in os.environ:
+                    self.progress.say(f"{var}={os.environ[var]} is not passed to the replicas: shared by every "
+                                      "rank it would add up their metrics; each engine makes its own")
             for c in self.children:
                 self._start(c)
             if self._wait_healthy():
@@ -171,7 +176,8 @@ class Supervisor:
     def _start(self, c: Child) -> None:
         c.tree.clear()
         header = f"starting {c.spec.name}: {c.spec.command_line()}"
-        c.popen = procs.start(c.spec.argv, c.spec.env, Path(c.spec.log), header, death_signal=c.death_signal)
+        c.popen = procs.start(c.spec.argv, c.spec.env, Path(c.spec.log), header, death_signal=c.death_signal,
+                              unset=RANK_PRIVATE_ENV)
         c.start = procs.starttime(c.popen.pid)
         c.state, c.started_at, c.healthy_at, c.exit_code = ChildState.STARTING, time.monotonic(), None, None
         for name in c.spec.instances:

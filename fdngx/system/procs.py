@@ -162,12 +162,15 @@ def _child_setup(parent: int, death_signal: int) -> None:
 
 
 def start(
-    argv: list[str], env: dict[str, str], log: Path, header: str, death_signal: int = signal.SIGTERM
+    argv: list[str], env: dict[str, str], log: Path, header: str, death_signal: int = signal.SIGTERM,
+    unset: Iterable[str] = (),
 ) -> subprocess.Popen[bytes]:
     """Start one process in its own session (so its pgid is its pid), output appended to `log` after a
-    `# fdngx <time>: <header>` line. `death_signal` reaches it if this process dies without cleaning up."""
+    `# fdngx <time>: <header>` line. It gets this process's environment without `unset`, plus `env`.
+    `death_signal` reaches it if this process dies without cleaning up."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **env}
+    dropped = set(unset)
+    env = {**{k: v for k, v in os.environ.items() if k not in dropped}, **env}
     with open(log, "ab") as fh:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
         fh.write(f"# fdngx {stamp}: {header}\n".encode())

@@ -45,11 +45,12 @@ class Launcher:
     def cmd(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "fdngx.cli", *args]
 
-    def start(self, *args: str) -> subprocess.Popen[str]:
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         """A foreground launch, in its own session like a shell job (we signal it as Ctrl-C would)."""
         p = subprocess.Popen(
             self.cmd("launch", "--inventory", str(self.inv), *args),
             cwd=self.tmp,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -174,6 +175,22 @@ def test_sim_launch_end_to_end_then_sigterm_leaves_no_process(launcher: Launcher
     assert all(i["status"] == "stopped" for i in launcher.inventory()["instances"])
     assert not launcher.pidfile.exists()
     assert "stopped every replica" in (p.stderr.read() if p.stderr else "")
+
+
+def test_a_users_prometheus_multiproc_dir_is_not_shared_by_the_ranks(launcher: Launcher) -> None:
+    # Shared, prometheus_client would sum every rank's counters into each rank's page.
+    shared = launcher.tmp / "prom"
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(shared), "FDNGX_TEST_MARK": "kept"}
+    p = launcher.start("--engine", "sim", "-n", "2", *sim_ports(2), "--per-instance", env=env)
+    doc = launcher.wait_ready(p, 2)
+    for pid in {i["pid"] for i in doc["instances"]}:
+        environ = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+        assert "PROMETHEUS_MULTIPROC_DIR" not in environ and environ["FDNGX_TEST_MARK"] == "kept"
+    os.kill(p.pid, signal.SIGTERM)
+    assert p.wait(60) == 0
+    out = (p.stdout.read() if p.stdout else "") + (p.stderr.read() if p.stderr else "")
+    assert f"PROMETHEUS_MULTIPROC_DIR={shared} is not passed to the replicas" in out
+    launcher.assert_all_gone()
 
 
 def test_ctrl_c_on_per_instance_launch_leaves_no_process(launcher: Launcher) -> None:

@@ -53,16 +53,18 @@ def _slots(v: object) -> bool:
 
 
 @dataclass
-class _Lost:
-    """Requests a replica's counters hold that are neither running nor waiting (see PeakRunning.backlog)."""
+class _Replica:
+    """What PeakRunning remembers of one replica."""
 
-    lost: float | None = None  # None: not calibrated yet
+    peak: float = 0.0  # the highest running count seen
+    queue_time: tuple[float, float] | None = None  # (queue-time sum, when read) at the previous scrape
+    lost: float | None = None  # requests the counters hold that are neither running nor waiting; None: not yet
     last_free: float | None = None  # unfinished - running at the previous scrape, if a slot was free then
 
 
 class PeakRunning:
-    """What a scrape session remembers per replica between scrapes. Bounded; a replica that refuses
-    connections (restarted, maybe with other settings) starts over.
+    """What a scrape session remembers per replica between scrapes. Bounded (the oldest replica goes past
+    LIMIT); a replica that refuses connections (restarted, maybe with other settings) starts over.
 
     - the highest running count seen: a floor under a guessed capacity;
     - where the engine does not report its backlog (FastDeploy without num_requests_queuing):
@@ -76,10 +78,18 @@ class PeakRunning:
     LIMIT = 4096
 
     def __init__(self) -> None:
-        self._peak: dict[tuple[str, str, int], float] = {}
-        self._queue: dict[tuple[str, str, int], tuple[float, float]] = {}
-        self._lost: dict[tuple[str, str, int], _Lost] = {}
+        self._replicas: dict[tuple[str, str, int], _Replica] = {}
         self._lock = threading.Lock()
+
+    def _of(self, inst: Instance) -> _Replica:
+        """This replica's memory (under the lock), made on first sight."""
+        key = (inst.name, inst.host, inst.port)
+        st = self._replicas.get(key)
+        if st is None:
+            if len(self._replicas) >= self.LIMIT:
+                self._replicas.pop(next(iter(self._replicas)))
+            st = self._replicas[key] = _Replica()
+        return st
 
     def backlog(self, inst: Instance, unfinished: float, running: float, slots: float) -> float | None:
         """Requests waiting at the scrape from the engine's counters, or None (not calibrated yet).
@@ -88,14 +98,9 @@ class PeakRunning:
         was lost; taken as the lower of two such scrapes in a row, so one request caught between its arrival
         and its admission does not count as lost. Every slot taken: the counters less the lost ones, and the
         lost ones are never more than the counters hold (a restart starts the counters over)."""
-        key = (inst.name, inst.host, inst.port)
         hidden = unfinished - running
         with self._lock:
-            st = self._lost.get(key)
-            if st is None:
-                if len(self._lost) >= self.LIMIT:
-                    self._lost.pop(next(iter(self._lost)))
-                st = self._lost[key] = _Lost()
+            st = self._of(inst)
             if running < slots:
                 if st.last_free is not None:
                     st.lost = min(hidden, st.last_free)
@@ -111,30 +116,26 @@ class PeakRunning:
 
     def queue_rate(self, inst: Instance, queue_time_sum: float, at: float) -> float | None:
         """Average requests waiting since the last read, or None (first read, counter reset, no time)."""
-        key = (inst.name, inst.host, inst.port)
         with self._lock:
-            last = self._queue.get(key)
-            if key not in self._queue and len(self._queue) >= self.LIMIT:
-                self._queue.pop(next(iter(self._queue)))
-            self._queue[key] = (queue_time_sum, at)
+            st = self._of(inst)
+            last, st.queue_time = st.queue_time, (queue_time_sum, at)
         if last is None or at - last[1] < 0.2 or queue_time_sum < last[0]:
             return None
         return min(MAX_REQUESTS, (queue_time_sum - last[0]) / (at - last[1]))
 
     def see(self, inst: Instance, running: float) -> float:
-        key = (inst.name, inst.host, inst.port)
         with self._lock:
-            if key not in self._peak and len(self._peak) >= self.LIMIT:
-                self._peak.pop(next(iter(self._peak)))
-            peak = max(self._peak.get(key, 0.0), running)
-            self._peak[key] = peak
-            return peak
+            st = self._of(inst)
+            st.peak = max(st.peak, running)
+            return st.peak
 
     def forget(self, inst: Instance) -> None:
         with self._lock:
-            self._peak.pop((inst.name, inst.host, inst.port), None)
-            self._queue.pop((inst.name, inst.host, inst.port), None)
-            self._lost.pop((inst.name, inst.host, inst.port), None)
+            self._replicas.pop((inst.name, inst.host, inst.port), None)
+
+    def remembered(self) -> int:
+        """How many replicas are remembered. (Not __len__: an empty memory is still a memory, never falsy.)"""
+        return len(self._replicas)
 
 
 # One memory per scrape session: the sidecar keeps its client for its whole life, so peaks accumulate there;
@@ -167,14 +168,15 @@ def learn_capacity(load: Load, inst: Instance, info: Fetch | None, peaks: PeakRu
 
 def estimate_queue(load: Load, inst: Instance, memory: PeakRunning, at: float) -> Load:
     """Where the backlog is not reported reliably, the queue estimated from the request counters, else from
-    queue times (see PeakRunning). Both memories are fed at every scrape, so either is ready when needed."""
+    queue times (see PeakRunning). Both memories are fed at every such scrape, so either is ready when needed;
+    a replica that reports its backlog feeds neither."""
+    if load.queued_reliable:
+        return load
     counted = None
     if load.unfinished is not None:
         slots = load.capacity if load.capacity is not None else float(inst.max_num_seqs)
         counted = memory.backlog(inst, load.unfinished, load.running, slots)
     rate = memory.queue_rate(inst, load.queue_time_sum, at) if load.queue_time_sum is not None else None
-    if load.queued_reliable:
-        return load
     if counted is not None:
         return replace(load, queued=counted, queued_reliable=True, queue_estimate=QueueEstimate.COUNTERS)
     if rate is not None:

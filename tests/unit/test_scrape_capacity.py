@@ -148,8 +148,11 @@ def test_peak_is_a_floor_only_under_a_guessed_capacity() -> None:
 def test_peak_memory_is_bounded() -> None:
     peaks = PeakRunning()
     for i in range(PeakRunning.LIMIT + 50):
-        peaks.see(Instance(f"r{i}", "127.0.0.1", 1000 + i % 60000, 1, Engine.VLLM), 1.0)
-    assert len(peaks._peak) == PeakRunning.LIMIT
+        inst = Instance(f"r{i}", "127.0.0.1", 1000 + i % 60000, 1, Engine.VLLM)
+        peaks.see(inst, 1.0)
+        peaks.queue_rate(Instance(f"q{i}", "127.0.0.1", 1000, 1, Engine.VLLM), 1.0, 1.0)
+        peaks.backlog(Instance(f"b{i}", "127.0.0.1", 1000, 1, Engine.VLLM), 3.0, 1.0, 2.0)
+    assert peaks.remembered() == PeakRunning.LIMIT
 
 
 # -- scraping real sockets --------------------------------------------------------------------------------
@@ -215,8 +218,10 @@ def test_a_legacy_backlog_is_estimated_from_queue_times() -> None:
     assert later.queue_estimate is QueueEstimate.QUEUE_TIMES
     reset = estimate_queue(replace(first, queue_time_sum=1.0), inst, memory, at=1004.0)
     assert reset.queue_estimate is None, "a restarted engine's counter starts over: no estimate from it"
-    reliable = Load(running=4.0, queued=2.0, queue_time_sum=110.0)
-    assert estimate_queue(reliable, inst, memory, at=1006.0) == reliable, "a reported queue is used as it is"
+    reliable = Load(running=4.0, queued=2.0, queue_time_sum=110.0, unfinished=9.0)
+    other = Instance("dp1", "127.0.0.1", 8002, 9002, Engine.FASTDEPLOY)
+    assert estimate_queue(reliable, other, memory, at=1006.0) == reliable, "a reported queue is used as it is"
+    assert memory.remembered() == 1, "and a replica that reports its queue costs no memory"
 
 
 def _counted(memory: PeakRunning, inst: Instance, unfinished: float, running: float, slots: float = 16.0) -> Load:

@@ -34,8 +34,9 @@ def launch_cmd(
     ),
     gpus: str | None = typer.Option(
         None, "--gpus",
-        help="GPU ids, e.g. 0,1,2,3. FastDeploy multi_api_server: CUDA_VISIBLE_DEVICES for all ranks (required); "
-        "--per-instance, vllm, sglang: consecutive slices of --tensor-parallel-size GPUs per replica.",
+        help="GPU ids, e.g. 0,1,2,3. FastDeploy multi_api_server: the first --tensor-parallel-size x N are "
+        "CUDA_VISIBLE_DEVICES for all ranks (required); --per-instance, vllm, sglang: consecutive slices of "
+        "--tensor-parallel-size GPUs per replica.",
     ),
     host: str | None = typer.Option(
         None, "--host",

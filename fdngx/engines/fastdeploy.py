@@ -100,7 +100,9 @@ def build_launch(req: LaunchRequest) -> Launched:
             "--args", *args, *ours,
         ]
         env = {
-            "CUDA_VISIBLE_DEVICES": ",".join(req.gpus or []),
+            # Exactly tp x N GPUs: FastDeploy takes its ranks' devices from this list (child 0 starts every
+            # rank's workers) and 2.x asserts its length is tp x dp; further --gpus stay free.
+            "CUDA_VISIBLE_DEVICES": ",".join(s for s in slices if s),
             "FD_LOG_DIR": fd_log_dir,
             "FD_ENABLE_MULTI_API_SERVER": "1",
         }

@@ -84,6 +84,15 @@ def test_fastdeploy_multi_explicit_ports_and_user_flags_win() -> None:
     assert p.ports == [1811, 1822, 3101, 3201, 25611, 25621]
 
 
+def test_fastdeploy_multi_api_server_sees_exactly_tp_times_n_gpus() -> None:
+    # FastDeploy 2.x asserts len(CUDA_VISIBLE_DEVICES) == tp x dp: GPUs listed beyond it are not passed.
+    p = plan("fastdeploy", 2, "--tensor-parallel-size", "2", model="M", gpus=[str(g) for g in range(8)],
+             ports=[1811, 1822], metrics_ports=[3101, 3201])
+    assert one(p)[1]["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    with pytest.raises(UsageError, match="lists 3 GPU"):
+        plan("fastdeploy", 2, "--tensor-parallel-size", "2", model="M", gpus=["0", "1", "2"])
+
+
 def test_fastdeploy_metrics_base_port_and_base_port() -> None:
     argv, _ = one(plan("fastdeploy", 2, model="M", gpus=["0", "1"], base_port=7000, metrics_base_port=7100))
     assert argv[3:9] == ["--num-servers", "2", "--ports", "7000,7001", "--metrics-ports", "7100,7101"]

@@ -60,9 +60,10 @@ class EngineSpec:
     health_path: str = "/health"
     # Whether metrics are served on the API port (vLLM, SGLang) rather than a separate metrics port.
     metrics_on_api_port: bool = False
-    # A JSON page on the API port that states the replica's capacity when its metrics do not (SGLang's
-    # GET /get_server_info); read by the scraper as an optional extra, see fdngx.weights.scrape.
-    capacity_info_path: str | None = None
+    # JSON pages on the API port that state the replica's capacity when its metrics do not (SGLang's), newest
+    # path first, the next one tried after a 404; read by the scraper as an optional extra once a minute, see
+    # fdngx.weights.scrape and fdngx.weights.memory.PeakRunning.info_path.
+    capacity_info_paths: tuple[str, ...] = ()
     # Whether its replicas register with a router themselves (FastDeploy's --router URL).
     registers: bool = False
     # How to tell the engine is installed for this interpreter: a Python module or a command on PATH.

@@ -128,5 +128,6 @@ SPEC = EngineSpec(
         queue_time=("sglang:queue_time_seconds",),
     ),
     metrics_on_api_port=True,
-    capacity_info_path="/get_server_info",
+    # http_server.py: /server_info; /get_server_info before it, now a deprecated alias that logs a WARNING.
+    capacity_info_paths=("/server_info", "/get_server_info"),
 )

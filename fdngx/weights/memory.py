@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 import weakref
 from dataclasses import dataclass, replace
 
@@ -26,7 +27,7 @@ def clamp(v: float, lo: float, hi: float) -> float:
 
 
 def capacity_from_server_info(body: bytes) -> float | None:
-    """Slots an SGLang server states in GET /get_server_info, or None (never raises).
+    """Slots an SGLang server states in GET /server_info (/get_server_info before), or None (never raises).
 
     python/sglang/srt/entrypoints/http_server.py get_server_info() = server args + scheduler info +
     `internal_states` (one per DP rank). Newer schedulers put the effective per-rank limit in each state
@@ -60,6 +61,10 @@ class _Replica:
     queue_time: tuple[float, float] | None = None  # (queue-time sum, when read) at the previous scrape
     lost: float | None = None  # requests the counters hold that are neither running nor waiting; None: not yet
     last_free: float | None = None  # unfinished - running at the previous scrape, if a slot was free then
+    info_path: int = 0  # which of the engine's info pages to ask (the next one after a 404)
+    info_paths: int = 1
+    info_at: float | None = None  # when the info page was last read (time.monotonic())
+    info_capacity: float | None = None  # the slots it stated then
 
 
 class PeakRunning:
@@ -76,6 +81,10 @@ class PeakRunning:
         the time), which trails a backlog that builds up by the length of the waits."""
 
     LIMIT = 4096
+    # The slots an engine states on its info page change only with a restart (which makes the replica start
+    # over here): read it once a minute, not every cycle. SGLang's answer asks every DP scheduler for its
+    # state, and newer SGLang logs a deprecation WARNING for each GET of the old path.
+    INFO_EVERY = 60.0
 
     def __init__(self) -> None:
         self._replicas: dict[tuple[str, str, int], _Replica] = {}
@@ -123,6 +132,30 @@ class PeakRunning:
             return None
         return min(MAX_REQUESTS, (queue_time_sum - last[0]) / (at - last[1]))
 
+    def info_path(self, inst: Instance, paths: tuple[str, ...], now: float) -> str | None:
+        """The info page to GET this cycle (of `paths`, newest first), or None: read less than INFO_EVERY ago."""
+        with self._lock:
+            st = self._of(inst)
+            if st.info_at is not None and now - st.info_at < self.INFO_EVERY:
+                return None
+            st.info_paths = len(paths)
+            return paths[st.info_path % len(paths)]
+
+    def stated(self, inst: Instance, info: Fetch | None, now: float) -> float | None:
+        """The slots the replica's info page states: from `info` when it was read this cycle, else as last read.
+        A 404 moves on to the next path (an older or newer engine); a round of them waits INFO_EVERY. A page
+        that fails otherwise is asked again next cycle."""
+        with self._lock:
+            st = self._of(inst)
+            if info is not None and info.error is None:
+                if info.status == 404:
+                    st.info_path += 1
+                    if st.info_path % st.info_paths == 0:
+                        st.info_at = now
+                elif info.status == 200:
+                    st.info_capacity, st.info_at = capacity_from_server_info(info.body), now
+            return st.info_capacity
+
     def see(self, inst: Instance, running: float) -> float:
         with self._lock:
             st = self._of(inst)
@@ -152,11 +185,13 @@ def peaks_for(client: Client) -> PeakRunning:
         return peaks
 
 
-def learn_capacity(load: Load, inst: Instance, info: Fetch | None, peaks: PeakRunning) -> Load:
-    """The capacity the engine states (metrics first, then its info page), else for a guessed inventory
-    capacity the peak of running requests when it is above the guess. Clamped by trusted_capacity."""
-    if load.capacity is None and info is not None and info.error is None and info.status == 200:
-        stated = capacity_from_server_info(info.body)
+def learn_capacity(load: Load, inst: Instance, info: Fetch | None, peaks: PeakRunning,
+                   now: float | None = None) -> Load:
+    """The capacity the engine states (metrics first, then its info page: `info` if read this cycle, else as
+    last read), else for a guessed inventory capacity the peak of running requests when it is above the
+    guess. Clamped by trusted_capacity."""
+    if load.capacity is None:
+        stated = peaks.stated(inst, info, time.monotonic() if now is None else now)
         if stated is not None:
             load = replace(load, capacity=stated)
     if load.capacity is None and inst.extra.get("capacity_guessed") is True:

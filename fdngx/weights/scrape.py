@@ -5,7 +5,8 @@ server that drips bytes all become a sample with `error` set, and no instance ca
 the total deadline. The policy then decides what a bad sample means (stale, down, ...).
 
 Capacity (slots) comes from where the engine states it: FastDeploy's `fastdeploy:max_batch_size` gauge,
-SGLang's GET /get_server_info (an optional extra GET, bounded like the others; its failure is no error),
+SGLang's GET /server_info (or /get_server_info on older builds; an optional extra GET once a minute, bounded
+like the others; its failure is no error),
 and vLLM nowhere (its metrics carry no scheduler setting). When the inventory's max_num_seqs is a guess
 (`capacity_guessed: true`, written by `fdngx launch`) and the engine states nothing, the highest running
 count seen is a floor under it: a replica that ran 600 requests at once has at least 600 slots.
@@ -42,7 +43,7 @@ READ_TIMEOUT = 1.0
 DEADLINE = 1.5
 MAX_BYTES = 2 * 1024 * 1024  # a FastDeploy page is ~20 KB; vLLM with many labels a few hundred KB
 _HEALTH_BYTES = 64 * 1024
-# SGLang's /get_server_info: every server argument plus one small entry per DP rank (a few KB to ~100 KB).
+# SGLang's /server_info: every server argument plus one small entry per DP rank (a few KB to ~100 KB).
 _INFO_BYTES = 1024 * 1024
 # Sane ranges: a value outside is clamped before the policy sees it (a buggy build can report anything).
 # A scraped capacity (slots) is trusted within this factor of the inventory's max_num_seqs: enough to
@@ -299,7 +300,8 @@ def scrape_all(
     client, own = (BatchClient(), True) if session is None else (session, False)
     if peaks is None:
         peaks = PeakRunning() if own else peaks_for(client)
-    end = time.monotonic() + deadline
+    started = time.monotonic()
+    end = started + deadline
     common = {"connect_timeout": connect_timeout, "read_timeout": timeout, "deadline": end}
     jobs: list[tuple[tuple[int, str], Callable[..., Fetch], dict[str, Any]]] = []
     try:
@@ -312,9 +314,9 @@ def scrape_all(
             health = inst.base_url + engine.health_path
             jobs.append(((n, "h"), client.get, {"url": health, "max_bytes": _HEALTH_BYTES, "status_only": True,
                                                  **common}))
-            if engine.capacity_info_path is not None:
-                info = inst.base_url + engine.capacity_info_path
-                jobs.append(((n, "i"), client.get, {"url": info, "max_bytes": _INFO_BYTES, **common}))
+            path = peaks.info_path(inst, engine.capacity_info_paths, started) if engine.capacity_info_paths else None
+            if path is not None:
+                jobs.append(((n, "i"), client.get, {"url": inst.base_url + path, "max_bytes": _INFO_BYTES, **common}))
         if isinstance(client, BatchClient):
             # Fleet scale: every GET on one thread (fdngx.weights.batch), the same results and bounds.
             batch = [Job(key, kw["url"], kw["max_bytes"], kw.get("status_only", False),

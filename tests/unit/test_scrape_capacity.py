@@ -1,5 +1,5 @@
-"""Capacity learned from the engines: SGLang's /get_server_info, and the observed running peak as a floor
-under a guessed capacity (vLLM states none). Loopback HTTP servers only; the scrape stays bounded."""
+"""Capacity learned from the engines: SGLang's /server_info (/get_server_info before), and the observed running
+peak as a floor under a guessed capacity (vLLM states none). Loopback HTTP servers only; the scrape stays bounded."""
 
 from __future__ import annotations
 
@@ -161,10 +161,27 @@ def test_peak_memory_is_bounded() -> None:
 def test_sglang_capacity_from_its_info_page(replica: Callable[[], Replica]) -> None:
     r = replica()
     r.pages["/metrics"] = (200, sglang_page(11).encode())
-    r.pages["/get_server_info"] = (200, SGLANG_INFO)
+    r.pages["/server_info"] = (200, SGLANG_INFO)
     got = scrape_all([r.instance(Engine.SGLANG, 256, capacity_guessed=True)])["r"]
     assert got.ok and got.running == 11.0 and got.capacity == 128.0
-    assert "/get_server_info" in r.hits
+    assert "/server_info" in r.hits and "/get_server_info" not in r.hits  # the deprecated alias logs a WARNING
+
+
+def test_the_info_page_is_read_once_a_minute_and_an_older_sglangs_path_after_a_404(
+    replica: Callable[[], Replica]
+) -> None:
+    # Older SGLang serves only /get_server_info; its answer asks every DP scheduler, so not every cycle.
+    r = replica()
+    r.pages["/metrics"] = (200, sglang_page(11).encode())
+    r.pages["/get_server_info"] = (200, SGLANG_INFO)
+    inst = r.instance(Engine.SGLANG, 256, capacity_guessed=True)
+    client = HttpClient()
+    try:
+        capacities = [scrape_all([inst], session=client)["r"].capacity for _ in range(4)]
+    finally:
+        client.close()
+    assert capacities == [None, 128.0, 128.0, 128.0]  # the first cycle found /server_info missing
+    assert [h for h in r.hits if "server_info" in h] == ["/server_info", "/get_server_info"]
 
 
 @pytest.mark.parametrize("broken", ["500", "hang", "garbage"])
@@ -176,11 +193,11 @@ def test_a_broken_info_page_is_no_error_and_keeps_the_scrape_bounded(
     r = replica()
     r.pages["/metrics"] = (200, sglang_page(3).encode())
     if broken == "500":
-        r.pages["/get_server_info"] = (500, b"oops")
+        r.pages["/server_info"] = (500, b"oops")
     elif broken == "hang":
-        r.hang.add("/get_server_info")
+        r.hang.add("/server_info")
     else:
-        r.pages["/get_server_info"] = (200, b"{" * 50_000)
+        r.pages["/server_info"] = (200, b"{" * 50_000)
     t0 = time.monotonic()
     got = scrape_all([r.instance(Engine.SGLANG, 48)], timeout=0.5, deadline=1.0)["r"]
     assert time.monotonic() - t0 < 3.0

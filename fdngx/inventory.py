@@ -173,14 +173,31 @@ def check_unique(instances: Iterable[Instance], source: str) -> None:
         seen_name.add(inst.name)
 
 
+_LONG_DIGITS = re.compile(r"[0-9]{4000,}")
+
+
+def _huge_number(text: str | bytes) -> str | None:
+    """Where a number too long for Python's int() is (json.loads refuses it with a bare ValueError)."""
+    doc = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+    m = _LONG_DIGITS.search(doc)
+    if m is None:
+        return None
+    line = doc.count("\n", 0, m.start()) + 1
+    column = m.start() - (doc.rfind("\n", 0, m.start()) + 1) + 1
+    return f"a number of {len(m.group(0))} digits at line {line} column {column}: not an fdngx inventory"
+
+
 def parse_text(text: str | bytes, source: str) -> Inventory:
     """Decode and validate an inventory document; errors name `source`."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InventoryError(f"{source}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    except (RecursionError, UnicodeDecodeError, ValueError) as exc:
+    except (RecursionError, UnicodeDecodeError) as exc:
         raise InventoryError(f"{source}: not an fdngx inventory ({type(exc).__name__})") from None
+    except ValueError as exc:  # int() refuses over 4,300 digits
+        raise InventoryError(f"{source}: {_huge_number(text) or f'not an fdngx inventory ({type(exc).__name__})'}") \
+            from None
     return parse_inventory(data, source)
 
 

@@ -76,6 +76,14 @@ def test_a_100000_deep_json_is_a_one_line_error_not_a_traceback(tmp_path: Path) 
     assert_refused(cli("render", "-i", str(inv), "--out", "-"), str(inv))
 
 
+def test_a_number_too_long_for_int_is_named_where_it_is(tmp_path: Path) -> None:
+    # json.loads raises a bare ValueError past 4,300 digits (Python's int() limit): say where, not "ValueError".
+    doc = json.dumps({"version": 1, "instances": [one()]}, indent=1).replace('"port": 8001', '"port": ' + "9" * 5000)
+    inv = write(tmp_path / "fdngx.json", doc)
+    line = doc[: doc.index("9" * 5000)].count("\n") + 1
+    assert_refused(cli("render", "-i", str(inv), "--out", "-"), str(inv), f"a number of 5000 digits at line {line}")
+
+
 def test_an_inventory_that_is_a_fifo_neither_hangs_nor_keeps_the_lock(tmp_path: Path) -> None:
     fifo = tmp_path / "fdngx.json"
     os.mkfifo(fifo)

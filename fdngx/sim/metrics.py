@@ -10,7 +10,10 @@ metrics and the completion routes) and appear once such a path was called.
 Two shapes: the default adds `fastdeploy:num_requests_queuing` and splits the backlog between it and
 `num_requests_waiting` (the shape a 2026-04 FastDeploy pull request describes; found in no source we could
 read); `legacy=True` is the shape of every source version we read (2.4, 2.5): no queuing series, and
-`num_requests_waiting` stays 0 under a backlog, which sits in the scheduler where no gauge sees it.
+`num_requests_waiting` does not hold the backlog. The scheduler adds each request it accepts
+(scheduler/local_scheduler.py put_requests), the engine subtracts the ones it takes (engine/common_engine.py),
+and the resource manager sets it to its own tasks less the running ones (engine/resource_manager.py) each
+time it updates: a sawtooth near 0 while the backlog sits in the scheduler. The simulator serves its floor, 0.
 
 Load gauges are read from the model at scrape time (`set_function`), so stepping costs nothing; histograms
 and counters are fed as FastDeploy feeds them: per request, per step, or per token where it does.

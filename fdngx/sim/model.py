@@ -11,7 +11,11 @@ One replica is a continuous-batching engine:
   in this step get their first token (so TTFT = queue time + the step that prefilled them).
 - KV cache: `kv_blocks` blocks of `block_size` tokens. Admission reserves a request's worst case
   (prompt + max_tokens) so a running request never has to be preempted; `gpu_cache_usage_perc` reports
-  the blocks actually filled so far.
+  the blocks actually filled so far. A simplification, not FastDeploy's behaviour: its v1 KV scheduler
+  (engine/sched/resource_manager_v1.py) grows a request's blocks as it decodes and, when a step cannot get
+  them, preempts running requests (`_trigger_preempt`, last in first out) back to the waiting queue. Here KV
+  pressure shows as admission waits instead of preempted requests; the load signals fdngx reads (running,
+  backlog, cache usage) move the same way, the timing of a preempted request's tokens does not.
 - Every step time is divided by the replica's `speed` (0.5 = half as fast) and multiplied by a seeded
   jitter factor in [1 - jitter, 1 + jitter].
 """

@@ -37,10 +37,13 @@ QUEUE_OFFSET = 2000
 # alias of --tensor-parallel-size (fastdeploy/engine/args_utils.py).
 READ = (
     "--model", "--host", "--tensor-parallel-size", "-tp", "--data-parallel-size", "--max-num-seqs",
-    "--engine-worker-queue-port", "--cache-queue-port", "--pd-comm-port", "--router",
+    "--engine-worker-queue-port", "--cache-queue-port", "--pd-comm-port", "--rdma-comm-ports", "--router",
 )
 # Comma lists with one port per rank inside multi_api_server's --args (each child takes its own entry).
 PER_RANK_PORTS = ("--cache-queue-port", "--pd-comm-port")
+# One port per GPU of every rank: rank i takes entries i*tp .. (i+1)*tp - 1 (fastdeploy/config.py
+# postprocess: local_rdma_comm_ports; FastDeploy's config test gives rank 2 of dp 4 x tp 2 the 5th and 6th).
+PER_GPU_PORTS = ("--rdma-comm-ports",)
 
 
 def build_launch(req: LaunchRequest) -> Launched:
@@ -88,6 +91,7 @@ def build_launch(req: LaunchRequest) -> Launched:
         if find_flag(args, "--engine-worker-queue-port") is None:
             ours += ["--engine-worker-queue-port", ",".join(map(str, queue))]
         more_ports = [p for flag in PER_RANK_PORTS for p in _rank_list(req, args, flag)]
+        more_ports += [p for flag in PER_GPU_PORTS for p in _rank_list(req, args, flag, per_rank=tp)]
         log = str(req.log_dir / "multi_api_server.log")
         argv = [
             req.python, "-m", MULTI_MODULE,
@@ -143,7 +147,7 @@ def _check_independent(args: list[str], dp: int | None) -> None:
             "engine argument --engine-worker-queue-port after -- conflicts with --per-instance: fdngx gives each "
             f"replica its own (API port + {QUEUE_OFFSET})"
         )
-    for flag in PER_RANK_PORTS:
+    for flag in (*PER_RANK_PORTS, *PER_GPU_PORTS):
         if find_flag(args, flag) is not None:
             raise UsageError(f"engine argument {flag} after -- conflicts with --per-instance: every replica would "
                              "get the same port; leave it out and each picks a free one")
@@ -164,14 +168,17 @@ def _controller_extra(controller: list[int], i: int) -> dict[str, int]:
     return {"controller_port": controller[i]} if controller else {}
 
 
-def _rank_list(req: LaunchRequest, args: list[str], flag: str) -> list[int]:
-    """A user's per-rank port list (one entry per server): checked and returned, so it is pre-checked free."""
+def _rank_list(req: LaunchRequest, args: list[str], flag: str, per_rank: int = 1) -> list[int]:
+    """A user's per-rank port list (`per_rank` entries per server): checked and returned, so it is pre-checked
+    free."""
     hit = find_flag(args, flag)
     if hit is None:
         return []
     ports = parse_ports(hit[1], f"engine argument {flag}")
-    if len(ports) != req.num_servers:
-        raise UsageError(f"engine argument {flag} lists {len(ports)} port(s) but --num-servers is {req.num_servers}")
+    if len(ports) != req.num_servers * per_rank:
+        each = f" x --tensor-parallel-size {per_rank}" if per_rank > 1 else ""
+        raise UsageError(f"engine argument {flag} lists {len(ports)} port(s) but --num-servers is "
+                         f"{req.num_servers}{each}")
     return ports
 
 

@@ -347,6 +347,10 @@ def test_two_token_only_touches_the_named_flags_and_stops_at_the_separator() -> 
     ("extra", "kw", "message"),
     [
         (["--cache-queue-port", "1,2,3"], {}, "--cache-queue-port lists 3 port(s) but --num-servers is 2"),
+        # One per GPU of every rank (fastdeploy/config.py local_rdma_comm_ports).
+        (["--rdma-comm-ports", "5,6"], {"gpus": ["0", "1", "2", "3"], "extra": ["-tp", "2"]},
+         "--rdma-comm-ports lists 2 port(s) but --num-servers is 2 x --tensor-parallel-size 2"),
+        (["--rdma-comm-ports=5,6"], {"per_instance": True}, "--rdma-comm-ports after -- conflicts with --per-instance"),
         (["--pd-comm-port=5,6"], {"per_instance": True}, "--pd-comm-port after -- conflicts with --per-instance"),
         (["--engine-worker-queue-port=5,6"], {"per_instance": True}, "conflicts with --per-instance"),
         ([], {"controller_ports": [7001]}, "--controller-ports lists 1 port(s) but --num-servers is 2"),
@@ -357,9 +361,16 @@ def test_two_token_only_touches_the_named_flags_and_stops_at_the_separator() -> 
     ],
 )
 def test_fastdeploy_port_list_refusals(extra: list[str], kw: dict, message: str) -> None:
+    more = kw.pop("extra", [])
     with pytest.raises(UsageError) as err:
-        plan("fastdeploy", 2, *extra, **{"model": "M", "gpus": ["0", "1"], **kw})
+        plan("fastdeploy", 2, *extra, *more, **{"model": "M", "gpus": ["0", "1"], **kw})
     assert message in str(err.value)
+
+
+def test_fastdeploy_rdma_ports_one_per_gpu_of_every_rank_are_checked_free() -> None:
+    p = plan("fastdeploy", 2, "--rdma-comm-ports", "8310,8311,8320,8321", "-tp", "2", model="M",
+             gpus=["0", "1", "2", "3"], ports=[1811, 1822], metrics_ports=[3101, 3201])
+    assert {8310, 8311, 8320, 8321} <= set(p.ports)
 
 
 def test_fastdeploy_controller_ports_one_per_server() -> None:

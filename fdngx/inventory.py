@@ -237,5 +237,10 @@ def to_json(inv: Inventory) -> str:
 
 
 def save(inv: Inventory, path: str | Path) -> None:
-    """Write atomically (temp file in the same directory, fsync, rename; a symlinked path keeps its link)."""
-    atomic_write(Path(path), to_json(inv))
+    """Write atomically (temp file in the same directory, fsync, rename; a symlinked path keeps its link).
+    A file load() would refuse for its size is not written (InventoryError; the old file stays as it was)."""
+    data = to_json(inv).encode("utf-8")
+    if len(data) > MAX_BYTES:
+        raise InventoryError(f"{Path(path).absolute()}: not written: the inventory would be {len(data)} bytes, over "
+                             f"the {MAX_BYTES}-byte limit of an inventory file")
+    atomic_write(Path(path), data)

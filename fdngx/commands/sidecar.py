@@ -52,6 +52,7 @@ from fdngx.nginx.frontdoor import AccessLogFormat
 from fdngx.nginx.target import open_target
 from fdngx.registry.core import Registry, RegistrySettings
 from fdngx.registry.http import RegistryServer
+from fdngx.registry.rules import DEFAULT_MAX_INSTANCES
 from fdngx.weights.settings import config_for_flavor
 from fdngx.weights.sidecar import Sidecar, SidecarConfig
 from fdngx.weights.telemetry import DEFAULT_LISTEN, Telemetry
@@ -154,17 +155,22 @@ def sidecar_cmd(
         "loopback,private", help="Who may use --registry-listen: CIDRs, 'loopback', 'private' (RFC 1918, fc00::/7)."
     ),
     registry_targets: str = typer.Option(
-        "loopback,private", help="Addresses instances may register (CIDRs, 'loopback', 'private'); link-local "
-        "and multicast never."
+        "loopback,private", help="Addresses instances may register (CIDRs, 'loopback', 'private'; 'peer': only "
+        "the address the registration comes from, the hardened setting); link-local and multicast never."
     ),
     registry_grace: float = typer.Option(
         30.0, help="Seconds without a heartbeat (FastDeploy posts every 5 s), or failing /health, before a "
         "registered instance is removed; its next registration adds it back. 0: never remove."
     ),
     registry_metrics_port: str | None = typer.Option(
-        None, help="Metrics port of a registered instance whose registration has none and whose API port "
-        "serves no /metrics: a port (9001), an offset from the API port (+1000), or a JSON table file "
-        "{\"8001\": 9001, \"10.0.0.5:8002\": 9102}. Otherwise it is balanced with no load signal."
+        None, help="Metrics port of a registered instance whose registration has none: a port (9001), an offset "
+        "from the API port (+1000), or a JSON table file {\"8001\": 9001, \"10.0.0.5:8002\": 9102}. It wins over "
+        "/metrics on the API port, where FastDeploy's load gauges may read 0; without either, the instance is "
+        "balanced with no load signal."
+    ),
+    registry_max_instances: int = typer.Option(
+        DEFAULT_MAX_INSTANCES, help="Registered instances the registry keeps (>= 1). A new registration beyond "
+        "it is refused (HTTP 507) until one leaves; heartbeats of registered instances still answer."
     ),
 ) -> None:
     """Keep nginx's weights in line with each replica's real load (scrape -> policy -> safe apply).
@@ -212,7 +218,8 @@ def sidecar_cmd(
     registry = None
     if registry_listen:
         # Before the sidecar loads the inventory: the registry creates it (empty) when missing.
-        settings = RegistrySettings.from_options(registry_grace, registry_targets, registry_metrics_port)
+        settings = RegistrySettings.from_options(registry_grace, registry_targets, registry_metrics_port,
+                                                 registry_max_instances)
         owner = Registry(inventories[0], inventories[1:], settings=settings)
         if not once:  # one cycle serves no registrations; the inventory exists now all the same
             registry = RegistryServer(registry_listen, owner, allow=registry_allow).start()

@@ -22,8 +22,12 @@ from fdngx.domain import Instance, Role
 
 ROLES = (Role.MIXED, Role.PREFILL, Role.DECODE)  # instance.go: MIXED = iota, PREFILL, DECODE
 PROTOCOLS = ("ipc", "rdma")
-MAX_LIST = 256  # device ids / RDMA ports of one instance: a few, never thousands
+MAX_LIST = 64  # device ids / RDMA ports of one instance: one per GPU (8 or 16 per node), never hundreds
 MAX_TEXT = 128
+# What one registration stores (`info`, the JSON of the fields under "fastdeploy" in the inventory, compact,
+# as ASCII like the file): a real 8-GPU instance needs ~200 bytes. Bounds the file with
+# --registry-max-instances: 1024 of the largest entries stay far below inventory.MAX_BYTES (tested).
+MAX_INFO_BYTES = 4096
 _DIGITS = re.compile(r"[0-9]{1,10}")
 
 
@@ -132,8 +136,10 @@ def parse_body(body: Any) -> Registration:
     metrics_port = parse_port(body.get("metrics_port"), "metrics_port", zero_is_none=True)
     protocols = body.get("transfer_protocol")
     if protocols is not None:
-        if not isinstance(protocols, list) or len(protocols) > MAX_LIST:
+        if not isinstance(protocols, list):
             raise BodyError(f"invalid transfer_protocol: {_show(protocols)} (a list)")
+        if len(protocols) > MAX_LIST:
+            raise BodyError(f"invalid transfer_protocol: {len(protocols)} entries (at most {MAX_LIST})")
         for proto in protocols:
             if proto not in PROTOCOLS:
                 raise BodyError(f"invalid protocol: {_show(proto)}")
@@ -151,7 +157,23 @@ def parse_body(body: Any) -> Registration:
         info["tp_size"] = body["tp_size"]
     if isinstance(body.get("is_paused"), bool):
         info["is_paused"] = body["is_paused"]
+    _check_size(info)
     return Registration(host, port, role, metrics_port, info)
+
+
+def _json_bytes(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":")))  # ensure_ascii, as inventory.to_json writes it
+
+
+def _check_size(info: dict[str, Any]) -> None:
+    """At most MAX_INFO_BYTES stored per registration; the message names the largest field."""
+    size = _json_bytes(info)
+    if size > MAX_INFO_BYTES:
+        field, biggest = max(((k, _json_bytes(v)) for k, v in info.items()), key=lambda kv: kv[1])
+        raise BodyError(
+            f"registration too large: its FastDeploy fields are {size} bytes of JSON, over the {MAX_INFO_BYTES}-byte "
+            f"limit (the largest, {field}, is {biggest} bytes; an 8-GPU instance needs about 200)"
+        )
 
 
 def worker_info(inst: Instance) -> dict[str, Any]:

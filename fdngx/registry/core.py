@@ -9,11 +9,17 @@ own /health is not 200, and drops instances that stop heart-beating or keep fail
 (PD disaggregation) need FastDeploy's router, which pairs them per request.
 
 What fdngx adds, because it writes what nginx will load: the address must be allowed
-(`--registry-targets`), a name is resolved once and stored as its address, a registration that would
-duplicate an instance of any `-i` file is refused (409), and the metrics port is found when the body has
-none (the API port's /metrics, else `--registry-metrics-port`, else the instance is marked
-`"metrics_source": "none"`: no load signal, with one WARNING). Writes are atomic and under a lock; a
-heartbeat that changes nothing writes nothing.
+(`--registry-targets`; `peer` there: only the caller's own address), a name is resolved once and stored as
+its address, a loopback address (sent as such or by a name) from another machine means that machine, a
+registration that would duplicate an instance of any `-i` file is refused (409), and the metrics port is
+found when the body has none (`--registry-metrics-port`, else /metrics on the API port, where FastDeploy's
+load gauges may read 0: `"metrics_source": "api-port-suspect"` with one WARNING, else the instance is marked
+`"metrics_source": "none"`: no load signal, with one WARNING).
+
+What one registration stores is capped (body.MAX_INFO_BYTES), so is the number of registered instances
+(`--registry-max-instances`: a new one beyond it is refused with 507, heartbeats still answer), and
+inventory.save writes no file that inventory.load would refuse for its size (507 too): the file always
+loads. Writes are atomic and under a lock; a heartbeat that changes nothing writes nothing.
 """
 
 from __future__ import annotations
@@ -31,12 +37,20 @@ from fdngx.domain import Instance, Inventory, Role, hostport, valid_host
 from fdngx.errors import FdngxError, InventoryError
 from fdngx.registry.body import BodyError, Registration, parse_body, worker_info
 from fdngx.registry.probe import HttpProbe, Probe
-from fdngx.registry.rules import NameCache, RegistrySettings, canonical_ip, never_registrable
+from fdngx.registry.rules import IPAddress, NameCache, RegistrySettings, canonical_ip, never_registrable
 from fdngx.system.files import file_lock
 
 log = logging.getLogger("fdngx.registry")
 Key = tuple[str, int]
 OK = {"code": 200, "msg": "Register success"}  # register.go RegisterInstance
+# metrics_source values: "body", "rule", "none" and "api-port-suspect" (written now), and "api-port" (written
+# before the API port came last; an inventory on disk keeps it and it is read like "api-port-suspect").
+API_PORT_SOURCES = ("api-port-suspect", "api-port")
+# A registration the file has no room for: 507 Insufficient Storage ("unable to store the representation
+# needed to complete the request", RFC 4918), the server's condition. Not 429: that is this caller going too
+# fast (the per-source rate limit answers it), and waiting does not help. Not 503: both FastDeploy routers
+# mean "the instance is not healthy" by it. FastDeploy logs any non-2xx and posts again in 5 s.
+FULL = 507
 PD_REFUSED = (
     "only MIXED instances are allowed: fdngx balances mixed instances only; a {role} instance is half of "
     "a PD-disaggregated pair and needs FastDeploy's router started with --splitwise (see docs/fastdeploy.md)"
@@ -49,7 +63,12 @@ def answer(status: int, msg: str) -> tuple[int, dict[str, Any]]:
 
 
 def instance_name(host: str, port: int) -> str:
-    return f"fd-{host.replace(':', '.')}-{port}".replace("..", ".")
+    """`fd-HOST-PORT` for a stored (canonical) address, an IPv6 one with its colons as dots: one name per
+    server (an IPv4-mapped address is named as its IPv4 one, which it is). A name already on disk is kept on
+    every update: IPv4 names are what they always were; IPv6 names used to fold '..' to '.', so fd00:1::2
+    and fd00::1:2 shared one (fd-fd00.1.2-PORT). Now '::' stays '..'."""
+    ip = canonical_ip(host)
+    return f"fd-{(str(ip) if ip is not None else host).replace(':', '.')}-{port}"
 
 
 class Refused(Exception):
@@ -58,14 +77,13 @@ class Refused(Exception):
         self.status = status
 
 
-def _reachable_host(host_ip: str, peer: str | None) -> str:
+def _reachable(ip: IPAddress, remote: IPAddress | None) -> IPAddress:
     """FastDeploy takes host_ip from gethostbyname(gethostname()) (fastdeploy/utils.py get_host_ip), which
     is 127.0.1.1 on Debian: a registration from another machine that claims loopback means "the address
-    you see me at"."""
-    claimed, remote = canonical_ip(host_ip), canonical_ip(peer or "")
-    if claimed is not None and claimed.is_loopback and remote is not None and not remote.is_loopback:
-        return str(remote)
-    return host_ip
+    you see me at". `ip` is the address host_ip means here (a name resolved), so `localhost` counts too."""
+    if ip.is_loopback and remote is not None and not remote.is_loopback:
+        return remote
+    return ip
 
 
 class Registry:
@@ -95,6 +113,9 @@ class Registry:
         self._failing: dict[Key, tuple[float, str]] = {}  # failing /health since, why
         self._probed: dict[Key, float] = {}  # last metrics search for an instance without a load signal
         self._warned: set[Key] = set()
+        self._suspect_said: set[Key] = set()  # "api-port-suspect": said once per instance
+        self._full_mu = threading.Lock()
+        self._full_said = False  # the registry is full (or the file at its limit): said once until room again
         with self._mu, file_lock(self.lock):
             if not self.path.exists():
                 name = upstream or next((i.upstream for i in self._load_others()), inv_mod.DEFAULT_UPSTREAM)
@@ -115,9 +136,12 @@ class Registry:
             host, asked = self._target(reg.host_ip, peer)
             key = inv_mod.address_key(host, reg.port)
             self._check_elsewhere(key, instance_name(host, reg.port))
-            current = self._find(inv_mod.load(self.path), key)
+            inv = inv_mod.load(self.path)
+            current = self._find(inv, key)
             if current is not None and current.extra.get("registered") is not True:
                 return 200, dict(OK)  # listed by hand in this file: already balanced, never touched
+            if current is None:
+                self._check_room(inv)  # before fdngx contacts it; checked again under the lock
             # register.go RegisterInstanceCore: CheckWorkerHealth before accepting; "not healthy" -> 503.
             why = self.probe.health(host, reg.port)
             if why is not None:
@@ -137,44 +161,70 @@ class Registry:
         return 200, dict(OK)
 
     def _target(self, host_ip: str, peer: str | None) -> tuple[str, str | None]:
-        """The address to store for `host_ip` (a name resolved once), and the name it was given as."""
-        host = _reachable_host(host_ip, peer)
-        ip = canonical_ip(host)
+        """The address to store for `host_ip` (a name resolved once), and the name it was given as (None when
+        it is stored as the caller's address instead: the name meant loopback, seen from the caller)."""
+        ip = canonical_ip(host_ip)
         asked = None
         if ip is None:
-            if not valid_host(host):
-                raise Refused(400, f"invalid host_ip: {host[:80]!r} (an IP address or an RFC 1123 host name)")
-            found = [a for a in (canonical_ip(x) for x in self.names.resolve(host)) if a is not None]
+            if not valid_host(host_ip):
+                raise Refused(400, f"invalid host_ip: {host_ip[:80]!r} (an IP address or an RFC 1123 host name)")
+            found = [a for a in (canonical_ip(x) for x in self.names.resolve(host_ip)) if a is not None]
             if not found:
-                raise Refused(400, f"host_ip {host!r} does not resolve: nginx could not use it; send an address")
-            ip, asked = found[0], host
+                raise Refused(400, f"host_ip {host_ip!r} does not resolve: nginx could not use it; send an address")
+            ip, asked = found[0], host_ip
+        remote = canonical_ip(peer or "")
+        if _reachable(ip, remote) != ip:
+            ip, asked = _reachable(ip, remote), None
         why = never_registrable(ip)
         if why is not None:
-            raise Refused(400, f"host_ip {host}: {why}; it can never be registered")
-        if not self.settings.targets.allows(ip):
-            raise Refused(403, f"host_ip {host} ({ip}) is not in --registry-targets {self.settings.targets.text}")
+            raise Refused(400, f"host_ip {host_ip}: {why}; it can never be registered")
+        targets = self.settings.targets
+        if targets.peer and ip != remote:
+            raise Refused(403, f"host_ip {host_ip} ({ip}) is not the address this registration came from "
+                               f"({peer}): --registry-targets {targets.text} allows only that")
+        if not targets.allows(ip):
+            raise Refused(403, f"host_ip {host_ip} ({ip}) is not in --registry-targets {targets.text}")
         return ip.compressed, asked
+
+    def _check_room(self, inv: Inventory) -> None:
+        """Refuse a NEW instance when the registry already keeps --registry-max-instances (instances listed by
+        hand do not count); a WARNING the first time, until there is room again."""
+        cap, count = self.settings.max_instances, len(self._owned(inv))
+        if count < cap:
+            return
+        self._say_full(f"registry: full: {count} registered instances (--registry-max-instances {cap}); new "
+                       f"registrations are refused with {FULL} until one leaves; registered ones keep heart-beating")
+        raise Refused(FULL, f"not registered: the registry is full ({count} instances, --registry-max-instances "
+                            f"{cap}); try again after one leaves")
+
+    def _say_full(self, text: str) -> None:
+        with self._full_mu:
+            said, self._full_said = self._full_said, True
+        if not said:
+            log.warning("%s", text)
 
     def _metrics(self, reg: Registration, host: str, asked: str | None, current: Instance | None,
                  key: Key) -> tuple[int, str]:
-        """(metrics port, source): the body's; else kept from before; else /metrics on the API port; else
-        --registry-metrics-port; else none (one WARNING per instance)."""
+        """(metrics port, source): the body's; else kept from before; else --registry-metrics-port; else
+        /metrics on the API port, "api-port-suspect" (FastDeploy answers it from a forked web worker whose
+        load gauges may read 0: one WARNING per instance); else none (one WARNING per instance). An
+        API-port source kept from before gives way to a rule that gives a port."""
         if reg.metrics_port is not None:
             return reg.metrics_port, "body"
         source = current.extra.get("metrics_source") if current is not None else None
+        name = current.name if current is not None else instance_name(host, reg.port)
+        rule = self.settings.metrics_rule
+        port = rule.port_for([host, *([asked] if asked else [])], reg.port) if rule else None
         now = self.clock()
-        if current is not None and source in ("api-port", "rule"):
+        if current is not None and source == "rule":
+            return current.metrics_port, "rule"
+        if current is not None and source in API_PORT_SOURCES and port is None:
+            self._say_suspect(key, name, current.metrics_port)
             return current.metrics_port, str(source)
         recent = now - self._probed.get(key, -1e18) < self.settings.reprobe_after
         if current is not None and source == "none" and recent:
             return current.metrics_port, "none"
         self._probed[key] = now
-        name = instance_name(host, reg.port)
-        api_why = self.probe.metrics(host, reg.port)
-        if api_why is None:
-            return reg.port, "api-port"
-        rule = self.settings.metrics_rule
-        port = rule.port_for([host, *([asked] if asked else [])], reg.port) if rule else None
         if rule is not None and port is not None:
             rule_why = self.probe.metrics(host, port)
             if rule_why is not None and key not in self._warned:
@@ -182,6 +232,10 @@ class Registry:
                 log.warning("registry: %s: metrics port %d from --registry-metrics-port %s does not serve "
                             "/metrics yet (%s); using it anyway", name, port, rule.text, rule_why)
             return port, "rule"
+        api_why = self.probe.metrics(host, reg.port)
+        if api_why is None:
+            self._say_suspect(key, name, reg.port)
+            return reg.port, API_PORT_SOURCES[0]
         if key not in self._warned:
             self._warned.add(key)
             log.warning(
@@ -191,6 +245,17 @@ class Registry:
                 f"--registry-metrics-port {rule.text} gives no port for it" if rule else "no --registry-metrics-port",
             )
         return reg.port, "none"
+
+    def _say_suspect(self, key: Key, name: str, port: int) -> None:
+        if key in self._suspect_said:
+            return
+        self._suspect_said.add(key)
+        log.warning(
+            "registry: %s: its load signal is /metrics on its API port %d, where FastDeploy's load gauges may read "
+            "0 (a forked web worker answers there when the instance has no metrics port of its own); start "
+            "FastDeploy with --metrics-port and pass --registry-metrics-port (metrics_source api-port-suspect)",
+            name, port,
+        )
 
     def _save(self, reg: Registration, host: str, asked: str | None, metrics_port: int, source: str,
               key: Key) -> None:
@@ -215,6 +280,7 @@ class Registry:
                 inv.instances[index] = inst
                 log.info("registry: %s updated (metrics port %d from %s)", inst.name, metrics_port, source)
             else:
+                self._check_room(inv)  # the authoritative check: concurrent registrations passed the early one
                 inst = inv_mod.parse_instance(new, f"registration of {hostport(host, reg.port)}", 0)
                 inv.instances.append(inst)
                 log.info("registry: %s registered at %s (metrics port %d from %s)", inst.name, inst.address,
@@ -225,7 +291,16 @@ class Registry:
             except InventoryError as exc:
                 clash = "already listed" in str(exc) or "used twice" in str(exc)
                 raise Refused(409 if clash else 400, f"not registered: {exc}") from None
-            inv_mod.save(inv, self.path)
+            try:
+                inv_mod.save(inv, self.path)
+            except InventoryError as exc:  # a file load() would refuse for its size: nothing was written
+                if index is not None:
+                    self._seen[key] = self.clock()  # healthy and heart-beating; it stays as it was
+                self._say_full(f"registry: {exc}; registrations that would grow it are refused with {FULL}")
+                raise Refused(FULL, f"{'not updated' if index is not None else 'not registered'}: {exc}") from None
+            if index is None:
+                with self._full_mu:
+                    self._full_said = False  # there was room: say it again when full again
             self._seen[key] = self.clock()
             self._failing.pop(key, None)
 
@@ -321,6 +396,7 @@ class Registry:
                         for table in (self._seen, self._failing, self._probed):
                             table.pop(key, None)
                         self._warned.discard(key)
+                        self._suspect_said.discard(key)
                     else:
                         keep.append(inst)
                 if removed:

@@ -31,6 +31,9 @@ LOOPBACK = ("127.0.0.0/8", "::1/128")
 PRIVATE = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
 KEYWORDS = {"loopback": LOOPBACK, "private": PRIVATE}
 DEFAULT_ALLOW = "loopback,private"
+# --registry-targets only: a registration may name only the address it came from (after the loopback rule).
+PEER = "peer"
+DEFAULT_MAX_INSTANCES = 1024  # --registry-max-instances
 # Never a replica, whatever an allow-list says: nginx would proxy to a link-local metadata service
 # (169.254.169.254), a multicast group, or "any address".
 _NEVER = tuple(
@@ -55,16 +58,26 @@ def canonical_ip(text: str) -> IPAddress | None:
 
 @dataclass(frozen=True)
 class Networks:
-    """An allow-list of CIDRs, parsed from `loopback,private,10.1.0.0/16,...`."""
+    """An allow-list of CIDRs, parsed from `loopback,private,10.1.0.0/16,...`. With `allow_peer` (for
+    --registry-targets) the keyword `peer` may be in it: the registered address must then be the caller's
+    own, and in one of the CIDRs too when any are listed."""
 
     networks: tuple[IPNetwork, ...]
     text: str
+    peer: bool = False
 
     @classmethod
-    def parse(cls, text: str, option: str) -> Networks:
+    def parse(cls, text: str, option: str, *, allow_peer: bool = False) -> Networks:
         nets: list[IPNetwork] = []
+        peer = False
         for item in (t.strip() for t in text.split(",")):
             if not item:
+                continue
+            if item.lower() == PEER:
+                if not allow_peer:
+                    raise UsageError(f"{option} '{PEER}': a keyword of --registry-targets only; give CIDRs or "
+                                     f"{', '.join(KEYWORDS)}")
+                peer = True
                 continue
             for cidr in KEYWORDS.get(item.lower(), (item,)):
                 try:
@@ -74,11 +87,14 @@ class Networks:
                         f"{option} {item!r}: not a CIDR (e.g. 10.0.0.0/8, fd00::/8) or one of "
                         f"{', '.join(KEYWORDS)}"
                     ) from None
-        if not nets:
+        if not nets and not peer:
             raise UsageError(f"{option} is empty: give CIDRs or {', '.join(KEYWORDS)}")
-        return cls(tuple(nets), text)
+        return cls(tuple(nets), text, peer)
 
     def allows(self, ip: IPAddress) -> bool:
+        """`ip` is in one of the networks (`peer` alone lists none: the caller's address is checked apart)."""
+        if not self.networks:
+            return self.peer
         return any(ip.version == n.version and ip in n for n in self.networks)
 
 
@@ -239,14 +255,19 @@ class RegistrySettings:
     targets: Networks = field(default_factory=lambda: Networks.parse(DEFAULT_ALLOW, "--registry-targets"))
     metrics_rule: MetricsRule | None = None
     reprobe_after: float = 60.0  # an instance with no load signal: look for its metrics again this often
+    max_instances: int = DEFAULT_MAX_INSTANCES  # registry-owned instances; a new one beyond is refused (507)
 
     @classmethod
-    def from_options(cls, grace: float = 30.0, targets: str = DEFAULT_ALLOW,
-                     metrics_port: str | None = None) -> RegistrySettings:
+    def from_options(cls, grace: float = 30.0, targets: str = DEFAULT_ALLOW, metrics_port: str | None = None,
+                     max_instances: int = DEFAULT_MAX_INSTANCES) -> RegistrySettings:
         """From `fdngx sidecar`'s --registry-* options; UsageError names the option that is wrong."""
         if not grace >= 0:
             raise UsageError("--registry-grace must be >= 0 (0: never remove registered instances)")
+        if type(max_instances) is not int or max_instances < 1:
+            raise UsageError(f"--registry-max-instances {max_instances}: must be an integer >= 1 (registered "
+                             "instances the registry keeps; a new registration beyond it is refused)")
         # Heartbeats and /health are checked every 5 s like the Go router, or faster under a short grace.
         interval = min(5.0, max(0.5, grace / 4)) if grace > 0 else 5.0
         rule = MetricsRule.parse(metrics_port) if metrics_port else None
-        return cls(grace, interval, Networks.parse(targets, "--registry-targets"), rule)
+        return cls(grace, interval, Networks.parse(targets, "--registry-targets", allow_peer=True), rule,
+                   max_instances=max_instances)

@@ -223,6 +223,36 @@ def test_an_address_of_another_file_is_409_and_the_merge_still_loads(tmp_path: P
         inv_mod.load_many([reg.path, other])
 
 
+def test_a_full_registry_answers_507_in_one_line_and_heartbeats_still_pass(tmp_path: Path) -> None:
+    """H3 (outside review): with --registry-max-instances reached, a NEW instance gets 507 Insufficient
+    Storage as one line of JSON; a registered one's heartbeat still gets 200."""
+    reg = Registry(tmp_path / "fdngx.json", settings=RegistrySettings.from_options(30, max_instances=1),
+                   probe=FakeProbe(), names=NameCache(lambda name: []))
+    with serving(tmp_path, registry=reg) as (server, reg):
+        for port, status in ((8001, 200), (8002, 507), (8001, 200)):
+            body = json.dumps({**BODY, "port": port}).encode()
+            got, doc, resp = post(server.port, body, f"Content-Length: {len(body)}\r\n")
+            assert got == status, resp[:300]
+            one_line_json(resp)
+            if status == 507:
+                assert resp.startswith(b"HTTP/1.1 507 Insufficient Storage\r\n")
+                assert "--registry-max-instances 1" in doc["msg"]
+        assert [i.port for i in inv_mod.load(reg.path).instances] == [8001]
+
+
+def test_targets_peer_takes_the_callers_address_from_the_connection(tmp_path: Path) -> None:
+    """--registry-targets peer: the caller here is 127.0.0.1; it may register itself, not 10.0.0.7."""
+    reg = Registry(tmp_path / "fdngx.json", settings=RegistrySettings.from_options(30, "peer"), probe=FakeProbe(),
+                   names=NameCache(lambda name: []))
+    with serving(tmp_path, registry=reg) as (server, reg):
+        for host, status in (("10.0.0.7", 403), ("127.0.0.1", 200)):
+            body = json.dumps({**BODY, "host_ip": host}).encode()
+            got, _doc, resp = post(server.port, body, f"Content-Length: {len(body)}\r\n")
+            assert got == status, resp[:300]
+            one_line_json(resp)
+        assert [i.host for i in inv_mod.load(reg.path).instances] == ["127.0.0.1"]
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-10, 70000) | st.floats(allow_nan=True) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),

@@ -16,18 +16,21 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fdngx import inventory as inv_mod
 from fdngx.errors import UsageError
-from fdngx.registry.body import BodyError, parse_body
+from fdngx.registry.body import MAX_INFO_BYTES, MAX_LIST, MAX_TEXT, BodyError, parse_body
 from fdngx.registry.core import Registry, RegistrySettings, instance_name
-from fdngx.registry.rules import MetricsRule, NameCache, Networks, RateLimit
+from fdngx.registry.rules import DEFAULT_MAX_INSTANCES, MetricsRule, NameCache, Networks, RateLimit, canonical_ip
 
 UPSTREAM = json.loads((Path(__file__).parent.parent / "fixtures/upstream/fastdeploy-register-body.json").read_text())
 OK = (200, {"code": 200, "msg": "Register success"})
@@ -84,7 +87,8 @@ class FakeProbe:
 
 class Env:
     def __init__(self, tmp: Path, others: tuple[Path, ...] = (), grace: float = 30.0, rule: str | None = None,
-                 targets: str = "loopback,private", names: dict[str, list[str]] | None = None) -> None:
+                 targets: str = "loopback,private", names: dict[str, list[str]] | None = None,
+                 **options: Any) -> None:
         self.path = tmp / "fdngx.json"
         self.probe = FakeProbe()
         self.clock = Clock()
@@ -94,7 +98,7 @@ class Env:
             self.lookups.append(name)
             return (names or {}).get(name, [])
 
-        settings = RegistrySettings.from_options(grace, targets, rule)
+        settings = RegistrySettings.from_options(grace, targets, rule, **options)
         self.reg = Registry(self.path, others, settings=settings, probe=self.probe, names=NameCache(resolver),
                             clock=self.clock)
 
@@ -146,7 +150,7 @@ def test_missing_or_zero_metrics_port_is_not_sent(tmp_path: Path, absent: dict[s
     env.probe.metrics_of[(H, 8001)] = None
     assert env.reg.register({**BODY, **absent}, H) == OK
     [inst] = env.instances()
-    assert (inst["metrics_port"], inst["metrics_source"]) == (8001, "api-port")
+    assert (inst["metrics_port"], inst["metrics_source"]) == (8001, "api-port-suspect")
 
 
 @pytest.mark.parametrize(("change", "needle"), [
@@ -337,15 +341,19 @@ def test_metrics_port_rules(tmp_path: Path) -> None:
         MetricsRule.parse(str(table))
 
 
-def test_metrics_port_order_body_then_api_port_then_rule(tmp_path: Path) -> None:
+def test_metrics_port_order_body_then_rule_then_api_port(tmp_path: Path) -> None:
+    """reference/fastdeploy.md: without its own metrics port, FastDeploy's /metrics on the API port is
+    answered by a forked web worker whose load gauges read 0. So the --registry-metrics-port rule wins over
+    the API port, even when the API port answers /metrics."""
     env = Env(tmp_path, rule="+1000")
-    env.probe.metrics_of[(H, 8001)] = None  # this one serves /metrics on its API port
+    env.probe.metrics_of[(H, 8001)] = None  # this one serves /metrics on its API port too
+    env.probe.metrics_of[(H, 9001)] = None
     assert env.reg.register(dict(BODY), H) == OK
     assert env.reg.register({**BODY, "port": 8002}, H) == OK  # this one does not (a separate metrics port)
     env.probe.metrics_of[(H, 9003)] = None
     assert env.reg.register({**BODY, "port": 8003, "metrics_port": 9999}, H) == OK  # the body says: no probe
     got = {i["port"]: (i["metrics_port"], i["metrics_source"]) for i in env.instances()}
-    assert got == {8001: (8001, "api-port"), 8002: (9002, "rule"), 8003: (9999, "body")}
+    assert got == {8001: (9001, "rule"), 8002: (9002, "rule"), 8003: (9999, "body")}
     assert ("metrics", H, 8003) not in env.probe.calls
 
 
@@ -365,7 +373,7 @@ def test_no_load_signal_is_marked_and_said_once(tmp_path: Path, caplog: pytest.L
     env.clock.t += 61
     env.probe.metrics_of[(H, 8001)] = None
     assert env.reg.register(dict(BODY), H) == OK
-    assert env.instances()[0]["metrics_source"] == "api-port"
+    assert env.instances()[0]["metrics_source"] == "api-port-suspect"
 
 
 def test_a_rule_port_that_does_not_answer_is_used_with_a_warning(tmp_path: Path,
@@ -526,3 +534,342 @@ def test_the_register_loop_fixture_is_fastdeploys(monkeypatch: pytest.MonkeyPatc
     assert body == UPSTREAM and list(body) == list(UPSTREAM)
     develop = fx.register_info(fx.argparse.Namespace(**{**vars(args), "body": "develop", "metrics_port": 9180}), "h")
     assert (develop["metrics_port"], develop["tp_size"]) == (9180, 1)
+
+
+# -- an outside security review: H3 (size and count caps), M1 (names of loopback), metrics order, names ------
+
+
+def _body(port: int, **change: Any) -> dict[str, Any]:
+    return {**BODY, "port": port, "metrics_port": 9001, **change}
+
+
+def test_stored_info_over_4_kib_is_refused_before_any_probe(tmp_path: Path) -> None:
+    """H3: rdma_ports and device_ids of 256 strings of 128 characters stored ~70 KB per registration; ~230 of
+    them took the file past inventory.MAX_BYTES and wedged every later load. Now what one registration
+    stores (the JSON of its FastDeploy fields) is at most 4 KiB: 400 with the reason, nothing written."""
+    env = Env(tmp_path)
+    before = env.path.read_bytes()
+    status, doc = env.reg.register(_body(8001, device_ids=["d" * 128] * 40), H)
+    assert status == 400 and str(MAX_INFO_BYTES) in doc["msg"] and "device_ids" in doc["msg"], doc
+    assert "\n" not in doc["msg"] and len(doc["msg"]) < 300
+    assert env.path.read_bytes() == before and env.probe.calls == []
+
+
+def test_a_real_8_gpu_registration_is_far_under_the_info_cap(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    body = _body(8001, device_ids=[str(i) for i in range(8)], rdma_ports=[str(8200 + i) for i in range(8)],
+                 transfer_protocol=["ipc", "rdma"], connector_port=8300, version="2.5.0", tp_size=8)
+    assert env.reg.register(body, H) == OK
+    [inst] = env.instances()
+    assert len(json.dumps(inst["fastdeploy"])) < 400 < MAX_INFO_BYTES
+
+
+def test_lists_of_one_instance_are_capped_at_64() -> None:
+    assert MAX_LIST <= 64
+    parse_body({**BODY, "device_ids": list(range(MAX_LIST))})
+    for field in ("device_ids", "rdma_ports", "transfer_protocol"):
+        with pytest.raises(BodyError, match=f"invalid {field}: .*at most {MAX_LIST}"):
+            parse_body({**BODY, field: ["ipc"] * (MAX_LIST + 1)})
+
+
+def test_a_full_registry_refuses_new_instances_and_keeps_heartbeats(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """H3: --registry-max-instances. A NEW registration beyond it is refused with 507 (the file has no room:
+    not the caller's rate, not its health); every registered instance keeps heart-beating; one WARNING while
+    full; room made by a removal takes the next one."""
+    env = Env(tmp_path, grace=30, max_instances=3)
+    for port in (8001, 8002, 8003):
+        assert env.reg.register(_body(port), H) == OK
+    before = env.path.read_bytes()
+    with caplog.at_level(logging.WARNING, logger="fdngx.registry"):
+        for _ in range(3):
+            status, doc = env.reg.register(_body(8004), H)
+            assert status == 507 and "--registry-max-instances 3" in doc["msg"], doc
+        for port in (8001, 8002, 8003):  # heartbeats of registered instances: still 200, nothing written
+            env.clock.t += 1
+            assert env.reg.register(_body(port), H) == OK
+    assert env.path.read_bytes() == before
+    assert ("health", H, 8004) not in env.probe.calls  # refused before fdngx contacts it
+    full = [r for r in caplog.records if r.levelno == logging.WARNING and "full" in r.getMessage()]
+    assert len(full) == 1 and "--registry-max-instances" in full[0].getMessage()
+    env.clock.t += 29
+    assert env.reg.register(_body(8002), H) == OK and env.reg.register(_body(8003), H) == OK
+    env.clock.t += 2
+    assert env.reg.check(health=False) == [instance_name(H, 8001)]  # 8001 fell silent: room for one
+    assert env.reg.register(_body(8004), H) == OK
+    assert sorted(i["port"] for i in env.instances()) == [8002, 8003, 8004]
+
+
+def test_hand_written_entries_do_not_count_against_max_instances(tmp_path: Path) -> None:
+    write_inv(tmp_path / "fdngx.json", [{"name": f"dp{n}", "host": "127.0.0.1", "port": 7000 + n} for n in range(3)])
+    env = Env(tmp_path, max_instances=1)
+    assert env.reg.register(_body(8001), H) == OK
+    assert env.reg.register(_body(8002), H)[0] == 507
+
+
+def test_max_instances_is_checked_under_the_lock(tmp_path: Path) -> None:
+    """Registrations racing past the early check are still held to the cap where the file is written."""
+    env = Env(tmp_path, max_instances=4)
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda p=p: results.append(env.reg.register(_body(p), H)[0]))
+               for p in range(8001, 8017)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [200] * 4 + [507] * 12 and len(env.instances()) == 4
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_max_instances_must_be_at_least_one(bad: int) -> None:
+    with pytest.raises(UsageError, match=f"--registry-max-instances {bad}: "):
+        RegistrySettings.from_options(30, max_instances=bad)
+    assert RegistrySettings.from_options(30).max_instances == DEFAULT_MAX_INSTANCES == 1024
+
+
+def test_sidecar_refuses_a_zero_max_instances_before_touching_the_inventory(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fdngx.cli import app
+
+    inv = tmp_path / "registered.json"
+    result = CliRunner().invoke(app, ["sidecar", "-i", str(inv), "--out", str(tmp_path / "nginx.conf"),
+                                      "--no-reload", "--registry-listen", "127.0.0.1:0",
+                                      "--registry-max-instances", "0", "--metrics-listen", "off"])
+    assert isinstance(result.exception, UsageError), result.output
+    assert "--registry-max-instances 0" in str(result.exception) and "\n" not in str(result.exception)
+    assert not inv.exists()
+
+
+def test_save_refuses_a_file_load_would_refuse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """H3 (c): inventory.save never writes what inventory.load refuses for its size: InventoryError naming
+    the file and the limit, nothing written, the old file intact, no temp file left."""
+    path = write_inv(tmp_path / "fdngx.json", [{"name": "dp0", "host": "127.0.0.1", "port": 8001}])
+    before = path.read_bytes()
+    big = inv_mod.Inventory([inv_mod.parse_instance({"name": f"dp{n}", "host": "127.0.0.1", "port": 8001 + n},
+                                                    "x", n) for n in range(100)], "fastdeploy")
+    monkeypatch.setattr(inv_mod, "MAX_BYTES", 4096)
+    with pytest.raises(inv_mod.InventoryError, match=rf"{path}: not written: .* over the 4096-byte limit"):
+        inv_mod.save(big, path)
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["fdngx.json"]
+    small = inv_mod.Inventory(big.instances[:3], "fastdeploy")
+    inv_mod.save(small, path)
+    assert len(inv_mod.load(path).instances) == 3
+
+
+def test_the_registry_never_writes_a_file_it_cannot_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """H3: the file limit reached (a small MAX_BYTES stands in for 16 MiB): the registration that would pass
+    it is refused (507, one line, the limit named), never a 500; the file still loads, heartbeats still
+    answer 200 and the periodic check still runs."""
+    env = Env(tmp_path)
+    assert env.reg.register(_body(8001), H) == OK
+    monkeypatch.setattr(inv_mod, "MAX_BYTES", env.path.stat().st_size * 3)
+    answers = [env.reg.register(_body(port), H) for port in range(8002, 8012)]
+    assert {status for status, _ in answers} == {200, 507}, answers
+    refused = next(doc for status, doc in answers if status == 507)
+    assert f"{inv_mod.MAX_BYTES}-byte limit" in refused["msg"] and "\n" not in refused["msg"]
+    assert env.path.stat().st_size <= inv_mod.MAX_BYTES
+    registered = len(inv_mod.load(env.path).instances)
+    assert 2 <= registered < 11
+    assert env.reg.register(_body(8001), H) == OK and env.reg.check() == []
+
+
+def test_the_default_caps_keep_the_worst_case_file_under_max_bytes() -> None:
+    """H3: with the default caps the registry's file can never pass inventory.MAX_BYTES, whatever the
+    bodies: --registry-max-instances entries, each at most its longest fields plus MAX_INFO_BYTES of
+    compact FastDeploy info, which the file's indent=2 grows by at most a newline and an indent per item."""
+    longest = {"name": "n" * 128, "host": "f" * 45, "port": 65535, "metrics_port": 65535, "engine": "fastdeploy",
+               "role": "mixed", "registered": True, "metrics_source": "api-port-suspect", "fastdeploy": {},
+               "registered_as": "a" * 253}
+    empty = json.dumps({"version": 1, "upstream": "u" * 64, "instances": []}, indent=2) + "\n"
+    one = json.dumps({"version": 1, "upstream": "u" * 64, "instances": [longest]}, indent=2) + "\n"
+    deepest = 10  # a list element of "fastdeploy", in an instance, in "instances"
+    keys = 8  # connector_port, engine_worker_queue_port, transfer_protocol, rdma_ports, device_ids, version, ...
+    items = 3 * MAX_LIST + keys + 4  # list elements, keys, closing brackets
+    info = MAX_INFO_BYTES + items * (1 + deepest) + keys  # + a space after each ':'
+    entry = len(one) - len(empty) + info + len(",\n    ")
+    worst = len(empty) + DEFAULT_MAX_INSTANCES * entry
+    assert worst < inv_mod.MAX_BYTES // 2, (worst, inv_mod.MAX_BYTES)
+    # The bound holds for the registration that packs the most items into the info cap.
+    reg = parse_body({**BODY, "device_ids": [0] * MAX_LIST, "rdma_ports": [0] * MAX_LIST,
+                      "transfer_protocol": ["ipc"] * MAX_LIST, "version": "v" * 128, "tp_size": 65536,
+                      "connector_port": "c" * 128, "engine_worker_queue_port": "e" * 128})
+    text = inv_mod.to_json(inv_mod.Inventory([inv_mod.parse_instance(
+        {**longest, "name": "n", "host": "10.0.0.7", "fastdeploy": reg.info}, "x", 0)], "u" * 64))
+    assert len(text) - len(empty) <= entry
+
+
+# Strings of any length up to the cap and past it, of any character (an astral one is 12 bytes of JSON), and
+# lists of any length up to the cap and past it: sizes spread over the whole range, not only small ones.
+texts = st.text(st.characters(codec="utf-8"), max_size=8) | st.builds(
+    lambda c, n: c * n, st.characters(codec="utf-8"), st.integers(0, MAX_TEXT + 2))
+elements = texts | st.integers(-2**40, 2**40)
+hostile_lists = st.lists(elements, max_size=8) | st.builds(lambda e, n: [e] * n, elements, st.integers(0, MAX_LIST + 2))
+
+
+@settings(max_examples=200, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=hostile_lists, ports=hostile_lists, version=texts)
+def test_hostile_info_is_stored_within_the_cap_or_refused(tmp_path: Path, ids: list[Any], ports: list[Any],
+                                                         version: str) -> None:
+    """Property (H3): whatever the lists and strings (escapes, astral characters), a registration is 200 with
+    at most MAX_INFO_BYTES of info stored, or 400; the file always loads."""
+    env = Env(tmp_path)
+    status, doc = env.reg.register(_body(8001, device_ids=ids, rdma_ports=ports, version=version), H)
+    assert status in (200, 400), doc
+    stored = env.instances()
+    if status == 200:
+        assert len(json.dumps(stored[0]["fastdeploy"], separators=(",", ":"))) <= MAX_INFO_BYTES
+    inv_mod.load(env.path)
+
+
+@pytest.mark.parametrize(("name", "resolved"), [("localhost", "127.0.0.1"), ("ip6-localhost", "::1"),
+                                                ("node7.example", "127.0.1.1"), ("mapped.example", "::ffff:127.0.0.1")])
+def test_a_name_resolving_to_loopback_from_another_machine_uses_the_peer_address(tmp_path: Path, name: str,
+                                                                                 resolved: str) -> None:
+    """M1: `host_ip: "localhost"` from another machine resolved to 127.0.0.1 and was stored: a remote
+    machine registered our own loopback. The loopback rule applies to the resolved address too."""
+    env = Env(tmp_path, names={name: [resolved]})
+    assert env.reg.register(_body(8001, host_ip=name), "10.0.0.9") == OK
+    [inst] = env.instances()
+    assert inst["host"] == "10.0.0.9" and "registered_as" not in inst  # the peer, not what the name means here
+    assert {c[1] for c in env.probe.calls} == {"10.0.0.9"}
+    # From this machine, the name means this machine: kept, with the name it was sent as.
+    assert env.reg.register(_body(8002, host_ip=name), "127.0.0.1") == OK
+    local = env.instances()[1]
+    assert (local["host"], local["registered_as"]) == (str(canonical_ip(resolved)), name)
+
+
+loopbacks = st.builds(lambda n: str(ipaddress.IPv4Address((127 << 24) + n)), st.integers(0, 2**24 - 1)) | \
+    st.sampled_from(["::1", "0:0:0:0:0:0:0:1", "::ffff:127.0.0.1", "::ffff:127.9.9.9"])
+peers = st.builds(lambda n: str(ipaddress.IPv4Address((10 << 24) + n)), st.integers(1, 2**24 - 2)) | \
+    st.builds(lambda n: str(ipaddress.IPv6Address((0xfd << 120) + n)), st.integers(1, 2**64))
+
+
+@settings(max_examples=100, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(loop=loopbacks, peer=peers, by_name=st.booleans())
+def test_a_remote_peer_never_registers_a_loopback_address(tmp_path: Path, loop: str, peer: str,
+                                                          by_name: bool) -> None:
+    """Property (M1): whether host_ip is a loopback literal or a name resolving to one, a registration from a
+    non-loopback peer is stored at the peer's address, never at a loopback address."""
+    env = Env(Path(tempfile.mkdtemp(dir=tmp_path)), names={"me.example": [loop]})
+    status, doc = env.reg.register(_body(8001, host_ip="me.example" if by_name else loop), peer)
+    assert status == 200, doc
+    [inst] = env.instances()
+    assert inst["host"] == ipaddress.ip_address(peer).compressed
+    assert not ipaddress.ip_address(inst["host"]).is_loopback
+
+
+def test_the_api_ports_metrics_are_a_suspect_last_resort_said_once(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """reference/fastdeploy.md: "Always give each instance its own metrics port": without one, /metrics on
+    the API port is answered by a forked web worker whose load gauges read 0. With no body metrics_port and
+    no rule, the API port is still used when it serves /metrics, marked "api-port-suspect", with ONE
+    WARNING per instance saying what to do."""
+    env = Env(tmp_path)
+    env.probe.metrics_of[(H, 8001)] = None
+    env.probe.metrics_of[(H, 8002)] = None
+    with caplog.at_level(logging.WARNING, logger="fdngx.registry"):
+        for _ in range(4):
+            assert env.reg.register(dict(BODY), H) == OK
+            assert env.reg.register({**BODY, "port": 8002}, H) == OK
+    got = {i["port"]: (i["metrics_port"], i["metrics_source"]) for i in env.instances()}
+    assert got == {8001: (8001, "api-port-suspect"), 8002: (8002, "api-port-suspect")}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    for text, port in zip(warnings, (8001, 8002), strict=True):
+        assert instance_name(H, port) in text and "may read 0" in text
+        assert "--metrics-port" in text and "--registry-metrics-port" in text
+
+
+@pytest.mark.parametrize(("source", "rule", "want"), [
+    ("api-port", None, (8001, "api-port")), ("api-port", "+1000", (9001, "rule")),
+    ("api-port-suspect", "+1000", (9001, "rule")), ("rule", None, (9001, "rule")), ("rule", "+1000", (9001, "rule")),
+    ("body", "+1000", (9001, "rule")), ("none", None, (8001, "api-port-suspect")), ("none", "+1000", (9001, "rule")),
+])
+def test_metrics_sources_already_on_disk_keep_working(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                      source: str, rule: str | None, want: tuple[int, str]) -> None:
+    """Inventories written before: "api-port" is kept (and warned about once) unless a rule now gives a
+    port; "rule" is kept; "none" (after a restart) and "body" without a body metrics_port are looked for
+    again."""
+    mp = {"api-port": 8001, "api-port-suspect": 8001, "rule": 9001, "body": 9500, "none": 8001}[source]
+    write_inv(tmp_path / "fdngx.json", [{"name": "fd-old", "host": H, "port": 8001, "metrics_port": mp,
+                                         "engine": "fastdeploy", "registered": True, "metrics_source": source,
+                                         "fastdeploy": {}}])
+    env = Env(tmp_path, rule=rule)
+    env.probe.metrics_of[(H, 8001)] = None
+    env.probe.metrics_of[(H, 9001)] = None
+    with caplog.at_level(logging.WARNING, logger="fdngx.registry"):
+        for _ in range(3):
+            assert env.reg.register(dict(BODY), H) == OK
+    [inst] = env.instances()
+    assert ((inst["metrics_port"], inst["metrics_source"]), inst["name"]) == (want, "fd-old")
+    suspect = [r for r in caplog.records if "may read 0" in r.getMessage()]
+    assert len(suspect) == (1 if want[1].startswith("api-port") else 0)
+
+
+def test_instance_names_are_injective_for_ipv6_and_unchanged_for_ipv4(tmp_path: Path) -> None:
+    """The name was fd-{host with ':' as '.'}-{port} with '..' collapsed: fd00:1::2 and fd00::1:2 both
+    became fd-fd00.1.2-8001, so the second was refused as a duplicate name."""
+    assert instance_name("10.0.0.7", 8001) == "fd-10.0.0.7-8001"  # names already on disk stay what they are
+    assert instance_name("127.0.0.1", 8180) == "fd-127.0.0.1-8180"
+    assert instance_name("fd00:1::2", 8001) != instance_name("fd00::1:2", 8001)
+    env = Env(tmp_path)
+    assert env.reg.register(_body(8001, host_ip="fd00:1::2"), H) == OK
+    assert env.reg.register(_body(8001, host_ip="fd00::1:2"), H) == OK
+    assert len({i["name"] for i in env.instances()}) == 2
+
+
+def test_a_registered_instance_keeps_the_name_it_has_on_disk(tmp_path: Path) -> None:
+    """An entry written under the old naming (fd00:1::2 -> fd-fd00.1.2-8001) keeps its name on every
+    heartbeat: the sidecar's state, logs and metrics follow it by name."""
+    write_inv(tmp_path / "fdngx.json", [{"name": "fd-fd00.1.2-8001", "host": "fd00:1::2", "port": 8001,
+                                         "metrics_port": 9001, "registered": True, "metrics_source": "body"}])
+    env = Env(tmp_path)
+    assert env.reg.register(_body(8001, host_ip="fd00:1::2", version="v2"), H) == OK
+    [inst] = env.instances()
+    assert (inst["name"], inst["fastdeploy"]["version"]) == ("fd-fd00.1.2-8001", "v2")
+
+
+ips = st.builds(lambda n: ipaddress.IPv4Address(n), st.integers(0, 2**32 - 1)) | \
+    st.builds(lambda n: ipaddress.IPv6Address(n), st.integers(0, 2**128 - 1)) | \
+    st.builds(lambda a, b: ipaddress.IPv6Address((a << 64) + b), st.integers(0, 7), st.integers(0, 7)) | \
+    st.builds(lambda n: ipaddress.IPv6Address((0xffff << 32) + n), st.integers(0, 2**32 - 1))  # IPv4-mapped
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(a=ips, b=ips, pa=st.integers(1, 65535), pb=st.integers(1, 65535))
+def test_instance_names_are_valid_and_injective(a: Any, b: Any, pa: int, pb: int) -> None:
+    """Property: two addresses get one name exactly when they are one server (inventory.address_key:
+    ::ffff:10.0.0.1 is 10.0.0.1), and every name is a valid inventory name."""
+    na, nb = instance_name(a.compressed, pa), instance_name(b.compressed, pb)
+    assert inv_mod.NAME.fullmatch(na) and inv_mod.NAME.fullmatch(nb)
+    assert (na == nb) == (inv_mod.address_key(a.compressed, pa) == inv_mod.address_key(b.compressed, pb))
+
+
+# -- --registry-targets peer (the hardened setting) ----------------------------------------------------------
+
+
+def test_targets_peer_allows_only_the_address_the_registration_came_from(tmp_path: Path) -> None:
+    env = Env(tmp_path, targets="peer")
+    assert env.reg.register(_body(8001, host_ip="10.0.0.7"), "10.0.0.7") == OK
+    assert env.reg.register(_body(8002, host_ip="127.0.1.1"), "10.0.0.9") == OK  # loopback claim: the peer
+    status, doc = env.reg.register(_body(8003, host_ip="10.0.0.8"), "10.0.0.7")
+    assert status == 403 and "--registry-targets peer" in doc["msg"] and "10.0.0.7" in doc["msg"], doc
+    assert [i["host"] for i in env.instances()] == ["10.0.0.7", "10.0.0.9"]
+    assert ("health", "10.0.0.8", 8003) not in env.probe.calls
+
+
+def test_targets_peer_with_networks_needs_both(tmp_path: Path) -> None:
+    env = Env(tmp_path, targets="peer,10.0.0.0/8")
+    assert env.reg.register(_body(8001, host_ip="10.0.0.7"), "10.0.0.7") == OK
+    assert env.reg.register(_body(8001, host_ip="192.168.1.5"), "192.168.1.5")[0] == 403
+    assert env.reg.register(_body(8001, host_ip="10.0.0.8"), "10.0.0.7")[0] == 403
+
+
+def test_peer_is_a_keyword_of_targets_only() -> None:
+    assert RegistrySettings.from_options(30, "peer").targets.peer
+    assert not RegistrySettings.from_options(30).targets.peer  # the default is unchanged
+    with pytest.raises(UsageError, match="--registry-allow 'peer'"):
+        Networks.parse("peer", "--registry-allow")

@@ -223,9 +223,20 @@ class NameCache:
 # -- rate limit --------------------------------------------------------------------------------------------
 
 
+def rate_key(source: str) -> str:
+    """The bucket a source address draws from: its own for IPv4, its /64 for IPv6. One host commonly holds a
+    whole /64 (SLAAC, privacy addresses), so a bucket per IPv6 address would let it rotate past the bounded
+    table of buckets and never be limited."""
+    ip = canonical_ip(source)
+    if ip is None:
+        return source
+    return str(ip) if ip.version == 4 else str(ipaddress.ip_network(f"{ip}/64", strict=False))
+
+
 class RateLimit:
-    """A token bucket per source address: `burst` calls at once, then `rate` per second. FastDeploy posts
-    once per 5 s per instance, so a node with 16 data-parallel ranks uses about 3 calls/s."""
+    """A token bucket per source (rate_key: an IPv4 address, an IPv6 /64): `burst` calls at once, then `rate`
+    per second. FastDeploy posts once per 5 s per instance, so a node with 16 data-parallel ranks uses about
+    3 calls/s."""
 
     def __init__(self, rate: float = 10.0, burst: float = 40.0, clock: Callable[[], float] = time.monotonic,
                  max_sources: int = 4096) -> None:
@@ -235,6 +246,7 @@ class RateLimit:
 
     def allow(self, source: str) -> bool:
         now = self.clock()
+        source = rate_key(source)
         with self._lock:
             tokens, at = self._buckets.pop(source, (self.burst, now))
             tokens = min(self.burst, tokens + (now - at) * self.rate)

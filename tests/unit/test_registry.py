@@ -485,6 +485,17 @@ def test_allow_lists_and_rate_limit() -> None:
     assert limit.allow("a") and not limit.allow("a")
 
 
+def test_rate_limit_takes_an_ipv6_slash_64_as_one_source() -> None:
+    # One host holds a whole /64: rotating through more addresses than the table keeps must not reset its bucket.
+    limit = RateLimit(rate=0.001, burst=3.0, clock=lambda: 0.0, max_sources=16)
+    answers = [limit.allow(f"fd00:1:2:3::{n:x}") for n in range(1, 101)]
+    assert answers[:3] == [True] * 3 and not any(answers[3:])
+    assert limit.allow("fd00:1:2:4::1"), "the next /64 is another source"
+    assert limit.allow("10.0.0.2"), "IPv4 per address"
+    assert [limit.allow("::ffff:10.0.0.1"), limit.allow("10.0.0.1"), limit.allow("10.0.0.1")] == [True] * 3
+    assert not limit.allow("::ffff:10.0.0.1"), "an IPv4-mapped address is its IPv4 address"
+
+
 def test_settings_from_options() -> None:
     s = RegistrySettings.from_options(30, "loopback", "+1000")
     assert (s.grace, s.check_interval, s.metrics_rule and s.metrics_rule.offset) == (30, 5.0, 1000)

@@ -51,7 +51,7 @@ from fdngx.nginx.fanout import frontend_specs
 from fdngx.nginx.frontdoor import AccessLogFormat
 from fdngx.nginx.target import open_target
 from fdngx.registry.core import Registry, RegistrySettings
-from fdngx.registry.http import RegistryServer
+from fdngx.registry.http import RegistryServer, server_options
 from fdngx.registry.rules import DEFAULT_MAX_INSTANCES
 from fdngx.weights.settings import config_for_flavor
 from fdngx.weights.sidecar import Sidecar, SidecarConfig
@@ -220,6 +220,7 @@ def sidecar_cmd(
         # Before the sidecar loads the inventory: the registry creates it (empty) when missing.
         settings = RegistrySettings.from_options(registry_grace, registry_targets, registry_metrics_port,
                                                  registry_max_instances)
+        server_options(registry_listen, registry_allow)  # a bad option leaves no empty inventory behind
         owner = Registry(inventories[0], inventories[1:], settings=settings)
         if not once:  # one cycle serves no registrations; the inventory exists now all the same
             registry = RegistryServer(registry_listen, owner, allow=registry_allow).start()

@@ -273,6 +273,8 @@ class Registry:
                 if old.get("registered") is not True:
                     return
                 merged = {**old, **new, "name": old["name"]}  # hand edits (weight, max_num_seqs) stay
+                if not asked:
+                    merged.pop("registered_as", None)  # registered by address now: an old name no longer holds
                 if merged == old:
                     self._seen[key] = self.clock()
                     return

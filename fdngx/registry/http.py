@@ -224,17 +224,23 @@ class _PoolServer(socketserver.TCPServer):
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+def server_options(listen: str, allow: str = DEFAULT_ALLOW) -> tuple[Listen, Networks]:
+    """--registry-listen and --registry-allow, checked; UsageError names the option. The sidecar checks them
+    before the registry creates its inventory, so a typo leaves no file behind."""
+    try:
+        where = Listen.parse(listen, "--registry-listen", allow_zero=True)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return where, Networks.parse(allow, "--registry-allow")
+
+
 class RegistryServer:
     """The HTTP side and the periodic check, each on its own thread (the sidecar runs them beside its loop)."""
 
     def __init__(self, listen: str, registry: Registry, *, allow: str = DEFAULT_ALLOW,
                  limit: RateLimit | None = None, workers: int = WORKERS, queue: int = QUEUE,
                  read_deadline: float = READ_DEADLINE) -> None:
-        try:
-            where = Listen.parse(listen, "--registry-listen", allow_zero=True)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        sources = Networks.parse(allow, "--registry-allow")
+        where, sources = server_options(listen, allow)
         handler = type("Handler", (_Handler,), {"registry": registry, "sources": sources,
                                                  "limit": limit or RateLimit(), "timeout": read_deadline})
         family = socket.AF_INET6 if ":" in where.bind_host else socket.AF_INET

@@ -652,6 +652,30 @@ def test_sidecar_refuses_a_zero_max_instances_before_touching_the_inventory(tmp_
     assert not inv.exists()
 
 
+@pytest.mark.parametrize(("option", "value"), [("--registry-allow", "10.0.0.0/99"), ("--registry-listen", "nope")])
+def test_sidecar_refuses_a_bad_registry_server_option_before_touching_the_inventory(
+    tmp_path: Path, option: str, value: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from fdngx.cli import app
+
+    inv = tmp_path / "registered.json"
+    args = {"--registry-listen": "127.0.0.1:0", "--registry-allow": "loopback", option: value}
+    result = CliRunner().invoke(app, ["sidecar", "-i", str(inv), "--out", str(tmp_path / "nginx.conf"), "--no-reload",
+                                      "--metrics-listen", "off", *(t for kv in args.items() for t in kv)])
+    assert isinstance(result.exception, UsageError) and option in str(result.exception), result.output
+    assert not inv.exists()
+
+
+def test_a_name_registered_before_is_dropped_when_the_instance_registers_by_address(tmp_path: Path) -> None:
+    env = Env(tmp_path, names={"replica-a.example": ["10.0.0.21"]})
+    assert env.reg.register({**BODY, "host_ip": "replica-a.example", "metrics_port": 9001}, H) == OK
+    assert env.reg.register({**BODY, "host_ip": "10.0.0.21", "metrics_port": 9001}, H) == OK
+    [inst] = env.instances()
+    assert inst["host"] == "10.0.0.21" and "registered_as" not in inst
+
+
 def test_save_refuses_a_file_load_would_refuse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """H3 (c): inventory.save never writes what inventory.load refuses for its size: InventoryError naming
     the file and the limit, nothing written, the old file intact, no temp file left."""

@@ -61,8 +61,9 @@ EPILOG = (
     "  fdngx render --mode standalone --out /srv/fdngx/nginx.conf --listen 0.0.0.0:8080\n\n"
     "  fdngx render --out /etc/nginx/conf.d/fdngx-upstream.conf --reload --scrape --quiet   # crontab: mail only "
     "on change or failure\n\n"
-    "Exit codes: 0 applied or unchanged (--check: file is current), 1 error or (--check, --diff) file is stale, "
-    "2 usage."
+    "Exit codes: 0 applied or unchanged (--check: file is current), 1 error (openresty --scrape: also when the "
+    "balancer holds a newer snapshot, from another controller or a clock ahead, so these weights were not "
+    "applied) or (--check, --diff) file is stale, 2 usage."
 )
 
 
@@ -161,6 +162,9 @@ def render_cmd(
     result = Controller(target, policy, log_outcome=False).run_once(inv, store)
     if result.error is not None:
         say(f"fdngx: error: {result.error}", logging.ERROR, color="red")
+        raise typer.Exit(1)
+    if result.superseded is not None:  # this render's weights were not applied anywhere
+        say(f"fdngx: error: not pushed: {result.superseded}", logging.ERROR, color="red")
         raise typer.Exit(1)
     if diff and result.applied is not None and result.applied.diff:
         typer.echo(result.applied.diff, nl=False)

@@ -204,6 +204,11 @@ def write_peers_file(path: Path, inv: Inventory) -> str:
     return text
 
 
+# The balancer refuses a generation further ahead of its own clock than this (fdngx.pool.FUTURE_MS, in ms):
+# one that far ahead of this host's clock means this host's clock is behind.
+FUTURE_S = 300.0
+
+
 @dataclass(frozen=True)
 class PushResult:
     """What a frontend said to a push: applied, the same generation again, or refused as older."""
@@ -218,6 +223,14 @@ class PushResult:
     @property
     def accepted(self) -> bool:
         return self.status in ("ok", "unchanged")
+
+
+def superseded(where: str, generation: int | None, current: int | None) -> str:
+    """Why a push was refused as older (409 stale), for people: how far ahead the generation in force is."""
+    if current is None or generation is None:
+        return f"{where}: holds a newer generation than this push's {generation}: nothing applied"
+    return (f"{where}: holds generation {current}, {(current - generation) / 1000:.1f} s newer than this push's "
+            f"{generation}: another controller pushes there, or its clock is ahead of this host's; nothing applied")
 
 
 def _fields(text: str) -> dict[str, str]:

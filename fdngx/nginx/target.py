@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -99,10 +100,10 @@ class Target:
         )
 
     def push(self, inv: Inventory, states: Mapping[str, ServerState] | None,
-             samples: Mapping[str, LoadSample]) -> int | None:
-        """Send the balancer a whole snapshot; returns how many peers it now has (0: it refused this one
-        because another controller's is newer), None when no nginx took it: a static snapshot's push is best
-        effort, the policy's waits only for an nginx that is not running.
+             samples: Mapping[str, LoadSample]) -> openresty.PushResult | None:
+        """Send the balancer a whole snapshot; returns what it said (applied, unchanged, or stale: another
+        controller's is newer), None when no nginx took it: a static snapshot's push is best effort, the
+        policy's waits only for an nginx that is not running.
 
         With policy states: their weights, down flags and the scraped load, under a new generation. Without
         (a render with no scrape): the peers file as written, under its own generation, so re-sending it is
@@ -128,15 +129,18 @@ class Target:
             return None
         if not result.accepted:
             # Static: a sidecar's newer snapshot is in force, as it should be. The policy's: two controllers side
-            # by side, the other one's snapshot is newer; this one's next push wins again.
+            # by side, the other one's snapshot is newer; this one's next push wins again. One further ahead
+            # than the balancer accepts from any clock (fdngx.pool.FUTURE_MS) says this host's clock is behind.
             if states is not None:
-                log.info("%s: generation %d refused, the balancer has a newer one (%s) from another controller",
-                         self.admin.url, result.generation, result.current)
-            return 0
+                behind = result.current is not None and result.current / 1000 - time.time() > openresty.FUTURE_S
+                log.log(logging.WARNING if behind else logging.INFO, "%s%s",
+                        openresty.superseded(self.admin.url, result.generation, result.current),
+                        " (this host's clock looks behind)" if behind else "")
+            return result
         if result.added or result.removed:
             log.info("%s: replicas added %s, removed %s (no reload)", self.admin.url,
                      ", ".join(result.added) or "none", ", ".join(result.removed) or "none")
-        return result.peers
+        return result
 
     def push_all(self, inv: Inventory, states: Mapping[str, ServerState] | None,
                  samples: Mapping[str, LoadSample]) -> tuple[PushOutcome, ...]:

@@ -22,6 +22,7 @@ from fdngx.domain import Inventory, LoadSample, ServerState
 from fdngx.errors import FdngxError
 from fdngx.nginx.apply import ApplyResult
 from fdngx.nginx.fanout import PushOutcome
+from fdngx.nginx.openresty import superseded as superseded_why
 from fdngx.nginx.target import Target
 from fdngx.weights.fetch import Client
 from fdngx.weights.policy import Decisions, decide
@@ -49,6 +50,9 @@ class CycleResult:
     # Seconds spent scraping + deciding, and pushing (for logs, telemetry and the fleet benchmark).
     scrape_seconds: float = 0.0
     push_seconds: float = 0.0
+    # The policy's push was refused everywhere as older than the snapshot in force (another controller, or a
+    # clock ahead): why, for people. Normal beside a second controller; `render` makes it an error.
+    superseded: str | None = None
 
     @property
     def changed(self) -> bool:
@@ -134,6 +138,7 @@ class Controller:
         states = server_states(decisions) if decisions is not None else None
         applied: ApplyResult | None = None
         pushed: int | None = None
+        superseded: str | None = None
         pushes: tuple[PushOutcome, ...] = ()
         error: str | None = None
         text = ""
@@ -153,18 +158,25 @@ class Controller:
                 # problem (logged and counted per frontend), the cycle fails only if none took it.
                 pushes = self.target.push_all(inv, states, samples)
                 pushed, error = fleet_outcome(pushes)
+                if pushed == 0 and states is not None:
+                    superseded = "; ".join(superseded_why(o.frontend, o.generation, o.current)
+                                           for o in pushes if o.status == "stale")
             elif self.target.pushing:
                 # Every cycle, not only on change: the balancer fades scraped load that is not refreshed.
                 # A static render (no policy) pushes the peers file, so a replica added or removed needs
                 # no reload either.
-                pushed = self.target.push(inv, states, samples)
+                got = self.target.push(inv, states, samples)
+                pushed = None if got is None else got.peers if got.accepted else 0
+                if got is not None and got.status == "stale" and states is not None:
+                    superseded = superseded_why(self.target.admin.url if self.target.admin else "the balancer",
+                                                got.generation, got.current)
             push_ended = time.monotonic()
         except FdngxError as exc:
             error = str(exc)
         if error is not None and decisions is not None:
             new_state = unapplied(new_state, state)
         result = CycleResult(decisions, samples, applied, pushed, error, text, self._nginx_running(applied), pushes,
-                             scraped - started, push_ended - push_started)
+                             scraped - started, push_ended - push_started, superseded)
         self._log(result)
         return result, new_state
 

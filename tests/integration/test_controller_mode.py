@@ -162,12 +162,12 @@ def test_two_controllers_side_by_side_the_newest_snapshot_wins(fleet: tuple[Repl
         assert ctl is not None
         log = ctl.log.read_text()
         assert '"level": "error"' not in log and "push failed" not in log, log[-2000:]
-    # A frontend holding a far newer generation (a controller whose clock runs ahead): this one's pushes get
-    # 409, said once, counted, and never an error or a failed cycle.
+    # A frontend holding a newer generation (a controller whose clock runs two minutes ahead, within the five the
+    # balancer accepts): this one's pushes get 409, said once, counted, and never an error or a failed cycle.
     ahead = frontends.admins[0]
     gen = int(ahead.view()[0]["generation"])
     peers = ahead.view()[1]
-    body = f"generation {gen + 10**9}\n" + "".join(
+    body = f"generation {gen + 120_000}\n" + "".join(
         f"peer {n} 127.0.0.1 {p['addr'].split(':')[1]} 7 0 {p['capacity']} 0.000\n" for n, p in peers.items())
     assert ahead.push(body).status == "ok"
     c = Controller(replicas, frontends.urls[:1], tmp_path, token, interval=0.3, name="c")
@@ -180,7 +180,7 @@ def test_two_controllers_side_by_side_the_newest_snapshot_wins(fleet: tuple[Repl
     assert log.count("holds a newer generation") == 1, log[-2000:]
     loud = [r["msg"] for r in map(json.loads, log.splitlines()) if r["level"] in ("warning", "error")]
     assert all(m.startswith("dp3: ") for m in loud), loud  # only the unhealthy replica's news
-    assert int(ahead.view()[0]["generation"]) == gen + 10**9
+    assert int(ahead.view()[0]["generation"]) == gen + 120_000
 
 
 def test_a_membership_change_reaches_every_frontend_with_no_reload(fleet: tuple[Replicas, Path, Path],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import re
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from fdngx.nginx.openresty import Admin, PushResult
+from fdngx.errors import ApplyError
+from fdngx.nginx.openresty import Admin, PushResult, next_generation
 from fdngx.nginx.render import builtin_template_dir
 from tests.integration.lua_site import LuaSite, needs_lua
 from tests.support import fdngx, wait_for
@@ -148,6 +150,32 @@ def test_generations_the_newest_push_wins(site: LuaSite) -> None:
     site.nginx.proc.send_signal(1)  # SIGHUP
     wait_for(lambda: site.nginx is not None and not site.nginx.worker_pids() & workers, 20, what="new workers")
     assert site.generation() == gen + 10 and site.view()["b0"]["weight"] == "9"
+
+
+def test_a_far_future_generation_is_refused_and_never_wedges_the_pool(site: LuaSite) -> None:
+    # Generations are the pusher's clock in ms: accepted, 2^53 made every honest push "stale" until a restart.
+    gen = site.generation()
+    rogue = site.snapshot(2**53, {"b0": (1, 0, 0), "b1": (9, 0, 0)})
+    with pytest.raises(ApplyError, match=rf"HTTP 400 generation {2**53} is \d+ s ahead of this frontend's clock"):
+        site.admin.push(rogue)
+    assert site.generation() == gen
+    honest = next_generation()
+    assert site.admin.push(site.snapshot(honest, {"b0": (9, 0, 0), "b1": (1, 0, 0)})).status == "ok"
+    assert site.generation() == honest and site.view()["b0"]["weight"] == "9"
+
+
+def test_render_says_when_a_newer_snapshot_is_in_force_and_exits_1(site: LuaSite) -> None:
+    # Another controller whose clock is a minute ahead (within what the balancer accepts) pushed last.
+    ahead = int(time.time() * 1000) + 60_000
+    assert site.admin.push(site.snapshot(ahead, {"b0": (5, 0, 0), "b1": (5, 0, 0)})).status == "ok"
+    r = fdngx("render", *site.args, "--scrape")
+    assert r.returncode == 1, r.stderr
+    [line] = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert f"not pushed: {site.admin.url}: holds generation {ahead}" in line and "nothing applied" in line, line
+    assert "pushed weights to" not in r.stderr
+    assert site.generation() == ahead
+    # Without --scrape the peers file is re-sent under its own (older) generation: best effort, as before.
+    assert fdngx("render", *site.args).returncode == 0
 
 
 def test_two_controllers_pushing_side_by_side_converge_on_the_newest(site: LuaSite) -> None:

@@ -18,6 +18,22 @@ local function install(pool, gen, lines, now)
 end
 
 return {
+    ["verdict: newer installs, older is stale, far-future is refused and never wedges the pool"] = function(t)
+        local now = 1733212345.678 -- seconds; generations are milliseconds
+        local ms = now * 1000
+        t.eq(pool_mod.verdict(nil, 1, now), "ok")
+        t.eq(pool_mod.verdict(ms - 10, ms, now), "ok")
+        t.eq(pool_mod.verdict(ms, ms, now), "unchanged")
+        t.eq(pool_mod.verdict(ms, ms - 10, now), "stale")
+        -- a clock a little ahead (another host) is a generation like any other
+        t.eq(pool_mod.verdict(ms, ms + pool_mod.FUTURE_MS, now), "ok")
+        t.eq(pool_mod.verdict(nil, ms + pool_mod.FUTURE_MS + 1, now), "future")
+        t.eq(pool_mod.verdict(ms, 2 ^ 53, now), "future")
+        -- a generation in force from the future (pushed before this rule) gives way to an honest one
+        t.eq(pool_mod.verdict(2 ^ 53, ms, now), "ok")
+        t.eq(pool_mod.verdict(2 ^ 53, ms - 10, now), "ok")
+    end,
+
     ["install: external load is what this nginx did not send; membership changes are reported"] = function(t)
         local dict = fakedict.new()
         local pool = new_pool(dict)

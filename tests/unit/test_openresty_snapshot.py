@@ -13,6 +13,7 @@ from fdngx.domain import Instance, Inventory, LoadSample, ServerState
 from fdngx.errors import ApplyError, UnsafeFileError
 from fdngx.nginx import openresty
 from fdngx.nginx.openresty import Peer, capacity_weights, live_peers, snapshot, write_peers_file
+from fdngx.nginx.render import builtin_template_dir
 from tests.support import NEEDS_LUAJIT, luajit_script
 
 
@@ -97,3 +98,15 @@ def test_every_snapshot_fdngx_writes_is_one_the_lua_parser_accepts(tmp_path: Pat
     proc = subprocess.run([*argv, *[str(tmp_path / f"s{i}") for i in range(len(bodies))]],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.split() == ["3", "3"], proc.stdout + proc.stderr
+
+
+def test_the_clock_window_is_the_balancers() -> None:
+    # fdngx says "this host's clock looks behind" past the window the Lua balancer refuses beyond.
+    pool = (builtin_template_dir() / "lua" / "fdngx" / "pool.lua").read_text()
+    assert f"M.FUTURE_MS = {int(openresty.FUTURE_S * 1000)}\n" in pool
+
+
+def test_a_refused_push_says_how_far_ahead_the_one_in_force_is() -> None:
+    why = openresty.superseded("http://127.0.0.1:9/fdngx/peers", 1_000, 61_500)
+    assert why.startswith("http://127.0.0.1:9/fdngx/peers: holds generation 61500, 60.5 s newer than this push's 1000")
+    assert "nothing applied" in why and "\n" not in why

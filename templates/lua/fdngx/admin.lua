@@ -5,8 +5,12 @@
 --   200 "ok generation=G peers=N added=a,b removed=c"   applied (added/removed: membership changes)
 --   200 "unchanged generation=G peers=N"                 the same generation again (a retry): nothing to do
 --   400 "line K: <reason>"                               malformed: nothing applied
+--   400 "generation G is S s ahead of this frontend's clock ..."   more than fdngx.pool.FUTURE_MS ahead: a
+--                                                        pusher's clock is wrong; refused, nothing applied
 --   409 "stale generation=G current=C"                   older than the one in force (another controller
---                                                        pushed a newer one): refused, nothing applied
+--                                                        pushed a newer one): refused, nothing applied.
+--                                                        A generation in force that is itself that far ahead
+--                                                        is replaced (WARN), never a wedge.
 --   403 bad or missing X-Fdngx-Token; 413 body too large; 405 other methods
 -- GET: the balancer's view, one line per peer, key=value (for tests and `fdngx status`).
 
@@ -58,14 +62,26 @@ local function post(pool)
     if not snap then return 400, err .. " (nothing applied)" end
     local dict = pool.dict
     return locked(dict, function()
-        local current = dict:get("gen") or -1
-        if snap.generation < current then
+        ngx.update_time()
+        local now = ngx.now()
+        local current = dict:get("gen")
+        local verdict = pool_mod.verdict(current, snap.generation, now)
+        if verdict == "future" then
+            return 400, format("generation %d is %.0f s ahead of this frontend's clock (at most %d s): the pusher's "
+                               .. "clock is wrong (nothing applied)", snap.generation,
+                               snap.generation / 1000 - now, pool_mod.FUTURE_MS / 1000)
+        end
+        if verdict == "stale" then
             return 409, format("stale generation=%d current=%d (nothing applied)", snap.generation, current)
         end
-        if snap.generation == current then
+        if verdict == "unchanged" then
             return 200, format("unchanged generation=%d peers=%d", current, #snap.peers)
         end
-        local added, removed = pool_mod.install(pool, body, snap, ngx.now())
+        if current and current > snap.generation then
+            ngx.log(ngx.WARN, "fdngx: pool ", pool.name, ": generation ", current, " in force was ",
+                    format("%.0f", current / 1000 - now), " s ahead of this clock; replaced by ", snap.generation)
+        end
+        local added, removed = pool_mod.install(pool, body, snap, now)
         if not added then return 500, removed end
         ngx.log(ngx.INFO, "fdngx: pool ", pool.name, " generation ", snap.generation, ": ", #snap.peers,
                 " peer(s), added ", #added, ", removed ", #removed)

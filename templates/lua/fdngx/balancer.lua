@@ -71,8 +71,10 @@ function M.init(cfg)
     -- The dict survives a reload: keep what a newer push put there, unless it is unreadable (an older
     -- fdngx's layout after an upgrade).
     local current = peers.parse(dict:get("snap"))
-    if not current or current.generation < snap.generation then
-        local added, ierr = pool_mod.install(pool, text, snap, now_of())
+    local now = now_of()
+    -- (a generation in force from the future, fdngx.pool.verdict, gives way to the file's)
+    if not current or pool_mod.verdict(current.generation, snap.generation, now) == "ok" then
+        local added, ierr = pool_mod.install(pool, text, snap, now)
         if not added then error("fdngx: " .. ierr, 0) end
     end
     pools[cfg.pool] = pool

@@ -33,6 +33,27 @@ local max, exp = math.max, math.exp
 -- one replica directly 289 -> 234 ms (oracle 226); a half-speed replica, legacy metrics, 348 -> 301 ms.
 M.SMOOTH = 2.0
 
+-- A generation is the pusher's wall clock in milliseconds (fdngx.nginx.openresty.next_generation). One
+-- further ahead of this frontend's clock than this is refused: accepted, it would make every honest push
+-- "stale" until the clock caught up with it (2^53: never; a pusher whose clock is a year ahead: a year).
+-- Clocks of hosts under NTP differ by milliseconds; five minutes leave room for one that is badly set.
+M.FUTURE_MS = 300000
+
+-- What to do with a snapshot of generation `gen` when `current` (or nil) is in force, at `now` (seconds):
+--   "ok"         newer: install it
+--   "unchanged"  the same generation again (a retry)
+--   "stale"      older than the one in force (another controller pushed a newer one)
+--   "future"     more than FUTURE_MS ahead of this frontend's clock: refused
+-- A generation in force that is itself that far ahead (pushed before this rule, or by a clock since set
+-- back) never blocks: a valid newer-than-now push replaces it.
+function M.verdict(current, gen, now)
+    local limit = now * 1000 + M.FUTURE_MS
+    if gen > limit then return "future" end
+    if current == nil or current > limit or gen > current then return "ok" end
+    if gen == current then return "unchanged" end
+    return "stale"
+end
+
 -- Make `snap` (parsed from `text`) the one in force. The caller holds the admin lock (or is init_by_lua,
 -- before any worker exists). Returns the names added and removed, or nil and an error.
 -- The snapshot in force, parsed: this worker's copy when it is of the generation in force (no second parse of

@@ -36,16 +36,13 @@ from fdngx import inventory as inv_mod
 from fdngx.domain import Instance, Inventory, Role, hostport, valid_host
 from fdngx.errors import FdngxError, InventoryError
 from fdngx.registry.body import BodyError, Registration, parse_body, worker_info
+from fdngx.registry.metrics_port import Key, MetricsPorts
 from fdngx.registry.probe import HttpProbe, Probe
 from fdngx.registry.rules import IPAddress, NameCache, RegistrySettings, canonical_ip, never_registrable
 from fdngx.system.files import file_lock
 
 log = logging.getLogger("fdngx.registry")
-Key = tuple[str, int]
 OK = {"code": 200, "msg": "Register success"}  # register.go RegisterInstance
-# metrics_source values: "body", "rule", "none" and "api-port-suspect" (written now), and "api-port" (written
-# before the API port came last; an inventory on disk keeps it and it is read like "api-port-suspect").
-API_PORT_SOURCES = ("api-port-suspect", "api-port")
 # A registration the file has no room for: 507 Insufficient Storage ("unable to store the representation
 # needed to complete the request", RFC 4918), the server's condition. Not 429: that is this caller going too
 # fast (the per-source rate limit answers it), and waiting does not help. Not 503: both FastDeploy routers
@@ -60,6 +57,8 @@ PD_REFUSED = (
 def answer(status: int, msg: str) -> tuple[int, dict[str, Any]]:
     """An error in both routers' shapes: the Go router's {code, msg} and the Python router's {detail}."""
     return status, {"code": status, "msg": msg, "detail": msg}
+
+
 
 
 def instance_name(host: str, port: int) -> str:
@@ -111,9 +110,7 @@ class Registry:
         self._mu = threading.Lock()
         self._seen: dict[Key, float] = {}  # last heartbeat
         self._failing: dict[Key, tuple[float, str]] = {}  # failing /health since, why
-        self._probed: dict[Key, float] = {}  # last metrics search for an instance without a load signal
-        self._warned: set[Key] = set()
-        self._suspect_said: set[Key] = set()  # "api-port-suspect": said once per instance
+        self.metrics_ports = MetricsPorts()
         self._full_mu = threading.Lock()
         self._full_said = False  # the registry is full (or the file at its limit): said once until room again
         with self._mu, file_lock(self.lock):
@@ -146,7 +143,9 @@ class Registry:
             why = self.probe.health(host, reg.port)
             if why is not None:
                 return answer(503, f"service is not healthy: GET {hostport(host, reg.port)}/health: {why}")
-            metrics_port, source = self._metrics(reg, host, asked, current, key)
+            name = current.name if current is not None else instance_name(host, reg.port)
+            metrics_port, source = self.metrics_ports.find(self.probe, self.settings, self.clock(), reg, host, asked,
+                                                           current, key, name)
             self._save(reg, host, asked, metrics_port, source, key)
         except BodyError as exc:
             return answer(400, str(exc))
@@ -202,60 +201,6 @@ class Registry:
             said, self._full_said = self._full_said, True
         if not said:
             log.warning("%s", text)
-
-    def _metrics(self, reg: Registration, host: str, asked: str | None, current: Instance | None,
-                 key: Key) -> tuple[int, str]:
-        """(metrics port, source): the body's; else kept from before; else --registry-metrics-port; else
-        /metrics on the API port, "api-port-suspect" (FastDeploy answers it from a forked web worker whose
-        load gauges may read 0: one WARNING per instance); else none (one WARNING per instance). An
-        API-port source kept from before gives way to a rule that gives a port."""
-        if reg.metrics_port is not None:
-            return reg.metrics_port, "body"
-        source = current.extra.get("metrics_source") if current is not None else None
-        name = current.name if current is not None else instance_name(host, reg.port)
-        rule = self.settings.metrics_rule
-        port = rule.port_for([host, *([asked] if asked else [])], reg.port) if rule else None
-        now = self.clock()
-        if current is not None and source == "rule":
-            return current.metrics_port, "rule"
-        if current is not None and source in API_PORT_SOURCES and port is None:
-            self._say_suspect(key, name, current.metrics_port)
-            return current.metrics_port, str(source)
-        recent = now - self._probed.get(key, -1e18) < self.settings.reprobe_after
-        if current is not None and source == "none" and recent:
-            return current.metrics_port, "none"
-        self._probed[key] = now
-        if rule is not None and port is not None:
-            rule_why = self.probe.metrics(host, port)
-            if rule_why is not None and key not in self._warned:
-                self._warned.add(key)
-                log.warning("registry: %s: metrics port %d from --registry-metrics-port %s does not serve "
-                            "/metrics yet (%s); using it anyway", name, port, rule.text, rule_why)
-            return port, "rule"
-        api_why = self.probe.metrics(host, reg.port)
-        if api_why is None:
-            self._say_suspect(key, name, reg.port)
-            return reg.port, API_PORT_SOURCES[0]
-        if key not in self._warned:
-            self._warned.add(key)
-            log.warning(
-                "registry: %s has no load signal: its registration has no metrics_port, /metrics on its API "
-                "port %d gave %s, and %s; nginx balances it by its own connection counts only (start "
-                "FastDeploy with --metrics-port and pass --registry-metrics-port)", name, reg.port, api_why,
-                f"--registry-metrics-port {rule.text} gives no port for it" if rule else "no --registry-metrics-port",
-            )
-        return reg.port, "none"
-
-    def _say_suspect(self, key: Key, name: str, port: int) -> None:
-        if key in self._suspect_said:
-            return
-        self._suspect_said.add(key)
-        log.warning(
-            "registry: %s: its load signal is /metrics on its API port %d, where FastDeploy's load gauges may read "
-            "0 (a forked web worker answers there when the instance has no metrics port of its own); start "
-            "FastDeploy with --metrics-port and pass --registry-metrics-port (metrics_source api-port-suspect)",
-            name, port,
-        )
 
     def _save(self, reg: Registration, host: str, asked: str | None, metrics_port: int, source: str,
               key: Key) -> None:
@@ -395,10 +340,9 @@ class Registry:
                     if key in gone and inst.extra.get("registered") is True and not fresh:
                         removed.append(inst.name)
                         log.info("registry: %s removed: %s; its next registration adds it back", inst.name, why)
-                        for table in (self._seen, self._failing, self._probed):
+                        for table in (self._seen, self._failing):
                             table.pop(key, None)
-                        self._warned.discard(key)
-                        self._suspect_said.discard(key)
+                        self.metrics_ports.forget(key)
                     else:
                         keep.append(inst)
                 if removed:

@@ -61,8 +61,9 @@ class EngineSpec:
     # Whether metrics are served on the API port (vLLM, SGLang) rather than a separate metrics port.
     metrics_on_api_port: bool = False
     # JSON pages on the API port that state the replica's capacity when its metrics do not (SGLang's), newest
-    # path first, the next one tried after a 404; read by the scraper as an optional extra once a minute, see
-    # fdngx.weights.scrape and fdngx.weights.memory.PeakRunning.info_path.
+    # path first, the next one tried after a 404, the last one served by every version (a one-off scrape asks
+    # that one); read by the scraper as an optional extra once a minute, see fdngx.weights.scrape and
+    # fdngx.weights.memory.PeakRunning.info_path.
     capacity_info_paths: tuple[str, ...] = ()
     # Whether its replicas register with a router themselves (FastDeploy's --router URL).
     registers: bool = False

@@ -128,6 +128,7 @@ SPEC = EngineSpec(
         queue_time=("sglang:queue_time_seconds",),
     ),
     metrics_on_api_port=True,
-    # http_server.py: /server_info; /get_server_info before it, now a deprecated alias that logs a WARNING.
+    # http_server.py: /server_info; /get_server_info before it, now a deprecated alias that logs a WARNING
+    # (served by every version: what a one-off scrape asks).
     capacity_info_paths=("/server_info", "/get_server_info"),
 )

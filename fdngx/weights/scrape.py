@@ -298,6 +298,7 @@ def scrape_all(
     if not insts:
         return {}
     client, own = (BatchClient(), True) if session is None else (session, False)
+    one_off = own and peaks is None  # status, cron: no next cycle
     if peaks is None:
         peaks = PeakRunning() if own else peaks_for(client)
     started = time.monotonic()
@@ -314,7 +315,9 @@ def scrape_all(
             health = inst.base_url + engine.health_path
             jobs.append(((n, "h"), client.get, {"url": health, "max_bytes": _HEALTH_BYTES, "status_only": True,
                                                  **common}))
-            path = peaks.info_path(inst, engine.capacity_info_paths, started) if engine.capacity_info_paths else None
+            # A one-off scrape has no next cycle to move on to after a 404: it asks the path every version serves.
+            paths = engine.capacity_info_paths[-1:] if one_off else engine.capacity_info_paths
+            path = peaks.info_path(inst, paths, started) if paths else None
             if path is not None:
                 jobs.append(((n, "i"), client.get, {"url": inst.base_url + path, "max_bytes": _INFO_BYTES, **common}))
         if isinstance(client, BatchClient):

@@ -162,9 +162,22 @@ def test_sglang_capacity_from_its_info_page(replica: Callable[[], Replica]) -> N
     r = replica()
     r.pages["/metrics"] = (200, sglang_page(11).encode())
     r.pages["/server_info"] = (200, SGLANG_INFO)
-    got = scrape_all([r.instance(Engine.SGLANG, 256, capacity_guessed=True)])["r"]
+    client = HttpClient()
+    try:
+        got = scrape_all([r.instance(Engine.SGLANG, 256, capacity_guessed=True)], session=client)["r"]
+    finally:
+        client.close()
     assert got.ok and got.running == 11.0 and got.capacity == 128.0
     assert "/server_info" in r.hits and "/get_server_info" not in r.hits  # the deprecated alias logs a WARNING
+
+
+def test_a_one_off_scrape_asks_the_info_path_every_sglang_serves(replica: Callable[[], Replica]) -> None:
+    # status and cron have no next cycle to move on to after a 404: an older SGLang serves only this path.
+    r = replica()
+    r.pages["/metrics"] = (200, sglang_page(11).encode())
+    r.pages["/get_server_info"] = (200, SGLANG_INFO)
+    assert scrape_all([r.instance(Engine.SGLANG, 256, capacity_guessed=True)])["r"].capacity == 128.0
+    assert [h for h in r.hits if "server_info" in h] == ["/get_server_info"]
 
 
 def test_the_info_page_is_read_once_a_minute_and_an_older_sglangs_path_after_a_404(
@@ -193,11 +206,11 @@ def test_a_broken_info_page_is_no_error_and_keeps_the_scrape_bounded(
     r = replica()
     r.pages["/metrics"] = (200, sglang_page(3).encode())
     if broken == "500":
-        r.pages["/server_info"] = (500, b"oops")
+        r.pages["/get_server_info"] = (500, b"oops")
     elif broken == "hang":
-        r.hang.add("/server_info")
+        r.hang.add("/get_server_info")
     else:
-        r.pages["/server_info"] = (200, b"{" * 50_000)
+        r.pages["/get_server_info"] = (200, b"{" * 50_000)
     t0 = time.monotonic()
     got = scrape_all([r.instance(Engine.SGLANG, 48)], timeout=0.5, deadline=1.0)["r"]
     assert time.monotonic() - t0 < 3.0

@@ -163,7 +163,7 @@ def render_cmd(
     if result.error is not None:
         say(f"fdngx: error: {result.error}", logging.ERROR, color="red")
         raise typer.Exit(1)
-    if result.superseded is not None:  # this render's weights were not applied anywhere
+    if result.superseded is not None and result.decisions is not None:  # these weights were applied nowhere
         say(f"fdngx: error: not pushed: {result.superseded}", logging.ERROR, color="red")
         raise typer.Exit(1)
     if diff and result.applied is not None and result.applied.diff:
@@ -174,7 +174,10 @@ def render_cmd(
         level = logging.WARNING if applied.note or applied.recovered else logging.INFO
         say(applied.summary, level)
     if result.pushed is not None and not (quiet and not result.changed):
-        say(f"pushed weights to {result.pushed} peer(s)")  # openresty: the weights went to the balancer, no reload
+        if result.superseded is not None:  # static: the peers file re-sent, and a sidecar's newer snapshot kept
+            say(f"peers file not applied: {result.superseded}")
+        else:  # openresty: the weights went to the balancer, no reload
+            say(f"pushed weights to {result.pushed} peer(s)")
 
 
 def register(app: typer.Typer) -> None:

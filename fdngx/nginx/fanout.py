@@ -9,7 +9,9 @@ POSTs those exact bytes to every frontend's admin location at once, one worker t
 - a frontend's failure is logged once when it starts and once when it ends (not every cycle), and counted
   per frontend in the sidecar's telemetry;
 - a 409 (the frontend holds a newer generation, from a second controller running side by side) is an
-  answer, not a failure: logged once per change, counted as `stale`.
+  answer, not a failure: logged once per change, counted as `stale`; at WARNING when the generation in
+  force there is further ahead of this host's clock than a frontend takes from any pusher (this host's
+  clock is behind, fdngx.nginx.openresty.clock_behind), at INFO otherwise.
 
 Tokens: one shared token file (`--push-token-file`, the same token on every frontend), or per frontend a
 token file named after its URL in the push file (`URL TOKEN_FILE`). Each is read like the frontends read
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fdngx.errors import ApplyError, FdngxError, UsageError
-from fdngx.nginx.openresty import Admin, parse_admin_url, read_token
+from fdngx.nginx.openresty import Admin, clock_behind, parse_admin_url, read_token, superseded
 from fdngx.system.files import check_private, read_regular_file
 
 log = logging.getLogger("fdngx.fanout")
@@ -61,6 +63,7 @@ class PushOutcome:
     error: str | None = None
     current: int | None = None  # stale: the generation in force there
     generation: int | None = None  # the generation pushed
+    url: str | None = None  # the frontend's admin URL (for people: the messages that name it)
 
     @property
     def accepted(self) -> bool:
@@ -138,7 +141,7 @@ class _Frontend:
     admin: Admin
     label: str
     inflight: Future[PushOutcome] | None = None
-    state: str | None = None  # last logged: "ok", "failed", "stale"
+    state: str | None = None  # last logged: "ok", "failed", "stale", "behind" (stale, this host's clock behind)
 
 
 class Fanout:
@@ -219,7 +222,8 @@ class Fanout:
 
     def _note(self, f: _Frontend, o: PushOutcome) -> None:
         """Log a frontend's state only when it changes: failing, working again, another controller ahead."""
-        state = "ok" if o.accepted else "stale" if o.status == "stale" else "failed"
+        state = "ok" if o.accepted else "failed" if o.status != "stale" else \
+            "behind" if clock_behind(o.current) else "stale"
         if state == f.state:
             return
         if state == "failed":
@@ -229,9 +233,12 @@ class Fanout:
             log.info("%s: holds a newer generation (%s) than this controller's %s: another controller pushes "
                      "too (the newest wins; said again when this one's push is taken)", f.spec.url, o.current,
                      o.generation)
+        elif state == "behind":
+            log.warning("%s (said again when this one's push is taken)",
+                        superseded(f.spec.url, o.generation, o.current))
         elif f.state == "failed":
             log.warning("%s: push works again (%d peers)", f.spec.url, o.peers)
-        elif f.state == "stale":
+        elif f.state in ("stale", "behind"):
             log.info("%s: takes this controller's snapshots again", f.spec.url)
         f.state = state
 
@@ -254,7 +261,7 @@ def _push_one(f: _Frontend, text: str) -> PushOutcome:
     except Exception as exc:  # a bug in one push must not take the cycle down
         return PushOutcome(f.label, "failed", time.monotonic() - t0, error=_short(ApplyError(repr(exc))))
     return PushOutcome(f.label, result.status, time.monotonic() - t0, result.peers, current=result.current,
-                       generation=result.generation)
+                       generation=result.generation, url=f.spec.url)
 
 
 def _short(exc: Exception) -> str:

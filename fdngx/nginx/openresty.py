@@ -15,7 +15,9 @@ addresses, capacity), their weights, down states and scraped load reach the Lua 
   loopback admin location every cycle; a whole snapshot, so a replica added or removed needs no reload.
 
 Generations: the pusher's wall clock in ms, strictly increasing within a process. A frontend keeps the
-newest and refuses an older one (409), so two controllers can push side by side; run them with NTP.
+newest and refuses an older one (409), so two controllers can push side by side; run them with NTP. It
+refuses one more than FUTURE_S ahead of its own clock (400), and lets one already in force that far ahead
+give way to the next valid push: no generation can hold the pool against every honest push.
 """
 
 from __future__ import annotations
@@ -105,17 +107,32 @@ def loads_of(samples: Mapping[str, LoadSample]) -> dict[str, float]:
     return {name: s.load for name, s in samples.items() if s.ok and s.healthy}
 
 
+# The balancer refuses a generation further ahead of its own clock than this (fdngx.pool.FUTURE_MS, in ms), and
+# a generation in force that far ahead gives way to the next valid push. One that far ahead of this host's
+# clock means this host's clock is behind (not a second controller).
+FUTURE_S = 300.0
+
 _generation_lock = threading.Lock()
 _last_generation = 0
 
 
 def next_generation() -> int:
-    """The pusher's wall clock in ms, strictly increasing within this process (a clock stepped back
-    cannot make a later push look older than an earlier one from here)."""
+    """The pusher's wall clock in ms, strictly increasing within this process (a clock stepped back by a
+    little cannot make a later push look older than an earlier one from here). A clock stepped back by more
+    than FUTURE_S starts again from the clock: counting on from a generation that far ahead would have every
+    frontend refuse each push (400) until this process restarts."""
     global _last_generation
     with _generation_lock:
-        _last_generation = max(_last_generation + 1, time.time_ns() // 1_000_000)
+        now = time.time_ns() // 1_000_000
+        follow = _last_generation + 1
+        _last_generation = follow if now < follow <= now + FUTURE_S * 1000 else now
         return _last_generation
+
+
+def clock_behind(current: int | None, now: float | None = None) -> bool:
+    """Whether a generation in force elsewhere is further ahead of this host's clock than any frontend takes
+    from a pusher: then this host's clock is behind (a second controller's would be within FUTURE_S)."""
+    return current is not None and current / 1000 - (time.time() if now is None else now) > FUTURE_S
 
 
 def _bounded(value: float, lo: float, hi: float) -> float:
@@ -189,6 +206,13 @@ def _peer_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("peer ")]
 
 
+def _from_the_future(text: str) -> bool:
+    """A peers file with no generation, or one written by a clock more than FUTURE_S ahead of this one: the
+    balancer refuses re-sending it (400), so every static render would fail until a replica changed."""
+    found = re.search(r"^generation ([0-9]{1,16})$", text, re.MULTILINE)
+    return found is None or clock_behind(int(found.group(1)))
+
+
 def write_peers_file(path: Path, inv: Inventory) -> str:
     """Make the peers file list the inventory's replicas; returns its text. Rewritten (atomically, with a
     new generation) only when a replica changed: weights and health live in pushes, not here."""
@@ -197,16 +221,11 @@ def write_peers_file(path: Path, inv: Inventory) -> str:
     check_private(path, "openresty peers file")
     old = read_bytes_or_none(path, 8 << 20)
     old_text = old.decode("utf-8", "replace") if old is not None else None
-    if old_text is not None and _peer_lines(old_text) == new_lines and "\ngeneration " in old_text:
+    if old_text is not None and _peer_lines(old_text) == new_lines and not _from_the_future(old_text):
         return old_text
     text = snapshot(next_generation(), initial_peers(inv), inv.upstream)
     atomic_write(path, text, mode=0o644, private=True)
     return text
-
-
-# The balancer refuses a generation further ahead of its own clock than this (fdngx.pool.FUTURE_MS, in ms):
-# one that far ahead of this host's clock means this host's clock is behind.
-FUTURE_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -225,12 +244,16 @@ class PushResult:
         return self.status in ("ok", "unchanged")
 
 
-def superseded(where: str, generation: int | None, current: int | None) -> str:
-    """Why a push was refused as older (409 stale), for people: how far ahead the generation in force is."""
+def superseded(where: str, generation: int | None, current: int | None, now: float | None = None) -> str:
+    """Why a push was refused as older (409 stale), for people: how far ahead the generation in force is, and
+    the likely cause (one line)."""
     if current is None or generation is None:
         return f"{where}: holds a newer generation than this push's {generation}: nothing applied"
+    why = ("more than the balancer's window ahead of this host's clock: this host's clock looks behind"
+           if clock_behind(current, now) else
+           "another controller pushes there, or its clock is ahead of this host's")
     return (f"{where}: holds generation {current}, {(current - generation) / 1000:.1f} s newer than this push's "
-            f"{generation}: another controller pushes there, or its clock is ahead of this host's; nothing applied")
+            f"{generation}: {why}; nothing applied")
 
 
 def _fields(text: str) -> dict[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import shlex
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -129,13 +128,8 @@ class Target:
             return None
         if not result.accepted:
             # Static: a sidecar's newer snapshot is in force, as it should be. The policy's: two controllers side
-            # by side, the other one's snapshot is newer; this one's next push wins again. One further ahead
-            # than the balancer accepts from any clock (fdngx.pool.FUTURE_MS) says this host's clock is behind.
-            if states is not None:
-                behind = result.current is not None and result.current / 1000 - time.time() > openresty.FUTURE_S
-                log.log(logging.WARNING if behind else logging.INFO, "%s%s",
-                        openresty.superseded(self.admin.url, result.generation, result.current),
-                        " (this host's clock looks behind)" if behind else "")
+            # by side, the other one's snapshot is newer, and this one's next push wins again; or a clock is
+            # wrong. The caller says which (fdngx.weights.controller): the sidecar as normal, render as an error.
             return result
         if result.added or result.removed:
             log.info("%s: replicas added %s, removed %s (no reload)", self.admin.url,

@@ -174,8 +174,52 @@ def test_render_says_when_a_newer_snapshot_is_in_force_and_exits_1(site: LuaSite
     assert f"not pushed: {site.admin.url}: holds generation {ahead}" in line and "nothing applied" in line, line
     assert "pushed weights to" not in r.stderr
     assert site.generation() == ahead
-    # Without --scrape the peers file is re-sent under its own (older) generation: best effort, as before.
-    assert fdngx("render", *site.args).returncode == 0
+    # Without --scrape the peers file is re-sent under its own (older) generation: best effort, as before, and
+    # it says so rather than "pushed weights to 0 peer(s)".
+    r = fdngx("render", *site.args)
+    assert r.returncode == 0, r.stderr
+    assert f"peers file not applied: {site.admin.url}: keeps its newer snapshot (generation {ahead}" in r.stderr
+    assert "pushed weights to" not in r.stderr and "error" not in r.stderr, r.stderr
+
+
+def test_a_peers_file_from_a_clock_far_ahead_never_wedges_the_pool(site: LuaSite) -> None:
+    # A peers file written while this host's clock was far ahead (2^53 here), read at nginx's start.
+    assert site.nginx is not None
+    far = f"generation {2**53}"
+
+    def write_far() -> None:
+        site.peers_file.write_text(re.sub(r"(?m)^generation [0-9]+$", far, site.peers_file.read_text()))
+
+    def restart() -> None:
+        assert site.nginx is not None
+        site.nginx.stop()
+        write_far()
+        site.nginx.start(f"{site.url}/health")
+
+    # A first start: it is all there is, so it is in force, and the next honest push replaces it.
+    restart()
+    assert site.generation() == 2**53
+    wait_for(lambda: "in force until the next push replaces it" in site.error_log(), 10, what="the WARN")
+    honest = next_generation()
+    assert site.admin.push(site.snapshot(honest, {"b0": (9, 0, 0), "b1": (1, 0, 0)})).status == "ok"
+    assert site.generation() == honest and site.view()["b0"]["weight"] == "9"
+    # Wedged again (a start from that file), then a reload with a sane file: the file's replaces it.
+    restart()
+    assert site.generation() == 2**53
+    sane = next_generation()
+    site.peers_file.write_text(site.peers_file.read_text().replace(far, f"generation {sane}"))
+    assert site.nginx.proc is not None
+    workers = site.nginx.worker_pids()
+    site.nginx.proc.send_signal(1)  # SIGHUP
+    wait_for(lambda: site.nginx is not None and not site.nginx.worker_pids() & workers, 20, what="new workers")
+    assert site.generation() == sane
+    assert f"in force; replaced by the peers file's {sane}" in site.error_log()
+    # A render finds such a file and writes it anew (re-sent as it was, the balancer would refuse it: 400).
+    write_far()
+    r = fdngx("render", *site.args)
+    assert r.returncode == 0, r.stderr
+    assert far not in site.peers_file.read_text()
+    assert site.generation() > sane and "pushed weights to 2 peer(s)" in r.stderr, r.stderr
 
 
 def test_two_controllers_pushing_side_by_side_converge_on_the_newest(site: LuaSite) -> None:

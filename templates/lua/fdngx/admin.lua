@@ -78,12 +78,13 @@ local function post(pool)
             return 200, format("unchanged generation=%d peers=%d", current, #snap.peers)
         end
         if current and current > snap.generation then
-            ngx.log(ngx.WARN, "fdngx: pool ", pool.name, ": generation ", current, " in force was ",
-                    format("%.0f", current / 1000 - now), " s ahead of this clock; replaced by ", snap.generation)
+            ngx.log(ngx.WARN, "fdngx: pool ", pool.name, ": generation ", format("%d", current), " in force was ",
+                    format("%.0f", current / 1000 - now), " s ahead of this clock; replaced by ",
+                    format("%d", snap.generation))
         end
         local added, removed = pool_mod.install(pool, body, snap, now)
         if not added then return 500, removed end
-        ngx.log(ngx.INFO, "fdngx: pool ", pool.name, " generation ", snap.generation, ": ", #snap.peers,
+        ngx.log(ngx.INFO, "fdngx: pool ", pool.name, " generation ", format("%d", snap.generation), ": ", #snap.peers,
                 " peer(s), added ", #added, ", removed ", #removed)
         return 200, format("ok generation=%d peers=%d added=%s removed=%s", snap.generation, #snap.peers,
                            concat(added, ","), concat(removed, ","))

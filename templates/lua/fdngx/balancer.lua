@@ -69,13 +69,30 @@ function M.init(cfg)
     local pool = { name = cfg.pool, dict = dict, token = token, mode = cfg.mode == "p2c" and "p2c" or "least",
                    peers = {}, by_name = {}, scratch = {} }
     -- The dict survives a reload: keep what a newer push put there, unless it is unreadable (an older
-    -- fdngx's layout after an upgrade).
+    -- fdngx's layout after an upgrade). The generations' rule is a push's (fdngx.pool.verdict): one in force
+    -- more than FUTURE_MS ahead of this clock gives way to the file's, and a file's that far ahead never
+    -- replaces a valid one; at a first start it is all there is, and the next valid push replaces it.
     local current = peers.parse(dict:get("snap"))
+    ngx.update_time()
     local now = now_of()
-    -- (a generation in force from the future, fdngx.pool.verdict, gives way to the file's)
-    if not current or pool_mod.verdict(current.generation, snap.generation, now) == "ok" then
+    local verdict = current and pool_mod.verdict(current.generation, snap.generation, now)
+    local function gen_ahead(gen)
+        return string.format("%d, %.0f s ahead of this clock", gen, gen / 1000 - now)
+    end
+    local said = "fdngx: pool " .. cfg.pool .. ": "
+    if not current or verdict == "ok" then
+        if current and current.generation > snap.generation then
+            ngx.log(ngx.WARN, said, "generation ", gen_ahead(current.generation), ", in force; replaced by the ",
+                    "peers file's ", string.format("%d", snap.generation))
+        elseif pool_mod.verdict(nil, snap.generation, now) == "future" then
+            ngx.log(ngx.WARN, said, "the peers file's generation ", gen_ahead(snap.generation), " (written by a ",
+                    "clock that was wrong): in force until the next push replaces it")
+        end
         local added, ierr = pool_mod.install(pool, text, snap, now)
         if not added then error("fdngx: " .. ierr, 0) end
+    elseif verdict == "future" then
+        ngx.log(ngx.WARN, said, "the peers file's generation ", gen_ahead(snap.generation), " (written by a clock ",
+                "that was wrong): ignored, generation ", string.format("%d", current.generation), " kept")
     end
     pools[cfg.pool] = pool
 end

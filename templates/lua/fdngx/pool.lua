@@ -44,8 +44,9 @@ M.FUTURE_MS = 300000
 --   "unchanged"  the same generation again (a retry)
 --   "stale"      older than the one in force (another controller pushed a newer one)
 --   "future"     more than FUTURE_MS ahead of this frontend's clock: refused
--- A generation in force that is itself that far ahead (pushed before this rule, or by a clock since set
--- back) never blocks: a valid newer-than-now push replaces it.
+-- A generation in force that is itself that far ahead (pushed before this rule, read from a peers file a
+-- clock ahead wrote, or accepted by a clock since set back) never blocks: any snapshot within the window
+-- replaces it, a push (fdngx.admin, WARN) or the peers file at a reload (fdngx.balancer.init, WARN) alike.
 function M.verdict(current, gen, now)
     local limit = now * 1000 + M.FUTURE_MS
     if gen > limit then return "future" end

@@ -1,0 +1,105 @@
+-- fdngx.admin: the answers of the admin location to a push, driven through handle() with a stand-in for ngx
+-- (request body, clock, log) and a fake shared dict.
+local pool_mod = require("fdngx.pool")
+local fakedict = require("fakedict")
+
+local TOKEN = "0123456789abcdef-token"
+local NOW = 1733212345.678 -- seconds; generations are milliseconds
+local MS = math.floor(NOW * 1000)
+
+-- A fresh fake ngx for one request: POST `body` at `now`; returns it and what the handler answered.
+local function fake_ngx(body, now)
+    local said = { logs = {} }
+    local ngx = {
+        WARN = "warn", INFO = "info", ERR = "err",
+        var = { http_x_fdngx_token = TOKEN },
+        header = {},
+        req = {
+            read_body = function() end,
+            get_body_data = function() return body end,
+            get_body_file = function() return nil end,
+            get_method = function() return "POST" end,
+        },
+        update_time = function() end,
+        now = function() return now end,
+        sleep = function() error("the admin lock is never held in these tests") end,
+        say = function(text) said.text = text end,
+        exit = function(status) said.exit = status end,
+        log = function(level, ...) said.logs[#said.logs + 1] = level .. " " .. table.concat({ ... }) end,
+    }
+    return ngx, said
+end
+
+local function new_pool()
+    return { name = "fastdeploy", dict = fakedict.new(), token = TOKEN, mode = "least" }
+end
+
+local function body(gen, weight)
+    return string.format("generation %d\npeer a 127.0.0.1 1 %d 0 64 0\npeer b 127.0.0.1 2 20 0 64 0\n", gen,
+                         weight or 20)
+end
+
+-- POST `text` to `pool` at `now` (default NOW): status, answer text, log lines.
+local function post(pool, text, now)
+    local ngx, said = fake_ngx(text, now or NOW)
+    local was = _G.ngx
+    _G.ngx = ngx
+    package.loaded["fdngx.admin"] = nil -- admin caches nothing of ngx, but load it under this one
+    local ok, err = pcall(function() require("fdngx.admin").handle(pool) end)
+    _G.ngx = was
+    assert(ok, err)
+    return ngx.status, said.text, said.logs
+end
+
+-- A pool wedged before this rule: a far-future generation installed with nothing to refuse it.
+local function wedged(gen)
+    local pool = new_pool()
+    local text = body(gen, 1)
+    assert(pool_mod.install(pool, text, assert(require("fdngx.peers").parse(text)), NOW))
+    return pool
+end
+
+return {
+    ["admin: a generation far ahead of the clock is refused (400), nothing applied; an honest one still is"] =
+    function(t)
+        local pool = new_pool()
+        local status, text = post(pool, body(MS))
+        t.eq(status, 200); t.ok(text:find("^ok generation=" .. MS), text)
+        status, text = post(pool, body(2 ^ 53, 1))
+        t.eq(status, 400)
+        t.ok(text:find("generation 9007199254740992 is %d+ s ahead of this frontend's clock %(at most 300 s%)"), text)
+        t.ok(text:find("nothing applied", 1, true) and not text:find("\n"), text)
+        t.eq(pool.dict:get("gen"), MS, "nothing applied")
+        -- just past the window: refused too; at its edge (a clock five minutes ahead): taken
+        status = post(pool, body(MS + pool_mod.FUTURE_MS + 1000))
+        t.eq(status, 400)
+        status, text = post(pool, body(MS + pool_mod.FUTURE_MS - 1000, 7))
+        t.eq(status, 200, text)
+        t.eq(pool.dict:get("gen"), MS + pool_mod.FUTURE_MS - 1000)
+        -- and the usual answers around it stay
+        status, text = post(pool, body(MS + 1))
+        t.eq(status, 409); t.eq(text, string.format("stale generation=%d current=%d (nothing applied)", MS + 1,
+                                                    MS + pool_mod.FUTURE_MS - 1000))
+        status, text = post(pool, body(MS + pool_mod.FUTURE_MS - 1000, 7))
+        t.eq(status, 200); t.ok(text:find("^unchanged generation="), text)
+    end,
+
+    ["admin: a pool wedged by a far-future generation takes the next honest push, with a WARN"] = function(t)
+        local pool = wedged(2 ^ 53)
+        local status, text, logs = post(pool, body(MS, 9))
+        t.eq(status, 200, text); t.ok(text:find("^ok generation=" .. MS), text)
+        t.eq(pool.dict:get("gen"), MS)
+        local warn = table.concat(logs, "\n")
+        t.ok(warn:find("warn fdngx: pool fastdeploy: generation 9007199254740992 in force was %d+ s ahead of this "
+                       .. "clock; replaced by " .. MS), warn)
+        -- from then on the usual rule: older is stale, newer wins
+        status = post(pool, body(MS - 1))
+        t.eq(status, 409)
+        status = post(pool, body(MS + 1))
+        t.eq(status, 200)
+        -- a generation in force that is ahead, but within the window, is a newer snapshot, not a wedge
+        pool = wedged(MS + 60000)
+        status, text = post(pool, body(MS))
+        t.eq(status, 409, text)
+    end,
+}

@@ -11,7 +11,7 @@ POSTs those exact bytes to every frontend's admin location at once, one worker t
 - a 409 (the frontend holds a newer generation, from a second controller running side by side) is an
   answer, not a failure: logged once per change, counted as `stale`; at WARNING when the generation in
   force there is further ahead of this host's clock than a frontend takes from any pusher (this host's
-  clock is behind, fdngx.nginx.openresty.clock_behind), at INFO otherwise.
+  clock is behind, fdngx.nginx.generation), at INFO otherwise.
 
 Tokens: one shared token file (`--push-token-file`, the same token on every frontend), or per frontend a
 token file named after its URL in the push file (`URL TOKEN_FILE`). Each is read like the frontends read
@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fdngx.errors import ApplyError, FdngxError, UsageError
-from fdngx.nginx.openresty import Admin, clock_behind, parse_admin_url, read_token, superseded
+from fdngx.nginx.generation import PushState, say_change
+from fdngx.nginx.openresty import Admin, parse_admin_url, read_token
 from fdngx.system.files import check_private, read_regular_file
 
 log = logging.getLogger("fdngx.fanout")
@@ -141,7 +142,7 @@ class _Frontend:
     admin: Admin
     label: str
     inflight: Future[PushOutcome] | None = None
-    state: str | None = None  # last logged: "ok", "failed", "stale", "behind" (stale, this host's clock behind)
+    state: PushState | None = None  # last logged
 
 
 class Fanout:
@@ -221,25 +222,16 @@ class Fanout:
         return tuple(outcomes)
 
     def _note(self, f: _Frontend, o: PushOutcome) -> None:
-        """Log a frontend's state only when it changes: failing, working again, another controller ahead."""
-        state = "ok" if o.accepted else "failed" if o.status != "stale" else \
-            "behind" if clock_behind(o.current) else "stale"
-        if state == f.state:
-            return
-        if state == "failed":
+        """Log a frontend's state only when it changes: failing, working again, another controller ahead, this
+        host's clock behind (fdngx.nginx.generation.say_change)."""
+        state = PushState.of(o.status, o.current)
+        if state is PushState.FAILED and f.state is not PushState.FAILED:
             log.warning("%s: push failed: %s (the other frontends are unaffected; said again when it works)",
                         f.spec.url, o.error)
-        elif state == "stale":
-            log.info("%s: holds a newer generation (%s) than this controller's %s: another controller pushes "
-                     "too (the newest wins; said again when this one's push is taken)", f.spec.url, o.current,
-                     o.generation)
-        elif state == "behind":
-            log.warning("%s (said again when this one's push is taken)",
-                        superseded(f.spec.url, o.generation, o.current))
-        elif f.state == "failed":
+        elif state is PushState.OK and f.state is PushState.FAILED:
             log.warning("%s: push works again (%d peers)", f.spec.url, o.peers)
-        elif f.state in ("stale", "behind"):
-            log.info("%s: takes this controller's snapshots again", f.spec.url)
+        else:
+            say_change(log, f.spec.url, f.state, state, o.generation, o.current, pusher="this controller")
         f.state = state
 
     def close(self) -> None:

@@ -14,10 +14,7 @@ addresses, capacity), their weights, down states and scraped load reach the Lua 
 - the admin push: the same lines with the policy's weights, down flags and scraped load, POSTed to the
   loopback admin location every cycle; a whole snapshot, so a replica added or removed needs no reload.
 
-Generations: the pusher's wall clock in ms, strictly increasing within a process. A frontend keeps the
-newest and refuses an older one (409), so two controllers can push side by side; run them with NTP. It
-refuses one more than FUTURE_S ahead of its own clock (400), and lets one already in force that far ahead
-give way to the next valid push: no generation can hold the pool against every honest push.
+Generations (fdngx.nginx.generation): the pusher's wall clock in ms; a frontend keeps the newest.
 """
 
 from __future__ import annotations
@@ -25,8 +22,6 @@ from __future__ import annotations
 import math
 import re
 import secrets
-import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +33,7 @@ import urllib3
 
 from fdngx.domain import Instance, Inventory, Listen, LoadSample, ServerState, is_ip, valid_host
 from fdngx.errors import ApplyError
+from fdngx.nginx.generation import clock_behind, next_generation
 from fdngx.nginx.render import natural_key
 from fdngx.system.files import atomic_write, check_private, read_bytes_or_none, read_regular_file, real_target
 
@@ -105,34 +101,6 @@ def peers_path(out: Path | None) -> Path:
 def loads_of(samples: Mapping[str, LoadSample]) -> dict[str, float]:
     """Scraped load of every healthy, readable replica (what the OpenResty balancer is told)."""
     return {name: s.load for name, s in samples.items() if s.ok and s.healthy}
-
-
-# The balancer refuses a generation further ahead of its own clock than this (fdngx.pool.FUTURE_MS, in ms), and
-# a generation in force that far ahead gives way to the next valid push. One that far ahead of this host's
-# clock means this host's clock is behind (not a second controller).
-FUTURE_S = 300.0
-
-_generation_lock = threading.Lock()
-_last_generation = 0
-
-
-def next_generation() -> int:
-    """The pusher's wall clock in ms, strictly increasing within this process (a clock stepped back by a
-    little cannot make a later push look older than an earlier one from here). A clock stepped back by more
-    than FUTURE_S starts again from the clock: counting on from a generation that far ahead would have every
-    frontend refuse each push (400) until this process restarts."""
-    global _last_generation
-    with _generation_lock:
-        now = time.time_ns() // 1_000_000
-        follow = _last_generation + 1
-        _last_generation = follow if now < follow <= now + FUTURE_S * 1000 else now
-        return _last_generation
-
-
-def clock_behind(current: int | None, now: float | None = None) -> bool:
-    """Whether a generation in force elsewhere is further ahead of this host's clock than any frontend takes
-    from a pusher: then this host's clock is behind (a second controller's would be within FUTURE_S)."""
-    return current is not None and current / 1000 - (time.time() if now is None else now) > FUTURE_S
 
 
 def _bounded(value: float, lo: float, hi: float) -> float:
@@ -242,18 +210,6 @@ class PushResult:
     @property
     def accepted(self) -> bool:
         return self.status in ("ok", "unchanged")
-
-
-def superseded(where: str, generation: int | None, current: int | None, now: float | None = None) -> str:
-    """Why a push was refused as older (409 stale), for people: how far ahead the generation in force is, and
-    the likely cause (one line)."""
-    if current is None or generation is None:
-        return f"{where}: holds a newer generation than this push's {generation}: nothing applied"
-    why = ("more than the balancer's window ahead of this host's clock: this host's clock looks behind"
-           if clock_behind(current, now) else
-           "another controller pushes there, or its clock is ahead of this host's")
-    return (f"{where}: holds generation {current}, {(current - generation) / 1000:.1f} s newer than this push's "
-            f"{generation}: {why}; nothing applied")
 
 
 def _fields(text: str) -> dict[str, str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fdngx.domain import Flavor, Inventory, LoadSample, Mode, ServerState
 from fdngx.errors import UsageError
-from fdngx.nginx import openresty
+from fdngx.nginx import generation, openresty
 from fdngx.nginx.apply import ApplyResult, safe_apply
 from fdngx.nginx.control import NginxControl, find_nginx, prepare_prefix
 from fdngx.nginx.fanout import Fanout, FrontendSpec, PushOutcome
@@ -112,10 +112,10 @@ class Target:
         if states is None:
             body = read_bytes_or_none(self.peers_file) if self.peers_file is not None else None
             text = body.decode("utf-8") if body else openresty.snapshot(
-                openresty.next_generation(), openresty.initial_peers(inv), inv.upstream)
+                generation.next_generation(), openresty.initial_peers(inv), inv.upstream)
         else:
             peers = openresty.live_peers(inv, states, samples)
-            text = openresty.snapshot(openresty.next_generation(), peers, inv.upstream)
+            text = openresty.snapshot(generation.next_generation(), peers, inv.upstream)
         try:
             result = self.admin.push(text)
         except openresty.AdminUnreachable as exc:
@@ -141,7 +141,7 @@ class Target:
         """Controller mode: ONE snapshot (one generation, the same bytes) to every frontend at once."""
         assert self.fanout is not None
         peers = openresty.live_peers(inv, states, samples) if states is not None else openresty.initial_peers(inv)
-        return self.fanout.push(openresty.snapshot(openresty.next_generation(), peers, inv.upstream))
+        return self.fanout.push(openresty.snapshot(generation.next_generation(), peers, inv.upstream))
 
     def set_frontends(self, specs: list[FrontendSpec]) -> None:
         """Controller mode: a new frontend list (the push file changed); this host's nginx stays in it."""

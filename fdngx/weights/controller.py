@@ -22,8 +22,9 @@ from fdngx.domain import Inventory, LoadSample, ServerState
 from fdngx.errors import FdngxError
 from fdngx.nginx.apply import ApplyResult
 from fdngx.nginx.fanout import PushOutcome
-from fdngx.nginx.openresty import PushResult, clock_behind
-from fdngx.nginx.openresty import superseded as superseded_why
+from fdngx.nginx.generation import PushState, say_change
+from fdngx.nginx.generation import superseded as why_superseded
+from fdngx.nginx.openresty import PushResult
 from fdngx.nginx.target import Target
 from fdngx.weights.fetch import Client
 from fdngx.weights.policy import Decisions, decide
@@ -94,14 +95,6 @@ def _log_scrapes(old: PolicyState, new: PolicyState) -> None:
             log.warning("%s: metrics scrape works again", name)
 
 
-def _why_refused(where: str, generation: int | None, current: int | None, static: bool) -> str:
-    """CycleResult.superseded: why a push was refused as older, one line."""
-    if static and generation is not None and current is not None:
-        return (f"{where}: keeps its newer snapshot (generation {current}, {(current - generation) / 1000:.1f} s "
-                f"newer than the peers file's {generation}), as a sidecar's should be")
-    return superseded_why(where, generation, current)
-
-
 def fleet_outcome(pushes: tuple[PushOutcome, ...]) -> tuple[int | None, str | None]:
     """(peers the frontends took, or 0 when every one holds another controller's newer snapshot; the cycle's
     error, only when no frontend answered at all: then none has the change and it stays pending)."""
@@ -131,7 +124,7 @@ class Controller:
     _last_error: str | None = field(default=None, repr=False)
     _last_error_at: float = field(default=0.0, repr=False)
     _said_down: bool = field(default=False, repr=False)  # "nginx is not running" said since it last ran
-    _said_refused: str | None = field(default=None, repr=False)  # the policy push refusal last said: stale, behind
+    _said_push: PushState | None = field(default=None, repr=False)  # the policy push's state last said
 
     def step(
         self, inv: Inventory, state: PolicyState, *, force_render: bool = False
@@ -171,7 +164,8 @@ class Controller:
                 pushes = self.target.push_all(inv, states, samples)
                 pushed, error = fleet_outcome(pushes)
                 if pushed == 0:
-                    superseded = "; ".join(_why_refused(o.url or o.frontend, o.generation, o.current, states is None)
+                    superseded = "; ".join(why_superseded(o.url or o.frontend, o.generation, o.current,
+                                                      peers_file=states is None)
                                            for o in pushes if o.status == "stale")
             elif self.target.pushing:
                 # Every cycle, not only on change: the balancer fades scraped load that is not refreshed.
@@ -181,7 +175,7 @@ class Controller:
                 pushed = None if got is None else got.peers if got.accepted else 0
                 where = self.target.admin.url if self.target.admin is not None else "the balancer"
                 if got is not None and got.status == "stale":
-                    superseded = _why_refused(where, got.generation, got.current, states is None)
+                    superseded = why_superseded(where, got.generation, got.current, peers_file=states is None)
                 if got is not None and states is not None and self.log_outcome:
                     self._note_refusal(where, got)
             push_ended = time.monotonic()
@@ -195,19 +189,11 @@ class Controller:
         return result, new_state
 
     def _note_refusal(self, where: str, got: PushResult) -> None:
-        """The sidecar's policy push refused as older, said once per change (it pushes every cycle): INFO beside
-        a second controller; WARNING when the generation in force is further ahead of this host's clock than a
-        frontend takes from any pusher (fdngx.pool.FUTURE_MS): then this host's clock is behind. (Controller
-        mode says it per frontend: fdngx.nginx.fanout.)"""
-        state = None if got.status != "stale" else "behind" if clock_behind(got.current) else "stale"
-        was, self._said_refused = self._said_refused, state
-        if state == was:
-            return
-        if state is not None:
-            log.log(logging.WARNING if state == "behind" else logging.INFO, "%s (said again when it changes)",
-                    superseded_why(where, got.generation, got.current))
-        else:
-            log.info("%s: takes this host's snapshots again", where)
+        """The sidecar's policy push refused as older, said once per change (it pushes every cycle)
+        (fdngx.nginx.generation.say_change; controller mode says it per frontend: fdngx.nginx.fanout)."""
+        state = PushState.of(got.status, got.current)
+        say_change(log, where, self._said_push, state, got.generation, got.current)
+        self._said_push = state
 
     def _nginx_running(self, applied: ApplyResult | None) -> bool | None:
         """What the apply found, else a look at the master (a pid file and /proc: cheap every cycle), so a

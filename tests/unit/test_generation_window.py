@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from fdngx.domain import Flavor, Instance, Inventory, ServerState
-from fdngx.nginx import openresty
+from fdngx.nginx import generation
 from fdngx.nginx.fanout import Fanout, FrontendSpec, PushOutcome
 from fdngx.nginx.openresty import PushResult, write_peers_file
 from fdngx.nginx.render import RenderOptions
@@ -23,7 +23,7 @@ from fdngx.weights.controller import Controller
 from fdngx.weights.settings import config_for_flavor
 from fdngx.weights.state import PolicyState
 
-AHEAD_MS = int(openresty.FUTURE_S * 1000)
+AHEAD_MS = int(generation.FUTURE_S * 1000)
 
 
 def fleet() -> Inventory:
@@ -37,17 +37,17 @@ def now_ms() -> int:
 def test_a_clock_stepped_back_by_more_than_the_window_starts_generations_again_from_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [1_733_212_345_678]
-    monkeypatch.setattr(openresty, "time", SimpleNamespace(time_ns=lambda: clock[0] * 1_000_000,
+    monkeypatch.setattr(generation, "time", SimpleNamespace(time_ns=lambda: clock[0] * 1_000_000,
                                                            time=lambda: clock[0] / 1000))
-    monkeypatch.setattr(openresty, "_last_generation", 0)
-    first = openresty.next_generation()
-    assert first == clock[0] and openresty.next_generation() == first + 1
+    monkeypatch.setattr(generation, "_last_generation", 0)
+    first = generation.next_generation()
+    assert first == clock[0] and generation.next_generation() == first + 1
     clock[0] -= 60_000  # a minute back: still strictly increasing, as before
-    assert openresty.next_generation() == first + 2
+    assert generation.next_generation() == first + 2
     # The clock was a year ahead and is set right: counting on from there, every push would be refused (400).
     clock[0] = first - 365 * 86_400_000
-    assert openresty.next_generation() == clock[0]
-    assert openresty.next_generation() == clock[0] + 1
+    assert generation.next_generation() == clock[0]
+    assert generation.next_generation() == clock[0] + 1
 
 
 def with_generation(text: str, generation: int) -> str:
@@ -160,9 +160,22 @@ def test_controller_mode_says_warning_when_a_frontend_is_further_ahead_than_any_
         said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "fdngx.fanout"
                 and "pushing to" not in r.getMessage()]
         assert [level for level, _ in said] == [logging.INFO, logging.WARNING, logging.INFO], said
-        assert "another controller pushes too" in said[0][1]
+        assert "another controller pushes there" in said[0][1]
         assert said[1][1].startswith(f"{url}: holds generation {g + AHEAD_MS + 60_000}")
         assert "this host's clock looks behind" in said[1][1]
         assert said[2][1] == f"{url}: takes this controller's snapshots again"
     finally:
         fanout.close()
+
+
+def test_a_peers_file_superseded_says_which_kind_of_newer_snapshot_is_in_force() -> None:
+    # One wording for both pushes (generation.superseded): a sidecar's snapshot within the window is normal for
+    # a static render; one beyond any pusher means this host's clock is behind, whatever was pushed.
+    url, g = "http://127.0.0.1:9/fdngx/peers", now_ms()
+    assert generation.superseded(url, g, g + 5_000, peers_file=True).startswith(f"{url}: keeps its newer snapshot")
+    far = generation.superseded(url, g, g + AHEAD_MS + 60_000, peers_file=True)
+    assert far.startswith(f"{url}: holds generation {g + AHEAD_MS + 60_000}") and "clock looks behind" in far
+    assert generation.PushState.of("stale", g + AHEAD_MS + 60_000) is generation.PushState.BEHIND
+    assert generation.PushState.of("stale", g + 5_000) is generation.PushState.STALE
+    assert generation.PushState.of("unchanged", None) is generation.PushState.OK
+    assert generation.PushState.of("timeout", None) is generation.PushState.FAILED

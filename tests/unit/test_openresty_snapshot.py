@@ -11,7 +11,7 @@ import pytest
 
 from fdngx.domain import Instance, Inventory, LoadSample, ServerState
 from fdngx.errors import ApplyError, UnsafeFileError
-from fdngx.nginx import openresty
+from fdngx.nginx import generation, openresty
 from fdngx.nginx.openresty import Peer, capacity_weights, live_peers, snapshot, write_peers_file
 from fdngx.nginx.render import builtin_template_dir
 from tests.support import NEEDS_LUAJIT, luajit_script
@@ -73,7 +73,7 @@ def test_a_planted_peers_file_symlink_is_refused(tmp_path: Path) -> None:
 
 
 def test_generations_strictly_increase() -> None:
-    gens = [openresty.next_generation() for _ in range(1000)]
+    gens = [generation.next_generation() for _ in range(1000)]
     assert gens == sorted(set(gens))
 
 
@@ -103,10 +103,10 @@ def test_every_snapshot_fdngx_writes_is_one_the_lua_parser_accepts(tmp_path: Pat
 def test_the_clock_window_is_the_balancers() -> None:
     # fdngx says "this host's clock looks behind" past the window the Lua balancer refuses beyond.
     pool = (builtin_template_dir() / "lua" / "fdngx" / "pool.lua").read_text()
-    assert f"M.FUTURE_MS = {int(openresty.FUTURE_S * 1000)}\n" in pool
+    assert f"M.FUTURE_MS = {int(generation.FUTURE_S * 1000)}\n" in pool
 
 
 def test_a_refused_push_says_how_far_ahead_the_one_in_force_is() -> None:
-    why = openresty.superseded("http://127.0.0.1:9/fdngx/peers", 1_000, 61_500)
+    why = generation.superseded("http://127.0.0.1:9/fdngx/peers", 1_000, 61_500)
     assert why.startswith("http://127.0.0.1:9/fdngx/peers: holds generation 61500, 60.5 s newer than this push's 1000")
     assert "nothing applied" in why and "\n" not in why

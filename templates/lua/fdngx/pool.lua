@@ -33,7 +33,7 @@ local max, exp = math.max, math.exp
 -- one replica directly 289 -> 234 ms (oracle 226); a half-speed replica, legacy metrics, 348 -> 301 ms.
 M.SMOOTH = 2.0
 
--- A generation is the pusher's wall clock in milliseconds (fdngx.nginx.openresty.next_generation). One
+-- A generation is the pusher's wall clock in milliseconds (fdngx.nginx.generation.next_generation). One
 -- further ahead of this frontend's clock than this is refused: accepted, it would make every honest push
 -- "stale" until the clock caught up with it (2^53: never; a pusher whose clock is a year ahead: a year).
 -- Clocks of hosts under NTP differ by milliseconds; five minutes leave room for one that is badly set.

@@ -186,11 +186,11 @@ def peaks_for(client: Client) -> PeakRunning:
 
 
 def learn_capacity(load: Load, inst: Instance, info: Fetch | None, peaks: PeakRunning,
-                   now: float | None = None) -> Load:
+                   now: float | None = None, *, info_page: bool = True) -> Load:
     """The capacity the engine states (metrics first, then its info page: `info` if read this cycle, else as
-    last read), else for a guessed inventory capacity the peak of running requests when it is above the
-    guess. Clamped by trusted_capacity."""
-    if load.capacity is None:
+    last read; `info_page` False: the engine has none, nothing to remember), else for a guessed inventory
+    capacity the peak of running requests when it is above the guess. Clamped by trusted_capacity."""
+    if load.capacity is None and info_page:
         stated = peaks.stated(inst, info, time.monotonic() if now is None else now)
         if stated is not None:
             load = replace(load, capacity=stated)

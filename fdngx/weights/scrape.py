@@ -244,7 +244,8 @@ def _build(
         try:
             text = metrics.body.decode("utf-8", "replace")
             values = metrics.values if metrics.values is not None else parse_metrics(text, wanted_names(engine))
-            load = learn_capacity(load_from_metrics(values, engine), inst, info, peaks)
+            load = learn_capacity(load_from_metrics(values, engine), inst, info, peaks,
+                                  info_page=bool(engine.capacity_info_paths))
             load = estimate_queue(load, inst, peaks, at)
         except Exception as exc:  # the parser raises ValueError and friends, never let one escape
             error = _bad_metrics(exc)

@@ -301,3 +301,13 @@ def test_counters_win_over_queue_times_and_a_reported_queue_wins_over_both() -> 
     assert both.queued == 7.0 and both.queue_estimate is QueueEstimate.COUNTERS
     reported = Load(running=16.0, queued=2.0, capacity=16.0, unfinished=40.0)
     assert estimate_queue(reported, inst, memory, at=1004.0) == reported
+
+
+def test_a_replica_whose_engine_has_no_info_page_leaves_no_memory(replica: Callable[[], Replica]) -> None:
+    # vLLM states no capacity and has no info page; it reports its queue: nothing to remember per cycle.
+    r = replica()
+    r.pages["/metrics"] = (200, vllm_page(7).encode())
+    peaks = PeakRunning()
+    got = scrape_all([r.instance(Engine.VLLM, 256)], peaks=peaks)["r"]
+    assert got.ok and got.running == 7.0
+    assert peaks.remembered() == 0

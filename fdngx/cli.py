@@ -18,7 +18,7 @@ import typer
 
 from fdngx.commands import demo, launch, render, sidecar, sim, status
 from fdngx.config import attach_envvars, load_settings
-from fdngx.errors import FdngxError
+from fdngx.errors import FdngxError, os_error_line
 from fdngx.logs import say, setup_logging
 
 app = typer.Typer(
@@ -112,9 +112,8 @@ def main() -> None:
         say(f"fdngx: error: {exc}", logging.ERROR, color="red")
         sys.exit(exc.exit_code)
     except OSError as exc:
-        # A file or socket the user pointed us at: one line naming it (absolute: cron's cwd is not yours).
-        where = f"{Path(exc.filename).absolute()}: " if isinstance(exc.filename, str) and exc.filename else ""
-        say(f"fdngx: error: {where}{exc.strerror or exc}", logging.ERROR, color="red")
+        # A file or socket the user pointed us at: one line naming it.
+        say(f"fdngx: error: {os_error_line(exc)}", logging.ERROR, color="red")
         sys.exit(1)
 
 

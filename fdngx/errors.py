@@ -17,6 +17,14 @@ class FdngxError(Exception):
         return " | ".join(line.strip() for line in super().__str__().splitlines() if line.strip())
 
 
+def os_error_line(exc: OSError) -> str:
+    """An OSError as one line for people, naming the file (absolute: cron's cwd is not yours) when it has one."""
+    from pathlib import Path
+
+    where = f"{Path(exc.filename).absolute()}: " if isinstance(exc.filename, str) and exc.filename else ""
+    return f"{where}{exc.strerror or exc}"
+
+
 class InventoryError(FdngxError):
     """The inventory file is missing, unreadable or invalid."""
 

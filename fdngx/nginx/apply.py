@@ -32,10 +32,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fdngx.errors import ApplyError
+from fdngx.errors import ApplyError, os_error_line
 from fdngx.nginx.control import NginxControl, NginxNotRunning, ReloadError, generation_in
 from fdngx.nginx.escape import EscapeError, nginx_string
-from fdngx.system.files import atomic_write, check_private, file_lock, read_bytes_or_none, real_target, remove
+from fdngx.system.files import (
+    atomic_write,
+    check_private,
+    file_lock,
+    read_bytes_or_none,
+    real_target,
+    remove,
+    write_beside,
+)
 
 log = logging.getLogger("fdngx.apply")
 PAUSE_ENV = "FDNGX_TEST_PAUSE_AT"  # tests: pause at a step (name) so a test can SIGKILL the apply there
@@ -195,32 +203,24 @@ def _test_candidate(candidate: Path, control: NginxControl, standalone: bool, wr
             pid, include = nginx_string(f"{tmp}/nginx.pid"), nginx_string(str(candidate))
         except EscapeError as exc:
             raise ApplyError(f"cannot test the candidate in a wrapper config: {exc}") from None
-        wrapper.write_text(
-            f"{wrapper_head}pid {pid};\nerror_log stderr;\nevents {{}}\n"
-            f"http {{\n    include {include};\n}}\n"
-        )
+        try:
+            wrapper.write_text(
+                f"{wrapper_head}pid {pid};\nerror_log stderr;\nevents {{}}\n"
+                f"http {{\n    include {include};\n}}\n"
+            )
+        except OSError as exc:  # a full /tmp: the error names no file
+            raise ApplyError(f"cannot write the test wrapper config {wrapper}: {exc.strerror or exc}; nothing "
+                             "was applied") from None
         control.test(conf=wrapper, prefix=Path(tmp), what="nginx -t (candidate in a test wrapper)")
 
 
 def _write_candidate(target: Path, content: bytes, like: Path) -> Path:
     """The candidate: an exclusive temp file beside the target, with the live file's owner and mode."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".fdngx-tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(content)
-            try:
-                st = os.stat(like)
-                os.fchmod(fh.fileno(), st.st_mode & 0o7777)
-                with contextlib.suppress(PermissionError):
-                    os.fchown(fh.fileno(), st.st_uid, st.st_gid)
-            except FileNotFoundError:
-                os.fchmod(fh.fileno(), 0o644)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        remove(Path(tmp))
-        raise
-    return Path(tmp)
+        st = os.stat(like)
+    except FileNotFoundError:
+        return write_beside(target, content, 0o644)
+    return write_beside(target, content, st.st_mode & 0o7777, (st.st_uid, st.st_gid))
 
 
 # -- safe apply --------------------------------------------------------------------------------------
@@ -245,6 +245,14 @@ def safe_apply(
     target = real_target(path)
     if not target.parent.is_dir():
         raise ApplyError(f"{path}: directory {target.parent} does not exist")
+    try:
+        return _apply_locked(path, target, content, control, reload, standalone, wrapper_head, lock_timeout)
+    except OSError as exc:  # a full disk, a file size limit, a permission: what failed, as an apply error
+        raise ApplyError(os_error_line(exc)) from None
+
+
+def _apply_locked(path: Path, target: Path, content: str, control: NginxControl | None, reload: bool,
+                  standalone: bool, wrapper_head: str, lock_timeout: float) -> ApplyResult:
     data = content.encode("utf-8")
     generation = generation_in(content)
     with file_lock(lock_path(path), timeout=lock_timeout):

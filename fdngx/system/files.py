@@ -46,6 +46,31 @@ def real_target(path: Path) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
+def write_beside(target: Path, data: bytes, perm: int, owner: tuple[int, int] | None = None) -> Path:
+    """`data` in a new exclusive temp file beside `target` (`.name.*.fdngx-tmp`), mode `perm`, given to `owner`
+    (uid, gid) when that is not us and we may, synced; returns its path. On failure nothing is left behind,
+    and an error that names no file (a full disk, a file size limit) names `target`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".fdngx-tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            if owner is not None and owner != (os.geteuid(), os.getegid()):
+                with contextlib.suppress(PermissionError):  # only root may give a file away
+                    os.fchown(fh.fileno(), *owner)
+            os.fchmod(fh.fileno(), perm)
+            os.fsync(fh.fileno())
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            # write and fsync errors name no file: name it, and say first that the old file is untouched.
+            raise OSError(exc.errno, f"cannot write it: {exc.strerror or exc}; the file is unchanged",
+                          str(target)) from exc
+        raise
+    return Path(tmp)
+
+
 def atomic_write(path: Path, content: str | bytes, mode: int | None = None, *, private: bool = False) -> Path:
     """Replace `path` (through a symlink: its target) with `content` atomically; returns the file written.
 
@@ -67,16 +92,8 @@ def atomic_write(path: Path, content: str | bytes, mode: int | None = None, *, p
         old = None  # nothing of a planted file is kept: not its owner, not its mode
     else:
         perm = mode if mode is not None else (stat.S_IMODE(old.st_mode) if old is not None else 0o644)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".fdngx-tmp", dir=target.parent)
+    tmp = write_beside(target, data, perm, (old.st_uid, old.st_gid) if old is not None else None)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
-                with contextlib.suppress(PermissionError):  # only root may give a file away
-                    os.fchown(fh.fileno(), old.st_uid, old.st_gid)
-            os.fchmod(fh.fileno(), perm)
-            os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import stat
 import tempfile
@@ -25,6 +26,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fdngx.errors import ApplyError, UnsafeFileError
+
+log = logging.getLogger("fdngx.files")
+
+# A lock wait longer than this is said once, naming the holder: an apply waits up to two minutes.
+LOCK_PATIENCE = 1.0
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -171,6 +177,30 @@ def writable_by_others(directory: Path) -> bool:
     return bool(st.st_mode & 0o002) or bool(st.st_mode & 0o020 and st.st_gid != os.getegid())
 
 
+def _held_by(st: os.stat_result, locks: Path = Path("/proc/locks")) -> str:
+    """", held by pid N (its command line)" for the file of `st`, from the kernel's lock table; "" when it
+    cannot tell (no /proc, another pid namespace, the holder gone)."""
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        table = locks.read_text()
+    except OSError:
+        return ""
+    for line in table.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; a waiter's line has "->" after the number.
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == ident and fields[4].isdigit():
+            pid = int(fields[4])
+            try:
+                raw = Path(f"/proc/{pid}/cmdline").read_bytes()[:200]
+            except OSError:
+                raw = b""
+            command = " ".join(part.decode("utf-8", "replace") for part in raw.split(b"\0") if part)
+            command = "".join(c if c.isprintable() else "?" for c in command)  # one line, whatever argv holds
+            command = command if len(command) <= 120 else command[:117] + "..."
+            return f", held by pid {pid}" + (f" ({command})" if command and pid > 0 else "")
+    return ""
+
+
 @contextlib.contextmanager
 def file_lock(path: Path, timeout: float = 60.0) -> Iterator[None]:
     """An exclusive flock on `path` (created 0600 if needed, never through a symlink); waits `timeout` s.
@@ -188,7 +218,8 @@ def file_lock(path: Path, timeout: float = 60.0) -> Iterator[None]:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
             raise UnsafeFileError(f"{path}: the lock file is not a regular file owned by this user; remove it")
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        said = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -196,11 +227,16 @@ def file_lock(path: Path, timeout: float = 60.0) -> Iterator[None]:
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
-                if time.monotonic() >= deadline:
-                    raise ApplyError(
-                        f"{path}: another fdngx run holds the lock for more than {timeout:.0f}s; giving up"
-                    ) from None
+                waited = time.monotonic() - started
+                if waited >= timeout:
+                    raise ApplyError(f"{path}: another fdngx run holds the lock for more than {timeout:g}s"
+                                     f"{_held_by(st)}; giving up") from None
+                if not said and waited >= min(LOCK_PATIENCE, timeout / 2):
+                    log.info("%s: waiting for the lock%s (up to %g s)", path, _held_by(st), timeout)
+                    said = True
                 time.sleep(0.05)
+        if said:
+            log.info("%s: got the lock after %.1f s", path, time.monotonic() - started)
         yield
     finally:
         os.close(fd)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import typer
 
-from fdngx.commands import demo, launch, render, sidecar, sim, status
+from fdngx.commands import demo, drain, launch, render, sidecar, sim, status
 from fdngx.config import attach_envvars, load_settings
 from fdngx.errors import FdngxError, os_error_line
 from fdngx.logs import say, setup_logging
@@ -99,7 +99,7 @@ def _defaulted(ctx: typer.Context, name: str) -> bool:
     return source is None or source.name == "DEFAULT"
 
 
-for _module in (launch, render, sidecar, status, sim, demo):
+for _module in (launch, render, sidecar, status, drain, sim, demo):
     _module.register(app)
 
 

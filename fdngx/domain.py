@@ -168,6 +168,9 @@ class Instance:
     weight: int = 1
     role: Role = Role.MIXED
     extra: dict[str, Any] = field(default_factory=dict)
+    # Planned maintenance (`fdngx drain`): no new requests, those in flight finish. Written only when true,
+    # so an inventory without it stays byte-identical when saved again.
+    drain: bool = False
 
     @property
     def address(self) -> str:
@@ -188,6 +191,8 @@ class Instance:
             "engine": self.engine.value, "max_num_seqs": self.max_num_seqs, "weight": self.weight,
             "role": self.role.value,
         }
+        if self.drain:
+            known["drain"] = True
         return {**known, **self.extra}
 
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from fdngx.domain import Engine, Instance, Inventory, Role, is_ip, valid_host
 from fdngx.errors import InventoryError
-from fdngx.system.files import atomic_write, read_regular_file
+from fdngx.system.files import atomic_write, file_lock, read_regular_file
 
 VERSION = 1
 DEFAULT_UPSTREAM = "fastdeploy"
@@ -29,7 +31,7 @@ MAX_WEIGHT = 10_000  # nginx accepts up to 2^31-1, but anything beyond a few tho
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 UPSTREAM = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
-_KNOWN = ("name", "host", "port", "metrics_port", "engine", "max_num_seqs", "weight", "role")
+_KNOWN = ("name", "host", "port", "metrics_port", "engine", "max_num_seqs", "weight", "role", "drain")
 
 
 def address_key(host: str, port: int) -> tuple[str, int]:
@@ -64,6 +66,13 @@ def _str_field(raw: Mapping[str, Any], key: str, where: str, default: str | None
     value = raw[key]
     if not isinstance(value, str):
         raise InventoryError(f"{where}: field '{key}' must be a string, got {_show(value)}")
+    return value
+
+
+def _bool_field(raw: Mapping[str, Any], key: str, where: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):  # `"drain": "yes"` or 1 is a mistake, not a guess at what was meant
+        raise InventoryError(f"{where}: field '{key}' must be true or false, got {_show(value)}")
     return value
 
 
@@ -127,8 +136,9 @@ def parse_instance(raw: Any, source: str, index: int) -> Instance:
         raise InventoryError(f"{where}: field 'role' = {_show(role)} is not one of {', '.join(Role.values())}")
     max_num_seqs = _int_field(raw, "max_num_seqs", where, 1, 1_000_000, default=DEFAULT_MAX_NUM_SEQS)
     weight = _int_field(raw, "weight", where, 1, MAX_WEIGHT, default=1)
+    drain = _bool_field(raw, "drain", where)
     extra = {k: v for k, v in raw.items() if k not in _KNOWN}
-    return Instance(name, host, port, metrics_port, Engine(engine), max_num_seqs, weight, Role(role), extra)
+    return Instance(name, host, port, metrics_port, Engine(engine), max_num_seqs, weight, Role(role), extra, drain)
 
 
 def parse_inventory(data: Any, source: str = "<inventory>") -> Inventory:
@@ -244,3 +254,79 @@ def save(inv: Inventory, path: str | Path) -> None:
         raise InventoryError(f"{Path(path).absolute()}: not written: the inventory would be {len(data)} bytes, over "
                              f"the {MAX_BYTES}-byte limit of an inventory file")
     atomic_write(Path(path), data)
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock every read-modify-write of an inventory file takes (the registry's, `fdngx drain`'s), beside it.
+    The name predates `fdngx drain`: a registry started by an older fdngx holds this same file."""
+    p = Path(path).absolute()
+    return p.with_name(f".{p.name}.registry.lock")
+
+
+@contextmanager
+def editing(path: str | Path) -> Iterator[Inventory]:
+    """Load `path` under its lock; what the caller changes in the yielded inventory is saved atomically on a
+    normal exit, unless the document is unchanged (no write at all). An exception saves nothing."""
+    p = Path(path).absolute()
+    with file_lock(lock_path(p)):
+        inv = load(p)
+        before = to_json(inv)
+        yield inv
+        if to_json(inv) != before:
+            save(inv, p)
+
+
+def all_drained(inv: Inventory) -> str | None:
+    """Why `inv` cannot be served (every instance drained), or None. An empty inventory is not this case."""
+    if not inv.instances or any(not i.drain for i in inv.instances):
+        return None
+    where = " + ".join(inv.sources) or "inventory"
+    names = ", ".join(sorted(i.name for i in inv.instances)[:8]) + (", ..." if len(inv.instances) > 8 else "")
+    return (f"{where}: every instance is drained ({names}): nginx would have no replica to send requests to; "
+            "put one back with 'fdngx drain NAME --undo' first")
+
+
+def in_rotation(inv: Inventory) -> Inventory:
+    """The instances that take new requests (all but drained ones); refuses an inventory with every one drained."""
+    why = all_drained(inv)
+    if why is not None:
+        raise InventoryError(why)
+    return replace(inv, instances=[i for i in inv.instances if not i.drain])
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    name: str
+    path: Path  # the file that lists the instance (and was edited, if `changed`)
+    drain: bool  # the flag as it is now
+    changed: bool
+
+
+def _names(instances: Iterable[Instance]) -> str:
+    names = sorted((i.name for i in instances), key=lambda n: [int(p) if p.isdigit() else p
+                                                               for p in re.split(r"(\d+)", n)])
+    return ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "") or "none"
+
+
+def set_drain(paths: list[Path], name: str, drain: bool) -> DrainResult:
+    """Set or clear one instance's `drain` in whichever of `paths` lists it, under the inventory lock, atomically.
+    Refuses an unknown name (listing the known ones) and draining the last instance still in rotation."""
+    inventories = [load(p) for p in paths]
+    merged = merge(inventories)  # the same checks a render makes, so the edit cannot break the merged view
+    owner = next((Path(p).absolute() for p, inv in zip(paths, inventories, strict=True)
+                  if any(i.name == name for i in inv.instances)), None)
+    if owner is None:
+        where = " + ".join(merged.sources)
+        raise InventoryError(f"{where}: no instance named {_show(name)}; known: {_names(merged.instances)}")
+    others = [i for inv in inventories if inv.sources[0] != str(owner) for i in inv.instances]
+    with editing(owner) as inv:
+        inst = next((i for i in inv.instances if i.name == name), None)
+        if inst is None:
+            raise InventoryError(f"{owner}: instance {_show(name)} is no longer listed (the file changed meanwhile); "
+                                 f"known: {_names(inv.instances)}")
+        changed = inst.drain != drain
+        if drain and changed and all(i.drain or i is inst for i in [*inv.instances, *others]):
+            raise InventoryError(f"{owner}: not drained: {name} is the last instance in rotation (nginx would have "
+                                 "no replica left); put another one back first with 'fdngx drain NAME --undo'")
+        inst.drain = drain
+    return DrainResult(name, owner, drain, changed)

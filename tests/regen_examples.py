@@ -18,7 +18,7 @@ EXAMPLES = REPO / "examples" / "nginx"
 GOLDEN = REPO / "tests" / "golden"
 
 
-COMMANDS = ("launch", "stop", "render", "sidecar", "status", "sim", "demo")
+COMMANDS = ("launch", "stop", "render", "sidecar", "status", "drain", "sim", "demo")
 CLI_HEAD = """# CLI reference
 
 <!-- Generated from the CLI by `make examples` (tests/regen_examples.py); a test keeps it current. -->

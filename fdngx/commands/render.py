@@ -136,8 +136,9 @@ def render_cmd(
     spec = target_spec(opts, out=out_path, prefix=prefix, nginx_conf=nginx_conf, nginx_bin=nginx_bin,
                        reload_cmd=reload_cmd, reload=reload and not dry, admin_token_file=admin_token_file,
                        dry=dry)
-    target = open_target(spec, dry=dry)
     inv = inv_mod.load_many(inventory_paths(inventory))
+    inv_mod.in_rotation(inv)  # every instance drained: refused before a prefix, token or peers file is made
+    target = open_target(spec, dry=dry)
     policy = config_for_flavor(flavor, speed_aware=speed_aware) if scrape else None
     store = store_for(out_path) if scrape and out_path is not None else None
     if dry:

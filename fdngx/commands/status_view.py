@@ -61,6 +61,8 @@ def rows_of(
                 "name": d.name,
                 "healthy": bool(s and s.healthy),
                 "up": not d.down,
+                # Drained for maintenance (`fdngx drain`): held out on purpose; RUN tells when it is empty.
+                "drain": inst.drain,
                 "running": s.running if s and ok else None,
                 "queued": s.queued if s and ok else None,
                 "queued_reliable": s.queued_reliable if s and ok else None,
@@ -72,7 +74,8 @@ def rows_of(
                 "health_error": s.health_error if s else None,
                 "latency_ms": round(s.latency * 1000, 1) if s else None,
                 "current_weight": st.weight if st is not None and st.weight is not None else inst.weight,
-                "current_down": bool(st.down) if st is not None else False,
+                # No state: nginx has the inventory's static render, in which a drained replica is `down`.
+                "current_down": bool(st.down) if st is not None else inst.drain,
                 "proposed_weight": d.weight,
                 "proposed_down": d.down,
                 "changed": d.changed,
@@ -150,8 +153,8 @@ def _num(v: float | None, fmt: str = "{:.0f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
-def _weight(weight: int, down: bool) -> str:
-    return "down" if down else str(weight)
+def _weight(weight: int, down: bool, drain: bool = False) -> str:
+    return ("draining" if drain else "down") if down else str(weight)
 
 
 def _cell(r: dict[str, Any], column: str) -> Text:
@@ -164,9 +167,10 @@ def _cell(r: dict[str, Any], column: str) -> Text:
     if column == "KV":
         return Text("-" if r["kv_usage"] is None else f"{r['kv_usage'] * 100:.0f}%")
     if column == "WEIGHT":
-        return Text(_weight(r["current_weight"], r["current_down"]), style="red" if r["current_down"] else "")
+        style = "yellow" if r["current_down"] and r["drain"] else "red" if r["current_down"] else ""
+        return Text(_weight(r["current_weight"], r["current_down"], r["drain"]), style=style)
     if column == "NEXT":
-        return Text(_weight(r["proposed_weight"], r["proposed_down"]), style="bold" if r["changed"] else "")
+        return Text(_weight(r["proposed_weight"], r["proposed_down"], r["drain"]), style="bold" if r["changed"] else "")
     if column == "SHARE":
         return Text(f"{r['share'] * 100:.0f}%")
     if column == "LOAD":

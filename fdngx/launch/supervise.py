@@ -29,6 +29,7 @@ from fdngx.launch.plan import Plan
 from fdngx.launch.probe import Health, HealthState, health
 from fdngx.launch.progress import Progress
 from fdngx.system import procs
+from fdngx.system.files import file_lock
 
 POLL = 0.25
 # While running, each instance is probed this often; REFUSED_LIMIT refused connections in a row mean the
@@ -87,7 +88,15 @@ class Supervisor:
         write_pidfile(self.plan.pidfile, record)
 
     def _write_inventory(self) -> None:
-        """Atomically write the inventory with pid/log/status per instance (other edits to the file kept)."""
+        """Atomically write the inventory with pid/log/status per instance (other edits to the file kept), under
+        the inventory lock when this user may take it (`fdngx drain` and the registry edit under it too)."""
+        with contextlib.ExitStack() as stack:
+            # A lock another user made (root ran `fdngx drain`), or held too long: write without it, as before.
+            with contextlib.suppress(OSError, FdngxError):
+                stack.enter_context(file_lock(inv_mod.lock_path(self.plan.inventory_path), timeout=5.0))
+            self._rewrite_inventory()
+
+    def _rewrite_inventory(self) -> None:
         ours = {}
         for c in self.children:
             for name in c.spec.instances:
@@ -96,10 +105,18 @@ class Supervisor:
                     extra["exit_code"] = c.exit_code
                 ours[name] = extra
         try:
-            current = inv_mod.load(self.plan.inventory_path) if self.inventory_written else None
+            current = inv_mod.load(self.plan.inventory_path)  # the first time: an old launch's, if any
         except FdngxError:
             current = None
-        doc = current or self.plan.inventory
+        doc = current if self.inventory_written and current else self.plan.inventory
+        if not self.inventory_written and current is not None:
+            # A new launch over an old inventory: a replica drained there (same name, same address) stays drained.
+            was = {(i.name, i.host, i.port) for i in current.instances if i.drain}
+            for inst in doc.instances:
+                if (inst.name, inst.host, inst.port) in was and not inst.drain:
+                    inst.drain = True
+                    self.progress.say(f"{inst.name} stays drained, as the old inventory had it "
+                                      f"(`fdngx drain {inst.name} --undo` puts it back)")
         for inst in doc.instances:
             mine = self.by_name.get(inst.name)
             if mine is not None and (inst.host, inst.port) == (mine.host, mine.port):

@@ -27,6 +27,7 @@ import jinja2
 from fdngx import __version__
 from fdngx.domain import Balancer, Flavor, Instance, Inventory, Listen, Mode, Role, ServerState, is_ip
 from fdngx.errors import RenderError, UsageError
+from fdngx.inventory import all_drained
 from fdngx.nginx import frontdoor
 from fdngx.nginx.escape import EscapeError, lua_literal, nginx_arg, nginx_size, nginx_string, nginx_time
 
@@ -254,14 +255,17 @@ def environment(template_dir: Path | None) -> jinja2.Environment:
 
 def _server(inst: Instance, state: ServerState | None) -> dict[str, Any]:
     weight = state.weight if state is not None else inst.weight
+    # A drained replica is held out like one the sidecar holds out: `down` keeps it in the config, so the
+    # old workers' streams on it finish through the graceful reload; no new request goes there.
+    down = inst.drain or (bool(state.down) if state is not None else False)
     return {
         "name": inst.name,
         "address": inst.address,
         "host": inst.host,
         "port": inst.port,
         "weight": max(1, min(MAX_WEIGHT, int(weight))),
-        "down": bool(state.down) if state is not None else False,
-        "backup": bool(state.backup) if state is not None and not state.down else False,
+        "down": down,
+        "backup": bool(state.backup) if state is not None and not down else False,
         "max_num_seqs": inst.max_num_seqs,
         "engine": inst.engine.value,
         "role": inst.role.value,
@@ -333,6 +337,8 @@ def check_renderable(inv: Inventory, opts: RenderOptions) -> None:
         where = " + ".join(inv.sources) or "inventory"
         raise RenderError(f"{where}: no instances to render (nginx needs at least one server; only a sidecar "
                           "with --registry-listen renders an empty fleet, which answers 503 until one registers)")
+    if (drained := all_drained(inv)) is not None:
+        raise RenderError(drained)
     for inst in inv.instances:
         if inst.role is not Role.MIXED:
             raise RenderError(

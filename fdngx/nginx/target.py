@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fdngx.domain import Flavor, Inventory, LoadSample, Mode, ServerState
 from fdngx.errors import UsageError
+from fdngx.inventory import in_rotation
 from fdngx.nginx import generation, openresty
 from fdngx.nginx.apply import ApplyResult, safe_apply
 from fdngx.nginx.control import NginxControl, find_nginx, prepare_prefix
@@ -89,7 +90,7 @@ class Target:
         """openresty: the replicas as data beside the config (only rewritten when one changed). Before the
         config's apply: the start or reload that may cause reads the replicas from this file."""
         if self.peers_file is not None:
-            openresty.write_peers_file(self.peers_file, inv)
+            openresty.write_peers_file(self.peers_file, in_rotation(inv))
 
     def apply(self, text: str) -> ApplyResult:
         assert self.out is not None
@@ -109,6 +110,11 @@ class Target:
         a no-op and never undoes a newer push. That one is best effort: an nginx that is not running reads
         the file when it starts."""
         assert self.admin is not None
+        # A drained replica is left out of the snapshot, not sent as `down`: the balancer may still pick a
+        # peer the sidecar holds down (its own probe saw it come back, or every other one failed), and must
+        # never pick one under maintenance. Requests already on it finish: a peer's in-flight count outlives
+        # its removal (fdngx.pool).
+        inv = in_rotation(inv)
         if states is None:
             body = read_bytes_or_none(self.peers_file) if self.peers_file is not None else None
             text = body.decode("utf-8") if body else openresty.snapshot(
@@ -140,6 +146,7 @@ class Target:
                  samples: Mapping[str, LoadSample]) -> tuple[PushOutcome, ...]:
         """Controller mode: ONE snapshot (one generation, the same bytes) to every frontend at once."""
         assert self.fanout is not None
+        inv = in_rotation(inv)  # as in push()
         peers = openresty.live_peers(inv, states, samples) if states is not None else openresty.initial_peers(inv)
         return self.fanout.push(openresty.snapshot(generation.next_generation(), peers, inv.upstream))
 

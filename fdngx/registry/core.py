@@ -106,7 +106,7 @@ class Registry:
         self.probe = probe or HttpProbe()
         self.names = names or NameCache()
         self.clock = clock
-        self.lock = self.path.with_name(f".{self.path.name}.registry.lock")
+        self.lock = inv_mod.lock_path(self.path)
         self._mu = threading.Lock()
         self._seen: dict[Key, float] = {}  # last heartbeat
         self._failing: dict[Key, tuple[float, str]] = {}  # failing /health since, why
@@ -310,6 +310,8 @@ class Registry:
                 clash = taken.get(key) or taken.get(inst.name)
                 if clash:
                     gone[key] = clash, None
+                elif inst.drain:
+                    pass  # under maintenance (`fdngx drain`): silent or failing on purpose; it stays until undrained
                 elif grace > 0 and now - seen > grace:
                     gone[key] = f"no heartbeat for {now - seen:.0f} s (--registry-grace {grace:g})", seen
                 elif grace > 0 and now - since > grace:

@@ -78,6 +78,7 @@ def unapplied(new: PolicyState, old: PolicyState) -> PolicyState:
             weight=prev.weight if prev else None,
             down=prev.down if prev else False,
             backup=prev.backup if prev else False,
+            drained=prev.drained if prev else False,
             last_change_at=prev.last_change_at if prev else None,
         )
     reloads = [t for t in new.reloads if t in old.reloads]
@@ -222,7 +223,8 @@ class Controller:
             for d in result.decisions:
                 if d.changed:
                     # A replica taken out, or a change nginx did not get, is what an operator must see.
-                    level = logging.WARNING if error or d.down else logging.INFO
+                    # A drain is the operator's own doing: INFO, like a weight change.
+                    level = logging.WARNING if error or (d.down and not d.drained) else logging.INFO
                     log.log(level, "%s%s: %s", "NOT APPLIED " if error else "", d.name, d.reason)
             if result.decisions.fail_open and result.decisions.changed:
                 log.warning("failing open: %s", result.decisions.fail_open)

@@ -54,6 +54,7 @@ class Decision:
     budget_held: bool = False  # a change the reload budget held back this cycle
     load_signal: bool = True  # this cycle's metrics were read and believed (False: failed or "metrics invalid")
     backup: bool = False  # nginx's `backup`: traffic from elsewhere fills it (see _update_corrections)
+    drained: bool = False  # held out by the operator (`fdngx drain`), not for its health: nothing to alert on
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,9 @@ def decide(
         fold_health(states[inst.name], samples.get(inst.name), now)
         fold_metrics(states[inst.name], samples.get(inst.name), inst, now, config)
 
+    # Drained (planned maintenance): held out, still scraped (its in-flight count tells when it may stop), but
+    # neither failing nor part of the fleet's load, speed or fail-open verdicts.
+    drained = {i.name for i in insts if i.drain}
     caps = {i.name: states[i.name].capacity or float(i.max_num_seqs) for i in insts}
     base = base_weights(inventory, caps, config)
     want_down = {}
@@ -162,21 +166,22 @@ def decide(
         st = states[inst.name]
         # Once down, a replica needs `recover_threshold` good checks in a row; up, `fail_threshold` bad (and,
         # when nothing listens, `refused_grace` seconds: nginx's passive check covers that without a reload).
-        if st.down:
+        if st.down and not st.drained:
             want_down[inst.name] = st.oks < config.recover_threshold
         else:
             graced = st.refused and st.failing_since is not None and now - st.failing_since < config.refused_grace
             want_down[inst.name] = st.fails >= config.fail_threshold and not graced
     for inst in insts:
         st = states[inst.name]
-        if st.down and not want_down[inst.name] and st.weight is not None:
+        if st.down and not st.drained and not want_down[inst.name] and st.weight is not None:
             # Back from down: the ramp starts now, from neutral (its old correction and speed say nothing now).
             st.recovered_at, st.log_gain, st.tpot, st.speed = now, 0.0, None, 1.0
     fresh = {i.name for i in insts if _fresh(states[i.name], now, config)}
     # A ramping replica is under-loaded on purpose: letting its load steer the correction would wind the
     # integral up and overshoot once the ramp ends. It rejoins at neutral.
     ramping = {i.name for i in insts if _ramp_step(states[i.name], now, config) is not None}
-    active = [i.name for i in insts if i.name in fresh and not want_down[i.name] and i.name not in ramping]
+    active = [i.name for i in insts
+              if i.name in fresh and not want_down[i.name] and i.name not in ramping and i.name not in drained]
     # Back from a gap or a restart, a replica's reading is a transient (nginx's passive check lets it fill
     # again; its smoothed load still holds the old readings, its first tokens run in an empty batch): it says
     # nothing of nginx's share per weight, nor of its speed. Its correction and speed factor wait, so its
@@ -187,14 +192,16 @@ def decide(
     fleet = update_corrections(states, active, caps, base, top_slots, dt, config, settling)
 
     fail_open = None
-    if insts and all(want_down.values()):
+    serving = [i.name for i in insts if i.name not in drained]
+    if serving and all(want_down[n] for n in serving):
         fail_open = "all replicas fail /health"
-    elif insts and not fresh:
+    elif serving and not fresh.intersection(serving):
         fail_open = "no replica has fresh metrics"
 
     recent = [t for t in state.reloads if now - t < _WINDOW]
     plans = {
-        i.name: _plan(
+        i.name: _drained(states[i.name], prev.get(i.name), samples.get(i.name), base[i.name], config)
+        if i.name in drained else _plan(
             states[i.name],
             prev.get(i.name),
             samples.get(i.name),
@@ -232,11 +239,11 @@ def decide(
             reason = f"{budget}; {what}; wanted {old_w}->{wanted}"
         if change and not initial:
             st.last_change_at = now
-        st.weight, st.down, st.backup = weight, down, backup
+        st.weight, st.down, st.backup, st.drained = weight, down, backup, inst.name in drained
         sample = samples.get(inst.name)
         signal = sample is not None and sample.ok and st.last_error is None
         items.append(Decision(inst.name, weight, down, reason, change, old_w, wanted, st.load, st.speed, held, signal,
-                              backup))
+                              backup, inst.name in drained))
     decisions = Decisions(tuple(items), fleet, fail_open)
     reloads = [*recent, now] if decisions.changed else recent
     return decisions, PolicyState(states, reloads, now, asdict(config))
@@ -252,6 +259,20 @@ class _Plan(NamedTuple):
     what: str = ""  # what the replica looks like, for a reason that replaces this one
     initial: bool = False  # first weights: they start no hold time (the first load correction may follow)
     backup: bool = False  # nginx's `backup` (the load model's overflow verdict)
+
+
+def _drained(st: InstanceState, old: InstanceState | None, s: LoadSample | None, base: float,
+             config: PolicyConfig) -> _Plan:
+    """A drained replica: `down`, its weight kept for its return; the reason says what is still in flight."""
+    w = old.weight if old is not None and old.weight is not None else _quantise(base, config)
+    if s is not None and s.ok:
+        left = s.running + s.queued
+        what = (f"{left:.0f} request(s) in flight (running {s.running:.0f}, queued {s.queued:.0f})" if left
+                else "nothing in flight: safe to stop")
+    else:
+        what = f"in-flight count unknown ({'not scraped' if s is None else s.error})"
+    # Exempt from the budget like any hold-out; a change only if nginx does not hold it out already.
+    return _Plan(w, True, f"draining: {what}", not (old is not None and old.down), True, w, f"draining: {what}")
 
 
 def _plan(
@@ -284,6 +305,11 @@ def _plan(
             )
             return _Plan(w, True, why, False, True, w)
         return _Plan(w, True, f"down: /health failed {st.fails}x ({st.health_error})", True, True, w)
+    if old is not None and old.drained:
+        # Back from a drain: at full weight, no ramp (it was held out by choice, not for failing), from neutral.
+        st.log_gain, st.tpot, st.speed, st.recovered_at = 0.0, None, 1.0, None
+        w = _quantise(base, config)
+        return _Plan(w, False, f"back in rotation after a drain; weight {w}", old_down or old_w != w, True, w)
     recovering = old_down and old_w is not None
     frac, step = _ramp(st, now, config)
     skipped = ""

@@ -27,6 +27,7 @@ class InstanceState:
     weight: int | None = None  # weight applied (None: never decided)
     down: bool = False  # `down` applied
     backup: bool = False  # `backup` applied: traffic from elsewhere fills it, nginx sends it nothing of its own
+    drained: bool = False  # held out last cycle because the inventory said `drain` (not for its health)
     overflow: bool = False  # the load model's verdict behind `backup` (with hysteresis)
     calm_since: float | None = None  # while `backup`: since when the verdict has said the replica is not full
     fails: int = 0  # consecutive failed health checks

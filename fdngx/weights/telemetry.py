@@ -36,6 +36,8 @@ class Telemetry:
         self.build = Gauge("fdngx_build_info", "fdngx version (value 1)", ["version", "flavor"], registry=r)
         self.build.labels(__version__, flavor).set(1)
         self.up = Gauge("fdngx_replica_up", "1 when the replica is in rotation, 0 when held out", lbl, registry=r)
+        self.drained = Gauge("fdngx_replica_drained", "1 while the replica is drained for maintenance (fdngx drain): "
+                             "held out on purpose, not for its health", lbl, registry=r)
         self.backup = Gauge("fdngx_replica_backup", "1 while traffic from elsewhere fills the replica and nginx "
                             "sends it none of its own (nginx `backup`)", lbl, registry=r)
         self.weight = Gauge("fdngx_replica_weight", "Weight applied (nginx config or Lua balancer)", lbl, registry=r)
@@ -175,6 +177,7 @@ class Telemetry:
         samples: Mapping[str, LoadSample] = result.samples
         for d in decisions:
             self.up.labels(d.name).set(0 if d.down else 1)
+            self.drained.labels(d.name).set(1 if d.drained else 0)
             self.backup.labels(d.name).set(1 if d.backup else 0)
             self.weight.labels(d.name).set(d.weight)
             self.speed.labels(d.name).set(d.speed)
@@ -195,8 +198,8 @@ class Telemetry:
             self.age.labels(d.name).set(now - last if last is not None else math.inf)
 
     def _forget(self, name: str) -> None:
-        per_replica = (self.up, self.backup, self.weight, self.speed, self.running, self.queued, self.kv, self.age,
-                       self.signal, self.slots, self.load, self.scrape_errors)
+        per_replica = (self.up, self.drained, self.backup, self.weight, self.speed, self.running, self.queued,
+                       self.kv, self.age, self.signal, self.slots, self.load, self.scrape_errors)
         for metric in per_replica:
             with contextlib.suppress(KeyError):
                 metric.remove(name)

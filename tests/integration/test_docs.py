@@ -32,7 +32,7 @@ from tests import docs_runner
 from tests.support import REPO
 
 DOCS = sorted([REPO / "README.md", REPO / "bench" / "README.md", *(REPO / "docs").glob("*.md")])
-COMMANDS = ("launch", "stop", "render", "sidecar", "status", "sim", "demo")
+COMMANDS = ("launch", "stop", "render", "sidecar", "status", "drain", "sim", "demo")
 # Options of other programs that the docs name alone in prose (FastDeploy, the benchmarks).
 FOREIGN_OPTIONS = {
     "--metrics-port", "--splitwise", "--router", "--max-num-seqs", "--port",  # FastDeploy's own flags

@@ -65,20 +65,22 @@ def instance_doc(draw: st.DrawFn, n: int, valid: bool, hosts: st.SearchStrategy[
     doc: dict[str, Any] = {"name": f"{draw(valid_name)}-{n}", "host": draw(hosts), "port": 1000 + n}
     for key, strat in (("metrics_port", st.integers(1, 65535)), ("weight", st.integers(1, 10_000)),
                        ("max_num_seqs", st.integers(1, 1_000_000)), ("engine", st.sampled_from(Engine.values())),
-                       ("pid", json_any)):
+                       ("pid", json_any), ("drain", st.booleans())):
         if draw(st.booleans()):
             doc[key] = draw(strat)
     if valid:
         return doc
     for _ in range(draw(st.integers(1, 3))):
         key = draw(st.sampled_from(["name", "host", "host", "port", "metrics_port", "weight", "max_num_seqs",
-                                    "engine", "role", "extra", "drop"]))
+                                    "engine", "role", "drain", "extra", "drop"]))
         if key == "drop":
             doc.pop(draw(st.sampled_from(["name", "host", "port"])), None)
         elif key == "name":
             doc[key] = draw(name)
         elif key == "host":
             doc[key] = draw(host)
+        elif key == "drain":
+            doc[key] = draw(st.one_of(json_any, st.sampled_from(["true", 1, 0, None])))
         elif key in ("engine", "role"):
             doc[key] = draw(st.one_of(name, st.sampled_from(["mixed", "prefill", "mixed\n", "vllm "])))
         elif key == "extra":

@@ -153,6 +153,9 @@ def _check_shapes(flavor: Flavor, text: str | bytes, log: str | None, listen_at:
         _note("empty inventory")
         return
     plan = tuple((plan_draw * len(inv.instances))[: len(inv.instances)])
+    # A drained replica is rendered `down` whatever the policy says: that flag, and nothing else, may differ.
+    ordered = sorted(inv.instances, key=lambda i: natural_key(i.name))
+    plan = tuple((w, down or inst.drain) for inst, (w, down) in zip(ordered, plan, strict=True))
     for mode in Mode:
         opts = _options(mode, flavor, log, listen_at)
         if opts is None:

@@ -13,7 +13,8 @@ from fdngx.engines.argv import LaunchRequest, ProcSpec
 
 @dataclass(frozen=True)
 class MetricNames:
-    """Prometheus sample names for each load signal; the first name present wins, queued ones add up."""
+    """Prometheus sample names for each load signal; the first name present wins, queued ones add up, and so
+    do the label sets of one name (less the copies `one_per` names)."""
 
     running: tuple[str, ...]
     queued: tuple[str, ...]
@@ -31,6 +32,11 @@ class MetricNames:
     finished: tuple[str, ...] = ()
     # A series whose absence means `queued` cannot be trusted (FastDeploy before 2026-04-29).
     queued_marker: str | None = None
+    # Labels that tell copies of one count apart: of an engine's samples of one name whose labels differ only
+    # in these, one is kept (the largest; the copies read one batch at slightly different moments) before the
+    # label sets add up. Read by fdngx.weights.promtext on both of its paths; () reads every label set as its
+    # own count.
+    one_per: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,13 @@ SPEC = EngineSpec(
         kv_usage=("sglang:token_usage",),
         tpot=("sglang:inter_token_latency_seconds", "sglang:time_per_output_token_seconds"),
         queue_time=("sglang:queue_time_seconds",),
+        # Each scheduler labels its gauges model_name, engine_type, tp_rank, pp_rank, moe_ep_rank (+ dp_rank with
+        # --dp-size; observability/scheduler_metrics_mixin.py init_metrics). Only attn_tp_rank 0 sets the gauges
+        # (every rank observes queue_time_seconds), unless --enable-metrics-for-all-schedulers (server_args.py):
+        # then every TP rank of one batch (plain TP, or one DP-attention rank's attention-TP group) repeats it
+        # under its own tp_rank and moe_ep_rank, as every attention-CP rank does without the flag (sglang#31896).
+        # DP ranks (dp_rank) keep their own batches.
+        one_per=("tp_rank", "moe_ep_rank"),
     ),
     metrics_on_api_port=True,
     # http_server.py: /server_info; /get_server_info before it, now a deprecated alias that logs a WARNING

@@ -14,12 +14,21 @@ names, and plain numbers (digits, a decimal point, an exponent, NaN, +-Inf). The
 what the parser gives: `float(int(s))` for an integer, `float(s)` otherwise. If ANY kept line falls outside
 the grammar the whole page goes to prometheus_client instead (`None` here), so a page the parser would
 refuse, or read differently, is still refused or read the same way.
+
+Both paths gather their samples the same way (`Gathered`; scrape.parse_metrics gathers the parser's samples
+with it too): one value per label set, except where an engine says some of its samples are copies of one
+count (fdngx.engines.base.MetricNames.one_per, e.g. SGLang's TP ranks each exporting the same batch): of the
+samples of one name whose labels differ only in those labels, one stands for all.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import re
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
+from typing import TypeVar
 
 _LABEL = r'(?!__)[a-zA-Z_][a-zA-Z0-9_]*="[^"\\\n]*"'
 _NUMBER = r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?Inf|NaN"
@@ -31,6 +40,7 @@ _COMMENT = re.compile(r"# (?:HELP [a-zA-Z_:][a-zA-Z0-9_:]*(?: [^\n]*)?|TYPE [a-z
                       r"(?:gauge|histogram|summary|untyped)|TYPE [a-zA-Z_:][a-zA-Z0-9_:]*_total counter)")
 _INTEGER = re.compile(r"[-+]?[0-9]+")
 _LABEL_NAME = re.compile(r'(?:^|,)([a-zA-Z_][a-zA-Z0-9_]*)="')
+_LABEL_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="([^"]*)"')  # exact on _LABEL's values (no quote, no escape)
 _MAX_VALUE = 40  # longer numbers go to the parser (int() refuses over 4,300 digits, float() does not)
 
 
@@ -43,11 +53,50 @@ def _lines_of(names: frozenset[str]) -> re.Pattern[str]:
     return re.compile(rf"\n((?:#[ \t]+(?:TYPE|HELP)[ \t]+)?(?:{alternatives})(?:[{{ \t].*)?)(?=\n|\Z)")
 
 
-def fast_values(text: str, names: frozenset[str]) -> dict[str, list[float]] | None:
+# Sample name -> the labels in which copies of one count differ (MetricNames.one_per); see Gathered.
+Copies = Mapping[str, frozenset[str]]
+NO_COPIES: Copies = MappingProxyType({})
+T = TypeVar("T")
+
+
+def _stands_for(new: float, old: float) -> bool:
+    """Whether copy `new` stands for a count instead of copy `old`: the larger does, and so does any value no
+    count can take (negative, NaN, infinite), so that such a page is refused as when every copy added up."""
+    return not 0.0 <= new < math.inf or (0.0 <= old < math.inf and new > old)
+
+
+class Gathered:
+    """What both paths read (`values`): sample name -> values, one per label set, in the page's order. Of the
+    samples of a name in `copies` whose labels differ only in copies[name], one value stands for all: at the
+    first one's place, the largest one's value (a choice free of the order, so the fast path and the parser
+    agree on any page)."""
+
+    def __init__(self, copies: Copies) -> None:
+        self.values: dict[str, list[float]] = {}
+        self._copies = copies
+        self._at: dict[tuple[str, frozenset[tuple[str, str]]], int] = {}
+
+    def add(self, name: str, value: float, pairs: Callable[[T], Iterable[tuple[str, str]]], labels: T) -> None:
+        """One sample; its labels are `pairs(labels)`, only read where copies[name] says they matter."""
+        kept = self.values.setdefault(name, [])
+        ignored = self._copies.get(name)
+        if not ignored:
+            kept.append(value)
+            return
+        key = (name, frozenset(pair for pair in pairs(labels) if pair[0] not in ignored))
+        at = self._at.get(key)
+        if at is None:
+            self._at[key] = len(kept)
+            kept.append(value)
+        elif _stands_for(value, kept[at]):
+            kept[at] = value
+
+
+def fast_values(text: str, names: frozenset[str], copies: Copies = NO_COPIES) -> dict[str, list[float]] | None:
     """Sample name -> values of the lines fdngx.weights.scrape.relevant_lines keeps, or None when one of them
     is outside the strict grammar. May raise OverflowError where the parser's result would too (an integer
     beyond a float)."""
-    values: dict[str, list[float]] = {}
+    values = Gathered(copies)
     for m in _lines_of(names).finditer("\n" + text):
         line = m.group(1)
         if line.startswith("#"):
@@ -57,14 +106,18 @@ def fast_values(text: str, names: frozenset[str]) -> dict[str, list[float]] | No
         s = _SAMPLE.fullmatch(line)
         if s is None:
             return None
-        labels = s.group("labels")
-        if labels and "," in labels:
-            names = _LABEL_NAME.findall(labels)
-            if len(names) != len(set(names)):
+        labels = s.group("labels") or ""
+        if "," in labels:
+            label_names = _LABEL_NAME.findall(labels)
+            if len(label_names) != len(set(label_names)):
                 return None  # a repeated label name: the parser refuses the page
         raw = s.group("value")
         if len(raw) > _MAX_VALUE:
             return None
         value = float(int(raw)) if _INTEGER.fullmatch(raw) else float(raw)
-        values.setdefault(s.group("name"), []).append(value)
-    return values
+        name = s.group("name")
+        if name in copies:
+            values.add(name, value, _LABEL_PAIR.findall, labels)
+        else:  # Gathered.add's first branch, inline: most pages have no copies
+            values.values.setdefault(name, []).append(value)
+    return values.values

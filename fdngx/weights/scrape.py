@@ -25,7 +25,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from fdngx.domain import Instance, Load, LoadSample
-from fdngx.engines import EngineSpec, spec
+from fdngx.engines import REGISTRY, EngineSpec, spec
 from fdngx.weights.batch import BatchClient, Job
 from fdngx.weights.fetch import Client, Fetch, run_all
 from fdngx.weights.memory import (
@@ -36,7 +36,7 @@ from fdngx.weights.memory import (
     learn_capacity,
     peaks_for,
 )
-from fdngx.weights.promtext import fast_values
+from fdngx.weights.promtext import Copies, Gathered, fast_values
 
 CONNECT_TIMEOUT = 0.5
 READ_TIMEOUT = 1.0
@@ -99,22 +99,30 @@ def _parser_bounds(text: str) -> None:
         raise ValueError(f"a line of {longest} bytes for a series fdngx reads (at most {MAX_PARSED_LINE})")
 
 
+@functools.cache
+def _copies() -> Copies:
+    """Sample name -> the labels its copies differ in (MetricNames.one_per), for every engine that says so.
+    By sample name, not by engine: the names are the engines' own (`sglang:...`), and a page parsed whole
+    (`names` None) reads as the same page parsed for one engine."""
+    return {n: frozenset(e.metrics.one_per) for e in REGISTRY.values() if e.metrics.one_per for n in wanted_names(e)}
+
+
 def parse_metrics(text: str, names: frozenset[str] | None = None) -> dict[str, list[float]]:
-    """Sample name -> values (one per label set), only for `names` when given. Raises ValueError on
-    anything unparsable, and on lines too long or too many for the parser (MAX_PARSED_LINE,
-    MAX_PARSED_BYTES)."""
+    """Sample name -> values (one per label set, copies of one count as one: MetricNames.one_per), only for
+    `names` when given. Raises ValueError on anything unparsable, and on lines too long or too many for the
+    parser (MAX_PARSED_LINE, MAX_PARSED_BYTES)."""
     if names is not None:
-        fast = fast_values(text, names)  # the usual page, read as the parser would read it
+        fast = fast_values(text, names, _copies())  # the usual page, read as the parser would read it
         if fast is not None:
             return fast
         text = relevant_lines(text, names)
     _parser_bounds(text)
-    values: dict[str, list[float]] = {}
+    values = Gathered(_copies())
     # The parser is a generator that raises part way through bad input; consume it all here.
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            values.setdefault(sample.name, []).append(float(sample.value))
-    return values
+            values.add(sample.name, float(sample.value), dict.items, sample.labels)
+    return values.values
 
 
 def _pick(values: Mapping[str, list[float]], names: Iterable[str]) -> list[float] | None:

@@ -101,6 +101,11 @@ _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")
 
 
+def natural_key(name: str) -> list[Any]:
+    """dp2 sorts before dp10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 @dataclass(frozen=True)
 class Listen:
     """An `ADDR:PORT` (or `PORT`) to listen on. `host` is unbracketed; `*` or '' (a bare port, as nginx

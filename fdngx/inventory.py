@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fdngx.domain import Engine, Instance, Inventory, Role, is_ip, valid_host
+from fdngx.domain import Engine, Instance, Inventory, Role, is_ip, natural_key, valid_host
 from fdngx.errors import InventoryError
 from fdngx.system.files import atomic_write, file_lock, read_regular_file
 
@@ -276,14 +276,19 @@ def editing(path: str | Path) -> Iterator[Inventory]:
             save(inv, p)
 
 
+def _names(instances: Iterable[Instance], most: int = 20) -> str:
+    """Instance names for a message, in natural order, cut short after `most`."""
+    names = sorted((i.name for i in instances), key=natural_key)
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "") or "none"
+
+
 def all_drained(inv: Inventory) -> str | None:
     """Why `inv` cannot be served (every instance drained), or None. An empty inventory is not this case."""
     if not inv.instances or any(not i.drain for i in inv.instances):
         return None
     where = " + ".join(inv.sources) or "inventory"
-    names = ", ".join(sorted(i.name for i in inv.instances)[:8]) + (", ..." if len(inv.instances) > 8 else "")
-    return (f"{where}: every instance is drained ({names}): nginx would have no replica to send requests to; "
-            "put one back with 'fdngx drain NAME --undo' first")
+    return (f"{where}: every instance is drained ({_names(inv.instances, 8)}): nginx would have no replica to "
+            "send requests to; put one back with 'fdngx drain NAME --undo' first")
 
 
 def in_rotation(inv: Inventory) -> Inventory:
@@ -302,10 +307,6 @@ class DrainResult:
     changed: bool
 
 
-def _names(instances: Iterable[Instance]) -> str:
-    names = sorted((i.name for i in instances), key=lambda n: [int(p) if p.isdigit() else p
-                                                               for p in re.split(r"(\d+)", n)])
-    return ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "") or "none"
 
 
 def set_drain(paths: list[Path], name: str, drain: bool) -> DrainResult:

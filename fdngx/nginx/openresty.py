@@ -31,10 +31,9 @@ from urllib.parse import urlsplit
 import requests
 import urllib3
 
-from fdngx.domain import Instance, Inventory, Listen, LoadSample, ServerState, is_ip, valid_host
+from fdngx.domain import Instance, Inventory, Listen, LoadSample, ServerState, is_ip, natural_key, valid_host
 from fdngx.errors import ApplyError
 from fdngx.nginx.generation import clock_behind, next_generation
-from fdngx.nginx.render import natural_key
 from fdngx.system.files import atomic_write, check_private, read_bytes_or_none, read_regular_file, real_target
 
 DEBIAN_MODULES = (

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,18 @@ from typing import Any
 import jinja2
 
 from fdngx import __version__
-from fdngx.domain import Balancer, Flavor, Instance, Inventory, Listen, Mode, Role, ServerState, is_ip
+from fdngx.domain import (
+    Balancer,
+    Flavor,
+    Instance,
+    Inventory,
+    Listen,
+    Mode,
+    Role,
+    ServerState,
+    is_ip,
+    natural_key,
+)
 from fdngx.errors import RenderError, UsageError
 from fdngx.inventory import all_drained
 from fdngx.nginx import frontdoor
@@ -189,11 +199,6 @@ class RenderOptions:
 
 def default_access_log(mode: Mode, upstream: str) -> str:
     return "logs/access.log" if mode is Mode.STANDALONE else f"/var/log/nginx/{upstream}.access.log"
-
-
-def natural_key(name: str) -> list[Any]:
-    """dp2 sorts before dp10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def builtin_template_dir() -> Path:

@@ -28,7 +28,9 @@ DEFAULT_FRONTENDS = ["oracle", "nginx-rr", "nginx-lc", "fdngx-default", "fdngx-r
 SEED = 20261128  # fixed before any result was seen; repeat r uses SEED + r
 # Round robin is known to be far off (issue 6: 7-15x at p99); to fit the time budget it runs only where
 # that claim was made. --all-cells runs every frontend everywhere.
-ONLY_IN = {"nginx-rr": ("half-speed", "half-speed-legacy"), "sglang-rr": ("half-speed", "half-speed-legacy")}
+# The speed factor's side-by-side twin matters only where replicas differ in speed or slots.
+ONLY_IN = {"nginx-rr": ("half-speed", "half-speed-legacy"), "sglang-rr": ("half-speed", "half-speed-legacy"),
+           "fdngx-recommended-nospeed": ("half-speed", "half-slots", "half-speed-legacy", "half-slots-legacy")}
 
 
 def _csv(value: str, known: list[str], what: str) -> list[str]:

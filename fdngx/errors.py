@@ -29,6 +29,10 @@ class InventoryError(FdngxError):
     """The inventory file is missing, unreadable or invalid."""
 
 
+class InventoryTooLarge(InventoryError):
+    """A save refused: the file would be over the size load() accepts (nothing was written)."""
+
+
 class RenderError(FdngxError):
     """A template is missing, broken or produced something unusable."""
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fdngx.domain import Engine, Instance, Inventory, Role, is_ip, natural_key, valid_host
-from fdngx.errors import InventoryError
+from fdngx.errors import InventoryError, InventoryTooLarge
 from fdngx.system.files import atomic_write, file_lock, read_regular_file
 
 VERSION = 1
@@ -251,8 +251,8 @@ def save(inv: Inventory, path: str | Path) -> None:
     A file load() would refuse for its size is not written (InventoryError; the old file stays as it was)."""
     data = to_json(inv).encode("utf-8")
     if len(data) > MAX_BYTES:
-        raise InventoryError(f"{Path(path).absolute()}: not written: the inventory would be {len(data)} bytes, over "
-                             f"the {MAX_BYTES}-byte limit of an inventory file")
+        raise InventoryTooLarge(f"{Path(path).absolute()}: not written: the inventory would be {len(data)} bytes, over "
+                                f"the {MAX_BYTES}-byte limit of an inventory file")
     atomic_write(Path(path), data)
 
 

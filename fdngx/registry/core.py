@@ -34,7 +34,7 @@ from typing import Any
 
 from fdngx import inventory as inv_mod
 from fdngx.domain import Instance, Inventory, Role, hostport, valid_host
-from fdngx.errors import FdngxError, InventoryError
+from fdngx.errors import FdngxError, InventoryError, InventoryTooLarge
 from fdngx.registry.body import BodyError, Registration, parse_body, worker_info
 from fdngx.registry.metrics_port import Key, MetricsPorts
 from fdngx.registry.probe import HttpProbe, Probe
@@ -209,38 +209,38 @@ class Registry:
                "fastdeploy": reg.info}
         if asked:
             new["registered_as"] = asked
-        with self._mu, file_lock(self.lock):
-            inv = inv_mod.load(self.path)
-            index = next((n for n, i in enumerate(inv.instances)
-                          if inv_mod.address_key(i.host, i.port) == key), None)
-            if index is not None:
-                old = inv.instances[index].to_dict()
-                if old.get("registered") is not True:
-                    return
-                merged = {**old, **new, "name": old["name"]}  # hand edits (weight, max_num_seqs) stay
-                if not asked:
-                    merged.pop("registered_as", None)  # registered by address now: an old name no longer holds
-                if merged == old:
-                    self._seen[key] = self.clock()
-                    return
-                inst = inv_mod.parse_instance(merged, str(self.path), index)
-                inv.instances[index] = inst
-                log.info("registry: %s updated (metrics port %d from %s)", inst.name, metrics_port, source)
-            else:
-                self._check_room(inv)  # the authoritative check: concurrent registrations passed the early one
-                inst = inv_mod.parse_instance(new, f"registration of {hostport(host, reg.port)}", 0)
-                inv.instances.append(inst)
-                log.info("registry: %s registered at %s (metrics port %d from %s)", inst.name, inst.address,
-                         metrics_port, source)
+        index: int | None = None
+        with self._mu:
             try:
-                inv_mod.check_unique(inv.instances, str(self.path))
-                inv_mod.merge([inv, *self._load_others()])  # one upstream, no duplicate across files
-            except InventoryError as exc:
-                clash = "already listed" in str(exc) or "used twice" in str(exc)
-                raise Refused(409 if clash else 400, f"not registered: {exc}") from None
-            try:
-                inv_mod.save(inv, self.path)
-            except InventoryError as exc:  # a file load() would refuse for its size: nothing was written
+                with inv_mod.editing(self.path) as inv:  # saved on leaving, if changed; a Refused saves nothing
+                    index = next((n for n, i in enumerate(inv.instances)
+                                  if inv_mod.address_key(i.host, i.port) == key), None)
+                    if index is not None:
+                        old = inv.instances[index].to_dict()
+                        if old.get("registered") is not True:
+                            return
+                        merged = {**old, **new, "name": old["name"]}  # hand edits (weight, max_num_seqs) stay
+                        if not asked:
+                            merged.pop("registered_as", None)  # registered by address now: an old name no longer holds
+                        if merged == old:
+                            self._seen[key] = self.clock()
+                            return
+                        inst = inv_mod.parse_instance(merged, str(self.path), index)
+                        inv.instances[index] = inst
+                        log.info("registry: %s updated (metrics port %d from %s)", inst.name, metrics_port, source)
+                    else:
+                        self._check_room(inv)  # the authoritative check: concurrent registrations passed the early one
+                        inst = inv_mod.parse_instance(new, f"registration of {hostport(host, reg.port)}", 0)
+                        inv.instances.append(inst)
+                        log.info("registry: %s registered at %s (metrics port %d from %s)", inst.name, inst.address,
+                                 metrics_port, source)
+                    try:
+                        inv_mod.check_unique(inv.instances, str(self.path))
+                        inv_mod.merge([inv, *self._load_others()])  # one upstream, no duplicate across files
+                    except InventoryError as exc:
+                        clash = "already listed" in str(exc) or "used twice" in str(exc)
+                        raise Refused(409 if clash else 400, f"not registered: {exc}") from None
+            except InventoryTooLarge as exc:  # a file load() would refuse for its size: nothing was written
                 if index is not None:
                     self._seen[key] = self.clock()  # healthy and heart-beating; it stays as it was
                 self._say_full(f"registry: {exc}; registrations that would grow it are refused with {FULL}")
@@ -331,8 +331,7 @@ class Registry:
     def _remove(self, gone: dict[Key, tuple[str, float | None]]) -> list[str]:
         removed = []
         try:
-            with self._mu, file_lock(self.lock):
-                inv = inv_mod.load(self.path)
+            with self._mu, inv_mod.editing(self.path) as inv:  # saved on leaving, if an instance went
                 keep = []
                 for inst in inv.instances:
                     key = inv_mod.address_key(inst.host, inst.port)
@@ -347,9 +346,7 @@ class Registry:
                         self.metrics_ports.forget(key)
                     else:
                         keep.append(inst)
-                if removed:
-                    inv.instances = keep
-                    inv_mod.save(inv, self.path)
+                inv.instances = keep
         except (FdngxError, OSError) as exc:
             log.error("registry: could not remove %s: %s", ", ".join(removed) or "instances", exc)
             return []

@@ -22,7 +22,7 @@ needs_lua = [
 
 class LuaSite:
     def __init__(self, tmp: Path, n: int = 2, *, capacities: list[int] | None = None, weights: list[int] | None = None,
-                 delay: float = 0.05, listed: int | None = None) -> None:
+                 delay: float = 0.05, listed: int | None = None, mode: str = "standalone") -> None:
         self.tmp = tmp
         self.names = [f"b{i}" for i in range(n)]
         self.ports = dict(zip(self.names, free_ports(n), strict=True))
@@ -38,17 +38,46 @@ class LuaSite:
             self.list(self.names[: listed or n])
             self.port, admin_port = free_ports(2)
             self.url = f"http://127.0.0.1:{self.port}"
-            self.conf = tmp / "nginx" / "nginx.conf"
-            self.args = ["-i", str(self.inv), "--mode", "standalone", "--flavor", "openresty", "--listen",
+            self.conf = tmp / "nginx" / ("nginx.conf" if mode == "standalone" else "fdngx-upstream.conf")
+            self.conf.parent.mkdir(exist_ok=True)
+            self.args = ["-i", str(self.inv), "--mode", mode, "--flavor", "openresty", "--listen",
                          str(self.port), "--admin-listen", f"127.0.0.1:{admin_port}", "--out", str(self.conf)]
             fdngx("render", *self.args, check=True)
-            self.token_file = self.conf.parent / ".nginx.conf.fdngx-admin-token"
-            self.peers_file = self.conf.parent / ".nginx.conf.fdngx-peers"
+            if mode == "upstream":
+                self.write_host_config()
+            self.token_file = self.conf.parent / f".{self.conf.name}.fdngx-admin-token"
+            self.peers_file = self.conf.parent / f".{self.conf.name}.fdngx-peers"
             self.admin = Admin(Listen("127.0.0.1", admin_port), self.token_file.read_text().strip())
             self.nginx = Nginx(self.conf.parent).start(f"{self.url}/health")
         except BaseException:
             self.stop()
             raise
+
+    def write_host_config(self) -> None:
+        """--mode upstream: the sysadmin's own nginx.conf includes the rendered file; like most hand-written
+        configs it never mentions $request_id."""
+        loads = "".join(f"load_module {m};\n" for m in lua_modules(None))
+        (self.conf.parent / "nginx.conf").write_text(f"""{loads}worker_processes 2;
+pid logs/nginx.pid;
+error_log logs/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path tmp/client_body;
+    proxy_temp_path tmp/proxy;
+    include {self.conf.name};
+    server {{
+        listen 127.0.0.1:{self.port};
+        location /v1/ {{
+            proxy_pass http://fastdeploy;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_next_upstream error timeout http_502 http_503 http_429;
+        }}
+        location = /health {{ return 200 "ok"; }}
+    }}
+}}
+""")
 
     # -- the replicas ------------------------------------------------------------------------------------
 

@@ -176,6 +176,19 @@ def test_inflight_counters_return_to_zero(trio: LuaSite) -> None:
     wait_for(lambda: all(v == 0 for v in trio.inflight().values()), 10, what=f"in flight back to 0: {trio.view()}")
 
 
+def test_in_upstream_mode_under_a_hand_written_server_every_slot_is_released(tmp_path: Path) -> None:
+    """--mode upstream, included by a server that never names $request_id: before, every read of it was a new
+    random id, so no request found its own state again (no slot ever released, retries not known as such)."""
+    site = LuaSite(tmp_path, 3, mode="upstream")
+    try:
+        assert "request_id" not in (site.conf.parent / "nginx.conf").read_text()
+        served = site.split(60, workers=6)
+        assert sum(served.values()) == 60 and set(served) <= set(site.names), served
+        wait_for(lambda: all(v == 0 for v in site.inflight().values()), 10, what=f"in flight back to 0: {site.view()}")
+    finally:
+        site.stop()
+
+
 def test_client_aborts_release_their_slot(tmp_path: Path) -> None:
     site = LuaSite(tmp_path, 2, delay=2.0)
     try:

@@ -2,6 +2,16 @@
 local health = require("fdngx.health")
 
 return {
+    ["only the last attempt's status is the current peer's ($upstream_status)"] = function(t)
+        t.eq(health.last_status("200"), 200)
+        t.eq(health.last_status("502, 200"), 200)
+        t.eq(health.last_status("502, -"), nil, "the retry got no status: the 502 was the previous peer's")
+        t.eq(health.last_status("429, -"), nil)
+        t.eq(health.last_status("503, 504 : 200"), 200, "an internal redirect's part")
+        t.eq(health.last_status("-"), nil)
+        t.eq(health.last_status(""), nil)
+        t.eq(health.last_status(nil), nil)
+    end,
     ["a failure takes the peer out at once; the back-off doubles from 0.5 s up to 8 s"] = function(t)
         local h = health.new()
         t.ok(health.usable(h, false, 0, 100))

@@ -166,6 +166,12 @@ return {
         t.ok(dict:get("h:a") ~= nil)
         install(pool, 2, { "peer b 127.0.0.1 2 20 0 64 0" }, 2)
         t.eq(dict:get("h:a"), nil)
+        -- A request still open on `a` when the push removed it fails afterwards (the worker has synced the
+        -- new snapshot): no record comes back.
+        pool_mod.sync(pool, 3)
+        local h, moved = pool_mod.mark(pool, "a", health.on_failure, 3)
+        t.eq(h, nil); t.eq(moved, false)
+        t.eq(dict:get("h:a"), nil, "re-added later, it would start out")
     end,
 
     ["mark reports when usability changes"] = function(t)

@@ -190,9 +190,12 @@ function M.balance(name)
     local st = open[rid]
     if st and st.peer then
         -- nginx is retrying (connection error, 429/502/503/504): the previous peer no longer holds this
-        -- request; its failure counts against its health unless it only said "full" (429).
+        -- request; its failure counts against its health unless it only said "full" (429). nginx reports
+        -- every status but 403/404 as "failed" (ngx_http_upstream_next: NGX_PEER_FAILED), 429 included.
         local state, code = ngx_balancer.get_last_failure()
-        if state == "failed" or FAILS[code] then failed(pool, st.peer, now, "failed (" .. (code or state) .. ")") end
+        if FAILS[code] or (state == "failed" and code ~= 429) then
+            failed(pool, st.peer, now, "failed (" .. (code or state) .. ")")
+        end
         pool.ledger:release(st.peer)
         st.tried[st.peer] = true
         st.peer = nil
@@ -229,7 +232,9 @@ function M.log()
     local name, pool = st.peer, st.pool
     if not name then return end
     local now = now_of()
-    local code = tonumber((ngx.var.upstream_status or ""):match("(%d+)%D*$"))
+    pool_mod.sync(pool, now) -- a peer a push removed meanwhile gets no health record (fdngx.pool.mark)
+    -- The LAST attempt's status only ("502, -": the retry got no status, the client left first; "-" is none).
+    local code = health.last_status(ngx.var.upstream_status)
     if code and FAILS[code] then
         failed(pool, name, now, "answered " .. code)
     elseif code then

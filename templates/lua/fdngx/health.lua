@@ -122,4 +122,10 @@ function M.ms(t)
     return floor(t * 1000 + 0.5) / 1000
 end
 
+-- $upstream_status's LAST attempt as a number: nil when that attempt has none ("502, -": the retry got no
+-- status, the client left first) or there was none. An earlier attempt's status is not this peer's.
+function M.last_status(text)
+    return tonumber((text or ""):match("([^%s,:]+)%s*$"))
+end
+
 return M

@@ -131,6 +131,8 @@ end
 -- worker's copy. Two workers racing on one record can lose one update (one back-off step): harmless.
 -- Returns the new record and whether the peer's usability changed.
 function M.mark(pool, name, event, now)
+    -- A peer a push removed meanwhile gets no record: re-added later, it starts fresh.
+    if pool.by_name and not pool.by_name[name] then return nil, false end
     local dict = pool.dict
     local key = "h:" .. name
     local h = health.decode(dict:get(key))

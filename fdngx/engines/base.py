@@ -37,6 +37,9 @@ class MetricNames:
     # label sets add up. Read by fdngx.weights.promtext on both of its paths; () reads every label set as its
     # own count.
     one_per: tuple[str, ...] = ()
+    # More labels that tell copies apart in the backlog series only (`queued`, `queue_time`): SGLang's pipeline
+    # stages each hold the whole waiting queue, while each runs only its own micro-batches (running adds up).
+    backlog_one_per: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

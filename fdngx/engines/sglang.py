@@ -133,6 +133,12 @@ SPEC = EngineSpec(
         # under its own tp_rank and moe_ep_rank, as every attention-CP rank does without the flag (sglang#31896).
         # DP ranks (dp_rank) keep their own batches.
         one_per=("tp_rank", "moe_ep_rank"),
+        # Pipeline stages (--pp-size, label pp_rank) are schedulers too, each with an attention-TP rank 0: every
+        # stage gets every request from the one before it and queues and admits it in the same order
+        # (managers/scheduler_pp_mixin.py event_loop_pp @ 00ff98d3), so each reports the whole waiting queue
+        # and observes each wait once more; but running is len(self.running_batch.reqs) of the micro-batch
+        # the stage is on (running_mbs[mb_id]), one share of the requests each: those add up.
+        backlog_one_per=("pp_rank",),
     ),
     metrics_on_api_port=True,
     # http_server.py: /server_info; /get_server_info before it, now a deprecated alias that logs a WARNING

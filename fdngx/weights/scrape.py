@@ -99,12 +99,20 @@ def _parser_bounds(text: str) -> None:
         raise ValueError(f"a line of {longest} bytes for a series fdngx reads (at most {MAX_PARSED_LINE})")
 
 
+def copies_rule(engine: EngineSpec, name: str) -> frozenset[str]:
+    """The labels in which copies of one count of `name` differ for `engine` (MetricNames.one_per, plus
+    backlog_one_per for its backlog series); empty: every label set is its own count."""
+    m = engine.metrics
+    backlog = {*m.queued, *(f"{n}_sum" for n in m.queue_time)}
+    return frozenset(m.one_per) | (frozenset(m.backlog_one_per) if name in backlog else frozenset())
+
+
 @functools.cache
 def _copies() -> Copies:
-    """Sample name -> the labels its copies differ in (MetricNames.one_per), for every engine that says so.
+    """Sample name -> the labels its copies differ in (copies_rule), for every name that has copies.
     By sample name, not by engine: the names are the engines' own (`sglang:...`), and a page parsed whole
     (`names` None) reads as the same page parsed for one engine."""
-    return {n: frozenset(e.metrics.one_per) for e in REGISTRY.values() if e.metrics.one_per for n in wanted_names(e)}
+    return {n: rule for e in REGISTRY.values() for n in wanted_names(e) if (rule := copies_rule(e, n))}
 
 
 def parse_metrics(text: str, names: frozenset[str] | None = None) -> dict[str, list[float]]:

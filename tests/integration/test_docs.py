@@ -37,7 +37,7 @@ COMMANDS = ("launch", "stop", "render", "sidecar", "status", "drain", "sim", "de
 FOREIGN_OPTIONS = {
     "--metrics-port", "--splitwise", "--router", "--max-num-seqs", "--port",  # FastDeploy's own flags
     "--all-cells", "--keep-logs", "--quick", "--scenario", "--frontend", "--reps",  # python -m bench.lb
-    "--dp-size", "--enable-dp-attention", "--enable-metrics-for-all-schedulers",  # SGLang's own (server_args.py)
+    "--dp-size", "--enable-dp-attention", "--enable-metrics-for-all-schedulers", "--pp-size",  # SGLang (server_args.py)
 }
 ROOT_DIRS = ("docs", "examples", "tests", "bench", "fdngx", "templates", "docker")
 REPO_PATH = re.compile(rf"(?:{'|'.join(ROOT_DIRS)})/[\w./-]+")

@@ -2,7 +2,7 @@
 
 Every SGLang scheduler labels its gauges with its tp_rank, pp_rank and moe_ep_rank (+ dp_rank with --dp-size).
 Only attention-TP rank 0 sets them, unless --enable-metrics-for-all-schedulers: then every TP rank of one
-batch repeats it. The pages are in tests/fixtures/upstream (their headers name the SGLang source read).
+batch repeats it. Pipeline stages each repeat the waiting queue (MetricNames.backlog_one_per). The pages are in tests/fixtures/upstream (their headers name the SGLang source read).
 """
 
 from __future__ import annotations
@@ -74,6 +74,17 @@ def test_dp_attention_without_the_flag_adds_up_both_dp_ranks() -> None:
     assert (got.running, got.queued) == (12.0, 4.0)
 
 
+def test_pipeline_stages_hold_one_queue_and_share_the_running() -> None:
+    """--pp-size 2: each stage reports the whole waiting queue (4) and observes each wait, but only the
+    micro-batch it is on as running (6 and 5). Before: 8 waiting and both stages' waits added up."""
+    text = (UPSTREAM / "sglang-metrics-pp2.prom").read_text()
+    got = load(text)
+    assert (got.running, got.queued, got.kv_usage) == (11.0, 4.0, 0.43)
+    assert got.queue_time_sum == pytest.approx(0.6)  # the stages' copies, the largest
+    assert fast_values(text, NAMES) is not None
+    assert load_from_metrics(parse_metrics(forced_to_the_parser(text), NAMES), SGLANG) == got
+
+
 def test_the_plain_page_reads_as_before() -> None:
     """One scheduler (the default, TP 1 or the flag off): its one sample per series."""
     got = load((UPSTREAM / "sglang-metrics.prom").read_text())
@@ -113,7 +124,9 @@ def test_only_the_engines_that_say_so_fold_copies() -> None:
     """vLLM and FastDeploy declare no copies: every label set still adds up, as before."""
     folded = scrape._copies()
     assert folded and all(name.startswith("sglang:") for name in folded)
-    assert set(folded.values()) == {frozenset({"tp_rank", "moe_ep_rank"})}
+    ranks = frozenset({"tp_rank", "moe_ep_rank"})
+    assert set(folded.values()) == {ranks, ranks | {"pp_rank"}}
+    assert {n for n, rule in folded.items() if "pp_rank" in rule} == {QUEUED, "sglang:queue_time_seconds_sum"}
     vllm = spec("vllm")
     text = ('vllm:num_requests_running{engine="0",tp_rank="0"} 3\nvllm:num_requests_running{engine="0",tp_rank="1"} 3\n'
             'vllm:num_requests_waiting{engine="0"} 1\n')
@@ -122,10 +135,11 @@ def test_only_the_engines_that_say_so_fold_copies() -> None:
 
 def test_a_sample_name_has_one_rule_across_engines() -> None:
     """_copies is keyed by sample name: no two engines may read one name with different rules."""
-    rules: dict[str, tuple[str, ...]] = {}
+    rules: dict[str, frozenset[str]] = {}
     for engine in REGISTRY.values():
         for name in wanted_names(engine):
-            assert rules.setdefault(name, engine.metrics.one_per) == engine.metrics.one_per, name
+            rule = scrape.copies_rule(engine, name)
+            assert rules.setdefault(name, rule) == rule, name
 
 
 def plain_parser(text: str, names: frozenset[str]) -> dict[str, list[float]]:
@@ -170,11 +184,13 @@ def rank_page(draw: st.DrawFn) -> str:
 
 
 def oracle(text: str) -> dict[str, dict[frozenset[tuple[str, str]], float]]:
-    """Sample name -> (labels less tp_rank and moe_ep_rank) -> the largest finite copy, any bad one winning."""
+    """Sample name -> (labels less tp_rank and moe_ep_rank, and pp_rank for the queue) -> the largest finite
+    copy, any bad one winning."""
     out: dict[str, dict[frozenset[tuple[str, str]], float]] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            key = frozenset((k, v) for k, v in s.labels.items() if k not in ("tp_rank", "moe_ep_rank"))
+            copies = ("tp_rank", "moe_ep_rank", *(("pp_rank",) if s.name == QUEUED else ()))
+            key = frozenset((k, v) for k, v in s.labels.items() if k not in copies)
             old = out.setdefault(s.name, {}).get(key)
             bad = not 0 <= s.value < math.inf
             if old is None or bad or (0 <= old < math.inf and s.value > old):

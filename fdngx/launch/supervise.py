@@ -22,7 +22,7 @@ from fdngx import inventory as inv_mod
 from fdngx.domain import Restart
 from fdngx.engines import spec as engine_spec
 from fdngx.engines.argv import RANK_PRIVATE_ENV
-from fdngx.errors import FdngxError, LaunchError
+from fdngx.errors import FdngxError, LaunchError, os_error_line
 from fdngx.launch.children import Child, describe_exit, remember_trees, stop_child, stop_every
 from fdngx.launch.pidfile import ChildState, LaunchState, Pidfile, ProcessRecord, remove_pidfile, write_pidfile
 from fdngx.launch.plan import Plan
@@ -58,6 +58,7 @@ class Supervisor:
         self.refused = dict.fromkeys(self.status, 0)
         self.down: set[str] = set()
         self.inventory_written = False
+        self.lockless_said = False  # said once that the inventory was written without its lock
         self.stopped = False
         self.state = LaunchState.STARTING
 
@@ -88,12 +89,17 @@ class Supervisor:
         write_pidfile(self.plan.pidfile, record)
 
     def _write_inventory(self) -> None:
-        """Atomically write the inventory with pid/log/status per instance (other edits to the file kept), under
-        the inventory lock when this user may take it (`fdngx drain` and the registry edit under it too)."""
+        """Atomically write the inventory with pid/log/status per instance, other edits kept, under its lock."""
         with contextlib.ExitStack() as stack:
             # A lock another user made (root ran `fdngx drain`), or held too long: write without it, as before.
-            with contextlib.suppress(OSError, FdngxError):
+            try:
                 stack.enter_context(file_lock(inv_mod.lock_path(self.plan.inventory_path), timeout=5.0))
+            except (OSError, FdngxError) as exc:
+                if not self.lockless_said:  # once: a drain in that same moment could be lost
+                    self.lockless_said = True
+                    self.progress.say(f"{os_error_line(exc) if isinstance(exc, OSError) else exc}: writing "
+                                      f"{self.plan.inventory_path} without the inventory lock; a `fdngx drain` at "
+                                      "the same moment could be lost (run fdngx drain as this user)")
             self._rewrite_inventory()
 
     def _rewrite_inventory(self) -> None:
@@ -143,7 +149,6 @@ class Supervisor:
 
     def run(self) -> int:
         """Start and supervise until a stop signal; returns the exit code. Raises LaunchError on a failed start.
-
         A stop signal before every replica is healthy exits 128 + the signal (nothing was launched, as a
         shell reports it); after that SIGTERM is the normal way to stop (0) and Ctrl-C exits 130."""
         procs.become_subreaper()

@@ -288,22 +288,29 @@ def test_a_registry_heartbeat_keeps_drain_and_silence_does_not_remove_a_drained_
     assert env.reg.check() == [name]  # back in rotation and still silent: removed, as any other
 
 
-def test_launch_supervisor_keeps_drain_when_it_rewrites_the_inventory(tmp_path: Path) -> None:
+def bare_supervisor(path: Path, plan_inv: Inventory) -> tuple[Any, SimpleNamespace, list[str]]:
+    """A launch supervisor with one running child serving every planned instance, only for _write_inventory;
+    returns it, the child and what it says."""
     from fdngx.launch import supervise
 
-    path = tmp_path / "fdngx.json"
-    plan_inv = Inventory([Instance("dp0", "127.0.0.1", 8001, 9001), Instance("dp1", "127.0.0.1", 8002, 9002)])
     sup = supervise.Supervisor.__new__(supervise.Supervisor)
     said: list[str] = []
-    child = SimpleNamespace(spec=SimpleNamespace(instances=["dp0", "dp1"]), pid=42, exit_code=None,
-                            state=supervise.ChildState.RUNNING)
-    sup.plan = SimpleNamespace(inventory=plan_inv, inventory_path=path)  # type: ignore[assignment]
-    sup.children, sup.by_name, sup.down, sup.stopped = [child], plan_inv.by_name(), set(), False  # type: ignore[list-item]
-    sup.progress = SimpleNamespace(say=said.append)  # type: ignore[assignment]
+    child = SimpleNamespace(spec=SimpleNamespace(instances=[i.name for i in plan_inv.instances]), pid=42,
+                            exit_code=None, state=supervise.ChildState.RUNNING)
+    sup.plan = SimpleNamespace(inventory=plan_inv, inventory_path=path)
+    sup.children, sup.by_name, sup.down, sup.stopped = [child], plan_inv.by_name(), set(), False
+    sup.progress = SimpleNamespace(say=said.append)
+    sup.inventory_written, sup.lockless_said = False, False
+    return sup, child, said
+
+
+def test_launch_supervisor_keeps_drain_when_it_rewrites_the_inventory(tmp_path: Path) -> None:
+    path = tmp_path / "fdngx.json"
+    plan_inv = Inventory([Instance("dp0", "127.0.0.1", 8001, 9001), Instance("dp1", "127.0.0.1", 8002, 9002)])
+    sup, child, said = bare_supervisor(path, plan_inv)
     # An older launch's inventory with dp1 drained: a new launch keeps it drained, and says so.
     inv_mod.save(Inventory([Instance("dp0", "127.0.0.1", 8001, 9001),
                             Instance("dp1", "127.0.0.1", 8002, 9002, drain=True)]), path)
-    sup.inventory_written = False
     sup._write_inventory()
     assert inv_mod.load(path).by_name()["dp1"].drain is True
     assert said == ["dp1 stays drained, as the old inventory had it (`fdngx drain dp1 --undo` puts it back)"]
@@ -314,3 +321,17 @@ def test_launch_supervisor_keeps_drain_when_it_rewrites_the_inventory(tmp_path: 
     sup._write_inventory()
     now = inv_mod.load(path).by_name()
     assert now["dp0"].drain is True and now["dp1"].drain is False and now["dp0"].extra["pid"] == 43
+
+
+def test_launch_supervisor_says_once_when_it_writes_without_the_inventory_lock(tmp_path: Path) -> None:
+    """A lock it cannot take (another user's, or here one it cannot open) does not stop the write, but the
+    supervisor says so once: a drain in that moment could be lost."""
+    path = tmp_path / "fdngx.json"
+    inv_mod.lock_path(path).mkdir()  # os.open(O_RDWR) of a directory fails: EISDIR
+    sup, child, said = bare_supervisor(path, Inventory([Instance("dp0", "127.0.0.1", 8001, 9001)]))
+    for pid in (42, 43):
+        child.pid = pid
+        sup._write_inventory()
+        assert inv_mod.load(path).by_name()["dp0"].extra["pid"] == pid  # written all the same
+    assert len(said) == 1, said
+    assert said[0].startswith(f"{inv_mod.lock_path(path)}: Is a directory: writing {path} without the inventory lock")

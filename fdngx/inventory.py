@@ -305,8 +305,7 @@ class DrainResult:
     path: Path  # the file that lists the instance (and was edited, if `changed`)
     drain: bool  # the flag as it is now
     changed: bool
-
-
+    instance: Instance  # as written
 
 
 def set_drain(paths: list[Path], name: str, drain: bool) -> DrainResult:
@@ -330,4 +329,4 @@ def set_drain(paths: list[Path], name: str, drain: bool) -> DrainResult:
             raise InventoryError(f"{owner}: not drained: {name} is the last instance in rotation (nginx would have "
                                  "no replica left); put another one back first with 'fdngx drain NAME --undo'")
         inst.drain = drain
-    return DrainResult(name, owner, drain, changed)
+    return DrainResult(name, owner, drain, changed, inst)

@@ -9,7 +9,10 @@ from pathlib import Path
 import typer
 
 from fdngx.commands.options import InventoryOpt, inventory_paths
+from fdngx.errors import UsageError
 from fdngx.inventory import DrainResult, set_drain
+from fdngx.weights.idle import wait_idle
+from fdngx.weights.store import store_for
 
 EPILOG = (
     "A drained replica gets no new requests; those in flight on it finish (nginx: `down` in the upstream, so "
@@ -17,7 +20,14 @@ EPILOG = (
     "peers). It is still scraped: `fdngx status` shows it as draining, with RUN = what still runs there; stop "
     "or restart it once that is 0, then `fdngx drain NAME --undo`. The flag survives `fdngx launch` rewriting "
     "the inventory and the registry's heartbeats.\n\n"
-    "Exit codes: 0 done (or already so), 1 error (unknown name, the last replica in rotation, bad inventory), "
+    "With --wait SECONDS the command then watches the replica (its metrics, as the sidecar reads them) until "
+    "nothing is in flight on it, saying how many requests are left every 5 s: a script can stop the replica "
+    "as soon as it returns 0. It returns at once when nothing listens there any more. Give it --out, the file "
+    "your sidecar or cron job writes: quiet moments then count only once the policy state beside it holds the "
+    "replica out (without --out a quiet moment between two requests could pass for the end before the drain "
+    "is applied).\n\n"
+    "Exit codes: 0 done (or already so; with --wait: and nothing in flight), 1 error (unknown name, the last "
+    "replica in rotation, bad inventory; with --wait: still busy when the time ran out, the drain stays), "
     "2 usage."
 )
 
@@ -43,9 +53,31 @@ def drain_cmd(
     name: str = typer.Argument(..., help="The instance's name in the inventory (`fdngx status` lists them)."),
     inventory: list[Path] | None = InventoryOpt,
     undo: bool = typer.Option(False, "--undo", help="Clear the drain: the instance takes new requests again."),
+    wait: float = typer.Option(
+        0.0, "--wait", metavar="SECONDS", min=0.0,
+        help="Then wait up to SECONDS until nothing is in flight on it (exit 1 if something still is)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="--wait: the config file the sidecar or cron job writes; the policy state beside "
+        "it says when nginx holds the replica out, and only then does a quiet moment count."),
+    state: Path | None = typer.Option(None, help="--wait: the policy state file to read (overrides --out's)."),
 ) -> None:
     """Take one replica out for maintenance: no new requests, those in flight finish (--undo: back in)."""
-    typer.echo(message(set_drain(inventory_paths(inventory), name, not undo)))
+    if undo and wait:
+        raise UsageError("--wait waits for a drained replica to finish its requests; it does not go with --undo")
+    if (out or state) and not wait:
+        raise UsageError("--out and --state tell --wait where the policy state is; they go with --wait")
+    result = set_drain(inventory_paths(inventory), name, not undo)
+    typer.echo(message(result))
+    if wait:
+        store = store_for(out or Path("."), state) if (out or state) else None
+
+        def applied() -> bool:
+            assert store is not None
+            held = store.load().instances.get(result.name)
+            return held is not None and held.drained and held.down
+
+        wait_idle(result.instance, wait, lambda line: typer.echo(f"fdngx: {line}"),
+                  applied=applied if store is not None else None)
 
 
 def register(app: typer.Typer) -> None:

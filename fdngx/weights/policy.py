@@ -261,16 +261,20 @@ class _Plan(NamedTuple):
     backup: bool = False  # nginx's `backup` (the load model's overflow verdict)
 
 
+def in_flight(s: LoadSample | None) -> tuple[float | None, str]:
+    """What still runs on a replica (None: not known) and how to say it: the drain's progress."""
+    if s is not None and s.ok:
+        left = s.running + s.queued
+        return left, (f"{left:.0f} request(s) in flight (running {s.running:.0f}, queued {s.queued:.0f})" if left
+                      else "nothing in flight: safe to stop")
+    return None, f"in-flight count unknown ({'not scraped' if s is None else s.error})"
+
+
 def _drained(st: InstanceState, old: InstanceState | None, s: LoadSample | None, base: float,
              config: PolicyConfig) -> _Plan:
     """A drained replica: `down`, its weight kept for its return; the reason says what is still in flight."""
     w = old.weight if old is not None and old.weight is not None else _quantise(base, config)
-    if s is not None and s.ok:
-        left = s.running + s.queued
-        what = (f"{left:.0f} request(s) in flight (running {s.running:.0f}, queued {s.queued:.0f})" if left
-                else "nothing in flight: safe to stop")
-    else:
-        what = f"in-flight count unknown ({'not scraped' if s is None else s.error})"
+    what = in_flight(s)[1]
     # Exempt from the budget like any hold-out; a change only if nginx does not hold it out already.
     return _Plan(w, True, f"draining: {what}", not (old is not None and old.down), True, w, f"draining: {what}")
 

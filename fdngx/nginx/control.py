@@ -264,7 +264,10 @@ class NginxControl:
         if not self.verify_url:
             return None
         try:
-            resp = requests.get(self.verify_url, timeout=2)
+            # Never through a proxy from the environment (http_proxy on GPU clusters): the URL is this host's.
+            with requests.Session() as session:
+                session.trust_env = False
+                resp = session.get(self.verify_url, timeout=2)
         except requests.RequestException:
             return None
         return resp.text.strip() if resp.status_code == 200 else None

@@ -54,7 +54,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--no-report", action="store_true", help="only write per-run JSON")
-    p.add_argument("--all-cells", action="store_true", help="round-robin frontends in every scenario too")
+    p.add_argument("--all-cells", action="store_true",
+                   help="every frontend in every scenario (round robin and the no-speed twin too)")
     p.add_argument("--keep-logs", action="store_true",
                    help="keep every cell's work directory (nginx, sidecar and replica logs) under OUT/kept")
     return p.parse_args(argv)

@@ -7,6 +7,7 @@ independent instances (own processes, own state), the load generator splits traf
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import Callable
@@ -188,6 +189,57 @@ class FdngxNginx(Frontend):
         return total
 
 
+class FdngxController(Frontend):
+    """The recommended configuration for several frontends (docs/controller.md): `count` OpenResty frontends
+    rendered once, and ONE sidecar in controller mode that scrapes once per cycle and pushes the same snapshot
+    (one generation) to all of them; fdngx-recommended runs a sidecar per frontend instead. Not in the default
+    grid: run it beside fdngx-recommended in the two- and four-frontends scenarios."""
+
+    name = "fdngx-controller"
+    extra_warmup = 5.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics_url = ""
+
+    def start(self, cluster: Cluster, workdir: Path, count: int) -> list[str]:
+        workdir.mkdir(parents=True, exist_ok=True)
+        token = workdir / f"{self.name}.token"
+        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(24) + "\n")
+        inv = cluster.inventory(workdir / f"{self.name}.json", capacity_weights=False)
+        urls, admins = [], []
+        for k in range(count):
+            port, aport = free_ports(2)
+            prefix = workdir / f"{self.name}-{k}"
+            prefix.mkdir(parents=True, exist_ok=True)
+            fdngx_cli("render", "-i", str(inv), "--mode", "standalone", "--listen", f"127.0.0.1:{port}",
+                      "--out", str(prefix / "nginx.conf"), "--flavor", "openresty", "--admin-listen",
+                      f"127.0.0.1:{aport}", "--admin-token-file", str(token), "--access-log", "off",
+                      log=prefix / "render.log")
+            self.procs.append(start_nginx(prefix, port))
+            urls.append(f"http://127.0.0.1:{port}")
+            admins.append(f"http://127.0.0.1:{aport}")
+        push_file = workdir / f"{self.name}.frontends"
+        push_file.write_text("".join(f"{a}\n" for a in admins))
+        mport = free_ports(1)[0]
+        argv = [sys.executable, "-m", "fdngx", "sidecar", "-i", str(inv), "--flavor", "openresty",
+                "--push-to-file", str(push_file), "--push-token-file", str(token), "--interval", "1",
+                "--metrics-listen", f"127.0.0.1:{mport}", "--state", str(workdir / f"{self.name}.state")]
+        proc = procs.spawn(argv, workdir / f"{self.name}.sidecar.log")
+        self.procs.append(proc)
+        self.metrics_url = f"http://127.0.0.1:{mport}/metrics"
+        procs.wait_http(self.metrics_url, 30, proc)
+        return urls
+
+    def reloads(self) -> int | None:
+        try:
+            return int(metric_value(self.metrics_url, "fdngx_reloads_total"))
+        except (requests.RequestException, ValueError):
+            return None
+
+
 class SglangGateway(Frontend):
     """SGLang Model Gateway (PyPI sglang-router) with one policy; no hub access (see README)."""
 
@@ -243,6 +295,8 @@ FRONTENDS: dict[str, Callable[[], Frontend]] = {
     "fdngx-recommended-nospeed": lambda: FdngxNginx("fdngx-recommended-nospeed", sidecar=True, render_args=OPENRESTY,
                                                     sidecar_args=("--interval", "1", "--no-speed-aware"),
                                                     extra_warmup=5.0),
+    # The OpenResty flavor with one controller-mode sidecar for all frontends (not in the default grid).
+    "fdngx-controller": FdngxController,
     "sglang-rr": lambda: SglangGateway("round_robin"),
     "sglang-p2": lambda: SglangGateway("power_of_two"),
     "sglang-ca": lambda: SglangGateway("cache_aware"),

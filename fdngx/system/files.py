@@ -56,7 +56,12 @@ def write_beside(target: Path, data: bytes, perm: int, owner: tuple[int, int] | 
     """`data` in a new exclusive temp file beside `target` (`.name.*.fdngx-tmp`), mode `perm`, given to `owner`
     (uid, gid) when that is not us and we may, synced; returns its path. On failure nothing is left behind,
     and an error that names no file (a full disk, a file size limit) names `target`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".fdngx-tmp", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".fdngx-tmp", dir=target.parent)
+    except OSError as exc:  # it names the random temp name: name the file and its directory instead
+        why = "no such directory" if exc.errno == errno.ENOENT else exc.strerror or str(exc)
+        raise OSError(exc.errno, f"cannot write it in {target.parent}: {why}; the file is unchanged",
+                      str(target)) from exc
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fdngx.sim.process import start_sim
-from tests.support import Backends, Site, free_ports, write_inventory
+from tests.support import Backends, Site, fdngx, free_ports, write_inventory
 
 pytestmark = pytest.mark.nginx
 
@@ -121,3 +121,19 @@ def test_the_sidecar_says_a_full_disk_in_one_line_and_exits_1_once(tmp_path: Pat
     said = [ln for ln in proc.stderr.splitlines() if f"{conf}: cannot write it: File too large" in ln]
     assert len(said) == 1, proc.stderr
     assert not conf.exists() and leftovers(conf.parent) == []
+
+
+@pytest.mark.parametrize("flavor", ["nginx", "openresty"])
+def test_a_missing_output_directory_is_named_not_a_temp_file(tmp_path: Path, flavor: str) -> None:
+    """Before: 'fdngx: error: <dir>/..site.conf.fdngx-admin-token.k3j2.fdngx-tmp: No such file or directory',
+    a random temp name nobody can act on."""
+    inv = write_inventory(tmp_path / "fdngx.json", [{"name": "dp0", "host": "127.0.0.1", "port": 8001}])
+    out = tmp_path / "missing" / "site.conf"
+    proc = fdngx("render", "-i", str(inv), "--mode", "site", "--flavor", flavor, "--out", str(out))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "fdngx-tmp" not in lines[0], lines
+    # The nginx flavor checks the directory first; the OpenResty one first writes its admin token there.
+    assert (f"directory {out.parent} does not exist" in lines[0]
+            or f"cannot write it in {out.parent}: no such directory" in lines[0]), lines[0]
+    assert not out.parent.exists()

@@ -2,7 +2,8 @@
 
 Every SGLang scheduler labels its gauges with its tp_rank, pp_rank and moe_ep_rank (+ dp_rank with --dp-size).
 Only attention-TP rank 0 sets them, unless --enable-metrics-for-all-schedulers: then every TP rank of one
-batch repeats it. Pipeline stages each repeat the waiting queue (MetricNames.backlog_one_per). The pages are in tests/fixtures/upstream (their headers name the SGLang source read).
+batch repeats it. Pipeline stages each repeat the waiting queue (MetricNames.backlog_one_per). The pages
+are in tests/fixtures/upstream (their headers name the SGLang source read).
 """
 
 from __future__ import annotations

@@ -19,8 +19,7 @@ load gauges may read 0: `"metrics_source": "api-port-suspect"` with one WARNING,
 What one registration stores is capped (body.MAX_INFO_BYTES), so is the number of registered instances
 (`--registry-max-instances`: a new one beyond it is refused with 507, heartbeats still answer), and
 inventory.save writes no file that inventory.load would refuse for its size (507 too): the file always
-loads. Writes are atomic and under a lock; a heartbeat that changes nothing writes nothing.
-"""
+loads. Writes are atomic and under a lock; a heartbeat that changes nothing takes neither lock nor file."""
 
 from __future__ import annotations
 
@@ -146,7 +145,7 @@ class Registry:
             name = current.name if current is not None else instance_name(host, reg.port)
             metrics_port, source = self.metrics_ports.find(self.probe, self.settings, self.clock(), reg, host, asked,
                                                            current, key, name)
-            self._save(reg, host, asked, metrics_port, source, key)
+            self._save(reg, host, asked, metrics_port, source, key, current)
         except BodyError as exc:
             return answer(400, str(exc))
         except Refused as exc:
@@ -202,13 +201,26 @@ class Registry:
         if not said:
             log.warning("%s", text)
 
+    @staticmethod
+    def _merged(old: dict[str, Any], new: dict[str, Any], asked: str | None) -> dict[str, Any]:
+        merged = {**old, **new, "name": old["name"]}  # hand edits (weight, max_num_seqs) stay
+        if not asked:
+            merged.pop("registered_as", None)  # registered by address now: an old name no longer holds
+        return merged
+
     def _save(self, reg: Registration, host: str, asked: str | None, metrics_port: int, source: str,
-              key: Key) -> None:
+              key: Key, current: Instance | None = None) -> None:
         new = {"name": instance_name(host, reg.port), "host": host, "port": reg.port, "metrics_port": metrics_port,
                "engine": "fastdeploy", "role": reg.role.value, "registered": True, "metrics_source": source,
                "fastdeploy": reg.info}
         if asked:
             new["registered_as"] = asked
+        if current is not None and current.extra.get("registered") is True:
+            old = current.to_dict()
+            if self._merged(old, new, asked) == old:  # a heartbeat (every 5 s each): no lock, no whole-file work
+                with self._mu:
+                    self._seen[key] = self.clock()
+                return
         index: int | None = None
         with self._mu:
             try:
@@ -219,9 +231,7 @@ class Registry:
                         old = inv.instances[index].to_dict()
                         if old.get("registered") is not True:
                             return
-                        merged = {**old, **new, "name": old["name"]}  # hand edits (weight, max_num_seqs) stay
-                        if not asked:
-                            merged.pop("registered_as", None)  # registered by address now: an old name no longer holds
+                        merged = self._merged(old, new, asked)
                         if merged == old:
                             self._seen[key] = self.clock()
                             return

@@ -908,3 +908,18 @@ def test_peer_is_a_keyword_of_targets_only() -> None:
     assert not RegistrySettings.from_options(30).targets.peer  # the default is unchanged
     with pytest.raises(UsageError, match="--registry-allow 'peer'"):
         Networks.parse("peer", "--registry-allow")
+
+
+def test_a_heartbeat_that_changes_nothing_does_not_wait_for_the_inventory_lock(tmp_path: Path) -> None:
+    """Every instance posts every 5 s: an unchanged heartbeat is answered from what it already read, without
+    the lock and the whole-file load and compare under it (1,024 instances: ~200 heartbeats a second). A
+    change still takes the lock."""
+    from fdngx.system.files import file_lock
+
+    env = Env(tmp_path, rule="+1000")
+    assert env.reg.register(dict(BODY), H) == OK
+    env.clock.t += 3
+    with file_lock(inv_mod.lock_path(env.path), timeout=1):  # another writer (fdngx drain) holds it
+        assert env.reg.register(dict(BODY), H) == OK  # before: waited for the lock (60 s) and answered 500
+        assert env.reg._seen[inv_mod.address_key(H, 8001)] == env.clock.t
+    assert env.reg.register({**BODY, "port": 8002}, H) == OK and len(env.instances()) == 2

@@ -54,10 +54,13 @@ class Stream(threading.Thread):
         self.start()
 
     def run(self) -> None:
-        with self.response:
-            last = b""
-            for line in self.lines:
-                last = line or last
+        last = b""
+        try:
+            with self.response:
+                for line in self.lines:
+                    last = line or last
+        except (requests.RequestException, OSError, AttributeError):  # the test closed it under the reader
+            return
         self.ended = time.monotonic() if last == b"data: [DONE]" else None
 
 
@@ -92,6 +95,7 @@ def test_out_of_time_it_says_what_still_runs_and_the_drain_stays(replicas: tuple
         assert json.loads(inv.read_text())["instances"][1]["drain"] is True
     finally:
         stream.response.close()
+        stream.join(timeout=10)
 
 
 def test_a_replica_nothing_listens_at_is_done_at_once(replicas: tuple[SimProcess, Path, int]) -> None:

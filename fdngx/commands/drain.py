@@ -4,6 +4,7 @@ with it (`down`, or left out of the Lua balancer's snapshot) is the next render'
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import typer
@@ -12,7 +13,7 @@ from fdngx.commands.options import InventoryOpt, inventory_paths
 from fdngx.errors import UsageError
 from fdngx.inventory import DrainResult, set_drain
 from fdngx.weights.idle import wait_idle
-from fdngx.weights.store import store_for
+from fdngx.weights.store import StateStore, store_for
 
 EPILOG = (
     "A drained replica gets no new requests; those in flight on it finish (nginx: `down` in the upstream, so "
@@ -70,14 +71,14 @@ def drain_cmd(
     typer.echo(message(result))
     if wait:
         store = store_for(out or Path("."), state) if (out or state) else None
+        applied = functools.partial(held_out, store, result.name) if store is not None else None
+        wait_idle(result.instance, wait, lambda line: typer.echo(f"fdngx: {line}"), applied=applied)
 
-        def applied() -> bool:
-            assert store is not None
-            held = store.load().instances.get(result.name)
-            return held is not None and held.drained and held.down
 
-        wait_idle(result.instance, wait, lambda line: typer.echo(f"fdngx: {line}"),
-                  applied=applied if store is not None else None)
+def held_out(store: StateStore, name: str) -> bool:
+    """Whether the policy state says nginx holds `name` out for its drain (applied, not only decided)."""
+    held = store.load().instances.get(name)
+    return held is not None and held.drained and held.down
 
 
 def register(app: typer.Typer) -> None:

@@ -291,7 +291,8 @@ def context(inv: Inventory, opts: RenderOptions, states: Mapping[str, ServerStat
         "listen": str(opts.listen),
         "listen_host": opts.listen.reach_host,
         # fdngx on this host reaches a specific listen address from that address, not from loopback.
-        "listen_allow": opts.listen.reach_host if is_ip(opts.listen.reach_host) else None,
+        "listen_allow": (opts.listen.reach_host if is_ip(opts.listen.reach_host)
+                         and opts.listen.reach_host not in ("127.0.0.1", "::1") else None),
         "listen_port": opts.listen.port,
         "max_fails": opts.max_fails,
         "fail_timeout": opts.fail_timeout,

@@ -232,14 +232,19 @@ function M.log()
     local name, pool = st.peer, st.pool
     if not name then return end
     local now = now_of()
-    pool_mod.sync(pool, now) -- a peer a push removed meanwhile gets no health record (fdngx.pool.mark)
     -- The LAST attempt's status only ("502, -": the retry got no status, the client left first; "-" is none).
     local code = health.last_status(ngx.var.upstream_status)
+    -- Before a health mark only (not on every request): the current snapshot, so that a peer a push removed
+    -- meanwhile gets no record (fdngx.pool.mark).
     if code and FAILS[code] then
+        pool_mod.sync(pool, now)
         failed(pool, name, now, "answered " .. code)
     elseif code then
         local p = pool.by_name[name]
-        if p and p.h and (p.h.level > 0 or p.h.out) then pool_mod.mark(pool, name, health.on_success, now) end
+        if p and p.h and (p.h.level > 0 or p.h.out) then
+            pool_mod.sync(pool, now)
+            pool_mod.mark(pool, name, health.on_success, now)
+        end
     end
     pool.ledger:release(name)
 end

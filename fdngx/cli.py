@@ -26,7 +26,11 @@ app = typer.Typer(
     help=(
         "nginx in front of data-parallel LLM servers (FastDeploy, vLLM, SGLang), weighted by real load.\n\n"
         "Typical use: `fdngx launch` (start replicas, write fdngx.json), then `fdngx render` (write and "
-        "safely apply the nginx upstream), then `fdngx sidecar` or a cron line to keep weights current."
+        "safely apply the nginx upstream), then `fdngx sidecar` or a cron line to keep weights current.\n\n"
+        "Recommended for production: `--flavor openresty` on render and sidecar (nginx's Lua module: a Lua "
+        "balancer, weights and health pushed, no reloads); with several nginx frontends, one sidecar pushing to "
+        "all of them (`fdngx sidecar --push-to`). Without the Lua module, the default: nginx's least_conn with "
+        "weights, rewritten with a safe reload when they change."
     ),
     epilog=(
         "Settings: every option can also come from the environment, FDNGX_<COMMAND>_<OPTION> or FDNGX_<OPTION> "

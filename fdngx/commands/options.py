@@ -36,7 +36,8 @@ ModeOpt = typer.Option(
 )
 FlavorOpt = typer.Option(
     Flavor.NGINX,
-    help="nginx: weights in the config (a weight change = a reload). openresty: a Lua balancer whose weights "
+    help="nginx (the default; needs no Lua module): least_conn with weights in the config (a weight change = a "
+    "safe reload). openresty (recommended for production): a Lua balancer whose weights, health and members "
     "the sidecar (or cron) pushes into nginx's shared memory, never a reload.",
 )
 ListenOpt = typer.Option("127.0.0.1:8080", help="site/standalone: ADDR:PORT (or PORT) nginx listens on.")

@@ -192,14 +192,15 @@ class FdngxNginx(Frontend):
 class FdngxController(Frontend):
     """The recommended configuration for several frontends (docs/controller.md): `count` OpenResty frontends
     rendered once, and ONE sidecar in controller mode that scrapes once per cycle and pushes the same snapshot
-    (one generation) to all of them; fdngx-recommended runs a sidecar per frontend instead. Not in the default
-    grid: run it beside fdngx-recommended in the two- and four-frontends scenarios."""
+    (one generation) to all of them. fdngx-recommended runs this when there are several frontends;
+    fdngx-recommended-per-frontend runs a sidecar per frontend instead."""
 
     name = "fdngx-controller"
     extra_warmup = 5.0
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "fdngx-controller") -> None:
         super().__init__()
+        self.name = name
         self.metrics_url = ""
 
     def start(self, cluster: Cluster, workdir: Path, count: int) -> list[str]:
@@ -238,6 +239,37 @@ class FdngxController(Frontend):
             return int(metric_value(self.metrics_url, "fdngx_reloads_total"))
         except (requests.RequestException, ValueError):
             return None
+
+
+def per_frontend_recommended(name: str) -> FdngxNginx:
+    """The OpenResty flavor with its own sidecar on every frontend (the small set-up: one frontend)."""
+    return FdngxNginx(name, sidecar=True, render_args=OPENRESTY, sidecar_args=("--interval", "1"), extra_warmup=5.0)
+
+
+class FdngxRecommended(Frontend):
+    """The recommended configuration as the README and `fdngx --help` name it: the OpenResty flavor with one
+    sidecar; with several frontends that one sidecar runs in controller mode and pushes to all of them."""
+
+    name = "fdngx-recommended"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner: Frontend | None = None
+
+    def start(self, cluster: Cluster, workdir: Path, count: int) -> list[str]:
+        self.inner = FdngxController(self.name) if count > 1 else per_frontend_recommended(self.name)
+        self.extra_warmup = self.inner.extra_warmup
+        return self.inner.start(cluster, workdir, count)
+
+    def reloads(self) -> int | None:
+        return self.inner.reloads() if self.inner else None
+
+    def pgids(self) -> list[int]:
+        return self.inner.pgids() if self.inner else []
+
+    def stop(self) -> None:
+        if self.inner:
+            self.inner.stop()
 
 
 class SglangGateway(Frontend):
@@ -287,15 +319,19 @@ FRONTENDS: dict[str, Callable[[], Frontend]] = {
     # with reloads. 20 s extra warm-up: the first load corrections and their reloads are done by then.
     "fdngx-default": lambda: FdngxNginx("fdngx-default", sidecar=True, sidecar_args=("--interval", "1"),
                                         extra_warmup=20.0),
-    # fdngx-recommended: the OpenResty flavor (the Lua balancer, pushes, no reloads).
-    "fdngx-recommended": lambda: FdngxNginx("fdngx-recommended", sidecar=True, render_args=OPENRESTY,
-                                            sidecar_args=("--interval", "1"), extra_warmup=5.0),
+    # fdngx-recommended: the OpenResty flavor (the Lua balancer, pushes, no reloads) with one sidecar: in
+    # controller mode, pushing to every frontend, when there are several (docs/controller.md).
+    "fdngx-recommended": FdngxRecommended,
+    # The OpenResty flavor with a sidecar per frontend, in the several-frontends scenarios too (what
+    # fdngx-recommended was before 2026-12-05; not in the default grid).
+    "fdngx-recommended-per-frontend": lambda: per_frontend_recommended("fdngx-recommended-per-frontend"),
     # The recommended configuration without the decode speed factor in its weights (--no-speed-aware): what
     # the factor costs or buys, side by side (the half-speed scenarios). Not in the default grid.
     "fdngx-recommended-nospeed": lambda: FdngxNginx("fdngx-recommended-nospeed", sidecar=True, render_args=OPENRESTY,
                                                     sidecar_args=("--interval", "1", "--no-speed-aware"),
                                                     extra_warmup=5.0),
-    # The OpenResty flavor with one controller-mode sidecar for all frontends (not in the default grid).
+    # The OpenResty flavor with one controller-mode sidecar for all frontends, in one-frontend scenarios too
+    # (not in the default grid).
     "fdngx-controller": FdngxController,
     "sglang-rr": lambda: SglangGateway("round_robin"),
     "sglang-p2": lambda: SglangGateway("power_of_two"),

@@ -8,6 +8,9 @@ At no moment is the live file a config that has not passed `nginx -t`: the candi
 the swap (standalone: the whole candidate config; an included snippet: a small wrapper config that
 includes it), then the full config after it. On any failure the previous file is restored and nginx is
 put back on it only if it took the new one; the message says what really happened, in nginx's words.
+The backup is the previous file itself, kept by a second hard link before the swap and renamed back on a
+rollback, so a rollback needs no disk space (a private copy instead when the live file is another
+account's or writable by others, or the file system has no hard links).
 
 A crash (SIGKILL, power loss) between the swap and the confirmation leaves a journal. The next apply
 (cron's next run, or the sidecar at start) rolls the interrupted apply back before doing anything else
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import glob
 import hashlib
 import json
 import logging
@@ -39,9 +41,12 @@ from fdngx.system.files import (
     atomic_write,
     check_private,
     file_lock,
+    link_backup,
     read_bytes_or_none,
     real_target,
     remove,
+    restore_by_rename,
+    temp_glob,
     write_beside,
 )
 
@@ -138,7 +143,7 @@ def recover(target: Path, control: NginxControl | None, reload: bool) -> str:
         owners = {os.geteuid(), os.stat(target).st_uid}  # a candidate gets the live file's owner
     except OSError:
         owners = {os.geteuid()}
-    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.fdngx-tmp"):
+    for stale in target.parent.glob(temp_glob(target)):
         # A candidate an interrupted apply never swapped in (we hold the lock: nobody else writes). Only
         # ours: a file another account planted is not fdngx's to delete.
         with contextlib.suppress(OSError):
@@ -157,7 +162,8 @@ def recover(target: Path, control: NginxControl | None, reload: bool) -> str:
     if _sha(live) != journal.new_sha256 or not journal.new_sha256:
         remove(jpath)
         if _sha(live) == journal.old_sha256:
-            return f"recovered {what}: it stopped before the swap; the live file is the previous one"
+            return (f"recovered {what}: it stopped before the swap, or after putting the previous file back; the "
+                    "live file is the previous one")
         return f"recovered {what}: the live file has changed since; left it as it is"
     if journal.had_old:
         check_private(backup, "apply backup")
@@ -182,9 +188,11 @@ def recover(target: Path, control: NginxControl | None, reload: bool) -> str:
 
 
 def _restore(target: Path, saved: bytes | None) -> None:
+    """Put the previous file back: its backup renamed over the live file when the backup is that file (kept
+    by a hard link: no disk space needed, a rollback must work on a full disk), else its bytes written."""
     if saved is None:
         remove(target)
-    else:
+    elif not restore_by_rename(aside(target, "bak"), target, saved):
         atomic_write(target, saved)
 
 
@@ -273,8 +281,9 @@ def _apply_locked(path: Path, target: Path, content: str, control: NginxControl 
                 raise ApplyError(f"{path}: {exc}; the live file was not touched") from None
             _pause("candidate-tested")
             journal = aside(target, "journal")
-            if old is not None:
-                atomic_write(aside(target, "bak"), old, private=True)
+            backup = aside(target, "bak")
+            if old is not None and not link_backup(target, backup, old):
+                atomic_write(backup, old, private=True)
             atomic_write(journal, Journal(str(target), old is not None, _sha(old), _sha(data) or "", os.getpid(),
                                           time.time()).to_json(), private=True)
             os.replace(candidate, target)

@@ -5,9 +5,14 @@ started new worker processes (it keeps the old ones when the new config fails to
 retitled themselves "shutting down", and, for site and standalone configs, `GET /fdngx/generation`
 answers the new file's generation id.
 
+A refused reload: the master logs why ([emerg] bind() failed, ...) and keeps its workers. Only the master's
+own lines count (a worker's [crit] while serving a request says nothing about the reload), and only once it
+stopped retrying (a failed bind() is retried for about 2.5 s) without starting new workers.
+
 Process identity: a pid file can be stale and its pid reused by an unrelated process. fdngx signals a
 master only when its command line is nginx's master title and it started before the pid file was
-written (a reused pid belongs to a process that started later).
+written (a reused pid belongs to a process that started later) or, when the clock says otherwise (it may
+have been stepped forward since nginx started: NTP at boot), its program is nginx itself.
 """
 
 from __future__ import annotations
@@ -32,8 +37,12 @@ from fdngx.system.files import read_regular_file
 _GENERATION = re.compile(r"^# fdngx-generation: ([0-9a-f]+)$", re.M)
 _PID_DIRECTIVE = re.compile(r"^\s*pid\s+([^;\s]+)\s*;", re.M)
 DEFAULT_PID_FILE = Path("/run/nginx.pid")
-# nginx retries a failed bind() five times, 500 ms apart, before it gives up on a new config.
-BIND_RETRY_SECONDS = 3.0
+# nginx retries a failed bind() five times, 500 ms apart, before it gives up on a new config: a master quiet
+# for longer than this has stopped retrying.
+SETTLE_QUIET = 1.0
+# An error-log line: "2024/05/01 12:00:00 [emerg] 1234#1234: message" (level, pid#thread id).
+_LOG_LINE = re.compile(rb"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[([a-z]+)\] (\d+)#\d+: ")
+_SERIOUS = (b"emerg", b"alert", b"crit")
 
 Runner = Callable[..., "subprocess.CompletedProcess[str]"]
 
@@ -78,6 +87,46 @@ def _old_workers_retired(old: set[int]) -> bool:
         if "worker process" in title and "shutting down" not in title:
             return False
     return True
+
+
+class MasterLog:
+    """What one nginx master writes to its error log from now on: its own lines only.
+
+    A worker logs too ([crit] open() failed while serving a request, ...) under its own pid; only the
+    master's lines say how a reload went. Read incrementally, at most 4 MiB a call."""
+
+    def __init__(self, path: Path, master: int) -> None:
+        self.path, self.master = path, master
+        try:
+            self.offset = path.stat().st_size
+        except OSError:
+            self.offset = 0
+        self.lines: list[tuple[bytes, bytes]] = []  # (level, line)
+        self.changed = time.monotonic()  # when the master last wrote a line
+        self._partial = b""
+
+    def read(self) -> None:
+        try:
+            with open(self.path, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size < self.offset:  # truncated (rotated by copy): start over
+                    self.offset, self._partial = 0, b""
+                fh.seek(self.offset)
+                data = fh.read(4 << 20)
+        except OSError:
+            return
+        self.offset += len(data)
+        *complete, self._partial = (self._partial + data).split(b"\n")
+        self._partial = self._partial[-65536:]
+        mine = [(m.group(1), ln) for ln in complete
+                if (m := _LOG_LINE.match(ln)) and int(m.group(2)) == self.master]
+        if mine:
+            self.lines += mine
+            self.changed = time.monotonic()
+
+    def error(self) -> str:
+        """The master's last [emerg]/[alert]/[crit] line, or ''."""
+        bad = [ln for level, ln in self.lines if level in _SERIOUS]
+        return nginx_message(bad[-1].decode("utf-8", "replace")) if bad else ""
 
 
 class NginxNotRunning(ApplyError):
@@ -152,8 +201,9 @@ class NginxControl:
     def master_pid(self) -> int | None:
         """The live nginx master named by the pid file, verified; None when nginx is not running.
 
-        Verified: the process's title is nginx's master title and it started no later than the pid file
-        was written. A stale pid file whose pid was reused by another process gives None."""
+        Verified: the process's title is nginx's master title, and it started no later than the pid file
+        was written or it runs the nginx program. A stale pid file whose pid was reused by another process
+        gives None."""
         path = self.pid_path()
         try:
             # A regular file only: a FIFO planted as the pid file must not hang an apply that holds the lock.
@@ -163,13 +213,23 @@ class NginxControl:
             return None
         if pid <= 1:
             return None  # 0, -1: os.kill would signal a process group or everyone; 1 is init
+        if not procs.cmdline(pid).startswith("nginx: master process"):
+            return None
         started = procs.start_time_epoch(pid)
-        if started is None or started > written + 2.0:
+        if started is None:
             return None
-        title = procs.cmdline(pid)
-        if not title.startswith("nginx: master process"):
-            return None
-        return pid
+        # Start time vs the pid file's mtime is only as good as the wall clock: stepped forward after nginx
+        # started (NTP at boot), a live master looks younger than its pid file. Its program then decides: a
+        # title alone can be borrowed (`exec -a`), the program file cannot.
+        return pid if started <= written + 2.0 or self._runs_nginx(pid) else None
+
+    def _runs_nginx(self, pid: int) -> bool:
+        """Does `pid` run nginx: the binary fdngx uses (same file), or a program file named nginx?"""
+        exe = procs.executable(pid)
+        if exe is None:
+            return False
+        ours = shutil.which(self.binary)
+        return Path(exe).name == "nginx" or (ours is not None and os.path.realpath(ours) == os.path.realpath(exe))
 
     def running(self) -> bool:
         return self.master_pid() is not None
@@ -177,23 +237,6 @@ class NginxControl:
     def _error_log_path(self) -> Path:
         path = Path(self.error_log) if self.error_log else Path("/var/log/nginx/error.log")
         return self.prefix / path if not path.is_absolute() and self.prefix is not None else path
-
-    def _error_log_size(self) -> int:
-        try:
-            return self._error_log_path().stat().st_size
-        except OSError:
-            return 0
-
-    def _new_errors(self, offset: int) -> str:
-        """The last [emerg]/[alert]/[crit] line nginx logged after `offset`, or ''."""
-        try:
-            with open(self._error_log_path(), "rb") as fh:
-                fh.seek(offset)
-                lines = fh.read(1 << 20).decode("utf-8", "replace").splitlines()
-        except OSError:
-            return ""
-        bad = [ln for ln in lines if "[emerg]" in ln or "[alert]" in ln or "[crit]" in ln]
-        return nginx_message(bad[-1]) if bad else ""
 
     def _signal_reload(self, master: int) -> None:
         if self.reload_cmd:
@@ -220,7 +263,7 @@ class NginxControl:
             )
         t0 = time.monotonic()
         before = procs.children(master)
-        log_offset = self._error_log_size()
+        log = MasterLog(self._error_log_path(), master)
         self._signal_reload(master)
         deadline = time.monotonic() + self.timeout
         new_workers = False
@@ -228,29 +271,31 @@ class NginxControl:
             new_workers = new_workers or bool(procs.children(master) - before)
             if new_workers and _old_workers_retired(before) and self._serves(expect_generation):
                 return time.monotonic() - t0
+            log.read()
             if not procs.alive(master):
-                why = self._new_errors(log_offset)
-                raise ReloadError(f"nginx master {master} exited during the reload {why}".strip(), True)
-            # The master logs why it refused the new config (bind() failed, ...) and keeps the old one. It
-            # retries a failed bind() for a few seconds: wait until it has given up, so its retries are not
-            # mistaken later for a failure of the rollback.
-            if not new_workers and (why := self._new_errors(log_offset)):
-                self._settle(log_offset, master, before)
-                raise ReloadError(f"nginx refused the new config and keeps running the old one: {why}", False)
+                raise ReloadError(f"nginx master {master} exited during the reload {log.error()}".strip(), True)
+            if not new_workers and log.error():
+                # The master logged why it cannot load the new config (bind() failed, ...). It retries a failed
+                # bind() for a few seconds and may still take it: the refusal is final only once it stopped
+                # writing and still started no new workers. (A worker's lines are not the master's: ignored.)
+                self._settle(log, master, before, deadline)
+                new_workers = bool(procs.children(master) - before)
+                if new_workers or not procs.alive(master):
+                    continue  # it took the new config after all (or died): judged on the normal path above
+                raise ReloadError(f"nginx refused the new config and keeps running the old one: {log.error()}",
+                                  False)
             time.sleep(0.02)
-        why = self._new_errors(log_offset) or "no new worker processes and no new generation served"
+        log.read()
+        why = log.error() or "no new worker processes and no new generation served"
         raise ReloadError(f"nginx did not take the new config within {self.timeout:.0f}s: {why}", new_workers)
 
-    def _settle(self, offset: int, master: int, before: set[int]) -> None:
-        """After a refused reload, wait until nginx stopped retrying (no new error line for a moment)."""
-        end = time.monotonic() + BIND_RETRY_SECONDS
-        size = self._error_log_size()
-        quiet_since = time.monotonic()
-        while time.monotonic() < end and procs.alive(master):
-            now_size = self._error_log_size()
-            if now_size != size:
-                size, quiet_since = now_size, time.monotonic()
-            elif time.monotonic() - quiet_since > 0.7:
+    @staticmethod
+    def _settle(log: MasterLog, master: int, before: set[int], deadline: float) -> None:
+        """After the master logged an error: wait until it started new workers, or wrote nothing more for a
+        while (a bind() retry comes every 0.5 s), or died."""
+        while time.monotonic() < deadline and procs.alive(master) and not procs.children(master) - before:
+            log.read()
+            if time.monotonic() - log.changed > SETTLE_QUIET:
                 return
             time.sleep(0.05)
 

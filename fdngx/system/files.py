@@ -17,10 +17,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import logging
 import os
+import secrets
 import stat
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,11 @@ log = logging.getLogger("fdngx.files")
 
 # A lock wait longer than this is said once, naming the holder: an apply waits up to two minutes.
 LOCK_PATIENCE = 1.0
+# A temp file beside NAME is `.NAME.<8 of these>.fdngx-tmp` (the shape tempfile.mkstemp gave them before): the
+# random part has no dot, so NAME's temps and a sibling's (`NAME.bak`: `.NAME.bak.<8>.fdngx-tmp`) never mix.
+_TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
+_TEMP_LEN = 8
+TEMP_SUFFIX = ".fdngx-tmp"
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -52,12 +58,33 @@ def real_target(path: Path) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
+def temp_glob(target: Path) -> str:
+    """A glob (relative to `target`'s directory) that matches write_beside's temp files for `target` only."""
+    return f".{glob.escape(target.name)}.{'[a-z0-9_]' * _TEMP_LEN}{TEMP_SUFFIX}"
+
+
+def _temp_path(target: Path) -> Path:
+    rand = "".join(secrets.choice(_TEMP_CHARS) for _ in range(_TEMP_LEN))
+    return target.parent / f".{target.name}.{rand}{TEMP_SUFFIX}"
+
+
+def _create_beside(target: Path) -> tuple[int, Path]:
+    """A new temp file beside `target`, created exclusively (never through a planted file or symlink)."""
+    for _ in range(100):
+        tmp = _temp_path(target)
+        try:
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temp file name", str(target.parent))
+
+
 def write_beside(target: Path, data: bytes, perm: int, owner: tuple[int, int] | None = None) -> Path:
-    """`data` in a new exclusive temp file beside `target` (`.name.*.fdngx-tmp`), mode `perm`, given to `owner`
+    """`data` in a new exclusive temp file beside `target` (see temp_glob), mode `perm`, given to `owner`
     (uid, gid) when that is not us and we may, synced; returns its path. On failure nothing is left behind,
     and an error that names no file (a full disk, a file size limit) names `target`."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".fdngx-tmp", dir=target.parent)
+        fd, tmp = _create_beside(target)
     except OSError as exc:  # it names the random temp name: name the file and its directory instead
         why = "no such directory" if exc.errno == errno.ENOENT else exc.strerror or str(exc)
         raise OSError(exc.errno, f"cannot write it in {target.parent}: {why}; the file is unchanged",
@@ -79,7 +106,7 @@ def write_beside(target: Path, data: bytes, perm: int, owner: tuple[int, int] | 
             raise OSError(exc.errno, f"cannot write it: {exc.strerror or exc}; the file is unchanged",
                           str(target)) from exc
         raise
-    return Path(tmp)
+    return tmp
 
 
 def atomic_write(path: Path, content: str | bytes, mode: int | None = None, *, private: bool = False) -> Path:
@@ -114,12 +141,14 @@ def atomic_write(path: Path, content: str | bytes, mode: int | None = None, *, p
     return target
 
 
-def read_regular_file(path: Path, max_bytes: int) -> bytes:
-    """The bytes of a regular file (symlinks to one are fine), at most `max_bytes`; OSError otherwise.
+def read_regular_file(path: Path, max_bytes: int, *, follow_symlinks: bool = True) -> bytes:
+    """The bytes of a regular file (symlinks to one are fine unless `follow_symlinks` is False), at most
+    `max_bytes`; OSError otherwise.
 
     Opened non-blocking so a FIFO cannot hang us, then checked with fstat.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    nofollow = 0 if follow_symlinks else os.O_NOFOLLOW
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | nofollow)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -145,6 +174,63 @@ def read_bytes_or_none(path: Path, max_bytes: int = 64 << 20) -> bytes | None:
 def remove(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+def _holds(path: Path, expected: bytes) -> bool:
+    """Is `path` itself (not through a symlink) a regular file holding exactly `expected`?"""
+    try:
+        return read_regular_file(path, len(expected), follow_symlinks=False) == expected
+    except OSError:
+        return False
+
+
+def link_backup(live: Path, backup: Path, expected: bytes) -> bool:
+    """Keep the file `live` (holding `expected`) at `backup` too, as a second hard link: nothing is written,
+    so it takes no disk space, and the backup is the very file (owner, group, mode) restore_by_rename puts back.
+
+    Only for a regular file of ours that nobody else can write (what check_private asks of a backup). False
+    when that, or the link, cannot be (another owner, a file system without hard links, `live` changed
+    meanwhile): the caller writes a copy instead."""
+    try:
+        st = os.stat(live, follow_symlinks=False)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        return False
+    try:
+        remove(backup)  # a planted symlink is removed, never followed; linkat refuses a name that exists
+        os.link(live, backup, follow_symlinks=False)
+    except OSError:
+        return False
+    if not _holds(backup, expected):
+        with contextlib.suppress(OSError):
+            remove(backup)
+        return False
+    _fsync_dir(backup.parent)
+    return True
+
+
+def restore_by_rename(backup: Path, target: Path, expected: bytes) -> bool:
+    """Put `backup` back at `target` by a rename: nothing is written, so a rollback works on a full disk.
+
+    Only when `backup` holds exactly `expected` and has the owner, group and mode of the file it replaces
+    (the candidate got the previous file's; a backup kept by link_backup is that file). False otherwise, or
+    when the rename fails: the caller writes the bytes instead. The backup is gone afterwards."""
+    try:
+        kept = os.stat(backup, follow_symlinks=False)
+        now = os.stat(target, follow_symlinks=False)
+    except OSError:
+        return False
+    if (kept.st_uid, kept.st_gid, kept.st_mode) != (now.st_uid, now.st_gid, now.st_mode):
+        return False
+    if not _holds(backup, expected):
+        return False
+    try:
+        os.replace(backup, target)
+    except OSError:
+        return False
+    _fsync_dir(target.parent)
+    return True
 
 
 def check_private(path: Path, what: str, *, secret: bool = False) -> None:

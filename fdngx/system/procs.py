@@ -82,6 +82,15 @@ def cmdline(pid: int) -> str:
     return " ".join(raw.replace(b"\0", b" ").decode(errors="replace").split()) or "?"
 
 
+def executable(pid: int) -> str | None:
+    """The program file `pid` runs (/proc/<pid>/exe; one deleted or replaced since, by a package upgrade say,
+    by its path); None when it cannot be read (gone, or another user's process without privileges)."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
+    except OSError:
+        return None
+
+
 def group_alive(pgid: int) -> bool:
     """Any live (non-zombie) member in process group `pgid`?"""
     return bool(group_members(pgid))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,18 @@ import pytest
 import requests
 
 from fdngx.nginx.control import find_nginx, generation_in
-from tests.support import REPO, Backends, Nginx, Site, fdngx, free_ports, instances, wait_for, write_inventory
+from tests.support import (
+    REPO,
+    Backends,
+    Nginx,
+    Site,
+    fdngx,
+    free_ports,
+    instances,
+    stop_process_group,
+    wait_for,
+    write_inventory,
+)
 
 pytestmark = pytest.mark.nginx
 
@@ -159,6 +171,50 @@ def test_reload_that_nginx_cannot_take_is_rolled_back(site: Site) -> None:
     assert "bind()" in proc.stderr and "failed too" not in proc.stderr and "also failed" not in proc.stderr
     assert site.conf.read_bytes() == before_bytes
     assert site.split(4)
+
+
+def test_a_rollback_on_a_full_disk_puts_the_previous_file_back(tmp_path: Path, two_backends: Backends) -> None:
+    """nginx refuses the new config (its port is taken) and the disk filled up after the swap: the rollback
+    renames the backup (the previous file itself, a hard link) back and writes nothing. Before, it wrote
+    the old bytes to a new temp file, failed with ENOSPC, said 'the file is unchanged' and left the refused
+    config live. nginx's logs and pid file live on another disk (it must log why it refused)."""
+    import socket
+
+    from tests.integration.test_full_disk import fill, leftovers, tmpfs
+
+    with tmpfs(tmp_path / "mnt", "1m") as mnt:
+        (mnt / "nginx").mkdir()
+        (tmp_path / "logs").mkdir()
+        (mnt / "nginx" / "logs").symlink_to(tmp_path / "logs")
+        site = Site(mnt, two_backends, [1, 3])
+        blocker = socket.socket()
+        filler: Path | None = None
+        try:
+            before = site.conf.read_bytes()
+            blocker.bind(("127.0.0.1", 0))
+            blocker.listen()
+            taken = f"127.0.0.1:{blocker.getsockname()[1]}"
+            args = [taken if a.startswith("127.0.0.1:") else a for a in site.args]
+            proc = subprocess.Popen([sys.executable, "-m", "fdngx", "render", *args, "--reload"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)
+            try:
+                wait_for(lambda: f"listen {taken};" in site.conf.read_text(), 60, what="the swap")
+                filler = fill(mnt)
+                _out, err = proc.communicate(timeout=120)
+            finally:
+                stop_process_group(proc)
+            assert proc.returncode == 1, err
+            assert "nginx refused the new config" in err and "restored the previous file" in err, err
+            assert "No space left" not in err, err
+            assert site.conf.read_bytes() == before
+            assert leftovers(site.conf.parent) == []
+            assert set(site.split(4)) == {"b0", "b1"}, "nginx still serves the old config"
+        finally:
+            blocker.close()
+            site.nginx.stop()
+            if filler is not None:
+                filler.unlink()
 
 
 def test_concurrent_applies_leave_one_valid_config(site: Site) -> None:

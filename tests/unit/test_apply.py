@@ -1,0 +1,132 @@
+"""safe_apply's backup and rollback, with a stand-in nginx (no process): the rollback needs no disk space.
+
+The backup is the previous file itself (a second hard link made before the swap) and a rollback renames it
+back. Before, a rollback wrote the old bytes to a new temp file, so on a full disk the rollback failed too
+and left the refused config live.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+from fdngx.errors import ApplyError
+from fdngx.nginx import apply
+from fdngx.nginx.apply import aside, recover, safe_apply
+from fdngx.nginx.control import NginxControl, ReloadError
+from fdngx.system import files
+
+OLD = "# fdngx-generation: 0ld0\nevents {}\n"
+NEW = "# fdngx-generation: 0e40\nevents {}\n"
+
+
+def _disk_full(*_args: object, **_kwargs: object) -> NoReturn:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+class RefusingNginx(NginxControl):
+    """Every `nginx -t` passes; the reload is refused, and from then on the disk is full."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__("nginx")
+        self.monkeypatch = monkeypatch
+
+    def test(self, conf: Path | None = None, prefix: Path | None = None, what: str = "nginx -t") -> None:
+        return None
+
+    def reload(self, expect_generation: str | None = None) -> float:
+        self.monkeypatch.setattr(files, "write_beside", _disk_full)
+        raise ReloadError("nginx refused the new config and keeps running the old one: bind() failed", False)
+
+
+class AcceptingNginx(NginxControl):
+    def test(self, conf: Path | None = None, prefix: Path | None = None, what: str = "nginx -t") -> None:
+        return None
+
+    def reload(self, expect_generation: str | None = None) -> float:
+        return 0.01
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".fdngx-tmp") or "journal" in p.name)
+
+
+def test_a_rollback_on_a_full_disk_puts_the_previous_file_back(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    live = tmp_path / "nginx.conf"
+    live.write_text(OLD)
+    live.chmod(0o640)
+    inode = live.stat().st_ino
+    with pytest.raises(ApplyError) as err:
+        safe_apply(live, NEW, RefusingNginx(monkeypatch), reload=True, standalone=True)
+    assert "refused" in str(err.value) and "restored the previous file" in str(err.value), err.value
+    assert live.read_text() == OLD
+    st = live.stat()
+    assert st.st_ino == inode and st.st_mode & 0o777 == 0o640, "the previous file itself is back"
+    assert _leftovers(tmp_path) == []
+
+
+def test_recovery_on_a_full_disk_puts_the_previous_file_back(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash right after the swap (the journal and the backup stay); the disk is full when recovery runs."""
+    live = tmp_path / "nginx.conf"
+    live.write_text(OLD)
+    inode = live.stat().st_ino
+    monkeypatch.setattr(apply, "_finish", lambda *_a: "crashed after the swap")
+    assert safe_apply(live, NEW, AcceptingNginx("nginx"), reload=True, standalone=True) == "crashed after the swap"
+    assert live.read_text() == NEW and aside(live, "journal").exists()
+    monkeypatch.setattr(files, "write_beside", _disk_full)
+    done = recover(live, None, reload=False)
+    assert "restored the previous" in done, done
+    assert live.read_text() == OLD and live.stat().st_ino == inode
+    assert _leftovers(tmp_path) == []
+
+
+def test_the_backup_is_the_previous_file_itself(tmp_path: Path) -> None:
+    live = tmp_path / "nginx.conf"
+    live.write_text(OLD)
+    previous = live.stat()
+    result = safe_apply(live, NEW, AcceptingNginx("nginx"), reload=True, standalone=True)
+    assert result.reloaded and live.read_text() == NEW
+    backup = aside(live, "bak")
+    assert backup.read_text() == OLD and backup.stat().st_ino == previous.st_ino
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_live_file_others_can_write_is_backed_up_by_a_private_copy(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hard link would share the live file's mode (writable by others): a 0600 copy instead, and a
+    rollback then writes the bytes back (keeping the live file's mode), as before."""
+    live = tmp_path / "nginx.conf"
+    live.write_text(OLD)
+    live.chmod(0o666)
+    inode = live.stat().st_ino
+
+    class Refusing(AcceptingNginx):
+        def reload(self, expect_generation: str | None = None) -> float:
+            backup = aside(live, "bak")
+            assert backup.stat().st_ino != inode and backup.stat().st_mode & 0o777 == 0o600
+            raise ReloadError("refused", False)
+
+    with pytest.raises(ApplyError, match="restored the previous file"):
+        safe_apply(live, NEW, Refusing("nginx"), reload=True, standalone=True)
+    assert live.read_text() == OLD and live.stat().st_mode & 0o777 == 0o666
+    assert _leftovers(tmp_path) == []
+
+
+def test_recovery_does_not_rename_a_backup_whose_bytes_changed(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    live = tmp_path / "nginx.conf"
+    live.write_text(OLD)
+    monkeypatch.setattr(apply, "_finish", lambda *_a: "crashed after the swap")
+    safe_apply(live, NEW, AcceptingNginx("nginx"), reload=True, standalone=True)
+    backup = aside(live, "bak")
+    backup.write_text("# changed behind fdngx's back\n")
+    with pytest.raises(ApplyError, match=r"backup .* is missing or changed"):
+        recover(live, None, reload=False)
+    assert live.read_text() == NEW, "nothing restored from a backup that is not the previous file"
+    assert os.path.exists(backup)

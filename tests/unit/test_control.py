@@ -1,0 +1,124 @@
+"""control.py without a running nginx: which error-log lines are the master's, and who counts as the master
+behind a pid file when the wall clock moved (decoys are `sleep` processes this test starts and stops)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fdngx.nginx.control import MasterLog, NginxControl
+from fdngx.system import procs
+from tests.support import stop_process_group, wait_for
+
+MASTER = 4242
+
+
+def _line(pid: int, level: str, text: str) -> str:
+    return f"2026/01/02 03:04:05 [{level}] {pid}#{pid}: {text}\n"
+
+
+def test_only_the_masters_serious_lines_count(tmp_path: Path) -> None:
+    log_path = tmp_path / "error.log"
+    log_path.write_text(_line(MASTER, "emerg", "before the reload: not ours to read"))
+    log = MasterLog(log_path, MASTER)
+    with log_path.open("a") as fh:
+        fh.write(_line(4243, "crit", '*7 open() "/srv/x" failed (13: Permission denied), client: 127.0.0.1'))
+        fh.write(_line(42, "alert", "a pid that is a prefix of the master's"))
+        fh.write(_line(MASTER, "warn", "a warning of the master's: not a refusal"))
+        fh.write(f"2026/01/02 03:04:05 [emerg] {MASTER}1#1: a pid the master's is a prefix of\n")
+    log.read()
+    assert log.error() == ""
+    with log_path.open("a") as fh:
+        fh.write(_line(MASTER, "emerg", "bind() to 127.0.0.1:8080 failed (98: Address already in use)")[:60])
+    log.read()
+    assert log.error() == "", "half a line is not read as a line"
+    with log_path.open("a") as fh:
+        fh.write(_line(MASTER, "emerg", "bind() to 127.0.0.1:8080 failed (98: Address already in use)")[60:])
+    log.read()
+    assert log.error().endswith(f"[emerg] {MASTER}#{MASTER}: bind() to 127.0.0.1:8080 failed (98: Address already "
+                                "in use)"), log.error()
+    assert len(log.lines) == 2  # the warning and the bind() line
+
+
+def test_the_master_log_tells_when_the_master_last_wrote(tmp_path: Path) -> None:
+    log_path = tmp_path / "error.log"
+    log = MasterLog(log_path, MASTER)  # no log yet
+    log.read()
+    first = log.changed
+    log_path.write_text(_line(4243, "crit", "a worker's line"))
+    log.read()
+    assert log.changed == first, "a worker's line does not keep the master 'busy'"
+    time.sleep(0.01)
+    with log_path.open("a") as fh:
+        fh.write(_line(MASTER, "emerg", "still could not bind()"))
+    log.read()
+    assert log.changed > first and "still could not bind()" in log.error()
+
+
+def test_a_truncated_log_is_read_from_its_start(tmp_path: Path) -> None:
+    log_path = tmp_path / "error.log"
+    log_path.write_text(_line(1, "info", "x") * 50)
+    log = MasterLog(log_path, MASTER)
+    log_path.write_text(_line(MASTER, "alert", "after a copytruncate rotation"))
+    log.read()
+    assert "after a copytruncate rotation" in log.error()
+
+
+# -- the master behind the pid file --------------------------------------------------------------------
+
+
+@pytest.fixture
+def titled_decoy() -> Iterator[subprocess.Popen[bytes]]:
+    """A `sleep` that carries nginx's master title (argv[0])."""
+    proc = subprocess.Popen(["bash", "-c", 'exec -a "nginx: master process /usr/sbin/nginx" sleep 120'],
+                            start_new_session=True)
+    wait_for(lambda: procs.cmdline(proc.pid).startswith("nginx: master process"), 10, what="decoy title")
+    yield proc
+    stop_process_group(proc, grace=2)
+
+
+def _pid_file(path: Path, pid: int, age: float) -> Path:
+    path.write_text(f"{pid}\n")
+    t = time.time() - age
+    os.utime(path, (t, t))
+    return path
+
+
+def test_a_clock_stepped_forward_does_not_hide_a_master_that_runs_nginx(
+        tmp_path: Path, titled_decoy: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pid file looks an hour older than the process (what a clock stepped forward an hour after nginx
+    started looks like): the program file decides. Here the decoy's program is `sleep`: not nginx."""
+    control = NginxControl("nginx", pid_file=_pid_file(tmp_path / "nginx.pid", titled_decoy.pid, 3600))
+    assert procs.executable(titled_decoy.pid) == os.path.realpath(shutil.which("sleep") or "/bin/sleep")
+    assert control.master_pid() is None, "a borrowed title is not nginx"
+    monkeypatch.setattr(procs, "executable", lambda pid: "/usr/sbin/nginx")
+    assert control.master_pid() == titled_decoy.pid, "a master running nginx is recognised whatever the clock"
+    monkeypatch.setattr(procs, "executable", lambda pid: None)  # another user's process: unreadable
+    assert control.master_pid() is None
+
+
+def test_a_master_older_than_its_pid_file_needs_no_program_check(
+        tmp_path: Path, titled_decoy: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    control = NginxControl("nginx", pid_file=_pid_file(tmp_path / "nginx.pid", titled_decoy.pid, -5))
+    monkeypatch.setattr(procs, "executable", lambda pid: None)
+    assert control.master_pid() == titled_decoy.pid
+
+
+def test_executable_names_a_deleted_program_by_its_path(tmp_path: Path) -> None:
+    """A package upgrade replaces /usr/sbin/nginx under a running master: /proc says '<path> (deleted)'."""
+    program = tmp_path / "nginx"
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", program)
+    proc = subprocess.Popen([str(program), "120"], start_new_session=True)
+    try:
+        wait_for(lambda: procs.executable(proc.pid) == str(program), 10, what="the copy running")
+        program.unlink()
+        assert os.readlink(f"/proc/{proc.pid}/exe").endswith(" (deleted)")
+        assert procs.executable(proc.pid) == str(program)
+    finally:
+        stop_process_group(proc, grace=2)

@@ -159,8 +159,9 @@ def sidecar_cmd(
         "the address the registration comes from, the hardened setting); link-local and multicast never."
     ),
     registry_grace: float = typer.Option(
-        30.0, help="Seconds without a heartbeat (FastDeploy posts every 5 s), or failing /health, before a "
-        "registered instance is removed; its next registration adds it back. 0: never remove."
+        30.0, help="Seconds a registered instance may fail /health, or send no heartbeat (FastDeploy posts every "
+        "5 s) while its /health does not pass, before it is removed; its next registration adds it back. A "
+        "silent instance whose /health passes is kept (one WARNING). 0: never remove."
     ),
     registry_metrics_port: str | None = typer.Option(
         None, help="Metrics port of a registered instance whose registration has none: a port (9001), an offset "

@@ -3,4 +3,5 @@ POST /register (and heartbeat) and land in an inventory file the sidecar watches
 
 core (the inventory side: accept, refresh, remove), body (the register body, typed as FastDeploy's Go
 router reads it), rules (allow-lists, the metrics-port rule, name resolution, rate limit), probe (bounded
-/health and /metrics checks), http (the hardened HTTP server)."""
+/health and /metrics checks), liveness (when a registered instance counts as gone), http (the hardened
+HTTP server)."""

@@ -4,9 +4,10 @@ An instance started with `--router URL` checks its own /health and POSTs `{route
 (`fastdeploy/engine/register_manager.py`); the POST doubles as its heartbeat. Like FastDeploy's Go router
 (`fastdeploy/golang_router/internal/manager/register.go`, `health.go`), fdngx answers
 `{"code": 200, "msg": "Register success"}`, 400 with the reason for a bad body, 503 when the instance's
-own /health is not 200, and drops instances that stop heart-beating or keep failing /health (after
-`--registry-grace`); the next heartbeat adds them back. Only mixed instances are taken: prefill/decode
-(PD disaggregation) need FastDeploy's router, which pairs them per request.
+own /health is not 200, and drops instances that keep failing /health for `--registry-grace`, or that
+stop heart-beating for the grace and whose /health does not pass either (a silent instance whose /health
+passes is kept, with one WARNING: fdngx.registry.liveness); the next heartbeat adds them back. Only mixed
+instances are taken: prefill/decode (PD disaggregation) need FastDeploy's router, which pairs them.
 
 What fdngx adds, because it writes what nginx will load: the address must be allowed
 (`--registry-targets`; `peer` there: only the caller's own address), a name is resolved once and stored as
@@ -19,7 +20,8 @@ load gauges may read 0: `"metrics_source": "api-port-suspect"` with one WARNING,
 What one registration stores is capped (body.MAX_INFO_BYTES), so is the number of registered instances
 (`--registry-max-instances`: a new one beyond it is refused with 507, heartbeats still answer), and
 inventory.save writes no file that inventory.load would refuse for its size (507 too): the file always
-loads. Writes are atomic and under a lock; a heartbeat that changes nothing takes neither lock nor file."""
+loads. Writes are atomic and under a lock; a heartbeat that changes nothing takes neither lock nor file.
+No answer names a server path (an inventory file's): the log has the detail."""
 
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from fdngx import inventory as inv_mod
 from fdngx.domain import Instance, Inventory, Role, hostport, valid_host
 from fdngx.errors import FdngxError, InventoryError, InventoryTooLarge
 from fdngx.registry.body import BodyError, Registration, parse_body, worker_info
+from fdngx.registry.liveness import Liveness
 from fdngx.registry.metrics_port import Key, MetricsPorts
 from fdngx.registry.probe import HttpProbe, Probe
 from fdngx.registry.rules import IPAddress, NameCache, RegistrySettings, canonical_ip, never_registrable
@@ -56,8 +59,6 @@ PD_REFUSED = (
 def answer(status: int, msg: str) -> tuple[int, dict[str, Any]]:
     """An error in both routers' shapes: the Go router's {code, msg} and the Python router's {detail}."""
     return status, {"code": status, "msg": msg, "detail": msg}
-
-
 
 
 def instance_name(host: str, port: int) -> str:
@@ -107,8 +108,7 @@ class Registry:
         self.clock = clock
         self.lock = inv_mod.lock_path(self.path)
         self._mu = threading.Lock()
-        self._seen: dict[Key, float] = {}  # last heartbeat
-        self._failing: dict[Key, tuple[float, str]] = {}  # failing /health since, why
+        self.live = Liveness()  # heartbeats and /health answers, under _mu
         self.metrics_ports = MetricsPorts()
         self._full_mu = threading.Lock()
         self._full_said = False  # the registry is full (or the file at its limit): said once until room again
@@ -118,7 +118,7 @@ class Registry:
                 inv_mod.save(Inventory([], name), self.path)
         now = clock()
         for inst in self._owned(inv_mod.load(self.path)):
-            self._seen[inv_mod.address_key(inst.host, inst.port)] = now  # a fresh grace after a restart
+            self.live.heartbeat(inv_mod.address_key(inst.host, inst.port), now)  # a fresh grace after a restart
         self.check(health=False)  # before the sidecar loads the files: drop what now conflicts
 
     # -- POST /register ----------------------------------------------------------------------------------
@@ -150,12 +150,12 @@ class Registry:
             return answer(400, str(exc))
         except Refused as exc:
             return answer(exc.status, str(exc))
-        except (FdngxError, OSError) as exc:
-            log.error("registry: %s", exc)
-            return answer(500, f"fdngx could not record the registration: {exc}")
-        except Exception as exc:  # a bug: say so in the log, answer the instance, keep serving the others
+        except (FdngxError, OSError) as exc:  # the detail names files: the log has it, the answer does not
+            log.error("registry: registration from %s not recorded: %s", peer, exc)
+            return answer(500, "fdngx could not record the registration (the fdngx sidecar's log says why)")
+        except Exception:  # a bug: say so in the log, answer the instance, keep serving the others
             log.exception("registry: registration from %s failed", peer)
-            return answer(500, f"fdngx could not record the registration: {type(exc).__name__}")
+            return answer(500, "fdngx could not record the registration (the fdngx sidecar's log says why)")
         return 200, dict(OK)
 
     def _target(self, host_ip: str, peer: str | None) -> tuple[str, str | None]:
@@ -219,7 +219,7 @@ class Registry:
             old = current.to_dict()
             if self._merged(old, new, asked) == old:  # a heartbeat (every 5 s each): no lock, no whole-file work
                 with self._mu:
-                    self._seen[key] = self.clock()
+                    self.live.heartbeat(key, self.clock())
                 return
         index: int | None = None
         with self._mu:
@@ -233,7 +233,7 @@ class Registry:
                             return
                         merged = self._merged(old, new, asked)
                         if merged == old:
-                            self._seen[key] = self.clock()
+                            self.live.heartbeat(key, self.clock())
                             return
                         inst = inv_mod.parse_instance(merged, str(self.path), index)
                         inv.instances[index] = inst
@@ -248,18 +248,23 @@ class Registry:
                         inv_mod.check_unique(inv.instances, str(self.path))
                         inv_mod.merge([inv, *self._load_others()])  # one upstream, no duplicate across files
                     except InventoryError as exc:
-                        clash = "already listed" in str(exc) or "used twice" in str(exc)
-                        raise Refused(409 if clash else 400, f"not registered: {exc}") from None
+                        log.debug("registry: %s not registered: %s", inst.address, exc)
+                        if "already listed" in str(exc) or "used twice" in str(exc):
+                            raise Refused(409, f"not registered: {inst.address} as '{inst.name}': its address or "
+                                               "name is already listed in an -i file of the fdngx sidecar") from None
+                        raise Refused(400, "not registered: the fdngx sidecar's -i files would not merge (its log "
+                                           "says why)") from None
             except InventoryTooLarge as exc:  # a file load() would refuse for its size: nothing was written
                 if index is not None:
-                    self._seen[key] = self.clock()  # healthy and heart-beating; it stays as it was
+                    self.live.heartbeat(key, self.clock())  # healthy and heart-beating; it stays as it was
                 self._say_full(f"registry: {exc}; registrations that would grow it are refused with {FULL}")
-                raise Refused(FULL, f"{'not updated' if index is not None else 'not registered'}: {exc}") from None
+                raise Refused(FULL, f"{'not updated' if index is not None else 'not registered'}: the inventory "
+                                    f"would pass the {inv_mod.MAX_BYTES}-byte limit of an inventory file") from None
             if index is None:
                 with self._full_mu:
                     self._full_said = False  # there was room: say it again when full again
-            self._seen[key] = self.clock()
-            self._failing.pop(key, None)
+            self.live.heartbeat(key, self.clock())
+            self.live.failing.pop(key, None)
 
     # -- duplicates across -i files ------------------------------------------------------------------------
 
@@ -278,8 +283,9 @@ class Registry:
         for other in self._load_others():
             for inst in other.instances:
                 if inv_mod.address_key(inst.host, inst.port) == key or inst.name == name:
-                    raise Refused(409, f"{inst.address} is already listed in {other.sources[0]} as '{inst.name}': "
-                                       "fdngx balances it from there; not registered twice")
+                    log.debug("registry: %s is already listed in %s as '%s'", inst.address, other.sources[0], inst.name)
+                    raise Refused(409, f"{inst.address} is already listed as '{inst.name}' in another -i file of the "
+                                       "fdngx sidecar: fdngx balances it from there; not registered twice")
 
     @staticmethod
     def _find(inv: Inventory, key: Key) -> Instance | None:
@@ -292,15 +298,16 @@ class Registry:
     # -- the periodic check (health.go MonitorInstanceHealth) ------------------------------------------------
 
     def check(self, health: bool = True) -> list[str]:
-        """Remove registry-owned instances whose heartbeats stopped, that fail /health, for longer than the
-        grace, or that another -i file now lists. Returns the names removed. Never raises."""
+        """Remove registry-owned instances that another -i file now lists, or that liveness.Liveness.judge
+        finds gone (/health failing, or silent and not passing /health, for the grace). Returns the names
+        removed. Never raises."""
         try:
             owned = self._owned(inv_mod.load(self.path))
         except InventoryError as exc:
             log.error("registry: %s", exc)
             return []
         now, grace = self.clock(), self.settings.grace
-        results = self._health_all(owned) if health and owned else {}
+        results = self._health_all(owned) if health and owned else {}  # the /health answers that came in time
         gone: dict[Key, tuple[str, float | None]] = {}  # why, and the heartbeat it was judged on
         taken: dict[Key | str, str] = {}  # address keys and names the other -i files use
         for other in self._load_others():
@@ -310,22 +317,11 @@ class Registry:
         with self._mu:
             for inst in owned:
                 key = inv_mod.address_key(inst.host, inst.port)
-                seen = self._seen.setdefault(key, now)
-                if key in results:
-                    if results[key] is None:
-                        self._failing.pop(key, None)
-                    else:
-                        self._failing.setdefault(key, (now, str(results[key])))
-                since, why = self._failing.get(key, (now, ""))
                 clash = taken.get(key) or taken.get(inst.name)
                 if clash:
                     gone[key] = clash, None
-                elif inst.drain:
-                    pass  # under maintenance (`fdngx drain`): silent or failing on purpose; it stays until undrained
-                elif grace > 0 and now - seen > grace:
-                    gone[key] = f"no heartbeat for {now - seen:.0f} s (--registry-grace {grace:g})", seen
-                elif grace > 0 and now - since > grace:
-                    gone[key] = f"/health failing for {now - since:.0f} s ({why})", seen
+                elif why := self.live.judge(key, inst.name, now, grace, results if health else None, inst.drain):
+                    gone[key] = why, self.live.seen[key]
         return self._remove(gone) if gone else []
 
     def _health_all(self, owned: list[Instance]) -> dict[Key, str | None]:
@@ -347,12 +343,11 @@ class Registry:
                     key = inv_mod.address_key(inst.host, inst.port)
                     why, judged = gone.get(key, ("", None))
                     # A heartbeat since the judgement (it passed /health too) keeps the instance.
-                    fresh = judged is not None and self._seen.get(key) != judged
+                    fresh = judged is not None and self.live.seen.get(key) != judged
                     if key in gone and inst.extra.get("registered") is True and not fresh:
                         removed.append(inst.name)
                         log.info("registry: %s removed: %s; its next registration adds it back", inst.name, why)
-                        for table in (self._seen, self._failing):
-                            table.pop(key, None)
+                        self.live.forget(key)
                         self.metrics_ports.forget(key)
                     else:
                         keep.append(inst)
@@ -391,7 +386,7 @@ class Registry:
         """health.go HealthGenerate answers {code: 200, msg: "Health check complete"} after checking; fdngx
         reports what its last periodic check saw (a GET here makes no outbound call)."""
         with self._mu:
-            failing = sorted(f"http://{hostport(h, p)}" for (h, p) in self._failing)
+            failing = sorted(f"http://{hostport(h, p)}" for (h, p) in self.live.failing)
         return {"code": 200, "msg": "Health check complete", "unhealthy": failing}
 
     def close(self) -> None:

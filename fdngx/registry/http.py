@@ -10,6 +10,10 @@ beyond the pool and its short queue is closed at once), one request per connecti
 a total deadline for reading the request (a watchdog shuts slow connections down), Content-Length
 required and at most 64 KiB (411/400/413), a per-source rate limit (429), and a source allow-list (403).
 Every error is one line of JSON; nothing is printed as a traceback.
+
+Who may hold a connection is decided when it is accepted, before anything is read, so no caller can starve
+the heartbeats of others: one address holds at most PER_SOURCE connections at once, and sources outside the
+allow-list share OUTSIDE connections of their own (their own threads too, for the 403), never the pool's.
 """
 
 from __future__ import annotations
@@ -29,12 +33,16 @@ from typing import Any
 from fdngx.domain import Listen
 from fdngx.errors import UsageError
 from fdngx.registry.core import Registry, answer
-from fdngx.registry.rules import DEFAULT_ALLOW, Networks, RateLimit, canonical_ip
+from fdngx.registry.rules import DEFAULT_ALLOW, IPAddress, Networks, RateLimit, canonical_ip
 
 log = logging.getLogger("fdngx.registry")
 MAX_BODY = 64 * 1024
 WORKERS = 8
 QUEUE = 32  # connections waiting for a worker; beyond that a new one is closed at once
+# One address's connections at once: FastDeploy posts one at a time per instance, and a few instances (data
+# parallel ranks) may share a node's address. Beyond it, that address's new connections are closed at once.
+PER_SOURCE = 8
+OUTSIDE = 4  # connections at once of all sources outside --registry-allow together, each with its own thread
 READ_DEADLINE = 5.0  # s to send the whole request (line, headers, body)
 LINGER_SECONDS, LINGER_BYTES = 0.5, 256 * 1024
 _LENGTH = re.compile(r"[0-9]{1,7}")
@@ -158,38 +166,77 @@ class _PoolServer(socketserver.TCPServer):
     request_queue_size = 128  # listen backlog: a burst of connections is accepted (and judged), not dropped
 
     def __init__(self, addr: tuple[str, int], handler: type[_Handler], workers: int, queue: int,
-                 read_deadline: float, family: int) -> None:
+                 read_deadline: float, family: int, per_source: int = PER_SOURCE, outside: int = OUTSIDE) -> None:
         self.address_family = family
+        self.sources = handler.sources
         super().__init__(addr, handler)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fdngx-registry")
-        self.capacity = workers + queue
+        # Refusals of sources outside the allow-list run here: they never wait for (or hold) a pool worker.
+        self.outside_pool = ThreadPoolExecutor(max_workers=outside, thread_name_prefix="fdngx-registry-403")
+        self.capacity, self.per_source, self.outside = workers + queue, per_source, outside
         self.slots = threading.BoundedSemaphore(self.capacity)
         self.read_deadline = read_deadline
         self._reading: dict[socket.socket, float] = {}
-        self._busy_said = -1e9
+        self._open: dict[IPAddress | None, int] = {}  # connections open per allowed address; None: all outside
+        self._said: dict[str, float] = {}  # when each refusal was last logged
         self._mu = threading.Lock()
         self._stop = threading.Event()
         self.watchdog = threading.Thread(target=self._watch, name="fdngx-registry-watchdog", daemon=True)
         self.watchdog.start()
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
-            if time.monotonic() - self._busy_said > 60:  # once a minute: a flood must not flood the log too
-                self._busy_said = time.monotonic()
-                log.warning("registry: busy (%d connections open): closing new ones, from %s first",
-                            self.capacity, client_address[0])
+        peer = canonical_ip(str(client_address[0]))
+        source = peer if peer is not None and self.sources.allows(peer) else None  # None: outside the allow-list
+        if not self._enter(source, str(client_address[0])):
             self.shutdown_request(request)
             return
         with self._mu:
             self._reading[request] = time.monotonic()
         try:
-            self.pool.submit(self._work, request, client_address)
+            (self.pool if source is not None else self.outside_pool).submit(self._work, request, client_address,
+                                                                             source)
         except RuntimeError:  # shutting down
             self.read_done(request)
             self.shutdown_request(request)
-            self.slots.release()
+            self._leave(source)
 
-    def _work(self, request: Any, client_address: Any) -> None:
+    def _enter(self, source: IPAddress | None, shown: str) -> bool:
+        """Count a new connection from `source` in, or refuse it (and say so, once a minute per reason)."""
+        with self._mu:
+            held = self._open.get(source, 0)
+            if source is None and held >= self.outside:
+                kind, why = "outside", (f"{held} connections from outside --registry-allow {self.sources.text} "
+                                        f"open: closing new ones, from {shown} first")
+            elif source is not None and held >= self.per_source:
+                kind, why = "source", (f"{shown} has {held} connections open, the most one address may: closing "
+                                       "its new ones (other addresses are still served)")
+            elif source is not None and not self.slots.acquire(blocking=False):
+                kind, why = "busy", f"busy ({self.capacity} connections open): closing new ones, from {shown} first"
+            else:
+                self._open[source] = held + 1
+                return True
+            if time.monotonic() - self._said.get(kind, -1e9) <= 60:  # a flood must not flood the log too
+                return False
+            self._said[kind] = time.monotonic()
+        log.warning("registry: %s", why)
+        return False
+
+    def _leave(self, source: IPAddress | None) -> None:
+        with self._mu:
+            left = self._open[source] - 1
+            if left:
+                self._open[source] = left
+            else:
+                del self._open[source]  # the table holds only the addresses with a connection open
+            if source is not None:
+                self.slots.release()
+
+    def connections(self) -> dict[str, int]:
+        """Connections open now, per allowed address ("outside": those of every other source together)."""
+        with self._mu:
+            return {"outside" if k is None else str(k): n for k, n in self._open.items()}
+
+    def _work(self, request: Any, client_address: Any, source: IPAddress | None) -> None:
         try:
             self.finish_request(request, client_address)
         except Exception as exc:  # a client that vanished mid-request: nothing to tell anyone
@@ -198,7 +245,7 @@ class _PoolServer(socketserver.TCPServer):
             self.read_done(request)
             _linger(request)
             self.shutdown_request(request)
-            self.slots.release()
+            self._leave(source)
 
     def read_done(self, request: Any) -> None:
         with self._mu:
@@ -221,7 +268,8 @@ class _PoolServer(socketserver.TCPServer):
     def server_close(self) -> None:
         self._stop.set()
         super().server_close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self.pool, self.outside_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def server_options(listen: str, allow: str = DEFAULT_ALLOW) -> tuple[Listen, Networks]:
@@ -239,13 +287,14 @@ class RegistryServer:
 
     def __init__(self, listen: str, registry: Registry, *, allow: str = DEFAULT_ALLOW,
                  limit: RateLimit | None = None, workers: int = WORKERS, queue: int = QUEUE,
-                 read_deadline: float = READ_DEADLINE) -> None:
+                 read_deadline: float = READ_DEADLINE, per_source: int = PER_SOURCE, outside: int = OUTSIDE) -> None:
         where, sources = server_options(listen, allow)
         handler = type("Handler", (_Handler,), {"registry": registry, "sources": sources,
                                                  "limit": limit or RateLimit(), "timeout": read_deadline})
         family = socket.AF_INET6 if ":" in where.bind_host else socket.AF_INET
         try:
-            self.httpd = _PoolServer((where.bind_host, where.port), handler, workers, queue, read_deadline, family)
+            self.httpd = _PoolServer((where.bind_host, where.port), handler, workers, queue, read_deadline, family,
+                                     per_source, outside)
         except OSError as exc:
             raise UsageError(f"--registry-listen {listen}: cannot listen: {exc.strerror or exc}") from None
         self.registry = registry

@@ -224,19 +224,19 @@ class NameCache:
 
 
 def rate_key(source: str) -> str:
-    """The bucket a source address draws from: its own for IPv4, its /64 for IPv6. One host commonly holds a
-    whole /64 (SLAAC, privacy addresses), so a bucket per IPv6 address would let it rotate past the bounded
-    table of buckets and never be limited."""
+    """The bucket a source address draws from: its own (canonical: an IPv4-mapped address is its IPv4 one).
+    Not its IPv6 /64: the callers are the allow-listed nodes of a deployment, and a data-centre or cloud subnet
+    is one /64 for many nodes, whose heartbeats would share one bucket and be refused together. A host rotating
+    through its own /64 gets a bucket per address; what it can take is still bounded by the server's fixed
+    pool of connections, and refused heartbeats cost no instance its place while its /health passes."""
     ip = canonical_ip(source)
-    if ip is None:
-        return source
-    return str(ip) if ip.version == 4 else str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return source if ip is None else str(ip)
 
 
 class RateLimit:
-    """A token bucket per source (rate_key: an IPv4 address, an IPv6 /64): `burst` calls at once, then `rate`
-    per second. FastDeploy posts once per 5 s per instance, so a node with 16 data-parallel ranks uses about
-    3 calls/s."""
+    """A token bucket per source address (rate_key): `burst` calls at once, then `rate` per second, for at most
+    `max_sources` addresses (the least recently seen are forgotten). FastDeploy posts once per 5 s per
+    instance, so a node with 16 data-parallel ranks uses about 3 calls/s."""
 
     def __init__(self, rate: float = 10.0, burst: float = 40.0, clock: Callable[[], float] = time.monotonic,
                  max_sources: int = 4096) -> None:

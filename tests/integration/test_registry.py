@@ -4,27 +4,35 @@ The replica is the simulator (`fdngx.sim`, a separate metrics port, as `multi_ap
 starts FastDeploy) and its registration is FastDeploy's own loop and body, reconstructed in
 tests/fixtures/fastdeploy_register.py from `fastdeploy/engine/register_manager.py` and `fastdeploy/config.py`
 (see that file for the commits). Only 127.0.0.1; every process is stopped by PID.
+
+The last tests run the registry's HTTP server in-process (no nginx) on 127.0.0.1, port 0, with a fake /health
+probe: raw sockets that hold connections open against its per-source and outside-the-allow-list budgets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from fdngx.nginx.openresty import lua_modules
-from fdngx.registry.core import instance_name
+from fdngx.registry.core import Registry, RegistrySettings, instance_name
+from fdngx.registry.http import OUTSIDE, PER_SOURCE, QUEUE, WORKERS, RegistryServer
+from fdngx.registry.rules import NameCache
 from fdngx.sim.process import start_sim
 from tests.support import Backends, Nginx, fdngx, free_ports, stop_process_group, wait_for, write_inventory
-
-pytestmark = pytest.mark.nginx
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "fastdeploy_register.py"
 INTERVAL = 2.0  # the register loop's sleep (FastDeploy: 5 s), shortened for the test
@@ -64,11 +72,13 @@ def served_by(listen: int, n: int = 12) -> set[str]:
     return {str(completion(listen).headers.get("X-Fdngx-Replica")) for _ in range(n)}
 
 
+@pytest.mark.nginx
 def test_fastdeploy_register_loop_end_to_end(tmp_path: Path) -> None:
     """Issue 11's Done-when: a replica started the way FastDeploy starts it (separate metrics port, the exact
     register loop and body of register_manager.py / config.py @ acfda944, no metrics_port) registers with
     fdngx, gets a load signal through --registry-metrics-port, takes traffic through nginx within one
-    interval, and leaves within the grace after its heartbeats stop; the next heartbeat adds it back."""
+    interval. Its heartbeats stop: while its /health passes it stays (one WARNING); once /health fails too it
+    leaves; the next heartbeat adds it back."""
     api, met, static, reg_port, listen, own_metrics = free_ports(6)
     own = tmp_path / "registered.json"  # does not exist yet: the registry creates it
     # A second -i file (another node's, or hand-written): nginx has a server before any registration.
@@ -116,18 +126,26 @@ def test_fastdeploy_register_loop_end_to_end(tmp_path: Path) -> None:
                      what="a load signal for the registered replica")
             assert sim.state(0)["healthy"]
 
-            # Heartbeats stop: the instance leaves within the grace (+ one check period, + one apply).
+            # Heartbeats stop while it serves (/health passes): kept, said once (health.go removes only on a
+            # failed /health check).
             stop_process_group(procs.pop())
-            stopped = time.monotonic()
-            wait_for(lambda: f"127.0.0.1:{api}" not in conf.read_text(), GRACE + CHECK + 5, interval=0.1,
-                     what="the silent replica leaving the config")
-            gone = time.monotonic() - stopped
-            assert GRACE - INTERVAL - 0.5 <= gone <= GRACE + CHECK + 3, gone
+            kept = "has sent no heartbeat for"
+            wait_for(lambda: kept in log.read_text(errors="replace"), GRACE + CHECK + 5, interval=0.1,
+                     what="the WARNING that a silent replica whose /health passes is kept")
+            assert f"127.0.0.1:{api}" in conf.read_text() and len(json.loads(own.read_text())["instances"]) == 1
+            # Its /health fails too: it leaves at the next check (+ one apply).
+            sim.fault(0, unhealthy=True)
+            failed = time.monotonic()
+            wait_for(lambda: f"127.0.0.1:{api}" not in conf.read_text(), CHECK + 5, interval=0.1,
+                     what="the silent, unhealthy replica leaving the config")
+            assert time.monotonic() - failed <= CHECK + 3
             assert requests.get(f"{url}/registered_number", timeout=5).json()["mixed"] == 1
             assert json.loads(own.read_text())["instances"] == []
-            assert "no heartbeat" in log.read_text(errors="replace")
+            text = log.read_text(errors="replace")
+            assert "no heartbeat for" in text and "/health not passing" in text and text.count(kept) == 1
 
             # FastDeploy keeps posting while it lives: the next heartbeat adds it back.
+            sim.fault(0, unhealthy=False)
             procs.append(start_register_loop(api, router))
             wait_for(lambda: served_by(listen, 8) >= {str(api)}, 10, interval=0.1, what="the replica back")
         finally:
@@ -137,6 +155,7 @@ def test_fastdeploy_register_loop_end_to_end(tmp_path: Path) -> None:
                 nginx.stop()
 
 
+@pytest.mark.nginx
 def test_registry_answers_like_fastdeploys_router(tmp_path: Path) -> None:
     """golang_router register.go: 200 {"code":200,"msg":"Register success"}; 503 when the instance's own
     /health is not 200 (the simulator's "unhealthy" fault: 404 "Worker Service Not Healthy", as
@@ -180,6 +199,7 @@ def test_registry_answers_like_fastdeploys_router(tmp_path: Path) -> None:
             stop_process_group(sidecar)
 
 
+@pytest.mark.nginx
 @pytest.mark.parametrize("openresty", [
     False, pytest.param(True, marks=pytest.mark.skipif(not lua_modules(None), reason="needs libnginx-mod-http-lua"))])
 def test_an_empty_fleet_starts_and_answers_503_until_an_instance_registers(tmp_path: Path, openresty: bool) -> None:
@@ -213,15 +233,19 @@ def test_an_empty_fleet_starts_and_answers_503_until_an_instance_registers(tmp_p
                 [sys.executable, "-m", "fdngx", *args, "--interval", "0.5", "--debounce", "0.2",
                  "--metrics-listen", "off"],
                 start_new_session=True, stdout=fh, stderr=subprocess.STDOUT))
-        with start_sim([api], [met], log_path=tmp_path / "sim.log"):
+        with start_sim([api], [met], log_path=tmp_path / "sim.log") as sim:
             wait_for(lambda: "no instance yet: nginx answers 503" in log.read_text(errors="replace"), 30,
                      what=f"the sidecar saying it waits for registrations ({log.read_text(errors='replace')[-300:]})")
             procs.append(start_register_loop(api, router))
             wait_for(lambda: served_by(listen, 4) == {str(api)}, 10, interval=0.1,
                      what=f"the registered replica serving ({log.read_text(errors='replace')[-400:]})")
-            # Its heartbeats stop: the fleet is empty again (openresty: a snapshot that says `empty`), 503 again.
+            # Its heartbeats stop and its /health fails: the fleet is empty again (openresty: a snapshot that says
+            # `empty`), 503 again.
             stop_process_group(procs.pop())
-            wait_for(lambda: completion(listen).status_code == 503, GRACE + CHECK + 5, interval=0.2,
+            sim.fault(0, unhealthy=True)
+            wait_for(lambda: json.loads(own.read_text())["instances"] == [], GRACE + CHECK + 5, interval=0.2,
+                     what=f"the last instance removed ({log.read_text(errors='replace')[-400:]})")
+            wait_for(lambda: completion(listen).status_code == 503, CHECK + 10, interval=0.2,
                      what=f"503 once the last instance left ({log.read_text(errors='replace')[-400:]})")
         if openresty:
             assert nginx.worker_pids() == workers, "the openresty flavor adds a member with no reload"
@@ -229,3 +253,124 @@ def test_an_empty_fleet_starts_and_answers_503_until_an_instance_registers(tmp_p
         for p in reversed(procs):
             stop_process_group(p)
         nginx.stop()
+
+
+# -- the HTTP server's connection budgets (in-process, 127.0.0.1 only, no nginx) ----------------------------
+
+PARTIAL = b"POST /register HTTP/1.1\r\nHost: r\r\nContent-Length: 100\r\n\r\n{"  # then nothing: held
+
+
+class HealthyProbe:
+    def health(self, host: str, port: int) -> str | None:
+        return None
+
+    def metrics(self, host: str, port: int) -> str | None:
+        return "HTTP 404"
+
+    def close(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def registry_server(tmp: Path, **kw: Any) -> Iterator[RegistryServer]:
+    reg = Registry(tmp / "fdngx.json", settings=RegistrySettings.from_options(30), probe=HealthyProbe(),
+                   names=NameCache(lambda name: []))
+    server = RegistryServer("127.0.0.1:0", reg, **kw).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def holding(port: int, n: int, source: str = "127.0.0.1") -> Iterator[list[socket.socket]]:
+    """`n` connections from `source` to the registry, each sending part of a request and holding; all closed
+    on leaving."""
+    held: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+            held.append(s)
+            with contextlib.suppress(OSError):  # one the server closed at once may refuse the bytes
+                s.sendall(PARTIAL)
+        yield held
+    finally:
+        for s in held:
+            s.close()
+
+
+def ask(port: int, source: str = "127.0.0.1", timeout: float = 3.0) -> bytes:
+    """GET /registered_number from `source`: the raw answer; b"" when the server closed the connection
+    without one. A server that neither answers nor closes within `timeout` fails the test (socket.timeout)."""
+    chunks: list[bytes] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0)) as s:
+        try:
+            s.sendall(b"GET /registered_number HTTP/1.1\r\nHost: r\r\n\r\n")
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # closed at once: the request met a closed socket
+    return b"".join(chunks)
+
+
+def can_use_127_0_0_2() -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.2", 0))
+        except OSError:
+            return False
+    return True
+
+
+def test_one_address_holds_at_most_per_source_connections(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Outside review: every accepted connection took one of the 40 places before the source was judged, so one
+    host sending slowly held them all and real heartbeats were closed at once. Now an address holds at most
+    PER_SOURCE at once; its next ones are closed unanswered (said once a minute), and every count is released
+    when its connections end (was: the 9th held connection was kept, and answered once a worker was free)."""
+    assert PER_SOURCE < WORKERS + QUEUE
+    with registry_server(tmp_path) as server:
+        with caplog.at_level(logging.WARNING, logger="fdngx.registry"), holding(server.port, PER_SOURCE):
+            # Accepted in the order they connect: the held ones are counted before these are judged.
+            assert ask(server.port) == b"" and ask(server.port) == b""
+            assert server.httpd.connections() == {"127.0.0.1": PER_SOURCE}
+        said = [r.getMessage() for r in caplog.records if "the most one address may" in r.getMessage()]
+        assert len(said) == 1 and "127.0.0.1" in said[0], caplog.text
+        wait_for(lambda: server.httpd.connections() == {}, 5, what="every count released")
+        assert ask(server.port).startswith(b"HTTP/1.1 200 ")
+
+
+def test_sources_outside_the_allow_list_share_a_small_budget_and_still_get_their_403(tmp_path: Path) -> None:
+    """Outside the allow-list (here everything local: only 10.0.0.0/8 may call, a source filter that contacts
+    nothing), at most OUTSIDE connections at once, all such sources together; beyond them a connection is
+    closed unanswered (was: it took a place of the pool and was answered). Within the budget: the one-line
+    JSON 403."""
+    with registry_server(tmp_path, allow="10.0.0.0/8") as server:
+        with holding(server.port, OUTSIDE):
+            assert ask(server.port) == b""
+            assert server.httpd.connections() == {"outside": OUTSIDE}
+        wait_for(lambda: server.httpd.connections() == {}, 5, what="every count released")
+        resp = ask(server.port)
+        assert resp.startswith(b"HTTP/1.1 403 "), resp[:200]
+        body = resp.partition(b"\r\n\r\n")[2]
+        assert b"\n" not in body and "--registry-allow 10.0.0.0/8" in json.loads(body)["msg"]
+
+
+@pytest.mark.skipif(not can_use_127_0_0_2(), reason="needs 127.0.0.2 as a second local source address")
+def test_callers_outside_the_allow_list_cannot_starve_an_allowed_one(tmp_path: Path) -> None:
+    """The outside review's case: a source outside --registry-allow (127.0.0.2 here; only 127.0.0.1 is allowed)
+    opens every place the pool has and sends slowly. Was: all 40 taken, the allowed caller closed at once. Now
+    the outside ones hold OUTSIDE places of their own, on their own threads, and the allowed caller is
+    answered at once."""
+    with registry_server(tmp_path, allow="127.0.0.1/32") as server:
+        with holding(server.port, WORKERS + QUEUE, source="127.0.0.2"):
+            resp = ask(server.port, source="127.0.0.1")
+            assert resp.startswith(b"HTTP/1.1 200 "), resp[:200]
+            assert server.httpd.connections().get("outside", 0) <= OUTSIDE
+        wait_for(lambda: server.httpd.connections() == {}, 5, what="every count released")
+
+
+def test_a_connection_accepted_while_shutting_down_is_closed_and_released(tmp_path: Path) -> None:
+    with registry_server(tmp_path) as server:
+        server.httpd.pool.shutdown(wait=True)  # what stop() does first: a new connection finds no worker
+        assert ask(server.port) == b""
+        wait_for(lambda: server.httpd.connections() == {}, 5, what="the count released")

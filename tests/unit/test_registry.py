@@ -252,15 +252,52 @@ def test_loopback_claim_from_another_machine_uses_the_peer_address(tmp_path: Pat
 # -- removal (health.go MonitorInstanceHealthCore; router.py monitor_instance_health) ---------------------
 
 
-def test_silent_instance_leaves_after_the_grace_and_the_next_heartbeat_adds_it_back(tmp_path: Path) -> None:
+def test_a_silent_instance_whose_health_does_not_pass_leaves_after_the_grace(tmp_path: Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """Silent for the grace AND /health not passing in that check (failing, or not asked): removed; the next
+    heartbeat adds it back."""
     env = Env(tmp_path, grace=30)
     assert env.reg.register({**BODY, "metrics_port": 9001}, H) == OK
     env.clock.t += 29
+    env.probe.health_of[(H, 8001)] = "connection refused"
     assert env.reg.check() == [] and len(env.instances()) == 1
     env.clock.t += 2
-    assert env.reg.check() == [instance_name(H, 8001)] and env.instances() == []
+    with caplog.at_level(logging.INFO, logger="fdngx.registry"):
+        assert env.reg.check() == [instance_name(H, 8001)] and env.instances() == []
+    assert "no heartbeat for 31 s (--registry-grace 30) and /health not passing (connection refused)" in caplog.text
+    env.probe.health_of.clear()
     assert env.reg.register({**BODY, "metrics_port": 9001}, H) == OK
     assert len(env.instances()) == 1
+    env.clock.t += 31
+    assert env.reg.check(health=False) == [instance_name(H, 8001)]  # a check that asked no /health: not passing
+
+
+def test_a_silent_instance_whose_health_passes_is_kept_and_said_once(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """health.go removes an instance only when its /health check fails. An instance whose heartbeats are
+    refused or lost (the registry busy, --registry-allow, the network) while it serves is kept, with one
+    WARNING per silence (was: removed after the grace, an outage made of a registry problem)."""
+    env = Env(tmp_path, grace=30)
+    name = instance_name(H, 8001)
+    assert env.reg.register({**BODY, "metrics_port": 9001}, H) == OK
+    with caplog.at_level(logging.WARNING, logger="fdngx.registry"):
+        for _ in range(6):
+            env.clock.t += 10
+            assert env.reg.check() == []
+    assert len(env.instances()) == 1
+    said = [r.getMessage() for r in caplog.records if "no heartbeat" in r.getMessage()]
+    assert said == [f"registry: {name} has sent no heartbeat for 40 s but its /health passes, so it is kept; its "
+                    "heartbeats may be refused or not reaching the registry (busy, --registry-allow, network)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fdngx.registry"):
+        assert env.reg.register({**BODY, "metrics_port": 9001}, H) == OK  # heartbeats are back: nothing said
+        env.clock.t += 10
+        assert env.reg.check() == [] and not caplog.records
+        env.clock.t += 25  # silent again: said again, once
+        assert env.reg.check() == [] and env.reg.check() == []
+    assert [r.getMessage() for r in caplog.records] == [said[0].replace("for 40 s", "for 35 s")]
+    env.probe.health_of[(H, 8001)] = "HTTP 503"  # still silent, and now /health fails: removed at once
+    assert env.reg.check() == [name]
 
 
 def test_instance_failing_health_leaves_after_the_grace(tmp_path: Path) -> None:
@@ -313,6 +350,7 @@ def test_a_restarted_registry_gives_registered_instances_a_fresh_grace(tmp_path:
     env = Env(tmp_path, grace=10)
     assert env.reg.register({**BODY, "metrics_port": 9001}, H) == OK
     again = Env(tmp_path, grace=10)
+    again.probe.health_of[(H, 8001)] = "connection refused"
     again.clock.t += 9
     assert again.reg.check() == []
     again.clock.t += 2
@@ -425,16 +463,39 @@ def test_names_are_resolved_once_and_stored_as_their_address(tmp_path: Path) -> 
 
 @pytest.mark.parametrize(("listed", "sent"), [("127.0.0.1", "127.0.0.1"), ("::ffff:127.0.0.1", "127.0.0.1"),
                                             ("127.0.0.1", "::ffff:127.0.0.1"), ("::1", "0:0::1")])
-def test_an_address_of_another_inventory_file_is_refused_409(tmp_path: Path, listed: str, sent: str) -> None:
+def test_an_address_of_another_inventory_file_is_refused_409(tmp_path: Path, listed: str, sent: str,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     """issue 10: registering an address already in another -i file answered success and then blocked every
-    apply. Now 409 with the file and the name (canonical addresses compared), and the merged inventory
-    still loads."""
+    apply. Now 409 naming the instance there (canonical addresses compared), and the merged inventory
+    still loads. The file is in the log, not in the answer: a caller learns no server path."""
     other = write_inv(tmp_path / "node2.json", [{"name": "dp0", "host": listed, "port": 8001}])
     env = Env(tmp_path, others=(other,))
-    status, doc = env.reg.register({**BODY, "host_ip": sent}, "127.0.0.1")
-    assert status == 409 and "node2.json" in doc["msg"] and "'dp0'" in doc["msg"], doc
+    with caplog.at_level(logging.DEBUG, logger="fdngx.registry"):
+        status, doc = env.reg.register({**BODY, "host_ip": sent}, "127.0.0.1")
+    assert status == 409 and "'dp0'" in doc["msg"] and "another -i file" in doc["msg"], doc
+    assert "node2.json" not in doc["msg"] and str(other) in caplog.text
     assert env.instances() == [] and env.probe.calls == []
     inv_mod.load_many([env.path, other])
+
+
+def test_answers_name_no_server_path_and_the_log_has_the_detail(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Outside review: a 500 (an inventory file that cannot be read) and a 409 found where the file is
+    written (a hand-written entry in the registry's own file holding the name) answered the file's path to
+    any caller. Now the answer says what went wrong without it (409: the instance); the log names the file."""
+    env = Env(tmp_path)
+    write_inv(env.path, [{"name": instance_name(H, 8001), "host": "10.0.0.99", "port": 8001}])
+    with caplog.at_level(logging.DEBUG, logger="fdngx.registry"):
+        status, doc = env.reg.register(_body(8001), H)
+    assert status == 409 and f"{H}:8001 as '{instance_name(H, 8001)}'" in doc["msg"], doc
+    assert str(tmp_path) not in doc["msg"] and "fdngx.json" not in doc["msg"] and str(env.path) in caplog.text
+    env.path.write_text("{not json")
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="fdngx.registry"):
+        status, doc = env.reg.register(_body(8002), H)
+    assert status == 500 and "could not record the registration" in doc["msg"] and "log" in doc["msg"], doc
+    assert str(tmp_path) not in doc["msg"] and "fdngx.json" not in doc["msg"]
+    assert str(env.path) in caplog.text and "invalid JSON" in caplog.text
 
 
 def test_a_clash_that_appears_later_is_removed_so_applies_never_block(tmp_path: Path) -> None:
@@ -485,15 +546,19 @@ def test_allow_lists_and_rate_limit() -> None:
     assert limit.allow("a") and not limit.allow("a")
 
 
-def test_rate_limit_takes_an_ipv6_slash_64_as_one_source() -> None:
-    # One host holds a whole /64: rotating through more addresses than the table keeps must not reset its bucket.
+def test_rate_limit_is_per_address_for_ipv6_too_and_bounded() -> None:
+    # A data-centre or cloud subnet is one /64 for many nodes: one node refused must not refuse its neighbours
+    # (was: one bucket per /64, so a fleet in one subnet shared 10 calls/s).
     limit = RateLimit(rate=0.001, burst=3.0, clock=lambda: 0.0, max_sources=16)
-    answers = [limit.allow(f"fd00:1:2:3::{n:x}") for n in range(1, 101)]
-    assert answers[:3] == [True] * 3 and not any(answers[3:])
-    assert limit.allow("fd00:1:2:4::1"), "the next /64 is another source"
+    assert [limit.allow("fd00:1:2:3::1") for _ in range(4)] == [True, True, True, False]
+    assert not limit.allow("fd00:1:2:3:0:0:0:1"), "one address however it is written"
+    assert limit.allow("fd00:1:2:3::2"), "a neighbour in the same /64 is another source"
     assert limit.allow("10.0.0.2"), "IPv4 per address"
     assert [limit.allow("::ffff:10.0.0.1"), limit.allow("10.0.0.1"), limit.allow("10.0.0.1")] == [True] * 3
     assert not limit.allow("::ffff:10.0.0.1"), "an IPv4-mapped address is its IPv4 address"
+    for n in range(1, 101):
+        limit.allow(f"fd00:1:2:3::{n:x}")
+    assert len(limit._buckets) == 16, "at most max_sources buckets"
 
 
 def test_settings_from_options() -> None:
@@ -521,7 +586,7 @@ def test_a_heartbeat_between_judgement_and_removal_keeps_the_instance(tmp_path: 
     env = Env(tmp_path, grace=10)
     assert env.reg.register({**BODY, "metrics_port": 9001}, H) == OK
     key = (H, 8001)
-    judged = env.reg._seen[key]
+    judged = env.reg.live.seen[key]
     env.clock.t += 11
     assert env.reg.register({**BODY, "metrics_port": 9001}, H) == OK  # the heartbeat
     assert env.reg._remove({key: ("no heartbeat", judged)}) == [] and len(env.instances()) == 1
@@ -703,6 +768,7 @@ def test_the_registry_never_writes_a_file_it_cannot_load(tmp_path: Path, monkeyp
     assert {status for status, _ in answers} == {200, 507}, answers
     refused = next(doc for status, doc in answers if status == 507)
     assert f"{inv_mod.MAX_BYTES}-byte limit" in refused["msg"] and "\n" not in refused["msg"]
+    assert str(tmp_path) not in refused["msg"] and "fdngx.json" not in refused["msg"], refused  # no server path
     assert env.path.stat().st_size <= inv_mod.MAX_BYTES
     registered = len(inv_mod.load(env.path).instances)
     assert 2 <= registered < 11
@@ -921,5 +987,5 @@ def test_a_heartbeat_that_changes_nothing_does_not_wait_for_the_inventory_lock(t
     env.clock.t += 3
     with file_lock(inv_mod.lock_path(env.path), timeout=1):  # another writer (fdngx drain) holds it
         assert env.reg.register(dict(BODY), H) == OK  # before: waited for the lock (60 s) and answered 500
-        assert env.reg._seen[inv_mod.address_key(H, 8001)] == env.clock.t
+        assert env.reg.live.seen[inv_mod.address_key(H, 8001)] == env.clock.t
     assert env.reg.register({**BODY, "port": 8002}, H) == OK and len(env.instances()) == 2

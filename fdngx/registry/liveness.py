@@ -1,0 +1,67 @@
+"""When a registered instance counts as gone: the rule of the registry's periodic check, and what it keeps
+per instance address (the last heartbeat, since when /health fails, whether a silence was reported).
+
+FastDeploy's Go router (`fastdeploy/golang_router/internal/manager/health.go`) removes an instance only when
+its /health check fails. fdngx waits `--registry-grace` for that, and also removes an instance that has sent
+no heartbeat for the grace, but only when its /health did not pass in the same check (it failed, did not
+answer in time, or the check asked none). A silent instance whose /health passes is serving: its heartbeats
+are refused or lost on the way (the registry busy, --registry-allow, the network), and removing it would turn
+that into an outage. It is kept, with one WARNING per silence; nothing more is said when heartbeats return.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from fdngx.registry.metrics_port import Key
+
+log = logging.getLogger("fdngx.registry")
+
+
+class Liveness:
+    """Heartbeats and /health answers per instance address, and the verdict. Not locked: the registry calls
+    it under its own lock."""
+
+    def __init__(self) -> None:
+        self.seen: dict[Key, float] = {}  # last heartbeat
+        self.failing: dict[Key, tuple[float, str]] = {}  # failing /health since, why
+        self._silence_said: set[Key] = set()  # silent with /health passing: said once per silence
+
+    def heartbeat(self, key: Key, now: float) -> None:
+        self.seen[key] = now
+        self._silence_said.discard(key)
+
+    def forget(self, key: Key) -> None:
+        for table in (self.seen, self.failing):
+            table.pop(key, None)
+        self._silence_said.discard(key)
+
+    def judge(self, key: Key, name: str, now: float, grace: float, health: Mapping[Key, str | None] | None,
+              drained: bool = False) -> str | None:
+        """Record this check's /health answer for `key` (`health`: the answers that came in time, None when
+        the check asked none) and return why the instance goes now, or None when it stays."""
+        seen = self.seen.setdefault(key, now)
+        answered = health is not None and key in health
+        why_not = health.get(key) if health is not None else None  # None: passed (when answered)
+        if answered and why_not is None:
+            self.failing.pop(key, None)
+        elif answered:
+            self.failing.setdefault(key, (now, str(why_not)))
+        if drained or grace <= 0:  # drained (`fdngx drain`): silent or failing on purpose; grace 0: never remove
+            return None
+        silent = now - seen
+        if silent > grace and answered and why_not is None:
+            if key not in self._silence_said:
+                self._silence_said.add(key)
+                log.warning("registry: %s has sent no heartbeat for %.0f s but its /health passes, so it is kept; "
+                            "its heartbeats may be refused or not reaching the registry (busy, --registry-allow, "
+                            "network)", name, silent)
+            return None
+        if silent > grace:
+            status = why_not if answered else "no answer in time" if health is not None else "not checked"
+            return f"no heartbeat for {silent:.0f} s (--registry-grace {grace:g}) and /health not passing ({status})"
+        since, why = self.failing.get(key, (now, ""))
+        if now - since > grace:
+            return f"/health failing for {now - since:.0f} s ({why})"
+        return None

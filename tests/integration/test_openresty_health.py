@@ -105,8 +105,13 @@ def test_a_killed_replica_is_out_at_once_and_back_within_a_second_of_its_first_2
     assert "answers /health 200 again" in trio.error_log()
 
 
-class _Failing(BaseHTTPRequestHandler):
+class _Answering(BaseHTTPRequestHandler):
+    """A replica whose /health says 200 and whose every other request gets `status` (set by a subclass);
+    `hits` counts those requests."""
+
     protocol_version = "HTTP/1.1"
+    status = 503
+    hits: list[str]
 
     def log_message(self, *args: object) -> None:
         pass
@@ -114,7 +119,11 @@ class _Failing(BaseHTTPRequestHandler):
     def _answer(self) -> None:
         if self.headers.get("Content-Length"):
             self.rfile.read(int(self.headers["Content-Length"]))
-        code = 200 if self.path == "/health" else 503
+        if self.path == "/health":
+            code = 200
+        else:
+            code = self.status
+            self.hits.append(self.path)
         self.send_response(code)
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -123,23 +132,55 @@ class _Failing(BaseHTTPRequestHandler):
     do_POST = _answer
 
 
+@contextlib.contextmanager
+def answering(site: LuaSite, name: str, status: int) -> Iterator[list[str]]:
+    """Replace backend `name` by an in-process replica answering `status` (see _Answering), for the block;
+    yields the list its requests are counted in."""
+    hits: list[str] = []
+    handler = type(f"Answering{status}", (_Answering,), {"status": status, "hits": hits})
+    site.stop_backend(name)
+    server = ThreadingHTTPServer(("127.0.0.1", site.ports[name]), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield hits
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
 def test_503s_take_a_replica_out_and_a_flapping_one_stays_out(tmp_path: Path) -> None:
     site = LuaSite(tmp_path, 2, delay=0.01)
-    server = None
     try:
-        site.stop_backend("b1")
-        server = ThreadingHTTPServer(("127.0.0.1", site.ports["b1"]), _Failing)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        answers = site.split(40)
-        assert answers == {"b0": 40}, answers  # every 503 retried on b0 (proxy_next_upstream http_503)
-        view = site.view()["b1"]
+        with answering(site, "b1", 503):
+            answers = site.split(40)
+            assert answers == {"b0": 40}, answers  # every 503 retried on b0 (proxy_next_upstream http_503)
+            view = site.view()["b1"]
         # /health says 200, so probes bring it back at first; each return fails again: the back-off grows
         # and, past a few failures in a row, a probe's 200 no longer brings it back before the back-off ends.
         assert int(view["level"]) >= 2, view
     finally:
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        site.stop()
+
+
+def test_a_full_replicas_429_on_the_retry_path_does_not_take_it_out(tmp_path: Path) -> None:
+    """A 429 says "full", not "broken": nginx retries it elsewhere (the rendered proxy_next_upstream names
+    http_429) and reports it to the balancer as a failed attempt, as it does every status but 403/404
+    (ngx_http_upstream_next). Before, the balancer took the replica out for a back-off that grew with every
+    429; it must stay in the picks, at level 0, and keep being tried first as often as its twin."""
+    site = LuaSite(tmp_path, 2, delay=0.01)
+    try:
+        assert "http_429" in site.conf.read_text()
+        with answering(site, "b1", 429) as hits:
+            for i in range(20):
+                assert site.one(timeout=10) == "b0", f"request {i}: the 429 retried on b0"
+                view = site.view()["b1"]  # right after the retry that reported it
+                assert (view["health"], view["level"]) == ("up", "0"), f"after request {i}: {view}"
+            # idle ties alternate in each worker: b1 is the first try of about half the requests
+            assert len(hits) >= 5, hits
+            assert "b1 failed" not in site.error_log()
+    finally:
         site.stop()
 
 

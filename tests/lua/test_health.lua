@@ -97,4 +97,21 @@ return {
         t.eq(health.decode(nil).level, 0)
         t.eq(health.decode("garbage").out, false)
     end,
+
+    ["a failed probe holds the peer out in steps: at least HOLD more, renewed only when less is left"] = function(t)
+        local h = health.on_failure(health.new(), 100) -- out until 100.5
+        local n = health.on_probe(h, false, 100.1)
+        t.near(n.till, 100.1 + health.HOLD_FOR, 1e-9, "less than HOLD left: held for HOLD_FOR")
+        local again = health.on_probe(n, false, 100.35)
+        t.ok(not health.differs(again, n), "more than HOLD left: nothing changes")
+        t.ok(health.balancer_out(again, 100.1 + health.HOLD_FOR - 0.01))
+        again = health.on_probe(n, false, 100.1 + health.HOLD_FOR - health.HOLD + 0.01)
+        t.ok(health.differs(again, n), "renewed once less than HOLD is left")
+        t.ok(health.balancer_out(again, 100.1 + health.HOLD_FOR + health.HOLD))
+        -- a 200 while held: back at once (not flapping), and only ok_at changes for a peer already in
+        local back = health.on_probe(n, true, 100.6)
+        t.ok(health.differs(back, n) and health.usable(back, false, 0, 100.6))
+        local still = health.on_probe(back, true, 100.85)
+        t.ok(not health.differs(still, back)); t.eq(still.ok_at, 100.85)
+    end,
 }

@@ -186,4 +186,101 @@ return {
         _, moved = pool_mod.mark(pool, "a", health.on_success, 1.2)
         t.eq(moved, true); t.eq(dict:get("ver"), ver + 1)
     end,
+
+    ["a probe result that changes nothing leaves ver alone; one that changes what workers read moves it"] = function(t)
+        local dict = fakedict.new()
+        local pool, worker = new_pool(dict), new_pool(dict)
+        install(pool, 1, { "peer a 127.0.0.1 1 20 0 64 0" }, 1)
+        pool_mod.sync(worker, 1)
+        local function probe(ok, at)
+            return pool_mod.mark(pool, "a", function(h, n) return health.on_probe(h, ok, n) end, at)
+        end
+        -- deep in a back-off (level 5: out for 8 s): a failed probe changes nothing
+        for i = 1, 5 do pool_mod.mark(pool, "a", health.on_failure, 1 + i * 0.01) end
+        pool_mod.sync(worker, 1.1)
+        local ver, rec = dict:get("ver"), dict:get("h:a")
+        probe(false, 2)
+        t.eq(dict:get("ver"), ver, "a failed probe of a peer already held out for longer")
+        t.eq(dict:get("h:a"), rec, "and nothing written")
+        t.eq(pool_mod.sync(worker, 2), false, "no worker re-reads")
+        -- a flapping peer's probe 200 before its back-off ends: only ok_at changes (written, not announced)
+        probe(true, 3)
+        t.eq(dict:get("ver"), ver, "a 200 that does not bring it back")
+        t.eq(health.decode(dict:get("h:a")).ok_at, 3, "the record itself says when the last 200 came")
+        -- once its back-off has ended, a 200 clears the flag (fdngx.health.usable reads it): every worker
+        probe(true, 10)
+        t.eq(dict:get("ver"), ver + 1)
+        t.eq(pool_mod.sync(worker, 10), true)
+        t.eq(worker.by_name.a.h.out, false)
+        -- a request succeeds (the back-off starts over), one is refused, a probe answers 200: each is news
+        pool_mod.mark(pool, "a", health.on_success, 10.2)
+        t.eq(dict:get("ver"), ver + 2)
+        local _, moved = pool_mod.mark(pool, "a", health.on_failure, 10.5)
+        t.eq(moved, true); t.eq(dict:get("ver"), ver + 3)
+        _, moved = probe(true, 10.6)
+        t.eq(moved, true); t.eq(dict:get("ver"), ver + 4)
+        pool_mod.sync(worker, 10.6)
+        t.ok(health.usable(worker.by_name.a.h, false, 0, 10.6))
+        -- an up peer the sidecar holds down: its 200s change nothing workers read, the first failure does
+        install(pool, 2, { "peer a 127.0.0.1 1 20 1 64 0" }, 11)
+        pool_mod.sync(worker, 11)
+        ver = dict:get("ver")
+        for i = 1, 8 do probe(true, 11 + i * 0.25) end
+        t.eq(dict:get("ver"), ver, "200s from a peer the balancer already has in")
+        probe(false, 14)
+        t.eq(dict:get("ver"), ver + 1, "a failed probe takes it out")
+        pool_mod.sync(worker, 14)
+        t.ok(health.balancer_out(worker.by_name.a.h, 14))
+    end,
+
+    ["a peer that stays down moves ver once per hold, not at every probe; every worker holds it out"] = function(t)
+        local dict = fakedict.new()
+        local pool, worker = new_pool(dict), new_pool(dict)
+        install(pool, 1, { "peer a 127.0.0.1 1 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }, 100)
+        pool_mod.sync(worker, 100)
+        pool_mod.mark(pool, "a", health.on_failure, 100) -- a refused connection: out for 0.5 s
+        local ver = dict:get("ver")
+        -- 30 s down: the probes (every 0.25 s) fail; the worker syncs every 0.1 s (its timer) or per request
+        local probes, at = 0, 100
+        for step = 1, 300 do
+            at = 100 + step * 0.1
+            -- a probe every 0.25 s on average (0.2 and 0.3 s apart in turn)
+            if math.floor(at * 4 + 1e-6) ~= math.floor((at - 0.1) * 4 + 1e-6) then
+                pool_mod.mark(pool, "a", function(h, n) return health.on_probe(h, false, n) end, at)
+                probes = probes + 1
+            end
+            pool_mod.sync(worker, at)
+            t.ok(not health.usable(worker.by_name.a.h, false, 0, at), "held out in every worker at " .. at)
+            t.ok(not health.usable(worker.by_name.a.h, false, 0, at + 0.1), "until its next sync, too")
+        end
+        local moves = dict:get("ver") - ver
+        t.ok(probes >= 115, "probed " .. probes .. " times")
+        t.ok(moves <= 30 / (health.HOLD_FOR - health.HOLD) + 1, "ver moved " .. moves .. " times in 30 s")
+        -- and the first 200 brings it back in every worker
+        pool_mod.mark(pool, "a", function(h, n) return health.on_probe(h, true, n) end, at + 0.05)
+        pool_mod.sync(worker, at + 0.05)
+        t.ok(health.usable(worker.by_name.a.h, false, 0, at + 0.05))
+    end,
+
+    ["after a sync a worker's health copy is the shared record, whatever the events"] = function(t)
+        local dict = fakedict.new()
+        local pool, worker = new_pool(dict), new_pool(dict)
+        install(pool, 1, { "peer a 127.0.0.1 1 20 0 64 0" }, 1)
+        pool_mod.sync(worker, 1)
+        local events = {
+            health.on_failure, health.on_success,
+            function(h, n) return health.on_probe(h, true, n) end,
+            function(h, n) return health.on_probe(h, false, n) end,
+        }
+        local seed, at = 12345, 1
+        local function rand(n) seed = (seed * 1103515245 + 12345) % 2147483648; return seed % n + 1 end
+        for _ = 1, 2000 do
+            at = at + rand(20) * 0.05
+            pool_mod.mark(pool, "a", events[rand(4)], at)
+            pool_mod.sync(worker, at)
+            local mine, shared = worker.by_name.a.h, health.decode(dict:get("h:a"))
+            t.ok(not health.differs(mine, shared), "at " .. at .. ": " .. health.encode(mine) .. " vs "
+                 .. health.encode(shared))
+        end
+    end,
 }

@@ -21,14 +21,22 @@
 --     holds the peer out for a reason of its own) until either side changes its mind.
 --
 -- A record is { out = bool, level = n, till = t, changed = t, ok_at = t } (times: ngx.now() seconds);
--- it lives in the shared dict as one string (encode/decode) so every worker sees one state.
+-- it lives in the shared dict as one string (encode/decode) so every worker sees one state. ok_at (the last
+-- probe 200) is for a reader of the dict only: nothing here decides by it.
 
 local M = {}
 
 M.BASE = 0.5 -- seconds out after the first failure
 M.MAX = 8.0 -- longest back-off
 M.FLAP_LEVEL = 3 -- request failures in a row after which a probe 200 alone no longer brings a peer back
-M.HOLD = 0.5 -- a failed probe keeps the peer out at least this long (probes run every PROBE_EVERY)
+-- A failed probe keeps the peer out at least HOLD longer (probes run every PROBE_EVERY); when less than that
+-- is left, it holds it for HOLD_FOR. In steps, not to "now + HOLD" at every probe: each change of a record
+-- moves `ver` and makes every worker re-read every record (fdngx.pool.mark), and a replica that stays down
+-- would do that at every probe (4 times a second) for as long as it is down; now once per HOLD_FOR - HOLD.
+-- The hold's length matters little: a probe's 200 brings the peer back at once (probes run while it is
+-- out), except a flapping one's (see on_probe), which waits up to HOLD_FOR after its last failed probe.
+M.HOLD = 0.5
+M.HOLD_FOR = 2.0
 M.PROBE_EVERY = 0.25
 M.DISAGREE_FOR = 10.0
 
@@ -93,10 +101,16 @@ function M.on_probe(h, ok, now)
             n.out, n.till, n.changed = false, 0, now
         end
     else
-        n.till = max(h.till, now + M.HOLD)
+        if h.till < now + M.HOLD then n.till = now + M.HOLD_FOR end
         if not M.balancer_out(h, now) then n.out, n.changed = true, now end
     end
     return n
+end
+
+-- Do two records differ in what the picks, the log phase or the status view read (all but ok_at, which
+-- only says when the last probe answered 200)? Only such a change needs every worker to re-read.
+function M.differs(a, b)
+    return a.out ~= b.out or a.level ~= b.level or a.till ~= b.till or a.changed ~= b.changed
 end
 
 -- Probe this peer? While the balancer holds it out, and while the sidecar says it is down (so the

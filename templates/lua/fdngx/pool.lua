@@ -5,8 +5,9 @@
 --   snap        the snapshot text in force, exactly as validated (fdngx.peers)
 --   gen         its generation: a push must carry a newer one to replace it
 --   snap_at     when it was installed (ages the external load)
---   ver         bumped after every install and every health change; workers compare this one number
---               per request and re-read the rest only when it moves
+--   ver         bumped after every install and every change of a health record the workers read (not
+--               after a probe that changes nothing); workers compare this one number per request and
+--               re-read the rest only when it moves
 --   x:<peer>    external load at install: the pushed load minus this nginx's own in flight then, smoothed
 --               across pushes (M.SMOOTH)
 --   sa:<peer>   when the sidecar's `down` last changed for the peer (fdngx.health's disagreement rule)
@@ -127,21 +128,28 @@ function M.sync(pool, now, force)
     return true
 end
 
--- Apply a health event to peer `name`: event(record, now) -> record. Shared at once (`ver`), and in this
--- worker's copy. Two workers racing on one record can lose one update (one back-off step): harmless.
+-- Apply a health event to peer `name`: event(record, now) -> record. Shared at once, and in this worker's
+-- copy. `ver` moves only when what the workers read changes (fdngx.health.differs): every worker re-reads
+-- every record when it moves, and most probe results change nothing (a peer still down, still held out; a
+-- 200 from a peer that is already in). A record whose ok_at alone changed is written without it.
+-- Two workers racing on one record can lose one update (one back-off step): harmless.
 -- Returns the new record and whether the peer's usability changed.
 function M.mark(pool, name, event, now)
     -- A peer a push removed meanwhile gets no record: re-added later, it starts fresh.
     if pool.by_name and not pool.by_name[name] then return nil, false end
     local dict = pool.dict
     local key = "h:" .. name
-    local h = health.decode(dict:get(key))
+    local was = dict:get(key)
+    local h = health.decode(was)
     local n = event(h, now)
     if n == h then return h, false end
-    dict:set(key, health.encode(n))
-    dict:incr("ver", 1, 0)
+    local text = health.encode(n)
+    if text == was then return h, false end
+    n = health.decode(text) -- as every worker reads it (times in ms)
+    dict:set(key, text)
+    if health.differs(h, n) then dict:incr("ver", 1, 0) end
     local p = pool.by_name and pool.by_name[name]
-    if p then p.h = health.decode(health.encode(n)) end
+    if p then p.h = health.decode(text) end
     return n, health.balancer_out(h, now) ~= health.balancer_out(n, now)
 end
 

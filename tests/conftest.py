@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import Backends, free_ports
+from fdngx.system import procs
+from tests.support import Backends, Site, free_ports, stop_process_group, wait_for
 
 
 @pytest.fixture
@@ -22,3 +24,23 @@ def prefix(tmp_path: Path) -> Path:
     p = tmp_path / "nginx"
     p.mkdir()
     return p
+
+
+@pytest.fixture
+def site(tmp_path: Path, two_backends: Backends) -> Iterator[Site]:
+    """A real nginx (standalone, under tmp_path) in front of two_backends, weights 1 and 3."""
+    s = Site(tmp_path, two_backends, [1, 3])
+    try:
+        yield s
+    finally:
+        s.nginx.stop()
+
+
+@pytest.fixture
+def nginx_titled_decoy() -> Iterator[subprocess.Popen[bytes]]:
+    """An unrelated process (a `sleep`) that even carries nginx's master title (argv[0]); SIGHUP would kill it."""
+    proc = subprocess.Popen(["bash", "-c", 'exec -a "nginx: master process /usr/sbin/nginx" sleep 120'],
+                            start_new_session=True)
+    wait_for(lambda: procs.cmdline(proc.pid).startswith("nginx: master process"), 10, what="decoy title")
+    yield proc
+    stop_process_group(proc, grace=2)

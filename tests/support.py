@@ -228,3 +228,17 @@ class Site:
                 s.post(f"{self.url}/v1/chat/completions", json={}, timeout=10).headers["X-Fdngx-Replica"]
                 for _ in range(n)
             )
+
+
+class HealthyProbe:
+    """A registry Probe (fdngx.registry.probe) that contacts nobody: every /health passes, no instance has a
+    FastDeploy /metrics page on its API port."""
+
+    def health(self, host: str, port: int) -> str | None:
+        return None
+
+    def metrics(self, host: str, port: int) -> str | None:
+        return "HTTP 404"
+
+    def close(self) -> None:
+        pass

@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,15 +28,6 @@ from tests.support import (
 )
 
 pytestmark = pytest.mark.nginx
-
-
-@pytest.fixture
-def site(tmp_path: Path, two_backends: Backends) -> Iterator[Site]:
-    s = Site(tmp_path, two_backends, [1, 3])
-    try:
-        yield s
-    finally:
-        s.nginx.stop()
 
 
 @pytest.mark.parametrize("mode", ["upstream", "site", "standalone"])

@@ -7,27 +7,16 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from fdngx.nginx.control import generation_in
-from tests.support import Backends, Nginx, Site, fdngx, wait_for
+from tests.support import Nginx, Site, fdngx, wait_for
 
 pytestmark = pytest.mark.nginx
 
 STEPS = ["locked", "candidate-tested", "swapped", "tested", "reloaded"]
 JOURNALED = {"swapped", "tested", "reloaded"}  # the steps after the swap: a journal is left behind
-
-
-@pytest.fixture
-def site(tmp_path: Path, two_backends: Backends) -> Iterator[Site]:
-    s = Site(tmp_path, two_backends, [1, 3])
-    try:
-        yield s
-    finally:
-        s.nginx.stop()
 
 
 def kill_at(site: Site, step: str) -> None:

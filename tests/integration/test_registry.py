@@ -32,7 +32,16 @@ from fdngx.registry.core import Registry, RegistrySettings, instance_name
 from fdngx.registry.http import OUTSIDE, PER_SOURCE, QUEUE, WORKERS, RegistryServer
 from fdngx.registry.rules import NameCache
 from fdngx.sim.process import start_sim
-from tests.support import Backends, Nginx, fdngx, free_ports, stop_process_group, wait_for, write_inventory
+from tests.support import (
+    Backends,
+    HealthyProbe,
+    Nginx,
+    fdngx,
+    free_ports,
+    stop_process_group,
+    wait_for,
+    write_inventory,
+)
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "fastdeploy_register.py"
 INTERVAL = 2.0  # the register loop's sleep (FastDeploy: 5 s), shortened for the test
@@ -258,17 +267,6 @@ def test_an_empty_fleet_starts_and_answers_503_until_an_instance_registers(tmp_p
 # -- the HTTP server's connection budgets (in-process, 127.0.0.1 only, no nginx) ----------------------------
 
 PARTIAL = b"POST /register HTTP/1.1\r\nHost: r\r\nContent-Length: 100\r\n\r\n{"  # then nothing: held
-
-
-class HealthyProbe:
-    def health(self, host: str, port: int) -> str | None:
-        return None
-
-    def metrics(self, host: str, port: int) -> str | None:
-        return "HTTP 404"
-
-    def close(self) -> None:
-        pass
 
 
 @contextlib.contextmanager

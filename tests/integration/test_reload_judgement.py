@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,18 +21,9 @@ import requests
 
 from fdngx.nginx.apply import safe_apply
 from fdngx.nginx.control import NginxControl, generation_in
-from tests.support import Backends, Site, fdngx, stop_process_group, wait_for
+from tests.support import Site, fdngx, stop_process_group, wait_for
 
 pytestmark = pytest.mark.nginx
-
-
-@pytest.fixture
-def site(tmp_path: Path, two_backends: Backends) -> Iterator[Site]:
-    s = Site(tmp_path, two_backends, [1, 3])
-    try:
-        yield s
-    finally:
-        s.nginx.stop()
 
 
 def _error_log(site: Site) -> Path:

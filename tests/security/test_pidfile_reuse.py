@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from fdngx.nginx.control import NginxControl, NginxNotRunning, find_nginx
-from fdngx.system import procs
 from tests.security.conftest import cli, write
 from tests.support import stop_process_group, wait_for
 
@@ -27,16 +26,6 @@ from tests.support import stop_process_group, wait_for
 def decoy() -> Iterator[subprocess.Popen[bytes]]:
     """An unrelated process (SIGHUP would kill it)."""
     proc = subprocess.Popen(["sleep", "120"], start_new_session=True)
-    yield proc
-    stop_process_group(proc, grace=2)
-
-
-@pytest.fixture
-def nginx_titled_decoy() -> Iterator[subprocess.Popen[bytes]]:
-    """An unrelated process that even carries nginx's master title (argv[0]); SIGHUP would kill it."""
-    proc = subprocess.Popen(["bash", "-c", 'exec -a "nginx: master process /usr/sbin/nginx" sleep 120'],
-                            start_new_session=True)
-    wait_for(lambda: procs.cmdline(proc.pid).startswith("nginx: master process"), 10, what="decoy title")
     yield proc
     stop_process_group(proc, grace=2)
 

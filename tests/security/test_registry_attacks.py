@@ -23,23 +23,13 @@ from fdngx import inventory as inv_mod
 from fdngx.registry.core import Registry, RegistrySettings
 from fdngx.registry.http import MAX_BODY, RegistryServer
 from fdngx.registry.rules import NameCache, RateLimit
+from tests.support import HealthyProbe
 
 BODY = {"role": "mixed", "host_ip": "10.0.0.7", "port": 8001, "metrics_port": 9001, "transfer_protocol": ["ipc"]}
 
 
-class FakeProbe:
-    def health(self, host: str, port: int) -> str | None:
-        return None
-
-    def metrics(self, host: str, port: int) -> str | None:
-        return "HTTP 404"
-
-    def close(self) -> None:
-        pass
-
-
 def make_registry(tmp: Path, others: tuple[Path, ...] = ()) -> Registry:
-    return Registry(tmp / "fdngx.json", others, settings=RegistrySettings.from_options(30), probe=FakeProbe(),
+    return Registry(tmp / "fdngx.json", others, settings=RegistrySettings.from_options(30), probe=HealthyProbe(),
                     names=NameCache(lambda name: []))
 
 
@@ -227,7 +217,7 @@ def test_a_full_registry_answers_507_in_one_line_and_heartbeats_still_pass(tmp_p
     """H3 (outside review): with --registry-max-instances reached, a NEW instance gets 507 Insufficient
     Storage as one line of JSON; a registered one's heartbeat still gets 200."""
     reg = Registry(tmp_path / "fdngx.json", settings=RegistrySettings.from_options(30, max_instances=1),
-                   probe=FakeProbe(), names=NameCache(lambda name: []))
+                   probe=HealthyProbe(), names=NameCache(lambda name: []))
     with serving(tmp_path, registry=reg) as (server, reg):
         for port, status in ((8001, 200), (8002, 507), (8001, 200)):
             body = json.dumps({**BODY, "port": port}).encode()
@@ -242,7 +232,7 @@ def test_a_full_registry_answers_507_in_one_line_and_heartbeats_still_pass(tmp_p
 
 def test_targets_peer_takes_the_callers_address_from_the_connection(tmp_path: Path) -> None:
     """--registry-targets peer: the caller here is 127.0.0.1; it may register itself, not 10.0.0.7."""
-    reg = Registry(tmp_path / "fdngx.json", settings=RegistrySettings.from_options(30, "peer"), probe=FakeProbe(),
+    reg = Registry(tmp_path / "fdngx.json", settings=RegistrySettings.from_options(30, "peer"), probe=HealthyProbe(),
                    names=NameCache(lambda name: []))
     with serving(tmp_path, registry=reg) as (server, reg):
         for host, status in (("10.0.0.7", 403), ("127.0.0.1", 200)):

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -73,16 +72,6 @@ def test_a_truncated_log_is_read_from_its_start(tmp_path: Path) -> None:
 # -- the master behind the pid file --------------------------------------------------------------------
 
 
-@pytest.fixture
-def titled_decoy() -> Iterator[subprocess.Popen[bytes]]:
-    """A `sleep` that carries nginx's master title (argv[0])."""
-    proc = subprocess.Popen(["bash", "-c", 'exec -a "nginx: master process /usr/sbin/nginx" sleep 120'],
-                            start_new_session=True)
-    wait_for(lambda: procs.cmdline(proc.pid).startswith("nginx: master process"), 10, what="decoy title")
-    yield proc
-    stop_process_group(proc, grace=2)
-
-
 def _pid_file(path: Path, pid: int, age: float) -> Path:
     path.write_text(f"{pid}\n")
     t = time.time() - age
@@ -91,23 +80,23 @@ def _pid_file(path: Path, pid: int, age: float) -> Path:
 
 
 def test_a_clock_stepped_forward_does_not_hide_a_master_that_runs_nginx(
-        tmp_path: Path, titled_decoy: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, nginx_titled_decoy: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
     """The pid file looks an hour older than the process (what a clock stepped forward an hour after nginx
     started looks like): the program file decides. Here the decoy's program is `sleep`: not nginx."""
-    control = NginxControl("nginx", pid_file=_pid_file(tmp_path / "nginx.pid", titled_decoy.pid, 3600))
-    assert procs.executable(titled_decoy.pid) == os.path.realpath(shutil.which("sleep") or "/bin/sleep")
+    control = NginxControl("nginx", pid_file=_pid_file(tmp_path / "nginx.pid", nginx_titled_decoy.pid, 3600))
+    assert procs.executable(nginx_titled_decoy.pid) == os.path.realpath(shutil.which("sleep") or "/bin/sleep")
     assert control.master_pid() is None, "a borrowed title is not nginx"
     monkeypatch.setattr(procs, "executable", lambda pid: "/usr/sbin/nginx")
-    assert control.master_pid() == titled_decoy.pid, "a master running nginx is recognised whatever the clock"
+    assert control.master_pid() == nginx_titled_decoy.pid, "a master running nginx is recognised whatever the clock"
     monkeypatch.setattr(procs, "executable", lambda pid: None)  # another user's process: unreadable
     assert control.master_pid() is None
 
 
 def test_a_master_older_than_its_pid_file_needs_no_program_check(
-        tmp_path: Path, titled_decoy: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
-    control = NginxControl("nginx", pid_file=_pid_file(tmp_path / "nginx.pid", titled_decoy.pid, -5))
+        tmp_path: Path, nginx_titled_decoy: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    control = NginxControl("nginx", pid_file=_pid_file(tmp_path / "nginx.pid", nginx_titled_decoy.pid, -5))
     monkeypatch.setattr(procs, "executable", lambda pid: None)
-    assert control.master_pid() == titled_decoy.pid
+    assert control.master_pid() == nginx_titled_decoy.pid
 
 
 def test_executable_names_a_deleted_program_by_its_path(tmp_path: Path) -> None:

@@ -161,10 +161,14 @@ def recover(target: Path, control: NginxControl | None, reload: bool) -> str:
     live = read_bytes_or_none(target)
     if _sha(live) != journal.new_sha256 or not journal.new_sha256:
         remove(jpath)
-        if _sha(live) == journal.old_sha256:
-            return (f"recovered {what}: it stopped before the swap, or after putting the previous file back; the "
-                    "live file is the previous one")
-        return f"recovered {what}: the live file has changed since; left it as it is"
+        if _sha(live) != journal.old_sha256:
+            return f"recovered {what}: the live file has changed since; left it as it is"
+        # Before the swap nginx never saw the new file; after a rollback's rename it may still run it (the
+        # reload back was not reached): reloading on the previous file is right either way.
+        done = (f"recovered {what}: it stopped before the swap, or after putting the previous file back; the "
+                f"live file is the previous one{_reload_onto(control, reload)}")
+        log.warning("%s", done)
+        return done
     if journal.had_old:
         check_private(backup, "apply backup")
     saved = read_bytes_or_none(backup) if journal.had_old else None
@@ -173,18 +177,23 @@ def recover(target: Path, control: NginxControl | None, reload: bool) -> str:
         raise ApplyError(f"{what} left {target} unconfirmed and its backup {backup} is missing or changed; "
                          f"check the file with nginx -t and remove {jpath}")
     _restore(target, saved)
-    done = f"recovered {what}: restored the previous {target}"
-    if control is not None and reload:
-        try:
-            control.reload(None)
-            done += "; nginx reloaded on it"
-        except NginxNotRunning:
-            done += "; nginx is not running"
-        except ApplyError as exc:
-            done += f"; reloading nginx on it failed: {exc}"
+    done = f"recovered {what}: restored the previous {target}{_reload_onto(control, reload)}"
     remove(jpath)
     log.warning("%s", done)
     return done
+
+
+def _reload_onto(control: NginxControl | None, reload: bool) -> str:
+    """Reload nginx on the file as it is now (recovery); what happened, to append to the message."""
+    if control is None or not reload:
+        return ""
+    try:
+        control.reload(None)
+        return "; nginx reloaded on it"
+    except NginxNotRunning:
+        return "; nginx is not running"
+    except ApplyError as exc:
+        return f"; reloading nginx on it failed: {exc}"
 
 
 def _restore(target: Path, saved: bytes | None) -> None:

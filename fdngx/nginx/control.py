@@ -6,17 +6,20 @@ retitled themselves "shutting down", and, for site and standalone configs, `GET 
 answers the new file's generation id.
 
 A refused reload: the master logs why ([emerg] bind() failed, ...) and keeps its workers. Only the master's
-own lines count (a worker's [crit] while serving a request says nothing about the reload), and only once it
-stopped retrying (a failed bind() is retried for about 2.5 s) without starting new workers.
+own [emerg] lines count (a worker's [crit] while serving a request says nothing about the reload; an [alert]
+may come before workers that still start), and only once it stopped retrying (a failed bind() is retried for
+about 2.5 s) without starting new workers. Anything else is judged by the workers, within the timeout.
 
 Process identity: a pid file can be stale and its pid reused by an unrelated process. fdngx signals a
 master only when its command line is nginx's master title and it started before the pid file was
 written (a reused pid belongs to a process that started later) or, when the clock says otherwise (it may
-have been stepped forward since nginx started: NTP at boot), its program is nginx itself.
+have been stepped forward since nginx started: NTP at boot), it is this nginx in every other way: our nginx
+program, our mount namespace, our main config.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
@@ -128,6 +131,13 @@ class MasterLog:
         bad = [ln for level, ln in self.lines if level in _SERIOUS]
         return nginx_message(bad[-1].decode("utf-8", "replace")) if bad else ""
 
+    def refusal(self) -> str:
+        """The master's last [emerg] line, or '': how nginx says it cannot load a config (a parse error, a
+        bind() that failed). An [alert] or [crit] alone may come before workers that still start (a slow
+        init): the reload is then judged by its workers, within the timeout."""
+        bad = [ln for level, ln in self.lines if level == b"emerg"]
+        return nginx_message(bad[-1].decode("utf-8", "replace")) if bad else ""
+
 
 class NginxNotRunning(ApplyError):
     """Nothing to reload: no live nginx master behind the pid file."""
@@ -202,8 +212,8 @@ class NginxControl:
         """The live nginx master named by the pid file, verified; None when nginx is not running.
 
         Verified: the process's title is nginx's master title, and it started no later than the pid file
-        was written or it runs the nginx program. A stale pid file whose pid was reused by another process
-        gives None."""
+        was written or it is this nginx (_is_ours: its program, mount namespace and config). A stale pid
+        file whose pid was reused by another process gives None."""
         path = self.pid_path()
         try:
             # A regular file only: a FIFO planted as the pid file must not hang an apply that holds the lock.
@@ -219,17 +229,32 @@ class NginxControl:
         if started is None:
             return None
         # Start time vs the pid file's mtime is only as good as the wall clock: stepped forward after nginx
-        # started (NTP at boot), a live master looks younger than its pid file. Its program then decides: a
-        # title alone can be borrowed (`exec -a`), the program file cannot.
-        return pid if started <= written + 2.0 or self._runs_nginx(pid) else None
+        # started (NTP at boot), a live master looks younger than its pid file. Then it must be our nginx in
+        # every other way: a title alone can be borrowed (`exec -a`), and a reused pid can be another nginx's.
+        return pid if started <= written + 2.0 or self._is_ours(pid) else None
 
-    def _runs_nginx(self, pid: int) -> bool:
-        """Does `pid` run nginx: the binary fdngx uses (same file), or a program file named nginx?"""
+    def _is_ours(self, pid: int) -> bool:
+        """Is `pid` the master of this nginx: our nginx program file (by path: an upgrade replaces the file),
+        seen from our mount namespace (not another container's nginx), and loaded from our main config?"""
         exe = procs.executable(pid)
-        if exe is None:
-            return False
         ours = shutil.which(self.binary)
-        return Path(exe).name == "nginx" or (ours is not None and os.path.realpath(ours) == os.path.realpath(exe))
+        if exe is None or ours is None or os.path.realpath(ours) != os.path.realpath(exe):
+            return False
+        try:
+            if os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt"):
+                return False
+        except OSError:
+            return False
+        return self._title_conf(procs.cmdline(pid)) == os.path.realpath(self.main_conf)
+
+    def _title_conf(self, title: str) -> str:
+        """The main config a master title names: its -c (relative to its -p or ours), else nginx's default."""
+        args = title.removeprefix("nginx: master process").split()
+        given = {flag: value for flag, value in itertools.pairwise(args) if flag in ("-c", "-p")}
+        conf, prefix = given.get("-c"), given.get("-p") or (str(self.prefix) if self.prefix else None)
+        if conf is None:
+            return os.path.realpath("/etc/nginx/nginx.conf")
+        return os.path.realpath(conf if os.path.isabs(conf) or prefix is None else os.path.join(prefix, conf))
 
     def running(self) -> bool:
         return self.master_pid() is not None
@@ -274,7 +299,7 @@ class NginxControl:
             log.read()
             if not procs.alive(master):
                 raise ReloadError(f"nginx master {master} exited during the reload {log.error()}".strip(), True)
-            if not new_workers and log.error():
+            if not new_workers and log.refusal():
                 # The master logged why it cannot load the new config (bind() failed, ...). It retries a failed
                 # bind() for a few seconds and may still take it: the refusal is final only once it stopped
                 # writing and still started no new workers. (A worker's lines are not the master's: ignored.)
@@ -282,7 +307,7 @@ class NginxControl:
                 new_workers = bool(procs.children(master) - before)
                 if new_workers or not procs.alive(master):
                     continue  # it took the new config after all (or died): judged on the normal path above
-                raise ReloadError(f"nginx refused the new config and keeps running the old one: {log.error()}",
+                raise ReloadError(f"nginx refused the new config and keeps running the old one: {log.refusal()}",
                                   False)
             time.sleep(0.02)
         log.read()

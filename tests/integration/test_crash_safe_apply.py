@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from fdngx.nginx.control import generation_in
+from fdngx.nginx.apply import recover
+from fdngx.nginx.control import NginxControl, generation_in
 from tests.support import Nginx, Site, fdngx, wait_for
 
 pytestmark = pytest.mark.nginx
@@ -81,3 +82,23 @@ def test_reload_while_nginx_is_down_says_so_every_run(site: Site) -> None:
     for _ in range(2):  # unchanged or not, every run says nginx is down
         proc = fdngx("render", *site.args, "--reload")
         assert proc.returncode == 0 and "nginx is not running" in proc.stderr, proc.stderr
+
+
+def test_a_crash_after_the_rollback_put_the_previous_file_back_reloads_nginx_onto_it(site: Site) -> None:
+    """Killed between a rollback's rename (the previous file live again, the journal still there) and its
+    reload back: nginx may still run the new config. Recovery reloads it onto the live file. Before: "the
+    live file is the previous one", and nginx kept the config the apply had given up on (an upstream-mode
+    include has no generation for the next run to compare)."""
+    old_bytes, old_gen = site.conf.read_bytes(), site.generation()
+    site.set_weights([4, 1])
+    kill_at(site, "reloaded")  # nginx took the new config; the journal is there
+    new_gen = generation_in(site.conf.read_text())
+    wait_for(lambda: site.generation() == new_gen, 15, what="nginx on the new config")
+    backup = site.conf.parent / ".nginx.conf.fdngx-bak"
+    os.replace(backup, site.conf)  # what the rollback's rename does; then the kill
+    assert site.conf.read_bytes() == old_bytes
+    control = NginxControl(site.nginx.binary, site.conf, site.conf.parent, "logs/error.log", timeout=15)
+    done = recover(site.conf, control, reload=True)
+    assert "after putting the previous file back" in done and "nginx reloaded on it" in done, done
+    assert site.generation() == old_gen
+    assert not (site.conf.parent / ".nginx.conf.fdngx-journal").exists()

@@ -43,6 +43,23 @@ def test_only_the_masters_serious_lines_count(tmp_path: Path) -> None:
     assert log.error().endswith(f"[emerg] {MASTER}#{MASTER}: bind() to 127.0.0.1:8080 failed (98: Address already "
                                 "in use)"), log.error()
     assert len(log.lines) == 2  # the warning and the bind() line
+    assert log.refusal() == log.error()
+
+
+def test_only_an_emerg_of_the_masters_is_a_refusal(tmp_path: Path) -> None:
+    """An [alert] may come before workers that still start (a slow init): not a refusal by itself, but the
+    message of a reload that times out."""
+    log_path = tmp_path / "error.log"
+    log_path.write_text("")
+    log = MasterLog(log_path, MASTER)
+    with log_path.open("a") as fh:
+        fh.write(_line(MASTER, "alert", "lua_code_cache is off; this will hurt performance"))
+    log.read()
+    assert log.refusal() == "" and "lua_code_cache is off" in log.error()
+    with log_path.open("a") as fh:
+        fh.write(_line(MASTER, "emerg", 'unknown directive "lisen" in /etc/nginx/conf.d/x.conf:3'))
+    log.read()
+    assert 'unknown directive "lisen"' in log.refusal()
 
 
 def test_the_master_log_tells_when_the_master_last_wrote(tmp_path: Path) -> None:
@@ -86,10 +103,24 @@ def test_a_clock_stepped_forward_does_not_hide_a_master_that_runs_nginx(
     control = NginxControl("nginx", pid_file=_pid_file(tmp_path / "nginx.pid", nginx_titled_decoy.pid, 3600))
     assert procs.executable(nginx_titled_decoy.pid) == os.path.realpath(shutil.which("sleep") or "/bin/sleep")
     assert control.master_pid() is None, "a borrowed title is not nginx"
-    monkeypatch.setattr(procs, "executable", lambda pid: "/usr/sbin/nginx")
+    nginx = os.path.realpath(shutil.which("nginx") or "/usr/sbin/nginx")
+    monkeypatch.setattr(procs, "executable", lambda pid: nginx)
     assert control.master_pid() == nginx_titled_decoy.pid, "a master running nginx is recognised whatever the clock"
+    # The decoy's title names no -c: nginx's default config. A control for another config is another nginx's.
+    other = NginxControl("nginx", conf=tmp_path / "nginx.conf", pid_file=control.pid_file)
+    assert other.master_pid() is None, "a reused pid of another nginx (another config) is not ours"
+    monkeypatch.setattr(procs, "executable", lambda pid: "/opt/elsewhere/sbin/nginx")
+    assert control.master_pid() is None, "another nginx program is not ours"
     monkeypatch.setattr(procs, "executable", lambda pid: None)  # another user's process: unreadable
     assert control.master_pid() is None
+
+
+def test_a_master_title_names_its_config() -> None:
+    control = NginxControl("nginx", prefix=Path("/srv/fdngx"))
+    assert control._title_conf("nginx: master process /usr/sbin/nginx") == os.path.realpath("/etc/nginx/nginx.conf")
+    assert control._title_conf("nginx: master process nginx -p /a/ -c nginx.conf -g daemon off;") == "/a/nginx.conf"
+    assert control._title_conf("nginx: master process nginx -c conf/x.conf") == "/srv/fdngx/conf/x.conf"
+    assert control._title_conf("nginx: master process nginx -c /etc/x.conf") == "/etc/x.conf"
 
 
 def test_a_master_older_than_its_pid_file_needs_no_program_check(

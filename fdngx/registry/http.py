@@ -12,13 +12,15 @@ required and at most 64 KiB (411/400/413), a per-source rate limit (429), and a 
 Every error is one line of JSON; nothing is printed as a traceback.
 
 Who may hold a connection is decided when it is accepted, before anything is read, so no caller can starve
-the heartbeats of others: one address holds at most PER_SOURCE connections at once, and sources outside the
-allow-list share OUTSIDE connections of their own (their own threads too, for the 403), never the pool's.
+the heartbeats of others: one address (an IPv6 one's /64) holds at most PER_SOURCE connections at once, half
+the workers, and sources outside the allow-list share OUTSIDE connections of their own (their own threads
+too, for the 403), never the pool's. A connection's read deadline starts when a worker takes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import re
@@ -39,13 +41,23 @@ log = logging.getLogger("fdngx.registry")
 MAX_BODY = 64 * 1024
 WORKERS = 8
 QUEUE = 32  # connections waiting for a worker; beyond that a new one is closed at once
-# One address's connections at once: FastDeploy posts one at a time per instance, and a few instances (data
-# parallel ranks) may share a node's address. Beyond it, that address's new connections are closed at once.
-PER_SOURCE = 8
+# One address's connections at once (an IPv6 address's /64: one host holds a whole /64 and could rotate):
+# FastDeploy posts one at a time per instance, a post takes milliseconds, and a few instances (data parallel
+# ranks) may share a node's address. Beyond it, that address's new connections are closed at once; half the
+# workers, so one address never holds them all.
+PER_SOURCE = 4
 OUTSIDE = 4  # connections at once of all sources outside --registry-allow together, each with its own thread
 READ_DEADLINE = 5.0  # s to send the whole request (line, headers, body)
 LINGER_SECONDS, LINGER_BYTES = 0.5, 256 * 1024
 _LENGTH = re.compile(r"[0-9]{1,7}")
+
+
+Source = IPAddress | ipaddress.IPv6Network | None  # whose connection budget: conn_key, or None (not allowed)
+
+
+def conn_key(peer: IPAddress) -> IPAddress | ipaddress.IPv6Network:
+    """Whose connection budget a caller draws from: its IPv4 address, or its IPv6 address's /64."""
+    return peer if peer.version == 4 else ipaddress.IPv6Network(f"{peer}/64", strict=False)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -177,7 +189,7 @@ class _PoolServer(socketserver.TCPServer):
         self.slots = threading.BoundedSemaphore(self.capacity)
         self.read_deadline = read_deadline
         self._reading: dict[socket.socket, float] = {}
-        self._open: dict[IPAddress | None, int] = {}  # connections open per allowed address; None: all outside
+        self._open: dict[Source, int] = {}  # connections open per allowed address (conn_key); None: all outside
         self._said: dict[str, float] = {}  # when each refusal was last logged
         self._mu = threading.Lock()
         self._stop = threading.Event()
@@ -186,12 +198,10 @@ class _PoolServer(socketserver.TCPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         peer = canonical_ip(str(client_address[0]))
-        source = peer if peer is not None and self.sources.allows(peer) else None  # None: outside the allow-list
+        source = conn_key(peer) if peer is not None and self.sources.allows(peer) else None  # None: not allowed
         if not self._enter(source, str(client_address[0])):
             self.shutdown_request(request)
             return
-        with self._mu:
-            self._reading[request] = time.monotonic()
         try:
             (self.pool if source is not None else self.outside_pool).submit(self._work, request, client_address,
                                                                              source)
@@ -200,7 +210,7 @@ class _PoolServer(socketserver.TCPServer):
             self.shutdown_request(request)
             self._leave(source)
 
-    def _enter(self, source: IPAddress | None, shown: str) -> bool:
+    def _enter(self, source: Source, shown: str) -> bool:
         """Count a new connection from `source` in, or refuse it (and say so, once a minute per reason)."""
         with self._mu:
             held = self._open.get(source, 0)
@@ -221,7 +231,7 @@ class _PoolServer(socketserver.TCPServer):
         log.warning("registry: %s", why)
         return False
 
-    def _leave(self, source: IPAddress | None) -> None:
+    def _leave(self, source: Source) -> None:
         with self._mu:
             left = self._open[source] - 1
             if left:
@@ -236,7 +246,9 @@ class _PoolServer(socketserver.TCPServer):
         with self._mu:
             return {"outside" if k is None else str(k): n for k, n in self._open.items()}
 
-    def _work(self, request: Any, client_address: Any, source: IPAddress | None) -> None:
+    def _work(self, request: Any, client_address: Any, source: Source) -> None:
+        with self._mu:  # the read deadline runs from here: time queued for a worker is not the client's
+            self._reading[request] = time.monotonic()
         try:
             self.finish_request(request, client_address)
         except Exception as exc:  # a client that vanished mid-request: nothing to tell anyone

@@ -3,10 +3,11 @@ per instance address (the last heartbeat, since when /health fails, whether a si
 
 FastDeploy's Go router (`fastdeploy/golang_router/internal/manager/health.go`) removes an instance only when
 its /health check fails. fdngx waits `--registry-grace` for that, and also removes an instance that has sent
-no heartbeat for the grace, but only when its /health did not pass in the same check (it failed, did not
-answer in time, or the check asked none). A silent instance whose /health passes is serving: its heartbeats
-are refused or lost on the way (the registry busy, --registry-allow, the network), and removing it would turn
-that into an outage. It is kept, with one WARNING per silence; nothing more is said when heartbeats return.
+no heartbeat for the grace, but only when its /health has not passed in two checks in a row (it failed or
+did not answer in time; one slow answer of a busy instance is not enough), or when the check asks none. A
+silent instance whose /health passes is serving: its heartbeats are refused or lost on the way (the registry
+busy, --registry-allow, the network), and removing it would turn that into an outage. It is kept, with one
+WARNING per silence; nothing more is said when heartbeats return.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Mapping
 from fdngx.registry.metrics_port import Key
 
 log = logging.getLogger("fdngx.registry")
+SILENT_MISSES = 2  # checks in a row without a passing /health after which a silent instance goes
 
 
 class Liveness:
@@ -27,13 +29,15 @@ class Liveness:
         self.seen: dict[Key, float] = {}  # last heartbeat
         self.failing: dict[Key, tuple[float, str]] = {}  # failing /health since, why
         self._silence_said: set[Key] = set()  # silent with /health passing: said once per silence
+        self.misses: dict[Key, int] = {}  # checks in a row whose /health did not pass
 
     def heartbeat(self, key: Key, now: float) -> None:
         self.seen[key] = now
         self._silence_said.discard(key)
+        self.misses.pop(key, None)  # it checked its own /health to post: a new silence counts afresh
 
     def forget(self, key: Key) -> None:
-        for table in (self.seen, self.failing):
+        for table in (self.seen, self.failing, self.misses):
             table.pop(key, None)
         self._silence_said.discard(key)
 
@@ -46,8 +50,10 @@ class Liveness:
         why_not = health.get(key) if health is not None else None  # None: passed (when answered)
         if answered and why_not is None:
             self.failing.pop(key, None)
-        elif answered:
-            self.failing.setdefault(key, (now, str(why_not)))
+            self.misses.pop(key, None)
+        elif health is not None:  # failed, or no answer in time: both count against it
+            self.failing.setdefault(key, (now, str(why_not) if answered else "no answer in time"))
+            self.misses[key] = self.misses.get(key, 0) + 1
         if drained or grace <= 0:  # drained (`fdngx drain`): silent or failing on purpose; grace 0: never remove
             return None
         silent = now - seen
@@ -58,9 +64,10 @@ class Liveness:
                             "its heartbeats may be refused or not reaching the registry (busy, --registry-allow, "
                             "network)", name, silent)
             return None
-        if silent > grace:
+        if silent > grace and (health is None or self.misses.get(key, 0) >= SILENT_MISSES):
             status = why_not if answered else "no answer in time" if health is not None else "not checked"
-            return f"no heartbeat for {silent:.0f} s (--registry-grace {grace:g}) and /health not passing ({status})"
+            return (f"no heartbeat for {silent:.0f} s (--registry-grace {grace:g}) and /health not passing "
+                    f"({status})")
         since, why = self.failing.get(key, (now, ""))
         if now - since > grace:
             return f"/health failing for {now - since:.0f} s ({why})"

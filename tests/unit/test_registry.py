@@ -30,6 +30,7 @@ from fdngx import inventory as inv_mod
 from fdngx.errors import UsageError
 from fdngx.registry.body import MAX_INFO_BYTES, MAX_LIST, MAX_TEXT, BodyError, parse_body
 from fdngx.registry.core import Registry, RegistrySettings, instance_name
+from fdngx.registry.http import conn_key
 from fdngx.registry.rules import DEFAULT_MAX_INSTANCES, MetricsRule, NameCache, Networks, RateLimit, canonical_ip
 
 UPSTREAM = json.loads((Path(__file__).parent.parent / "fixtures/upstream/fastdeploy-register-body.json").read_text())
@@ -296,8 +297,14 @@ def test_a_silent_instance_whose_health_passes_is_kept_and_said_once(tmp_path: P
         env.clock.t += 25  # silent again: said again, once
         assert env.reg.check() == [] and env.reg.check() == []
     assert [r.getMessage() for r in caplog.records] == [said[0].replace("for 40 s", "for 35 s")]
-    env.probe.health_of[(H, 8001)] = "HTTP 503"  # still silent, and now /health fails: removed at once
-    assert env.reg.check() == [name]
+    # Still silent, and now /health fails: one failed (or slow) answer of a busy instance is not enough;
+    # two checks in a row are.
+    env.probe.health_of[(H, 8001)] = "HTTP 503"
+    assert env.reg.check() == [] and len(env.instances()) == 1
+    env.probe.health_of.pop((H, 8001))  # it passes again in between: the count starts over
+    assert env.reg.check() == []
+    env.probe.health_of[(H, 8001)] = "timed out"
+    assert env.reg.check() == [] and env.reg.check() == [name]
 
 
 def test_instance_failing_health_leaves_after_the_grace(tmp_path: Path) -> None:
@@ -544,6 +551,20 @@ def test_allow_lists_and_rate_limit() -> None:
     assert limit.allow("b")
     t[0] += 1.0
     assert limit.allow("a") and not limit.allow("a")
+
+
+def test_connection_budgets_are_per_ipv4_address_and_per_ipv6_64() -> None:
+    """One host holds a whole IPv6 /64 and could open connections from as many addresses: its connection
+    budget is the /64's (the rate buckets stay per address: a /64 of nodes must not share one)."""
+    def key(a: str) -> str:
+        ip = canonical_ip(a)
+        assert ip is not None
+        return str(conn_key(ip))
+
+    assert key("2001:db8::5") == key("2001:db8::ffff:1") == "2001:db8::/64"
+    assert key("2001:db8:0:1::5") != key("2001:db8::5")
+    assert key("::ffff:10.0.0.1") == key("10.0.0.1") == "10.0.0.1"
+    assert key("10.0.0.2") != key("10.0.0.1")
 
 
 def test_rate_limit_is_per_address_for_ipv6_too_and_bounded() -> None:

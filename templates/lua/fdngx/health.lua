@@ -22,7 +22,7 @@
 --
 -- A record is { out = bool, level = n, till = t, changed = t, ok_at = t } (times: ngx.now() seconds);
 -- it lives in the shared dict as one string (encode/decode) so every worker sees one state. ok_at (the last
--- probe 200) is for a reader of the dict only: nothing here decides by it.
+-- probe 200, as of the record's last change: fdngx.pool.mark writes no change of ok_at alone) decides nothing.
 
 local M = {}
 

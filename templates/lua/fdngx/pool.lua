@@ -131,8 +131,10 @@ end
 -- Apply a health event to peer `name`: event(record, now) -> record. Shared at once, and in this worker's
 -- copy. `ver` moves only when what the workers read changes (fdngx.health.differs): every worker re-reads
 -- every record when it moves, and most probe results change nothing (a peer still down, still held out; a
--- 200 from a peer that is already in). A record whose ok_at alone changed is written without it.
--- Two workers racing on one record can lose one update (one back-off step): harmless.
+-- 200 from a peer that is already in). A record whose ok_at alone changed is not written at all: written
+-- unannounced, it could put back an older record another worker has just replaced (and announced), and
+-- workers that synced in between would keep the newer one until some later change.
+-- Two workers racing on one record can lose one update (one back-off step): harmless, as it is announced.
 -- Returns the new record and whether the peer's usability changed.
 function M.mark(pool, name, event, now)
     -- A peer a push removed meanwhile gets no record: re-added later, it starts fresh.
@@ -146,8 +148,9 @@ function M.mark(pool, name, event, now)
     local text = health.encode(n)
     if text == was then return h, false end
     n = health.decode(text) -- as every worker reads it (times in ms)
+    if not health.differs(h, n) then return h, false end
     dict:set(key, text)
-    if health.differs(h, n) then dict:incr("ver", 1, 0) end
+    dict:incr("ver", 1, 0)
     local p = pool.by_name and pool.by_name[name]
     if p then p.h = health.decode(text) end
     return n, health.balancer_out(h, now) ~= health.balancer_out(n, now)

@@ -20,7 +20,8 @@ load gauges may read 0: `"metrics_source": "api-port-suspect"` with one WARNING,
 What one registration stores is capped (body.MAX_INFO_BYTES), so is the number of registered instances
 (`--registry-max-instances`: a new one beyond it is refused with 507, heartbeats still answer), and
 inventory.save writes no file that inventory.load would refuse for its size (507 too): the file always
-loads. Writes are atomic and under a lock; a heartbeat that changes nothing takes neither lock nor file.
+loads. Writes are atomic and under a lock; a heartbeat that changes nothing takes no lock, writes nothing
+and parses no file (inventory.CachedLoad: each file once per version; `python -m bench.registry`).
 No answer names a server path (an inventory file's): the log has the detail."""
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ class Registry:
         self.path = Path(path).absolute()
         self.others = [Path(p).absolute() for p in others if Path(p).absolute() != Path(path).absolute()]
         self.settings = settings or RegistrySettings()
+        self._load = inv_mod.CachedLoad()  # read-only views of the files; every change goes through editing()
         self.probe = probe or HttpProbe()
         self.names = names or NameCache()
         self.clock = clock
@@ -117,7 +119,7 @@ class Registry:
                 name = upstream or next((i.upstream for i in self._load_others()), inv_mod.DEFAULT_UPSTREAM)
                 inv_mod.save(Inventory([], name), self.path)
         now = clock()
-        for inst in self._owned(inv_mod.load(self.path)):
+        for inst in self._owned(self._load(self.path)):
             self.live.heartbeat(inv_mod.address_key(inst.host, inst.port), now)  # a fresh grace after a restart
         self.check(health=False)  # before the sidecar loads the files: drop what now conflicts
 
@@ -132,7 +134,7 @@ class Registry:
             host, asked = self._target(reg.host_ip, peer)
             key = inv_mod.address_key(host, reg.port)
             self._check_elsewhere(key, instance_name(host, reg.port))
-            inv = inv_mod.load(self.path)
+            inv = self._load(self.path)
             current = self._find(inv, key)
             if current is not None and current.extra.get("registered") is not True:
                 return 200, dict(OK)  # listed by hand in this file: already balanced, never touched
@@ -274,7 +276,7 @@ class Registry:
         out = []
         for p in self.others:
             try:
-                out.append(inv_mod.load(p))
+                out.append(self._load(p))
             except InventoryError as exc:
                 log.debug("registry: %s", exc)
         return out
@@ -302,7 +304,7 @@ class Registry:
         finds gone (/health failing, or silent and not passing /health, for the grace). Returns the names
         removed. Never raises."""
         try:
-            owned = self._owned(inv_mod.load(self.path))
+            owned = self._owned(self._load(self.path))
         except InventoryError as exc:
             log.error("registry: %s", exc)
             return []
@@ -361,7 +363,7 @@ class Registry:
 
     def _balanced(self) -> list[Instance]:
         try:
-            own = inv_mod.load(self.path).instances
+            own = self._load(self.path).instances
         except InventoryError as exc:
             log.error("registry: %s", exc)
             own = []

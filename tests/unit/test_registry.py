@@ -18,6 +18,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -218,17 +219,29 @@ def test_registered_and_registered_number_shapes(tmp_path: Path) -> None:
     assert env.reg.health_generate()["msg"] == "Health check complete"
 
 
-def test_heartbeats_write_nothing(tmp_path: Path) -> None:
+def test_heartbeats_write_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """FastDeploy posts every 5 s (register_manager.py); a heartbeat that changes nothing is no write (and
-    so no sidecar reload), and probes the metrics no more."""
-    env = Env(tmp_path, rule="+1000")
+    so no sidecar reload), probes the metrics no more, and parses no file (the inventory and the other -i
+    files are read once per version: ~200 heartbeats a second at 1,024 instances)."""
+    other = tmp_path / "node2.json"
+    write_inv(other, [{"name": "dp0", "host": "10.0.0.7", "port": 7001}])
+    env = Env(tmp_path, rule="+1000", others=(other,))
     assert env.reg.register(dict(BODY), H) == OK
-    stamp = env.path.stat().st_mtime_ns
     metric_probes = sum(c[0] == "metrics" for c in env.probe.calls)
+    for path in (env.path, other):  # settled: not changed within CachedLoad.RACY_SECONDS
+        os.utime(path, (time.time() - 10, time.time() - 10))
+    stamp = env.path.stat().st_mtime_ns
+    assert env.reg.register(dict(BODY), H) == OK  # reads the files as they are now (utime made new versions)
+    parsed: list[str] = []
+    real_parse = inv_mod.parse_text
+    monkeypatch.setattr(inv_mod, "parse_text", lambda raw, where: parsed.append(where) or real_parse(raw, where))
     for _ in range(20):
         assert env.reg.register(dict(BODY), H) == OK
     assert env.path.stat().st_mtime_ns == stamp
     assert sum(c[0] == "metrics" for c in env.probe.calls) == metric_probes
+    assert parsed == [], f"{len(parsed)} whole-file parses for 20 unchanged heartbeats"
+    write_inv(other, [{"name": "dp0", "host": "10.0.0.7", "port": 7002}])  # a change is read at once
+    assert env.reg.register(dict(BODY), H) == OK and parsed == [str(other)]
 
 
 def test_changes_are_applied_and_hand_edits_kept(tmp_path: Path) -> None:

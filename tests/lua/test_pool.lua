@@ -263,6 +263,30 @@ return {
         t.ok(health.usable(worker.by_name.a.h, false, 0, at + 0.05))
     end,
 
+    ["every peer out, every request failing (fail-open): ver moves once per half back-off, not per request"] = function(t)
+        local dict = fakedict.new()
+        local pool, worker = new_pool(dict), new_pool(dict)
+        install(pool, 1, { "peer a 127.0.0.1 1 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }, 100)
+        pool_mod.sync(worker, 100)
+        local ver = dict:get("ver")
+        -- 20 s of a total outage at 100 requests a second, each failing on a or b in turn
+        for i = 1, 2000 do
+            local at = 100 + i * 0.01
+            pool_mod.mark(pool, i % 2 == 0 and "a" or "b", health.on_failure, at)
+            pool_mod.sync(worker, at)
+            t.ok(not health.usable(worker.by_name.a.h, false, 0, at) or i < 2, "a held out at " .. at)
+        end
+        local moves = dict:get("ver") - ver
+        -- per peer: 5 steps up the back-off, then one move per MAX / 2 (4 s) at most
+        t.ok(moves <= 2 * (health.MAX_LEVEL + 20 / (health.MAX / 2) + 1), "ver moved " .. moves .. " times")
+        t.eq(health.decode(dict:get("h:a")).level, health.MAX_LEVEL, "the level stops where the back-off does")
+        -- the first probe 200 still brings a back (its level is past FLAP_LEVEL: once its back-off has ended)
+        local h = health.decode(dict:get("h:a"))
+        pool_mod.mark(pool, "a", function(rec, n) return health.on_probe(rec, true, n) end, h.till)
+        pool_mod.sync(worker, h.till)
+        t.ok(health.usable(worker.by_name.a.h, false, 0, h.till))
+    end,
+
     ["after a sync a worker's health copy is the shared record, whatever the events"] = function(t)
         local dict = fakedict.new()
         local pool, worker = new_pool(dict), new_pool(dict)

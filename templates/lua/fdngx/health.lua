@@ -29,6 +29,7 @@ local M = {}
 M.BASE = 0.5 -- seconds out after the first failure
 M.MAX = 8.0 -- longest back-off
 M.FLAP_LEVEL = 3 -- request failures in a row after which a probe 200 alone no longer brings a peer back
+M.MAX_LEVEL = 5 -- the back-off's steps: BASE * 2^(level - 1) reaches MAX here (0.5, 1, 2, 4, 8 s)
 -- A failed probe keeps the peer out at least HOLD longer (probes run every PROBE_EVERY); when less than that
 -- is left, it holds it for HOLD_FOR. In steps, not to "now + HOLD" at every probe: each change of a record
 -- moves `ver` and makes every worker re-read every record (fdngx.pool.mark), and a replica that stays down
@@ -71,12 +72,18 @@ function M.balancer_out(h, now)
     return h.out and now < h.till
 end
 
--- A request failed on this peer (connect error, timeout, 502/503/504).
+-- A request failed on this peer (connect error, timeout, 502/503/504). The level stops where the back-off
+-- reaches MAX, and a peer already out for at least half its back-off more is left as it is: while every peer
+-- is out (the balancer fails open) every request fails, and a record moved at each one would make every
+-- worker re-read every record at each request (`ver`, fdngx.pool.mark). Returning `h` itself: no change.
 function M.on_failure(h, now)
+    local level = min(h.level + 1, M.MAX_LEVEL)
+    local hold = M.backoff(level)
+    local out = M.balancer_out(h, now)
+    if out and level == h.level and h.till - now >= hold / 2 then return h end
     local n = copy(h)
-    n.level = min(h.level + 1, 30)
-    n.till = max(h.till, now + M.backoff(n.level))
-    if not M.balancer_out(h, now) then
+    n.level, n.till = level, max(h.till, now + hold)
+    if not out then
         n.out, n.changed = true, now
     end
     return n

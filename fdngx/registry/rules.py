@@ -203,9 +203,11 @@ class NameCache:
         with self._lock:
             if key in self._cache:
                 return self._cache[key]
+        job = self._pool.submit(self.resolver, name)
         try:
-            found = self._pool.submit(self.resolver, name).result(timeout=self.timeout)
+            found = job.result(timeout=self.timeout)
         except FutureTimeout:
+            job.cancel()  # still queued behind slow lookups: it never runs (a running one cannot be stopped)
             return []
         except Exception:  # an injected resolver may raise; that means "does not resolve"
             return []

@@ -1023,3 +1023,25 @@ def test_a_heartbeat_that_changes_nothing_does_not_wait_for_the_inventory_lock(t
         assert env.reg.register(dict(BODY), H) == OK  # before: waited for the lock (60 s) and answered 500
         assert env.reg.live.seen[inv_mod.address_key(H, 8001)] == env.clock.t
     assert env.reg.register({**BODY, "port": 8002}, H) == OK and len(env.instances()) == 2
+
+
+def test_a_lookup_that_timed_out_while_queued_never_runs() -> None:
+    """A slow DNS holds the resolver's two threads; a name queued behind them whose caller gave up (its
+    registration answered "does not resolve") is not looked up later for nobody."""
+    release = threading.Event()
+    asked: list[str] = []
+
+    def slow(name: str) -> list[str]:
+        asked.append(name)
+        release.wait(10)
+        return ["10.0.0.9"]
+
+    names = NameCache(slow, timeout=0.2)
+    try:
+        assert [names.resolve(n) for n in ("a.example", "b.example", "c.example")] == [[], [], []]
+        release.set()
+        names._pool.shutdown(wait=True)  # every job that was going to run has run
+        assert sorted(asked) == ["a.example", "b.example"], asked
+    finally:
+        release.set()
+        names.close()

@@ -40,6 +40,7 @@ from fdngx.system.files import read_regular_file
 _GENERATION = re.compile(r"^# fdngx-generation: ([0-9a-f]+)$", re.M)
 _PID_DIRECTIVE = re.compile(r"^\s*pid\s+([^;\s]+)\s*;", re.M)
 DEFAULT_PID_FILE = Path("/run/nginx.pid")
+DEFAULT_CONF = Path("/etc/nginx/nginx.conf")  # nginx's own default (Debian's build), without -c
 # nginx retries a failed bind() five times, 500 ms apart, before it gives up on a new config: a master quiet
 # for longer than this has stopped retrying.
 SETTLE_QUIET = 1.0
@@ -126,17 +127,19 @@ class MasterLog:
             self.lines += mine
             self.changed = time.monotonic()
 
+    def _last(self, levels: tuple[bytes, ...]) -> str:
+        bad = [ln for level, ln in self.lines if level in levels]
+        return nginx_message(bad[-1].decode("utf-8", "replace")) if bad else ""
+
     def error(self) -> str:
         """The master's last [emerg]/[alert]/[crit] line, or ''."""
-        bad = [ln for level, ln in self.lines if level in _SERIOUS]
-        return nginx_message(bad[-1].decode("utf-8", "replace")) if bad else ""
+        return self._last(_SERIOUS)
 
     def refusal(self) -> str:
         """The master's last [emerg] line, or '': how nginx says it cannot load a config (a parse error, a
         bind() that failed). An [alert] or [crit] alone may come before workers that still start (a slow
         init): the reload is then judged by its workers, within the timeout."""
-        bad = [ln for level, ln in self.lines if level == b"emerg"]
-        return nginx_message(bad[-1].decode("utf-8", "replace")) if bad else ""
+        return self._last((b"emerg",))
 
 
 class NginxNotRunning(ApplyError):
@@ -194,7 +197,7 @@ class NginxControl:
 
     @property
     def main_conf(self) -> Path:
-        return self.conf or Path("/etc/nginx/nginx.conf")
+        return self.conf or DEFAULT_CONF
 
     def pid_path(self) -> Path:
         if self.pid_file is not None:
@@ -223,7 +226,8 @@ class NginxControl:
             return None
         if pid <= 1:
             return None  # 0, -1: os.kill would signal a process group or everyone; 1 is init
-        if not procs.cmdline(pid).startswith("nginx: master process"):
+        title = procs.cmdline(pid)
+        if not title.startswith("nginx: master process"):
             return None
         started = procs.start_time_epoch(pid)
         if started is None:
@@ -231,9 +235,9 @@ class NginxControl:
         # Start time vs the pid file's mtime is only as good as the wall clock: stepped forward after nginx
         # started (NTP at boot), a live master looks younger than its pid file. Then it must be our nginx in
         # every other way: a title alone can be borrowed (`exec -a`), and a reused pid can be another nginx's.
-        return pid if started <= written + 2.0 or self._is_ours(pid) else None
+        return pid if started <= written + 2.0 or self._is_ours(pid, title) else None
 
-    def _is_ours(self, pid: int) -> bool:
+    def _is_ours(self, pid: int, title: str) -> bool:
         """Is `pid` the master of this nginx: our nginx program file (by path: an upgrade replaces the file),
         seen from our mount namespace (not another container's nginx), and loaded from our main config?"""
         exe = procs.executable(pid)
@@ -245,7 +249,7 @@ class NginxControl:
                 return False
         except OSError:
             return False
-        return self._title_conf(procs.cmdline(pid)) == os.path.realpath(self.main_conf)
+        return self._title_conf(title) == os.path.realpath(self.main_conf)
 
     def _title_conf(self, title: str) -> str:
         """The main config a master title names: its -c (relative to its -p or ours), else nginx's default."""
@@ -253,7 +257,7 @@ class NginxControl:
         given = {flag: value for flag, value in itertools.pairwise(args) if flag in ("-c", "-p")}
         conf, prefix = given.get("-c"), given.get("-p") or (str(self.prefix) if self.prefix else None)
         if conf is None:
-            return os.path.realpath("/etc/nginx/nginx.conf")
+            return os.path.realpath(DEFAULT_CONF)
         return os.path.realpath(conf if os.path.isabs(conf) or prefix is None else os.path.join(prefix, conf))
 
     def running(self) -> bool:

@@ -17,6 +17,15 @@ local function install(pool, gen, lines, now)
     return pool_mod.install(pool, text, parsed, now or 0)
 end
 
+-- A pool that installed `lines` at `now` and a second worker's copy, synced: dict, pool, worker.
+local function two_workers(lines, now)
+    local dict = fakedict.new()
+    local pool, worker = new_pool(dict), new_pool(dict)
+    install(pool, 1, lines, now)
+    pool_mod.sync(worker, now)
+    return dict, pool, worker
+end
+
 return {
     ["verdict: newer installs, older is stale, far-future is refused and never wedges the pool"] = function(t)
         local now = 1733212345.678 -- seconds; generations are milliseconds
@@ -188,10 +197,7 @@ return {
     end,
 
     ["a probe result that changes nothing leaves ver alone; one that changes what workers read moves it"] = function(t)
-        local dict = fakedict.new()
-        local pool, worker = new_pool(dict), new_pool(dict)
-        install(pool, 1, { "peer a 127.0.0.1 1 20 0 64 0" }, 1)
-        pool_mod.sync(worker, 1)
+        local dict, pool, worker = two_workers({ "peer a 127.0.0.1 1 20 0 64 0" }, 1)
         local function probe(ok, at)
             return pool_mod.mark(pool, "a", function(h, n) return health.on_probe(h, ok, n) end, at)
         end
@@ -235,10 +241,7 @@ return {
     end,
 
     ["a peer that stays down moves ver once per hold, not at every probe; every worker holds it out"] = function(t)
-        local dict = fakedict.new()
-        local pool, worker = new_pool(dict), new_pool(dict)
-        install(pool, 1, { "peer a 127.0.0.1 1 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }, 100)
-        pool_mod.sync(worker, 100)
+        local dict, pool, worker = two_workers({ "peer a 127.0.0.1 1 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }, 100)
         pool_mod.mark(pool, "a", health.on_failure, 100) -- a refused connection: out for 0.5 s
         local ver = dict:get("ver")
         -- 30 s down: the probes (every 0.25 s) fail; the worker syncs every 0.1 s (its timer) or per request
@@ -264,10 +267,7 @@ return {
     end,
 
     ["every peer out, every request failing (fail-open): ver moves once per half back-off, not per request"] = function(t)
-        local dict = fakedict.new()
-        local pool, worker = new_pool(dict), new_pool(dict)
-        install(pool, 1, { "peer a 127.0.0.1 1 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }, 100)
-        pool_mod.sync(worker, 100)
+        local dict, pool, worker = two_workers({ "peer a 127.0.0.1 1 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }, 100)
         local ver = dict:get("ver")
         -- 20 s of a total outage at 100 requests a second, each failing on a or b in turn
         for i = 1, 2000 do
@@ -288,10 +288,7 @@ return {
     end,
 
     ["after a sync a worker's health copy is the shared record, whatever the events"] = function(t)
-        local dict = fakedict.new()
-        local pool, worker = new_pool(dict), new_pool(dict)
-        install(pool, 1, { "peer a 127.0.0.1 1 20 0 64 0" }, 1)
-        pool_mod.sync(worker, 1)
+        local dict, pool, worker = two_workers({ "peer a 127.0.0.1 1 20 0 64 0" }, 1)
         local events = {
             health.on_failure, health.on_success,
             function(h, n) return health.on_probe(h, true, n) end,

@@ -141,12 +141,10 @@ function M.mark(pool, name, event, now)
     if pool.by_name and not pool.by_name[name] then return nil, false end
     local dict = pool.dict
     local key = "h:" .. name
-    local was = dict:get(key)
-    local h = health.decode(was)
+    local h = health.decode(dict:get(key))
     local n = event(h, now)
     if n == h then return h, false end
     local text = health.encode(n)
-    if text == was then return h, false end
     n = health.decode(text) -- as every worker reads it (times in ms)
     if not health.differs(h, n) then return h, false end
     dict:set(key, text)

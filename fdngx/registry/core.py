@@ -26,6 +26,7 @@ No answer names a server path (an inventory file's): the log has the detail."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -265,8 +266,7 @@ class Registry:
             if index is None:
                 with self._full_mu:
                     self._full_said = False  # there was room: say it again when full again
-            self.live.heartbeat(key, self.clock())
-            self.live.failing.pop(key, None)
+            self.live.heartbeat(key, self.clock())  # clears "failing since" too: its /health just passed
 
     # -- duplicates across -i files ------------------------------------------------------------------------
 
@@ -324,6 +324,8 @@ class Registry:
                     gone[key] = clash, None
                 elif why := self.live.judge(key, inst.name, now, grace, results if health else None, inst.drain):
                     gone[key] = why, self.live.seen[key]
+            with contextlib.suppress(InventoryError):  # the file now, read under _mu as every registry write
+                self.live.keep_only(inv_mod.address_key(i.host, i.port) for i in self._owned(self._load(self.path)))
         return self._remove(gone) if gone else []
 
     def _health_all(self, owned: list[Instance]) -> dict[Key, str | None]:

@@ -20,6 +20,7 @@ too, for the 403), never the pool's. A connection's read deadline starts when a 
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
@@ -28,7 +29,7 @@ import socket
 import socketserver
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
@@ -203,10 +204,19 @@ class _PoolServer(socketserver.TCPServer):
             self.shutdown_request(request)
             return
         try:
-            (self.pool if source is not None else self.outside_pool).submit(self._work, request, client_address,
-                                                                             source)
+            queued = (self.pool if source is not None else self.outside_pool).submit(self._work, request,
+                                                                                     client_address, source)
         except RuntimeError:  # shutting down
             self.read_done(request)
+            self.shutdown_request(request)
+            self._leave(source)
+            return
+        queued.add_done_callback(functools.partial(self._unserved, request, source))
+
+    def _unserved(self, request: Any, source: Source, queued: Future[None]) -> None:
+        """A connection still waiting for a worker when the server closed (its pool cancels what is queued):
+        closed, and its count released, as a served one is."""
+        if queued.cancelled():
             self.shutdown_request(request)
             self._leave(source)
 

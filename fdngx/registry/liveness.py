@@ -7,13 +7,14 @@ no heartbeat for the grace, but only when its /health has not passed in two chec
 did not answer in time; one slow answer of a busy instance is not enough), or when the check asks none. A
 silent instance whose /health passes is serving: its heartbeats are refused or lost on the way (the registry
 busy, --registry-allow, the network), and removing it would turn that into an outage. It is kept, with one
-WARNING per silence; nothing more is said when heartbeats return.
+WARNING per silence; nothing more is said when heartbeats return. An accepted heartbeat (the registry's
+/health probe of it passed) starts both counts over: checks that failed before it no longer count.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from fdngx.registry.metrics_port import Key
 
@@ -32,14 +33,26 @@ class Liveness:
         self.misses: dict[Key, int] = {}  # checks in a row whose /health did not pass
 
     def heartbeat(self, key: Key, now: float) -> None:
+        """A sign of life, the one place that records it: a registration or heartbeat accepted (it checked
+        its own /health to post, and the registry's /health probe of it passed before accepting), or a
+        fresh grace after a restart. A new silence counts afresh, and a failing /health starts over:
+        misses and "failing since" from before it no longer count."""
         self.seen[key] = now
         self._silence_said.discard(key)
-        self.misses.pop(key, None)  # it checked its own /health to post: a new silence counts afresh
+        self.misses.pop(key, None)
+        self.failing.pop(key, None)
 
     def forget(self, key: Key) -> None:
         for table in (self.seen, self.failing, self.misses):
             table.pop(key, None)
         self._silence_said.discard(key)
+
+    def keep_only(self, keys: Iterable[Key]) -> None:
+        """Forget every instance not in `keys` (the registered ones in the inventory now): one deleted from
+        the file by hand, or removed while a heartbeat of it was on the way, leaves nothing behind."""
+        kept = set(keys)
+        for key in {*self.seen, *self.failing, *self.misses, *self._silence_said} - kept:
+            self.forget(key)
 
     def judge(self, key: Key, name: str, now: float, grace: float, health: Mapping[Key, str | None] | None,
               drained: bool = False) -> str | None:

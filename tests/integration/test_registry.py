@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -372,3 +373,26 @@ def test_a_connection_accepted_while_shutting_down_is_closed_and_released(tmp_pa
         server.httpd.pool.shutdown(wait=True)  # what stop() does first: a new connection finds no worker
         assert ask(server.port) == b""
         wait_for(lambda: server.httpd.connections() == {}, 5, what="the count released")
+
+
+def test_connections_still_queued_for_a_worker_at_shutdown_are_closed_and_released(tmp_path: Path) -> None:
+    """One worker, held by a slow caller; the next connection waits in the queue. Stopping the server cancels
+    the queued one: it is closed at once and its count released (was: dropped unclosed, its count and its
+    place in the pool held for good)."""
+    server = RegistryServer("127.0.0.1:0", Registry(tmp_path / "fdngx.json", settings=RegistrySettings.from_options(30),
+                                                     probe=HealthyProbe(), names=NameCache(lambda name: [])),
+                            workers=1, read_deadline=60).start()
+    try:
+        with holding(server.port, 2) as held:
+            wait_for(lambda: server.httpd.connections() == {"127.0.0.1": 2}, 5, what="one served, one queued")
+            server.stop()
+            readable, _, _ = select.select(held, [], [], 5)
+            assert len(readable) == 1, "the queued connection is closed at once; the served one still reads"
+            with contextlib.suppress(ConnectionResetError):  # closed with the unread PARTIAL: may be a reset
+                assert readable[0].recv(1) == b""
+            wait_for(lambda: server.httpd.connections() == {"127.0.0.1": 1}, 5, what="the queued count released")
+        wait_for(lambda: server.httpd.connections() == {}, 5, what="every count released")
+        slots = server.httpd.slots
+        assert all(slots.acquire(blocking=False) for _ in range(server.httpd.capacity))
+    finally:
+        server.stop()

@@ -348,6 +348,44 @@ def test_health_that_recovers_resets_the_clock(tmp_path: Path) -> None:
     assert env.reg.check() == []
 
 
+def test_a_heartbeat_between_two_failed_checks_starts_the_failing_clock_over(tmp_path: Path) -> None:
+    """A heartbeat is a sign of life (the registry's /health probe of it passed): a check that failed before
+    it no longer counts. Was: an unchanged heartbeat kept "failing since" (only a changed registration cleared
+    it), so one failed check, a heartbeat, and one more failed check past the grace removed the instance."""
+    env = Env(tmp_path, grace=10)
+    assert env.reg.register({**BODY, "metrics_port": 9001}, H) == OK
+    env.probe.health_of[(H, 8001)] = "HTTP 503"
+    assert env.reg.check() == []
+    env.clock.t += 8
+    env.probe.health_of.pop((H, 8001))
+    assert env.reg.register({**BODY, "metrics_port": 9001}, H) == OK  # unchanged: the heartbeat path
+    assert env.reg.health_generate()["unhealthy"] == []
+    env.clock.t += 3  # 11 s after the first failed check, 3 s after the heartbeat
+    env.probe.health_of[(H, 8001)] = "HTTP 503"
+    assert env.reg.check() == [] and len(env.instances()) == 1
+    env.clock.t += 11  # failing ever since that check, for more than the grace: now it goes
+    assert env.reg.check() == [instance_name(H, 8001)]
+
+
+def test_an_instance_deleted_from_the_file_by_hand_leaves_no_liveness_state(tmp_path: Path) -> None:
+    """The periodic check forgets what it kept about an instance no longer registered in the file (deleted by
+    hand, not through the registry): was kept forever, and /health_generate still named it unhealthy."""
+    env = Env(tmp_path, grace=30)
+    assert env.reg.register({**BODY, "metrics_port": 9001}, H) == OK
+    assert env.reg.register({**BODY, "port": 8002, "metrics_port": 9002}, H) == OK
+    env.probe.health_of[(H, 8001)] = env.probe.health_of[(H, 8002)] = "HTTP 503"
+    assert env.reg.check() == []
+    assert env.reg.health_generate()["unhealthy"] == [f"http://{H}:8001", f"http://{H}:8002"]
+    write_inv(env.path, [i for i in env.instances() if i["port"] == 8002])  # by hand
+    assert env.reg.check() == []
+    live = env.reg.live
+    assert set(live.seen) == set(live.failing) == set(live.misses) == {(H, 8002)}
+    assert env.reg.health_generate()["unhealthy"] == [f"http://{H}:8002"]
+    write_inv(env.path, [])
+    env.reg.check()
+    assert (live.seen, live.failing, live.misses) == ({}, {}, {})
+
+
 def test_grace_zero_never_removes(tmp_path: Path) -> None:
     env = Env(tmp_path, grace=0)
     assert env.reg.register({**BODY, "metrics_port": 9001}, H) == OK

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from tests.integration.lua_site import LuaSite, needs_lua
-from tests.support import http_ok, wait_for
+from tests.support import Nginx, http_ok, wait_for
 
 pytestmark = needs_lua
 
@@ -107,11 +107,12 @@ def test_a_killed_replica_is_out_at_once_and_back_within_a_second_of_its_first_2
 
 class _Answering(BaseHTTPRequestHandler):
     """A replica whose /health says 200 and whose every other request gets `status` (set by a subclass);
-    `hits` counts those requests."""
+    `hits` counts those requests, `probes` the /health ones."""
 
     protocol_version = "HTTP/1.1"
     status = 503
     hits: list[str]
+    probes: list[float]
 
     def log_message(self, *args: object) -> None:
         pass
@@ -121,6 +122,7 @@ class _Answering(BaseHTTPRequestHandler):
             self.rfile.read(int(self.headers["Content-Length"]))
         if self.path == "/health":
             code = 200
+            self.probes.append(time.monotonic())
         else:
             code = self.status
             self.hits.append(self.path)
@@ -133,11 +135,12 @@ class _Answering(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def answering(site: LuaSite, name: str, status: int) -> Iterator[list[str]]:
+def answering(site: LuaSite, name: str, status: int, probes: list[float] | None = None) -> Iterator[list[str]]:
     """Replace backend `name` by an in-process replica answering `status` (see _Answering), for the block;
-    yields the list its requests are counted in."""
+    yields the list its requests are counted in (its /health probes: in `probes`, if given)."""
     hits: list[str] = []
-    handler = type(f"Answering{status}", (_Answering,), {"status": status, "hits": hits})
+    handler = type(f"Answering{status}", (_Answering,),
+                   {"status": status, "hits": hits, "probes": [] if probes is None else probes})
     site.stop_backend(name)
     server = ThreadingHTTPServer(("127.0.0.1", site.ports[name]), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -180,6 +183,36 @@ def test_a_full_replicas_429_on_the_retry_path_does_not_take_it_out(tmp_path: Pa
             # idle ties alternate in each worker: b1 is the first try of about half the requests
             assert len(hits) >= 5, hits
             assert "b1 failed" not in site.error_log()
+    finally:
+        site.stop()
+
+
+def test_a_probe_nginx_cannot_schedule_is_tried_again_at_the_next_tick_and_warned_about(tmp_path: Path) -> None:
+    """Over lua_max_pending_timers, ngx.timer.at refuses a /health probe. The refusal was ignored and the probe's
+    lock kept: the peer went unprobed until the lock lapsed, and as the locks of a tick lapse together, a peer
+    after the one that took the last timer was never probed at all. Now its lock is given back, so the next
+    tick probes it, and each worker warns, at most once per 10 s."""
+    site = LuaSite(tmp_path, 3, delay=0.01)
+    try:
+        assert site.nginx is not None
+        site.nginx.stop()
+        # Two pending timers per worker: its own 0.1 s tick (re-armed before it runs) and one probe.
+        site.conf.write_text(site.conf.read_text().replace("http {", "http {\n    lua_max_pending_timers 2;", 1))
+        site.nginx = Nginx(site.conf.parent).start(f"{site.url}/health")
+        probed: dict[str, list[float]] = {"b1": [], "b2": []}
+        with answering(site, "b1", 200, probed["b1"]), answering(site, "b2", 200, probed["b2"]):
+            # the sidecar says both are down: both are due for a probe at every tick (b1 first)
+            site.admin.push(site.snapshot(site.generation() + 1, {"b0": (20, 0, 0), "b1": (20, 1, 0),
+                                                                   "b2": (20, 1, 0)}))
+            started = time.monotonic()
+            time.sleep(2.5)
+            counts = {name: len([t for t in times if t >= started]) for name, times in probed.items()}
+        assert counts["b1"] >= 4 and counts["b2"] >= 4, counts  # one every 0.25 s: about 10 each
+        warned = [ln for ln in site.error_log().splitlines() if "could not schedule the /health probe" in ln]
+        assert warned, "no warning"
+        assert any(f"probe of {name}: too many pending timers (lua_max_pending_timers?)" in warned[0]
+                   for name in probed), warned[0]
+        assert len(warned) <= len(site.nginx.worker_pids()), warned  # one per worker per 10 s, not per tick
     finally:
         site.stop()
 

@@ -47,6 +47,19 @@ return {
         t.eq(other:inflight("dp0"), 0)
     end,
 
+    ["a total that is gone (swept, evicted) is not brought back negative by a release or a reap"] = function(t)
+        local dict = fakedict.new()
+        local w, dead = ledger.new(dict, "700.1"), ledger.new(dict, "800.1")
+        w:acquire("dp0"); dead:acquire("dp1")
+        dict:delete("i:dp0"); dict:delete("i:dp1")
+        w:release("dp0")
+        dict.clock = 100
+        ledger.reap(dict, function(pid) return pid == 700 end)
+        t.eq(dict:get("i:dp0"), nil); t.eq(dict:get("i:dp1"), nil)
+        w:acquire("dp0")
+        t.eq(w:inflight("dp0"), 1, "the next request counts from 0")
+    end,
+
     ["counts never read below zero; worker ids are unique per start"] = function(t)
         local dict = fakedict.new()
         dict:set("i:dp0", -2)

@@ -3,6 +3,7 @@ local pool_mod = require("fdngx.pool")
 local peers = require("fdngx.peers")
 local health = require("fdngx.health")
 local pick = require("fdngx.pick")
+local ledger = require("fdngx.ledger")
 local fakedict = require("fakedict")
 
 local function snap(gen, lines)
@@ -24,6 +25,21 @@ local function two_workers(lines, now)
     install(pool, 1, lines, now)
     pool_mod.sync(worker, now)
     return dict, pool, worker
+end
+
+-- The reaper's pass (fdngx.balancer's tick, under its lock) as far as the totals go: the sweep at `now`.
+local function sweep(pool, now)
+    pool.dict.clock = now
+    return pool_mod.sweep(pool, now, pool.dict:get_keys(0))
+end
+
+-- The dict's keys that name peer `name` (its in-flight total, share, marker, load, health...).
+local function keys_of(dict, name)
+    local out = {}
+    for _, k in ipairs(dict:get_keys(0)) do
+        if k:sub(-#name - 1) == ":" .. name then out[#out + 1] = k end
+    end
+    return table.concat(out, ",")
 end
 
 return {
@@ -181,6 +197,168 @@ return {
         local h, moved = pool_mod.mark(pool, "a", health.on_failure, 3)
         t.eq(h, nil); t.eq(moved, false)
         t.eq(dict:get("h:a"), nil, "re-added later, it would start out")
+    end,
+
+    ["a removed peer's in-flight total goes once its requests end; re-added, it starts at 0"] = function(t)
+        local dict = fakedict.new()
+        local pool, w = new_pool(dict), ledger.new(dict, "100.1")
+        install(pool, 1, { "peer a 127.0.0.1 1 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }, 1)
+        w:acquire("a"); w:acquire("b"); w:acquire("b")
+        install(pool, 2, { "peer a 127.0.0.1 1 20 0 64 0" }, 10)
+        pool_mod.sync(pool, 10)
+        t.eq(sweep(pool, 20), 0, "two requests still open on b")
+        t.eq(w:inflight("b"), 2)
+        w:release("b"); w:release("b")
+        t.eq(sweep(pool, 22), 1)
+        t.eq(keys_of(dict, "b"), "", "nothing of b is left in the dict")
+        w:release("a")
+        t.eq(sweep(pool, 24), 0, "a peer in force keeps its total at 0")
+        t.eq(dict:get("i:a"), 0)
+        install(pool, 3, { "peer a 127.0.0.1 1 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }, 30)
+        pool_mod.sync(pool, 30)
+        t.eq(w:inflight("b"), 0)
+        w:acquire("b")
+        t.eq(w:inflight("b"), 1, "re-added, it counts from 0")
+    end,
+
+    ["a peer removed a moment ago keeps its total: a worker that synced just before may still pick it"] = function(t)
+        local dict, pool, worker = two_workers({ "peer a 127.0.0.1 1 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }, 1)
+        local w = ledger.new(dict, "200.1")
+        w:acquire("b"); w:release("b") -- b's total is at 0
+        install(pool, 2, { "peer a 127.0.0.1 1 20 0 64 0" }, 10)
+        -- `worker` synced just before the push and picks b now: during the sweep, if the sweep reads i:b
+        -- (between that read and a delete), else after it
+        t.ok(worker.by_name.b ~= nil)
+        local get, picked = dict.get, false
+        dict.get = function(self, key)
+            local v = get(self, key)
+            if key == "i:b" and not picked then picked = true; w:acquire("b") end
+            return v
+        end
+        sweep(pool, 10 + pool_mod.SWEEP_AFTER / 2)
+        dict.get = get
+        if not picked then w:acquire("b") end
+        t.eq(w:inflight("b"), 1, "the pick is counted")
+        w:release("b")
+        sweep(pool, 10 + pool_mod.SWEEP_AFTER)
+        t.eq(dict:get("i:b"), nil); t.eq(dict:get("rm:b"), nil)
+    end,
+
+    ["re-added before the sweep, a peer keeps its total and the requests still open on it"] = function(t)
+        local dict = fakedict.new()
+        local pool, w = new_pool(dict), ledger.new(dict, "300.1")
+        install(pool, 1, { "peer a 127.0.0.1 1 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }, 1)
+        w:acquire("b")
+        install(pool, 2, { "peer a 127.0.0.1 1 20 0 64 0" }, 10)
+        install(pool, 3, { "peer a 127.0.0.1 1 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }, 11)
+        t.eq(dict:get("rm:b"), nil, "in force again: no longer marked")
+        w:release("b")
+        t.eq(sweep(pool, 20), 0)
+        t.eq(dict:get("i:b"), 0)
+        w:acquire("b")
+        t.eq(w:inflight("b"), 1)
+    end,
+
+    ["the sweep deletes no total while a push re-adds its peer (gen moved): no in-flight count is lost"] = function(t)
+        local dict = fakedict.new()
+        local pool, other, w = new_pool(dict), new_pool(dict), ledger.new(dict, "400.1")
+        install(pool, 1, { "peer a 127.0.0.1 1 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }, 1)
+        w:acquire("b"); w:release("b") -- b's total is at 0
+        install(pool, 2, { "peer a 127.0.0.1 1 20 0 64 0" }, 2)
+        pool_mod.sync(pool, 2)
+        -- another worker re-adds b and a request picks it: after the sweep has read b's total and mark
+        local get, readded = dict.get, false
+        local function readd()
+            readded = true
+            install(other, 3, { "peer a 127.0.0.1 1 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }, 10)
+            w:acquire("b")
+        end
+        dict.get = function(self, key)
+            local v = get(self, key)
+            if key == "rm:b" and not readded then readd() end
+            return v
+        end
+        sweep(pool, 10)
+        dict.get = get
+        t.ok(readded, "the sweep looked at b")
+        t.eq(w:inflight("b"), 1)
+    end,
+
+    ["a total no push marked goes too, SWEEP_AFTER after a sweep first finds it; so does a mark alone"] = function(t)
+        local dict = fakedict.new()
+        local pool = new_pool(dict)
+        install(pool, 1, { "peer a 127.0.0.1 1 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }, 1)
+        install(pool, 2, { "peer a 127.0.0.1 1 20 0 64 0" }, 2) -- b, never picked: marked, no total
+        pool_mod.sync(pool, 2)
+        dict:set("i:old", 0) -- left by an fdngx from before the sweep (the dict survives reloads)
+        t.eq(sweep(pool, 10), 0)
+        t.eq(dict:get("i:old"), 0, "found just now: a worker may still pick it")
+        t.eq(dict:get("rm:b"), nil, "a mark with no total to sweep goes")
+        t.eq(sweep(pool, 10 + pool_mod.SWEEP_AFTER), 1)
+        t.eq(keys_of(dict, "old"), ""); t.eq(keys_of(dict, "b"), "")
+    end,
+
+    ["churn: a fleet's membership changing for hours leaves no key of a peer that is gone"] = function(t)
+        local dict = fakedict.new()
+        local pool, worker = new_pool(dict), new_pool(dict)
+        local w = ledger.new(dict, "500.1")
+        local seed = 4242
+        local function rand(n) seed = (seed * 1103515245 + 12345) % 2147483648; return seed % n + 1 end
+        local open, now, ids = {}, 0, 0 -- open: names of requests in flight, picked from the worker's copy
+        for gen = 1, 300 do
+            now = now + 1
+            local lines = {}
+            for i = 1, 8 do
+                ids = ids + (rand(3) == 1 and 1 or 0) -- now and then a replica goes and a new one comes
+                lines[i] = string.format("peer r%d-%d 127.0.0.1 %d 20 0 64 0", i, ids, 1000 + i)
+            end
+            install(pool, gen, lines, now)
+            pool_mod.sync(worker, now)
+            for _ = 1, rand(4) do
+                local p = worker.peers[rand(#worker.peers)]
+                w:acquire(p.name); open[#open + 1] = p.name
+            end
+            while #open > 0 and rand(2) == 1 do w:release(table.remove(open, rand(#open))) end
+            if gen % 2 == 0 then sweep(worker, now) end
+        end
+        while #open > 0 do w:release(table.remove(open)) end
+        sweep(worker, now + pool_mod.SWEEP_AFTER)
+        pool_mod.sync(worker, now)
+        local totals = 0
+        for _, k in ipairs(dict:get_keys(0)) do
+            local name = k:match("^i:(.+)$") or k:match("^rm:(.+)$")
+            if name then
+                t.ok(worker.by_name[name] and k:sub(1, 2) == "i:", "left: " .. k)
+                totals = totals + 1
+            end
+        end
+        t.ok(ids > 50, "peers came and went: " .. ids)
+        t.ok(totals <= 8, totals .. " totals for 8 peers")
+    end,
+
+    ["probes: one that cannot start gives its lock back, and the next tick starts it"] = function(t)
+        -- a and b are due (the sidecar says down), c is not
+        local dict, pool, worker = two_workers({ "peer a 127.0.0.1 1 20 1 64 0", "peer b 127.0.0.1 2 20 1 64 0",
+                                                 "peer c 127.0.0.1 3 20 0 64 0" }, 0)
+        pool_mod.sync(pool, 0)
+        local started = {}
+        local function start(_, p) started[#started + 1] = p.name; return 1 end
+        local function full() return nil, "too many pending timers" end
+        local name, err = pool_mod.probes(pool, 0, full)
+        t.eq(name, "a"); t.eq(err, "too many pending timers")
+        t.eq(dict:get("pl:a"), nil, "its lock is given back")
+        t.eq(dict:get("pl:b"), nil, "and b's is not taken: it would fail alike")
+        -- the next tick (0.1 s later, well before the lock's PROBE_EVERY), in any worker
+        dict.clock = 0.1
+        t.eq(pool_mod.probes(worker, 0.1, start), nil)
+        t.eq(table.concat(started, ","), "a,b")
+        -- started ones hold their lock across workers for PROBE_EVERY
+        dict.clock = 0.2
+        pool_mod.probes(pool, 0.2, start)
+        t.eq(#started, 2)
+        dict.clock = 0.1 + health.PROBE_EVERY
+        pool_mod.probes(pool, dict.clock, start)
+        t.eq(table.concat(started, ","), "a,b,a,b")
     end,
 
     ["mark reports when usability changes"] = function(t)

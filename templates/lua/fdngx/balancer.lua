@@ -33,6 +33,7 @@ local M = {}
 
 local TICK = 0.1 -- seconds between a worker's timer runs (sync, probes, lease, reaping)
 local PROBE_TIMEOUT_MS = 500
+local PROBE_WARN_EVERY = 10 -- seconds between two of a worker's warnings that a probe could not start
 local ESRCH = 3
 local NGX_BUSY = -3 -- ngx_core.h
 -- A response with one of these statuses means the peer is broken, not merely full (429) or failing one
@@ -41,6 +42,7 @@ local FAILS = { [502] = true, [503] = true, [504] = true }
 
 local pools = {} -- name -> pool: built by init() in the master, inherited by every worker
 local open = {} -- $request_id -> { pool, peer, tried }: this worker's balanced requests in flight
+local probe_warn_at = 0 -- when this worker may next warn that a probe could not start
 
 local now_of, min, floor = ngx.now, math.min, math.floor
 
@@ -130,17 +132,27 @@ local function probe(premature, pool, name, addr, port)
     end
 end
 
+local function start_probe(pool, p)
+    return ngx.timer.at(0, probe, pool, p.name, p.addr, p.port)
+end
+
+-- A probe that cannot start is tried again at the next tick (fdngx.pool.probes): warn, but not 10 times a
+-- second for as long as the timers stay short. An exiting worker's refusal is no news.
+local function warn_unprobed(name, err, now)
+    if err == "process exiting" or now < probe_warn_at then return end
+    probe_warn_at = now + PROBE_WARN_EVERY
+    ngx.log(ngx.WARN, "fdngx: could not schedule the /health probe of ", name, ": ", err,
+            " (lua_max_pending_timers?)")
+end
+
 local function tick(premature, pool)
     if premature then return end -- the worker is exiting: its lease lapses, its pid keeps its counts
     local now = now_of()
     local ok, err = pool_mod.sync(pool, now)
     if ok == nil then ngx.log(ngx.ERR, "fdngx: ", err) end
     local dict = pool.dict
-    for _, p in ipairs(pool.peers) do
-        if health.needs_probe(p.h, p.down, now) and dict:add("pl:" .. p.name, true, health.PROBE_EVERY) then
-            ngx.timer.at(0, probe, pool, p.name, p.addr, p.port)
-        end
-    end
+    local missed, why = pool_mod.probes(pool, now, start_probe)
+    if missed then warn_unprobed(missed, why, now) end
     if now >= pool.renew_at then
         pool.ledger:renew()
         pool.renew_at = now + ledger.RENEW_EVERY
@@ -148,10 +160,12 @@ local function tick(premature, pool)
     if now >= pool.reap_at then
         pool.reap_at = now + ledger.REAP_EVERY
         if dict:add("reap", true, ledger.REAP_EVERY * 0.9) then
-            local taken, workers = ledger.reap(dict, pid_alive)
+            local keys = dict:get_keys(0)
+            local taken, workers = ledger.reap(dict, pid_alive, keys)
             if taken ~= 0 then
                 ngx.log(ngx.WARN, "fdngx: took back ", taken, " in-flight request(s) of ", workers, " dead worker(s)")
             end
+            pool_mod.sweep(pool, now, keys) -- after the reaping: a dead worker's requests no longer count
         end
     end
 end
@@ -192,6 +206,9 @@ function M.balance(name)
         -- nginx is retrying (connection error, 429/502/503/504): the previous peer no longer holds this
         -- request; its failure counts against its health unless it only said "full" (429). nginx reports
         -- every status but 403/404 as "failed" (ngx_http_upstream_next: NGX_PEER_FAILED), 429 included.
+        -- So a 500 counts here but not in the log phase, by design: nginx retries, and reports as failed,
+        -- exactly what proxy_next_upstream lists (http_500 only where a hand-written location asks for it;
+        -- fdngx renders error http_429 http_503); the log phase sees any last status and counts FAILS only.
         local state, code = ngx_balancer.get_last_failure()
         if FAILS[code] or (state == "failed" and code ~= 429) then
             failed(pool, st.peer, now, "failed (" .. (code or state) .. ")")

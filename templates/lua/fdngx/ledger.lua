@@ -14,7 +14,8 @@
 -- longer exists (kill(pid, 0) == ESRCH): a worker draining after a reload cannot renew its lease (its
 -- timers stop) but is still alive, so it is left alone and its requests still decrement when they end.
 -- A dead worker's shares are subtracted from the totals and deleted: exact, since nobody else writes
--- them. A share that reaches 0 is deleted by its owner, so the keys stay few.
+-- them. A share that reaches 0 is deleted by its owner, so the keys stay few; a removed peer's total goes
+-- once it is back at 0 (fdngx.pool.sweep), and nothing here brings a total that is gone back (as -1).
 -- Reads clamp at 0, so a transient race can never make a peer look better than idle.
 
 local M = {}
@@ -47,7 +48,7 @@ function Ledger:release(name)
     local mine = dict:incr(key, -1)
     -- A missing share means it was reaped (this worker was taken for dead): the total no longer holds it.
     if mine ~= nil then
-        dict:incr("i:" .. name, -1, 0)
+        dict:incr("i:" .. name, -1)
         if mine <= 0 then dict:delete(key) end
     end
 end
@@ -62,11 +63,11 @@ function Ledger:renew()
     self.dict:set("alive:" .. self.wid, true, M.LEASE)
 end
 
--- Subtract the shares of dead workers from the totals; pid_alive(pid) -> bool. Returns how many requests
--- were taken back and from how many worker ids.
-function M.reap(dict, pid_alive)
+-- Subtract the shares of dead workers from the totals; pid_alive(pid) -> bool; keys: the dict's keys
+-- (dict:get_keys(0) when nil). Returns how many requests were taken back and from how many worker ids.
+function M.reap(dict, pid_alive, keys)
     local taken, dead = 0, {}
-    local keys = dict:get_keys(0)
+    keys = keys or dict:get_keys(0)
     for _, key in ipairs(keys) do
         local wid, name = key:match("^o:([0-9]+%.[0-9]+):(.+)$")
         if wid then
@@ -79,7 +80,7 @@ function M.reap(dict, pid_alive)
                 local v = dict:get(key)
                 dict:delete(key)
                 if v and v ~= 0 then
-                    dict:incr("i:" .. name, -v, 0)
+                    dict:incr("i:" .. name, -v)
                     taken = taken + v
                 end
             end

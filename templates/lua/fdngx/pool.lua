@@ -12,6 +12,8 @@
 --               across pushes (M.SMOOTH)
 --   sa:<peer>   when the sidecar's `down` last changed for the peer (fdngx.health's disagreement rule)
 --   h:<peer>    the balancer's own health record (fdngx.health.encode)
+--   rm:<peer>   since when the peer is out of the snapshot in force: its i: total goes once no request is
+--               open on it (M.sweep)
 --   i:, o:, alive:   in-flight counters (fdngx.ledger); pl:<peer>, reap, adm: locks
 --
 -- Per worker, `pool.peers` is a parsed copy (weights, down, capacity, external load, health) refreshed by
@@ -84,17 +86,66 @@ function M.install(pool, text, snap, now)
     end
     local removed = peers.missing(old, snap)
     for _, name in ipairs(removed) do
-        -- its in-flight count stays until its open requests end; a peer re-added later starts fresh
+        -- a peer re-added later starts fresh; its in-flight total stays until its open requests end, and
+        -- goes later (M.sweep), not here: until `ver` moves below, every worker may still pick it
         dict:delete("x:" .. name)
         dict:delete("sa:" .. name)
         dict:delete("h:" .. name)
+        dict:set("rm:" .. name, now)
+    end
+    local added = peers.missing(snap, old)
+    for _, name in ipairs(added) do
+        dict:delete("rm:" .. name) -- before the snapshot naming it is in force: no sweep takes its total
     end
     local ok, err = dict:set("snap", text)
     if not ok then return nil, "shared dict: " .. tostring(err) end
     dict:set("snap_at", now)
     dict:set("gen", snap.generation)
     dict:incr("ver", 1, 0)
-    return peers.missing(snap, old), removed
+    return added, removed
+end
+
+-- A removed peer's in-flight total (i:, fdngx.ledger) is deleted once it is at 0 and the peer has been out
+-- of the snapshot in force for this long (seconds): without it, every peer a registry fleet's churn ever
+-- named would keep a key, and a full dict evicts keys that matter. A peer is picked only from a worker's
+-- copy, synced in the same step as the pick and its increment (fdngx.balancer.balance), so one out of the
+-- snapshot this long is picked by nobody and no increment races the delete (the dict has no
+-- compare-and-delete).
+M.SWEEP_AFTER = 1.0
+
+-- Peer `name` is not in the snapshot of generation `gen`: mark its total, or delete it (and the mark) once
+-- it has been marked SWEEP_AFTER and no request is open. Returns 1 when a total went.
+local function sweep_one(dict, name, gen, now)
+    local total, mark = "i:" .. name, "rm:" .. name
+    local n, at = dict:get(total), dict:get(mark)
+    if not at then
+        -- a total no push marked (left by an older fdngx, or made again by a worker whose sync failed)
+        if n then dict:set(mark, now) end
+        return 0
+    end
+    -- a push re-adding it meanwhile moves `gen` before any worker can pick it
+    if now - at < M.SWEEP_AFTER or (n or 0) > 0 or dict:get("gen") ~= gen then return 0 end
+    dict:delete(total)
+    dict:delete(mark)
+    return n and 1 or 0
+end
+
+-- Delete the in-flight totals of peers out of the snapshot in force that have no request open (above).
+-- `keys`: the dict's keys (dict:get_keys(0), shared with fdngx.ledger.reap); the caller holds the reaper's
+-- lock. Returns how many totals went.
+function M.sweep(pool, now, keys)
+    local dict = pool.dict
+    local gen = dict:get("gen")
+    local cur = in_force(pool, dict)
+    if not cur then return 0 end
+    local swept = 0
+    for _, key in ipairs(keys) do
+        local kind, name = key:match("^(%a+):(.+)$")
+        if (kind == "i" or kind == "rm") and not cur.by_name[name] then
+            swept = swept + sweep_one(dict, name, gen, now)
+        end
+    end
+    return swept
 end
 
 -- Refresh this worker's copy if `ver` moved. Returns true when something was re-read, or nil and an error
@@ -126,6 +177,27 @@ function M.sync(pool, now, force)
     end
     pool.ver = ver
     return true
+end
+
+-- Start the /health probes due at `now` (fdngx.health.needs_probe): one per peer every PROBE_EVERY over all
+-- workers, the pl: lock deciding which worker. start(pool, p) -> ok, err starts one (ngx.timer.at). One that
+-- cannot start (lua_max_pending_timers reached, the worker exiting) gives its lock back at once: the next
+-- tick (any worker's, every 0.1 s) tries again instead of the probe being skipped until the lock lapses.
+-- The rest wait for that tick too (they would fail alike). Returns the peer that could not be probed and
+-- why, or nil.
+function M.probes(pool, now, start)
+    local dict = pool.dict
+    for _, p in ipairs(pool.peers) do
+        local lock = "pl:" .. p.name
+        if health.needs_probe(p.h, p.down, now) and dict:add(lock, true, health.PROBE_EVERY) then
+            local ok, err = start(pool, p)
+            if not ok then
+                dict:delete(lock)
+                return p.name, tostring(err)
+            end
+        end
+    end
+    return nil
 end
 
 -- Apply a health event to peer `name`: event(record, now) -> record. Shared at once, and in this worker's

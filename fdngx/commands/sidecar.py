@@ -97,8 +97,8 @@ def sidecar_cmd(
         "--admin-token-file with --out."
     ),
     push_timeout: float = typer.Option(
-        0.5, help="Controller mode: seconds one push may take (connect, and each read); a slower or dead "
-        "frontend never delays the others."
+        0.5, help="Controller mode: seconds one whole push may take (connect, send and answer); then its "
+        "connection is closed and the cycle waits no longer: a slow or dead frontend never delays the others."
     ),
     balancer: Balancer = BalancerOpt,
     listen: str = ListenOpt,

@@ -3,32 +3,40 @@
 Every cycle the controller builds ONE snapshot text (one generation, fdngx.nginx.openresty.snapshot) and
 POSTs those exact bytes to every frontend's admin location at once, one worker thread per frontend:
 
-- each push has its own timeout (connect and read, `--push-timeout`); the cycle waits at most that long,
-  so a dead or black-holed frontend costs the others nothing and the cycle at most one timeout;
-- a frontend whose previous push is still in flight (black-holed) is skipped, not queued behind itself;
+- one number bounds a push and the cycle (`--push-timeout`): a push's whole request (connect, send, answer)
+  gets that long, then its connection is shut down and it counts as `timeout`; the cycle waits no longer.
+  So a dead, black-holed or byte-dripping frontend costs the others nothing and the cycle one timeout;
+- a frontend whose previous push is still in flight is skipped (`busy`), not queued behind itself;
+- the workers are daemon threads: exit (SIGTERM) never waits on a push;
 - a frontend's failure is logged once when it starts and once when it ends (not every cycle), and counted
   per frontend in the sidecar's telemetry;
 - a 409 (the frontend holds a newer generation, from a second controller running side by side) is an
   answer, not a failure: logged once per change, counted as `stale`; at WARNING when the generation in
   force there is further ahead of this host's clock than a frontend takes from any pusher (this host's
-  clock is behind, fdngx.nginx.generation), at INFO otherwise.
+  clock is behind, fdngx.nginx.generation), at INFO otherwise; at WARNING too when every frontend that
+  answers has refused this controller's pushes for ALL_STALE_S (a clock set back here, or another
+  controller's clock ahead).
 
 Tokens: one shared token file (`--push-token-file`, the same token on every frontend), or per frontend a
-token file named after its URL in the push file (`URL TOKEN_FILE`). Each is read like the frontends read
-theirs: a regular file of ours, private (0600).
+token file named after its URL in the push file (`URL TOKEN_FILE`, relative to the push file's directory).
+Each is read like the frontends read theirs: a regular file of ours, private (0600), one word. A token
+file that changes (rotation: its inode, size or mtime) is read again before the next push.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
+import queue
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from fdngx.errors import ApplyError, FdngxError, UsageError
+from fdngx.errors import ApplyError, FdngxError, UnsafeFileError, UsageError
 from fdngx.nginx.generation import PushState, say_change
 from fdngx.nginx.openresty import Admin, parse_admin_url, read_token
 from fdngx.system.files import check_private, read_regular_file
@@ -37,6 +45,9 @@ log = logging.getLogger("fdngx.fanout")
 MAX_FRONTENDS = 1024
 MAX_PUSH_FILE = 1 << 20
 _MIN_TOKEN = 16  # fdngx.balancer refuses a shorter one
+ALL_STALE_S = 30.0  # every frontend refusing this controller's pushes as older for this long: said at WARNING
+NO_FRONTENDS = "no frontend to push to (the push file lists none?): nothing was pushed"
+_Identity = tuple[int, int, int, int] | None  # a file's (dev, inode, size, mtime_ns); None: not there
 
 
 @dataclass(frozen=True)
@@ -77,7 +88,8 @@ class PushOutcome:
 
 
 def load_token(path: Path) -> str:
-    """A push token: a private regular file of ours holding at least 16 characters. Raises FdngxError."""
+    """A push token: a private regular file of ours holding one word of at least 16 printable ASCII characters.
+    Raises FdngxError naming the file, never the token."""
     check_private(path, "openresty admin token", secret=True)
     token = read_token(path)
     if len(token) < _MIN_TOKEN:
@@ -85,8 +97,18 @@ def load_token(path: Path) -> str:
     return token
 
 
-def frontend_specs(urls: Iterable[str], token_file: Path | None, what: str = "--push-to") -> list[FrontendSpec]:
-    """URLs (each may be `URL` or `URL TOKEN_FILE`) -> specs; every frontend needs a token file."""
+def _identity(path: Path) -> _Identity:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def frontend_specs(urls: Iterable[str], token_file: Path | None, what: str = "--push-to",
+                   base: Path | None = None) -> list[FrontendSpec]:
+    """URLs (each may be `URL` or `URL TOKEN_FILE`) -> specs; every frontend needs a token file. A relative
+    TOKEN_FILE is relative to `base` (the push file's directory), else to the working directory."""
     specs: list[FrontendSpec] = []
     seen: set[str] = set()
     for entry in urls:
@@ -99,7 +121,7 @@ def frontend_specs(urls: Iterable[str], token_file: Path | None, what: str = "--
             listen, _path = parse_admin_url(parts[0])
         except ValueError as exc:
             raise UsageError(f"{what}: {exc}") from None
-        own = Path(parts[1]).absolute() if len(parts) == 2 else None
+        own = (base or Path.cwd()) / parts[1] if len(parts) == 2 else None
         token = own or token_file
         if token is None:
             raise UsageError(f"{what} {parts[0]}: no token file (give --push-token-file, or URL TOKEN_FILE)")
@@ -113,9 +135,27 @@ def frontend_specs(urls: Iterable[str], token_file: Path | None, what: str = "--
     return specs
 
 
+def _check_push_file(path: Path) -> None:
+    """The push file says where the admin tokens go (a line `URL TOKEN_FILE` sends that file's contents to
+    URL): like the token and state files (check_private), nobody but its owner, this user or root, may
+    write it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return  # said by the read
+    if st.st_uid not in (os.geteuid(), 0):
+        raise UnsafeFileError(f"{path}: the push file belongs to uid {st.st_uid}, neither this user (uid "
+                              f"{os.geteuid()}) nor root, and it says where the admin tokens go; chown it to this user")
+    if st.st_mode & 0o022:
+        raise UnsafeFileError(f"{path}: the push file is writable by group or others (mode {st.st_mode & 0o7777:04o}), "
+                              f"and it says where the admin tokens go; chmod go-w {path}")
+
+
 def read_push_file(path: Path, token_file: Path | None) -> list[FrontendSpec]:
-    """The push file: one admin URL per line, optionally followed by that frontend's token file; `#`
-    comments and blank lines ignored. Raises FdngxError naming the file and line."""
+    """The push file: one admin URL per line, optionally followed by that frontend's token file (relative to
+    the push file's directory); `#` comments and blank lines ignored. A file others can write, or that
+    lists no frontend, is refused. Raises FdngxError naming the file and line."""
+    _check_push_file(path)
     try:
         text = read_regular_file(path, MAX_PUSH_FILE).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -127,12 +167,14 @@ def read_push_file(path: Path, token_file: Path | None) -> list[FrontendSpec]:
             entries.append((n, line))
     specs: list[FrontendSpec] = []
     for n, line in entries:
-        specs.extend(frontend_specs([line], token_file, what=f"{path}:{n}"))
+        specs.extend(frontend_specs([line], token_file, what=f"{path}:{n}", base=path.absolute().parent))
     urls = [s.url for s in specs]
     if len(urls) != len(set(urls)):
         raise UsageError(f"{path}: a frontend is listed twice")
     if len(specs) > MAX_FRONTENDS:
         raise UsageError(f"{path}: more than {MAX_FRONTENDS} frontends")
+    if not specs:
+        raise UsageError(f"{path}: the push file lists no frontend (one admin URL per line)")
     return specs
 
 
@@ -144,18 +186,56 @@ class _Frontend:
     inflight: Future[PushOutcome] | None = None
     state: PushState | None = None  # last logged
 
+    @property
+    def busy(self) -> bool:
+        return self.inflight is not None and not self.inflight.done()
+
+
+class _Workers:
+    """Daemon threads, started on demand (one per push in flight, at most `limit`) and kept for the next
+    cycle: exit never waits on a push (concurrent.futures joins its threads at exit, hung ones included)."""
+
+    def __init__(self, limit: int) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future[PushOutcome], _Frontend, str] | None] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._threads = 0
+        self._limit = limit
+
+    def submit(self, f: _Frontend, text: str) -> Future[PushOutcome]:
+        future: Future[PushOutcome] = Future()
+        self._jobs.put((future, f, text))
+        if not self._idle.acquire(blocking=False) and self._threads < self._limit:
+            self._threads += 1
+            threading.Thread(target=self._work, name=f"fdngx-push-{self._threads}", daemon=True).start()
+        return future
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, f, text = job
+            if future.set_running_or_notify_cancel():
+                future.set_result(_push_one(f, text))
+            del job, future, f, text
+            self._idle.release()
+
+    def close(self) -> None:
+        for _ in range(self._threads):
+            self._jobs.put(None)
+
 
 class Fanout:
-    """Pushes one snapshot text to every frontend concurrently. Thread-safe for one caller (the sidecar's
-    cycle); `set_frontends` may run between pushes (the push file changed)."""
+    """Pushes one snapshot text to every frontend concurrently. For one caller (the sidecar's cycle);
+    `set_frontends` runs between pushes (the push file changed)."""
 
     def __init__(self, specs: Iterable[FrontendSpec], timeout: float = 0.5) -> None:
-        if timeout <= 0:
+        if not 0 < timeout < math.inf:
             raise UsageError("--push-timeout must be > 0")
         self.timeout = timeout
         self._frontends: dict[str, _Frontend] = {}
-        self._pool: ThreadPoolExecutor | None = None
+        self._tokens: dict[Path, tuple[_Identity, str]] = {}  # token file -> (its identity when read, token)
+        self._workers = _Workers(MAX_FRONTENDS)
         self._lock = threading.Lock()
+        self._stale_since: float | None = None  # since when every frontend answering says stale
+        self._said_stale = False
         self.set_frontends(specs)
 
     @property
@@ -163,50 +243,76 @@ class Fanout:
         return [f.label for f in self._frontends.values()]
 
     def set_frontends(self, specs: Iterable[FrontendSpec]) -> None:
-        """Replace the list; a frontend whose URL and token file stay keeps its connection. Tokens are read
-        now: a missing or unsafe token file raises (FdngxError) and nothing changes."""
+        """Replace the list; a frontend whose URL, token file and token stay keeps its connection. Tokens are
+        read now: a missing or unsafe token file raises (FdngxError) and nothing changes."""
         specs = list(specs)
-        new: dict[str, _Frontend] = {}
-        tokens: dict[Path, str] = {}
+        tokens: dict[Path, tuple[_Identity, str]] = {}
         for spec in specs:
-            old = self._frontends.get(spec.url)
             if spec.token_file not in tokens:
-                tokens[spec.token_file] = load_token(spec.token_file)
-            if old is not None and old.spec == spec and old.admin.token == tokens[spec.token_file]:
+                seen = _identity(spec.token_file)  # before the read: a change after it is seen next cycle
+                tokens[spec.token_file] = (seen, load_token(spec.token_file))
+        new: dict[str, _Frontend] = {}
+        renewed = []
+        for spec in specs:
+            old, token = self._frontends.get(spec.url), tokens[spec.token_file][1]
+            if old is not None and old.spec == spec and old.admin.token == token:
                 new[spec.url] = old
                 continue
-            admin = Admin.from_url(spec.url, tokens[spec.token_file], timeout=self.timeout)
-            new[spec.url] = _Frontend(spec, admin, spec.label)
+            new[spec.url] = _Frontend(spec, Admin.from_url(spec.url, token, timeout=self.timeout), spec.label)
+            if old is not None:
+                renewed.append(spec.label)
         with self._lock:
-            gone = [f for url, f in self._frontends.items() if url not in new or new[url] is not f]
+            gone = [f for url, f in self._frontends.items() if new.get(url) is not f]
             added = [f.label for url, f in new.items() if url not in self._frontends]
-            self._frontends = new
-            if self._pool is None:
-                # Threads start on demand (one per frontend pushed to at once) and stay for the next cycle.
-                self._pool = ThreadPoolExecutor(MAX_FRONTENDS, thread_name_prefix="fdngx-push")
+            self._frontends, self._tokens = new, tokens
         for f in gone:
-            if f.inflight is None or f.inflight.done():
-                f.admin.close()
-        if gone or added:
-            log.info("pushing to %d frontend(s)%s%s", len(new), f"; added {', '.join(added)}" if added else "",
-                     f"; removed {', '.join(f.label for f in gone)}" if gone else "")
+            f.admin.abort()  # a push still in flight there ends now: its connection is shut down
+            f.admin.close()
+        removed = [f.label for f in gone if f.spec.url not in new]
+        if added or removed or renewed:
+            log.info("pushing to %d frontend(s)%s%s%s", len(new), f"; added {', '.join(added)}" if added else "",
+                     f"; removed {', '.join(removed)}" if removed else "",
+                     f"; new admin token for {', '.join(renewed)}" if renewed else "")
+
+    def _renew_tokens(self, frontends: list[_Frontend]) -> None:
+        """Read a token file again when it changed (a rotation); a frontend not busy takes the new token."""
+        for path, (seen, token) in list(self._tokens.items()):
+            now = _identity(path)
+            if now == seen:
+                continue
+            try:
+                self._tokens[path] = (now, load_token(path))
+            except FdngxError as exc:
+                # Kept, and tried again when the file changes again (a rewrite in progress, a bad edit).
+                self._tokens[path] = (now, token)
+                log.warning("%s: admin token not read again, pushing with the one in use: %s", path, exc)
+                continue
+            if self._tokens[path][1] != token:
+                log.info("%s: admin token changed: pushing with the new one", path)
+        for f in frontends:
+            token = self._tokens[f.spec.token_file][1]
+            if f.admin.token != token and not f.busy:
+                old, f.admin = f.admin, Admin.from_url(f.spec.url, token, timeout=self.timeout)
+                old.close()
 
     def push(self, text: str) -> tuple[PushOutcome, ...]:
         """POST `text` to every frontend at once; returns one outcome per frontend, in list order, after at
-        most about `timeout` seconds (a push still running then is reported as `timeout`)."""
+        most `timeout` seconds: a push still running then is ended (its connection shut down) and reported
+        as `timeout`. No frontend at all raises ApplyError (a cycle that pushed to nobody is no success)."""
         with self._lock:
             frontends = list(self._frontends.values())
-            pool = self._pool
-        assert pool is not None
+        if not frontends:
+            raise ApplyError(NO_FRONTENDS)
+        self._renew_tokens(frontends)
         started = time.monotonic()
         futures: dict[str, Future[PushOutcome]] = {}
         for f in frontends:
-            if f.inflight is not None and not f.inflight.done():
-                continue  # the last push to it still hangs: do not queue another behind it
-            f.inflight = futures[f.label] = pool.submit(_push_one, f, text)
+            if f.busy:
+                continue  # the last push to it has not returned: do not queue another behind it
+            f.admin.abort(False)
+            f.inflight = futures[f.label] = self._workers.submit(f, text)
         if futures:
-            # Each push bounds itself (connect and read timeouts); this bounds the cycle even if one does not.
-            wait(futures.values(), timeout=self.timeout + 0.25)
+            wait(futures.values(), timeout=max(0.0, started + self.timeout - time.monotonic()))
         outcomes = []
         for f in frontends:
             fut = futures.get(f.label)
@@ -215,10 +321,12 @@ class Fanout:
             elif fut.done():
                 outcome = fut.result()
             else:
+                f.admin.abort()  # its thread returns now, its connection closed
                 outcome = PushOutcome(f.label, "timeout", time.monotonic() - started,
-                                      error=f"no answer within {self.timeout:g} s")
+                                      error=f"no whole answer within {self.timeout:g} s (--push-timeout)")
             self._note(f, outcome)
             outcomes.append(outcome)
+        self._note_all_stale(outcomes)
         return tuple(outcomes)
 
     def _note(self, f: _Frontend, o: PushOutcome) -> None:
@@ -234,14 +342,31 @@ class Fanout:
             say_change(log, f.spec.url, f.state, state, o.generation, o.current, pusher="this controller")
         f.state = state
 
+    def _note_all_stale(self, outcomes: list[PushOutcome]) -> None:
+        """Every frontend that answers refusing this controller's pushes as older, for ALL_STALE_S: at WARNING,
+        once until one takes a push again. One frontend at a time is said at INFO (a second controller), but
+        all of them for this long is rather this host's clock set back (a restart after that included)."""
+        answered = [o for o in outcomes if o.answered]
+        if not answered or any(o.accepted for o in answered):
+            self._stale_since, self._said_stale = None, False
+            return
+        now = time.monotonic()
+        self._stale_since = now if self._stale_since is None else self._stale_since
+        if not self._said_stale and now - self._stale_since >= ALL_STALE_S:
+            ahead = max((o.current or 0) - (o.generation or 0) for o in answered) / 1000
+            log.warning("every frontend that answers has refused this controller's pushes as older for %.0f s (up "
+                        "to %.1f s newer in force): this host's clock may have been set back, or another "
+                        "controller's clock runs ahead; check both (NTP) (said once until one takes a push)",
+                        now - self._stale_since, ahead)
+            self._said_stale = True
+
     def close(self) -> None:
         with self._lock:
             frontends, self._frontends = list(self._frontends.values()), {}
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
         for f in frontends:
+            f.admin.abort()
             f.admin.close()
+        self._workers.close()
 
 
 def _push_one(f: _Frontend, text: str) -> PushOutcome:

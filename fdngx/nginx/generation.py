@@ -11,6 +11,7 @@ behind, not that a second controller pushes.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 
@@ -36,10 +37,40 @@ def next_generation() -> int:
         return _last_generation
 
 
+def seed(saved: object) -> None:
+    """Count on from `saved`, the last generation a previous process used (its state file): after a restart
+    following a clock set back by less than FUTURE_S, generations from the clock alone would be older than
+    what the frontends hold (409 stale until the clock catches up). Ignored unless an integer within FUTURE_S
+    ahead of the clock: next_generation gives max(saved + 1, now)."""
+    global _last_generation
+    if type(saved) is not int or saved > time.time_ns() // 1_000_000 + FUTURE_S * 1000:
+        return
+    with _generation_lock:
+        _last_generation = max(_last_generation, saved)
+
+
+def last_generation() -> int:
+    """The last generation this process gave out (0: none yet)."""
+    return _last_generation
+
+
 def clock_behind(current: int | None, now: float | None = None) -> bool:
     """Whether a generation in force elsewhere is further ahead of this host's clock than any frontend takes
     from a pusher: then this host's clock is behind (a second controller's would be within FUTURE_S)."""
     return current is not None and current / 1000 - (time.time() if now is None else now) > FUTURE_S
+
+
+def generation_in(text: str) -> int | None:
+    """The generation a snapshot's text says it is (its `generation N` line), None if none."""
+    found = re.search(r"^generation ([0-9]{1,16})$", text, re.MULTILINE)
+    return int(found.group(1)) if found else None
+
+
+def from_the_future(text: str) -> bool:
+    """A peers file with no generation, or one written by a clock more than FUTURE_S ahead of this one: the
+    balancer refuses re-sending it (400), so every static render would fail until a replica changed."""
+    generation = generation_in(text)
+    return generation is None or clock_behind(generation)
 
 
 class PushState(StrEnum):

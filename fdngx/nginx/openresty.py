@@ -19,21 +19,27 @@ Generations (fdngx.nginx.generation): the pusher's wall clock in ms; a frontend 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import re
 import secrets
+import socket
+import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import requests
 import urllib3
+from requests.adapters import HTTPAdapter
 
 from fdngx.domain import Instance, Inventory, Listen, LoadSample, ServerState, is_ip, natural_key, valid_host
 from fdngx.errors import ApplyError
-from fdngx.nginx.generation import clock_behind, next_generation
+from fdngx.nginx.generation import from_the_future, generation_in, next_generation
 from fdngx.system.files import atomic_write, check_private, read_bytes_or_none, read_regular_file, real_target
 
 DEBIAN_MODULES = (
@@ -82,11 +88,9 @@ def ensure_token(path: Path) -> str:
 
 def lua_modules(binary: str | None) -> tuple[str, ...]:
     """Debian's nginx needs the Lua modules loaded by a standalone config; OpenResty has them built in."""
-    if binary and "openresty" in binary:
+    if (binary and "openresty" in binary) or not all(p.exists() for p in DEBIAN_MODULES):
         return ()
-    if all(p.exists() for p in DEBIAN_MODULES):
-        return tuple(str(p) for p in DEBIAN_MODULES)
-    return ()
+    return tuple(str(p) for p in DEBIAN_MODULES)
 
 
 def peers_path(out: Path | None) -> Path:
@@ -173,13 +177,6 @@ def _peer_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("peer ")]
 
 
-def _from_the_future(text: str) -> bool:
-    """A peers file with no generation, or one written by a clock more than FUTURE_S ahead of this one: the
-    balancer refuses re-sending it (400), so every static render would fail until a replica changed."""
-    found = re.search(r"^generation ([0-9]{1,16})$", text, re.MULTILINE)
-    return found is None or clock_behind(int(found.group(1)))
-
-
 def write_peers_file(path: Path, inv: Inventory) -> str:
     """Make the peers file list the inventory's replicas; returns its text. Rewritten (atomically, with a
     new generation) only when a replica changed: weights and health live in pushes, not here."""
@@ -188,7 +185,7 @@ def write_peers_file(path: Path, inv: Inventory) -> str:
     check_private(path, "openresty peers file")
     old = read_bytes_or_none(path, 8 << 20)
     old_text = old.decode("utf-8", "replace") if old is not None else None
-    if old_text is not None and _peer_lines(old_text) == new_lines and not _from_the_future(old_text):
+    if old_text is not None and _peer_lines(old_text) == new_lines and not from_the_future(old_text):
         return old_text
     text = snapshot(next_generation(), initial_peers(inv), inv.upstream)
     atomic_write(path, text, mode=0o644, private=True)
@@ -216,8 +213,6 @@ def _fields(text: str) -> dict[str, str]:
 
 
 ADMIN_PATH = "/fdngx/peers"
-
-
 MAX_ANSWER = 8 * 1024 * 1024  # the view of 1,000 peers is ~200 KB
 
 
@@ -226,9 +221,44 @@ class _Answer(NamedTuple):
     text: str
 
 
-def _direct_session() -> requests.Session:
+class _Watch:
+    """One Admin's sockets, so that another thread can end its request in flight: a shutdown wakes a blocked
+    recv at once, where requests' timeout is per read (a frontend dripping bytes would hold it forever)."""
+
+    def __init__(self) -> None:
+        self.lock, self.aborted = threading.Lock(), False
+        self.socks: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+
+    def opened(self, sock: socket.socket | None) -> None:
+        """Note a connected socket (None: none); while aborted, shut every one down, this one included."""
+        with self.lock:
+            if sock is not None:
+                self.socks.add(sock)
+            for s in list(self.socks) if self.aborted else ():
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+class _Conn(urllib3.connection.HTTPConnection):
+    def __init__(self, *args: Any, watch: _Watch, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.watch = watch
+
+    def connect(self) -> None:
+        super().connect()
+        self.watch.opened(self.sock)
+
+
+class _Pool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _Conn  # `watch` reaches it among the pool's connection keywords
+
+
+def _direct_session(watch: _Watch) -> requests.Session:
     session = requests.Session()
     session.trust_env = False  # pushes go straight to the frontend, never through an HTTP(S)_PROXY
+    adapter = HTTPAdapter()
+    adapter.poolmanager.pool_classes_by_scheme = {"http": functools.partial(_Pool, watch=watch)}
+    session.mount("http://", adapter)
     return session
 
 
@@ -237,10 +267,14 @@ class Admin:
     """Client for the Lua balancer's admin location (`listen`: where this machine reaches it)."""
 
     listen: Listen
-    token: str
+    token: str = field(repr=False)
     timeout: float = 2.0
     path: str = ADMIN_PATH
-    _session: requests.Session = field(default_factory=_direct_session, repr=False, compare=False)
+    _watch: _Watch = field(default_factory=_Watch, repr=False, compare=False)
+    _session: requests.Session = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_session", _direct_session(self._watch))
 
     @classmethod
     def from_url(cls, url: str, token: str, timeout: float = 2.0) -> Admin:
@@ -255,29 +289,48 @@ class Admin:
     def _request(self, method: str, body: str | None = None) -> _Answer:
         """One call to the admin location. Never follows a redirect (the token goes to this address only)
         and reads at most MAX_ANSWER bytes of the answer: whatever listens on the admin port is not trusted
-        until it answers as the balancer does."""
+        until it answers as the balancer does. `abort` (another thread) ends it at once."""
         headers = {"X-Fdngx-Token": self.token, "Accept-Encoding": "identity"}
+        self._check_aborted()  # its deadline passed before it started (every worker thread was busy)
         for attempt in (1, 2):
             try:
                 resp = self._session.request(method, self.url, data=body, headers=headers, timeout=self.timeout,
                                              allow_redirects=False, stream=True)
                 with resp:
                     raw = resp.raw.read(MAX_ANSWER + 1, decode_content=False)
+                self._check_aborted()  # a read ended by the shutdown may look like a short answer
                 if len(raw) > MAX_ANSWER:
                     raise ApplyError(f"openresty admin {self.url}: answer over {MAX_ANSWER} bytes")
                 return _Answer(resp.status_code, raw.decode("utf-8", "replace"))
+            except requests.exceptions.InvalidHeader:
+                # Its text holds the header's value: the token. (load_token and read_token refuse such a token.)
+                raise ApplyError(f"openresty admin {self.url}: the admin token is not a valid HTTP header value "
+                                 "(a line break or a space inside?)") from None
             except requests.ConnectionError as exc:
+                self._check_aborted()
                 # A kept-alive connection that nginx closed (a reload ends idle ones): once more on a fresh
                 # one. Safe: a snapshot sent twice carries the same generation ("unchanged").
                 if attempt == 2 or isinstance(exc, requests.ConnectTimeout):
                     raise AdminUnreachable(f"openresty admin {self.url}: {exc}") from None
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                self._check_aborted()
                 raise ApplyError(f"openresty admin {self.url}: {exc}") from None
         raise AssertionError("unreachable")
 
+    def _check_aborted(self) -> None:
+        if self._watch.aborted:
+            raise ApplyError(f"openresty admin {self.url}: ended at its deadline, connection closed") from None
+
+    def abort(self, aborted: bool = True) -> None:
+        """End the request in flight from another thread (its connection is shut down, it raises ApplyError),
+        and every later one until abort(False)."""
+        self._watch.aborted = aborted
+        self._watch.opened(None)
+
     def push(self, body: str) -> PushResult:
         """POST one whole snapshot. A refused older generation is a result (another controller is ahead),
-        not an error; anything else that is not applied raises ApplyError with the balancer's reason."""
+        not an error; anything else that is not applied raises ApplyError with the balancer's reason. A 200
+        counts only as the balancer says it: `ok` or `unchanged`, with the generation sent."""
         resp = self._request("POST", body)
         text = resp.text.strip()
         fields = _fields(text)
@@ -285,24 +338,32 @@ class Admin:
             if resp.status_code == 409:
                 return PushResult("stale", int(fields["generation"]), current=int(fields["current"]))
             if resp.status_code == 200:
+                status, generation = text.split()[0], int(fields["generation"])
+                if status not in ("ok", "unchanged") or generation != generation_in(body):
+                    raise ValueError(status)
                 added, removed = fields.get("added", ""), fields.get("removed", "")
-                return PushResult(text.split()[0], int(fields["generation"]), int(fields["peers"]),
+                return PushResult(status, generation, int(fields["peers"]),
                                   tuple(filter(None, added.split(","))), tuple(filter(None, removed.split(","))))
         except (KeyError, ValueError, IndexError):
             raise ApplyError(f"openresty admin {self.url}: unexpected answer {text[:200]!r}") from None
-        raise ApplyError(f"openresty admin {self.url}: HTTP {resp.status_code} {text[:300]}")
+        raise ApplyError(f"openresty admin {self.url}: HTTP {resp.status_code} {_one_line(text, 300)}")
 
     def view(self) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
         """The balancer's view: (pool fields, {peer name: its fields}) from GET on the admin location."""
         resp = self._request("GET")
         if resp.status_code != 200:
-            raise ApplyError(f"openresty admin {self.url}: HTTP {resp.status_code} {resp.text.strip()[:200]}")
+            raise ApplyError(f"openresty admin {self.url}: HTTP {resp.status_code} {_one_line(resp.text, 200)}")
         lines = resp.text.strip().splitlines()
         peers = {f["peer"]: f for f in map(_fields, lines[1:]) if "peer" in f}
         return _fields(lines[0]) if lines else {}, peers
 
     def close(self) -> None:
         self._session.close()
+
+
+def _one_line(text: str, limit: int) -> str:
+    """Another program's text in our log line, bounded: it can neither cut the line nor forge the next one."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in " ".join(text[:limit].split()))
 
 
 def parse_admin_url(url: str) -> tuple[Listen, str]:
@@ -323,8 +384,13 @@ def parse_admin_url(url: str) -> tuple[Listen, str]:
 
 
 def read_token(path: Path) -> str:
+    """The token in `path` ("" for an empty file): one word of printable ASCII, never said in a message."""
     try:
-        return read_regular_file(path, 4096).decode("utf-8", "replace").strip()
+        token = read_regular_file(path, 4096).decode("utf-8", "replace").strip()
     except OSError as exc:
         raise ApplyError(f"{path}: cannot read the openresty admin token ({exc.strerror or exc}); "
                          "render with --flavor openresty first") from None
+    if token and not re.fullmatch(r"[\x21-\x7e]+", token):
+        raise ApplyError(f"{path}: the openresty admin token must be one word of printable ASCII (a line break, a "
+                         "space or another character inside); write the one token alone in the file")
+    return token

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 
 from fdngx.domain import Inventory, LoadSample, ServerState
 from fdngx.errors import FdngxError
+from fdngx.nginx import generation
 from fdngx.nginx.apply import ApplyResult
 from fdngx.nginx.fanout import PushOutcome
 from fdngx.nginx.generation import PushState, say_change
@@ -35,6 +36,9 @@ from fdngx.weights.store import StateStore
 
 log = logging.getLogger("fdngx.controller")
 Scrape = Callable[..., dict[str, LoadSample]]
+# The last generation pushed, kept in the state (beside the policy settings, which ignore it) so that the next
+# process counts on from it (fdngx.nginx.generation.seed): the sidecar saves it every 10 s and when it stops.
+GENERATION_KEY = "last_generation"
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,8 @@ class Controller:
         error: str | None = None
         text = ""
         push_started = push_ended = scraped
+        if self.target.pushing:
+            generation.seed(state.config.get(GENERATION_KEY))
         try:
             if self.target.renders:
                 text = self.target.render(inv, states)
@@ -184,6 +190,8 @@ class Controller:
             error = str(exc)
         if error is not None and decisions is not None:
             new_state = unapplied(new_state, state)
+        if self.target.pushing and generation.last_generation():
+            new_state = replace(new_state, config={**new_state.config, GENERATION_KEY: generation.last_generation()})
         result = CycleResult(decisions, samples, applied, pushed, error, text, self._nginx_running(applied), pushes,
                              scraped - started, push_ended - push_started, superseded)
         self._log(result)

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from fdngx import __version__
 from fdngx.domain import Listen, LoadSample
 from fdngx.errors import UsageError
+from fdngx.nginx.fanout import NO_FRONTENDS
 from fdngx.weights.controller import CycleResult
 from fdngx.weights.state import PolicyState
 
@@ -120,7 +121,9 @@ class Telemetry:
         with self._lock:
             self.cycle_seconds.observe(seconds)
             self._apply(result, now)
-            if result.pushes:
+            # No outcome because there is no frontend left: the per-frontend series of the old ones go too
+            # (a cycle that failed before its push keeps them: it says nothing about the frontends).
+            if result.pushes or result.error == NO_FRONTENDS:
                 self._pushes(result)
             if result.decisions is not None:
                 self._replicas(result, state, now)

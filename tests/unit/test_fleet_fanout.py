@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -97,12 +98,16 @@ def test_admin_allow_list_renders_nginx_allow_lines() -> None:
 
 
 class _Admin(http.server.BaseHTTPRequestHandler):
-    answer = (200, "ok generation=5 peers=3 added= removed=")
+    """Answers as the balancer does: {generation} is the pushed one."""
+
+    answer = (200, "ok generation={generation} peers=3 added= removed=")
+    protocol_version = "HTTP/1.1"  # keep-alive, as nginx
 
     def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        pushed = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+        found = re.search(r"^generation ([0-9]+)$", pushed, re.M)
         status, text = self.answer
-        body = text.encode()
+        body = text.replace("{generation}", found.group(1) if found else "?").encode()
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,14 +15,16 @@ from types import SimpleNamespace
 import pytest
 
 from fdngx.domain import Flavor, Instance, Inventory, ServerState
-from fdngx.nginx import generation
+from fdngx.nginx import fanout, generation
 from fdngx.nginx.fanout import Fanout, FrontendSpec, PushOutcome
 from fdngx.nginx.openresty import PushResult, write_peers_file
 from fdngx.nginx.render import RenderOptions
 from fdngx.nginx.target import Target
-from fdngx.weights.controller import Controller
-from fdngx.weights.settings import config_for_flavor
+from fdngx.weights.controller import GENERATION_KEY, Controller
+from fdngx.weights.settings import config_for_flavor, config_of_state
 from fdngx.weights.state import PolicyState
+from fdngx.weights.store import StateStore
+from tests.unit.test_push_deadline import FakeFrontend, answer, good, read_request
 
 AHEAD_MS = int(generation.FUTURE_S * 1000)
 
@@ -179,3 +182,93 @@ def test_a_peers_file_superseded_says_which_kind_of_newer_snapshot_is_in_force()
     assert generation.PushState.of("stale", g + 5_000) is generation.PushState.STALE
     assert generation.PushState.of("unchanged", None) is generation.PushState.OK
     assert generation.PushState.of("timeout", None) is generation.PushState.FAILED
+
+
+class RecordingAdmin(FakeAdmin):
+    """Takes every push, and keeps what it was sent."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.bodies: list[str] = []
+
+    def push(self, body: str) -> PushResult:
+        self.bodies.append(body)
+        return PushResult("ok", pushed(body), 1)
+
+
+def pushed(body: str) -> int:
+    found = re.search(r"(?m)^generation ([0-9]+)$", body)
+    assert found is not None
+    return int(found.group(1))
+
+
+def test_a_restart_counts_on_from_the_generation_its_state_saved(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    """The clock was set back two minutes, then the controller restarted: generations from the clock alone
+    are older than what every frontend holds (409 stale for two minutes)."""
+    monkeypatch.setattr(generation, "_last_generation", 0)  # a new process
+    saved = now_ms() + 120_000
+    admin = RecordingAdmin()
+    ctl = controller(admin)
+    _result, state = ctl.step(fleet(), PolicyState(config={GENERATION_KEY: saved}))
+    assert pushed(admin.bodies[0]) == saved + 1
+    # Kept in the state file, for the next process; the policy settings recorded there are unchanged.
+    store = StateStore(tmp_path / "state.json")
+    store.save(state)
+    back = store.load()
+    assert back.config[GENERATION_KEY] == saved + 1 and config_of_state(back) == ctl.policy
+    monkeypatch.setattr(generation, "_last_generation", 0)
+    controller(admin).step(fleet(), back)
+    assert pushed(admin.bodies[1]) == saved + 2
+    # One further ahead than any frontend takes (a clock that was far ahead, set right) is not followed.
+    monkeypatch.setattr(generation, "_last_generation", 0)
+    controller(admin).step(fleet(), PolicyState(config={GENERATION_KEY: now_ms() + AHEAD_MS + 60_000}))
+    assert abs(pushed(admin.bodies[2]) - now_ms()) < 60_000
+    for junk in ("12", 1.5, True, None, -5):
+        generation.seed(junk)  # a hand-edited state: ignored
+    assert generation.last_generation() == pushed(admin.bodies[2])
+
+
+def stale(fe: FakeFrontend, conn: socket.socket) -> None:
+    """Refuses every push: a snapshot 30 s newer is in force."""
+    while request := read_request(conn):
+        found = re.search(rb"(?m)^generation ([0-9]+)$", request)
+        g = int(found.group(1)) if found else 0
+        answer(conn, request, b"409 Conflict", f"stale generation={g} current={g + 30_000}\n".encode())
+
+
+def test_every_frontend_refusing_this_controllers_pushes_for_a_while_is_a_warning(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One frontend holding a newer snapshot is a second controller (INFO); all of them, for longer than a
+    short while, is rather this host's clock set back (or another controller's clock ahead): WARNING."""
+    fes = [FakeFrontend(stale), FakeFrontend(stale), FakeFrontend(good)]
+    token = tmp_path / "token"
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("t" * 32 + "\n")
+    caplog.set_level(logging.INFO, "fdngx.fanout")
+    fan = Fanout([FrontendSpec(f"{fe.url}/fdngx/peers", token) for fe in fes[:2]])
+    try:
+        def warnings() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+        g = now_ms()
+        for i in range(3):
+            fan.push(f"generation {g + i}\nempty\n")
+        assert warnings() == []  # not at once: two controllers side by side take turns
+        monkeypatch.setattr(fanout, "ALL_STALE_S", 0.0)
+        for i in range(3, 6):
+            assert [o.status for o in fan.push(f"generation {g + i}\nempty\n")] == ["stale", "stale"]
+        said = warnings()
+        assert len(said) == 1 and said[0].startswith("every frontend that answers has refused this controller's "
+                                                     "pushes as older for ") and "set back" in said[0], said
+        # One frontend takes a push: the episode is over; said again when it comes back.
+        fan.set_frontends([FrontendSpec(f"{fe.url}/fdngx/peers", token) for fe in fes])
+        fan.push(f"generation {g + 6}\nempty\n")
+        fan.set_frontends([FrontendSpec(f"{fe.url}/fdngx/peers", token) for fe in fes[:2]])
+        fan.push(f"generation {g + 7}\nempty\n")
+        assert len(warnings()) == 2
+    finally:
+        fan.close()
+        for fe in fes:
+            fe.close()

@@ -12,30 +12,37 @@ It keeps HttpClient's contract, result for result: the same connect and read (in
 total deadline, the byte cap, one retry on a fresh connection when a kept-alive one turns out closed, the
 same error texts ("connection refused", "connect timeout", "read timeout", "scrape deadline exceeded",
 "connection closed by the server", "response over N bytes"). Hosts that are not IP literals (the plain
-nginx flavor allows names) go through HttpClient.get on the pool meanwhile: resolving a name blocks.
+nginx flavor allows names) are looked up on the pool (fdngx.weights.dial: remembered, never waited on past
+the deadline), then read by the same loop, with the name in the Host header; each of a name's addresses is
+tried in turn, as http.client's create_connection does. Whatever goes wrong with one GET (a socket the
+system refuses, EMFILE, a bug) fails that GET only: never the cycle.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import heapq
 import ipaddress
 import itertools
+import logging
 import os
 import selectors
 import socket
 import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
-from fdngx.weights.fetch import Fetch, HttpClient, _describe, _oversize, run_all
+from fdngx.weights.dial import Addresses, Resolver, raise_fd_limit, with_port
+from fdngx.weights.fetch import Fetch, HttpClient, _describe, _oversize
 from fdngx.weights.http1 import Closed, Refused, Response
 
+log = logging.getLogger("fdngx.scrape")
 _RECV = 256 * 1024
 _IN_FLIGHT = 1024  # requests under way at once (each holds a socket)
+_LOOKUP_POLL = 0.005  # while a name's first lookup runs, how often the loop looks (a cache hit never waits)
 
 
 @dataclass(frozen=True)
@@ -50,11 +57,13 @@ class Job:
 
 
 class _Req:
-    __slots__ = ("addr", "expires", "family", "job", "out", "request", "resp", "reused", "sock", "start", "state",
-                 "tries")
+    __slots__ = ("addr", "addrs", "at", "expires", "first", "job", "out", "request", "resp", "reused", "sock",
+                 "start", "state", "tries")
 
-    def __init__(self, job: Job, addr: tuple[str, int], family: int, request: bytes) -> None:
-        self.job, self.addr, self.family, self.request = job, addr, family, request
+    def __init__(self, job: Job, addr: tuple[str, int], addrs: Addresses | None, request: bytes) -> None:
+        # addr: (host, port) as the URL names it, the key of kept-alive connections; addrs: where to connect
+        # ((family, sockaddr), in order; None: a name not looked up yet).
+        self.job, self.addr, self.addrs, self.request = job, addr, addrs, request
         self.start = time.monotonic()
         self.tries = 0
         self.reset()
@@ -66,6 +75,8 @@ class _Req:
         self.resp = Response(self.job.max_bytes)
         self.reused = False
         self.expires = 0.0
+        self.at = 0  # the next of addrs to try
+        self.first: OSError | None = None  # the first address's failure: told when every address failed
 
 
 class BatchClient(HttpClient):
@@ -74,38 +85,44 @@ class BatchClient(HttpClient):
     def __init__(self, max_idle_per_host: int = 2) -> None:
         super().__init__(max_idle_per_host)
         self._raw_idle: dict[tuple[str, int], list[socket.socket]] = {}
+        self._names = Resolver()
+        self._warned: set[tuple[tuple[str, int], str]] = set()
 
     def get_many(self, jobs: Sequence[Job], *, connect_timeout: float, read_timeout: float,
                  deadline: float) -> dict[Hashable, Fetch]:
         """Every job's Fetch, by key, within `deadline` (monotonic); a job with no answer by then is missing."""
-        loop: list[tuple[Job, tuple[str, int], int, bytes]] = []
-        named: list[tuple[Hashable, Callable[..., Any], dict[str, Any]]] = []
-        for job in jobs:
-            parts = urlsplit(job.url)
-            host, port = parts.hostname or "127.0.0.1", parts.port or 80
-            try:
-                family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-            except ValueError:
-                named.append((job.key, self._get_post, {"job": job, "connect_timeout": connect_timeout,
-                                                        "read_timeout": read_timeout, "deadline": deadline}))
-                continue
-            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            where = f"[{host}]" if family == socket.AF_INET6 else host
-            request = (f"GET {path} HTTP/1.1\r\nHost: {where}:{port}\r\nAccept-Encoding: identity\r\n"
-                       "Accept: text/plain\r\n\r\n").encode("latin-1")
-            loop.append((job, (host, port), family, request))
+        raise_fd_limit(len(jobs))
         results: dict[Hashable, Fetch] = {}
-        pool = self.executor() if named else None
-        # Started first, collected last: names resolve on pool threads while the loop runs.
-        threaded = pool.submit(run_all, pool, named, deadline, 8) if pool is not None else None
-        _Loop(self, loop, connect_timeout, read_timeout, deadline, results).run()
-        if threaded is not None:
-            results.update(threaded.result(timeout=max(0.0, deadline - time.monotonic()) + 0.1))
+        work: list[_Req] = []
+        for job in jobs:
+            try:
+                work.append(_request(job))
+            except Exception as exc:  # a URL that does not split (never from a valid inventory)
+                results[job.key] = Fetch(None, b"", 0.0, _describe(exc, connected=False))
+        self._forget_except({req.addr for req in work})
+        names = {req.addr[0] for req in work if req.addrs is None}
+        if names:
+            self._names.ask(names, self.executor())
+        try:
+            loop = _Loop(self, work, connect_timeout, read_timeout, deadline, results)
+        except OSError as exc:  # no epoll descriptor (EMFILE): every GET fails, the cycle goes on
+            results.update((req.job.key, Fetch(None, b"", 0.0, _describe(exc, connected=False))) for req in work)
+            return results
+        loop.run()
         return results
 
-    def _get_post(self, job: Job, **common: Any) -> Fetch:
-        got = self.get(job.url, max_bytes=job.max_bytes, status_only=job.status_only, **common)
-        return job.post(got) if job.post is not None else got
+    def _forget_except(self, keep: set[tuple[str, int]]) -> None:
+        """Close the kept-alive connections (and forget the names) of replicas this cycle does not ask: those
+        that left the inventory (a rollout on new addresses) would otherwise stay open for good."""
+        with self._lock:
+            raw = [s for k in [k for k in self._raw_idle if k not in keep] for s in self._raw_idle.pop(k)]
+            conns = [c for k in [k for k in self._idle if k not in keep] for c in self._idle.pop(k)]
+            self._warned = {w for w in self._warned if w[0] in keep}
+        for sock in raw:
+            sock.close()
+        for conn in conns:
+            conn.close()
+        self._names.keep_only({host for host, _port in keep})
 
     def _take_raw(self, key: tuple[str, int]) -> socket.socket | None:
         with self._lock:
@@ -120,6 +137,15 @@ class BatchClient(HttpClient):
                 return
         sock.close()
 
+    def _warn(self, addr: tuple[str, int], exc: BaseException) -> None:
+        """One WARNING per replica address and kind of failure that is not one of the usual ones (a bug)."""
+        with self._lock:
+            if (addr, type(exc).__name__) in self._warned:
+                return
+            self._warned.add((addr, type(exc).__name__))
+        log.warning("scrape of %s port %d failed (%s: %s); that GET counts as failed, the others go on", addr[0],
+                    addr[1], type(exc).__name__, ascii(str(exc))[1:-1][:200])
+
     def close(self) -> None:
         super().close()
         with self._lock:
@@ -129,10 +155,27 @@ class BatchClient(HttpClient):
             s.close()
 
 
+def _request(job: Job) -> _Req:
+    parts = urlsplit(job.url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    try:
+        version = ipaddress.ip_address(host).version
+    except ValueError:
+        version = 0  # a host name: looked up on the pool
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    where = f"[{host}]" if version == 6 else host
+    request = (f"GET {path} HTTP/1.1\r\nHost: {where}:{port}\r\nAccept-Encoding: identity\r\n"
+               "Accept: text/plain\r\n\r\n").encode("latin-1")
+    family = socket.AF_INET6 if version == 6 else socket.AF_INET
+    return _Req(job, (host, port), [(family, (host, port))] if version else None, request)
+
+
 class _Loop:
-    def __init__(self, client: BatchClient, work: list[tuple[Job, tuple[str, int], int, bytes]],
-                 connect_timeout: float, read_timeout: float, deadline: float, results: dict[Hashable, Fetch]) -> None:
-        self.client, self.work, self.results = client, work, results
+    def __init__(self, client: BatchClient, work: list[_Req], connect_timeout: float, read_timeout: float,
+                 deadline: float, results: dict[Hashable, Fetch]) -> None:
+        self.client, self.results = client, results
+        self.ready = collections.deque(req for req in work if req.addrs is not None)
+        self.waiting = [req for req in work if req.addrs is None]  # on a name's lookup
         self.connect_timeout, self.read_timeout, self.deadline = connect_timeout, read_timeout, deadline
         self.sel = selectors.DefaultSelector()
         self.timers: list[tuple[float, int, _Req]] = []
@@ -140,30 +183,46 @@ class _Loop:
         self.open = 0
 
     def run(self) -> None:
-        pending = iter(self.work)
         try:
-            self._start_more(pending)
-            while self.open and time.monotonic() <= self.deadline + 0.05:
+            while True:
+                if self.waiting:
+                    self._looked_up()
+                self._start_more()
                 now = time.monotonic()
+                if not (self.open or self.waiting) or now > self.deadline + 0.05:
+                    return
                 self._expire(now)
                 wait = min(self.timers[0][0] - now if self.timers else 0.05, self.deadline + 0.05 - now)
-                for key, _events in self.sel.select(max(0.0, wait)) if self.open else ():
+                if self.waiting:
+                    wait = min(wait, _LOOKUP_POLL)
+                for key, _events in self.sel.select(max(0.0, wait)):
                     self._step(key.data)
-                self._start_more(pending)
         finally:
             for key in list(self.sel.get_map().values()):
                 key.fileobj.close()  # type: ignore[union-attr]  # unfinished at the deadline: not reusable
             self.sel.close()
 
-    def _start_more(self, pending: Iterator[tuple[Job, tuple[str, int], int, bytes]]) -> None:
-        while self.open < _IN_FLIGHT:
-            item = next(pending, None)
-            if item is None:
-                return
+    def _looked_up(self) -> None:
+        still = []
+        for req in self.waiting:
+            got = self.client._names.answer(req.addr[0])
+            if got is None:
+                still.append(req)
+            elif isinstance(got, BaseException):
+                self._done(req, Fetch(None, b"", time.monotonic() - req.start, _describe(got, connected=False)))
+            else:
+                req.addrs = [(family, with_port(sockaddr, req.addr[1])) for family, sockaddr in got]
+                self.ready.append(req)
+        self.waiting = still
+
+    def _start_more(self) -> None:
+        while self.open < _IN_FLIGHT and self.ready:
+            req = self.ready.popleft()
             if time.monotonic() >= self.deadline:
                 continue  # not started by the deadline: dropped, as a job still queued for the pool would be
             self.open += 1
-            self._begin(_Req(*item))
+            req.start = time.monotonic()
+            self._begin(req)
 
     def _arm(self, req: _Req, seconds: float) -> None:
         req.expires = min(time.monotonic() + seconds, self.deadline)
@@ -176,26 +235,47 @@ class _Loop:
                 continue  # finished, or re-armed since
             if now >= self.deadline - 0.01:
                 why = "scrape deadline exceeded"
+            elif req.state == "connect" and req.addrs is not None and req.at < len(req.addrs):
+                req.first = req.first or TimeoutError("timed out")  # this address: the next one, as
+                self._drop(req)  # create_connection tries each in turn
+                self._begin(req)
+                continue
             else:
-                why = _describe(TimeoutError("timed out"), connected=req.state != "connect")
+                connected = req.state != "connect"
+                why = _describe((None if connected else req.first) or TimeoutError("timed out"), connected)
             self._finish(req, Fetch(None, b"", now - req.start, why))
 
     def _begin(self, req: _Req) -> None:
-        sock = self.client._take_raw(req.addr) if req.tries == 0 else None
-        if sock is not None:
-            req.sock, req.reused, req.state = sock, True, "send"
-            self.sel.register(sock, selectors.EVENT_WRITE, req)
-            self._arm(req, self.read_timeout)
-            return
-        req.sock = sock = socket.socket(req.family, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        code = sock.connect_ex(req.addr)
-        if code not in (0, errno.EINPROGRESS):
-            self._fail(req, OSError(code, os.strerror(code)), connected=False)
-            return
-        self.sel.register(sock, selectors.EVENT_WRITE, req)
-        self._arm(req, self.connect_timeout)
+        """Reuse a kept-alive connection or connect to the next address; a socket the system refuses (EMFILE,
+        EAFNOSUPPORT) or anything else failing here fails this request only."""
+        try:
+            sock = self.client._take_raw(req.addr) if req.tries == 0 and req.at == 0 else None
+            if sock is not None:
+                req.sock, req.reused, req.state = sock, True, "send"
+                self.sel.register(sock, selectors.EVENT_WRITE, req)
+                self._arm(req, self.read_timeout)
+                return
+            while req.addrs is not None and req.at < len(req.addrs):
+                family, sockaddr = req.addrs[req.at]
+                req.at += 1
+                try:
+                    req.sock = sock = socket.socket(family, socket.SOCK_STREAM)
+                    sock.setblocking(False)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    code = sock.connect_ex(sockaddr)
+                    if code not in (0, errno.EINPROGRESS):
+                        raise OSError(code, os.strerror(code))
+                except OSError as exc:
+                    self._drop(req)
+                    req.first = req.first or exc
+                    continue
+                req.state = "connect"
+                self.sel.register(sock, selectors.EVENT_WRITE, req)
+                self._arm(req, self.connect_timeout)
+                return
+            self._fail(req, req.first or OSError(errno.EADDRNOTAVAIL, "no address"), connected=False)
+        except Exception as exc:
+            self._broken(req, exc)
 
     def _step(self, req: _Req) -> None:
         sock = req.sock
@@ -206,7 +286,9 @@ class _Loop:
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if code:
                     # OSError(code, ...) is ConnectionRefusedError & co., as a blocking connect raises them.
-                    self._fail(req, OSError(code, os.strerror(code)), connected=False)
+                    req.first = req.first or OSError(code, os.strerror(code))
+                    self._drop(req)
+                    self._begin(req)  # the name's next address, if any; else the first failure is told
                     return
                 req.state = "send"
                 self._arm(req, self.read_timeout)
@@ -220,9 +302,9 @@ class _Loop:
             data = sock.recv(_RECV)
             resp = req.resp
             done = resp.feed(data) if data else resp.eof()
-            if resp.oversize:
+            if resp.oversize:  # past the cap before the head is read: a failure, whatever the GET is for
                 self._finish(req, Fetch(resp.status, b"", time.monotonic() - req.start,
-                                        _oversize(req.job.max_bytes, req.job.status_only)))
+                                        _oversize(req.job.max_bytes, req.job.status_only and resp.head_done)))
             elif done:
                 got = Fetch(resp.status, resp.body(), time.monotonic() - req.start, None)
                 self._finish(req, got, reusable=not resp.will_close)
@@ -242,9 +324,17 @@ class _Loop:
             self._fail(req, exc, connected=True)
         except Refused as exc:
             self._finish(req, Fetch(None, b"", time.monotonic() - req.start, str(exc)[:200]))
+        except Exception as exc:  # a bug reading one answer (a RecursionError once) must not end the cycle
+            self._broken(req, exc)
 
     def _fail(self, req: _Req, exc: OSError, *, connected: bool) -> None:
         self._finish(req, Fetch(None, b"", time.monotonic() - req.start, _describe(exc, connected)))
+
+    def _broken(self, req: _Req, exc: Exception) -> None:
+        """An exception no GET should raise: this request fails with its name, logged once per replica."""
+        self.client._warn(req.addr, exc)
+        self._drop(req)  # in an unknown state: never reused
+        self._finish(req, Fetch(None, b"", time.monotonic() - req.start, type(exc).__name__))
 
     def _finish(self, req: _Req, got: Fetch, reusable: bool = False) -> None:
         if req.state == "done":
@@ -259,7 +349,15 @@ class _Loop:
                 sock.close()
         req.state, req.sock = "done", None
         self.open -= 1
-        self.results[req.job.key] = req.job.post(got) if req.job.post is not None else got
+        self._done(req, got)
+
+    def _done(self, req: _Req, got: Fetch) -> None:
+        req.state = "done"
+        try:
+            self.results[req.job.key] = req.job.post(got) if req.job.post is not None else got
+        except Exception as exc:  # the page's own parsing catches its errors; anything else is a bug
+            self.client._warn(req.addr, exc)
+            self.results[req.job.key] = Fetch(None, b"", got.latency, type(exc).__name__)
 
     def _drop(self, req: _Req) -> None:
         if req.sock is not None:

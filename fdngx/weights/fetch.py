@@ -154,6 +154,7 @@ class HttpClient(Client):
             reused = conn is not None
             if conn is None:
                 conn = http.client.HTTPConnection(key[0], key[1], timeout=connect_timeout)
+                conn._create_connection = _bounded_connection  # type: ignore[attr-defined]
             try:
                 return self._exchange(conn, key, path, start, read_timeout, deadline, max_bytes, status_only)
             except _STALE as exc:
@@ -186,6 +187,8 @@ class HttpClient(Client):
                 raise TimeoutError("scrape deadline exceeded")
             if conn.sock is not None:
                 conn.sock.settimeout(min(read_timeout, left))
+                if isinstance(conn.sock, _Bounded):
+                    conn.sock.deadline, conn.sock.read_timeout = deadline, read_timeout
 
         if conn.sock is None:
             conn.timeout = max(0.01, min(conn.timeout or read_timeout, deadline - time.monotonic()))
@@ -223,6 +226,30 @@ class HttpClient(Client):
             self._idle.clear()
         for c in conns:
             c.close()
+
+
+class _Bounded(socket.socket):
+    """A socket whose every read waits at most until the GET's deadline: http.client reads a status line and
+    headers in as many recvs as the server likes, each with a fresh timeout, so a server sending a byte
+    every half second would otherwise hold the thread (and the connection) for good."""
+
+    deadline = float("inf")
+    read_timeout: float | None = None
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("scrape deadline exceeded")
+        self.settimeout(left if self.read_timeout is None else min(self.read_timeout, left))
+        return super().recv_into(buffer, nbytes, flags)
+
+
+def _bounded_connection(address: tuple[str, int], timeout: float | None, source: Any = None) -> socket.socket:
+    """http.client's socket.create_connection, the connected socket made a _Bounded one."""
+    plain = socket.create_connection(address, timeout, source)
+    sock = _Bounded(plain.family, plain.type, plain.proto, fileno=plain.detach())
+    sock.settimeout(timeout)
+    return sock
 
 
 def _describe(exc: BaseException, connected: bool) -> str:

@@ -18,7 +18,9 @@ refuse, or read differently, is still refused or read the same way.
 Both paths gather their samples the same way (`Gathered`; scrape.parse_metrics gathers the parser's samples
 with it too): one value per label set, except where an engine says some of its samples are copies of one
 count (fdngx.engines.base.MetricNames.one_per, e.g. SGLang's TP ranks each exporting the same batch): of the
-samples of one name whose labels differ only in those labels, one stands for all.
+samples of one name whose labels differ only in those labels, one stands for all. A label set repeated
+exactly for a name whose values add up is a bad page (Prometheus refuses it too): ValueError, not twice the
+count. Both read a page up to an OpenMetrics `# EOF` line (`before_eof`), never past it.
 """
 
 from __future__ import annotations
@@ -65,6 +67,21 @@ def _stands_for(new: float, old: float) -> bool:
     return not 0.0 <= new < math.inf or (0.0 <= old < math.inf and new > old)
 
 
+def before_eof(text: str) -> str:
+    """The page up to its first `# EOF` line (the OpenMetrics end): what follows is not the page."""
+    at = text.find("# EOF")
+    while at >= 0:
+        end = at + 5
+        if (at == 0 or text[at - 1] == "\n") and (end == len(text) or text[end] == "\n"):
+            return text[:at]
+        at = text.find("# EOF", end)
+    return text
+
+
+def duplicate(name: str) -> ValueError:
+    return ValueError(f"duplicate series {name}: one label set twice (the page is refused, not added up)")
+
+
 class Gathered:
     """What both paths read (`values`): sample name -> values, one per label set, in the page's order. Of the
     samples of a name in `copies` whose labels differ only in copies[name], one value stands for all: at the
@@ -75,12 +92,17 @@ class Gathered:
         self.values: dict[str, list[float]] = {}
         self._copies = copies
         self._at: dict[tuple[str, frozenset[tuple[str, str]]], int] = {}
+        self._seen: set[tuple[str, frozenset[tuple[str, str]]]] = set()  # label sets of names that add up
 
     def add(self, name: str, value: float, pairs: Callable[[T], Iterable[tuple[str, str]]], labels: T) -> None:
         """One sample; its labels are `pairs(labels)`, only read where copies[name] says they matter."""
         kept = self.values.setdefault(name, [])
         ignored = self._copies.get(name)
         if not ignored:
+            key = (name, frozenset(pairs(labels)))
+            if key in self._seen:
+                raise duplicate(name)
+            self._seen.add(key)
             kept.append(value)
             return
         key = (name, frozenset(pair for pair in pairs(labels) if pair[0] not in ignored))
@@ -94,10 +116,12 @@ class Gathered:
 
 def fast_values(text: str, names: frozenset[str], copies: Copies = NO_COPIES) -> dict[str, list[float]] | None:
     """Sample name -> values of the lines fdngx.weights.scrape.relevant_lines keeps, or None when one of them
-    is outside the strict grammar. May raise OverflowError where the parser's result would too (an integer
-    beyond a float)."""
+    is outside the strict grammar. Raises ValueError for a label set repeated (Gathered), and may raise
+    OverflowError where the parser's result would too (an integer beyond a float)."""
     values = Gathered(copies)
-    for m in _lines_of(names).finditer("\n" + text):
+    seen: set[tuple[str, str | frozenset[tuple[str, str]]]] = set()  # Gathered._seen's, keyed as cheaply
+    repeated: str | None = None  # told once every line is known to be in the grammar
+    for m in _lines_of(names).finditer("\n" + before_eof(text)):
         line = m.group(1)
         if line.startswith("#"):
             if _COMMENT.fullmatch(line) is None:
@@ -119,5 +143,12 @@ def fast_values(text: str, names: frozenset[str], copies: Copies = NO_COPIES) ->
         if name in copies:
             values.add(name, value, _LABEL_PAIR.findall, labels)
         else:  # Gathered.add's first branch, inline: most pages have no copies
+            # One label is its own set's key (no escapes here); more are a set, as the parser's dict is.
+            key = (name, labels if "," not in labels else frozenset(_LABEL_PAIR.findall(labels)))
+            if key in seen:
+                repeated = repeated or name
+            seen.add(key)
             values.values.setdefault(name, []).append(value)
+    if repeated is not None:
+        raise duplicate(repeated)
     return values.values

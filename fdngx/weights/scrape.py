@@ -36,7 +36,7 @@ from fdngx.weights.memory import (
     learn_capacity,
     peaks_for,
 )
-from fdngx.weights.promtext import Copies, Gathered, fast_values
+from fdngx.weights.promtext import Copies, Gathered, before_eof, fast_values
 
 CONNECT_TIMEOUT = 0.5
 READ_TIMEOUT = 1.0
@@ -118,7 +118,8 @@ def _copies() -> Copies:
 def parse_metrics(text: str, names: frozenset[str] | None = None) -> dict[str, list[float]]:
     """Sample name -> values (one per label set, copies of one count as one: MetricNames.one_per), only for
     `names` when given. Raises ValueError on anything unparsable, and on lines too long or too many for the
-    parser (MAX_PARSED_LINE, MAX_PARSED_BYTES)."""
+    parser (MAX_PARSED_LINE, MAX_PARSED_BYTES), and on a label set repeated; reads up to `# EOF` (promtext)."""
+    text = before_eof(text)
     if names is not None:
         fast = fast_values(text, names, _copies())  # the usual page, read as the parser would read it
         if fast is not None:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from fdngx.weights.memory import CAPACITY_ABOVE, CAPACITY_TRUST
-from tests.security.conftest import PageServer, cli, fastdeploy_page, write
+from tests.security.conftest import PageServer, cli, fastdeploy_page, scaled, write
 
 StartPage = Callable[[str, str], PageServer]
 _SERVER = re.compile(r"server 127\.0\.0\.1:(\d+) weight=(\d+)")
@@ -192,3 +194,80 @@ def test_a_replicas_status_line_cannot_send_terminal_escapes() -> None:
     assert not s.ok and s.error and s.health_error
     assert s.error.isprintable() and s.health_error.isprintable(), (s.error, s.health_error)
     assert "\\x1b" in s.error  # escaped, still readable
+
+
+# -- one replica's bytes on the wire -------------------------------------------------------------------------
+
+WIRE_PIECES = st.one_of(
+    st.sampled_from([1, 2, 255, 300, 6000]).map(lambda n: b"HTTP/1.1 100 Continue\r\n\r\n" * n),
+    st.sampled_from([
+        b"HTTP/1.1 103 Early Hints\r\nTransfer-Encoding: chunked\r\n\r\n", b"HTTP/1.1 200 OK\r\n", b"HTTP/1.0 200\r\n",
+        b"Transfer-Encoding: chunked\r\n", b"Content-Length: 5\r\n", b"Content-Length: 99999999\r\n",
+        b"Connection: close\r\n", b"\r\n", b"1\r\na\r\n" * 20_000, b"-2\r\n", b"fffffffffff\r\n", b"0;x=y\r\n",
+        b"X-Trailer: 1\r\n" * 20_000, b"HTTP/\x1b]0;owned\x07 200 OK\r\n", b"x" * 70_000, b"\r\n\r\n" * 1000,
+        fastdeploy_page().encode(),
+    ]),
+    st.binary(max_size=64),
+)
+
+
+@pytest.fixture(scope="module")
+def wire_fleet() -> Iterator[tuple[list[object], dict[str, bytes]]]:
+    """Two honest replicas and one that answers every GET with `sent["bytes"]`, then closes."""
+    import socket
+    import threading
+
+    from fdngx.domain import Engine, Instance
+    from tests.security.conftest import PageServer
+
+    sent = {"bytes": b""}
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(sent["bytes"])
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    honest = [PageServer(f"ok{i}", fastdeploy_page(running=8)) for i in range(2)]
+    port = srv.getsockname()[1]
+    insts: list[object] = [Instance(s.name, "127.0.0.1", s.port, s.port, Engine.FASTDEPLOY) for s in honest]
+    insts.append(Instance("hostile", "127.0.0.1", port, port, Engine.FASTDEPLOY))
+    yield insts, sent
+    for s in honest:
+        s.stop()
+    srv.shutdown(socket.SHUT_RDWR)
+    srv.close()
+
+
+@scaled(30)
+@example(b"HTTP/1.1 100 Continue\r\n\r\n" * 6000)  # was a RecursionError out of the whole cycle
+@example(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1\r\na\r\n" * 400_000)
+@given(st.lists(WIRE_PIECES, max_size=8).map(b"".join))
+def test_property_one_replicas_bytes_on_the_wire_stay_with_that_replica(
+        wire_fleet: tuple[list[object], dict[str, bytes]], payload: bytes) -> None:
+    """Whatever one replica sends (interim floods, chunk framing, trailers, escapes, junk), the cycle returns,
+    the honest replicas are read, and that replica's errors are printable text."""
+    from fdngx.weights.scrape import scrape_all
+
+    insts, sent = wire_fleet
+    sent["bytes"] = payload
+    samples = scrape_all(insts, deadline=3.0)  # type: ignore[arg-type]
+    assert samples["ok0"].ok and samples["ok1"].ok, samples
+    hostile = samples["hostile"]
+    for text in (hostile.error, hostile.health_error):
+        assert text is None or text.isprintable(), repr(text)

@@ -142,7 +142,8 @@ def test_keep_alive_across_cycles_and_a_server_closing_them(servers: Callable[[B
         client.close()
 
 
-def test_host_names_are_scraped_on_the_pool(servers: Callable[[Behaviour], Instance]) -> None:
+def test_host_names_are_looked_up_on_the_pool_and_read_by_the_loop(
+        servers: Callable[[Behaviour], Instance]) -> None:
     inst = servers(good())
     named = replace(inst, name="named", host="localhost")
     client = BatchClient()

@@ -346,9 +346,12 @@ def test_lines_the_parser_would_spend_seconds_on_are_refused_before_it(page: str
 
 def test_the_largest_page_within_the_bounds_is_still_read() -> None:
     fd = spec("fastdeploy")
-    line = _escaped_line(MAX_PARSED_LINE - 40)
-    assert len(line) <= MAX_PARSED_LINE + 1
-    page = FD_PAGE + line * ((MAX_PARSED_BYTES - len(FD_PAGE)) // len(line))
+    line = _escaped_line(MAX_PARSED_LINE - 50)
+    # Each line its own label set (n="..."): a label set repeated would be refused as a duplicate series.
+    count = (MAX_PARSED_BYTES - len(FD_PAGE)) // (len(line) + 9)
+    lines = [line.replace('"} 1', f'",n="{i}"}} 1') for i in range(count)]
+    assert max(map(len, lines)) <= MAX_PARSED_LINE + 1
+    page = FD_PAGE + "".join(lines)
     values = parse_metrics(page, wanted_names(fd))
     assert len(values["fastdeploy:num_requests_running"]) > 1  # through the parser, every label set read
 

@@ -43,6 +43,12 @@ class Child:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
+    def own_pids(self) -> set[int]:
+        """Its process, its current descendants and those it was seen with."""
+        if self.popen is None:
+            return set()
+        return {self.popen.pid, *procs.descendants(self.popen.pid), *self.tree}
+
     def record(self) -> ChildRecord:
         return ChildRecord(self.spec.name, self.pid, self.start, self.spec.stop_signal, list(self.spec.instances),
                            self.state, dict(self.tree))
@@ -76,17 +82,37 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
-def stop_child(c: Child, grace: float) -> None:
+def stop_child(c: Child, grace: float, children: list[Child] | None = None) -> None:
     """Stop one child: its group (while its leader is the process we started), the members of that group
-    that are our descendants (even reparented ones) and every descendant we saw, each by (pid, start)."""
+    that are our descendants (even reparented ones), every descendant we saw, and every other descendant
+    of this process that no other live child owns (`children`: all of them), each by (pid, start).
+
+    The last ones are the workers of this child's earlier runs or of its dead leader: in sessions of their
+    own, reparented to us (the subreaper) and seen by no tree yet, they would outlive every restart."""
     if c.popen is None:
         return
     if c.popen.poll() is None:
         c.tree.update(procs.descendants(c.popen.pid))
     mine = {p: s for p, s in procs.descendants(os.getpid()).items() if _pgid(p) == c.popen.pid}
+    if children is not None:
+        mine.update(strays(c, children))
     mine.update(c.tree)
     procs.stop_all([(c.popen.pid, c.start or 0, c.spec.stop_signal)], [c.popen], grace, mine)
     c.tree.clear()
+
+
+def strays(c: Child, children: list[Child]) -> dict[int, int]:
+    """Descendants of this process that belong to no live child other than `c`: neither its process, nor in
+    its group, nor among its current or recorded descendants."""
+    others = [o for o in children if o is not c and o.alive() and o.popen is not None]
+    keep: set[int] = set()
+    for o in others:
+        assert o.popen is not None
+        keep.add(o.popen.pid)
+        keep.update(o.tree)
+        keep.update(procs.descendants(o.popen.pid))
+    leaders = {o.popen.pid for o in others if o.popen is not None}
+    return {p: s for p, s in procs.descendants(os.getpid()).items() if p not in keep and _pgid(p) not in leaders}
 
 
 def stop_every(children: list[Child], grace: float, announce: Callable[[int], None]) -> list[int]:

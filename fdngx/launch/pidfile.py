@@ -36,6 +36,9 @@ class ChildState(StrEnum):
     EXITED = "exited"  # died or stopped; no restart coming
 
 
+LIVE = (ChildState.STARTING, ChildState.RUNNING)
+
+
 @dataclass(frozen=True)
 class ProcessRecord:
     pid: int
@@ -71,6 +74,20 @@ class Pidfile:
     error: str | None = None
     log_tail: str | None = None
     log_file: str | None = None
+    # The boot it was written in (procs.boot_id): after a reboot no pid in it is ours. None: an older file.
+    boot: str | None = None
+
+    def from_another_boot(self) -> bool:
+        return self.boot is not None and procs.boot_id() is not None and self.boot != procs.boot_id()
+
+    def still_running(self) -> list[int]:
+        """Recorded processes that still run, each the very one recorded: a group by its live leader, a
+        member by its own start time. Nothing from a file written before a reboot."""
+        if self.from_another_boot():
+            return []
+        found = [c.pid for c in self.children if c.pid is not None and procs.group_is_ours(c.pid, c.start)]
+        found += [p for c in self.children for p, s in c.members.items() if procs.same_process(p, s)]
+        return sorted(set(found))
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -88,6 +105,8 @@ class Pidfile:
             ],
             "instances": self.instances,
         }
+        if self.boot is not None:
+            data["boot"] = self.boot
         if self.error is not None:
             data.update(error=self.error, log_tail=self.log_tail, log_file=self.log_file)
         return data
@@ -134,6 +153,7 @@ class Pidfile:
             error=None if doc.get("error") is None else f.as_str(doc["error"], "error"),
             log_tail=None if doc.get("log_tail") is None else f.as_str(doc["log_tail"], "log_tail"),
             log_file=None if doc.get("log_file") is None else f.as_str(doc["log_file"], "log_file"),
+            boot=None if doc.get("boot") is None else f.as_str(doc["boot"], "boot"),
         )
 
 
@@ -213,14 +233,16 @@ def write_pidfile(path: str | Path, record: Pidfile) -> None:
 
 
 def live_supervisor(path: str | Path) -> Pidfile | None:
-    """The pidfile's record when its supervisor still runs (same pid and start time), else None."""
+    """The pidfile's record when its supervisor still runs (same pid and start time, this boot), else None."""
     record = read_pidfile(path)
-    return record if record is not None and record.supervisor.alive() else None
+    ok = record is not None and not record.from_another_boot() and record.supervisor.alive()
+    return record if ok else None
 
 
-def remove_pidfile(path: str | Path, pid: int) -> None:
-    """Remove the pidfile only when it is still ours (a newer launch may have replaced it)."""
+def remove_pidfile(path: str | Path, pid: int, start: int | None = None) -> None:
+    """Remove the pidfile only when it still names that supervisor (pid, and start time when given): a newer
+    launch may have replaced it."""
     with contextlib.suppress(Exception):
         record = read_pidfile(path)
-        if record is not None and record.supervisor.pid == pid:
+        if record is not None and record.supervisor.pid == pid and (start is None or record.supervisor.start == start):
             Path(path).unlink()

@@ -7,6 +7,7 @@ import errno
 import http.client
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,8 +74,17 @@ def health(host: str, port: int, path: str = "/health", timeout: float = 2.0) ->
         conn.close()
 
 
-def port_holder(port: int) -> str | None:
-    """'pid N (command)' holding a TCP port, from /proc; None when not visible (another user's process)."""
+def health_all(host: str, ports: dict[str, int], path: str = "/health", timeout: float = 2.0) -> dict[str, Health]:
+    """health() of every {name: port} at once: hung replicas cost one timeout per round, not one each."""
+    if len(ports) <= 1:
+        return {name: health(host, port, path, timeout) for name, port in ports.items()}
+    with ThreadPoolExecutor(max_workers=min(32, len(ports)), thread_name_prefix="fdngx-probe") as pool:
+        futures = {name: pool.submit(health, host, port, path, timeout) for name, port in ports.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def _sockets(port: int, states: tuple[str, ...]) -> set[str]:
+    """The 'socket:[inode]' links of TCP sockets on `port` in these states (0A LISTEN, 07 CLOSE: bound)."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -83,21 +93,58 @@ def port_holder(port: int) -> str | None:
             continue
         for row in rows:
             f = row.split()
-            # 0A = LISTEN, 07 = CLOSE (bound, not listening): both block a server's bind.
-            if len(f) > 9 and int(f[1].rsplit(":", 1)[1], 16) == port and f[3] in ("0A", "07") and f[9] != "0":
+            if len(f) > 9 and int(f[1].rsplit(":", 1)[1], 16) == port and f[3] in states and f[9] != "0":
                 inodes.add(f"socket:[{f[9]}]")
+    return inodes
+
+
+def fd_links(pid: int, strict: bool = False) -> set[str]:
+    """What the open descriptors of `pid` point to (paths, 'socket:[inode]'); empty when not readable (gone,
+    or, unless `strict`, not ours to look into: PermissionError)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except PermissionError:
+        if strict:
+            raise
+        return set()
+    except OSError:
+        return set()
+    out = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return out
+
+
+def _holder(inodes: set[str]) -> str | None:
+    for pid in sorted(int(d) for d in os.listdir("/proc") if d.isdigit()):
+        if fd_links(pid) & inodes:
+            return f"pid {pid} ({procs.cmdline(pid)[:80]})"
+    return None
+
+
+def port_holder(port: int) -> str | None:
+    """'pid N (command)' holding a TCP port, from /proc; None when not visible (another user's process)."""
+    # LISTEN and CLOSE (bound, not listening): both block a server's bind.
+    inodes = _sockets(port, ("0A", "07"))
+    return _holder(inodes) if inodes else None
+
+
+def foreign_listener(port: int, ours: set[int]) -> str | None:
+    """Who else listens on `port`, when a process outside `ours` (a child and its descendants) holds one of its
+    listening sockets: /health answered 200 there may be somebody else's server. None when every listening
+    socket is ours, or when it cannot be told (/proc shows none, a process of ours is not readable)."""
+    inodes = _sockets(port, ("0A",))
+    for pid in ours:
+        if not inodes:
+            return None
+        try:
+            inodes -= fd_links(pid, strict=True)
+        except PermissionError:
+            return None  # one of ours runs as another user: whose socket it is cannot be told
     if not inodes:
         return None
-    for pid in sorted(int(d) for d in os.listdir("/proc") if d.isdigit()):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
-                    return f"pid {pid} ({procs.cmdline(pid)[:80]})"
-    return None
+    return _holder(inodes) or "a process fdngx cannot see"
 
 
 def port_free(host: str, port: int) -> bool:

@@ -1,7 +1,8 @@
 """Launch progress on stderr: a redrawn bar on a terminal, one line per change otherwise (logs).
 
 Off a terminal (journald, a log file, CI) a change line alone leaves a 10-minute FastDeploy load silent:
-a summary line every HEARTBEAT seconds says the launch is still waiting, and on what.
+a summary line every HEARTBEAT seconds says the launch is still waiting, and on what. Every line goes
+through fdngx.launch.output.Out: a stream that broke is given up on, never raised from.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import sys
 import time
 from collections.abc import Callable
 from typing import TextIO
+
+from fdngx.launch.output import Out
 
 HEARTBEAT = 30.0
 HEALTHY = "healthy"
@@ -29,7 +32,8 @@ class Progress:
     ) -> None:
         self.names = names
         self.out = out or sys.stderr
-        self.tty = self.out.isatty()
+        self.w = Out(self.out)
+        self.tty = self.w.tty
         self.timeout = timeout
         self.clock = clock
         self.heartbeat = heartbeat
@@ -38,10 +42,19 @@ class Progress:
         self.last: dict[str, str] = {}
         self.drawn = False
 
+    def begin(self) -> None:
+        """A new wait (a restart): elapsed times and the heartbeat count from now."""
+        self.t0 = self.last_line = self.clock()
+
     def say(self, msg: str) -> None:
         self._clear()
-        print(f"fdngx: {msg}", file=self.out, flush=True)
+        self.w.line(f"fdngx: {msg}")
         self.last_line = self.clock()
+
+    def text(self, text: str) -> None:
+        """Lines as they are (a log's tail)."""
+        self._clear()
+        self.w.line(text)
 
     def update(self, status: dict[str, str]) -> None:
         now = self.clock()
@@ -55,25 +68,22 @@ class Progress:
             line = f"[{'#' * fill}{'.' * (width - fill)}] {ok}/{len(self.names)} healthy {elapsed:4.0f}s"
             line += f"/{self.timeout:.0f}s" if self.timeout else ""
             line = (line + ("  " + pending if pending else ""))[: cols - 1]
-            self.out.write("\r\x1b[K" + line)
-            self.out.flush()
-            self.drawn = True
+            self.drawn = self.w.write("\r\x1b[K" + line)
         else:
             changed = False
             for n in self.names:
                 if status.get(n) and status.get(n) != self.last.get(n):
-                    print(f"fdngx: {n}: {status[n]} ({elapsed:.1f}s)", file=self.out, flush=True)
+                    self.w.line(f"fdngx: {n}: {status[n]} ({elapsed:.1f}s)")
                     changed = True
             if changed:
                 self.last_line = now
             elif pending and now - self.last_line >= self.heartbeat:
                 of = f" of {self.timeout:.0f}s" if self.timeout else ""
-                print(f"fdngx: still waiting after {elapsed:.0f}s{of}: {ok}/{len(self.names)} healthy; {pending}",
-                      file=self.out, flush=True)
+                self.w.line(f"fdngx: still waiting after {elapsed:.0f}s{of}: {ok}/{len(self.names)} healthy; {pending}")
                 self.last_line = now
         self.last = dict(status)
 
     def _clear(self) -> None:
         if self.tty and self.drawn:
-            self.out.write("\r\x1b[K")
+            self.w.write("\r\x1b[K")
             self.drawn = False

@@ -7,7 +7,6 @@ group stop) in fdngx.system.procs; command lines in fdngx.launch.plan and fdngx.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import signal
@@ -20,6 +19,8 @@ from typing import Any, TextIO
 from fdngx import engines
 from fdngx.domain import Engine
 from fdngx.errors import LaunchError
+from fdngx.launch.lock import LaunchLock
+from fdngx.launch.output import Out
 from fdngx.launch.pidfile import LaunchState, live_supervisor, read_pidfile, remove_pidfile
 from fdngx.launch.plan import Plan, pidfile_for
 from fdngx.launch.probe import check_ports
@@ -44,44 +45,64 @@ def fastdeploy_installed() -> bool:
 # -- launch ----------------------------------------------------------------------------------------------
 
 
-def preflight(plan: Plan) -> None:
+def preflight(plan: Plan) -> LaunchLock:
+    """Checks before anything starts; returns the launch lock, which the supervisor holds for its whole life."""
     if not Path(plan.inventory_path).parent.is_dir():
         raise LaunchError(f"{plan.inventory_path}: the inventory's directory does not exist")
-    running = live_supervisor(plan.pidfile)
-    if running:
-        raise LaunchError(
-            f"{plan.pidfile}: replicas launched with this inventory are still supervised by pid "
-            f"{running.supervisor.pid}; run 'fdngx stop --inventory {plan.inventory_path}' first"
-        )
-    check_engine(plan.engine)
-    check_ports(plan.bind_host, plan.ports)
+    lock = LaunchLock.take(plan.inventory_path, plan.pidfile)
+    try:
+        running = live_supervisor(plan.pidfile)
+        if running:
+            raise LaunchError(
+                f"{plan.pidfile}: replicas launched with this inventory are still supervised by pid "
+                f"{running.supervisor.pid}; run 'fdngx stop --inventory {plan.inventory_path}' first"
+            )
+        stale = read_pidfile(plan.pidfile)
+        left = stale.still_running() if stale is not None else []
+        if stale is not None and left:
+            raise LaunchError(
+                f"{plan.pidfile}: its supervisor (pid {stale.supervisor.pid}) is gone but processes it started "
+                f"still run (pid {', '.join(map(str, left))}); run 'fdngx stop --inventory {plan.inventory_path}' "
+                "first"
+            )
+        check_engine(plan.engine)
+        check_ports(plan.bind_host, plan.ports)
+    except BaseException:
+        lock.close()
+        raise
+    return lock
 
 
 def launch(plan: Plan, detach: bool = False, out: TextIO | None = None) -> int:
     """Start, wait until every /health is 200, write the inventory; then supervise (foreground) or return."""
     out = out or sys.stderr
-    preflight(plan)
+    lock = preflight(plan)
     try:
-        Path(plan.log_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LaunchError(f"{plan.log_dir}: cannot create the log directory: {exc.strerror}") from None
-    if detach:
-        return _launch_detached(plan, out)
-    return Supervisor(plan, out=out, detached=False).run()
+        try:
+            Path(plan.log_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LaunchError(f"{plan.log_dir}: cannot create the log directory: {exc.strerror}") from None
+        if detach:
+            return _launch_detached(plan, out, lock)
+        return Supervisor(plan, out=out, detached=False).run()
+    finally:
+        lock.close()
 
 
-def _launch_detached(plan: Plan, out: TextIO) -> int:
-    """Hand the plan to a supervisor in its own session and follow its pidfile until ready or failed."""
+def _launch_detached(plan: Plan, out: TextIO, lock: LaunchLock) -> int:
+    """Hand the plan (and the launch lock) to a supervisor in its own session; follow its pidfile until ready
+    or failed."""
     log = Path(plan.log_dir) / "supervisor.log"
     progress = Progress([i.name for i in plan.inventory.instances], out, plan.timeout)
     with open(log, "ab") as fh:
         sup = subprocess.Popen(
-            [sys.executable, "-m", "fdngx.launch.supervise"],
+            [sys.executable, "-m", "fdngx.launch.supervise", "--lock-fd", str(lock.fd)],
             stdin=subprocess.PIPE,
             stdout=fh,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             close_fds=True,
+            pass_fds=(lock.fd,),
         )
     assert sup.stdin is not None
     sup.stdin.write(json.dumps(plan.to_dict()).encode())
@@ -108,7 +129,7 @@ def _launch_detached(plan: Plan, out: TextIO) -> int:
             if rc is not None:
                 if record is not None and record.log_tail:
                     progress.say(f"last lines of {record.log_file or log}:")
-                    print(record.log_tail, file=out)
+                    progress.text(record.log_tail)
                 remove_pidfile(plan.pidfile, sup.pid)
                 raise LaunchError((record.error if record else None)
                                   or f"the supervisor exited with status {rc}; see {log}")
@@ -156,7 +177,7 @@ def stop(inventory_path: str | Path, out: TextIO | None = None, grace: float | N
     Only processes the pidfile recorded, each still the very process (pid and start time): a group only
     while its recorded leader lives; with the leader gone, the recorded members one by one. A stale file
     naming a pid or group id the kernel has since handed to someone else stops nothing of theirs."""
-    out = out or sys.stderr
+    say = Out(out or sys.stderr).line
     inventory = Path(inventory_path).absolute()
     pidfile = pidfile_for(inventory)
     record = read_pidfile(pidfile)
@@ -165,11 +186,15 @@ def stop(inventory_path: str | Path, out: TextIO | None = None, grace: float | N
             raise LaunchError(f"{inventory}: no such inventory and no pidfile {pidfile}: nothing to stop")
         return [f"nothing to stop: no supervisor pidfile {pidfile} (a foreground launch stops with Ctrl-C)"]
     sup = record.supervisor
+    if record.from_another_boot():
+        # Its pids and start times name processes of another boot: any match now is somebody else.
+        remove_pidfile(pidfile, sup.pid, sup.start)
+        return [f"{pidfile} was written before the machine restarted: nothing it names can still run; removed it"]
     grace = record.grace if grace is None else grace
     report = []
     supervised = sup.alive()
     if supervised:
-        print(f"fdngx: stopping supervisor pid {sup.pid} (up to {grace + 15:.0f}s)", file=out, flush=True)
+        say(f"fdngx: stopping supervisor pid {sup.pid} (up to {grace + 15:.0f}s)")
         procs.signal_pid(sup.pid, sup.start, signal.SIGTERM)
         deadline = time.monotonic() + grace + 15
         while sup.alive() and time.monotonic() < deadline:
@@ -192,6 +217,5 @@ def stop(inventory_path: str | Path, out: TextIO | None = None, grace: float | N
         report.append(f"{how} {c.name} pid {c.pid} serving {', '.join(c.instances)}")
     if members and not supervised:
         report.append(f"stopped {len(members)} recorded member process(es) of those groups")
-    with contextlib.suppress(FileNotFoundError):
-        Path(pidfile).unlink()
+    remove_pidfile(pidfile, sup.pid, sup.start)  # only if no new launch has replaced it meanwhile
     return report

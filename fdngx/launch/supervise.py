@@ -4,45 +4,42 @@ Runs inside `fdngx launch` (foreground) or as `python -m fdngx.launch.supervise`
 stdin (`--detach`). multi_api_server never polls its ranks and orphans them on SIGTERM, so fdngx owns
 supervision: every process in its own session, stops by process group, and this process is the
 subreaper of everything below it so nothing escapes to init. Children and how they are stopped:
-fdngx.launch.children; the pidfile record: fdngx.launch.pidfile.
+fdngx.launch.children; what a death sets off: fdngx.launch.deaths; the inventory and pidfile writes:
+fdngx.launch.books; the pidfile record: fdngx.launch.pidfile; the lock held for its life: fdngx.launch.lock.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from fdngx import inventory as inv_mod
 from fdngx.domain import Restart
 from fdngx.engines import spec as engine_spec
 from fdngx.engines.argv import RANK_PRIVATE_ENV
 from fdngx.errors import FdngxError, LaunchError, os_error_line
-from fdngx.launch.children import Child, describe_exit, remember_trees, stop_child, stop_every
-from fdngx.launch.pidfile import ChildState, LaunchState, Pidfile, ProcessRecord, remove_pidfile, write_pidfile
+from fdngx.launch.books import INVENTORY, PIDFILE, Books
+from fdngx.launch.children import Child, describe_exit, remember_trees, stop_every
+from fdngx.launch.deaths import Deaths
+from fdngx.launch.pidfile import LIVE, ChildState, LaunchState, remove_pidfile
 from fdngx.launch.plan import Plan
-from fdngx.launch.probe import Health, HealthState, health
+from fdngx.launch.probe import Health, HealthState, foreign_listener, health_all
 from fdngx.launch.progress import Progress
 from fdngx.system import procs
-from fdngx.system.files import file_lock
 
 POLL = 0.25
 # While running, each instance is probed this often; REFUSED_LIMIT refused connections in a row mean the
 # rank is gone even though its process group lives (multi_api_server never notices a dead rank).
 PROBE_EVERY = 2.0
 REFUSED_LIMIT = 3
-# A process that stayed healthy this long before dying starts its backoff over.
-BACKOFF_RESET = 300.0
-BACKOFF_MAX = 60.0
-_LIVE = (ChildState.STARTING, ChildState.RUNNING)
 
 
-class Supervisor:
+class Supervisor(Books, Deaths):
     def __init__(self, plan: Plan, out: TextIO | None = None, detached: bool = False) -> None:
         self.plan = plan
         self.out = out or sys.stderr
@@ -61,6 +58,8 @@ class Supervisor:
         self.lockless_said = False  # said once that the inventory was written without its lock
         self.stopped = False
         self.state = LaunchState.STARTING
+        self.clock = time.monotonic
+        self._init_books()
 
     # -- signals and bookkeeping -------------------------------------------------------------------------
 
@@ -76,68 +75,6 @@ class Supervisor:
             old[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
         return old
 
-    def _pidfile(self, state: LaunchState, error: str | None = None, log_tail: str | None = None,
-                 log: str | None = None) -> None:
-        self.state = state
-        me = os.getpid()
-        record = Pidfile(
-            supervisor=ProcessRecord(me, procs.starttime(me)), state=state, detached=self.detached,
-            engine=self.plan.engine, inventory=self.plan.inventory_path, grace=self.plan.grace,
-            children=[c.record() for c in self.children], instances=dict(self.status),
-            error=error, log_tail=log_tail, log_file=log,
-        )
-        write_pidfile(self.plan.pidfile, record)
-
-    def _write_inventory(self) -> None:
-        """Atomically write the inventory with pid/log/status per instance, other edits kept, under its lock."""
-        with contextlib.ExitStack() as stack:
-            # A lock another user made (root ran `fdngx drain`), or held too long: write without it, as before.
-            try:
-                stack.enter_context(file_lock(inv_mod.lock_path(self.plan.inventory_path), timeout=5.0))
-            except (OSError, FdngxError) as exc:
-                if not self.lockless_said:  # once: a drain in that same moment could be lost
-                    self.lockless_said = True
-                    self.progress.say(f"{os_error_line(exc) if isinstance(exc, OSError) else exc}: writing "
-                                      f"{self.plan.inventory_path} without the inventory lock; a `fdngx drain` at "
-                                      "the same moment could be lost (run fdngx drain as this user)")
-            self._rewrite_inventory()
-
-    def _rewrite_inventory(self) -> None:
-        ours = {}
-        for c in self.children:
-            for name in c.spec.instances:
-                extra: dict[str, Any] = {"pid": c.pid, "status": self._inst_state(c, name)}
-                if c.exit_code is not None and c.state is not ChildState.RUNNING:
-                    extra["exit_code"] = c.exit_code
-                ours[name] = extra
-        try:
-            current = inv_mod.load(self.plan.inventory_path)  # the first time: an old launch's, if any
-        except FdngxError:
-            current = None
-        doc = current if self.inventory_written and current else self.plan.inventory
-        if not self.inventory_written and current is not None:
-            # A new launch over an old inventory: a replica drained there (same name, same address) stays drained.
-            was = {(i.name, i.host, i.port) for i in current.instances if i.drain}
-            for inst in doc.instances:
-                if (inst.name, inst.host, inst.port) in was and not inst.drain:
-                    inst.drain = True
-                    self.progress.say(f"{inst.name} stays drained, as the old inventory had it "
-                                      f"(`fdngx drain {inst.name} --undo` puts it back)")
-        for inst in doc.instances:
-            mine = self.by_name.get(inst.name)
-            if mine is not None and (inst.host, inst.port) == (mine.host, mine.port):
-                inst.extra = {k: v for k, v in inst.extra.items() if k not in ("pid", "status", "exit_code")}
-                inst.extra = {"pid": ours[inst.name]["pid"], **inst.extra, **ours[inst.name]}
-        inv_mod.save(doc, self.plan.inventory_path)
-        self.inventory_written = True
-
-    def _inst_state(self, c: Child, name: str) -> str:
-        if self.stopped and c.state in _LIVE:
-            return "stopped"
-        if c.state is ChildState.RUNNING and name in self.down:
-            return "down"
-        return {ChildState.RUNNING: "running", ChildState.STARTING: "starting"}.get(c.state, "exited")
-
     def _note(self, name: str, h: Health) -> None:
         self.status[name] = str(h)
         if h.ok:
@@ -150,7 +87,9 @@ class Supervisor:
     def run(self) -> int:
         """Start and supervise until a stop signal; returns the exit code. Raises LaunchError on a failed start.
         A stop signal before every replica is healthy exits 128 + the signal (nothing was launched, as a
-        shell reports it); after that SIGTERM is the normal way to stop (0) and Ctrl-C exits 130."""
+        shell reports it); after that SIGTERM is the normal way to stop (0) and Ctrl-C exits 130.
+        Nothing but a failed start or a stop signal stops the replicas: not a file it cannot write, not a
+        process it cannot start on a restart, not a terminal gone (fdngx.launch.books, .output)."""
         procs.become_subreaper()
         old = self._install_signals()
         failure: LaunchError | None = None
@@ -165,14 +104,16 @@ class Supervisor:
                     self.progress.say(f"{var}={os.environ[var]} is not passed to the replicas: shared by every "
                                       "rank it would add up their metrics; each engine makes its own")
             for c in self.children:
-                self._start(c)
+                if (why := self._start(c)) is not None:
+                    raise self._fail(c, f"cannot start {c.spec.name}: {why}")
             if self._wait_healthy():
                 ready = True
-                self._write_inventory()
+                self._inventory()
                 self._pidfile(LaunchState.READY)
                 pids = ", ".join(f"{c.spec.name} pid {c.pid}" for c in self.children if c.popen)
-                self.progress.say(f"all {len(self.status)} replica(s) healthy ({pids}); "
-                                  f"inventory written to {self.plan.inventory_path}")
+                where = (f"inventory {self.plan.inventory_path} not written yet" if INVENTORY in self.dirty
+                         else f"inventory written to {self.plan.inventory_path}")
+                self.progress.say(f"all {len(self.status)} replica(s) healthy ({pids}); {where}")
                 code = self._watch()
         except LaunchError as exc:
             failure = exc
@@ -195,30 +136,44 @@ class Supervisor:
             return 130 if self.stop_signal == signal.SIGINT else 0
         return code
 
-    def _start(self, c: Child) -> None:
+    def _start(self, c: Child) -> str | None:
+        """Start `c`; None, or why it could not be started (its log not writable, fork: EAGAIN, EMFILE)."""
         c.tree.clear()
         header = f"starting {c.spec.name}: {c.spec.command_line()}"
-        c.popen = procs.start(c.spec.argv, c.spec.env, Path(c.spec.log), header, death_signal=c.death_signal,
-                              unset=RANK_PRIVATE_ENV)
+        try:
+            c.popen = procs.start(c.spec.argv, c.spec.env, Path(c.spec.log), header, death_signal=c.death_signal,
+                                  unset=RANK_PRIVATE_ENV)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return os_error_line(exc) if isinstance(exc, OSError) else str(exc)
         c.start = procs.starttime(c.popen.pid)
         c.state, c.started_at, c.healthy_at, c.exit_code = ChildState.STARTING, time.monotonic(), None, None
         for name in c.spec.instances:
             self.status[name] = "starting"
             self.healthy.discard(name)
+        return None
 
-    def _probe(self, c: Child) -> bool:
-        """Probe the child's instances that are not healthy yet; True once all of them are."""
-        for name in c.spec.instances:
-            if name not in self.healthy:
-                self._note(name, health(self.plan.bind_host, self.by_name[name].port, self.health_path))
-        return all(n in self.healthy for n in c.spec.instances)
+    def _probe(self, children: list[Child]) -> dict[str, str]:
+        """Probe, all at once, the instances of `children` not healthy yet. One answering 200 on a port that
+        another process listens on too is not marked healthy: returns {its name: why it is not ours}."""
+        ports = {n: self.by_name[n].port for c in children for n in c.spec.instances if n not in self.healthy}
+        seen = health_all(self.plan.bind_host, ports, self.health_path)
+        foreign = {}
+        for c in children:
+            for name in (n for n in c.spec.instances if n in seen):
+                h = seen[name]
+                if h.ok and (who := foreign_listener(ports[name], c.own_pids())) is not None:
+                    foreign[name] = (f"port {ports[name]} answers /health but is held by {who}, not by "
+                                     f"{c.spec.name} (pid {c.pid}) or its processes")
+                    h = Health(HealthState.ERROR, detail=f"port held by {who}")
+                self._note(name, h)
+        return foreign
 
     def _fail(self, c: Child, msg: str) -> LaunchError:
         """Print the failing child's log tail, record the failure for a detached parent, build the error."""
         log_tail = procs.tail(c.spec.log)
         if not self.detached:
             self.progress.say(f"last lines of {c.spec.log}:")
-            print(log_tail, file=self.out, flush=True)
+            self.progress.text(log_tail)
         err = f"{msg}; stopped every replica; full log: {c.spec.log}"
         self._pidfile(LaunchState.FAILED, err, log_tail, c.spec.log)
         return LaunchError(err)
@@ -234,24 +189,34 @@ class Supervisor:
                     self.status.update({n: describe_exit(rc) for n in c.spec.instances})
                     self.progress.update(self.status)
                     raise self._fail(c, f"{c.spec.name} (pid {c.popen.pid}) {describe_exit(rc)} before /health was 200")
-            done = [self._probe(c) for c in self.children]
+            foreign = self._probe(self.children)
             self.progress.update(self.status)
-            if all(done):
+            if foreign:
+                name, why = next(iter(foreign.items()))
+                raise self._fail(self._owner(name), f"{name}: {why}")
+            if all(n in self.healthy for n in self.status):
                 remember_trees(self.children)
                 for c in self.children:
                     c.state, c.healthy_at = ChildState.RUNNING, time.monotonic()
                 return True
             if time.monotonic() > deadline:
                 waiting = [n for n in self.status if n not in self.healthy]
-                culprit = next(c for c in self.children if set(c.spec.instances) & set(waiting))
                 detail = ", ".join(f"{n} ({self.status[n]})" for n in waiting)
-                raise self._fail(culprit, f"timed out after {self.plan.timeout:.0f}s waiting for /health on {detail}")
+                raise self._fail(self._owner(waiting[0]),
+                                 f"timed out after {self.plan.timeout:.0f}s waiting for /health on {detail}")
             if time.monotonic() - last_pidfile > 1.0:
                 remember_trees(self.children)
                 self._pidfile(LaunchState.STARTING)
                 last_pidfile = time.monotonic()
+            procs.reap(self._popens())
             self._sleep(POLL * 2)
         return False
+
+    def _owner(self, name: str) -> Child:
+        return next(c for c in self.children if name in c.spec.instances)
+
+    def _popens(self) -> list[subprocess.Popen[bytes]]:
+        return [c.popen for c in self.children if c.popen is not None]
 
     def _watch(self) -> int:
         """Until a stop signal: report children that die, mark them in the inventory, restart if asked."""
@@ -259,19 +224,21 @@ class Supervisor:
         while self.stop_signal is None:
             changed = record = False
             now = time.monotonic()
+            procs.reap(self._popens())  # workers reparented to us that exited: no zombie until the stop
             if now - last_tree >= 5.0:
                 record = remember_trees(self.children)  # new members: `fdngx stop` must know them
                 last_tree = now
             for c in self.children:
                 changed |= self._check(c, now)
+            changed |= self._check_starting(now)
             if now - last_probe >= PROBE_EVERY:
                 last_probe = now
-                for c in self.children:
-                    changed |= self._check_ranks(c, now)
+                changed |= self._check_ranks(now)
             if changed:
-                self._write_inventory()
+                self.dirty.add(INVENTORY)
             if changed or record:
-                self._pidfile(LaunchState.READY)
+                self.dirty.add(PIDFILE)
+            self._flush()  # and what could not be written before is tried again, every loop
             # EXITED means no restart is coming (restart=no, or a clean exit under on-failure).
             if all(c.state is ChildState.EXITED for c in self.children):
                 self.progress.say("every replica has exited; nothing left to supervise")
@@ -280,102 +247,88 @@ class Supervisor:
         return 0
 
     def _check(self, c: Child, now: float) -> bool:
-        if c.state in _LIVE and c.popen is not None:
+        """A live child that died; a restart that is due."""
+        if c.state in LIVE and c.popen is not None:
             rc = c.popen.poll()
             if rc is not None:
                 return self._died(c, rc, now)
         if c.state is ChildState.WAITING_RESTART and now >= c.restart_at:
+            if not any(o.state is ChildState.STARTING for o in self.children):
+                self.progress.begin()  # "still waiting after Ns" counts from this restart
             self.progress.say(f"restarting {c.spec.name} (restart #{c.restarts})")
-            self._start(c)
+            if (why := self._start(c)) is not None:
+                # A failed attempt like any other: the next one after a longer backoff; never a shutdown.
+                c.healthy_at = None
+                self.status.update({n: f"cannot start it ({why})" for n in c.spec.instances})
+                delay = self._backoff(c)
+                self.progress.say(f"{c.spec.name}: cannot start it ({why}); restart in {delay:.0f}s "
+                                  "(--restart on-failure)")
+                if self.plan.coupled:
+                    self._stop_coupled(c)
             return True
-        if c.state is ChildState.STARTING:
-            if self._probe(c):
-                c.state, c.healthy_at = ChildState.RUNNING, now
-                self.progress.say(f"{c.spec.name} (pid {c.pid or '?'}) is healthy again")
-                return True
-            if now - c.started_at > self.plan.timeout:
-                self.progress.say(f"{c.spec.name}: not healthy after {self.plan.timeout:.0f}s; stopping it")
-                return self._died(c, None, now, why=f"not healthy after {self.plan.timeout:.0f}s")
         return False
 
-    def _check_ranks(self, c: Child, now: float) -> bool:
+    def _check_starting(self, now: float) -> bool:
+        """Restarted children: healthy again, held up by somebody else's server on their port, or too slow."""
+        starting = [c for c in self.children if c.state is ChildState.STARTING]
+        if not starting:
+            return False
+        foreign = self._probe(starting)
+        self.progress.update(self.status)  # lines as statuses change, and "still waiting" every 30 s
+        changed = False
+        for c in starting:
+            if c.state is not ChildState.STARTING:
+                continue  # stopped meanwhile with a coupled rank
+            theirs = [foreign[n] for n in c.spec.instances if n in foreign]
+            if theirs:
+                changed |= self._died(c, None, now, why=f"is not the server on its port: {theirs[0]}")
+            elif all(n in self.healthy for n in c.spec.instances):
+                c.state, c.healthy_at = ChildState.RUNNING, now
+                remember_trees([c])
+                self.progress.say(f"{c.spec.name} (pid {c.pid or '?'}) is healthy again")
+                changed = True
+            elif now - c.started_at > self.plan.timeout:
+                self.progress.say(f"{c.spec.name}: not healthy after {self.plan.timeout:.0f}s; stopping it")
+                changed |= self._died(c, None, now, why=f"not healthy after {self.plan.timeout:.0f}s")
+        return changed
+
+    def _check_ranks(self, now: float) -> bool:
         """A running process whose instance stopped listening has lost that rank: report it, mark it down,
         and with --restart on-failure restart the whole process (its ranks fail together)."""
-        if c.state is not ChildState.RUNNING:
-            return False
-        lost = []
-        for name in c.spec.instances:
-            h = health(self.plan.bind_host, self.by_name[name].port, self.health_path)
-            self._note(name, h)
-            self.refused[name] = self.refused[name] + 1 if h.state is HealthState.NOT_LISTENING else 0
-            if self.refused[name] >= REFUSED_LIMIT and name not in self.down:
-                lost.append(name)
-        if not lost:
-            return False
-        self.down.update(lost)
-        self.progress.say(f"{', '.join(lost)} of {c.spec.name} (pid {c.pid or '?'}) stopped "
-                          f"listening (connection refused {REFUSED_LIMIT} times in a row)")
-        if self.plan.restart is Restart.ON_FAILURE:
-            return self._died(c, None, now, why=f"lost {', '.join(lost)}")
-        return True
-
-    def _died(self, c: Child, rc: int | None, now: float, why: str | None = None) -> bool:
-        pid = c.pid or "?"
-        # Ranks of multi_api_server (and sim processes) live and die together: clear the whole group.
-        stop_child(c, self.plan.grace)
-        if rc is None and c.popen is not None:
-            rc = c.popen.returncode
-        c.exit_code = rc
-        for name in c.spec.instances:
-            self.status[name] = why or describe_exit(rc if rc is not None else -9)
-            self.healthy.discard(name)
-            self.down.discard(name)
-            self.refused[name] = 0
-        self.progress.say(f"{c.spec.name} (pid {pid}, serving {', '.join(c.spec.instances)}) "
-                          f"{why or self.status[c.spec.instances[0]]}; last lines of {c.spec.log}:")
-        print(procs.tail(c.spec.log, 10), file=self.out, flush=True)
-        # on-failure, as in Docker/systemd: a clean exit (status 0) was asked for by someone; leave it.
-        if self.plan.restart is Restart.ON_FAILURE and (why is not None or rc != 0):
-            if c.healthy_at is not None and now - c.healthy_at >= BACKOFF_RESET:
-                c.restarts = 0
-            delay = min(BACKOFF_MAX, 2.0**c.restarts)
-            c.restarts += 1
-            c.state, c.restart_at = ChildState.WAITING_RESTART, now + delay
-            self.progress.say(f"{c.spec.name}: restart in {delay:.0f}s (--restart on-failure)")
-        else:
-            c.state = ChildState.EXITED
-        if self.plan.coupled:
-            self._stop_coupled(c)
-        return True
-
-    def _stop_coupled(self, dead: Child) -> None:
-        """Ranks of one data-parallel group in separate processes (vLLM's external load balancing) cannot run
-        without each other (collectives wait for every rank): stop the others, restart them with it."""
-        others = [o for o in self.children if o is not dead and o.state in _LIVE]
-        if not others:
-            return
-        self.progress.say(f"stopping {', '.join(o.spec.name for o in others)}: ranks of one data-parallel "
-                          f"group cannot run without {dead.spec.name}")
-        for o in others:
-            stop_child(o, self.plan.grace)
-            o.exit_code = o.popen.returncode if o.popen is not None else None
-            o.state, o.restart_at, o.restarts = dead.state, dead.restart_at, dead.restarts
-            for name in o.spec.instances:
-                self.status[name] = f"stopped with {dead.spec.name}"
-                self.healthy.discard(name)
-                self.down.discard(name)
-                self.refused[name] = 0
+        running = [c for c in self.children if c.state is ChildState.RUNNING]
+        seen = health_all(self.plan.bind_host, {n: self.by_name[n].port for c in running for n in c.spec.instances},
+                          self.health_path)
+        changed = False
+        for c in running:
+            if c.state is not ChildState.RUNNING:
+                continue  # stopped meanwhile with a coupled rank
+            lost = []
+            for name in c.spec.instances:
+                h = seen[name]
+                self._note(name, h)
+                self.refused[name] = self.refused[name] + 1 if h.state is HealthState.NOT_LISTENING else 0
+                if self.refused[name] >= REFUSED_LIMIT and name not in self.down:
+                    lost.append(name)
+            if not lost:
+                continue
+            self.down.update(lost)
+            changed = True
+            self.progress.say(f"{', '.join(lost)} of {c.spec.name} (pid {c.pid or '?'}) stopped "
+                              f"listening (connection refused {REFUSED_LIMIT} times in a row)")
+            if self.plan.restart is Restart.ON_FAILURE:
+                self._died(c, None, now, why=f"lost {', '.join(lost)}")
+        return changed
 
     def _shutdown(self) -> None:
-        """Stop every child group and every descendant, whatever group it moved to."""
+        """Stop every child group and every descendant, whatever group it moved to. Nothing said here can
+        fail (a broken stream is given up on), so the stop always runs."""
         killed = stop_every(self.children, self.plan.grace, lambda n: self.progress.say(
             f"stopping {n} process group(s) (grace {self.plan.grace:.0f}s)"))
         if killed:
             self.progress.say(f"killed after the grace period: {', '.join(map(str, killed))}")
         if self.inventory_written:
             self.stopped = True
-            with contextlib.suppress(FdngxError, OSError):
-                self._write_inventory()
+            self._inventory()
 
     def _sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -384,13 +337,16 @@ class Supervisor:
 
 
 def main() -> None:
-    """`python -m fdngx.launch.supervise`: the detached supervisor; the plan arrives as JSON on stdin."""
+    """`python -m fdngx.launch.supervise [--lock-fd N]`: the detached supervisor; the plan arrives as JSON on
+    stdin, the launch lock (fdngx.launch.lock) as descriptor N, held until this process exits."""
+    if len(sys.argv) == 3 and sys.argv[1] == "--lock-fd":
+        os.set_inheritable(int(sys.argv[2]), False)  # kept open; never handed on to an engine
     plan = Plan.from_dict(json.loads(sys.stdin.read()))
     sys.stdin.close()
     try:
         code = Supervisor(plan, out=sys.stdout, detached=True).run()
     except FdngxError as exc:
-        print(f"fdngx: error: {exc}", flush=True)
+        Progress([], sys.stdout).w.line(f"fdngx: error: {exc}")
         sys.exit(exc.exit_code)
     sys.exit(code)
 

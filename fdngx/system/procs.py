@@ -61,6 +61,16 @@ def _boot_time() -> float:
     return 0.0
 
 
+@functools.cache
+def boot_id() -> str | None:
+    """This boot's random id (/proc/sys/kernel/random/boot_id): start times count from boot, so a (pid, start
+    time) recorded before a reboot may match a new process; None when it cannot be read."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
 def start_time_epoch(pid: int) -> float | None:
     """When `pid` started, in seconds since the epoch (1/CLK_TCK resolution); None when gone."""
     ticks = starttime(pid)

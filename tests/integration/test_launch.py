@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,15 +111,6 @@ class Launcher:
             # Children run in their own sessions: pgid == pid. Only processes we recorded are signalled.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
-
-
-@pytest.fixture
-def launcher(tmp_path: Path) -> Iterator[Launcher]:
-    lx = Launcher(tmp_path)
-    try:
-        yield lx
-    finally:
-        lx.cleanup()
 
 
 def sim_ports(n: int) -> list[str]:

@@ -1,0 +1,139 @@
+"""The supervisor's bookkeeping: the inventory it rewrites and its pidfile (`<inventory>.pid`).
+
+Neither may ever stop a replica. A write that fails (a full disk, a read-only or replaced file) is said
+once, naming the file and why, and tried again at the supervisor's next loop until it succeeds (then that
+is said too): the files are marked dirty, and _flush writes what is dirty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+from fdngx import inventory as inv_mod
+from fdngx.errors import FdngxError, os_error_line
+from fdngx.launch.children import Child
+from fdngx.launch.pidfile import LIVE, ChildState, LaunchState, Pidfile, ProcessRecord, write_pidfile
+from fdngx.launch.plan import Plan
+from fdngx.system import procs
+from fdngx.system.files import file_lock
+
+INVENTORY, PIDFILE = "inventory", "pidfile"
+
+
+class Books:
+    """Mixin of fdngx.launch.supervise.Supervisor: what it writes about its replicas, and how."""
+
+    plan: Plan
+    children: list[Child]
+    status: dict[str, str]
+    by_name: dict[str, Any]
+    down: set[str]
+    detached: bool
+    stopped: bool
+    progress: Any  # fdngx.launch.progress.Progress (say)
+    inventory_written: bool
+    lockless_said: bool
+    state: LaunchState
+
+    def _init_books(self) -> None:
+        self.dirty: set[str] = set()
+        self.failing: dict[str, str] = {}  # path -> why its last write failed (said once)
+        self.failure: tuple[str, str, str] | None = None  # a failed start: error, log tail, log file
+
+    def _pidfile(self, state: LaunchState, error: str | None = None, log_tail: str | None = None,
+                 log: str | None = None) -> None:
+        """Record the state and write the pidfile now (a failure is said, and retried by _flush)."""
+        self.state = state
+        if error is not None:
+            self.failure = (error, log_tail or "", log or "")
+        self.dirty.add(PIDFILE)
+        self._flush()
+
+    def _inventory(self) -> None:
+        """Write the inventory now (a failure is said, and retried by _flush)."""
+        self.dirty.add(INVENTORY)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Write whatever is dirty; what fails stays dirty for the next call."""
+        if INVENTORY in self.dirty and self._attempt(str(self.plan.inventory_path), self._write_inventory):
+            self.dirty.discard(INVENTORY)
+        if PIDFILE in self.dirty and self._attempt(self.plan.pidfile, self._write_pidfile):
+            self.dirty.discard(PIDFILE)
+
+    def _attempt(self, path: str, write: Callable[[], None]) -> bool:
+        try:
+            write()
+        except (OSError, FdngxError) as exc:
+            why = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc).removeprefix(f"{path}: ")
+            if path not in self.failing:
+                self.progress.say(f"warning: {path}: not written ({why}); the replicas keep running; fdngx tries "
+                                  "again until it can")
+            self.failing[path] = why
+            return False
+        if self.failing.pop(path, None) is not None:
+            self.progress.say(f"{path}: written again")
+        return True
+
+    def _write_pidfile(self) -> None:
+        me = os.getpid()
+        error, log_tail, log = self.failure or (None, None, None)
+        write_pidfile(self.plan.pidfile, Pidfile(
+            supervisor=ProcessRecord(me, procs.starttime(me)), state=self.state, detached=self.detached,
+            engine=self.plan.engine, inventory=self.plan.inventory_path, grace=self.plan.grace,
+            children=[c.record() for c in self.children], instances=dict(self.status),
+            error=error, log_tail=log_tail, log_file=log, boot=procs.boot_id(),
+        ))
+
+    def _write_inventory(self) -> None:
+        """Atomically write the inventory with pid/log/status per instance, other edits kept, under its lock."""
+        with contextlib.ExitStack() as stack:
+            # A lock another user made (root ran `fdngx drain`), or held too long: write without it, as before.
+            try:
+                stack.enter_context(file_lock(inv_mod.lock_path(self.plan.inventory_path), timeout=5.0))
+            except (OSError, FdngxError) as exc:
+                if not self.lockless_said:  # once: a drain in that same moment could be lost
+                    self.lockless_said = True
+                    self.progress.say(f"{os_error_line(exc) if isinstance(exc, OSError) else exc}: writing "
+                                      f"{self.plan.inventory_path} without the inventory lock; a `fdngx drain` at "
+                                      "the same moment could be lost (run fdngx drain as this user)")
+            self._rewrite_inventory()
+
+    def _rewrite_inventory(self) -> None:
+        ours = {}
+        for c in self.children:
+            for name in c.spec.instances:
+                extra: dict[str, Any] = {"pid": c.pid, "status": self._inst_state(c, name)}
+                if c.exit_code is not None and c.state is not ChildState.RUNNING:
+                    extra["exit_code"] = c.exit_code
+                ours[name] = extra
+        try:
+            current = inv_mod.load(self.plan.inventory_path)  # the first time: an old launch's, if any
+        except FdngxError:
+            current = None
+        doc = current if self.inventory_written and current else self.plan.inventory
+        if not self.inventory_written and current is not None:
+            # A new launch over an old inventory: a replica drained there (same name, same address) stays drained.
+            was = {(i.name, i.host, i.port) for i in current.instances if i.drain}
+            for inst in doc.instances:
+                if (inst.name, inst.host, inst.port) in was and not inst.drain:
+                    inst.drain = True
+                    self.progress.say(f"{inst.name} stays drained, as the old inventory had it "
+                                      f"(`fdngx drain {inst.name} --undo` puts it back)")
+        for inst in doc.instances:
+            mine = self.by_name.get(inst.name)
+            if mine is not None and (inst.host, inst.port) == (mine.host, mine.port):
+                inst.extra = {k: v for k, v in inst.extra.items() if k not in ("pid", "status", "exit_code")}
+                inst.extra = {"pid": ours[inst.name]["pid"], **inst.extra, **ours[inst.name]}
+        inv_mod.save(doc, self.plan.inventory_path)
+        self.inventory_written = True
+
+    def _inst_state(self, c: Child, name: str) -> str:
+        if self.stopped and c.state in LIVE:
+            return "stopped"
+        if c.state is ChildState.RUNNING and name in self.down:
+            return "down"
+        return {ChildState.RUNNING: "running", ChildState.STARTING: "starting"}.get(c.state, "exited")

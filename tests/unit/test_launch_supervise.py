@@ -1,0 +1,132 @@
+"""The launch supervisor's pieces without processes: its output, its restart clock, its probes."""
+
+from __future__ import annotations
+
+import errno
+import io
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fdngx.domain import Engine, Instance, Inventory, Restart
+from fdngx.engines.argv import ProcSpec
+from fdngx.launch.pidfile import ChildState
+from fdngx.launch.plan import Plan
+from fdngx.launch.progress import Progress
+from fdngx.launch.supervise import Supervisor
+from fdngx.system import procs
+
+
+class Broken(io.StringIO):
+    """A stream that fails like a terminal that hung up (EIO), a pipe nobody reads (EPIPE) or a full disk."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__()
+        self.err = err
+        self.writes = 0
+
+    def write(self, s: str) -> int:
+        self.writes += 1
+        raise OSError(self.err, "broken")
+
+
+@pytest.mark.parametrize("err", [errno.EIO, errno.EPIPE])
+def test_output_to_a_broken_stream_never_raises_and_is_given_up(err: int) -> None:
+    out = Broken(err)
+    prog = Progress(["dp0"], out)
+    prog.say("stopping 1 process group(s) (grace 15s)")  # raised before: the stop never ran
+    prog.text("last lines")
+    prog.update({"dp0": "starting"})
+    assert out.writes == 1  # remembered as broken after the first failure: never written again
+
+
+def test_output_to_a_full_disk_loses_the_line_only() -> None:
+    out = Broken(errno.ENOSPC)
+    prog = Progress(["dp0"], out)
+    prog.say("one")
+    prog.say("two")
+    assert out.writes == 2  # space may come back: later lines are tried
+
+
+def test_output_to_a_closed_stream_never_raises() -> None:
+    out = io.StringIO()
+    out.close()
+    Progress(["dp0"], out).say("anything")
+
+
+def plan_of(tmp: Path, n: int = 1, ports: list[int] | None = None, timeout: float = 1000.0) -> Plan:
+    ports = ports or list(range(1, n + 1))
+    specs = [ProcSpec(f"dp{i}", ["true"], {}, str(tmp / f"dp{i}.log"), [f"dp{i}"]) for i in range(n)]
+    inv = Inventory([Instance(f"dp{i}", "127.0.0.1", ports[i], 9000 + i, Engine.SIM) for i in range(n)])
+    return Plan(Engine.SIM, specs, inv, str(tmp / "fdngx.json"), str(tmp), ports, timeout, Restart.ON_FAILURE,
+                5.0, False)
+
+
+def test_the_restart_backoff_counts_from_the_end_of_the_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop that took the whole grace (a worker ignoring SIGTERM) must not eat the backoff: the restart
+    comes 1 s after the stop, not at once."""
+    sup = Supervisor(plan_of(tmp_path), out=io.StringIO())
+    clock = [100.0]
+    sup.clock = lambda: clock[0]
+    c = sup.children[0]
+    c.state, c.healthy_at = ChildState.RUNNING, 99.0
+
+    def slow_stop(*args: Any) -> None:
+        clock[0] += 15.0  # the grace
+
+    monkeypatch.setattr(sys.modules[Supervisor._died.__module__], "stop_child", slow_stop)
+    sup._died(c, 1, 100.0)
+    assert c.state is ChildState.WAITING_RESTART and c.restart_at == 116.0
+
+
+def test_a_restart_still_waiting_says_so_every_30s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restarting replicas get the launch's progress lines too: a change, and 'still waiting' every 30 s."""
+    monkeypatch.setattr(procs, "reap", lambda popens: None)  # pytest's own children are not ours to reap
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there: "not listening yet"
+    out = io.StringIO()
+    sup = Supervisor(plan_of(tmp_path, ports=[port]), out=out)
+    t = [0.0]
+    sup.progress = Progress(["dp0"], out, timeout=1000, clock=lambda: t[0])
+    c = sup.children[0]
+    c.state, c.started_at = ChildState.STARTING, time.monotonic()
+    loops = [0]
+
+    def sleep(seconds: float) -> None:
+        t[0] += 31.0
+        loops[0] += 1
+        if loops[0] == 2:
+            sup.stop_signal = signal.SIGTERM
+
+    sup._sleep = sleep  # type: ignore[method-assign]
+    assert sup._watch() == 0
+    assert "fdngx: dp0: not listening yet" in out.getvalue()
+    assert "fdngx: still waiting after 31s of 1000s: 0/1 healthy; dp0: not listening yet" in out.getvalue()
+
+
+def test_running_replicas_are_probed_at_once_not_one_after_another(tmp_path: Path) -> None:
+    """Eight hung replicas (they accept, never answer) cost one probe timeout per round, not eight."""
+    silent = []
+    for _ in range(8):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        silent.append(s)
+    try:
+        sup = Supervisor(plan_of(tmp_path, 8, [s.getsockname()[1] for s in silent]), out=io.StringIO())
+        for c in sup.children:
+            c.state = ChildState.RUNNING
+        began = time.monotonic()
+        sup._check_ranks(time.monotonic())
+        took = time.monotonic() - began
+    finally:
+        for s in silent:
+            s.close()
+    assert all(sup.status[n] == "no answer in 2s" for n in sup.status)
+    assert took < 8.0, took  # one after another: 8 x 2 s

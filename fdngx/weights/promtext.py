@@ -50,9 +50,10 @@ _MAX_VALUE = 40  # longer numbers go to the parser (int() refuses over 4,300 dig
 def _lines_of(names: frozenset[str]) -> re.Pattern[str]:
     """fdngx.weights.scrape._line_filter's lines, anchored on a literal newline instead of `^` (re.M): the
     engine then jumps from newline to newline instead of trying each of a page's ~20,000 positions (2.5x
-    faster). Used on "\n" + page, so the first line has its newline too."""
+    faster). Used on "\n" + page, so the first line has its newline too.
+    An OpenMetrics `# EOF` line matches too (the caller stops there: before_eof in the same pass)."""
     alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
-    return re.compile(rf"\n((?:#[ \t]+(?:TYPE|HELP)[ \t]+)?(?:{alternatives})(?:[{{ \t].*)?)(?=\n|\Z)")
+    return re.compile(rf"\n(# EOF|(?:#[ \t]+(?:TYPE|HELP)[ \t]+)?(?:{alternatives})(?:[{{ \t].*)?)(?=\n|\Z)")
 
 
 # Sample name -> the labels in which copies of one count differ (MetricNames.one_per); see Gathered.
@@ -65,6 +66,9 @@ def _stands_for(new: float, old: float) -> bool:
     """Whether copy `new` stands for a count instead of copy `old`: the larger does, and so does any value no
     count can take (negative, NaN, infinite), so that such a page is refused as when every copy added up."""
     return not 0.0 <= new < math.inf or (0.0 <= old < math.inf and new > old)
+
+
+_EOF = "# EOF"
 
 
 def before_eof(text: str) -> str:
@@ -121,8 +125,10 @@ def fast_values(text: str, names: frozenset[str], copies: Copies = NO_COPIES) ->
     values = Gathered(copies)
     seen: set[tuple[str, str | frozenset[tuple[str, str]]]] = set()  # Gathered._seen's, keyed as cheaply
     repeated: str | None = None  # told once every line is known to be in the grammar
-    for m in _lines_of(names).finditer("\n" + before_eof(text)):
+    for m in _lines_of(names).finditer("\n" + text):
         line = m.group(1)
+        if line == _EOF:
+            break  # the OpenMetrics end (before_eof), found in the same pass as the lines
         if line.startswith("#"):
             if _COMMENT.fullmatch(line) is None:
                 return None

@@ -119,11 +119,12 @@ def parse_metrics(text: str, names: frozenset[str] | None = None) -> dict[str, l
     """Sample name -> values (one per label set, copies of one count as one: MetricNames.one_per), only for
     `names` when given. Raises ValueError on anything unparsable, and on lines too long or too many for the
     parser (MAX_PARSED_LINE, MAX_PARSED_BYTES), and on a label set repeated; reads up to `# EOF` (promtext)."""
-    text = before_eof(text)
     if names is not None:
         fast = fast_values(text, names, _copies())  # the usual page, read as the parser would read it
         if fast is not None:
             return fast
+    text = before_eof(text)
+    if names is not None:
         text = relevant_lines(text, names)
     _parser_bounds(text)
     values = Gathered(_copies())

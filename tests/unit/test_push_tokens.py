@@ -87,9 +87,10 @@ def test_a_frontend_whose_token_changed_is_not_said_removed(frontends: Callable[
                                                             tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     fe = frontends(good)
     spec = FrontendSpec(f"{fe.url}/fdngx/peers", token_file(tmp_path))
-    fan = Fanout([spec])
     caplog.set_level(logging.INFO, "fdngx.fanout")
+    fan = Fanout([spec])
     try:
+        caplog.clear()  # "added" at the start (captured or not, as earlier tests left logging): not this test's
         replace_token(spec.token_file, "u" * 32)
         fan.set_frontends([spec])  # the push file changed (its other lines), this frontend's token too
         said = [r.getMessage() for r in caplog.records if "pushing to" in r.getMessage()]

@@ -8,7 +8,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -242,3 +245,30 @@ class HealthyProbe:
 
     def close(self) -> None:
         pass
+
+
+def token_file(tmp: Path, name: str = "token", text: str = "t" * 32) -> Path:
+    """A private (0600) token file holding `text`."""
+    path = tmp / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text + "\n")
+    return path
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """One HTTP request (head and Content-Length body); b"" when the client closed the connection."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return b""
+        buf += chunk
+    head, body = buf.split(b"\r\n\r\n", 1)
+    found = re.search(rb"(?im)^content-length: *([0-9]+)", head)
+    while found and len(body) < int(found.group(1)):
+        chunk = conn.recv(65536)
+        if not chunk:
+            return b""
+        body += chunk
+    return head + b"\r\n\r\n" + body

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import resource
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -53,6 +52,7 @@ from fdngx.nginx.target import open_target
 from fdngx.registry.core import Registry, RegistrySettings
 from fdngx.registry.http import RegistryServer, server_options
 from fdngx.registry.rules import DEFAULT_MAX_INSTANCES
+from fdngx.weights.dial import raise_fd_limit
 from fdngx.weights.settings import config_for_flavor
 from fdngx.weights.sidecar import Sidecar, SidecarConfig
 from fdngx.weights.telemetry import DEFAULT_LISTEN, Telemetry
@@ -263,7 +263,7 @@ def sidecar_cmd(
     else:
         how = f"writing {out}" + (f" and pushing weights to {target.admin.url}" if target.admin
                                   else ("" if no_reload else " and reloading nginx"))
-    raise_fd_limit(len(sidecar.inventory.instances))
+    raise_fd_limit(2 * len(sidecar.inventory.instances))  # its scrape: /metrics and /health per replica
     log.info("sidecar: %d instance(s), every %.1fs, %s", len(sidecar.inventory.instances), interval, how)
     if registry is not None and not sidecar.inventory.instances:
         log.info("no instance yet: nginx answers 503 (Retry-After: 1) until one registers at http://%s/register",
@@ -274,24 +274,6 @@ def sidecar_cmd(
         sidecar.telemetry.close()
         if registry is not None:
             registry.stop()
-
-
-def raise_fd_limit(instances: int) -> None:
-    """A fleet's scrape keeps two connections per replica open (metrics and API port, keep-alive): lift the soft
-    open-files limit to the hard one when the soft one is too low for that (systemd's default soft limit is
-    1024), as Go programs do at start. Never lowers it; says so when even the hard limit is short."""
-    want = 4 * instances + 256
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= want or soft == resource.RLIM_INFINITY:
-        return
-    new = hard if hard == resource.RLIM_INFINITY else min(hard, max(want, soft))
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-    except (ValueError, OSError):
-        new = soft
-    if new != resource.RLIM_INFINITY and new < want:
-        log.warning("open-files limit %d is low for %d instance(s) (want %d: LimitNOFILE= in the unit)", new,
-                    instances, want)
 
 
 def register(app: typer.Typer) -> None:

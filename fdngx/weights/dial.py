@@ -90,8 +90,9 @@ _raise_lock = threading.Lock()
 def raise_fd_limit(jobs: int) -> None:
     """A cycle of `jobs` GETs holds a socket per GET in flight and up to two kept-alive ones per replica port:
     lift the soft open-files limit towards the hard one when it is short of that (systemd's default soft
-    limit is 1024), again whenever the fleet grows past what it was lifted for (fdngx.commands.sidecar lifts
-    it at start for the inventory of then). Never lowers it; says so when even the hard limit is short."""
+    limit is 1024), as Go programs do at start: at the sidecar's start for the inventory of then
+    (fdngx.commands.sidecar), and again whenever the fleet grows past what it was lifted for (the scrape
+    loop). Never lowers it; says so when even the hard limit is short."""
     with _raise_lock:
         if jobs <= _raised_for[0]:
             return

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import wait_for
-from tests.unit.test_push_deadline import FakeFrontend, Handler, drip, frontends, token_file
+from tests.support import token_file, wait_for
+from tests.unit.test_push_deadline import FakeFrontend, Handler, drip, frontends
 
 __all__ = ["frontends"]  # the fixture
 

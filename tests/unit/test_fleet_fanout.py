@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.server
 import logging
-import os
 import re
 import socket
 import threading
@@ -22,16 +21,9 @@ from fdngx.nginx.openresty import parse_admin_url
 from fdngx.nginx.render import LOOPBACK_ALLOW, RenderOptions, admin_allow_list, render
 from fdngx.sim.process import free_ports
 from fdngx.weights.controller import fleet_outcome
+from tests.support import token_file
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def token_file(tmp: Path, name: str = "token", text: str = "t" * 32) -> Path:
-    path = tmp / name
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text + "\n")
-    return path
 
 
 @pytest.mark.parametrize("url", ["http://10.0.0.5:9401", "http://10.0.0.5:9401/fdngx/peers", "http://[fd00::5]:9401",

@@ -24,7 +24,8 @@ from fdngx.weights.controller import GENERATION_KEY, Controller
 from fdngx.weights.settings import config_for_flavor, config_of_state
 from fdngx.weights.state import PolicyState
 from fdngx.weights.store import StateStore
-from tests.unit.test_push_deadline import FakeFrontend, answer, good, read_request
+from tests.support import read_request
+from tests.unit.test_push_deadline import FakeFrontend, answer, good
 
 AHEAD_MS = int(generation.FUTURE_S * 1000)
 

@@ -12,7 +12,8 @@ import pytest
 from fdngx.errors import ApplyError
 from fdngx.nginx.fanout import Fanout, FrontendSpec
 from fdngx.nginx.openresty import Admin
-from tests.unit.test_push_deadline import FakeFrontend, Handler, answer, frontends, read_request, token_file
+from tests.support import read_request, token_file
+from tests.unit.test_push_deadline import FakeFrontend, Handler, answer, frontends
 
 __all__ = ["frontends"]  # the fixture
 

@@ -7,7 +7,6 @@ remove/re-add). Fake frontends on 127.0.0.1 only; every wait is a condition with
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import threading
@@ -18,35 +17,9 @@ from pathlib import Path
 import pytest
 
 from fdngx.nginx.fanout import Fanout, FrontendSpec
-from tests.support import wait_for
+from tests.support import read_request, token_file, wait_for
 
 Handler = Callable[["FakeFrontend", socket.socket], None]
-
-
-def token_file(tmp: Path, name: str = "token", text: str = "t" * 32) -> Path:
-    path = tmp / name
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text + "\n")
-    return path
-
-
-def read_request(conn: socket.socket) -> bytes:
-    """One HTTP request (head and Content-Length body); b"" when the client closed the connection."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return b""
-        buf += chunk
-    head, body = buf.split(b"\r\n\r\n", 1)
-    found = re.search(rb"(?im)^content-length: *([0-9]+)", head)
-    while found and len(body) < int(found.group(1)):
-        chunk = conn.recv(65536)
-        if not chunk:
-            return b""
-        body += chunk
-    return head + b"\r\n\r\n" + body
 
 
 def answer(conn: socket.socket, request: bytes, status: bytes = b"200 OK", text: bytes | None = None) -> None:

@@ -21,8 +21,9 @@ from fdngx.weights.settings import config_for_flavor
 from fdngx.weights.sidecar import Sidecar, SidecarConfig
 from fdngx.weights.state import PolicyState
 from fdngx.weights.telemetry import Telemetry
+from tests.support import token_file
 from tests.unit.test_loop import FakeScrape
-from tests.unit.test_push_deadline import FakeFrontend, Handler, frontends, good, token_file
+from tests.unit.test_push_deadline import FakeFrontend, Handler, frontends, good
 
 __all__ = ["frontends"]  # the fixture
 

@@ -13,7 +13,8 @@ import pytest
 from fdngx.errors import ApplyError, FdngxError
 from fdngx.nginx.fanout import Fanout, FrontendSpec, load_token
 from fdngx.nginx.openresty import Admin, ensure_token, read_token
-from tests.unit.test_push_deadline import FakeFrontend, Handler, frontends, good, token_file
+from tests.support import token_file
+from tests.unit.test_push_deadline import FakeFrontend, Handler, frontends, good
 
 __all__ = ["frontends"]  # the fixture
 

@@ -17,7 +17,8 @@ import pytest
 
 from fdngx.weights.batch import BatchClient
 from fdngx.weights.scrape import scrape_all
-from tests.unit.test_scrape_wire import STOP, Handler, answer, good, raw_servers, read_request, replica
+from tests.support import read_request
+from tests.unit.test_scrape_wire import STOP, Handler, answer, good, raw_servers, replica
 
 __all__ = ["raw_servers"]  # the fixture
 REPO = Path(__file__).resolve().parents[2]

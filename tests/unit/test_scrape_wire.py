@@ -21,21 +21,11 @@ from fdngx.weights import http1
 from fdngx.weights.batch import BatchClient
 from fdngx.weights.http1 import Refused, Response
 from fdngx.weights.scrape import scrape_all
+from tests.support import read_request
 from tests.unit.test_scrape import FD_PAGE
 
 Handler = Callable[[socket.socket], None]
 STOP = threading.Event()
-
-
-def read_request(conn: socket.socket) -> bytes:
-    """One request's head, b"" when the client closed first."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = conn.recv(65536)
-        if not data:
-            return b""
-        buf += data
-    return buf
 
 
 def answer(request: bytes) -> bytes:

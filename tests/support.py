@@ -272,3 +272,13 @@ def read_request(conn: socket.socket) -> bytes:
             return b""
         body += chunk
     return head + b"\r\n\r\n" + body
+
+
+class AdminDouble:
+    """What fdngx.nginx.target.Target needs of an admin client besides `push`, for test doubles of one."""
+
+    url = "http://127.0.0.1:9/fdngx/peers"
+    timeout = 2.0
+
+    def deadline(self, seconds: float) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()

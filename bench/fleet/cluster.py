@@ -22,8 +22,9 @@ from pathlib import Path
 import requests
 
 from bench.lb import procs
+from fdngx.nginx.admin import Admin
 from fdngx.nginx.control import find_nginx, prepare_prefix
-from fdngx.nginx.openresty import Admin, lua_modules
+from fdngx.nginx.openresty import lua_modules
 from fdngx.sim.process import SimProcess, free_ports, start_sim
 
 SLOTS = (16, 32, 48, 64)

@@ -45,7 +45,7 @@ from fdngx.commands.options import (
 )
 from fdngx.domain import Balancer, Flavor, Mode
 from fdngx.errors import UsageError
-from fdngx.nginx import openresty
+from fdngx.nginx import admin
 from fdngx.nginx.fanout import frontend_specs
 from fdngx.nginx.frontdoor import AccessLogFormat
 from fdngx.nginx.target import open_target
@@ -194,7 +194,7 @@ def sidecar_cmd(
     )
     token_file = push_token_file.absolute() if push_token_file else None
     if token_file is None and out is not None and controller:
-        token_file = (admin_token_file or openresty.token_path(out.absolute())).absolute()
+        token_file = (admin_token_file or admin.token_path(out.absolute())).absolute()
     urls = [u for entry in push_to or () for u in entry.split(",") if u.strip()]
     frontends = tuple(frontend_specs(urls, token_file)) if controller else ()
     spec = replace(target_spec(opts, out=out, prefix=prefix, nginx_conf=nginx_conf, nginx_bin=nginx_bin,

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fdngx.errors import ApplyError, FdngxError, UnsafeFileError, UsageError
+from fdngx.nginx.admin import Admin, parse_admin_url, read_token
 from fdngx.nginx.generation import PushState, say_change
-from fdngx.nginx.openresty import Admin, parse_admin_url, read_token
 from fdngx.system.files import check_private, read_regular_file
 
 log = logging.getLogger("fdngx.fanout")
@@ -298,11 +298,11 @@ class Fanout:
     def push(self, text: str) -> tuple[PushOutcome, ...]:
         """POST `text` to every frontend at once; returns one outcome per frontend, in list order, after at
         most `timeout` seconds: a push still running then is ended (its connection shut down) and reported
-        as `timeout`. No frontend at all raises ApplyError (a cycle that pushed to nobody is no success)."""
+        as `timeout`. No frontend at all: no outcome (the controller makes that the cycle's error, NO_FRONTENDS)."""
         with self._lock:
             frontends = list(self._frontends.values())
         if not frontends:
-            raise ApplyError(NO_FRONTENDS)
+            return ()
         self._renew_tokens(frontends)
         started = time.monotonic()
         futures: dict[str, Future[PushOutcome]] = {}

@@ -17,6 +17,7 @@ from pathlib import Path
 from fdngx.domain import Flavor, Inventory, LoadSample, Mode, ServerState
 from fdngx.errors import UsageError
 from fdngx.inventory import in_rotation
+from fdngx.nginx import admin as admin_client
 from fdngx.nginx import generation, openresty
 from fdngx.nginx.apply import ApplyResult, safe_apply
 from fdngx.nginx.control import NginxControl, find_nginx, prepare_prefix
@@ -63,7 +64,7 @@ class Target:
     opts: RenderOptions
     control: NginxControl | None  # None: write the file only (someone else reloads)
     reload: bool
-    admin: openresty.Admin | None  # openresty flavor: weights go here, not into the config
+    admin: admin_client.Admin | None  # openresty flavor: weights go here, not into the config
     peers_file: Path | None = None  # openresty flavor: the replicas as data, beside the config
     # Controller mode: every frontend (a local one from --out included) gets the same snapshot through this.
     fanout: Fanout | None = None
@@ -100,7 +101,7 @@ class Target:
         )
 
     def push(self, inv: Inventory, states: Mapping[str, ServerState] | None,
-             samples: Mapping[str, LoadSample]) -> openresty.PushResult | None:
+             samples: Mapping[str, LoadSample]) -> admin_client.PushResult | None:
         """Send the balancer a whole snapshot; returns what it said (applied, unchanged, or stale: another
         controller's is newer), None when no nginx took it: a static snapshot's push is best effort, the
         policy's waits only for an nginx that is not running.
@@ -123,8 +124,9 @@ class Target:
             peers = openresty.live_peers(inv, states, samples)
             text = openresty.snapshot(generation.next_generation(), peers, inv.upstream)
         try:
-            result = self.admin.push(text)
-        except openresty.AdminUnreachable as exc:
+            with self.admin.deadline(self.admin.timeout):  # the whole push, not each read
+                result = self.admin.push(text)
+        except admin_client.AdminUnreachable as exc:
             # A static snapshot is best effort. The policy's waits only for an nginx that is not running: it
             # reads the replicas from the peers file when it starts, and the next cycle's push (a whole
             # snapshot, every cycle) carries the weights.
@@ -195,13 +197,13 @@ def open_target(spec: TargetSpec, *, dry: bool = False) -> Target:
     frontends = list(spec.frontends)
     local = spec.out is not None or not spec.controller  # controller mode alone renders no nginx of its own
     if opts.flavor is Flavor.OPENRESTY and local:
-        token_file = (spec.admin_token_file or openresty.token_path(spec.out)).absolute()
+        token_file = (spec.admin_token_file or admin_client.token_path(spec.out)).absolute()
         peers_file = openresty.peers_path(spec.out)
         modules = openresty.lua_modules(spec.nginx_bin) if opts.mode is Mode.STANDALONE else ()
         opts = replace(opts, admin_token_file=str(token_file), peers_file=str(peers_file),
                        lua_modules=opts.lua_modules or modules).validated()
         # The config names the token file, not the token: a dry run needs neither the token nor a push.
-        admin = None if dry else openresty.Admin(opts.admin_listen, openresty.ensure_token(token_file))
+        admin = None if dry else admin_client.Admin(opts.admin_listen, admin_client.ensure_token(token_file))
         if admin is not None and spec.controller:
             # The local nginx is one more frontend: the same bytes as the others, in the same fan-out.
             local_spec = FrontendSpec(admin.url, token_file)

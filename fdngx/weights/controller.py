@@ -21,11 +21,11 @@ from dataclasses import dataclass, field, replace
 from fdngx.domain import Inventory, LoadSample, ServerState
 from fdngx.errors import FdngxError
 from fdngx.nginx import generation
+from fdngx.nginx.admin import PushResult
 from fdngx.nginx.apply import ApplyResult
-from fdngx.nginx.fanout import PushOutcome
+from fdngx.nginx.fanout import NO_FRONTENDS, PushOutcome
 from fdngx.nginx.generation import PushState, say_change
 from fdngx.nginx.generation import superseded as why_superseded
-from fdngx.nginx.openresty import PushResult
 from fdngx.nginx.target import Target
 from fdngx.weights.fetch import Client
 from fdngx.weights.policy import Decisions, decide
@@ -51,8 +51,9 @@ class CycleResult:
     text: str = ""  # the rendered config
     # Whether the nginx fdngx reloads runs, checked every cycle (None: fdngx does not reload, so it cannot say).
     nginx_running: bool | None = None
-    # Controller mode: what each frontend did with this cycle's snapshot (fdngx.nginx.fanout).
-    pushes: tuple[PushOutcome, ...] = ()
+    # Controller mode: what each frontend did with this cycle's snapshot (fdngx.nginx.fanout). None: no
+    # controller-mode push this cycle (another mode, or the cycle failed before it); (): the push file lists none.
+    pushes: tuple[PushOutcome, ...] | None = None
     # Seconds spent scraping + deciding, and pushing (for logs, telemetry and the fleet benchmark).
     scrape_seconds: float = 0.0
     push_seconds: float = 0.0
@@ -100,11 +101,14 @@ def _log_scrapes(old: PolicyState, new: PolicyState) -> None:
             log.warning("%s: metrics scrape works again", name)
 
 
-def fleet_outcome(pushes: tuple[PushOutcome, ...]) -> tuple[int | None, str | None]:
+def fleet_outcome(pushes: tuple[PushOutcome, ...] | None) -> tuple[int | None, str | None]:
     """(peers the frontends took, or 0 when every one holds another controller's newer snapshot; the cycle's
-    error, only when no frontend answered at all: then none has the change and it stays pending)."""
-    if not pushes:
+    error, only when no frontend answered at all: then none has the change and it stays pending; a push to no
+    frontend at all is no success either)."""
+    if pushes is None:
         return None, None
+    if not pushes:
+        return None, NO_FRONTENDS
     taken = [o.peers for o in pushes if o.accepted]
     if taken:
         return max(taken), None
@@ -149,11 +153,13 @@ class Controller:
         applied: ApplyResult | None = None
         pushed: int | None = None
         superseded: str | None = None
-        pushes: tuple[PushOutcome, ...] = ()
+        pushes: tuple[PushOutcome, ...] | None = None
         error: str | None = None
         text = ""
         push_started = push_ended = scraped
         if self.target.pushing:
+            # Here, not at start: cron's run_once and the sidecar both come through, each with its state (a
+            # no-op after the first: the last generation given out only grows).
             generation.seed(state.config.get(GENERATION_KEY))
         try:
             if self.target.renders:

@@ -257,13 +257,14 @@ class Sidecar:
         self.telemetry.cycle(result, self.state, self.controller.clock(), time.monotonic() - started)
         self.cycles += 1
         if log.isEnabledFor(logging.DEBUG):
+            pushes = result.pushes or ()
             # One structured line per cycle (--log-format json carries the fields): what the fleet benchmark reads.
             log.debug("cycle %d: scrape+policy %.0f ms, push %.0f ms, %d replica(s), %d frontend(s)", self.cycles,
                       1000 * result.scrape_seconds, 1000 * result.push_seconds, len(result.samples),
-                      len(result.pushes), extra={
+                      len(pushes), extra={
                           "cycle": self.cycles, "scrape_policy_s": round(result.scrape_seconds, 6),
                           "push_s": round(result.push_seconds, 6), "cycle_s": round(time.monotonic() - started, 6),
-                          "pushes": {o.frontend: [o.status, round(o.seconds, 6)] for o in result.pushes},
-                          "generation": max((o.generation or 0 for o in result.pushes), default=None),
+                          "pushes": {o.frontend: [o.status, round(o.seconds, 6)] for o in pushes},
+                          "generation": max((o.generation or 0 for o in pushes), default=None),
                       })
         return result

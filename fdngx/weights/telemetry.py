@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from fdngx import __version__
 from fdngx.domain import Listen, LoadSample
 from fdngx.errors import UsageError
-from fdngx.nginx.fanout import NO_FRONTENDS
+from fdngx.nginx.fanout import PushOutcome
 from fdngx.weights.controller import CycleResult
 from fdngx.weights.state import PolicyState
 
@@ -123,8 +123,8 @@ class Telemetry:
             self._apply(result, now)
             # No outcome because there is no frontend left: the per-frontend series of the old ones go too
             # (a cycle that failed before its push keeps them: it says nothing about the frontends).
-            if result.pushes or result.error == NO_FRONTENDS:
-                self._pushes(result)
+            if result.pushes is not None:
+                self._pushes(result.pushes)
             if result.decisions is not None:
                 self._replicas(result, state, now)
 
@@ -145,8 +145,8 @@ class Telemetry:
             if applied.generation:
                 self.generation.set(int(applied.generation, 16))
 
-    def _pushes(self, result: CycleResult) -> None:
-        names = {o.frontend for o in result.pushes}
+    def _pushes(self, pushes: tuple[PushOutcome, ...]) -> None:
+        names = {o.frontend for o in pushes}
         for gone in self._frontends - names:
             for metric in (self.push_failures, self.push_stale, self.push_seconds, self.frontend_up):
                 with contextlib.suppress(KeyError):
@@ -155,7 +155,7 @@ class Telemetry:
             self.push_failures.labels(new)  # created at 0
             self.push_stale.labels(new)
         self._frontends = names
-        for o in result.pushes:
+        for o in pushes:
             if o.status == "busy":
                 continue  # no push was made: the last one still hangs (it counted as failed already)
             self.frontend_up.labels(o.frontend).set(1 if o.answered else 0)

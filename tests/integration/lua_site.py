@@ -11,7 +11,8 @@ import pytest
 import requests
 
 from fdngx.domain import Listen
-from fdngx.nginx.openresty import Admin, lua_modules
+from fdngx.nginx.admin import Admin
+from fdngx.nginx.openresty import lua_modules
 from tests.support import Backends, Nginx, fdngx, free_ports, write_inventory
 
 needs_lua = [

@@ -18,8 +18,8 @@ import pytest
 import requests
 
 from fdngx.errors import ApplyError
+from fdngx.nginx.admin import Admin, PushResult
 from fdngx.nginx.generation import next_generation
-from fdngx.nginx.openresty import Admin, PushResult
 from fdngx.nginx.render import builtin_template_dir
 from tests.integration.lua_site import LuaSite, needs_lua
 from tests.support import fdngx, wait_for

@@ -17,13 +17,13 @@ from fdngx import inventory as inv_mod
 from fdngx.commands.status_view import rows_of
 from fdngx.domain import Instance, Inventory, LoadSample, ServerState
 from fdngx.errors import InventoryError, RenderError
-from fdngx.nginx import openresty
+from fdngx.nginx import admin
 from fdngx.nginx.render import RenderOptions, render
 from fdngx.nginx.target import Target
 from fdngx.weights.policy import decide
 from fdngx.weights.settings import PolicyConfig
 from fdngx.weights.state import PolicyState
-from tests.support import NEEDS_LUAJIT, REPO, luajit_script
+from tests.support import NEEDS_LUAJIT, REPO, AdminDouble, luajit_script
 
 
 def doc(*extra: dict[str, Any]) -> dict[str, Any]:
@@ -182,15 +182,13 @@ def test_set_drain_refuses_the_last_replica_in_rotation_across_files(tmp_path: P
 
 # -- (c) the OpenResty balancer ---------------------------------------------------------------------------------
 
-class FakeAdmin:
-    url = "http://127.0.0.1:1/fdngx/peers"
-
+class FakeAdmin(AdminDouble):
     def __init__(self) -> None:
         self.bodies: list[str] = []
 
-    def push(self, body: str) -> openresty.PushResult:
+    def push(self, body: str) -> admin.PushResult:
         self.bodies.append(body)
-        return openresty.PushResult("ok", 1, body.count("\npeer "))
+        return admin.PushResult("ok", 1, body.count("\npeer "))
 
 
 PICKS = """

@@ -16,8 +16,8 @@ import pytest
 
 from fdngx import inventory as inv_mod
 from fdngx.errors import UsageError
+from fdngx.nginx.admin import parse_admin_url
 from fdngx.nginx.fanout import Fanout, FrontendSpec, PushOutcome, frontend_specs, read_push_file
-from fdngx.nginx.openresty import parse_admin_url
 from fdngx.nginx.render import LOOPBACK_ALLOW, RenderOptions, admin_allow_list, render
 from fdngx.sim.process import free_ports
 from fdngx.weights.controller import fleet_outcome
@@ -168,7 +168,7 @@ def test_the_cycle_fails_only_when_no_frontend_answered() -> None:
     assert fleet_outcome((stale, bad)) == (0, None)  # another controller is ahead: not an error
     peers, error = fleet_outcome((bad, PushOutcome("d:1", "timeout", error="no answer within 0.5 s")))
     assert peers is None and error is not None and "c:1: connection refused" in error
-    assert fleet_outcome(()) == (None, None)
+    assert fleet_outcome(None) == (None, None)  # no controller-mode push this cycle
 
 
 def test_a_squatter_on_the_admin_port_gets_the_token_once_and_no_redirect_is_followed() -> None:
@@ -176,7 +176,7 @@ def test_a_squatter_on_the_admin_port_gets_the_token_once_and_no_redirect_is_fol
     fdngx must not follow it (requests keeps custom headers, the token included, across redirects), nor read
     an endless answer; both are errors naming the admin URL."""
     from fdngx.errors import ApplyError
-    from fdngx.nginx.openresty import MAX_ANSWER, Admin
+    from fdngx.nginx.admin import MAX_ANSWER, Admin
 
     hits: list[str | None] = []
 

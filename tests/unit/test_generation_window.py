@@ -16,15 +16,16 @@ import pytest
 
 from fdngx.domain import Flavor, Instance, Inventory, ServerState
 from fdngx.nginx import fanout, generation
+from fdngx.nginx.admin import PushResult
 from fdngx.nginx.fanout import Fanout, FrontendSpec, PushOutcome
-from fdngx.nginx.openresty import PushResult, write_peers_file
+from fdngx.nginx.openresty import write_peers_file
 from fdngx.nginx.render import RenderOptions
 from fdngx.nginx.target import Target
 from fdngx.weights.controller import GENERATION_KEY, Controller
 from fdngx.weights.settings import config_for_flavor, config_of_state
 from fdngx.weights.state import PolicyState
 from fdngx.weights.store import StateStore
-from tests.support import read_request
+from tests.support import AdminDouble, read_request
 from tests.unit.test_push_deadline import FakeFrontend, answer, good
 
 AHEAD_MS = int(generation.FUTURE_S * 1000)
@@ -74,9 +75,7 @@ def test_a_peers_file_written_by_a_clock_far_ahead_is_rewritten(tmp_path: Path) 
     assert path.read_text() == fresh and with_generation(fresh, 2**53) == far
 
 
-class FakeAdmin:
-    url = "http://127.0.0.1:9/fdngx/peers"
-
+class FakeAdmin(AdminDouble):
     def __init__(self, answers: list[PushResult]) -> None:
         self.answers = answers
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from fdngx.errors import ApplyError
+from fdngx.nginx.admin import Admin
 from fdngx.nginx.fanout import Fanout, FrontendSpec
-from fdngx.nginx.openresty import Admin
 from tests.support import read_request, token_file
 from tests.unit.test_push_deadline import FakeFrontend, Handler, answer, frontends
 

@@ -12,12 +12,19 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from fdngx.domain import Flavor, Listen, ServerState
+from fdngx.errors import ApplyError
+from fdngx.inventory import load
+from fdngx.nginx.admin import Admin
 from fdngx.nginx.fanout import Fanout, FrontendSpec
-from tests.support import read_request, token_file, wait_for
+from fdngx.nginx.render import RenderOptions
+from fdngx.nginx.target import Target
+from tests.support import REPO, read_request, token_file, wait_for
 
 Handler = Callable[["FakeFrontend", socket.socket], None]
 
@@ -195,3 +202,26 @@ def test_healthy_frontends_keep_their_connection_across_pushes(
 def test_the_push_timeout_is_a_finite_number_of_seconds(bad: float, tmp_path: Path) -> None:
     with pytest.raises(Exception, match="push-timeout"):
         Fanout([FrontendSpec("http://127.0.0.1:1/fdngx/peers", token_file(tmp_path))], timeout=bad)
+
+
+def test_the_per_frontend_sidecars_push_has_one_deadline_too(
+        frontends: Callable[[Handler], FakeFrontend], tmp_path: Path) -> None:
+    """The sidecar beside one nginx pushes to its own admin port (no fan-out): whatever listens there dripping
+    a byte at a time held the cycle for as long as it dripped (requests' timeout is per read)."""
+    slow = frontends(drip)
+    port = int(slow.url.rsplit(":", 1)[1])
+    inv = load(REPO / "examples" / "fdngx.json")
+    admin = Admin(Listen("127.0.0.1", port), "t" * 32, timeout=0.5)
+    target = Target(None, RenderOptions(flavor=Flavor.OPENRESTY), None, False, admin)
+    states = {i.name: ServerState(10) for i in inv.instances}
+    t0 = time.monotonic()
+    with pytest.raises(ApplyError, match="ended at its deadline"):
+        target.push(inv, states, {})
+    assert time.monotonic() - t0 < 5.0  # 0.5 s and a generous bound; the old code waited the whole drip (30 s)
+    wait_for(slow.closed.is_set, 5, what="the dripping admin port's connection closed")
+    # The next push is not refused by the deadline of the last one.
+    ok = frontends(good)
+    target = replace(target, admin=Admin(Listen("127.0.0.1", int(ok.url.rsplit(":", 1)[1])), "t" * 32, timeout=0.5))
+    for _ in range(3):
+        got = target.push(inv, states, {})
+        assert got is not None and got.accepted

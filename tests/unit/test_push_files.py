@@ -13,10 +13,10 @@ import pytest
 
 from fdngx.commands.options import render_options
 from fdngx.domain import Balancer, Flavor, Mode
-from fdngx.errors import ApplyError, FdngxError, UnsafeFileError, UsageError
+from fdngx.errors import FdngxError, UnsafeFileError, UsageError
 from fdngx.nginx.fanout import NO_FRONTENDS, Fanout, PushOutcome, read_push_file
 from fdngx.nginx.target import TargetSpec, open_target
-from fdngx.weights.controller import CycleResult
+from fdngx.weights.controller import CycleResult, fleet_outcome
 from fdngx.weights.settings import config_for_flavor
 from fdngx.weights.sidecar import Sidecar, SidecarConfig
 from fdngx.weights.state import PolicyState
@@ -65,13 +65,14 @@ def test_a_relative_token_path_is_relative_to_the_push_file(tmp_path: Path, monk
     assert [s.token_file.resolve() for s in specs] == [conf / "fe1-token"] * 2
 
 
-def test_a_fanout_with_no_frontend_fails_the_push(tmp_path: Path) -> None:
+def test_a_push_to_no_frontend_fails_the_cycle(tmp_path: Path) -> None:
     fan = Fanout([])
     try:
-        with pytest.raises(ApplyError, match="no frontend to push to"):
-            fan.push("generation 1\nempty\n")
+        pushes = fan.push("generation 1\nempty\n")
     finally:
         fan.close()
+    assert pushes == ()
+    assert fleet_outcome(pushes) == (None, NO_FRONTENDS)  # pushed to nobody: no success
 
 
 def frontend_up(tel: Telemetry, label: str) -> float | None:
@@ -87,7 +88,7 @@ def test_telemetry_forgets_the_frontends_when_none_is_left() -> None:
     tel.cycle(CycleResult(None, {}, None, None, "cannot write it: disk full"), PolicyState(), 2.0, 0.1)
     assert frontend_up(tel, "10.0.0.1:9401") == 1.0
     # No frontend left to push to: the old ones' series go (they said 1 forever).
-    tel.cycle(CycleResult(None, {}, None, None, NO_FRONTENDS), PolicyState(), 3.0, 0.1)
+    tel.cycle(CycleResult(None, {}, None, None, NO_FRONTENDS, pushes=()), PolicyState(), 3.0, 0.1)
     assert frontend_up(tel, "10.0.0.1:9401") is None and frontend_up(tel, "10.0.0.2:9401") is None
 
 

@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from fdngx import logs
 from fdngx.system import procs
 from tests.support import Backends, Site, free_ports, stop_process_group, wait_for
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """What a test's in-process CLI run did to logging is undone after it: setup_logging puts a handler on the
+    stream of that run (closed after it: "--- Logging error --- I/O operation on closed file" in later tests)
+    and stops the fdngx logger propagating (a later test's caplog saw nothing, or not, by test order)."""
+    loggers = (logging.getLogger(), logging.getLogger(logs.LOGGER))
+    kept = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
+    state = dict(logs._state)
+    yield
+    for lg, handlers, level, propagate in kept:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+    logs._state.clear()
+    logs._state.update(state)
 
 
 @pytest.fixture

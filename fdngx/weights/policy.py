@@ -62,6 +62,7 @@ class Decisions:
     items: tuple[Decision, ...]
     fleet_load: float | None = None
     fail_open: str | None = None  # why the policy fell back to static weights, if it did
+    clock_back: str | None = None  # the state held times from the future (a clock stepped back): log it once
 
     @property
     def changed(self) -> bool:
@@ -147,6 +148,7 @@ def decide(
 ) -> tuple[Decisions, PolicyState]:
     """One policy cycle. Does not mutate `state`; returns the decisions and the state to keep."""
     insts = sorted(inventory.instances, key=lambda i: i.name)
+    state, ahead = state.clamped(now)  # a clock stepped back: every stored time reads as `now` at most
     # A weight stored by a run with a bigger --scale is brought into this run's bounds before anything uses it.
     prev = {n: replace(st, weight=None if st.weight is None else max(1, min(config.max_weight, st.weight)))
             for n, st in state.instances.items()}
@@ -244,7 +246,7 @@ def decide(
         signal = sample is not None and sample.ok and st.last_error is None
         items.append(Decision(inst.name, weight, down, reason, change, old_w, wanted, st.load, st.speed, held, signal,
                               backup, inst.name in drained))
-    decisions = Decisions(tuple(items), fleet, fail_open)
+    decisions = Decisions(tuple(items), fleet, fail_open, PolicyState.clock_note(ahead))
     reloads = [*recent, now] if decisions.changed else recent
     return decisions, PolicyState(states, reloads, now, asdict(config))
 

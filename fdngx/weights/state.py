@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 STATE_VERSION = 1
@@ -20,6 +20,10 @@ RANGES = {
     "log_gain": (-20.0, 20.0), "capacity": (1.0, 1e6), "tpot_sum": (0.0, 1e15), "tpot_count": (0.0, 1e15),
     "tpot": (1e-6, 1e3), "speed": (0.01, 100.0),
 }
+# Every clock time an InstanceState keeps (the policy's timers), for PolicyState.clamped.
+TIMES = ("calm_since", "failing_since", "last_ok_at", "last_change_at", "resumed_at", "recovered_at")
+# A clock stepped back by less than this is not worth a WARNING (its times are clamped all the same).
+SAY_AHEAD = 1.0
 
 
 @dataclass
@@ -95,6 +99,37 @@ class PolicyState:
     updated_at: float | None = None
     # The PolicyConfig that wrote this state (as a dict): `fdngx status` decides with the same settings.
     config: dict[str, Any] = field(default_factory=dict)
+
+    def clamped(self, now: float) -> tuple[PolicyState, float]:
+        """This state with every time later than `now` set to `now`, and how far the latest was ahead (0: none).
+
+        Times from the future mean the clock was stepped back (NTP, an operator) since they were written,
+        here or in the saved file. Left alone, every `now - t` would be negative, and every timer would hold
+        for as long as the step (min-hold, the reload budget, the refused grace, the backup's calm, the
+        settling, the ramp at step 1). Clamped, each reads as "just now", the safe side of every timer: a
+        change waits one min-hold, a ramp starts over (it does not jump to full weight), a replica's metrics
+        count as read just now (stale after stale_after if they fail), a refused replica gets one more
+        refused-grace (nginx's passive check keeps covering it meanwhile, as for a fresh failure). The reload
+        budget's entries count as reloads made just now, not as expired: the budget is there to limit
+        reloads and we cannot tell when they really were; so it holds changes for one window (60 s) at
+        most, never for as long as the step, and nginx gets no burst of reloads right after a step."""
+        ahead = max([0.0, *(t - now for t in self.reloads),
+                     *(t - now for t in (self.updated_at,) if t is not None),
+                     *(t - now for st in self.instances.values() for n in TIMES if (t := getattr(st, n)) is not None)])
+        if not ahead:
+            return self, 0.0
+        instances = {name: replace(st, **{n: min(now, t) for n in TIMES if (t := getattr(st, n)) is not None})
+                     for name, st in self.instances.items()}
+        updated = None if self.updated_at is None else min(now, self.updated_at)
+        return PolicyState(instances, [min(now, t) for t in self.reloads], updated, dict(self.config)), ahead
+
+    @staticmethod
+    def clock_note(ahead: float) -> str | None:
+        """What to log (once: the state saved next holds no such time) for a state `ahead` seconds ahead."""
+        if ahead < SAY_AHEAD:
+            return None
+        return (f"the clock went back: the policy state held times up to {ahead:.0f}s ahead of now; its timers "
+                "(hold, reload budget, refused grace, ramp) count from now")
 
     def to_dict(self) -> dict[str, Any]:
         return {

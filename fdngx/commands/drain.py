@@ -18,8 +18,10 @@ from fdngx.weights.store import StateStore, store_for
 EPILOG = (
     "A drained replica gets no new requests; those in flight on it finish (nginx: `down` in the upstream, so "
     "the old workers' streams end normally through the graceful reload; OpenResty: left out of the balancer's "
-    "peers). It is still scraped: `fdngx status` shows it as draining, with RUN = what still runs there; stop "
-    "or restart it once that is 0, then `fdngx drain NAME --undo`. The flag survives `fdngx launch` rewriting "
+    "peers) once the next render or sidecar cycle applies it. It is still scraped: `fdngx status --out FILE` "
+    "shows it as draining (WEIGHT) once nginx holds it out, with RUN = what still runs there (until then the "
+    "reason says \"drain not applied yet\": nginx still sends it new requests); stop or restart it once it "
+    "shows draining and RUN is 0, then `fdngx drain NAME --undo`. The flag survives `fdngx launch` rewriting "
     "the inventory and the registry's heartbeats.\n\n"
     "With --wait SECONDS the command then watches the replica (its metrics, as the sidecar reads them) until "
     "nothing is in flight on it, saying how many requests are left every 5 s: a script can stop the replica "
@@ -40,8 +42,10 @@ def message(r: DrainResult) -> str:
     """What happened and what happens next, for people."""
     if r.drain and r.changed:
         return (f"{r.name}: drained in {r.path}: it gets no new requests; those in flight finish.\n{_NEXT}\n"
-                f"`fdngx status` shows {r.name} as draining with what still runs there: stop it once RUN is 0; "
-                f"`fdngx drain {r.name} --undo` puts it back.")
+                f"Until then nginx still sends it new requests: `fdngx status --out FILE` (the file your sidecar or "
+                f"cron job writes) shows {r.name} as draining once nginx holds it out, with what still runs there; "
+                f"stop it once WEIGHT says draining and RUN is 0 (or let `fdngx drain {r.name} --wait SECONDS "
+                f"--out FILE` tell you); `fdngx drain {r.name} --undo` puts it back.")
     if r.drain:
         return (f"{r.name}: already drained in {r.path}: nothing changed. `fdngx status` shows what still runs "
                 f"there; `fdngx drain {r.name} --undo` puts it back.")

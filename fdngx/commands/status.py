@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 
 import typer
 
@@ -22,14 +24,18 @@ EPILOG = (
     "Current weight: from the policy state of a running sidecar or cron job (--out or --state), else the "
     "inventory's static weight. Proposed: what the next cycle would apply, with the reason, under the "
     "policy settings that state was written with (defaults without one). WEIGHT: the current weight, NEXT: "
-    "the proposed one (draining: held out by `fdngx drain`; RUN then shows what still runs there); SHARE: "
-    "the current weight's share of the replicas nginx sends to; LOAD: requests "
+    "the proposed one (draining: held out by `fdngx drain`; RUN then shows what still runs there; until nginx "
+    "holds it out the reason says \"drain not applied yet\"); backup:W: nginx's `backup` (it gets no new "
+    "requests while another replica is in rotation); SHARE: the current weight's share of the replicas nginx "
+    "sends new requests to; LOAD: requests "
     "per slot now (1.00 = every slot busy); UP: this scrape's /health. Read-only: "
     "the state file is not written.\n\n"
     "--json: one document {fleet_load, fail_open, instances: \\[{name, healthy, up, drain, running, queued, kv_usage, "
-    "load, current_weight, current_down, share, proposed_weight, proposed_down, changed, reason, ...}]}; with "
+    "load, current_weight, current_down, backup, share, proposed_weight, proposed_down, proposed_backup, changed, "
+    "reason, ...}]}; with "
     "--watch, one such document per line (plus ts).\n\n"
-    "--watch: redraws every --interval on a terminal (Ctrl-C quits, exit 0); with load and weight history "
+    "--watch: redraws every --interval on a terminal (Ctrl-C, SIGTERM or SIGHUP quits, exit 0); with load and "
+    "weight history "
     "per replica (x: held out, dot: no metrics). Without --out/--state the view carries the policy's memory "
     "from frame to frame, so WEIGHT/NEXT show what a sidecar started now would do. Not a terminal: one "
     "frame after another (--count N: N frames, then exit 0).\n\n"
@@ -92,8 +98,10 @@ def _watch(source: view.Source, *, as_json: bool, interval: float, count: int | 
     hist = view.History(size)
     number = 0
     live = None
-    # Ctrl-C ends a watch even when started with SIGINT ignored (a background job of a script, nohup).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Ctrl-C ends a watch even when started with SIGINT ignored (a background job of a script, nohup); SIGTERM
+    # (`timeout`, a session manager) and SIGHUP (the terminal closed) end it the same way, so the live view
+    # stops and shows the cursor again.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in ENDS}
     try:
         while count is None or number < count:
             started = time.monotonic()
@@ -131,7 +139,18 @@ def _watch(source: view.Source, *, as_json: bool, interval: float, count: int | 
         pass  # Ctrl-C is how a watch ends: exit 0
     finally:
         if live is not None:
-            live.stop()
+            with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
+                live.stop()
+        for sig, handler in previous.items():
+            if handler is not None:  # None: not set from Python, cannot be put back
+                signal.signal(sig, handler)
+
+
+ENDS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def register(app: typer.Typer) -> None:

@@ -31,6 +31,9 @@ SPARK = "▁▂▃▄▅▆▇█"
 SPARK_ASCII = "_-=+*#"
 NO_DATA = {True: "·", False: "."}  # metrics unreadable this frame
 DOWN = {True: "×", False: "x"}  # held out of nginx (weight history)
+# A drained replica nginx does not hold out yet: no cycle applied the drain (debounce, a cron job not run
+# yet, a failing apply). Said instead of the policy's "draining: ..." (which may say "safe to stop").
+NOT_APPLIED = "drain not applied yet: nginx still sends new requests"
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,10 @@ def rows_of(
         st = state.instances.get(d.name)
         inst = insts[d.name]
         ok = bool(s and s.ok)
+        current_down = bool(st.down) if st is not None else inst.drain
+        # Drained but not applied yet (debounce, cron not run yet, a failing apply): nginx still sends it new
+        # requests, so a quiet moment now says nothing about when it may be stopped.
+        reason = NOT_APPLIED if inst.drain and not current_down else d.reason
         capacity = (s.capacity if s and s.capacity else None) or float(inst.max_num_seqs)
         rows.append(
             {
@@ -75,18 +82,29 @@ def rows_of(
                 "latency_ms": round(s.latency * 1000, 1) if s else None,
                 "current_weight": st.weight if st is not None and st.weight is not None else inst.weight,
                 # No state: nginx has the inventory's static render, in which a drained replica is `down`.
-                "current_down": bool(st.down) if st is not None else inst.drain,
+                "current_down": current_down,
+                # nginx's `backup`: it sends the replica nothing while another one is in rotation.
+                "backup": bool(st is not None and st.backup),
                 "proposed_weight": d.weight,
                 "proposed_down": d.down,
+                "proposed_backup": d.backup,
                 "changed": d.changed,
-                "reason": d.reason,
+                "reason": reason,
             }
         )
-    total = sum(r["current_weight"] for r in rows if not r["current_down"])
-    for r in rows:
-        # nginx's split by weight now (least_conn then picks per request among them)
-        r["share"] = round(r["current_weight"] / total, 3) if total and not r["current_down"] else 0.0
+    _shares(rows)
     return rows
+
+
+def _shares(rows: list[dict[str, Any]]) -> None:
+    """nginx's split of new requests by weight now (least_conn then picks per request among them): over the
+    replicas in rotation that are not `backup`; the backups only while no other one is in rotation."""
+    live = [r for r in rows if not r["current_down"]]
+    primary = [r for r in live if not r["backup"]] or live
+    total = sum(r["current_weight"] for r in primary)
+    sent = {r["name"] for r in primary}
+    for r in rows:
+        r["share"] = round(r["current_weight"] / total, 3) if total and r["name"] in sent else 0.0
 
 
 class Source:
@@ -153,8 +171,11 @@ def _num(v: float | None, fmt: str = "{:.0f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
-def _weight(weight: int, down: bool, drain: bool = False) -> str:
-    return ("draining" if drain else "down") if down else str(weight)
+def _weight(weight: int, down: bool, drain: bool = False, backup: bool = False) -> str:
+    """A WEIGHT or NEXT cell, one word (scripts split rows on blanks): `backup:W` for nginx's `backup`."""
+    if down:
+        return "draining" if drain else "down"
+    return f"backup:{weight}" if backup else str(weight)
 
 
 def _cell(r: dict[str, Any], column: str) -> Text:
@@ -168,9 +189,10 @@ def _cell(r: dict[str, Any], column: str) -> Text:
         return Text("-" if r["kv_usage"] is None else f"{r['kv_usage'] * 100:.0f}%")
     if column == "WEIGHT":
         style = "yellow" if r["current_down"] and r["drain"] else "red" if r["current_down"] else ""
-        return Text(_weight(r["current_weight"], r["current_down"], r["drain"]), style=style)
+        return Text(_weight(r["current_weight"], r["current_down"], r["drain"], r["backup"]), style=style)
     if column == "NEXT":
-        return Text(_weight(r["proposed_weight"], r["proposed_down"], r["drain"]), style="bold" if r["changed"] else "")
+        return Text(_weight(r["proposed_weight"], r["proposed_down"], r["drain"], r["proposed_backup"]),
+                    style="bold" if r["changed"] else "")
     if column == "SHARE":
         return Text(f"{r['share'] * 100:.0f}%")
     if column == "LOAD":

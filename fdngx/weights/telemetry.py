@@ -16,14 +16,15 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from fdngx import __version__
 from fdngx.domain import Listen, LoadSample
 from fdngx.errors import UsageError
 from fdngx.nginx.fanout import PushOutcome
+from fdngx.weights import exporter
 from fdngx.weights.controller import CycleResult
-from fdngx.weights.state import PolicyState
+from fdngx.weights.state import InstanceState, PolicyState
 
 DEFAULT_LISTEN = "127.0.0.1:18400"
 disable_created_metrics()
@@ -36,19 +37,24 @@ class Telemetry:
         lbl = ["replica"]
         self.build = Gauge("fdngx_build_info", "fdngx version (value 1)", ["version", "flavor"], registry=r)
         self.build.labels(__version__, flavor).set(1)
-        self.up = Gauge("fdngx_replica_up", "1 when the replica is in rotation, 0 when held out", lbl, registry=r)
-        self.drained = Gauge("fdngx_replica_drained", "1 while the replica is drained for maintenance (fdngx drain): "
-                             "held out on purpose, not for its health", lbl, registry=r)
+        self.up = Gauge("fdngx_replica_up", "1 when nginx has the replica in rotation, 0 when it holds it out",
+                        lbl, registry=r)
+        self.drained = Gauge("fdngx_replica_drained", "1 while nginx holds the replica out for maintenance (fdngx "
+                             "drain): held out on purpose, not for its health", lbl, registry=r)
         self.backup = Gauge("fdngx_replica_backup", "1 while traffic from elsewhere fills the replica and nginx "
                             "sends it none of its own (nginx `backup`)", lbl, registry=r)
-        self.weight = Gauge("fdngx_replica_weight", "Weight applied (nginx config or Lua balancer)", lbl, registry=r)
-        self.running = Gauge("fdngx_replica_running", "Requests running, last scrape", lbl, registry=r)
-        self.queued = Gauge("fdngx_replica_queued", "Requests queued/waiting, last scrape", lbl, registry=r)
+        self.weight = Gauge("fdngx_replica_weight", "Weight nginx has (config or Lua balancer): the last one applied",
+                            lbl, registry=r)
+        self.running = Gauge("fdngx_replica_running", "Requests running, this cycle's scrape (NaN: no usable load)",
+                             lbl, registry=r)
+        self.queued = Gauge("fdngx_replica_queued", "Requests queued/waiting, this cycle's scrape (NaN: no usable "
+                            "load)", lbl, registry=r)
         self.speed = Gauge(
             "fdngx_replica_speed_ratio", "Decode speed factor in the weight (1: near the fleet's median)", lbl,
             registry=r,
         )
-        self.kv = Gauge("fdngx_replica_kv_usage_ratio", "KV-cache usage 0..1, last scrape", lbl, registry=r)
+        self.kv = Gauge("fdngx_replica_kv_usage_ratio", "KV-cache usage 0..1, this cycle's scrape (NaN: no usable "
+                        "load, or not reported)", lbl, registry=r)
         self.age = Gauge(
             "fdngx_replica_scrape_age_seconds", "Seconds since the last usable metrics scrape", lbl, registry=r
         )
@@ -179,10 +185,8 @@ class Telemetry:
         self.budget_held.set(1 if any(d.budget_held for d in decisions) else 0)
         samples: Mapping[str, LoadSample] = result.samples
         for d in decisions:
-            self.up.labels(d.name).set(0 if d.down else 1)
-            self.drained.labels(d.name).set(1 if d.drained else 0)
-            self.backup.labels(d.name).set(1 if d.backup else 0)
-            self.weight.labels(d.name).set(d.weight)
+            st = state.instances.get(d.name)
+            self._applied(d.name, st)
             self.speed.labels(d.name).set(d.speed)
             s = samples.get(d.name)
             self.signal.labels(d.name).set(1 if d.load_signal else 0)
@@ -191,14 +195,32 @@ class Telemetry:
                 self.queued.labels(d.name).set(s.queued)
                 self.kv.labels(d.name).set(s.kv_usage if s.kv_usage is not None else math.nan)
             else:
+                # Not known now: NaN, not the last reading frozen (a dead replica's requests are not running;
+                # the rules sum only replicas with a load signal).
+                for gauge in (self.running, self.queued, self.kv):
+                    gauge.labels(d.name).set(math.nan)
                 self.scrape_errors.labels(d.name).inc()
-            st = state.instances.get(d.name)
             if st is not None and st.capacity is not None:
                 self.slots.labels(d.name).set(st.capacity)
             if d.load is not None:
                 self.load.labels(d.name).set(d.load)
             last = st.last_ok_at if st else None
             self.age.labels(d.name).set(now - last if last is not None else math.inf)
+
+    def _applied(self, name: str, st: InstanceState | None) -> None:
+        """up/drained/backup/weight as nginx has them: from the state, which records only what nginx got (a
+        failed apply or push keeps the previous values there), not from this cycle's decision. A replica nginx
+        never got from fdngx (weight None: every apply since it appeared failed) has none of the four: what
+        nginx holds for it is not known."""
+        if st is None or st.weight is None:
+            for metric in (self.up, self.drained, self.backup, self.weight):
+                with contextlib.suppress(KeyError):
+                    metric.remove(name)
+            return
+        self.up.labels(name).set(0 if st.down else 1)
+        self.drained.labels(name).set(1 if st.drained else 0)
+        self.backup.labels(name).set(1 if st.backup else 0)
+        self.weight.labels(name).set(st.weight)
 
     def _forget(self, name: str) -> None:
         per_replica = (self.up, self.drained, self.backup, self.weight, self.speed, self.running, self.queued,
@@ -208,13 +230,14 @@ class Telemetry:
                 metric.remove(name)
 
     def serve(self, listen: str) -> tuple[str, int]:
-        """Serve /metrics on ADDR:PORT in a daemon thread; returns the bound address."""
+        """Serve /metrics on ADDR:PORT in a daemon thread (bounded: fdngx.weights.exporter); returns the bound
+        address."""
         try:
             where = Listen.parse(listen, "--metrics-listen", allow_zero=True)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         try:
-            server, _thread = start_http_server(where.port, addr=where.bind_host, registry=self.registry)
+            server, _thread = exporter.serve(where.bind_host, where.port, self.registry)
         except OSError as exc:
             raise UsageError(f"--metrics-listen {listen}: cannot listen ({exc.strerror or exc}); pick a free port "
                              "or 'off'") from None

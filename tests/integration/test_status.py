@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from fdngx.sim.process import SimProcess, free_ports, start_sim
+from fdngx.weights.state import InstanceState, PolicyState
 from tests.support import wait_for
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -190,10 +191,12 @@ def test_a_bad_inventory_fails_the_watch_at_once(tmp_path: Path) -> None:
 # -- on a terminal ----------------------------------------------------------------------------------------
 
 
-def on_pty(args: list[str], *, cols: int, until: str, then_sigint: bool = False,
-           timeout: float = 30) -> tuple[int, str]:
+def on_pty(args: list[str], *, cols: int, until: str, then_sigint: bool = False, then: int | None = None,
+           timeout: float = 30, escapes: bool = False) -> tuple[int, str]:
     """Run the CLI on a pseudo-terminal of `cols` columns; read until `until` shows up (and the process ends,
-    or SIGINT it then). Returns the exit code and everything written, escape sequences removed."""
+    or send it SIGINT, or the signal `then`). Returns the exit code and everything written, escape sequences
+    removed (kept with `escapes`)."""
+    then = signal.SIGINT if then_sigint else then
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, cols, 0, 0))
     proc = subprocess.Popen([sys.executable, "-m", "fdngx", *args], stdin=slave, stdout=slave, stderr=slave,
@@ -214,8 +217,8 @@ def on_pty(args: list[str], *, cols: int, until: str, then_sigint: bool = False,
                     break
                 buf += chunk
             text = buf.decode(errors="replace")
-            if then_sigint and not signalled and until in text:
-                proc.send_signal(signal.SIGINT)
+            if then is not None and not signalled and until in text:
+                proc.send_signal(then)
                 signalled = True
             if proc.poll() is not None and not ready:
                 break
@@ -227,7 +230,7 @@ def on_pty(args: list[str], *, cols: int, until: str, then_sigint: bool = False,
         os.close(master)
     text = ANSI.sub("", buf.decode(errors="replace")).replace("\r", "")
     assert until in text, text[-3000:]
-    return code, text
+    return code, buf.decode(errors="replace") if escapes else text
 
 
 def test_on_a_terminal_long_reasons_wrap_within_the_width(fleet: Fleet) -> None:
@@ -249,3 +252,80 @@ def test_live_view_on_a_terminal_and_ctrl_c(fleet: Fleet) -> None:
     assert code == 0 and "Traceback" not in text, text[-3000:]
     assert "Ctrl-C to quit" in text and "LOAD TREND" in text and "WEIGHT TREND" in text
     assert re.search(r"^dp0 +yes", text, re.M) and re.search(r"^dp1 +yes", text, re.M), text[-3000:]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_end_the_live_view_with_the_cursor_shown(tmp_path: Path, sig: int) -> None:
+    """`timeout 60 fdngx status --watch`, a session manager, a closed terminal: the watch ends as with Ctrl-C
+    (exit 0), and the cursor rich's live view hid is shown again. Nothing listens at the replicas' ports:
+    the frames come at once."""
+    port = free_ports(1)[0]
+    inv = tmp_path / "fdngx.json"
+    inv.write_text(json.dumps({"version": 1, "instances": [
+        {"name": "dp0", "host": "127.0.0.1", "port": port, "metrics_port": port, "max_num_seqs": 8}]}))
+    code, raw = on_pty(["status", "-i", str(inv), "--watch", "--interval", "0.3"], cols=100, until="frame 2",
+                       then=sig, escapes=True)
+    assert code == 0 and "Traceback" not in raw, raw[-3000:]
+    hidden, shown = raw.rfind("\x1b[?25l"), raw.rfind("\x1b[?25h")
+    assert hidden >= 0 and shown > hidden, "the cursor stays hidden"
+
+
+def with_state(fleet: Fleet, tmp_path: Path, drain: str | None = None, **applied: InstanceState) -> Path:
+    """The fleet's inventory with `drain` drained, and a policy state saying what nginx has (`applied`)."""
+    doc = json.loads(fleet.inv.read_text())
+    for inst in doc["instances"]:
+        if inst["name"] == drain:
+            inst["drain"] = True
+    fleet.inv.write_text(json.dumps(doc))
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps(PolicyState(dict(applied), updated_at=time.time()).to_dict()))
+    return state
+
+
+def test_a_drain_nginx_does_not_hold_out_yet_is_not_called_safe_to_stop(fleet: Fleet, tmp_path: Path) -> None:
+    """Drained in the inventory, but no cycle applied it yet (debounce, cron, a failing apply): nginx still
+    sends dp0 new requests, so "nothing in flight: safe to stop" would be a lie; once the state says nginx
+    holds it out, it is the reason again."""
+    state = with_state(fleet, tmp_path, "dp0", dp0=InstanceState(weight=20), dp1=InstanceState(weight=20))
+    proc = status("-i", str(fleet.inv), "--state", str(state))
+    assert proc.returncode == 0, proc.stderr
+    dp0 = row(proc.stdout.splitlines(), "dp0")
+    assert dp0[5:8] == ["20", "draining", "50%"], dp0  # WEIGHT (nginx's), NEXT, SHARE
+    assert " ".join(dp0[9:]) == "drain not applied yet: nginx still sends new requests", dp0
+    doc = json.loads(status("-i", str(fleet.inv), "--state", str(state), "--json").stdout)
+    assert "safe to stop" not in doc["instances"][0]["reason"] and not doc["instances"][0]["current_down"]
+
+    state = with_state(fleet, tmp_path, "dp0", dp0=InstanceState(weight=20, down=True, drained=True),
+                       dp1=InstanceState(weight=20))
+    dp0 = row(status("-i", str(fleet.inv), "--state", str(state)).stdout.splitlines(), "dp0")
+    assert dp0[5:8] == ["draining", "draining", "0%"], dp0
+    assert " ".join(dp0[9:]) == "draining: nothing in flight: safe to stop", dp0
+
+
+def test_a_backup_replica_gets_no_share_of_new_requests(fleet: Fleet, tmp_path: Path) -> None:
+    """nginx sends a `backup` server nothing while another one is in rotation: SHARE 0 % for it, the rest for
+    the others; the WEIGHT cell says backup (one word: scripts split rows on blanks), --json has `backup`."""
+    state = with_state(fleet, tmp_path, dp0=InstanceState(weight=20), dp1=InstanceState(weight=13, backup=True))
+    proc = status("-i", str(fleet.inv), "--state", str(state))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert row(lines, "dp0")[5] == "20" and row(lines, "dp0")[7] == "100%", lines
+    assert row(lines, "dp1")[5] == "backup:13" and row(lines, "dp1")[7] == "0%", lines
+    doc = json.loads(status("-i", str(fleet.inv), "--state", str(state), "--json").stdout)
+    got = {i["name"]: (i["backup"], i["share"], i["current_weight"]) for i in doc["instances"]}
+    assert got == {"dp0": (False, 1.0, 20), "dp1": (True, 0.0, 13)}, got
+
+
+def test_drain_says_to_stop_only_once_nginx_holds_the_replica_out(tmp_path: Path) -> None:
+    """`fdngx drain`'s own advice: not "stop it once RUN is 0" alone (RUN can be 0 between two requests while
+    nginx still sends it new ones), but once status shows it draining, i.e. held out by nginx."""
+    inv = tmp_path / "fdngx.json"
+    inv.write_text(json.dumps({"version": 1, "instances": [
+        {"name": f"dp{i}", "host": "127.0.0.1", "port": 8000 + i, "metrics_port": 9000 + i} for i in range(2)]}))
+    proc = subprocess.run([sys.executable, "-m", "fdngx", "drain", "dp0", "-i", str(inv)], capture_output=True,
+                          text=True, timeout=60, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    said = " ".join(proc.stdout.split())
+    assert "stop it once RUN is 0" not in said, said
+    assert "Until then nginx still sends it new requests" in said, said
+    assert "stop it once WEIGHT says draining and RUN is 0" in said, said

@@ -9,6 +9,7 @@ load/save round trip but never reach a config. Duplicates are found on canonical
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
@@ -16,14 +17,14 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from fdngx.domain import Engine, Instance, Inventory, Role, is_ip, natural_key, valid_host
 from fdngx.errors import InventoryError, InventoryTooLarge
-from fdngx.system.files import atomic_write, file_lock, read_regular_file
+from fdngx.system.files import atomic_write, file_lock, read_regular_file, real_target
 
 VERSION = 1
 DEFAULT_UPSTREAM = "fastdeploy"
@@ -292,10 +293,25 @@ def save(inv: Inventory, path: str | Path) -> None:
 
 
 def lock_path(path: str | Path) -> Path:
-    """The lock every read-modify-write of an inventory file takes (the registry's, `fdngx drain`'s), beside it.
-    The name predates `fdngx drain`: a registry started by an older fdngx holds this same file."""
-    p = Path(path).absolute()
+    """The lock every read-modify-write of an inventory takes (registry, launch supervisor, `fdngx drain`, older
+    fdngx too), beside the file a write lands in (a symlink's target: where writers using the real path lock)."""
+    p = real_target(Path(path))
     return p.with_name(f".{p.name}.registry.lock")
+
+
+def lock(path: str | Path, timeout: float = 60.0) -> AbstractContextManager[None]:
+    """The inventory lock of `path`, shared by the inventory's owner (`fdngx launch`'s account: a systemd
+    DynamicUser) and root (a sysadmin's `fdngx drain`). A lock file of root's or the owner's is accepted: it is
+    only flock'ed, never read or written through, and both can rewrite the inventory itself anyway. Anyone
+    else's is refused (they could hold it and stall every writer), a symlink or special file always is. One
+    root makes goes to the inventory's owner and group, still 0600: root opens any file, the owner its own,
+    and the group (which may only read the inventory) cannot take it to stall the writers, as with 0660."""
+    target = real_target(Path(path))
+    try:
+        st = os.stat(target)
+    except OSError:  # no inventory yet (the registry's first write): the lock is ours
+        return file_lock(lock_path(target), timeout, owners=(0,))
+    return file_lock(lock_path(target), timeout, owners=(0, st.st_uid), give_to=(st.st_uid, st.st_gid))
 
 
 @contextmanager
@@ -303,7 +319,7 @@ def editing(path: str | Path) -> Iterator[Inventory]:
     """Load `path` under its lock; what the caller changes in the yielded inventory is saved atomically on a
     normal exit, unless the document is unchanged (no write at all). An exception saves nothing."""
     p = Path(path).absolute()
-    with file_lock(lock_path(p)):
+    with lock(p):
         inv = load(p)
         before = to_json(inv)
         yield inv
@@ -343,25 +359,41 @@ class DrainResult:
     instance: Instance  # as written
 
 
+def _lock_all(stack: ExitStack, paths: list[Path]) -> dict[str, OSError]:
+    """Every file's inventory lock, by real path order (no two runs each hold one the other waits for), but one
+    we may not open (a read-only file of another account: its writers take ours too). Returns those skipped."""
+    skipped: dict[str, OSError] = {}
+    for key, p in sorted({os.path.realpath(lock_path(p)): p for p in paths}.items()):
+        try:
+            stack.enter_context(lock(p))
+        except OSError as exc:
+            if not isinstance(exc, PermissionError) and exc.errno != errno.EROFS:
+                raise
+            skipped[key] = exc
+    return skipped
+
+
 def set_drain(paths: list[Path], name: str, drain: bool) -> DrainResult:
-    """Set or clear one instance's `drain` in whichever of `paths` lists it, under the inventory lock, atomically.
-    Refuses an unknown name (listing the known ones) and draining the last instance still in rotation."""
-    inventories = [load(p) for p in paths]
-    merged = merge(inventories)  # the same checks a render makes, so the edit cannot break the merged view
-    owner = next((Path(p).absolute() for p, inv in zip(paths, inventories, strict=True)
-                  if any(i.name == name for i in inv.instances)), None)
-    if owner is None:
-        where = " + ".join(merged.sources)
-        raise InventoryError(f"{where}: no instance named {_show(name)}; known: {_names(merged.instances)}")
-    others = [i for inv in inventories if inv.sources[0] != str(owner) for i in inv.instances]
-    with editing(owner) as inv:
-        inst = next((i for i in inv.instances if i.name == name), None)
-        if inst is None:
-            raise InventoryError(f"{owner}: instance {_show(name)} is no longer listed (the file changed meanwhile); "
-                                 f"known: {_names(inv.instances)}")
+    """Set or clear one instance's `drain` in whichever of `paths` lists it, atomically; refuses an unknown name
+    and the last instance in rotation, every file read under all their locks (two drains cannot both pass)."""
+    paths = [Path(p).absolute() for p in paths]
+    with ExitStack() as stack:
+        skipped = _lock_all(stack, paths)
+        inventories = [load(p) for p in paths]
+        merged = merge(inventories)  # the same checks a render makes, so the edit cannot break the merged view
+        at = next((n for n, inv in enumerate(inventories) if any(i.name == name for i in inv.instances)), None)
+        if at is None:
+            raise InventoryError(f"{' + '.join(merged.sources)}: no instance named {_show(name)}; "
+                                 f"known: {_names(merged.instances)}")
+        owner, inv = paths[at], inventories[at]
+        if os.path.realpath(lock_path(owner)) in skipped:  # the file to edit: never without its lock
+            raise skipped[os.path.realpath(lock_path(owner))]
+        inst = next(i for i in inv.instances if i.name == name)
         changed = inst.drain != drain
-        if drain and changed and all(i.drain or i is inst for i in [*inv.instances, *others]):
+        if drain and changed and all(i.drain or i is inst for other in inventories for i in other.instances):
             raise InventoryError(f"{owner}: not drained: {name} is the last instance in rotation (nginx would have "
                                  "no replica left); put another one back first with 'fdngx drain NAME --undo'")
         inst.drain = drain
+        if changed:
+            save(inv, owner)
     return DrainResult(name, owner, drain, changed, inst)

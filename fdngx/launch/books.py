@@ -18,7 +18,6 @@ from fdngx.launch.children import Child
 from fdngx.launch.pidfile import LIVE, ChildState, LaunchState, Pidfile, ProcessRecord, write_pidfile
 from fdngx.launch.plan import Plan
 from fdngx.system import procs
-from fdngx.system.files import file_lock
 
 INVENTORY, PIDFILE = "inventory", "pidfile"
 
@@ -91,15 +90,17 @@ class Books:
     def _write_inventory(self) -> None:
         """Atomically write the inventory with pid/log/status per instance, other edits kept, under its lock."""
         with contextlib.ExitStack() as stack:
-            # A lock another user made (root ran `fdngx drain`), or held too long: write without it, as before.
+            # A lock root shares with us (inv_mod.lock), or else one we cannot use (a third account's, root's
+            # from an older fdngx), or held too long: write without it, as before.
             try:
-                stack.enter_context(file_lock(inv_mod.lock_path(self.plan.inventory_path), timeout=5.0))
+                stack.enter_context(inv_mod.lock(self.plan.inventory_path, timeout=5.0))
             except (OSError, FdngxError) as exc:
                 if not self.lockless_said:  # once: a drain in that same moment could be lost
                     self.lockless_said = True
                     self.progress.say(f"{os_error_line(exc) if isinstance(exc, OSError) else exc}: writing "
                                       f"{self.plan.inventory_path} without the inventory lock; a `fdngx drain` at "
-                                      "the same moment could be lost (run fdngx drain as this user)")
+                                      "the same moment could be lost (a lock file this user cannot use: remove it "
+                                      "while no fdngx runs)")
             self._rewrite_inventory()
 
     def _rewrite_inventory(self) -> None:

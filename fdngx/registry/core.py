@@ -43,7 +43,6 @@ from fdngx.registry.liveness import Liveness
 from fdngx.registry.metrics_port import Key, MetricsPorts
 from fdngx.registry.probe import HttpProbe, Probe
 from fdngx.registry.rules import IPAddress, NameCache, RegistrySettings, canonical_ip, never_registrable
-from fdngx.system.files import file_lock
 
 log = logging.getLogger("fdngx.registry")
 OK = {"code": 200, "msg": "Register success"}  # register.go RegisterInstance
@@ -115,7 +114,7 @@ class Registry:
         self.metrics_ports = MetricsPorts()
         self._full_mu = threading.Lock()
         self._full_said = False  # the registry is full (or the file at its limit): said once until room again
-        with self._mu, file_lock(self.lock):
+        with self._mu, inv_mod.lock(self.path):
             if not self.path.exists():
                 name = upstream or next((i.upstream for i in self._load_others()), inv_mod.DEFAULT_UPSTREAM)
                 inv_mod.save(Inventory([], name), self.path)

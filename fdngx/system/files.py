@@ -6,7 +6,9 @@
   followed: its target is replaced and the link kept (Debian's sites-enabled -> sites-available). The
   replaced file's owner, group and mode are kept.
 - read_regular_file: regular files only (a FIFO would hang the reader while it holds a lock), bounded.
-- file_lock: the lock file is opened with O_NOFOLLOW and must be a regular file we own.
+- file_lock: the lock file is opened with O_NOFOLLOW and must be a regular file we own (or one of the
+  `owners` the caller names); a wait for it ends early (LockWaitStopped) when the caller's `stop` event is
+  set (a stopping sidecar).
 - check_private: token and state files must belong to us and not be writable by anyone else.
 - atomic_write(private=True): fdngx's own files beside the config (backup, journal, state) replace what
   is at their path, a planted symlink included, instead of writing through it.
@@ -22,8 +24,9 @@ import logging
 import os
 import secrets
 import stat
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from fdngx.errors import ApplyError, UnsafeFileError
@@ -37,6 +40,10 @@ LOCK_PATIENCE = 1.0
 _TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
 _TEMP_LEN = 8
 TEMP_SUFFIX = ".fdngx-tmp"
+
+
+class LockWaitStopped(ApplyError):
+    """A wait for a lock ended by the caller's stop event: the lock was not taken."""
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -171,6 +178,19 @@ def read_bytes_or_none(path: Path, max_bytes: int = 64 << 20) -> bytes | None:
         return None
 
 
+Identity = tuple[int, int, int, int]
+
+
+def identity(path: Path, *, follow_symlinks: bool = True) -> Identity | None:
+    """A file's (device, inode, size, mtime_ns); None when it is not there (or cannot be looked at). Any one
+    changing says the file was written or replaced, without reading it."""
+    try:
+        st = os.stat(path, follow_symlinks=follow_symlinks)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def remove(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -292,23 +312,55 @@ def _held_by(st: os.stat_result, locks: Path = Path("/proc/locks")) -> str:
     return ""
 
 
-@contextlib.contextmanager
-def file_lock(path: Path, timeout: float = 60.0) -> Iterator[None]:
-    """An exclusive flock on `path` (created 0600 if needed, never through a symlink); waits `timeout` s.
+def _open_lock(path: Path, give_to: tuple[int, int] | None) -> int:
+    """The lock file's descriptor, never through a symlink. A new one is 0600, ours; made by root for
+    `give_to` (uid, gid), it is made as a temp file, given away, then linked into place (link never replaces
+    anything), so it never shows at `path` with an owner the other account cannot open. An existing file is
+    never chowned: a hard link planted there could be any file."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    if give_to is None or os.geteuid() != 0 or give_to[0] == 0:
+        return os.open(path, flags | os.O_CREAT, 0o600)
+    for _ in range(100):
+        with contextlib.suppress(FileNotFoundError):
+            return os.open(path, flags)
+        fd, tmp = _create_beside(path)
+        try:
+            os.fchown(fd, *give_to)
+            os.link(tmp, path)
+            return fd
+        except FileExistsError:  # made meanwhile by someone else: open theirs
+            os.close(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            remove(tmp)
+    raise OSError(errno.EAGAIN, "the lock file keeps appearing and disappearing", str(path))
 
-    flock is released by the kernel when the process dies, so a crashed cron run never wedges the next one.
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout: float = 60.0, *, stop: threading.Event | None = None,
+              owners: Collection[int] = (), give_to: tuple[int, int] | None = None) -> Iterator[None]:
+    """An exclusive flock on `path` (created 0600 if needed, never through a symlink); waits `timeout` s, or
+    until `stop` is set (LockWaitStopped: a stopping process must not wait for another one's apply).
+
+    The lock file must be a regular file owned by us or by one of `owners`; one root creates goes to
+    `give_to` (uid, gid) when that is another account (see _open_lock). flock is released by the kernel when
+    the process dies, so a crashed cron run never wedges the next one.
     """
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+        fd = _open_lock(path, give_to)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UnsafeFileError(f"{path}: the lock file is a symlink; remove it (someone planted it)") from None
         raise
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            raise UnsafeFileError(f"{path}: the lock file is not a regular file owned by this user; remove it")
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in {os.geteuid(), *owners}:
+            also = ", ".join(str(uid) for uid in sorted(set(owners) - {os.geteuid()}))
+            raise UnsafeFileError(f"{path}: the lock file is not a regular file owned by this user"
+                                  f"{f' (or uid {also})' if also else ''}; remove it")
         started = time.monotonic()
         said = False
         while True:
@@ -325,7 +377,11 @@ def file_lock(path: Path, timeout: float = 60.0) -> Iterator[None]:
                 if not said and waited >= min(LOCK_PATIENCE, timeout / 2):
                     log.info("%s: waiting for the lock%s (up to %g s)", path, _held_by(st), timeout)
                     said = True
-                time.sleep(0.05)
+                if stop is None:
+                    time.sleep(0.05)
+                elif stop.wait(0.05):
+                    raise LockWaitStopped(f"{path}: stopping: gave up waiting for the lock after {waited:.1f} s"
+                                          ) from None
         if said:
             log.info("%s: got the lock after %.1f s", path, time.monotonic() - started)
         yield

@@ -49,6 +49,7 @@ from fdngx.nginx.apply import unified_diff
 from fdngx.nginx.frontdoor import AccessLogFormat
 from fdngx.nginx.target import open_target
 from fdngx.system.files import read_bytes_or_none, real_target
+from fdngx.weights import owner
 from fdngx.weights.controller import Controller
 from fdngx.weights.settings import config_for_flavor
 from fdngx.weights.store import store_for
@@ -160,6 +161,9 @@ def render_cmd(
         if (check or diff) and not current:
             raise typer.Exit(1)
         return
+    if out_path is not None and owner.held(out_path):
+        say(f"fdngx: warning: a running fdngx sidecar manages {out_path}: its next cycle rewrites what this render "
+            "writes (to change its options, restart it with them)", logging.WARNING, color="yellow")
     result = Controller(target, policy, log_outcome=False).run_once(inv, store)
     if result.error is not None:
         say(f"fdngx: error: {result.error}", logging.ERROR, color="red")

@@ -58,6 +58,7 @@ from fdngx.weights.sidecar import Sidecar, SidecarConfig
 from fdngx.weights.telemetry import DEFAULT_LISTEN, Telemetry
 
 log = logging.getLogger("fdngx.sidecar")
+ONCE_WAIT = 120.0  # a --once run waits this long for another one on the same config (cron runs take turns)
 
 EPILOG = (
     "Examples:\n\n"
@@ -65,7 +66,10 @@ EPILOG = (
     "  fdngx sidecar --mode standalone --out /srv/fdngx/nginx.conf --listen 8080 # private nginx under /srv/fdngx\n\n"
     "  fdngx sidecar --flavor openresty --push-to-file /etc/fdngx/frontends --push-token-file /etc/fdngx/admin-token"
     "   # controller: one scrape, N OpenResty frontends (docs/controller.md)\n\n"
-    "Signals: SIGHUP re-reads the inventory now; SIGTERM/SIGINT stop after the current cycle.\n"
+    "Signals: SIGHUP re-reads the inventory now; SIGTERM/SIGINT stop after the current cycle (a cycle waiting "
+    "for another run's apply lock gives that apply up at once, nothing written).\n"
+    "The inventory is watched through symlinks (a ConfigMap's ..data, a release's current -> releases/N) and "
+    "looked at every cycle too: re-read when a file changed, never because one was read.\n"
     "Logs one line per change with its reason. Policy state lives beside --out (.<name>.fdngx-state.json)."
 )
 
@@ -109,13 +113,17 @@ def sidecar_cmd(
     no_reload: bool = typer.Option(False, "--no-reload", help="Only write --out; something else reloads nginx."),
     once: bool = typer.Option(
         False, "--once", help="Run one cycle (scrape, decide, render, apply) and exit, 1 if the apply failed: the "
-        "config a new nginx starts with, with every option the sidecar will run with (docker/gateway.sh)."
+        "config a new nginx starts with, with every option the sidecar will run with (docker/gateway.sh). Under "
+        "the policy state's lock, like render --scrape: overlapping runs (cron) take turns."
     ),
     metrics_listen: str = typer.Option(
         DEFAULT_LISTEN, help="ADDR:PORT for the sidecar's own Prometheus /metrics; 'off' to disable."
     ),
     state: Path | None = typer.Option(None, help="Policy state file (default: .<out name>.fdngx-state.json)."),
-    debounce: float = typer.Option(1.0, help="Seconds of quiet after an inventory file changes before re-reading it."),
+    debounce: float = typer.Option(
+        1.0, help="Seconds of quiet after an inventory file changes before re-reading it (only when it changed: "
+        "another inode, size or mtime)."
+    ),
     max_reloads_per_minute: int = typer.Option(4, help="Reload budget: weight changes beyond it wait."),
     min_hold: float = typer.Option(10.0, help="Seconds a weight stays before it may move again."),
     fail_threshold: int = typer.Option(3, help="Consecutive failed /health checks (anything but 200) before `down`."),
@@ -237,6 +245,7 @@ def sidecar_cmd(
         frontends=frontends,
         push_file=push_to_file.absolute() if push_to_file else None,
         push_token_file=token_file,
+        owner_wait=ONCE_WAIT if once else 0.0,
     )
     sidecar = Sidecar(config, telemetry=Telemetry(flavor=flavor.value))
     if once:

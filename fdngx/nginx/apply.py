@@ -30,7 +30,9 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,7 @@ from fdngx.errors import ApplyError, os_error_line
 from fdngx.nginx.control import NginxControl, NginxNotRunning, ReloadError, generation_in
 from fdngx.nginx.escape import EscapeError, nginx_string
 from fdngx.system.files import (
+    LockWaitStopped,
     atomic_write,
     check_private,
     file_lock,
@@ -52,6 +55,19 @@ from fdngx.system.files import (
 
 log = logging.getLogger("fdngx.apply")
 PAUSE_ENV = "FDNGX_TEST_PAUSE_AT"  # tests: pause at a step (name) so a test can SIGKILL the apply there
+_stopping = threading.local()  # .event: this thread's applies stop waiting for the lock once it is set
+
+
+@contextlib.contextmanager
+def lock_waits_end_on(stop: threading.Event) -> Iterator[None]:
+    """Within the block, an apply in this thread that waits for the lock gives up once `stop` is set (the
+    sidecar's SIGTERM): ApplyError, nothing written. An apply holding the lock runs to its end."""
+    before = getattr(_stopping, "event", None)
+    _stopping.event = stop
+    try:
+        yield
+    finally:
+        _stopping.event = before
 
 
 def aside(path: Path, what: str) -> Path:
@@ -264,6 +280,8 @@ def safe_apply(
         raise ApplyError(f"{path}: directory {target.parent} does not exist")
     try:
         return _apply_locked(path, target, content, control, reload, standalone, wrapper_head, lock_timeout)
+    except LockWaitStopped:
+        raise ApplyError(f"{path}: stopping: the apply waited for the lock and was not made") from None
     except OSError as exc:  # a full disk, a file size limit, a permission: what failed, as an apply error
         raise ApplyError(os_error_line(exc)) from None
 
@@ -272,7 +290,7 @@ def _apply_locked(path: Path, target: Path, content: str, control: NginxControl 
                   standalone: bool, wrapper_head: str, lock_timeout: float) -> ApplyResult:
     data = content.encode("utf-8")
     generation = generation_in(content)
-    with file_lock(lock_path(path), timeout=lock_timeout):
+    with file_lock(lock_path(path), timeout=lock_timeout, stop=getattr(_stopping, "event", None)):
         _pause("locked")
         recovered = recover(target, control, reload)
         old = read_bytes_or_none(target)

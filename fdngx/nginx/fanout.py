@@ -39,7 +39,7 @@ from pathlib import Path
 from fdngx.errors import ApplyError, FdngxError, UnsafeFileError, UsageError
 from fdngx.nginx.admin import Admin, parse_admin_url, read_token
 from fdngx.nginx.generation import PushState, say_change
-from fdngx.system.files import check_private, read_regular_file
+from fdngx.system.files import Identity, check_private, identity, read_regular_file
 
 log = logging.getLogger("fdngx.fanout")
 MAX_FRONTENDS = 1024
@@ -47,7 +47,7 @@ MAX_PUSH_FILE = 1 << 20
 _MIN_TOKEN = 16  # fdngx.balancer refuses a shorter one
 ALL_STALE_S = 30.0  # every frontend refusing this controller's pushes as older for this long: said at WARNING
 NO_FRONTENDS = "no frontend to push to (the push file lists none?): nothing was pushed"
-_Identity = tuple[int, int, int, int] | None  # a file's (dev, inode, size, mtime_ns); None: not there
+_Identity = Identity | None  # a file's (dev, inode, size, mtime_ns); None: not there
 
 
 @dataclass(frozen=True)
@@ -98,11 +98,7 @@ def load_token(path: Path) -> str:
 
 
 def _identity(path: Path) -> _Identity:
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    return identity(path, follow_symlinks=False)
 
 
 def frontend_specs(urls: Iterable[str], token_file: Path | None, what: str = "--push-to",

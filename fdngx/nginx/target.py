@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fdngx.domain import Flavor, Inventory, LoadSample, Mode, ServerState
-from fdngx.errors import UsageError
+from fdngx.errors import ApplyError, UsageError, os_error_line
 from fdngx.inventory import in_rotation
 from fdngx.nginx import admin as admin_client
 from fdngx.nginx import generation, openresty
@@ -91,7 +91,10 @@ class Target:
         """openresty: the replicas as data beside the config (only rewritten when one changed). Before the
         config's apply: the start or reload that may cause reads the replicas from this file."""
         if self.peers_file is not None:
-            openresty.write_peers_file(self.peers_file, in_rotation(inv))
+            try:
+                openresty.write_peers_file(self.peers_file, in_rotation(inv))
+            except OSError as exc:  # a full disk: the cycle's error (counted, said), and the push still goes
+                raise ApplyError(f"cannot write the peers file: {os_error_line(exc)}") from None
 
     def apply(self, text: str) -> ApplyResult:
         assert self.out is not None

@@ -27,6 +27,7 @@ from fdngx.nginx.fanout import NO_FRONTENDS, PushOutcome
 from fdngx.nginx.generation import PushState, say_change
 from fdngx.nginx.generation import superseded as why_superseded
 from fdngx.nginx.target import Target
+from fdngx.system.files import Identity, identity
 from fdngx.weights.fetch import Client
 from fdngx.weights.policy import Decisions, decide
 from fdngx.weights.scrape import scrape_all
@@ -134,6 +135,8 @@ class Controller:
     _last_error_at: float = field(default=0.0, repr=False)
     _said_down: bool = field(default=False, repr=False)  # "nginx is not running" said since it last ran
     _said_push: PushState | None = field(default=None, repr=False)  # the policy push's state last said
+    _out_seen: Identity | None = field(default=None, repr=False)  # the config file as this controller left it
+    _said_out_at: float = field(default=-60.0, repr=False)
 
     def step(
         self, inv: Inventory, state: PolicyState, *, force_render: bool = False
@@ -146,7 +149,9 @@ class Controller:
         started = time.monotonic()
         if self.policy is not None:
             samples = self.scrape(inv.instances, session=self.session, deadline=self.scrape_deadline)
-            decisions, new_state = decide(samples, inv, state, self.policy, self.clock())
+            now = self.clock()
+            decisions, new_state = decide(samples, inv, state, self.policy, now)
+            state = state.clamped(now)[0]  # what a failed apply keeps reads the same clock (after a step back)
             _log_scrapes(state, new_state)
         scraped = time.monotonic()
         states = server_states(decisions) if decisions is not None else None
@@ -154,7 +159,7 @@ class Controller:
         pushed: int | None = None
         superseded: str | None = None
         pushes: tuple[PushOutcome, ...] | None = None
-        error: str | None = None
+        apply_error = push_error = None
         text = ""
         push_started = push_ended = scraped
         if self.target.pushing:
@@ -166,35 +171,26 @@ class Controller:
                 text = self.target.render(inv, states)
             # nginx flavor: a weight change is a config change. openresty: the text follows the inventory
             # only; the apply is cheap when identical (one read, one compare) and still reports nginx down.
-            if self.target.out is not None and (force_render or decisions is None or decisions.changed
-                                                or self.target.pushing):
+            # Either: a file someone else wrote is put right at once, not at the next change.
+            if self.target.out is not None and (self._out_changed() or force_render or decisions is None
+                                                or decisions.changed or self.target.pushing):
                 self.target.write_peers(inv)
                 applied = self.target.apply(text)
-            push_started = time.monotonic()
-            if self.target.fanout is not None:
-                # Controller mode: the same snapshot to every frontend at once; one that fails is its own
-                # problem (logged and counted per frontend), the cycle fails only if none took it.
-                pushes = self.target.push_all(inv, states, samples)
-                pushed, error = fleet_outcome(pushes)
-                if pushed == 0:
-                    superseded = "; ".join(why_superseded(o.url or o.frontend, o.generation, o.current,
-                                                      peers_file=states is None)
-                                           for o in pushes if o.status == "stale")
-            elif self.target.pushing:
-                # Every cycle, not only on change: the balancer fades scraped load that is not refreshed.
-                # A static render (no policy) pushes the peers file, so a replica added or removed needs
-                # no reload either.
-                got = self.target.push(inv, states, samples)
-                pushed = None if got is None else got.peers if got.accepted else 0
-                where = self.target.admin.url if self.target.admin is not None else "the balancer"
-                if got is not None and got.status == "stale":
-                    superseded = why_superseded(where, got.generation, got.current, peers_file=states is None)
-                if got is not None and states is not None and self.log_outcome:
-                    self._note_refusal(where, got)
-            push_ended = time.monotonic()
+                self._out_seen = identity(self.target.out)
         except FdngxError as exc:
-            error = str(exc)
-        if error is not None and decisions is not None:
+            apply_error = str(exc)
+        # openresty: the balancer takes the snapshot without the config or the peers file (a full disk), so
+        # health and weights still reach it; the apply's failure is still the cycle's error.
+        if apply_error is None or self.target.pushing:
+            push_started = time.monotonic()
+            try:
+                pushed, pushes, superseded, push_error = self._push(inv, states, samples)
+            except FdngxError as exc:
+                push_error = str(exc)
+            push_ended = time.monotonic()
+        error = "; ".join(e for e in (apply_error, push_error) if e) or None
+        # What nginx really got: the push's for the openresty flavor (its weights are pushed), else the apply's.
+        if decisions is not None and (push_error if self.target.pushing else apply_error) is not None:
             new_state = unapplied(new_state, state)
         if self.target.pushing and generation.last_generation():
             new_state = replace(new_state, config={**new_state.config, GENERATION_KEY: generation.last_generation()})
@@ -202,6 +198,47 @@ class Controller:
                              scraped - started, push_ended - push_started, superseded)
         self._log(result)
         return result, new_state
+
+    def _push(self, inv: Inventory, states: dict[str, ServerState] | None, samples: dict[str, LoadSample]
+              ) -> tuple[int | None, tuple[PushOutcome, ...] | None, str | None, str | None]:
+        """This cycle's push: (peers taken, controller mode's outcomes, why it was refused as older, error)."""
+        if self.target.fanout is not None:
+            # Controller mode: the same snapshot to every frontend at once; one that fails is its own
+            # problem (logged and counted per frontend), the cycle fails only if none took it.
+            pushes = self.target.push_all(inv, states, samples)
+            pushed, error = fleet_outcome(pushes)
+            superseded = None
+            if pushed == 0:
+                superseded = "; ".join(why_superseded(o.url or o.frontend, o.generation, o.current,
+                                                      peers_file=states is None)
+                                       for o in pushes if o.status == "stale")
+            return pushed, pushes, superseded, error
+        if not self.target.pushing:
+            return None, None, None, None
+        # Every cycle, not only on change: the balancer fades scraped load that is not refreshed. A static
+        # render (no policy) pushes the peers file, so a replica added or removed needs no reload either.
+        got = self.target.push(inv, states, samples)
+        pushed = None if got is None else got.peers if got.accepted else 0
+        where = self.target.admin.url if self.target.admin is not None else "the balancer"
+        superseded = None
+        if got is not None and got.status == "stale":
+            superseded = why_superseded(where, got.generation, got.current, peers_file=states is None)
+        if got is not None and states is not None and self.log_outcome:
+            self._note_refusal(where, got)
+        return pushed, None, superseded, None
+
+    def _out_changed(self) -> bool:
+        """Whether the config file is not what this controller last applied: another writer (an operator's
+        `fdngx render --reload`, a config tool, a restore) changed it. Said at WARNING (once a minute at most)."""
+        out = self.target.out
+        if out is None or self._out_seen is None or identity(out) == self._out_seen:
+            return False
+        if time.monotonic() - self._said_out_at >= 60:
+            log.warning("%s was changed by another writer since this controller applied it: rewriting it with this "
+                        "controller's weights and options (to change them, restart the sidecar with new options)",
+                        out)
+            self._said_out_at = time.monotonic()
+        return True
 
     def _note_refusal(self, where: str, got: PushResult) -> None:
         """The sidecar's policy push refused as older, said once per change (it pushes every cycle)
@@ -242,6 +279,8 @@ class Controller:
                     log.log(level, "%s%s: %s", "NOT APPLIED " if error else "", d.name, d.reason)
             if result.decisions.fail_open and result.decisions.changed:
                 log.warning("failing open: %s", result.decisions.fail_open)
+        if result.decisions is not None and result.decisions.clock_back:
+            log.warning("%s", result.decisions.clock_back)  # once: the state kept holds no such time
         if not self.log_outcome:
             return
         if error is not None:

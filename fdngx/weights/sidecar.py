@@ -1,8 +1,11 @@
 """The sidecar: the controller's cycle (fdngx.weights.controller) on a timer, an inventory watch and
 signals. Nothing about weights or nginx is decided here.
 
-Triggers: the timer; the inventory file(s) changing on disk (watchdog, debounced, because `launch` and
-editors write in bursts); SIGHUP (reload the inventory now). SIGTERM ends the loop between cycles.
+Triggers: the timer; the inventory file(s) changing on disk (fdngx.weights.watch: watchdog events, and a
+stat of each file every cycle for what no event announced; debounced, because `launch` and editors write in
+bursts; re-read only when a file's identity changed, an early cycle only when the inventory did); SIGHUP
+(re-read the inventory now). SIGTERM ends the loop between cycles; a cycle waiting for another run's apply
+lock gives up that apply at once (fdngx.nginx.apply.lock_waits_end_on), so a stop never waits for it.
 """
 
 from __future__ import annotations
@@ -14,18 +17,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
 
 from fdngx import inventory as inv_mod
 from fdngx.domain import Inventory, LoadSample
 from fdngx.errors import FdngxError
-from fdngx.nginx.apply import aside
+from fdngx.nginx.apply import aside, lock_waits_end_on
 from fdngx.nginx.fanout import FrontendSpec, read_push_file
 from fdngx.nginx.target import Target
+from fdngx.system.files import Identity as FileIdentity
+from fdngx.system.files import identity as file_identity
 from fdngx.system.files import real_target
+from fdngx.weights import owner
 from fdngx.weights.controller import Controller, CycleResult
 from fdngx.weights.fetch import Client
 from fdngx.weights.policy import Decisions
@@ -33,6 +35,7 @@ from fdngx.weights.scrape import make_client, scrape_all
 from fdngx.weights.settings import PolicyConfig
 from fdngx.weights.store import StateStore, store_for
 from fdngx.weights.telemetry import Telemetry
+from fdngx.weights.watch import Identity, InventoryWatch, identity
 
 log = logging.getLogger("fdngx.sidecar")
 STATE_SAVE_EVERY = 10.0
@@ -50,6 +53,9 @@ class SidecarConfig:
     frontends: tuple[FrontendSpec, ...] = ()
     push_file: Path | None = None
     push_token_file: Path | None = None
+    # Seconds to wait for the config's sidecar lock (fdngx.weights.owner): 0 for a long-running sidecar (a
+    # second one is refused at once), longer for a --once run (overlapping cron runs take turns).
+    owner_wait: float = 0.0
 
     @property
     def store(self) -> StateStore:
@@ -58,19 +64,6 @@ class SidecarConfig:
             return StateStore((self.state_path or aside(real_target(self.inventories[0]), "controller-state.json"))
                               .absolute())
         return store_for(self.target.out, self.state_path)
-
-
-class _InventoryWatch(FileSystemEventHandler):
-    def __init__(self, paths: set[Path], changed: Callable[[], None]) -> None:
-        self.paths = paths
-        self.changed = changed
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        # Atomic writes arrive as "created temp file, moved over target": the target shows up as dest_path.
-        for raw in (event.src_path, getattr(event, "dest_path", "")):
-            if raw and Path(str(raw)).resolve() in self.paths:
-                self.changed()
-                return
 
 
 class Sidecar:
@@ -85,10 +78,22 @@ class Sidecar:
     ) -> None:
         self.config = config
         self.policy = config.policy.validated()
+        self._owner = owner.hold(config.target.out, config.owner_wait)  # one sidecar per config
+        try:
+            self._start(scrape, clock, telemetry, session)
+        except BaseException:
+            self._owner.close()
+            raise
+
+    def _start(self, scrape: Callable[..., dict[str, LoadSample]], clock: Callable[[], float],
+               telemetry: Telemetry | None, session: Client | None) -> None:
+        config = self.config
         self.telemetry = telemetry or Telemetry()
         self.session = session or make_client()
         self.controller = Controller(config.target, self.policy, self.session, scrape, clock, config.scrape_deadline)
+        self._seen: Identity = identity(config.inventories)  # the files as last read: before the read
         self.inventory: Inventory = inv_mod.load_many(config.inventories)  # a bad one at start is fatal
+        self._inventory_error: str | None = None  # why the last re-read failed (said once)
         self.store = config.store
         self.state = self.store.load()
         self._render_pending = True  # the first cycle always makes the file match the inventory
@@ -96,11 +101,12 @@ class Sidecar:
         self._wake = threading.Event()
         self._changed_at: float | None = None
         self._first_change_at: float | None = None
-        self._observer: Any = None
+        self._forced = False  # SIGHUP: re-read even if the files look the same
+        self._watch: InventoryWatch | None = None
         self.cycles = 0
         self._budget_holding = False
         self._saved_at = -math.inf
-        self._push_file_seen: tuple[int, int, int] | None = None
+        self._push_file_seen: FileIdentity | None = None
         self._push_file_error: str | None = None
         if config.push_file is not None:
             self.refresh_frontends(strict=True)  # a bad push file at start is fatal, like a bad inventory
@@ -108,6 +114,8 @@ class Sidecar:
 
     def inventory_changed(self, immediate: bool = False) -> None:
         now = time.monotonic()
+        if immediate:
+            self._forced = True
         self._changed_at = now - (self.config.debounce if immediate else 0.0)
         if self._first_change_at is None:
             self._first_change_at = now
@@ -128,80 +136,108 @@ class Sidecar:
     # -- the loop --------------------------------------------------------------------------------------
 
     def watch(self) -> None:
-        """Start watching the inventory files' directories (files are replaced, not edited in place)."""
-        paths = {p.resolve() for p in self.config.inventories}
-        observer = Observer()
-        handler = _InventoryWatch(paths, self.inventory_changed)
-        for directory in sorted({p.parent for p in paths}):
-            observer.schedule(handler, str(directory), recursive=False)
-        observer.daemon = True
-        observer.start()
-        self._observer = observer
+        """Watch the inventory files' directories, and those of every symlink on the way to them (files are
+        replaced, not edited in place; links are swapped). Without a watch (inotify's limits), a warning:
+        the per-cycle look at the files finds changes all the same."""
+        self._watch = InventoryWatch(self.config.inventories, self.inventory_changed)
+        self._watch.start()
+
+    def _look(self) -> None:
+        """Every cycle: follow moved symlinks with the watch, and notice a change no event announced."""
+        if self._watch is not None:
+            self._watch.refresh()
+        if self._changed_at is None and identity(self.config.inventories) != self._seen:
+            log.debug("inventory files changed on disk (seen by the per-cycle look)")
+            self.inventory_changed()
 
     def run(self) -> None:
         """Cycle until stop(); never raises for a bad cycle (it is logged and retried next interval)."""
-        interval = self.policy.interval
         next_at = time.monotonic()
         try:
-            while not self._stop.is_set():
-                now = time.monotonic()
-                if self._inventory_due(now):
-                    self._changed_at = self._first_change_at = None
-                    if self.reload_inventory():
-                        next_at = now  # act on the new inventory at once
-                if now >= next_at:
-                    try:
-                        self.run_once()
-                    except Exception:  # a bug must not kill the loop that keeps nginx in line
-                        log.exception("cycle failed")
-                    next_at = max(next_at + interval, time.monotonic())
-                waits = [next_at - time.monotonic()]
-                if self._changed_at is not None:
-                    waits.append(min(0.25, self._changed_at + self.config.debounce - time.monotonic()))
-                self._wake.wait(max(0.0, min(waits)))
-                self._wake.clear()
+            with lock_waits_end_on(self._stop):  # a stop ends a wait for the apply lock: that apply is not made
+                while not self._stop.is_set():
+                    next_at = self._turn(next_at)
         finally:
             self._close()
             log.info("sidecar stopped after %d cycles", self.cycles)
 
-    def once(self) -> CycleResult:
-        """One cycle, then the clean-up run() ends with (consul-template's -once: the same loop, once)."""
-        try:
-            return self.run_once()
-        finally:
-            self._close()
+    def _turn(self, next_at: float) -> float:
+        """One turn of the loop: the inventory if due, a cycle if due, then wait; returns the next cycle's time."""
+        now = time.monotonic()
+        if self._inventory_due(now):
+            forced, self._forced = self._forced, False
+            self._changed_at = self._first_change_at = None
+            if self._watch is not None:
+                self._watch.refresh()
+            if self.reload_inventory(force=forced):
+                next_at = now  # act on the new inventory at once
+        if now >= next_at:
+            self._look()
+            try:
+                self.run_once()
+            except Exception:  # a bug must not kill the loop that keeps nginx in line
+                log.exception("cycle failed")
+            next_at = max(next_at + self.policy.interval, time.monotonic())
+        waits = [next_at - time.monotonic()]
+        if self._changed_at is not None:
+            waits.append(min(0.25, self._changed_at + self.config.debounce - time.monotonic()))
+        self._wake.wait(max(0.0, min(waits)))
+        self._wake.clear()
+        return next_at
 
-    def _close(self) -> None:
-        if self.cycles:
+    def once(self) -> CycleResult:
+        """One cycle, then the clean-up run() ends with (consul-template's -once: the same loop, once). Like
+        `render --scrape` (Controller.run_once), under the state store's lock with the state read under it:
+        overlapping cron runs take turns instead of each saving over the other's reloads and health counts."""
+        try:
+            with self.store.locked():
+                self.state = self.store.load()
+                return self.run_once()  # a first cycle saves the state (under the lock)
+        finally:
+            self._close(save=False)
+
+    def _close(self, save: bool = True) -> None:
+        if self.cycles and save:
             self.save()
         self.session.close()
         self.config.target.close()
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=5)
+        if self._watch is not None:
+            self._watch.stop()
+        self._owner.close()
 
-    def reload_inventory(self) -> bool:
+    def reload_inventory(self, force: bool = False) -> bool:
+        """Re-read the inventory if its files changed (identity: dev, inode, size, mtime) or `force` (SIGHUP);
+        True when what it lists changed. A bad one keeps the previous inventory, said once until it changes."""
+        seen = identity(self.config.inventories)
+        if seen == self._seen and not force:
+            return False  # read, touched by nobody, or the same bad file as before: nothing to do
+        self._seen = seen
         try:
             new = inv_mod.load_many(list(self.config.inventories))
         except FdngxError as exc:
-            log.error("inventory not reloaded, keeping the previous one: %s", exc)
+            if str(exc) != self._inventory_error or force:
+                log.error("inventory not reloaded, keeping the previous one: %s", exc)
+            self._inventory_error = str(exc)
             return False
-        if new.to_dict() != self.inventory.to_dict():
-            log.info("inventory changed: %d instance(s) from %s", len(new.instances), ", ".join(new.sources))
-            self.inventory = new
-            self._render_pending = True
+        if self._inventory_error is not None:
+            log.info("inventory read again")
+            self._inventory_error = None
+        if new.to_dict() == self.inventory.to_dict():
+            return False
+        log.info("inventory changed: %d instance(s) from %s", len(new.instances), ", ".join(new.sources))
+        self.inventory = new
+        self._render_pending = True
         return True
 
     def refresh_frontends(self, strict: bool = False) -> None:
-        """Re-read the push file when it changed (inode, size or mtime): a cheap stat per cycle. A bad or
+        """Re-read the push file when it changed (device, inode, size or mtime): a cheap stat per cycle. A bad or
         missing file keeps the frontends in use (said once); `strict` (at start) raises instead."""
         path = self.config.push_file
         if path is None or self.config.target.fanout is None:
             return
         try:
-            st = path.stat()
-            seen = (st.st_ino, st.st_size, st.st_mtime_ns)
-            if seen == self._push_file_seen:
+            seen = file_identity(path)
+            if seen is not None and seen == self._push_file_seen:
                 return
             specs = read_push_file(path, self.config.push_token_file)
             self.config.target.set_frontends([*self.config.frontends, *specs])

@@ -364,16 +364,18 @@ def test_garbage_and_slow_metrics_from_one_replica_leave_the_others_alone(tmp_pa
 
 
 def test_steady_load_reloads_at_most_once_a_minute(tmp_path: Path) -> None:
-    with loop_of(tmp_path) as lp:  # default hold, dead-band and budget; 0.5 s interval
+    # Default hold (10 s), dead-band and budget; a 0.25 s interval: ~90 cycles in 22 s, where a flapping policy
+    # would make 2 or 3 reloads (one per hold).
+    with loop_of(tmp_path, interval=0.25) as lp:
         traffic = Traffic(lp, lp.url, threads=9, max_tokens=20)  # ~3 busy slots of 8 per replica, noisy
         try:
             time.sleep(3)
             r0 = lp.metric("fdngx_reloads_total")
-            time.sleep(45)
+            time.sleep(22)
             r1 = lp.metric("fdngx_reloads_total")
         finally:
             traffic.stop()
-        assert r1 - r0 <= 1, f"{r1 - r0} reloads in 45 s of steady load: {lp.tail()}"
+        assert r1 - r0 <= 1, f"{r1 - r0} reloads in 22 s of steady load: {lp.tail()}"
         assert all(r[2] for r in traffic.results)
 
 

@@ -1,0 +1,58 @@
+"""One sidecar per nginx config: the sidecar holds an flock beside its --out for its whole life.
+
+A sidecar puts right, at its next cycle, a config file someone else wrote (fdngx.weights.controller): two
+sidecars (or a sidecar and cron's `sidecar --once`) on one file would undo each other's writes every cycle,
+a reload each time. So the second one is refused at start, naming the first (a `--once` run waits for the
+lock first: overlapping cron runs take turns). `fdngx render` to a file a
+sidecar holds is not refused (an operator may mean it), but warned: the sidecar's next cycle rewrites it.
+
+The lock is `.<config>.fdngx-sidecar.lock` beside the config's real file (fdngx.nginx.apply.aside), taken
+with fdngx.system.files.file_lock (never through a symlink, ours); the kernel drops it when the process dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+from fdngx.errors import ApplyError, UsageError
+from fdngx.nginx.apply import aside
+from fdngx.system.files import file_lock, real_target
+
+
+def owner_lock(out: Path) -> Path:
+    return aside(real_target(out), "sidecar.lock")
+
+
+def hold(out: Path | None, wait: float = 0.0) -> contextlib.ExitStack:
+    """Take the config's sidecar lock for as long as the returned stack is open (nothing to take without a
+    config: a controller that only pushes), waiting up to `wait` s for it (cron's `--once` runs take turns).
+    Raises UsageError when another sidecar holds it."""
+    stack = contextlib.ExitStack()
+    if out is None:
+        return stack
+    try:
+        stack.enter_context(file_lock(owner_lock(out), timeout=wait))
+    except ApplyError as exc:
+        stack.close()
+        raise UsageError(f"{out}: another fdngx sidecar manages this config ({exc}): one sidecar per config, "
+                         "two would undo each other's writes; stop that one first") from None
+    return stack
+
+
+def held(out: Path) -> bool:
+    """Whether a running sidecar holds `out`'s lock (never creates the lock file)."""
+    try:
+        fd = os.open(owner_lock(out), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EAGAIN, errno.EACCES)
+    finally:
+        os.close(fd)
+    return False

@@ -1,0 +1,100 @@
+"""`fdngx sidecar` and the locks it shares with other runs, through the real CLI: a SIGTERM while a cycle waits
+for another run's apply lock, and `--once` runs (cron) that overlap.
+
+The test process holds the apply lock itself (`.NAME.fdngx-lock`, an flock, as another fdngx run would), so
+every wait is one the test controls; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_sidecar import loop_of
+from tests.support import free_ports, stop_process_group, wait_for, write_inventory
+
+pytestmark = pytest.mark.nginx
+
+
+@contextlib.contextmanager
+def holding(lock: Path) -> Iterator[None]:
+    """The apply lock of a config, held by this process (as a long apply of another fdngx run would)."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def test_sigterm_ends_a_cycle_waiting_for_the_apply_lock(tmp_path: Path) -> None:
+    """The wait is up to 120 s, systemd's stop timeout 60 s: the sidecar used to be SIGKILLed mid-wait. Now the
+    stop ends the wait: that apply is not made (nothing written) and the sidecar exits 0 at once."""
+    with loop_of(tmp_path, n=2, listed=1, interval=0.5) as lp:
+        assert lp.sidecar is not None
+        before = lp.conf.read_text()
+        with holding(lp.conf.with_name(f".{lp.conf.name}.fdngx-lock")):
+            lp.write_inventory(2)  # the next cycle must apply, and waits for the lock
+            wait_for(lambda: "waiting for the lock" in lp.log.read_text(), 15, what=f"the lock wait ({lp.tail()})")
+            t0 = time.monotonic()
+            lp.sidecar.send_signal(signal.SIGTERM)
+            try:
+                code = lp.sidecar.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"still running 5 s after SIGTERM, waiting for the lock: {lp.tail()}")
+            took = time.monotonic() - t0
+        assert code == 0 and took < 3, (code, took, lp.tail())
+        text = lp.log.read_text()
+        assert "stopping: the apply waited for the lock and was not made" in text, text
+        assert lp.conf.read_text() == before, "nothing written"
+
+
+def test_overlapping_once_runs_take_turns_with_the_state(tmp_path: Path) -> None:
+    """Two `sidecar --once` runs (cron) on one config at once: each used to load the state before any lock and
+    save over the other's, losing its reloads (the budget) and health counts. Now the second waits for the
+    first's state under the store's lock, as `render --scrape` does: both reloads are kept, and the second
+    decides from what the first applied and saw (dp0's weight and failing scrape are not news)."""
+    *apis, port = free_ports(3)
+    conf = tmp_path / "nginx" / "nginx.conf"
+    conf.parent.mkdir()
+
+    def replica(i: int) -> dict[str, object]:  # nothing listens: refused, kept within --refused-grace
+        return {"name": f"dp{i}", "host": "127.0.0.1", "port": apis[i], "metrics_port": apis[i], "engine": "sim"}
+
+    runs: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def once(inventory: Path) -> tuple[subprocess.Popen[bytes], Path]:
+        err = tmp_path / f"{inventory.stem}.err"
+        with err.open("wb") as fh:
+            proc = subprocess.Popen([sys.executable, "-m", "fdngx", "sidecar", "-i", str(inventory), "--mode",
+                                     "standalone", "--listen", f"127.0.0.1:{port}", "--out", str(conf), "--once"],
+                                    stdout=subprocess.DEVNULL, stderr=fh, start_new_session=True)
+        runs.append((proc, err))
+        wait_for(lambda: "waiting for the lock" in err.read_text(), 20, what=f"{inventory.stem} waiting for a lock")
+        return proc, err
+
+    first = write_inventory(tmp_path / "first.json", [replica(0)])
+    second = write_inventory(tmp_path / "second.json", [replica(0), replica(1)])
+    try:
+        with holding(conf.with_name(f".{conf.name}.fdngx-lock")):
+            once(first)
+            once(second)
+        for proc, err in runs:
+            assert proc.wait(timeout=60) == 0, err.read_text()
+    finally:
+        for proc, _ in runs:
+            stop_process_group(proc)
+    state = json.loads(conf.with_name(f".{conf.name}.fdngx-state.json").read_text())
+    assert len(state["reloads"]) == 2 and set(state["instances"]) == {"dp0", "dp1"}, state
+    said = runs[1][1].read_text()
+    assert " dp1: " in said and " dp0: " not in said, said  # dp0's weight and failing scrape are known

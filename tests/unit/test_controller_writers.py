@@ -1,0 +1,116 @@
+"""The controller beside other writers and a full disk: a config file someone else wrote is put right at the
+next cycle, and a peers file that cannot be written does not keep the snapshot from the balancer."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from fdngx.domain import Flavor
+from fdngx.errors import UsageError
+from fdngx.nginx.admin import PushResult
+from fdngx.nginx.generation import generation_in
+from fdngx.nginx.render import RenderOptions
+from fdngx.nginx.target import Target
+from fdngx.weights.controller import Controller
+from fdngx.weights.settings import PolicyConfig, config_for_flavor
+from fdngx.weights.state import InstanceState, PolicyState
+from tests.support import AdminDouble, fdngx, token_file
+from tests.unit.test_loop import Clock, FakeScrape, FakeTarget, inv_of, make
+
+
+def test_a_config_someone_else_wrote_is_put_right_at_the_next_cycle(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """nginx flavor: the sidecar applied only when its decisions changed, so an operator's `fdngx render
+    --reload` (static weights) stayed in nginx on a steady fleet, while status and the metrics showed the
+    sidecar's weights."""
+    caplog.set_level(logging.WARNING, "fdngx.controller")
+    out, written = tmp_path / "upstream.conf", []
+    c = Controller(FakeTarget(out, lambda: False, written), PolicyConfig(), scrape=FakeScrape(), clock=Clock(),
+                   log_outcome=False)
+    inv = inv_of(2)
+    _, state = c.step(inv, PolicyState(), force_render=True)
+    ours = out.read_text()
+    assert ours.count("weight=20") == 2
+    _, state = c.step(inv, state)
+    assert len(written) == 1 and not caplog.records  # steady: nothing to write
+    out.write_text(ours.replace("weight=20", "weight=1"))  # another writer
+    result, state = c.step(inv, state)
+    assert result.error is None and out.read_text() == ours and len(written) == 2
+    assert [r.getMessage() for r in caplog.records if "changed by another writer" in r.getMessage()]
+    caplog.clear()
+    c.step(inv, state)
+    assert len(written) == 2 and not caplog.records  # put right once, then steady again
+
+
+class Balancer(AdminDouble):
+    def __init__(self) -> None:
+        self.bodies: list[str] = []
+
+    def push(self, body: str) -> PushResult:
+        self.bodies.append(body)
+        return PushResult("ok", generation_in(body) or 0, body.count("\npeer "))
+
+
+def test_a_peers_file_that_cannot_be_written_does_not_keep_the_snapshot_from_the_balancer(tmp_path: Path) -> None:
+    """openresty flavor, full disk: the peers file's OSError escaped the cycle before the push, every cycle, so
+    a replica failing /health stayed in the balancer's rotation (and no apply failure was counted)."""
+    balancer = Balancer()
+    gone = tmp_path / "gone"  # the peers file's directory is not there: its write fails as a full disk's would
+    opts = RenderOptions(flavor=Flavor.OPENRESTY, admin_token_file=str(token_file(tmp_path)),
+                         peers_file=str(gone / "peers"))
+    target = Target(tmp_path / "site.conf", opts, None, False, balancer, gone / "peers")  # type: ignore[arg-type]
+    scrape = FakeScrape()
+    scrape.unhealthy.add("dp1")
+    c = Controller(target, config_for_flavor(Flavor.OPENRESTY), scrape=scrape, clock=Clock(), log_outcome=False)
+    state = PolicyState()
+    for _ in range(4):
+        result, state = c.step(inv_of(2), state)
+        assert result.error is not None and "cannot write the peers file" in result.error
+        assert str(gone / "peers") in result.error
+        assert result.pushed == 2  # the balancer took the snapshot all the same
+    assert result.decisions is not None and result.decisions.by_name()["dp1"].down
+    assert "peer dp1 127.0.0.1 8001" in balancer.bodies[-1] and state.instances["dp1"].down, \
+        "the state records what the balancer got: dp1 down"
+
+
+def test_a_clock_stepped_back_is_said_once_even_while_the_apply_fails(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The state a failed apply keeps is clamped like the policy's (else its times from the future came back
+    every cycle, and the WARNING with them)."""
+    caplog.set_level(logging.WARNING, "fdngx.controller")
+    out, clock = tmp_path / "upstream.conf", Clock()
+    c = Controller(FakeTarget(out, lambda: True, []), PolicyConfig(), scrape=FakeScrape(), clock=clock,
+                   log_outcome=False)
+    inv = inv_of(2)
+    future = clock.t + 3600  # the state was written while the clock ran an hour ahead
+    state = PolicyState({n: InstanceState(weight=20, last_change_at=future) for n in ("dp0", "dp1")},
+                        [future], future)
+    for _ in range(3):
+        result, state = c.step(inv, state, force_render=True)  # as cron's runs
+        assert result.error is not None  # the apply keeps failing
+        clock.t += 2
+    said = [r.getMessage() for r in caplog.records if "the clock went back" in r.getMessage()]
+    assert len(said) == 1 and "3600s ahead" in said[0]
+    assert max(state.reloads, default=0) <= clock.t and state.instances["dp0"].last_change_at <= clock.t
+
+
+def test_one_sidecar_per_config_and_render_is_told(tmp_path: Path) -> None:
+    """Two sidecars on one file would put each other's writes right every cycle (a reload each time): the
+    second is refused, naming the first; `fdngx render` to it is warned that the sidecar rewrites it."""
+    first, _, _, _ = make(tmp_path, n=2)
+    try:
+        with pytest.raises(UsageError, match=r"upstream.conf: another fdngx sidecar manages this config .*held by "
+                                             rf"pid {os.getpid()}"):
+            make(tmp_path, n=2)
+        got = fdngx("render", "-i", str(tmp_path / "fdngx.json"), "--out", str(tmp_path / "upstream.conf"))
+        assert got.returncode == 0 and "a running fdngx sidecar manages" in got.stderr, got.stderr
+    finally:
+        first._close()
+    again, _, _, _ = make(tmp_path, n=2)  # the first one gone: its lock with it
+    again._close()
+    got = fdngx("render", "-i", str(tmp_path / "fdngx.json"), "--out", str(tmp_path / "upstream.conf"))
+    assert got.returncode == 0 and "a running fdngx sidecar" not in got.stderr

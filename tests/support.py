@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -282,3 +283,37 @@ class AdminDouble:
 
     def deadline(self, seconds: float) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
+
+
+class RawServer:
+    """A listener on 127.0.0.1 that runs `handler(conn)` on each connection in a daemon thread (the connection
+    closed after it, OSErrors ignored): the hand-rolled peers of the wire tests. `port`; close() or `with`."""
+
+    def __init__(self, handler: Callable[[socket.socket], None], backlog: int = 128) -> None:
+        self.handler = handler
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=backlog)
+        self.port = int(self.sock.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _addr = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            self.handler(conn)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        self.sock.close()
+
+    def __enter__(self) -> RawServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

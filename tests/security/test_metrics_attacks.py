@@ -166,31 +166,17 @@ def test_a_capacity_liar_at_1e300_cannot_take_the_fleet(tmp_path: Path, page_ser
 def test_a_replicas_status_line_cannot_send_terminal_escapes() -> None:
     """http.client quotes a bad status line in its exception: the sample's errors escape it."""
     import socket
-    import threading
 
     from fdngx.domain import Engine, Instance
     from fdngx.weights.scrape import scrape_all
+    from tests.support import RawServer
 
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    port = srv.getsockname()[1]
+    def answer(conn: socket.socket) -> None:
+        conn.recv(4096)
+        conn.sendall(b"HTTP/\x1b]0;owned\x07 200 OK\r\nContent-Length: 0\r\n\r\n")
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(4096)
-                conn.sendall(b"HTTP/\x1b]0;owned\x07 200 OK\r\nContent-Length: 0\r\n\r\n")
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        s = scrape_all([Instance("r", "127.0.0.1", port, port, Engine.FASTDEPLOY)], deadline=3.0)["r"]
-    finally:
-        srv.close()
+    with RawServer(answer) as srv:
+        s = scrape_all([Instance("r", "127.0.0.1", srv.port, srv.port, Engine.FASTDEPLOY)], deadline=3.0)["r"]
     assert not s.ok and s.error and s.health_error
     assert s.error.isprintable() and s.health_error.isprintable(), (s.error, s.health_error)
     assert "\\x1b" in s.error  # escaped, still readable
@@ -215,42 +201,25 @@ WIRE_PIECES = st.one_of(
 def wire_fleet() -> Iterator[tuple[list[object], dict[str, bytes]]]:
     """Two honest replicas and one that answers every GET with `sent["bytes"]`, then closes."""
     import socket
-    import threading
 
     from fdngx.domain import Engine, Instance
     from tests.security.conftest import PageServer
+    from tests.support import RawServer
 
     sent = {"bytes": b""}
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(64)
 
     def answer(conn: socket.socket) -> None:
-        with conn:
-            try:
-                conn.recv(65536)
-                conn.sendall(sent["bytes"])
-                conn.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+        conn.recv(65536)
+        conn.sendall(sent["bytes"])
+        conn.shutdown(socket.SHUT_WR)
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=answer, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
+    srv = RawServer(answer)
     honest = [PageServer(f"ok{i}", fastdeploy_page(running=8)) for i in range(2)]
-    port = srv.getsockname()[1]
     insts: list[object] = [Instance(s.name, "127.0.0.1", s.port, s.port, Engine.FASTDEPLOY) for s in honest]
-    insts.append(Instance("hostile", "127.0.0.1", port, port, Engine.FASTDEPLOY))
+    insts.append(Instance("hostile", "127.0.0.1", srv.port, srv.port, Engine.FASTDEPLOY))
     yield insts, sent
     for s in honest:
         s.stop()
-    srv.shutdown(socket.SHUT_RDWR)
     srv.close()
 
 

@@ -173,28 +173,16 @@ ODD_ANSWERS = [
 
 @pytest.mark.parametrize("answer", ODD_ANSWERS, ids=range(len(ODD_ANSWERS)))
 def test_odd_answers_read_as_http_client_reads_them(answer: bytes) -> None:
-    import threading
-
     from fdngx.weights.batch import Job
+    from tests.support import RawServer
 
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
+    def send(conn: socket.socket) -> None:
+        conn.recv(4096)
+        conn.sendall(answer)
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(4096)
-                conn.sendall(answer)
-
-    threading.Thread(target=serve, daemon=True).start()
-    url = f"http://127.0.0.1:{srv.getsockname()[1]}/metrics"
     common = {"connect_timeout": 1.0, "read_timeout": 1.0}
-    try:
+    with RawServer(send) as srv:
+        url = f"http://127.0.0.1:{srv.port}/metrics"
         one = HttpClient()
         many = BatchClient()
         try:
@@ -203,8 +191,6 @@ def test_odd_answers_read_as_http_client_reads_them(answer: bytes) -> None:
         finally:
             one.close()
             many.close()
-    finally:
-        srv.close()
     assert (b.status, b.body, b.error) == (a.status, a.body, a.error)
 
 

@@ -4,7 +4,6 @@ The replicas are tiny raw-socket servers on 127.0.0.1 (`raw_servers`)."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import io
 import logging
@@ -21,7 +20,7 @@ from fdngx.weights import http1
 from fdngx.weights.batch import BatchClient
 from fdngx.weights.http1 import Refused, Response
 from fdngx.weights.scrape import scrape_all
-from tests.support import read_request
+from tests.support import RawServer, read_request
 from tests.unit.test_scrape import FD_PAGE
 
 Handler = Callable[[socket.socket], None]
@@ -43,34 +42,15 @@ def good(conn: socket.socket) -> None:
 def raw_servers() -> Iterator[Callable[[Handler], int]]:
     """Start a server on 127.0.0.1 running `handler` on each connection (a thread each); returns its port."""
     STOP.clear()
-    listeners: list[socket.socket] = []
-
-    def serve(handler: Handler, conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            handler(conn)
+    servers: list[RawServer] = []
 
     def start(handler: Handler) -> int:
-        srv = socket.socket()
-        srv.bind(("127.0.0.1", 0))
-        srv.listen(128)
-        listeners.append(srv)
-
-        def accept() -> None:
-            while True:
-                try:
-                    conn, _ = srv.accept()
-                except OSError:
-                    return
-                threading.Thread(target=serve, args=(handler, conn), daemon=True).start()
-
-        threading.Thread(target=accept, daemon=True).start()
-        return int(srv.getsockname()[1])
+        servers.append(RawServer(handler))
+        return servers[-1].port
 
     yield start
     STOP.set()
-    for srv in listeners:
-        with contextlib.suppress(OSError):
-            srv.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+    for srv in servers:
         srv.close()
 
 

@@ -41,8 +41,8 @@ from fdngx.errors import FdngxError, InventoryError, InventoryTooLarge
 from fdngx.registry.body import BodyError, Registration, parse_body, worker_info
 from fdngx.registry.liveness import Liveness
 from fdngx.registry.metrics_port import Key, MetricsPorts
-from fdngx.registry.probe import HttpProbe, Probe
-from fdngx.registry.rules import IPAddress, NameCache, RegistrySettings, canonical_ip, never_registrable
+from fdngx.registry.probe import HttpProbe, Probe, keep_only
+from fdngx.registry.rules import NameCache, RegistrySettings, canonical_ip, never_registrable, reachable
 
 log = logging.getLogger("fdngx.registry")
 OK = {"code": 200, "msg": "Register success"}  # register.go RegisterInstance
@@ -75,15 +75,6 @@ class Refused(Exception):
     def __init__(self, status: int, msg: str) -> None:
         super().__init__(msg)
         self.status = status
-
-
-def _reachable(ip: IPAddress, remote: IPAddress | None) -> IPAddress:
-    """FastDeploy takes host_ip from gethostbyname(gethostname()) (fastdeploy/utils.py get_host_ip), which
-    is 127.0.1.1 on Debian: a registration from another machine that claims loopback means "the address
-    you see me at". `ip` is the address host_ip means here (a name resolved), so `localhost` counts too."""
-    if ip.is_loopback and remote is not None and not remote.is_loopback:
-        return remote
-    return ip
 
 
 class Registry:
@@ -145,9 +136,10 @@ class Registry:
             if why is not None:
                 return answer(503, f"service is not healthy: GET {hostport(host, reg.port)}/health: {why}")
             name = current.name if current is not None else instance_name(host, reg.port)
-            metrics_port, source = self.metrics_ports.find(self.probe, self.settings, self.clock(), reg, host, asked,
-                                                           current, key, name)
-            self._save(reg, host, asked, metrics_port, source, key, current)
+            with self.metrics_ports.registering(key):  # its state is not pruned before the write: keep_only
+                metrics_port, source = self.metrics_ports.find(self.probe, self.settings, self.clock(), reg, host,
+                                                               asked, current, key, name)
+                self._save(reg, host, asked, metrics_port, source, key, current)
         except BodyError as exc:
             return answer(400, str(exc))
         except Refused as exc:
@@ -173,8 +165,8 @@ class Registry:
                 raise Refused(400, f"host_ip {host_ip!r} does not resolve: nginx could not use it; send an address")
             ip, asked = found[0], host_ip
         remote = canonical_ip(peer or "")
-        if _reachable(ip, remote) != ip:
-            ip, asked = _reachable(ip, remote), None
+        if reachable(ip, remote) != ip:
+            ip, asked = reachable(ip, remote), None
         why = never_registrable(ip)
         if why is not None:
             raise Refused(400, f"host_ip {host_ip}: {why}; it can never be registered")
@@ -310,6 +302,7 @@ class Registry:
         now, grace = self.clock(), self.settings.grace
         results = self._health_all(owned) if health and owned else {}  # the /health answers that came in time
         gone: dict[Key, tuple[str, float | None]] = {}  # why, and the heartbeat it was judged on
+        kept: set[Key] | None = None  # the registered instances in the file after the judgements
         taken: dict[Key | str, str] = {}  # address keys and names the other -i files use
         for other in self._load_others():
             for inst in other.instances:
@@ -324,8 +317,13 @@ class Registry:
                 elif why := self.live.judge(key, inst.name, now, grace, results if health else None, inst.drain):
                     gone[key] = why, self.live.seen[key]
             with contextlib.suppress(InventoryError):  # the file now, read under _mu as every registry write
-                self.live.keep_only(inv_mod.address_key(i.host, i.port) for i in self._owned(self._load(self.path)))
-        return self._remove(gone) if gone else []
+                kept = {inv_mod.address_key(i.host, i.port) for i in self._owned(self._load(self.path))}
+                self.live.keep_only(kept)
+                self.metrics_ports.keep_only(kept)  # under _mu too: no registration writes between read and prune
+        removed = self._remove(gone) if gone else []
+        if kept is not None:  # the probe's idle connections to instances that left (this check's too) closed
+            keep_only(self.probe, kept - gone.keys())
+        return removed
 
     def _health_all(self, owned: list[Instance]) -> dict[Key, str | None]:
         pool = getattr(self.probe, "client", None)

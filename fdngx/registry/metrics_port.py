@@ -4,12 +4,17 @@ port (fdngx.registry.core): the search, the order it tries, and what it says abo
 FastDeploy answers /metrics on its API port from a forked web worker whose load gauges may read 0
 (docs/fastdeploy.md: give every instance its own --metrics-port), so that port comes after
 --registry-metrics-port and is marked "api-port-suspect". The state here (when an instance was last looked
-at, what was said) is per address; fdngx.registry.core forgets an instance's when it removes it.
+at, what was said) is per address; fdngx.registry.core forgets an instance's when it removes it, and each
+periodic check drops the state of instances no longer in the file (deleted by hand): keep_only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+from collections import Counter
+from collections.abc import Collection, Iterator
 
 from fdngx.domain import Instance
 from fdngx.registry.body import Registration
@@ -30,11 +35,38 @@ class MetricsPorts:
         self._probed: dict[Key, float] = {}  # last metrics search for an instance without a load signal
         self._warned: set[Key] = set()
         self._suspect_said: set[Key] = set()  # "api-port-suspect": said once per instance
+        self._lock = threading.Lock()  # over _in_flight, and keep_only's pruning
+        self._in_flight: Counter[Key] = Counter()  # registrations between their find() and their write
 
     def forget(self, key: Key) -> None:
         self._probed.pop(key, None)
         self._warned.discard(key)
         self._suspect_said.discard(key)
+
+    @contextlib.contextmanager
+    def registering(self, key: Key) -> Iterator[None]:
+        """Around one registration's find() and its write to the inventory: keep_only leaves its state alone."""
+        with self._lock:
+            self._in_flight[key] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight[key] -= 1
+                if self._in_flight[key] <= 0:
+                    del self._in_flight[key]
+
+    def keep_only(self, keys: Collection[Key]) -> None:
+        """Forget every instance that is neither in `keys` (the registered ones in the inventory just read) nor
+        being registered. The race this avoids: find() runs without the registry's lock and before the
+        registration writes the file, so a check that reads the file in between does not see the instance yet;
+        pruning it then would lose what find() just said (its WARNING said again on the next search). The
+        caller holds the registry's lock from its read through this call, so no write lands in between: an
+        instance is in what it read, or its registration has not written yet and is still in flight here."""
+        with self._lock:
+            kept = {*keys, *self._in_flight}  # each a C-level copy under the GIL, as find() may add meanwhile
+            for key in {*self._probed, *self._warned, *self._suspect_said} - kept:
+                self.forget(key)
 
     def find(self, probe: Probe, settings: RegistrySettings, now: float, reg: Registration, host: str,
              asked: str | None, current: Instance | None, key: Key, name: str) -> tuple[int, str]:

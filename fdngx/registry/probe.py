@@ -1,6 +1,7 @@
 """What the registry asks of a registered instance: is its /health 200, and does a port serve a usable
 FastDeploy /metrics page. Bounded (connect/read timeouts, a total deadline, a byte cap), never through a
-proxy, and never raising: each answer is None (yes) or the reason (no).
+proxy, and never raising: each answer is None (yes) or the reason (no). Its client keeps idle keep-alive
+connections only to the instances the inventory has: the periodic check closes the others' (keep_only).
 
 Tests inject their own Probe, so a unit test never makes fdngx contact an address.
 """
@@ -8,10 +9,12 @@ Tests inject their own Probe, so a unit test never makes fdngx contact an addres
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from typing import Protocol
 
 from fdngx.domain import Engine, hostport
 from fdngx.engines import spec
+from fdngx.inventory import address_key
 from fdngx.weights.fetch import Client, Fetch, HttpClient
 from fdngx.weights.scrape import MAX_BYTES, load_from_metrics, parse_metrics, wanted_names
 
@@ -19,6 +22,7 @@ from fdngx.weights.scrape import MAX_BYTES, load_from_metrics, parse_metrics, wa
 # (golang_router/internal/config/config.go HealthCheckTimeoutSecs).
 HEALTH_TIMEOUT = 3.0
 METRICS_TIMEOUT = 2.0
+Address = tuple[str, int]  # an instance's canonical address (fdngx.inventory.address_key)
 
 
 class Probe(Protocol):
@@ -31,10 +35,35 @@ class Probe(Protocol):
     def close(self) -> None: ...
 
 
+class ProbeClient(HttpClient):
+    """HttpClient, which keeps up to two idle keep-alive connections per address for as long as it lives, plus
+    keep_only: the registry's instances come and go (a rollout on new ports), their sockets must not pile up."""
+
+    def keep_only(self, addresses: Collection[Address]) -> None:
+        """Close the idle connections to every address not in `addresses` (canonical). A connection in use is
+        not idle: its GET gives it back when done, and the next keep_only closes it if its address is gone."""
+        with self._lock:
+            gone = [k for k in self._idle if address_key(*k) not in addresses]
+            conns = [c for k in gone for c in self._idle.pop(k)]
+        for conn in conns:
+            conn.close()
+
+
+def keep_only(probe: Probe, addresses: Collection[Address]) -> None:
+    """After each periodic check: the probe's client closes its idle connections to instances no longer in the
+    inventory (deregistered, expired, deleted from the file by hand). A metrics search's connection to a
+    metrics port goes too: that search runs again a minute later at the soonest. So may the connection of a
+    registration not written yet (no lock is held here): that costs its next GET one connect, nothing else. A
+    test's probe has no ProbeClient."""
+    client = getattr(probe, "client", None)
+    if isinstance(client, ProbeClient):
+        client.keep_only(addresses)
+
+
 class HttpProbe:
     def __init__(self, client: Client | None = None, health_timeout: float = HEALTH_TIMEOUT,
                  metrics_timeout: float = METRICS_TIMEOUT) -> None:
-        self.client = client or HttpClient()
+        self.client = client or ProbeClient()
         self.health_timeout = health_timeout
         self.metrics_timeout = metrics_timeout
         self.engine = spec(Engine.FASTDEPLOY)

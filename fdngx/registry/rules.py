@@ -43,6 +43,15 @@ _NEVER = tuple(
 )
 
 
+def reachable(ip: IPAddress, remote: IPAddress | None) -> IPAddress:
+    """FastDeploy takes host_ip from gethostbyname(gethostname()) (fastdeploy/utils.py get_host_ip), which
+    is 127.0.1.1 on Debian: a registration from another machine that claims loopback means "the address
+    you see me at". `ip` is the address host_ip means here (a name resolved), so `localhost` counts too."""
+    if ip.is_loopback and remote is not None and not remote.is_loopback:
+        return remote
+    return ip
+
+
 def canonical_ip(text: str) -> IPAddress | None:
     """An IP literal (no scope id), IPv4-mapped IPv6 turned into IPv4; None for anything else."""
     if "%" in text:

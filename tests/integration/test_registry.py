@@ -6,11 +6,13 @@ tests/fixtures/fastdeploy_register.py from `fastdeploy/engine/register_manager.p
 (see that file for the commits). Only 127.0.0.1; every process is stopped by PID.
 
 The last tests run the registry's HTTP server in-process (no nginx) on 127.0.0.1, port 0, with a fake /health
-probe: raw sockets that hold connections open against its per-source and outside-the-allow-list budgets.
+probe: raw sockets that hold connections open against its per-source and outside-the-allow-list budgets. One
+runs the registry with its real /health probe against in-process keep-alive servers on 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -19,6 +21,7 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,8 +40,10 @@ from tests.support import (
     Backends,
     HealthyProbe,
     Nginx,
+    RawServer,
     fdngx,
     free_ports,
+    read_request,
     stop_process_group,
     wait_for,
     write_inventory,
@@ -396,3 +401,69 @@ def test_connections_still_queued_for_a_worker_at_shutdown_are_closed_and_releas
         assert all(slots.acquire(blocking=False) for _ in range(server.httpd.capacity))
     finally:
         server.stop()
+
+
+class HealthServers:
+    """`n` servers on 127.0.0.1 answering GET /health on keep-alive connections (200; 503 for the ports in
+    `failing`), each counting the connections it has open."""
+
+    def __init__(self, n: int) -> None:
+        self.lock = threading.Lock()
+        self.open: collections.Counter[int] = collections.Counter()
+        self.failing: set[int] = set()
+        self.servers = [RawServer(self._serve) for _ in range(n)]
+        self.ports = [s.port for s in self.servers]
+
+    def _serve(self, conn: socket.socket) -> None:
+        port = conn.getsockname()[1]
+        with self.lock:
+            self.open[port] += 1
+        try:
+            while read_request(conn):  # b"": the client closed it
+                status = b"503 Service Unavailable" if port in self.failing else b"200 OK"
+                conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\n\r\nok")
+        finally:
+            with self.lock:
+                self.open[port] -= 1
+
+    def opened(self) -> dict[int, int]:
+        with self.lock:
+            return {p: self.open[p] for p in self.ports}
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+
+def test_the_health_probe_closes_its_idle_connections_to_instances_that_left(tmp_path: Path) -> None:
+    """The registry's /health probe (its real client) kept its idle keep-alive connections to instances that had
+    left, for as long as it ran: with rollouts on new ports, sockets piled up. Each periodic check now closes
+    those to instances no longer in the file: deleted by hand, or removed by that very check."""
+    body = json.loads((FIXTURE.parent / "upstream" / "fastdeploy-register-body.json").read_text())
+    srv = HealthServers(4)
+    kept, hand_a, hand_b, failing = srv.ports
+    path, now = tmp_path / "fdngx.json", [1000.0]
+    reg = Registry(path, settings=RegistrySettings.from_options(30), names=NameCache(lambda name: []),
+                   clock=lambda: now[0])
+    try:
+        for port in srv.ports:
+            got = reg.register({**body, "host_ip": "127.0.0.1", "port": port, "metrics_port": port}, "127.0.0.1")
+            assert got == (200, {"code": 200, "msg": "Register success"})
+        assert reg.check() == []
+        wait_for(lambda: srv.opened() == dict.fromkeys(srv.ports, 1), 5, what="one kept-alive connection each")
+        srv.failing.add(failing)
+        data = json.loads(path.read_text())
+        data["instances"] = [i for i in data["instances"] if i["port"] not in (hand_a, hand_b)]
+        path.write_text(json.dumps(data))  # by hand
+        assert reg.check() == []
+        left = {kept: 1, hand_a: 0, hand_b: 0, failing: 1}
+        wait_for(lambda: srv.opened() == left, 2, what=f"the deleted ones' closed ({srv.opened()} != {left})")
+        now[0] += 31  # /health failing for more than --registry-grace: this check removes it
+        assert reg.check() == [instance_name("127.0.0.1", failing)]
+        left[failing] = 0
+        wait_for(lambda: srv.opened() == left, 2, what=f"the removed one's closed ({srv.opened()} != {left})")
+        idle = reg.probe.client._idle  # type: ignore[attr-defined]
+        assert {k for k, conns in idle.items() if conns} == {("127.0.0.1", kept)}
+    finally:
+        reg.close()
+        srv.close()

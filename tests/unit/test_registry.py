@@ -386,6 +386,67 @@ def test_an_instance_deleted_from_the_file_by_hand_leaves_no_liveness_state(tmp_
     assert (live.seen, live.failing, live.misses) == ({}, {}, {})
 
 
+def metrics_port_state(env: Env) -> set[tuple[str, int]]:
+    """The instances MetricsPorts keeps anything about (when it last looked, what it said)."""
+    ports = env.reg.metrics_ports
+    return {*ports._probed, *ports._warned, *ports._suspect_said}
+
+
+def test_an_instance_deleted_from_the_file_by_hand_leaves_no_metrics_port_state(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """MetricsPorts kept what it said about an instance (and when it last looked) for good once the instance
+    was deleted from the file by hand. The periodic check drops it now: nothing left behind, and the instance
+    registering again is told about afresh, as one the registry removed itself is."""
+    env = Env(tmp_path)
+    env.probe.metrics_of[(H, 8002)] = None  # 8001: no load signal; 8002: the API port's page, "suspect"
+    with caplog.at_level(logging.WARNING, logger="fdngx.registry"):
+        assert env.reg.register(dict(BODY), H) == OK
+        assert env.reg.register({**BODY, "port": 8002}, H) == OK
+        assert env.reg.check() == [] and metrics_port_state(env) == {(H, 8001), (H, 8002)}
+        write_inv(env.path, [i for i in env.instances() if i["port"] == 8002])  # by hand
+        assert env.reg.check() == [] and metrics_port_state(env) == {(H, 8002)}
+        write_inv(env.path, [])
+        assert env.reg.check() == [] and metrics_port_state(env) == set()
+        caplog.clear()
+        assert env.reg.register(dict(BODY), H) == OK
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 1 and "no load signal" in said[0], said
+
+
+def test_a_registration_racing_the_check_keeps_its_metrics_port_state(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The metrics search runs without the registry's lock, before the registration writes the file: a check
+    reading the file in between does not see the instance yet, and must not drop what the search just found
+    and said (pruning every address not in the file would: the WARNING said again on the next search)."""
+    env = Env(tmp_path)
+    in_save, go = threading.Event(), threading.Event()
+    save = env.reg._save
+
+    def held_save(*args: Any, **kw: Any) -> None:
+        in_save.set()
+        assert go.wait(5)
+        save(*args, **kw)
+
+    monkeypatch.setattr(env.reg, "_save", held_save)
+    answers: list[Any] = []
+    registering = threading.Thread(target=lambda: answers.append(env.reg.register(dict(BODY), H)))
+    with caplog.at_level(logging.WARNING, logger="fdngx.registry"):
+        registering.start()
+        try:
+            assert in_save.wait(5)
+            assert env.reg.check() == [] and env.instances() == []  # searched, said, not written yet
+            assert metrics_port_state(env) == {(H, 8001)}
+        finally:
+            go.set()
+            registering.join(5)
+        assert answers == [OK] and [i["port"] for i in env.instances()] == [8001]
+        assert env.reg.check() == [] and metrics_port_state(env) == {(H, 8001)}
+        env.clock.t += 61  # searched again: still no load signal, already said
+        assert env.reg.register(dict(BODY), H) == OK
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 1 and "no load signal" in said[0], said
+
+
 def test_grace_zero_never_removes(tmp_path: Path) -> None:
     env = Env(tmp_path, grace=0)
     assert env.reg.register({**BODY, "metrics_port": 9001}, H) == OK

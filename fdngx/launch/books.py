@@ -2,7 +2,9 @@
 
 Neither may ever stop a replica. A write that fails (a full disk, a read-only or replaced file) is said
 once, naming the file and why, and tried again at the supervisor's next loop until it succeeds (then that
-is said too): the files are marked dirty, and _flush writes what is dirty.
+is said too): the files are marked dirty, and _flush writes what is dirty. An inventory that cannot be
+written is recorded in the pidfile too (`unwritten`), for those who never read the supervisor's output
+(a detached launch: `fdngx launch --detach` returning, `fdngx status`); the record goes when it is written.
 """
 
 from __future__ import annotations
@@ -71,10 +73,14 @@ class Books:
             if path not in self.failing:
                 self.progress.say(f"warning: {path}: not written ({why}); the replicas keep running; fdngx tries "
                                   "again until it can")
+            if self.failing.get(path) != why and path != self.plan.pidfile:
+                self.dirty.add(PIDFILE)  # the pidfile records it (written after it in _flush)
             self.failing[path] = why
             return False
         if self.failing.pop(path, None) is not None:
             self.progress.say(f"{path}: written again")
+            if path != self.plan.pidfile:
+                self.dirty.add(PIDFILE)
         return True
 
     def _write_pidfile(self) -> None:
@@ -85,6 +91,7 @@ class Books:
             engine=self.plan.engine, inventory=self.plan.inventory_path, grace=self.plan.grace,
             children=[c.record() for c in self.children], instances=dict(self.status),
             error=error, log_tail=log_tail, log_file=log, boot=procs.boot_id(),
+            unwritten={p: why for p, why in self.failing.items() if p != self.plan.pidfile},
         ))
 
     def _write_inventory(self) -> None:

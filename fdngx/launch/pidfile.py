@@ -76,6 +76,9 @@ class Pidfile:
     log_file: str | None = None
     # The boot it was written in (procs.boot_id): after a reboot no pid in it is ours. None: an older file.
     boot: str | None = None
+    # Files the supervisor cannot write now (the inventory: a full disk, a replaced file) -> why the last try
+    # failed; it tries again every loop. What `fdngx status` and a detached launch show of it: unwritten_lines.
+    unwritten: dict[str, str] = field(default_factory=dict)
 
     def from_another_boot(self) -> bool:
         return self.boot is not None and procs.boot_id() is not None and self.boot != procs.boot_id()
@@ -107,6 +110,8 @@ class Pidfile:
         }
         if self.boot is not None:
             data["boot"] = self.boot
+        if self.unwritten:
+            data["unwritten"] = self.unwritten
         if self.error is not None:
             data.update(error=self.error, log_tail=self.log_tail, log_file=self.log_file)
         return data
@@ -140,6 +145,7 @@ class Pidfile:
                 members=members,
             ))
         instances = f.as_obj(doc.get("instances", {}), "instances")
+        unwritten = f.as_obj(doc.get("unwritten", {}), "unwritten")
         return cls(
             supervisor=ProcessRecord(f.as_pid(sup.get("pid"), "supervisor.pid"),
                                      f.opt_int(sup.get("start"), "supervisor.start")),
@@ -154,6 +160,7 @@ class Pidfile:
             log_tail=None if doc.get("log_tail") is None else f.as_str(doc["log_tail"], "log_tail"),
             log_file=None if doc.get("log_file") is None else f.as_str(doc["log_file"], "log_file"),
             boot=None if doc.get("boot") is None else f.as_str(doc["boot"], "boot"),
+            unwritten={f.as_str(k, "unwritten"): f.as_str(v, f"unwritten.{k}") for k, v in unwritten.items()},
         )
 
 
@@ -237,6 +244,16 @@ def live_supervisor(path: str | Path) -> Pidfile | None:
     record = read_pidfile(path)
     ok = record is not None and not record.from_another_boot() and record.supervisor.alive()
     return record if ok else None
+
+
+def unwritten_lines(record: Pidfile | None) -> list[str]:
+    """One line per file a live supervisor cannot write now, for those who look at the launch but not at its
+    output (a detached `fdngx launch` returning; `fdngx status`). None from a stale or foreign-boot record."""
+    if record is None or record.from_another_boot() or not record.supervisor.alive():
+        return []
+    return [f"warning: {path}: the launch's supervisor (pid {record.supervisor.pid}) cannot write it ({why}): it "
+            "shows an older state, or none, until it can; the replicas keep running and it tries again every loop"
+            for path, why in sorted(record.unwritten.items())]
 
 
 def remove_pidfile(path: str | Path, pid: int, start: int | None = None) -> None:

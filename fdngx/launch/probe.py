@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import http.client
+import ipaddress
 import os
 import socket
+import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fdngx.domain import StrEnum
@@ -36,6 +38,9 @@ class Health:
     state: HealthState
     status: int | None = None  # the HTTP status, for HTTP_STATUS
     detail: str = ""  # the error's words, for ERROR; the timeout, for TIMEOUT
+    # The address the probe reached (the server's side of the connection): which listening socket answered
+    # is told by it (foreign_listener). None when no connection was made.
+    peer: str | None = field(default=None, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -59,11 +64,12 @@ def health(host: str, port: int, path: str = "/health", timeout: float = 2.0) ->
     conn = http.client.HTTPConnection(probe_host(host), port, timeout=timeout)
     try:
         conn.request("GET", path)
+        peer = _peer(conn)  # now: the connection is closed once an HTTP/1.0 answer is read
         resp = conn.getresponse()
         resp.read()
         if resp.status == 200:
-            return Health(HealthState.HEALTHY, 200)
-        return Health(HealthState.HTTP_STATUS, resp.status)
+            return Health(HealthState.HEALTHY, 200, peer=peer)
+        return Health(HealthState.HTTP_STATUS, resp.status, peer=peer)
     except ConnectionRefusedError:
         return Health(HealthState.NOT_LISTENING)
     except TimeoutError:
@@ -72,6 +78,12 @@ def health(host: str, port: int, path: str = "/health", timeout: float = 2.0) ->
         return Health(HealthState.ERROR, detail=getattr(exc, "strerror", None) or type(exc).__name__)
     finally:
         conn.close()
+
+
+def _peer(conn: http.client.HTTPConnection) -> str | None:
+    with contextlib.suppress(OSError, AttributeError, IndexError):
+        return str(conn.sock.getpeername()[0]).split("%", 1)[0]  # an IPv6 scope (fe80::1%eth0) is no address
+    return None
 
 
 def health_all(host: str, ports: dict[str, int], path: str = "/health", timeout: float = 2.0) -> dict[str, Health]:
@@ -83,9 +95,22 @@ def health_all(host: str, ports: dict[str, int], path: str = "/health", timeout:
         return {name: f.result() for name, f in futures.items()}
 
 
-def _sockets(port: int, states: tuple[str, ...]) -> set[str]:
-    """The 'socket:[inode]' links of TCP sockets on `port` in these states (0A LISTEN, 07 CLOSE: bound)."""
-    inodes = set()
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _address(hexaddr: str) -> IP:
+    """A local address as /proc/net/tcp{,6} prints it: 32-bit words in host byte order, in hex. An IPv4
+    address mapped into IPv6 (::ffff:127.0.0.1, a dual-stack socket bound to it) is the IPv4 one."""
+    order = -1 if sys.byteorder == "little" else 1
+    raw = b"".join(bytes.fromhex(hexaddr[i:i + 8])[::order] for i in range(0, len(hexaddr), 8))
+    ip = ipaddress.ip_address(raw)
+    return (ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else ip
+
+
+def _table(port: int, states: tuple[str, ...]) -> dict[str, IP]:
+    """{'socket:[inode]': local address} of the TCP sockets on `port` in these states (0A LISTEN, 07 CLOSE:
+    bound)."""
+    found: dict[str, IP] = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             rows = Path(table).read_text().splitlines()[1:]
@@ -93,9 +118,26 @@ def _sockets(port: int, states: tuple[str, ...]) -> set[str]:
             continue
         for row in rows:
             f = row.split()
-            if len(f) > 9 and int(f[1].rsplit(":", 1)[1], 16) == port and f[3] in states and f[9] != "0":
-                inodes.add(f"socket:[{f[9]}]")
-    return inodes
+            if len(f) > 9 and f[3] in states and f[9] != "0":
+                addr, _, hexport = f[1].rpartition(":")
+                if int(hexport, 16) == port:
+                    with contextlib.suppress(ValueError):
+                        found[f"socket:[{f[9]}]"] = _address(addr)
+    return found
+
+
+_ANY4, _ANY6 = ipaddress.IPv4Address("0.0.0.0"), ipaddress.IPv6Address("::")
+
+
+def _answering(listeners: dict[str, IP], to: IP) -> set[str]:
+    """Of the listening sockets on a port, those a connection to address `to` reaches, as Linux picks them:
+    the ones bound to that very address; else, for IPv4, those bound to 0.0.0.0; else those bound to ::
+    (which take IPv4 too, unless IPV6_V6ONLY, which /proc does not show)."""
+    tiers = [{to}, {_ANY4}, {_ANY6}] if to.version == 4 else [{to}, {_ANY6}]
+    for tier in tiers:
+        if found := {s for s, a in listeners.items() if a in tier}:
+            return found
+    return set()
 
 
 def fd_links(pid: int, strict: bool = False) -> set[str]:
@@ -126,15 +168,25 @@ def _holder(inodes: set[str]) -> str | None:
 def port_holder(port: int) -> str | None:
     """'pid N (command)' holding a TCP port, from /proc; None when not visible (another user's process)."""
     # LISTEN and CLOSE (bound, not listening): both block a server's bind.
-    inodes = _sockets(port, ("0A", "07"))
+    inodes = set(_table(port, ("0A", "07")))
     return _holder(inodes) if inodes else None
 
 
-def foreign_listener(port: int, ours: set[int]) -> str | None:
-    """Who else listens on `port`, when a process outside `ours` (a child and its descendants) holds one of its
-    listening sockets: /health answered 200 there may be somebody else's server. None when every listening
-    socket is ours, or when it cannot be told (/proc shows none, a process of ours is not readable)."""
-    inodes = _sockets(port, ("0A",))
+def foreign_listener(address: str, port: int, ours: set[int]) -> str | None:
+    """Who else answers on `address`:`port`, when a process outside `ours` (a child and its descendants)
+    holds a listening socket a connection there reaches (one bound to that address, else a wildcard one):
+    /health answered 200 there may be somebody else's server. A listener on another address of this
+    machine (127.0.0.2 while the replica binds 127.0.0.1) is not, whoever holds it. `address` is where the
+    probe connected (Health.peer); when it is no IP address, every listener on the port counts. None when
+    every such socket is ours, or when it cannot be told (/proc shows none, a process of ours is not
+    readable)."""
+    listeners = _table(port, ("0A",))
+    try:
+        to = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        inodes = set(listeners)
+    else:
+        inodes = _answering(listeners, getattr(to, "ipv4_mapped", None) or to)
     for pid in ours:
         if not inodes:
             return None

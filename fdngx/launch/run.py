@@ -21,7 +21,7 @@ from fdngx.domain import Engine
 from fdngx.errors import LaunchError
 from fdngx.launch.lock import LaunchLock
 from fdngx.launch.output import Out
-from fdngx.launch.pidfile import LaunchState, live_supervisor, read_pidfile, remove_pidfile
+from fdngx.launch.pidfile import LaunchState, live_supervisor, read_pidfile, remove_pidfile, unwritten_lines
 from fdngx.launch.plan import Plan, pidfile_for
 from fdngx.launch.probe import check_ports
 from fdngx.launch.progress import Progress
@@ -120,8 +120,13 @@ def _launch_detached(plan: Plan, out: TextIO, lock: LaunchLock) -> int:
             if record is not None and record.instances:
                 progress.update(record.instances)
             if rc is None and record is not None and record.state is LaunchState.READY:
+                # Its output goes to supervisor.log, which nobody reads: what it cannot write is said here.
+                for line in unwritten_lines(record):
+                    progress.say(line)
+                inventory = f"inventory {plan.inventory_path}" + (
+                    " NOT written yet (see above)" if plan.inventory_path in record.unwritten else "")
                 progress.say(
-                    f"{len(plan.inventory.instances)} replica(s) healthy; inventory {plan.inventory_path}; "
+                    f"{len(plan.inventory.instances)} replica(s) healthy; {inventory}; "
                     f"supervisor pid {sup.pid} (pidfile {plan.pidfile}); stop with: fdngx stop --inventory "
                     f"{plan.inventory_path}"
                 )

@@ -28,7 +28,7 @@ from fdngx.launch.children import Child, describe_exit, remember_trees, stop_eve
 from fdngx.launch.deaths import Deaths
 from fdngx.launch.pidfile import LIVE, ChildState, LaunchState, remove_pidfile
 from fdngx.launch.plan import Plan
-from fdngx.launch.probe import Health, HealthState, foreign_listener, health_all
+from fdngx.launch.probe import Health, HealthState, foreign_listener, health_all, probe_host
 from fdngx.launch.progress import Progress
 from fdngx.system import procs
 
@@ -161,7 +161,8 @@ class Supervisor(Books, Deaths):
         for c in children:
             for name in (n for n in c.spec.instances if n in seen):
                 h = seen[name]
-                if h.ok and (who := foreign_listener(ports[name], c.own_pids())) is not None:
+                where = h.peer or probe_host(self.plan.bind_host)
+                if h.ok and (who := foreign_listener(where, ports[name], c.own_pids())) is not None:
                     foreign[name] = (f"port {ports[name]} answers /health but is held by {who}, not by "
                                      f"{c.spec.name} (pid {c.pid}) or its processes")
                     h = Health(HealthState.ERROR, detail=f"port held by {who}")

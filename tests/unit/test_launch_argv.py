@@ -673,7 +673,7 @@ def pidfile_doc() -> dict:
         "inventory": "/srv/fdngx.json", "grace": 5,
         "children": [{"name": "sim", "pid": 4243, "start": 100, "stop_signal": "SIGINT", "instances": ["dp0"],
                       "state": "running", "members": [[4250, 120], [4251, 121]]}],
-        "instances": {"dp0": "healthy"},
+        "instances": {"dp0": "healthy"}, "unwritten": {"/srv/fdngx.json": "No space left on device"},
     }  # fmt: skip
 
 
@@ -687,6 +687,7 @@ def test_pidfile_round_trips_typed(tmp_path: Path) -> None:
     assert rec.state is LaunchState.READY and rec.children[0].state is ChildState.RUNNING
     assert rec.children[0].members == {4250: 120, 4251: 121}
     assert rec.supervisor.pid == 4242 and rec.grace == 5.0
+    assert rec.unwritten == {"/srv/fdngx.json": "No space left on device"}
     write_pidfile(path, rec)
     assert read_pidfile(path) == rec
     assert read_pidfile(tmp_path / "none.pid") is None
@@ -706,6 +707,8 @@ def test_pidfile_round_trips_typed(tmp_path: Path) -> None:
         (lambda d: d.update(children={}), "children must be a list"),
         (lambda d: d.update(grace=1e9), "grace must be 0..3600 seconds"),
         (lambda d: d.update(engine="ollama"), "engine must be one of"),
+        (lambda d: d.update(unwritten=["/srv/fdngx.json"]), "unwritten must be an object"),
+        (lambda d: d.update(unwritten={"/srv/fdngx.json": 28}), "unwritten./srv/fdngx.json must be a string"),
     ],
 )
 def test_pidfile_is_validated_on_load(tmp_path: Path, change: Any, message: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 import signal
 import socket
 import sys
@@ -23,16 +24,19 @@ from fdngx.system import procs
 
 
 class Broken(io.StringIO):
-    """A stream that fails like a terminal that hung up (EIO), a pipe nobody reads (EPIPE) or a full disk."""
+    """A stream that fails like a terminal that hung up (EIO), a pipe nobody reads (EPIPE) or a full disk
+    (until `err` is set to None)."""
 
-    def __init__(self, err: int) -> None:
+    def __init__(self, err: int | None) -> None:
         super().__init__()
         self.err = err
         self.writes = 0
 
     def write(self, s: str) -> int:
         self.writes += 1
-        raise OSError(self.err, "broken")
+        if self.err is not None:
+            raise OSError(self.err, os.strerror(self.err))
+        return super().write(s)
 
 
 @pytest.mark.parametrize("err", [errno.EIO, errno.EPIPE])
@@ -45,12 +49,21 @@ def test_output_to_a_broken_stream_never_raises_and_is_given_up(err: int) -> Non
     assert out.writes == 1  # remembered as broken after the first failure: never written again
 
 
-def test_output_to_a_full_disk_loses_the_line_only() -> None:
-    out = Broken(errno.ENOSPC)
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG])
+def test_output_with_no_room_is_not_tried_for_every_line_nor_given_up(err: int) -> None:
+    out = Broken(err)
     prog = Progress(["dp0"], out)
     prog.say("one")
     prog.say("two")
-    assert out.writes == 2  # space may come back: later lines are tried
+    prog.update({"dp0": "starting"})
+    assert out.writes == 1 and not prog.w.broken  # before: every line tried (and failed) again
+    out.err = None  # room again; and HOLD seconds later it is tried again
+    prog.w.retry_at = 0.0
+    prog.say("three")
+    assert out.getvalue() == f"fdngx: up to 3 line(s) of output missing here ({os.strerror(err)}): lost while it " \
+        "could not be written\nfdngx: three\n"
+    prog.say("four")
+    assert out.getvalue().endswith("fdngx: three\nfdngx: four\n") and out.writes == 3
 
 
 def test_output_to_a_closed_stream_never_raises() -> None:

@@ -35,7 +35,8 @@ def describe(s: LoadSample | None, st: InstanceState, fleet: float | None) -> st
     else:
         queue = f"queue {s.queued:.0f}" if s.queued_reliable else "queue unknown (old FastDeploy)"
     vs = f" vs fleet {fleet:.2f}" if fleet is not None else ""
-    speed = f"; decodes at {st.speed:.2f}x the fleet's speed (TPOT {st.tpot * 1000:.0f} ms)" if st.speed != 1 else ""
+    tpot = f" (TPOT {st.tpot * 1000:.0f} ms)" if st.tpot is not None else ""  # a saved state may hold a speed alone
+    speed = f"; decodes at {st.speed:.2f}x the fleet's speed{tpot}" if st.speed != 1 else ""
     return f"load {st.load:.2f}/slot{vs} (running {s.running:.0f}, {queue}{kv}){speed}"
 
 

@@ -15,6 +15,9 @@ master only when its command line is nginx's master title and it started before 
 written (a reused pid belongs to a process that started later) or, when the clock says otherwise (it may
 have been stepped forward since nginx started: NTP at boot), it is this nginx in every other way: our nginx
 program, our mount namespace, our main config.
+
+Where: the pid file is --pid-file, else the main config's `pid` (its main context, included files too), else
+this build's default (`nginx -V`); the error log -e, else the config's, else the build's (fdngx.nginx.build).
 """
 
 from __future__ import annotations
@@ -26,59 +29,27 @@ import shlex
 import shutil
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
 
-from fdngx.errors import ApplyError, UsageError
+from fdngx.errors import ApplyError
+from fdngx.nginx import build as nb
+from fdngx.nginx.build import MasterLog, find_nginx, generation_in, nginx_message, prepare_prefix
 from fdngx.system import procs
 from fdngx.system.files import read_regular_file
 
-_GENERATION = re.compile(r"^# fdngx-generation: ([0-9a-f]+)$", re.M)
-_PID_DIRECTIVE = re.compile(r"^\s*pid\s+([^;\s]+)\s*;", re.M)
-DEFAULT_PID_FILE = Path("/run/nginx.pid")
-DEFAULT_CONF = Path("/etc/nginx/nginx.conf")  # nginx's own default (Debian's build), without -c
+__all__ = ["MasterLog", "NginxControl", "NginxNotRunning", "ReloadError", "find_nginx", "generation_in",
+           "nginx_message", "prepare_prefix"]
+
 # nginx retries a failed bind() five times, 500 ms apart, before it gives up on a new config: a master quiet
 # for longer than this has stopped retrying.
 SETTLE_QUIET = 1.0
-# An error-log line: "2024/05/01 12:00:00 [emerg] 1234#1234: message" (level, pid#thread id).
-_LOG_LINE = re.compile(rb"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[([a-z]+)\] (\d+)#\d+: ")
-_SERIOUS = (b"emerg", b"alert", b"crit")
-
-Runner = Callable[..., "subprocess.CompletedProcess[str]"]
-
-
-def find_nginx(binary: str | None = None) -> str:
-    """The nginx binary: as given, else on PATH, else Debian's /usr/sbin/nginx (not on a user's PATH)."""
-    candidates = [binary] if binary else ["nginx", "/usr/sbin/nginx", "/usr/local/openresty/nginx/sbin/nginx"]
-    for cand in candidates:
-        found = shutil.which(cand) if cand else None
-        if found:
-            return found
-    raise UsageError(
-        f"nginx binary {binary or 'nginx'} not found; install it (apt-get install nginx) or pass --nginx-bin"
-    )
-
-
-def generation_in(text: str) -> str | None:
-    m = _GENERATION.search(text)
-    return m.group(1) if m else None
-
-
-def prepare_prefix(prefix: Path) -> None:
-    """A standalone prefix needs logs/ and tmp/ before nginx starts (nginx creates only leaf dirs)."""
-    for sub in ("logs", "tmp"):
-        (prefix / sub).mkdir(parents=True, exist_ok=True)
-
-
-def nginx_message(text: str) -> str:
-    """nginx's own words, without its 'nginx: ' prefixes and the final 'test failed' line."""
-    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
-    useful = [ln for ln in lines if "test failed" not in ln and "syntax is ok" not in ln] or lines
-    return "; ".join(ln.removeprefix("nginx: ") for ln in useful) or "(no output)"
+_HEX = re.compile(r"[0-9a-f]{1,64}")
 
 
 def _old_workers_retired(old: set[int]) -> bool:
@@ -91,55 +62,6 @@ def _old_workers_retired(old: set[int]) -> bool:
         if "worker process" in title and "shutting down" not in title:
             return False
     return True
-
-
-class MasterLog:
-    """What one nginx master writes to its error log from now on: its own lines only.
-
-    A worker logs too ([crit] open() failed while serving a request, ...) under its own pid; only the
-    master's lines say how a reload went. Read incrementally, at most 4 MiB a call."""
-
-    def __init__(self, path: Path, master: int) -> None:
-        self.path, self.master = path, master
-        try:
-            self.offset = path.stat().st_size
-        except OSError:
-            self.offset = 0
-        self.lines: list[tuple[bytes, bytes]] = []  # (level, line)
-        self.changed = time.monotonic()  # when the master last wrote a line
-        self._partial = b""
-
-    def read(self) -> None:
-        try:
-            with open(self.path, "rb") as fh:
-                if os.fstat(fh.fileno()).st_size < self.offset:  # truncated (rotated by copy): start over
-                    self.offset, self._partial = 0, b""
-                fh.seek(self.offset)
-                data = fh.read(4 << 20)
-        except OSError:
-            return
-        self.offset += len(data)
-        *complete, self._partial = (self._partial + data).split(b"\n")
-        self._partial = self._partial[-65536:]
-        mine = [(m.group(1), ln) for ln in complete
-                if (m := _LOG_LINE.match(ln)) and int(m.group(2)) == self.master]
-        if mine:
-            self.lines += mine
-            self.changed = time.monotonic()
-
-    def _last(self, levels: tuple[bytes, ...]) -> str:
-        bad = [ln for level, ln in self.lines if level in levels]
-        return nginx_message(bad[-1].decode("utf-8", "replace")) if bad else ""
-
-    def error(self) -> str:
-        """The master's last [emerg]/[alert]/[crit] line, or ''."""
-        return self._last(_SERIOUS)
-
-    def refusal(self) -> str:
-        """The master's last [emerg] line, or '': how nginx says it cannot load a config (a parse error, a
-        bind() that failed). An [alert] or [crit] alone may come before workers that still start (a slow
-        init): the reload is then judged by its workers, within the timeout."""
-        return self._last((b"emerg",))
 
 
 class NginxNotRunning(ApplyError):
@@ -167,7 +89,7 @@ class NginxControl:
     pid_file: Path | None = None
     verify_url: str | None = None
     timeout: float = 15.0
-    runner: Runner = field(default=subprocess.run, repr=False)
+    runner: nb.Runner = field(default=subprocess.run, repr=False)
 
     def argv(self, *extra: str, conf: Path | None = None, prefix: Path | None = None) -> list[str]:
         args = [self.binary]
@@ -181,35 +103,67 @@ class NginxControl:
             args += ["-e", self.error_log]
         return [*args, *extra]
 
-    def _run(self, argv: list[str], what: str) -> subprocess.CompletedProcess[str]:
+    def _run(self, argv: list[str], what: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        out: dict[str, object] = {"capture_output": True} if "stdout" not in kwargs else {"stderr": subprocess.PIPE}
         try:
-            return self.runner(argv, capture_output=True, text=True, timeout=max(self.timeout, 30.0))
+            return self.runner(argv, text=True, timeout=max(self.timeout, 30.0), **out, **kwargs)
         except FileNotFoundError:
             raise ApplyError(f"{what}: {argv[0]} not found") from None
         except subprocess.TimeoutExpired:
             raise ApplyError(f"{what}: {shlex.join(argv)} did not finish in time") from None
 
-    def test(self, conf: Path | None = None, prefix: Path | None = None, what: str = "nginx -t") -> None:
-        """`nginx -t` on the full configuration (or on `conf`); raises ApplyError with nginx's own message."""
-        proc = self._run(self.argv("-t", "-q", conf=conf, prefix=prefix), what)
+    def test(self, conf: Path | None = None, prefix: Path | None = None,
+             what: str = "nginx -t") -> frozenset[str]:
+        """`nginx -T` on the full configuration (or on `conf`); raises ApplyError with nginx's own message.
+
+        Returns the files nginx loaded (its "# configuration file PATH:" lines), as printed and as real paths;
+        empty when it printed none. The dump itself is read as it comes and not kept."""
+        found: set[str] = set()
+        read_fd, write_fd = os.pipe()
+        reader = threading.Thread(target=nb.scan_dump, args=(os.fdopen(read_fd, "rb"), found), daemon=True)
+        reader.start()
+        try:
+            proc = self._run(self.argv("-T", "-q", conf=conf, prefix=prefix), what, stdout=write_fd)
+        finally:
+            os.close(write_fd)  # the reader sees the end once nginx (which had a copy) is gone too
+            reader.join(timeout=10)
         if proc.returncode != 0:
-            raise ApplyError(f"{what} failed: {nginx_message(proc.stderr or proc.stdout)}")
+            raise ApplyError(f"{what} failed: {nginx_message(proc.stderr or '')}")
+        return nb.with_real_paths(found)
+
+    @property
+    def build(self) -> nb.NginxBuild:
+        """Where this binary looks by default (`nginx -V`), run with our -p."""
+        return nb.nginx_build(self.binary, self.runner).under(self.prefix)
+
+    @property
+    def default_conf(self) -> Path:
+        """The config this binary reads without -c (and without -p: the system's nginx.conf)."""
+        return nb.nginx_build(self.binary, self.runner).conf_path
 
     @property
     def main_conf(self) -> Path:
-        return self.conf or DEFAULT_CONF
+        """Our -c, else the config the binary reads with our -p."""
+        return self.conf or self.build.conf_path
+
+    def _from_main_conf(self, build: nb.NginxBuild) -> tuple[Path | None, Path | None]:
+        """The main config's pid file and error log file (None: it names none), relative ones resolved."""
+        settings = nb.main_settings(self.main_conf)
+        return (nb.full_name(settings.pid, build.prefix) if settings.pid else None,
+                nb.full_name(settings.error_log, build.prefix) if settings.error_log else None)
+
+    def _pid_path_and_source(self) -> tuple[Path, str]:
+        if self.pid_file is not None:
+            return self.pid_file, "given by --pid-file"
+        build = self.build
+        pid, _log = self._from_main_conf(build)
+        if pid is not None:
+            return pid, f"named by the pid directive in {self.main_conf}"
+        return build.pid_path, f"{self.binary}'s default from -V; {self.main_conf} sets no pid"
 
     def pid_path(self) -> Path:
-        if self.pid_file is not None:
-            return self.pid_file
-        try:
-            m = _PID_DIRECTIVE.search(self.main_conf.read_text(encoding="utf-8", errors="replace"))
-        except OSError:
-            m = None
-        if not m:
-            return DEFAULT_PID_FILE
-        pid = Path(m.group(1))
-        return pid if pid.is_absolute() or self.prefix is None else self.prefix / pid
+        """--pid-file, else the main config's `pid` (relative to the prefix), else the build's default."""
+        return self._pid_path_and_source()[0]
 
     def master_pid(self) -> int | None:
         """The live nginx master named by the pid file, verified; None when nginx is not running.
@@ -252,20 +206,24 @@ class NginxControl:
         return self._title_conf(title) == os.path.realpath(self.main_conf)
 
     def _title_conf(self, title: str) -> str:
-        """The main config a master title names: its -c (relative to its -p or ours), else nginx's default."""
+        """The main config a master title names: its -c (relative to its -p or ours), else the build's."""
         args = title.removeprefix("nginx: master process").split()
         given = {flag: value for flag, value in itertools.pairwise(args) if flag in ("-c", "-p")}
         conf, prefix = given.get("-c"), given.get("-p") or (str(self.prefix) if self.prefix else None)
         if conf is None:
-            return os.path.realpath(DEFAULT_CONF)
+            build = nb.nginx_build(self.binary, self.runner)
+            return os.path.realpath(build.under(Path(prefix) if prefix else None).conf_path)
         return os.path.realpath(conf if os.path.isabs(conf) or prefix is None else os.path.join(prefix, conf))
 
     def running(self) -> bool:
         return self.master_pid() is not None
 
-    def _error_log_path(self) -> Path:
-        path = Path(self.error_log) if self.error_log else Path("/var/log/nginx/error.log")
-        return self.prefix / path if not path.is_absolute() and self.prefix is not None else path
+    def _error_log_path(self) -> Path | None:
+        """-e (relative to the prefix), else the main config's error_log file, else the build's (None: stderr)."""
+        build = self.build
+        if self.error_log:
+            return nb.full_name(self.error_log, build.prefix)
+        return self._from_main_conf(build)[1] or build.error_log_path
 
     def _signal_reload(self, master: int) -> None:
         if self.reload_cmd:
@@ -280,26 +238,44 @@ class NginxControl:
         except OSError as exc:
             raise ReloadError(f"cannot signal nginx master {master}: {exc.strerror}", False) from None
 
+    def _not_running(self) -> NginxNotRunning:
+        path, source = self._pid_path_and_source()
+        hint = "if it runs, say where its pid file is with --pid-file PATH"
+        if self.reload_cmd:
+            return NginxNotRunning(f"no live nginx master behind the pid file {path} ({source}), so "
+                                   f"{shlex.join(self.reload_cmd)} was not run; {hint}")
+        return NginxNotRunning(f"nginx is not running (no live nginx master behind {path}, {source}); it will read "
+                               f"the new file when started, e.g. {shlex.join(self.argv())}; {hint}")
+
     def reload(self, expect_generation: str | None = None) -> float:
         """Reload and wait until nginx serves the new configuration; returns the seconds it took.
 
         Raises NginxNotRunning, or ReloadError saying whether nginx took the new config."""
         master = self.master_pid()
         if master is None:
-            raise NginxNotRunning(
-                f"nginx is not running (no live nginx master behind {self.pid_path()}); it will read the new "
-                f"file when started, e.g. {shlex.join(self.argv())}"
-            )
+            raise self._not_running()
         t0 = time.monotonic()
         before = procs.children(master)
         log = MasterLog(self._error_log_path(), master)
         self._signal_reload(master)
         deadline = time.monotonic() + self.timeout
-        new_workers = False
+        new_workers = retired = False
+        other_since: float | None = None  # since when only new workers listen and the verify URL answers another
         while time.monotonic() < deadline:
             new_workers = new_workers or bool(procs.children(master) - before)
-            if new_workers and _old_workers_retired(before) and self._serves(expect_generation):
-                return time.monotonic() - t0
+            retired = new_workers and _old_workers_retired(before)
+            if retired:
+                served, answer = self._answer() if self.verify_url and expect_generation else (expect_generation, "")
+                if served == expect_generation:
+                    return time.monotonic() - t0
+                if answer.startswith("answered"):
+                    # Only the new config's workers listen now: another answer there will not change (another
+                    # server block has that address). Not waiting out the timeout for it.
+                    other_since = time.monotonic() if other_since is None else other_since
+                    if time.monotonic() - other_since >= SETTLE_QUIET:
+                        seen = self._timeout_story(new_workers, retired, expect_generation)
+                        raise ReloadError(f"nginx reloaded, but the new config does not answer at its --listen "
+                                          f"address: {seen}", True)
             log.read()
             if not procs.alive(master):
                 raise ReloadError(f"nginx master {master} exited during the reload {log.error()}".strip(), True)
@@ -315,8 +291,26 @@ class NginxControl:
                                   False)
             time.sleep(0.02)
         log.read()
-        why = log.error() or "no new worker processes and no new generation served"
+        seen = self._timeout_story(new_workers, retired, expect_generation)
+        why = f"{seen}; nginx logged: {log.error()}" if log.error() else seen
         raise ReloadError(f"nginx did not take the new config within {self.timeout:.0f}s: {why}", new_workers)
+
+    def _timeout_story(self, new_workers: bool, retired: bool, expect: str | None) -> str:
+        """What a reload that timed out showed: new workers or not, and what the verify URL answered."""
+        if not new_workers:
+            seen = "no new worker processes started"
+        else:
+            seen = "new worker processes started" + ("" if retired else ", the old ones did not shut down")
+        if not self.verify_url or not expect:
+            return seen
+        served, answer = self._answer()
+        if served == expect:
+            return f"{seen}; {self.verify_url} answers generation {expect}"
+        seen += f"; {self.verify_url} {answer}, expected generation {expect}"
+        if retired and "unreachable" not in answer:  # only the new config's workers answer: it is not ours
+            seen += ("; another server block answers that address (a default_server on the same listen "
+                     "address?): check --listen")
+        return seen
 
     @staticmethod
     def _settle(log: MasterLog, master: int, before: set[int], deadline: float) -> None:
@@ -335,13 +329,22 @@ class NginxControl:
 
     def served_generation(self) -> str | None:
         """What `GET /fdngx/generation` answers now (site/standalone), None when unknown or unreachable."""
+        return self._answer()[0]
+
+    def _answer(self) -> tuple[str | None, str]:
+        """GET verify_url: (its body when it answered 200, else None; what it answered, in words)."""
         if not self.verify_url:
-            return None
+            return None, "no verify URL"
         try:
             # Never through a proxy from the environment (http_proxy on GPU clusters): the URL is this host's.
             with requests.Session() as session:
                 session.trust_env = False
-                resp = session.get(self.verify_url, timeout=2)
-        except requests.RequestException:
-            return None
-        return resp.text.strip() if resp.status_code == 200 else None
+                with session.get(self.verify_url, timeout=2, stream=True) as resp:
+                    body = next(resp.iter_content(4096), b"").decode("utf-8", "replace").strip()
+        except requests.RequestException as exc:
+            return None, f"was unreachable ({type(exc).__name__})"
+        if resp.status_code != 200:
+            return None, f"answered HTTP {resp.status_code}"
+        if _HEX.fullmatch(body):
+            return body, f"answered generation {body}"
+        return body, f"answered HTTP 200 with {body[:40]!r}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import http.server
 import json
 import os
 import re
@@ -317,3 +318,28 @@ class RawServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Answers(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self) -> None:
+        self.send_response(self.status)
+        self.end_headers()
+
+    def log_message(self, *a: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def answering(host: str, port: int = 0, status: int = 200) -> Iterator[http.server.ThreadingHTTPServer]:
+    """Somebody else's HTTP server on host:port (this process; port 0: any, see server_address): every GET, a
+    /health probe too, gets `status` and no body. Shut down and closed on leaving."""
+    handler = type("Answers", (_Answers,), {"status": status})
+    srv = http.server.ThreadingHTTPServer((host, port), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -32,7 +32,9 @@ EPILOG = (
     "the state file is not written.\n\n"
     "--json: one document {fleet_load, fail_open, instances: \\[{name, healthy, up, drain, running, queued, kv_usage, "
     "load, current_weight, current_down, backup, share, proposed_weight, proposed_down, proposed_backup, changed, "
-    "reason, ...}]}; with "
+    "reason, ...}]}, plus launch_unwritten: \\[warning lines] when a detached `fdngx launch` "
+    "beside an inventory (its pidfile, INVENTORY.pid) cannot write a file now (the inventory then shows an "
+    "older state, or none): also said on stderr (--watch: above each frame's table instead); with "
     "--watch, one such document per line (plus ts).\n\n"
     "--watch: redraws every --interval on a terminal (Ctrl-C, SIGTERM or SIGHUP quits, exit 0); with load and "
     "weight history "
@@ -78,8 +80,12 @@ def status_cmd(
             _watch(source, as_json=as_json, interval=interval, count=count, size=history)
             return
         snap = source.take()
+    except FdngxError:
+        _warn(source.unwritten)  # an inventory that could not be loaded: this may be why
+        raise
     finally:
         source.close()
+    _warn(snap.launch_unwritten)
     if as_json:
         typer.echo(json.dumps(snap.to_json(), indent=2))
         return
@@ -87,6 +93,12 @@ def status_cmd(
     view.show(console, view.table(snap))
     if line := view.summary(snap):
         typer.echo(f"\n{line}")
+
+
+def _warn(lines: tuple[str, ...]) -> None:
+    """The launch's word on files it cannot write (status_view.launch_unwritten), on stderr: one line each."""
+    for line in lines:
+        say(f"fdngx: {line}", logging.WARNING)
 
 
 def _watch(source: view.Source, *, as_json: bool, interval: float, count: int | None, size: int) -> None:

@@ -21,6 +21,9 @@ from rich.text import Text
 
 from fdngx import inventory as inv_mod
 from fdngx.domain import Inventory, LoadSample
+from fdngx.errors import FdngxError
+from fdngx.launch.pidfile import read_pidfile, unwritten_lines
+from fdngx.launch.plan import pidfile_for
 from fdngx.weights.policy import Decisions, decide
 from fdngx.weights.scrape import make_client, scrape_all
 from fdngx.weights.settings import config_of_state
@@ -42,10 +45,29 @@ class Snapshot:
     rows: list[dict[str, Any]]
     fleet_load: float | None
     fail_open: str | None
+    # What the detached launch beside an inventory cannot write now (launch_unwritten): one warning a file.
+    launch_unwritten: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        """The `--json` document: {fleet_load, fail_open, instances: [one object per replica]}."""
-        return {"fleet_load": self.fleet_load, "fail_open": self.fail_open, "instances": self.rows}
+        """The `--json` document: {fleet_load, fail_open, instances: [one object per replica]}, and
+        launch_unwritten: [warning lines] when there are any."""
+        doc: dict[str, Any] = {"fleet_load": self.fleet_load, "fail_open": self.fail_open, "instances": self.rows}
+        if self.launch_unwritten:
+            doc["launch_unwritten"] = list(self.launch_unwritten)
+        return doc
+
+
+def launch_unwritten(inventories: Iterable[Path]) -> tuple[str, ...]:
+    """The warnings of the launch pidfile beside each inventory (pidfile.unwritten_lines: files its running
+    supervisor cannot write, so the inventory may be old or missing). No pidfile, or one that cannot be read:
+    nothing, never an error (status is not the launch's judge)."""
+    lines: list[str] = []
+    for path in inventories:
+        try:
+            lines += unwritten_lines(read_pidfile(pidfile_for(path)))
+        except (FdngxError, OSError, ValueError):
+            continue
+    return tuple(dict.fromkeys(lines))
 
 
 def rows_of(
@@ -119,8 +141,11 @@ class Source:
         self.remember = remember
         self.memory = PolicyState()
         self.session = make_client()
+        self.unwritten: tuple[str, ...] = ()
 
     def take(self) -> Snapshot:
+        # Read first: when the inventory cannot be loaded, this may be why (status_cmd says it then too).
+        self.unwritten = launch_unwritten(self.inventories)
         inv = inv_mod.load_many(self.inventories)
         pstate = self.store.load() if self.store is not None else self.memory
         samples = scrape_all(inv.instances, session=self.session, timeout=self.timeout,
@@ -129,7 +154,8 @@ class Source:
         decisions, new_state = decide(samples, inv, pstate, config_of_state(pstate), now)
         if self.remember and self.store is None:
             self.memory = new_state
-        return Snapshot(now, rows_of(inv, samples, decisions, pstate), decisions.fleet_load, decisions.fail_open)
+        return Snapshot(now, rows_of(inv, samples, decisions, pstate), decisions.fleet_load, decisions.fail_open,
+                        self.unwritten)
 
     def close(self) -> None:
         self.session.close()
@@ -256,7 +282,8 @@ def frame(snap: Snapshot, history: History, *, interval: float, number: int, uni
     when = time.strftime("%H:%M:%S", time.localtime(snap.at))
     head = Text(f"fdngx status  {when}  frame {number}  every {interval:g}s  ", style="bold")
     head.append(summary(snap), style="red" if snap.fail_open else "")
-    parts: list[RenderableType] = [head, table(snap, history, unicode=unicode, spark=spark)]
+    parts: list[RenderableType] = [head, *(Text(line, style="yellow") for line in snap.launch_unwritten),
+                                   table(snap, history, unicode=unicode, spark=spark)]
     if hint:
         parts.append(Text(hint, style="dim"))
     return Group(*parts)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import http.server
 import json
 import os
 import select
@@ -16,10 +15,8 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -33,7 +30,7 @@ from tests.integration.test_full_disk import fill, tmpfs
 from tests.integration.test_launch import STARTUP, Launcher, sim_ports
 from tests.integration.test_launch import health as inst_health
 from tests.integration.test_launch_robust import RUN_PLAN, replace_with_dir
-from tests.support import REPO, free_ports, wait_for
+from tests.support import REPO, answering, free_ports, wait_for
 
 # Somebody else's listeners: each argument family/address/v6only on one port, SO_REUSEPORT (so that a
 # wildcard and a specific address share it, as two servers of one account may).
@@ -140,15 +137,6 @@ def gated_plan(tmp: Path, host: str) -> Plan:
                 False, bind_host=host)
 
 
-class Ok(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *a: Any) -> None:
-        pass
-
-
 @pytest.mark.parametrize(("mine", "other"), [("127.0.0.1", "127.0.0.2"), ("127.0.0.2", "127.0.0.1")])
 def test_somebody_elses_server_on_another_local_address_does_not_fail_the_start(launcher: Launcher, mine: str,
                                                                                 other: str) -> None:
@@ -168,9 +156,7 @@ def test_somebody_elses_server_on_another_local_address_does_not_fail_the_start(
         return False
 
     wait_for(started, timeout=STARTUP, interval=0.1, what="the replica started (its pid in the pidfile)")
-    srv = http.server.ThreadingHTTPServer((other, port), Ok)  # after the preflight's check of the port
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
+    with answering(other, port):  # after the preflight's check of the port
         (launcher.tmp / "go").touch()
         doc = launcher.wait_ready(p, 1)  # before: "port N answers /health but is held by pid <this test>"
         assert doc["instances"][0]["host"] == mine and inst_health(doc["instances"][0])
@@ -178,9 +164,6 @@ def test_somebody_elses_server_on_another_local_address_does_not_fail_the_start(
         assert h.ok and h.peer == mine
         os.kill(p.pid, signal.SIGTERM)
         assert p.wait(60) == 0, err.read_text()
-    finally:
-        srv.shutdown()
-        srv.server_close()
     assert "held by" not in err.read_text()
     launcher.assert_all_gone()
 

@@ -8,7 +8,6 @@ are stopped when, and only when, they should be. Every PID a test learns of is k
 from __future__ import annotations
 
 import contextlib
-import http.server
 import io
 import json
 import os
@@ -16,7 +15,6 @@ import pty
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ from fdngx.launch.plan import Plan
 from fdngx.launch.run import launch, preflight, stop
 from fdngx.system import procs
 from tests.integration.test_launch import STARTUP, Launcher, health, sim_ports, standin, write_stale_pidfile
-from tests.support import REPO, free_ports, wait_for
+from tests.support import REPO, answering, free_ports, wait_for
 
 # A stand-in for a FastDeploy api_server: its "GPU worker" runs in a session of its own, its pid appended to
 # a file. GET /crash starts one more worker and dies at once, so that worker is reparented to the
@@ -290,14 +288,6 @@ def test_the_detached_supervisor_holds_the_lock_for_its_life_and_its_engines_do_
 
 
 def test_health_from_somebody_elses_server_on_the_port_fails_the_start(launcher: Launcher) -> None:
-    class Ok(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *a: Any) -> None:
-            pass
-
     plan = plan_of(launcher.tmp, engine=SILENT)
     port = plan.ports[0]
     err = launcher.tmp / "stderr"
@@ -310,13 +300,8 @@ def test_health_from_somebody_elses_server_on_the_port_fails_the_start(launcher:
         return False
 
     wait_for(started, timeout=STARTUP, interval=0.1, what="the replica started (its pid in the pidfile)")
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), Ok)  # after the preflight's port check
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
+    with answering("127.0.0.1", port):  # after the preflight's port check
         assert p.wait(60) == 1
-    finally:
-        srv.shutdown()
-        srv.server_close()
     assert f"dp0: port {port} answers /health but is held by pid {os.getpid()} (" in err.read_text()
     assert "not by dp0 (pid" in err.read_text()
     assert not launcher.inv.exists() and not launcher.pidfile.exists()

@@ -24,7 +24,7 @@ from fdngx.nginx.admin import Admin
 from fdngx.nginx.fanout import Fanout, FrontendSpec
 from fdngx.nginx.render import RenderOptions
 from fdngx.nginx.target import Target
-from tests.support import REPO, read_request, token_file, wait_for
+from tests.support import REPO, RawServer, read_request, token_file, wait_for
 
 Handler = Callable[["FakeFrontend", socket.socket], None]
 
@@ -36,44 +36,29 @@ def answer(conn: socket.socket, request: bytes, status: bytes = b"200 OK", text:
     conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
 
 
-class FakeFrontend:
-    """An admin server on 127.0.0.1 running `handler` on each connection in a daemon thread. Counts the
+class FakeFrontend(RawServer):
+    """An admin server on 127.0.0.1 (a RawServer) running `handler` on each connection. Counts the
     connections, the requests and the tokens it got, and sees a client close one (`closed`)."""
 
     def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.on_connection = handler
         self.connections = 0
+        self._counting = threading.Lock()  # each connection is counted on its own thread
         self.requests: list[bytes] = []
         self.got_request = threading.Event()
         self.closed = threading.Event()
         self.token = b"t" * 32  # what it accepts
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(self._connection)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        return f"http://127.0.0.1:{self.port}"
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _addr = self.sock.accept()
-            except OSError:
-                return
+    def _connection(self, conn: socket.socket) -> None:
+        with self._counting:
             self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(30)
-        try:
-            self.handler(self, conn)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
+        self.on_connection(self, conn)
 
 
 def good(fe: FakeFrontend, conn: socket.socket) -> None:

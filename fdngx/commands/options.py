@@ -49,7 +49,16 @@ NginxConfOpt = typer.Option(
 )
 NginxBinOpt = typer.Option(None, help="nginx binary (default: nginx on PATH, then /usr/sbin/nginx).")
 ReloadCmdOpt = typer.Option(
-    None, help="Reload with this command instead of `nginx -s reload`, e.g. 'systemctl reload nginx'."
+    None, help="Reload with this command instead of fdngx's own SIGHUP to the master, e.g. 'systemctl reload "
+    "nginx'. fdngx still finds the master (its pid file) to prove the reload took."
+)
+PidFileOpt = typer.Option(
+    None, "--pid-file", help="The nginx master's pid file (default: the `pid` in the main nginx.conf, else the "
+    "one nginx -V was built with, e.g. /run/nginx.pid on Debian, logs/nginx.pid under OpenResty's prefix)."
+)
+ForceOpt = typer.Option(
+    False, "--force", help="Replace an --out fdngx did not write (no fdngx header: a hand-written site, Debian's "
+    "sites-enabled/default); it is kept as .NAME.fdngx-orig beside it. Without it such a file is refused."
 )
 TemplateDirOpt = typer.Option(
     None, help="Directory whose templates override the built-in ones (same file names, e.g. _proxy.j2)."
@@ -188,13 +197,15 @@ def target_spec(
     reload: bool,
     admin_token_file: Path | None,
     dry: bool = False,
+    pid_file: Path | None = None,
+    force: bool = False,
 ) -> TargetSpec:
     # Absolute: errors then name files that mean something from cron, and nginx -p/-c get paths it cannot
     # resolve against its own compiled-in prefix instead of the directory fdngx was started in.
     out = _absolute(out)
     opts = with_api_key_map(opts, out, write=not dry and out is not None)
     return TargetSpec(opts, out, _absolute(prefix), _absolute(nginx_conf), nginx_bin, reload_cmd, reload,
-                      _absolute(admin_token_file)).validated()
+                      _absolute(admin_token_file), _absolute(pid_file), force).validated()
 
 
 def with_api_key_map(opts: RenderOptions, out: Path | None, *, write: bool) -> RenderOptions:

@@ -4,6 +4,7 @@ controller cycle (what cron runs)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -22,6 +23,7 @@ from fdngx.commands.options import (
     ConnectTimeoutOpt,
     FailTimeoutOpt,
     FlavorOpt,
+    ForceOpt,
     InventoryOpt,
     KeepaliveOpt,
     ListenOpt,
@@ -29,6 +31,7 @@ from fdngx.commands.options import (
     ModeOpt,
     NginxBinOpt,
     NginxConfOpt,
+    PidFileOpt,
     PrefixOpt,
     RateBurstOpt,
     RateLimitOpt,
@@ -42,17 +45,17 @@ from fdngx.commands.options import (
     render_options,
     target_spec,
 )
-from fdngx.domain import Balancer, Flavor, Mode
+from fdngx.domain import Balancer, Flavor, Inventory, Mode
 from fdngx.errors import UsageError
 from fdngx.logs import say
 from fdngx.nginx.apply import unified_diff
 from fdngx.nginx.frontdoor import AccessLogFormat
-from fdngx.nginx.target import open_target
-from fdngx.system.files import read_bytes_or_none, real_target
+from fdngx.nginx.target import Target, open_target
+from fdngx.system.files import Identity, identity, read_bytes_or_none, real_target
 from fdngx.weights import owner
-from fdngx.weights.controller import Controller
-from fdngx.weights.settings import config_for_flavor
-from fdngx.weights.store import store_for
+from fdngx.weights.controller import Controller, CycleResult
+from fdngx.weights.settings import PolicyConfig, config_for_flavor
+from fdngx.weights.store import StateStore, store_for
 
 EPILOG = (
     "Examples:\n\n"
@@ -90,6 +93,8 @@ def render_cmd(
     nginx_conf: Path | None = NginxConfOpt,
     nginx_bin: str | None = NginxBinOpt,
     reload_cmd: str | None = ReloadCmdOpt,
+    pid_file: Path | None = PidFileOpt,
+    force: bool = ForceOpt,
     template_dir: Path | None = TemplateDirOpt,
     max_fails: int = MaxFailsOpt,
     fail_timeout: int = FailTimeoutOpt,
@@ -136,8 +141,10 @@ def render_cmd(
     dry = out_path is None or check or (diff and not reload)
     spec = target_spec(opts, out=out_path, prefix=prefix, nginx_conf=nginx_conf, nginx_bin=nginx_bin,
                        reload_cmd=reload_cmd, reload=reload and not dry, admin_token_file=admin_token_file,
-                       dry=dry)
-    inv = inv_mod.load_many(inventory_paths(inventory))
+                       dry=dry, pid_file=pid_file, force=force)
+    paths = inventory_paths(inventory)
+    seen = [identity(p) for p in paths]
+    inv = inv_mod.load_many(paths)
     inv_mod.in_rotation(inv)  # every instance drained: refused before a prefix, token or peers file is made
     target = open_target(spec, dry=dry)
     policy = config_for_flavor(flavor, speed_aware=speed_aware) if scrape else None
@@ -164,7 +171,7 @@ def render_cmd(
     if out_path is not None and owner.held(out_path):
         say(f"fdngx: warning: a running fdngx sidecar manages {out_path}: its next cycle rewrites what this render "
             "writes (to change its options, restart it with them)", logging.WARNING, color="yellow")
-    result = Controller(target, policy, log_outcome=False).run_once(inv, store)
+    result = apply_fresh(target, policy, store, paths, seen, inv)
     if result.error is not None:
         say(f"fdngx: error: {result.error}", logging.ERROR, color="red")
         raise typer.Exit(1)
@@ -183,6 +190,34 @@ def render_cmd(
             say(f"peers file not applied: {result.superseded}")
         else:  # openresty: the weights went to the balancer, no reload
             say(f"pushed weights to {result.pushed} peer(s)")
+
+
+RERUNS = 3  # a render whose inventory changed under it runs again at most this many times
+
+
+def apply_fresh(target: Target, policy: PolicyConfig | None, store: StateStore | None, paths: list[Path],
+                seen: list[Identity | None], inv: Inventory) -> CycleResult:
+    """One cycle, applied only if the inventory is still what it read (asked under the apply lock). cron's
+    `render --scrape` reads it, then scrapes for seconds: an admin who drained a replica and rendered meanwhile
+    would see the drain undone. Then nothing is written; it reads the inventory again and runs again."""
+    for attempt in range(RERUNS + 1):
+        result = Controller(target, policy, log_outcome=False, inputs_changed=changed_since(paths, seen)).run_once(
+            inv, store)
+        if not result.stale_inputs or attempt == RERUNS:
+            break
+        say(f"fdngx: {result.error}; running again with the inventory as it is now", logging.WARNING)
+        seen = [identity(p) for p in paths]
+        inv = inv_mod.load_many(paths)
+        inv_mod.in_rotation(inv)
+    return result
+
+
+def changed_since(paths: list[Path], seen: list[Identity | None]) -> Callable[[], str | None]:
+    """Which inventory file changed since this run read it (None: none)."""
+    def changed() -> str | None:
+        moved = [str(p) for p, was in zip(paths, seen, strict=True) if identity(p) != was]
+        return f"the inventory changed while this run worked ({', '.join(moved)})" if moved else None
+    return changed
 
 
 def register(app: typer.Typer) -> None:

@@ -23,6 +23,7 @@ from fdngx.commands.options import (
     ConnectTimeoutOpt,
     FailTimeoutOpt,
     FlavorOpt,
+    ForceOpt,
     InventoryOpt,
     KeepaliveOpt,
     ListenOpt,
@@ -30,6 +31,7 @@ from fdngx.commands.options import (
     ModeOpt,
     NginxBinOpt,
     NginxConfOpt,
+    PidFileOpt,
     PrefixOpt,
     RateBurstOpt,
     RateLimitOpt,
@@ -110,6 +112,8 @@ def sidecar_cmd(
     nginx_conf: Path | None = NginxConfOpt,
     nginx_bin: str | None = NginxBinOpt,
     reload_cmd: str | None = ReloadCmdOpt,
+    pid_file: Path | None = PidFileOpt,
+    force: bool = ForceOpt,
     no_reload: bool = typer.Option(False, "--no-reload", help="Only write --out; something else reloads nginx."),
     once: bool = typer.Option(
         False, "--once", help="Run one cycle (scrape, decide, render, apply) and exit, 1 if the apply failed: the "
@@ -207,7 +211,7 @@ def sidecar_cmd(
     frontends = tuple(frontend_specs(urls, token_file)) if controller else ()
     spec = replace(target_spec(opts, out=out, prefix=prefix, nginx_conf=nginx_conf, nginx_bin=nginx_bin,
                                reload_cmd=reload_cmd, reload=not no_reload and out is not None,
-                               admin_token_file=admin_token_file),
+                               admin_token_file=admin_token_file, pid_file=pid_file, force=force),
                    controller=controller, frontends=frontends, push_timeout=push_timeout).validated()
     policy = config_for_flavor(
         flavor,

@@ -18,40 +18,46 @@ and says so; the render that follows applies the change again through the whole 
 
 Every file beside the live one is a dot-file (nginx's `include dir/*` does not match them) created
 exclusively, never through a symlink: `.NAME.fdngx-lock`, `.NAME.fdngx-bak`, `.NAME.fdngx-journal`.
+
+What is not fdngx's is not replaced: a live file without fdngx's header (a hand-written site, Debian's
+`sites-enabled/default`) is refused unless the caller says `replace_foreign` (`--force`), and then kept for
+good as `.NAME.fdngx-orig` (the backup holds only the last version). A file nginx does not read (no
+`include` matches it) is not applied: `nginx -T` lists what it read. A standalone config (a whole nginx.conf)
+that the system's own nginx.conf includes is taken back before it breaks that nginx's next reload
+(fdngx.nginx.guards). The journal and the recovery from a crash: fdngx.nginx.journal.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
-import json
 import logging
 import os
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from fdngx.errors import ApplyError, os_error_line
+from fdngx.nginx import guards, journal
 from fdngx.nginx.control import NginxControl, NginxNotRunning, ReloadError, generation_in
 from fdngx.nginx.escape import EscapeError, nginx_string
+from fdngx.nginx.journal import aside
 from fdngx.system.files import (
     LockWaitStopped,
     atomic_write,
-    check_private,
     file_lock,
     link_backup,
     read_bytes_or_none,
     real_target,
     remove,
-    restore_by_rename,
-    temp_glob,
     write_beside,
 )
+
+__all__ = ["ApplyResult", "InputsChanged", "aside", "lock_path", "recover", "safe_apply", "unified_diff"]
 
 log = logging.getLogger("fdngx.apply")
 PAUSE_ENV = "FDNGX_TEST_PAUSE_AT"  # tests: pause at a step (name) so a test can SIGKILL the apply there
@@ -70,13 +76,19 @@ def lock_waits_end_on(stop: threading.Event) -> Iterator[None]:
         _stopping.event = before
 
 
-def aside(path: Path, what: str) -> Path:
-    """A file fdngx keeps beside `path`: hidden from include globs (a dot-file)."""
-    return path.with_name(f".{path.name}.fdngx-{what}")
-
-
 def lock_path(path: Path) -> Path:
     return aside(real_target(path), "lock")
+
+
+def recover(target: Path, control: NginxControl | None, reload: bool) -> str:
+    """What an earlier fdngx left beside `target`, put right before anything else (call under the lock): an
+    interrupted apply rolled back (fdngx.nginx.journal), an older fdngx's visible backup moved out of nginx's
+    include globs. Returns what was done, '' when there was nothing to do."""
+    return "\n".join(m for m in (guards.tidy_legacy(target), journal.recover(target, control, reload)) if m)
+
+
+class InputsChanged(ApplyError):
+    """The render's inputs (the inventory) changed after it read them: nothing was written; render again."""
 
 
 def unified_diff(old: bytes | None, new: str, path: Path) -> str:
@@ -84,10 +96,6 @@ def unified_diff(old: bytes | None, new: str, path: Path) -> str:
     return "".join(
         difflib.unified_diff(old_lines, new.splitlines(keepends=True), f"{path} (on disk)", f"{path} (rendered)")
     )
-
-
-def _sha(data: bytes | None) -> str | None:
-    return hashlib.sha256(data).hexdigest() if data is not None else None
 
 
 def _pause(step: str) -> None:
@@ -120,109 +128,6 @@ class ApplyResult:
             took = f" in {self.reload_seconds:.2f}s" if self.reloaded else ""
             parts.append(f"{self.path}: {'applied and reloaded' if self.reloaded else 'written'}{gen}{took}{note}")
         return "\n".join(parts)
-
-
-# -- the journal ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Journal:
-    """An apply in progress: written (fsync'd) before the swap, removed once confirmed or rolled back."""
-
-    path: str
-    had_old: bool  # False: there was no live file before (rollback removes it)
-    old_sha256: str | None
-    new_sha256: str
-    pid: int
-    started: float
-
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__, sort_keys=True) + "\n"
-
-    @classmethod
-    def read(cls, path: Path) -> Journal | None:
-        data = read_bytes_or_none(path, 64 * 1024)
-        if data is None:
-            return None
-        try:
-            raw = json.loads(data)
-            return cls(str(raw["path"]), bool(raw["had_old"]), raw["old_sha256"], str(raw["new_sha256"]),
-                       int(raw["pid"]), float(raw["started"]))
-        except (ValueError, KeyError, TypeError):
-            return cls("", False, None, "", 0, 0.0)  # unreadable: treated as "interrupted, unknown"
-
-
-def recover(target: Path, control: NginxControl | None, reload: bool) -> str:
-    """Finish what an interrupted apply left (call under the lock): roll back to the backup when the live
-    file is the untested/unconfirmed candidate. Returns what was done, '' when there was nothing to do."""
-    try:
-        owners = {os.geteuid(), os.stat(target).st_uid}  # a candidate gets the live file's owner
-    except OSError:
-        owners = {os.geteuid()}
-    for stale in target.parent.glob(temp_glob(target)):
-        # A candidate an interrupted apply never swapped in (we hold the lock: nobody else writes). Only
-        # ours: a file another account planted is not fdngx's to delete.
-        with contextlib.suppress(OSError):
-            if os.lstat(stale).st_uid in owners:
-                remove(stale)
-    jpath = aside(target, "journal")
-    backup = aside(target, "bak")
-    # A journal (and backup) planted by another account would make us "restore" their bytes as the config.
-    check_private(jpath, "apply journal")
-    journal = Journal.read(jpath)
-    if journal is None:
-        return ""
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(journal.started)) if journal.started else "?"
-    what = f"an interrupted apply of {target} (pid {journal.pid}, started {when})"
-    live = read_bytes_or_none(target)
-    if _sha(live) != journal.new_sha256 or not journal.new_sha256:
-        remove(jpath)
-        if _sha(live) != journal.old_sha256:
-            return f"recovered {what}: the live file has changed since; left it as it is"
-        # Before the swap nginx never saw the new file; after a rollback's rename it may still run it (the
-        # reload back was not reached): reloading on the previous file is right either way.
-        done = (f"recovered {what}: it stopped before the swap, or after putting the previous file back; the "
-                f"live file is the previous one{_reload_onto(control, reload)}")
-        log.warning("%s", done)
-        return done
-    if journal.had_old:
-        check_private(backup, "apply backup")
-    saved = read_bytes_or_none(backup) if journal.had_old else None
-    if journal.had_old and (saved is None or _sha(saved) != journal.old_sha256):
-        remove(jpath)
-        raise ApplyError(f"{what} left {target} unconfirmed and its backup {backup} is missing or changed; "
-                         f"check the file with nginx -t and remove {jpath}")
-    _restore(target, saved)
-    done = f"recovered {what}: restored the previous {target}{_reload_onto(control, reload)}"
-    remove(jpath)
-    log.warning("%s", done)
-    return done
-
-
-def _reload_onto(control: NginxControl | None, reload: bool) -> str:
-    """Reload nginx on the file as it is now (recovery); what happened, to append to the message."""
-    if control is None or not reload:
-        return ""
-    try:
-        control.reload(None)
-        return "; nginx reloaded on it"
-    except NginxNotRunning:
-        return "; nginx is not running"
-    except ApplyError as exc:
-        return f"; reloading nginx on it failed: {exc}"
-
-
-def _restore(target: Path, saved: bytes | None) -> None:
-    """Put the previous file back: its backup renamed over the live file when the backup is that file (kept
-    by a hard link: no disk space needed, a rollback must work on a full disk), else its bytes written."""
-    if saved is None:
-        remove(target)
-    elif not restore_by_rename(aside(target, "bak"), target, saved):
-        atomic_write(target, saved)
-
-
-# -- the candidate test ------------------------------------------------------------------------------
-
 
 def _test_candidate(candidate: Path, control: NginxControl, standalone: bool, wrapper_head: str) -> None:
     """`nginx -t` on the candidate before it goes live: a standalone config as itself (same prefix), a
@@ -268,34 +173,52 @@ def safe_apply(
     standalone: bool = False,
     wrapper_head: str = "",
     lock_timeout: float = 120.0,
+    replace_foreign: bool = False,
+    guard: Callable[[], str | None] | None = None,
 ) -> ApplyResult:
     """Write `content` to `path` the safe way (see module doc). `control=None`: write only, no nginx.
 
     `standalone`: `content` is a whole nginx.conf (tested as itself), else a snippet (tested in a wrapper,
-    `wrapper_head` = lines it needs first, e.g. load_module for the Lua module).
+    `wrapper_head` = lines it needs first, e.g. load_module for the Lua module). `replace_foreign`: replace
+    a file fdngx did not write (kept as `.NAME.fdngx-orig`). `guard`, asked under the lock: why the content
+    is out of date (its inputs changed since it was rendered), or None; out of date raises InputsChanged.
     """
     path = Path(path)
     target = real_target(path)
     if not target.parent.is_dir():
         raise ApplyError(f"{path}: directory {target.parent} does not exist")
+    how = _How(standalone, wrapper_head, replace_foreign, guard)
     try:
-        return _apply_locked(path, target, content, control, reload, standalone, wrapper_head, lock_timeout)
+        return _apply_locked(path, target, content, control, reload, how, lock_timeout)
     except LockWaitStopped:
         raise ApplyError(f"{path}: stopping: the apply waited for the lock and was not made") from None
     except OSError as exc:  # a full disk, a file size limit, a permission: what failed, as an apply error
         raise ApplyError(os_error_line(exc)) from None
 
 
-def _apply_locked(path: Path, target: Path, content: str, control: NginxControl | None, reload: bool,
-                  standalone: bool, wrapper_head: str, lock_timeout: float) -> ApplyResult:
+@dataclass(frozen=True)
+class _How:
+    standalone: bool
+    wrapper_head: str
+    replace_foreign: bool
+    guard: Callable[[], str | None] | None
+
+
+def _apply_locked(path: Path, target: Path, content: str, control: NginxControl | None, reload: bool, how: _How,
+                  lock_timeout: float) -> ApplyResult:
     data = content.encode("utf-8")
     generation = generation_in(content)
     with file_lock(lock_path(path), timeout=lock_timeout, stop=getattr(_stopping, "event", None)):
         _pause("locked")
         recovered = recover(target, control, reload)
+        stale = how.guard() if how.guard is not None else None
+        if stale:
+            raise InputsChanged(f"{path}: not applied: {stale}")
         old = read_bytes_or_none(target)
         if old == data:
             return _unchanged(path, control, reload, generation, recovered)
+        guards.check_replaceable(path, old, how.replace_foreign)
+        guards.keep_original(path, target, old)  # --force: kept for good, not only until the next apply
         diff = unified_diff(old, content, path)
         if control is None:
             atomic_write(target, data)
@@ -303,22 +226,24 @@ def _apply_locked(path: Path, target: Path, content: str, control: NginxControl 
         candidate = _write_candidate(target, data, target)
         try:
             try:
-                _test_candidate(candidate, control, standalone, wrapper_head)
-            except ApplyError as exc:
-                raise ApplyError(f"{path}: {exc}; the live file was not touched") from None
+                _test_candidate(candidate, control, how.standalone, how.wrapper_head)
+            except ApplyError as exc:  # nginx names the temp file: name the file the user knows
+                why = str(exc).replace(str(candidate), f"{path} (candidate)")
+                raise ApplyError(f"{path}: {why}; the live file was not touched") from None
             _pause("candidate-tested")
-            journal = aside(target, "journal")
+            jfile = aside(target, "journal")
             backup = aside(target, "bak")
             if old is not None and not link_backup(target, backup, old):
                 atomic_write(backup, old, private=True)
-            atomic_write(journal, Journal(str(target), old is not None, _sha(old), _sha(data) or "", os.getpid(),
-                                          time.time()).to_json(), private=True)
+            entry = journal.Journal(str(target), old is not None, journal.sha(old), journal.sha(data) or "",
+                                    os.getpid(), time.time())
+            atomic_write(jfile, entry.to_json(), private=True)
             os.replace(candidate, target)
         except BaseException:
             remove(candidate)
             raise
         _pause("swapped")
-        return _finish(path, target, old, diff, generation, control, reload, recovered)
+        return _finish(path, target, old, diff, generation, control, reload, recovered, how.standalone)
 
 
 def _unchanged(path: Path, control: NginxControl | None, reload: bool, generation: str | None,
@@ -338,12 +263,14 @@ def _unchanged(path: Path, control: NginxControl | None, reload: bool, generatio
 
 
 def _finish(path: Path, target: Path, old: bytes | None, diff: str, generation: str | None,
-            control: NginxControl, reload: bool, recovered: str) -> ApplyResult:
+            control: NginxControl, reload: bool, recovered: str, standalone: bool) -> ApplyResult:
     """After the swap: full `nginx -t`, reload, confirm; on failure restore and say what happened."""
     jpath = aside(target, "journal")
     took_new = False
     try:
-        control.test()
+        guards.check_read(path, target, control.test(), control)
+        if standalone and old is None:  # a new file: is it where the system's nginx.conf reads?
+            guards.check_not_in_system_conf(path, target, control)
         _pause("tested")
         if not reload:
             remove(jpath)
@@ -356,19 +283,22 @@ def _finish(path: Path, target: Path, old: bytes | None, diff: str, generation: 
         return ApplyResult(path, True, False, diff, generation, str(exc), False, recovered)
     except BaseException as exc:
         took_new = isinstance(exc, ReloadError) and exc.took_new
-        _restore(target, old)
+        journal.restore(target, old)
         reason = str(exc) if isinstance(exc, ApplyError) else f"{type(exc).__name__}: {exc}"
-        if took_new and old is not None:
+        if took_new:
             # nginx started workers on the bad file; put it back on the old one (proof: new workers only,
-            # the generation URL belongs to the config we just gave up on).
+            # the generation URL belongs to the config we just gave up on). A first apply too: nginx then
+            # runs without the file again.
             try:
                 control.reload(None)
-                reason += "; nginx is back on the previous config"
+                reason += "; nginx is back on the previous config" + ("" if old is not None else " (without it)")
             except ApplyError as again:
                 reason += f"; putting nginx back on the previous config failed too: {again}"
         remove(jpath)
         if not isinstance(exc, Exception):
             raise
-        raise ApplyError(f"{path}: {reason}; restored the previous file") from None
+        undone = "restored the previous file" if old is not None else "removed it (there was no file before)"
+        raise ApplyError(f"{path}: {reason}; {undone}") from None
     remove(jpath)
     return ApplyResult(path, True, True, diff, generation, "", True, recovered, seconds)
+

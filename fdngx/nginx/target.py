@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from fdngx.nginx import generation, openresty
 from fdngx.nginx.apply import ApplyResult, safe_apply
 from fdngx.nginx.control import NginxControl, find_nginx, prepare_prefix
 from fdngx.nginx.fanout import Fanout, FrontendSpec, PushOutcome
+from fdngx.nginx.guards import check_replaceable
 from fdngx.nginx.render import RenderOptions, render
 from fdngx.system.files import read_bytes_or_none, real_target, writable_by_others
 
@@ -38,6 +39,8 @@ class TargetSpec:
     reload_cmd: str | None = None
     reload: bool = False
     admin_token_file: Path | None = None
+    pid_file: Path | None = None  # the nginx master's pid file, when nginx's own default and nginx.conf miss it
+    force: bool = False  # replace an --out fdngx did not write (kept as .NAME.fdngx-orig)
     # Controller mode (fdngx.nginx.fanout): push every snapshot to these frontends' admin locations too.
     controller: bool = False
     frontends: tuple[FrontendSpec, ...] = ()
@@ -69,6 +72,7 @@ class Target:
     # Controller mode: every frontend (a local one from --out included) gets the same snapshot through this.
     fanout: Fanout | None = None
     local: FrontendSpec | None = None  # controller mode with --out: this host's nginx, always pushed to
+    force: bool = False  # replace an --out fdngx did not write
 
     @property
     def pushing(self) -> bool:
@@ -96,11 +100,13 @@ class Target:
             except OSError as exc:  # a full disk: the cycle's error (counted, said), and the push still goes
                 raise ApplyError(f"cannot write the peers file: {os_error_line(exc)}") from None
 
-    def apply(self, text: str) -> ApplyResult:
+    def apply(self, text: str, guard: Callable[[], str | None] | None = None) -> ApplyResult:
+        """The safe apply of `text` to --out; `guard`: why `text` is out of date, asked under the apply lock."""
         assert self.out is not None
         return safe_apply(
             self.out, text, self.control, reload=self.reload and self.control is not None,
             standalone=self.opts.mode is Mode.STANDALONE, wrapper_head=self._wrapper_head(),
+            replace_foreign=self.force, guard=guard,
         )
 
     def push(self, inv: Inventory, states: Mapping[str, ServerState] | None,
@@ -181,14 +187,18 @@ def nginx_control(spec: TargetSpec) -> NginxControl:
         verify_url = spec.opts.listen.url("/fdngx/generation")
     if spec.opts.mode is Mode.STANDALONE:
         conf = spec.nginx_conf or (real_target(spec.out) if spec.out else None)
-        return NginxControl(binary, conf, spec.standalone_prefix, "logs/error.log", reload_cmd, verify_url=verify_url)
-    return NginxControl(binary, spec.nginx_conf, spec.prefix, None, reload_cmd, verify_url=verify_url)
+        return NginxControl(binary, conf, spec.standalone_prefix, "logs/error.log", reload_cmd, spec.pid_file,
+                            verify_url=verify_url)
+    return NginxControl(binary, spec.nginx_conf, spec.prefix, None, reload_cmd, spec.pid_file, verify_url=verify_url)
 
 
 def open_target(spec: TargetSpec, *, dry: bool = False) -> Target:
     """Prepare the machine for `spec` (unless `dry`: --check/--diff/stdout change nothing) and return it."""
     spec = spec.validated()
     opts = spec.opts
+    if spec.out is not None and not dry:
+        # A sidecar refuses to start, not to apply every cycle; safe_apply asks again under the lock.
+        check_replaceable(spec.out, read_bytes_or_none(real_target(spec.out)), spec.force)
     if spec.out is not None and not dry and writable_by_others(real_target(spec.out).parent):
         log.warning("%s: its directory is writable by other accounts; anyone there can replace what nginx reads",
                     real_target(spec.out).parent)
@@ -217,7 +227,7 @@ def open_target(spec: TargetSpec, *, dry: bool = False) -> Target:
     if spec.controller and not dry:
         fanout = Fanout(_unique(frontends), spec.push_timeout)
         admin = None  # every push goes through the fan-out
-    return Target(spec.out, opts, control, spec.reload, admin, peers, fanout, local_spec)
+    return Target(spec.out, opts, control, spec.reload, admin, peers, fanout, local_spec, spec.force)
 
 
 def _unique(specs: list[FrontendSpec]) -> list[FrontendSpec]:

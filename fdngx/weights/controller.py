@@ -22,7 +22,7 @@ from fdngx.domain import Inventory, LoadSample, ServerState
 from fdngx.errors import FdngxError
 from fdngx.nginx import generation
 from fdngx.nginx.admin import PushResult
-from fdngx.nginx.apply import ApplyResult
+from fdngx.nginx.apply import ApplyResult, InputsChanged
 from fdngx.nginx.fanout import NO_FRONTENDS, PushOutcome
 from fdngx.nginx.generation import PushState, say_change
 from fdngx.nginx.generation import superseded as why_superseded
@@ -63,6 +63,8 @@ class CycleResult:
     # controller, an error for `render` (its weights were applied nowhere). A static one (the peers file
     # re-sent under its own generation): a sidecar's newer snapshot is in force, as it should be.
     superseded: str | None = None
+    # The inventory changed after this cycle read it (Controller.inputs_changed): nothing written or pushed.
+    stale_inputs: bool = False
 
     @property
     def changed(self) -> bool:
@@ -130,6 +132,9 @@ class Controller:
     scrape_deadline: float = 1.5
     # The sidecar logs what each apply did; a command (cron) prints its one result itself.
     log_outcome: bool = True
+    # Why the inventory this cycle read is out of date (None: it is not), asked under the apply lock and before
+    # the push: `render` then writes and pushes nothing, and runs again (fdngx.commands.render).
+    inputs_changed: Callable[[], str | None] | None = None
     # While an apply keeps failing the same way, say so once a minute, not every cycle.
     _last_error: str | None = field(default=None, repr=False)
     _last_error_at: float = field(default=0.0, repr=False)
@@ -160,6 +165,7 @@ class Controller:
         superseded: str | None = None
         pushes: tuple[PushOutcome, ...] | None = None
         apply_error = push_error = None
+        stale = False
         text = ""
         push_started = push_ended = scraped
         if self.target.pushing:
@@ -175,13 +181,18 @@ class Controller:
             if self.target.out is not None and (self._out_changed() or force_render or decisions is None
                                                 or decisions.changed or self.target.pushing):
                 self.target.write_peers(inv)
-                applied = self.target.apply(text)
+                applied = self.target.apply(text, self.inputs_changed)
                 self._out_seen = identity(self.target.out)
+        except InputsChanged as exc:
+            apply_error, stale = str(exc), True
         except FdngxError as exc:
             apply_error = str(exc)
+        if not stale and self.target.pushing and self.inputs_changed is not None:
+            why = self.inputs_changed()
+            apply_error, stale = (f"not pushed: {why}", True) if why else (apply_error, False)
         # openresty: the balancer takes the snapshot without the config or the peers file (a full disk), so
         # health and weights still reach it; the apply's failure is still the cycle's error.
-        if apply_error is None or self.target.pushing:
+        if not stale and (apply_error is None or self.target.pushing):
             push_started = time.monotonic()
             try:
                 pushed, pushes, superseded, push_error = self._push(inv, states, samples)
@@ -190,12 +201,12 @@ class Controller:
             push_ended = time.monotonic()
         error = "; ".join(e for e in (apply_error, push_error) if e) or None
         # What nginx really got: the push's for the openresty flavor (its weights are pushed), else the apply's.
-        if decisions is not None and (push_error if self.target.pushing else apply_error) is not None:
+        if decisions is not None and (stale or (push_error if self.target.pushing else apply_error) is not None):
             new_state = unapplied(new_state, state)
         if self.target.pushing and generation.last_generation():
             new_state = replace(new_state, config={**new_state.config, GENERATION_KEY: generation.last_generation()})
         result = CycleResult(decisions, samples, applied, pushed, error, text, self._nginx_running(applied), pushes,
-                             scraped - started, push_ended - push_started, superseded)
+                             scraped - started, push_ended - push_started, superseded, stale)
         self._log(result)
         return result, new_state
 

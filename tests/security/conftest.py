@@ -95,6 +95,24 @@ def write(path: Path, text: str | bytes) -> Path:
     return path
 
 
+def main_conf(tmp: Path, *includes: str) -> Path:
+    """A distribution-like main nginx.conf under `tmp` (pid, logs and temp files there too) whose http {}
+    includes `includes` (globs such as `dir/*`), as Debian's includes conf.d/*.conf and sites-enabled/*."""
+    for sub in ("logs", "tmp"):
+        (tmp / sub).mkdir(exist_ok=True)
+    lines = "".join(f"    include {inc};\n" for inc in includes)
+    return write(tmp / "nginx.conf", (
+        f"pid {tmp}/logs/nginx.pid;\nerror_log {tmp}/logs/error.log;\nworker_processes 1;\n"
+        "events { worker_connections 256; }\n"
+        "http {\n"
+        f"    client_body_temp_path {tmp}/tmp/body;\n    proxy_temp_path {tmp}/tmp/proxy;\n"
+        f"    fastcgi_temp_path {tmp}/tmp/fastcgi;\n    uwsgi_temp_path {tmp}/tmp/uwsgi;\n"
+        f"    scgi_temp_path {tmp}/tmp/scgi;\n"
+        f"    access_log off;\n{lines}"
+        "}\n"
+    ))
+
+
 class PageServer:
     """A tiny HTTP server on 127.0.0.1 playing one replica: /health answers 200, /metrics answers `page`
     (a str, or a callable returning one), /v1/* answers 200 with its name."""

@@ -19,25 +19,14 @@ from pathlib import Path
 import pytest
 
 from fdngx.nginx.control import find_nginx
-from tests.security.conftest import cli, popen_cli, write
+from tests.security.conftest import cli, main_conf, popen_cli, write
 from tests.support import Backends, free_ports, stop_process_group, wait_for
 
 pytestmark = pytest.mark.nginx
 
 
 def _main_conf(tmp: Path, sites: Path) -> Path:
-    for sub in ("logs", "tmp"):
-        (tmp / sub).mkdir(exist_ok=True)
-    return write(tmp / "nginx.conf", (
-        f"pid {tmp}/logs/nginx.pid;\nerror_log {tmp}/logs/error.log;\nworker_processes 1;\n"
-        "events { worker_connections 256; }\n"
-        "http {\n"
-        f"    client_body_temp_path {tmp}/tmp/body;\n    proxy_temp_path {tmp}/tmp/proxy;\n"
-        f"    fastcgi_temp_path {tmp}/tmp/fastcgi;\n    uwsgi_temp_path {tmp}/tmp/uwsgi;\n"
-        f"    scgi_temp_path {tmp}/tmp/scgi;\n"
-        f"    access_log off;\n    include {sites}/*;\n"
-        "}\n"
-    ))
+    return main_conf(tmp, f"{sites}/*")
 
 
 def _inventory(path: Path, ports: list[int]) -> Path:

@@ -130,3 +130,42 @@ def test_recovery_does_not_rename_a_backup_whose_bytes_changed(tmp_path: Path,
         recover(live, None, reload=False)
     assert live.read_text() == NEW, "nothing restored from a backup that is not the previous file"
     assert os.path.exists(backup)
+
+
+class TookNewButUnconfirmed(NginxControl):
+    """nginx started workers on the new file, but the generation check never saw it (another server answers
+    the verify address): ReloadError(took_new=True). Records the reloads asked for."""
+
+    def __init__(self) -> None:
+        super().__init__("nginx")
+        self.reloads: list[str | None] = []
+
+    def test(self, conf: Path | None = None, prefix: Path | None = None, what: str = "nginx -t") -> None:
+        return None
+
+    def reload(self, expect_generation: str | None = None) -> float:
+        self.reloads.append(expect_generation)
+        if expect_generation is not None:
+            raise ReloadError("nginx did not take the new config within 15s: new workers started", True)
+        return 0.01
+
+
+def test_a_first_apply_nginx_took_but_did_not_confirm_reloads_nginx_back_without_it(tmp_path: Path) -> None:
+    """No file before: the rollback removes it, and nginx, which runs it, must be reloaded off it too."""
+    live = tmp_path / "fdngx.conf"
+    nginx = TookNewButUnconfirmed()
+    with pytest.raises(ApplyError) as err:
+        safe_apply(live, NEW, nginx, reload=True)
+    assert not live.exists()
+    assert nginx.reloads == ["0e40", None], "nginx must be put back on the config without the file"
+    assert "back on the previous config" in str(err.value) and "removed it" in str(err.value), err.value
+
+
+def test_an_apply_whose_inputs_changed_under_the_lock_writes_nothing(tmp_path: Path) -> None:
+    live = tmp_path / "fdngx.conf"
+    live.write_text(OLD)
+    with pytest.raises(apply.InputsChanged, match="the inventory changed"):
+        safe_apply(live, NEW, AcceptingNginx("nginx"), reload=True, guard=lambda: "the inventory changed")
+    assert live.read_text() == OLD
+    assert safe_apply(live, NEW, AcceptingNginx("nginx"), reload=True, guard=lambda: None).changed
+    assert live.read_text() == NEW

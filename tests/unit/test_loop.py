@@ -43,7 +43,7 @@ class FakeTarget(Target):
         object.__setattr__(self, "fail", fail)
         object.__setattr__(self, "written", written)
 
-    def apply(self, text: str) -> ApplyResult:
+    def apply(self, text: str, guard: object = None) -> ApplyResult:
         assert self.out is not None
         if self.fail():  # type: ignore[attr-defined]
             raise ApplyError(f"{self.out}: nginx -t failed: boom; restored the previous file")

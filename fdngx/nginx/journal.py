@@ -1,0 +1,141 @@
+"""An apply in progress, and the recovery that finishes one a crash interrupted (certbot's recovery_routine).
+
+Safe apply (fdngx.nginx.apply) writes a journal (fsync'd) before it swaps the candidate in and removes it once
+nginx confirmed the new file or the previous one is back. A journal found at the next apply means it was
+interrupted (SIGKILL, power loss) between the two: `recover` puts the previous file back (its backup) and
+nginx on it. Every file beside the live one is a dot-file: `.NAME.fdngx-journal`, `.NAME.fdngx-bak`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fdngx.errors import ApplyError
+from fdngx.nginx.control import NginxControl, NginxNotRunning
+from fdngx.system.files import (
+    atomic_write,
+    check_private,
+    read_bytes_or_none,
+    remove,
+    restore_by_rename,
+    temp_glob,
+)
+
+log = logging.getLogger("fdngx.apply")
+
+
+def aside(path: Path, what: str) -> Path:
+    """A file fdngx keeps beside `path`: hidden from include globs (a dot-file)."""
+    return path.with_name(f".{path.name}.fdngx-{what}")
+
+
+def sha(data: bytes | None) -> str | None:
+    return hashlib.sha256(data).hexdigest() if data is not None else None
+
+
+def owners_of(target: Path) -> set[int]:
+    """Whose files beside `target` fdngx may move or delete: ours, and the live file's owner (a candidate gets
+    the live file's owner). A file another account planted is not fdngx's to touch."""
+    try:
+        return {os.geteuid(), os.stat(target).st_uid}
+    except OSError:
+        return {os.geteuid()}
+
+
+@dataclass(frozen=True)
+class Journal:
+    """An apply in progress: written (fsync'd) before the swap, removed once confirmed or rolled back."""
+
+    path: str
+    had_old: bool  # False: there was no live file before (rollback removes it)
+    old_sha256: str | None
+    new_sha256: str
+    pid: int
+    started: float
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True) + "\n"
+
+    @classmethod
+    def read(cls, path: Path) -> Journal | None:
+        data = read_bytes_or_none(path, 64 * 1024)
+        if data is None:
+            return None
+        try:
+            raw = json.loads(data)
+            return cls(str(raw["path"]), bool(raw["had_old"]), raw["old_sha256"], str(raw["new_sha256"]),
+                       int(raw["pid"]), float(raw["started"]))
+        except (ValueError, KeyError, TypeError):
+            return cls("", False, None, "", 0, 0.0)  # unreadable: treated as "interrupted, unknown"
+
+
+def recover(target: Path, control: NginxControl | None, reload: bool) -> str:
+    """Finish what an interrupted apply left (call under the lock): roll back to the backup when the live
+    file is the untested/unconfirmed candidate. Returns what was done, '' when there was nothing to do."""
+    owners = owners_of(target)
+    for stale in target.parent.glob(temp_glob(target)):
+        # A candidate an interrupted apply never swapped in (we hold the lock: nobody else writes).
+        with contextlib.suppress(OSError):
+            if os.lstat(stale).st_uid in owners:
+                remove(stale)
+    jpath = aside(target, "journal")
+    backup = aside(target, "bak")
+    # A journal (and backup) planted by another account would make us "restore" their bytes as the config.
+    check_private(jpath, "apply journal")
+    journal = Journal.read(jpath)
+    if journal is None:
+        return ""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(journal.started)) if journal.started else "?"
+    what = f"an interrupted apply of {target} (pid {journal.pid}, started {when})"
+    live = read_bytes_or_none(target)
+    if sha(live) != journal.new_sha256 or not journal.new_sha256:
+        remove(jpath)
+        if sha(live) != journal.old_sha256:
+            return f"recovered {what}: the live file has changed since; left it as it is"
+        # Before the swap nginx never saw the new file; after a rollback's rename it may still run it (the
+        # reload back was not reached): reloading on the previous file is right either way.
+        done = (f"recovered {what}: it stopped before the swap, or after putting the previous file back; the "
+                f"live file is the previous one{_reload_onto(control, reload)}")
+        log.warning("%s", done)
+        return done
+    if journal.had_old:
+        check_private(backup, "apply backup")
+    saved = read_bytes_or_none(backup) if journal.had_old else None
+    if journal.had_old and (saved is None or sha(saved) != journal.old_sha256):
+        remove(jpath)
+        raise ApplyError(f"{what} left {target} unconfirmed and its backup {backup} is missing or changed; "
+                         f"check the file with nginx -t and remove {jpath}")
+    restore(target, saved)
+    done = f"recovered {what}: restored the previous {target}{_reload_onto(control, reload)}"
+    remove(jpath)
+    log.warning("%s", done)
+    return done
+
+
+def _reload_onto(control: NginxControl | None, reload: bool) -> str:
+    """Reload nginx on the file as it is now (recovery); what happened, to append to the message."""
+    if control is None or not reload:
+        return ""
+    try:
+        control.reload(None)
+        return "; nginx reloaded on it"
+    except NginxNotRunning:
+        return "; nginx is not running"
+    except ApplyError as exc:
+        return f"; reloading nginx on it failed: {exc}"
+
+
+def restore(target: Path, saved: bytes | None) -> None:
+    """Put the previous file back: its backup renamed over the live file when the backup is that file (kept
+    by a hard link: no disk space needed, a rollback must work on a full disk), else its bytes written."""
+    if saved is None:
+        remove(target)
+    elif not restore_by_rename(aside(target, "bak"), target, saved):
+        atomic_write(target, saved)

@@ -269,7 +269,7 @@ def _finish(path: Path, target: Path, old: bytes | None, diff: str, generation: 
     took_new = False
     try:
         guards.check_read(path, target, control.test(), control)
-        if standalone and old is None:  # a new file: is it where the system's nginx.conf reads?
+        if standalone:  # is it where the system's nginx.conf reads? (a placeholder, an older fdngx's file)
             guards.check_not_in_system_conf(path, target, control)
         _pause("tested")
         if not reload:

@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 import crossplane
 
 from fdngx.errors import ApplyError, UsageError
+from fdngx.system.files import Identity, identity
 
 log = logging.getLogger("fdngx.nginx")
 Runner = Callable[..., "subprocess.CompletedProcess[str]"]
@@ -165,7 +166,7 @@ def nginx_build(binary: str, runner: Runner = subprocess.run, timeout: float = 1
         build = parse_build(path, f"{proc.stderr or ''}\n{proc.stdout or ''}")
     except (OSError, subprocess.SubprocessError, ValueError, UnicodeError) as exc:
         log.debug("%s -V: %s; assuming Debian's layout (/etc/nginx/nginx.conf, /run/nginx.pid)", binary, exc)
-        return debian_build(path)
+        build = debian_build(path)  # kept too: a -V that hangs must not cost its timeout on every look
     if key is not None:
         _builds[key] = build
     return build
@@ -183,14 +184,18 @@ class MainSettings:
     error_log: str | None = None
 
 
-def _main_directives(conf: Path) -> Iterable[tuple[str, list[str]]]:
+def _main_directives(conf: Path, deps: list[tuple[str, Identity | None]]) -> Iterable[tuple[str, list[str]]]:
     """The main-context directives of `conf` and of the files it includes there, in nginx's order. Files that
-    cannot be read or parsed are skipped; an include is relative to the main config's directory."""
+    cannot be read or parsed are skipped; an include is relative to the main config's directory. `deps` gets
+    every file and glob directory looked at, with its identity before it was read (main_settings' cache)."""
     base = os.path.dirname(str(conf))
     seen: set[str] = set()
 
     def walk(path: str) -> Iterable[tuple[str, list[str]]]:
-        if path in seen or len(seen) >= _MAX_INCLUDED or not os.path.isfile(path):  # not a FIFO: never hang
+        if path in seen or len(seen) >= _MAX_INCLUDED:
+            return
+        deps.append((path, identity(Path(path))))
+        if not os.path.isfile(path):  # not a FIFO: never hang
             return
         seen.add(path)
         try:
@@ -203,6 +208,8 @@ def _main_directives(conf: Path) -> Iterable[tuple[str, list[str]]]:
             name, args = stmt.get("directive"), stmt.get("args") or []
             if name == "include" and args:
                 pattern = args[0] if os.path.isabs(args[0]) else os.path.join(base, args[0])
+                if glob.has_magic(pattern):  # a file added or removed there changes the directory's mtime
+                    deps.append((os.path.dirname(pattern), identity(Path(os.path.dirname(pattern)))))
                 names = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
                 for included in names:
                     yield from walk(included)
@@ -212,15 +219,27 @@ def _main_directives(conf: Path) -> Iterable[tuple[str, list[str]]]:
     return walk(str(conf))
 
 
+_settings: dict[str, tuple[tuple[tuple[str, Identity | None], ...], MainSettings]] = {}
+
+
 def main_settings(conf: Path) -> MainSettings:
-    """The main config's own `pid` and `error_log` file (see MainSettings); never raises."""
+    """The main config's own `pid` and `error_log` file (see MainSettings); never raises. Parsed again only when
+    a file it read (or a directory it globbed) changed: the sidecar asks every cycle (is nginx running?), and a
+    config with thousands of servers takes a parse of a quarter second."""
+    cached = _settings.get(str(conf))
+    if cached is not None and all(identity(Path(path)) == seen for path, seen in cached[0]):
+        return cached[1]
+    deps: list[tuple[str, Identity | None]] = []
     pid = error_log = None
-    for name, args in _main_directives(conf):
+    for name, args in _main_directives(conf, deps):
         if name == "pid" and args and pid is None:
             pid = args[0]
         elif name == "error_log" and args and error_log is None and not args[0].startswith(_NOT_FILES):
             error_log = args[0]
-    return MainSettings(pid, error_log)
+    if len(_settings) >= 64:
+        _settings.clear()
+    _settings[str(conf)] = (tuple(deps), MainSettings(pid, error_log))
+    return _settings[str(conf)][1]
 
 
 def full_name(value: str | Path, prefix: Path) -> Path:

@@ -185,8 +185,32 @@ def test_a_standalone_config_the_system_nginx_conf_includes_is_taken_back(tmp_pa
     assert f"{conf} (the nginx.conf of" in proc.stderr and "includes this file" in proc.stderr, proc.stderr
     assert not out.exists()
     assert _nginx_t(conf, tmp_path).returncode == 0, "the system's config must still pass nginx -t"
+    out.write_text("# placeholder\n")  # made first (or an older fdngx's file): checked all the same
+    again = cli("render", "-i", str(inv), "--mode", "standalone", "--out", str(out), "--listen", "127.0.0.1:18032",
+                "--nginx-bin", str(wrapper), "--reload")
+    assert again.returncode == 1 and "includes this file" in again.stderr, again.stderr
+    assert out.read_text() == "# placeholder\n"
+    link = tmp_path / "confd-link"  # the same directory under another name
+    link.symlink_to(tmp_path / "conf.d")
+    via = cli("render", "-i", str(inv), "--mode", "standalone", "--out", str(link / "other.conf"), "--listen",
+              "127.0.0.1:18032", "--nginx-bin", str(wrapper), "--reload")
+    assert via.returncode == 1 and "includes this file" in via.stderr, via.stderr
+    assert not (tmp_path / "conf.d" / "other.conf").exists()
     elsewhere = tmp_path / "srv" / "nginx.conf"
     elsewhere.parent.mkdir()
     ok = cli("render", "-i", str(inv), "--mode", "standalone", "--out", str(elsewhere), "--listen",
              "127.0.0.1:18032", "--nginx-bin", str(wrapper), "--reload")
     assert ok.returncode == 0, ok.stderr
+
+
+def test_the_guards_compare_real_paths_through_a_symlinked_directory(tmp_path: Path) -> None:
+    """conf.d is a link to real-confd, which nginx.conf includes by its real name: nginx reads the file (it was
+    refused as not read); and a standalone --out through a link into the included directory is still caught."""
+    (tmp_path / "real-confd").mkdir()
+    conf = main_conf(tmp_path, f"{tmp_path}/real-confd/*.conf")
+    (tmp_path / "conf.d").symlink_to(tmp_path / "real-confd")
+    inv = _inventory(tmp_path / "fdngx.json", [18041])
+    proc = cli("render", "-i", str(inv), "--out", str(tmp_path / "conf.d" / "fdngx.conf"), "--nginx-conf", str(conf),
+               "--prefix", str(tmp_path), "--reload")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "real-confd" / "fdngx.conf").is_file()

@@ -14,7 +14,7 @@ from typing import NoReturn
 
 import pytest
 
-from fdngx.errors import ApplyError
+from fdngx.errors import ApplyError, FdngxError
 from fdngx.nginx import apply
 from fdngx.nginx.apply import aside, recover, safe_apply
 from fdngx.nginx.control import NginxControl, ReloadError
@@ -169,3 +169,39 @@ def test_an_apply_whose_inputs_changed_under_the_lock_writes_nothing(tmp_path: P
     assert live.read_text() == OLD
     assert safe_apply(live, NEW, AcceptingNginx("nginx"), reload=True, guard=lambda: None).changed
     assert live.read_text() == NEW
+
+
+def test_both_of_an_older_fdngxs_visible_files_are_kept_under_names_of_their_own(tmp_path: Path) -> None:
+    live = tmp_path / "fdngx"
+    live.write_text(OLD)
+    (tmp_path / "fdngx.fdngx-bak").write_text(OLD)
+    (tmp_path / "fdngx.fdngx-bak.tmp").write_text(OLD[:25])  # an older fdngx's copy, cut short
+    done = recover(live, None, False)
+    assert "fdngx.fdngx-bak to .fdngx.fdngx-bak-legacy" in done and ".fdngx.fdngx-bak-tmp-legacy" in done, done
+    assert (tmp_path / ".fdngx.fdngx-bak-legacy").read_text() == OLD
+    assert (tmp_path / ".fdngx.fdngx-bak-tmp-legacy").read_text() == OLD[:25]
+    assert not (tmp_path / "fdngx.fdngx-bak").exists() and not (tmp_path / "fdngx.fdngx-bak.tmp").exists()
+
+
+def test_force_keeps_every_distinct_hand_written_version(tmp_path: Path) -> None:
+    live = tmp_path / "default"
+    live.write_text("server { listen 80; }\n")
+    safe_apply(live, NEW, None, reload=False, replace_foreign=True)
+    live.write_text("server { listen 81; }\n")  # hand-written again
+    safe_apply(live, OLD, None, reload=False, replace_foreign=True)
+    assert (tmp_path / ".default.fdngx-orig").read_text() == "server { listen 80; }\n"
+    assert (tmp_path / ".default.fdngx-orig.1").read_text() == "server { listen 81; }\n"
+    live.write_text("server { listen 80; }\n")  # the first one again: already kept, no third copy
+    safe_apply(live, NEW, None, reload=False, replace_foreign=True)
+    assert not (tmp_path / ".default.fdngx-orig.2").exists()
+
+
+def test_a_kept_original_planted_as_a_symlink_is_refused_and_the_file_stays(tmp_path: Path) -> None:
+    live = tmp_path / "default"
+    live.write_text("server { listen 80; }\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("not the original\n")
+    (tmp_path / ".default.fdngx-orig").symlink_to(elsewhere)
+    with pytest.raises(FdngxError, match="must be a regular file"):
+        safe_apply(live, NEW, None, reload=False, replace_foreign=True)
+    assert live.read_text() == "server { listen 80; }\n" and elsewhere.read_text() == "not the original\n"

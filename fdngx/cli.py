@@ -9,19 +9,31 @@ Nothing imports this module back.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
+import os
 import sys
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from fdngx.commands import demo, drain, launch, render, sidecar, sim, status
 from fdngx.config import attach_envvars, load_settings
 from fdngx.errors import FdngxError, os_error_line
 from fdngx.logs import say, setup_logging
 
-app = typer.Typer(
+# The command each module in fdngx.commands registers, in --help's order. A run imports only the module of the
+# command it runs (cron's `render` does not import the simulator, the demo or the launch supervisor: about a
+# fifth of a start); --help, completion, an unknown command and --config (whose tables are checked against every
+# command) load them all.
+COMMANDS = {"launch": "launch", "stop": "launch", "render": "render", "sidecar": "sidecar", "status": "status",
+            "drain": "drain", "sim": "sim", "demo": "demo"}
+_ROOT_VALUED = ("--config", "--log-format")  # root options that take a value (the next word)
+
+APP_SETTINGS: dict[str, Any] = dict(
     name="fdngx",
     help=(
         "nginx in front of data-parallel LLM servers (FastDeploy, vLLM, SGLang), weighted by real load.\n\n"
@@ -60,7 +72,6 @@ class LogFormat(str, Enum):
     JSON = "json"
 
 
-@app.callback()
 def _root(
     ctx: typer.Context,
     config: Path | None = typer.Option(
@@ -103,15 +114,47 @@ def _defaulted(ctx: typer.Context, name: str) -> bool:
     return source is None or source.name == "DEFAULT"
 
 
-for _module in (launch, render, sidecar, status, drain, sim, demo):
-    _module.register(app)
+def make_app(modules: Sequence[str] | None = None) -> typer.Typer:
+    """The typer app with the commands of `modules` (names in fdngx.commands; None: every one)."""
+    made = typer.Typer(**APP_SETTINGS)  # type: ignore[arg-type]
+    made.callback()(_root)
+    for name in modules if modules is not None else dict.fromkeys(COMMANDS.values()):
+        importlib.import_module(f"fdngx.commands.{name}").register(made)
+    return made
+
+
+def modules_for(argv: Sequence[str]) -> list[str] | None:
+    """The command modules a run with `argv` needs: the one of its command, or None (all of them)."""
+    if os.environ.get("FDNGX_CONFIG") or "_FDNGX_COMPLETE" in os.environ:
+        return None
+    words = iter(argv)
+    for word in words:
+        if word == "--config" or word.startswith("--config="):
+            return None
+        if word in _ROOT_VALUED:
+            next(words, None)
+        elif not word.startswith("-"):
+            return [COMMANDS[word]] if word in COMMANDS else None
+    return None
+
+
+@functools.cache
+def _full_app() -> typer.Typer:
+    return make_app()
+
+
+def __getattr__(name: str) -> typer.Typer:
+    """`fdngx.cli.app`: the app with every command (docs, tests, completion scripts)."""
+    if name == "app":
+        return _full_app()
+    raise AttributeError(name)
 
 
 def main() -> None:
     # standalone mode: typer/click print usage errors and exit 2 themselves; our errors surface here.
     try:
         # prog_name: `python -m fdngx` is still `fdngx` in usage lines and in completion's _FDNGX_COMPLETE.
-        app(prog_name="fdngx")
+        make_app(modules_for(sys.argv[1:]))(prog_name="fdngx")
     except FdngxError as exc:
         say(f"fdngx: error: {exc}", logging.ERROR, color="red")
         sys.exit(exc.exit_code)

@@ -57,7 +57,8 @@ from fdngx.system.files import (
     write_beside,
 )
 
-__all__ = ["ApplyResult", "InputsChanged", "aside", "lock_path", "recover", "safe_apply", "unified_diff"]
+__all__ = ["ApplyResult", "ApplyStopped", "InputsChanged", "aside", "lock_path", "recover", "safe_apply",
+           "unified_diff"]
 
 log = logging.getLogger("fdngx.apply")
 PAUSE_ENV = "FDNGX_TEST_PAUSE_AT"  # tests: pause at a step (name) so a test can SIGKILL the apply there
@@ -85,6 +86,10 @@ def recover(target: Path, control: NginxControl | None, reload: bool) -> str:
     interrupted apply rolled back (fdngx.nginx.journal), an older fdngx's visible backup moved out of nginx's
     include globs. Returns what was done, '' when there was nothing to do."""
     return "\n".join(m for m in (guards.tidy_legacy(target), journal.recover(target, control, reload)) if m)
+
+
+class ApplyStopped(ApplyError):
+    """The apply waited for the lock and the caller stopped meanwhile (lock_waits_end_on): nothing written."""
 
 
 class InputsChanged(ApplyError):
@@ -191,7 +196,7 @@ def safe_apply(
     try:
         return _apply_locked(path, target, content, control, reload, how, lock_timeout)
     except LockWaitStopped:
-        raise ApplyError(f"{path}: stopping: the apply waited for the lock and was not made") from None
+        raise ApplyStopped(f"{path}: stopping: the apply waited for the lock and was not made") from None
     except OSError as exc:  # a full disk, a file size limit, a permission: what failed, as an apply error
         raise ApplyError(os_error_line(exc)) from None
 

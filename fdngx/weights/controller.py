@@ -22,7 +22,7 @@ from fdngx.domain import Inventory, LoadSample, ServerState
 from fdngx.errors import FdngxError
 from fdngx.nginx import generation
 from fdngx.nginx.admin import PushResult
-from fdngx.nginx.apply import ApplyResult, InputsChanged
+from fdngx.nginx.apply import ApplyResult, ApplyStopped, InputsChanged
 from fdngx.nginx.fanout import NO_FRONTENDS, PushOutcome
 from fdngx.nginx.generation import PushState, say_change
 from fdngx.nginx.generation import superseded as why_superseded
@@ -65,6 +65,8 @@ class CycleResult:
     superseded: str | None = None
     # The inventory changed after this cycle read it (Controller.inputs_changed): nothing written or pushed.
     stale_inputs: bool = False
+    # The sidecar was told to stop while this cycle waited for the apply lock: nothing written (not a failure).
+    stopped: bool = False
 
     @property
     def changed(self) -> bool:
@@ -165,7 +167,7 @@ class Controller:
         superseded: str | None = None
         pushes: tuple[PushOutcome, ...] | None = None
         apply_error = push_error = None
-        stale = False
+        stale = stopped = False
         text = ""
         push_started = push_ended = scraped
         if self.target.pushing:
@@ -185,6 +187,8 @@ class Controller:
                 self._out_seen = identity(self.target.out)
         except InputsChanged as exc:
             apply_error, stale = str(exc), True
+        except ApplyStopped as exc:
+            apply_error, stopped = str(exc), True
         except FdngxError as exc:
             apply_error = str(exc)
         if not stale and self.target.pushing and self.inputs_changed is not None:
@@ -206,7 +210,7 @@ class Controller:
         if self.target.pushing and generation.last_generation():
             new_state = replace(new_state, config={**new_state.config, GENERATION_KEY: generation.last_generation()})
         result = CycleResult(decisions, samples, applied, pushed, error, text, self._nginx_running(applied), pushes,
-                             scraped - started, push_ended - push_started, superseded, stale)
+                             scraped - started, push_ended - push_started, superseded, stale, stopped)
         self._log(result)
         return result, new_state
 
@@ -294,7 +298,9 @@ class Controller:
             log.warning("%s", result.decisions.clock_back)  # once: the state kept holds no such time
         if not self.log_outcome:
             return
-        if error is not None:
+        if error is not None and result.stopped:
+            log.info("not applied: %s", error)  # a stop, asked for: the next start applies it
+        elif error is not None:
             if not quiet:
                 log.error("apply failed: %s", error)
                 self._last_error, self._last_error_at = error, time.monotonic()

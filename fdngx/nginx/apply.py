@@ -57,8 +57,8 @@ from fdngx.system.files import (
     write_beside,
 )
 
-__all__ = ["ApplyResult", "ApplyStopped", "InputsChanged", "aside", "lock_path", "recover", "safe_apply",
-           "unified_diff"]
+__all__ = ["ApplyResult", "ApplyStopped", "InputsChanged", "ReloadFailed", "aside", "lock_path", "recover",
+           "safe_apply", "unified_diff"]
 
 log = logging.getLogger("fdngx.apply")
 PAUSE_ENV = "FDNGX_TEST_PAUSE_AT"  # tests: pause at a step (name) so a test can SIGKILL the apply there
@@ -90,6 +90,11 @@ def recover(target: Path, control: NginxControl | None, reload: bool) -> str:
 
 class ApplyStopped(ApplyError):
     """The apply waited for the lock and the caller stopped meanwhile (lock_waits_end_on): nothing written."""
+
+
+class ReloadFailed(ApplyError):
+    """The reload failed (nginx refused it, or took it and was reloaded back): each try signals nginx, so a
+    loop must not retry the same config every cycle (fdngx.weights.controller holds it back)."""
 
 
 class InputsChanged(ApplyError):
@@ -261,7 +266,10 @@ def _unchanged(path: Path, control: NginxControl | None, reload: bool, generatio
         return ApplyResult(path, False, False, "", generation, "nginx is not running", False, recovered)
     served = control.served_generation()
     if generation and control.verify_url and served != generation:
-        took = control.reload(generation)
+        try:
+            took = control.reload(generation)
+        except ReloadError as exc:
+            raise ReloadFailed(f"{path}: unchanged, but nginx serves generation {served or 'unknown'}: {exc}") from None
         note = f"nginx served generation {served or 'unknown'}: reloaded"
         return ApplyResult(path, False, True, "", generation, note, True, recovered, took)
     return ApplyResult(path, False, False, "", generation, "", True, recovered)
@@ -303,7 +311,7 @@ def _finish(path: Path, target: Path, old: bytes | None, diff: str, generation: 
         if not isinstance(exc, Exception):
             raise
         undone = "restored the previous file" if old is not None else "removed it (there was no file before)"
-        raise ApplyError(f"{path}: {reason}; {undone}") from None
+        raise (ReloadFailed if isinstance(exc, ReloadError) else ApplyError)(f"{path}: {reason}; {undone}") from None
     remove(jpath)
     return ApplyResult(path, True, True, diff, generation, "", True, recovered, seconds)
 

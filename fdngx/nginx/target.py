@@ -9,20 +9,22 @@ the Target; nothing else writes nginx config.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fdngx.domain import Flavor, Inventory, LoadSample, Mode, ServerState
-from fdngx.errors import ApplyError, UsageError, os_error_line
+from fdngx.errors import ApplyError, FdngxError, UsageError, os_error_line
 from fdngx.inventory import in_rotation
 from fdngx.nginx import admin as admin_client
 from fdngx.nginx import generation, openresty
 from fdngx.nginx.apply import ApplyResult, safe_apply
+from fdngx.nginx.build import nginx_build
 from fdngx.nginx.control import NginxControl, find_nginx, prepare_prefix
 from fdngx.nginx.fanout import Fanout, FrontendSpec, PushOutcome
-from fdngx.nginx.guards import check_replaceable
+from fdngx.nginx.guards import check_replaceable, included_by, refuse_standalone_in
 from fdngx.nginx.render import RenderOptions, render
 from fdngx.system.files import read_bytes_or_none, real_target, writable_by_others
 
@@ -202,6 +204,8 @@ def open_target(spec: TargetSpec, *, dry: bool = False) -> Target:
     if spec.out is not None and not dry and writable_by_others(real_target(spec.out).parent):
         log.warning("%s: its directory is writable by other accounts; anyone there can replace what nginx reads",
                     real_target(spec.out).parent)
+    if spec.out is not None and opts.mode is Mode.STANDALONE and not dry:
+        _check_standalone_place(spec)  # before its prefix (logs/, tmp/) is made beside it
     prefix = spec.standalone_prefix
     if prefix is not None and opts.mode is Mode.STANDALONE and not dry:
         prepare_prefix(prefix)  # before the token file, which may live there too
@@ -228,6 +232,19 @@ def open_target(spec: TargetSpec, *, dry: bool = False) -> Target:
         fanout = Fanout(_unique(frontends), spec.push_timeout)
         admin = None  # every push goes through the fan-out
     return Target(spec.out, opts, control, spec.reload, admin, peers, fanout, local_spec, spec.force)
+
+
+def _check_standalone_place(spec: TargetSpec) -> None:
+    """A standalone config (a whole nginx.conf) where the system's nginx.conf includes it (conf.d/) is refused
+    before anything is written, with or without --reload; a sidecar refuses to start. No nginx here: no check."""
+    assert spec.out is not None
+    try:
+        binary = find_nginx(spec.nginx_bin)
+    except FdngxError:
+        return
+    system = nginx_build(binary).conf_path
+    if system.is_file() and os.path.realpath(system) != os.path.realpath(spec.out) and included_by(system, spec.out):
+        raise refuse_standalone_in(system, spec.out, binary)
 
 
 def _unique(specs: list[FrontendSpec]) -> list[FrontendSpec]:

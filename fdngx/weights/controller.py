@@ -22,12 +22,13 @@ from fdngx.domain import Inventory, LoadSample, ServerState
 from fdngx.errors import FdngxError
 from fdngx.nginx import generation
 from fdngx.nginx.admin import PushResult
-from fdngx.nginx.apply import ApplyResult, ApplyStopped, InputsChanged
+from fdngx.nginx.apply import ApplyResult, ApplyStopped, InputsChanged, ReloadFailed
 from fdngx.nginx.fanout import NO_FRONTENDS, PushOutcome
 from fdngx.nginx.generation import PushState, say_change
 from fdngx.nginx.generation import superseded as why_superseded
+from fdngx.nginx.guards import fdngx_wrote
 from fdngx.nginx.target import Target
-from fdngx.system.files import Identity, identity
+from fdngx.system.files import Identity, identity, read_bytes_or_none, real_target
 from fdngx.weights.fetch import Client
 from fdngx.weights.policy import Decisions, decide
 from fdngx.weights.scrape import scrape_all
@@ -40,6 +41,9 @@ Scrape = Callable[..., dict[str, LoadSample]]
 # The last generation pushed, kept in the state (beside the policy settings, which ignore it) so that the next
 # process counts on from it (fdngx.nginx.generation.seed): the sidecar saves it every 10 s and when it stops.
 GENERATION_KEY = "last_generation"
+# A config whose reload failed (nginx refused it, or took it and was put back: two reloads a try) is not tried
+# again for this long, doubling up to HOLD_MAX; another config, or the file changed by someone else, at once.
+HOLD_FIRST, HOLD_MAX = 10.0, 60.0
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,8 @@ class Controller:
     _said_down: bool = field(default=False, repr=False)  # "nginx is not running" said since it last ran
     _said_push: PushState | None = field(default=None, repr=False)  # the policy push's state last said
     _out_seen: Identity | None = field(default=None, repr=False)  # the config file as this controller left it
+    # The config whose reload last failed: (text, not before (monotonic), hold seconds, its error).
+    _held: tuple[str, float, float, str] | None = field(default=None, repr=False)
     _said_out_at: float = field(default=-60.0, repr=False)
 
     def step(
@@ -180,11 +186,18 @@ class Controller:
             # nginx flavor: a weight change is a config change. openresty: the text follows the inventory
             # only; the apply is cheap when identical (one read, one compare) and still reports nginx down.
             # Either: a file someone else wrote is put right at once, not at the next change.
-            if self.target.out is not None and (self._out_changed() or force_render or decisions is None
+            rewritten = self._out_changed()
+            if self.target.out is not None and (rewritten or force_render or decisions is None
                                                 or decisions.changed or self.target.pushing):
-                self.target.write_peers(inv)
-                applied = self.target.apply(text, self.inputs_changed)
-                self._out_seen = identity(self.target.out)
+                apply_error = None if rewritten else self._held_back(text)
+                if apply_error is None:
+                    self.target.write_peers(inv)
+                    applied = self.target.apply(text, self.inputs_changed)
+                    self._out_seen = identity(self.target.out)
+                    self._held = None
+        except ReloadFailed as exc:
+            apply_error = str(exc)
+            self._hold(text, apply_error)
         except InputsChanged as exc:
             apply_error, stale = str(exc), True
         except ApplyStopped as exc:
@@ -242,6 +255,19 @@ class Controller:
             self._note_refusal(where, got)
         return pushed, None, superseded, None
 
+    def _held_back(self, text: str) -> str | None:
+        """The error of this same config's failed reload while it is held back (None: try it)."""
+        held = self._held
+        return held[3] if held is not None and held[0] == text and time.monotonic() < held[1] else None
+
+    def _hold(self, text: str, error: str) -> None:
+        held = self._held
+        delay = min(held[2] * 2, HOLD_MAX) if held is not None and held[0] == text else HOLD_FIRST
+        self._held = (text, time.monotonic() + delay, delay, error)
+        if self.log_outcome:
+            log.warning("the reload failed: this config is tried again in %.0f s, not every cycle (another config, or "
+                        "the file changed by someone else, at once)", delay)
+
     def _out_changed(self) -> bool:
         """Whether the config file is not what this controller last applied: another writer (an operator's
         `fdngx render --reload`, a config tool, a restore) changed it. Said at WARNING (once a minute at most)."""
@@ -249,9 +275,13 @@ class Controller:
         if out is None or self._out_seen is None or identity(out) == self._out_seen:
             return False
         if time.monotonic() - self._said_out_at >= 60:
-            log.warning("%s was changed by another writer since this controller applied it: rewriting it with this "
-                        "controller's weights and options (to change them, restart the sidecar with new options)",
-                        out)
+            if fdngx_wrote(read_bytes_or_none(real_target(out))) or self.target.force:
+                log.warning("%s was changed by another writer since this controller applied it: rewriting it with "
+                            "this controller's weights and options (to change them, restart the sidecar with new "
+                            "options)", out)
+            else:  # safe_apply refuses it (guards.check_replaceable): say so, not "rewriting"
+                log.warning("%s was replaced by a file fdngx did not write: it is left as it is and nothing is applied "
+                            "(move it away, or restart the sidecar with --force to replace it)", out)
             self._said_out_at = time.monotonic()
         return True
 

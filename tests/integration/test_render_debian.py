@@ -184,7 +184,12 @@ def test_a_standalone_config_the_system_nginx_conf_includes_is_taken_back(tmp_pa
     assert proc.returncode == 1, proc.stderr
     assert f"{conf} (the nginx.conf of" in proc.stderr and "includes this file" in proc.stderr, proc.stderr
     assert not out.exists()
+    assert not (tmp_path / "conf.d" / "logs").exists(), "refused before its prefix was made beside it"
     assert _nginx_t(conf, tmp_path).returncode == 0, "the system's config must still pass nginx -t"
+    unchecked = cli("render", "-i", str(inv), "--mode", "standalone", "--out", str(out), "--listen",
+                    "127.0.0.1:18032", "--nginx-bin", str(wrapper))  # no --reload (no nginx -t): refused too
+    assert unchecked.returncode == 1 and "includes this file" in unchecked.stderr, unchecked.stderr
+    assert not out.exists()
     out.write_text("# placeholder\n")  # made first (or an older fdngx's file): checked all the same
     again = cli("render", "-i", str(inv), "--mode", "standalone", "--out", str(out), "--listen", "127.0.0.1:18032",
                 "--nginx-bin", str(wrapper), "--reload")

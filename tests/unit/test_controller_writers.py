@@ -114,3 +114,21 @@ def test_one_sidecar_per_config_and_render_is_told(tmp_path: Path) -> None:
     again._close()
     got = fdngx("render", "-i", str(tmp_path / "fdngx.json"), "--out", str(tmp_path / "upstream.conf"))
     assert got.returncode == 0 and "a running fdngx sidecar" not in got.stderr
+
+
+def test_a_config_replaced_by_a_hand_written_file_is_left_alone_and_said_so(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The sidecar said "rewriting it" and then the apply refused the file (not fdngx's): say what happens."""
+    caplog.set_level(logging.WARNING, "fdngx.controller")
+    out = tmp_path / "upstream.conf"
+    c = Controller(Target(out, RenderOptions(), None, False, None), PolicyConfig(), scrape=FakeScrape(),
+                   clock=Clock(), log_outcome=False)
+    inv = inv_of(2)
+    _, state = c.step(inv, PolicyState(), force_render=True)
+    out.write_text("upstream mine { server 127.0.0.1:1; }\n")  # a config tool's own file
+    result, state = c.step(inv, state)
+    assert result.error is not None and "not a file fdngx wrote" in result.error
+    assert out.read_text() == "upstream mine { server 127.0.0.1:1; }\n"
+    said = [r.getMessage() for r in caplog.records]
+    assert any("replaced by a file fdngx did not write" in m for m in said), said
+    assert not any("rewriting it" in m for m in said), said

@@ -17,8 +17,8 @@ from prometheus_client import generate_latest
 
 from fdngx.domain import Engine, Instance, Inventory, LoadSample
 from fdngx.errors import ApplyError
-from fdngx.inventory import save
-from fdngx.nginx.apply import ApplyResult, safe_apply
+from fdngx.inventory import load_many, save
+from fdngx.nginx.apply import ApplyResult, ReloadFailed, safe_apply
 from fdngx.nginx.render import RenderOptions
 from fdngx.nginx.target import Target
 from fdngx.weights.controller import Controller
@@ -303,3 +303,25 @@ def test_nginx_up_is_unknown_when_fdngx_does_not_reload(tmp_path: Path) -> None:
     sc, _, clock, _ = make(tmp_path)
     cycles(sc, clock, 2)
     assert re.search(r"^fdngx_nginx_up NaN$", generate_latest(sc.telemetry.registry).decode(), re.M)
+
+
+def test_a_config_whose_reload_failed_is_held_back_not_reloaded_every_cycle(tmp_path: Path) -> None:
+    """A --listen that a default_server answers: each try reloads nginx twice (the reload, then back). The same
+    config is not tried again for a while; another config is, at once; an nginx -t failure is never held."""
+    tries: list[str] = []
+
+    class ReloadFails(FakeTarget):
+        def apply(self, text: str, guard: object = None) -> ApplyResult:
+            tries.append(text)
+            raise ReloadFailed(f"{self.out}: nginx reloaded, but the new config does not answer; restored")
+
+    save(inv_of(2), tmp_path / "fdngx.json")
+    target = ReloadFails(tmp_path / "upstream.conf", lambda: True, [])
+    controller = Controller(target, None)
+    inv = load_many([tmp_path / "fdngx.json"])
+    for _ in range(4):
+        result, _state = controller.step(inv, PolicyState(), force_render=True)
+        assert result.error is not None and "does not answer" in result.error
+    assert len(tries) == 1, "the same config, tried again every cycle"
+    controller.step(inv_of(3), PolicyState(), force_render=True)
+    assert len(tries) == 2, "another config is tried at once"

@@ -190,6 +190,9 @@ class Controller:
             if self.target.out is not None and (rewritten or force_render or decisions is None
                                                 or decisions.changed or self.target.pushing):
                 apply_error = None if rewritten else self._held_back(text)
+                why = self.inputs_changed() if self.inputs_changed is not None and apply_error is None else None
+                if why:  # before the peers file too (openresty): it would carry the replicas this run read
+                    raise InputsChanged(f"{self.target.out}: not applied: {why}")
                 if apply_error is None:
                     self.target.write_peers(inv)
                     applied = self.target.apply(text, self.inputs_changed)

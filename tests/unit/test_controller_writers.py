@@ -132,3 +132,14 @@ def test_a_config_replaced_by_a_hand_written_file_is_left_alone_and_said_so(
     said = [r.getMessage() for r in caplog.records]
     assert any("replaced by a file fdngx did not write" in m for m in said), said
     assert not any("rewriting it" in m for m in said), said
+
+
+def test_a_render_whose_inventory_changed_writes_no_peers_file_either(tmp_path: Path) -> None:
+    """openresty: the peers file (the replicas nginx reads at a reload) was written from the inventory this run
+    had read before the apply noticed it had changed (a drain undone in the file until the rerun)."""
+    peers = tmp_path / ".upstream.conf.fdngx-peers"
+    target = Target(tmp_path / "upstream.conf", RenderOptions(), None, False, None, peers_file=peers)
+    c = Controller(target, None, log_outcome=False, inputs_changed=lambda: "the inventory changed")
+    result, _state = c.step(inv_of(2), PolicyState(), force_render=True)
+    assert result.stale_inputs and "the inventory changed" in (result.error or "")
+    assert not peers.exists() and not (tmp_path / "upstream.conf").exists()

@@ -139,7 +139,8 @@ def included_by(conf: Path, path: Path) -> bool:
             head = head if glob.has_magic(head) else os.path.realpath(head)
             if os.path.basename(real).startswith(".") and not name.startswith("."):
                 continue
-            if fnmatch.fnmatchcase(real, os.path.join(head, name)):
+            # Name and directory apart: glob's `*` never crosses a `/` (fnmatch's would: conf.d/sub/x.conf).
+            if fnmatch.fnmatchcase(os.path.basename(real), name) and fnmatch.fnmatchcase(os.path.dirname(real), head):
                 return True
     return False
 

@@ -205,3 +205,20 @@ def test_a_kept_original_planted_as_a_symlink_is_refused_and_the_file_stays(tmp_
     with pytest.raises(FdngxError, match="must be a regular file"):
         safe_apply(live, NEW, None, reload=False, replace_foreign=True)
     assert live.read_text() == "server { listen 80; }\n" and elsewhere.read_text() == "not the original\n"
+
+
+def test_included_by_reads_include_patterns_as_nginx_globs_them(tmp_path: Path) -> None:
+    from fdngx.nginx.guards import included_by
+
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "real-sites").mkdir()
+    (tmp_path / "sites").symlink_to(tmp_path / "real-sites")
+    conf = tmp_path / "nginx.conf"
+    conf.write_text("events {}\nhttp {\n  include conf.d/*.conf;\n  include sites/*;\n  include /srv/one.conf;\n}\n")
+    assert included_by(conf, tmp_path / "conf.d" / "fdngx.conf")  # relative to nginx.conf's directory
+    assert included_by(conf, tmp_path / "real-sites" / "fdngx")  # the same directory by its real name
+    assert included_by(conf, Path("/srv/one.conf"))
+    assert not included_by(conf, tmp_path / "conf.d" / "fdngx.txt")
+    assert not included_by(conf, tmp_path / "conf.d" / "sub" / "fdngx.conf"), "* does not cross a /"
+    assert not included_by(conf, tmp_path / "sites" / ".hidden"), "* does not match a leading dot"
+    assert not included_by(tmp_path / "missing.conf", tmp_path / "conf.d" / "fdngx.conf")

@@ -94,6 +94,16 @@ class Launcher:
 
         return wait_for(ready, timeout=STARTUP, interval=0.2, what="inventory with every instance running")
 
+    def wait_child_started(self) -> None:
+        """Until the supervisor recorded its first child's pid in the pidfile (remembered, to be stopped)."""
+        def started() -> bool:
+            with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+                self.remember()
+                return bool(json.loads(self.pidfile.read_text())["children"][0]["pid"])
+            return False
+
+        wait_for(started, timeout=STARTUP, interval=0.1, what="the replica started (its pid in the pidfile)")
+
     def alive(self) -> list[int]:
         return [pid for pid, start in self.pids.items() if procs.same_process(pid, start)]
 

@@ -27,7 +27,7 @@ from fdngx.launch.pidfile import read_pidfile, unwritten_lines
 from fdngx.launch.plan import Plan
 from fdngx.launch.probe import foreign_listener, health
 from tests.integration.test_full_disk import fill, tmpfs
-from tests.integration.test_launch import STARTUP, Launcher, sim_ports
+from tests.integration.test_launch import Launcher, sim_ports
 from tests.integration.test_launch import health as inst_health
 from tests.integration.test_launch_robust import RUN_PLAN, replace_with_dir
 from tests.support import REPO, answering, free_ports, wait_for
@@ -149,13 +149,7 @@ def test_somebody_elses_server_on_another_local_address_does_not_fail_the_start(
                              start_new_session=True)  # fmt: skip
     launcher.procs.append(p)
 
-    def started() -> bool:
-        with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
-            launcher.remember()
-            return bool(json.loads(launcher.pidfile.read_text())["children"][0]["pid"])
-        return False
-
-    wait_for(started, timeout=STARTUP, interval=0.1, what="the replica started (its pid in the pidfile)")
+    launcher.wait_child_started()
     with answering(other, port):  # after the preflight's check of the port
         (launcher.tmp / "go").touch()
         doc = launcher.wait_ready(p, 1)  # before: "port N answers /health but is held by pid <this test>"

@@ -293,13 +293,7 @@ def test_health_from_somebody_elses_server_on_the_port_fails_the_start(launcher:
     err = launcher.tmp / "stderr"
     with open(err, "w") as fh:
         p = foreground(launcher, plan, stderr=fh)
-    def started() -> bool:
-        with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
-            launcher.remember()
-            return bool(json.loads(launcher.pidfile.read_text())["children"][0]["pid"])
-        return False
-
-    wait_for(started, timeout=STARTUP, interval=0.1, what="the replica started (its pid in the pidfile)")
+    launcher.wait_child_started()
     with answering("127.0.0.1", port):  # after the preflight's port check
         assert p.wait(60) == 1
     assert f"dp0: port {port} answers /health but is held by pid {os.getpid()} (" in err.read_text()

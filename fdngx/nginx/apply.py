@@ -281,9 +281,9 @@ def _finish(path: Path, target: Path, old: bytes | None, diff: str, generation: 
     jpath = aside(target, "journal")
     took_new = False
     try:
-        guards.check_read(path, target, control.test(), control)
+        guards.check_read(target, control.test(), control)
         if standalone:  # is it where the system's nginx.conf reads? (a placeholder, an older fdngx's file)
-            guards.check_not_in_system_conf(path, target, control)
+            guards.check_not_in_system_conf(target, control)
         _pause("tested")
         if not reload:
             remove(jpath)

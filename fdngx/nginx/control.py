@@ -322,11 +322,6 @@ class NginxControl:
                 return
             time.sleep(0.05)
 
-    def _serves(self, generation: str | None) -> bool:
-        if not self.verify_url or not generation:
-            return True
-        return self.served_generation() == generation
-
     def served_generation(self) -> str | None:
         """What `GET /fdngx/generation` answers now (site/standalone), None when unknown or unreachable."""
         return self._answer()[0]

@@ -105,7 +105,7 @@ def tidy_legacy(target: Path) -> str:
     return done
 
 
-def check_read(path: Path, target: Path, files: frozenset[str] | None, control: NginxControl) -> None:
+def check_read(target: Path, files: frozenset[str] | None, control: NginxControl) -> None:
     """nginx -T listed the files it read; ours must be one of them, or a reload changes nothing (no `include`
     matches it: sites-available/ without the link in sites-enabled/, a directory nginx.conf does not name).
     No list (nginx printed none): not judged."""
@@ -145,18 +145,19 @@ def included_by(conf: Path, path: Path) -> bool:
     return False
 
 
-def refuse_standalone_in(system: Path, path: Path, binary: str) -> ApplyError:
-    return ApplyError(f"{path}: {system} (the nginx.conf of {binary} without -c) includes this file: a standalone "
-                      f"config there breaks that nginx's next reload or restart; write it to a directory {system} does "
-                      "not include (e.g. /srv/fdngx/nginx.conf)")
+def standalone_refusal(system: Path, binary: str) -> str:
+    """Why a standalone config may not be where `system` (the binary's own nginx.conf) includes it."""
+    return (f"{system} (the nginx.conf of {binary} without -c) includes this file: a standalone config there breaks "
+            f"that nginx's next reload or restart; write it to a directory {system} does not include (e.g. "
+            "/srv/fdngx/nginx.conf)")
 
 
-def check_not_in_system_conf(path: Path, target: Path, control: NginxControl) -> None:
+def check_not_in_system_conf(target: Path, control: NginxControl) -> None:
     """A standalone config is a whole nginx.conf: the system's nginx.conf must not include it (conf.d/,
     sites-enabled/, modules-enabled/), or that nginx's next reload or restart fails on it."""
     system = control.default_conf
     real = os.path.realpath(target)
-    if system is None or not system.is_file() or os.path.realpath(system) == real:
+    if not system.is_file() or os.path.realpath(system) == real:
         return
     check = NginxControl(control.binary, system, runner=control.runner, timeout=control.timeout)
     try:
@@ -167,4 +168,4 @@ def check_not_in_system_conf(path: Path, target: Path, control: NginxControl) ->
             return  # broken for another reason: not ours to judge (and not made worse by us)
         files = frozenset({real})
     if real in files:
-        raise ApplyError(str(refuse_standalone_in(system, path, control.binary)).removeprefix(f"{path}: "))
+        raise ApplyError(standalone_refusal(system, control.binary))

@@ -24,7 +24,7 @@ from fdngx.nginx.apply import ApplyResult, safe_apply
 from fdngx.nginx.build import nginx_build
 from fdngx.nginx.control import NginxControl, find_nginx, prepare_prefix
 from fdngx.nginx.fanout import Fanout, FrontendSpec, PushOutcome
-from fdngx.nginx.guards import check_replaceable, included_by, refuse_standalone_in
+from fdngx.nginx.guards import check_replaceable, included_by, standalone_refusal
 from fdngx.nginx.render import RenderOptions, render
 from fdngx.system.files import read_bytes_or_none, real_target, writable_by_others
 
@@ -244,7 +244,7 @@ def _check_standalone_place(spec: TargetSpec) -> None:
         return
     system = nginx_build(binary).conf_path
     if system.is_file() and os.path.realpath(system) != os.path.realpath(spec.out) and included_by(system, spec.out):
-        raise refuse_standalone_in(system, spec.out, binary)
+        raise ApplyError(f"{spec.out}: {standalone_refusal(system, binary)}")
 
 
 def _unique(specs: list[FrontendSpec]) -> list[FrontendSpec]:

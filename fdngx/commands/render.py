@@ -202,7 +202,7 @@ def apply_fresh(target: Target, policy: PolicyConfig | None, store: StateStore |
     would see the drain undone. Then nothing is written; it reads the inventory again and runs again."""
     for attempt in range(RERUNS + 1):
         result = Controller(target, policy, log_outcome=False, inputs_changed=changed_since(paths, seen)).run_once(
-            inv, store)
+            inv, store, save_stale=attempt == RERUNS)
         if not result.stale_inputs or attempt == RERUNS:
             break
         say(f"fdngx: {result.error}; running again with the inventory as it is now", logging.WARNING)

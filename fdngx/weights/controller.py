@@ -303,14 +303,17 @@ class Controller:
         control = self.target.control
         return control.running() if control is not None and self.target.reload else None
 
-    def run_once(self, inv: Inventory, store: StateStore | None, *, save: bool = True) -> CycleResult:
+    def run_once(self, inv: Inventory, store: StateStore | None, *, save: bool = True,
+                 save_stale: bool = True) -> CycleResult:
         """Cron: one step with the state from `store`, saved back under its lock. `save=False` (--diff,
-        --check) reads the state and changes nothing; no store: a fresh state in memory."""
+        --check) reads the state and changes nothing; no store: a fresh state in memory. `save_stale=False`:
+        a cycle whose inventory changed under it saves nothing either, as the run that follows scrapes again
+        (its health checks would count twice toward fail_threshold and rise_threshold in one cron run)."""
         if store is None or not save:
             return self.step(inv, store.load() if store else PolicyState(), force_render=True)[0]
         with store.locked():
             result, new_state = self.step(inv, store.load(), force_render=True)
-            if self.policy is not None:
+            if self.policy is not None and (save_stale or not result.stale_inputs):
                 store.save(new_state)
         return result
 

@@ -141,6 +141,10 @@ def test_render_scrape_runs_again_when_a_drain_lands_while_it_scrapes(tmp_path: 
     line = next(ln for ln in out.read_text().splitlines() if f":{ports[1]}" in ln)
     assert "down" in line, f"b1 is drained in the inventory, the config has: {line}"
     assert "inventory changed" in stderr and "running again" in stderr, stderr
+    # The run scraped twice; b0's failed health checks count once, as for any cron run (the first cycle's
+    # state was not kept: fail_threshold counts cron runs, not reruns).
+    state = json.loads((out.parent / ".fdngx.conf.fdngx-state.json").read_text())
+    assert state["instances"]["b0"]["fails"] == 1, state["instances"]["b0"]
 
 
 

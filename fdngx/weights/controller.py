@@ -325,8 +325,10 @@ class Controller:
             for d in result.decisions:
                 if d.changed:
                     # A replica taken out, or a change nginx did not get, is what an operator must see.
-                    # A drain is the operator's own doing: INFO, like a weight change.
-                    level = logging.WARNING if error or (d.down and not d.drained) else logging.INFO
+                    # A drain is the operator's own doing: INFO, like a weight change; so is a change a stop
+                    # the operator asked for kept from nginx (the next start applies it).
+                    failed = error is not None and not result.stopped
+                    level = logging.WARNING if failed or (d.down and not d.drained) else logging.INFO
                     log.log(level, "%s%s: %s", "NOT APPLIED " if error else "", d.name, d.reason)
             if result.decisions.fail_open and result.decisions.changed:
                 log.warning("failing open: %s", result.decisions.fail_open)

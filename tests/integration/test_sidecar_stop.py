@@ -57,6 +57,8 @@ def test_sigterm_ends_a_cycle_waiting_for_the_apply_lock(tmp_path: Path) -> None
         text = lp.log.read_text()
         said = [ln for ln in text.splitlines() if "stopping: the apply waited for the lock and was not made" in ln]
         assert said and all(" INFO " in ln and "apply failed" not in ln for ln in said), text  # asked for: no error
+        kept = [ln for ln in text.splitlines() if "NOT APPLIED" in ln]  # the new replica, kept from nginx by the stop
+        assert kept and all(" INFO " in ln for ln in kept), text
         assert lp.conf.read_text() == before, "nothing written"
 
 

@@ -29,13 +29,15 @@ EPILOG = (
     "requests while another replica is in rotation); SHARE: the current weight's share of the replicas nginx "
     "sends new requests to; LOAD: requests "
     "per slot now (1.00 = every slot busy); UP: this scrape's /health. Read-only: "
-    "the state file is not written.\n\n"
+    "the state file is not written. With --out/--state, a state no sidecar or cron run wrote in the last 5 "
+    "minutes (or none at all) is said above the table: nothing is keeping the weights.\n\n"
     "--json: one document {fleet_load, fail_open, instances: \\[{name, healthy, up, drain, running, queued, kv_usage, "
     "load, current_weight, current_down, backup, share, proposed_weight, proposed_down, proposed_backup, changed, "
-    "reason, ...}]}, plus launch_unwritten: \\[warning lines] when a detached `fdngx launch` "
-    "beside an inventory (its pidfile, INVENTORY.pid) cannot write a file now (the inventory then shows an "
-    "older state, or none): also said on stderr (--watch: above each frame's table instead); with "
-    "--watch, one such document per line (plus ts).\n\n"
+    "reason, ...}]}; with --out/--state also state_age_s (seconds since the state was written, null: never) "
+    "and state_note (the warning above, null: fresh); plus launch_unwritten: \\[warning lines] when a "
+    "detached `fdngx launch` beside an inventory (its pidfile, INVENTORY.pid) cannot write a file now (the "
+    "inventory then shows an older state, or none): also said on stderr (--watch: above each frame's table "
+    "instead); with --watch, one such document per line (plus ts).\n\n"
     "--watch: redraws every --interval on a terminal (Ctrl-C, SIGTERM or SIGHUP quits, exit 0); with load and "
     "weight history "
     "per replica (x: held out, dot: no metrics). Without --out/--state the view carries the policy's memory "
@@ -85,7 +87,7 @@ def status_cmd(
         raise
     finally:
         source.close()
-    _warn(snap.launch_unwritten)
+    _warn(snap.warnings)
     if as_json:
         typer.echo(json.dumps(snap.to_json(), indent=2))
         return
@@ -96,7 +98,8 @@ def status_cmd(
 
 
 def _warn(lines: tuple[str, ...]) -> None:
-    """The launch's word on files it cannot write (status_view.launch_unwritten), on stderr: one line each."""
+    """The launch's word on files it cannot write (status_view.launch_unwritten) and a stale policy state
+    (status_view.state_note), on stderr: one line each."""
     for line in lines:
         say(f"fdngx: {line}", logging.WARNING)
 

@@ -47,14 +47,52 @@ class Snapshot:
     fail_open: str | None
     # What the detached launch beside an inventory cannot write now (launch_unwritten): one warning a file.
     launch_unwritten: tuple[str, ...] = ()
+    # With --out/--state: seconds since a sidecar or cron run last wrote the policy state (None: never), and
+    # the warning when that says nothing keeps the weights now (state_note).
+    state_age: float | None = None
+    state_note: str | None = None
+    has_state: bool = False  # --out or --state was given
 
     def to_json(self) -> dict[str, Any]:
-        """The `--json` document: {fleet_load, fail_open, instances: [one object per replica]}, and
+        """The `--json` document: {fleet_load, fail_open, instances: [one object per replica]}, with --out or
+        --state also state_age_s (null: no state written yet) and state_note (null: fresh), and
         launch_unwritten: [warning lines] when there are any."""
         doc: dict[str, Any] = {"fleet_load": self.fleet_load, "fail_open": self.fail_open, "instances": self.rows}
+        if self.has_state:
+            doc["state_age_s"] = None if self.state_age is None else round(self.state_age, 1)
+            doc["state_note"] = self.state_note
         if self.launch_unwritten:
             doc["launch_unwritten"] = list(self.launch_unwritten)
         return doc
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """Lines shown above the table (and on stderr by a one-shot status)."""
+        return self.launch_unwritten + ((self.state_note,) if self.state_note else ())
+
+
+# A sidecar saves its state at least every 10 s (sidecar.STATE_SAVE_EVERY), cron's render --scrape every run
+# (a minute at most in the shipped cron file and timer): older than this, nothing is keeping the weights.
+STATE_STALE_S = 300.0
+
+
+def state_note(path: Path, age: float | None) -> str | None:
+    """Why WEIGHT may not be what anything keeps current (None: a sidecar or cron run wrote it recently)."""
+    if age is None:
+        return (f"{path}: no policy state: no sidecar or 'render --scrape' has run for this config, so WEIGHT is "
+                "the inventory's (check --out/--state)")
+    if age > STATE_STALE_S:
+        return (f"{path}: last written {_ago(age)} ago: no sidecar or cron run is keeping the weights now; WEIGHT "
+                "is what the last one applied (is the sidecar or the cron job running?)")
+    return None
+
+
+def _ago(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    if minutes < 120:
+        return f"{minutes} min"
+    hours = minutes // 60
+    return f"{hours} h" if hours < 48 else f"{hours // 24} days"
 
 
 def launch_unwritten(inventories: Iterable[Path]) -> tuple[str, ...]:
@@ -154,8 +192,12 @@ class Source:
         decisions, new_state = decide(samples, inv, pstate, config_of_state(pstate), now)
         if self.remember and self.store is None:
             self.memory = new_state
+        age = note = None
+        if self.store is not None:
+            age = None if pstate.updated_at is None else max(0.0, now - pstate.updated_at)
+            note = state_note(self.store.path, age)
         return Snapshot(now, rows_of(inv, samples, decisions, pstate), decisions.fleet_load, decisions.fail_open,
-                        self.unwritten)
+                        self.unwritten, age, note, self.store is not None)
 
     def close(self) -> None:
         self.session.close()
@@ -282,7 +324,7 @@ def frame(snap: Snapshot, history: History, *, interval: float, number: int, uni
     when = time.strftime("%H:%M:%S", time.localtime(snap.at))
     head = Text(f"fdngx status  {when}  frame {number}  every {interval:g}s  ", style="bold")
     head.append(summary(snap), style="red" if snap.fail_open else "")
-    parts: list[RenderableType] = [head, *(Text(line, style="yellow") for line in snap.launch_unwritten),
+    parts: list[RenderableType] = [head, *(Text(line, style="yellow") for line in snap.warnings),
                                    table(snap, history, unicode=unicode, spark=spark)]
     if hint:
         parts.append(Text(hint, style="dim"))

@@ -329,3 +329,29 @@ def test_drain_says_to_stop_only_once_nginx_holds_the_replica_out(tmp_path: Path
     assert "stop it once RUN is 0" not in said, said
     assert "Until then nginx still sends it new requests" in said, said
     assert "stop it once WEIGHT says draining and RUN is 0" in said, said
+
+
+def test_a_state_nothing_keeps_current_is_said(fleet: Fleet, tmp_path: Path) -> None:
+    """A sidecar that died hours ago (or a cron job removed) leaves its last weights in the state, and status
+    showed them as current. It saves at least every 10 s, cron every run: older than 5 minutes, status says
+    nothing keeps the weights now (stderr and --json); a fresh one says nothing; none at all is said too."""
+    state = with_state(fleet, tmp_path, dp0=InstanceState(weight=20), dp1=InstanceState(weight=20))
+    fresh = status("-i", str(fleet.inv), "--state", str(state), "--json")
+    assert fresh.returncode == 0 and "no sidecar" not in fresh.stderr, fresh.stderr
+    doc = json.loads(fresh.stdout)
+    assert doc["state_note"] is None and 0 <= doc["state_age_s"] < 60, doc
+
+    old = PolicyState.from_dict(json.loads(state.read_text()))
+    state.write_text(json.dumps(PolicyState(old.instances, updated_at=time.time() - 3 * 3600).to_dict()))
+    stale = status("-i", str(fleet.inv), "--state", str(state))
+    assert stale.returncode == 0, stale.stderr
+    assert f"{state}: last written 3 h ago: no sidecar or cron run is keeping the weights now" in stale.stderr, \
+        stale.stderr
+    doc = json.loads(status("-i", str(fleet.inv), "--state", str(state), "--json").stdout)
+    assert doc["state_age_s"] > 3 * 3600 - 60 and "no sidecar or cron run" in doc["state_note"], doc
+
+    none = status("-i", str(fleet.inv), "--out", str(tmp_path / "never-written.conf"))
+    assert none.returncode == 0 and "no policy state" in none.stderr, none.stderr
+    # Without --out/--state there is no state to speak of: nothing said, no keys.
+    bare = status("-i", str(fleet.inv), "--json")
+    assert "no policy state" not in bare.stderr and "state_age_s" not in json.loads(bare.stdout)

@@ -35,7 +35,8 @@ EPILOG = (
 )
 
 _NEXT = ("A running sidecar applies this within its --debounce seconds; without one, run `fdngx render "
-         "--reload` with your usual options.")
+         "--scrape --reload` with your usual options (the cron form: it records what nginx got, which --wait and "
+         "status read).")
 
 
 def message(r: DrainResult) -> str:

@@ -76,8 +76,11 @@ class Snapshot:
 STATE_STALE_S = 300.0
 
 
-def state_note(path: Path, age: float | None) -> str | None:
-    """Why WEIGHT may not be what anything keeps current (None: a sidecar or cron run wrote it recently)."""
+def state_note(path: Path, age: float | None, exists: bool = False) -> str | None:
+    """Why WEIGHT may not be what anything keeps current (None: a sidecar or cron run wrote it recently).
+    `exists`: a file is there, yet no state came of it (unusable: the store said why)."""
+    if age is None and exists:
+        return f"{path}: the policy state cannot be used (see above), so WEIGHT is the inventory's"
     if age is None:
         return (f"{path}: no policy state: no sidecar or 'render --scrape' has run for this config, so WEIGHT is "
                 "the inventory's (check --out/--state)")
@@ -195,7 +198,7 @@ class Source:
         age = note = None
         if self.store is not None:
             age = None if pstate.updated_at is None else max(0.0, now - pstate.updated_at)
-            note = state_note(self.store.path, age)
+            note = state_note(self.store.path, age, self.store.path.exists())
         return Snapshot(now, rows_of(inv, samples, decisions, pstate), decisions.fleet_load, decisions.fail_open,
                         self.unwritten, age, note, self.store is not None)
 

@@ -44,6 +44,7 @@ _MAX_DUMPED = 100_000  # file names kept from one `nginx -T`
 # An error-log line: "2024/05/01 12:00:00 [emerg] 1234#1234: message" (level, pid#thread id).
 _LOG_LINE = re.compile(rb"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[([a-z]+)\] (\d+)#\d+: ")
 _SERIOUS = (b"emerg", b"alert", b"crit")
+_GAVE_UP, _BIND_FAILED = b"still could not bind()", b": bind() to "  # ngx_open_listening_sockets' words
 _GENERATION = re.compile(r"^# fdngx-generation: ([0-9a-f]+)$", re.M)
 # What nginx puts before its words: "nginx: ", a log line's "2024/05/01 12:00:00 " and, after the level, "1234#1234: ".
 _MESSAGE_HEAD = re.compile(r"^(?:nginx: )?(?:\d{4}/\d\d/\d\d \d\d:\d\d:\d\d )?(?:(\[[a-z]+\] )(\d+#\d+: )?)?")
@@ -311,8 +312,16 @@ class MasterLog:
             self.changed = time.monotonic()
 
     def _last(self, levels: tuple[bytes, ...]) -> str:
+        """The last of the master's lines of these levels. nginx ends a reload whose listen address is taken
+        with "still could not bind()" after five "bind() to ADDRESS failed (98: ...)" tries: the last try's
+        line names the address and why, so it comes first."""
         bad = [ln for level, ln in self.lines if level in levels]
-        return nginx_message(bad[-1].decode("utf-8", "replace"), keep_pid=True) if bad else ""
+        if not bad:
+            return ""
+        last = bad[-1]
+        if last.rstrip().endswith(_GAVE_UP) and (tried := [ln for ln in bad[:-1] if _BIND_FAILED in ln]):
+            return "; ".join(nginx_message(ln.decode("utf-8", "replace"), keep_pid=True) for ln in (tried[-1], last))
+        return nginx_message(last.decode("utf-8", "replace"), keep_pid=True)
 
     def error(self) -> str:
         """The master's last [emerg]/[alert]/[crit] line, or ''."""

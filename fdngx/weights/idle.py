@@ -58,7 +58,8 @@ def wait_idle(inst: Instance, timeout: float, say: Callable[[str], None], *,
                 ask = "Is the drain applied? " if held else ""
                 raise FdngxError(
                     f"{inst.name}: {what} after {timeout:g} s; it stays drained. {ask}A running sidecar applies it "
-                    "within its --debounce seconds, else run `fdngx render --reload`; wait longer with a larger --wait")
+                    "within its --debounce seconds, else run `fdngx render --scrape --reload` (a render without "
+                    "--scrape keeps no policy state, which this wait reads); wait longer with a larger --wait")
             due = said_at is None or now - said_at >= SAY_EVERY_S or held != said_held  # or once it is applied
             if due and quiet == 0:  # a quiet read: the next one decides
                 say(f"{inst.name}: {what}; waiting ({waited:.0f} s of {timeout:g})")

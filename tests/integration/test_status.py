@@ -352,6 +352,11 @@ def test_a_state_nothing_keeps_current_is_said(fleet: Fleet, tmp_path: Path) -> 
 
     none = status("-i", str(fleet.inv), "--out", str(tmp_path / "never-written.conf"))
     assert none.returncode == 0 and "no policy state" in none.stderr, none.stderr
+    # A state an upgrade (or a disk) made unusable is not "no sidecar has run": the store says why, and this.
+    state.write_text(json.dumps({"version": 99}))
+    bad = status("-i", str(fleet.inv), "--state", str(state))
+    assert bad.returncode == 0 and "ignoring unusable policy state" in bad.stderr, bad.stderr
+    assert "the policy state cannot be used" in bad.stderr and "no sidecar" not in bad.stderr, bad.stderr
     # Without --out/--state there is no state to speak of: nothing said, no keys.
     bare = status("-i", str(fleet.inv), "--json")
     assert "no policy state" not in bare.stderr and "state_age_s" not in json.loads(bare.stdout)

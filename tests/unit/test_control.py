@@ -142,3 +142,19 @@ def test_executable_names_a_deleted_program_by_its_path(tmp_path: Path) -> None:
         assert procs.executable(proc.pid) == str(program)
     finally:
         stop_process_group(proc, grace=2)
+
+
+def test_a_taken_listen_address_is_named_not_only_still_could_not_bind(tmp_path: Path) -> None:
+    """nginx tries bind() five times, logging each failure, then says "still could not bind()" (ngx_cycle.c,
+    ngx_open_listening_sockets): that last line alone named neither the address nor why."""
+    log_path = tmp_path / "error.log"
+    log_path.write_text("")
+    log = MasterLog(log_path, MASTER)
+    with log_path.open("a") as fh:
+        for _ in range(5):
+            fh.write(_line(MASTER, "emerg", "bind() to 127.0.0.1:28001 failed (98: Address already in use)"))
+        fh.write(_line(MASTER, "emerg", "still could not bind()"))
+    log.read()
+    want = (f"[emerg] {MASTER}#{MASTER}: bind() to 127.0.0.1:28001 failed (98: Address already in use); "
+            f"[emerg] {MASTER}#{MASTER}: still could not bind()")
+    assert log.refusal() == want and log.error() == want, log.refusal()

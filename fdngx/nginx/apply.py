@@ -42,10 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fdngx.errors import ApplyError, os_error_line
-from fdngx.nginx import guards, journal
+from fdngx.nginx import guards, journal, shape
 from fdngx.nginx.control import NginxControl, NginxNotRunning, ReloadError, generation_in
 from fdngx.nginx.escape import EscapeError, nginx_string
 from fdngx.nginx.journal import aside
+from fdngx.nginx.shape import Front
 from fdngx.system.files import (
     LockWaitStopped,
     atomic_write,
@@ -228,6 +229,7 @@ def _apply_locked(path: Path, target: Path, content: str, control: NginxControl 
         if old == data:
             return _unchanged(path, control, reload, generation, recovered)
         guards.check_replaceable(path, old, how.replace_foreign)
+        shape.check(path, old, Front.of(data), how.replace_foreign)  # a mode, TLS or API keys left out
         guards.keep_original(path, target, old)  # --force: kept for good, not only until the next apply
         diff = unified_diff(old, content, path)
         if control is None:

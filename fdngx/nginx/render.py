@@ -40,6 +40,7 @@ from fdngx.errors import RenderError, UsageError
 from fdngx.inventory import all_drained
 from fdngx.nginx import frontdoor
 from fdngx.nginx.escape import EscapeError, lua_literal, nginx_arg, nginx_size, nginx_string, nginx_time
+from fdngx.nginx.shape import front_of
 
 GENERATION_TOKEN = "@@FDNGX_GENERATION@@"
 MAX_WEIGHT = 10_000  # the same bound as the inventory's static weights
@@ -287,6 +288,7 @@ def context(inv: Inventory, opts: RenderOptions, states: Mapping[str, ServerStat
         # Shared-memory zone for least_conn/max_fails across workers: ~1 KiB a server is ample.
         "zone_kb": 256 + len(servers),
         "mode": opts.mode.value,
+        "front": front_of(opts).line,  # the header line an apply compares (fdngx.nginx.shape)
         "flavor": opts.flavor.value,
         "listen": str(opts.listen),
         "listen_host": opts.listen.reach_host,

@@ -19,13 +19,14 @@ from fdngx.domain import Flavor, Inventory, LoadSample, Mode, ServerState
 from fdngx.errors import ApplyError, FdngxError, UsageError, os_error_line
 from fdngx.inventory import in_rotation
 from fdngx.nginx import admin as admin_client
-from fdngx.nginx import generation, openresty
+from fdngx.nginx import generation, openresty, shape
 from fdngx.nginx.apply import ApplyResult, safe_apply
 from fdngx.nginx.build import nginx_build
 from fdngx.nginx.control import NginxControl, find_nginx, prepare_prefix
 from fdngx.nginx.fanout import Fanout, FrontendSpec, PushOutcome
 from fdngx.nginx.guards import check_replaceable, included_by, standalone_refusal
 from fdngx.nginx.render import RenderOptions, render
+from fdngx.nginx.shape import front_of
 from fdngx.system.files import read_bytes_or_none, real_target, writable_by_others
 
 log = logging.getLogger("fdngx.target")
@@ -200,7 +201,9 @@ def open_target(spec: TargetSpec, *, dry: bool = False) -> Target:
     opts = spec.opts
     if spec.out is not None and not dry:
         # A sidecar refuses to start, not to apply every cycle; safe_apply asks again under the lock.
-        check_replaceable(spec.out, read_bytes_or_none(real_target(spec.out)), spec.force)
+        live = read_bytes_or_none(real_target(spec.out))
+        check_replaceable(spec.out, live, spec.force)
+        shape.check(spec.out, live, front_of(opts), spec.force)
     if spec.out is not None and not dry and writable_by_others(real_target(spec.out).parent):
         log.warning("%s: its directory is writable by other accounts; anyone there can replace what nginx reads",
                     real_target(spec.out).parent)

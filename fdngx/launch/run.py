@@ -197,6 +197,9 @@ def stop(inventory_path: str | Path, out: TextIO | None = None, grace: float | N
         return [f"{pidfile} was written before the machine restarted: nothing it names can still run; removed it"]
     grace = record.grace if grace is None else grace
     report = []
+    children = [c for c in record.children if c.pid is not None]
+    # Which ran until now: one that exited before (not restarted: --restart no, a clean exit) was not stopped.
+    running = {c.pid for c in children if c.start is not None and procs.group_is_ours(c.pid, c.start)}
     supervised = sup.alive()
     if supervised:
         say(f"fdngx: stopping supervisor pid {sup.pid} (up to {grace + 15:.0f}s)")
@@ -210,7 +213,6 @@ def stop(inventory_path: str | Path, out: TextIO | None = None, grace: float | N
             report.append(f"stopped supervisor pid {sup.pid}")
     else:
         report.append(f"supervisor pid {sup.pid} was not running (stale pidfile)")
-    children = [c for c in record.children if c.pid is not None]
     groups = [(c.pid, c.start, c.stop_signal) for c in children if c.pid is not None and c.start is not None]
     left = [(pgid, start, sig) for pgid, start, sig in groups if procs.group_is_ours(pgid, start)]
     members = {p: s for c in children for p, s in c.members.items() if procs.same_process(p, s)}
@@ -218,7 +220,8 @@ def stop(inventory_path: str | Path, out: TextIO | None = None, grace: float | N
     left_pids = {g[0] for g in left}
     for c in children:
         assert c.pid is not None
-        how = "killed" if c.pid in killed else "stopped" if supervised or c.pid in left_pids else "already gone:"
+        how = "killed" if c.pid in killed else "stopped" if c.pid in running or c.pid in left_pids else \
+            "already gone:"
         report.append(f"{how} {c.name} pid {c.pid} serving {', '.join(c.instances)}")
     if members and not supervised:
         report.append(f"stopped {len(members)} recorded member process(es) of those groups")

@@ -732,3 +732,19 @@ def test_stop_popen_group_reaches_members_that_outlived_their_leader(tmp_path: P
     finally:
         if procs.same_process(member, mstart):
             os.kill(member, signal.SIGKILL)
+
+
+def test_stop_does_not_claim_to_stop_a_replica_that_had_exited(launcher: Launcher) -> None:
+    """dp1 exits on its own (a clean exit: not restarted); `fdngx stop` later said "stopped dp1 pid N" for it."""
+    r = launcher.run("launch", "--engine", "sim", "-n", "2", "--per-instance", "--detach", "--inventory",
+                     str(launcher.inv), *sim_ports(2))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    pids = {i["name"]: i["pid"] for i in launcher.inventory()["instances"]}
+    os.kill(pids["dp1"], signal.SIGTERM)
+    wait_for(lambda: {i["name"]: i["status"] for i in launcher.inventory()["instances"]}.get("dp1") == "exited", 30,
+             what="the supervisor recording dp1's exit")
+    s = launcher.run("stop", "--inventory", str(launcher.inv))
+    assert s.returncode == 0, s.stderr
+    assert f"already gone: dp1 pid {pids['dp1']} serving dp1" in s.stdout, s.stdout
+    assert f"stopped dp0 pid {pids['dp0']} serving dp0" in s.stdout, s.stdout
+    launcher.assert_all_gone()

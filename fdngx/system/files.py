@@ -372,8 +372,9 @@ def file_lock(path: Path, timeout: float = 60.0, *, stop: threading.Event | None
                     raise
                 waited = time.monotonic() - started
                 if waited >= timeout:
-                    raise ApplyError(f"{path}: another fdngx run holds the lock for more than {timeout:g}s"
-                                     f"{_held_by(st)}; giving up") from None
+                    held = f" for more than {timeout:g}s" if timeout > 0 else ""
+                    raise ApplyError(f"{path}: another fdngx run holds the lock{held}{_held_by(st)}; giving up"
+                                     ) from None
                 if not said and waited >= min(LOCK_PATIENCE, timeout / 2):
                     log.info("%s: waiting for the lock%s (up to %g s)", path, _held_by(st), timeout)
                     said = True

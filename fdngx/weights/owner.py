@@ -18,7 +18,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from fdngx.errors import ApplyError, UsageError
+from fdngx.errors import ApplyError, FdngxError
 from fdngx.nginx.apply import aside
 from fdngx.system.files import file_lock, real_target
 
@@ -30,7 +30,8 @@ def owner_lock(out: Path) -> Path:
 def hold(out: Path | None, wait: float = 0.0) -> contextlib.ExitStack:
     """Take the config's sidecar lock for as long as the returned stack is open (nothing to take without a
     config: a controller that only pushes), waiting up to `wait` s for it (cron's `--once` runs take turns).
-    Raises UsageError when another sidecar holds it."""
+    Raises FdngxError (exit 1: a state of the machine, not a mistake in the command) when another sidecar
+    holds it."""
     stack = contextlib.ExitStack()
     if out is None:
         return stack
@@ -38,7 +39,7 @@ def hold(out: Path | None, wait: float = 0.0) -> contextlib.ExitStack:
         stack.enter_context(file_lock(owner_lock(out), timeout=wait))
     except ApplyError as exc:
         stack.close()
-        raise UsageError(f"{out}: another fdngx sidecar manages this config ({exc}): one sidecar per config, "
+        raise FdngxError(f"{out}: another fdngx sidecar manages this config ({exc}): one sidecar per config, "
                          "two would undo each other's writes; stop that one first") from None
     return stack
 

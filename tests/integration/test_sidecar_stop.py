@@ -101,3 +101,19 @@ def test_overlapping_once_runs_take_turns_with_the_state(tmp_path: Path) -> None
     assert len(state["reloads"]) == 2 and set(state["instances"]) == {"dp0", "dp1"}, state
     said = runs[1][1].read_text()
     assert " dp1: " in said and " dp0: " not in said, said  # dp0's weight and failing scrape are known
+
+
+def test_a_second_sidecar_on_one_config_is_an_error_not_a_usage_error(tmp_path: Path) -> None:
+    """Exit 1 (the machine's state: another sidecar runs), not 2 (a bad command line), and no "for more than
+    0s" (this start does not wait)."""
+    ports = free_ports(2)
+    inv = write_inventory(tmp_path / "fdngx.json", [
+        {"name": f"dp{i}", "host": "127.0.0.1", "port": p, "engine": "fastdeploy"} for i, p in enumerate(ports)])
+    out = tmp_path / "upstream.conf"
+    with holding(tmp_path / ".upstream.conf.fdngx-sidecar.lock"):  # as the first sidecar holds it
+        proc = subprocess.run([sys.executable, "-m", "fdngx", "sidecar", "-i", str(inv), "--out", str(out),
+                               "--no-reload", "--metrics-listen", "off"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "another fdngx sidecar manages this config" in proc.stderr and "more than 0s" not in proc.stderr
+    assert f"held by pid {os.getpid()}" in proc.stderr, proc.stderr
+    assert not out.exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fdngx.domain import Flavor
-from fdngx.errors import UsageError
+from fdngx.errors import FdngxError
 from fdngx.nginx.admin import PushResult
 from fdngx.nginx.generation import generation_in
 from fdngx.nginx.render import RenderOptions
@@ -103,7 +103,7 @@ def test_one_sidecar_per_config_and_render_is_told(tmp_path: Path) -> None:
     second is refused, naming the first; `fdngx render` to it is warned that the sidecar rewrites it."""
     first, _, _, _ = make(tmp_path, n=2)
     try:
-        with pytest.raises(UsageError, match=r"upstream.conf: another fdngx sidecar manages this config .*held by "
+        with pytest.raises(FdngxError, match=r"upstream.conf: another fdngx sidecar manages this config .*held by "
                                              rf"pid {os.getpid()}"):
             make(tmp_path, n=2)
         got = fdngx("render", "-i", str(tmp_path / "fdngx.json"), "--out", str(tmp_path / "upstream.conf"))

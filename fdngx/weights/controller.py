@@ -100,14 +100,17 @@ def unapplied(new: PolicyState, old: PolicyState) -> PolicyState:
 
 
 def _log_scrapes(old: PolicyState, new: PolicyState) -> None:
-    """A replica's metrics failing, and working again: one WARNING each, not one per cycle (from the state,
-    so cron runs a minute apart say it once too)."""
+    """A replica's metrics failing, and working again: one line each, not one per cycle (from the state, so
+    cron runs a minute apart say it once too). Failing is a WARNING, but not for a drained replica (stopping
+    it is what a drain is for); working again is news, INFO."""
     for name, st in new.instances.items():
         was = old.instances[name].last_error if name in old.instances else None
         if st.last_error is not None and was is None:
-            log.warning("%s: metrics scrape failing: %s", name, st.last_error)
+            level = logging.INFO if st.drained else logging.WARNING
+            log.log(level, "%s: metrics scrape failing%s: %s", name, " (drained)" if st.drained else "",
+                    st.last_error)
         elif st.last_error is None and was is not None:
-            log.warning("%s: metrics scrape works again", name)
+            log.info("%s: metrics scrape works again", name)
 
 
 def fleet_outcome(pushes: tuple[PushOutcome, ...] | None) -> tuple[int | None, str | None]:

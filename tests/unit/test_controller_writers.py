@@ -15,7 +15,7 @@ from fdngx.nginx.admin import PushResult
 from fdngx.nginx.generation import generation_in
 from fdngx.nginx.render import RenderOptions
 from fdngx.nginx.target import Target
-from fdngx.weights.controller import Controller
+from fdngx.weights.controller import Controller, _log_scrapes
 from fdngx.weights.settings import PolicyConfig, config_for_flavor
 from fdngx.weights.state import InstanceState, PolicyState
 from tests.support import AdminDouble, fdngx, token_file
@@ -143,3 +143,18 @@ def test_a_render_whose_inventory_changed_writes_no_peers_file_either(tmp_path: 
     result, _state = c.step(inv_of(2), PolicyState(), force_render=True)
     assert result.stale_inputs and "the inventory changed" in (result.error or "")
     assert not peers.exists() and not (tmp_path / "upstream.conf").exists()
+
+
+def test_a_drained_replica_stopped_for_maintenance_is_not_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """`journalctl -p warning` showed every planned stop of a drained replica; and working again is news."""
+    caplog.set_level(logging.INFO, "fdngx.controller")
+    quiet = PolicyState({"dp0": InstanceState(), "dp1": InstanceState(drained=True, down=True)})
+    failing = PolicyState({"dp0": InstanceState(last_error="connection refused"),
+                           "dp1": InstanceState(drained=True, down=True, last_error="connection refused")})
+    _log_scrapes(quiet, failing)
+    _log_scrapes(failing, quiet)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said == [("WARNING", "dp0: metrics scrape failing: connection refused"),
+                    ("INFO", "dp1: metrics scrape failing (drained): connection refused"),
+                    ("INFO", "dp0: metrics scrape works again"),
+                    ("INFO", "dp1: metrics scrape works again")], said

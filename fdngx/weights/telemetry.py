@@ -62,6 +62,10 @@ class Telemetry:
             "fdngx_replica_load_signal", "1 when the last scrape gave a usable load signal, 0 when not", lbl,
             registry=r,
         )
+        self.healthy = Gauge(
+            "fdngx_replica_healthy", "1 when the replica's last /health check answered 200, 0 when not, whatever "
+            "nginx holds (NaN: not checked this cycle)", lbl, registry=r,
+        )
         self.slots = Gauge("fdngx_replica_slots", "Capacity the policy uses (max_batch_size, else max_num_seqs)",
                            lbl, registry=r)
         self.load = Gauge("fdngx_replica_load_ratio", "Smoothed load per slot the policy uses ((running + queued) "
@@ -95,7 +99,10 @@ class Telemetry:
             "fdngx_cycle_duration_seconds", "One scrape + policy (+ apply) cycle",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r,
         )
-        self.fail_open = Gauge("fdngx_fail_open", "1 while the policy fails open to static weights", registry=r)
+        self.fail_open = Gauge(
+            "fdngx_fail_open", "1 while the policy fails open to static weights: every replica in service fails "
+            "/health (fdngx_replica_healthy 0 on each), or none has fresh metrics", registry=r,
+        )
         self.generation = Gauge(
             "fdngx_config_generation", "Generation of the config last applied, as a number (its 12 hex digits)",
             registry=r,
@@ -190,6 +197,9 @@ class Telemetry:
             self.speed.labels(d.name).set(d.speed)
             s = samples.get(d.name)
             self.signal.labels(d.name).set(1 if d.load_signal else 0)
+            # What the sidecar saw, apart from what nginx holds: when every replica fails, the policy fails open
+            # and nginx has them all in rotation (up 1); this says they fail (the rules' FdngxFleetDown).
+            self.healthy.labels(d.name).set(math.nan if s is None else 1 if s.healthy else 0)
             if s is not None and s.ok and d.load_signal:
                 self.running.labels(d.name).set(s.running)
                 self.queued.labels(d.name).set(s.queued)
@@ -224,7 +234,7 @@ class Telemetry:
 
     def _forget(self, name: str) -> None:
         per_replica = (self.up, self.drained, self.backup, self.weight, self.speed, self.running, self.queued,
-                       self.kv, self.age, self.signal, self.slots, self.load, self.scrape_errors)
+                       self.kv, self.age, self.signal, self.healthy, self.slots, self.load, self.scrape_errors)
         for metric in per_replica:
             with contextlib.suppress(KeyError):
                 metric.remove(name)

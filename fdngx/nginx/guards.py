@@ -100,9 +100,8 @@ def tidy_legacy(target: Path) -> str:
         moved.append(f"{old.name} to {aside(target, hidden).name}")
     if not moved:
         return ""
-    done = f"moved {' and '.join(moved)} (an older fdngx's backup, which an `include` of {target.parent}/* reads)"
-    log.warning("%s", done)
-    return done
+    # Said by the caller, with the apply's other recovery (render prints it, the sidecar logs it): once.
+    return f"moved {' and '.join(moved)} (an older fdngx's backup, which an `include` of {target.parent}/* reads)"
 
 
 def check_read(target: Path, files: frozenset[str] | None, control: NginxControl) -> None:

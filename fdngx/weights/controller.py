@@ -357,4 +357,6 @@ class Controller:
                 # Once until nginx runs again: the openresty flavor applies (compares) every cycle.
                 log.warning("%s: nginx is not running: changes wait in the file until it starts",
                             result.applied.path)
+            elif result.applied.nginx_running and self._said_down:
+                log.info("%s: nginx is running again", result.applied.path)
             self._said_down = result.applied.nginx_running is False

@@ -223,6 +223,8 @@ class Sidecar:
             log.info("inventory read again")
             self._inventory_error = None
         if new.to_dict() == self.inventory.to_dict():
+            if force:  # `systemctl reload`: say it was done, not only when something changed
+                log.info("inventory read again (SIGHUP): unchanged, %d instance(s)", len(new.instances))
             return False
         log.info("inventory changed: %d instance(s) from %s", len(new.instances), ", ".join(new.sources))
         self.inventory = new

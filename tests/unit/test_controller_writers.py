@@ -3,6 +3,7 @@ next cycle, and a peers file that cannot be written does not keep the snapshot f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from fdngx.domain import Flavor
 from fdngx.errors import FdngxError
 from fdngx.nginx.admin import PushResult
+from fdngx.nginx.apply import ApplyResult, safe_apply
 from fdngx.nginx.generation import generation_in
 from fdngx.nginx.render import RenderOptions
 from fdngx.nginx.target import Target
@@ -158,3 +160,29 @@ def test_a_drained_replica_stopped_for_maintenance_is_not_a_warning(caplog: pyte
                     ("INFO", "dp1: metrics scrape failing (drained): connection refused"),
                     ("INFO", "dp0: metrics scrape works again"),
                     ("INFO", "dp1: metrics scrape works again")], said
+
+
+class _NginxComesAndGoes(Target):
+    """Writes the file; says nginx runs or not as the test's list does, one entry per apply."""
+
+    def __init__(self, out: Path, running: list[bool]) -> None:
+        super().__init__(out, RenderOptions(), None, False, None)
+        object.__setattr__(self, "running", running)
+
+    def apply(self, text: str, guard: object = None) -> ApplyResult:
+        result = safe_apply(self.out or Path(), text, None, reload=False)
+        return dataclasses.replace(result, nginx_running=self.running.pop(0))  # type: ignore[attr-defined]
+
+
+def test_nginx_stopped_and_started_again_is_said_both_ways(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """'nginx is not running' came once, and its end never: the log left the operator guessing."""
+    caplog.set_level(logging.INFO, "fdngx.controller")
+    c = Controller(_NginxComesAndGoes(tmp_path / "upstream.conf", [True, False, False, True, True]), PolicyConfig(),
+                   scrape=FakeScrape(), clock=Clock())
+    state = PolicyState()
+    for _ in range(5):
+        _, state = c.step(inv_of(2), state, force_render=True)
+    said = [r.getMessage() for r in caplog.records if "nginx is" in r.getMessage()]
+    assert said == [f"{tmp_path / 'upstream.conf'}: nginx is not running: changes wait in the file until it starts",
+                    f"{tmp_path / 'upstream.conf'}: nginx is running again"], said

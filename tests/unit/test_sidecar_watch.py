@@ -29,7 +29,7 @@ from fdngx.weights.settings import PolicyConfig
 from fdngx.weights.sidecar import Sidecar, SidecarConfig
 from fdngx.weights.telemetry import Telemetry
 from tests.support import wait_for
-from tests.unit.test_loop import FakeScrape, FakeTarget, inv_of
+from tests.unit.test_loop import FakeScrape, FakeTarget, inv_of, make
 
 
 class Running:
@@ -210,3 +210,15 @@ def test_through_names_every_symlink_on_the_way(tmp_path: Path) -> None:
         tmp_path / "here", tmp_path / "fdngx.json", tmp_path / "..data", tmp_path / "..v1" / "fdngx.json"]
     os.symlink("loop", tmp_path / "loop")
     assert through(tmp_path / "loop")[-1] == tmp_path / "loop"  # a loop ends (open says ELOOP)
+
+
+def test_sighup_with_an_unchanged_inventory_says_it_read_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`systemctl reload fdngx-sidecar` (SIGHUP) logged nothing when nothing had changed: no sign it happened."""
+    sc, _scrape, _clock, _written = make(tmp_path, n=2)
+    caplog.set_level(logging.INFO, "fdngx")
+    assert sc.reload_inventory(force=True) is False
+    said = [r.getMessage() for r in caplog.records]
+    assert "inventory read again (SIGHUP): unchanged, 2 instance(s)" in said, said
+    caplog.clear()
+    assert sc.reload_inventory() is False  # a look without the signal: nothing to say
+    assert not caplog.records

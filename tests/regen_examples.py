@@ -36,7 +36,10 @@ def _options_table(params: list[Any]) -> str:
         if p.name == "help" or not getattr(p, "opts", None):
             continue
         default = p.default
-        if callable(default) or default in (None, (), False, "") or str(default).startswith("Sentinel"):
+        # No default to show: none, an empty one, or a flag off. A numeric 0 (0 == False in Python) is shown,
+        # as --help shows it.
+        if (callable(default) or default is None or default is False or default in ((), "")
+                or str(default).startswith("Sentinel")):
             default = ""
         elif isinstance(default, Enum):
             default = default.value

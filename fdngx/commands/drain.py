@@ -16,12 +16,19 @@ from fdngx.weights.idle import wait_idle
 from fdngx.weights.store import StateStore, store_for
 
 EPILOG = (
+    "Examples:\n\n"
+    "  fdngx drain dp3 -i /etc/fdngx/fdngx.json           # dp3 gets no new requests; those in flight finish\n\n"
+    "  fdngx drain dp3 -i /etc/fdngx/fdngx.json --wait 600 --out /etc/nginx/fdngx/upstream.conf   # and wait "
+    "until nothing runs there\n\n"
+    "  fdngx drain dp3 -i /etc/fdngx/fdngx.json --undo    # back in rotation\n\n"
     "A drained replica gets no new requests; those in flight on it finish (nginx: `down` in the upstream, so "
     "the old workers' streams end normally through the graceful reload; OpenResty: left out of the balancer's "
-    "peers) once the next render or sidecar cycle applies it. It is still scraped: `fdngx status --out FILE` "
-    "shows it as draining (WEIGHT) once nginx holds it out, with RUN = what still runs there (until then the "
-    "reason says \"drain not applied yet\": nginx still sends it new requests); stop or restart it once it "
-    "shows draining and RUN is 0, then `fdngx drain NAME --undo`. The flag survives `fdngx launch` rewriting "
+    "peers) once the next sidecar cycle, or without a sidecar `fdngx render --scrape --reload` (cron), applies "
+    "it (a render without --scrape applies it too, but records nothing in the policy state that status and "
+    "--wait read). It is still scraped: `fdngx status --out FILE` shows it as draining (WEIGHT) once nginx "
+    "holds it out, with RUN and QUEUE = what is still there (until then the reason says \"drain not applied "
+    "yet\": nginx still sends it new requests); stop or restart it once its reason says \"nothing in flight: "
+    "safe to stop\", then `fdngx drain NAME --undo`. The flag survives `fdngx launch` rewriting "
     "the inventory and the registry's heartbeats.\n\n"
     "With --wait SECONDS the command then watches the replica (its metrics, as the sidecar reads them) until "
     "nothing is in flight on it, saying how many requests are left every 5 s: a script can stop the replica "
@@ -45,7 +52,8 @@ def message(r: DrainResult) -> str:
         return (f"{r.name}: drained in {r.path}: it gets no new requests; those in flight finish.\n{_NEXT}\n"
                 f"Until then nginx still sends it new requests: `fdngx status --out FILE` (the file your sidecar or "
                 f"cron job writes) shows {r.name} as draining once nginx holds it out, with what still runs there; "
-                f"stop it once WEIGHT says draining and RUN is 0 (or let `fdngx drain {r.name} --wait SECONDS "
+                f"stop it once its reason says \"nothing in flight: safe to stop\" (or let `fdngx drain {r.name} "
+                f"--wait SECONDS "
                 f"--out FILE` tell you); `fdngx drain {r.name} --undo` puts it back.")
     if r.drain:
         return (f"{r.name}: already drained in {r.path}: nothing changed. `fdngx status` shows what still runs "

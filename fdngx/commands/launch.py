@@ -20,6 +20,13 @@ EPILOG = (
     "--max-num-seqs 64\n\n"
     "fdngx launch --engine sim --num-servers 4 --detach   (then: fdngx render ...; fdngx stop)"
 )
+STOP_EPILOG = (
+    "Examples:\n\n"
+    "  fdngx stop -i /etc/fdngx/fdngx.json              # the supervisor and every replica it started\n\n"
+    "  fdngx stop -i /etc/fdngx/fdngx.json --grace 60   # 60 s between the stop signal and SIGKILL\n\n"
+    "Exit codes: 0 stopped (or nothing to stop: no pidfile beside the inventory), 1 error (e.g. no such "
+    "inventory and no pidfile), 2 usage."
+)
 
 
 def launch_cmd(
@@ -106,8 +113,10 @@ def launch_cmd(
     ),
     restart: Restart = typer.Option(
         Restart.NO, "--restart",
-        help="no | on-failure: restart a process that dies, with backoff 1,2,4..60 s (a multi-server group "
-        "restarts as a whole, since its ranks fail together).",
+        help="no | on-failure: restart a process that fails (killed by a signal, a non-zero exit status, a rank "
+        "that stops listening), with backoff 1,2,4..60 s (a multi-server group restarts as a whole, since its "
+        "ranks fail together). As systemd's on-failure: a process that exits 0 (a server stopped cleanly, e.g. "
+        "on SIGTERM) is not restarted.",
     ),
     name_prefix: str = typer.Option(
         "", "--name-prefix", help="Prepended to every instance name (node1- gives node1-dp0, node1-dp1, ...): "
@@ -181,4 +190,4 @@ def register(app: typer.Typer) -> None:
         "launch", context_settings={"allow_extra_args": True}, options_metavar="[OPTIONS] [-- ENGINE_ARGS...]",
         epilog=EPILOG,
     )(launch_cmd)
-    app.command("stop")(stop_cmd)
+    app.command("stop", epilog=STOP_EPILOG)(stop_cmd)

@@ -64,15 +64,20 @@ ONCE_WAIT = 120.0  # a --once run waits this long for another one on the same co
 
 EPILOG = (
     "Examples:\n\n"
-    "  fdngx sidecar --out /etc/nginx/conf.d/fdngx-upstream.conf                # system nginx, upstream block\n\n"
+    "  fdngx sidecar --out /etc/nginx/fdngx/upstream.conf                        # system nginx, upstream block\n\n"
     "  fdngx sidecar --mode standalone --out /srv/fdngx/nginx.conf --listen 8080 # private nginx under /srv/fdngx\n\n"
     "  fdngx sidecar --flavor openresty --push-to-file /etc/fdngx/frontends --push-token-file /etc/fdngx/admin-token"
     "   # controller: one scrape, N OpenResty frontends (docs/controller.md)\n\n"
+    "upstream/site modes: nginx.conf must include --out before the first cycle (write it once with `fdngx render` "
+    "and the same options, no --reload, then add the include): an apply of a file nginx does not read fails, "
+    "and the file is removed.\n\n"
     "Signals: SIGHUP re-reads the inventory now; SIGTERM/SIGINT stop after the current cycle (a cycle waiting "
     "for another run's apply lock gives that apply up at once, nothing written).\n"
     "The inventory is watched through symlinks (a ConfigMap's ..data, a release's current -> releases/N) and "
     "looked at every cycle too: re-read when a file changed, never because one was read.\n"
-    "Logs one line per change with its reason. Policy state lives beside --out (.<name>.fdngx-state.json)."
+    "Logs one line per change with its reason. Policy state lives beside --out (.<name>.fdngx-state.json).\n\n"
+    "Exit codes: 0 stopped by SIGTERM/SIGINT (--once: applied or unchanged), 1 error (e.g. a missing or bad "
+    "inventory, another sidecar manages this config; --once: the apply failed), 2 usage."
 )
 
 

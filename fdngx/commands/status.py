@@ -21,11 +21,17 @@ from fdngx.logs import say
 from fdngx.weights.store import store_for
 
 EPILOG = (
+    "Examples:\n\n"
+    "  fdngx status -i /etc/fdngx/fdngx.json --out /etc/nginx/fdngx/upstream.conf   # WEIGHT: what nginx has\n\n"
+    "  fdngx status -i /etc/fdngx/fdngx.json --out /etc/nginx/fdngx/upstream.conf --watch   # live view, Ctrl-C "
+    "to quit\n\n"
+    "  fdngx status -i /etc/fdngx/node-a.json -i /etc/fdngx/node-b.json --json   # one JSON document\n\n"
     "Current weight: from the policy state of a running sidecar or cron job (--out or --state), else the "
     "inventory's static weight. Proposed: what the next cycle would apply, with the reason, under the "
     "policy settings that state was written with (defaults without one). WEIGHT: the current weight, NEXT: "
-    "the proposed one (draining: held out by `fdngx drain`; RUN then shows what still runs there; until nginx "
-    "holds it out the reason says \"drain not applied yet\"); backup:W: nginx's `backup` (it gets no new "
+    "the proposed one (draining: held out by `fdngx drain`; RUN and QUEUE then show what is still there and the "
+    "reason counts it, --watch: the reason only; until nginx holds it out the reason says \"drain not applied "
+    "yet\"); backup:W: nginx's `backup` (it gets no new "
     "requests while another replica is in rotation); SHARE: the current weight's share of the replicas nginx "
     "sends new requests to; LOAD: requests "
     "per slot now (1.00 = every slot busy); UP: this scrape's /health. Read-only: "

@@ -328,7 +328,9 @@ def test_drain_says_to_stop_only_once_nginx_holds_the_replica_out(tmp_path: Path
     said = " ".join(proc.stdout.split())
     assert "stop it once RUN is 0" not in said, said
     assert "Until then nginx still sends it new requests" in said, said
-    assert "stop it once WEIGHT says draining and RUN is 0" in said, said
+    # The reason status gives only once nginx holds it out (before: "drain not applied yet"), and only when
+    # nothing runs or waits there (RUN alone left out the queue).
+    assert 'stop it once its reason says "nothing in flight: safe to stop"' in said, said
 
 
 def test_a_state_nothing_keeps_current_is_said(fleet: Fleet, tmp_path: Path) -> None:

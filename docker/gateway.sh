@@ -5,7 +5,8 @@
 #                                       with these options: `fdngx sidecar --once`), run nginx in the
 #                                       foreground and the sidecar beside it; as soon as either exits, stop
 #                                       the other and exit (non-zero), so the restart policy sees it.
-#   fdngx-gateway health                the HEALTHCHECK: nginx answers /health, the sidecar /metrics.
+#   fdngx-gateway health                the HEALTHCHECK: nginx answers /health (over https when the config
+#                                       it runs serves TLS), the sidecar /metrics.
 #
 # SIGTERM or SIGINT (docker stop): nginx gets SIGQUIT (graceful: open streams may finish), the sidecar
 # SIGTERM (it stops after its current cycle). Whatever still runs FDNGX_STOP_TIMEOUT seconds later is
@@ -15,12 +16,15 @@
 # `docker logs` shows traffic and decisions. nginx also keeps errors in PREFIX/logs/error.log: the
 # sidecar quotes nginx's own message from it when a reload fails.
 #
-# Environment (the same names as fdngx's own options): FDNGX_INVENTORY (/etc/fdngx/fdngx.json),
+# Environment (the same names as fdngx's own options): FDNGX_INVENTORY (/etc/fdngx/fdngx.json; several
+# merged: /a.json:/b.json, read by fdngx itself; an -i among the arguments replaces it),
 # FDNGX_PREFIX (/var/lib/fdngx), FDNGX_LISTEN (0.0.0.0:8080), FDNGX_METRICS_LISTEN (0.0.0.0:18400, or off),
-# FDNGX_STOP_TIMEOUT (25 seconds; keep it below the container's stop grace period).
+# FDNGX_STOP_TIMEOUT (25 seconds; keep it below the container's stop grace period). Any other FDNGX_*
+# variable (FDNGX_TLS_CERT, FDNGX_API_KEYS_FILE, FDNGX_CONFIG...) reaches the sidecar as it is.
 set -uo pipefail
 
-INVENTORY=${FDNGX_INVENTORY:-/etc/fdngx/fdngx.json}
+# fdngx reads it (and splits a list on ':', as everywhere); passed as one -i it would be one path.
+export FDNGX_INVENTORY=${FDNGX_INVENTORY:-/etc/fdngx/fdngx.json}
 PREFIX=${FDNGX_PREFIX:-/var/lib/fdngx}
 LISTEN=${FDNGX_LISTEN:-0.0.0.0:8080}
 METRICS_LISTEN=${FDNGX_METRICS_LISTEN:-0.0.0.0:18400}
@@ -28,9 +32,9 @@ STOP_TIMEOUT=${FDNGX_STOP_TIMEOUT:-25}
 
 log() { printf 'fdngx-gateway: %s\n' "$*" >&2; }
 
-# ADDR:PORT as fdngx takes it -> a URL base on loopback that reaches it (a wildcard address is probed on
+# ADDR:PORT as fdngx takes it -> HOST:PORT on loopback that reaches it (a wildcard address is probed on
 # loopback; a bare PORT means 127.0.0.1).
-probe_base() {
+probe_addr() {
   local listen=$1 host port
   case $listen in
     *:*) host=${listen%:*} port=${listen##*:} ;;
@@ -40,19 +44,39 @@ probe_base() {
     '' | '*' | 0.0.0.0) host=127.0.0.1 ;;
     '[::]') host='[::1]' ;;
   esac
-  printf 'http://%s:%s' "$host" "$port"
+  printf '%s:%s' "$host" "$port"
 }
 
 health() {
   local metrics=''
-  [ "$METRICS_LISTEN" = off ] || metrics="$(probe_base "$METRICS_LISTEN")/metrics"
-  python3 - "$(probe_base "$LISTEN")/health" "$metrics" <<'PY'
+  [ "$METRICS_LISTEN" = off ] || metrics="$(probe_addr "$METRICS_LISTEN")"
+  python3 - "$PREFIX/nginx.conf" "$(probe_addr "$LISTEN")" "$metrics" <<'PY'
+import re
+import ssl
 import sys
 import urllib.request
 
-for url in filter(None, sys.argv[1:]):
+conf, nginx, metrics = sys.argv[1:]
+# https when the config nginx runs has `ssl` on its listener for that port, however TLS was asked for (arguments,
+# which this check never sees; FDNGX_TLS_CERT; a settings file): plain http there gets 400, never healthy.
+try:
+    with open(conf, encoding="utf-8", errors="replace") as fh:
+        text = fh.read()
+except OSError:
+    text = ""
+port = nginx.rsplit(":", 1)[1]
+tls = any(m[1].rsplit(":", 1)[-1] == port and "ssl" in m[2].split()
+          for m in re.finditer(r"^\s*listen\s+(\S+)([^;]*);", text, re.M))
+urls = [f"{'https' if tls else 'http'}://{nginx}/health"] + ([f"http://{metrics}/metrics"] if metrics else [])
+# nginx's own listener on loopback: its certificate names the public host (or is self-signed), not 127.0.0.1,
+# and this only asks whether nginx answers.
+unverified = ssl.create_default_context()
+unverified.check_hostname = False
+unverified.verify_mode = ssl.CERT_NONE
+
+for url in urls:
     try:
-        with urllib.request.urlopen(url, timeout=3) as resp:
+        with urllib.request.urlopen(url, timeout=3, context=unverified if url.startswith("https:") else None) as resp:
             if resp.status != 200:
                 sys.exit(f"unhealthy: {url} answered {resp.status}")
     except OSError as exc:
@@ -67,7 +91,7 @@ if [ "${1:-}" = health ]; then
 fi
 
 mkdir -p "$PREFIX/logs" || exit 1
-common=(-i "$INVENTORY" --mode standalone --listen "$LISTEN" --out "$PREFIX/nginx.conf" --access-log /dev/stdout)
+common=(--mode standalone --listen "$LISTEN" --out "$PREFIX/nginx.conf" --access-log /dev/stdout)
 # The config nginx starts with: one sidecar cycle with every option the sidecar will run with (flavor, TLS,
 # API keys, limits...), so nginx never serves, even for a second, a config without them.
 fdngx sidecar "${common[@]}" "$@" --once || exit

@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from fdngx.sim.process import start_sim
-from tests.support import Backends, Nginx, fdngx, free_ports, write_inventory
+from tests.support import Backends, Nginx, fdngx, free_ports, self_signed, write_inventory
 
 pytestmark = pytest.mark.nginx
 OURS = {"bad_gateway", "service_unavailable", "gateway_timeout", "rate_limit_exceeded", "invalid_api_key",
@@ -224,17 +224,6 @@ def test_a_200kb_prompt_stays_in_memory(tmp_path: Path, stack: contextlib.ExitSt
 
 
 # -- TLS + HTTP/2 ------------------------------------------------------------------------------------------
-
-
-def self_signed(tmp: Path) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make a self-signed certificate (python cryptography is not "
-                    "installed either)")
-    cert, key = tmp / "cert.pem", tmp / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
-    return cert, key
 
 
 def https_client(url: str, cert: Path, key: str = "x") -> openai.OpenAI:

@@ -322,8 +322,10 @@ def test_units_keep_the_hardening_the_sandbox_relies_on(unit: str) -> None:
         assert one["Restart"] == "on-failure"
     if "DynamicUser" not in one:  # root: only what it writes is writable
         rw = set(one["ReadWritePaths"].split())
-        assert rw <= {"/etc/nginx/fdngx", "-/etc/fdngx", "-/var/lib/fdngx", "/var/log/nginx"}, rw
-        out = re.search(r"--out (\S+)", one["ExecStart"])
+        assert rw <= {"/etc/nginx/fdngx", "-/etc/fdngx", "-/var/lib/fdngx", "-/var/log/nginx"}, rw
+        # Its options, --out among them, come from the one settings file (examples/fdngx.toml), named by --config.
+        assert "--config /etc/fdngx/fdngx.toml " in one["ExecStart"] and "--out" not in one["ExecStart"]
+        out = re.search(r'^out = "(\S+)"$', (REPO / "examples" / "fdngx.toml").read_text(), re.M)
         assert out and str(Path(out.group(1)).parent) in rw
 
 
@@ -337,7 +339,8 @@ def cli_lines() -> list[tuple[str, list[str]]]:
 @pytest.mark.parametrize(("where", "argv"), cli_lines(), ids=[w for w, _ in cli_lines()])
 def test_unit_and_cron_command_lines_use_options_the_cli_has(where: str, argv: list[str]) -> None:
     assert argv[0] == "/opt/fdngx/.venv/bin/fdngx", where
-    args = argv[1:]
+    # The settings file the line names, as shipped: --help then also checks each of its keys against the CLI.
+    args = [str(REPO / "examples" / "fdngx.toml") if a == "/etc/fdngx/fdngx.toml" else a for a in argv[1:]]
     if "--" in args:  # engine arguments go to the engine
         args = args[: args.index("--")]
     proc = fdngx(*args, "--help")  # unknown options fail before --help is honoured

@@ -9,10 +9,12 @@ import typer
 
 from fdngx.domain import Balancer, Flavor, Mode
 from fdngx.errors import UsageError
-from fdngx.nginx import frontdoor
+from fdngx.nginx import frontdoor, keymap
 from fdngx.nginx.frontdoor import AccessLogFormat
+from fdngx.nginx.journal import aside
 from fdngx.nginx.render import RenderOptions
 from fdngx.nginx.target import TargetSpec
+from fdngx.system.files import read_bytes_or_none, real_target
 
 DEFAULT_INVENTORY = Path("fdngx.json")
 InventoryOpt = typer.Option(
@@ -125,7 +127,7 @@ TlsKeyOpt = typer.Option(None, "--tls-key", help="site/standalone: the private k
 ApiKeysFileOpt = typer.Option(
     None, "--api-keys-file", help="site/standalone: nginx answers 401 (OpenAI's JSON) to /v1/ requests without "
     "'Authorization: Bearer <key>' for a key in this file: one a line (8-256 of A-Z a-z 0-9 . _ ~ + / = -), # "
-    "comments. The keys go into a 0600 file beside --out (.<name>.fdngx-api-keys), never into the config; "
+    "comments. The keys go into a 0600 file beside --out (.<name>.fdngx-api-keys.<version>), never into the config; "
     "rerun render (or restart the sidecar) after editing it. /health stays open. Default: no keys.",
     dir_okay=False,
 )
@@ -210,18 +212,22 @@ def target_spec(
 
 
 def with_api_key_map(opts: RenderOptions, out: Path | None, *, write: bool) -> RenderOptions:
-    """--api-keys-file: (re)write the 0600 key map beside `out` (unless a dry run) and name it in the options.
-    Read at every `fdngx render` run (cron picks up a changed keys file) and at the sidecar's start."""
+    """--api-keys-file: the 0600 key map holding these keys beside `out` (a new file when the keys changed,
+    unless a dry run; fdngx.nginx.keymap), named in the options; maps no config names any more go. Read at
+    every `fdngx render` run (cron picks up a changed keys file) and at the sidecar's start."""
     if not opts.api_keys_file:
         return opts
-    path = frontdoor.map_path(out)
+    base = frontdoor.map_path(out)
     keys = frontdoor.load_api_keys(Path(opts.api_keys_file))
     try:
         if write and opts.mode is Mode.STANDALONE:
-            path.parent.mkdir(parents=True, exist_ok=True)  # the prefix, which the target prepares next
-        version = frontdoor.ensure_key_map(path, keys, write=write)
+            base.parent.mkdir(parents=True, exist_ok=True)  # the prefix, which the target prepares next
+        path, version = keymap.ensure(base, keys, write=write)
     except OSError as exc:
-        raise UsageError(f"{path}: cannot write the API key map: {exc.strerror or exc}") from None
+        raise UsageError(f"{base}: cannot write the API key map: {exc.strerror or exc}") from None
+    if write and out is not None:
+        live = real_target(out)
+        keymap.prune(base, path, [read_bytes_or_none(live), read_bytes_or_none(aside(live, "bak"))])
     return replace(opts, api_keys_map=str(path), api_keys_version=version).validated()
 
 

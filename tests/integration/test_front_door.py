@@ -7,6 +7,7 @@ import collections
 import contextlib
 import json
 import shutil
+import signal
 import socket
 import ssl
 import stat
@@ -23,7 +24,7 @@ import pytest
 import requests
 
 from fdngx.sim.process import start_sim
-from tests.support import Backends, Nginx, fdngx, free_ports, self_signed, write_inventory
+from tests.support import Backends, Nginx, fdngx, free_ports, self_signed, wait_for, write_inventory
 
 pytestmark = pytest.mark.nginx
 OURS = {"bad_gateway", "service_unavailable", "gateway_timeout", "rate_limit_exceeded", "invalid_api_key",
@@ -272,7 +273,7 @@ def test_api_keys_checked_by_nginx_with_the_openai_client(tmp_path: Path, stack:
     keys = keys_file(tmp_path, KEY, OTHER_KEY)
     d = door(stack, tmp_path, s.ports, "--api-keys-file", str(keys))
     text = d.conf.read_text()
-    key_map = d.conf.parent / ".nginx.conf.fdngx-api-keys"
+    (key_map,) = d.conf.parent.glob(".nginx.conf.fdngx-api-keys.*")
     assert KEY not in text and OTHER_KEY not in text and f'include "{key_map}";' in text
     assert stat.S_IMODE(key_map.stat().st_mode) == 0o600 and stat.S_IMODE(d.conf.stat().st_mode) == 0o644
 
@@ -300,6 +301,37 @@ def test_api_keys_checked_by_nginx_with_the_openai_client(tmp_path: Path, stack:
     with pytest.raises(openai.AuthenticationError):
         client(KEY).models.list()
     assert client(NEW_KEY).models.list().data
+
+
+def test_a_failed_apply_leaves_nginx_checking_the_keys_it_had(tmp_path: Path, stack: contextlib.ExitStack) -> None:
+    """The keys file changed, then the apply failed (its candidate fails nginx -t): the one key map beside the
+    config had been rewritten already, so nginx's next plain reload (logrotate's, an admin's) took the new keys
+    from a run that said it failed. New keys go to a new map only the candidate names."""
+    s = sim(stack, 1)
+    keys = keys_file(tmp_path, KEY)
+    d = door(stack, tmp_path, s.ports, "--api-keys-file", str(keys))
+
+    def status(key: str) -> int:
+        return requests.get(f"{d.url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code
+
+    assert (status(KEY), status(NEW_KEY)) == (200, 401)
+    keys_file(tmp_path, NEW_KEY)
+    broken = tmp_path / "templates"
+    broken.mkdir()
+    (broken / "_proxy.j2").write_text("no_such_directive on;\n")  # this candidate fails nginx -t
+    before = d.conf.read_bytes()
+    proc = d.apply("--template-dir", str(broken))
+    assert proc.returncode == 1 and "the live file was not touched" in proc.stderr, proc.stderr
+    assert d.conf.read_bytes() == before
+    assert d.nginx.proc is not None
+    workers = d.nginx.worker_pids()
+    d.nginx.proc.send_signal(signal.SIGHUP)  # a reload fdngx did not ask for
+    wait_for(lambda: not d.nginx.worker_pids() & workers, 20, what="nginx's new workers")
+    assert (status(KEY), status(NEW_KEY)) == (200, 401), "a failed apply changed the keys nginx checks"
+    # The next good apply takes the new keys; the map no config names goes once it is old enough.
+    proc = d.apply()
+    assert proc.returncode == 0 and "applied and reloaded" in proc.stderr, proc.stderr
+    assert (status(KEY), status(NEW_KEY)) == (401, 200)
 
 
 class Recorder(ThreadingHTTPServer):

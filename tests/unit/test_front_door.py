@@ -8,13 +8,14 @@ import json
 import os
 import re
 import stat
+import time
 from pathlib import Path
 
 import pytest
 
 from fdngx import inventory
 from fdngx.errors import RenderError, UsageError
-from fdngx.nginx import frontdoor
+from fdngx.nginx import frontdoor, keymap
 from fdngx.nginx.render import RenderOptions, render
 from tests.security.conftest import assert_refused, cli, write
 
@@ -231,38 +232,60 @@ def test_map_entries_are_anchored_case_sensitive_regexes_with_metacharacters_esc
     assert not re.fullmatch(entries[0].split('"')[1][1:], "Bearer sk-test-AbCdEfGhX123+xyz")  # `.` is literal
 
 
-def test_the_key_map_is_private_stable_and_changes_with_the_keys(tmp_path: Path) -> None:
-    path = tmp_path / ".fdngx.conf.fdngx-api-keys"
+def test_the_key_map_is_private_stable_and_new_keys_get_a_new_file(tmp_path: Path) -> None:
+    base = tmp_path / ".fdngx.conf.fdngx-api-keys"
     keys = frontdoor.load_api_keys(keys_file(tmp_path))
-    assert frontdoor.ensure_key_map(path, keys, write=False) == "unwritten" and not path.exists()
-    v1 = frontdoor.ensure_key_map(path, keys, write=True)
-    st = os.stat(path)
+    assert keymap.ensure(base, keys, write=False) == (base, "unwritten") and not list(tmp_path.glob(".fdngx.*"))
+    p1, v1 = keymap.ensure(base, keys, write=True)
+    assert p1 == base.with_name(f"{base.name}.{v1}")
+    st = os.stat(p1)
     assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
-    assert all(k.replace(".", "\\.").replace("+", "\\+") in path.read_text() for k in KEYS)
-    assert frontdoor.ensure_key_map(path, keys, write=True) == v1  # same keys: same file, same version
-    assert os.stat(path).st_mtime_ns == st.st_mtime_ns
-    assert frontdoor.ensure_key_map(path, keys, write=False) == v1
-    v2 = frontdoor.ensure_key_map(path, keys[:1], write=True)
-    assert v2 != v1 and KEYS[1] not in path.read_text()
+    assert all(k.replace(".", "\\.").replace("+", "\\+") in p1.read_text() for k in KEYS)
+    assert keymap.ensure(base, keys, write=True) == (p1, v1)  # same keys: same file, same version
+    assert os.stat(p1).st_mtime_ns == st.st_mtime_ns
+    assert keymap.ensure(base, keys, write=False) == (p1, v1)
+    p2, v2 = keymap.ensure(base, keys[:1], write=True)
+    # New keys never rewrite the map a live config includes: a run that fails after this leaves nginx's keys.
+    assert v2 != v1 and p2 != p1 and KEYS[1] not in p2.read_text() and KEYS[1] in p1.read_text()
 
 
-def test_a_symlink_planted_at_the_key_map_is_replaced_not_followed(tmp_path: Path) -> None:
+def test_maps_no_config_names_go_once_old_enough(tmp_path: Path) -> None:
+    base = tmp_path / ".fdngx.conf.fdngx-api-keys"
+    keys = frontdoor.load_api_keys(keys_file(tmp_path))
+    old, _ = keymap.ensure(base, keys, write=True)
+    legacy = base
+    legacy.write_text("# an older fdngx's map\n")
+    named, _ = keymap.ensure(base, keys[:1], write=True)
+    keep, _ = keymap.ensure(base, keys[:2], write=True)
+    live = f'include "{named}";\n'.encode()
+    later = time.time() + keymap.STALE_AFTER + 1
+    assert keymap.prune(base, keep, [live, None], now=time.time()) == []  # too recent: a run may test it
+    assert sorted(keymap.prune(base, keep, [live, None], now=later)) == sorted([old, legacy])
+    assert named.exists() and keep.exists()
+    # A legacy map the live config names stays (its name is a prefix of every versioned one: matched whole).
+    legacy.write_text("# an older fdngx's map\n")
+    assert keymap.prune(base, keep, [f'include "{legacy}";'.encode()], now=later) == [named]
+
+
+def test_a_symlink_planted_at_a_key_map_name_is_not_followed(tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     victim.chmod(0o644)
-    path = tmp_path / ".fdngx.conf.fdngx-api-keys"
-    path.symlink_to(victim)
-    frontdoor.ensure_key_map(path, frontdoor.load_api_keys(keys_file(tmp_path)), write=True)
+    base = tmp_path / ".fdngx.conf.fdngx-api-keys"
+    base.symlink_to(victim)
+    path, _ = keymap.ensure(base, frontdoor.load_api_keys(keys_file(tmp_path)), write=True)
     assert victim.read_text() == "precious\n" and stat.S_IMODE(victim.stat().st_mode) == 0o644
-    assert not path.is_symlink() and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert path != base and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert keymap.prune(base, path, [], now=time.time() + keymap.STALE_AFTER + 1) == []  # a link: not ours
 
 
-def test_a_planted_key_map_with_other_keys_is_rewritten(tmp_path: Path) -> None:
-    path = tmp_path / ".fdngx.conf.fdngx-api-keys"
-    path.write_text('# version 0123456789abcdef\n"~^(?i:bearer) +attacker-key$" L1;\n')
-    path.chmod(0o644)  # not private: never trusted, even with the same entries
-    version = frontdoor.ensure_key_map(path, frontdoor.load_api_keys(keys_file(tmp_path)), write=True)
-    assert version != "0123456789abcdef" and "attacker" not in path.read_text()
+def test_a_planted_key_map_with_other_keys_is_not_used(tmp_path: Path) -> None:
+    base = tmp_path / ".fdngx.conf.fdngx-api-keys"
+    planted = base.with_name(base.name + ".0123456789abcdef")
+    planted.write_text('# version 0123456789abcdef\n"~^(?i:bearer) +attacker-key$" L1;\n')
+    planted.chmod(0o644)  # not private: never trusted, even with the same entries
+    path, version = keymap.ensure(base, frontdoor.load_api_keys(keys_file(tmp_path)), write=True)
+    assert version != "0123456789abcdef" and path != planted and "attacker" not in path.read_text()
 
 
 def test_keys_on_without_a_prepared_map_refuses_to_render_an_open_door() -> None:
@@ -302,7 +325,7 @@ def test_keys_never_reach_the_config_stdout_or_a_diff(tmp_path: Path) -> None:
     assert not (tmp_path / ".fdngx-api-keys").exists()  # stdout: nothing written
     proc = cli(*args, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    key_map = out.parent / ".fdngx.conf.fdngx-api-keys"
+    (key_map,) = out.parent.glob(".fdngx.conf.fdngx-api-keys.*")
     assert stat.S_IMODE(key_map.stat().st_mode) == 0o600
     diff = cli(*args, "--out", str(out), "--diff")
     check = cli(*args, "--out", str(out), "--check")
@@ -323,7 +346,9 @@ def test_a_changed_keys_file_changes_the_config(tmp_path: Path) -> None:
     keys_file(tmp_path, KEYS[:1])
     assert cli(*args, "--check").returncode == 1  # stale: a render would change it
     assert cli(*args).returncode == 0
-    assert out.read_text() != first and KEYS[1] not in (tmp_path / ".fdngx.conf.fdngx-api-keys").read_text()
+    assert out.read_text() != first
+    (was,), (now,) = (re.findall(r'include "([^"]+)";', text) for text in (first, out.read_text()))
+    assert now != was and KEYS[1] not in Path(now).read_text() and KEYS[1] in Path(was).read_text()
 
 
 HOSTILE = [
@@ -352,7 +377,7 @@ def test_a_keys_file_line_that_would_change_the_config_is_refused(tmp_path: Path
     proc = cli("render", "-i", str(_inventory(tmp_path)), "--mode", "site", "--out", str(out),
                "--api-keys-file", str(keys))
     assert_refused(proc, "--api-keys-file")
-    assert not out.exists() and not (tmp_path / ".out.conf.fdngx-api-keys").exists()
+    assert not out.exists() and not list(tmp_path.glob(".out.conf.fdngx-api-keys*"))
     assert "server {" not in proc.stderr
 
 

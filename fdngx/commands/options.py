@@ -13,7 +13,7 @@ from fdngx.nginx import frontdoor, keymap
 from fdngx.nginx.frontdoor import AccessLogFormat
 from fdngx.nginx.journal import aside
 from fdngx.nginx.render import RenderOptions
-from fdngx.nginx.target import TargetSpec
+from fdngx.nginx.target import TargetSpec, check_out
 from fdngx.system.files import read_bytes_or_none, real_target
 
 DEFAULT_INVENTORY = Path("fdngx.json")
@@ -206,9 +206,17 @@ def target_spec(
     # Absolute: errors then name files that mean something from cron, and nginx -p/-c get paths it cannot
     # resolve against its own compiled-in prefix instead of the directory fdngx was started in.
     out = _absolute(out)
-    opts = with_api_key_map(opts, out, write=not dry and out is not None)
-    return TargetSpec(opts, out, _absolute(prefix), _absolute(nginx_conf), nginx_bin, reload_cmd, reload,
-                      _absolute(admin_token_file), _absolute(pid_file), force).validated()
+
+    def spec(write: bool) -> TargetSpec:
+        return TargetSpec(with_api_key_map(opts, out, write=write), out, _absolute(prefix), _absolute(nginx_conf),
+                          nginx_bin, reload_cmd, reload, _absolute(admin_token_file), _absolute(pid_file),
+                          force).validated()
+
+    checked = spec(False)  # every check of the options, and of the file at --out, first: a refused run writes
+    if dry or out is None:  # no key map
+        return checked
+    check_out(checked)
+    return spec(True)
 
 
 def with_api_key_map(opts: RenderOptions, out: Path | None, *, write: bool) -> RenderOptions:

@@ -146,13 +146,14 @@ def render_cmd(
         api_keys_forward=api_keys_forward, rate_limit=rate_limit, rate_burst=rate_burst,
     )
     dry = out_path is None or check or (diff and not reload)
-    spec = target_spec(opts, out=out_path, prefix=prefix, nginx_conf=nginx_conf, nginx_bin=nginx_bin,
-                       reload_cmd=reload_cmd, reload=reload and not dry, admin_token_file=admin_token_file,
-                       dry=dry, pid_file=pid_file, force=force)
     paths = inventory_paths(inventory)
     seen = [identity(p) for p in paths]
     inv = inv_mod.load_many(paths)
-    inv_mod.in_rotation(inv)  # every instance drained: refused before a prefix, token or peers file is made
+    # Every instance drained: refused before a key map, prefix, token or peers file is made.
+    inv_mod.in_rotation(inv)
+    spec = target_spec(opts, out=out_path, prefix=prefix, nginx_conf=nginx_conf, nginx_bin=nginx_bin,
+                       reload_cmd=reload_cmd, reload=reload and not dry, admin_token_file=admin_token_file,
+                       dry=dry, pid_file=pid_file, force=force)
     target = open_target(spec, dry=dry)
     policy = config_for_flavor(flavor, speed_aware=speed_aware) if scrape else None
     store = store_for(out_path) if scrape and out_path is not None else None

@@ -195,15 +195,23 @@ def nginx_control(spec: TargetSpec) -> NginxControl:
     return NginxControl(binary, spec.nginx_conf, spec.prefix, None, reload_cmd, spec.pid_file, verify_url=verify_url)
 
 
+def check_out(spec: TargetSpec) -> None:
+    """The refusals of the file at --out, before anything is written: not a file fdngx wrote, or a run that would
+    change what it serves (fdngx.nginx.shape). A sidecar refuses to start, not to apply every cycle; safe_apply
+    asks again under the lock."""
+    if spec.out is None:
+        return
+    live = read_bytes_or_none(real_target(spec.out))
+    check_replaceable(spec.out, live, spec.force)
+    shape.check(spec.out, live, front_of(spec.opts), spec.force)
+
+
 def open_target(spec: TargetSpec, *, dry: bool = False) -> Target:
     """Prepare the machine for `spec` (unless `dry`: --check/--diff/stdout change nothing) and return it."""
     spec = spec.validated()
     opts = spec.opts
     if spec.out is not None and not dry:
-        # A sidecar refuses to start, not to apply every cycle; safe_apply asks again under the lock.
-        live = read_bytes_or_none(real_target(spec.out))
-        check_replaceable(spec.out, live, spec.force)
-        shape.check(spec.out, live, front_of(opts), spec.force)
+        check_out(spec)
     if spec.out is not None and not dry and writable_by_others(real_target(spec.out).parent):
         log.warning("%s: its directory is writable by other accounts; anyone there can replace what nginx reads",
                     real_target(spec.out).parent)

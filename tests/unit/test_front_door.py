@@ -351,6 +351,26 @@ def test_a_changed_keys_file_changes_the_config(tmp_path: Path) -> None:
     assert now != was and KEYS[1] not in Path(now).read_text() and KEYS[1] in Path(was).read_text()
 
 
+def test_a_refused_run_writes_no_key_map(tmp_path: Path) -> None:
+    """A missing inventory, a file at --out fdngx did not write, a run that would drop the site's mode: each
+    refused with one line, and no key map made beside --out (it was written before any of these checks)."""
+    keys = keys_file(tmp_path)
+    out = tmp_path / "conf" / "site.conf"
+    out.parent.mkdir()
+    base = ["render", "--mode", "site", "--api-keys-file", str(keys), "--out", str(out)]
+    missing = cli(*base, "-i", str(tmp_path / "missing.json"))
+    assert missing.returncode == 1 and "inventory file not found" in missing.stderr, missing.stderr
+    out.write_text("server { listen 8080; }\n")  # hand-written
+    foreign = cli(*base, "-i", str(_inventory(tmp_path)))
+    assert foreign.returncode == 1 and "not a file fdngx wrote" in foreign.stderr, foreign.stderr
+    assert not list(out.parent.glob(".site.conf.fdngx-api-keys*"))
+    out.unlink()
+    assert cli("render", "-i", str(_inventory(tmp_path)), "--mode", "site", "--out", str(out)).returncode == 0
+    moved = cli(*base, "-i", str(_inventory(tmp_path)), "--mode", "standalone")  # site -> standalone: refused
+    assert moved.returncode == 1 and "refusing to change its mode" in moved.stderr, moved.stderr
+    assert not list(out.parent.glob(".site.conf.fdngx-api-keys*"))
+
+
 HOSTILE = [
     ("--read-timeout", "1h; include /etc/passwd"), ("--connect-timeout", "5s }"),
     ("--client-body-buffer-size", "1m;"), ("--client-body-buffer-size", "$x"),

@@ -48,7 +48,9 @@ APP_SETTINGS: dict[str, Any] = dict(
         "Settings: every option can also come from the environment, FDNGX_<COMMAND>_<OPTION> or FDNGX_<OPTION> "
         "(FDNGX_RENDER_OUT, FDNGX_INVENTORY=/a.json:/b.json), or from a TOML file (--config): top-level keys for "
         "every command that has the option, a \\[render], \\[sidecar], ... table per command. Precedence: command "
-        "line > FDNGX_<COMMAND>_<OPTION> > FDNGX_<OPTION> > \\[command] table > top-level key > default."
+        "line > FDNGX_<COMMAND>_<OPTION> > FDNGX_<OPTION> > \\[command] table > top-level key > default. timeout and "
+        "interval mean different things to different commands: only in a table or FDNGX_<COMMAND>_<OPTION>. A "
+        "top-level out or state (or FDNGX_OUT) reaches drain only with --wait."
     ),
     no_args_is_help=True,
     add_completion=True,
@@ -93,20 +95,21 @@ def _root(
     ),
 ) -> None:
     setup_logging(verbose, log_format.value)  # now: a bad --config is reported in the chosen shape
-    attach_envvars(ctx.command)
-    if config is None:
-        return
-    params = {p.name: p for p in ctx.command.params}
-    settings = load_settings(ctx, config, ctx.command, {"log-format": params["log_format"],
-                                                        "verbose": params["verbose"]})
-    ctx.default_map = {**(ctx.default_map or {}), **settings.default_map}
-    # The root's own options were parsed before the file was read: take the file's value where the
-    # command line and the environment gave none.
-    if _defaulted(ctx, "log_format") and "log_format" in settings.root:
-        log_format = LogFormat(str(settings.root["log_format"]).lower())
-    if _defaulted(ctx, "verbose") and "verbose" in settings.root:
-        verbose = bool(settings.root["verbose"])
-    setup_logging(verbose, log_format.value)
+    from_env = attach_envvars(ctx.command, ctx.invoked_subcommand)
+    if config is not None:
+        params = {p.name: p for p in ctx.command.params}
+        settings = load_settings(ctx, config, ctx.command, {"log-format": params["log_format"],
+                                                            "verbose": params["verbose"]})
+        ctx.default_map = {**(ctx.default_map or {}), **settings.default_map}
+        # The root's own options were parsed before the file was read: take the file's value where the
+        # command line and the environment gave none.
+        if _defaulted(ctx, "log_format") and "log_format" in settings.root:
+            log_format = LogFormat(str(settings.root["log_format"]).lower())
+        if _defaulted(ctx, "verbose") and "verbose" in settings.root:
+            verbose = bool(settings.root["verbose"])
+        setup_logging(verbose, log_format.value)
+    for name, values in from_env.items():  # FDNGX_OUT for drain (fdngx.config.ONLY_WITH): above the file
+        ctx.default_map = {**(ctx.default_map or {}), name: {**(ctx.default_map or {}).get(name, {}), **values}}
 
 
 def _defaulted(ctx: typer.Context, name: str) -> bool:

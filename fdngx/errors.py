@@ -53,3 +53,28 @@ class UsageError(FdngxError):
     """Options that do not fit together, or a malformed option value."""
 
     exit_code = 2
+
+
+def shown(value: object) -> str:
+    """A value for a one-line message: its repr (a string quoted, escapes escaped), cut short if long."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more than 4300 digits (sys.set_int_max_str_digits)
+        return f"an integer of {value.bit_length()} bits" if isinstance(value, int) else "?"
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
+def check_number(option: str, value: object, low: float, high: float, unit: str = "seconds", *,
+                 whole: bool = False) -> None:
+    """A numeric option must be a finite number from `low` to `high` (`whole`: an int, as nginx writes it):
+    else a UsageError naming the option and the value (one line). NaN, inf and 1e308 are refused here, before
+    any timer, list or file sees them."""
+    kinds = int if whole else int | float
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+        kind = "a whole number" if whole or (isinstance(low, int) and isinstance(high, int)) else "a number"
+        raise UsageError(f"{option} {shown(value)}: want {kind} {_bound(low)}..{_bound(high)}"
+                         f"{f' ({unit})' if unit else ''}")
+
+
+def _bound(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"

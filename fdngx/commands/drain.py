@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from fdngx.commands.options import InventoryOpt, inventory_paths
-from fdngx.errors import UsageError
+from fdngx.errors import UsageError, check_number
 from fdngx.inventory import DrainResult, set_drain
 from fdngx.weights.idle import wait_idle
 from fdngx.weights.store import StateStore, store_for
@@ -41,6 +41,8 @@ EPILOG = (
     "2 usage."
 )
 
+MAX_WAIT = 86400.0  # --wait: a day; a stream that runs longer is not one a drain should wait for
+
 _NEXT = ("A running sidecar applies this within its --debounce seconds; without one, run `fdngx render "
          "--scrape --reload` with your usual options (the cron form: it records what nginx got, which --wait and "
          "status read).")
@@ -68,14 +70,16 @@ def drain_cmd(
     inventory: list[Path] | None = InventoryOpt,
     undo: bool = typer.Option(False, "--undo", help="Clear the drain: the instance takes new requests again."),
     wait: float = typer.Option(
-        0.0, "--wait", metavar="SECONDS", min=0.0,
-        help="Then wait up to SECONDS until nothing is in flight on it (exit 1 if something still is)."),
+        0.0, "--wait", metavar="SECONDS",
+        help="Then wait up to SECONDS (at most 86400, a day) until nothing is in flight on it (exit 1 if something "
+        "still is)."),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="--wait: the config file the sidecar or cron job writes; the policy state beside "
         "it says when nginx holds the replica out, and only then does a quiet moment count."),
     state: Path | None = typer.Option(None, help="--wait: the policy state file to read (overrides --out's)."),
 ) -> None:
     """Take one replica out for maintenance: no new requests, those in flight finish (--undo: back in)."""
+    check_number("--wait", wait, 0.0, MAX_WAIT)  # before the inventory is written
     if undo and wait:
         raise UsageError("--wait waits for a drained replica to finish its requests; it does not go with --undo")
     if (out or state) and not wait:

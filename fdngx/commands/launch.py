@@ -10,9 +10,17 @@ import typer
 from fdngx import engines
 from fdngx.commands.options import DEFAULT_INVENTORY
 from fdngx.domain import Engine, Restart
-from fdngx.engines.argv import DEFAULT_BASE_PORT, METRICS_OFFSET, DpMode, LaunchRequest, parse_list, parse_ports
+from fdngx.engines.argv import (
+    DEFAULT_BASE_PORT,
+    MAX_SERVERS,
+    METRICS_OFFSET,
+    DpMode,
+    LaunchRequest,
+    parse_list,
+    parse_ports,
+)
 from fdngx.launch import run as core
-from fdngx.launch.plan import build_plan
+from fdngx.launch.plan import build_plan, check_grace
 
 TIMEOUTS = ", ".join(f"{e.value} {engines.spec(e).default_timeout:.0f}" for e in Engine)
 EPILOG = (
@@ -35,7 +43,9 @@ def launch_cmd(
         None, "--engine", "-e",
         help="Default: fastdeploy when it is importable here, else sim (said on stderr).",
     ),
-    num_servers: int = typer.Option(..., "--num-servers", "-n", min=1, help="How many data-parallel replicas."),
+    num_servers: int = typer.Option(
+        ..., "--num-servers", "-n", help=f"How many data-parallel replicas: 1 to {MAX_SERVERS}."
+    ),
     model: str | None = typer.Option(
         None, "--model", "-m", help="Model name or path (required for fastdeploy, vllm, sglang; ignored by sim)."
     ),
@@ -89,7 +99,7 @@ def launch_cmd(
     ),
     timeout: float | None = typer.Option(
         None, "--timeout",
-        help="Seconds to wait for every GET /health == 200. Default: "
+        help="Seconds to wait for every GET /health == 200 (1 to 86400). Default: "
         + TIMEOUTS + " (FastDeploy loads for minutes).",
     ),
     detach: bool = typer.Option(
@@ -123,7 +133,8 @@ def launch_cmd(
         "with one launch per node, the nodes' inventories merge (render -i a.json -i b.json) without clashing."
     ),
     grace: float = typer.Option(
-        15.0, "--grace", help="Seconds between the stop signal and SIGKILL when stopping a process group."
+        15.0, "--grace", help="Seconds between the stop signal and SIGKILL when stopping a process group (0 to "
+        "3600)."
     ),
 ) -> None:
     """Start data-parallel replicas, wait until each /health is 200, write the inventory, supervise them.
@@ -175,10 +186,12 @@ def stop_cmd(
         DEFAULT_INVENTORY, "--inventory", "-i", help="Inventory written by `fdngx launch`; its pidfile is <file>.pid."
     ),
     grace: float | None = typer.Option(
-        None, "--grace", help="Seconds before SIGKILL. Default: the --grace the launch used (15)."
+        None, "--grace", help="Seconds before SIGKILL (0 to 3600). Default: the --grace the launch used (15)."
     ),
 ) -> None:
     """Stop a launch (a detached one, or a foreground one from another shell): its supervisor and every process it started; say what was stopped."""  # noqa: E501
+    if grace is not None:
+        check_grace(grace)
     for line in core.stop(inventory, grace=grace):
         typer.echo(f"fdngx: {line}")
 

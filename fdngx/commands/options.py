@@ -66,11 +66,13 @@ ForceOpt = typer.Option(
 TemplateDirOpt = typer.Option(
     None, help="Directory whose templates override the built-in ones (same file names, e.g. _proxy.j2)."
 )
-MaxFailsOpt = typer.Option(3, help="Per-server max_fails (passive health: failures within fail-timeout).")
+MaxFailsOpt = typer.Option(
+    3, help="Per-server max_fails (passive health: failures within fail-timeout), 0..100000; 0: never hold a "
+    "failing replica out.")
 FailTimeoutOpt = typer.Option(
     1, help="Per-server fail_timeout in seconds: how long nginx holds out a failing replica before it tries it "
-    "again, so how soon a restarted one is used (nginx counts whole seconds: 1 means 1-2 s).")
-KeepaliveOpt = typer.Option(64, help="Idle keepalive connections to the replicas per worker (0: off).")
+    "again, so how soon a restarted one is used (nginx counts whole seconds: 1 means 1-2 s); 1..86400.")
+KeepaliveOpt = typer.Option(64, help="Idle keepalive connections to the replicas per worker, 0..65535 (0: off).")
 AdminListenOpt = typer.Option(
     "127.0.0.1:9401", help="openresty: ADDR:PORT of the loopback admin server that takes weight pushes."
 )
@@ -98,21 +100,23 @@ SpeedAwareOpt = typer.Option(
 )
 AccessLogOpt = typer.Option(
     None, help="site/standalone access log path or 'off' (default: logs/access.log under the prefix for "
-    "standalone, /var/log/nginx/<upstream>.access.log for site)."
+    "standalone, /var/log/nginx/<upstream>.access.log for site); a plain path of at most 1024 bytes."
 )
 
 # -- the front door (site/standalone): fdngx.nginx.frontdoor --
 ReadTimeoutOpt = typer.Option(
     "1h", help="site/standalone: how long nginx waits for a replica between two reads or writes "
-    "(proxy_read_timeout, proxy_send_timeout): a stream silent for longer is cut. nginx time: 90s, 10m, 1h."
+    "(proxy_read_timeout, proxy_send_timeout): a stream silent for longer is cut. nginx time: 90s, 10m, 1h30m "
+    "(units w d h m s ms, each once, largest first), 1ms..24d."
 )
 ConnectTimeoutOpt = typer.Option(
     "5s", help="site/standalone: how long nginx waits for a replica to accept a connection before it tries "
-    "the next one (proxy_connect_timeout)."
+    "the next one (proxy_connect_timeout; an nginx time such as 5s, 1ms..24d)."
 )
 ClientBodyBufferSizeOpt = typer.Option(
     "1m", help="site/standalone: request bodies (prompts) up to this size stay in memory instead of a temp "
-    "file (client_body_buffer_size; memory per request being read). nginx size: 512k, 1m."
+    "file (client_body_buffer_size; memory per request being read). nginx size: 512k, 1m (k or m: no g "
+    "here), 1 byte..1024m."
 )
 AccessLogFormatOpt = typer.Option(
     AccessLogFormat.TEXT, help="site/standalone access log lines: text (key=value) or json (one object a line, "
@@ -141,7 +145,7 @@ RateLimitOpt = typer.Option(
 )
 RateBurstOpt = typer.Option(
     None, help="With --rate-limit: how many requests above the rate a client may send at once (passed on "
-    "without delay). Default: one second's worth of the rate."
+    "without delay), 1..100000 (nginx has no burst of 0). Default: one second's worth of the rate."
 )
 
 

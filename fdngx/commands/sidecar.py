@@ -46,20 +46,21 @@ from fdngx.commands.options import (
     target_spec,
 )
 from fdngx.domain import Balancer, Flavor, Mode
-from fdngx.errors import UsageError
+from fdngx.errors import UsageError, check_number
 from fdngx.nginx import admin
-from fdngx.nginx.fanout import frontend_specs
+from fdngx.nginx.fanout import MAX_PUSH_TIMEOUT, MIN_PUSH_TIMEOUT, frontend_specs
 from fdngx.nginx.frontdoor import AccessLogFormat
 from fdngx.nginx.target import open_target
 from fdngx.registry.core import Registry, RegistrySettings
 from fdngx.registry.http import RegistryServer, server_options
 from fdngx.registry.rules import DEFAULT_MAX_INSTANCES
 from fdngx.weights.dial import raise_fd_limit
-from fdngx.weights.settings import config_for_flavor
+from fdngx.weights.settings import MAX_SECONDS, config_for_flavor
 from fdngx.weights.sidecar import Sidecar, SidecarConfig
 from fdngx.weights.telemetry import DEFAULT_LISTEN, Telemetry
 
 log = logging.getLogger("fdngx.sidecar")
+MAX_REGISTRY_GRACE = 86400.0  # --registry-grace: a day without a heartbeat is gone, not late
 ONCE_WAIT = 120.0  # a --once run waits this long for another one on the same config (cron runs take turns)
 
 EPILOG = (
@@ -87,7 +88,7 @@ def sidecar_cmd(
         None, "--out", "-o", help="The config file nginx reads; rewritten only when it changes. Required unless "
         "--push-to/--push-to-file (controller mode: then only for an nginx on this host too)."
     ),
-    interval: float = typer.Option(2.0, help="Seconds between scrape + policy cycles."),
+    interval: float = typer.Option(2.0, help="Seconds between scrape + policy cycles (0.05 to 3600)."),
     mode: Mode = ModeOpt,
     flavor: Flavor = FlavorOpt,
     admin_listen: str = AdminListenOpt,
@@ -108,7 +109,7 @@ def sidecar_cmd(
         "--admin-token-file with --out."
     ),
     push_timeout: float = typer.Option(
-        0.5, help="Controller mode: seconds one whole push may take (connect, send and answer); then its "
+        0.5, help="Controller mode: seconds one whole push may take (connect, send and answer; 0.05 to 60); then its "
         "connection is closed and the cycle waits no longer: a slow or dead frontend never delays the others."
     ),
     balancer: Balancer = BalancerOpt,
@@ -131,22 +132,28 @@ def sidecar_cmd(
     state: Path | None = typer.Option(None, help="Policy state file (default: .<out name>.fdngx-state.json)."),
     debounce: float = typer.Option(
         1.0, help="Seconds of quiet after an inventory file changes before re-reading it (only when it changed: "
-        "another inode, size or mtime)."
+        "another inode, size or mtime; 0 to 3600)."
     ),
-    max_reloads_per_minute: int = typer.Option(4, help="Reload budget: weight changes beyond it wait."),
-    min_hold: float = typer.Option(10.0, help="Seconds a weight stays before it may move again."),
-    fail_threshold: int = typer.Option(3, help="Consecutive failed /health checks (anything but 200) before `down`."),
-    recover_threshold: int = typer.Option(2, help="Consecutive /health 200 before a down replica is back."),
+    max_reloads_per_minute: int = typer.Option(4, help="Reload budget: weight changes beyond it wait (1 to 10000)."),
+    min_hold: float = typer.Option(10.0, help="Seconds a weight stays before it may move again (0 to 3600)."),
+    fail_threshold: int = typer.Option(
+        3, help="Consecutive failed /health checks (anything but 200) before `down` (1 to 10000)."
+    ),
+    recover_threshold: int = typer.Option(
+        2, help="Consecutive /health 200 before a down replica is back (1 to 10000)."
+    ),
     ramp: float = typer.Option(
         0.0, help="Seconds a recovered replica takes to ramp back to full weight (0: at once, which a fleet that "
-        "needs the replica wants)."
+        "needs the replica wants; at most 3600)."
     ),
     refused_grace: float = typer.Option(
         30.0, help="Seconds a replica whose /health is refused (nothing listens) stays in the config before `down`: "
-        "nginx's passive check (max_fails/fail_timeout) covers it meanwhile, with no reload."
+        "nginx's passive check (max_fails/fail_timeout) covers it meanwhile, with no reload (0 to 3600)."
     ),
-    stale_after: float = typer.Option(10.0, help="Seconds after which old metrics stop steering a weight."),
-    scale: int = typer.Option(20, help="nginx weight of the biggest replica at neutral load."),
+    stale_after: float = typer.Option(
+        10.0, help="Seconds after which old metrics stop steering a weight (0.05 to 3600)."
+    ),
+    scale: int = typer.Option(20, help="nginx weight of the biggest replica at neutral load (1 to 10000)."),
     speed_aware: bool | None = SpeedAwareOpt,
     max_fails: int = MaxFailsOpt,
     fail_timeout: int = FailTimeoutOpt,
@@ -178,7 +185,7 @@ def sidecar_cmd(
     registry_grace: float = typer.Option(
         30.0, help="Seconds a registered instance may fail /health, or send no heartbeat (FastDeploy posts every "
         "5 s) while its /health does not pass, before it is removed; its next registration adds it back. A "
-        "silent instance whose /health passes is kept (one WARNING). 0: never remove."
+        "silent instance whose /health passes is kept (one WARNING). 0: never remove; at most 86400."
     ),
     registry_metrics_port: str | None = typer.Option(
         None, help="Metrics port of a registered instance whose registration has none: a port (9001), an offset "
@@ -195,8 +202,25 @@ def sidecar_cmd(
 
     Weights start from capacity (max_batch_size, else max_num_seqs, times the inventory weight) and move only when a replica carries more load per slot than the fleet (traffic nginx cannot see, KV pressure). A replica failing /health is marked down and ramps back after recovery. nginx's least_conn still picks each request.
     """  # noqa: E501 (one line per paragraph: the help formatter re-wraps it)
-    if interval <= 0 or debounce < 0:
-        raise UsageError("--interval must be > 0 and --debounce >= 0")
+    # Every number first, each named with its value: nothing is written (the API key map, the admin token,
+    # an empty inventory) for a run that is refused.
+    check_number("--debounce", debounce, 0.0, MAX_SECONDS)
+    check_number("--push-timeout", push_timeout, MIN_PUSH_TIMEOUT, MAX_PUSH_TIMEOUT)
+    check_number("--registry-grace", registry_grace, 0.0, MAX_REGISTRY_GRACE)
+    policy = config_for_flavor(  # names --interval, --scale, --min-hold, ... with the value it refuses
+        flavor,
+        interval=interval,
+        max_reloads_per_minute=max_reloads_per_minute,
+        min_hold=min_hold,
+        fail_threshold=fail_threshold,
+        recover_threshold=recover_threshold,
+        ramp_duration=ramp,
+        refused_grace=refused_grace,
+        stale_after=stale_after,
+        speed_aware=speed_aware,
+        scale=scale,
+        max_weight=max(100, scale),
+    )
     controller = bool(push_to) or push_to_file is not None
     if out is None and not controller:
         raise UsageError("--out is required (or --push-to/--push-to-file: controller mode)")
@@ -218,20 +242,6 @@ def sidecar_cmd(
                                reload_cmd=reload_cmd, reload=not no_reload and out is not None,
                                admin_token_file=admin_token_file, pid_file=pid_file, force=force),
                    controller=controller, frontends=frontends, push_timeout=push_timeout).validated()
-    policy = config_for_flavor(
-        flavor,
-        interval=interval,
-        max_reloads_per_minute=max_reloads_per_minute,
-        min_hold=min_hold,
-        fail_threshold=fail_threshold,
-        recover_threshold=recover_threshold,
-        ramp_duration=ramp,
-        refused_grace=refused_grace,
-        stale_after=stale_after,
-        speed_aware=speed_aware,
-        scale=scale,
-        max_weight=max(100, scale),
-    )
     inventories = inventory_paths(inventory)
     registry = None
     if registry_listen:

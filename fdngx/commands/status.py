@@ -16,9 +16,14 @@ import typer
 
 from fdngx.commands import status_view as view
 from fdngx.commands.options import InventoryOpt, inventory_paths
-from fdngx.errors import FdngxError, UsageError
+from fdngx.errors import FdngxError, UsageError, check_number
 from fdngx.logs import say
+from fdngx.weights.settings import MAX_SECONDS
 from fdngx.weights.store import store_for
+
+MIN_INTERVAL = 0.2  # --watch --interval: the floor it always had (every frame scrapes every replica)
+MAX_TIMEOUT = 600.0  # --timeout: per read; the scrape's deadline is 1.5 times it
+MAX_HISTORY = 10_000  # --history: frames kept per replica (wider than any terminal)
 
 EPILOG = (
     "Examples:\n\n"
@@ -67,19 +72,24 @@ def status_cmd(
         "current weights and the policy's memory.",
     ),
     state: Path | None = typer.Option(None, help="Policy state file to read (overrides --out's)."),
-    timeout: float = typer.Option(1.0, help="Per-request read timeout in seconds for the scrape."),
+    timeout: float = typer.Option(1.0, help="Per-request read timeout in seconds for the scrape (0.05 to 600)."),
     watch: bool = typer.Option(
         False, "--watch", "-w", help="Live view: a new scrape every --interval, with load and weight history."
     ),
-    interval: float = typer.Option(2.0, "--interval", "-n", help="--watch: seconds between frames."),
+    interval: float = typer.Option(2.0, "--interval", "-n", help="--watch: seconds between frames (0.2 to 3600)."),
     count: int | None = typer.Option(
         None, "--count", help="--watch: stop after this many frames (default: until Ctrl-C). Implies --watch."
     ),
-    history: int = typer.Option(30, "--history", help="--watch: frames of load and weight history to show."),
+    history: int = typer.Option(
+        30, "--history", help="--watch: frames of load and weight history to show (1 to 10000)."
+    ),
 ) -> None:
     """Scrape every instance once and show health, load, current and proposed weight, and the reason."""
-    if interval < 0.2 or history < 1 or (count is not None and count < 1):
-        raise UsageError("--interval must be >= 0.2, --history >= 1 and --count >= 1")
+    check_number("--interval", interval, MIN_INTERVAL, MAX_SECONDS)
+    check_number("--timeout", timeout, 0.05, MAX_TIMEOUT)
+    check_number("--history", history, 1, MAX_HISTORY, "frames")
+    if count is not None and count < 1:
+        raise UsageError(f"--count {count}: want a whole number of frames, 1 or more")
     store = store_for(out or Path("."), state) if (out or state) else None
     watching = watch or count is not None
     source = view.Source(inventory_paths(inventory), store, timeout, remember=watching)

@@ -20,6 +20,11 @@ DEFAULT_BASE_PORT = 8001
 DEFAULT_HOST = "127.0.0.1"
 # Metrics ports sit a fixed offset above the API ports, so `8003` and `9003` are visibly the same replica.
 METRICS_OFFSET = 1000
+# --num-servers: replicas one launch plans (the registry's default --registry-max-instances is the same). Each
+# needs its own API port and, for fastdeploy and sim, a metrics port: the port space alone stops below 32768,
+# and far fewer server processes fit on one host. Checked before any engine builds a list per replica (-n 1e20
+# built a list of that length: a MemoryError, or OOM-killed at 24 GB).
+MAX_SERVERS = 1024
 
 
 # Environment a rank must not inherit from fdngx's: shared by every rank, it mixes their state. With
@@ -103,6 +108,12 @@ def two_token(args: Sequence[str], *names: str) -> list[str]:
         flag, eq, value = tok.partition("=")
         out += [flag, value] if eq and flag in names else [tok]
     return out
+
+
+def check_num_servers(n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SERVERS:
+        shown = repr(n) if not isinstance(n, int) or n.bit_length() <= 128 else f"a {n.bit_length()}-bit number"
+        raise UsageError(f"--num-servers {shown}: want a whole number 1..{MAX_SERVERS} (replicas)")
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -201,6 +212,11 @@ class Ports:
 def plan_ports(req: LaunchRequest, metrics_on_api_port: bool) -> Ports:
     """API and metrics ports: explicit lists win, else consecutive ports from the base ports."""
     n = req.num_servers
+    check_num_servers(n)
+    for what, first in (("--base-port", req.base_port), ("--metrics-base-port", req.metrics_base_port)):
+        if first is not None and not 1 <= first <= 65535:
+            shown = first if first.bit_length() <= 128 else f"a {first.bit_length()}-bit number"
+            raise UsageError(f"{what} {shown}: want a port number 1..65535")
     if req.ports is not None and req.base_port is not None:
         raise UsageError("--ports and --base-port exclude each other: give one")
     if req.metrics_ports is not None and req.metrics_base_port is not None:

@@ -8,6 +8,7 @@ from fdngx.engines.argv import (
     LaunchRequest,
     ProcSpec,
     bind_host,
+    check_num_servers,
     find_flag,
     forbid,
     make_instances,
@@ -31,6 +32,7 @@ def build_launch(req: LaunchRequest) -> Launched:
 
     Run through `python -m fdngx.cli` so it works without the `fdngx` console script on PATH.
     """
+    check_num_servers(req.num_servers)  # before the per-replica lists below
     args = list(req.extra_args)
     refuse_controller_ports(req)
     if req.per_instance and req.dp_mode is DpMode.MOE:

@@ -13,10 +13,21 @@ from typing import Any
 
 from fdngx import engines
 from fdngx.domain import Engine, Instance, Inventory, Restart
-from fdngx.engines.argv import DEFAULT_HOST, DpMode, LaunchRequest, ProcSpec, check_distinct, find_flag
+from fdngx.engines.argv import (
+    DEFAULT_HOST,
+    DpMode,
+    LaunchRequest,
+    ProcSpec,
+    check_distinct,
+    check_num_servers,
+    find_flag,
+)
 from fdngx.errors import UsageError
 from fdngx.inventory import NAME, check_unique, parse_inventory, to_json
 from fdngx.launch.hosts import Resolver, decide, resolve_self
+
+MAX_GRACE = 3600.0  # --grace: what fdngx.launch.pidfile accepts
+MAX_TIMEOUT = 86400.0  # --timeout: a day for every /health to pass (FastDeploy loads for minutes; default 1800)
 
 
 @dataclass
@@ -93,6 +104,13 @@ class Plan:
         return "\n".join(lines) + "\n"
 
 
+def check_grace(grace: float) -> None:
+    """--grace (launch and stop): the range the pidfile keeps (fdngx.launch.pidfile), so a launch the pidfile
+    would refuse is refused before anything starts (--grace 7200 started the replicas, then tore them down)."""
+    if isinstance(grace, bool) or not 0 <= grace <= MAX_GRACE:  # NaN too
+        raise UsageError(f"--grace {grace!r}: want a number 0..{MAX_GRACE:g} (seconds)")
+
+
 def pidfile_for(inventory_path: str | Path) -> str:
     """The supervisor's pidfile sits next to the inventory it serves: `fdngx.json` -> `fdngx.json.pid`."""
     return str(inventory_path) + ".pid"
@@ -103,15 +121,16 @@ def build_plan(req: LaunchRequest, resolve: Resolver | None = None) -> Plan:
 
     `resolve` says what this machine's name resolves to; it is asked only with --router (FastDeploy's
     registration self-check, see fdngx.launch.hosts)."""
-    if req.num_servers < 1:
-        raise UsageError(f"--num-servers must be at least 1, got {req.num_servers}")
-    if req.grace < 0:
-        raise UsageError(f"--grace must be 0 or more seconds, got {req.grace}")
+    check_num_servers(req.num_servers)  # before any engine builds a list per replica
+    check_grace(req.grace)
     if req.restart not in Restart.values():
         raise UsageError(f"--restart must be one of {', '.join(Restart.values())}, got {req.restart!r}")
     if req.dp_mode is not None and req.dp_mode not in DpMode.values():
         raise UsageError(f"--dp-mode must be one of {', '.join(DpMode.values())}, got {req.dp_mode!r}")
     engine = engines.spec(req.engine)
+    timeout = engine.default_timeout if req.timeout is None else req.timeout
+    if isinstance(timeout, bool) or not 1 <= timeout <= MAX_TIMEOUT:  # NaN too
+        raise UsageError(f"--timeout {timeout!r}: want a number 1..{MAX_TIMEOUT:g} (seconds)")
     router = _router(req, engine.registers)
     binding = decide(req.host, req.advertise_host, router, resolve or resolve_self)
     inventory_path = Path(req.inventory).absolute()
@@ -125,9 +144,6 @@ def build_plan(req: LaunchRequest, resolve: Resolver | None = None) -> Plan:
     ports = [i.port for i in instances] + [i.metrics_port for i in instances if i.metrics_port != i.port]
     ports += launched.extra_ports
     check_distinct(ports, "API, metrics and engine ports together")
-    timeout = engine.default_timeout if req.timeout is None else req.timeout
-    if timeout <= 0:
-        raise UsageError(f"--timeout must be positive, got {timeout}")
     return Plan(
         engine=req.engine,
         procs=procs,

@@ -26,7 +26,6 @@ file that changes (rotation: its inode, size or mtime) is read again before the 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import queue
 import threading
@@ -43,6 +42,9 @@ from fdngx.system.files import Identity, check_private, identity, read_regular_f
 
 log = logging.getLogger("fdngx.fanout")
 MAX_FRONTENDS = 1024
+# --push-timeout: a whole push (connect, send, answer) to one frontend. A minute is far beyond any healthy
+# push; each cycle waits up to this long, and a wait past threading.TIMEOUT_MAX (~9.2e9 s) is an OverflowError.
+MIN_PUSH_TIMEOUT, MAX_PUSH_TIMEOUT = 0.05, 60.0
 MAX_PUSH_FILE = 1 << 20
 _MIN_TOKEN = 16  # fdngx.balancer refuses a shorter one
 ALL_STALE_S = 30.0  # every frontend refusing this controller's pushes as older for this long: said at WARNING
@@ -223,8 +225,9 @@ class Fanout:
     `set_frontends` runs between pushes (the push file changed)."""
 
     def __init__(self, specs: Iterable[FrontendSpec], timeout: float = 0.5) -> None:
-        if not 0 < timeout < math.inf:
-            raise UsageError("--push-timeout must be > 0")
+        if isinstance(timeout, bool) or not MIN_PUSH_TIMEOUT <= timeout <= MAX_PUSH_TIMEOUT:  # NaN too
+            raise UsageError(f"--push-timeout {timeout!r}: want a number {MIN_PUSH_TIMEOUT:g}..{MAX_PUSH_TIMEOUT:g} "
+                             "(seconds)")
         self.timeout = timeout
         self._frontends: dict[str, _Frontend] = {}
         self._tokens: dict[Path, tuple[_Identity, str]] = {}  # token file -> (its identity when read, token)

@@ -33,8 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fdngx.domain import StrEnum
-from fdngx.errors import UsageError
-from fdngx.nginx.escape import EscapeError, nginx_string
+from fdngx.errors import UsageError, check_number, shown
+from fdngx.nginx.escape import (
+    MAX_NGINX_INT,
+    EscapeError,
+    check_path_length,
+    nginx_arg,
+    nginx_bytes,
+    nginx_msec,
+    nginx_string,
+)
 from fdngx.system.files import read_bytes_or_none, read_regular_file, real_target
 
 log = logging.getLogger("fdngx.frontdoor")
@@ -49,7 +57,18 @@ _VERSION = re.compile(r"[0-9a-f]{16}|unwritten")
 _MAP_VERSION = re.compile(r"^# version ([0-9a-f]{16})$", re.M)
 _MAP_ENTRY = re.compile(r'^"~\^\(\?i:bearer\) \+[^"\n]+\$" L[0-9]+;$', re.M)
 _GLOB = frozenset("*?[")
+# limit_req's burst= must be at least 1 (ngx_http_limit_req_module.c: `burst <= 0` is "invalid burst value").
 MAX_BURST = 100_000
+# Bounds on the upstream's numbers. nginx takes max_fails and fail_timeout up to 2^63-1, but past these they
+# mean nothing more. keepalive N: nginx allocates N cache slots (~76 bytes each) per upstream when it loads the
+# config (N = 2^31: "malloc() failed"), and a worker never holds more connections than worker_connections.
+MAX_FAILS = 100_000
+MAX_FAIL_TIMEOUT = 86_400
+MAX_KEEPALIVE = 65_535
+# client_body_buffer_size is memory per request being read: 1024m is beyond any prompt.
+MAX_BODY_BUFFER = 1 << 30
+# nginx runs at most 1024 processes (NGX_MAX_PROCESSES), old and new workers side by side during a reload.
+MAX_WORKERS = 512
 
 
 class AccessLogFormat(StrEnum):
@@ -129,21 +148,69 @@ def default_burst(nginx_rate: str) -> int:
 def check_rate(nginx_rate: str, burst: int | None) -> None:
     if nginx_rate and not _NGINX_RATE.fullmatch(nginx_rate):
         raise UsageError(f"--rate-limit {nginx_rate!r} is not a valid nginx rate")
-    if burst is not None and (isinstance(burst, bool) or not isinstance(burst, int) or not 0 <= burst <= MAX_BURST):
-        raise UsageError(f"--rate-burst {burst!r}: want a whole number 0..{MAX_BURST}")
+    if burst is not None:
+        check_number("--rate-burst", burst, 1, MAX_BURST, "nginx takes no burst of 0", whole=True)
     if burst is not None and not nginx_rate:
         raise UsageError("--rate-burst needs --rate-limit")
 
 
+def check_upstream(max_fails: object, fail_timeout: object, keepalive: object, workers: object) -> None:
+    """The upstream's numbers and worker_processes, within the bounds above; UsageError naming the one option."""
+    check_number("--max-fails", max_fails, 0, MAX_FAILS, "0: never hold a failing replica out", whole=True)
+    check_number("--fail-timeout", fail_timeout, 1, MAX_FAIL_TIMEOUT, whole=True)
+    check_number("--keepalive", keepalive, 0, MAX_KEEPALIVE, "0: off", whole=True)
+    text = workers if isinstance(workers, str) else ""
+    digits = text.isascii() and text.isdigit() and len(text) <= 4
+    if text != "auto" and not (digits and 1 <= int(text) <= MAX_WORKERS):
+        raise UsageError(f"--worker-processes {shown(workers)}: want auto or a whole number 1..{MAX_WORKERS}")
+
+
+def check_time(what: str, value: object) -> None:
+    """An nginx time for a millisecond directive (escape.nginx_msec); UsageError naming `what` and the value."""
+    try:
+        nginx_msec(value)
+    except EscapeError as exc:
+        raise UsageError(f"{what} {shown(value)}: {exc}") from None
+
+
+def check_size(what: str, value: object, *, units: str = "km", least: int = 0, most: int = MAX_NGINX_INT) -> None:
+    """An nginx size (escape.nginx_bytes): k or m (`units` adds g where nginx takes it); UsageError naming `what`."""
+    try:
+        nginx_bytes(value, units=units, least=least, most=most)
+    except EscapeError as exc:
+        raise UsageError(f"{what} {shown(value)}: {exc}") from None
+
+
+def check_plain_path(what: str, value: str | None) -> None:
+    """A path printed bare (access_log, load_module, the Lua balancer's files): allow-listed characters only,
+    and a length nginx can read and open."""
+    if not value:
+        return
+    try:
+        nginx_arg(value)
+    except EscapeError:
+        raise UsageError(f"{what} {shown(value)}: use a plain path (letters, digits, . _ / - : @ +), no spaces or "
+                         "quotes") from None
+    try:
+        check_path_length(value)
+    except EscapeError as exc:
+        raise UsageError(f"{what} {shown(value)}: {exc}") from None
+
+
 def check_path(what: str, value: str, *, include: bool = False) -> None:
     """A path printed as an nginx string: absolute, no `$` (nginx would read a variable), no control
-    characters; an `include`d one also no glob characters (nginx would include what they match)."""
+    characters, a length nginx can read and open; an `include`d one also no glob characters (nginx would
+    include what they match)."""
     if not value:
         return
     try:
         nginx_string(value)
     except EscapeError:
         raise UsageError(f"{what} {value[:80]!r}: a path without '$' or control characters, please") from None
+    try:
+        check_path_length(value)
+    except EscapeError as exc:
+        raise UsageError(f"{what} {shown(value)}: {exc}") from None
     if not value.startswith("/"):
         raise UsageError(f"{what} {value!r}: want an absolute path")
     if include and _GLOB & set(value):

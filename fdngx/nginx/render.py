@@ -39,7 +39,7 @@ from fdngx.domain import (
 from fdngx.errors import RenderError, UsageError
 from fdngx.inventory import all_drained
 from fdngx.nginx import frontdoor
-from fdngx.nginx.escape import EscapeError, lua_literal, nginx_arg, nginx_size, nginx_string, nginx_time
+from fdngx.nginx.escape import EscapeError, lua_literal, nginx_arg, nginx_string
 from fdngx.nginx.shape import front_of
 
 GENERATION_TOKEN = "@@FDNGX_GENERATION@@"
@@ -153,30 +153,19 @@ class RenderOptions:
         object.__setattr__(self, "admin_allow", admin_allow_list(self.admin_allow))
 
     def validated(self) -> RenderOptions:
-        """Every value that lands in the config, checked for its syntax; raises UsageError naming the option."""
-        if self.max_fails < 0 or self.fail_timeout < 1 or self.keepalive < 0:
-            raise UsageError("--max-fails >= 0, --fail-timeout >= 1 and --keepalive >= 0 are required")
-        checks = [
-            ("--worker-processes", self.worker_processes, lambda v: v == "auto" or v.isdigit()),
-            ("worker_shutdown_timeout", self.worker_shutdown_timeout, nginx_time),
-            ("--read-timeout", self.read_timeout, nginx_time),
-            ("--connect-timeout", self.connect_timeout, nginx_time),
-            ("--client-max-body-size", self.client_max_body_size, nginx_size),
-            ("--client-body-buffer-size", self.client_body_buffer_size, nginx_size),
-        ]
-        for what, value, ok in checks:
-            if not ok(value):
-                raise UsageError(f"{what} {value!r} is not a valid nginx value")
+        """Every value that lands in the config, checked as nginx reads it (fdngx.nginx.frontdoor, escape); raises
+        UsageError naming the option and the value."""
+        frontdoor.check_upstream(self.max_fails, self.fail_timeout, self.keepalive, self.worker_processes)
+        for what, value in (("worker_shutdown_timeout", self.worker_shutdown_timeout),
+                            ("--read-timeout", self.read_timeout), ("--connect-timeout", self.connect_timeout)):
+            frontdoor.check_time(what, value)
+        frontdoor.check_size("--client-max-body-size", self.client_max_body_size, units="kmg")
+        frontdoor.check_size("--client-body-buffer-size", self.client_body_buffer_size, least=1,
+                             most=frontdoor.MAX_BODY_BUFFER)
         for what, value in (("--access-log", self.access_log), ("--admin-token-file", self.admin_token_file),
                             ("peers file", self.peers_file), ("Lua module directory", self.lua_dir),
                             *(("lua module", m) for m in self.lua_modules)):
-            if value:
-                try:
-                    nginx_arg(value)
-                except EscapeError:
-                    raise UsageError(
-                        f"{what} {value!r}: use a plain path (letters, digits, . _ / - : @ +), no spaces or quotes"
-                    ) from None
+            frontdoor.check_plain_path(what, value)
         self._validate_front_door()
         return self
 

@@ -6,8 +6,14 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from fdngx.domain import Flavor
-from fdngx.errors import UsageError
+from fdngx.errors import UsageError, check_number
 from fdngx.weights.state import PolicyState
+
+# Seconds an option of the sidecar's loop may say at most (its interval, hold, ramp, grace, debounce): an hour.
+# Longer is a typo, and each ends in a timer or a wait: past threading.TIMEOUT_MAX (~9.2e9 s) an OverflowError.
+MAX_SECONDS = 3600.0
+MAX_WEIGHT = 10_000  # the bound of the inventory's static weights and of what render writes (--scale)
+MAX_COUNT = 10_000  # consecutive checks, reloads per minute (openresty's "no budget" is 10,000)
 
 
 @dataclass(frozen=True)
@@ -58,17 +64,14 @@ class PolicyConfig:
     max_weight: int = 100
 
     def validated(self) -> PolicyConfig:
+        for name, (option, low, high, unit) in BOUNDS.items():
+            check_number(option or f"policy setting {name}", getattr(self, name), low, high, unit)
+        if self.scale > self.max_weight:
+            raise UsageError(f"--scale {self.scale}: want at most the policy's max_weight, {self.max_weight}")
         checks = [
-            (self.interval > 0, "interval must be > 0"),
             (0 < self.alpha <= 1, "alpha must be in (0, 1]"),
             (0 <= self.gain <= 1, "gain must be in [0, 1]"),
-            (self.refused_grace >= 0, "refused grace must be >= 0"),
             (0 < self.min_factor <= 1 <= self.max_factor, "min_factor <= 1 <= max_factor, both > 0"),
-            (self.fail_threshold >= 1 and self.recover_threshold >= 1, "fail/recover thresholds must be >= 1"),
-            (self.max_reloads_per_minute >= 1, "max reloads per minute must be >= 1"),
-            (1 <= self.scale <= self.max_weight, "1 <= scale <= max_weight"),
-            (self.ramp_steps >= 1 and self.ramp_duration >= 0, "ramp steps >= 1, ramp duration >= 0"),
-            (self.stale_after > 0 and self.stale_half_life > 0, "stale times must be > 0"),
             (self.speed_tolerance >= 0, "speed tolerance must be >= 0"),
             (0 < self.min_speed <= 1 <= self.max_speed, "min_speed <= 1 <= max_speed, both > 0"),
         ]
@@ -76,6 +79,25 @@ class PolicyConfig:
             if not ok:
                 raise UsageError(f"policy: {msg}")
         return self
+
+
+# The numeric settings `fdngx sidecar` takes from its command line, each with its option (None: no option sets
+# it) and its range. NaN and the infinities are in no range: a NaN compares false with everything, so a check
+# such as `interval <= 0` let it through and the loop ran with it.
+BOUNDS: dict[str, tuple[str | None, float, float, str]] = {
+    "interval": ("--interval", 0.05, MAX_SECONDS, "seconds"),
+    "min_hold": ("--min-hold", 0.0, MAX_SECONDS, "seconds"),
+    "refused_grace": ("--refused-grace", 0.0, MAX_SECONDS, "seconds"),
+    "ramp_duration": ("--ramp", 0.0, MAX_SECONDS, "seconds"),
+    "stale_after": ("--stale-after", 0.05, MAX_SECONDS, "seconds"),
+    "stale_half_life": (None, 0.05, MAX_SECONDS, "seconds"),
+    "scale": ("--scale", 1, MAX_WEIGHT, ""),
+    "max_weight": (None, 1, MAX_WEIGHT, ""),
+    "max_reloads_per_minute": ("--max-reloads-per-minute", 1, MAX_COUNT, ""),
+    "fail_threshold": ("--fail-threshold", 1, MAX_COUNT, ""),
+    "recover_threshold": ("--recover-threshold", 1, MAX_COUNT, ""),
+    "ramp_steps": (None, 1, 1_000, ""),
+}
 
 
 def config_of_state(state: PolicyState) -> PolicyConfig:
@@ -103,6 +125,7 @@ def config_for_flavor(flavor: Flavor | str, **settings: Any) -> PolicyConfig:
     """
     if settings.get("speed_aware") is None:
         settings["speed_aware"] = Flavor(flavor) is Flavor.OPENRESTY
+    PolicyConfig(**settings).validated()  # what was asked, even where the flavor overrides it (--min-hold nan)
     if Flavor(flavor) is Flavor.OPENRESTY:
         settings.update(gain=0.0, deadband_rel=0.0, deadband_abs=0, min_hold=0.0, max_reloads_per_minute=10_000)
     return PolicyConfig(**settings).validated()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fdngx import inventory as inv_mod
 from fdngx.domain import Inventory, LoadSample
-from fdngx.errors import FdngxError
+from fdngx.errors import FdngxError, check_number
 from fdngx.nginx.apply import aside, lock_waits_end_on
 from fdngx.nginx.fanout import FrontendSpec, read_push_file
 from fdngx.nginx.target import Target
@@ -32,7 +32,7 @@ from fdngx.weights.controller import Controller, CycleResult
 from fdngx.weights.fetch import Client
 from fdngx.weights.policy import Decisions
 from fdngx.weights.scrape import make_client, scrape_all
-from fdngx.weights.settings import PolicyConfig
+from fdngx.weights.settings import MAX_SECONDS, PolicyConfig
 from fdngx.weights.store import StateStore, store_for
 from fdngx.weights.telemetry import Telemetry
 from fdngx.weights.watch import Identity, InventoryWatch, identity
@@ -77,6 +77,8 @@ class Sidecar:
         scrape: Callable[..., dict[str, LoadSample]] = scrape_all,
     ) -> None:
         self.config = config
+        # NaN or inf would never let an inventory change be due (now - changed_at >= nan is False)
+        check_number("--debounce", config.debounce, 0.0, MAX_SECONDS)
         self.policy = config.policy.validated()
         self._owner = owner.hold(config.target.out, config.owner_wait)  # one sidecar per config
         try:

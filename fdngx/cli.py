@@ -154,10 +154,18 @@ def __getattr__(name: str) -> typer.Typer:
 
 
 def main() -> None:
-    # standalone mode: typer/click print usage errors and exit 2 themselves; our errors surface here.
+    # Not click's standalone mode: its usage errors (a bad option, a value typer cannot convert) come here too,
+    # and are said on one line like fdngx's own, instead of a box of several.
     try:
         # prog_name: `python -m fdngx` is still `fdngx` in usage lines and in completion's _FDNGX_COMPLETE.
-        make_app(modules_for(sys.argv[1:]))(prog_name="fdngx")
+        code = make_app(modules_for(sys.argv[1:]))(prog_name="fdngx", standalone_mode=False)
+    except typer.Abort:  # Ctrl-C while click was reading or prompting
+        say("Aborted!", logging.ERROR)
+        sys.exit(1)
+    except typer.TyperException as exc:  # click's exceptions (typer carries its own click)
+        if line := click_error_line(exc):  # none: the help was shown (no arguments at all)
+            say(f"fdngx: error: {line}", logging.ERROR, color="red")
+        sys.exit(getattr(exc, "exit_code", 2))
     except FdngxError as exc:
         say(f"fdngx: error: {exc}", logging.ERROR, color="red")
         sys.exit(exc.exit_code)
@@ -165,6 +173,32 @@ def main() -> None:
         # A file or socket the user pointed us at: one line naming it.
         say(f"fdngx: error: {os_error_line(exc)}", logging.ERROR, color="red")
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(N), --help: their code; a command's end: 0
+
+
+def click_error_line(exc: typer.TyperException) -> str:
+    """click's words on one line: a bad value's option first (its long name; click's own hint would list the
+    environment variables as a Python list), then where to look."""
+    param = getattr(exc, "param", None)
+    message = " ".join(str(getattr(exc, "message", "")).split())
+    if isinstance(exc, typer.BadParameter) and param is not None and message:
+        opts = [o for o in getattr(param, "opts", []) if o.startswith("--")] or [str(param.name).upper()]
+        text = f"{max(opts, key=len)}{_from_environment(param)}: {message}"
+    else:  # a missing argument or option, an unknown one: click's own sentence
+        text = " ".join(str(getattr(exc, "format_message", exc.__str__)()).split())
+    ctx = getattr(exc, "ctx", None)
+    return f"{text} (see '{ctx.command_path} --help')" if text and ctx is not None else text
+
+
+
+def _from_environment(param: Any) -> str:
+    """' (from FDNGX_X)' when the bad value was not on the command line but in a variable that is set."""
+    opts = getattr(param, "opts", [])
+    if any(a == o or a.startswith(o + "=") for a in sys.argv[1:] for o in opts):
+        return ""
+    names = param.envvar if isinstance(param.envvar, list | tuple) else [param.envvar] if param.envvar else []
+    set_ = [n for n in names if n in os.environ]
+    return f" (from {set_[0]})" if set_ else ""
 
 
 if __name__ == "__main__":

@@ -52,6 +52,23 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert fdngx("render", "--no-such-flag").returncode == 2
 
 
+@pytest.mark.parametrize(("args", "names"), [
+    (["render", "--mode", "bogus"], ["--mode", "'bogus'"]),
+    (["render", "--max-fails", "1e3"], ["--max-fails", "integer"]),
+    (["render", "--no-such-flag"], ["--no-such-flag"]),
+    (["drain"], ["Missing argument"]),
+    (["status", "--timout", "3"], ["--timout", "--timeout"]),
+    (["no-such-command"], ["no-such-command"]),
+])
+def test_click_usage_errors_are_one_line_naming_the_option(args: list[str], names: list[str]) -> None:
+    """typer drew a box of several lines around click's words (and named the option's variables as a Python
+    list); fdngx's own errors are one line: so are these, exit 2."""
+    proc = fdngx(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("fdngx: error: "), proc.stderr
+    assert all(n in proc.stderr for n in names) and "['FDNGX" not in proc.stderr, proc.stderr
+
+
 def test_missing_inventory_names_the_file(tmp_path: Path) -> None:
     proc = fdngx("render", cwd=tmp_path)
     assert proc.returncode == 1 and "fdngx.json: inventory file not found" in proc.stderr

@@ -23,8 +23,9 @@ directory, as on the command line.
 
 Where a top-level key does not go. PER_COMMAND: an option that means different things to different
 commands (`timeout`: launch's wait for /health, status's scrape timeout per request; `interval`: the
-sidecar's and demo's cycle, status's --watch frames) is refused at the top level, with the tables to put it
-in: given to every command that has it, a value meant for one quietly changed another (`timeout = 900` for
+sidecar's and demo's cycle, status's --watch frames) is refused at the top level by the commands that have
+the option (the others, render and drain, run: an upgrade's cron line keeps working), with the tables to put
+it in: given to every command that has it, a value meant for one quietly changed another (`timeout = 900` for
 launch made status wait 900 s on a replica that does not answer). Refused rather than given only where it
 means the same: `timeout` means the same to no two commands, and a key that silently skipped some commands
 would surprise as much. Likewise in the environment: only FDNGX_<COMMAND>_TIMEOUT and _INTERVAL are read,
@@ -277,7 +278,10 @@ def load_settings(ctx: Any, path: Path, group: Command, root: dict[str, Option])
                 f"{path}: unknown key '{raw_key}': not an option of fdngx ({', '.join(sorted(root))}) nor of any "
                 f"command (a command's own options go in its table, e.g. [render])"
             )
-        _top_level(path, raw_key, takers)
+        if _norm(raw_key) in PER_COMMAND:
+            if getattr(ctx, "invoked_subcommand", None) in takers:
+                _top_level(path, raw_key, takers)
+            continue  # refused only by a command that has the option: `render` and `drain` have none
         # Given to every command it suits: a list of inventories is for render, status and sidecar, not for
         # launch and stop (which take one); a value that suits none is an error, said by a command that takes
         # its shape (a list: one that takes several) if one does.

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import typer
 
 from fdngx.domain import Balancer, Flavor, Mode
-from fdngx.errors import UsageError
 from fdngx.nginx import frontdoor, keymap
 from fdngx.nginx.frontdoor import AccessLogFormat
-from fdngx.nginx.journal import aside
 from fdngx.nginx.render import RenderOptions
 from fdngx.nginx.target import TargetSpec, check_out
-from fdngx.system.files import read_bytes_or_none, real_target
 
 DEFAULT_INVENTORY = Path("fdngx.json")
 InventoryOpt = typer.Option(
@@ -132,7 +128,8 @@ ApiKeysFileOpt = typer.Option(
     None, "--api-keys-file", help="site/standalone: nginx answers 401 (OpenAI's JSON) to /v1/ requests without "
     "'Authorization: Bearer <key>' for a key in this file: one a line (8-256 of A-Z a-z 0-9 . _ ~ + / = -), # "
     "comments. The keys go into a 0600 file beside --out (.<name>.fdngx-api-keys.<version>), never into the config; "
-    "rerun render (or restart the sidecar) after editing it. /health stays open. Default: no keys.",
+    "a running sidecar reads it again when it changes (its next cycle applies the new keys); without one, rerun "
+    "render. /health stays open. Default: no keys.",
     dir_okay=False,
 )
 ApiKeysForwardOpt = typer.Option(
@@ -212,7 +209,7 @@ def target_spec(
     out = _absolute(out)
 
     def spec(write: bool) -> TargetSpec:
-        return TargetSpec(with_api_key_map(opts, out, write=write), out, _absolute(prefix), _absolute(nginx_conf),
+        return TargetSpec(keymap.applied(opts, out, write=write), out, _absolute(prefix), _absolute(nginx_conf),
                           nginx_bin, reload_cmd, reload, _absolute(admin_token_file), _absolute(pid_file),
                           force).validated()
 
@@ -221,26 +218,6 @@ def target_spec(
         return checked
     check_out(checked)
     return spec(True)
-
-
-def with_api_key_map(opts: RenderOptions, out: Path | None, *, write: bool) -> RenderOptions:
-    """--api-keys-file: the 0600 key map holding these keys beside `out` (a new file when the keys changed,
-    unless a dry run; fdngx.nginx.keymap), named in the options; maps no config names any more go. Read at
-    every `fdngx render` run (cron picks up a changed keys file) and at the sidecar's start."""
-    if not opts.api_keys_file:
-        return opts
-    base = frontdoor.map_path(out)
-    keys = frontdoor.load_api_keys(Path(opts.api_keys_file))
-    try:
-        if write and opts.mode is Mode.STANDALONE:
-            base.parent.mkdir(parents=True, exist_ok=True)  # the prefix, which the target prepares next
-        path, version = keymap.ensure(base, keys, write=write)
-    except OSError as exc:
-        raise UsageError(f"{base}: cannot write the API key map: {exc.strerror or exc}") from None
-    if write and out is not None:
-        live = real_target(out)
-        keymap.prune(base, path, [read_bytes_or_none(live), read_bytes_or_none(aside(live, "bak"))])
-    return replace(opts, api_keys_map=str(path), api_keys_version=version).validated()
 
 
 def _absolute(path: Path | None) -> Path | None:

@@ -20,10 +20,18 @@ import re
 import secrets
 import stat
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fdngx.nginx.frontdoor import current_map_version, map_entries
-from fdngx.system.files import atomic_write
+from fdngx.domain import Mode
+from fdngx.errors import UsageError
+from fdngx.nginx.frontdoor import current_map_version, load_api_keys, map_entries, map_path
+from fdngx.nginx.journal import aside
+from fdngx.system.files import atomic_write, read_bytes_or_none, real_target
+
+if TYPE_CHECKING:
+    from fdngx.nginx.render import RenderOptions
 
 STALE_AFTER = 600.0  # seconds an unnamed map is kept (a concurrent run's candidate may name it)
 _VERSIONED = re.compile(r"\.([0-9a-f]{16})\Z")
@@ -80,3 +88,24 @@ def prune(base: Path, keep: Path, named_by: list[bytes | None], now: float | Non
             continue
         gone.append(path)
     return gone
+
+
+def applied(opts: RenderOptions, out: Path | None, *, write: bool) -> RenderOptions:
+    """--api-keys-file: the options with the map holding the file's keys now, beside `out` (a new file when the
+    keys changed, unless `write` is off: --check, --diff, stdout); maps no config names any more go. Read at
+    every `fdngx render` and at every sidecar cycle whose keys file changed (fdngx.nginx.target): a revoked key
+    is gone from the next config either writes, and the sidecar never puts an older map back."""
+    if not opts.api_keys_file:
+        return opts
+    base = map_path(out)
+    keys = load_api_keys(Path(opts.api_keys_file))
+    try:
+        if write and opts.mode is Mode.STANDALONE:
+            base.parent.mkdir(parents=True, exist_ok=True)  # the prefix, which the target prepares next
+        path, version = ensure(base, keys, write=write)
+    except OSError as exc:
+        raise UsageError(f"{base}: cannot write the API key map: {exc.strerror or exc}") from None
+    if write and out is not None:
+        live = real_target(out)
+        prune(base, path, [read_bytes_or_none(live), read_bytes_or_none(aside(live, "bak"))])
+    return replace(opts, api_keys_map=str(path), api_keys_version=version).validated()

@@ -12,14 +12,14 @@ import logging
 import os
 import shlex
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fdngx.domain import Flavor, Inventory, LoadSample, Mode, ServerState
 from fdngx.errors import ApplyError, FdngxError, UsageError, os_error_line
 from fdngx.inventory import in_rotation
 from fdngx.nginx import admin as admin_client
-from fdngx.nginx import generation, openresty, shape
+from fdngx.nginx import generation, keymap, openresty, shape
 from fdngx.nginx.apply import ApplyResult, safe_apply
 from fdngx.nginx.build import nginx_build
 from fdngx.nginx.control import NginxControl, find_nginx, prepare_prefix
@@ -27,7 +27,7 @@ from fdngx.nginx.fanout import Fanout, FrontendSpec, PushOutcome
 from fdngx.nginx.guards import check_replaceable, included_by, standalone_refusal
 from fdngx.nginx.render import RenderOptions, render
 from fdngx.nginx.shape import front_of
-from fdngx.system.files import read_bytes_or_none, real_target, writable_by_others
+from fdngx.system.files import identity, read_bytes_or_none, real_target, writable_by_others
 
 log = logging.getLogger("fdngx.target")
 
@@ -76,6 +76,8 @@ class Target:
     fanout: Fanout | None = None
     local: FrontendSpec | None = None  # controller mode with --out: this host's nginx, always pushed to
     force: bool = False  # replace an --out fdngx did not write
+    # --api-keys-file: (its identity, the options with its map) as last read (keyed_opts)
+    _keys: dict[str, tuple[object, RenderOptions]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def pushing(self) -> bool:
@@ -92,7 +94,24 @@ class Target:
 
     def render(self, inv: Inventory, states: Mapping[str, ServerState] | None) -> str:
         """The config text; the openresty flavor's carries no weights (they are pushed)."""
-        return render(inv, self.opts, None if self.opts.flavor is Flavor.OPENRESTY else states)
+        return render(inv, self.keyed_opts(), None if self.opts.flavor is Flavor.OPENRESTY else states)
+
+    def keyed_opts(self) -> RenderOptions:
+        """The options with the key map of the --api-keys-file as it is now: a sidecar reads it again whenever
+        it changed (identity), so a key revoked in the file is gone from its next config, and a `render` of
+        the new keys is not undone by the sidecar putting its older map back. A file that cannot be read or
+        holds a bad line fails the cycle (nginx keeps the keys it has)."""
+        if not self.opts.api_keys_file or self.out is None:
+            return self.opts  # no keys; or a dry render, which uses the map target_spec found
+        seen = identity(Path(self.opts.api_keys_file))
+        last = self._keys.get("file")
+        if last is not None and last[0] == seen and seen is not None:
+            return last[1]
+        opts = keymap.applied(self.opts, self.out, write=True)
+        if last is not None and last[1].api_keys_version != opts.api_keys_version:
+            log.info("%s: API keys changed: key map version %s", self.opts.api_keys_file, opts.api_keys_version)
+        self._keys["file"] = (seen, opts)
+        return opts
 
     def write_peers(self, inv: Inventory) -> None:
         """openresty: the replicas as data beside the config (only rewritten when one changed). Before the

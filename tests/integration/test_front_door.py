@@ -6,12 +6,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import re
 import shutil
 import signal
 import socket
 import ssl
 import stat
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +26,16 @@ import pytest
 import requests
 
 from fdngx.sim.process import start_sim
-from tests.support import Backends, Nginx, fdngx, free_ports, self_signed, wait_for, write_inventory
+from tests.support import (
+    Backends,
+    Nginx,
+    fdngx,
+    free_ports,
+    self_signed,
+    stop_process_group,
+    wait_for,
+    write_inventory,
+)
 
 pytestmark = pytest.mark.nginx
 OURS = {"bad_gateway", "service_unavailable", "gateway_timeout", "rate_limit_exceeded", "invalid_api_key",
@@ -332,6 +343,38 @@ def test_a_failed_apply_leaves_nginx_checking_the_keys_it_had(tmp_path: Path, st
     proc = d.apply()
     assert proc.returncode == 0 and "applied and reloaded" in proc.stderr, proc.stderr
     assert (status(KEY), status(NEW_KEY)) == (401, 200)
+
+
+def test_a_key_revoked_in_the_file_stays_revoked_under_a_running_sidecar(
+        tmp_path: Path, stack: contextlib.ExitStack) -> None:
+    """The sidecar read the keys file once, at its start: a key revoked in the file and applied by `render` came
+    back at the sidecar's next cycle (it put its own, older map back). It reads the file again when it
+    changes: the revoked key is refused, and stays refused."""
+    s = sim(stack, 1)
+    keys = keys_file(tmp_path, KEY, OTHER_KEY)
+    d = door(stack, tmp_path, s.ports, "--api-keys-file", str(keys))
+    log = tmp_path / "sidecar.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "fdngx", "-v", "sidecar", *d.args, "--interval", "0.3",
+                                 "--metrics-listen", "off"], stdout=subprocess.DEVNULL, stderr=fh,
+                                start_new_session=True)
+    stack.callback(stop_process_group, proc)
+
+    def status(key: str) -> int:
+        return requests.get(f"{d.url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code
+
+    def cycles() -> int:
+        return len(re.findall(r"cycle \d+:", log.read_text()))
+
+    wait_for(lambda: cycles() >= 2, 30, what=f"two sidecar cycles ({log.read_text()[-500:]})")
+    assert (status(KEY), status(OTHER_KEY)) == (200, 200)
+    keys_file(tmp_path, OTHER_KEY)  # KEY leaked: revoked
+    assert d.apply().returncode == 0  # what the help says to run
+    seen = cycles()
+    wait_for(lambda: cycles() >= seen + 4, 30, what="four more sidecar cycles")
+    # The sidecar rewrote the config render wrote (its own weights), with the new map: KEY stays refused.
+    assert (status(KEY), status(OTHER_KEY)) == (401, 200), log.read_text()[-2000:]
+    assert "API keys changed: key map version" in log.read_text()
 
 
 class Recorder(ThreadingHTTPServer):

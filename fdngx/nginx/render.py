@@ -231,6 +231,9 @@ def _environment(template_dir: Path | None) -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
+        # Ours are read once: a running sidecar keeps rendering with the templates of its own version while a
+        # newer fdngx is installed under it (a new template could need a value the old code never passes).
+        auto_reload=template_dir is not None,
     )
     env.filters["arg"] = nginx_arg
     env.filters["lua"] = lua_literal
@@ -244,7 +247,7 @@ def _builtin_environment() -> jinja2.Environment:
 
 
 def environment(template_dir: Path | None) -> jinja2.Environment:
-    # A user's template dir is re-read on every render (the sidecar must pick up edits), ours is cached.
+    # A user's template dir is re-read on every render (the sidecar must pick up edits); ours are read once.
     return _environment(template_dir) if template_dir is not None else _builtin_environment()
 
 

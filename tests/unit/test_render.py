@@ -9,7 +9,7 @@ from fdngx import inventory
 from fdngx.domain import Listen, ServerState
 from fdngx.errors import RenderError, UsageError
 from fdngx.nginx.control import generation_in
-from fdngx.nginx.render import RenderOptions, render
+from fdngx.nginx.render import RenderOptions, environment, render
 from tests.regen_examples import rendered_files
 
 REPO = Path(__file__).resolve().parents[2]
@@ -122,3 +122,12 @@ def test_a_replica_filled_by_traffic_from_elsewhere_is_rendered_as_backup() -> N
                                                                                                    backup=True)})
     assert "server 127.0.0.1:8001 weight=2 max_fails=3 fail_timeout=1s backup;  # dp0" in text
     assert "weight=3 max_fails=3 fail_timeout=1s down;  # dp1" in text, "down wins over backup"
+
+
+def test_a_sidecar_of_the_previous_version_survives_the_new_templates_being_installed() -> None:
+    """jinja re-read changed template files on every render: a sidecar still running while a newer fdngx was
+    installed under it read the new header, which needs `front` its own code never passed (StrictUndefined:
+    every render failed until a restart). The header does without it, and ours are read once."""
+    header = environment(None).get_template("_header.j2").render(version="0.0.0", generation="0123456789ab")
+    assert "fdngx-front" not in header and "# fdngx-generation: 0123456789ab" in header
+    assert environment(None).auto_reload is False

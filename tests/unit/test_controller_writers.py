@@ -186,3 +186,22 @@ def test_nginx_stopped_and_started_again_is_said_both_ways(tmp_path: Path,
     said = [r.getMessage() for r in caplog.records if "nginx is" in r.getMessage()]
     assert said == [f"{tmp_path / 'upstream.conf'}: nginx is not running: changes wait in the file until it starts",
                     f"{tmp_path / 'upstream.conf'}: nginx is running again"], said
+
+
+class _Recovering(Target):
+    """An apply that recovered something first (an older fdngx's backup moved) and reloaded."""
+
+    def apply(self, text: str, guard: object = None) -> ApplyResult:
+        result = safe_apply(self.out or Path(), text, None, reload=False)
+        return dataclasses.replace(result, recovered="moved x.fdngx-bak to .x.fdngx-bak-legacy", reloaded=True)
+
+
+def test_what_an_apply_recovered_is_said_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The sidecar logged the recovery, then the apply's summary, which carries it too: twice."""
+    caplog.set_level(logging.INFO, "fdngx.controller")
+    c = Controller(_Recovering(tmp_path / "upstream.conf", RenderOptions(), None, False, None), PolicyConfig(),
+                   scrape=FakeScrape(), clock=Clock())
+    c.step(inv_of(2), PolicyState(), force_render=True)
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("moved x.fdngx-bak" in m for m in said) == 1, said
+    assert any("applied and reloaded" in m for m in said), said

@@ -336,7 +336,7 @@ class Fanout:
             log.warning("%s: push failed: %s (the other frontends are unaffected; said again when it works)",
                         f.spec.url, o.error)
         elif state is PushState.OK and f.state is PushState.FAILED:
-            log.warning("%s: push works again (%d peers)", f.spec.url, o.peers)
+            log.info("%s: push works again (%d peers)", f.spec.url, o.peers)
         else:
             say_change(log, f.spec.url, f.state, state, o.generation, o.current, pusher="this controller")
         f.state = state

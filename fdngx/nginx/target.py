@@ -14,6 +14,7 @@ import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from fdngx.domain import Flavor, Inventory, LoadSample, Mode, ServerState
 from fdngx.errors import ApplyError, FdngxError, UsageError, os_error_line
@@ -27,7 +28,7 @@ from fdngx.nginx.fanout import Fanout, FrontendSpec, PushOutcome
 from fdngx.nginx.guards import check_replaceable, included_by, standalone_refusal
 from fdngx.nginx.render import RenderOptions, render
 from fdngx.nginx.shape import front_of
-from fdngx.system.files import identity, read_bytes_or_none, real_target, writable_by_others
+from fdngx.system.files import check_private, identity, read_bytes_or_none, real_target, writable_by_others
 
 log = logging.getLogger("fdngx.target")
 
@@ -76,8 +77,8 @@ class Target:
     fanout: Fanout | None = None
     local: FrontendSpec | None = None  # controller mode with --out: this host's nginx, always pushed to
     force: bool = False  # replace an --out fdngx did not write
-    # --api-keys-file: (its identity, the options with its map) as last read (keyed_opts)
-    _keys: dict[str, tuple[object, RenderOptions]] = field(default_factory=dict, compare=False, repr=False)
+    # What files were as last read: "keys", the --api-keys-file (keyed_opts); "token", the admin token (push)
+    _seen: dict[str, tuple[object, Any]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def pushing(self) -> bool:
@@ -104,13 +105,13 @@ class Target:
         if not self.opts.api_keys_file or self.out is None:
             return self.opts  # no keys; or a dry render, which uses the map target_spec found
         seen = identity(Path(self.opts.api_keys_file))
-        last = self._keys.get("file")
+        last = self._seen.get("keys")
         if last is not None and last[0] == seen and seen is not None:
             return last[1]
         opts = keymap.applied(self.opts, self.out, write=True)
         if last is not None and last[1].api_keys_version != opts.api_keys_version:
             log.info("%s: API keys changed: key map version %s", self.opts.api_keys_file, opts.api_keys_version)
-        self._keys["file"] = (seen, opts)
+        self._seen["keys"] = (seen, opts)
         return opts
 
     def write_peers(self, inv: Inventory) -> None:
@@ -142,6 +143,7 @@ class Target:
         a no-op and never undoes a newer push. That one is best effort: an nginx that is not running reads
         the file when it starts."""
         assert self.admin is not None
+        self._renew_token()
         # A drained replica is left out of the snapshot, not sent as `down`: the balancer may still pick a
         # peer the sidecar holds down (its own probe saw it come back, or every other one failed), and must
         # never pick one under maintenance. Requests already on it finish: a peer's in-flight count outlives
@@ -174,6 +176,31 @@ class Target:
             log.info("%s: replicas added %s, removed %s (no reload)", self.admin.url,
                      ", ".join(result.added) or "none", ", ".join(result.removed) or "none")
         return result
+
+    def _renew_token(self) -> None:
+        """The admin token file, read again when it changed (a rotation: the frontend's nginx takes the new one
+        at its next reload). The sidecar read it once, at its start: after a rotation and a reload every push
+        got 403 until it was restarted. A file that cannot be read keeps the token in use, said once."""
+        path = Path(self.opts.admin_token_file) if self.opts.admin_token_file else None
+        if path is None or not isinstance(self.admin, admin_client.Admin):
+            return
+        seen, last = identity(path), self._seen.get("token")
+        if last is None or last[0] == seen:
+            self._seen["token"] = (seen, self.admin.token)
+            return
+        try:
+            check_private(path, "openresty admin token", secret=True)
+            token = admin_client.read_token(path)
+        except FdngxError as exc:
+            self._seen["token"] = (seen, last[1])
+            log.warning("%s: admin token not read again, pushing with the one in use: %s", path, exc)
+            return
+        self._seen["token"] = (seen, token)
+        if token and token != self.admin.token:
+            old = self.admin
+            object.__setattr__(self, "admin", admin_client.Admin(old.listen, token, old.timeout, old.path))
+            old.close()
+            log.info("%s: admin token changed: pushing with the new one (nginx takes it at its next reload)", path)
 
     def push_all(self, inv: Inventory, states: Mapping[str, ServerState] | None,
                  samples: Mapping[str, LoadSample]) -> tuple[PushOutcome, ...]:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from fdngx.domain import Flavor
+from fdngx.domain import Flavor, Listen
 from fdngx.errors import FdngxError
-from fdngx.nginx.admin import PushResult
+from fdngx.nginx.admin import Admin, PushResult
 from fdngx.nginx.apply import ApplyResult, safe_apply
 from fdngx.nginx.generation import generation_in
 from fdngx.nginx.render import RenderOptions
@@ -220,3 +220,26 @@ def test_another_writer_of_an_older_version_is_named(tmp_path: Path, caplog: pyt
     c.step(inv, state)
     said = [r.getMessage() for r in caplog.records if "changed by another writer" in r.getMessage()]
     assert said and "(fdngx 0.1.0: an older run still writes it?)" in said[0], said
+
+
+def test_a_rotated_admin_token_is_pushed_with_after_the_frontends_reload(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The per-frontend sidecar read its token once, at its start: after a rotation (and nginx's reload) every
+    push got 403 until a restart. It reads the file again when it changes; a bad rewrite keeps the old one."""
+    caplog.set_level(logging.INFO, "fdngx.target")
+    path = token_file(tmp_path, text="old-token-0001")
+    target = Target(tmp_path / "upstream.conf", RenderOptions(flavor=Flavor.OPENRESTY, admin_token_file=str(path)),
+                    None, False, Admin(Listen.parse("127.0.0.1:9"), "old-token-0001"))
+    target._renew_token()  # the first look: what it was started with
+    assert target.admin is not None and target.admin.token == "old-token-0001"
+    new = tmp_path / "token.new"
+    new.write_text("new-token-0002\n")
+    new.chmod(0o600)
+    os.replace(new, path)  # the documented rotation: a new file renamed over the old one
+    target._renew_token()
+    assert target.admin.token == "new-token-0002"
+    assert any("admin token changed" in r.getMessage() for r in caplog.records)
+    path.write_text("two words\n")  # a bad edit: kept, said
+    target._renew_token()
+    assert target.admin.token == "new-token-0002"
+    assert any("not read again" in r.getMessage() for r in caplog.records)

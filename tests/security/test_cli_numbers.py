@@ -1,6 +1,6 @@
-"""Numeric option values (an outside review): NaN, inf, -inf, 1e308, a huge int and a negative value for every
-numeric option of launch, stop, sidecar, status and drain give exit 2 and ONE line on stderr naming the option
-and the value: no traceback, nothing written, no loop run with them.
+"""Numeric option values (an outside review): NaN, inf, 1e308 and a negative value for every float option, a huge
+int and a negative value for every int option, of launch, stop, sidecar, status and drain give exit 2 and ONE
+line on stderr naming the option and the value: no traceback, nothing written, no loop run with them.
 
 What they did before: `launch -n 99999999999999999999 --dry-run` built a list that long (OOM-killed at 24 GB);
 `sidecar --debounce nan` never applied an inventory change; `--interval inf`, `--push-timeout 1e308`, `status
@@ -42,7 +42,7 @@ TREE = Path(os.environ.get("FDNGX_UNDER_TEST") or Path(fdngx.__file__).resolve()
 MEMORY = 1_500_000_000  # bytes of address space per run: python -m fdngx needs a few hundred MB at most
 RUN_TIMEOUT = 60.0
 
-VALUES = ["nan", "inf", "-inf", "1e308", "99999999999999999999", "-1"]
+VALUES = ["nan", "inf", "1e308", "-1"]  # -inf and a huge int: as -1 and 1e308 to a float option (kept short)
 HUGE = "99999999999999999999"
 
 
@@ -167,13 +167,14 @@ def test_an_int_option_takes_only_a_whole_number_in_its_range(fleet: Fleet, comm
 @pytest.mark.parametrize("command, option", INT_OPTIONS[:1] + INT_OPTIONS[3:4],
                          ids=[f"{c}{o}" for c, o in INT_OPTIONS[:1] + INT_OPTIONS[3:4]])
 def test_an_int_option_refuses_what_is_no_integer(fleet: Fleet, command: str, option: str) -> None:
-    """nan, inf and 1e308 for a whole-number option: typer's own parse error (exit 2, a line naming the option).
-    It is typer's multi-line box, not fdngx's one line: that message belongs to fdngx.cli."""
+    """nan, inf and 1e308 for a whole-number option: typer's own parse error, said by fdngx.cli on one line
+    (exit 2, naming the option)."""
 
     def why(p: subprocess.CompletedProcess[str], shown: str) -> str | None:
         if p.returncode != 2 or "Traceback" in p.stderr or p.stdout.strip():
             return f"exit {p.returncode}"
-        return None if any(option in ln for ln in p.stderr.splitlines()) else f"no line names {option}"
+        lines = p.stderr.splitlines()
+        return None if len(lines) == 1 and option in lines[0] else f"not one line naming {option}: {lines}"
 
     check(fleet, command, option, ["nan", "inf", "-inf", "1e308"], str, why)
 

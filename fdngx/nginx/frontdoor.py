@@ -43,7 +43,7 @@ from fdngx.nginx.escape import (
     nginx_msec,
     nginx_string,
 )
-from fdngx.system.files import read_bytes_or_none, read_regular_file, real_target
+from fdngx.system.files import read_regular_file
 
 log = logging.getLogger("fdngx.frontdoor")
 
@@ -54,8 +54,6 @@ MAX_KEYS = 10_000
 _RATE = re.compile(r"(?P<n>[1-9][0-9]{0,5})(?:r?/(?P<unit>[sm]))?")
 _NGINX_RATE = re.compile(r"[1-9][0-9]{0,5}r/[sm]")
 _VERSION = re.compile(r"[0-9a-f]{16}|unwritten")
-_MAP_VERSION = re.compile(r"^# version ([0-9a-f]{16})$", re.M)
-_MAP_ENTRY = re.compile(r'^"~\^\(\?i:bearer\) \+[^"\n]+\$" L[0-9]+;$', re.M)
 _GLOB = frozenset("*?[")
 # limit_req's burst= must be at least 1 (ngx_http_limit_req_module.c: `burst <= 0` is "invalid burst value").
 MAX_BURST = 100_000
@@ -273,45 +271,3 @@ def load_api_keys(path: Path) -> list[tuple[int, str]]:
         log.warning("%s: the API keys file is readable or writable by group or others (mode %04o); chmod 600 it",
                     path, stat.S_IMODE(mode))
     return keys
-
-
-def map_path(out: Path | None) -> Path:
-    """The key map lives beside the config it guards as a dot-file (hidden from include globs), or in the
-    working directory when the config goes to stdout."""
-    if out is None:
-        return Path(".fdngx-api-keys").absolute()
-    target = real_target(out)
-    return target.with_name(f".{target.name}.fdngx-api-keys")
-
-
-def map_entries(keys: list[tuple[int, str]]) -> list[str]:
-    """One nginx map entry a key: a case-sensitive regex on the whole Authorization header -> `L<line>`.
-    A key has no `"`, `\\`, `$` or space (API_KEY); `.` and `+`, the regex metacharacters it may hold, are
-    escaped. nginx keeps `\\.` and `\\+` as they are inside a double-quoted string."""
-    out = []
-    for number, key in keys:
-        if not API_KEY.fullmatch(key):
-            raise UsageError(f"API key on line {number} is not valid")
-        pattern = key.replace(".", "\\.").replace("+", "\\+")
-        out.append(f'"~^(?i:bearer) +{pattern}$" L{number};')
-    return out
-
-
-def _ours_and_private(path: Path) -> bool:
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except OSError:
-        return False
-    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
-
-
-def current_map_version(path: Path, entries: list[str]) -> str | None:
-    """The version of the key map at `path` if it is ours, private and holds exactly these entries."""
-    if not _ours_and_private(path):
-        return None
-    old = read_bytes_or_none(path, 4 * MAX_KEYS_FILE)
-    text = old.decode("ascii", "replace") if old is not None else ""
-    m = _MAP_VERSION.search(text)
-    if m is None or _MAP_ENTRY.findall(text) != entries:
-        return None
-    return m.group(1)

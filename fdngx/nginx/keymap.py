@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from fdngx.domain import Mode
 from fdngx.errors import UsageError
-from fdngx.nginx.frontdoor import current_map_version, load_api_keys, map_entries, map_path
+from fdngx.nginx.frontdoor import API_KEY, MAX_KEYS_FILE, load_api_keys
 from fdngx.nginx.journal import aside
 from fdngx.system.files import atomic_write, read_bytes_or_none, real_target
 
@@ -34,22 +34,65 @@ if TYPE_CHECKING:
     from fdngx.nginx.render import RenderOptions
 
 STALE_AFTER = 600.0  # seconds an unnamed map is kept (a concurrent run's candidate may name it)
-_VERSIONED = re.compile(r"\.([0-9a-f]{16})\Z")
 _PLAIN = re.compile(r"[A-Za-z0-9._-]+")  # a file name nginx_string writes as it is
+_MAP_VERSION = re.compile(r"^# version ([0-9a-f]{16})$", re.M)
+_MAP_ENTRY = re.compile(r'^"~\^\(\?i:bearer\) \+[^"\n]+\$" L[0-9]+;$', re.M)
+
+
+def map_path(out: Path | None) -> Path:
+    """The key map lives beside the config it guards as a dot-file (hidden from include globs), or in the
+    working directory when the config goes to stdout."""
+    if out is None:
+        return Path(".fdngx-api-keys").absolute()
+    target = real_target(out)
+    return target.with_name(f".{target.name}.fdngx-api-keys")
+
+
+def map_entries(keys: list[tuple[int, str]]) -> list[str]:
+    """One nginx map entry a key: a case-sensitive regex on the whole Authorization header -> `L<line>`.
+    A key has no `"`, `\\`, `$` or space (API_KEY); `.` and `+`, the regex metacharacters it may hold, are
+    escaped. nginx keeps `\\.` and `\\+` as they are inside a double-quoted string."""
+    out = []
+    for number, key in keys:
+        if not API_KEY.fullmatch(key):
+            raise UsageError(f"API key on line {number} is not valid")
+        pattern = key.replace(".", "\\.").replace("+", "\\+")
+        out.append(f'"~^(?i:bearer) +{pattern}$" L{number};')
+    return out
+
+
+def _ours_and_private(path: Path) -> bool:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+
+def current_map_version(path: Path, entries: list[str]) -> str | None:
+    """The version of the key map at `path` if it is ours, private and holds exactly these entries."""
+    if not _ours_and_private(path):
+        return None
+    old = read_bytes_or_none(path, 4 * MAX_KEYS_FILE)
+    text = old.decode("ascii", "replace") if old is not None else ""
+    m = _MAP_VERSION.search(text)
+    if m is None or _MAP_ENTRY.findall(text) != entries:
+        return None
+    return m.group(1)
 
 
 def _maps(base: Path) -> list[Path]:
     """The maps beside `base` (its versioned siblings, then the unversioned legacy name)."""
     try:
-        names = sorted(n for n in os.listdir(base.parent) if n.startswith(base.name + ".")
-                       and _VERSIONED.search(n) and len(n) == len(base.name) + 17)
+        versioned = re.compile(re.escape(base.name) + r"\.[0-9a-f]{16}")
+        names = sorted(n for n in os.listdir(base.parent) if versioned.fullmatch(n))
     except OSError:
         names = []
     return [base.parent / n for n in names] + [base]
 
 
 def ensure(base: Path, keys: list[tuple[int, str]], *, write: bool) -> tuple[Path, str]:
-    """The map holding `keys` beside the config (`base`: frontdoor.map_path): (its path, its version). One
+    """The map holding `keys` beside the config (`base`: map_path): (its path, its version). One
     that holds them already is used as it is; else, with `write`, a new file of a new version; without it
     (--check, --diff, stdout) nothing is written: (base, "unwritten")."""
     entries = map_entries(keys)

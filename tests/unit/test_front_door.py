@@ -221,7 +221,7 @@ def test_an_empty_or_missing_keys_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_map_entries_are_anchored_case_sensitive_regexes_with_metacharacters_escaped() -> None:
-    entries = frontdoor.map_entries([(2, KEYS[0]), (9, KEYS[2])])
+    entries = keymap.map_entries([(2, KEYS[0]), (9, KEYS[2])])
     assert entries == ['"~^(?i:bearer) +sk-test-AbCdEfGh\\.123\\+xyz$" L2;',
                        '"~^(?i:bearer) +k/=~_-\\+\\.ABCDEFGH$" L9;']
     for entry, key in zip(entries, (KEYS[0], KEYS[2]), strict=True):

@@ -243,15 +243,6 @@ def _current_context() -> Any:
     return None
 
 
-def _top_level(path: Path, raw_key: str, takers: list[str]) -> None:
-    """A ConfigError if `raw_key` cannot be given at the top level (PER_COMMAND)."""
-    key = _norm(raw_key)
-    if key in PER_COMMAND:
-        tables = " or ".join(f"[{name}]" for name in takers)
-        raise ConfigError(f"{path}: '{raw_key}' means different things to different commands ({PER_COMMAND[key]}): "
-                          f"it is not taken at the top level; put it in {tables}")
-
-
 def load_settings(ctx: Any, path: Path, group: Command, root: dict[str, Option]) -> Settings:
     """Read and check `path` against the commands of `group` (and `root`, the group's own options); `ctx`
     is the group's context (the options' conversions take one)."""
@@ -278,10 +269,12 @@ def load_settings(ctx: Any, path: Path, group: Command, root: dict[str, Option])
                 f"{path}: unknown key '{raw_key}': not an option of fdngx ({', '.join(sorted(root))}) nor of any "
                 f"command (a command's own options go in its table, e.g. [render])"
             )
-        if _norm(raw_key) in PER_COMMAND:
+        if key in PER_COMMAND:  # refused only by a command that has the option: `render` and `drain` have none
             if getattr(ctx, "invoked_subcommand", None) in takers:
-                _top_level(path, raw_key, takers)
-            continue  # refused only by a command that has the option: `render` and `drain` have none
+                tables = " or ".join(f"[{name}]" for name in takers)
+                raise ConfigError(f"{path}: '{raw_key}' means different things to different commands "
+                                  f"({PER_COMMAND[key]}): it is not taken at the top level; put it in {tables}")
+            continue
         # Given to every command it suits: a list of inventories is for render, status and sidecar, not for
         # launch and stop (which take one); a value that suits none is an error, said by a command that takes
         # its shape (a list: one that takes several) if one does.

@@ -24,11 +24,11 @@ from fdngx.nginx import generation, keymap, openresty, shape
 from fdngx.nginx.apply import ApplyResult, safe_apply
 from fdngx.nginx.build import nginx_build
 from fdngx.nginx.control import NginxControl, find_nginx, prepare_prefix
-from fdngx.nginx.fanout import Fanout, FrontendSpec, PushOutcome
+from fdngx.nginx.fanout import Fanout, FrontendSpec, PushOutcome, load_token
 from fdngx.nginx.guards import check_replaceable, included_by, standalone_refusal
 from fdngx.nginx.render import RenderOptions, render
 from fdngx.nginx.shape import front_of
-from fdngx.system.files import check_private, identity, read_bytes_or_none, real_target, writable_by_others
+from fdngx.system.files import identity, read_bytes_or_none, real_target, writable_by_others
 
 log = logging.getLogger("fdngx.target")
 
@@ -189,8 +189,7 @@ class Target:
             self._seen["token"] = (seen, self.admin.token)
             return
         try:
-            check_private(path, "openresty admin token", secret=True)
-            token = admin_client.read_token(path)
+            token = load_token(path)  # what controller mode reads a rotated token with (fdngx.nginx.fanout)
         except FdngxError as exc:
             self._seen["token"] = (seen, last[1])
             log.warning("%s: admin token not read again, pushing with the one in use: %s", path, exc)

@@ -226,19 +226,19 @@ def test_a_rotated_admin_token_is_pushed_with_after_the_frontends_reload(tmp_pat
     """The per-frontend sidecar read its token once, at its start: after a rotation (and nginx's reload) every
     push got 403 until a restart. It reads the file again when it changes; a bad rewrite keeps the old one."""
     caplog.set_level(logging.INFO, "fdngx.target")
-    path = token_file(tmp_path, text="old-token-0001")
+    path = token_file(tmp_path, text="old-token-0001-0123456789")
     target = Target(tmp_path / "upstream.conf", RenderOptions(flavor=Flavor.OPENRESTY, admin_token_file=str(path)),
-                    None, False, Admin(Listen.parse("127.0.0.1:9"), "old-token-0001"))
+                    None, False, Admin(Listen.parse("127.0.0.1:9"), "old-token-0001-0123456789"))
     target._renew_token()  # the first look: what it was started with
-    assert target.admin is not None and target.admin.token == "old-token-0001"
+    assert target.admin is not None and target.admin.token == "old-token-0001-0123456789"
     new = tmp_path / "token.new"
-    new.write_text("new-token-0002\n")
+    new.write_text("new-token-0002-0123456789\n")
     new.chmod(0o600)
     os.replace(new, path)  # the documented rotation: a new file renamed over the old one
     target._renew_token()
-    assert target.admin.token == "new-token-0002"
+    assert target.admin.token == "new-token-0002-0123456789"
     assert any("admin token changed" in r.getMessage() for r in caplog.records)
     path.write_text("two words\n")  # a bad edit: kept, said
     target._renew_token()
-    assert target.admin.token == "new-token-0002"
+    assert target.admin.token == "new-token-0002-0123456789"
     assert any("not read again" in r.getMessage() for r in caplog.records)

@@ -241,8 +241,9 @@ def test_the_key_map_is_private_stable_and_new_keys_get_a_new_file(tmp_path: Pat
     st = os.stat(p1)
     assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
     assert all(k.replace(".", "\\.").replace("+", "\\+") in p1.read_text() for k in KEYS)
+    text = p1.read_text()
     assert keymap.ensure(base, keys, write=True) == (p1, v1)  # same keys: same file, same version
-    assert os.stat(p1).st_mtime_ns == st.st_mtime_ns
+    assert os.stat(p1).st_ino == st.st_ino and p1.read_text() == text  # not rewritten
     assert keymap.ensure(base, keys, write=False) == (p1, v1)
     p2, v2 = keymap.ensure(base, keys[:1], write=True)
     # New keys never rewrite the map a live config includes: a run that fails after this leaves nginx's keys.
@@ -265,6 +266,23 @@ def test_maps_no_config_names_go_once_old_enough(tmp_path: Path) -> None:
     # A legacy map the live config names stays (its name is a prefix of every versioned one: matched whole).
     legacy.write_text("# an older fdngx's map\n")
     assert keymap.prune(base, keep, [f'include "{legacy}";'.encode()], now=later) == [named]
+
+
+def test_a_map_chosen_again_is_young_again_for_another_runs_prune(tmp_path: Path) -> None:
+    # Keys put back to an older set: the run takes that older map (no config names it now) into its candidate.
+    # Another run's prune (not under the apply lock) must not remove it while that candidate is being tested.
+    base = tmp_path / ".fdngx.conf.fdngx-api-keys"
+    keys = frontdoor.load_api_keys(keys_file(tmp_path))
+    older, _ = keymap.ensure(base, keys, write=True)
+    live, _ = keymap.ensure(base, keys[:1], write=True)
+    long_ago = time.time() - 2 * keymap.STALE_AFTER
+    os.utime(older, (long_ago, long_ago))
+    assert keymap.ensure(base, keys, write=True)[0] == older  # the run's candidate names it again
+    named = f'include "{live}";\n'.encode()
+    assert keymap.prune(base, live, [named]) == [] and older.exists()
+    os.utime(older, (long_ago, long_ago))
+    assert keymap.ensure(base, keys, write=False)[0] == older  # --check/--diff touch nothing
+    assert keymap.prune(base, live, [named]) == [older]
 
 
 def test_a_symlink_planted_at_a_key_map_name_is_not_followed(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ in controller mode: fdngx.nginx.fanout).
 from __future__ import annotations
 
 import contextlib
-import functools
 import re
 import secrets
 import socket
@@ -19,17 +18,16 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urlsplit
-
-import requests
-import urllib3
-from requests.adapters import HTTPAdapter
 
 from fdngx.domain import Listen, valid_host
 from fdngx.errors import ApplyError
 from fdngx.nginx.generation import generation_in
 from fdngx.system.files import atomic_write, check_private, read_regular_file, real_target
+
+if TYPE_CHECKING:
+    import requests
 
 
 class AdminUnreachable(ApplyError):
@@ -91,7 +89,7 @@ class _Answer(NamedTuple):
     text: str
 
 
-class _Watch:
+class Watch:
     """One Admin's sockets, so that another thread can end its request in flight: a shutdown wakes a blocked
     recv at once, where requests' timeout is per read (a frontend dripping bytes would hold it forever)."""
 
@@ -109,29 +107,6 @@ class _Watch:
                     s.shutdown(socket.SHUT_RDWR)
 
 
-class _Conn(urllib3.connection.HTTPConnection):
-    def __init__(self, *args: Any, watch: _Watch, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.watch = watch
-
-    def connect(self) -> None:
-        super().connect()
-        self.watch.opened(self.sock)
-
-
-class _Pool(urllib3.HTTPConnectionPool):
-    ConnectionCls = _Conn  # `watch` reaches it among the pool's connection keywords
-
-
-def _direct_session(watch: _Watch) -> requests.Session:
-    session = requests.Session()
-    session.trust_env = False  # pushes go straight to the frontend, never through an HTTP(S)_PROXY
-    adapter = HTTPAdapter()
-    adapter.poolmanager.pool_classes_by_scheme = {"http": functools.partial(_Pool, watch=watch)}
-    session.mount("http://", adapter)
-    return session
-
-
 @dataclass(frozen=True)
 class Admin:
     """Client for the Lua balancer's admin location (`listen`: where this machine reaches it)."""
@@ -140,11 +115,13 @@ class Admin:
     token: str = field(repr=False)
     timeout: float = 2.0
     path: str = ADMIN_PATH
-    _watch: _Watch = field(default_factory=_Watch, repr=False, compare=False)
+    _watch: Watch = field(default_factory=Watch, repr=False, compare=False)
     _session: requests.Session = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_session", _direct_session(self._watch))
+        from fdngx.nginx.admin_http import direct_session  # requests on first use (admin_http)
+
+        object.__setattr__(self, "_session", direct_session(self._watch))
 
     @classmethod
     def from_url(cls, url: str, token: str, timeout: float = 2.0) -> Admin:
@@ -160,6 +137,8 @@ class Admin:
         """One call to the admin location. Never follows a redirect (the token goes to this address only)
         and reads at most MAX_ANSWER bytes of the answer: whatever listens on the admin port is not trusted
         until it answers as the balancer does. `abort` (another thread) ends it at once."""
+        import requests  # loaded already (admin_http, at __post_init__)
+        import urllib3
         headers = {"X-Fdngx-Token": self.token, "Accept-Encoding": "identity"}
         self._check_aborted()  # its deadline passed before it started (every worker thread was busy)
         for attempt in (1, 2):

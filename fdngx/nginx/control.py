@@ -35,8 +35,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
-
 from fdngx.errors import ApplyError
 from fdngx.nginx import build as nb
 from fdngx.nginx.build import MasterLog, find_nginx, generation_in, nginx_message, prepare_prefix
@@ -330,6 +328,8 @@ class NginxControl:
         """GET verify_url: (its body when it answered 200, else None; what it answered, in words)."""
         if not self.verify_url:
             return None, "no verify URL"
+        import requests  # here: a render that verifies nothing does not pay its import (fdngx.nginx.admin_http)
+
         try:
             # Never through a proxy from the environment (http_proxy on GPU clusters): the URL is this host's.
             with requests.Session() as session:

@@ -78,6 +78,8 @@ def test_a_killed_replica_is_out_at_once_and_back_within_a_second_of_its_first_2
     refused = [ln for ln in trio.error_log().splitlines() if "connect() failed" in ln and f":{port}/" in ln]
     assert len(refused) == 1, refused  # the first failure took it out of every worker's picks
     assert trio.view()["b2"]["health"] == "out"
+    # Said as what nginx knows: a refused connection reaches Lua as a 502, like a 502 answer.
+    assert "b2 failed (no connection, or a 502 answer): out of new picks" in trio.error_log()
     # It stays out while its /health fails (well past the first 0.5 s back-off), probed, not tried.
     until = time.monotonic() + 2.0
     while time.monotonic() < until:

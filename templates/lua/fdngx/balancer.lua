@@ -105,6 +105,12 @@ local function pid_alive(pid)
     return ffi.errno() ~= ESRCH -- EPERM: it exists, as another user
 end
 
+-- What nginx's last failure code says: a connection error or timeout comes as 502 / 504, like an answer.
+local FAILURE = {
+    [502] = "failed (no connection, or a 502 answer)",
+    [504] = "failed (timed out, or a 504 answer)",
+}
+
 local function failed(pool, name, now, why)
     local h, moved = pool_mod.mark(pool, name, health.on_failure, now)
     if moved then
@@ -211,7 +217,7 @@ function M.balance(name)
         -- fdngx renders error http_429 http_503); the log phase sees any last status and counts FAILS only.
         local state, code = ngx_balancer.get_last_failure()
         if FAILS[code] or (state == "failed" and code ~= 429) then
-            failed(pool, st.peer, now, "failed (" .. (code or state) .. ")")
+            failed(pool, st.peer, now, FAILURE[code] or ("failed (" .. (code and "HTTP " .. code or state) .. ")"))
         end
         pool.ledger:release(st.peer)
         st.tried[st.peer] = true

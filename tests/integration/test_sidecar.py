@@ -173,10 +173,12 @@ class Loop:
 
 
 class Traffic:
-    """Client threads sending requests in a loop; records (start, end, ok, detail) for every request."""
+    """Client threads sending requests in a loop; records (start, end, ok, detail) for every request.
+    `load`: streamed requests that only keep slots busy; stop() drops the ones in flight at once instead of
+    waiting for them (400 tokens take ~14 s from the simulator) and they are not recorded."""
 
-    def __init__(self, loop: Loop, base: str, threads: int, max_tokens: int) -> None:
-        self.loop, self.base, self.max_tokens = loop, base, max_tokens
+    def __init__(self, loop: Loop, base: str, threads: int, max_tokens: int, load: bool = False) -> None:
+        self.loop, self.base, self.max_tokens, self.load = loop, base, max_tokens, load
         self.results: list[tuple[float, float, bool, str]] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
@@ -191,11 +193,25 @@ class Traffic:
             # not what these tests measure.
             try:
                 with requests.Session() as s:
+                    if self.load:
+                        if not self._stream(s):
+                            return
+                        continue
                     r = self.loop.post(self.base, s, self.max_tokens)
                 ok, detail = r.status_code == 200, f"{r.status_code} {r.headers.get('X-Fdngx-Replica', '')}"
             except requests.RequestException as exc:
                 ok, detail = False, type(exc).__name__
             self.results.append((start, time.monotonic(), ok, detail))
+
+    def _stream(self, session: requests.Session) -> bool:
+        """One streamed request to its end, or until stop(): then its connection is closed (False)."""
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": self.max_tokens,
+                "stream": True}
+        with session.post(f"{self.base}/v1/chat/completions", json=body, timeout=30, stream=True) as r:
+            for _ in r.iter_lines():
+                if self._stop.is_set():
+                    return False
+        return True
 
     def stop(self) -> None:
         self._stop.set()
@@ -218,7 +234,7 @@ def test_loaded_replica_loses_weight_and_nginx_split_follows(tmp_path: Path) -> 
         before = lp.split(30)
         assert min(before.values()) >= 6, before  # equal weights: about a third each
         # Traffic nginx cannot see: 6 long requests straight to dp0 (6 of its 8 slots busy, no queue).
-        direct = Traffic(lp, f"http://127.0.0.1:{lp.api[0]}", threads=6, max_tokens=400)
+        direct = Traffic(lp, f"http://127.0.0.1:{lp.api[0]}", threads=6, max_tokens=400, load=True)
 
         def halved() -> dict[str, float] | None:
             # Only relative weights matter (the policy centres its corrections on the fleet).
@@ -265,7 +281,7 @@ def test_reload_budget_holds_changes_and_says_so(tmp_path: Path) -> None:
     # Budget 1/min: the first weights spend it, so the correction for dp0's load must wait, and the log
     # says why instead of staying silent.
     with loop_of(tmp_path, "--min-hold", "1", "--max-reloads-per-minute", "1") as lp:
-        direct = Traffic(lp, f"http://127.0.0.1:{lp.api[0]}", threads=6, max_tokens=400)
+        direct = Traffic(lp, f"http://127.0.0.1:{lp.api[0]}", threads=6, max_tokens=400, load=True)
         try:
             wait_for(lambda: "reload budget" in lp.log.read_text(), 30, what=f"budget hold logged ({lp.tail()})")
             assert lp.metric("fdngx_replica_weight", "dp0") == 20, "held: nginx keeps the applied weight"
@@ -405,7 +421,7 @@ def test_openresty_flavor_follows_load_without_reloads(tmp_path: Path) -> None:
         # about 20; a scrape that caught one of them in flight may hold a replica out for a pick or two.
         before = lp.split(60)
         assert min(before.values()) >= 8, before
-        direct = Traffic(lp, f"http://127.0.0.1:{lp.api[0]}", threads=6, max_tokens=400)
+        direct = Traffic(lp, f"http://127.0.0.1:{lp.api[0]}", threads=6, max_tokens=400, load=True)
         try:
             # The pushed load makes dp0 the worst choice while its direct traffic lasts.
             wait_for(lambda: lp.metric("fdngx_replica_running", "dp0") >= 5, 30, what="dp0 loaded")

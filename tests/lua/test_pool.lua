@@ -298,6 +298,43 @@ return {
         t.eq(keys_of(dict, "old"), ""); t.eq(keys_of(dict, "b"), "")
     end,
 
+    ["a probe that ends after a push removed its peer writes no record; one left over goes at the sweep"] = function(t)
+        -- The worker that ran the probe has not synced since the push (a probe takes up to 1.5 s).
+        local dict, admin, worker = two_workers({ "peer a 127.0.0.1 1 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }, 1)
+        install(admin, 2, { "peer b 127.0.0.1 2 20 0 64 0" }, 2)
+        t.ok(worker.by_name.a ~= nil, "the worker's copy still names a")
+        local h, moved = pool_mod.mark(worker, "a", health.on_failure, 2.5, "127.0.0.1", 1)
+        t.eq(h, nil); t.eq(moved, false)
+        t.eq(dict:get("h:a"), nil, "no record of a peer the snapshot in force does not name")
+        -- A record left by an older fdngx (or a race with a push) goes at the next sweep; b's stays.
+        pool_mod.mark(worker, "b", health.on_failure, 2.6)
+        dict:set("h:gone", "left over")
+        sweep(worker, 3)
+        t.eq(dict:get("h:gone"), nil)
+        t.ok(dict:get("h:b") ~= nil, "a peer in the snapshot keeps its record")
+    end,
+
+    ["a name that moves to another address starts fresh: no old health, load or probe result"] = function(t)
+        local dict, admin, worker = two_workers({ "peer a 127.0.0.1 1 20 0 64 8" }, 1)
+        for i = 1, 4 do pool_mod.mark(admin, "a", health.on_failure, 1 + i * 0.01) end
+        t.ok(dict:get("h:a") ~= nil)
+        t.ok(dict:get("x:a") == 8)
+        -- a replacement on a new port under the same name, idle
+        install(admin, 2, { "peer a 127.0.0.1 7 20 0 64 0" }, 1.5)
+        t.eq(dict:get("h:a"), nil, "the old server's failures are not the new one's")
+        t.eq(dict:get("x:a"), 0, "its load is the pushed one, not smoothed with the old server's")
+        t.eq(dict:get("sa:a"), 1.5)
+        -- a probe of the old address that ends now says nothing of the new one
+        local h = pool_mod.mark(worker, "a", health.on_failure, 1.6, "127.0.0.1", 1)
+        t.eq(h, nil); t.eq(dict:get("h:a"), nil)
+        -- one of the new address counts
+        h = pool_mod.mark(worker, "a", health.on_failure, 1.7, "127.0.0.1", 7)
+        t.ok(h ~= nil and dict:get("h:a") ~= nil)
+        -- the same address again: history kept (the load smoothed across the push)
+        install(admin, 3, { "peer a 127.0.0.1 7 20 0 64 0" }, 1.8)
+        t.ok(dict:get("h:a") ~= nil)
+    end,
+
     ["churn: a fleet's membership changing for hours leaves no key of a peer that is gone"] = function(t)
         local dict = fakedict.new()
         local pool, worker = new_pool(dict), new_pool(dict)

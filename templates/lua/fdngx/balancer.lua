@@ -131,8 +131,9 @@ local function probe(premature, pool, name, addr, port)
         good = line ~= nil and line:match("^HTTP/%d%.%d (%d%d%d)") == "200"
         sock:close()
     end
-    if not pool.by_name[name] then return end -- removed meanwhile
-    local h, moved = pool_mod.mark(pool, name, function(rec, t) return health.on_probe(rec, good, t) end, now_of())
+    -- removed or moved meanwhile: no record (pool.mark asks the snapshot in force)
+    local h, moved = pool_mod.mark(pool, name, function(rec, t) return health.on_probe(rec, good, t) end, now_of(),
+                                   addr, port)
     if moved and not health.balancer_out(h, now_of()) then
         ngx.log(ngx.WARN, "fdngx: ", name, " answers /health 200 again: back in picks")
     end

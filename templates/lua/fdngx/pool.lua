@@ -79,6 +79,13 @@ function M.install(pool, text, snap, now)
         local inflight = max(0, dict:get("i:" .. p.name) or 0)
         local x = max(0, p.load - inflight)
         local prev = old and old.by_name[p.name]
+        if prev and (prev.address ~= p.address or prev.port ~= p.port) then
+            -- the name now stands for another server (a replacement on a new port or host): its health and
+            -- load history are the old one's, so it starts fresh (its in-flight total stays: requests still
+            -- open on the old address end into it, fdngx.ledger)
+            dict:delete("h:" .. p.name)
+            prev = nil
+        end
         local was = prev and dict:get("x:" .. p.name)
         if was then x = keep * was + (1 - keep) * x end
         dict:set("x:" .. p.name, x)
@@ -143,6 +150,11 @@ function M.sweep(pool, now, keys)
         local kind, name = key:match("^(%a+):(.+)$")
         if (kind == "i" or kind == "rm") and not cur.by_name[name] then
             swept = swept + sweep_one(dict, name, gen, now)
+        elseif kind == "h" and not cur.by_name[name] and dict:get("gen") == gen then
+            -- a health record of a peer out of the snapshot (a probe that ended as a push removed it wrote
+            -- it back): none is written for such a peer (M.mark), so it is left over; a push in between
+            -- (gen moved) may have re-added the peer, whose record then stays
+            dict:delete(key)
         end
     end
     return swept
@@ -208,9 +220,15 @@ end
 -- workers that synced in between would keep the newer one until some later change.
 -- Two workers racing on one record can lose one update (one back-off step): harmless, as it is announced.
 -- Returns the new record and whether the peer's usability changed.
-function M.mark(pool, name, event, now)
-    -- A peer a push removed meanwhile gets no record: re-added later, it starts fresh.
-    if pool.by_name and not pool.by_name[name] then return nil, false end
+-- `addr`, `port`: where the evidence came from (a probe), when it may be older than a push; a peer that has
+-- moved since gets no record from its old address.
+function M.mark(pool, name, event, now, addr, port)
+    -- A peer a push removed meanwhile gets no record: re-added later, it starts fresh. Asked of the snapshot
+    -- in force, not of this worker's copy from before the push (a probe takes up to 1.5 s).
+    M.sync(pool, now)
+    local in_force = pool.by_name and pool.by_name[name]
+    if pool.by_name and not in_force then return nil, false end
+    if addr and in_force and (in_force.addr ~= addr or in_force.port ~= port) then return nil, false end
     local dict = pool.dict
     local key = "h:" .. name
     local h = health.decode(dict:get(key))
@@ -221,8 +239,7 @@ function M.mark(pool, name, event, now)
     if not health.differs(h, n) then return h, false end
     dict:set(key, text)
     dict:incr("ver", 1, 0)
-    local p = pool.by_name and pool.by_name[name]
-    if p then p.h = health.decode(text) end
+    if in_force then in_force.h = health.decode(text) end
     return n, health.balancer_out(h, now) ~= health.balancer_out(n, now)
 end
 

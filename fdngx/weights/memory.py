@@ -10,6 +10,7 @@ import math
 import threading
 import time
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from fdngx.domain import Instance, Load, QueueEstimate
@@ -165,6 +166,14 @@ class PeakRunning:
     def forget(self, inst: Instance) -> None:
         with self._lock:
             self._replicas.pop((inst.name, inst.host, inst.port), None)
+
+    def keep_only(self, insts: Iterable[Instance]) -> None:
+        """Forget every replica but `insts` (a cycle's whole inventory): one that left the inventory alive is
+        never refused, so it was kept until LIMIT pushed out the oldest, which may be the ones still serving."""
+        keep = {(i.name, i.host, i.port) for i in insts}
+        with self._lock:
+            for key in [k for k in self._replicas if k not in keep]:
+                del self._replicas[key]
 
     def remembered(self) -> int:
         """How many replicas are remembered. (Not __len__: an empty memory is still a memory, never falsy.)"""

@@ -320,6 +320,7 @@ def scrape_all(
     one_off = own and peaks is None  # status, cron: no next cycle
     if peaks is None:
         peaks = PeakRunning() if own else peaks_for(client)
+        peaks.keep_only(insts)  # a session's every scrape is of its whole inventory (sidecar, status --watch)
     started = time.monotonic()
     end = started + deadline
     common = {"connect_timeout": connect_timeout, "read_timeout": timeout, "deadline": end}

@@ -15,7 +15,7 @@ import pytest
 
 from fdngx.domain import Engine, Instance, Load, LoadSample, QueueEstimate
 from fdngx.weights.fetch import Fetch, HttpClient
-from fdngx.weights.memory import PeakRunning, capacity_from_server_info, learn_capacity
+from fdngx.weights.memory import PeakRunning, capacity_from_server_info, learn_capacity, peaks_for
 from fdngx.weights.sample import describe
 from fdngx.weights.scrape import scrape_all
 from fdngx.weights.state import InstanceState
@@ -216,6 +216,27 @@ def test_a_broken_info_page_is_no_error_and_keeps_the_scrape_bounded(
     assert time.monotonic() - t0 < 3.0
     assert got.ok and got.error is None and got.healthy
     assert got.running == 3.0 and got.capacity is None  # the policy falls back to the inventory's 48
+
+
+def test_a_session_forgets_the_replicas_that_left_its_inventory(replica: Callable[[], Replica]) -> None:
+    # A replica that leaves the inventory alive is never refused: it was remembered until LIMIT pushed out the
+    # oldest entries, which may be replicas still serving (their learned peaks lost).
+    r = replica()
+    r.pages["/metrics"] = (200, vllm_page(700).encode())
+    stays = r.instance(Engine.VLLM, 256, capacity_guessed=True)
+    leaves = replace(stays, name="gone")
+    client = HttpClient()
+    try:
+        scrape_all([stays, leaves], session=client)
+        peaks = peaks_for(client)
+        assert peaks.remembered() == 2
+        r.pages["/metrics"] = (200, vllm_page(20).encode())
+        assert scrape_all([stays], session=client)["r"].capacity == 700.0  # the one kept keeps its peak
+        assert peaks.remembered() == 1
+        peaks.keep_only([replace(stays, port=stays.port + 1)])  # the name at another address: another server
+        assert peaks.remembered() == 0
+    finally:
+        client.close()
 
 
 def test_vllm_guessed_capacity_learns_the_running_peak_within_one_session(replica: Callable[[], Replica]) -> None:

@@ -139,6 +139,14 @@ def _ramp(st: InstanceState, now: float, config: PolicyConfig) -> tuple[float, i
     return step / config.ramp_steps, step
 
 
+def _carried(st: InstanceState | None, address: str) -> InstanceState:
+    """A replica's state this cycle: its last one, unless it has none or that was of another address (a
+    replacement on a new port or host is another server: it starts as a new replica)."""
+    if st is None or st.address not in (None, address):
+        return InstanceState(address=address)
+    return replace(st, address=address)
+
+
 def decide(
     samples: Mapping[str, LoadSample],
     inventory: Inventory,
@@ -152,7 +160,7 @@ def decide(
     # A weight stored by a run with a bigger --scale is brought into this run's bounds before anything uses it.
     prev = {n: replace(st, weight=None if st.weight is None else max(1, min(config.max_weight, st.weight)))
             for n, st in state.instances.items()}
-    states = {i.name: replace(prev[i.name]) if i.name in prev else InstanceState() for i in insts}
+    states = {i.name: _carried(prev.get(i.name), i.address) for i in insts}
     dt = config.interval if state.updated_at is None else max(0.0, now - state.updated_at)
     for inst in insts:
         fold_health(states[inst.name], samples.get(inst.name), now)

@@ -53,6 +53,7 @@ class InstanceState:
     tpot_count: float | None = None
     tpot: float | None = None  # EWMA of the mean time per output token between updates, seconds
     speed: float = 1.0  # speed factor applied to the weight (1: within tolerance of the fleet's median)
+    address: str | None = None  # host:port of the server this is the memory of (None: from before fdngx kept it)
 
     @classmethod
     def from_dict(cls, raw: Any) -> InstanceState:

@@ -265,6 +265,29 @@ def test_down_after_k_failed_health_checks() -> None:
     assert not any(d.by_name()["dp0"].down for d in ds)
 
 
+def test_a_name_at_another_address_starts_as_a_new_replica() -> None:
+    # dp1 is down; the inventory now names dp1 at another port (its replacement): the old server's failures,
+    # correction and speed are not the new one's. The same address again keeps its history.
+    inv = inventory(64, 64)
+
+    def fn(k: int, name: str) -> LoadSample:
+        return sample(name, healthy=name != "dp1", health_error="refused" if name == "dp1" else None)
+
+    ds, state, t = run(inv, fn, 5, replace(CFG, refused_grace=0.0))
+    assert ds[-1].by_name()["dp1"].down and state.instances["dp1"].fails >= 3
+    assert state.instances["dp1"].address == "127.0.0.1:8001"
+    moved = Inventory([inv.instances[0], replace(inv.instances[1], port=8101)])
+    d, after = decide({"dp0": sample("dp0"), "dp1": sample("dp1")}, moved, state, CFG, t)
+    assert not d.by_name()["dp1"].down
+    assert after.instances["dp1"].fails == 0 and after.instances["dp1"].address == "127.0.0.1:8101"
+    # An older state file knows no address: its history is kept (and the address recorded).
+    old = PolicyState({**state.instances, "dp1": replace(state.instances["dp1"], address=None)}, state.reloads,
+                      state.updated_at, state.config)
+    d, kept = decide({"dp0": sample("dp0"), "dp1": sample("dp1")}, moved, old, CFG, t)
+    assert d.by_name()["dp1"].down and kept.instances["dp1"].address == "127.0.0.1:8101"
+    assert PolicyState.from_dict(json.loads(json.dumps(after.to_dict()))).instances["dp1"].address == "127.0.0.1:8101"
+
+
 def test_health_304_counts_as_failure_and_a_blip_resets() -> None:
     inv = inventory(64, 64)
     pattern = [False, False, True, False, False, True]  # never 3 in a row

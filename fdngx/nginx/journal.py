@@ -9,10 +9,13 @@ nginx on it. Every file beside the live one is a dot-file: `.NAME.fdngx-journal`
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import logging
 import os
+import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ from pathlib import Path
 from fdngx.errors import ApplyError
 from fdngx.nginx.control import NginxControl, NginxNotRunning
 from fdngx.system.files import (
+    TEMP_SUFFIX,
     atomic_write,
     check_private,
     read_bytes_or_none,
@@ -76,15 +80,39 @@ class Journal:
             return cls("", False, None, "", 0, 0.0)  # unreadable: treated as "interrupted, unknown"
 
 
+# A temp file of a dot-file beside the config (`..NAME.fdngx-<what>.<8>.fdngx-tmp`: the key map, the state,
+# the peers file, the journal, the backup's copy) that a killed write left. Some are written outside the apply
+# lock (a key map, the state), so only one this old is removed: a write lasts milliseconds.
+STALE_TEMP_AFTER = 600.0
+
+
+def _sweep_temps(target: Path, owners: set[int], now: float) -> int:
+    """Remove the temp files interrupted writes left beside `target` (call under the lock): the candidate's,
+    and those of its dot-files once STALE_TEMP_AFTER old (one may hold API keys since revoked). Ours only."""
+    siblings = re.compile(r"\.\." + re.escape(target.name) + r"\.fdngx-[A-Za-z0-9._-]+\.[a-z0-9_]{8}"
+                          + re.escape(TEMP_SUFFIX))
+    removed = 0
+    for stale in target.parent.glob(f".*{TEMP_SUFFIX}"):
+        candidate = fnmatch.fnmatchcase(stale.name, temp_glob(target))
+        if not candidate and not siblings.fullmatch(stale.name):
+            continue
+        with contextlib.suppress(OSError):
+            st = os.lstat(stale)
+            # A candidate an interrupted apply never swapped in (we hold the lock: nobody else writes one).
+            old = stat.S_ISREG(st.st_mode) and now - st.st_mtime > STALE_TEMP_AFTER
+            if st.st_uid in owners and (candidate or old):
+                remove(stale)
+                removed += not candidate
+    return removed
+
+
 def recover(target: Path, control: NginxControl | None, reload: bool) -> str:
     """Finish what an interrupted apply left (call under the lock): roll back to the backup when the live
-    file is the untested/unconfirmed candidate. Returns what was done, '' when there was nothing to do."""
-    owners = owners_of(target)
-    for stale in target.parent.glob(temp_glob(target)):
-        # A candidate an interrupted apply never swapped in (we hold the lock: nobody else writes).
-        with contextlib.suppress(OSError):
-            if os.lstat(stale).st_uid in owners:
-                remove(stale)
+    file is the untested/unconfirmed candidate. Returns what was done, '' when there was nothing to do (the
+    caller says it: once, also when its own apply then fails)."""
+    swept = _sweep_temps(target, owners_of(target), time.time())
+    if swept:
+        log.info("removed %d temp file(s) that interrupted writes left beside %s", swept, target)
     jpath = aside(target, "journal")
     backup = aside(target, "bak")
     # A journal (and backup) planted by another account would make us "restore" their bytes as the config.
@@ -92,19 +120,20 @@ def recover(target: Path, control: NginxControl | None, reload: bool) -> str:
     journal = Journal.read(jpath)
     if journal is None:
         return ""
+    if not journal.new_sha256:  # not a journal any apply writes (fsync'd before the rename): damaged by hand
+        remove(jpath)
+        return f"removed {jpath}: not a readable apply journal; left {target} as it is"
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(journal.started)) if journal.started else "?"
     what = f"an interrupted apply of {target} (pid {journal.pid}, started {when})"
     live = read_bytes_or_none(target)
-    if sha(live) != journal.new_sha256 or not journal.new_sha256:
+    if sha(live) != journal.new_sha256:
         remove(jpath)
         if sha(live) != journal.old_sha256:
             return f"recovered {what}: the live file has changed since; left it as it is"
         # Before the swap nginx never saw the new file; after a rollback's rename it may still run it (the
         # reload back was not reached): reloading on the previous file is right either way.
-        done = (f"recovered {what}: it stopped before the swap, or after putting the previous file back; the "
+        return (f"recovered {what}: it stopped before the swap, or after putting the previous file back; the "
                 f"live file is the previous one{_reload_onto(control, reload)}")
-        log.warning("%s", done)
-        return done
     if journal.had_old:
         check_private(backup, "apply backup")
     saved = read_bytes_or_none(backup) if journal.had_old else None
@@ -113,9 +142,9 @@ def recover(target: Path, control: NginxControl | None, reload: bool) -> str:
         raise ApplyError(f"{what} left {target} unconfirmed and its backup {backup} is missing or changed; "
                          f"check the file with nginx -t and remove {jpath}")
     restore(target, saved)
-    done = f"recovered {what}: restored the previous {target}{_reload_onto(control, reload)}"
+    put = f"restored the previous {target}" if journal.had_old else f"removed {target} (there was none before)"
+    done = f"recovered {what}: {put}{_reload_onto(control, reload)}"
     remove(jpath)
-    log.warning("%s", done)
     return done
 
 

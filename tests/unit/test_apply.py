@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
 
 from fdngx.errors import ApplyError, FdngxError
-from fdngx.nginx import apply
+from fdngx.nginx import apply, journal
 from fdngx.nginx.apply import aside, recover, safe_apply
 from fdngx.nginx.control import NginxControl, ReloadError
 from fdngx.system import files
@@ -159,6 +160,41 @@ def test_a_first_apply_nginx_took_but_did_not_confirm_reloads_nginx_back_without
     assert not live.exists()
     assert nginx.reloads == ["0e40", None], "nginx must be put back on the config without the file"
     assert "back on the previous config" in str(err.value) and "removed it" in str(err.value), err.value
+
+
+def test_a_first_apply_crashed_after_the_swap_is_said_as_removed_not_restored(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    live = tmp_path / "fdngx.conf"
+    monkeypatch.setattr(apply, "_finish", lambda *_a: "crashed after the swap")
+    safe_apply(live, NEW, AcceptingNginx("nginx"), reload=True)
+    done = recover(live, None, reload=False)
+    assert f"removed {live} (there was none before)" in done and "restored" not in done, done
+    assert not live.exists()
+    aside(live, "journal").write_text("{ not a journal")  # damaged by hand: no apply writes one
+    assert recover(live, None, reload=False) == (f"removed {aside(live, 'journal')}: not a readable apply journal; "
+                                                 f"left {live} as it is")
+
+
+def test_recovery_removes_the_temp_files_killed_writes_left_beside_the_config(tmp_path: Path) -> None:
+    """A kill between a dot-file's temp write and its rename left the temp for good (a key map's held API keys
+    since revoked). Recovery removes them once old (some are written outside the apply lock), ours only."""
+    live = tmp_path / "nginx.conf"
+    live.write_text(OLD)
+    old = tmp_path / "..nginx.conf.fdngx-api-keys.0123456789abcdef.ab12cd34.fdngx-tmp"
+    state = tmp_path / "..nginx.conf.fdngx-state.json.zz99yy88.fdngx-tmp"
+    fresh = tmp_path / "..nginx.conf.fdngx-peers.qq11ww22.fdngx-tmp"
+    candidate = tmp_path / ".nginx.conf.k3k3k3k3.fdngx-tmp"
+    other = tmp_path / "..other.conf.fdngx-state.json.zz99yy88.fdngx-tmp"  # another config's, however old
+    for f in (old, state, fresh, candidate, other):
+        f.write_text('"~^(?i:bearer) +k3-revoked$" L1;\n')
+    long_ago = time.time() - 2 * journal.STALE_TEMP_AFTER
+    for f in (old, state, other):
+        os.utime(f, (long_ago, long_ago))
+    assert recover(live, None, reload=False) == ""
+    assert not old.exists() and not state.exists() and not candidate.exists()
+    assert fresh.exists(), "a write in progress (outside the lock) is left alone"
+    assert other.exists(), "another config's files are not this recovery's"
+    assert live.read_text() == OLD
 
 
 def test_an_apply_whose_inputs_changed_under_the_lock_writes_nothing(tmp_path: Path) -> None:

@@ -189,10 +189,11 @@ def render_cmd(
     if diff and result.applied is not None and result.applied.diff:
         typer.echo(result.applied.diff, nl=False)
     applied = result.applied
-    # Quiet: an unchanged file is news only with a note (nginx not running) or a recovered apply.
-    if applied is not None and (not quiet or applied.changed or applied.note or applied.recovered):
-        level = logging.WARNING if applied.note or applied.recovered else logging.INFO
-        say(applied.summary, level)
+    if applied is not None and applied.recovered:  # what an earlier run left, put right first: said even when quiet
+        say(applied.recovered, logging.WARNING)
+    # Quiet: an unchanged file is news only with a note (nginx not running).
+    if applied is not None and (not quiet or applied.changed or applied.note):
+        say(applied.summary, logging.WARNING if applied.note else logging.INFO)
     if result.pushed is not None and not (quiet and not result.changed):
         if result.superseded is not None:  # static: the peers file re-sent, and a sidecar's newer snapshot kept
             say(f"peers file not applied: {result.superseded}")

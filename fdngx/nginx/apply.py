@@ -130,15 +130,13 @@ class ApplyResult:
 
     @property
     def summary(self) -> str:
-        parts = [self.recovered] if self.recovered else []
+        """What this apply did, one line (what recovery did before it is `recovered`, said on its own)."""
         if not self.changed:
-            parts.append(f"{self.path}: unchanged" + (f"; {self.note}" if self.note else ""))
-        else:
-            gen = f" (generation {self.generation})" if self.generation else ""
-            note = f"; {self.note}" if self.note else ""
-            took = f" in {self.reload_seconds:.2f}s" if self.reloaded else ""
-            parts.append(f"{self.path}: {'applied and reloaded' if self.reloaded else 'written'}{gen}{took}{note}")
-        return "\n".join(parts)
+            return f"{self.path}: unchanged" + (f"; {self.note}" if self.note else "")
+        gen = f" (generation {self.generation})" if self.generation else ""
+        note = f"; {self.note}" if self.note else ""
+        took = f" in {self.reload_seconds:.2f}s" if self.reloaded else ""
+        return f"{self.path}: {'applied and reloaded' if self.reloaded else 'written'}{gen}{took}{note}"
 
 def _test_candidate(candidate: Path, control: NginxControl, standalone: bool, wrapper_head: str) -> None:
     """`nginx -t` on the candidate before it goes live: a standalone config as itself (same prefix), a
@@ -217,45 +215,56 @@ class _How:
 
 def _apply_locked(path: Path, target: Path, content: str, control: NginxControl | None, reload: bool, how: _How,
                   lock_timeout: float) -> ApplyResult:
-    data = content.encode("utf-8")
-    generation = generation_in(content)
     with file_lock(lock_path(path), timeout=lock_timeout, stop=getattr(_stopping, "event", None)):
         _pause("locked")
         recovered = recover(target, control, reload)
-        stale = how.guard() if how.guard is not None else None
-        if stale:
-            raise InputsChanged(f"{path}: not applied: {stale}")
-        old = read_bytes_or_none(target)
-        if old == data:
-            return _unchanged(path, control, reload, generation, recovered)
-        guards.check_replaceable(path, old, how.replace_foreign)
-        shape.check(path, old, Front.of(data), how.replace_foreign)  # a mode, TLS or API keys left out
-        guards.keep_original(path, target, old)  # --force: kept for good, not only until the next apply
-        diff = unified_diff(old, content, path)
-        if control is None:
-            atomic_write(target, data)
-            return ApplyResult(path, True, False, diff, generation, recovered=recovered)
-        candidate = _write_candidate(target, data, target)
         try:
-            try:
-                _test_candidate(candidate, control, how.standalone, how.wrapper_head)
-            except ApplyError as exc:  # nginx names the temp file: name the file the user knows
-                why = str(exc).replace(str(candidate), f"{path} (candidate)")
-                raise ApplyError(f"{path}: {why}; the live file was not touched") from None
-            _pause("candidate-tested")
-            jfile = aside(target, "journal")
-            backup = aside(target, "bak")
-            if old is not None and not link_backup(target, backup, old):
-                atomic_write(backup, old, private=True)
-            entry = journal.Journal(str(target), old is not None, journal.sha(old), journal.sha(data) or "",
-                                    os.getpid(), time.time())
-            atomic_write(jfile, entry.to_json(), private=True)
-            os.replace(candidate, target)
+            return _apply_recovered(path, target, content, control, reload, how, recovered)
         except BaseException:
-            remove(candidate)
+            if recovered:  # the result that carries it never comes: said here, once
+                log.warning("%s", recovered)
             raise
-        _pause("swapped")
-        return _finish(path, target, old, diff, generation, control, reload, recovered, how.standalone)
+
+
+def _apply_recovered(path: Path, target: Path, content: str, control: NginxControl | None, reload: bool, how: _How,
+                     recovered: str) -> ApplyResult:
+    """The apply proper, under the lock, after recovery (`recovered`: what it did, for the result)."""
+    data = content.encode("utf-8")
+    generation = generation_in(content)
+    stale = how.guard() if how.guard is not None else None
+    if stale:
+        raise InputsChanged(f"{path}: not applied: {stale}")
+    old = read_bytes_or_none(target)
+    if old == data:
+        return _unchanged(path, control, reload, generation, recovered)
+    guards.check_replaceable(path, old, how.replace_foreign)
+    shape.check(path, old, Front.of(data), how.replace_foreign)  # a mode, TLS or API keys left out
+    guards.keep_original(path, target, old)  # --force: kept for good, not only until the next apply
+    diff = unified_diff(old, content, path)
+    if control is None:
+        atomic_write(target, data)
+        return ApplyResult(path, True, False, diff, generation, recovered=recovered)
+    candidate = _write_candidate(target, data, target)
+    try:
+        try:
+            _test_candidate(candidate, control, how.standalone, how.wrapper_head)
+        except ApplyError as exc:  # nginx names the temp file: name the file the user knows
+            why = str(exc).replace(str(candidate), f"{path} (candidate)")
+            raise ApplyError(f"{path}: {why}; the live file was not touched") from None
+        _pause("candidate-tested")
+        jfile = aside(target, "journal")
+        backup = aside(target, "bak")
+        if old is not None and not link_backup(target, backup, old):
+            atomic_write(backup, old, private=True)
+        entry = journal.Journal(str(target), old is not None, journal.sha(old), journal.sha(data) or "",
+                                os.getpid(), time.time())
+        atomic_write(jfile, entry.to_json(), private=True)
+        os.replace(candidate, target)
+    except BaseException:
+        remove(candidate)
+        raise
+    _pause("swapped")
+    return _finish(path, target, old, diff, generation, control, reload, recovered, how.standalone)
 
 
 def _unchanged(path: Path, control: NginxControl | None, reload: bool, generation: str | None,

@@ -358,8 +358,8 @@ class Controller:
         if result.applied is not None:
             if result.applied.recovered:
                 log.warning("%s", result.applied.recovered)
-            if result.applied.reloaded:  # the recovery, if any, was said just above
-                log.info("%s", replace(result.applied, recovered="").summary)
+            if result.applied.reloaded:
+                log.info("%s", result.applied.summary)
             elif result.applied.nginx_running is False and not self._said_down:
                 # Once until nginx runs again: the openresty flavor applies (compares) every cycle.
                 log.warning("%s: nginx is not running: changes wait in the file until it starts",

@@ -335,6 +335,30 @@ return {
         t.ok(dict:get("h:a") ~= nil)
     end,
 
+    ["a push between a mark's read and its write takes back a record of the server it moved or removed"] = function(t)
+        -- Another worker's push lands while this worker's probe result is being applied (shared-dict steps are
+        -- atomic one by one, not together): simulated by the push running inside the event.
+        local dict, admin, worker = two_workers({ "peer a 127.0.0.1 1 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }, 1)
+        local function pushed(lines, gen)
+            return function(rec, now)
+                install(admin, gen, lines, now)
+                return health.on_probe(rec, false, now)
+            end
+        end
+        local h = pool_mod.mark(worker, "a", pushed({ "peer a 127.0.0.1 7 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }, 2),
+                                2, "127.0.0.1", 1)
+        t.eq(h, nil); t.eq(dict:get("h:a"), nil, "moved: the old address's failed probe is not the new server's")
+        h = pool_mod.mark(worker, "b", pushed({ "peer a 127.0.0.1 7 20 0 64 0" }, 3), 3, "127.0.0.1", 2)
+        t.eq(h, nil); t.eq(dict:get("h:b"), nil, "removed: no record left")
+        -- A push that leaves the peer where it was keeps the record.
+        h = pool_mod.mark(worker, "a", pushed({ "peer a 127.0.0.1 7 20 0 64 0" }, 4), 4, "127.0.0.1", 7)
+        t.ok(h ~= nil and dict:get("h:a") ~= nil)
+        -- Re-added later, a peer starts fresh even if a record of it was left.
+        dict:set("h:b", "1 3 9.000 1.000 0.000")
+        install(admin, 5, { "peer a 127.0.0.1 7 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }, 5)
+        t.eq(dict:get("h:b"), nil)
+    end,
+
     ["churn: a fleet's membership changing for hours leaves no key of a peer that is gone"] = function(t)
         local dict = fakedict.new()
         local pool, worker = new_pool(dict), new_pool(dict)

@@ -111,8 +111,9 @@ local FAILURE = {
     [504] = "failed (timed out, or a 504 answer)",
 }
 
-local function failed(pool, name, now, why)
-    local h, moved = pool_mod.mark(pool, name, health.on_failure, now)
+-- `addr`, `port`: where the request went (a push may have moved the name to another server since).
+local function failed(pool, name, now, why, addr, port)
+    local h, moved = pool_mod.mark(pool, name, health.on_failure, now, addr, port)
     if moved then
         ngx.log(ngx.WARN, "fdngx: ", name, " ", why, ": out of new picks for ", string.format("%.1f", h.till - now),
                 " s, or until its /health answers 200")
@@ -218,7 +219,8 @@ function M.balance(name)
         -- fdngx renders error http_429 http_503); the log phase sees any last status and counts FAILS only.
         local state, code = ngx_balancer.get_last_failure()
         if FAILS[code] or (state == "failed" and code ~= 429) then
-            failed(pool, st.peer, now, FAILURE[code] or ("failed (" .. (code and "HTTP " .. code or state) .. ")"))
+            failed(pool, st.peer, now, FAILURE[code] or ("failed (" .. (code and "HTTP " .. code or state) .. ")"),
+                   st.addr, st.port)
         end
         pool.ledger:release(st.peer)
         st.tried[st.peer] = true
@@ -237,7 +239,7 @@ function M.balance(name)
         -- passes only NGX_ERROR, NGX_BUSY and NGX_DECLINED through from here; a status would become a 500).
         return ngx.exit(NGX_BUSY)
     end
-    st.peer = p.name
+    st.peer, st.addr, st.port = p.name, p.addr, p.port
     pool.ledger:acquire(p.name)
     local ok, err = ngx_balancer.set_current_peer(p.addr, p.port)
     if not ok then
@@ -262,12 +264,12 @@ function M.log()
     -- meanwhile gets no record (fdngx.pool.mark).
     if code and FAILS[code] then
         pool_mod.sync(pool, now)
-        failed(pool, name, now, "answered " .. code)
+        failed(pool, name, now, "answered " .. code, st.addr, st.port)
     elseif code then
         local p = pool.by_name[name]
         if p and p.h and (p.h.level > 0 or p.h.out) then
             pool_mod.sync(pool, now)
-            pool_mod.mark(pool, name, health.on_success, now)
+            pool_mod.mark(pool, name, health.on_success, now, st.addr, st.port)
         end
     end
     pool.ledger:release(name)

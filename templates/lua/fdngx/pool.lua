@@ -103,6 +103,7 @@ function M.install(pool, text, snap, now)
     local added = peers.missing(snap, old)
     for _, name in ipairs(added) do
         dict:delete("rm:" .. name) -- before the snapshot naming it is in force: no sweep takes its total
+        dict:delete("h:" .. name) -- a record a late probe or request wrote after its removal: it starts fresh
     end
     local ok, err = dict:set("snap", text)
     if not ok then return nil, "shared dict: " .. tostring(err) end
@@ -220,17 +221,21 @@ end
 -- workers that synced in between would keep the newer one until some later change.
 -- Two workers racing on one record can lose one update (one back-off step): harmless, as it is announced.
 -- Returns the new record and whether the peer's usability changed.
--- `addr`, `port`: where the evidence came from (a probe), when it may be older than a push; a peer that has
--- moved since gets no record from its old address.
+-- `addr`, `port`: where the evidence came from (a probe, or a request: it may be older than a push); a peer
+-- that has moved since gets no record from its old address.
 function M.mark(pool, name, event, now, addr, port)
     -- A peer a push removed meanwhile gets no record: re-added later, it starts fresh. Asked of the snapshot
     -- in force, not of this worker's copy from before the push (a probe takes up to 1.5 s).
     M.sync(pool, now)
-    local in_force = pool.by_name and pool.by_name[name]
-    if pool.by_name and not in_force then return nil, false end
-    if addr and in_force and (in_force.addr ~= addr or in_force.port ~= port) then return nil, false end
+    local function gone()
+        local p = pool.by_name and pool.by_name[name]
+        return (pool.by_name and not p) or (addr and p and (p.addr ~= addr or p.port ~= port)), p
+    end
+    local moved_off, in_force = gone()
+    if moved_off then return nil, false end
     local dict = pool.dict
     local key = "h:" .. name
+    local gen = dict:get("gen")
     local h = health.decode(dict:get(key))
     local n = event(h, now)
     if n == h then return h, false end
@@ -238,6 +243,16 @@ function M.mark(pool, name, event, now, addr, port)
     n = health.decode(text) -- as every worker reads it (times in ms)
     if not health.differs(h, n) then return h, false end
     dict:set(key, text)
+    if dict:get("gen") ~= gen then
+        -- A push (another worker) came in between: what was just written may be of a server it removed or
+        -- moved, after its install deleted that record. Asked again, and taken back if so.
+        M.sync(pool, now)
+        moved_off, in_force = gone()
+        if moved_off then
+            dict:delete(key)
+            return nil, false
+        end
+    end
     dict:incr("ver", 1, 0)
     if in_force then in_force.h = health.decode(text) end
     return n, health.balancer_out(h, now) ~= health.balancer_out(n, now)

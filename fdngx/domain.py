@@ -94,6 +94,18 @@ def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def address_key(host: str, port: int) -> tuple[str, int]:
+    """The canonical (host, port) of a server: one spelling per address (an IPv4-mapped IPv6 address is its
+    IPv4 one; a name in lower case without a trailing dot), for duplicate detection and for telling whether a
+    name still stands for the same server."""
+    if is_ip(host):
+        ip = ipaddress.ip_address(host)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return ip.compressed, port
+    return host.lower().rstrip("."), port
+
+
 _LISTEN = re.compile(r"(?:(?P<host>\[[0-9A-Fa-f:.]+\]|\*|[A-Za-z0-9.-]+):)?(?P<port>[0-9]{1,5})")
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 # A last label the C library would read as a number (inet_aton: `999`, `0x7f000001`, `127.1`, `1.0x7f`):

@@ -10,7 +10,6 @@ load/save round trip but never reach a config. Duplicates are found on canonical
 from __future__ import annotations
 
 import errno
-import ipaddress
 import json
 import os
 import re
@@ -22,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fdngx.domain import Engine, Instance, Inventory, Role, is_ip, natural_key, valid_host
+from fdngx.domain import Engine, Instance, Inventory, Role, address_key, natural_key, valid_host
 from fdngx.errors import InventoryError, InventoryTooLarge
 from fdngx.system.files import atomic_write, file_lock, read_regular_file, real_target
 
@@ -36,16 +35,6 @@ MAX_WEIGHT = 10_000  # nginx accepts up to 2^31-1, but anything beyond a few tho
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 UPSTREAM = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _KNOWN = ("name", "host", "port", "metrics_port", "engine", "max_num_seqs", "weight", "role", "drain")
-
-
-def address_key(host: str, port: int) -> tuple[str, int]:
-    """The canonical (host, port) of a server, for duplicate detection."""
-    if is_ip(host):
-        ip = ipaddress.ip_address(host)
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return ip.compressed, port
-    return host.lower().rstrip("."), port
 
 
 def _int_field(raw: Mapping[str, Any], key: str, where: str, lo: int, hi: int, default: int | None = None) -> int:

@@ -31,7 +31,7 @@ from collections.abc import Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
-from fdngx.domain import Inventory, LoadSample
+from fdngx.domain import Inventory, LoadSample, address_key, hostport
 from fdngx.weights.model import update_corrections
 from fdngx.weights.sample import describe, fold_health, fold_metrics
 from fdngx.weights.settings import PolicyConfig
@@ -160,7 +160,7 @@ def decide(
     # A weight stored by a run with a bigger --scale is brought into this run's bounds before anything uses it.
     prev = {n: replace(st, weight=None if st.weight is None else max(1, min(config.max_weight, st.weight)))
             for n, st in state.instances.items()}
-    states = {i.name: _carried(prev.get(i.name), i.address) for i in insts}
+    states = {i.name: _carried(prev.get(i.name), hostport(*address_key(i.host, i.port))) for i in insts}
     dt = config.interval if state.updated_at is None else max(0.0, now - state.updated_at)
     for inst in insts:
         fold_health(states[inst.name], samples.get(inst.name), now)

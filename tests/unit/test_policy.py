@@ -286,6 +286,10 @@ def test_a_name_at_another_address_starts_as_a_new_replica() -> None:
     d, kept = decide({"dp0": sample("dp0"), "dp1": sample("dp1")}, moved, old, CFG, t)
     assert d.by_name()["dp1"].down and kept.instances["dp1"].address == "127.0.0.1:8101"
     assert PolicyState.from_dict(json.loads(json.dumps(after.to_dict()))).instances["dp1"].address == "127.0.0.1:8101"
+    # Another spelling of the same address is the same server (as nginx and the Lua balancer read it).
+    same = Inventory([inv.instances[0], replace(inv.instances[1], host="::ffff:127.0.0.1")])
+    d, kept = decide({"dp0": sample("dp0"), "dp1": sample("dp1")}, same, state, CFG, t)
+    assert d.by_name()["dp1"].down and kept.instances["dp1"].address == "127.0.0.1:8001"
 
 
 def test_health_304_counts_as_failure_and_a_blip_resets() -> None:

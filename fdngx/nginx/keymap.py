@@ -10,15 +10,14 @@ run that said it failed.
 A map no config names any more (neither the live file nor its backup, fdngx.nginx.journal) is removed by a
 later run, once it is older than STALE_AFTER: a run in progress may be testing a candidate that names one.
 A run that takes an existing map again (the keys went back to an older set) touches it, so the age counts from
-the last run that chose it: another run's prune, which is not under the apply lock, cannot remove the map a
-candidate being tested names.
+the last run that chose it: another run's prune, which is not under the apply lock, does not remove the map a
+candidate being tested names (one it removed just before the touch is written anew).
 An older fdngx's unversioned `.NAME.fdngx-api-keys` is used while it holds the same keys, and removed the
 same way once nothing names it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import secrets
@@ -104,8 +103,10 @@ def ensure(base: Path, keys: list[tuple[int, str]], *, write: bool) -> tuple[Pat
         version = current_map_version(path, entries)
         if version is not None:
             if write:  # chosen again (keys put back to an older set): as young as a new map to prune
-                with contextlib.suppress(OSError):
-                    os.utime(path)
+                try:
+                    os.utime(path, follow_symlinks=False)
+                except OSError:  # another run's prune took it just now: a new one is written below
+                    continue
             return path, version
     if not write:
         return base, "unwritten"

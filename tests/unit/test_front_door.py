@@ -285,6 +285,27 @@ def test_a_map_chosen_again_is_young_again_for_another_runs_prune(tmp_path: Path
     assert keymap.prune(base, live, [named]) == [older]
 
 
+def test_a_map_another_runs_prune_takes_just_before_the_touch_is_written_anew(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The prune (outside the apply lock) lands between ensure's read of the older map and its touch: ensure
+    # returned the removed map, and the candidate named a file that was gone (nginx -t failed).
+    base = tmp_path / ".fdngx.conf.fdngx-api-keys"
+    keys = frontdoor.load_api_keys(keys_file(tmp_path))
+    older, _ = keymap.ensure(base, keys, write=True)
+    live, _ = keymap.ensure(base, keys[:1], write=True)
+    long_ago = time.time() - 2 * keymap.STALE_AFTER
+    os.utime(older, (long_ago, long_ago))
+    real_utime = os.utime
+
+    def racing_utime(path: Path, *a: object, **k: object) -> None:
+        keymap.prune(base, live, [f'include "{live}";\n'.encode()])
+        real_utime(path, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(keymap.os, "utime", racing_utime)
+    path, _ = keymap.ensure(base, keys, write=True)
+    assert path.exists() and path != older and all(e in path.read_text() for e in keymap.map_entries(keys))
+
+
 def test_a_symlink_planted_at_a_key_map_name_is_not_followed(tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_text("precious\n")

@@ -189,8 +189,6 @@ def render_cmd(
     if diff and result.applied is not None and result.applied.diff:
         typer.echo(result.applied.diff, nl=False)
     applied = result.applied
-    if applied is not None and applied.recovered:  # what an earlier run left, put right first: said even when quiet
-        say(applied.recovered, logging.WARNING)
     # Quiet: an unchanged file is news only with a note (nginx not running).
     if applied is not None and (not quiet or applied.changed or applied.note):
         say(applied.summary, logging.WARNING if applied.note else logging.INFO)
@@ -212,6 +210,10 @@ def apply_fresh(target: Target, policy: PolicyConfig | None, store: StateStore |
     for attempt in range(RERUNS + 1):
         result = Controller(target, policy, log_outcome=False, inputs_changed=changed_since(paths, seen)).run_once(
             inv, store, save_stale=attempt == RERUNS)
+        if result.applied is not None and result.applied.recovered:
+            # What an earlier run left, put right first: said at once, even when quiet, and also when this
+            # attempt then fails to push or runs again (an apply that fails says it itself: fdngx.nginx.apply).
+            say(result.applied.recovered, logging.WARNING)
         if not result.stale_inputs or attempt == RERUNS:
             break
         say(f"fdngx: {result.error}; running again with the inventory as it is now", logging.WARNING)

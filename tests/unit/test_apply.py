@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
 
+from fdngx import cli
 from fdngx.errors import ApplyError, FdngxError
-from fdngx.nginx import apply, journal
+from fdngx.nginx import apply, journal, target
 from fdngx.nginx.apply import aside, recover, safe_apply
 from fdngx.nginx.control import NginxControl, ReloadError
 from fdngx.system import files
+from tests.support import REPO
 
 OLD = "# fdngx-generation: 0ld0\nevents {}\n"
 NEW = "# fdngx-generation: 0e40\nevents {}\n"
@@ -195,6 +199,36 @@ def test_recovery_removes_the_temp_files_killed_writes_left_beside_the_config(tm
     assert fresh.exists(), "a write in progress (outside the lock) is left alone"
     assert other.exists(), "another config's files are not this recovery's"
     assert live.read_text() == OLD
+
+
+def test_render_says_a_recovery_once_even_when_its_push_then_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """OpenResty flavor: the apply recovers an interrupted first apply and succeeds, the push fails (the
+    balancer unreachable): render exits 1 and must still have said what recovery did (it said nothing)."""
+    inv = tmp_path / "fdngx.json"
+    shutil.copy(REPO / "examples" / "fdngx.json", inv)
+    out = tmp_path / "fdngx.conf"
+    args = ["render", "-i", str(inv), "--flavor", "openresty", "--out", str(out), "--admin-listen", "127.0.0.1:1"]
+
+    def run() -> int:
+        monkeypatch.setattr(sys, "argv", ["fdngx", *args])
+        with pytest.raises(SystemExit) as done:
+            cli.main()
+        return int(done.value.code or 0)
+
+    assert run() == 0 and out.exists()
+    live = out.read_bytes()  # as if an apply of this first file was killed after its swap
+    files.atomic_write(aside(out, "journal"), journal.Journal(str(out), False, None, journal.sha(live) or "", 4242,
+                                                               time.time()).to_json(), private=True)
+
+    def unreachable(*_a: object, **_k: object) -> NoReturn:
+        raise ApplyError("balancer unreachable (simulated)")
+
+    monkeypatch.setattr(target.Target, "push", unreachable)
+    capsys.readouterr()
+    assert run() == 1
+    err = capsys.readouterr().err
+    assert err.count("recovered an interrupted apply") == 1 and "balancer unreachable" in err, err
 
 
 def test_an_apply_whose_inputs_changed_under_the_lock_writes_nothing(tmp_path: Path) -> None:

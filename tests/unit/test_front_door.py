@@ -268,15 +268,22 @@ def test_maps_no_config_names_go_once_old_enough(tmp_path: Path) -> None:
     assert keymap.prune(base, keep, [f'include "{legacy}";'.encode()], now=later) == [named]
 
 
-def test_a_map_chosen_again_is_young_again_for_another_runs_prune(tmp_path: Path) -> None:
-    # Keys put back to an older set: the run takes that older map (no config names it now) into its candidate.
-    # Another run's prune (not under the apply lock) must not remove it while that candidate is being tested.
+def _older_unnamed_map(tmp_path: Path) -> tuple[Path, list[tuple[int, str]], Path, Path, float]:
+    """A map of the whole keys file, old enough to prune, and the live one (the first key only): (base, keys,
+    older, live, the older map's time)."""
     base = tmp_path / ".fdngx.conf.fdngx-api-keys"
     keys = frontdoor.load_api_keys(keys_file(tmp_path))
     older, _ = keymap.ensure(base, keys, write=True)
     live, _ = keymap.ensure(base, keys[:1], write=True)
     long_ago = time.time() - 2 * keymap.STALE_AFTER
     os.utime(older, (long_ago, long_ago))
+    return base, keys, older, live, long_ago
+
+
+def test_a_map_chosen_again_is_young_again_for_another_runs_prune(tmp_path: Path) -> None:
+    # Keys put back to an older set: the run takes that older map (no config names it now) into its candidate.
+    # Another run's prune (not under the apply lock) must not remove it while that candidate is being tested.
+    base, keys, older, live, long_ago = _older_unnamed_map(tmp_path)
     assert keymap.ensure(base, keys, write=True)[0] == older  # the run's candidate names it again
     named = f'include "{live}";\n'.encode()
     assert keymap.prune(base, live, [named]) == [] and older.exists()
@@ -289,12 +296,7 @@ def test_a_map_another_runs_prune_takes_just_before_the_touch_is_written_anew(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The prune (outside the apply lock) lands between ensure's read of the older map and its touch: ensure
     # returned the removed map, and the candidate named a file that was gone (nginx -t failed).
-    base = tmp_path / ".fdngx.conf.fdngx-api-keys"
-    keys = frontdoor.load_api_keys(keys_file(tmp_path))
-    older, _ = keymap.ensure(base, keys, write=True)
-    live, _ = keymap.ensure(base, keys[:1], write=True)
-    long_ago = time.time() - 2 * keymap.STALE_AFTER
-    os.utime(older, (long_ago, long_ago))
+    base, keys, older, live, _ = _older_unnamed_map(tmp_path)
     real_utime = os.utime
 
     def racing_utime(path: Path, *a: object, **k: object) -> None:

@@ -30,6 +30,13 @@ class StrEnum(str, Enum):
         return tuple(m.value for m in cls)
 
 
+class FailOpen(StrEnum):
+    """Why the weight policy gave nginx every replica back at its static weight (it fails open)."""
+
+    UNHEALTHY = "all replicas fail /health"  # a full outage, or a health check that is wrong for every replica
+    STALE = "no replica has fresh metrics"  # the replicas answer /health; their load cannot be read
+
+
 class Mode(StrEnum):
     """What `render` writes: the upstream block alone, upstream + server, or a whole nginx.conf."""
 

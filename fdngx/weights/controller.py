@@ -340,7 +340,8 @@ class Controller:
                     failed = error is not None and not result.stopped
                     level = logging.WARNING if failed or (d.down and not d.drained) else logging.INFO
                     log.log(level, "%s%s: %s", "NOT APPLIED " if error else "", d.name, d.reason)
-            if result.decisions.fail_open and result.decisions.changed:
+            if result.decisions.fail_open and result.decisions.changed and not self.log_outcome:
+                # A cron run (the sidecar says when it starts and stops: fdngx.weights.sidecar).
                 log.warning("failing open: %s", result.decisions.fail_open)
         if result.decisions is not None and result.decisions.clock_back:
             log.warning("%s", result.decisions.clock_back)  # once: the state kept holds no such time
@@ -360,10 +361,14 @@ class Controller:
                 log.warning("%s", result.applied.recovered)
             if result.applied.reloaded:
                 log.info("%s", result.applied.summary)
-            elif result.applied.nginx_running is False and not self._said_down:
-                # Once until nginx runs again: the openresty flavor applies (compares) every cycle.
-                log.warning("%s: nginx is not running: changes wait in the file until it starts",
-                            result.applied.path)
-            elif result.applied.nginx_running and self._said_down:
-                log.info("%s: nginx is running again", result.applied.path)
-            self._said_down = result.applied.nginx_running is False
+        # Once until nginx runs again; asked every cycle (the plain flavor applies only on a change, so an
+        # apply's answer alone left a stop, and the start after it, unsaid).
+        running = result.nginx_running
+        if running is False and not self._said_down:
+            waits = ("the balancer reads the peers file when it starts" if self.target.admin is not None
+                     else "changes wait in the file until it starts")
+            log.warning("%s: nginx is not running: %s", self.target.out, waits)
+        elif running and self._said_down:
+            log.info("%s: nginx is running again", self.target.out)
+        if running is not None:
+            self._said_down = running is False

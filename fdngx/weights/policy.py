@@ -31,7 +31,7 @@ from collections.abc import Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
-from fdngx.domain import Inventory, LoadSample, address_key, hostport
+from fdngx.domain import FailOpen, Inventory, LoadSample, address_key, hostport
 from fdngx.weights.model import update_corrections
 from fdngx.weights.sample import describe, fold_health, fold_metrics
 from fdngx.weights.settings import PolicyConfig
@@ -61,7 +61,7 @@ class Decision:
 class Decisions:
     items: tuple[Decision, ...]
     fleet_load: float | None = None
-    fail_open: str | None = None  # why the policy fell back to static weights, if it did
+    fail_open: FailOpen | None = None  # why the policy fell back to static weights, if it did
     clock_back: str | None = None  # the state held times from the future (a clock stepped back): log it once
 
     @property
@@ -201,12 +201,9 @@ def decide(
     top_slots = max((caps[i.name] * i.weight for i in insts), default=1.0)
     fleet = update_corrections(states, active, caps, base, top_slots, dt, config, settling)
 
-    fail_open = None
     serving = [i.name for i in insts if i.name not in drained]
-    if serving and all(want_down[n] for n in serving):
-        fail_open = "all replicas fail /health"
-    elif serving and not fresh.intersection(serving):
-        fail_open = "no replica has fresh metrics"
+    fail_open = (FailOpen.UNHEALTHY if serving and all(want_down[n] for n in serving)
+                 else FailOpen.STALE if serving and not fresh.intersection(serving) else None)
 
     recent = [t for t in state.reloads if now - t < _WINDOW]
     plans = {
@@ -298,7 +295,7 @@ def _plan(
     fresh: bool,
     settling: bool,
     fleet: float | None,
-    fail_open: str | None,
+    fail_open: FailOpen | None,
     now: float,
     config: PolicyConfig,
 ) -> _Plan:

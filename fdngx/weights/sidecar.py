@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fdngx import inventory as inv_mod
-from fdngx.domain import Inventory, LoadSample
+from fdngx.domain import FailOpen, Inventory, LoadSample
 from fdngx.errors import FdngxError, check_number
 from fdngx.nginx.apply import aside, lock_waits_end_on
 from fdngx.nginx.fanout import FrontendSpec, read_push_file
@@ -107,6 +107,7 @@ class Sidecar:
         self._watch: InventoryWatch | None = None
         self.cycles = 0
         self._budget_holding = False
+        self._fail_open: FailOpen | None = None
         self._saved_at = -math.inf
         self._push_file_seen: FileIdentity | None = None
         self._push_file_error: str | None = None
@@ -278,6 +279,21 @@ class Sidecar:
             log.info("reload budget available again")
         self._budget_holding = bool(held)
 
+    def _note_fail_open(self, decisions: Decisions) -> None:
+        """Say when the policy starts failing open, why (and when the why changes), and when it stops: it
+        changes no weight (every replica is at its static weight already), so no change line says it."""
+        now = decisions.fail_open
+        if now == self._fail_open:
+            return
+        if now is not None:
+            # Every replica failing /health is an outage (nginx tries each in turn, clients get errors); no
+            # fresh metrics is blindness (nginx balances by static weights: it still serves).
+            level = logging.ERROR if now is FailOpen.UNHEALTHY else logging.WARNING
+            log.log(level, "failing open: %s: nginx gets every replica at its static weight", now)
+        else:
+            log.info("no longer failing open (%s): weights follow the load again", self._fail_open)
+        self._fail_open = now
+
     def run_once(self) -> CycleResult:
         """One cycle through the controller; then telemetry, and the state saved on change or every 10 s."""
         started = time.monotonic()
@@ -288,8 +304,7 @@ class Sidecar:
         decisions = result.decisions
         assert decisions is not None
         self._note_budget(decisions)
-        if decisions.fail_open and self.cycles == 0 and not decisions.changed:
-            log.warning("failing open: %s", decisions.fail_open)
+        self._note_fail_open(decisions)
         # Every change at once (status and a restarted sidecar must see what nginx has); otherwise every
         # 10 s: an fsync'd write per second buys nothing but a few lost seconds of smoothing on a crash.
         if decisions.changed or time.monotonic() - self._saved_at >= STATE_SAVE_EVERY:

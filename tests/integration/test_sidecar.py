@@ -488,5 +488,5 @@ def test_a_stopped_openresty_nginx_is_said_once_and_fails_no_cycle(tmp_path: Pat
         finally:
             stop_process_group(proc)
     text = err.read_text()
-    assert text.count("nginx is not running: changes wait in the file") == 1, text
+    assert text.count("nginx is not running: the balancer reads the peers file when it starts") == 1, text
     assert "apply failed" not in text and "no push" in text, text

@@ -4,6 +4,7 @@ apply (no nginx, no sleep)."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
@@ -325,3 +326,50 @@ def test_a_config_whose_reload_failed_is_held_back_not_reloaded_every_cycle(tmp_
     assert len(tries) == 1, "the same config, tried again every cycle"
     controller.step(inv_of(3), PolicyState(), force_render=True)
     assert len(tries) == 2, "another config is tried at once"
+
+
+def test_failing_open_is_said_when_it_starts_changes_and_ends(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A full outage changes no weight (every replica is at its static weight already), so no change line
+    said it: only the first cycle's, or never (an incident review: three scrape warnings, nothing at ERROR)."""
+    sc, scrape, clock, _ = make(tmp_path, min_hold=0)
+    cycles(sc, clock, 2)
+    caplog.set_level(logging.INFO, "fdngx")
+    scrape.unhealthy.update({"dp0", "dp1", "dp2"})
+    cycles(sc, clock, 8)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if "failing open" in r.getMessage()]
+    assert said == [(logging.ERROR, "failing open: all replicas fail /health: nginx gets every replica at its "
+                                    "static weight")], said
+    scrape.unhealthy.clear()
+    cycles(sc, clock, 6)
+    ended = [r for r in caplog.records if "no longer failing open" in r.getMessage()]
+    assert len(ended) == 1 and ended[0].levelno == logging.INFO, [r.getMessage() for r in caplog.records]
+
+
+class _Control:
+    """nginx's master as a test sets it: running or not (the reload is never asked: nothing changes)."""
+
+    def __init__(self) -> None:
+        self.up = True
+
+    def running(self) -> bool:
+        return self.up
+
+
+def test_a_stopped_nginx_is_said_while_no_weight_changes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The plain flavor applies only on a change: judged from the apply's answer, a stop with steady weights
+    (and the start after it) went unsaid. Asked every cycle."""
+    sc, _, clock, _ = make(tmp_path, min_hold=0)
+    control = _Control()
+    object.__setattr__(sc.controller.target, "control", control)
+    object.__setattr__(sc.controller.target, "reload", True)
+    cycles(sc, clock, 2)
+    caplog.set_level(logging.INFO, "fdngx")
+    control.up = False
+    cycles(sc, clock, 3)
+    control.up = True
+    cycles(sc, clock, 2)
+    said = [m for r in caplog.records if "nginx is" in (m := r.getMessage())]
+    out = tmp_path / "upstream.conf"
+    assert said == [f"{out}: nginx is not running: changes wait in the file until it starts",
+                    f"{out}: nginx is running again"], said

@@ -72,8 +72,9 @@ class Snapshot:
 
 
 # A sidecar saves its state at least every 10 s (sidecar.STATE_SAVE_EVERY), cron's render --scrape every run
-# (a minute at most in the shipped cron file and timer): older than this, nothing is keeping the weights.
-STATE_STALE_S = 300.0
+# (a minute at most in the shipped cron file and timer): older than this (two cron runs missed), nothing is
+# keeping the weights. (It was 5 minutes: a killed sidecar's table looked current for that long.)
+STATE_STALE_S = 150.0
 
 
 def state_note(path: Path, age: float | None, exists: bool = False) -> str | None:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from fdngx import inventory as inv_mod
+from fdngx.commands import status_view
 from fdngx.commands.status_view import rows_of
 from fdngx.domain import Instance, Inventory, LoadSample, ServerState
 from fdngx.errors import InventoryError, RenderError
@@ -333,3 +334,11 @@ def test_launch_supervisor_says_once_when_it_writes_without_the_inventory_lock(t
         assert inv_mod.load(path).by_name()["dp0"].extra["pid"] == pid  # written all the same
     assert len(said) == 1, said
     assert said[0].startswith(f"{inv_mod.lock_path(path)}: Is a directory: writing {path} without the inventory lock")
+
+
+def test_a_state_nothing_wrote_for_two_cron_minutes_is_said_stale(tmp_path: Path) -> None:
+    # A sidecar saves every 10 s and cron every minute: 5 minutes let a killed sidecar's table look current.
+    state = tmp_path / ".x.fdngx-state.json"
+    assert status_view.state_note(state, 100.0) is None
+    note = status_view.state_note(state, 200.0)
+    assert note is not None and "no sidecar or cron run is keeping the weights now" in note, note

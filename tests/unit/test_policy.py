@@ -292,6 +292,23 @@ def test_a_name_at_another_address_starts_as_a_new_replica() -> None:
     assert d.by_name()["dp1"].down and kept.instances["dp1"].address == "127.0.0.1:8001"
 
 
+def test_a_refused_replica_in_its_grace_says_when_it_goes_down() -> None:
+    # Nothing listens: the replica stays in the config for --refused-grace (nginx's passive check keeps requests
+    # off it); its reason said only "/health failed 16/3" with weight 20, and never when it would go down.
+    inv = inventory(64, 64)
+
+    def fn(k: int, name: str) -> LoadSample:
+        if name == "dp1" and k >= 1:
+            return LoadSample(name, False, False, error="connection refused", health_error="connection refused",
+                              refused=True)
+        return sample(name)
+
+    ds, _, _ = run(inv, fn, 6, replace(CFG, refused_grace=30.0))
+    last = ds[-1].by_name()["dp1"]
+    assert not last.down and "/health failed 5/3 (connection refused; down in " in last.reason, last.reason
+    assert "s unless it listens again, --refused-grace)" in last.reason, last.reason
+
+
 def test_health_304_counts_as_failure_and_a_blip_resets() -> None:
     inv = inventory(64, 64)
     pattern = [False, False, True, False, False, True]  # never 3 in a row

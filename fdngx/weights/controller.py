@@ -114,6 +114,14 @@ def _log_scrapes(old: PolicyState, new: PolicyState) -> None:
                     st.last_error)
         elif st.last_error is None and was is not None:
             log.info("%s: metrics scrape works again", name)
+        elif st.last_error is not None and was is not None and _kind(st.last_error) != _kind(was):
+            log.info("%s: metrics scrape still failing, now: %s", name, st.last_error)
+
+
+def _kind(error: str) -> str:
+    """What kind of scrape failure (`bad metrics`, `HTTP`, `connection refused`, ...): the text before its
+    detail or first number, which may change every cycle (a line each cycle would be a flood)."""
+    return re.split(r"[:0-9]", error, maxsplit=1)[0].strip()
 
 
 def fleet_outcome(pushes: tuple[PushOutcome, ...] | None) -> tuple[int | None, str | None]:

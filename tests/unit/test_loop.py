@@ -3,6 +3,7 @@ apply (no nginx, no sleep)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -22,10 +23,10 @@ from fdngx.inventory import load_many, save
 from fdngx.nginx.apply import ApplyResult, ReloadFailed, safe_apply
 from fdngx.nginx.render import RenderOptions
 from fdngx.nginx.target import Target
-from fdngx.weights.controller import Controller
+from fdngx.weights.controller import Controller, _log_scrapes
 from fdngx.weights.settings import PolicyConfig
 from fdngx.weights.sidecar import Sidecar, SidecarConfig
-from fdngx.weights.state import PolicyState
+from fdngx.weights.state import InstanceState, PolicyState
 from fdngx.weights.store import StateStore, store_for
 from fdngx.weights.telemetry import Telemetry
 
@@ -373,3 +374,22 @@ def test_a_stopped_nginx_is_said_while_no_weight_changes(tmp_path: Path, caplog:
     out = tmp_path / "upstream.conf"
     assert said == [f"{out}: nginx is not running: changes wait in the file until it starts",
                     f"{out}: nginx is running again"], said
+
+
+def test_a_scrape_failing_another_way_is_said_once_per_kind(caplog: pytest.LogCaptureFixture) -> None:
+    """A replica whose /metrics went from hanging to garbage kept only 'scrape deadline exceeded' in the log,
+    while status said 'bad metrics'. A new kind is said once (INFO); a detail or number that moves is not."""
+    def state(error: str | None) -> PolicyState:
+        return PolicyState({"dp0": InstanceState(last_error=error)})
+
+    caplog.set_level(logging.INFO, "fdngx.controller")
+    steps = [None, "no answer before the scrape deadline", "no answer before the scrape deadline",
+             "bad metrics: could not convert 'x' at line 3", "bad metrics: could not convert 'y' at line 9",
+             "HTTP 500", "HTTP 503", None]
+    for old, new in itertools.pairwise(steps):
+        _log_scrapes(state(old), state(new))
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["dp0: metrics scrape failing: no answer before the scrape deadline",
+                    "dp0: metrics scrape still failing, now: bad metrics: could not convert 'x' at line 3",
+                    "dp0: metrics scrape still failing, now: HTTP 500",
+                    "dp0: metrics scrape works again"], said

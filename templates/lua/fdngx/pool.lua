@@ -225,7 +225,10 @@ end
 -- that has moved since gets no record from its old address.
 function M.mark(pool, name, event, now, addr, port)
     -- A peer a push removed meanwhile gets no record: re-added later, it starts fresh. Asked of the snapshot
-    -- in force, not of this worker's copy from before the push (a probe takes up to 1.5 s).
+    -- in force, not of this worker's copy from before the push (a probe takes up to 1.5 s). `gen` first: a push
+    -- that lands after it is seen below.
+    local dict = pool.dict
+    local gen = dict:get("gen")
     M.sync(pool, now)
     local function gone()
         local p = pool.by_name and pool.by_name[name]
@@ -233,9 +236,7 @@ function M.mark(pool, name, event, now, addr, port)
     end
     local moved_off, in_force = gone()
     if moved_off then return nil, false end
-    local dict = pool.dict
     local key = "h:" .. name
-    local gen = dict:get("gen")
     local h = health.decode(dict:get(key))
     local n = event(h, now)
     if n == h then return h, false end

@@ -342,8 +342,9 @@ def _plan(
         age = "never read" if st.last_ok_at is None else f"{now - st.last_ok_at:.0f}s old"
         what = f"stale metrics ({age}: {st.last_error}); fading to neutral"
     if st.fails:
-        left = None if not st.refused or st.failing_since is None else config.refused_grace - (now - st.failing_since)
-        grace = f"; down in {max(0.0, left):.0f}s unless it listens again, --refused-grace" if left is not None else ""
+        left = 0.0 if not st.refused or st.failing_since is None else config.refused_grace - (now - st.failing_since)
+        grace = (f"; down in {left:.0f}s unless it listens again, --refused-grace"  # the grace alone keeps it up
+                 if left > 0 and st.fails >= config.fail_threshold else "")
         what = f"/health failed {st.fails}/{config.fail_threshold} ({st.health_error}{grace}); {what}"
     elif settling:
         what = (f"settling: metrics back {_resumed_for(st, now):.0f}s ago after a gap or a restart "

@@ -304,9 +304,14 @@ def test_a_refused_replica_in_its_grace_says_when_it_goes_down() -> None:
         return sample(name)
 
     ds, _, _ = run(inv, fn, 6, replace(CFG, refused_grace=30.0))
+    reasons = [d.by_name()["dp1"].reason for d in ds]
     last = ds[-1].by_name()["dp1"]
     assert not last.down and "/health failed 5/3 (connection refused; down in " in last.reason, last.reason
     assert "s unless it listens again, --refused-grace)" in last.reason, last.reason
+    # Below the threshold, the threshold decides (no countdown); with the grace off, no countdown either.
+    assert "/health failed 2/3 (connection refused);" in reasons[2], reasons
+    ds, _, _ = run(inv, fn, 3, replace(CFG, refused_grace=0.0))
+    assert not any("down in" in d.by_name()["dp1"].reason for d in ds), [d.by_name()["dp1"].reason for d in ds]
 
 
 def test_health_304_counts_as_failure_and_a_blip_resets() -> None:

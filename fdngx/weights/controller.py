@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from fdngx import __version__
-from fdngx.domain import Inventory, LoadSample, ServerState
+from fdngx.domain import Flavor, Inventory, LoadSample, ServerState
 from fdngx.errors import FdngxError
 from fdngx.nginx import generation
 from fdngx.nginx.admin import PushResult
@@ -121,7 +121,8 @@ def _log_scrapes(old: PolicyState, new: PolicyState) -> None:
 def _kind(error: str) -> str:
     """What kind of scrape failure (`bad metrics`, `HTTP`, `connection refused`, ...): the text before its
     detail or first number, which may change every cycle (a line each cycle would be a flood)."""
-    return re.split(r"[:0-9]", error, maxsplit=1)[0].strip()
+    status = re.match(r"HTTP [0-9]+", error)  # a replica starting (503), then a wrong path (404): two kinds
+    return status.group(0) if status else re.split(r"[:0-9]", error, maxsplit=1)[0].strip()
 
 
 def fleet_outcome(pushes: tuple[PushOutcome, ...] | None) -> tuple[int | None, str | None]:
@@ -373,7 +374,7 @@ class Controller:
         # apply's answer alone left a stop, and the start after it, unsaid).
         running = result.nginx_running
         if running is False and not self._said_down:
-            waits = ("the balancer reads the peers file when it starts" if self.target.admin is not None
+            waits = ("the balancer reads the peers file when it starts" if self.target.opts.flavor is Flavor.OPENRESTY
                      else "changes wait in the file until it starts")
             log.warning("%s: nginx is not running: %s", self.target.out, waits)
         elif running and self._said_down:

@@ -378,7 +378,8 @@ def test_a_stopped_nginx_is_said_while_no_weight_changes(tmp_path: Path, caplog:
 
 def test_a_scrape_failing_another_way_is_said_once_per_kind(caplog: pytest.LogCaptureFixture) -> None:
     """A replica whose /metrics went from hanging to garbage kept only 'scrape deadline exceeded' in the log,
-    while status said 'bad metrics'. A new kind is said once (INFO); a detail or number that moves is not."""
+    while status said 'bad metrics'. A new kind is said once (INFO); a detail or number that moves is not (an
+    HTTP status is the kind itself)."""
     def state(error: str | None) -> PolicyState:
         return PolicyState({"dp0": InstanceState(last_error=error)})
 
@@ -392,4 +393,5 @@ def test_a_scrape_failing_another_way_is_said_once_per_kind(caplog: pytest.LogCa
     assert said == ["dp0: metrics scrape failing: no answer before the scrape deadline",
                     "dp0: metrics scrape still failing, now: bad metrics: could not convert 'x' at line 3",
                     "dp0: metrics scrape still failing, now: HTTP 500",
+                    "dp0: metrics scrape still failing, now: HTTP 503",
                     "dp0: metrics scrape works again"], said

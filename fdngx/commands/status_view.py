@@ -77,15 +77,16 @@ class Snapshot:
 STATE_STALE_S = 150.0
 
 
-def state_note(path: Path, age: float | None, exists: bool = False) -> str | None:
+def state_note(path: Path, age: float | None, exists: bool = False, interval: float = 0.0) -> str | None:
     """Why WEIGHT may not be what anything keeps current (None: a sidecar or cron run wrote it recently).
-    `exists`: a file is there, yet no state came of it (unusable: the store said why)."""
+    `exists`: a file is there, yet no state came of it (unusable: the store said why). `interval`: the writer's
+    cycle (its state's config): a sidecar with a long --interval saves once a cycle."""
     if age is None and exists:
         return f"{path}: the policy state cannot be used (see above), so WEIGHT is the inventory's"
     if age is None:
         return (f"{path}: no policy state: no sidecar or 'render --scrape' has run for this config, so WEIGHT is "
                 "the inventory's (check --out/--state)")
-    if age > STATE_STALE_S:
+    if age > max(STATE_STALE_S, 3 * interval):
         return (f"{path}: last written {_ago(age)} ago: no sidecar or cron run is keeping the weights now; WEIGHT "
                 "is what the last one applied (is the sidecar or the cron job running?)")
     return None
@@ -199,7 +200,9 @@ class Source:
         age = note = None
         if self.store is not None:
             age = None if pstate.updated_at is None else max(0.0, now - pstate.updated_at)
-            note = state_note(self.store.path, age, self.store.path.exists())
+            interval = pstate.config.get("interval")
+            note = state_note(self.store.path, age, self.store.path.exists(),
+                              interval if isinstance(interval, int | float) else 0.0)
         return Snapshot(now, rows_of(inv, samples, decisions, pstate), decisions.fleet_load, decisions.fail_open,
                         self.unwritten, age, note, self.store is not None)
 

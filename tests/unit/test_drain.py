@@ -342,3 +342,4 @@ def test_a_state_nothing_wrote_for_two_cron_minutes_is_said_stale(tmp_path: Path
     assert status_view.state_note(state, 100.0) is None
     note = status_view.state_note(state, 200.0)
     assert note is not None and "no sidecar or cron run is keeping the weights now" in note, note
+    assert status_view.state_note(state, 200.0, interval=300.0) is None  # a sidecar with --interval 300

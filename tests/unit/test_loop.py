@@ -17,13 +17,13 @@ import pytest
 import requests
 from prometheus_client import generate_latest
 
-from fdngx.domain import Engine, Instance, Inventory, LoadSample
+from fdngx.domain import Engine, Flavor, Instance, Inventory, LoadSample, Mode
 from fdngx.errors import ApplyError
 from fdngx.inventory import load_many, save
 from fdngx.nginx.apply import ApplyResult, ReloadFailed, safe_apply
 from fdngx.nginx.render import RenderOptions
-from fdngx.nginx.target import Target
-from fdngx.weights.controller import Controller, _log_scrapes
+from fdngx.nginx.target import Target, TargetSpec, open_target
+from fdngx.weights.controller import Controller, CycleResult, _log_scrapes
 from fdngx.weights.settings import PolicyConfig
 from fdngx.weights.sidecar import Sidecar, SidecarConfig
 from fdngx.weights.state import InstanceState, PolicyState
@@ -395,3 +395,17 @@ def test_a_scrape_failing_another_way_is_said_once_per_kind(caplog: pytest.LogCa
                     "dp0: metrics scrape still failing, now: HTTP 500",
                     "dp0: metrics scrape still failing, now: HTTP 503",
                     "dp0: metrics scrape works again"], said
+
+
+@pytest.mark.parametrize("controller", [False, True])
+def test_a_stopped_openresty_nginx_is_said_as_the_peers_file_waiting(tmp_path: Path, controller: bool,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Controller mode with a local OpenResty (--push-to ... --out --reload) has no admin client of its own: the
+    line said 'changes wait in the file', though the balancer takes its weights from the peers file."""
+    out = tmp_path / "nginx.conf"
+    spec = TargetSpec(RenderOptions(mode=Mode.STANDALONE, flavor=Flavor.OPENRESTY), out=out, reload=True,
+                      pid_file=tmp_path / "nginx.pid", controller=controller)
+    caplog.set_level(logging.INFO, "fdngx.controller")
+    Controller(open_target(spec), PolicyConfig())._log(CycleResult(None, {}, None, None, None, nginx_running=False))
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"{out}: nginx is not running: the balancer reads the peers file when it starts"], said

@@ -108,6 +108,7 @@ class Sidecar:
         self.cycles = 0
         self._budget_holding = False
         self._fail_open: FailOpen | None = None
+        self._seen_healthy = False  # a replica has answered /health since this sidecar started
         self._saved_at = -math.inf
         self._push_file_seen: FileIdentity | None = None
         self._push_file_error: str | None = None
@@ -286,10 +287,12 @@ class Sidecar:
         if now == self._fail_open:
             return
         if now is not None:
-            # Every replica failing /health is an outage (nginx tries each in turn, clients get errors); no
-            # fresh metrics is blindness (nginx balances by static weights: it still serves).
-            level = logging.ERROR if now is FailOpen.UNHEALTHY else logging.WARNING
-            log.log(level, "failing open: %s: nginx gets every replica at its static weight", now)
+            # Every replica failing /health is an outage (nginx tries each in turn, clients get errors), once
+            # one has answered: before that, the fleet is starting (a sidecar started with `launch`). No fresh
+            # metrics is blindness (nginx balances by static weights: it still serves).
+            outage = now is FailOpen.UNHEALTHY and self._seen_healthy
+            log.log(logging.ERROR if outage else logging.WARNING, "failing open: %s%s: nginx gets every replica at "
+                    "its static weight", now, "" if outage or now is not FailOpen.UNHEALTHY else " (none has yet)")
         else:
             log.info("no longer failing open (%s): weights follow the load again", self._fail_open)
         self._fail_open = now
@@ -304,6 +307,7 @@ class Sidecar:
         decisions = result.decisions
         assert decisions is not None
         self._note_budget(decisions)
+        self._seen_healthy = self._seen_healthy or any(s.healthy for s in result.samples.values())
         self._note_fail_open(decisions)
         # Every change at once (status and a restarted sidecar must see what nginx has); otherwise every
         # 10 s: an fsync'd write per second buys nothing but a few lost seconds of smoothing on a crash.

@@ -347,6 +347,18 @@ def test_failing_open_is_said_when_it_starts_changes_and_ends(tmp_path: Path,
     assert len(ended) == 1 and ended[0].levelno == logging.INFO, [r.getMessage() for r in caplog.records]
 
 
+def test_a_fleet_that_has_not_answered_yet_is_starting_not_an_outage(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    # A sidecar started with the fleet (replicas still loading): WARNING, not an ERROR at every start.
+    sc, scrape, clock, _ = make(tmp_path, min_hold=0)
+    scrape.unhealthy.update({"dp0", "dp1", "dp2"})
+    caplog.set_level(logging.INFO, "fdngx")
+    cycles(sc, clock, 6)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if "failing open" in r.getMessage()]
+    assert said == [(logging.WARNING, "failing open: all replicas fail /health (none has yet): nginx gets every "
+                                      "replica at its static weight")], said
+
+
 class _Control:
     """nginx's master as a test sets it: running or not (the reload is never asked: nothing changes)."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fdngx.domain import Engine, Instance, Restart, StrEnum
-from fdngx.errors import UsageError
+from fdngx.errors import UsageError, check_number
 
 DEFAULT_BASE_PORT = 8001
 DEFAULT_HOST = "127.0.0.1"
@@ -111,9 +111,7 @@ def two_token(args: Sequence[str], *names: str) -> list[str]:
 
 
 def check_num_servers(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SERVERS:
-        shown = repr(n) if not isinstance(n, int) or n.bit_length() <= 128 else f"a {n.bit_length()}-bit number"
-        raise UsageError(f"--num-servers {shown}: want a whole number 1..{MAX_SERVERS} (replicas)")
+    check_number("--num-servers", n, 1, MAX_SERVERS, "replicas", whole=True)
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -214,9 +212,8 @@ def plan_ports(req: LaunchRequest, metrics_on_api_port: bool) -> Ports:
     n = req.num_servers
     check_num_servers(n)
     for what, first in (("--base-port", req.base_port), ("--metrics-base-port", req.metrics_base_port)):
-        if first is not None and not 1 <= first <= 65535:
-            shown = first if first.bit_length() <= 128 else f"a {first.bit_length()}-bit number"
-            raise UsageError(f"{what} {shown}: want a port number 1..65535")
+        if first is not None:
+            check_number(what, first, 1, 65535, "a port", whole=True)
     if req.ports is not None and req.base_port is not None:
         raise UsageError("--ports and --base-port exclude each other: give one")
     if req.metrics_ports is not None and req.metrics_base_port is not None:

@@ -22,7 +22,7 @@ from fdngx.engines.argv import (
     check_num_servers,
     find_flag,
 )
-from fdngx.errors import UsageError
+from fdngx.errors import UsageError, check_number
 from fdngx.inventory import NAME, check_unique, parse_inventory, to_json
 from fdngx.launch.hosts import Resolver, decide, resolve_self
 
@@ -107,8 +107,7 @@ class Plan:
 def check_grace(grace: float) -> None:
     """--grace (launch and stop): the range the pidfile keeps (fdngx.launch.pidfile), so a launch the pidfile
     would refuse is refused before anything starts (--grace 7200 started the replicas, then tore them down)."""
-    if isinstance(grace, bool) or not 0 <= grace <= MAX_GRACE:  # NaN too
-        raise UsageError(f"--grace {grace!r}: want a number 0..{MAX_GRACE:g} (seconds)")
+    check_number("--grace", grace, 0.0, MAX_GRACE)
 
 
 def pidfile_for(inventory_path: str | Path) -> str:

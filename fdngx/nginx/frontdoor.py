@@ -23,12 +23,14 @@ nothing in the world-readable config can be used to test a guessed key.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import re
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,20 +165,25 @@ def check_upstream(max_fails: object, fail_timeout: object, keepalive: object, w
         raise UsageError(f"--worker-processes {shown(workers)}: want auto or a whole number 1..{MAX_WORKERS}")
 
 
-def check_time(what: str, value: object) -> None:
-    """An nginx time for a millisecond directive (escape.nginx_msec); UsageError naming `what` and the value."""
+@contextlib.contextmanager
+def _naming(what: str, value: object) -> Iterator[None]:
+    """An EscapeError inside said as a UsageError naming the option and its value, on one line."""
     try:
-        nginx_msec(value)
+        yield
     except EscapeError as exc:
         raise UsageError(f"{what} {shown(value)}: {exc}") from None
+
+
+def check_time(what: str, value: object) -> None:
+    """An nginx time for a millisecond directive (escape.nginx_msec); UsageError naming `what` and the value."""
+    with _naming(what, value):
+        nginx_msec(value)
 
 
 def check_size(what: str, value: object, *, units: str = "km", least: int = 0, most: int = MAX_NGINX_INT) -> None:
     """An nginx size (escape.nginx_bytes): k or m (`units` adds g where nginx takes it); UsageError naming `what`."""
-    try:
+    with _naming(what, value):
         nginx_bytes(value, units=units, least=least, most=most)
-    except EscapeError as exc:
-        raise UsageError(f"{what} {shown(value)}: {exc}") from None
 
 
 def check_plain_path(what: str, value: str | None) -> None:
@@ -189,10 +196,8 @@ def check_plain_path(what: str, value: str | None) -> None:
     except EscapeError:
         raise UsageError(f"{what} {shown(value)}: use a plain path (letters, digits, . _ / - : @ +), no spaces or "
                          "quotes") from None
-    try:
+    with _naming(what, value):
         check_path_length(value)
-    except EscapeError as exc:
-        raise UsageError(f"{what} {shown(value)}: {exc}") from None
 
 
 def check_path(what: str, value: str, *, include: bool = False) -> None:
@@ -205,10 +210,8 @@ def check_path(what: str, value: str, *, include: bool = False) -> None:
         nginx_string(value)
     except EscapeError:
         raise UsageError(f"{what} {value[:80]!r}: a path without '$' or control characters, please") from None
-    try:
+    with _naming(what, value):
         check_path_length(value)
-    except EscapeError as exc:
-        raise UsageError(f"{what} {shown(value)}: {exc}") from None
     if not value.startswith("/"):
         raise UsageError(f"{what} {value!r}: want an absolute path")
     if include and _GLOB & set(value):

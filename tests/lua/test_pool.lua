@@ -359,6 +359,49 @@ return {
         t.eq(dict:get("h:b"), nil)
     end,
 
+    ["a push and a mark interleaved step by step (3,000 orders): no record of the server it moved or removed"] = function(t)
+        -- Two workers run at once; the shared dict makes each step atomic, not a function. Each side runs as a
+        -- coroutine whose every dict call waits for the scheduler's turn; 3,000 seeded random orders of the
+        -- push's steps (another worker's admin call) and a failed probe's mark (of the old address).
+        local function stepping(dict)
+            return setmetatable({}, { __index = function(_, key)
+                local f = dict[key]
+                return function(_, ...)
+                    coroutine.yield()
+                    return f(dict, ...)
+                end
+            end })
+        end
+        local seed = 777
+        local function rand(n) -- the high bits: an LCG's low bits repeat with a short period
+            seed = (seed * 1103515245 + 12345) % 2147483648
+            return math.floor(seed / 65536) % n
+        end
+        local bad = {}
+        for trial = 1, 3000 do
+            -- the mark starts after `lead` of the push's steps, then the two take turns at random
+            local lead, steps = rand(30), 0
+            local removed = trial % 2 == 0
+            local dict, admin, worker = two_workers({ "peer a 127.0.0.1 1 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }, 1)
+            local lines = removed and { "peer b 127.0.0.1 2 20 0 64 0" }
+                or { "peer a 127.0.0.1 7 20 0 64 0", "peer b 127.0.0.1 2 20 0 64 0" }
+            admin.dict, worker.dict = stepping(dict), stepping(dict)
+            local push = coroutine.create(function() install(admin, 2, lines, 2) end)
+            local mark = coroutine.create(function()
+                pool_mod.mark(worker, "a", health.on_failure, 2, "127.0.0.1", 1)
+            end)
+            while coroutine.status(push) ~= "dead" or coroutine.status(mark) ~= "dead" do
+                local first = steps < lead or rand(2) == 0
+                local co = (coroutine.status(mark) == "dead" or (coroutine.status(push) ~= "dead" and first))
+                    and push or mark
+                steps = steps + 1
+                assert(coroutine.resume(co))
+            end
+            if dict:get("h:a") ~= nil then bad[#bad + 1] = trial end
+        end
+        t.eq(#bad, 0, #bad .. " of 3000 orders left the old server's record (first: order " .. tostring(bad[1]) .. ")")
+    end,
+
     ["churn: a fleet's membership changing for hours leaves no key of a peer that is gone"] = function(t)
         local dict = fakedict.new()
         local pool, worker = new_pool(dict), new_pool(dict)

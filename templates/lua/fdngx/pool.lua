@@ -75,6 +75,7 @@ function M.install(pool, text, snap, now)
     -- the part of the previous estimate kept: none after a long gap (it faded out in the picks meanwhile)
     local dt = now - (dict:get("snap_at") or now - pick.STALE_AFTER)
     local keep = (dt > 0 and dt < pick.STALE_AFTER) and exp(-dt / M.SMOOTH) or 0
+    local fresh = {} -- names whose health record goes: a server moved, removed, or (re-)added
     for _, p in ipairs(snap.peers) do
         local inflight = max(0, dict:get("i:" .. p.name) or 0)
         local x = max(0, p.load - inflight)
@@ -83,7 +84,7 @@ function M.install(pool, text, snap, now)
             -- the name now stands for another server (a replacement on a new port or host): its health and
             -- load history are the old one's, so it starts fresh (its in-flight total stays: requests still
             -- open on the old address end into it, fdngx.ledger)
-            dict:delete("h:" .. p.name)
+            fresh[#fresh + 1] = p.name
             prev = nil
         end
         local was = prev and dict:get("x:" .. p.name)
@@ -97,18 +98,22 @@ function M.install(pool, text, snap, now)
         -- goes later (M.sweep), not here: until `ver` moves below, every worker may still pick it
         dict:delete("x:" .. name)
         dict:delete("sa:" .. name)
-        dict:delete("h:" .. name)
         dict:set("rm:" .. name, now)
+        fresh[#fresh + 1] = name
     end
     local added = peers.missing(snap, old)
     for _, name in ipairs(added) do
         dict:delete("rm:" .. name) -- before the snapshot naming it is in force: no sweep takes its total
-        dict:delete("h:" .. name) -- a record a late probe or request wrote after its removal: it starts fresh
+        fresh[#fresh + 1] = name -- a record a late probe or request wrote after its removal: it starts fresh
     end
     local ok, err = dict:set("snap", text)
     if not ok then return nil, "shared dict: " .. tostring(err) end
     dict:set("snap_at", now)
     dict:set("gen", snap.generation)
+    -- Health records go after `gen` moves, and before `ver` does (workers re-read records when it moves): a
+    -- mark (M.mark) of another worker writing meanwhile either wrote before this delete, or reads the new
+    -- `gen` afterwards and takes its record back.
+    for _, name in ipairs(fresh) do dict:delete("h:" .. name) end
     dict:incr("ver", 1, 0)
     return added, removed
 end
@@ -229,7 +234,8 @@ function M.mark(pool, name, event, now, addr, port)
     -- that lands after it is seen below.
     local dict = pool.dict
     local gen = dict:get("gen")
-    M.sync(pool, now)
+    -- a push whose `gen` is set and whose `ver` is not yet: its snapshot is already in the dict (set first)
+    M.sync(pool, now, gen ~= pool.gen)
     local function gone()
         local p = pool.by_name and pool.by_name[name]
         return (pool.by_name and not p) or (addr and p and (p.addr ~= addr or p.port ~= port)), p
@@ -246,8 +252,9 @@ function M.mark(pool, name, event, now, addr, port)
     dict:set(key, text)
     if dict:get("gen") ~= gen then
         -- A push (another worker) came in between: what was just written may be of a server it removed or
-        -- moved, after its install deleted that record. Asked again, and taken back if so.
-        M.sync(pool, now)
+        -- moved, after its install deleted that record. Asked again of its snapshot (`ver` may not have moved
+        -- yet), and taken back if so.
+        M.sync(pool, now, true)
         moved_off, in_force = gone()
         if moved_off then
             dict:delete(key)

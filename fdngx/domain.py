@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -101,10 +102,12 @@ def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+@functools.lru_cache(maxsize=8192)
 def address_key(host: str, port: int) -> tuple[str, int]:
     """The canonical (host, port) of a server: one spelling per address (an IPv4-mapped IPv6 address is its
     IPv4 one; a name in lower case without a trailing dot), for duplicate detection and for telling whether a
-    name still stands for the same server."""
+    name still stands for the same server. Cached: the policy asks it of every replica every cycle (5 ms a
+    cycle at 1,000 replicas uncached); a fleet's addresses change seldom, and the cache is bounded."""
     if is_ip(host):
         ip = ipaddress.ip_address(host)
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:

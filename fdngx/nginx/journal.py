@@ -96,14 +96,28 @@ def _sweep_temps(target: Path, owners: set[int], now: float) -> int:
         candidate = fnmatch.fnmatchcase(stale.name, temp_glob(target))
         if not candidate and not siblings.fullmatch(stale.name):
             continue
-        with contextlib.suppress(OSError):
-            st = os.lstat(stale)
-            # A candidate an interrupted apply never swapped in (we hold the lock: nobody else writes one).
-            old = stat.S_ISREG(st.st_mode) and now - st.st_mtime > STALE_TEMP_AFTER
-            if st.st_uid in owners and (candidate or old):
-                remove(stale)
-                removed += not candidate
+        # A candidate an interrupted apply never swapped in (we hold the lock: nobody else writes one).
+        removed += _remove_if(stale, owners, None if candidate else now) and not candidate
     return removed
+
+
+def remove_stale_temps(path: Path, now: float) -> int:
+    """Remove the temp files interrupted writes of `path` (fdngx.system.files.atomic_write) left, once
+    STALE_TEMP_AFTER old: for a file written outside any apply lock (a controller's state beside its
+    inventory). Ours only. Returns how many went."""
+    owners = {os.geteuid()}
+    return sum(_remove_if(stale, owners, now) for stale in path.parent.glob(temp_glob(path)))
+
+
+def _remove_if(path: Path, owners: set[int], now: float | None) -> bool:
+    """Remove `path` if one of `owners` owns it and (`now` given) it is a regular file STALE_TEMP_AFTER old."""
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        if st.st_uid in owners and (now is None or (stat.S_ISREG(st.st_mode)
+                                                    and now - st.st_mtime > STALE_TEMP_AFTER)):
+            remove(path)
+            return True
+    return False
 
 
 def recover(target: Path, control: NginxControl | None, reload: bool) -> str:

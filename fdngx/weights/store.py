@@ -13,12 +13,14 @@ import contextlib
 import json
 import logging
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from fdngx.nginx.apply import aside
+from fdngx.nginx.journal import remove_stale_temps
 from fdngx.system.files import atomic_write, check_private, file_lock, read_regular_file, real_target, remove
 from fdngx.weights.settings import PolicyConfig
 from fdngx.weights.state import PolicyState
@@ -73,6 +75,11 @@ class StateStore:
         # private: a symlink planted at the path after load (the sidecar saves for days) is replaced, not
         # followed into someone else's file.
         atomic_write(self.path, json.dumps(state.to_dict(), indent=1, sort_keys=True) + "\n", private=True)
+        # a writer killed between write and rename (a controller's state is beside its inventory, where no
+        # apply's recovery looks): its temp goes here, once surely nobody's (fdngx.nginx.journal)
+        swept = remove_stale_temps(self.path, time.time())
+        if swept:
+            log.info("removed %d temp file(s) that interrupted writes of %s left", swept, self.path)
         if self.legacy is not None:
             remove(self.legacy)
 

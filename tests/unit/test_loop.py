@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -20,6 +21,7 @@ from prometheus_client import generate_latest
 from fdngx.domain import Engine, Flavor, Instance, Inventory, LoadSample, Mode
 from fdngx.errors import ApplyError
 from fdngx.inventory import load_many, save
+from fdngx.nginx import journal
 from fdngx.nginx.apply import ApplyResult, ReloadFailed, safe_apply
 from fdngx.nginx.render import RenderOptions
 from fdngx.nginx.target import Target, TargetSpec, open_target
@@ -248,6 +250,25 @@ def test_corrupt_or_mistyped_state_starts_fresh(tmp_path: Path, caplog: pytest.L
     assert StateStore(p).load() == PolicyState()
     assert "'weight'" in caplog.text
     assert StateStore(tmp_path / "missing.json").load() == PolicyState()
+
+
+def test_a_state_save_removes_the_temps_killed_saves_left(tmp_path: Path) -> None:
+    """A controller's state lies beside its inventory, where no apply's recovery looks: a sidecar killed
+    between a save's write and its rename left the temp for good. The next save removes ours once old."""
+    path = tmp_path / "..inventory.json.fdngx-controller-state.json"
+    store = StateStore(path)
+    old = tmp_path / f".{path.name}.ab12cd34.fdngx-tmp"
+    fresh = tmp_path / f".{path.name}.zz99yy88.fdngx-tmp"  # a save in progress (another process)
+    other = tmp_path / ".other.json.ab12cd34.fdngx-tmp"
+    for f in (old, fresh, other):
+        f.write_text("{}")
+    long_ago = time.time() - 2 * journal.STALE_TEMP_AFTER
+    for f in (old, other):
+        os.utime(f, (long_ago, long_ago))
+    store.save(PolicyState())
+    assert not old.exists()
+    assert fresh.exists() and other.exists()
+    assert store.load() == PolicyState()
 
 
 def test_dry_run_leaves_no_trace(tmp_path: Path) -> None:

@@ -74,7 +74,7 @@ class Restart(StrEnum):
 
 class QueueEstimate(StrEnum):
     """Where a replica's backlog came from when the engine does not report it (FastDeploy before
-    num_requests_queuing): its request counters at the scrape, or the growth of its queue-time histogram."""
+    num_requests_enqueued): its request counters at the scrape, or the growth of its queue-time histogram."""
 
     COUNTERS = "request counters"
     QUEUE_TIMES = "queue times"
@@ -315,7 +315,7 @@ class LoadSample:
 
     def requests(self, slots: float | None) -> float:
         """Requests on the replica: running plus the backlog. Where the engine does not report its backlog
-        reliably (FastDeploy before num_requests_queuing: `waiting` reads ~0 under a backlog), a replica with
+        reliably (FastDeploy before num_requests_enqueued: `waiting` reads ~0 under a backlog), a replica with
         every slot busy is assumed to hold a queue as long as its slots: its backlog is unknown, not zero, and
         a balancer that took it for zero would keep feeding it."""
         if self.queued_reliable:

@@ -1,5 +1,5 @@
 """The scenarios: 4 replicas, arrivals at 80 % of the scenario's total capacity (workload.py), each in both
-metric shapes (with and without FastDeploy's num_requests_queuing)."""
+metric shapes (with and without FastDeploy's num_requests_enqueued)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class Scenario:
     p_external: float = 0.0
     kill: tuple[float, float] | None = None  # (kill, restart) seconds into the measured window
     mix: Mix = field(default_factory=Mix)
-    # FastDeploy before 2026-04 (and every source version read): no num_requests_queuing series, and
+    # FastDeploy 2.4/2.5 (before PaddlePaddle/FastDeploy PR #5798): no num_requests_enqueued series, and
     # num_requests_waiting stays near 0 under a backlog (`fdngx sim --legacy-metrics`).
     legacy: bool = False
 
@@ -54,7 +54,7 @@ BASE = (
         Scenario("four-frontends", "four independent frontend instances, a quarter of the traffic each", _specs(),
                  n_frontends=4),
 )
-# Every scenario in both metric shapes: with num_requests_queuing (the simulator's default) and without it
+# Every scenario in both metric shapes: with num_requests_enqueued (the simulator's default) and without it
 # (`-legacy`: what most FastDeploy deployments show, where the queue is not visible in the metrics).
 SCENARIOS: dict[str, Scenario] = {
     **{s.name: s for s in BASE},

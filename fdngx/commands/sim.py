@@ -40,7 +40,7 @@ def sim(
         m.DEFAULT_MAX_TOKENS, "--default-max-tokens", help="Output tokens when a request gives no max_tokens."
     ),
     legacy_metrics: bool = typer.Option(
-        False, "--legacy-metrics", help="Pre-2026-04 FastDeploy: no num_requests_queuing series, waiting stays 0."
+        False, "--legacy-metrics", help="FastDeploy 2.4/2.5: no num_requests_enqueued series, waiting stays 0."
     ),
     unhealthy: bool = typer.Option(False, "--unhealthy", help="Fault: /health and /ping answer 404."),
     no_weights: bool = typer.Option(
@@ -80,7 +80,7 @@ def sim(
     - Prompt tokens = characters / 4; output length = max_tokens
       or max_completion_tokens, else default-max-tokens [128].
     - num_requests_waiting = backlog up to max-num-seqs,
-      num_requests_queuing = the rest of the backlog.
+      num_requests_enqueued = the rest of the backlog.
 
     \b
     API port: POST /v1/chat/completions, /v1/completions (SSE when

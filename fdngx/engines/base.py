@@ -30,8 +30,10 @@ class MetricNames:
     # scrape, less the requests lost without a success (aborted, failed), which the scraper calibrates out.
     received: tuple[str, ...] = ()
     finished: tuple[str, ...] = ()
-    # A series whose absence means `queued` cannot be trusted (FastDeploy before 2026-04-29).
-    queued_marker: str | None = None
+    # The scheduler's backlog, by its names across versions (the first present counts, added to `queued`):
+    # FastDeploy's requests not yet taken from its local scheduler. When none is present, `queued` cannot be
+    # trusted (FastDeploy 2.4/2.5: `num_requests_waiting` alone reads ~0 under a backlog).
+    scheduler_queue: tuple[str, ...] = ()
     # Labels that tell copies of one count apart: of an engine's samples of one name whose labels differ only
     # in these, one is kept (the largest; the copies read one batch at slightly different moments) before the
     # label sets add up. Read by fdngx.weights.promtext on both of its paths; () reads every label set as its

@@ -205,7 +205,7 @@ SPEC = EngineSpec(
     registers=True,
     metrics=MetricNames(
         running=("fastdeploy:num_requests_running",),
-        queued=("fastdeploy:num_requests_waiting", "fastdeploy:num_requests_queuing"),
+        queued=("fastdeploy:num_requests_waiting",),
         kv_usage=("fastdeploy:gpu_cache_usage_perc",),
         capacity=("fastdeploy:max_batch_size",),
         tpot=("fastdeploy:time_per_output_token_seconds",),
@@ -214,6 +214,10 @@ SPEC = EngineSpec(
         # output/token_processor.py _record_completion_metrics: request_success_total.inc() as one finishes.
         received=("fastdeploy:requests_number_total",),
         finished=("fastdeploy:request_success_total",),
-        queued_marker="fastdeploy:num_requests_queuing",
+        # PaddlePaddle/FastDeploy PR #5798 (fastdeploy/metrics/metrics.py): num_requests_enqueued, the requests
+        # in the local scheduler not yet taken by the engine; its CI test tests/ci_use/metrics/test_metrics.py
+        # asserts enqueued + waiting == the requests not running. `num_requests_queuing` is the name a 2026-04
+        # pull request gave it (in no source read): read where a build serves it instead.
+        scheduler_queue=("fastdeploy:num_requests_enqueued", "fastdeploy:num_requests_queuing"),
     ),
 )

@@ -7,9 +7,11 @@ multiprocess collector: those families carry the help text "Multiprocess metric"
 The `http_*` families come from metrics_middleware.py `PrometheusMiddleware` (every API path but health,
 metrics and the completion routes) and appear once such a path was called.
 
-Two shapes: the default adds `fastdeploy:num_requests_queuing` and splits the backlog between it and
-`num_requests_waiting` (the shape a 2026-04 FastDeploy pull request describes; found in no source we could
-read); `legacy=True` is the shape of every source version we read (2.4, 2.5): no queuing series, and
+Two shapes: the default adds `fastdeploy:num_requests_enqueued` and splits the backlog between it and
+`num_requests_waiting` (PaddlePaddle/FastDeploy PR #5798: enqueued = in the local scheduler, not yet taken
+by the engine; waiting = taken, waiting for resources; its help text is the docs' description,
+docs/online_serving/metrics.md @19d8ac22, the metrics.py defining it was not read); `legacy=True` is the
+shape of the source versions we read (2.4, 2.5): no enqueued series, and
 `num_requests_waiting` does not hold the backlog. The scheduler adds each request it accepts
 (scheduler/local_scheduler.py put_requests), the engine subtracts the ones it takes (engine/common_engine.py),
 and the resource manager sets it to its own tasks less the running ones (engine/resource_manager.py) each
@@ -119,7 +121,7 @@ class ReplicaMetrics:
             gauge("num_requests_waiting", "Number of requests currently waiting", lambda: 0)
         else:
             gauge("num_requests_waiting", "Number of requests currently waiting", self._waiting)
-            gauge("num_requests_queuing", "Number of requests currently queuing in local scheduler", self._queuing)
+            gauge("num_requests_enqueued", "Number of requests to be scheduled", self._enqueued)
         gauge("gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage", m.cache_usage)
         gauge("batch_size", "Real batch size during inference", lambda: m.num_running)
         gauge("max_batch_size", "Maximum batch size determined when service started", lambda: p.max_num_seqs)
@@ -233,7 +235,7 @@ class ReplicaMetrics:
     def _waiting(self) -> int:
         return min(self.model.num_waiting, self.model.params.max_num_seqs)
 
-    def _queuing(self) -> int:
+    def _enqueued(self) -> int:
         return max(0, self.model.num_waiting - self.model.params.max_num_seqs)
 
     # -- events ------------------------------------------------------------------------------------

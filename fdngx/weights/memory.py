@@ -73,7 +73,7 @@ class PeakRunning:
     LIMIT); a replica that refuses connections (restarted, maybe with other settings) starts over.
 
     - the highest running count seen: a floor under a guessed capacity;
-    - where the engine does not report its backlog (FastDeploy without num_requests_queuing):
+    - where the engine does not report its backlog (FastDeploy without num_requests_enqueued):
       * its request counters: received - finished - running is the backlog at the scrape plus the requests
         the engine lost without a success (aborted, failed), which only grow; that count is calibrated
         whenever a slot is free (no backlog then) and never above what the counters hold;

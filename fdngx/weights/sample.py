@@ -16,7 +16,7 @@ from fdngx.weights.state import InstanceState
 
 
 def sample_load(s: LoadSample, cap: float, config: PolicyConfig) -> float:
-    # On FastDeploy builds without num_requests_queuing, `waiting` reads ~0 under backlog: running (against
+    # On FastDeploy builds without num_requests_enqueued, `waiting` reads ~0 under backlog: running (against
     # slots, a full replica counted as queueing as many again) and KV usage there.
     load = s.requests(cap) / cap
     if s.kv_usage is not None and s.kv_usage > config.kv_threshold:

@@ -65,11 +65,10 @@ def make_client() -> Client:
 
 def wanted_names(engine: EngineSpec) -> frozenset[str]:
     m = engine.metrics
-    marker = (m.queued_marker,) if m.queued_marker else ()
     tpot = [f"{n}{suffix}" for n in m.tpot for suffix in ("_sum", "_count")]
     queue_time = [f"{n}_sum" for n in m.queue_time]
-    return frozenset((*m.running, *m.queued, *m.kv_usage, *m.capacity, *marker, *tpot, *queue_time, *m.received,
-                      *m.finished))
+    return frozenset((*m.running, *m.queued, *m.kv_usage, *m.capacity, *m.scheduler_queue, *tpot, *queue_time,
+                      *m.received, *m.finished))
 
 
 @functools.lru_cache(maxsize=16)
@@ -103,7 +102,7 @@ def copies_rule(engine: EngineSpec, name: str) -> frozenset[str]:
     """The labels in which copies of one count of `name` differ for `engine` (MetricNames.one_per, plus
     backlog_one_per for its backlog series); empty: every label set is its own count."""
     m = engine.metrics
-    backlog = {*m.queued, *(f"{n}_sum" for n in m.queue_time)}
+    backlog = {*m.queued, *m.scheduler_queue, *(f"{n}_sum" for n in m.queue_time)}
     return frozenset(m.one_per) | (frozenset(m.backlog_one_per) if name in backlog else frozenset())
 
 
@@ -158,7 +157,8 @@ def load_from_metrics(values: Mapping[str, list[float]], engine: EngineSpec) -> 
     running = _pick(values, names.running)
     if running is None:
         raise ValueError(f"missing series {names.running[0]}")
-    # Counts add up over label sets (vLLM labels per engine); queued names add up too (waiting + queuing).
+    # Counts add up over label sets (vLLM labels per engine); queued names add up too (FastDeploy: waiting, and
+    # the scheduler's queue under the first of its names present).
     run_total = clamp(sum(_finite(names.running[0], running)), 0.0, MAX_REQUESTS)
     queued_total = 0.0
     seen_queued = False
@@ -168,8 +168,11 @@ def load_from_metrics(values: Mapping[str, list[float]], engine: EngineSpec) -> 
             queued_total += sum(_finite(qname, values[qname]))
     if not seen_queued:
         raise ValueError(f"missing series {names.queued[0]}")
+    scheduler = next((q for q in names.scheduler_queue if q in values), None)
+    if scheduler is not None:
+        queued_total += sum(_finite(scheduler, values[scheduler]))
     queued_total = clamp(queued_total, 0.0, MAX_REQUESTS)
-    reliable = names.queued_marker is None or names.queued_marker in values
+    reliable = not names.scheduler_queue or scheduler is not None
     kv = _pick(values, names.kv_usage)
     kv_usage: float | None = None
     if kv:

@@ -189,8 +189,8 @@ def test_slower_replica_has_higher_ttft(pair: SimProcess) -> None:
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["default", "legacy"])
 def test_metrics_track_load_and_cap_answers_429(sims: Callable[..., SimProcess], legacy: bool) -> None:
-    """Both metric shapes (fastdeploy/metrics/metrics.py): the default shows the backlog as waiting + queuing;
-    the legacy shape (FastDeploy 2.4/2.5) has no queuing series and keeps waiting at 0. The 429 comes at once
+    """Both metric shapes (fastdeploy/metrics/metrics.py): the default shows the backlog as waiting + enqueued;
+    the legacy shape (FastDeploy 2.4/2.5) has no enqueued series and keeps waiting at 0. The 429 comes at once
     with FastDeploy's body (api_server.py connection_manager)."""
     extra = ["--max-concurrency", "6", "--token-rate", "50"] + (["--legacy-metrics"] if legacy else [])
     sim = sims(1, max_num_seqs=2, extra_args=extra)
@@ -199,9 +199,9 @@ def test_metrics_track_load_and_cap_answers_429(sims: Callable[..., SimProcess],
         wait_for(lambda: metric(sim, 0, "fastdeploy:num_requests_running") == 2, what="running == max_num_seqs")
         wait_for(lambda: sim.state(0)["waiting"] == 4, what="a backlog of 4 in the engine")
         waiting = metric(sim, 0, "fastdeploy:num_requests_waiting")
-        queuing = metric(sim, 0, "fastdeploy:num_requests_queuing")
+        enqueued = metric(sim, 0, "fastdeploy:num_requests_enqueued")
         # default: one batch in the resource manager, the rest in the scheduler; legacy: nothing visible
-        assert (waiting, queuing) == ((0, None) if legacy else (2, 2))
+        assert (waiting, enqueued) == ((0, None) if legacy else (2, 2))
         assert metric(sim, 0, "fastdeploy:batch_size") == 2
         assert metric(sim, 0, "fastdeploy:max_batch_size") == 2
         wait_for(lambda: (metric(sim, 0, "fastdeploy:gpu_cache_usage_perc") or 0) > 0, what="KV usage")

@@ -213,18 +213,18 @@ def test_metrics_page_has_upstream_names_and_types(sims: Callable[..., SimProces
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["default", "legacy"])
 def test_backlog_per_shape_on_the_wire(sims: Callable[..., SimProcess], legacy: bool) -> None:
-    """Default shape: backlog = num_requests_waiting + num_requests_queuing; legacy (FastDeploy 2.4/2.5,
-    metrics.py as read): no queuing series and num_requests_waiting stays 0 while requests wait; running,
+    """Default shape: backlog = num_requests_waiting + num_requests_enqueued; legacy (FastDeploy 2.4/2.5,
+    metrics.py as read): no enqueued series and num_requests_waiting stays 0 while requests wait; running,
     batch size, capacity and KV usage read the same in both."""
     sim = sims(1, max_num_seqs=1, extra_args=["--token-rate", "50"] + (["--legacy-metrics"] if legacy else []))
     socks = [open_stream(sim.ports[0]) for _ in range(4)]
     try:
         wait_for(lambda: sim.state(0)["waiting"] == 3, what="a backlog of 3")
         text = page(sim, 0)
-        assert ("fastdeploy:num_requests_queuing" in text) is not legacy
+        assert ("fastdeploy:num_requests_enqueued" in text) is not legacy
         waiting = metric(sim, 0, "fastdeploy:num_requests_waiting")
-        queuing = metric(sim, 0, "fastdeploy:num_requests_queuing")
-        assert (waiting, queuing) == ((0, None) if legacy else (1, 2))
+        enqueued = metric(sim, 0, "fastdeploy:num_requests_enqueued")
+        assert (waiting, enqueued) == ((0, None) if legacy else (1, 2))
         assert metric(sim, 0, "fastdeploy:num_requests_running") == 1
         assert metric(sim, 0, "fastdeploy:max_batch_size") == 1
         wait_for(lambda: (metric(sim, 0, "fastdeploy:gpu_cache_usage_perc") or 0) > 0, what="KV usage")

@@ -64,13 +64,54 @@ def test_fastdeploy_sample_page() -> None:
     )
 
 
-def test_fastdeploy_queued_adds_waiting_and_queuing() -> None:
-    page = FD_PAGE.replace("fastdeploy:num_requests_queuing 0.0", "fastdeploy:num_requests_queuing 7.0")
+def test_fastdeploy_queued_adds_waiting_and_enqueued() -> None:
+    page = FD_PAGE.replace("fastdeploy:num_requests_enqueued 0.0", "fastdeploy:num_requests_enqueued 7.0")
     assert _load(page, "fastdeploy").queued == 9.0
 
 
-def test_old_fastdeploy_without_queuing_marks_queue_unreliable() -> None:
-    page = "\n".join(line for line in FD_PAGE.splitlines() if "num_requests_queuing" not in line)
+# FastDeploy's own CI test (PaddlePaddle/FastDeploy tests/ci_use/metrics/test_metrics.py,
+# test_metrics_with_too_many_requests): max_num_seqs 1, 10 requests sent: running == 1 and
+# enqueued + waiting == 9. The series came with PR #5798; enqueued's help text is docs/online_serving/metrics.md's
+# (preempted's was not read; it is not part of the backlog fdngx counts).
+FD_CI_PAGE = """# HELP fastdeploy:num_requests_running Number of requests currently running
+# TYPE fastdeploy:num_requests_running gauge
+fastdeploy:num_requests_running 1.0
+# HELP fastdeploy:num_requests_waiting Number of requests currently waiting
+# TYPE fastdeploy:num_requests_waiting gauge
+fastdeploy:num_requests_waiting 3.0
+# TYPE fastdeploy:num_requests_preempted gauge
+fastdeploy:num_requests_preempted 0.0
+# HELP fastdeploy:num_requests_enqueued Number of requests to be scheduled
+# TYPE fastdeploy:num_requests_enqueued gauge
+fastdeploy:num_requests_enqueued 6.0
+# HELP fastdeploy:max_batch_size Maximum batch size determined when service started
+# TYPE fastdeploy:max_batch_size gauge
+fastdeploy:max_batch_size 1.0
+"""
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["line-filter", "whole-page"])
+def test_fastdeploy_backlog_is_waiting_plus_enqueued_as_its_ci_test_says(fast: bool) -> None:
+    """Read the series under a name no FastDeploy serves (`num_requests_queuing`), fdngx called every
+    current build "old" and dropped its backlog: a replica 22 deep looked like one 2 deep."""
+    fd = spec(Engine.FASTDEPLOY)
+    got = load_from_metrics(parse_metrics(FD_CI_PAGE, wanted_names(fd) if fast else None), fd)
+    assert got.queued_reliable is True
+    assert got.queued == 9.0
+
+
+def test_fastdeploy_reads_num_requests_queuing_in_its_place_never_both() -> None:
+    """The name a 2026-04 pull request gave the series is read where a build serves it instead; a page with
+    both (none known) counts the backlog once."""
+    queuing = FD_CI_PAGE.replace("num_requests_enqueued", "num_requests_queuing")
+    got = _load(queuing, "fastdeploy")
+    assert (got.queued, got.queued_reliable) == (9.0, True)
+    both = FD_CI_PAGE + "fastdeploy:num_requests_queuing 6.0\n"
+    assert _load(both, "fastdeploy").queued == 9.0
+
+
+def test_old_fastdeploy_without_enqueued_marks_queue_unreliable() -> None:
+    page = "\n".join(line for line in FD_PAGE.splitlines() if "num_requests_enqueued" not in line)
     got = _load(page, "fastdeploy")
     assert got.queued_reliable is False
     assert got.queued == 2.0
@@ -230,7 +271,7 @@ def test_good_instances_scraped(servers: Callable[[Behaviour], Instance]) -> Non
     assert a.ok and a.healthy and a.error is None
     assert (a.running, a.queued, a.capacity, a.scraped_at) == (3.0, 2.0, 64.0, 1234.0)
     assert b.ok and (b.running, b.queued, b.capacity) == (9.0, 4.0, None)
-    assert b.queued_reliable is False  # minimal page has no num_requests_queuing
+    assert b.queued_reliable is False  # minimal page has no num_requests_enqueued
     assert 0 < a.latency < 1.0
 
 

@@ -256,7 +256,7 @@ def test_vllm_guessed_capacity_learns_the_running_peak_within_one_session(replic
 
 
 def test_a_legacy_backlog_is_estimated_from_queue_times() -> None:
-    """FastDeploy without num_requests_queuing: `waiting` says nothing. The queue-time histogram's sum grew by
+    """FastDeploy without num_requests_enqueued: `waiting` says nothing. The queue-time histogram's sum grew by
     6 s in 2 s: on average 3 requests waited (Little's law)."""
     from fdngx.weights.memory import estimate_queue
 
@@ -283,7 +283,7 @@ def _counted(memory: PeakRunning, inst: Instance, unfinished: float, running: fl
 
 
 def test_a_legacy_backlog_is_read_from_the_request_counters() -> None:
-    """FastDeploy without num_requests_queuing: received - finished - running is the backlog at the scrape,
+    """FastDeploy without num_requests_enqueued: received - finished - running is the backlog at the scrape,
     less the requests the engine lost without a success (an abort), counted while a slot is free."""
     inst = Instance("dp0", "127.0.0.1", 8001, 9001, Engine.FASTDEPLOY)
     memory = PeakRunning()

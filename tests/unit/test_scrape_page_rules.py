@@ -21,7 +21,7 @@ from fdngx.weights.scrape import parse_metrics, relevant_lines, wanted_names
 
 FD = wanted_names(spec("fastdeploy"))
 RUNNING = "fastdeploy:num_requests_running"
-OUTSIDE = 'fastdeploy:num_requests_queuing{a="x\\"y"} 0\n'  # an escaped quote: the fast path steps aside
+OUTSIDE = 'fastdeploy:num_requests_enqueued{a="x\\"y"} 0\n'  # an escaped quote: the fast path steps aside
 
 
 def page(*lines: str) -> str:
@@ -51,13 +51,13 @@ def test_distinct_label_sets_still_add_up_and_copies_still_fold() -> None:
 
 @pytest.mark.parametrize("eof", ["# EOF\n", "# EOF"], ids=["newline", "last-line"])
 def test_nothing_after_an_openmetrics_eof_is_read(eof: str) -> None:
-    after = f"{RUNNING} 99\nfastdeploy:num_requests_queuing 7\n" if eof.endswith("\n") else ""
+    after = f"{RUNNING} 99\nfastdeploy:num_requests_enqueued 7\n" if eof.endswith("\n") else ""
     text = f"{RUNNING} 3\nfastdeploy:num_requests_waiting 1\n{eof}{after}"
     want = {RUNNING: [3.0], "fastdeploy:num_requests_waiting": [1.0]}
     assert parse_metrics(text, FD) == want
     assert parse_metrics(text) == want  # the whole page, through the parser
     forced = parse_metrics(OUTSIDE + text, FD)
-    assert forced == {"fastdeploy:num_requests_queuing": [0.0], **want}
+    assert forced == {"fastdeploy:num_requests_enqueued": [0.0], **want}
 
 
 def test_a_line_that_only_looks_like_eof_ends_nothing() -> None:

@@ -22,7 +22,7 @@ from fdngx.sim.validation import RequestError, parse_request
 
 UPSTREAM = Path(__file__).resolve().parent.parent / "fixtures" / "upstream"
 NO_JITTER = ModelParams(max_num_seqs=2, jitter=0.0)
-# (legacy, fixture): the default shape has fastdeploy:num_requests_queuing, the legacy shape (2.4/2.5) has not.
+# (legacy, fixture): the default shape has fastdeploy:num_requests_enqueued, the legacy shape (2.4/2.5) has not.
 SHAPES = [
     pytest.param(False, "fastdeploy-metrics.prom", id="default"),
     pytest.param(True, "fastdeploy-metrics-legacy.prom", id="legacy"),
@@ -68,7 +68,7 @@ def test_metric_names_and_types_match_upstream(legacy: bool, fixture: str) -> No
     assert {n: f.type for n, f in ours.items()} == {n: f.type for n, f in theirs.items()}
     sample_names = {n: {s.name for s in f.samples} for n, f in theirs.items()}
     assert {n: {s.name for s in f.samples} for n, f in ours.items()} == sample_names
-    assert ("fastdeploy:num_requests_queuing" in ours) is not legacy
+    assert ("fastdeploy:num_requests_enqueued" in ours) is not legacy
 
 
 @pytest.mark.parametrize(("legacy", "fixture"), SHAPES)
@@ -92,7 +92,7 @@ def test_help_texts_labels_and_buckets_match_upstream(legacy: bool, fixture: str
 @pytest.mark.parametrize("legacy", [False, True], ids=["default", "legacy"])
 def test_backlog_shows_only_in_the_default_shape(legacy: bool) -> None:
     """The two shapes differ only in the backlog: the default splits it between num_requests_waiting (what the
-    resource manager pulled, up to a batch) and num_requests_queuing; on 2.4/2.5 builds (metrics.py as read)
+    resource manager pulled, up to a batch) and num_requests_enqueued; on 2.4/2.5 builds (metrics.py as read)
     num_requests_waiting stays 0 and the backlog is invisible. Everything else reads the same."""
     page = sim_page(legacy, backlog=5)
     assert value(page, "fastdeploy:num_requests_running") == 2
@@ -101,10 +101,10 @@ def test_backlog_shows_only_in_the_default_shape(legacy: bool) -> None:
     assert (value(page, "fastdeploy:gpu_cache_usage_perc") or 0) > 0
     if legacy:
         assert value(page, "fastdeploy:num_requests_waiting") == 0
-        assert value(page, "fastdeploy:num_requests_queuing") is None
+        assert value(page, "fastdeploy:num_requests_enqueued") is None
     else:
         assert value(page, "fastdeploy:num_requests_waiting") == 2
-        assert value(page, "fastdeploy:num_requests_queuing") == 3
+        assert value(page, "fastdeploy:num_requests_enqueued") == 3
 
 
 def test_http_metrics_skip_the_paths_upstream_excludes() -> None:
@@ -417,7 +417,7 @@ def test_every_upstream_fixture_names_its_source() -> None:
 @pytest.mark.parametrize(
     ("fixture", "needed"),
     [
-        ("fastdeploy-metrics.prom", {"fastdeploy:num_requests_running", "fastdeploy:num_requests_queuing"}),
+        ("fastdeploy-metrics.prom", {"fastdeploy:num_requests_running", "fastdeploy:num_requests_enqueued"}),
         ("fastdeploy-metrics-legacy.prom", {"fastdeploy:num_requests_waiting", "fastdeploy:max_batch_size"}),
         ("vllm-metrics.prom", {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"}),
         ("sglang-metrics.prom", {"sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage"}),

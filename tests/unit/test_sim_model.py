@@ -284,10 +284,10 @@ def test_metrics_names_types_and_values(legacy: bool) -> None:
     assert fams["fastdeploy:requests_number"].type == "counter"
     assert sample(text, "fastdeploy:num_requests_running") == 2
     if legacy:
-        assert b"num_requests_queuing" not in text
+        assert b"num_requests_enqueued" not in text
         assert sample(text, "fastdeploy:num_requests_waiting") == 0
     else:
-        assert sample(text, "fastdeploy:num_requests_waiting") + sample(text, "fastdeploy:num_requests_queuing") == 3
+        assert sample(text, "fastdeploy:num_requests_waiting") + sample(text, "fastdeploy:num_requests_enqueued") == 3
     assert sample(text, "fastdeploy:max_batch_size") == 2
     assert b"fastdeploy:requests_number_total" in text and b"_created" not in text
     assert b'fastdeploy:time_to_first_token_seconds_bucket{le="0.04"}' in text

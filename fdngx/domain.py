@@ -105,15 +105,17 @@ def hostport(host: str, port: int) -> str:
 @functools.lru_cache(maxsize=8192)
 def address_key(host: str, port: int) -> tuple[str, int]:
     """The canonical (host, port) of a server: one spelling per address (an IPv4-mapped IPv6 address is its
-    IPv4 one; a name in lower case without a trailing dot), for duplicate detection and for telling whether a
-    name still stands for the same server. Cached: the policy asks it of every replica every cycle (5 ms a
-    cycle at 1,000 replicas uncached); a fleet's addresses change seldom, and the cache is bounded."""
+    IPv4 one; a name in lower case without a trailing dot; `localhost` is 127.0.0.1), for duplicate detection
+    and for telling whether a name still stands for the same server. Cached: the policy asks it of every
+    replica every cycle (5 ms a cycle at 1,000 replicas uncached); addresses change seldom; the cache is
+    bounded."""
     if is_ip(host):
         ip = ipaddress.ip_address(host)
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         return ip.compressed, port
-    return host.lower().rstrip("."), port
+    name = host.lower().rstrip(".")
+    return ("127.0.0.1" if name == "localhost" else name), port  # nginx's resolver reads /etc/hosts
 
 
 _LISTEN = re.compile(r"(?:(?P<host>\[[0-9A-Fa-f:.]+\]|\*|[A-Za-z0-9.-]+):)?(?P<port>[0-9]{1,5})")
@@ -145,7 +147,21 @@ class Listen:
         host = (m.group("host") or "").strip("[]") if m else "?"
         if not m or not lo <= port <= 65535 or not (host in ("", "*") or is_ip(host) or _hostname(host)):
             raise ValueError(f"{what} {text!r} must be ADDR:PORT or PORT (e.g. 127.0.0.1:8080, [::1]:8080, 8080)")
+        if (why := _unservable(host)) is not None:
+            raise ValueError(f"{what} {text!r}: {why}")
         return cls(host, port)
+
+    def overlaps(self, other: Listen) -> bool:
+        """Would the two listeners share a socket: the same port, and the same address or a wildcard of its
+        family (`8080`, `*:8080` and `0.0.0.0:8080` take every IPv4 address; `[::]:8080` every IPv6 one)."""
+        if self.port != other.port:
+            return False
+        a, b = address_key(self.bind_host, 0)[0], address_key(other.bind_host, 0)[0]
+        if a == b:
+            return True
+        family = {"0.0.0.0": 4, "::": 6}
+        return any(w in family and is_ip(o) and ipaddress.ip_address(o).version == family[w]
+                   for w, o in ((a, b), (b, a)))
 
     @property
     def bind_host(self) -> str:
@@ -166,6 +182,23 @@ class Listen:
         return hostport(self.host, self.port)
 
 
+def _unservable(host: str) -> str | None:
+    """Why nginx cannot serve on `host`, an address it would accept all the same (or refuse only in words of
+    its own): None when it can. A multicast address passes `nginx -t` and the reload, and then nothing answers."""
+    if not is_ip(host):
+        return None
+    ip = ipaddress.ip_address(host)
+    if group_address(host) == "multicast":
+        return "a multicast address: nginx takes it and then serves nothing there; give an address of this host"
+    if group_address(host) == "broadcast":
+        return "the broadcast address: give an address of this host"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return f"an IPv4-mapped address, which nginx cannot listen on: write {ip.ipv4_mapped}"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_link_local:
+        return "a link-local address needs a scope id, which nginx's listen does not take: give another address"
+    return None
+
+
 def _hostname(host: str) -> bool:
     """An RFC 1123 hostname whose last label has a letter and is not a number in any form inet_aton reads
     (so `999`, `127.1` or `0x7f000001` are not names)."""
@@ -178,8 +211,19 @@ def _hostname(host: str) -> bool:
 
 
 def valid_host(host: str) -> bool:
-    """True for an IPv4/IPv6 literal (no scope id) or an RFC 1123 hostname: the only hosts safe in config."""
-    return isinstance(host, str) and (is_ip(host) or _hostname(host))
+    """True for an IPv4/IPv6 literal (no scope id) or an RFC 1123 hostname: the only hosts safe in config;
+    not a multicast or broadcast address (no server is there; nginx refuses some)."""
+    return isinstance(host, str) and ((is_ip(host) and group_address(host) is None) or _hostname(host))
+
+
+def group_address(host: str) -> str | None:
+    """'multicast' or 'broadcast' when the IP literal `host` is one (IPv4-mapped ones too), else None."""
+    ip = ipaddress.ip_address(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_multicast:
+        return "multicast"
+    return "broadcast" if ip.packed == b"\xff" * 4 else None
 
 
 @dataclass

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fdngx.domain import Engine, Instance, Inventory, Role, address_key, natural_key, valid_host
+from fdngx.domain import Engine, Instance, Inventory, Role, address_key, group_address, is_ip, natural_key, valid_host
 from fdngx.errors import InventoryError, InventoryTooLarge
 from fdngx.system.files import atomic_write, file_lock, read_regular_file, real_target
 
@@ -108,6 +108,8 @@ def parse_instance(raw: Any, source: str, index: int) -> Instance:
     if isinstance(raw.get("name"), str) and NAME.fullmatch(raw["name"]):
         where = f"{source} instance '{raw['name']}'"
     host = _str_field(raw, "host", where)
+    if is_ip(host) and (group := group_address(host)) is not None:
+        raise InventoryError(f"{where}: field 'host' = {_show(host)} is a {group} address, not a server's")
     if not valid_host(host):
         raise InventoryError(
             f"{where}: field 'host' = {_show(host)} is not an IP address or RFC 1123 hostname "

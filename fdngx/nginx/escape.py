@@ -72,9 +72,10 @@ def nginx_arg(value: Any) -> str:
 def nginx_string(value: str) -> str:
     """`value` as one double-quoted nginx argument (a path fdngx did not choose: the candidate file, a temp
     dir). Inside quotes nginx reads `\\` and `\\"` as escapes; `$` has no escape and control characters
-    have no business in a path, so both are refused (EscapeError)."""
+    have no business in a path, so both are refused (EscapeError); so are bytes that are not UTF-8 (a path
+    Python read from argv keeps them as lone surrogates, which no config file can hold)."""
     text = str(value)
-    if "$" in text or any(ord(c) < 32 or ord(c) == 127 for c in text):
+    if "$" in text or any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in text):
         raise EscapeError(f"{text[:60]!r} cannot be quoted safely for nginx")
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 

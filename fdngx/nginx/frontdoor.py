@@ -24,6 +24,7 @@ nothing in the world-readable config can be used to test a guessed key.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import math
@@ -92,6 +93,39 @@ class ErrorPage:
     def body(self) -> str:
         return json.dumps({"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}},
                           separators=(",", ":"))
+
+
+# Who may reach the openresty admin location (nginx `allow`; everything else is denied). Remote pushes
+# (`fdngx sidecar --push-to`, controller mode) need the controllers' addresses here; the token still applies.
+LOOPBACK_ALLOW = ("127.0.0.1", "::1")
+
+
+def admin_allow_list(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """`--admin-allow`: comma-separated IP addresses or CIDRs, or `loopback`, as nginx `allow` arguments
+    (an address alone stays an address: `127.0.0.1`, not `127.0.0.1/32`). Raises UsageError."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    out: list[str] = []
+    for raw in (p.strip() for p in parts):
+        if not raw:
+            continue
+        if raw == "loopback":
+            entries = list(LOOPBACK_ALLOW)
+        else:
+            try:
+                net = ipaddress.ip_network(raw, strict=False)
+                if "%" in raw:  # a scope id: nginx's allow takes none
+                    raise ValueError(raw)
+            except ValueError:
+                raise UsageError(f"--admin-allow {raw!r}: want IP addresses or CIDRs (10.0.0.0/8, fd00::/8) "
+                                 "or 'loopback', comma-separated") from None
+            full = net.prefixlen == net.max_prefixlen
+            if full and net.version == 4 and net.network_address.packed == b"\xff" * 4:
+                raise UsageError(f"--admin-allow {raw!r}: the broadcast address is no client (nginx refuses it)")
+            entries = [str(net.network_address) if full else str(net)]
+        out.extend(e for e in entries if e not in out)
+    if not out:
+        raise UsageError("--admin-allow: name at least one address, CIDR or 'loopback'")
+    return tuple(out)
 
 
 def error_pages(client_max_body_size: str) -> list[ErrorPage]:
@@ -200,6 +234,14 @@ def check_plain_path(what: str, value: str | None) -> None:
         check_path_length(value)
 
 
+def check_access_log(value: str | None) -> None:
+    """`--access-log`: a file (nginx reads `syslog:server=...` as a server to send every request line to)."""
+    check_plain_path("--access-log", value)
+    if value and value.lower().startswith("syslog:"):
+        raise UsageError(f"--access-log {shown(value)}: a file path, please (nginx would send every request line "
+                         "to that syslog server)")
+
+
 def check_path(what: str, value: str, *, include: bool = False) -> None:
     """A path printed as an nginx string: absolute, no `$` (nginx would read a variable), no control
     characters, a length nginx can read and open; an `include`d one also no glob characters (nginx would
@@ -209,7 +251,8 @@ def check_path(what: str, value: str, *, include: bool = False) -> None:
     try:
         nginx_string(value)
     except EscapeError:
-        raise UsageError(f"{what} {value[:80]!r}: a path without '$' or control characters, please") from None
+        raise UsageError(f"{what} {value[:80]!r}: a path without '$', control characters or bytes that are not "
+                         "UTF-8, please") from None
     with _naming(what, value):
         check_path_length(value)
     if not value.startswith("/"):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from fdngx.domain import (
     Mode,
     Role,
     ServerState,
+    hostport,
     is_ip,
     natural_key,
 )
@@ -40,41 +40,13 @@ from fdngx.errors import RenderError, UsageError
 from fdngx.inventory import all_drained
 from fdngx.nginx import frontdoor
 from fdngx.nginx.escape import EscapeError, lua_literal, nginx_arg, nginx_string
+from fdngx.nginx.frontdoor import LOOPBACK_ALLOW, admin_allow_list
 from fdngx.nginx.shape import front_of
 
 GENERATION_TOKEN = "@@FDNGX_GENERATION@@"
 MAX_WEIGHT = 10_000  # the same bound as the inventory's static weights
 DEFAULT_LISTEN = Listen("127.0.0.1", 8080)
 DEFAULT_ADMIN_LISTEN = Listen("127.0.0.1", 9401)
-# Who may reach the openresty admin location (nginx `allow`; everything else is denied). Remote pushes
-# (`fdngx sidecar --push-to`, controller mode) need the controllers' addresses here; the token still applies.
-LOOPBACK_ALLOW = ("127.0.0.1", "::1")
-
-
-def admin_allow_list(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """`--admin-allow`: comma-separated IP addresses or CIDRs, or `loopback`, as nginx `allow` arguments
-    (an address alone stays an address: `127.0.0.1`, not `127.0.0.1/32`). Raises UsageError."""
-    parts = value.split(",") if isinstance(value, str) else list(value)
-    out: list[str] = []
-    for raw in (p.strip() for p in parts):
-        if not raw:
-            continue
-        if raw == "loopback":
-            entries = list(LOOPBACK_ALLOW)
-        else:
-            try:
-                net = ipaddress.ip_network(raw, strict=False)
-            except ValueError:
-                raise UsageError(f"--admin-allow {raw!r}: want IP addresses or CIDRs (10.0.0.0/8, fd00::/8) "
-                                 "or 'loopback', comma-separated") from None
-            full = net.prefixlen == net.max_prefixlen
-            entries = [str(net.network_address) if full else str(net)]
-        out.extend(e for e in entries if e not in out)
-    if not out:
-        raise UsageError("--admin-allow: name at least one address, CIDR or 'loopback'")
-    return tuple(out)
-
-
 def _listen(value: Listen | str, what: str) -> Listen:
     if isinstance(value, Listen):
         return value
@@ -162,11 +134,18 @@ class RenderOptions:
         frontdoor.check_size("--client-max-body-size", self.client_max_body_size, units="kmg")
         frontdoor.check_size("--client-body-buffer-size", self.client_body_buffer_size, least=1,
                              most=frontdoor.MAX_BODY_BUFFER)
-        for what, value in (("--access-log", self.access_log), ("--admin-token-file", self.admin_token_file),
+        frontdoor.check_access_log(self.access_log)
+        for what, value in (("--admin-token-file", self.admin_token_file),
                             ("peers file", self.peers_file), ("Lua module directory", self.lua_dir),
                             *(("lua module", m) for m in self.lua_modules)):
             frontdoor.check_plain_path(what, value)
         self._validate_front_door()
+        served = self.mode is not Mode.UPSTREAM
+        if self.flavor is Flavor.OPENRESTY and served and self.listen.overlaps(self.admin_listen):
+            # nginx -t only warns ("conflicting server name"); the reload then answers clients from the admin
+            # server (404) until the apply's confirmation rolls back
+            raise UsageError(f"--admin-listen {self.admin_listen} and --listen {self.listen} share a port: give "
+                             "the balancer's admin endpoint a port of its own")
         return self
 
     def _validate_front_door(self) -> None:
@@ -341,6 +320,7 @@ def check_renderable(inv: Inventory, opts: RenderOptions) -> None:
                           "with --registry-listen renders an empty fleet, which answers 503 until one registers)")
     if (drained := all_drained(inv)) is not None:
         raise RenderError(drained)
+    _check_served_names(inv, opts)
     for inst in inv.instances:
         if inst.role is not Role.MIXED:
             raise RenderError(
@@ -360,6 +340,27 @@ def check_renderable(inv: Inventory, opts: RenderOptions) -> None:
                 raise RenderError(
                     f"instance '{inst.name}': the openresty flavor needs an IP address, not host '{inst.host}'"
                 )
+
+
+# nginx's variables named after the upstream (`$fdngx_<upstream>_request_id`, the OpenResty flavor's
+# `..._balancer_rid`) must fit variables_hash_bucket_size 64: names of at most 46 bytes on 64-bit builds.
+_MAX_SERVED_UPSTREAM = {Flavor.NGINX: 46 - len("fdngx__request_id"), Flavor.OPENRESTY: 46 - len("fdngx__balancer_rid")}
+
+
+def _check_served_names(inv: Inventory, opts: RenderOptions) -> None:
+    """An upstream name too long for the variables named after it (site and standalone configs, and every
+    OpenResty one), a --listen on a replica's own address (nginx would proxy to itself)."""
+    most = _MAX_SERVED_UPSTREAM[opts.flavor]
+    served = opts.mode is not Mode.UPSTREAM
+    if (served or opts.flavor is Flavor.OPENRESTY) and len(inv.upstream) > most:
+        where = " + ".join(inv.sources) or "inventory"
+        raise RenderError(f"{where}: field 'upstream' {inv.upstream!r} is {len(inv.upstream)} characters; --mode "
+                          f"{opts.mode} ({opts.flavor} flavor) takes at most {most} (nginx's variables named after "
+                          "it must fit variables_hash_bucket_size 64)")
+    for inst in inv.instances if served else ():
+        if opts.listen.overlaps(Listen(inst.host, inst.port)):
+            raise RenderError(f"instance '{inst.name}' is at {hostport(inst.host, inst.port)}, where --listen "
+                              f"{opts.listen} would have nginx take its port (and proxy to itself)")
 
 
 def render(inv: Inventory, opts: RenderOptions, states: Mapping[str, ServerState] | None = None) -> str:

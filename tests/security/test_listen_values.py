@@ -1,0 +1,239 @@
+"""Addresses and names fdngx accepted that nginx then refused, or took with another meaning (an outside review
+of 2026-12-06, run against the real nginx): a multicast --listen passed `nginx -t` and the reload, and the front
+door answered nothing for 15 s until the apply's confirmation rolled back; an --admin-listen on the --listen
+port answered clients with the admin server's 404; `--access-log syslog:server=...` sent every request line to
+a server; `localhost` and `127.0.0.1` on one port were two servers (twice the share); an upstream name over
+27-29 characters overflowed nginx's variables hash; a path with a byte that is not UTF-8 ended in a traceback.
+
+Each is refused up front now: one line naming the option or the inventory field, a non-zero exit, nothing
+written. Then a property against the real `nginx -t` (OpenResty flavor, Lua modules loaded): an --admin-allow
+value fdngx accepts is one nginx accepts.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+from hypothesis import event, given
+from hypothesis import strategies as st
+
+from fdngx.errors import UsageError
+from fdngx.nginx.frontdoor import admin_allow_list
+from tests.security.conftest import scaled
+from tests.support import Site, fdngx, find_nginx, free_ports, prepare_prefix, write_inventory
+
+REPLICA = free_ports(1)[0]  # in the inventories; nothing connects to it
+
+
+def _inv(tmp: Path, hosts: list[tuple[str, int]], upstream: str = "fastdeploy") -> Path:
+    return write_inventory(tmp / "fdngx.json", [{"name": f"r{i}", "host": h, "port": p, "metrics_port": p}
+                                                for i, (h, p) in enumerate(hosts)], upstream)
+
+
+def _refused(proc: subprocess.CompletedProcess[str], *names: str, code: int = 2) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == code, f"exit {proc.returncode}: {proc.stderr[-400:]}"
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for name in names:
+        assert name in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("addr, why", [
+    ("224.0.0.1", "multicast"), ("[ff02::1]", "multicast"), ("255.255.255.255", "broadcast"),
+    ("[::ffff:127.0.0.1]", "write 127.0.0.1"), ("[::ffff:7f00:1]", "write 127.0.0.1"), ("[fe80::1]", "scope id"),
+])
+@pytest.mark.parametrize("option", ["--listen", "--admin-listen"])
+def test_a_listen_address_nginx_cannot_serve_on_is_refused(tmp_path: Path, option: str, addr: str, why: str) -> None:
+    inv = _inv(tmp_path, [("127.0.0.1", REPLICA)])
+    out = tmp_path / "site.conf"
+    proc = fdngx("render", "-i", str(inv), "--mode", "site", "--flavor", "openresty", option, f"{addr}:8080",
+                 "--out", str(out))
+    _refused(proc, option, why)
+    assert not out.exists() and not list(tmp_path.glob(".site.conf*"))
+
+
+@pytest.mark.nginx
+def test_a_multicast_listen_never_takes_the_front_door_down(site: Site) -> None:
+    """The old answer: exit 1 after 15.6 s, 74 of 78 /health polls failed meanwhile. Now refused before any
+    file is written or nginx signalled: every poll during the run answers 200."""
+    seen: list[object] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while True:  # one poll at least, however quick the refusal
+            try:
+                seen.append(requests.get(f"{site.url}/health", timeout=2).status_code)
+            except requests.RequestException as exc:
+                seen.append(type(exc).__name__)
+            if stop.wait(0.05):
+                return
+
+    before = site.conf.read_bytes()
+    t = threading.Thread(target=poll)
+    t.start()
+    try:
+        args = [f"224.0.0.1:{site.port}" if a == f"127.0.0.1:{site.port}" else a for a in site.args]
+        assert args != list(site.args), "the site's --listen was replaced"
+        proc = fdngx("render", *args, "--reload")
+    finally:
+        stop.set()
+        t.join()
+    _refused(proc, "--listen", "multicast")
+    assert site.conf.read_bytes() == before
+    assert seen and set(seen) == {200}, collections.Counter(map(str, seen))
+
+
+@pytest.mark.parametrize("extra", [
+    ["--listen", "127.0.0.1:9401"],  # the default --admin-listen
+    ["--listen", "127.0.0.1:8080", "--admin-listen", "127.0.0.1:8080"],
+    ["--listen", "127.0.0.1:8080", "--admin-listen", "8080"],  # every IPv4 address, this one too
+    ["--listen", "[::]:8080", "--admin-listen", "[::1]:8080"],
+])
+def test_admin_listen_on_the_listen_port_is_refused_naming_both(tmp_path: Path, extra: list[str]) -> None:
+    """nginx -t only warned ('conflicting server name'); the reload then answered /v1/ from the admin server
+    (6 of 9 polls got its 404) until the apply's confirmation rolled back."""
+    inv = _inv(tmp_path, [("127.0.0.1", REPLICA)])
+    proc = fdngx("render", "-i", str(inv), "--mode", "site", "--flavor", "openresty", *extra,
+                 "--admin-token-file", str(tmp_path / "tok"), "--out", "-")
+    _refused(proc, "--admin-listen", "--listen")
+
+
+def test_distinct_listen_and_admin_ports_still_render(tmp_path: Path) -> None:
+    inv = _inv(tmp_path, [("127.0.0.1", REPLICA)])
+    for extra in (["--listen", "127.0.0.1:8080", "--admin-listen", "127.0.0.2:8080"],
+                  ["--listen", "[::1]:8080", "--admin-listen", "127.0.0.1:8080"],
+                  ["--listen", "8080", "--admin-listen", "127.0.0.1:9401"]):
+        proc = fdngx("render", "-i", str(inv), "--mode", "site", "--flavor", "openresty", *extra,
+                     "--admin-token-file", str(tmp_path / "tok"), "--out", "-")
+        assert proc.returncode == 0, (extra, proc.stderr)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:{p}", "{p}", "localhost:{p}"])
+def test_listen_on_a_replicas_own_address_is_refused(tmp_path: Path, listen: str) -> None:
+    """nginx -t accepts it; nginx then proxies to itself whenever it gets the port first."""
+    inv = _inv(tmp_path, [("127.0.0.1", REPLICA + 1 if REPLICA < 65535 else 1), ("127.0.0.1", REPLICA)])
+    proc = fdngx("render", "-i", str(inv), "--mode", "site", "--listen", listen.format(p=REPLICA), "--out", "-")
+    if listen.startswith("localhost"):  # a name: fdngx does not resolve --listen; nginx -t does
+        return
+    _refused(proc, "--listen", "'r1'", code=1)
+
+
+@pytest.mark.parametrize("value", ["255.255.255.255", "10.0.0.1,255.255.255.255", "fe80::1%eth0"])
+def test_admin_allow_values_nginx_refuses_are_usage_errors(tmp_path: Path, value: str) -> None:
+    inv = _inv(tmp_path, [("127.0.0.1", REPLICA)])
+    proc = fdngx("render", "-i", str(inv), "--mode", "site", "--flavor", "openresty", "--admin-allow", value,
+                 "--admin-token-file", str(tmp_path / "tok"), "--out", "-")
+    _refused(proc, "--admin-allow")
+
+
+@pytest.mark.parametrize("value", ["syslog:server=127.0.0.1:5514", "SYSLOG:server=unix:/dev/log"])
+def test_access_log_is_a_file_not_a_syslog_server(tmp_path: Path, value: str) -> None:
+    inv = _inv(tmp_path, [("127.0.0.1", REPLICA)])
+    proc = fdngx("render", "-i", str(inv), "--mode", "site", "--access-log", value, "--out", "-")
+    _refused(proc, "--access-log", "syslog")
+
+
+@pytest.mark.parametrize("host, word", [("::ffff:255.255.255.255", "broadcast"), ("255.255.255.255", "broadcast"),
+                                        ("239.1.2.3", "multicast"), ("ff05::2", "multicast")])
+def test_an_inventory_host_that_is_no_server_is_refused(tmp_path: Path, host: str, word: str) -> None:
+    proc = fdngx("render", "-i", str(_inv(tmp_path, [(host, REPLICA)])), "--out", "-")
+    _refused(proc, "'host'", word, code=1)
+
+
+def test_localhost_and_127_0_0_1_on_one_port_are_one_replica(tmp_path: Path) -> None:
+    """Both passed nginx -t: two server lines for one replica, twice its share."""
+    proc = fdngx("render", "-i", str(_inv(tmp_path, [("localhost", REPLICA), ("127.0.0.1", REPLICA)])), "--out", "-")
+    _refused(proc, "already listed", code=1)
+
+
+def test_a_path_that_is_not_utf8_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    cert = Path(os.fsdecode(os.fsencode(tmp_path) + b"/c\xff.pem"))
+    cert.write_text("x")
+    inv = _inv(tmp_path, [("127.0.0.1", REPLICA)])
+    proc = fdngx("render", "-i", str(inv), "--mode", "site", "--tls-cert", str(cert), "--tls-key", str(cert),
+                 "--out", "-")
+    _refused(proc, "--tls-cert", "UTF-8")
+
+
+# -- upstream names: within nginx's variables hash, or refused naming the field -------------------------------
+
+def _nginx_t(conf: Path, *, lua: bool, standalone: bool) -> subprocess.CompletedProcess[str]:
+    prefix = conf.parent / "p"
+    prepare_prefix(prefix)
+    main = conf
+    if not standalone:
+        head = "".join(f"load_module modules/{m}.so;\n" for m in ("ndk_http_module", "ngx_http_lua_module")
+                       ) if lua else ""
+        main = prefix / "main.conf"
+        main.write_text(f"{head}pid logs/nginx.pid;\nevents {{}}\nhttp {{ include {conf}; }}\n")
+        if lua:
+            (prefix / "modules").symlink_to("/usr/lib/nginx/modules")
+    return subprocess.run([find_nginx(), "-t", "-p", f"{prefix}/", "-c", str(main), "-e", "logs/error.log"],
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.nginx
+@pytest.mark.parametrize("mode, flavor", [("site", "nginx"), ("standalone", "nginx"), ("site", "openresty"),
+                                          ("upstream", "openresty")])
+@pytest.mark.parametrize("length", [27, 28, 29, 30, 64])
+def test_an_upstream_name_is_accepted_only_where_nginx_takes_it(tmp_path: Path, mode: str, flavor: str,
+                                                              length: int) -> None:
+    """nginx's answer to a long one was 'could not build variables_hash, you should increase
+    variables_hash_bucket_size: 64', naming neither the inventory nor its field."""
+    inv = _inv(tmp_path, [("127.0.0.1", REPLICA)], upstream="u" * length)
+    conf = tmp_path / ("nginx.conf" if mode == "standalone" else "site.conf")
+    proc = fdngx("render", "-i", str(inv), "--mode", mode, "--flavor", flavor, "--out", str(conf),
+                 "--admin-token-file", str(tmp_path / "tok"),
+                 *(["--rate-limit", "1r/s", "--listen", f"127.0.0.1:{free_ports(1)[0]}"] if mode != "upstream"
+                   else []))
+    if proc.returncode != 0:
+        _refused(proc, "'upstream'", "at most", code=1)
+        assert length > 27
+        return
+    if mode == "upstream":
+        wrapped = tmp_path / "server.conf"
+        wrapped.write_text(f"include {conf};\n")
+        conf = wrapped
+    t = _nginx_t(conf, lua=flavor == "openresty", standalone=mode == "standalone")
+    assert t.returncode == 0, t.stderr[-600:]
+
+
+# -- --admin-allow against the real nginx ----------------------------------------------------------------------
+
+def _networks() -> st.SearchStrategy[str]:
+    v4 = st.tuples(st.ip_addresses(v=4), st.integers(0, 32)).map(lambda a: f"{a[0]}/{a[1]}")
+    v6 = st.tuples(st.ip_addresses(v=6), st.integers(0, 128)).map(lambda a: f"{a[0]}/{a[1]}")
+    edges = st.sampled_from(["255.255.255.255", "0.0.0.0", "::", "::ffff:255.255.255.255", "224.0.0.1",
+                             "127.0.0.1/8", "::ffff:10.0.0.1", "fe80::1", "fe80::1%eth0", "10.0.0.1/33"])
+    return st.one_of(st.ip_addresses().map(str), v4, v6, edges)
+
+
+@pytest.mark.nginx
+@given(value=_networks())
+@scaled(30)
+def test_an_admin_allow_value_fdngx_accepts_is_one_nginx_accepts(value: str) -> None:
+    try:
+        admin_allow_list(value)
+    except UsageError as exc:
+        assert "\n" not in str(exc) and "--admin-allow" in str(exc)
+        event("refused by fdngx")
+        return
+    event("accepted by both")
+    with tempfile.TemporaryDirectory(prefix="fdngx-allow-") as tmp:
+        base = Path(tmp)
+        inv = _inv(base, [("127.0.0.1", REPLICA)])
+        conf = base / "site.conf"
+        proc = fdngx("render", "-i", str(inv), "--mode", "site", "--flavor", "openresty", "--admin-allow", value,
+                     "--admin-listen", f"127.0.0.1:{free_ports(1)[0]}", "--listen",
+                     f"127.0.0.1:{free_ports(1)[0]}", "--admin-token-file", str(base / "tok"), "--out", str(conf))
+        assert proc.returncode == 0, proc.stderr
+        t = _nginx_t(conf, lua=True, standalone=False)
+    assert t.returncode == 0, f"fdngx accepted --admin-allow {value!r}, nginx -t refused it: {t.stderr[-400:]}"

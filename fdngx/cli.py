@@ -21,7 +21,7 @@ from typing import Any
 
 import typer
 
-from fdngx.config import attach_envvars, load_settings
+from fdngx.config import attach_envvars, env_names, load_settings, settings_of
 from fdngx.errors import FdngxError, os_error_line
 from fdngx.logs import say, setup_logging
 
@@ -110,6 +110,33 @@ def _root(
         setup_logging(verbose, log_format.value)
     for name, values in from_env.items():  # FDNGX_OUT for drain (fdngx.config.ONLY_WITH): above the file
         ctx.default_map = {**(ctx.default_map or {}), name: {**(ctx.default_map or {}).get(name, {}), **values}}
+    _note_sources(ctx, config)
+
+
+# Where the running command's options set outside the command line came from ({"--listen": "FILE, key
+# 'listen'"}): a refused value is then said with its file or variable (main), not as if typed.
+_SOURCES: dict[str, str] = {}
+
+
+def _note_sources(ctx: typer.Context, config: Path | None) -> None:
+    running = ctx.invoked_subcommand
+    command = getattr(ctx.command, "commands", {}).get(running) if running else None
+    if command is None:
+        return
+    from_file = (ctx.default_map or {}).get(running, {}) if config is not None else {}
+    for key, param in settings_of(command).items():
+        variables = [v for v in env_names(running, key) if os.environ.get(v)]
+        if variables:
+            _SOURCES[f"--{key}"] = variables[0]
+        elif param.name in from_file:
+            _SOURCES[f"--{key}"] = f"{Path(config).absolute()}, key '{key}'"  # type: ignore[arg-type]
+
+
+def _sourced(message: str) -> str:
+    """`message` with where its option's value came from, when not from the command line."""
+    flag = message.split(" ", 1)[0].rstrip(":")
+    typed = any(a == flag or a.startswith(flag + "=") for a in sys.argv[1:])
+    return f"{message} (from {_SOURCES[flag]})" if flag in _SOURCES and not typed else message
 
 
 def _defaulted(ctx: typer.Context, name: str) -> bool:
@@ -167,7 +194,7 @@ def main() -> None:
             say(f"fdngx: error: {line}", logging.ERROR, color="red")
         sys.exit(getattr(exc, "exit_code", 2))
     except FdngxError as exc:
-        say(f"fdngx: error: {exc}", logging.ERROR, color="red")
+        say(f"fdngx: error: {_sourced(str(exc))}", logging.ERROR, color="red")
         sys.exit(exc.exit_code)
     except OSError as exc:
         # A file or socket the user pointed us at: one line naming it.

@@ -181,3 +181,24 @@ def test_render_diff_exits_1_when_different_and_0_when_current(tmp_path: Path) -
     assert fdngx("render", "-i", str(inv), "--out", str(out)).returncode == 0
     proc = fdngx("render", "-i", str(inv), "--out", str(out), "--diff")
     assert proc.returncode == 0 and proc.stdout == "", proc.stdout
+
+
+@pytest.mark.parametrize("where", ["table", "top-level", "command-env", "env"])
+def test_a_refused_value_names_the_file_or_variable_it_came_from(tmp_path: Path, where: str) -> None:
+    """A value refused from a settings file or a variable was said as if typed ('--listen ...'): a sysadmin
+    grepped the cron line for an option that was not there."""
+    inv = inventory(tmp_path / "inv.json", 18001)
+    bad = "127.0.0.1:99999"
+    toml = tmp_path / "fdngx.toml"
+    toml.write_text({"table": f'[render]\nlisten = "{bad}"\n', "top-level": f'listen = "{bad}"\n'}.get(where, ""))
+    env = {"command-env": {"FDNGX_RENDER_LISTEN": bad}, "env": {"FDNGX_LISTEN": bad}}.get(where, {})
+    proc = fdngx("--config", str(toml), "render", "-i", str(inv), "--mode", "site", "--out", "-", env=env)
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert "\n" not in line and line.startswith("fdngx: error: --listen '127.0.0.1:99999' must be"), line
+    source = {"table": f"(from {toml}, key 'listen')", "top-level": f"(from {toml}, key 'listen')",
+              "command-env": "(from FDNGX_RENDER_LISTEN)", "env": "(from FDNGX_LISTEN)"}[where]
+    assert line.endswith(source), line
+    typed = fdngx("--config", str(toml), "render", "-i", str(inv), "--mode", "site", "--out", "-",
+                  "--listen", bad, env=env)
+    assert typed.returncode == 2 and "(from" not in typed.stderr, typed.stderr

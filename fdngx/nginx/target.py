@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from fdngx.domain import Flavor, Inventory, LoadSample, Mode, ServerState
-from fdngx.errors import ApplyError, FdngxError, UsageError, os_error_line
+from fdngx.errors import ApplyError, FdngxError, UsageError, os_error_line, shown
 from fdngx.inventory import in_rotation
 from fdngx.nginx import admin as admin_client
-from fdngx.nginx import generation, keymap, openresty, shape
+from fdngx.nginx import frontdoor, generation, keymap, openresty, shape
 from fdngx.nginx.apply import ApplyResult, safe_apply
 from fdngx.nginx.build import nginx_build
 from fdngx.nginx.control import NginxControl, find_nginx, prepare_prefix
@@ -272,6 +272,12 @@ def open_target(spec: TargetSpec, *, dry: bool = False) -> Target:
     if opts.flavor is Flavor.OPENRESTY and local:
         token_file = (spec.admin_token_file or admin_client.token_path(spec.out)).absolute()
         peers_file = openresty.peers_path(spec.out)
+        try:  # always beside --out: say so, not "peers file" or an --admin-token-file the user never gave
+            frontdoor.check_plain_path("peers file", str(peers_file))
+        except UsageError:
+            raise UsageError(f"--out {shown(str(spec.out))}: the OpenResty flavor names the files it keeps beside "
+                             "it in the config, bare: use a directory without spaces or quotes (letters, digits, "
+                             ". _ / - : @ +)") from None
         modules = openresty.lua_modules(spec.nginx_bin) if opts.mode is Mode.STANDALONE else ()
         opts = replace(opts, admin_token_file=str(token_file), peers_file=str(peers_file),
                        lua_modules=opts.lua_modules or modules).validated()

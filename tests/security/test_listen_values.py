@@ -237,3 +237,14 @@ def test_an_admin_allow_value_fdngx_accepts_is_one_nginx_accepts(value: str) -> 
         assert proc.returncode == 0, proc.stderr
         t = _nginx_t(conf, lua=True, standalone=False)
     assert t.returncode == 0, f"fdngx accepted --admin-allow {value!r}, nginx -t refused it: {t.stderr[-400:]}"
+
+
+def test_an_openresty_out_in_a_directory_with_a_space_is_said_as_out(tmp_path: Path) -> None:
+    """The peers file and the admin token live beside --out and are named bare in the config: the refusal named
+    an --admin-token-file the user never gave."""
+    (tmp_path / "sp ace").mkdir()
+    out = tmp_path / "sp ace" / "site.conf"
+    proc = fdngx("render", "-i", str(_inv(tmp_path, [("127.0.0.1", REPLICA)])), "--mode", "site", "--flavor",
+                 "openresty", "--out", str(out))
+    assert "--admin-token-file" not in _refused(proc, "--out", "without spaces")
+    assert list((tmp_path / "sp ace").iterdir()) == []

@@ -32,10 +32,10 @@ DP_SIZE = ("--data-parallel-size", "-dp")
 DP_RANK = ("--data-parallel-rank", "-dpn")
 # Flags of vLLM's internal and hybrid load-balancing layouts: one API server in front of several ranks.
 # fdngx balances the ranks itself (external load balancing), so these cannot be combined with it.
-INTERNAL_LB = (
-    "--data-parallel-size-local", "-dpl", "--data-parallel-start-rank", "-dpr", "--headless",
-    "--data-parallel-hybrid-lb", "-dph",
-)
+INTERNAL_LB = ("--data-parallel-start-rank", "-dpr", "--headless", "--data-parallel-hybrid-lb", "-dph")
+# Ranks per `vllm serve`: 1 is external load balancing itself (vLLM's own external-LB tests pass
+# `--data-parallel-size-local 1` beside `--data-parallel-rank`); more is an internal or hybrid layout.
+DP_LOCAL = ("--data-parallel-size-local", "-dpl")
 # ParallelConfig.data_parallel_rpc_port: rank 0's coordinator listens here when ranks share a host.
 DEFAULT_DP_RPC_PORT = 29550
 DP_RPC = ("--data-parallel-rpc-port", "-dpp")
@@ -56,7 +56,8 @@ def build_launch(req: LaunchRequest) -> Launched:
         forbid(args, "fdngx runs --num-servers independent replicas; for the ranks of one MoE data-parallel group "
                "use --dp-mode moe", *DP_SIZE)
     forbid(args, "fdngx gives each rank its own (--dp-mode moe)", *DP_RANK)
-    for flag in INTERNAL_LB:
+    local = find_flag(args, *DP_LOCAL)
+    for flag in (*INTERNAL_LB, *([local[0]] if local and int_flag(args, *DP_LOCAL) != 1 else [])):
         if has_flag(args, flag):
             raise UsageError(f"engine argument {flag} after -- conflicts with fdngx: fdngx balances the ranks itself "
                              "(vLLM's external load balancing, --dp-mode moe), not vLLM's internal or hybrid load "

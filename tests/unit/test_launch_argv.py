@@ -425,6 +425,11 @@ def test_vllm_moe_one_serve_per_rank_as_its_external_load_balancing_docs_say() -
     assert q.procs[1].argv[5:9] == ["--port", "8002", "--data-parallel-rank", "1"]
     assert q.procs[1].env == {"CUDA_VISIBLE_DEVICES": "2,3"}
     assert q.ports == [8001, 8002, 13345]
+    # One rank per `vllm serve` said outright, as vLLM's own external-LB tests do: that is this layout.
+    r = plan("vllm", 2, "--data-parallel-size-local", "1", model="M", gpus=GPUS8[:2], dp_mode="moe")
+    argv = r.procs[1].argv
+    assert argv[argv.index("--data-parallel-size-local") + 1] == "1"
+    assert argv[argv.index("--data-parallel-rank") + 1] == "1"
 
 
 @pytest.mark.parametrize(
@@ -434,6 +439,7 @@ def test_vllm_moe_one_serve_per_rank_as_its_external_load_balancing_docs_say() -
         ("vllm", ["--data-parallel-rank", "0"], {"dp_mode": "moe"}, "--data-parallel-rank after -- conflicts"),
         ("vllm", ["--headless"], {"dp_mode": "moe"}, "not vLLM's internal or hybrid load balancer"),
         ("vllm", ["-dpl", "2"], {"dp_mode": "moe"}, "-dpl after -- conflicts"),
+        ("vllm", ["--data-parallel-size-local=4"], {"dp_mode": "moe"}, "--data-parallel-size-local after -- conf"),
         ("vllm", ["--data-parallel-size", "2"], {}, "use --dp-mode moe"),
         ("sglang", ["--dp-size", "2"], {}, "use --dp-mode moe"),
         ("sglang", ["--enable-dp-attention"], {}, "needs --dp-size, which fdngx sets with --dp-mode moe"),

@@ -47,6 +47,7 @@ __all__ = ["MasterLog", "NginxControl", "NginxNotRunning", "ReloadError", "find_
 # nginx retries a failed bind() five times, 500 ms apart, before it gives up on a new config: a master quiet
 # for longer than this has stopped retrying.
 SETTLE_QUIET = 1.0
+REFUSED = "was unreachable (ConnectionError)"  # what _answer says of a refused connection (no timeout)
 _HEX = re.compile(r"[0-9a-f]{1,64}")
 
 
@@ -266,9 +267,11 @@ class NginxControl:
                 served, answer = self._answer() if self.verify_url and expect_generation else (expect_generation, "")
                 if served == expect_generation:
                     return time.monotonic() - t0
-                if answer.startswith("answered"):
+                if answer.startswith("answered") or answer == REFUSED:
                     # Only the new config's workers listen now: another answer there will not change (another
-                    # server block has that address). Not waiting out the timeout for it.
+                    # server block has that address), nor will a refusal (nothing the new config opened listens
+                    # there: a --listen address this host cannot be reached at). Not waiting out the timeout,
+                    # with the front door perhaps dark meanwhile: the apply rolls back at once.
                     other_since = time.monotonic() if other_since is None else other_since
                     if time.monotonic() - other_since >= SETTLE_QUIET:
                         seen = self._timeout_story(new_workers, retired, expect_generation)
@@ -305,7 +308,9 @@ class NginxControl:
         if served == expect:
             return f"{seen}; {self.verify_url} answers generation {expect}"
         seen += f"; {self.verify_url} {answer}, expected generation {expect}"
-        if retired and "unreachable" not in answer:  # only the new config's workers answer: it is not ours
+        if retired and answer == REFUSED:
+            seen += "; nothing listens there now: check --listen"
+        elif retired and "unreachable" not in answer:  # only the new config's workers answer: it is not ours
             seen += ("; another server block answers that address (a default_server on the same listen "
                      "address?): check --listen")
         return seen
@@ -337,7 +342,7 @@ class NginxControl:
                 with session.get(self.verify_url, timeout=2, stream=True) as resp:
                     body = next(resp.iter_content(4096), b"").decode("utf-8", "replace").strip()
         except requests.RequestException as exc:
-            return None, f"was unreachable ({type(exc).__name__})"
+            return None, f"was unreachable ({type(exc).__name__})"  # REFUSED: a plain ConnectionError
         if resp.status_code != 200:
             return None, f"answered HTTP {resp.status_code}"
         if _HEX.fullmatch(body):

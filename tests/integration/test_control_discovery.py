@@ -168,6 +168,24 @@ def test_a_timeout_says_new_workers_started_and_what_answered_instead(tmp_path: 
         assert "answered HTTP 404, expected generation feedbeef" in str(err.value), err.value
 
 
+def test_a_listen_nothing_answers_at_is_said_once_only_new_workers_run_not_after_the_timeout(tmp_path: Path) -> None:
+    """The new config took (new workers, the old ones gone) but nothing answers at the verify URL: a --listen
+    address this host cannot be reached at (a multicast one did this: an outside review). Before: the whole
+    15 s timeout with the front door dark, then "nginx did not take the new config", which it had."""
+    port, nobody = free_ports(2)
+    prefix, conf = _site(tmp_path, _server(port))
+    nginx = find_nginx()
+    with _master([nginx, "-p", f"{prefix}/", "-c", str(conf), "-g", "daemon off;"], prefix / "logs" / "nginx.pid"):
+        control = NginxControl(nginx, conf, prefix, verify_url=f"http://127.0.0.1:{nobody}/fdngx/generation",
+                               timeout=15.0)
+        with pytest.raises(ReloadError) as err:
+            control.reload("feedbeef")
+    text = str(err.value)
+    assert text.startswith("nginx reloaded, but the new config does not answer at its --listen address"), text
+    assert err.value.took_new and "was unreachable (ConnectionError)" in text, text
+    assert "nothing listens there now: check --listen" in text, text
+
+
 def test_nginx_t_lists_the_files_nginx_read_and_speaks_without_its_log_prefix(tmp_path: Path) -> None:
     prefix = tmp_path / "nginx"
     for sub in ("sites", "avail", "logs", "tmp"):

@@ -142,6 +142,22 @@ def test_a_refused_reload_is_read_from_the_error_log_the_config_names(tmp_path: 
         assert procs.children(proc.pid) == before
 
 
+@contextlib.contextmanager
+def _verified_reload(prefix: Path, conf: Path, verify_port: int) -> Iterator[tuple[NginxControl, str]]:
+    """A running master of `conf`; a reload expecting generation feedbeef at `verify_port` fails with 'nginx
+    reloaded, but ...' (the new config took): the control and that text, nginx still running."""
+    nginx = find_nginx()
+    with _master([nginx, "-p", f"{prefix}/", "-c", str(conf), "-g", "daemon off;"], prefix / "logs" / "nginx.pid"):
+        control = NginxControl(nginx, conf, prefix, verify_url=f"http://127.0.0.1:{verify_port}/fdngx/generation",
+                               timeout=15.0)
+        with pytest.raises(ReloadError) as err:
+            control.reload("feedbeef")
+        text = str(err.value)
+        assert text.startswith("nginx reloaded, but the new config does not answer at its --listen address"), text
+        assert err.value.took_new, text
+        yield control, text
+
+
 def test_a_timeout_says_new_workers_started_and_what_answered_instead(tmp_path: Path) -> None:
     """The verify URL's address is a default_server's too (Debian's default site): new workers start, the
     other server block answers. Before: "no new worker processes and no new generation served"."""
@@ -149,17 +165,10 @@ def test_a_timeout_says_new_workers_started_and_what_answered_instead(tmp_path: 
     default = _server(port, "location = /fdngx/generation { return 200 '0123abcd\\n'; }", " default_server")
     ours = _server(port, "server_name fdngx.invalid; location = /fdngx/generation { return 200 'feedbeef\\n'; }")
     prefix, conf = _site(tmp_path, default + ours)
-    nginx = find_nginx()
-    with _master([nginx, "-p", f"{prefix}/", "-c", str(conf), "-g", "daemon off;"], prefix / "logs" / "nginx.pid"):
-        # The whole timeout: once only the new workers listen and another answer comes for a second, that
-        # answer will not change; said as such, not as a timeout (which waited 15 s for nothing).
-        control = NginxControl(nginx, conf, prefix, verify_url=f"http://127.0.0.1:{port}/fdngx/generation",
-                               timeout=15.0)
-        with pytest.raises(ReloadError) as err:
-            control.reload("feedbeef")
-        text = str(err.value)
-        assert text.startswith("nginx reloaded, but the new config does not answer at its --listen address"), text
-        assert err.value.took_new and "new worker processes started" in text and "no new worker" not in text, text
+    # The whole timeout: once only the new workers listen and another answer comes for a second, that
+    # answer will not change; said as such, not as a timeout (which waited 15 s for nothing).
+    with _verified_reload(prefix, conf, port) as (control, text):
+        assert "new worker processes started" in text and "no new worker" not in text, text
         assert "answered generation 0123abcd, expected generation feedbeef" in text, text
         assert "a default_server on the same listen address?" in text and "--listen" in text, text
         conf.write_text(conf.read_text().replace("return 200 '0123abcd\\n';", "return 404;"))
@@ -174,16 +183,8 @@ def test_a_listen_nothing_answers_at_is_said_once_only_new_workers_run_not_after
     15 s timeout with the front door dark, then "nginx did not take the new config", which it had."""
     port, nobody = free_ports(2)
     prefix, conf = _site(tmp_path, _server(port))
-    nginx = find_nginx()
-    with _master([nginx, "-p", f"{prefix}/", "-c", str(conf), "-g", "daemon off;"], prefix / "logs" / "nginx.pid"):
-        control = NginxControl(nginx, conf, prefix, verify_url=f"http://127.0.0.1:{nobody}/fdngx/generation",
-                               timeout=15.0)
-        with pytest.raises(ReloadError) as err:
-            control.reload("feedbeef")
-    text = str(err.value)
-    assert text.startswith("nginx reloaded, but the new config does not answer at its --listen address"), text
-    assert err.value.took_new and "was unreachable (ConnectionError)" in text, text
-    assert "nothing listens there now: check --listen" in text, text
+    with _verified_reload(prefix, conf, nobody) as (_, text):
+        assert "was unreachable (ConnectionError)" in text and "nothing listens there now: check --listen" in text
 
 
 def test_nginx_t_lists_the_files_nginx_read_and_speaks_without_its_log_prefix(tmp_path: Path) -> None:

@@ -103,6 +103,32 @@ def _identity(path: Path) -> _Identity:
     return identity(path, follow_symlinks=False)
 
 
+class TokenFile:
+    """An admin token file and the token read from it, read again when the file changed (a rotation: a
+    frontend's nginx takes the new one at its next reload). A file that cannot be read then keeps the token in
+    use, said once, and is tried again at its next change (a rewrite in progress, a bad edit)."""
+
+    def __init__(self, path: Path, token: str | None = None) -> None:
+        self.path = path
+        self._seen = _identity(path)  # before the read: a change after it is seen at the next current()
+        self.token = load_token(path) if token is None else token
+
+    def current(self) -> str:
+        now = _identity(self.path)
+        if now == self._seen:
+            return self.token
+        self._seen = now
+        try:
+            token = load_token(self.path)
+        except FdngxError as exc:
+            log.warning("%s: admin token not read again, pushing with the one in use: %s", self.path, exc)
+            return self.token
+        if token != self.token:
+            log.info("%s: admin token changed: pushing with the new one", self.path)
+        self.token = token
+        return token
+
+
 def frontend_specs(urls: Iterable[str], token_file: Path | None, what: str = "--push-to",
                    base: Path | None = None) -> list[FrontendSpec]:
     """URLs (each may be `URL` or `URL TOKEN_FILE`) -> specs; every frontend needs a token file. A relative
@@ -230,7 +256,7 @@ class Fanout:
                              "(seconds)")
         self.timeout = timeout
         self._frontends: dict[str, _Frontend] = {}
-        self._tokens: dict[Path, tuple[_Identity, str]] = {}  # token file -> (its identity when read, token)
+        self._tokens: dict[Path, TokenFile] = {}
         self._workers = _Workers(MAX_FRONTENDS)
         self._lock = threading.Lock()
         self._stale_since: float | None = None  # since when every frontend answering says stale
@@ -245,15 +271,14 @@ class Fanout:
         """Replace the list; a frontend whose URL, token file and token stay keeps its connection. Tokens are
         read now: a missing or unsafe token file raises (FdngxError) and nothing changes."""
         specs = list(specs)
-        tokens: dict[Path, tuple[_Identity, str]] = {}
+        tokens: dict[Path, TokenFile] = {}
         for spec in specs:
             if spec.token_file not in tokens:
-                seen = _identity(spec.token_file)  # before the read: a change after it is seen next cycle
-                tokens[spec.token_file] = (seen, load_token(spec.token_file))
+                tokens[spec.token_file] = TokenFile(spec.token_file)
         new: dict[str, _Frontend] = {}
         renewed = []
         for spec in specs:
-            old, token = self._frontends.get(spec.url), tokens[spec.token_file][1]
+            old, token = self._frontends.get(spec.url), tokens[spec.token_file].token
             if old is not None and old.spec == spec and old.admin.token == token:
                 new[spec.url] = old
                 continue
@@ -275,21 +300,9 @@ class Fanout:
 
     def _renew_tokens(self, frontends: list[_Frontend]) -> None:
         """Read a token file again when it changed (a rotation); a frontend not busy takes the new token."""
-        for path, (seen, token) in list(self._tokens.items()):
-            now = _identity(path)
-            if now == seen:
-                continue
-            try:
-                self._tokens[path] = (now, load_token(path))
-            except FdngxError as exc:
-                # Kept, and tried again when the file changes again (a rewrite in progress, a bad edit).
-                self._tokens[path] = (now, token)
-                log.warning("%s: admin token not read again, pushing with the one in use: %s", path, exc)
-                continue
-            if self._tokens[path][1] != token:
-                log.info("%s: admin token changed: pushing with the new one", path)
+        tokens = {path: file.current() for path, file in self._tokens.items()}
         for f in frontends:
-            token = self._tokens[f.spec.token_file][1]
+            token = tokens[f.spec.token_file]
             if f.admin.token != token and not f.busy:
                 old, f.admin = f.admin, Admin.from_url(f.spec.url, token, timeout=self.timeout)
                 old.close()

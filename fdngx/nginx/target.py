@@ -24,7 +24,7 @@ from fdngx.nginx import frontdoor, generation, keymap, openresty, shape
 from fdngx.nginx.apply import ApplyResult, safe_apply
 from fdngx.nginx.build import nginx_build
 from fdngx.nginx.control import NginxControl, find_nginx, prepare_prefix
-from fdngx.nginx.fanout import Fanout, FrontendSpec, PushOutcome, load_token
+from fdngx.nginx.fanout import Fanout, FrontendSpec, PushOutcome, TokenFile
 from fdngx.nginx.guards import check_replaceable, included_by, standalone_refusal
 from fdngx.nginx.render import RenderOptions, render
 from fdngx.nginx.shape import front_of
@@ -78,7 +78,7 @@ class Target:
     local: FrontendSpec | None = None  # controller mode with --out: this host's nginx, always pushed to
     force: bool = False  # replace an --out fdngx did not write
     # What files were as last read: "keys", the --api-keys-file (keyed_opts); "token", the admin token (push)
-    _seen: dict[str, tuple[object, Any]] = field(default_factory=dict, compare=False, repr=False)
+    _seen: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # what changed files were
 
     @property
     def pushing(self) -> bool:
@@ -178,28 +178,19 @@ class Target:
         return result
 
     def _renew_token(self) -> None:
-        """The admin token file, read again when it changed (a rotation: the frontend's nginx takes the new one
-        at its next reload). The sidecar read it once, at its start: after a rotation and a reload every push
-        got 403 until it was restarted. A file that cannot be read keeps the token in use, said once."""
+        """The admin token file, read again when it changed (fdngx.nginx.fanout.TokenFile). The sidecar read
+        it once, at its start: after a rotation and a reload every push got 403 until it was restarted."""
         path = Path(self.opts.admin_token_file) if self.opts.admin_token_file else None
         if path is None or not isinstance(self.admin, admin_client.Admin):
             return
-        seen, last = identity(path), self._seen.get("token")
-        if last is None or last[0] == seen:
-            self._seen["token"] = (seen, self.admin.token)
+        file = self._seen.get("token")
+        if not isinstance(file, TokenFile):
+            self._seen["token"] = TokenFile(path, self.admin.token)
             return
-        try:
-            token = load_token(path)  # what controller mode reads a rotated token with (fdngx.nginx.fanout)
-        except FdngxError as exc:
-            self._seen["token"] = (seen, last[1])
-            log.warning("%s: admin token not read again, pushing with the one in use: %s", path, exc)
-            return
-        self._seen["token"] = (seen, token)
-        if token and token != self.admin.token:
+        if (token := file.current()) != self.admin.token:
             old = self.admin
             object.__setattr__(self, "admin", admin_client.Admin(old.listen, token, old.timeout, old.path))
             old.close()
-            log.info("%s: admin token changed: pushing with the new one (nginx takes it at its next reload)", path)
 
     def push_all(self, inv: Inventory, states: Mapping[str, ServerState] | None,
                  samples: Mapping[str, LoadSample]) -> tuple[PushOutcome, ...]:

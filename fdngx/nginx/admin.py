@@ -10,6 +10,7 @@ in controller mode: fdngx.nginx.fanout).
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import secrets
 import socket
@@ -22,9 +23,9 @@ from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urlsplit
 
 from fdngx.domain import Listen, valid_host
-from fdngx.errors import ApplyError
+from fdngx.errors import ApplyError, FdngxError, UsageError
 from fdngx.nginx.generation import generation_in
-from fdngx.system.files import atomic_write, check_private, read_regular_file, real_target
+from fdngx.system.files import Identity, atomic_write, check_private, identity, read_regular_file, real_target
 
 if TYPE_CHECKING:
     import requests
@@ -258,3 +259,47 @@ def read_token(path: Path) -> str:
         raise ApplyError(f"{path}: the openresty admin token must be one word of printable ASCII (a line break, a "
                          "space or another character inside); write the one token alone in the file")
     return token
+
+
+log = logging.getLogger("fdngx.admin")
+_MIN_TOKEN = 16  # fdngx.balancer refuses a shorter one
+
+
+def load_token(path: Path) -> str:
+    """A push token: a private regular file of ours holding one word of at least 16 printable ASCII characters.
+    Raises FdngxError naming the file, never the token."""
+    check_private(path, "openresty admin token", secret=True)
+    token = read_token(path)
+    if len(token) < _MIN_TOKEN:
+        raise UsageError(f"{path}: the admin token is shorter than {_MIN_TOKEN} characters (the frontends refuse it)")
+    return token
+
+
+def _identity(path: Path) -> Identity | None:
+    return identity(path, follow_symlinks=False)
+
+
+class TokenFile:
+    """An admin token file and the token read from it, read again when the file changed (a rotation: a
+    frontend's nginx takes the new one at its next reload). A file that cannot be read then keeps the token in
+    use, said once, and is tried again at its next change (a rewrite in progress, a bad edit)."""
+
+    def __init__(self, path: Path, token: str | None = None) -> None:
+        self.path = path
+        self._seen = _identity(path)  # before the read: a change after it is seen at the next current()
+        self.token = load_token(path) if token is None else token
+
+    def current(self) -> str:
+        now = _identity(self.path)
+        if now == self._seen:
+            return self.token
+        self._seen = now
+        try:
+            token = load_token(self.path)
+        except FdngxError as exc:
+            log.warning("%s: admin token not read again, pushing with the one in use: %s", self.path, exc)
+            return self.token
+        if token != self.token:
+            log.info("%s: admin token changed: pushing with the new one", self.path)
+        self.token = token
+        return token

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fdngx.errors import ApplyError, FdngxError, UnsafeFileError, UsageError
-from fdngx.nginx.admin import Admin, parse_admin_url, read_token
+from fdngx.nginx.admin import Admin, TokenFile, parse_admin_url
 from fdngx.nginx.generation import PushState, say_change
-from fdngx.system.files import Identity, check_private, identity, read_regular_file
+from fdngx.system.files import read_regular_file
 
 log = logging.getLogger("fdngx.fanout")
 MAX_FRONTENDS = 1024
@@ -46,10 +46,8 @@ MAX_FRONTENDS = 1024
 # push; each cycle waits up to this long, and a wait past threading.TIMEOUT_MAX (~9.2e9 s) is an OverflowError.
 MIN_PUSH_TIMEOUT, MAX_PUSH_TIMEOUT = 0.05, 60.0
 MAX_PUSH_FILE = 1 << 20
-_MIN_TOKEN = 16  # fdngx.balancer refuses a shorter one
 ALL_STALE_S = 30.0  # every frontend refusing this controller's pushes as older for this long: said at WARNING
 NO_FRONTENDS = "no frontend to push to (the push file lists none?): nothing was pushed"
-_Identity = Identity | None  # a file's (dev, inode, size, mtime_ns); None: not there
 
 
 @dataclass(frozen=True)
@@ -87,46 +85,6 @@ class PushOutcome:
     def answered(self) -> bool:
         """The frontend took part: it took the snapshot or holds a newer one."""
         return self.accepted or self.status == "stale"
-
-
-def load_token(path: Path) -> str:
-    """A push token: a private regular file of ours holding one word of at least 16 printable ASCII characters.
-    Raises FdngxError naming the file, never the token."""
-    check_private(path, "openresty admin token", secret=True)
-    token = read_token(path)
-    if len(token) < _MIN_TOKEN:
-        raise UsageError(f"{path}: the admin token is shorter than {_MIN_TOKEN} characters (the frontends refuse it)")
-    return token
-
-
-def _identity(path: Path) -> _Identity:
-    return identity(path, follow_symlinks=False)
-
-
-class TokenFile:
-    """An admin token file and the token read from it, read again when the file changed (a rotation: a
-    frontend's nginx takes the new one at its next reload). A file that cannot be read then keeps the token in
-    use, said once, and is tried again at its next change (a rewrite in progress, a bad edit)."""
-
-    def __init__(self, path: Path, token: str | None = None) -> None:
-        self.path = path
-        self._seen = _identity(path)  # before the read: a change after it is seen at the next current()
-        self.token = load_token(path) if token is None else token
-
-    def current(self) -> str:
-        now = _identity(self.path)
-        if now == self._seen:
-            return self.token
-        self._seen = now
-        try:
-            token = load_token(self.path)
-        except FdngxError as exc:
-            log.warning("%s: admin token not read again, pushing with the one in use: %s", self.path, exc)
-            return self.token
-        if token != self.token:
-            log.info("%s: admin token changed: pushing with the new one", self.path)
-        self.token = token
-        return token
 
 
 def frontend_specs(urls: Iterable[str], token_file: Path | None, what: str = "--push-to",

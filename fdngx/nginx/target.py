@@ -21,10 +21,11 @@ from fdngx.errors import ApplyError, FdngxError, UsageError, os_error_line, show
 from fdngx.inventory import in_rotation
 from fdngx.nginx import admin as admin_client
 from fdngx.nginx import frontdoor, generation, keymap, openresty, shape
+from fdngx.nginx.admin import TokenFile
 from fdngx.nginx.apply import ApplyResult, safe_apply
 from fdngx.nginx.build import nginx_build
 from fdngx.nginx.control import NginxControl, find_nginx, prepare_prefix
-from fdngx.nginx.fanout import Fanout, FrontendSpec, PushOutcome, TokenFile
+from fdngx.nginx.fanout import Fanout, FrontendSpec, PushOutcome
 from fdngx.nginx.guards import check_replaceable, included_by, standalone_refusal
 from fdngx.nginx.render import RenderOptions, render
 from fdngx.nginx.shape import front_of
@@ -178,7 +179,7 @@ class Target:
         return result
 
     def _renew_token(self) -> None:
-        """The admin token file, read again when it changed (fdngx.nginx.fanout.TokenFile). The sidecar read
+        """The admin token file, read again when it changed (fdngx.nginx.admin.TokenFile). The sidecar read
         it once, at its start: after a rotation and a reload every push got 403 until it was restarted."""
         path = Path(self.opts.admin_token_file) if self.opts.admin_token_file else None
         if path is None or not isinstance(self.admin, admin_client.Admin):

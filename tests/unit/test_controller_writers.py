@@ -225,7 +225,7 @@ def test_a_rotated_admin_token_is_pushed_with_after_the_frontends_reload(tmp_pat
                                                                         caplog: pytest.LogCaptureFixture) -> None:
     """The per-frontend sidecar read its token once, at its start: after a rotation (and nginx's reload) every
     push got 403 until a restart. It reads the file again when it changes; a bad rewrite keeps the old one."""
-    caplog.set_level(logging.INFO, "fdngx")  # the token file is said by fdngx.nginx.fanout.TokenFile
+    caplog.set_level(logging.INFO, "fdngx")  # the token file is said by fdngx.nginx.admin.TokenFile
     path = token_file(tmp_path, text="old-token-0001-0123456789")
     target = Target(tmp_path / "upstream.conf", RenderOptions(flavor=Flavor.OPENRESTY, admin_token_file=str(path)),
                     None, False, Admin(Listen.parse("127.0.0.1:9"), "old-token-0001-0123456789"))

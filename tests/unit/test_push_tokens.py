@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from fdngx.errors import ApplyError, FdngxError
-from fdngx.nginx.admin import Admin, ensure_token, read_token
-from fdngx.nginx.fanout import Fanout, FrontendSpec, load_token
+from fdngx.nginx.admin import Admin, ensure_token, load_token, read_token
+from fdngx.nginx.fanout import Fanout, FrontendSpec
 from tests.support import token_file
 from tests.unit.test_push_deadline import FakeFrontend, Handler, frontends, good
 

@@ -42,6 +42,10 @@ class MetricNames:
     # More labels that tell copies apart in the backlog series only (`queued`, `queue_time`): SGLang's pipeline
     # stages each hold the whole waiting queue, while each runs only its own micro-batches (running adds up).
     backlog_one_per: tuple[str, ...] = ()
+    # Labels that split the request gauges (`running`, `queued`) into a total and its breakdown: SGLang with
+    # --enable-priority-scheduling exports each under priority="" (the total) and priority="<n>" (each class).
+    # The largest copy is the total: kept, the breakdown is not added to it.
+    gauge_one_per: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

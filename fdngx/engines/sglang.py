@@ -139,6 +139,10 @@ SPEC = EngineSpec(
         # and observes each wait once more; but running is len(self.running_batch.reqs) of the micro-batch
         # the stage is on (running_mbs[mb_id]), one share of the requests each: those add up.
         backlog_one_per=("pp_rank",),
+        # --enable-priority-scheduling adds a `priority` label: each request gauge's total under priority=""
+        # beside one series per priority class (observability/metrics_collector.py @ 016d8605,
+        # SchedulerMetricsCollector._log_gauge_queue_count): the total is counted, not total + breakdown.
+        gauge_one_per=("priority",),
     ),
     metrics_on_api_port=True,
     # http_server.py: /server_info; /get_server_info before it, now a deprecated alias that logs a WARNING

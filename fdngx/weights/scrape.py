@@ -103,7 +103,9 @@ def copies_rule(engine: EngineSpec, name: str) -> frozenset[str]:
     backlog_one_per for its backlog series); empty: every label set is its own count."""
     m = engine.metrics
     backlog = {*m.queued, *m.scheduler_queue, *(f"{n}_sum" for n in m.queue_time)}
-    return frozenset(m.one_per) | (frozenset(m.backlog_one_per) if name in backlog else frozenset())
+    gauges = {*m.running, *m.queued, *m.scheduler_queue}
+    return (frozenset(m.one_per) | (frozenset(m.backlog_one_per) if name in backlog else frozenset())
+            | (frozenset(m.gauge_one_per) if name in gauges else frozenset()))
 
 
 @functools.cache

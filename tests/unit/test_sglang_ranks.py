@@ -75,6 +75,19 @@ def test_dp_attention_without_the_flag_adds_up_both_dp_ranks() -> None:
     assert (got.running, got.queued) == (12.0, 4.0)
 
 
+def test_priority_scheduling_counts_the_total_not_total_plus_breakdown() -> None:
+    """--enable-priority-scheduling: each request gauge's total under priority="" beside one series per
+    priority class (11 running = 6 + 5, 4 waiting = 3 + 1). Before: 22 and 8, the replica starved as busy."""
+    text = (UPSTREAM / "sglang-metrics-priority.prom").read_text()
+    got = load(text)
+    assert (got.running, got.queued, got.kv_usage) == (11.0, 4.0, 0.43)
+    assert load_from_metrics(parse_metrics(forced_to_the_parser(text), NAMES), SGLANG) == got
+    # DP ranks still add up, each with its own total and breakdown
+    two = text + "".join(line.replace('tp_rank="0"', 'tp_rank="0",dp_rank="1"') + "\n"
+                         for line in text.splitlines() if line.startswith(("sglang:num_running", "sglang:num_queue")))
+    assert (load(two).running, load(two).queued) == (22.0, 8.0)
+
+
 def test_pipeline_stages_hold_one_queue_and_share_the_running() -> None:
     """--pp-size 2: each stage reports the whole waiting queue (4) and observes each wait, but only the
     micro-batch it is on as running (6 and 5). Before: 8 waiting and both stages' waits added up."""
@@ -126,8 +139,9 @@ def test_only_the_engines_that_say_so_fold_copies() -> None:
     folded = scrape._copies()
     assert folded and all(name.startswith("sglang:") for name in folded)
     ranks = frozenset({"tp_rank", "moe_ep_rank"})
-    assert set(folded.values()) == {ranks, ranks | {"pp_rank"}}
+    assert set(folded.values()) == {ranks, ranks | {"priority"}, ranks | {"pp_rank", "priority"}, ranks | {"pp_rank"}}
     assert {n for n, rule in folded.items() if "pp_rank" in rule} == {QUEUED, "sglang:queue_time_seconds_sum"}
+    assert {n for n, rule in folded.items() if "priority" in rule} == {RUNNING, QUEUED}  # gauges with a total
     vllm = spec("vllm")
     text = ('vllm:num_requests_running{engine="0",tp_rank="0"} 3\nvllm:num_requests_running{engine="0",tp_rank="1"} 3\n'
             'vllm:num_requests_waiting{engine="0"} 1\n')

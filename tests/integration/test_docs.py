@@ -38,6 +38,7 @@ FOREIGN_OPTIONS = {
     "--metrics-port", "--splitwise", "--router", "--max-num-seqs", "--port",  # FastDeploy's own flags
     "--all-cells", "--keep-logs", "--quick", "--scenario", "--frontend", "--reps",  # python -m bench.lb
     "--dp-size", "--enable-dp-attention", "--enable-metrics-for-all-schedulers", "--pp-size",  # SGLang (server_args.py)
+    "--enable-priority-scheduling",  # SGLang too
 }
 ROOT_DIRS = ("docs", "examples", "tests", "bench", "fdngx", "templates", "docker")
 REPO_PATH = re.compile(rf"(?:{'|'.join(ROOT_DIRS)})/[\w./-]+")

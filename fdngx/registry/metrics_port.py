@@ -73,8 +73,10 @@ class MetricsPorts:
         """(metrics port, source): the body's; else kept from before; else --registry-metrics-port; else
         /metrics on the API port, "api-port-suspect" (FastDeploy answers it from a forked web worker whose
         load gauges may read 0: one WARNING per instance); else none (one WARNING per instance). An
-        API-port source kept from before gives way to a rule that gives a port."""
-        if reg.metrics_port is not None:
+        API-port source kept from before gives way to a rule that gives a port. A body's metrics port equal to
+        its API port is no port of its own: FastDeploy's newer bodies send the API port when the instance has
+        no --metrics-port (config.py RouterConfig), which is the API-port case, not a trusted source."""
+        if reg.metrics_port is not None and reg.metrics_port != reg.port:
             return reg.metrics_port, "body"
         source = current.extra.get("metrics_source") if current is not None else None
         rule = settings.metrics_rule

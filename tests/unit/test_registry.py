@@ -155,6 +155,30 @@ def test_missing_or_zero_metrics_port_is_not_sent(tmp_path: Path, absent: dict[s
     assert (inst["metrics_port"], inst["metrics_source"]) == (8001, "api-port-suspect")
 
 
+DEVELOP = json.loads((Path(__file__).parent.parent / "fixtures/upstream/fastdeploy-register-body-develop.json")
+                     .read_text())  # an instance started without --metrics-port: metrics_port is its API port
+
+
+@pytest.mark.parametrize(("rule", "want"), [("+1000", (9180, "rule")), (None, (8180, "api-port-suspect"))])
+def test_a_metrics_port_equal_to_the_api_port_is_no_port_of_its_own(tmp_path: Path, rule: str | None,
+                                                                     want: tuple[int, str],
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """FastDeploy's newer body sends the API port as metrics_port when the instance has no --metrics-port
+    (config.py @ 0009064e RouterConfig): the same instance as a 2.x body without it. Before: trusted as
+    "body", past the --registry-metrics-port rule and past the api-port-suspect WARNING."""
+    env = Env(tmp_path, rule=rule)
+    env.probe.metrics_of[(H, 9180)] = env.probe.metrics_of[(H, 8180)] = None
+    with caplog.at_level(logging.WARNING, "fdngx.registry"):
+        assert env.reg.register({**DEVELOP, "host_ip": H}, H) == OK
+    [inst] = env.instances()
+    assert (inst["metrics_port"], inst["metrics_source"]) == want
+    assert ("api-port-suspect" in caplog.text) is (rule is None)
+    (tmp_path / "distinct").mkdir()
+    env = Env(tmp_path / "distinct", rule=rule)  # a metrics port of its own is still the body's word
+    assert env.reg.register({**DEVELOP, "host_ip": H, "metrics_port": 9999}, H) == OK
+    assert (env.instances()[0]["metrics_port"], env.instances()[0]["metrics_source"]) == (9999, "body")
+
+
 @pytest.mark.parametrize(("change", "needle"), [
     ({"port": "80a"}, "invalid port"), ({"port": 8001.5}, "invalid port"), ({"port": True}, "invalid port"),
     ({"port": 0}, "invalid port: 0"), ({"port": 70000}, "invalid port: 70000"), ({"port": None}, "port is required"),

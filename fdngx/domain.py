@@ -102,6 +102,15 @@ def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def canonical_hostport(text: str) -> str:
+    """`host:port` (as hostport writes it) in its canonical spelling (address_key); unparsable text as it is.
+    A state written before a spelling became canonical (`localhost` before it was 127.0.0.1) still matches."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        return text
+    return hostport(*address_key(host.removeprefix("[").removesuffix("]"), int(port)))
+
+
 @functools.lru_cache(maxsize=8192)
 def address_key(host: str, port: int) -> tuple[str, int]:
     """The canonical (host, port) of a server: one spelling per address (an IPv4-mapped IPv6 address is its

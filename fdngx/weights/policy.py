@@ -31,7 +31,7 @@ from collections.abc import Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
-from fdngx.domain import FailOpen, Inventory, LoadSample, address_key, hostport
+from fdngx.domain import FailOpen, Inventory, LoadSample, address_key, canonical_hostport, hostport
 from fdngx.weights.model import update_corrections
 from fdngx.weights.sample import describe, fold_health, fold_metrics
 from fdngx.weights.settings import PolicyConfig
@@ -142,7 +142,7 @@ def _ramp(st: InstanceState, now: float, config: PolicyConfig) -> tuple[float, i
 def _carried(st: InstanceState | None, address: str) -> InstanceState:
     """A replica's state this cycle: its last one, unless it has none or that was of another address (a
     replacement on a new port or host is another server: it starts as a new replica)."""
-    if st is None or st.address not in (None, address):
+    if st is None or (st.address not in (None, address) and canonical_hostport(st.address) != address):
         return InstanceState(address=address)
     return replace(st, address=address)
 

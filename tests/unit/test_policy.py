@@ -290,6 +290,12 @@ def test_a_name_at_another_address_starts_as_a_new_replica() -> None:
     same = Inventory([inv.instances[0], replace(inv.instances[1], host="::ffff:127.0.0.1")])
     d, kept = decide({"dp0": sample("dp0"), "dp1": sample("dp1")}, same, state, CFG, t)
     assert d.by_name()["dp1"].down and kept.instances["dp1"].address == "127.0.0.1:8001"
+    # A state written before a spelling became canonical (`localhost` is 127.0.0.1 since 2026-12-06) is still
+    # of the same server: an upgrade does not start the replica over.
+    spelled = PolicyState({**state.instances, "dp1": replace(state.instances["dp1"], address="localhost:8001")},
+                          state.reloads, state.updated_at, state.config)
+    d, kept = decide({"dp0": sample("dp0"), "dp1": sample("dp1")}, inv, spelled, CFG, t)
+    assert d.by_name()["dp1"].down and kept.instances["dp1"].address == "127.0.0.1:8001"
 
 
 def test_a_refused_replica_in_its_grace_says_when_it_goes_down() -> None:

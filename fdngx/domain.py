@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -100,6 +101,23 @@ def is_ip(host: str) -> bool:
 def hostport(host: str, port: int) -> str:
     """`host:port` as nginx and URLs want it: IPv6 literals in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@functools.lru_cache(maxsize=1024)
+def on_this_host(host: str) -> bool:
+    """Is `host` an address of this machine: `localhost`, a loopback or wildcard address, or one a socket can
+    bind here (no packet is sent). Other names are not looked up: False."""
+    if not is_ip(host):
+        return host.lower().rstrip(".") == "localhost"
+    ip = ipaddress.ip_address(address_key(host, 0)[0])
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    try:
+        with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET) as s:
+            s.bind((str(ip), 0))
+    except OSError:
+        return False
+    return True
 
 
 def canonical_hostport(text: str) -> str:

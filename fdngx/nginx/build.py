@@ -73,6 +73,12 @@ def prepare_prefix(prefix: Path) -> None:
         (prefix / sub).mkdir(parents=True, exist_ok=True)
 
 
+# nginx's variables named after the upstream (`$fdngx_<upstream>_request_id`, the OpenResty flavor's
+# `..._balancer_rid`) fit nginx's default variables_hash_bucket_size (64: names of at most 46 bytes on 64-bit
+# builds) up to this upstream length; a standalone config (its http {} is ours) sets 128 past it.
+HASH_SAFE_UPSTREAM = 46 - len("fdngx__balancer_rid")
+
+
 def nginx_message(text: str, keep_pid: bool = False) -> str:
     """nginx's own words ("[emerg] unknown directive ..."), without its 'nginx: ' prefixes, a log line's time
     and (unless `keep_pid`) its "PID#TID: ", and without the final 'test failed' line."""
@@ -83,7 +89,12 @@ def nginx_message(text: str, keep_pid: bool = False) -> str:
         m = _MESSAGE_HEAD.match(ln)  # every part optional: always matches
         level, pid = (m.group(1) or "", m.group(2) or "") if m else ("", "")
         words.append(level + (pid if keep_pid else "") + ln[m.end() if m else 0:])
-    return "; ".join(words) or "(no output)"
+    said = "; ".join(words) or "(no output)"
+    if "variables_hash_bucket_size" in said:
+        said += (" (fdngx names variables after the inventory's 'upstream', e.g. $fdngx_<upstream>_request_id: "
+                 "set variables_hash_bucket_size 128; in the http {} that includes this config, or use an "
+                 f"upstream name of at most {HASH_SAFE_UPSTREAM} characters)")
+    return said
 
 
 @dataclass(frozen=True)

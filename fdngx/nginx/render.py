@@ -35,10 +35,12 @@ from fdngx.domain import (
     hostport,
     is_ip,
     natural_key,
+    on_this_host,
 )
 from fdngx.errors import RenderError, UsageError
 from fdngx.inventory import all_drained
 from fdngx.nginx import frontdoor
+from fdngx.nginx.build import HASH_SAFE_UPSTREAM
 from fdngx.nginx.escape import EscapeError, lua_literal, nginx_arg, nginx_string
 from fdngx.nginx.frontdoor import LOOPBACK_ALLOW, admin_allow_list
 from fdngx.nginx.shape import front_of
@@ -255,6 +257,7 @@ def context(inv: Inventory, opts: RenderOptions, states: Mapping[str, ServerStat
     return {
         "version": __version__,
         "upstream": inv.upstream,
+        "long_upstream": len(inv.upstream) > HASH_SAFE_UPSTREAM,
         "servers": servers,
         # Shared-memory zone for least_conn/max_fails across workers: ~1 KiB a server is ample.
         "zone_kb": 256 + len(servers),
@@ -342,23 +345,11 @@ def check_renderable(inv: Inventory, opts: RenderOptions) -> None:
                 )
 
 
-# nginx's variables named after the upstream (`$fdngx_<upstream>_request_id`, the OpenResty flavor's
-# `..._balancer_rid`) must fit variables_hash_bucket_size 64: names of at most 46 bytes on 64-bit builds.
-_MAX_SERVED_UPSTREAM = {Flavor.NGINX: 46 - len("fdngx__request_id"), Flavor.OPENRESTY: 46 - len("fdngx__balancer_rid")}
-
-
 def _check_served_names(inv: Inventory, opts: RenderOptions) -> None:
-    """An upstream name too long for the variables named after it (site and standalone configs, and every
-    OpenResty one), a --listen on a replica's own address (nginx would proxy to itself)."""
-    most = _MAX_SERVED_UPSTREAM[opts.flavor]
+    """A --listen on a replica's own address (nginx would proxy to itself)."""
     served = opts.mode is not Mode.UPSTREAM
-    if (served or opts.flavor is Flavor.OPENRESTY) and len(inv.upstream) > most:
-        where = " + ".join(inv.sources) or "inventory"
-        raise RenderError(f"{where}: field 'upstream' {inv.upstream!r} is {len(inv.upstream)} characters; --mode "
-                          f"{opts.mode} ({opts.flavor} flavor) takes at most {most} (nginx's variables named after "
-                          "it must fit variables_hash_bucket_size 64)")
-    for inst in inv.instances if served else ():
-        if opts.listen.overlaps(Listen(inst.host, inst.port)):
+    for inst in inv.instances if served else ():  # a replica on another host may well use the same port
+        if on_this_host(inst.host) and opts.listen.overlaps(Listen(inst.host, inst.port)):
             raise RenderError(f"instance '{inst.name}' is at {hostport(inst.host, inst.port)}, where --listen "
                               f"{opts.listen} would have nginx take its port (and proxy to itself)")
 

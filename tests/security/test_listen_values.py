@@ -24,7 +24,8 @@ import requests
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from fdngx.errors import UsageError
+from fdngx.errors import ApplyError, UsageError
+from fdngx.nginx.control import NginxControl
 from fdngx.nginx.frontdoor import admin_allow_list
 from tests.security.conftest import scaled
 from tests.support import Site, fdngx, find_nginx, free_ports, prepare_prefix, write_inventory
@@ -116,7 +117,7 @@ def test_distinct_listen_and_admin_ports_still_render(tmp_path: Path) -> None:
         assert proc.returncode == 0, (extra, proc.stderr)
 
 
-@pytest.mark.parametrize("listen", ["127.0.0.1:{p}", "{p}", "localhost:{p}"])
+@pytest.mark.parametrize("listen", ["127.0.0.1:{p}", "{p}", "localhost:{p}", "*:{p}"])
 def test_listen_on_a_replicas_own_address_is_refused(tmp_path: Path, listen: str) -> None:
     """nginx -t accepts it; nginx then proxies to itself whenever it gets the port first."""
     inv = _inv(tmp_path, [("127.0.0.1", REPLICA + 1 if REPLICA < 65535 else 1), ("127.0.0.1", REPLICA)])
@@ -124,6 +125,17 @@ def test_listen_on_a_replicas_own_address_is_refused(tmp_path: Path, listen: str
     if listen.startswith("localhost"):  # a name: fdngx does not resolve --listen; nginx -t does
         return
     _refused(proc, "--listen", "'r1'", code=1)
+
+
+@pytest.mark.parametrize("listen", ["8000", "*:8000", "0.0.0.0:8000"])
+@pytest.mark.parametrize("host", ["192.0.2.11", "198.51.100.7", "gpu-node-1"])
+def test_a_replica_on_another_host_at_the_listen_port_is_rendered(tmp_path: Path, host: str, listen: str) -> None:
+    """The usual multi-node layout: every GPU node serves on 8000, and so does the front door (a review of the
+    check above: it refused every such fleet, and a running sidecar failed every cycle). Render only: nothing
+    connects to these addresses, and fdngx looks up no name."""
+    proc = fdngx("render", "-i", str(_inv(tmp_path, [(host, 8000)])), "--mode", "site", "--listen", listen,
+                 "--out", "-")
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.parametrize("value", ["255.255.255.255", "10.0.0.1,255.255.255.255", "fe80::1%eth0"])
@@ -181,29 +193,48 @@ def _nginx_t(conf: Path, *, lua: bool, standalone: bool) -> subprocess.Completed
 
 
 @pytest.mark.nginx
-@pytest.mark.parametrize("mode, flavor", [("site", "nginx"), ("standalone", "nginx"), ("site", "openresty"),
-                                          ("upstream", "openresty")])
-@pytest.mark.parametrize("length", [27, 28, 29, 30, 64])
-def test_an_upstream_name_is_accepted_only_where_nginx_takes_it(tmp_path: Path, mode: str, flavor: str,
-                                                              length: int) -> None:
-    """nginx's answer to a long one was 'could not build variables_hash, you should increase
-    variables_hash_bucket_size: 64', naming neither the inventory nor its field."""
+@pytest.mark.parametrize("flavor", ["nginx", "openresty"])
+@pytest.mark.parametrize("length", [27, 28, 30, 64])
+def test_a_standalone_config_takes_every_upstream_name_the_inventory_does(tmp_path: Path, flavor: str,
+                                                                          length: int) -> None:
+    """Its http {} is fdngx's: past 27 characters it sets variables_hash_bucket_size 128. Before: nginx -t said
+    'could not build variables_hash, you should increase variables_hash_bucket_size: 64'."""
     inv = _inv(tmp_path, [("127.0.0.1", REPLICA)], upstream="u" * length)
-    conf = tmp_path / ("nginx.conf" if mode == "standalone" else "site.conf")
+    conf = tmp_path / "nginx.conf"
+    proc = fdngx("render", "-i", str(inv), "--mode", "standalone", "--flavor", flavor, "--out", str(conf),
+                 "--admin-token-file", str(tmp_path / "tok"), "--rate-limit", "1r/s",
+                 "--listen", f"127.0.0.1:{free_ports(1)[0]}", "--admin-listen", f"127.0.0.1:{free_ports(1)[0]}")
+    assert proc.returncode == 0, proc.stderr
+    t = _nginx_t(conf, lua=flavor == "openresty", standalone=True)
+    assert t.returncode == 0, t.stderr[-600:]
+
+
+@pytest.mark.nginx
+@pytest.mark.parametrize("mode, flavor", [("site", "nginx"), ("site", "openresty"), ("upstream", "openresty")])
+def test_a_long_upstream_name_in_the_users_http_block_is_said_with_what_to_do(tmp_path: Path, mode: str,
+                                                                             flavor: str) -> None:
+    """A site or upstream config goes into the user's http {}, which may set variables_hash_bucket_size (then
+    any name works: an outside review of an up-front refusal of these, which broke running sidecars). With
+    nginx's default the test fails, and fdngx's error says which name and what to set."""
+    inv = _inv(tmp_path, [("127.0.0.1", REPLICA)], upstream="u" * 40)
+    conf = tmp_path / "site.conf"
     proc = fdngx("render", "-i", str(inv), "--mode", mode, "--flavor", flavor, "--out", str(conf),
                  "--admin-token-file", str(tmp_path / "tok"),
-                 *(["--rate-limit", "1r/s", "--listen", f"127.0.0.1:{free_ports(1)[0]}"] if mode != "upstream"
-                   else []))
-    if proc.returncode != 0:
-        _refused(proc, "'upstream'", "at most", code=1)
-        assert length > 27
-        return
+                 *(["--listen", f"127.0.0.1:{free_ports(1)[0]}"] if mode == "site" else []))
+    assert proc.returncode == 0, proc.stderr
     if mode == "upstream":
         wrapped = tmp_path / "server.conf"
         wrapped.write_text(f"include {conf};\n")
         conf = wrapped
-    t = _nginx_t(conf, lua=flavor == "openresty", standalone=mode == "standalone")
-    assert t.returncode == 0, t.stderr[-600:]
+    prefix = conf.parent / "p"
+    t = _nginx_t(conf, lua=flavor == "openresty", standalone=False)
+    assert t.returncode != 0 and "variables_hash_bucket_size" in t.stderr
+    with pytest.raises(ApplyError) as err:
+        NginxControl(find_nginx(), prefix / "main.conf", prefix).test()
+    assert "the inventory's 'upstream'" in str(err.value) and "variables_hash_bucket_size 128;" in str(err.value)
+    main = prefix / "main.conf"
+    main.write_text(main.read_text().replace("http {", "http { variables_hash_bucket_size 128;"))
+    NginxControl(find_nginx(), main, prefix).test()  # the user's http {} set it: nginx takes the name
 
 
 # -- --admin-allow against the real nginx ----------------------------------------------------------------------

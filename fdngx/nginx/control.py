@@ -47,7 +47,7 @@ __all__ = ["MasterLog", "NginxControl", "NginxNotRunning", "ReloadError", "find_
 # nginx retries a failed bind() five times, 500 ms apart, before it gives up on a new config: a master quiet
 # for longer than this has stopped retrying.
 SETTLE_QUIET = 1.0
-REFUSED = "was unreachable (ConnectionError)"  # what _answer says of a refused connection (no timeout)
+REFUSED = "refused the connection"  # what _answer says when nothing listens (not a reset: a busy worker)
 _HEX = re.compile(r"[0-9a-f]{1,64}")
 
 
@@ -259,7 +259,8 @@ class NginxControl:
         self._signal_reload(master)
         deadline = time.monotonic() + self.timeout
         new_workers = retired = False
-        other_since: float | None = None  # since when only new workers listen and the verify URL answers another
+        # since when only new workers listen and the verify URL gives one final other answer (the same, each time)
+        other_since, other = 0.0, ""
         while time.monotonic() < deadline:
             new_workers = new_workers or bool(procs.children(master) - before)
             retired = new_workers and _old_workers_retired(before)
@@ -267,16 +268,17 @@ class NginxControl:
                 served, answer = self._answer() if self.verify_url and expect_generation else (expect_generation, "")
                 if served == expect_generation:
                     return time.monotonic() - t0
-                if answer.startswith("answered") or answer == REFUSED:
+                final = answer.startswith("answered") or answer == REFUSED
+                if not final or answer != other:  # a timeout or a reset (a busy worker) decides nothing
+                    other_since, other = time.monotonic(), answer if final else ""
+                elif time.monotonic() - other_since >= SETTLE_QUIET:
                     # Only the new config's workers listen now: another answer there will not change (another
                     # server block has that address), nor will a refusal (nothing the new config opened listens
                     # there: a --listen address this host cannot be reached at). Not waiting out the timeout,
                     # with the front door perhaps dark meanwhile: the apply rolls back at once.
-                    other_since = time.monotonic() if other_since is None else other_since
-                    if time.monotonic() - other_since >= SETTLE_QUIET:
-                        seen = self._timeout_story(new_workers, retired, expect_generation)
-                        raise ReloadError(f"nginx reloaded, but the new config does not answer at its --listen "
-                                          f"address: {seen}", True)
+                    seen = self._timeout_story(new_workers, retired, expect_generation)
+                    raise ReloadError(f"nginx reloaded, but the new config does not answer at its --listen "
+                                      f"address: {seen}", True)
             log.read()
             if not procs.alive(master):
                 raise ReloadError(f"nginx master {master} exited during the reload {log.error()}".strip(), True)
@@ -342,9 +344,26 @@ class NginxControl:
                 with session.get(self.verify_url, timeout=2, stream=True) as resp:
                     body = next(resp.iter_content(4096), b"").decode("utf-8", "replace").strip()
         except requests.RequestException as exc:
-            return None, f"was unreachable ({type(exc).__name__})"  # REFUSED: a plain ConnectionError
+            return None, REFUSED if _refused(exc) else f"was unreachable ({type(exc).__name__})"
         if resp.status_code != 200:
             return None, f"answered HTTP {resp.status_code}"
         if _HEX.fullmatch(body):
             return body, f"answered generation {body}"
         return body, f"answered HTTP 200 with {body[:40]!r}"
+
+
+def _refused(exc: BaseException) -> bool:
+    """Was the connection refused (ECONNREFUSED: nothing listens), somewhere in what requests wraps (its
+    ConnectionError, urllib3's MaxRetryError.reason, NewConnectionError's cause)? A reset or a close without
+    an answer (a worker out of connections) is not."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ConnectionRefusedError):
+            return True
+        todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+    return False

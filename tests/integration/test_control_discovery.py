@@ -184,7 +184,7 @@ def test_a_listen_nothing_answers_at_is_said_once_only_new_workers_run_not_after
     port, nobody = free_ports(2)
     prefix, conf = _site(tmp_path, _server(port))
     with _verified_reload(prefix, conf, nobody) as (_, text):
-        assert "was unreachable (ConnectionError)" in text and "nothing listens there now: check --listen" in text
+        assert "refused the connection" in text and "nothing listens there now: check --listen" in text
 
 
 def test_nginx_t_lists_the_files_nginx_read_and_speaks_without_its_log_prefix(tmp_path: Path) -> None:

@@ -3,17 +3,20 @@ behind a pid file when the wall clock moved (decoys are `sleep` processes this t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from fdngx.nginx.control import MasterLog, NginxControl
+from fdngx.nginx.control import REFUSED, MasterLog, NginxControl
 from fdngx.system import procs
-from tests.support import stop_process_group, wait_for
+from tests.support import free_ports, stop_process_group, wait_for
 
 MASTER = 4242
 
@@ -158,3 +161,32 @@ def test_a_taken_listen_address_is_named_not_only_still_could_not_bind(tmp_path:
     want = (f"[emerg] {MASTER}#{MASTER}: bind() to 127.0.0.1:28001 failed (98: Address already in use); "
             f"[emerg] {MASTER}#{MASTER}: still could not bind()")
     assert log.refusal() == want and log.error() == want, log.refusal()
+
+
+def test_only_a_refused_connection_reads_as_nothing_listening() -> None:
+    """A worker out of connections (worker_connections) accepts and closes at once: a busy front door, which the
+    reload check read as 'nothing listens' and rolled back after a second (a review: the reload was correct
+    and confirmed 6 s later on the old code). Only ECONNREFUSED is REFUSED."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    srv.settimeout(0.1)
+    stop = threading.Event()
+
+    def drop() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                srv.accept()[0].close()
+
+    t = threading.Thread(target=drop, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{srv.getsockname()[1]}/fdngx/generation"
+        _, said = NginxControl("nginx", verify_url=url)._answer()
+        assert said != REFUSED and said.startswith("was unreachable"), said
+    finally:
+        stop.set()
+        t.join(5)
+        srv.close()
+    nobody = free_ports(1)[0]
+    assert NginxControl("nginx", verify_url=f"http://127.0.0.1:{nobody}/x")._answer() == (None, REFUSED)

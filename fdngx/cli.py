@@ -113,9 +113,9 @@ def _root(
     _note_sources(ctx, config)
 
 
-# Where the running command's options set outside the command line came from ({"--listen": "FILE, key
-# 'listen'"}): a refused value is then said with its file or variable (main), not as if typed.
-_SOURCES: dict[str, str] = {}
+# Where the running command's options set outside the command line came from ({"--listen": ("FILE, key
+# 'listen'", its flags)}): a refused value is then said with its file or variable (main), not as if typed.
+_SOURCES: dict[str, tuple[str, list[str]]] = {}
 
 
 def _note_sources(ctx: typer.Context, config: Path | None) -> None:
@@ -126,17 +126,20 @@ def _note_sources(ctx: typer.Context, config: Path | None) -> None:
     from_file = (ctx.default_map or {}).get(running, {}) if config is not None else {}
     for key, param in settings_of(command).items():
         variables = [v for v in env_names(running, key) if os.environ.get(v)]
+        flags = [*param.opts, *param.secondary_opts]
         if variables:
-            _SOURCES[f"--{key}"] = variables[0]
+            _SOURCES[f"--{key}"] = variables[0], flags
         elif param.name in from_file:
-            _SOURCES[f"--{key}"] = f"{Path(config).absolute()}, key '{key}'"  # type: ignore[arg-type]
+            _SOURCES[f"--{key}"] = f"{Path(config).absolute()}, key '{key}'", flags  # type: ignore[arg-type]
 
 
 def _sourced(message: str) -> str:
     """`message` with where its option's value came from, when not from the command line."""
-    flag = message.split(" ", 1)[0].rstrip(":")
-    typed = any(a == flag or a.startswith(flag + "=") for a in sys.argv[1:])
-    return f"{message} (from {_SOURCES[flag]})" if flag in _SOURCES and not typed else message
+    where, flags = _SOURCES.get(message.split(" ", 1)[0].rstrip(":"), ("", []))
+    # typed in any spelling: --out, --out=X, -o X, -oX
+    typed = any(a == f or a.startswith(f + "=") or (len(f) == 2 and a.startswith(f)) for a in sys.argv[1:]
+                for f in flags)
+    return f"{message} (from {where})" if where and not typed else message
 
 
 def _defaulted(ctx: typer.Context, name: str) -> bool:

@@ -202,3 +202,18 @@ def test_a_refused_value_names_the_file_or_variable_it_came_from(tmp_path: Path,
     typed = fdngx("--config", str(toml), "render", "-i", str(inv), "--mode", "site", "--out", "-",
                   "--listen", bad, env=env)
     assert typed.returncode == 2 and "(from" not in typed.stderr, typed.stderr
+
+
+@pytest.mark.parametrize("typed", [["-o", "{bad}"], ["-o{bad}"], ["--out={bad}"]])
+def test_a_refused_value_typed_with_a_short_flag_is_not_said_as_the_files(tmp_path: Path, typed: list[str]) -> None:
+    """The settings file sets `out` too; the run's own `-o` won and was refused: said as typed, not '(from
+    FILE, key 'out')' (a review of the line above)."""
+    inv = inventory(tmp_path / "inv.json", 18001)
+    (tmp_path / "sp ace").mkdir()
+    bad = str(tmp_path / "sp ace" / "site.conf")
+    toml = tmp_path / "fdngx.toml"
+    toml.write_text(f'[render]\nout = "{tmp_path / "good.conf"}"\n')
+    proc = fdngx("--config", str(toml), "render", "-i", str(inv), "--mode", "site", "--flavor", "openresty",
+                 *(t.format(bad=bad) for t in typed))
+    assert proc.returncode == 2 and "--out" in proc.stderr and "names the files it keeps" in proc.stderr, proc.stderr
+    assert "(from" not in proc.stderr, proc.stderr

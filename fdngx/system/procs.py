@@ -33,8 +33,11 @@ except OSError:  # not glibc/Linux: the safety nets below are skipped, the group
 def _stat(pid: int) -> list[str] | None:
     """Fields of /proc/<pid>/stat after the command name (which may contain spaces and parentheses)."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError, OSError):
+        # open(), not Path(): a reload scans every process on the host, and pathlib interns each path part
+        # (a soak review saw CPython's interned-string table grow and be rebuilt in ~1.9 MB steps)
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read().decode("utf-8", "replace")
+    except OSError:  # gone (FileNotFoundError, ProcessLookupError), not ours to read (PermissionError)
         return None
     return raw[raw.rfind(")") + 2 :].split()
 

@@ -229,9 +229,10 @@ end
 -- `addr`, `port`: where the evidence came from (a probe, or a request: it may be older than a push); a peer
 -- that has moved since gets no record from its old address.
 function M.mark(pool, name, event, now, addr, port)
-    -- A peer a push removed meanwhile gets no record: re-added later, it starts fresh. Asked of the snapshot
-    -- in force, not of this worker's copy from before the push (a probe takes up to 1.5 s). `gen` first: a push
-    -- that lands after it is seen below.
+    -- A peer a push removed meanwhile gets no record: re-added later, it starts fresh (a result that ends after
+    -- the re-add, from the same address, is that server's own and counts). Asked of the snapshot in force, not
+    -- of this worker's copy from before the push (a probe takes up to 1.5 s). `gen` first: a push that lands
+    -- after it is seen below.
     local dict = pool.dict
     local gen = dict:get("gen")
     -- a push whose `gen` is set and whose `ver` is not yet: its snapshot is already in the dict (set first)

@@ -79,6 +79,13 @@ def prepare_prefix(prefix: Path) -> None:
 HASH_SAFE_UPSTREAM = 46 - len("fdngx__balancer_rid")
 
 
+def stderr_log_ok(version: str) -> bool:
+    """Does this build take `-e stderr` (nginx 1.19.5 and later; OpenResty's version starts with its nginx's)?
+    Unknown: no."""
+    m = re.match(r"(?:nginx|openresty)/(\d+)\.(\d+)\.(\d+)", version)
+    return m is not None and tuple(map(int, m.groups())) >= (1, 19, 5)
+
+
 def nginx_message(text: str, keep_pid: bool = False) -> str:
     """nginx's own words ("[emerg] unknown directive ..."), without its 'nginx: ' prefixes, a log line's time
     and (unless `keep_pid`) its "PID#TID: ", and without the final 'test failed' line."""

@@ -19,11 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 from fdngx.errors import ApplyError
 from fdngx.nginx.control import NginxControl, ReloadError, find_nginx
 from fdngx.system import procs
-from tests.support import free_ports, stop_process_group, wait_for
+from tests.support import Site, fdngx, free_ports, stop_process_group, wait_for
 
 pytestmark = pytest.mark.nginx
 
@@ -204,3 +205,17 @@ def test_nginx_t_lists_the_files_nginx_read_and_speaks_without_its_log_prefix(tm
     text = str(err.value)
     assert text.startswith('nginx -t failed: [emerg] unknown directive "bogus_directive"'), text
     assert not re.search(r"\d{4}/\d\d/\d\d|\d+#\d+:", text), text
+
+
+@pytest.mark.nginx
+def test_a_refused_candidate_leaves_no_emerg_line_in_the_live_error_log(site: Site) -> None:
+    """nginx -t of a candidate wrote its [emerg] lines into the running nginx's error log too (-e): log alerts
+    went off for a run that changed nothing (an outside review). Now they reach stderr only, where fdngx reads
+    them and says them."""
+    live_log = site.conf.parent / "logs" / "error.log"
+    before = live_log.read_text() if live_log.exists() else ""
+    proc = fdngx("render", *site.args, "--access-log", "/nonexistent-fdngx-dir/access.log", "--reload")
+    assert proc.returncode == 1 and "No such file or directory" in proc.stderr, proc.stderr
+    after = live_log.read_text() if live_log.exists() else ""
+    assert "[emerg]" not in after[len(before):], after[len(before):]
+    assert requests.get(f"{site.url}/health", timeout=5).status_code == 200

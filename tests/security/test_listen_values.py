@@ -24,9 +24,11 @@ import requests
 from hypothesis import event, given
 from hypothesis import strategies as st
 
+from fdngx.domain import Flavor, Instance, Inventory, Mode
 from fdngx.errors import ApplyError, UsageError
 from fdngx.nginx.control import NginxControl
 from fdngx.nginx.frontdoor import admin_allow_list
+from fdngx.nginx.render import RenderOptions, render
 from tests.security.conftest import scaled
 from tests.support import Site, fdngx, find_nginx, free_ports, prepare_prefix, write_inventory
 
@@ -249,7 +251,7 @@ def _networks() -> st.SearchStrategy[str]:
 
 @pytest.mark.nginx
 @given(value=_networks())
-@scaled(30)
+@scaled(60)
 def test_an_admin_allow_value_fdngx_accepts_is_one_nginx_accepts(value: str) -> None:
     try:
         admin_allow_list(value)
@@ -260,12 +262,12 @@ def test_an_admin_allow_value_fdngx_accepts_is_one_nginx_accepts(value: str) -> 
     event("accepted by both")
     with tempfile.TemporaryDirectory(prefix="fdngx-allow-") as tmp:
         base = Path(tmp)
-        inv = _inv(base, [("127.0.0.1", REPLICA)])
         conf = base / "site.conf"
-        proc = fdngx("render", "-i", str(inv), "--mode", "site", "--flavor", "openresty", "--admin-allow", value,
-                     "--admin-listen", f"127.0.0.1:{free_ports(1)[0]}", "--listen",
-                     f"127.0.0.1:{free_ports(1)[0]}", "--admin-token-file", str(base / "tok"), "--out", str(conf))
-        assert proc.returncode == 0, proc.stderr
+        listen, admin = free_ports(2)
+        opts = RenderOptions(mode=Mode.SITE, flavor=Flavor.OPENRESTY, admin_allow=value,  # type: ignore[arg-type]
+                             listen=f"127.0.0.1:{listen}", admin_listen=f"127.0.0.1:{admin}",  # type: ignore[arg-type]
+                             admin_token_file=str(base / "tok"), peers_file=str(base / "peers")).validated()
+        conf.write_text(render(Inventory([Instance("dp0", "127.0.0.1", REPLICA, REPLICA)]), opts))
         t = _nginx_t(conf, lua=True, standalone=False)
     assert t.returncode == 0, f"fdngx accepted --admin-allow {value!r}, nginx -t refused it: {t.stderr[-400:]}"
 

@@ -1,3 +1,3 @@
 """fdngx: nginx in front of data-parallel LLM servers, weighted by their real load."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

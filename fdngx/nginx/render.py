@@ -323,7 +323,7 @@ def check_renderable(inv: Inventory, opts: RenderOptions) -> None:
                           "with --registry-listen renders an empty fleet, which answers 503 until one registers)")
     if (drained := all_drained(inv)) is not None:
         raise RenderError(drained)
-    _check_served_names(inv, opts)
+    _check_listen_not_a_replica(inv, opts)
     for inst in inv.instances:
         if inst.role is not Role.MIXED:
             raise RenderError(
@@ -345,7 +345,7 @@ def check_renderable(inv: Inventory, opts: RenderOptions) -> None:
                 )
 
 
-def _check_served_names(inv: Inventory, opts: RenderOptions) -> None:
+def _check_listen_not_a_replica(inv: Inventory, opts: RenderOptions) -> None:
     """A --listen on a replica's own address (nginx would proxy to itself)."""
     served = opts.mode is not Mode.UPSTREAM
     for inst in inv.instances if served else ():  # a replica on another host may well use the same port

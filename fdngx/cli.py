@@ -114,8 +114,10 @@ def _root(
 
 
 # Where the running command's options set outside the command line came from ({"--listen": ("FILE, key
-# 'listen'", its flags)}): a refused value is then said with its file or variable (main), not as if typed.
-_SOURCES: dict[str, tuple[str, list[str]]] = {}
+# 'listen'", its parameter name)}): a refused value is then said with its file or variable (main), not as if
+# typed; and the running command, to ask click what the command line gave.
+_SOURCES: dict[str, tuple[str, str]] = {}
+_RUNNING: list[tuple[str, Any]] = []
 
 
 def _note_sources(ctx: typer.Context, config: Path | None) -> None:
@@ -124,22 +126,39 @@ def _note_sources(ctx: typer.Context, config: Path | None) -> None:
     if command is None:
         return
     from_file = (ctx.default_map or {}).get(running, {}) if config is not None else {}
+    _RUNNING[:] = [(running, command)]
     for key, param in settings_of(command).items():
         variables = [v for v in env_names(running, key) if os.environ.get(v)]
-        flags = [*param.opts, *param.secondary_opts]
         if variables:
-            _SOURCES[f"--{key}"] = variables[0], flags
+            _SOURCES[f"--{key}"] = variables[0], str(param.name)
         elif param.name in from_file:
-            _SOURCES[f"--{key}"] = f"{Path(config).absolute()}, key '{key}'", flags  # type: ignore[arg-type]
+            _SOURCES[f"--{key}"] = f"{Path(config).absolute()}, key '{key}'", str(param.name)  # type: ignore[arg-type]
 
 
 def _sourced(message: str) -> str:
     """`message` with where its option's value came from, when not from the command line."""
-    where, flags = _SOURCES.get(message.split(" ", 1)[0].rstrip(":"), ("", []))
-    # typed in any spelling: --out, --out=X, -o X, -oX
-    typed = any(a == f or a.startswith(f + "=") or (len(f) == 2 and a.startswith(f)) for a in sys.argv[1:]
-                for f in flags)
-    return f"{message} (from {where})" if where and not typed else message
+    where, name = _SOURCES.get(message.split(" ", 1)[0].rstrip(":"), ("", ""))
+    return f"{message} (from {where})" if where and not _typed(name) else message
+
+
+def _typed(name: str) -> bool:
+    """Did the command line give parameter `name` of the running command, in any spelling (`--out X`,
+    `--out=X`, `-o X`, `-qoX`)? click's own parser says, run again on the command's words (no callbacks)."""
+    if not _RUNNING:
+        return False
+    running, command = _RUNNING[0]
+    words = iter(sys.argv[1:])
+    for word in words:  # past fdngx's own options, to the command's name (as modules_for)
+        if word in _ROOT_VALUED:
+            next(words, None)
+        elif word == running:
+            break
+    try:
+        ctx = command.make_context(running, list(words), resilient_parsing=True)
+    except Exception:
+        return True
+    source = ctx.get_parameter_source(name)  # typer's own click: its enum, compared by name
+    return source is not None and source.name == "COMMANDLINE"
 
 
 def _defaulted(ctx: typer.Context, name: str) -> bool:

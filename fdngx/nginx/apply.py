@@ -153,7 +153,9 @@ def _test_candidate(candidate: Path, control: NginxControl, standalone: bool, wr
         try:
             wrapper.write_text(
                 f"{wrapper_head}pid {pid};\nerror_log stderr;\nevents {{}}\n"
-                f"http {{\n    include {include};\n}}\n"
+                # the user's http {} may set a bigger variables hash for a long upstream name: so does this
+                # one (fdngx.nginx.build.HASH_SAFE_UPSTREAM); the full nginx -t after the swap judges theirs
+                f"http {{\n    variables_hash_bucket_size 128;\n    include {include};\n}}\n"
             )
         except OSError as exc:  # a full /tmp: the error names no file
             raise ApplyError(f"cannot write the test wrapper config {wrapper}: {exc.strerror or exc}; nothing "

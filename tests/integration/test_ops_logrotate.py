@@ -3,18 +3,17 @@ fdngx/launch/run.py) are rotated without a restart, and the writer goes on into 
 
 from __future__ import annotations
 
-import contextlib
-import stat
+import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
 from pathlib import Path
 
 import pytest
 import requests
 
 from tests.integration.test_ops import run, tool
-from tests.support import REPO, Site, wait_for
+from tests.support import REPO, Backends, Site, wait_for
 
 EXAMPLE = REPO / "examples" / "logrotate" / "fdngx"
 
@@ -62,26 +61,21 @@ def _standalone_stanza() -> str:
 
 
 @pytest.mark.nginx
-def test_the_documented_stanza_rotates_a_standalone_nginxs_logs_and_nginx_reopens_them(site: Site) -> None:
+def test_the_documented_stanza_rotates_a_standalone_nginxs_logs_and_nginx_reopens_them(two_backends: Backends) -> None:
     """A standalone nginx logs under its prefix, which nothing rotated (a soak review: ~17 MB a day at one request
-    a second). The documented stanza with the real logrotate: the log is rotated and nginx writes a new one."""
-    prefix = site.conf.parent
-    with _traversable(prefix):  # nginx's workers (nobody) reopen the log: its directory must be reachable
-        _rotate_and_reopen(site, prefix)
-
-
-@contextlib.contextmanager
-def _traversable(path: Path) -> Iterator[None]:
-    """o+x on `path` and its parents for the test (pytest's temp root is 0700), their modes put back after."""
-    dirs = [d for d in (path, *path.parents) if d != Path("/")]
-    modes = {d: m for d in dirs if not (m := stat.S_IMODE(d.stat().st_mode)) & stat.S_IXOTH}
+    a second). The documented stanza with the real logrotate: the log is rotated and nginx writes a new one.
+    Its own directory under /tmp, mode 0755: nginx's workers (nobody) reopen the log there, and pytest's temp
+    root is 0700 (changing that for one test raced other pytest runs)."""
+    base = Path(tempfile.mkdtemp(prefix="fdngx-logrotate-", dir="/tmp"))
     try:
-        for d, mode in modes.items():
-            d.chmod(mode | stat.S_IXOTH)
-        yield
+        base.chmod(0o755)
+        site = Site(base, two_backends, [1, 3])
+        try:
+            _rotate_and_reopen(site, site.conf.parent)
+        finally:
+            site.nginx.stop()
     finally:
-        for d, mode in modes.items():
-            d.chmod(mode)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _rotate_and_reopen(site: Site, prefix: Path) -> None:

@@ -217,3 +217,20 @@ def test_a_refused_value_typed_with_a_short_flag_is_not_said_as_the_files(tmp_pa
                  *(t.format(bad=bad) for t in typed))
     assert proc.returncode == 2 and "--out" in proc.stderr and "names the files it keeps" in proc.stderr, proc.stderr
     assert "(from" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(("typed", "from_file"), [
+    (["-qo", "{bad}"], False),  # combined short flags: typed
+    (["--access-log", "-ops.log"], True),  # another value starting with -o: the file's `out` was refused
+])
+def test_click_says_what_was_typed_not_a_match_on_argv(tmp_path: Path, typed: list[str], from_file: bool) -> None:
+    """A review of the argv matching: `-qo X` read as the file's, and `--access-log -ops.log` as typing -o."""
+    inv = inventory(tmp_path / "inv.json", 18001)
+    (tmp_path / "sp ace").mkdir()
+    bad = str(tmp_path / "sp ace" / "site.conf")
+    toml = tmp_path / "fdngx.toml"
+    toml.write_text(f'[render]\nout = "{bad if from_file else tmp_path / "good.conf"}"\n')
+    proc = fdngx("--config", str(toml), "render", "-i", str(inv), "--mode", "site", "--flavor", "openresty",
+                 *(t.format(bad=bad) for t in typed))
+    assert proc.returncode == 2 and "names the files it keeps" in proc.stderr, proc.stderr
+    assert (f"(from {toml}, key 'out')" in proc.stderr) is from_file, proc.stderr

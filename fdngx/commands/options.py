@@ -38,7 +38,10 @@ FlavorOpt = typer.Option(
     "safe reload). openresty (recommended for production): a Lua balancer whose weights, health and members "
     "the sidecar (or cron) pushes into nginx's shared memory, never a reload.",
 )
-ListenOpt = typer.Option("127.0.0.1:8080", help="site/standalone: ADDR:PORT (or PORT) nginx listens on.")
+ListenOpt = typer.Option(
+    "127.0.0.1:8080", help="site/standalone: ADDR:PORT (or PORT) nginx listens on: an address of this host "
+    "(not multicast, broadcast or IPv4-mapped), not the address of a replica on this host."
+)
 PrefixOpt = typer.Option(
     None, help="nginx prefix (-p). standalone: pid, logs and temp files go here (default: --out's directory)."
 )
@@ -70,7 +73,8 @@ FailTimeoutOpt = typer.Option(
     "again, so how soon a restarted one is used (nginx counts whole seconds: 1 means 1-2 s); 1..86400.")
 KeepaliveOpt = typer.Option(64, help="Idle keepalive connections to the replicas per worker, 0..65535 (0: off).")
 AdminListenOpt = typer.Option(
-    "127.0.0.1:9401", help="openresty: ADDR:PORT of the loopback admin server that takes weight pushes."
+    "127.0.0.1:9401", help="openresty: ADDR:PORT of the loopback admin server that takes weight pushes; a port "
+    "of its own (not --listen's)."
 )
 AdminAllowOpt = typer.Option(
     "loopback", help="openresty: who may reach the admin server (nginx `allow`, all else denied): IP addresses or "
@@ -96,7 +100,8 @@ SpeedAwareOpt = typer.Option(
 )
 AccessLogOpt = typer.Option(
     None, help="site/standalone access log path or 'off' (default: logs/access.log under the prefix for "
-    "standalone, /var/log/nginx/<upstream>.access.log for site); a plain path of at most 1024 bytes."
+    "standalone, /var/log/nginx/<upstream>.access.log for site); a plain file path of at most 1024 bytes (no "
+    "syslog: targets)."
 )
 
 # -- the front door (site/standalone): fdngx.nginx.frontdoor --

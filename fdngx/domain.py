@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-import socket
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -101,24 +100,6 @@ def is_ip(host: str) -> bool:
 def hostport(host: str, port: int) -> str:
     """`host:port` as nginx and URLs want it: IPv6 literals in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def on_this_host(host: str) -> bool:
-    """Is `host` an address of this machine: `localhost`, a loopback or wildcard address, or one the routing
-    table says is local (a UDP socket `connect()`ed to it takes it as its own source address; nothing is
-    sent). Not a bind() test: with ip_nonlocal_bind=1 (VRRP front doors) any address binds. Asked each time
-    (addresses come and go under a long-running sidecar). Other names are not looked up: False."""
-    if not is_ip(host):
-        return host.lower().rstrip(".") == "localhost"
-    ip = ipaddress.ip_address(address_key(host, 0)[0])
-    if ip.is_loopback or ip.is_unspecified:
-        return True
-    try:
-        with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((str(ip), 9))
-            return ipaddress.ip_address(s.getsockname()[0]) == ip
-    except (OSError, ValueError):
-        return False
 
 
 def canonical_hostport(text: str) -> str:

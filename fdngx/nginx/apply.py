@@ -155,12 +155,21 @@ def _test_candidate(candidate: Path, control: NginxControl, standalone: bool, wr
                 f"{wrapper_head}pid {pid};\nerror_log stderr;\nevents {{}}\n"
                 # the user's http {} may set a bigger variables hash for a long upstream name: so does this
                 # one (fdngx.nginx.build.HASH_SAFE_UPSTREAM); the full nginx -t after the swap judges theirs
-                f"http {{\n    variables_hash_bucket_size 128;\n    include {include};\n}}\n"
+                f"http {{\n{_bucket(candidate)}    include {include};\n}}\n"
             )
         except OSError as exc:  # a full /tmp: the error names no file
             raise ApplyError(f"cannot write the test wrapper config {wrapper}: {exc.strerror or exc}; nothing "
                              "was applied") from None
         control.test(conf=wrapper, prefix=Path(tmp), what="nginx -t (candidate in a test wrapper)")
+
+
+def _bucket(candidate: Path) -> str:
+    """The wrapper's variables hash line: none when the candidate sets its own (a --template-dir site)."""
+    try:
+        own = b"variables_hash_bucket_size" in candidate.read_bytes()
+    except OSError:
+        own = False
+    return "" if own else "    variables_hash_bucket_size 128;\n"
 
 
 def _write_candidate(target: Path, content: bytes, like: Path) -> Path:

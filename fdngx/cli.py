@@ -143,7 +143,8 @@ def _sourced(message: str) -> str:
 
 def _typed(name: str) -> bool:
     """Did the command line give parameter `name` of the running command, in any spelling (`--out X`,
-    `--out=X`, `-o X`, `-qoX`)? click's own parser says, run again on the command's words (no callbacks)."""
+    `--out=X`, `-o X`, `-qoX`)? click's own parser says, run again on the command's words with resilient
+    parsing (no prompts, no errors; a parameter callback would still run: fdngx's options have none)."""
     if not _RUNNING:
         return False
     running, command = _RUNNING[0]

@@ -11,8 +11,10 @@ from fdngx.domain import address_key, is_ip
 def on_this_host(host: str) -> bool:
     """Is `host` an address of this machine: `localhost`, a loopback or wildcard address, or one the routing
     table says is local (a UDP socket `connect()`ed to it takes it as its own source address; nothing is
-    sent). Not a bind() test: with ip_nonlocal_bind=1 (VRRP front doors) any address binds. Asked each time
-    (addresses come and go under a long-running sidecar). Other names are not looked up: False."""
+    sent); a second address of a subnet (routed from its first) is asked of bind(), but only where
+    ip_nonlocal_bind is 0: with it on (VRRP front doors) any address binds, so such an address is not taken as
+    local. Asked each time (addresses come and go under a long-running sidecar). Other names are not looked
+    up: False."""
     if not is_ip(host):
         return host.lower().rstrip(".") == "localhost"
     ip = ipaddress.ip_address(address_key(host, 0)[0])

@@ -204,27 +204,17 @@ def test_a_refused_value_names_the_file_or_variable_it_came_from(tmp_path: Path,
     assert typed.returncode == 2 and "(from" not in typed.stderr, typed.stderr
 
 
-@pytest.mark.parametrize("typed", [["-o", "{bad}"], ["-o{bad}"], ["--out={bad}"]])
-def test_a_refused_value_typed_with_a_short_flag_is_not_said_as_the_files(tmp_path: Path, typed: list[str]) -> None:
-    """The settings file sets `out` too; the run's own `-o` won and was refused: said as typed, not '(from
-    FILE, key 'out')' (a review of the line above)."""
-    inv = inventory(tmp_path / "inv.json", 18001)
-    (tmp_path / "sp ace").mkdir()
-    bad = str(tmp_path / "sp ace" / "site.conf")
-    toml = tmp_path / "fdngx.toml"
-    toml.write_text(f'[render]\nout = "{tmp_path / "good.conf"}"\n')
-    proc = fdngx("--config", str(toml), "render", "-i", str(inv), "--mode", "site", "--flavor", "openresty",
-                 *(t.format(bad=bad) for t in typed))
-    assert proc.returncode == 2 and "--out" in proc.stderr and "names the files it keeps" in proc.stderr, proc.stderr
-    assert "(from" not in proc.stderr, proc.stderr
-
-
 @pytest.mark.parametrize(("typed", "from_file"), [
+    (["-o", "{bad}"], False),
+    (["-o{bad}"], False),
+    (["--out={bad}"], False),
     (["-qo", "{bad}"], False),  # combined short flags: typed
     (["--access-log", "-ops.log"], True),  # another value starting with -o: the file's `out` was refused
 ])
-def test_click_says_what_was_typed_not_a_match_on_argv(tmp_path: Path, typed: list[str], from_file: bool) -> None:
-    """A review of the argv matching: `-qo X` read as the file's, and `--access-log -ops.log` as typing -o."""
+def test_a_refused_value_is_said_as_typed_or_as_the_files(tmp_path: Path, typed: list[str], from_file: bool) -> None:
+    """The run's own -o/--out (however spelled) won over the settings file's `out` and was refused: said as
+    typed, not '(from FILE, key 'out')'; a value that only starts with -o leaves the file's `out` refused, said as
+    the file's. Reviews of the source line: `-qo X` read as the file's, `--access-log -ops.log` as typing -o."""
     inv = inventory(tmp_path / "inv.json", 18001)
     (tmp_path / "sp ace").mkdir()
     bad = str(tmp_path / "sp ace" / "site.conf")
@@ -232,5 +222,24 @@ def test_click_says_what_was_typed_not_a_match_on_argv(tmp_path: Path, typed: li
     toml.write_text(f'[render]\nout = "{bad if from_file else tmp_path / "good.conf"}"\n')
     proc = fdngx("--config", str(toml), "render", "-i", str(inv), "--mode", "site", "--flavor", "openresty",
                  *(t.format(bad=bad) for t in typed))
-    assert proc.returncode == 2 and "names the files it keeps" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "--out" in proc.stderr and "names the files it keeps" in proc.stderr, proc.stderr
+    assert ("(from" in proc.stderr) is from_file, proc.stderr
     assert (f"(from {toml}, key 'out')" in proc.stderr) is from_file, proc.stderr
+
+
+def test_no_command_option_has_a_callback() -> None:
+    """cli._typed re-parses a command's words to say where a refused value came from; a parameter callback
+    would run again there (a side effect, twice). The root's eager --version/--install-completion are not re-parsed."""
+    import typer
+
+    from fdngx.cli import make_app
+
+    def params(cmd: typer.core.TyperCommand, path: str) -> list[tuple[str, str]]:  # typer's own click
+        found = [(path, p.name or "") for p in cmd.params if p.callback is not None]
+        for name, sub in getattr(cmd, "commands", {}).items():
+            found += params(sub, f"{path} {name}")
+        return found
+
+    root = typer.main.get_command(make_app())
+    assert len(getattr(root, "commands", {})) > 5
+    assert [p for cmd in root.commands.values() for p in params(cmd, cmd.name or "")] == []

@@ -119,6 +119,12 @@ ClientBodyBufferSizeOpt = typer.Option(
     "file (client_body_buffer_size; memory per request being read). nginx size: 512k, 1m (k or m: no g "
     "here), 1 byte..1024m."
 )
+LuaDictSizeOpt = typer.Option(
+    "16m", help="openresty: size of the Lua balancer's shared dict (lua_shared_dict; nginx size, k or m, "
+    "1m..4096m). 16m holds about 60,000 keys: a few per replica plus one per worker with requests open on "
+    "it, and two snapshots of the fleet. A full one refuses pushes (HTTP 507) and says so; a new size takes "
+    "effect at the next reload, with a fresh dict."
+)
 AccessLogFormatOpt = typer.Option(
     AccessLogFormat.TEXT, help="site/standalone access log lines: text (key=value) or json (one object a line, "
     "escape=json). Both carry the replica's time to first byte (upstream_header_time) and the request length."
@@ -167,6 +173,7 @@ def render_options(
     read_timeout: str = "1h",
     connect_timeout: str = "5s",
     client_body_buffer_size: str = "1m",
+    lua_dict_size: str = "16m",
     access_log_format: AccessLogFormat = AccessLogFormat.TEXT,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
@@ -182,7 +189,8 @@ def render_options(
         fail_timeout=fail_timeout, keepalive=keepalive, access_log=access_log, admin_listen=admin_listen,  # type: ignore[arg-type]
         balancer_mode=balancer, admin_allow=admin_allow,  # type: ignore[arg-type]
         read_timeout=read_timeout, connect_timeout=connect_timeout, client_body_buffer_size=client_body_buffer_size,
-        access_log_format=access_log_format, tls_cert=_path_text(tls_cert), tls_key=_path_text(tls_key),
+        lua_dict_size=lua_dict_size, access_log_format=access_log_format, tls_cert=_path_text(tls_cert),
+        tls_key=_path_text(tls_key),
         api_keys_file=_path_text(api_keys_file), api_keys_forward=api_keys_forward,
         rate_limit=rate_limit or "", rate_burst=rate_burst, allow_empty=allow_empty,  # type: ignore[arg-type]
     ).validated()

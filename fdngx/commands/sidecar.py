@@ -27,6 +27,7 @@ from fdngx.commands.options import (
     InventoryOpt,
     KeepaliveOpt,
     ListenOpt,
+    LuaDictSizeOpt,
     MaxFailsOpt,
     ModeOpt,
     NginxBinOpt,
@@ -163,6 +164,7 @@ def sidecar_cmd(
     read_timeout: str = ReadTimeoutOpt,
     connect_timeout: str = ConnectTimeoutOpt,
     client_body_buffer_size: str = ClientBodyBufferSizeOpt,
+    lua_dict_size: str = LuaDictSizeOpt,
     access_log_format: AccessLogFormat = AccessLogFormatOpt,
     tls_cert: Path | None = TlsCertOpt,
     tls_key: Path | None = TlsKeyOpt,
@@ -229,6 +231,7 @@ def sidecar_cmd(
         fail_timeout=fail_timeout, keepalive=keepalive, access_log=access_log, admin_listen=admin_listen,
         balancer=balancer, admin_allow=admin_allow,
         read_timeout=read_timeout, connect_timeout=connect_timeout, client_body_buffer_size=client_body_buffer_size,
+        lua_dict_size=lua_dict_size,
         access_log_format=access_log_format, tls_cert=tls_cert, tls_key=tls_key, api_keys_file=api_keys_file,
         api_keys_forward=api_keys_forward, rate_limit=rate_limit, rate_burst=rate_burst,
         allow_empty=bool(registry_listen),  # instances register later: until then nginx answers 503

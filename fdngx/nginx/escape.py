@@ -108,7 +108,8 @@ def nginx_bytes(value: object, *, units: str = "km", least: int = 0, most: int =
     if m is None or unit not in ("", *units) or not least <= int(m.group(1)) * _SCALE[unit] <= most:
         suffix = " or ".join(", ".join(units).rsplit(", ", 1))
         limit = f"{most >> 20}m" if most < MAX_NGINX_INT else "2^63-1 bytes"
-        bound = f"{least} byte..{limit}" if least else f"at most {limit}"
+        low = f"{least >> 20}m" if least >= 1 << 20 and not least % (1 << 20) else f"{least} byte"
+        bound = f"{low}..{limit}" if least else f"at most {limit}"
         raise EscapeError(f"want a size such as 512k or 1m (a whole number: bytes, or with {suffix}), {bound}")
     return int(m.group(1)) * _SCALE[unit]
 

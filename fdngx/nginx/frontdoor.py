@@ -68,6 +68,10 @@ MAX_FAIL_TIMEOUT = 86_400
 MAX_KEEPALIVE = 65_535
 # client_body_buffer_size is memory per request being read: 1024m is beyond any prompt.
 MAX_BODY_BUFFER = 1 << 30
+# The Lua balancer's shared dict (--lua-dict-size): below 1m it cannot hold a fleet's snapshot twice (a push of
+# 1,000 replicas is ~200 KB); 4096m is far past 10,000 replicas (fdngx.peers.MAX_PEERS) on 512 workers.
+MIN_LUA_DICT = 1 << 20
+MAX_LUA_DICT = 4 << 30
 # nginx runs at most 1024 processes (NGX_MAX_PROCESSES), old and new workers side by side during a reload.
 MAX_WORKERS = 512
 

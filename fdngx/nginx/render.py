@@ -88,6 +88,10 @@ class RenderOptions:
     peers_file: str = ""
     lua_dir: str = ""
     balancer_mode: Balancer = Balancer.LEAST
+    # The Lua balancer's shared dict (fdngx.pool): the snapshot in force and the one being pushed, and a few
+    # keys a replica plus one per worker with requests open on it. A full one refuses a push whole (507) and
+    # leaves requests uncounted, never evicting; a new size takes effect at a reload, with a fresh dict.
+    lua_dict_size: str = "16m"
     # standalone + openresty on Debian's nginx: the dynamic modules to load (OpenResty has them built in).
     lua_modules: tuple[str, ...] = ()
     # None: logs/access.log under the prefix (standalone) or /var/log/nginx/<upstream>.access.log (site).
@@ -137,6 +141,8 @@ class RenderOptions:
         frontdoor.check_size("--client-body-buffer-size", self.client_body_buffer_size, least=1,
                              most=frontdoor.MAX_BODY_BUFFER)
         frontdoor.check_access_log(self.access_log)
+        frontdoor.check_size("--lua-dict-size", self.lua_dict_size, least=frontdoor.MIN_LUA_DICT,
+                             most=frontdoor.MAX_LUA_DICT)
         for what, value in (("--admin-token-file", self.admin_token_file),
                             ("peers file", self.peers_file), ("Lua module directory", self.lua_dir),
                             *(("lua module", m) for m in self.lua_modules)):
@@ -285,6 +291,7 @@ def context(inv: Inventory, opts: RenderOptions, states: Mapping[str, ServerStat
         "admin_listen": str(opts.admin_listen),
         "admin_allow": list(opts.admin_allow),
         "balancer_mode": opts.balancer_mode.value,
+        "lua_dict_size": opts.lua_dict_size,
         "lua_modules": list(opts.lua_modules) if opts.flavor is Flavor.OPENRESTY else [],
         "access_log": opts.access_log or default_access_log(opts.mode, inv.upstream),
         **front_door(opts),

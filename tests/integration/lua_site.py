@@ -23,7 +23,8 @@ needs_lua = [
 
 class LuaSite:
     def __init__(self, tmp: Path, n: int = 2, *, capacities: list[int] | None = None, weights: list[int] | None = None,
-                 delay: float = 0.05, listed: int | None = None, mode: str = "standalone") -> None:
+                 delay: float = 0.05, listed: int | None = None, mode: str = "standalone",
+                 render_args: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
         self.names = [f"b{i}" for i in range(n)]
         self.ports = dict(zip(self.names, free_ports(n), strict=True))
@@ -42,7 +43,8 @@ class LuaSite:
             self.conf = tmp / "nginx" / ("nginx.conf" if mode == "standalone" else "fdngx-upstream.conf")
             self.conf.parent.mkdir(exist_ok=True)
             self.args = ["-i", str(self.inv), "--mode", mode, "--flavor", "openresty", "--listen",
-                         str(self.port), "--admin-listen", f"127.0.0.1:{admin_port}", "--out", str(self.conf)]
+                         str(self.port), "--admin-listen", f"127.0.0.1:{admin_port}", "--out", str(self.conf),
+                         *render_args]
             fdngx("render", *self.args, check=True)
             if mode == "upstream":
                 self.write_host_config()

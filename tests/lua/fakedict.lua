@@ -29,6 +29,10 @@ function M:add(key, value, exptime)
     return self:set(key, value, exptime)
 end
 
+-- Never evicting (this one never runs out of room; tests/lua/fulldict.lua does)
+M.safe_set = function(self, ...) return self:set(...) end
+M.safe_add = function(self, ...) return self:add(...) end
+
 function M:incr(key, delta, init)
     local v = self:_live(key)
     if v == nil then

@@ -460,9 +460,37 @@ return {
         dict.clock = 0.2
         pool_mod.probes(pool, 0.2, start)
         t.eq(#started, 2)
+        -- once they have ended (pool.probed), the next ones start after PROBE_EVERY
+        pool_mod.probed(pool, "a"); pool_mod.probed(worker, "b")
         dict.clock = 0.1 + health.PROBE_EVERY
         pool_mod.probes(pool, dict.clock, start)
         t.eq(table.concat(started, ","), "a,b,a,b")
+    end,
+
+    ["probes: never a second one of a peer while one runs (a /health that never answers)"] = function(t)
+        local dict, pool, worker = two_workers({ "peer a 127.0.0.1 1 20 1 64 0", "peer b 127.0.0.1 2 20 1 64 0" }, 0)
+        pool_mod.sync(pool, 0)
+        local started = {}
+        local function start(_, p) started[#started + 1] = p.name; return 1 end
+        pool_mod.probes(pool, 0, start)
+        t.eq(table.concat(started, ","), "a,b")
+        -- a's probe hangs; b's ends at once. Every tick of either worker for the next second starts b's only
+        pool_mod.probed(worker, "b")
+        local now = 0
+        while now < pool_mod.PROBE_DEADLINE do
+            now = now + 0.1
+            dict.clock = now
+            pool_mod.probes(now * 10 % 2 < 1 and pool or worker, now, start)
+            pool_mod.probed(pool, "b")
+        end
+        local a = 0
+        for _, name in ipairs(started) do if name == "a" then a = a + 1 end end
+        t.eq(a, 1, "one probe of the hanging peer: " .. table.concat(started, ","))
+        t.ok(#started >= 2 + math.floor(pool_mod.PROBE_DEADLINE / health.PROBE_EVERY) - 1, table.concat(started, ","))
+        -- a worker killed mid-probe never says it ended: its lock lapses after PROBE_HOLD
+        dict.clock = pool_mod.PROBE_HOLD + 0.01
+        pool_mod.probes(pool, dict.clock, start)
+        t.eq(started[#started - 1] == "a" or started[#started] == "a", true, table.concat(started, ","))
     end,
 
     ["mark reports when usability changes"] = function(t)

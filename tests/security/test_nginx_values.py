@@ -48,6 +48,7 @@ REVIEWED = [
     ("--max-fails", "99999999999999999999"),
     ("--keepalive", "2147483648"), ("--keepalive", "4294967296"),
     ("--access-log", "/tmp/" + "a" * 4995),
+    ("--lua-dict-size", "512k"), ("--lua-dict-size", "1g"), ("--lua-dict-size", "4097m"),
 ]
 
 

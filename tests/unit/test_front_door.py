@@ -415,6 +415,7 @@ def test_a_refused_run_writes_no_key_map(tmp_path: Path) -> None:
 HOSTILE = [
     ("--read-timeout", "1h; include /etc/passwd"), ("--connect-timeout", "5s }"),
     ("--client-body-buffer-size", "1m;"), ("--client-body-buffer-size", "$x"),
+    ("--lua-dict-size", "16m; lua_code_cache off"), ("--lua-dict-size", "16m\ninit_by_lua_block {}"),
     ("--access-log-format", "json; }"), ("--rate-limit", "10r/s; include /etc/passwd"),
     ("--rate-limit", "10r/s\nlisten 1"), ("--tls-cert", "/etc/$host.pem"),
     ("--api-keys-file", "/nonexistent/keys"),

@@ -11,6 +11,8 @@
 --                                                        pushed a newer one): refused, nothing applied.
 --                                                        A generation in force that is itself that far ahead
 --                                                        is replaced (WARN), never a wedge.
+--   507 "shared dict fdngx_<pool> is full ..."          no room for it: nothing applied, the snapshot in force
+--                                                        stays (raise lua_shared_dict's size: --lua-dict-size)
 --   403 bad or missing X-Fdngx-Token; 413 body too large; 405 other methods
 -- GET: the balancer's view, one line per peer, key=value (for tests and `fdngx status`).
 
@@ -39,11 +41,15 @@ local function answer(status, text)
     return ngx.exit(status)
 end
 
+-- One install at a time: pushes, and init_by_lua at a reload (fdngx.balancer.init), while old workers still
+-- take pushes. Its expiry frees it from a worker killed holding it.
+M.LOCK, M.LOCK_TTL = "adm:lock", 5
+
 local function locked(dict, fn)
     for _ = 1, 400 do
-        if dict:add("adm:lock", true, 5) then
+        if dict:safe_add(M.LOCK, true, M.LOCK_TTL) then
             local ok, a, b = pcall(fn)
-            dict:delete("adm:lock")
+            dict:delete(M.LOCK)
             if not ok then error(a) end
             return a, b
         end
@@ -82,8 +88,11 @@ local function post(pool)
                     format("%.0f", current / 1000 - now), " s ahead of this clock; replaced by ",
                     format("%d", snap.generation))
         end
-        local added, removed = pool_mod.install(pool, body, snap, now)
-        if not added then return 500, removed end
+        local added, removed, why = pool_mod.install(pool, body, snap, now)
+        if not added then
+            ngx.log(ngx.ERR, "fdngx: pool ", pool.name, " generation ", format("%d", snap.generation), ": ", removed)
+            return why == "full" and 507 or 500, removed
+        end
         ngx.log(ngx.INFO, "fdngx: pool ", pool.name, " generation ", format("%d", snap.generation), ": ", #snap.peers,
                 " peer(s), added ", #added, ", removed ", #removed)
         return 200, format("ok generation=%d peers=%d added=%s removed=%s", snap.generation, #snap.peers,

@@ -32,8 +32,12 @@ pcall(ffi.cdef, "int kill(int pid, int sig);")
 local M = {}
 
 local TICK = 0.1 -- seconds between a worker's timer runs (sync, probes, lease, reaping)
-local PROBE_TIMEOUT_MS = 500
-local PROBE_WARN_EVERY = 10 -- seconds between two of a worker's warnings that a probe could not start
+local PROBE_TIMEOUT_MS = 500 -- each of a probe's steps, within its whole deadline (fdngx.pool.PROBE_DEADLINE)
+-- A worker's probes running at once, at most: far below lua_max_running_timers (256 by default), which the
+-- balancer's own tick timer needs too (nginx drops a timer past it). Peers waiting wait for a later tick.
+local MAX_PROBES = 32
+local WARN_EVERY = 10 -- seconds between two of a worker's warnings of one kind (a probe that could not
+                      -- start, a full dict, a snapshot it cannot read)
 local ESRCH = 3
 local NGX_BUSY = -3 -- ngx_core.h
 -- A response with one of these statuses means the peer is broken, not merely full (429) or failing one
@@ -42,7 +46,15 @@ local FAILS = { [502] = true, [503] = true, [504] = true }
 
 local pools = {} -- name -> pool: built by init() in the master, inherited by every worker
 local open = {} -- $request_id -> { pool, peer, tried }: this worker's balanced requests in flight
-local probe_warn_at = 0 -- when this worker may next warn that a probe could not start
+local warn_at = {} -- kind -> when this worker may next warn of it
+local probing = 0 -- this worker's probes running
+
+-- Log `...` at `level` unless this worker logged the same `kind` less than WARN_EVERY ago.
+local function warn_once(kind, level, now, ...)
+    if now < (warn_at[kind] or 0) then return end
+    warn_at[kind] = now + WARN_EVERY
+    ngx.log(level, ...)
+end
 
 local now_of, min, floor = ngx.now, math.min, math.floor
 
@@ -68,13 +80,32 @@ function M.init(cfg)
     local text = read_file(cfg.peers_file, "peers file", peers.MAX_BYTES)
     local snap, err = peers.parse(text)
     if not snap then error("fdngx: peers file " .. cfg.peers_file .. ": " .. err, 0) end
-    local pool = { name = cfg.pool, dict = dict, token = token, mode = cfg.mode == "p2c" and "p2c" or "least",
-                   peers = {}, by_name = {}, scratch = {} }
+    local pool = { name = cfg.pool, zone = cfg.dict, dict = dict, token = token,
+                   mode = cfg.mode == "p2c" and "p2c" or "least", peers = {}, by_name = {}, scratch = {} }
     -- The dict survives a reload: keep what a newer push put there, unless it is unreadable (an older
     -- fdngx's layout after an upgrade). The generations' rule is a push's (fdngx.pool.verdict): one in force
     -- more than FUTURE_MS ahead of this clock gives way to the file's, and a file's that far ahead never
     -- replaces a valid one; at a first start it is all there is, and the next valid push replaces it.
-    local current = peers.parse(dict:get("snap"))
+    -- At a reload the old workers still serve pushes: the admin's lock keeps one from landing between this
+    -- read and the install below (a push answered "ok", then replaced by the older file). Held by a push in
+    -- progress (or by a worker killed in one, for its 5 s): that push decides, and the file waits for the
+    -- next (the sidecar pushes a whole snapshot every cycle).
+    if not dict:safe_add(admin.LOCK, true, admin.LOCK_TTL) then
+        ngx.log(ngx.WARN, "fdngx: pool ", cfg.pool, ": a push is being applied; the peers file ", cfg.peers_file,
+                " is left to the next one")
+        pools[cfg.pool] = pool
+        return
+    end
+    local ok, ierr = pcall(M.install_file, pool, cfg, text, snap)
+    dict:delete(admin.LOCK)
+    if not ok then error(ierr, 0) end
+    pools[cfg.pool] = pool
+end
+
+-- init's part under the admin lock: install the peers file's snapshot unless the dict's is newer.
+function M.install_file(pool, cfg, text, snap)
+    local dict = pool.dict
+    local current = peers.parse((pool_mod.text(dict)))
     ngx.update_time()
     local now = now_of()
     local verdict = current and pool_mod.verdict(current.generation, snap.generation, now)
@@ -91,12 +122,11 @@ function M.init(cfg)
                     "clock that was wrong): in force until the next push replaces it")
         end
         local added, ierr = pool_mod.install(pool, text, snap, now)
-        if not added then error("fdngx: " .. ierr, 0) end
+        if not added then error("fdngx: peers file " .. cfg.peers_file .. ": " .. ierr, 0) end
     elseif verdict == "future" then
         ngx.log(ngx.WARN, said, "the peers file's generation ", gen_ahead(snap.generation), " (written by a clock ",
                 "that was wrong): ignored, generation ", string.format("%d", current.generation), " kept")
     end
-    pools[cfg.pool] = pool
 end
 
 local function pid_alive(pid)
@@ -120,18 +150,37 @@ local function failed(pool, name, now, why, addr, port)
     end
 end
 
-local function probe(premature, pool, name, addr, port)
-    if premature then return end
+-- GET /health of addr:port: true on a 200. One deadline for the whole exchange (fdngx.pool.PROBE_DEADLINE):
+-- a peer that accepts and then sends nothing, or a byte at a time, ends it there (each read's own timeout
+-- starts again with every byte). Only the status line's first 12 bytes are read ("HTTP/1.1 200").
+local function get_health(addr, port)
     local sock = ngx.socket.tcp()
     sock:settimeouts(PROBE_TIMEOUT_MS, PROBE_TIMEOUT_MS, PROBE_TIMEOUT_MS)
-    local good = false
-    if sock:connect(addr, port) then
-        local sent = sock:send("GET /health HTTP/1.1\r\nHost: " .. addr .. ":" .. port
-                               .. "\r\nUser-Agent: fdngx-balancer\r\nConnection: close\r\n\r\n")
-        local line = sent and sock:receive("*l")
-        good = line ~= nil and line:match("^HTTP/%d%.%d (%d%d%d)") == "200"
-        sock:close()
+    local deadline = now_of() + pool_mod.PROBE_DEADLINE
+    if not sock:connect(addr, port) then return false end
+    local got = sock:send("GET /health HTTP/1.1\r\nHost: " .. addr .. ":" .. port
+                          .. "\r\nUser-Agent: fdngx-balancer\r\nConnection: close\r\n\r\n") and ""
+    while got and #got < 12 do
+        ngx.update_time()
+        local left = deadline - now_of()
+        if left <= 0 then got = nil break end
+        sock:settimeout(min(PROBE_TIMEOUT_MS, left * 1000))
+        local data = sock:receiveany(12 - #got)
+        got = data and got .. data
     end
+    sock:close()
+    return got ~= nil and got:match("^HTTP/%d%.%d (%d%d%d)") == "200"
+end
+
+local function probe(premature, pool, name, addr, port)
+    if premature then
+        probing = probing - 1
+        return pool_mod.probed(pool, name)
+    end
+    local ok, good = pcall(get_health, addr, port)
+    probing = probing - 1
+    pool_mod.probed(pool, name)
+    good = ok and good
     -- removed or moved meanwhile: no record (pool.mark asks the snapshot in force)
     local h, moved = pool_mod.mark(pool, name, function(rec, t) return health.on_probe(rec, good, t) end, now_of(),
                                    addr, port)
@@ -141,28 +190,34 @@ local function probe(premature, pool, name, addr, port)
 end
 
 local function start_probe(pool, p)
-    return ngx.timer.at(0, probe, pool, p.name, p.addr, p.port)
+    if probing >= MAX_PROBES then
+        return nil, MAX_PROBES .. " probes of this worker still running (replicas that accept and do not answer?)"
+    end
+    local ok, err = ngx.timer.at(0, probe, pool, p.name, p.addr, p.port)
+    if not ok then return nil, err == "process exiting" and err or tostring(err) .. " (lua_max_pending_timers?)" end
+    probing = probing + 1
+    return ok
 end
 
 -- A probe that cannot start is tried again at the next tick (fdngx.pool.probes): warn, but not 10 times a
--- second for as long as the timers stay short. An exiting worker's refusal is no news.
+-- second for as long as it lasts. An exiting worker's refusal is no news.
 local function warn_unprobed(name, err, now)
-    if err == "process exiting" or now < probe_warn_at then return end
-    probe_warn_at = now + PROBE_WARN_EVERY
-    ngx.log(ngx.WARN, "fdngx: could not schedule the /health probe of ", name, ": ", err,
-            " (lua_max_pending_timers?)")
+    if err == "process exiting" then return end
+    warn_once("probe", ngx.WARN, now, "fdngx: could not schedule the /health probe of ", name, ": ", err)
 end
 
 local function tick(premature, pool)
     if premature then return end -- the worker is exiting: its lease lapses, its pid keeps its counts
     local now = now_of()
     local ok, err = pool_mod.sync(pool, now)
-    if ok == nil then ngx.log(ngx.ERR, "fdngx: ", err) end
+    if ok == nil then warn_once("sync", ngx.ERR, now, "fdngx: pool ", pool.name, ": ", err, " (the copy in use stays)") end
     local dict = pool.dict
     local missed, why = pool_mod.probes(pool, now, start_probe)
     if missed then warn_unprobed(missed, why, now) end
     if now >= pool.renew_at then
-        pool.ledger:renew()
+        if not pool.ledger:renew() then
+            warn_once("full", ngx.ERR, now, "fdngx: ", pool_mod.full(pool, "no memory for this worker's lease"))
+        end
         pool.renew_at = now + ledger.RENEW_EVERY
     end
     if now >= pool.reap_at then
@@ -222,7 +277,7 @@ function M.balance(name)
             failed(pool, st.peer, now, FAILURE[code] or ("failed (" .. (code and "HTTP " .. code or state) .. ")"),
                    st.addr, st.port)
         end
-        pool.ledger:release(st.peer)
+        if st.counted then pool.ledger:release(st.peer) end
         st.tried[st.peer] = true
         st.peer = nil
     elseif not st then
@@ -240,7 +295,11 @@ function M.balance(name)
         return ngx.exit(NGX_BUSY)
     end
     st.peer, st.addr, st.port = p.name, p.addr, p.port
-    pool.ledger:acquire(p.name)
+    st.counted = pool.ledger:acquire(p.name)
+    if not st.counted then
+        warn_once("full", ngx.ERR, now, "fdngx: ", pool_mod.full(pool, "no memory for the in-flight count of "
+                  .. p.name .. ": this request goes uncounted"))
+    end
     local ok, err = ngx_balancer.set_current_peer(p.addr, p.port)
     if not ok then
         ngx.log(ngx.ERR, "fdngx: set_current_peer ", p.addr, ":", p.port, " failed: ", err)
@@ -255,7 +314,7 @@ function M.log()
     local st = open[rid]
     if not st then return end
     open[rid] = nil
-    local name, pool = st.peer, st.pool
+    local name, pool, counted = st.peer, st.pool, st.counted
     if not name then return end
     local now = now_of()
     -- The LAST attempt's status only ("502, -": the retry got no status, the client left first; "-" is none).
@@ -272,7 +331,7 @@ function M.log()
             pool_mod.mark(pool, name, health.on_success, now, st.addr, st.port)
         end
     end
-    pool.ledger:release(name)
+    if counted then pool.ledger:release(name) end
 end
 
 function M.admin(name)

@@ -20,6 +20,15 @@
 
 local M = {}
 
+-- Add 1 to counter `key`, creating it at 0 without evicting anything. True, or nil (no room).
+local function bump(dict, key)
+    if dict:incr(key, 1) then return true end
+    local ok, err = dict:safe_add(key, 0)
+    if not ok and err ~= "exists" then return nil end
+    return dict:incr(key, 1) ~= nil
+end
+M.bump = bump
+
 M.LEASE = 5 -- seconds a worker's lease lasts without renewal
 M.RENEW_EVERY = 1
 M.REAP_EVERY = 2
@@ -36,12 +45,22 @@ function M.worker_id(pid, now)
     return string.format("%d.%d", pid, math.floor(now * 1000))
 end
 
+-- Count one request open on `name`. Returns true, or nil when the dict has no room for a counter: the request
+-- then goes uncounted, and the caller must not release it. Nothing is evicted to make room (a plain incr with
+-- an init value would evict the least recently used keys: the shares of the longest requests still open,
+-- whose totals would then never come down).
 function Ledger:acquire(name)
-    local dict = self.dict
-    dict:incr("i:" .. name, 1, 0)
-    dict:incr(self.prefix .. name, 1, 0)
+    local dict, share = self.dict, self.prefix .. name
+    if not bump(dict, share) then return nil end
+    if not bump(dict, "i:" .. name) then
+        local mine = dict:incr(share, -1)
+        if mine and mine <= 0 then dict:delete(share) end
+        return nil
+    end
+    return true
 end
 
+-- End a request acquire() counted.
 function Ledger:release(name)
     local dict = self.dict
     local key = self.prefix .. name
@@ -59,8 +78,9 @@ function Ledger:inflight(name)
     return n
 end
 
+-- Renew this worker's lease; false when a full dict refused it (the reaper then asks the pid, which lives).
 function Ledger:renew()
-    self.dict:set("alive:" .. self.wid, true, M.LEASE)
+    return (self.dict:safe_set("alive:" .. self.wid, true, M.LEASE))
 end
 
 -- Subtract the shares of dead workers from the totals; pid_alive(pid) -> bool; keys: the dict's keys

@@ -2,8 +2,9 @@
 -- dict and the clock are passed in, so luajit tests drive it with a fake dict).
 --
 -- Shared dict layout (lua_shared_dict fdngx_<upstream>; it survives reloads, not restarts):
---   snap        the snapshot text in force, exactly as validated (fdngx.peers)
---   gen         its generation: a push must carry a newer one to replace it
+--   gen         the generation in force: a push must carry a newer one to replace it
+--   snap:<gen>  its snapshot text, exactly as validated (fdngx.peers); a key per generation, written before
+--               `gen` moves to it and the old one deleted after (M.install: a full dict refuses a push whole)
 --   snap_at     when it was installed (ages the external load)
 --   ver         bumped after every install and every change of a health record the workers read (not
 --               after a probe that changes nothing); workers compare this one number per request and
@@ -14,7 +15,12 @@
 --   h:<peer>    the balancer's own health record (fdngx.health.encode)
 --   rm:<peer>   since when the peer is out of the snapshot in force: its i: total goes once no request is
 --               open on it (M.sweep)
---   i:, o:, alive:   in-flight counters (fdngx.ledger); pl:<peer>, reap, adm: locks
+--   i:, o:, alive:   in-flight counters (fdngx.ledger); pl:<peer>, pr:<peer>, reap, adm: locks
+--
+-- Every write here and in fdngx.ledger is a safe_* one, or in place (a number over a number): nginx's plain
+-- set/incr make room in a full dict by evicting the least recently used keys, and those are the counters
+-- of the longest requests still open (an evicted share never comes down again) or the snapshot in force.
+-- A full dict refuses instead (M.full says so, naming the zone), and what was there stays.
 --
 -- Per worker, `pool.peers` is a parsed copy (weights, down, capacity, external load, health) refreshed by
 -- sync(): on a timer, and on the next request after `ver` moves. Picking a peer then costs one shared-dict
@@ -58,20 +64,62 @@ function M.verdict(current, gen, now)
     return "stale"
 end
 
--- Make `snap` (parsed from `text`) the one in force. The caller holds the admin lock (or is init_by_lua,
--- before any worker exists). Returns the names added and removed, or nil and an error.
+local function snap_key(gen)
+    return string.format("snap:%d", gen)
+end
+
+-- The snapshot text in force and its generation, or nil (none yet, or an older fdngx's layout after an
+-- upgrade by reload: the next install replaces it). A push moving `gen` between the two reads deletes the
+-- old text only after `gen` moved: a second look finds the new one.
+function M.text(dict)
+    for _ = 1, 3 do
+        local gen = dict:get("gen")
+        if gen == nil then return nil end
+        local text = dict:get(snap_key(gen))
+        if text ~= nil then return text, gen end
+    end
+    return nil
+end
+
+-- The words for a write a full dict refused (err: nginx's "no memory").
+function M.full(pool, err)
+    local free = pool.dict.free_space and pool.dict:free_space()
+    return string.format("shared dict %s is full (%s%s): nothing applied; raise its size (lua_shared_dict, "
+                         .. "fdngx render --lua-dict-size)", pool.zone or ("fdngx_" .. tostring(pool.name)),
+                         tostring(err), free and string.format(", %d bytes free", free) or "")
+end
+
+-- Set `key` without evicting anything (safe_set); nil and the error when the dict has no room.
+local function put(dict, key, value)
+    local ok, err = dict:safe_set(key, value)
+    if ok then return true end
+    return nil, err
+end
+
 -- The snapshot in force, parsed: this worker's copy when it is of the generation in force (no second parse of
 -- a 1,000-peer text on every push), else parsed from the dict.
 local function in_force(pool, dict)
     if pool.by_name and pool.gen ~= nil and pool.gen == dict:get("gen") then
         return { peers = pool.peers, by_name = pool.by_name }
     end
-    return peers.parse(dict:get("snap"))
+    return peers.parse(M.text(dict))
 end
 
+-- Make `snap` (parsed from `text`) the one in force. The caller holds the admin lock (or is init_by_lua,
+-- with it). Returns the names added and removed, or nil, an error and "full" when the dict has no room: the
+-- snapshot in force then stays, whole (its text is never overwritten: a new key per generation), and so does
+-- every counter (nothing is evicted).
 function M.install(pool, text, snap, now)
     local dict = pool.dict
+    local current = dict:get("gen")
     local old = in_force(pool, dict)
+    local key = snap_key(snap.generation)
+    local ok, err = put(dict, key, text)
+    if not ok then return nil, M.full(pool, err), "full" end
+    local function refused(why)
+        if key ~= (current and snap_key(current)) then dict:delete(key) end
+        return nil, M.full(pool, why), "full"
+    end
     -- the part of the previous estimate kept: none after a long gap (it faded out in the picks meanwhile)
     local dt = now - (dict:get("snap_at") or now - pick.STALE_AFTER)
     local keep = (dt > 0 and dt < pick.STALE_AFTER) and exp(-dt / M.SMOOTH) or 0
@@ -89,16 +137,15 @@ function M.install(pool, text, snap, now)
         end
         local was = prev and dict:get("x:" .. p.name)
         if was then x = keep * was + (1 - keep) * x end
-        dict:set("x:" .. p.name, x)
-        if not prev or prev.down ~= p.down then dict:set("sa:" .. p.name, now) end
+        -- (a refusal part-way leaves some estimates moved: estimates, smoothed, of the peers in force)
+        ok, err = put(dict, "x:" .. p.name, x)
+        if ok and (not prev or prev.down ~= p.down) then ok, err = put(dict, "sa:" .. p.name, now) end
+        if not ok then return refused(err) end
     end
     local removed = peers.missing(old, snap)
     for _, name in ipairs(removed) do
         -- a peer re-added later starts fresh; its in-flight total stays until its open requests end, and
         -- goes later (M.sweep), not here: until `ver` moves below, every worker may still pick it
-        dict:delete("x:" .. name)
-        dict:delete("sa:" .. name)
-        dict:set("rm:" .. name, now)
         fresh[#fresh + 1] = name
     end
     local added = peers.missing(snap, old)
@@ -106,15 +153,26 @@ function M.install(pool, text, snap, now)
         dict:delete("rm:" .. name) -- before the snapshot naming it is in force: no sweep takes its total
         fresh[#fresh + 1] = name -- a record a late probe or request wrote after its removal: it starts fresh
     end
-    local ok, err = dict:set("snap", text)
-    if not ok then return nil, "shared dict: " .. tostring(err) end
-    dict:set("snap_at", now)
-    dict:set("gen", snap.generation)
+    -- numbers over numbers: in place, once they exist
+    ok, err = put(dict, "snap_at", now)
+    if ok then ok, err = dict:safe_add("ver", 0) end
+    if not ok and err ~= "exists" then return refused(err) end
+    ok, err = put(dict, "gen", snap.generation)
+    if not ok then return refused(err) end
+    -- the snapshot now in force is the new one: what only the old one had goes
+    for _, name in ipairs(removed) do
+        dict:delete("x:" .. name)
+        dict:delete("sa:" .. name)
+        -- after those deletes (room); one the dict still refuses, the sweep marks itself (M.sweep)
+        put(dict, "rm:" .. name, now)
+    end
+    if current and current ~= snap.generation then dict:delete(snap_key(current)) end
+    dict:delete("snap") -- an older fdngx's one key for every generation (upgraded by a reload)
     -- Health records go after `gen` moves, and before `ver` does (workers re-read records when it moves): a
     -- mark (M.mark) of another worker writing meanwhile either wrote before this delete, or reads the new
     -- `gen` afterwards and takes its record back.
     for _, name in ipairs(fresh) do dict:delete("h:" .. name) end
-    dict:incr("ver", 1, 0)
+    dict:incr("ver", 1)
     return added, removed
 end
 
@@ -174,8 +232,10 @@ function M.sync(pool, now, force)
     if ver == pool.ver and not force then return false end
     local gen = dict:get("gen")
     if gen ~= pool.gen or force then
-        local snap, err = peers.parse(dict:get("snap"))
+        local text, in_gen = M.text(dict)
+        local snap, err = peers.parse(text)
         if not snap then return nil, "snapshot in the shared dict: " .. err end
+        gen = in_gen
         for _, p in ipairs(snap.peers) do
             -- smoothed, fraction included; the picks count it in whole requests (fdngx.pick.external): a
             -- request of this nginx's that ended between the scrape and the push is counted there once, and
@@ -197,25 +257,42 @@ function M.sync(pool, now, force)
     return true
 end
 
+-- The longest a probe runs (its connect, send and status line, under one deadline: fdngx.balancer), and
+-- how long its pr: lock lasts: given back when the probe ends, this only matters for a worker killed
+-- mid-probe.
+M.PROBE_DEADLINE = 1.5
+M.PROBE_HOLD = M.PROBE_DEADLINE + 0.5
+
 -- Start the /health probes due at `now` (fdngx.health.needs_probe): one per peer every PROBE_EVERY over all
--- workers, the pl: lock deciding which worker. start(pool, p) -> ok, err starts one (ngx.timer.at). One that
--- cannot start (lua_max_pending_timers reached, the worker exiting) gives its lock back at once: the next
--- tick (any worker's, every 0.1 s) tries again instead of the probe being skipped until the lock lapses.
--- The rest wait for that tick too (they would fail alike). Returns the peer that could not be probed and
--- why, or nil.
+-- workers, the pl: lock deciding which worker, and never a second while one is running (pr:, held until it
+-- ends: a peer that accepts and never answers would otherwise gather a probe per PROBE_EVERY, and their
+-- timers crowd out every other, the balancer's own tick included). start(pool, p) -> ok, err starts one
+-- (ngx.timer.at; it refuses past the worker's own cap). One that cannot start (the cap, lua_max_pending_timers,
+-- the worker exiting) gives its locks back at once: the next tick (any worker's, every 0.1 s) tries again
+-- instead of the probe being skipped until the lock lapses. The rest wait for that tick too (they would
+-- fail alike). Returns the peer that could not be probed and why, or nil.
 function M.probes(pool, now, start)
     local dict = pool.dict
     for _, p in ipairs(pool.peers) do
-        local lock = "pl:" .. p.name
-        if health.needs_probe(p.h, p.down, now) and dict:add(lock, true, health.PROBE_EVERY) then
-            local ok, err = start(pool, p)
-            if not ok then
-                dict:delete(lock)
-                return p.name, tostring(err)
+        local lock, running = "pl:" .. p.name, "pr:" .. p.name
+        if health.needs_probe(p.h, p.down, now) and dict:get(running) == nil
+            and dict:safe_add(lock, true, health.PROBE_EVERY) then
+            if dict:safe_add(running, true, M.PROBE_HOLD) then
+                local ok, err = start(pool, p)
+                if not ok then
+                    dict:delete(lock)
+                    dict:delete(running)
+                    return p.name, tostring(err)
+                end
             end
         end
     end
     return nil
+end
+
+-- A probe of `name` has ended (however): the next may start.
+function M.probed(pool, name)
+    pool.dict:delete("pr:" .. name)
 end
 
 -- Apply a health event to peer `name`: event(record, now) -> record. Shared at once, and in this worker's
@@ -250,7 +327,8 @@ function M.mark(pool, name, event, now, addr, port)
     local text = health.encode(n)
     n = health.decode(text) -- as every worker reads it (times in ms)
     if not health.differs(h, n) then return h, false end
-    dict:set(key, text)
+    -- a full dict: the evidence is lost (fdngx.balancer says the dict is full where a counter cannot go in)
+    if not put(dict, key, text) then return h, false end
     if dict:get("gen") ~= gen then
         -- A push (another worker) came in between: what was just written may be of a server it removed or
         -- moved, after its install deleted that record. Asked again of its snapshot (`ver` may not have moved

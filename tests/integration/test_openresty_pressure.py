@@ -1,0 +1,115 @@
+"""The OpenResty flavor where a fleet's production pushes it: a full shared dict, and /health probes that never
+end. An outside review (2026-12-06) on the real nginx found both: a push the 16m zone had no room for deleted
+the snapshot in force (a worker started afterwards had no peers: every request 503) and evicted the in-flight
+counts of long requests (their totals never came down); a replica that accepts and never answers gathered a
+probe every 0.25 s until lua_max_running_timers dropped the balancer's own timer. Real nginx + Lua module,
+127.0.0.1 only."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+
+from fdngx.errors import ApplyError
+from fdngx.nginx.generation import next_generation
+from tests.integration.lua_site import LuaSite, needs_lua
+from tests.support import free_ports, wait_for
+
+pytestmark = needs_lua
+
+
+class Drip:
+    """A replica that accepts, then sends one byte every 0.2 s and never a whole status line."""
+
+    def __init__(self) -> None:
+        self.port = free_ports(1)[0]
+        self.sock = socket.create_server(("127.0.0.1", self.port), backlog=64)
+        self.open = self.most = self.accepted = self.ended = 0
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.accepted += 1
+                self.open += 1
+                self.most = max(self.most, self.open)
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        try:
+            while not self.stopped.wait(0.2):
+                conn.sendall(b"H")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            with self.lock:
+                self.open -= 1
+                self.ended += 1
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.sock.close()
+
+
+def test_a_health_probe_that_never_ends_is_cut_at_its_deadline_and_never_doubled(tmp_path: Path) -> None:
+    site = LuaSite(tmp_path, 2)
+    drip = Drip()
+    try:
+        lines = [f"generation {next_generation()}"]
+        lines += [f"peer {n} 127.0.0.1 {site.ports[n]} 10 0 64 0.000" for n in site.names]
+        lines.append(f"peer hung 127.0.0.1 {drip.port} 10 1 64 0.000")  # the sidecar says down: probed
+        assert site.admin.push("\n".join(lines) + "\n").status == "ok"
+        # the first probes end at their deadline (the peer's bytes never make a status line) and the next start
+        wait_for(lambda: drip.ended >= 2, 15, what="two probes of the dripping peer cut at their deadline")
+        # before: a new probe every 0.25 s while the old ones kept reading, ~7 open when the first was cut
+        assert drip.most <= 2, f"{drip.most} probes of one peer open at once ({drip.accepted} in all)"
+        assert {site.one() for _ in range(6)} <= set(site.names)
+        assert "lua_max_running_timers are not enough" not in site.error_log()
+    finally:
+        drip.stop()
+        site.stop()
+
+
+def test_a_push_a_full_dict_has_no_room_for_is_refused_and_the_snapshot_in_force_stays(tmp_path: Path) -> None:
+    site = LuaSite(tmp_path, 2, render_args=("--lua-dict-size", "1m"))
+    try:
+        assert site.nginx is not None
+        assert "lua_shared_dict fdngx_fastdeploy 1m;" in site.conf.read_text()
+        real = [f"peer {n} 127.0.0.1 {site.ports[n]} 10 0 64 0.000" for n in site.names]
+
+        def body(k: int) -> str:
+            fill = [f"peer f{i:05d}.{'x' * 110} 127.0.0.1 {20000 + i} 10 1 64 0.000" for i in range(k)]
+            return "\n".join([f"generation {next_generation()}", *real, *fill]) + "\n"
+
+        assert site.admin.push(body(300)).status == "ok"
+        refusal = ""
+        for k in range(400, 6000, 400):  # ever bigger fleets until the 1m zone has no room for one
+            try:
+                site.admin.push(body(k))
+            except ApplyError as exc:
+                refusal = str(exc)
+                break
+        assert "HTTP 507" in refusal and "shared dict fdngx_fastdeploy is full" in refusal, refusal
+        assert "--lua-dict-size" in refusal, refusal
+        in_force = site.generation()
+        # every worker respawned (a crash, an OOM kill) reads the snapshot in force from the dict
+        workers = site.nginx.worker_pids()
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: (pids := site.nginx.worker_pids()) and not pids & workers, 10, what="respawned workers")
+        assert {site.one() for _ in range(10)} <= set(site.names)  # before: 503, no peers
+        assert site.generation() == in_force
+        log = site.error_log()
+        assert "no snapshot" not in log and "shared dict fdngx_fastdeploy is full" in log
+    finally:
+        site.stop()

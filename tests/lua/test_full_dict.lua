@@ -1,0 +1,85 @@
+-- fdngx.pool and fdngx.ledger against a shared dict that is full (nginx's semantics: tests/lua/fulldict.lua).
+-- An outside review (2026-12-06) measured on the real nginx: a push the 16m zone had no room for deleted the
+-- snapshot in force (every worker started afterwards had no peers: 503), and plain set/incr evicted the
+-- shares of long requests, whose totals then never came down.
+local pool_mod = require("fdngx.pool")
+local peers = require("fdngx.peers")
+local ledger = require("fdngx.ledger")
+local fulldict = require("fulldict")
+
+local function text_of(gen, n, width)
+    local lines = { "generation " .. gen }
+    for i = 1, n do
+        lines[#lines + 1] = string.format("peer %s 127.0.0.1 %d 10 0 64 0.000",
+            (string.format("r%05d.", i) .. string.rep("x", width)):sub(1, width), 20000 + i)
+    end
+    return table.concat(lines, "\n") .. "\n"
+end
+
+local function install(pool, text, now)
+    return pool_mod.install(pool, text, assert(peers.parse(text)), now)
+end
+
+return {
+    ["a push the dict has no room for keeps the snapshot in force (a new worker still has every peer)"] = function(t)
+        local dict = fulldict.new(60000)
+        local pool = { name = "fastdeploy", zone = "fdngx_fastdeploy", dict = dict }
+        t.ok(install(pool, text_of(1, 100, 100), 0))
+        local before = {}
+        for k, v in pairs(dict.data) do before[k] = v end
+        local added, err, why = install(pool, text_of(2, 200, 100), 1) -- the fleet grew: no room for it
+        t.eq(added, nil, "the install must fail")
+        t.eq(why, "full")
+        t.ok(err:find("shared dict fdngx_fastdeploy is full (no memory", 1, true), err)
+        t.ok(err:find("lua_shared_dict", 1, true), err)
+        for k, v in pairs(before) do t.eq(dict.data[k], v, "key " .. k .. " untouched") end
+        t.eq(#dict.evicted, 0, "nothing evicted")
+        -- what a worker started now (a crash respawn, or a reload's init) reads
+        local fresh = { name = "fastdeploy", dict = dict }
+        t.ok(pool_mod.sync(fresh, 2, true))
+        t.eq(#fresh.peers, 100, "the snapshot in force (generation 1) is kept whole")
+        t.eq(dict:get("gen"), 1)
+        -- a smaller fleet fits again, and replaces it (the old text goes)
+        t.ok(install(pool, text_of(3, 30, 100), 3))
+        t.eq(dict:get("gen"), 3); t.eq(dict:get("snap:1"), nil)
+        t.ok(pool_mod.sync(fresh, 4)); t.eq(#fresh.peers, 30)
+    end,
+
+    ["a full dict never drops a worker's in-flight share (its total would never come down)"] = function(t)
+        local dict = fulldict.new(30000)
+        local pool = { name = "fastdeploy", dict = dict }
+        t.ok(install(pool, text_of(1, 20, 60), 0))
+        local l = ledger.new(dict, "123.456")
+        local names, counted = {}, {}
+        for _, p in ipairs(assert(peers.parse((pool_mod.text(dict)))).peers) do
+            names[#names + 1] = p.name
+            counted[p.name] = l:acquire(p.name)
+        end
+        -- long streams: their shares were written at acquire; pushes since touched everything else
+        t.ok(install(pool, text_of(2, 20, 60), 1))
+        dict:get("gen"); dict:get("ver")
+        for _, n in ipairs(names) do dict:get("i:" .. n) end -- every pick reads every candidate's total
+        -- the dict fills (more peers' counters, other workers' shares): some are refused, none evicts
+        local refused = 0
+        local other = ledger.new(dict, "999.1")
+        for i = 1, 280 do if not other:acquire("filler" .. i) then refused = refused + 1 end end
+        t.ok(refused > 0, "the dict filled up")
+        t.eq(#dict.evicted, 0, "nothing evicted")
+        for _, n in ipairs(names) do if counted[n] then l:release(n) end end
+        local stuck = 0
+        for _, n in ipairs(names) do if (dict:get("i:" .. n) or 0) > 0 then stuck = stuck + 1 end end
+        t.eq(stuck, 0, "in-flight totals left above 0 after every request ended")
+    end,
+
+    ["an uncounted request leaves the counts as they were"] = function(t)
+        local dict = fulldict.new(200)
+        local l = ledger.new(dict, "1.1")
+        t.ok(l:acquire("a"), "room for one share and one total")
+        local before = dict:get("i:a")
+        t.eq(l:acquire("b"), nil, "no room for b's")
+        t.eq(dict:get("o:1.1:b"), nil, "b's share rolled back"); t.eq(dict:get("i:b"), nil)
+        t.eq(dict:get("i:a"), before, "a's count stays")
+        t.ok(l:acquire("a"), "a's counters exist: counted in place")
+        t.eq(dict:get("i:a"), 2)
+    end,
+}

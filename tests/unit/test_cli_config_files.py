@@ -222,8 +222,8 @@ def test_every_option_that_commands_share_means_the_same_to_them_or_is_per_comma
         # render and sidecar: the same config, rendered
         "access-log", "access-log-format", "admin-allow", "admin-listen", "admin-token-file", "api-keys-file",
         "api-keys-forward", "balancer", "client-body-buffer-size", "connect-timeout", "fail-timeout", "flavor",
-        "force", "keepalive", "listen", "lua-dict-size", "max-fails", "mode", "nginx-bin", "nginx-conf", "pid-file", "prefix",
-        "rate-burst", "rate-limit", "read-timeout", "reload-cmd", "speed-aware", "template-dir", "tls-cert",
+        "force", "keepalive", "listen", "lua-dict-size", "max-fails", "mode", "nginx-bin", "nginx-conf", "pid-file",
+        "prefix", "rate-burst", "rate-limit", "read-timeout", "reload-cmd", "speed-aware", "template-dir", "tls-cert",
         "tls-key",
         # the same files: the inventory; the config, its policy state (drain: only with --wait, ONLY_WITH)
         "inventory", "out", "state",

@@ -13,6 +13,8 @@ import socket
 import threading
 from pathlib import Path
 
+import requests
+
 from fdngx.errors import ApplyError
 from fdngx.nginx.generation import next_generation
 from tests.integration.lua_site import LuaSite, needs_lua
@@ -111,5 +113,47 @@ def test_a_push_a_full_dict_has_no_room_for_is_refused_and_the_snapshot_in_force
         assert site.generation() == in_force
         log = site.error_log()
         assert "no snapshot" not in log and "shared dict fdngx_fastdeploy is full" in log
+    finally:
+        site.stop()
+
+
+FILL = """
+        location = /test-fill-the-dict {
+            content_by_lua_block {
+                local d, n, prefix = ngx.shared.fdngx_fastdeploy, 0, ngx.var.arg_prefix
+                -- every slab size nginx has room in: values from 1 KB down to a number
+                for _, v in ipairs({ string.rep("x", 1024), string.rep("x", 256), string.rep("x", 64),
+                                     string.rep("x", 16), 0 }) do
+                    while d:safe_set(prefix .. n, v) do n = n + 1 end
+                end
+                ngx.say(n)
+            }
+        }
+"""
+
+
+def test_requests_a_full_dict_cannot_count_are_served_uncounted_and_nothing_is_evicted(tmp_path: Path) -> None:
+    """The dict filled by something else (here a test location): a request's in-flight counter has no room.
+    Before, incr() evicted the least recently used keys to make room (another request's share, a health
+    record, the snapshot); now the request is served uncounted, said in the error log, and every count that
+    exists comes back to 0."""
+    site = LuaSite(tmp_path, 2, render_args=("--lua-dict-size", "1m"))
+    try:
+        assert site.nginx is not None
+        text = site.conf.read_text()
+        site.conf.write_text(text.replace("        location = /health {", FILL + "        location = /health {", 1))
+        site.nginx.stop()
+        site.nginx.start(f"{site.url}/health")
+        filled = int(requests.get(f"{site.url}/test-fill-the-dict?prefix=a", timeout=10).text)
+        assert filled > 100
+        got = {site.one() for _ in range(10)}
+        assert got <= set(site.names), got
+        log = site.error_log()
+        assert "goes uncounted in the picks" in log, log[-2000:]
+        fills = int(requests.get(f"{site.url}/test-fill-the-dict?prefix=b", timeout=10).text)
+        # room for at most what expired meanwhile: the reaper's lock (it lapses every 1.8 s, and is taken again
+        # only where there is room); an eviction frees whole slab pages of the 1 KB fill values
+        assert fills <= 2, f"{fills} keys could be written again: something was evicted to make room"
+        wait_for(lambda: all(v == 0 for v in site.inflight().values()), 10, what="in-flight counts at 0")
     finally:
         site.stop()

@@ -216,13 +216,14 @@ local function tick(premature, pool)
     if missed then warn_unprobed(missed, why, now) end
     if now >= pool.renew_at then
         if not pool.ledger:renew() then
-            warn_once("full", ngx.ERR, now, "fdngx: ", pool_mod.full(pool, "no memory for this worker's lease"))
+            warn_once("full", ngx.ERR, now, "fdngx: ", pool_mod.full(pool, "no memory",
+                      "this worker's lease not renewed (its pid still says it lives)"))
         end
         pool.renew_at = now + ledger.RENEW_EVERY
     end
     if now >= pool.reap_at then
         pool.reap_at = now + ledger.REAP_EVERY
-        if dict:add("reap", true, ledger.REAP_EVERY * 0.9) then
+        if dict:safe_add("reap", true, ledger.REAP_EVERY * 0.9) then
             local keys = dict:get_keys(0)
             local taken, workers = ledger.reap(dict, pid_alive, keys)
             if taken ~= 0 then
@@ -297,8 +298,8 @@ function M.balance(name)
     st.peer, st.addr, st.port = p.name, p.addr, p.port
     st.counted = pool.ledger:acquire(p.name)
     if not st.counted then
-        warn_once("full", ngx.ERR, now, "fdngx: ", pool_mod.full(pool, "no memory for the in-flight count of "
-                  .. p.name .. ": this request goes uncounted"))
+        warn_once("full", ngx.ERR, now, "fdngx: ", pool_mod.full(pool, "no memory",
+                  "a request to " .. p.name .. " goes uncounted in the picks"))
     end
     local ok, err = ngx_balancer.set_current_peer(p.addr, p.port)
     if not ok then

@@ -81,12 +81,13 @@ function M.text(dict)
     return nil
 end
 
--- The words for a write a full dict refused (err: nginx's "no memory").
-function M.full(pool, err)
+-- The words for a write a full dict refused (err: nginx's "no memory"), and what came of it.
+function M.full(pool, err, outcome)
     local free = pool.dict.free_space and pool.dict:free_space()
-    return string.format("shared dict %s is full (%s%s): nothing applied; raise its size (lua_shared_dict, "
-                         .. "fdngx render --lua-dict-size)", pool.zone or ("fdngx_" .. tostring(pool.name)),
-                         tostring(err), free and string.format(", %d bytes free", free) or "")
+    local hint = "raise its size (lua_shared_dict, fdngx render --lua-dict-size)"
+    return string.format("shared dict %s is full (%s%s): %s; %s", pool.zone or ("fdngx_" .. pool.name),
+                         tostring(err), free and string.format(", %d bytes free", free) or "",
+                         outcome or "nothing applied", hint)
 end
 
 -- Set `key` without evicting anything (safe_set); nil and the error when the dict has no room.
@@ -191,7 +192,7 @@ local function sweep_one(dict, name, gen, now)
     local n, at = dict:get(total), dict:get(mark)
     if not at then
         -- a total no push marked (left by an older fdngx, or made again by a worker whose sync failed)
-        if n then dict:set(mark, now) end
+        if n then dict:safe_set(mark, now) end
         return 0
     end
     -- a push re-adding it meanwhile moves `gen` before any worker can pick it
@@ -340,7 +341,7 @@ function M.mark(pool, name, event, now, addr, port)
             return nil, false
         end
     end
-    dict:incr("ver", 1, 0)
+    dict:incr("ver", 1) -- there since the first install
     if in_force then in_force.h = health.decode(text) end
     return n, health.balancer_out(h, now) ~= health.balancer_out(n, now)
 end

@@ -8,6 +8,8 @@ sidecar holds is not refused (an operator may mean it), but warned: the sidecar'
 
 The lock is `.<config>.fdngx-sidecar.lock` beside the config's real file (fdngx.nginx.apply.aside), taken
 with fdngx.system.files.file_lock (never through a symlink, ours); the kernel drops it when the process dies.
+Its holder writes what it is into it (`sidecar` or `once`): a `--once` run that finds a long-running sidecar
+there is refused at once instead of waiting its whole wait for a lock that is never given back.
 """
 
 from __future__ import annotations
@@ -35,13 +37,42 @@ def hold(out: Path | None, wait: float = 0.0) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     if out is None:
         return stack
+    if wait > 0 and held(out) and _kind(out) == DAEMON:
+        raise FdngxError(f"{out}: a running fdngx sidecar manages this config (its lock "
+                         f"{owner_lock(out)}): its cycles do what --once would; leave it to them, or stop it first")
     try:
         stack.enter_context(file_lock(owner_lock(out), timeout=wait))
     except ApplyError as exc:
         stack.close()
         raise FdngxError(f"{out}: another fdngx sidecar manages this config ({exc}): one sidecar per config, "
                          "two would undo each other's writes; stop that one first") from None
+    _say_kind(out, ONCE if wait > 0 else DAEMON)
     return stack
+
+
+DAEMON, ONCE = "sidecar", "once"
+
+
+def _say_kind(out: Path, kind: str) -> None:
+    """Write what holds the lock into the lock file (best effort: only a waiting --once reads it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(owner_lock(out), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, kind.encode() + b"\n")
+        finally:
+            os.close(fd)
+
+
+def _kind(out: Path) -> str:
+    try:
+        fd = os.open(owner_lock(out), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return ""
+    try:
+        return os.read(fd, 64).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
 
 
 def held(out: Path) -> bool:

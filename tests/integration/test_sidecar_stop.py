@@ -117,3 +117,29 @@ def test_a_second_sidecar_on_one_config_is_an_error_not_a_usage_error(tmp_path: 
     assert "another fdngx sidecar manages this config" in proc.stderr and "more than 0s" not in proc.stderr
     assert f"held by pid {os.getpid()}" in proc.stderr, proc.stderr
     assert not out.exists()
+
+
+def test_once_beside_a_running_sidecar_is_refused_at_once_not_after_its_wait(tmp_path: Path) -> None:
+    """A long-running sidecar never gives its lock back: a cron `sidecar --once` beside it waited the whole
+    120 s and then failed (an ops review), two or three piling up a minute apart. Now it is refused at once,
+    saying so; another --once still waits its turn (test above)."""
+    ports = free_ports(2)
+    inv = write_inventory(tmp_path / "fdngx.json", [
+        {"name": f"dp{i}", "host": "127.0.0.1", "port": p, "engine": "fastdeploy"} for i, p in enumerate(ports)])
+    out = tmp_path / "upstream.conf"
+    base = [sys.executable, "-m", "fdngx", "sidecar", "-i", str(inv), "--out", str(out), "--no-reload",
+            "--metrics-listen", "off"]
+    daemon = subprocess.Popen([*base, "--interval", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    lock = tmp_path / ".upstream.conf.fdngx-sidecar.lock"
+    try:
+        wait_for(lambda: lock.exists() and lock.read_text().strip() == "sidecar", 30, what="the sidecar's lock")
+        started = time.monotonic()
+        once = subprocess.run([*base, "--once"], capture_output=True, text=True, timeout=100)
+        waited = time.monotonic() - started
+        assert once.returncode == 1, once.stderr
+        assert "a running fdngx sidecar manages this config" in once.stderr, once.stderr
+        assert "waiting for the lock" not in once.stderr, f"it waited {waited:.0f} s: {once.stderr}"
+        assert daemon.poll() is None, "the running sidecar goes on"
+    finally:
+        stop_process_group(daemon)

@@ -310,6 +310,8 @@ def table(snap: Snapshot, history: History | None = None, *, unicode: bool = Tru
 
 
 def summary(snap: Snapshot) -> str:
+    if not snap.rows:
+        return "no instance yet (an empty inventory: registrations add them, or `fdngx launch` writes it)"
     if snap.fail_open:
         return f"fail open: {snap.fail_open}"
     if snap.fleet_load is not None:

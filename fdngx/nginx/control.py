@@ -105,12 +105,13 @@ class NginxControl:
 
     def _run(self, argv: list[str], what: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
         out: dict[str, object] = {"capture_output": True} if "stdout" not in kwargs else {"stderr": subprocess.PIPE}
+        limit = max(self.timeout, 30.0)
         try:
-            return self.runner(argv, text=True, timeout=max(self.timeout, 30.0), **out, **kwargs)
+            return self.runner(argv, text=True, timeout=limit, **out, **kwargs)
         except FileNotFoundError:
             raise ApplyError(f"{what}: {argv[0]} not found") from None
         except subprocess.TimeoutExpired:
-            raise ApplyError(f"{what}: {shlex.join(argv)} did not finish in time") from None
+            raise ApplyError(f"{what}: {shlex.join(argv)} did not finish within {limit:g} s (stopped)") from None
 
     def test(self, conf: Path | None = None, prefix: Path | None = None,
              what: str = "nginx -t") -> frozenset[str]:

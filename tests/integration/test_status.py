@@ -25,7 +25,7 @@ import pytest
 
 from fdngx.sim.process import SimProcess, free_ports, start_sim
 from fdngx.weights.state import InstanceState, PolicyState
-from tests.support import wait_for
+from tests.support import wait_for, write_inventory
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -362,3 +362,13 @@ def test_a_state_nothing_keeps_current_is_said(fleet: Fleet, tmp_path: Path) -> 
     # Without --out/--state there is no state to speak of: nothing said, no keys.
     bare = status("-i", str(fleet.inv), "--json")
     assert "no policy state" not in bare.stderr and "state_age_s" not in json.loads(bare.stdout)
+
+
+def test_an_empty_fleet_says_so_under_the_header(tmp_path: Path) -> None:
+    """A registry's fleet before its first registration: the header alone read as a broken status (an ops
+    review); a line says there is no instance yet, and the status still exits 0."""
+    inv = write_inventory(tmp_path / "fdngx.json", [])
+    proc = status("-i", str(inv))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[0] == "INSTANCE" and lines[-1].startswith("no instance yet"), lines

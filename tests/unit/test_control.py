@@ -190,3 +190,15 @@ def test_only_a_refused_connection_reads_as_nothing_listening() -> None:
         srv.close()
     nobody = free_ports(1)[0]
     assert NginxControl("nginx", verify_url=f"http://127.0.0.1:{nobody}/x")._answer() == (None, REFUSED)
+
+
+def test_a_command_that_runs_past_its_limit_is_said_with_the_limit() -> None:
+    """A hung --reload-cmd was 'did not finish in time': which time? (an ops review). The limit is said, and
+    that the command was stopped (subprocess.run kills it at its timeout)."""
+    def hung(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        raise subprocess.TimeoutExpired(argv, float(kwargs["timeout"]))  # type: ignore[arg-type]
+
+    control = NginxControl(reload_cmd=["systemctl", "reload", "nginx"], timeout=45.0, runner=hung)
+    with pytest.raises(Exception) as err:
+        control._run(["systemctl", "reload", "nginx"], "reload")
+    assert str(err.value) == "reload: systemctl reload nginx did not finish within 45 s (stopped)"

@@ -13,6 +13,7 @@ import socket
 import threading
 from pathlib import Path
 
+import pytest
 import requests
 
 from fdngx.errors import ApplyError
@@ -118,6 +119,20 @@ def test_a_push_a_full_dict_has_no_room_for_is_refused_and_the_snapshot_in_force
 
 
 FILL = """
+        location = /test-lock {
+            content_by_lua_block { ngx.say(tostring(ngx.shared.fdngx_fastdeploy:add("adm:lock", true, 2))) }
+        }
+        location = /test-legacy-layout {
+            content_by_lua_block {
+                -- the layout of fdngx before 2026-12-06: one `snap` key for every generation
+                local d = ngx.shared.fdngx_fastdeploy
+                local gen = d:get("gen")
+                local key = string.format("snap:%d", gen)
+                d:set("snap", d:get(key))
+                d:delete(key)
+                ngx.say(gen)
+            }
+        }
         location = /test-fill-the-dict {
             content_by_lua_block {
                 local d, n, prefix = ngx.shared.fdngx_fastdeploy, 0, ngx.var.arg_prefix
@@ -132,6 +147,17 @@ FILL = """
 """
 
 
+def with_test_locations(site: LuaSite, http: str = "", workers: int = 0) -> None:
+    """Restart the site's nginx with FILL's locations (and `http` lines, and that many workers) in its config."""
+    assert site.nginx is not None
+    text = site.conf.read_text().replace("        location = /health {", FILL + "        location = /health {", 1)
+    if workers:
+        text = text.replace("worker_processes auto;", f"worker_processes {workers};", 1)
+    site.conf.write_text(text.replace("    lua_socket_log_errors off;", "    lua_socket_log_errors off;\n" + http, 1))
+    site.nginx.stop()
+    site.nginx.start(f"{site.url}/health")
+
+
 def test_requests_a_full_dict_cannot_count_are_served_uncounted_and_nothing_is_evicted(tmp_path: Path) -> None:
     """The dict filled by something else (here a test location): a request's in-flight counter has no room.
     Before, incr() evicted the least recently used keys to make room (another request's share, a health
@@ -139,11 +165,7 @@ def test_requests_a_full_dict_cannot_count_are_served_uncounted_and_nothing_is_e
     exists comes back to 0."""
     site = LuaSite(tmp_path, 2, render_args=("--lua-dict-size", "1m"))
     try:
-        assert site.nginx is not None
-        text = site.conf.read_text()
-        site.conf.write_text(text.replace("        location = /health {", FILL + "        location = /health {", 1))
-        site.nginx.stop()
-        site.nginx.start(f"{site.url}/health")
+        with_test_locations(site)
         filled = int(requests.get(f"{site.url}/test-fill-the-dict?prefix=a", timeout=10).text)
         assert filled > 100
         got = {site.one() for _ in range(10)}
@@ -157,3 +179,42 @@ def test_requests_a_full_dict_cannot_count_are_served_uncounted_and_nothing_is_e
         wait_for(lambda: all(v == 0 for v in site.inflight().values()), 10, what="in-flight counts at 0")
     finally:
         site.stop()
+
+
+
+def test_a_full_dict_answers_a_push_507_not_busy(tmp_path: Path) -> None:
+    """No room left for the admin lock's key: safe_add's "no memory" was read as the lock held: every push spun
+    2 s and got 503 "busy: another push holds the admin lock" (a review of the fix). A full dict is said as such."""
+    site = LuaSite(tmp_path, 2, render_args=("--lua-dict-size", "1m"))
+    try:
+        with_test_locations(site)
+        assert int(requests.get(f"{site.url}/test-fill-the-dict?prefix=a", timeout=10).text) > 100
+        with pytest.raises(ApplyError) as refused:
+            site.admin.push(f"generation {next_generation()}\npeer b0 127.0.0.1 {site.ports['b0']} 10 0 64 0.000\n")
+        assert "HTTP 507" in str(refused.value) and "is full" in str(refused.value), refused.value
+    finally:
+        site.stop()
+
+
+def test_a_reload_onto_the_older_layout_keeps_the_snapshot_in_force(tmp_path: Path) -> None:
+    """An upgrade by reload: the dict holds the older fdngx's one `snap` key (its old workers push that way until
+    they exit). A push had drained b1; the reload, with a push holding the admin lock so the peers file waits,
+    must keep b1 out (before: the older `snap` was not read: the peers file came back, or, with the lock held,
+    no worker had a peer: every request 503)."""
+    site = LuaSite(tmp_path, 2)
+    try:
+        with_test_locations(site)
+        assert site.nginx is not None and site.nginx.proc is not None
+        assert site.admin.push(f"generation {next_generation()}\npeer b0 127.0.0.1 {site.ports['b0']} 10 0 64 0.000\n"
+                               ).status == "ok"
+        assert {site.one() for _ in range(6)} == {"b0"}
+        assert int(requests.get(f"{site.url}/test-legacy-layout", timeout=5).text) == site.generation()
+        assert requests.get(f"{site.url}/test-lock", timeout=5).text.strip() == "true"  # a push in progress
+        old = site.nginx.worker_pids()
+        os.kill(site.nginx.proc.pid, signal.SIGHUP)
+        wait_for(lambda: (pids := site.nginx.worker_pids()) and not pids & old, 15, what="the new workers alone")
+        assert {site.one() for _ in range(6)} == {"b0"}, "the drained replica took requests again"
+        assert "no snapshot" not in site.error_log()
+    finally:
+        site.stop()
+

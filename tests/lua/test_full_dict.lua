@@ -6,6 +6,7 @@ local pool_mod = require("fdngx.pool")
 local peers = require("fdngx.peers")
 local ledger = require("fdngx.ledger")
 local fulldict = require("fulldict")
+local health = require("fdngx.health")
 
 local function text_of(gen, n, width)
     local lines = { "generation " .. gen }
@@ -81,5 +82,54 @@ return {
         t.eq(dict:get("i:a"), before, "a's count stays")
         t.ok(l:acquire("a"), "a's counters exist: counted in place")
         t.eq(dict:get("i:a"), 2)
+    end,
+    ["a push refused part-way leaves no key of a peer it would have added (nothing sweeps x:/sa:)"] = function(t)
+        local dict = fulldict.new(1e7)
+        local pool = { name = "fastdeploy", zone = "fdngx_fastdeploy", dict = dict }
+        t.ok(install(pool, text_of(1, 5, 20), 0))
+        local in_force = {}
+        for k, v in pairs(dict.data) do in_force[k] = v end
+        local text2 = text_of(2, 25, 20) -- 20 peers more
+        -- room for its text and three small keys: refused at the 4th key of a new peer
+        dict.budget = dict.used + (#"snap:2" + #text2 + 64) + 3 * 100
+        local added, err, why = install(pool, text2, 1)
+        t.eq(added, nil, "refused"); t.eq(why, "full")
+        t.ok(err:find("nothing applied", 1, true), err)
+        for k in pairs(dict.data) do
+            t.ok(in_force[k] ~= nil, "key " .. k .. " written by a push that was refused ('nothing applied')")
+        end
+        t.eq(dict:get("snap_at"), in_force["snap_at"], "snap_at")
+    end,
+
+    ["an older fdngx's `snap` key of the generation in force is read (an upgrade by reload)"] = function(t)
+        -- 8ae71cd's layout: `gen` and one `snap` key. Old workers write it until they stop (a push they took
+        -- while the new master's init ran); the new init reads it to keep a newer push than the peers file.
+        local dict = fulldict.new(1e7)
+        local old = text_of(7, 3, 20)
+        dict:set("snap", old); dict:set("gen", 7); dict:set("ver", 3)
+        local text, gen = pool_mod.text(dict)
+        t.eq(text, old, "the snapshot in force"); t.eq(gen, 7)
+        local w = { name = "fastdeploy", dict = dict }
+        t.ok(pool_mod.sync(w, 1, true), "a new worker has the peers in force")
+        t.eq(#w.peers, 3)
+        -- and one whose generation is not `gen` is not taken for it
+        dict:set("gen", 8)
+        t.eq(pool_mod.text(dict), nil)
+    end,
+
+    ["a health mark in a full dict is written in place, never lost (records have one width)"] = function(t)
+        local dict = fulldict.new(1e7)
+        local pool = { name = "fastdeploy", zone = "fdngx_fastdeploy", dict = dict }
+        t.ok(install(pool, text_of(1, 3, 20), 0))
+        t.ok(pool_mod.sync(pool, 0, true))
+        local name = pool.peers[1].name
+        pool_mod.mark(pool, name, health.on_failure, 5)
+        local before = dict:get("h:" .. name)
+        t.ok(before, "a record")
+        dict.budget = dict.used -- full
+        local h = pool_mod.mark(pool, name, health.on_failure, 1000) -- a longer back-off, later times
+        local after = dict:get("h:" .. name)
+        t.ok(after and #after == #before, "kept: " .. tostring(after))
+        t.eq(health.decode(after).level, 2, "the new record, in place"); t.eq(h.level, 2)
     end,
 }

@@ -464,7 +464,31 @@ return {
         pool_mod.probed(pool, "a"); pool_mod.probed(worker, "b")
         dict.clock = 0.1 + health.PROBE_EVERY
         pool_mod.probes(pool, dict.clock, start)
-        t.eq(table.concat(started, ","), "a,b,a,b")
+        t.eq(#started, 4); t.ok(started[3] ~= started[4], table.concat(started, ",")) -- a and b again
+    end,
+
+    ["probes: each tick starts further down the list, so no peer waits behind the first ones for good"] = function(t)
+        local lines = {}
+        for i = 1, 6 do lines[i] = string.format("peer p%d 127.0.0.1 %d 20 1 64 0", i, i) end
+        local dict, pool = two_workers(lines, 0)
+        pool_mod.sync(pool, 0)
+        -- room for two probes a tick (the worker's cap); every one of them ends before the next tick
+        local firsts = {}
+        for tick = 0, 5 do
+            local now = tick * health.PROBE_EVERY
+            dict.clock = now
+            local n = 0
+            local function start(_, p)
+                if n == 2 then return nil, "cap" end
+                n = n + 1
+                firsts[p.name] = firsts[p.name] or tick
+                pool_mod.probed(pool, p.name)
+                return 1
+            end
+            pool_mod.probes(pool, now, start)
+        end
+        for i = 1, 6 do t.ok(firsts["p" .. i] ~= nil, "p" .. i .. " never probed") end
+        t.ok(firsts.p5 <= 2 and firsts.p6 <= 2, "the ones after the cap go first next tick")
     end,
 
     ["probes: never a second one of a peer while one runs (a /health that never answers)"] = function(t)

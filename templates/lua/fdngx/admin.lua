@@ -45,14 +45,18 @@ end
 -- take pushes. Its expiry frees it from a worker killed holding it.
 M.LOCK, M.LOCK_TTL = "adm:lock", 5
 
-local function locked(dict, fn)
+local function locked(pool, fn)
+    local dict = pool.dict
     for _ = 1, 400 do
-        if dict:safe_add(M.LOCK, true, M.LOCK_TTL) then
+        local took, err = dict:safe_add(M.LOCK, true, M.LOCK_TTL)
+        if took then
             local ok, a, b = pcall(fn)
             dict:delete(M.LOCK)
             if not ok then error(a) end
             return a, b
         end
+        -- no room for the lock's key: a full dict, which has no room for the push either
+        if err ~= "exists" then return 507, pool_mod.full(pool, err) end
         ngx.sleep(0.005)
     end
     return 503, "busy: another push holds the admin lock"
@@ -67,7 +71,7 @@ local function post(pool)
     local snap, err = peers.parse(body or "")
     if not snap then return 400, err .. " (nothing applied)" end
     local dict = pool.dict
-    return locked(dict, function()
+    return locked(pool, function()
         ngx.update_time()
         local now = ngx.now()
         local current = dict:get("gen")

@@ -47,7 +47,17 @@ local FAILS = { [502] = true, [503] = true, [504] = true }
 local pools = {} -- name -> pool: built by init() in the master, inherited by every worker
 local open = {} -- $request_id -> { pool, peer, tried }: this worker's balanced requests in flight
 local warn_at = {} -- kind -> when this worker may next warn of it
-local probing = 0 -- this worker's probes running
+-- This worker's probes running: pool and peer -> when its slot lapses. Not a counter: a timer nginx drops
+-- (past lua_max_running_timers) never runs, not even as premature, and its slot must not be lost for good.
+local probing = {}
+
+local function probes_running(now)
+    local n = 0
+    for key, till in pairs(probing) do
+        if till <= now then probing[key] = nil else n = n + 1 end
+    end
+    return n
+end
 
 -- Log `...` at `level` unless this worker logged the same `kind` less than WARN_EVERY ago.
 local function warn_once(kind, level, now, ...)
@@ -90,9 +100,15 @@ function M.init(cfg)
     -- read and the install below (a push answered "ok", then replaced by the older file). Held by a push in
     -- progress (or by a worker killed in one, for its 5 s): that push decides, and the file waits for the
     -- next (the sidecar pushes a whole snapshot every cycle).
-    if not dict:safe_add(admin.LOCK, true, admin.LOCK_TTL) then
-        ngx.log(ngx.WARN, "fdngx: pool ", cfg.pool, ": a push is being applied; the peers file ", cfg.peers_file,
-                " is left to the next one")
+    local took, lerr = dict:safe_add(admin.LOCK, true, admin.LOCK_TTL)
+    if not took then
+        if lerr == "exists" then
+            ngx.log(ngx.WARN, "fdngx: pool ", cfg.pool, ": a push is being applied; the peers file ",
+                    cfg.peers_file, " is left to the next one")
+        else
+            ngx.log(ngx.ERR, "fdngx: pool ", cfg.pool, ": peers file ", cfg.peers_file, ": ",
+                    pool_mod.full(pool, lerr, "not installed"))
+        end
         pools[cfg.pool] = pool
         return
     end
@@ -173,12 +189,13 @@ local function get_health(addr, port)
 end
 
 local function probe(premature, pool, name, addr, port)
+    local slot = pool.name .. " " .. name
     if premature then
-        probing = probing - 1
+        probing[slot] = nil
         return pool_mod.probed(pool, name)
     end
     local ok, good = pcall(get_health, addr, port)
-    probing = probing - 1
+    probing[slot] = nil
     pool_mod.probed(pool, name)
     good = ok and good
     -- removed or moved meanwhile: no record (pool.mark asks the snapshot in force)
@@ -190,12 +207,13 @@ local function probe(premature, pool, name, addr, port)
 end
 
 local function start_probe(pool, p)
-    if probing >= MAX_PROBES then
+    local now = now_of()
+    if probes_running(now) >= MAX_PROBES then
         return nil, MAX_PROBES .. " probes of this worker still running (replicas that accept and do not answer?)"
     end
     local ok, err = ngx.timer.at(0, probe, pool, p.name, p.addr, p.port)
     if not ok then return nil, err == "process exiting" and err or tostring(err) .. " (lua_max_pending_timers?)" end
-    probing = probing + 1
+    probing[pool.name .. " " .. p.name] = now + pool_mod.PROBE_HOLD
     return ok
 end
 

@@ -47,13 +47,15 @@ function M.new()
     return { out = false, level = 0, till = 0, changed = 0, ok_at = 0 }
 end
 
+-- Fixed width (times to 2286): a record rewritten in place. nginx frees a shared-dict value whose size
+-- changes before it stores the new one, and a full dict that has no room for it then has lost the old too.
 function M.encode(h)
-    return format("%d %d %.3f %.3f %.3f", h.out and 1 or 0, h.level, h.till, h.changed, h.ok_at)
+    return format("%d %2d %14.3f %14.3f %14.3f", h.out and 1 or 0, h.level, h.till, h.changed, h.ok_at)
 end
 
 function M.decode(s)
     if type(s) ~= "string" then return M.new() end
-    local out, level, till, changed, ok_at = s:match("^([01]) (%d+) ([%d.]+) ([%d.]+) ([%d.]+)$")
+    local out, level, till, changed, ok_at = s:match("^([01]) +(%d+) +([%d.]+) +([%d.]+) +([%d.]+)$")
     if not out then return M.new() end
     return { out = out == "1", level = tonumber(level), till = tonumber(till), changed = tonumber(changed),
              ok_at = tonumber(ok_at) }

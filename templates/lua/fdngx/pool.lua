@@ -68,15 +68,19 @@ local function snap_key(gen)
     return string.format("snap:%d", gen)
 end
 
--- The snapshot text in force and its generation, or nil (none yet, or an older fdngx's layout after an
--- upgrade by reload: the next install replaces it). A push moving `gen` between the two reads deletes the
--- old text only after `gen` moved: a second look finds the new one.
+-- The snapshot text in force and its generation, or nil (none yet). A push moving `gen` between the two
+-- reads deletes the old text only after `gen` moved: a second look finds the new one. An older fdngx kept
+-- every generation's text under one key, `snap` (0.3.0 before 2026-12-06): after an upgrade by reload its
+-- old workers still push that way until they exit, and its text is the one in force when its generation
+-- line is `gen`'s (the next install here deletes it).
 function M.text(dict)
     for _ = 1, 3 do
         local gen = dict:get("gen")
         if gen == nil then return nil end
         local text = dict:get(snap_key(gen))
         if text ~= nil then return text, gen end
+        local legacy = dict:get("snap")
+        if legacy and tonumber(legacy:match("^generation (%d+)\n")) == gen then return legacy, gen end
     end
     return nil
 end
@@ -117,8 +121,12 @@ function M.install(pool, text, snap, now)
     local key = snap_key(snap.generation)
     local ok, err = put(dict, key, text)
     if not ok then return nil, M.full(pool, err), "full" end
+    local written, snap_at = {}, dict:get("snap_at") -- keys of peers not in force, written below
     local function refused(why)
+        -- what this push wrote goes (a peer in force keeps its estimate moved part-way: smoothed anyway)
         if key ~= (current and snap_key(current)) then dict:delete(key) end
+        for _, k in ipairs(written) do dict:delete(k) end
+        if snap_at then dict:safe_set("snap_at", snap_at) end
         return nil, M.full(pool, why), "full"
     end
     -- the part of the previous estimate kept: none after a long gap (it faded out in the picks meanwhile)
@@ -139,8 +147,13 @@ function M.install(pool, text, snap, now)
         local was = prev and dict:get("x:" .. p.name)
         if was then x = keep * was + (1 - keep) * x end
         -- (a refusal part-way leaves some estimates moved: estimates, smoothed, of the peers in force)
+        local new = not (old and old.by_name[p.name])
         ok, err = put(dict, "x:" .. p.name, x)
-        if ok and (not prev or prev.down ~= p.down) then ok, err = put(dict, "sa:" .. p.name, now) end
+        if ok and new then written[#written + 1] = "x:" .. p.name end
+        if ok and (not prev or prev.down ~= p.down) then
+            ok, err = put(dict, "sa:" .. p.name, now)
+            if ok and new then written[#written + 1] = "sa:" .. p.name end
+        end
         if not ok then return refused(err) end
     end
     local removed = peers.missing(old, snap)
@@ -273,18 +286,38 @@ M.PROBE_HOLD = M.PROBE_DEADLINE + 0.5
 -- instead of the probe being skipped until the lock lapses. The rest wait for that tick too (they would
 -- fail alike). Returns the peer that could not be probed and why, or nil.
 function M.probes(pool, now, start)
-    local dict = pool.dict
-    for _, p in ipairs(pool.peers) do
+    local dict, list = pool.dict, pool.peers
+    local n = #list
+    if n == 0 then return nil end
+    -- Each tick starts where the last one stopped (the peer whose probe could not start first), else one
+    -- further: in list order, the first peers due would take every free probe slot at every tick, and a peer
+    -- further down the list that accepts and never answers might never be probed at all.
+    local from = (pool.probe_from or 0) % n
+    pool.probe_from = from + 1
+    for k = 0, n - 1 do
+        local i = (from + k) % n
+        local p = list[i + 1]
         local lock, running = "pl:" .. p.name, "pr:" .. p.name
-        if health.needs_probe(p.h, p.down, now) and dict:get(running) == nil
-            and dict:safe_add(lock, true, health.PROBE_EVERY) then
-            if dict:safe_add(running, true, M.PROBE_HOLD) then
-                local ok, err = start(pool, p)
-                if not ok then
+        if health.needs_probe(p.h, p.down, now) and dict:get(running) == nil then
+            local ok, err = dict:safe_add(lock, true, health.PROBE_EVERY)
+            if ok then
+                ok, err = dict:safe_add(running, true, M.PROBE_HOLD)
+                if ok then
+                    ok, err = start(pool, p)
+                    if not ok then
+                        dict:delete(lock)
+                        dict:delete(running)
+                        pool.probe_from = i
+                        return p.name, tostring(err)
+                    end
+                elseif err ~= "exists" then
                     dict:delete(lock)
-                    dict:delete(running)
-                    return p.name, tostring(err)
                 end
+            end
+            -- "exists": another worker's, or running; anything else: no room for the lock (a full dict)
+            if not ok and err ~= "exists" then
+                pool.probe_from = i
+                return p.name, M.full(pool, err, "not probed")
             end
         end
     end

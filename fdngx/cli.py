@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
 from fdngx.config import attach_envvars, env_names, load_settings, settings_of
-from fdngx.errors import FdngxError, os_error_line
+from fdngx.errors import FdngxError, Interrupted, os_error_line
 from fdngx.logs import say, setup_logging
+from fdngx.system import hups
 
 # The command each module in fdngx.commands registers, in --help's order. A run imports only the module of the
 # command it runs (cron's `render` does not import the simulator, the demo or the launch supervisor: about a
@@ -32,6 +34,7 @@ from fdngx.logs import say, setup_logging
 COMMANDS = {"launch": "launch", "stop": "launch", "render": "render", "sidecar": "sidecar", "status": "status",
             "drain": "drain", "sim": "sim", "demo": "demo"}
 _ROOT_VALUED = ("--config", "--log-format")  # root options that take a value (the next word)
+INTERRUPTED = 130  # exit status after Ctrl-C: 128 + SIGINT, as shells report it
 
 APP_SETTINGS: dict[str, Any] = dict(
     name="fdngx",
@@ -167,6 +170,22 @@ def _defaulted(ctx: typer.Context, name: str) -> bool:
     return source is None or source.name == "DEFAULT"
 
 
+class _Group(TyperGroup):
+    """fdngx's root command: a Ctrl-C in a command is said on one line. typer turns a KeyboardInterrupt into
+    exit 130 and says nothing; a cron mail or a terminal should see that the run was stopped, and what it
+    left (an apply after its swap puts the previous file back: fdngx.nginx.apply)."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            say(interrupted_line(exc), logging.WARNING)
+            raise  # typer: exit 130 (128 + SIGINT)
+
+
+APP_SETTINGS["cls"] = _Group
+
+
 def make_app(modules: Sequence[str] | None = None) -> typer.Typer:
     """The typer app with the commands of `modules` (names in fdngx.commands; None: every one)."""
     made = typer.Typer(**APP_SETTINGS)  # type: ignore[arg-type]
@@ -180,15 +199,23 @@ def modules_for(argv: Sequence[str]) -> list[str] | None:
     """The command modules a run with `argv` needs: the one of its command, or None (all of them)."""
     if os.environ.get("FDNGX_CONFIG") or "_FDNGX_COMPLETE" in os.environ:
         return None
-    words = iter(argv)
-    for word in words:
-        if word == "--config" or word.startswith("--config="):
-            return None
-        if word in _ROOT_VALUED:
-            next(words, None)
-        elif not word.startswith("-"):
-            return [COMMANDS[word]] if word in COMMANDS else None
-    return None
+    if any(word == "--config" or word.startswith("--config=") for word in argv[:_command_at(argv)]):
+        return None
+    word = command_of(argv)
+    return [COMMANDS[word]] if word in COMMANDS else None
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command a run with `argv` names (its first word that is not fdngx's own option), or None."""
+    at = _command_at(argv)
+    return argv[at] if at < len(argv) else None
+
+
+def _command_at(argv: Sequence[str]) -> int:
+    at = 0
+    while at < len(argv) and argv[at].startswith("-"):
+        at += 2 if argv[at] in _ROOT_VALUED else 1
+    return at
 
 
 @functools.cache
@@ -204,11 +231,16 @@ def __getattr__(name: str) -> typer.Typer:
 
 
 def main() -> None:
+    if command_of(sys.argv[1:]) == "sidecar":
+        hups.hold()  # first thing: `systemctl reload` may come while it starts (fdngx.system.hups)
     # Not click's standalone mode: its usage errors (a bad option, a value typer cannot convert) come here too,
     # and are said on one line like fdngx's own, instead of a box of several.
     try:
         # prog_name: `python -m fdngx` is still `fdngx` in usage lines and in completion's _FDNGX_COMPLETE.
         code = make_app(modules_for(sys.argv[1:]))(prog_name="fdngx", standalone_mode=False)
+    except KeyboardInterrupt as exc:  # Ctrl-C before a command ran (while loading it); in one: _Group.invoke
+        say(interrupted_line(exc), logging.WARNING)
+        sys.exit(INTERRUPTED)
     except typer.Abort:  # Ctrl-C while click was reading or prompting
         say("Aborted!", logging.ERROR)
         sys.exit(1)
@@ -224,6 +256,11 @@ def main() -> None:
         say(f"fdngx: error: {os_error_line(exc)}", logging.ERROR, color="red")
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(N), --help: their code; a command's end: 0
+
+
+def interrupted_line(exc: KeyboardInterrupt) -> str:
+    """Ctrl-C as one line: what the interrupted step left, when it said (fdngx.errors.Interrupted)."""
+    return f"fdngx: interrupted: {exc}" if isinstance(exc, Interrupted) and str(exc) else "fdngx: interrupted"
 
 
 def click_error_line(exc: typer.TyperException) -> str:

@@ -6,6 +6,8 @@ as a traceback.
 
 from __future__ import annotations
 
+import errno
+
 
 class FdngxError(Exception):
     """Base class: an expected failure with a message for people."""
@@ -47,6 +49,32 @@ class LaunchError(FdngxError):
 
 class UnsafeFileError(FdngxError):
     """A file fdngx must trust is a symlink, not a regular file, or writable by another account."""
+
+
+class ListenError(FdngxError):
+    """A listener fdngx was told to open cannot bind (the port is taken, the address is not on this host yet):
+    a state of the machine, not of the command line. Exit 1, so a service manager restarts the sidecar
+    (the shipped unit stops for good only on 2, a usage error)."""
+
+
+# Why a bind failed, by errno: what to look at (the errno's own words come first).
+_LISTEN_HINTS = {
+    errno.EADDRINUSE: "another process listens there (ss -ltnp)",
+    errno.EADDRNOTAVAIL: "that address is not on this host (yet)",
+    errno.EACCES: "a port below 1024 needs root or CAP_NET_BIND_SERVICE",
+}
+
+
+def listen_error(option: str, value: str, exc: OSError) -> ListenError:
+    """A failed bind of `option`'s `value` as one line: the option, the address, the errno's words and a hint."""
+    hint = _LISTEN_HINTS.get(exc.errno or 0)
+    return ListenError(f"{option} {value}: cannot listen: {exc.strerror or exc}{f'; {hint}' if hint else ''}")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) that says what the step it stopped left behind ("restored the previous file"). Still a
+    KeyboardInterrupt, so whatever stops on one still does (no `except Exception` takes it for a failure);
+    the CLI says it on one line and exits 130."""
 
 
 class UsageError(FdngxError):

@@ -52,7 +52,7 @@ from fdngx.logs import say
 from fdngx.nginx.apply import unified_diff
 from fdngx.nginx.frontdoor import AccessLogFormat
 from fdngx.nginx.target import Target, open_target
-from fdngx.system.files import Identity, identity, read_bytes_or_none, real_target
+from fdngx.system.files import Identity, identity, lock_waits_said_at, read_bytes_or_none, real_target
 from fdngx.weights import owner
 from fdngx.weights.controller import Controller, CycleResult
 from fdngx.weights.settings import PolicyConfig, config_for_flavor
@@ -182,7 +182,8 @@ def render_cmd(
     if out_path is not None and owner.held(out_path):
         say(f"fdngx: warning: a running fdngx sidecar manages {out_path}: its next cycle rewrites what this render "
             "writes (to change its options, restart it with them)", logging.WARNING, color="yellow")
-    result = apply_fresh(target, policy, store, paths, seen, inv)
+    with lock_waits_said_at(logging.DEBUG if quiet else logging.INFO):  # --quiet: a wait alone is not news
+        result = apply_fresh(target, policy, store, paths, seen, inv)
     if result.error is not None:
         say(f"fdngx: error: {result.error}", logging.ERROR, color="red")
         raise typer.Exit(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from dataclasses import replace
@@ -49,14 +50,16 @@ from fdngx.commands.options import (
 from fdngx.domain import Balancer, Flavor, Mode
 from fdngx.errors import UsageError, check_number
 from fdngx.nginx import admin
-from fdngx.nginx.fanout import MAX_PUSH_TIMEOUT, MIN_PUSH_TIMEOUT, frontend_specs
+from fdngx.nginx.fanout import MAX_PUSH_TIMEOUT, MIN_PUSH_TIMEOUT, FrontendSpec, frontend_specs
 from fdngx.nginx.frontdoor import AccessLogFormat
-from fdngx.nginx.target import open_target
+from fdngx.nginx.target import TargetSpec, open_target
 from fdngx.registry.core import Registry, RegistrySettings
 from fdngx.registry.http import RegistryServer, server_options
 from fdngx.registry.rules import DEFAULT_MAX_INSTANCES
+from fdngx.system import hups
+from fdngx.weights import owner
 from fdngx.weights.dial import raise_fd_limit
-from fdngx.weights.settings import MAX_SECONDS, config_for_flavor
+from fdngx.weights.settings import MAX_SECONDS, PolicyConfig, config_for_flavor
 from fdngx.weights.sidecar import Sidecar, SidecarConfig
 from fdngx.weights.telemetry import DEFAULT_LISTEN, Telemetry
 
@@ -73,13 +76,15 @@ EPILOG = (
     "upstream/site modes: nginx.conf must include --out before the first cycle (write it once with `fdngx render` "
     "and the same options, no --reload, then add the include): an apply of a file nginx does not read fails, "
     "and the file is removed.\n\n"
-    "Signals: SIGHUP re-reads the inventory now; SIGTERM/SIGINT stop after the current cycle (a cycle waiting "
+    "Signals: SIGHUP re-reads the inventory now (one during the start: once the loop runs); SIGTERM/SIGINT "
+    "stop after the current cycle (a cycle waiting "
     "for another run's apply lock gives that apply up at once, nothing written).\n"
     "The inventory is watched through symlinks (a ConfigMap's ..data, a release's current -> releases/N) and "
     "looked at every cycle too: re-read when a file changed, never because one was read.\n"
     "Logs one line per change with its reason. Policy state lives beside --out (.<name>.fdngx-state.json).\n\n"
     "Exit codes: 0 stopped by SIGTERM/SIGINT (--once: applied or unchanged), 1 error (e.g. a missing or bad "
-    "inventory, another sidecar manages this config; --once: the apply failed), 2 usage."
+    "inventory, another sidecar manages this config, a --metrics-listen or --registry-listen that cannot "
+    "listen; --once: the apply failed), 2 usage."
 )
 
 
@@ -241,25 +246,58 @@ def sidecar_cmd(
         token_file = (admin_token_file or admin.token_path(out.absolute())).absolute()
     urls = [u for entry in push_to or () for u in entry.split(",") if u.strip()]
     frontends = tuple(frontend_specs(urls, token_file)) if controller else ()
-    spec = replace(target_spec(opts, out=out, prefix=prefix, nginx_conf=nginx_conf, nginx_bin=nginx_bin,
-                               reload_cmd=reload_cmd, reload=not no_reload and out is not None,
-                               admin_token_file=admin_token_file, pid_file=pid_file, force=force),
-                   controller=controller, frontends=frontends, push_timeout=push_timeout).validated()
+
+    def spec_of(dry: bool) -> TargetSpec:  # dry: every check, nothing written (the API key map)
+        return replace(target_spec(opts, out=out, prefix=prefix, nginx_conf=nginx_conf, nginx_bin=nginx_bin,
+                                   reload_cmd=reload_cmd, reload=not no_reload and out is not None,
+                                   admin_token_file=admin_token_file, pid_file=pid_file, force=force, dry=dry),
+                       controller=controller, frontends=frontends, push_timeout=push_timeout).validated()
+
+    spec_of(dry=True)
     inventories = inventory_paths(inventory)
-    registry = None
+    settings = None
     if registry_listen:
-        # Before the sidecar loads the inventory: the registry creates it (empty) when missing.
         settings = RegistrySettings.from_options(registry_grace, registry_targets, registry_metrics_port,
                                                  registry_max_instances)
-        server_options(registry_listen, registry_allow)  # a bad option leaves no empty inventory behind
-        owner = Registry(inventories[0], inventories[1:], settings=settings)
-        if not once:  # one cycle serves no registrations; the inventory exists now all the same
-            registry = RegistryServer(registry_listen, owner, allow=registry_allow).start()
-            log.info("registry: FastDeploy instances may POST http://%s/register", registry_listen)
-    target = open_target(spec)
+        server_options(registry_listen, registry_allow)
+    # Every option checked (exit 2); now the listeners, before anything is written (the key map, the token, an
+    # empty inventory): a port that is taken or an address not up yet is exit 1 (ListenError: systemd tries
+    # again), and leaves nothing behind.
+    if out is not None and not once and owner.held(out):  # (--once waits for it, and listens nowhere)
+        owner.hold(out).close()  # raises, naming the sidecar that runs: a clearer word than its taken port
+    telemetry = Telemetry(flavor=flavor.value)
+    with contextlib.ExitStack() as listening:
+        if not once and metrics_listen.lower() != "off":
+            host, port = telemetry.serve(metrics_listen)
+            listening.callback(telemetry.close)
+            log.info("own metrics on http://%s:%d/metrics", host, port)
+        server = None
+        if registry_listen and not once:  # one cycle serves no registrations
+            server = RegistryServer(registry_listen, allow=registry_allow)
+            listening.callback(server.stop)
+        spec = spec_of(dry=False)
+        if settings is not None:
+            # Before the sidecar loads the inventory: the registry creates it (empty) when missing.
+            registered = Registry(inventories[0], inventories[1:], settings=settings)
+            if server is not None:
+                server.start(registered)
+                log.info("registry: FastDeploy instances may POST http://%s/register", registry_listen)
+        sidecar = _sidecar(spec, inventories, policy, state, debounce, interval, frontends, push_to_file,
+                           token_file, once, telemetry)
+        if once:
+            if sidecar.once().error is not None:
+                raise typer.Exit(1)  # the controller logged why; nginx keeps what it had
+            return
+        _run(sidecar, out, no_reload, interval, server is not None, registry_listen)
+
+
+def _sidecar(spec: TargetSpec, inventories: list[Path], policy: PolicyConfig, state: Path | None, debounce: float,
+             interval: float, frontends: tuple[FrontendSpec, ...], push_to_file: Path | None,
+             token_file: Path | None, once: bool, telemetry: Telemetry) -> Sidecar:
+    """The loop, set up: the target opened (its prefix, token and key map made), this config's sidecar lock taken."""
     config = SidecarConfig(
         inventories=tuple(inventories),
-        target=target,
+        target=open_target(spec),
         policy=policy,
         state_path=state,
         debounce=debounce,
@@ -269,14 +307,13 @@ def sidecar_cmd(
         push_token_file=token_file,
         owner_wait=ONCE_WAIT if once else 0.0,
     )
-    sidecar = Sidecar(config, telemetry=Telemetry(flavor=flavor.value))
-    if once:
-        if sidecar.once().error is not None:
-            raise typer.Exit(1)  # the controller logged why; nginx keeps what it had
-        return
-    if metrics_listen.lower() != "off":
-        host, port = sidecar.telemetry.serve(metrics_listen)
-        log.info("own metrics on http://%s:%d/metrics", host, port)
+    return Sidecar(config, telemetry=telemetry)
+
+
+def _run(sidecar: Sidecar, out: Path | None, no_reload: bool, interval: float, registering: bool,
+         registry_listen: str | None) -> None:
+    """The loop, with its signals: SIGTERM/SIGINT stop it after the cycle, SIGHUP re-reads the inventory (one
+    that came during the set-up too: held since the start, fdngx.system.hups)."""
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         sidecar.stop()
@@ -286,8 +323,11 @@ def sidecar_cmd(
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    signal.signal(signal.SIGHUP, on_hup)
+    if hups.hand_over(on_hup):
+        log.info("SIGHUP during start-up: the inventory is read again as the loop starts")
+        sidecar.inventory_changed(immediate=True)
     sidecar.watch()
+    target = sidecar.config.target
     if target.fanout is not None:
         where = f"writing {out} and " if out is not None else ""
         how = f"{where}pushing to {len(target.fanout.labels)} frontend(s): {', '.join(target.fanout.labels[:8])}"
@@ -296,15 +336,10 @@ def sidecar_cmd(
                                   else ("" if no_reload else " and reloading nginx"))
     raise_fd_limit(2 * len(sidecar.inventory.instances))  # its scrape: /metrics and /health per replica
     log.info("sidecar: %d instance(s), every %.1fs, %s", len(sidecar.inventory.instances), interval, how)
-    if registry is not None and not sidecar.inventory.instances:
+    if registering and not sidecar.inventory.instances:
         log.info("no instance yet: nginx answers 503 (Retry-After: 1) until one registers at http://%s/register",
                  registry_listen)
-    try:
-        sidecar.run()
-    finally:
-        sidecar.telemetry.close()
-        if registry is not None:
-            registry.stop()
+    sidecar.run()
 
 
 def register(app: typer.Typer) -> None:

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fdngx.errors import ApplyError, os_error_line
+from fdngx.errors import ApplyError, Interrupted, os_error_line
 from fdngx.nginx import guards, journal, shape
 from fdngx.nginx.control import NginxControl, NginxNotRunning, ReloadError, generation_in
 from fdngx.nginx.escape import EscapeError, nginx_string
@@ -271,6 +271,9 @@ def _apply_recovered(path: Path, target: Path, content: str, control: NginxContr
                                 os.getpid(), time.time())
         atomic_write(jfile, entry.to_json(), private=True)
         os.replace(candidate, target)
+    except KeyboardInterrupt:
+        remove(candidate)
+        raise Interrupted(f"{path}: not applied, the live file was not touched") from None
     except BaseException:
         remove(candidate)
         raise
@@ -330,9 +333,11 @@ def _finish(path: Path, target: Path, old: bytes | None, diff: str, generation: 
             except ApplyError as again:
                 reason += f"; putting nginx back on the previous config failed too: {again}"
         remove(jpath)
+        undone = "restored the previous file" if old is not None else "removed it (there was no file before)"
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C: said on one line by the CLI, exit 130
+            raise Interrupted(f"{path}: {undone}") from None
         if not isinstance(exc, Exception):
             raise
-        undone = "restored the previous file" if old is not None else "removed it (there was no file before)"
         raise (ReloadFailed if isinstance(exc, ReloadError) else ApplyError)(f"{path}: {reason}; {undone}") from None
     remove(jpath)
     return ApplyResult(path, True, True, diff, generation, "", True, recovered, seconds)

@@ -34,7 +34,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from fdngx.domain import Listen
-from fdngx.errors import UsageError
+from fdngx.errors import UsageError, listen_error
 from fdngx.registry.core import Registry, answer
 from fdngx.registry.rules import DEFAULT_ALLOW, IPAddress, Networks, RateLimit, canonical_ip
 
@@ -182,7 +182,9 @@ class _PoolServer(socketserver.TCPServer):
                  read_deadline: float, family: int, per_source: int = PER_SOURCE, outside: int = OUTSIDE) -> None:
         self.address_family = family
         self.sources = handler.sources
-        super().__init__(addr, handler)
+        # Bound by listen(), once every field is set: a failed bind then closes a whole server (TCPServer's own
+        # bind, in __init__, called server_close() before _stop existed: an AttributeError traceback).
+        super().__init__(addr, handler, bind_and_activate=False)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fdngx-registry")
         # Refusals of sources outside the allow-list run here: they never wait for (or hold) a pool worker.
         self.outside_pool = ThreadPoolExecutor(max_workers=outside, thread_name_prefix="fdngx-registry-403")
@@ -195,6 +197,15 @@ class _PoolServer(socketserver.TCPServer):
         self._mu = threading.Lock()
         self._stop = threading.Event()
         self.watchdog = threading.Thread(target=self._watch, name="fdngx-registry-watchdog", daemon=True)
+
+    def listen(self) -> None:
+        """Bind and listen, then start the watchdog; on OSError everything is closed again."""
+        try:
+            self.server_bind()
+            self.server_activate()
+        except OSError:
+            self.server_close()
+            raise
         self.watchdog.start()
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -288,6 +299,7 @@ class _PoolServer(socketserver.TCPServer):
         log.debug("registry: error serving %s", client_address[0])
 
     def server_close(self) -> None:
+        """Safe at any point: unbound, bound, serving, or closed already."""
         self._stop.set()
         super().server_close()
         for pool in (self.pool, self.outside_pool):
@@ -305,20 +317,25 @@ def server_options(listen: str, allow: str = DEFAULT_ALLOW) -> tuple[Listen, Net
 
 
 class RegistryServer:
-    """The HTTP side and the periodic check, each on its own thread (the sidecar runs them beside its loop)."""
+    """The HTTP side and the periodic check, each on its own thread (the sidecar runs them beside its loop).
 
-    def __init__(self, listen: str, registry: Registry, *, allow: str = DEFAULT_ALLOW,
+    Bound when made: the sidecar makes it before the Registry, which creates the inventory, so a port that is
+    taken leaves no empty inventory behind (ListenError). It serves from start(), with `registry` or the one
+    start() is given; stop() also lets go of one that never started."""
+
+    def __init__(self, listen: str, registry: Registry | None = None, *, allow: str = DEFAULT_ALLOW,
                  limit: RateLimit | None = None, workers: int = WORKERS, queue: int = QUEUE,
                  read_deadline: float = READ_DEADLINE, per_source: int = PER_SOURCE, outside: int = OUTSIDE) -> None:
         where, sources = server_options(listen, allow)
-        handler = type("Handler", (_Handler,), {"registry": registry, "sources": sources,
-                                                 "limit": limit or RateLimit(), "timeout": read_deadline})
+        self.handler = type("Handler", (_Handler,), {"sources": sources, "limit": limit or RateLimit(),
+                                                      "timeout": read_deadline})
         family = socket.AF_INET6 if ":" in where.bind_host else socket.AF_INET
+        self.httpd = _PoolServer((where.bind_host, where.port), self.handler, workers, queue, read_deadline, family,
+                                 per_source, outside)
         try:
-            self.httpd = _PoolServer((where.bind_host, where.port), handler, workers, queue, read_deadline, family,
-                                     per_source, outside)
+            self.httpd.listen()
         except OSError as exc:
-            raise UsageError(f"--registry-listen {listen}: cannot listen: {exc.strerror or exc}") from None
+            raise listen_error("--registry-listen", listen, exc) from None
         self.registry = registry
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.1,), name="fdngx-registry",
@@ -330,19 +347,27 @@ class RegistryServer:
         return int(self.httpd.server_address[1])
 
     def _check_loop(self) -> None:
-        while not self._stop.wait(self.registry.settings.check_interval):
+        registry = self.registry
+        assert registry is not None  # start() sets it before this thread runs
+        while not self._stop.wait(registry.settings.check_interval):
             try:
-                self.registry.check()
+                registry.check()
             except Exception:  # never let the check thread die: it is what removes dead instances
                 log.exception("registry: periodic check failed")
 
-    def start(self) -> RegistryServer:
+    def start(self, registry: Registry | None = None) -> RegistryServer:
+        self.registry = registry or self.registry
+        if self.registry is None:
+            raise ValueError("RegistryServer.start: no Registry to serve")
+        self.handler.registry = self.registry
         self.thread.start()
         self.checker.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        self.httpd.shutdown()
+        if self.thread.is_alive():  # shutdown() waits for serve_forever: forever if it never ran
+            self.httpd.shutdown()
         self.httpd.server_close()
-        self.registry.close()
+        if self.registry is not None:
+            self.registry.close()

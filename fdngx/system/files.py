@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import fcntl
 import glob
@@ -33,8 +34,9 @@ from fdngx.errors import ApplyError, UnsafeFileError
 
 log = logging.getLogger("fdngx.files")
 
-# A lock wait longer than this is said once, naming the holder: an apply waits up to two minutes.
+# A lock wait longer than this is said once, naming the holder (at _WAIT_LEVEL): an apply waits up to two minutes.
 LOCK_PATIENCE = 1.0
+_WAIT_LEVEL: contextvars.ContextVar[int] = contextvars.ContextVar("fdngx_lock_wait_level", default=logging.INFO)
 # A temp file beside NAME is `.NAME.<8 of these>.fdngx-tmp` (the shape tempfile.mkstemp gave them before): the
 # random part has no dot, so NAME's temps and a sibling's (`NAME.bak`: `.NAME.bak.<8>.fdngx-tmp`) never mix.
 _TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
@@ -47,16 +49,12 @@ class LockWaitStopped(ApplyError):
 
 
 def _fsync_dir(directory: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):  # best effort: a file system without directory fsync
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def real_target(path: Path) -> Path:
@@ -339,6 +337,16 @@ def _open_lock(path: Path, give_to: tuple[int, int] | None) -> int:
 
 
 @contextlib.contextmanager
+def lock_waits_said_at(level: int) -> Iterator[None]:
+    """Within the block (this thread) file_lock says its waits at `level`; giving up is an error all the same."""
+    token = _WAIT_LEVEL.set(level)
+    try:
+        yield
+    finally:
+        _WAIT_LEVEL.reset(token)
+
+
+@contextlib.contextmanager
 def file_lock(path: Path, timeout: float = 60.0, *, stop: threading.Event | None = None,
               owners: Collection[int] = (), give_to: tuple[int, int] | None = None) -> Iterator[None]:
     """An exclusive flock on `path` (created 0600 if needed, never through a symlink); waits `timeout` s, or
@@ -361,8 +369,7 @@ def file_lock(path: Path, timeout: float = 60.0, *, stop: threading.Event | None
             also = ", ".join(str(uid) for uid in sorted(set(owners) - {os.geteuid()}))
             raise UnsafeFileError(f"{path}: the lock file is not a regular file owned by this user"
                                   f"{f' (or uid {also})' if also else ''}; remove it")
-        started = time.monotonic()
-        said = False
+        started, said = time.monotonic(), False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -376,7 +383,7 @@ def file_lock(path: Path, timeout: float = 60.0, *, stop: threading.Event | None
                     raise ApplyError(f"{path}: another fdngx run holds the lock{held}{_held_by(st)}; giving up"
                                      ) from None
                 if not said and waited >= min(LOCK_PATIENCE, timeout / 2):
-                    log.info("%s: waiting for the lock%s (up to %g s)", path, _held_by(st), timeout)
+                    log.log(_WAIT_LEVEL.get(), "%s: waiting for the lock%s (up to %g s)", path, _held_by(st), timeout)
                     said = True
                 if stop is None:
                     time.sleep(0.05)
@@ -384,7 +391,7 @@ def file_lock(path: Path, timeout: float = 60.0, *, stop: threading.Event | None
                     raise LockWaitStopped(f"{path}: stopping: gave up waiting for the lock after {waited:.1f} s"
                                           ) from None
         if said:
-            log.info("%s: got the lock after %.1f s", path, time.monotonic() - started)
+            log.log(_WAIT_LEVEL.get(), "%s: got the lock after %.1f s", path, time.monotonic() - started)
         yield
     finally:
         os.close(fd)

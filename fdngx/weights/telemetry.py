@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 
 from fdngx import __version__
 from fdngx.domain import Listen, LoadSample
-from fdngx.errors import UsageError
+from fdngx.errors import UsageError, listen_error
 from fdngx.nginx.fanout import PushOutcome
 from fdngx.weights import exporter
 from fdngx.weights.controller import CycleResult
@@ -248,9 +248,8 @@ class Telemetry:
             raise UsageError(str(exc)) from None
         try:
             server, _thread = exporter.serve(where.bind_host, where.port, self.registry)
-        except OSError as exc:
-            raise UsageError(f"--metrics-listen {listen}: cannot listen ({exc.strerror or exc}); pick a free port "
-                             "or 'off'") from None
+        except OSError as exc:  # the machine's state (taken, an address not up yet), not a usage error: exit 1
+            raise listen_error("--metrics-listen", listen, exc) from None
         self._server = server
         return where.bind_host, server.server_port
 

@@ -102,3 +102,34 @@ def test_a_crash_after_the_rollback_put_the_previous_file_back_reloads_nginx_ont
     assert "after putting the previous file back" in done and "nginx reloaded on it" in done, done
     assert site.generation() == old_gen
     assert not (site.conf.parent / ".nginx.conf.fdngx-journal").exists()
+
+
+@pytest.mark.parametrize(("step", "said"), [
+    ("locked", "fdngx: interrupted"),  # before the apply did anything: the plain line
+    ("candidate-tested", "fdngx: interrupted: {conf}: not applied, the live file was not touched"),
+    ("tested", "fdngx: interrupted: {conf}: restored the previous file"),
+])
+def test_ctrl_c_during_an_apply_says_what_it_left_on_one_line_and_exits_130(site: Site, step: str,
+                                                                           said: str) -> None:
+    """Ctrl-C (SIGINT) to `render --reload` at a step of its apply: the live file is the old one (put back after
+    the swap), and the run says so on one line, no traceback, exit 130 (typer alone exited 130 in silence)."""
+    old_bytes = site.conf.read_bytes()
+    site.set_weights([4, 1])
+    env = {**os.environ, "FDNGX_TEST_PAUSE_AT": step}
+    proc = subprocess.Popen([sys.executable, "-m", "fdngx", "render", *site.args, "--reload"], env=env,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stderr is not None
+        paused = proc.stderr.readline()
+        assert f"paused at {step}" in paused, paused
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=30) == 130, rest
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert rest == said.format(conf=site.conf) + "\n", rest
+    assert site.conf.read_bytes() == old_bytes
+    assert not (site.conf.parent / ".nginx.conf.fdngx-journal").exists()
+    assert not list(site.conf.parent.glob(".nginx.conf.*.fdngx-tmp")), "no stale candidate left behind"

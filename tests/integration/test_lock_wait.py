@@ -4,6 +4,7 @@ minutes; it says when it got the lock, and a give-up names the holder too. The h
 
 from __future__ import annotations
 
+import logging
 import queue
 import subprocess
 import sys
@@ -15,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from fdngx.errors import ApplyError
-from fdngx.system.files import file_lock
-from tests.support import REPO
+from fdngx.system.files import file_lock, lock_waits_said_at
+from tests.support import REPO, fdngx, wait_for
 
 # Several lines: a command line with newlines must still make a one-line message.
 HOLD = "import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n" \
@@ -92,3 +93,38 @@ def test_giving_up_on_the_lock_names_the_holder(holder: tuple[Path, subprocess.P
     message = str(caught.value)
     assert message.startswith(f"{lock}: another fdngx run holds the lock for more than 0.5s, held by pid {held.pid} (")
     assert message.endswith("; giving up") and "\n" not in message
+
+
+def test_a_quiet_render_that_only_waited_for_the_lock_says_nothing(
+        tmp_path: Path, holder: tuple[Path, subprocess.Popen[str]]) -> None:
+    """--quiet is a crontab's "mail only on a change or a failure": a run that waited for an overlapping run's
+    lock and then found its file current says nothing; the wait is said at DEBUG (seen with -v) instead."""
+    _lock, held = holder
+    inventory, out, said = str(REPO / "examples" / "fdngx.json"), tmp_path / "fdngx.conf", tmp_path / "stderr"
+    out.write_text(fdngx("render", "-i", inventory, "--out", "-", check=True).stdout)  # current: nothing to do
+    with said.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "fdngx", "-v", "render", "-i", inventory, "--out", str(out),
+                                 "--quiet"], stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        wait_for(lambda: "waiting for the lock" in said.read_text(), 30, what="the wait, said")
+        held.kill()  # the other run ends: this one goes on
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    lines = said.read_text().splitlines()
+    assert proc.returncode == 0 and stdout == "", (proc.returncode, stdout, lines)
+    assert [ln for ln in lines if " fdngx DEBUG " not in ln] == [], "only DEBUG lines (-v): nothing for cron"
+    assert any("got the lock after" in ln for ln in lines), lines
+
+
+def test_a_quiet_wait_that_gives_up_is_still_an_error(holder: tuple[Path, subprocess.Popen[str]],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Under lock_waits_said_at(DEBUG) (render --quiet) the wait is said at DEBUG, and giving up still raises."""
+    lock, _held = holder
+    caplog.set_level(logging.DEBUG, logger="fdngx.files")
+    with lock_waits_said_at(logging.DEBUG), pytest.raises(ApplyError, match="giving up"), file_lock(lock, timeout=0.5):
+        pass
+    waits = [r for r in caplog.records if "waiting for the lock" in r.getMessage()]
+    assert [r.levelno for r in waits] == [logging.DEBUG], caplog.text

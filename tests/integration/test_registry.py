@@ -31,6 +31,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from fdngx.errors import ListenError
 from fdngx.nginx.openresty import lua_modules
 from fdngx.registry.core import Registry, RegistrySettings, instance_name
 from fdngx.registry.http import OUTSIDE, PER_SOURCE, QUEUE, WORKERS, RegistryServer
@@ -268,6 +269,33 @@ def test_an_empty_fleet_starts_and_answers_503_until_an_instance_registers(tmp_p
         for p in reversed(procs):
             stop_process_group(p)
         nginx.stop()
+
+
+def test_a_taken_registry_port_is_one_line_exit_1_and_leaves_no_inventory(tmp_path: Path) -> None:
+    """`--registry-listen` on a port another process holds: one line naming the option, the address and why
+    (not an AttributeError traceback from the half-made server), exit 1 (the machine's state: systemd tries
+    again; 2 would stop the unit for good), and the empty inventory the registry creates is not made."""
+    listen = free_ports(1)[0]
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        run = fdngx("sidecar", "-i", str(tmp_path / "reg.json"), "--out", str(tmp_path / "nginx.conf"),
+                    "--mode", "standalone", "--listen", f"127.0.0.1:{listen}", "--no-reload",
+                    "--registry-listen", f"127.0.0.1:{port}", "--metrics-listen", "off", timeout=60)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr == (f"fdngx: error: --registry-listen 127.0.0.1:{port}: cannot listen: Address already in use; "
+                          "another process listens there (ss -ltnp)\n"), run.stderr
+    assert not (tmp_path / "reg.json").exists()
+    assert not (tmp_path / "nginx.conf").exists()
+
+
+def test_a_registry_server_that_cannot_bind_closes_cleanly() -> None:
+    """The server is made unbound, then bound: a failed bind closes what was made, and close() after it (or a
+    second close) is no error."""
+    with socket.create_server(("127.0.0.1", 0)) as taken, pytest.raises(ListenError, match="cannot listen: Address"):
+        RegistryServer(f"127.0.0.1:{taken.getsockname()[1]}")
+    server = RegistryServer("127.0.0.1:0")  # never started: stop() neither waits for nor needs a registry
+    server.stop()
+    server.stop()
 
 
 # -- the HTTP server's connection budgets (in-process, 127.0.0.1 only, no nginx) ----------------------------

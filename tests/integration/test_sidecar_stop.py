@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -143,3 +144,66 @@ def test_once_beside_a_running_sidecar_is_refused_at_once_not_after_its_wait(tmp
         assert daemon.poll() is None, "the running sidecar goes on"
     finally:
         stop_process_group(daemon)
+
+
+def test_a_taken_metrics_port_is_exit_1_not_a_usage_error(tmp_path: Path) -> None:
+    """A --metrics-listen another process holds (or an address not up yet at boot) is the machine's state: exit 1,
+    which the shipped unit restarts (RestartPreventExitStatus=2 would leave the sidecar down for good), one line
+    naming the option, the address, the errno's words and where to look; nothing written before it. A value
+    that does not parse is still a usage error (2)."""
+    inv = write_inventory(tmp_path / "fdngx.json", [
+        {"name": "dp0", "host": "127.0.0.1", "port": free_ports(1)[0], "engine": "fastdeploy"}])
+    out = tmp_path / "nginx.conf"
+    args = [sys.executable, "-m", "fdngx", "sidecar", "-i", str(inv), "--out", str(out), "--mode", "standalone",
+            "--listen", f"127.0.0.1:{free_ports(1)[0]}", "--no-reload", "--metrics-listen"]
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = subprocess.run([*args, f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == (f"fdngx: error: --metrics-listen 127.0.0.1:{port}: cannot listen: Address already in use; "
+                           "another process listens there (ss -ltnp)\n"), proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fdngx.json"], "nothing written before the bind"
+    bad = subprocess.run([*args, "127.0.0.1:http"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("fdngx: error: --metrics-listen "), bad.stderr
+
+
+def catches_sighup(pid: int) -> bool:
+    """Whether process `pid` has a handler for SIGHUP now (the kernel's SigCgt mask)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGHUP - 1) & 1)
+    return False
+
+
+def test_a_sighup_while_the_sidecar_starts_is_one_re_read_once_its_loop_runs(tmp_path: Path) -> None:
+    """The shipped unit is Type=exec: `systemctl reload` (kill -HUP) may come while the sidecar still sets up.
+    Its SIGHUP handler came only with its loop, so such a SIGHUP killed it (exit 129, which systemd counts as
+    clean: Restart=on-failure leaves it down). Now SIGHUPs are held from the start and the loop, once it runs,
+    reads the inventory again once and says so. The test stops the sidecar (SIGSTOP) as soon as it catches
+    SIGHUP, sends one, and lets it go on."""
+    inv = write_inventory(tmp_path / "fdngx.json", [
+        {"name": "dp0", "host": "127.0.0.1", "port": free_ports(1)[0], "engine": "fastdeploy"}])
+    said = tmp_path / "stderr"
+    with said.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "fdngx", "sidecar", "-i", str(inv), "--out",
+                                 str(tmp_path / "upstream.conf"), "--no-reload", "--metrics-listen", "off"],
+                                stderr=err, start_new_session=True)
+    try:
+        wait_for(lambda: proc.poll() is not None or catches_sighup(proc.pid), 30, interval=0.005,
+                 what="a SIGHUP handler")
+        assert proc.poll() is None, said.read_text()
+        os.kill(proc.pid, signal.SIGSTOP)
+        started = "sidecar: 1 instance(s)" in said.read_text()
+        os.kill(proc.pid, signal.SIGHUP)
+        os.kill(proc.pid, signal.SIGCONT)
+        assert not started, "SIGHUP was caught only once the loop ran: one during the set-up was fatal"
+        wait_for(lambda: proc.poll() is not None or "inventory read again (SIGHUP)" in said.read_text(), 30,
+                 what="the re-read")
+        assert proc.poll() is None, f"exit {proc.returncode}: {said.read_text()}"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, said.read_text()
+    finally:
+        stop_process_group(proc)
+    text = said.read_text()
+    assert text.count("SIGHUP during start-up: the inventory is read again as the loop starts") == 1, text
+    assert text.count("inventory read again (SIGHUP)") == 1, text

@@ -3,12 +3,15 @@ use up the sidecar's threads and open files, and Prometheus from another address
 
 from __future__ import annotations
 
+import errno
 import http.client
+import os
 import socket
 import threading
 
 import pytest
 
+from fdngx.errors import ListenError, listen_error
 from fdngx.weights import exporter
 from fdngx.weights.telemetry import Telemetry
 from tests.support import wait_for
@@ -67,3 +70,24 @@ def test_a_silent_connection_is_closed_after_the_read_timeout(monkeypatch: pytes
         assert get_metrics(port, "127.0.0.1") == 200  # its slot is free again
     finally:
         tel.close()
+
+
+@pytest.mark.parametrize(("code", "hint"), [
+    (errno.EADDRINUSE, "; another process listens there (ss -ltnp)"),
+    (errno.EADDRNOTAVAIL, "; that address is not on this host (yet)"),
+    (errno.EINVAL, ""),
+])
+def test_a_listener_that_cannot_bind_is_exit_1_with_a_hint_by_errno(code: int, hint: str) -> None:
+    """A bind that fails is the machine's state (a port taken, an address not up yet at boot): exit 1, which the
+    shipped unit restarts, not 2 (a usage error: RestartPreventExitStatus). One line: the option, the address,
+    the errno's own words, then where to look."""
+    exc = listen_error("--metrics-listen", "10.9.8.7:9100", OSError(code, os.strerror(code)))
+    assert isinstance(exc, ListenError) and exc.exit_code == 1
+    assert str(exc) == f"--metrics-listen 10.9.8.7:9100: cannot listen: {os.strerror(code)}{hint}"
+
+
+def test_a_taken_metrics_port_is_a_listen_error() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(ListenError, match=f"^--metrics-listen 127.0.0.1:{port}: cannot listen: "):
+            Telemetry().serve(f"127.0.0.1:{port}")

@@ -166,8 +166,11 @@ def test_requests_a_full_dict_cannot_count_are_served_uncounted_and_nothing_is_e
     site = LuaSite(tmp_path, 2, render_args=("--lua-dict-size", "1m"))
     try:
         with_test_locations(site)
+        pool, _ = site.admin.view()
+        assert int(pool["dict_size"]) == 1 << 20 and 0 < int(pool["dict_free"]) < 1 << 20, pool
         filled = int(requests.get(f"{site.url}/test-fill-the-dict?prefix=a", timeout=10).text)
         assert filled > 100
+        assert int(site.admin.view()[0]["dict_free"]) == 0  # what the operator's curl of the admin GET shows
         got = {site.one() for _ in range(10)}
         assert got <= set(site.names), got
         log = site.error_log()

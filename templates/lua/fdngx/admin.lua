@@ -14,7 +14,8 @@
 --   507 "shared dict fdngx_<pool> is full ..."          no room for it: nothing applied, the snapshot in force
 --                                                        stays (raise lua_shared_dict's size: --lua-dict-size)
 --   403 bad or missing X-Fdngx-Token; 413 body too large; 405 other methods
--- GET: the balancer's view, one line per peer, key=value (for tests and `fdngx status`).
+-- GET: the balancer's view, key=value: the pool (generation, age, peers, mode, dict_free and dict_size: the
+-- shared dict's free pages and size in bytes), then one line per peer (for tests, and operators' curl).
 
 local peers = require("fdngx.peers")
 local pool_mod = require("fdngx.pool")
@@ -108,8 +109,12 @@ local function view(pool)
     local now = ngx.now()
     pool_mod.sync(pool, now)
     pool.now = now -- the time pool.load reads the external load at, as a pick does
-    local lines = { format("generation=%d age=%.3f peers=%d mode=%s", pool.gen or -1, now - (pool.snap_at or now),
-                           #pool.peers, pool.mode) }
+    -- the shared dict's room (--lua-dict-size): bytes of free pages, and the zone's size
+    local dict = pool.dict
+    local free = dict.free_space and dict:free_space() or -1
+    local size = dict.capacity and dict:capacity() or -1
+    local lines = { format("generation=%d age=%.3f peers=%d mode=%s dict_free=%d dict_size=%d", pool.gen or -1,
+                           now - (pool.snap_at or now), #pool.peers, pool.mode, free, size) }
     for _, p in ipairs(pool.peers) do
         local inflight = pool.ledger:inflight(p.name)
         local ext = pick.faded(p.ext, pool.snap_at, now)

@@ -182,6 +182,14 @@ class _Group(TyperGroup):
             say(interrupted_line(exc), logging.WARNING)
             raise  # typer: exit 130 (128 + SIGINT)
 
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        """The root's options parsed (typer builds its validators here: tens of ms a Ctrl-C can land in)."""
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            say(interrupted_line(exc), logging.WARNING)
+            raise
+
 
 APP_SETTINGS["cls"] = _Group
 

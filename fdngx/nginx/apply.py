@@ -43,7 +43,7 @@ from pathlib import Path
 
 from fdngx.errors import ApplyError, Interrupted, os_error_line
 from fdngx.nginx import guards, journal, shape
-from fdngx.nginx.control import NginxControl, NginxNotRunning, ReloadError, generation_in
+from fdngx.nginx.control import NginxControl, NginxNotRunning, ReloadError, ReloadInterrupted, generation_in
 from fdngx.nginx.escape import EscapeError, nginx_string
 from fdngx.nginx.journal import aside
 from fdngx.nginx.shape import Front
@@ -304,7 +304,7 @@ def _finish(path: Path, target: Path, old: bytes | None, diff: str, generation: 
             control: NginxControl, reload: bool, recovered: str, standalone: bool) -> ApplyResult:
     """After the swap: full `nginx -t`, reload, confirm; on failure restore and say what happened."""
     jpath = aside(target, "journal")
-    took_new = False
+    took_new = told = False
     try:
         guards.check_read(target, control.test(), control)
         if standalone:  # is it where the system's nginx.conf reads? (a placeholder, an older fdngx's file)
@@ -314,11 +314,24 @@ def _finish(path: Path, target: Path, old: bytes | None, diff: str, generation: 
             remove(jpath)
             return ApplyResult(path, True, False, diff, generation, recovered=recovered)
         seconds = control.reload(generation)
+        told = True
         _pause("reloaded")
     except NginxNotRunning as exc:
         # At boot, cron or the sidecar may run before nginx: the file passed `nginx -t`, keep it.
         remove(jpath)
         return ApplyResult(path, True, False, diff, generation, str(exc), False, recovered)
+    except KeyboardInterrupt as exc:
+        if told or isinstance(exc, ReloadInterrupted):
+            # Ctrl-C once nginx was told to reload: it loads the new file (which passed nginx -T). Putting the
+            # old file back would leave nginx on a config no file holds (the next outside reload would move it
+            # back silently); the new one stays, as nginx runs it.
+            remove(jpath)
+            raise Interrupted(f"{path}: applied; nginx was told to reload onto it ('fdngx render --check' "
+                              "says whether it serves it)") from None
+        journal.restore(target, old)
+        remove(jpath)
+        undone = "restored the previous file" if old is not None else "removed it (there was no file before)"
+        raise Interrupted(f"{path}: {undone}") from None
     except BaseException as exc:
         took_new = isinstance(exc, ReloadError) and exc.took_new
         journal.restore(target, old)
@@ -334,8 +347,6 @@ def _finish(path: Path, target: Path, old: bytes | None, diff: str, generation: 
                 reason += f"; putting nginx back on the previous config failed too: {again}"
         remove(jpath)
         undone = "restored the previous file" if old is not None else "removed it (there was no file before)"
-        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C: said on one line by the CLI, exit 130
-            raise Interrupted(f"{path}: {undone}") from None
         if not isinstance(exc, Exception):
             raise
         raise (ReloadFailed if isinstance(exc, ReloadError) else ApplyError)(f"{path}: {reason}; {undone}") from None

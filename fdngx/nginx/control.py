@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fdngx.errors import ApplyError
+from fdngx.errors import ApplyError, Interrupted
 from fdngx.nginx import build as nb
 from fdngx.nginx.build import MasterLog, find_nginx, generation_in, nginx_message, prepare_prefix
 from fdngx.system import procs
@@ -74,6 +74,10 @@ class ReloadError(ApplyError):
     def __init__(self, message: str, took_new: bool) -> None:
         super().__init__(message)
         self.took_new = took_new
+
+
+class ReloadInterrupted(Interrupted):
+    """Ctrl-C after the reload signal went to nginx: it loads the new file whatever the apply does now."""
 
 
 @dataclass
@@ -262,6 +266,14 @@ class NginxControl:
         before = procs.children(master)
         log = MasterLog(self._error_log_path(), master)
         self._signal_reload(master)
+        try:
+            return self._confirm(master, before, log, t0, expect_generation)
+        except KeyboardInterrupt:  # after the signal: nginx loads the new file whatever happens here
+            raise ReloadInterrupted("nginx was told to reload") from None
+
+    def _confirm(self, master: int, before: set[int], log: MasterLog, t0: float,
+                 expect_generation: str | None) -> float:
+        """Wait until nginx serves the new configuration (reload's second half, after the signal)."""
         deadline = time.monotonic() + self.timeout
         new_workers = retired = False
         # since when only new workers listen and the verify URL gives one final other answer (the same, each time)

@@ -133,3 +133,28 @@ def test_ctrl_c_during_an_apply_says_what_it_left_on_one_line_and_exits_130(site
     assert site.conf.read_bytes() == old_bytes
     assert not (site.conf.parent / ".nginx.conf.fdngx-journal").exists()
     assert not list(site.conf.parent.glob(".nginx.conf.*.fdngx-tmp")), "no stale candidate left behind"
+
+
+def test_ctrl_c_once_nginx_was_told_to_reload_keeps_the_file_nginx_loads(site: Site) -> None:
+    """Ctrl-C after the reload signal (here: right after nginx confirmed it): the old file was put back while
+    nginx served the new one, and the line said 'restored the previous file' (an ops review of the Ctrl-C
+    line); the next outside reload would have moved nginx back in silence. The new file stays, as nginx runs
+    it, and the line says so."""
+    site.set_weights([4, 1])
+    env = {**os.environ, "FDNGX_TEST_PAUSE_AT": "reloaded"}
+    proc = subprocess.Popen([sys.executable, "-m", "fdngx", "render", *site.args, "--reload"], env=env,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stderr is not None
+        assert "paused at reloaded" in proc.stderr.readline()
+        proc.send_signal(signal.SIGINT)
+        said = proc.stderr.read()
+        assert proc.wait(timeout=30) == 130, said
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert said == f"fdngx: interrupted: {site.conf}: applied; nginx was told to reload onto it ('fdngx render " \
+                   "--check' says whether it serves it)\n", said
+    assert site.generation() == generation_in(site.conf.read_text())
+    assert not (site.conf.parent / ".nginx.conf.fdngx-journal").exists()

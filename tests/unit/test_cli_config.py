@@ -243,3 +243,20 @@ def test_no_command_option_has_a_callback() -> None:
     root = typer.main.get_command(make_app())
     assert len(getattr(root, "commands", {})) > 5
     assert [p for cmd in root.commands.values() for p in params(cmd, cmd.name or "")] == []
+
+
+def test_ctrl_c_while_the_root_options_are_parsed_is_said(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """typer parses the root's options before any command's invoke (building its validators there, tens of ms):
+    a Ctrl-C in that moment exited 130 in silence (an ops review); it is said like one anywhere else."""
+    from fdngx import cli
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli._Group, "parse_args", interrupted)
+    monkeypatch.setattr(sys, "argv", ["fdngx", "render", "-i", "x.json"])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    assert done.value.code == 130
+    assert capsys.readouterr().err.strip() == "fdngx: interrupted"

@@ -467,6 +467,22 @@ return {
         t.eq(#started, 4); t.ok(started[3] ~= started[4], table.concat(started, ",")) -- a and b again
     end,
 
+    ["probe slots: a worker's cap; a slot whose probe never ran (a timer nginx dropped) lapses"] = function(t)
+        local slots = require("fdngx.slots").new(2, pool_mod.PROBE_HOLD)
+        t.eq(slots:full(0), false)
+        slots:take("a", 0); slots:take("b", 0)
+        t.eq(slots:full(0), true, "two taken")
+        slots:give("a")
+        t.eq(slots:full(0.1), false, "a's probe ended")
+        slots:take("c", 0.1)
+        -- b's and c's timers were dropped: neither ends, and each slot lapses PROBE_HOLD after it was taken
+        t.eq(slots:full(pool_mod.PROBE_HOLD - 0.01), true)
+        t.eq(slots:full(pool_mod.PROBE_HOLD + 0.01), false, "b's lapsed")
+        t.eq(slots:full(pool_mod.PROBE_HOLD + 0.11), false, "and c's")
+        slots:take("d", 10); slots:take("e", 10)
+        t.eq(slots:full(10), true, "all of them free again, for good")
+    end,
+
     ["probes: each tick starts further down the list, so no peer waits behind the first ones for good"] = function(t)
         local lines = {}
         for i = 1, 6 do lines[i] = string.format("peer p%d 127.0.0.1 %d 20 1 64 0", i, i) end

@@ -1,6 +1,6 @@
 """The Lua balancer's modules with plain luajit, outside nginx (tests/lua/run.lua drives tests/lua/test_*.lua).
 
-The pure modules (peers, health, pick, ledger, pool) are tested for behaviour; every module, the ngx-bound
+The pure modules (peers, health, pick, ledger, pool, slots) are tested for behaviour; every module, the ngx-bound
 ones included, must compile and must not write a global (the old inlined balancer leaked `fdngx`).
 """
 

@@ -26,6 +26,7 @@ local health = require("fdngx.health")
 local ledger = require("fdngx.ledger")
 local pool_mod = require("fdngx.pool")
 local admin = require("fdngx.admin")
+local slots = require("fdngx.slots")
 
 pcall(ffi.cdef, "int kill(int pid, int sig);")
 
@@ -47,17 +48,7 @@ local FAILS = { [502] = true, [503] = true, [504] = true }
 local pools = {} -- name -> pool: built by init() in the master, inherited by every worker
 local open = {} -- $request_id -> { pool, peer, tried }: this worker's balanced requests in flight
 local warn_at = {} -- kind -> when this worker may next warn of it
--- This worker's probes running: pool and peer -> when its slot lapses. Not a counter: a timer nginx drops
--- (past lua_max_running_timers) never runs, not even as premature, and its slot must not be lost for good.
-local probing = {}
-
-local function probes_running(now)
-    local n = 0
-    for key, till in pairs(probing) do
-        if till <= now then probing[key] = nil else n = n + 1 end
-    end
-    return n
-end
+local probing = slots.new(MAX_PROBES, pool_mod.PROBE_HOLD) -- this worker's probes running
 
 -- Log `...` at `level` unless this worker logged the same `kind` less than WARN_EVERY ago.
 local function warn_once(kind, level, now, ...)
@@ -191,11 +182,11 @@ end
 local function probe(premature, pool, name, addr, port)
     local slot = pool.name .. " " .. name
     if premature then
-        probing[slot] = nil
+        probing:give(slot)
         return pool_mod.probed(pool, name)
     end
     local ok, good = pcall(get_health, addr, port)
-    probing[slot] = nil
+    probing:give(slot)
     pool_mod.probed(pool, name)
     good = ok and good
     -- removed or moved meanwhile: no record (pool.mark asks the snapshot in force)
@@ -208,12 +199,12 @@ end
 
 local function start_probe(pool, p)
     local now = now_of()
-    if probes_running(now) >= MAX_PROBES then
+    if probing:full(now) then
         return nil, MAX_PROBES .. " probes of this worker still running (replicas that accept and do not answer?)"
     end
     local ok, err = ngx.timer.at(0, probe, pool, p.name, p.addr, p.port)
     if not ok then return nil, err == "process exiting" and err or tostring(err) .. " (lua_max_pending_timers?)" end
-    probing[pool.name .. " " .. p.name] = now + pool_mod.PROBE_HOLD
+    probing:take(pool.name .. " " .. p.name, now)
     return ok
 end
 

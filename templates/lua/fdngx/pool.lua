@@ -329,6 +329,7 @@ function M.probed(pool, name)
     pool.dict:delete("pr:" .. name)
 end
 
+
 -- Apply a health event to peer `name`: event(record, now) -> record. Shared at once, and in this worker's
 -- copy. `ver` moves only when what the workers read changes (fdngx.health.differs): every worker re-reads
 -- every record when it moves, and most probe results change nothing (a peer still down, still held out; a

@@ -104,17 +104,9 @@ def test_a_crash_after_the_rollback_put_the_previous_file_back_reloads_nginx_ont
     assert not (site.conf.parent / ".nginx.conf.fdngx-journal").exists()
 
 
-@pytest.mark.parametrize(("step", "said"), [
-    ("locked", "fdngx: interrupted"),  # before the apply did anything: the plain line
-    ("candidate-tested", "fdngx: interrupted: {conf}: not applied, the live file was not touched"),
-    ("tested", "fdngx: interrupted: {conf}: restored the previous file"),
-])
-def test_ctrl_c_during_an_apply_says_what_it_left_on_one_line_and_exits_130(site: Site, step: str,
-                                                                           said: str) -> None:
-    """Ctrl-C (SIGINT) to `render --reload` at a step of its apply: the live file is the old one (put back after
-    the swap), and the run says so on one line, no traceback, exit 130 (typer alone exited 130 in silence)."""
-    old_bytes = site.conf.read_bytes()
-    site.set_weights([4, 1])
+def interrupted_at(site: Site, step: str) -> str:
+    """`render --reload` of the site, SIGINT when its apply reaches `step` (the test hook): what it said after,
+    once it exited 130."""
     env = {**os.environ, "FDNGX_TEST_PAUSE_AT": step}
     proc = subprocess.Popen([sys.executable, "-m", "fdngx", "render", *site.args, "--reload"], env=env,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -129,6 +121,21 @@ def test_ctrl_c_during_an_apply_says_what_it_left_on_one_line_and_exits_130(site
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+    return rest
+
+
+@pytest.mark.parametrize(("step", "said"), [
+    ("locked", "fdngx: interrupted"),  # before the apply did anything: the plain line
+    ("candidate-tested", "fdngx: interrupted: {conf}: not applied, the live file was not touched"),
+    ("tested", "fdngx: interrupted: {conf}: restored the previous file"),
+])
+def test_ctrl_c_during_an_apply_says_what_it_left_on_one_line_and_exits_130(site: Site, step: str,
+                                                                           said: str) -> None:
+    """Ctrl-C (SIGINT) to `render --reload` at a step of its apply: the live file is the old one (put back after
+    the swap), and the run says so on one line, no traceback, exit 130 (typer alone exited 130 in silence)."""
+    old_bytes = site.conf.read_bytes()
+    site.set_weights([4, 1])
+    rest = interrupted_at(site, step)
     assert rest == said.format(conf=site.conf) + "\n", rest
     assert site.conf.read_bytes() == old_bytes
     assert not (site.conf.parent / ".nginx.conf.fdngx-journal").exists()
@@ -141,19 +148,7 @@ def test_ctrl_c_once_nginx_was_told_to_reload_keeps_the_file_nginx_loads(site: S
     line); the next outside reload would have moved nginx back in silence. The new file stays, as nginx runs
     it, and the line says so."""
     site.set_weights([4, 1])
-    env = {**os.environ, "FDNGX_TEST_PAUSE_AT": "reloaded"}
-    proc = subprocess.Popen([sys.executable, "-m", "fdngx", "render", *site.args, "--reload"], env=env,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert proc.stderr is not None
-        assert "paused at reloaded" in proc.stderr.readline()
-        proc.send_signal(signal.SIGINT)
-        said = proc.stderr.read()
-        assert proc.wait(timeout=30) == 130, said
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+    said = interrupted_at(site, "reloaded")
     assert said == f"fdngx: interrupted: {site.conf}: applied; nginx was told to reload onto it ('fdngx render " \
                    "--check' says whether it serves it)\n", said
     assert site.generation() == generation_in(site.conf.read_text())

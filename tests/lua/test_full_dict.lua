@@ -21,13 +21,24 @@ local function install(pool, text, now)
     return pool_mod.install(pool, text, assert(peers.parse(text)), now)
 end
 
+-- A pool on a dict of `budget` bytes.
+local function pool_of(budget)
+    local dict = fulldict.new(budget)
+    return { name = "fastdeploy", zone = "fdngx_fastdeploy", dict = dict }, dict
+end
+
+-- What the dict holds now (to compare with later).
+local function keys_of(dict)
+    local kept = {}
+    for k, v in pairs(dict.data) do kept[k] = v end
+    return kept
+end
+
 return {
     ["a push the dict has no room for keeps the snapshot in force (a new worker still has every peer)"] = function(t)
-        local dict = fulldict.new(60000)
-        local pool = { name = "fastdeploy", zone = "fdngx_fastdeploy", dict = dict }
+        local pool, dict = pool_of(60000)
         t.ok(install(pool, text_of(1, 100, 100), 0))
-        local before = {}
-        for k, v in pairs(dict.data) do before[k] = v end
+        local before = keys_of(dict)
         local added, err, why = install(pool, text_of(2, 200, 100), 1) -- the fleet grew: no room for it
         t.eq(added, nil, "the install must fail")
         t.eq(why, "full")
@@ -84,11 +95,9 @@ return {
         t.eq(dict:get("i:a"), 2)
     end,
     ["a push refused part-way leaves no key of a peer it would have added (nothing sweeps x:/sa:)"] = function(t)
-        local dict = fulldict.new(1e7)
-        local pool = { name = "fastdeploy", zone = "fdngx_fastdeploy", dict = dict }
+        local pool, dict = pool_of(1e7)
         t.ok(install(pool, text_of(1, 5, 20), 0))
-        local in_force = {}
-        for k, v in pairs(dict.data) do in_force[k] = v end
+        local in_force = keys_of(dict)
         local text2 = text_of(2, 25, 20) -- 20 peers more
         -- room for its text and three small keys: refused at the 4th key of a new peer
         dict.budget = dict.used + (#"snap:2" + #text2 + 64) + 3 * 100
@@ -118,8 +127,7 @@ return {
     end,
 
     ["a health mark in a full dict is written in place, never lost (records have one width)"] = function(t)
-        local dict = fulldict.new(1e7)
-        local pool = { name = "fastdeploy", zone = "fdngx_fastdeploy", dict = dict }
+        local pool, dict = pool_of(1e7)
         t.ok(install(pool, text_of(1, 3, 20), 0))
         t.ok(pool_mod.sync(pool, 0, true))
         local name = pool.peers[1].name

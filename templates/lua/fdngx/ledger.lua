@@ -27,7 +27,6 @@ local function bump(dict, key)
     if not ok and err ~= "exists" then return nil end
     return dict:incr(key, 1) ~= nil
 end
-M.bump = bump
 
 M.LEASE = 5 -- seconds a worker's lease lasts without renewal
 M.RENEW_EVERY = 1

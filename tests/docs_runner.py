@@ -27,7 +27,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from typing import Any
 
 from markdown_it import MarkdownIt
 
+from fdngx.sim.process import free_ports
 from fdngx.system import procs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -173,47 +173,14 @@ def bash_syntax_errors(blocks: list[Block]) -> list[str]:
 
 # --- sandbox ----------------------------------------------------------------------------------------------
 
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports(singles: int, runs: int, run_len: int) -> tuple[list[int], list[int]]:
-    """`singles` free ports and `runs` starting ports of `run_len` free consecutive ports, all distinct."""
-    import random
-
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    taken: set[int] = set()
-    starts: list[int] = []
-    while len(starts) < runs:
-        base = rng.randrange(20000, 60000)
-        span = range(base, base + run_len)
-        if not taken.intersection(span) and all(_bindable(p) for p in span):
-            starts.append(base)
-            taken.update(span)
-    single: list[int] = []
-    while len(single) < singles:
-        p = rng.randrange(20000, 60000)
-        if p not in taken and _bindable(p):
-            single.append(p)
-            taken.add(p)
-    return single, starts
-
-
 def sandbox_env(home: Path) -> dict[str, str]:
     """The environment of a sandboxed run: no FDNGX_* setting from outside, the venv's tools first on PATH,
     a private HOME and FDNGX_HOME, and free ports."""
     # Not under the journal either: a reader's terminal has no $JOURNAL_STREAM (fdngx would log in its format).
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("FDNGX_") and k not in SANDBOX_VARS and k != "JOURNAL_STREAM"}
-    singles, runs = free_ports(len(PORT_VARS), len(BASE_PORT_VARS), BASE_RUN)
-    env.update(dict(zip(PORT_VARS, map(str, singles), strict=True)))
-    env.update(dict(zip(BASE_PORT_VARS, map(str, runs), strict=True)))
+    env.update(dict(zip(PORT_VARS, map(str, free_ports(len(PORT_VARS))), strict=True)))
+    env.update({var: str(free_ports(BASE_RUN, consecutive=True)[0]) for var in BASE_PORT_VARS})
     (home / "home").mkdir(parents=True, exist_ok=True)
     env["HOME"] = str(home / "home")
     env["FDNGX_HOME"] = str(home / "fdngx")

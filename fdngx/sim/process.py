@@ -27,8 +27,33 @@ from fdngx.errors import LaunchError
 STOP_GRACE_S = 5.0
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """n distinct ports that were free a moment ago (bound to port 0 together so they cannot repeat)."""
+# The kernel's ephemeral range: every outgoing connection (a curl, nginx to an upstream, a scrape) takes its
+# source port from it, and while it is open nobody can bind that port. A port bound to 0 and closed again
+# comes from that range, so a listener started a moment later could find it taken (a docs run lost nginx's
+# bind() that way, CI stop 32). free_ports hands out ports below it instead, one cursor per process.
+_LOCAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_FLOOR = 10000
+_cursor: list[int] = []
+
+
+def _below_ephemeral() -> range:
+    try:
+        low = int(_LOCAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(_FLOOR, low) if low - _FLOOR >= 1000 else range(0)
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _kernel_ports(n: int, host: str) -> list[int]:
     socks = []
     try:
         for _ in range(n):
@@ -39,6 +64,34 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def free_ports(n: int, host: str = "127.0.0.1", consecutive: bool = False) -> list[int]:
+    """n distinct ports that were free a moment ago, below the kernel's ephemeral range (no outgoing
+    connection can take one before its listener binds it) and not handed out before by this process;
+    `consecutive` makes them a run (base, base+1, ...). Where that range leaves no room: ports bound to 0."""
+    span = _below_ephemeral()
+    if len(span) < 2 * n:
+        if consecutive:
+            raise LaunchError(f"no room below the ephemeral port range ({_LOCAL_RANGE}) for {n} consecutive ports")
+        return _kernel_ports(n, host)
+    if not _cursor:
+        import random
+
+        _cursor.append(random.Random(os.getpid() ^ time.monotonic_ns()).randrange(len(span)))
+    found: list[int] = []
+    for _ in range(len(span)):
+        port = span[_cursor[0] % len(span)]
+        _cursor[0] += 1
+        if not _bindable(host, port):
+            found = []
+            continue
+        if consecutive and found and port != found[-1] + 1:  # wrapped around
+            found = []
+        found.append(port)
+        if len(found) == n:
+            return found
+    raise LaunchError(f"no {n} free ports on {host} below the ephemeral range")
 
 
 def _csv(values: Sequence[Any] | Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,12 @@ import pytest
 from fdngx import logs
 from fdngx.system import procs
 from tests.support import Backends, Site, free_ports, stop_process_group, wait_for
+
+# A suite started in the background of a script (`make test &` in a shell without job control) inherits
+# SIGINT ignored, and so would every fdngx the tests start: the Ctrl-C tests' SIGINT would do nothing. Python
+# keeps an ignored SIGINT ignored; its own handler here makes the children's SIGINT the default again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

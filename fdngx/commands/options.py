@@ -60,7 +60,8 @@ PidFileOpt = typer.Option(
 ForceOpt = typer.Option(
     False, "--force", help="Replace an --out fdngx did not write (no fdngx header: a hand-written site, Debian's "
     "sites-enabled/default); it is kept as .NAME.fdngx-orig beside it. Also: change an fdngx config's --mode, "
-    "or turn its TLS or API keys off (a run that left an option out). Without it both are refused."
+    "or turn its TLS, API keys or the Lua balancer (--flavor openresty) off (a run that left an option out). "
+    "Without it both are refused."
 )
 TemplateDirOpt = typer.Option(
     None, help="Directory whose templates override the built-in ones (same file names, e.g. _proxy.j2)."

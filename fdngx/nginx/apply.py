@@ -257,7 +257,7 @@ def _apply_recovered(path: Path, target: Path, content: str, control: NginxContr
     if old == data:
         return _unchanged(path, control, reload, generation, recovered)
     guards.check_replaceable(path, old, how.replace_foreign)
-    shape.check(path, old, Front.of(data), how.replace_foreign)  # a mode, TLS or API keys left out
+    shape.check(path, old, Front.of(data), how.replace_foreign)  # a mode, TLS, API keys or flavor left out
     guards.keep_original(path, target, old)  # --force: kept for good, not only until the next apply
     diff = unified_diff(old, content, path)
     if control is None:

@@ -48,7 +48,8 @@ PrefixOpt = typer.Option(
 NginxConfOpt = typer.Option(
     None, help="The main nginx.conf for `nginx -t -c` (default: nginx's own; standalone: --out)."
 )
-NginxBinOpt = typer.Option(None, help="nginx binary (default: nginx on PATH, then /usr/sbin/nginx).")
+NginxBinOpt = typer.Option(None, help="nginx binary (default: nginx on PATH, then /usr/sbin/nginx, then "
+                           "/usr/local/openresty/nginx/sbin/nginx).")
 ReloadCmdOpt = typer.Option(
     None, help="Reload with this command instead of fdngx's own SIGHUP to the master, e.g. 'systemctl reload "
     "nginx'. fdngx still finds the master (its pid file) to prove the reload took."

@@ -111,8 +111,8 @@ def check_read(target: Path, files: frozenset[str] | None, control: NginxControl
     if not files or os.path.realpath(target) in files:  # `files` holds real paths too (a symlinked directory)
         return
     raise ApplyError(f"nginx does not read this file: no `include` in {control.main_conf} matches it (nginx -T lists "
-                     f"{len(files)} file(s), not this one); include it inside http {{}} (e.g. put it in "
-                     f"/etc/nginx/conf.d/, or link it from sites-enabled/) and render again")
+                     f"{len(files)} file(s), not this one); add `include {target};` inside http {{}} there "
+                     "and render again")
 
 
 def included_by(conf: Path, path: Path) -> bool:

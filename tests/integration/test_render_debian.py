@@ -158,6 +158,7 @@ def test_a_file_nginx_does_not_read_is_not_applied(tmp_path: Path) -> None:
                "--reload")
     assert proc.returncode == 1, proc.stderr
     assert "nginx does not read this file" in proc.stderr and str(conf) in proc.stderr, proc.stderr
+    assert f"add `include {out};` inside http {{}}" in proc.stderr, proc.stderr
     assert not out.exists(), "a first apply that failed leaves no file"
     (tmp_path / "sites-enabled" / "fdngx-up.conf").symlink_to(out)
     linked = cli("render", "-i", str(inv), "--out", str(out), "--nginx-conf", str(conf), "--prefix",

@@ -36,6 +36,7 @@ COMMANDS = ("launch", "stop", "render", "sidecar", "status", "drain", "sim", "de
 # Options of other programs that the docs name alone in prose (FastDeploy, the benchmarks).
 FOREIGN_OPTIONS = {
     "--metrics-port", "--splitwise", "--router", "--max-num-seqs", "--port",  # FastDeploy's own flags
+    "--engine-worker-queue-port",  # FastDeploy's too (the guide's port planning)
     "--all-cells", "--keep-logs", "--quick", "--scenario", "--frontend", "--reps",  # python -m bench.lb
     "--dp-size", "--enable-dp-attention", "--enable-metrics-for-all-schedulers", "--pp-size",  # SGLang (server_args.py)
     "--enable-priority-scheduling",  # SGLang too

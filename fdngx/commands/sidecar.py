@@ -47,11 +47,12 @@ from fdngx.commands.options import (
     render_options,
     target_spec,
 )
-from fdngx.domain import Balancer, Flavor, Mode
+from fdngx.domain import Balancer, Flavor, Listen, Mode
 from fdngx.errors import UsageError, check_number
 from fdngx.nginx import admin
 from fdngx.nginx.fanout import MAX_PUSH_TIMEOUT, MIN_PUSH_TIMEOUT, FrontendSpec, frontend_specs
 from fdngx.nginx.frontdoor import AccessLogFormat
+from fdngx.nginx.render import RenderOptions
 from fdngx.nginx.target import TargetSpec, open_target
 from fdngx.registry.core import Registry, RegistrySettings
 from fdngx.registry.http import RegistryServer, server_options
@@ -267,16 +268,19 @@ def sidecar_cmd(
         owner.hold(out).close()  # raises, naming the sidecar that runs: a clearer word than its taken port
     telemetry = Telemetry(flavor=flavor.value)
     with contextlib.ExitStack() as listening:
+        metrics_at = None
         if not once and metrics_listen.lower() != "off":
             host, port = telemetry.serve(metrics_listen)
             listening.callback(telemetry.close)
             log.info("own metrics on http://%s:%d/metrics", host, port)
+            metrics_at = Listen(host, port)
         server = None
         if registry_listen and not once:  # one cycle serves no registrations
             server = RegistryServer(registry_listen, allow=registry_allow)
             listening.callback(server.stop)
         spec = spec_of(dry=False)
         if settings is not None:
+            settings = replace(settings, own=own_listeners(opts, out, server, metrics_at))
             # Before the sidecar loads the inventory: the registry creates it (empty) when missing.
             registered = Registry(inventories[0], inventories[1:], settings=settings)
             if server is not None:
@@ -289,6 +293,22 @@ def sidecar_cmd(
                 raise typer.Exit(1)  # the controller logged why; nginx keeps what it had
             return
         _run(sidecar, out, no_reload, interval, server is not None, registry_listen)
+
+
+def own_listeners(opts: RenderOptions, out: Path | None, server: RegistryServer | None,
+                  metrics_at: Listen | None) -> tuple[tuple[str, Listen], ...]:
+    """fdngx's own listeners on this host, which the registry never takes for a replica: nginx's (a config
+    this sidecar writes serves there), its admin server's, the registry's and the metrics'."""
+    own = []
+    if out is not None and opts.mode is not Mode.UPSTREAM:
+        own.append(("--listen", opts.listen))
+    if out is not None and opts.flavor is Flavor.OPENRESTY:
+        own.append(("--admin-listen", opts.admin_listen))
+    if server is not None:
+        own.append(("--registry-listen", server.address))
+    if metrics_at is not None:
+        own.append(("--metrics-listen", metrics_at))
+    return tuple(own)
 
 
 def _sidecar(spec: TargetSpec, inventories: list[Path], policy: PolicyConfig, state: Path | None, debounce: float,

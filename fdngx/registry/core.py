@@ -123,6 +123,8 @@ class Registry:
             if reg.role is not Role.MIXED:
                 return answer(400, PD_REFUSED.format(role=reg.role.value))
             host, asked = self._target(reg.host_ip, peer)
+            if (why := self.settings.own_listener(host, reg.port)) is not None:
+                return answer(400, why)
             key = inv_mod.address_key(host, reg.port)
             self._check_elsewhere(key, instance_name(host, reg.port))
             inv = self._load(self.path)

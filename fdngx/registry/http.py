@@ -336,6 +336,7 @@ class RegistryServer:
             self.httpd.listen()
         except OSError as exc:
             raise listen_error("--registry-listen", listen, exc) from None
+        self.address = Listen(where.host, self.port)  # the port bound (0: the one the kernel chose)
         self.registry = registry
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.1,), name="fdngx-registry",

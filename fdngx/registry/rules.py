@@ -20,7 +20,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fdngx.domain import Listen, hostport
 from fdngx.errors import UsageError
+from fdngx.nginx.local import on_this_host
 from fdngx.system.files import read_regular_file
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -279,6 +281,19 @@ class RegistrySettings:
     metrics_rule: MetricsRule | None = None
     reprobe_after: float = 60.0  # an instance with no load signal: look for its metrics again this often
     max_instances: int = DEFAULT_MAX_INSTANCES  # registry-owned instances; a new one beyond is refused (507)
+    own: tuple[tuple[str, Listen], ...] = ()  # fdngx's own listeners here (option, address): never a replica
+
+    def own_listener(self, host: str, port: int) -> str | None:
+        """Why `host:port` can never be a replica: it is one of fdngx's own listeners on this host. They answer
+        /health too: nginx's --listen registered stopped every apply (nginx would proxy to itself) while a
+        healthy replica registered after it never took a request; the registry's or a metrics port put 404s
+        and 405s in rotation (an outside review). None: not ours."""
+        there = Listen(host, port)
+        for option, listen in self.own:
+            if listen.overlaps(there) and on_this_host(host):
+                return (f"host_ip {hostport(host, port)} is fdngx's own {option} {listen} (not a replica: nginx "
+                        "would send requests there); it can never be registered")
+        return None
 
     @classmethod
     def from_options(cls, grace: float = 30.0, targets: str = DEFAULT_ALLOW, metrics_port: str | None = None,

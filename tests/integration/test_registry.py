@@ -215,6 +215,53 @@ def test_registry_answers_like_fastdeploys_router(tmp_path: Path) -> None:
             stop_process_group(sidecar)
 
 
+def test_fdngx_own_listeners_are_never_registered(tmp_path: Path) -> None:
+    """nginx's --listen, the registry's and the metrics' ports answer /health 200 too: registered (an outside
+    review), nginx's own port stopped every apply (nginx would proxy to itself; a replica registered after it
+    never took a request and the fleet went 502 once the last good one died), the others put 404s and 405s in
+    rotation. Each is refused with a 400 naming the option, before any /health probe; a real replica is not."""
+    api, met, reg_port, listen, own_metrics = free_ports(5)
+    inv = tmp_path / "fdngx.json"
+    conf = tmp_path / "nginx" / "nginx.conf"
+    with start_sim([api], [met], log_path=tmp_path / "sim.log"):
+        sidecar = subprocess.Popen(
+            [sys.executable, "-m", "fdngx", "sidecar", "-i", str(inv), "--out", str(conf), "--mode", "standalone",
+             "--listen", f"0.0.0.0:{listen}", "--interval", "0.5", "--debounce", "0.2",
+             "--metrics-listen", f"127.0.0.1:{own_metrics}", "--registry-listen", f"127.0.0.1:{reg_port}"],
+            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        try:
+            url = f"http://127.0.0.1:{reg_port}"
+            wait_for(lambda: requests.get(f"{url}/registered_number", timeout=1).json()["mixed"] == 0, 20,
+                     what="registry up")
+            for port, option in ((listen, "--listen"), (reg_port, "--registry-listen"),
+                                 (own_metrics, "--metrics-listen")):
+                r = requests.post(f"{url}/register", json={"role": "mixed", "host_ip": "127.0.0.1", "port": port},
+                                  timeout=10)
+                assert r.status_code == 400, (option, r.text)
+                assert f"127.0.0.1:{port} is fdngx's own {option}" in r.json()["msg"], r.text
+            r = requests.post(f"{url}/register", json={"role": "mixed", "host_ip": "127.0.0.1", "port": api,
+                                                       "metrics_port": met}, timeout=10)
+            assert r.status_code == 200, r.text
+            wait_for(lambda: conf.exists() and f"server 127.0.0.1:{api} " in conf.read_text(), 20,
+                     what="the real replica in the rendered config")
+            assert [i["port"] for i in json.loads(inv.read_text())["instances"]] == [api]
+        finally:
+            stop_process_group(sidecar)
+
+
+def test_an_own_listener_is_matched_by_address_and_wildcard() -> None:
+    """A wildcard --listen takes the port on every local address; a named one only its own address."""
+    from fdngx.domain import Listen
+
+    wild = RegistrySettings(own=(("--listen", Listen("0.0.0.0", 18080)),))
+    assert "fdngx's own --listen 0.0.0.0:18080" in (wild.own_listener("127.0.0.2", 18080) or "")
+    assert wild.own_listener("127.0.0.1", 18081) is None
+    named = RegistrySettings(own=(("--metrics-listen", Listen("127.0.0.1", 18400)),))
+    assert named.own_listener("127.0.0.1", 18400) is not None
+    assert named.own_listener("127.0.0.2", 18400) is None, "another loopback address is another socket"
+
+
 @pytest.mark.nginx
 @pytest.mark.parametrize("openresty", [
     False, pytest.param(True, marks=pytest.mark.skipif(not lua_modules(None), reason="needs libnginx-mod-http-lua"))])

@@ -141,7 +141,9 @@ def sidecar_cmd(
         1.0, help="Seconds of quiet after an inventory file changes before re-reading it (only when it changed: "
         "another inode, size or mtime; 0 to 3600)."
     ),
-    max_reloads_per_minute: int = typer.Option(4, help="Reload budget: weight changes beyond it wait (1 to 10000)."),
+    max_reloads_per_minute: int = typer.Option(4, help="Reload budget: weight changes beyond it wait, "
+                                              "and a replica leaving the inventory waits until 60/N s after the "
+                                              "last membership change (1 to 10000)."),
     min_hold: float = typer.Option(10.0, help="Seconds a weight stays before it may move again (0 to 3600)."),
     fail_threshold: int = typer.Option(
         3, help="Consecutive failed /health checks (anything but 200) before `down` (1 to 10000)."

@@ -41,6 +41,10 @@ log = logging.getLogger("fdngx.sidecar")
 STATE_SAVE_EVERY = 10.0
 
 
+def _members(inv: Inventory) -> set[tuple[str, str, int]]:
+    return {(i.name, i.host, i.port) for i in inv.instances}
+
+
 @dataclass(frozen=True)
 class SidecarConfig:
     inventories: tuple[Path, ...]
@@ -99,6 +103,8 @@ class Sidecar:
         self.store = config.store
         self.state = self.store.load()
         self._render_pending = True  # the first cycle always makes the file match the inventory
+        self._held_inventory: Inventory | None = None  # read, not applied yet: membership's pace (_take)
+        self._membership_at = -math.inf  # (policy clock) when a changed inventory was last taken
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._changed_at: float | None = None
@@ -227,12 +233,39 @@ class Sidecar:
             log.info("inventory read again")
             self._inventory_error = None
         if new.to_dict() == self.inventory.to_dict():
+            self._held_inventory = None  # back to what the cycles apply: nothing to hold
             if force:  # `systemctl reload`: say it was done, not only when something changed
                 log.info("inventory read again (SIGHUP): unchanged, %d instance(s)", len(new.instances))
             return False
         log.info("inventory changed: %d instance(s) from %s", len(new.instances), ", ".join(new.sources))
-        self.inventory = new
+        return self._take(new)
+
+    def _take(self, new: Inventory) -> bool:
+        """Make `new` the inventory the cycles apply. One in which a replica leaves (and none joins) waits for a
+        reload-budget slot where nginx reloads for it (the nginx flavor): under a churn of registrations (a
+        replica flapping: every removal and re-add a reload, exempt from the budget) old workers still serving
+        long streams piled up, 2 -> 33 workers and 15 -> 253 MB in two minutes (an outside review). Held
+        meanwhile, said once; the latest file wins, and a replica back before the hold ends cancels its
+        removal. nginx keeps the leaving replica meanwhile (held down by its health checks and max_fails).
+        Never held: a replica joining, an edit that keeps the members (a drain), membership pushed
+        (OpenResty), no reload. True: taken."""
+        target, now = self.config.target, self.controller.clock()
+        gap = 0.0 if target.pushing or not target.reload else 60.0 / self.policy.max_reloads_per_minute
+        had, has = _members(self.inventory), _members(new)
+        if not had - has or has - had:  # nothing leaves, or one joins: restoring capacity never waits
+            gap = 0.0
+        if self._membership_at <= now < self._membership_at + gap:  # (a clock stepped back: not held)
+            if self._held_inventory is None:
+                log.info("inventory change held for %.0f s: nginx reloaded for one %.0f s ago (membership changes "
+                         "take at most one reload per %.0f s, --max-reloads-per-minute)",
+                         self._membership_at + gap - now, now - self._membership_at, gap)
+            self._held_inventory = new
+            return False
+        if self._held_inventory is not None:
+            log.info("inventory change applied after its hold: %d instance(s)", len(new.instances))
+        self.inventory, self._held_inventory = new, None
         self._render_pending = True
+        self._membership_at = now
         return True
 
     def refresh_frontends(self, strict: bool = False) -> None:
@@ -301,6 +334,8 @@ class Sidecar:
         """One cycle through the controller; then telemetry, and the state saved on change or every 10 s."""
         started = time.monotonic()
         self.refresh_frontends()
+        if self._held_inventory is not None:
+            self._take(self._held_inventory)
         result, self.state = self.controller.step(self.inventory, self.state, force_render=self._render_pending)
         if result.error is None:
             self._render_pending = False

@@ -114,7 +114,10 @@ def test_fastdeploy_register_loop_end_to_end(tmp_path: Path) -> None:
                      "--mode", "standalone", "--listen", f"127.0.0.1:{listen}", "--interval", "0.5",
                      "--debounce", "0.2", "--metrics-listen", f"127.0.0.1:{own_metrics}",
                      "--registry-listen", router, "--registry-grace", str(GRACE),
-                     "--registry-metrics-port", f"{met - api:+d}"],
+                     "--registry-metrics-port", f"{met - api:+d}",
+                     # A removal waits for a reload slot (60/N s after the last membership change: 15 s by
+                     # default, tests/unit/test_membership_pace.py); here one a second, so it leaves at once.
+                     "--max-reloads-per-minute", "60"],
                     start_new_session=True, stdout=fh, stderr=subprocess.STDOUT,
                 ))
             url = f"http://{router}"

@@ -1,0 +1,89 @@
+"""A replica leaving reloads nginx (the nginx flavor) at most once per reload-budget slot.
+
+An outside review flapped one registered replica every 6 s under 40 long streams: every down-mark, removal and
+re-add was a reload exempt from the budget (60 in 120 s), and nginx's old workers, each waiting for its streams,
+went from 2 to 33 (15 -> 253 MB). An inventory in which a replica leaves is now held until the budget's pace
+allows (60 s / --max-reloads-per-minute after the last one taken), and a replica back before then cancels its
+removal; a replica joining (capacity), a drain, pushed membership or no reload: never held.
+The real render and file write, a fake scrape and a policy clock the test moves (tests/unit/test_loop.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from fdngx.inventory import save
+from tests.unit.test_loop import inv_of, make
+
+
+def _names(text: str) -> list[str]:
+    return [ln.rsplit("# ", 1)[1] for ln in text.splitlines() if ln.strip().startswith("server ") and "# " in ln]
+
+
+@pytest.mark.parametrize("reloads", [True, False])
+def test_a_second_membership_change_waits_for_the_budgets_pace(tmp_path: Path, reloads: bool,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    sc, _, clock, written = make(tmp_path, n=2, max_reloads_per_minute=4)  # one slot per 15 s
+    object.__setattr__(sc.config.target, "reload", reloads)
+    sc.run_once()
+    inv = tmp_path / "fdngx.json"
+    save(inv_of(3), inv)
+    assert sc.reload_inventory() is True, "a replica joining is taken at once"
+    sc.run_once()
+    assert _names(written[-1]) == ["dp0", "dp1", "dp2"]
+
+    clock.t += 2.0
+    save(inv_of(2), inv)  # dp2 leaves
+    caplog.set_level(logging.INFO, logger="fdngx")
+    taken = sc.reload_inventory()
+    sc.run_once()
+    if not reloads:  # nothing reloads for it: nothing to pace
+        assert taken is True and _names(written[-1]) == ["dp0", "dp1"]
+        return
+    assert taken is False and len(sc.inventory.instances) == 3
+    assert _names(written[-1]) == ["dp0", "dp1", "dp2"], "held: nginx keeps the membership it has"
+    assert "inventory change held for 13 s" in caplog.text and "--max-reloads-per-minute" in caplog.text
+    clock.t += 12.0
+    sc.run_once()
+    assert _names(written[-1]) == ["dp0", "dp1", "dp2"]
+    clock.t += 1.0  # 15 s after the last one taken
+    sc.run_once()
+    assert _names(written[-1]) == ["dp0", "dp1"]
+    assert "inventory change applied after its hold: 2 instance(s)" in caplog.text
+
+
+def test_a_replica_back_before_the_hold_ends_cancels_its_removal(tmp_path: Path) -> None:
+    """A flap (removed, registered again) costs no reload at all."""
+    sc, _, clock, written = make(tmp_path, n=2, max_reloads_per_minute=4)
+    object.__setattr__(sc.config.target, "reload", True)
+    inv = tmp_path / "fdngx.json"
+    save(inv_of(3), inv)
+    sc.reload_inventory()
+    sc.run_once()
+    count = len(written)
+    save(inv_of(2), inv)
+    assert sc.reload_inventory() is False
+    save(inv_of(3), inv)  # back to what nginx has
+    assert sc.reload_inventory() is False
+    clock.t += 60.0
+    sc.run_once()
+    assert len(written) == count and _names(written[-1]) == ["dp0", "dp1", "dp2"]
+
+
+def test_an_edit_that_keeps_the_members_is_never_held(tmp_path: Path) -> None:
+    """A drain (or a weight) is an admin's deliberate edit: taken at once, right after a membership change."""
+    sc, _, _, written = make(tmp_path, n=2, max_reloads_per_minute=4)
+    object.__setattr__(sc.config.target, "reload", True)
+    inv = tmp_path / "fdngx.json"
+    save(inv_of(3), inv)
+    sc.reload_inventory()
+    sc.run_once()
+    drained = inv_of(3)
+    drained.instances[1].drain = True
+    save(drained, inv)
+    assert sc.reload_inventory() is True
+    sc.run_once()
+    assert any(ln.endswith("# dp1") and " down;" in ln for ln in written[-1].splitlines()), written[-1]

@@ -289,7 +289,7 @@ def stop_all(
     for the groups and the `extra` processes {pid: start time} (members we recorded: a descendants()
     snapshot, or a pidfile's record; each is signalled only while it is that very process), then SIGKILL
     what is left. A group whose leader is gone is never signalled as a group: its recorded members are.
-    Returns the pids that needed SIGKILL.
+    Returns the pids that needed SIGKILL, each once.
     """
     extra = dict(extra or {})
     for pgid, start, signame in groups:
@@ -313,7 +313,8 @@ def stop_all(
         if group_is_ours(pgid, start) and signal_group(pgid, signal.SIGKILL):
             killed.append(pgid)
     for pid, start in extra.items():
-        if signal_pid(pid, start, signal.SIGKILL):
+        # A leader is in `extra` too (a descendants() snapshot): it was killed once, with its group.
+        if pid not in killed and signal_pid(pid, start, signal.SIGKILL):
             killed.append(pid)
     end = time.monotonic() + 5.0
     while time.monotonic() < end and _survivors(groups, extra):

@@ -1,0 +1,31 @@
+"""`fdngx launch` / `fdngx stop` under the faults of an outside review: a supervisor killed while its replicas
+start, hang-ups under nohup, a full inventory directory, `fdngx stop --grace`, symlinked and mistaken
+inventory paths, a rank that comes back. Real `fdngx sim` processes (or stand-ins) on 127.0.0.1; every PID a
+test learns of is killed by PID at teardown.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+from fdngx.system import procs
+from tests.integration.test_launch import Launcher
+
+# Ignores SIGTERM (a replica busy loading, or one that never handles it); says when it does.
+IGNORES_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); " \
+               "time.sleep(600)"
+
+
+def test_a_group_leader_killed_after_the_grace_is_named_once(launcher: Launcher) -> None:
+    p = subprocess.Popen([sys.executable, "-c", IGNORES_TERM], stdout=subprocess.PIPE, text=True,
+                         start_new_session=True)  # fmt: skip
+    launcher.procs.append(p)
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    start = procs.starttime(p.pid)
+    assert start is not None
+    # The leader is its group (pgid == pid) and in the snapshot of descendants: one kill, said once.
+    killed = procs.stop_all([(p.pid, start, "SIGTERM")], [p], 0.5, {p.pid: start})
+    assert killed == [p.pid]  # before: [pid, pid] ("killed after the grace period: 8182, 8182")
+    assert p.wait(10) == -signal.SIGKILL

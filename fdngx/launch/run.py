@@ -47,8 +47,13 @@ def fastdeploy_installed() -> bool:
 
 def preflight(plan: Plan) -> LaunchLock:
     """Checks before anything starts; returns the launch lock, which the supervisor holds for its whole life."""
-    if not Path(plan.inventory_path).parent.is_dir():
+    inventory = Path(plan.inventory_path)
+    if not inventory.parent.is_dir():
         raise LaunchError(f"{plan.inventory_path}: the inventory's directory does not exist")
+    if inventory.is_dir():
+        # The supervisor could never write it: it would run the replicas and retry forever.
+        raise LaunchError(f"{plan.inventory_path}: is a directory; --inventory names the inventory file (e.g. "
+                          f"{inventory / 'fdngx.json'}); nothing was started")
     lock = LaunchLock.take(plan.inventory_path, plan.pidfile)
     try:
         running = live_supervisor(plan.pidfile)

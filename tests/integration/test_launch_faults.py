@@ -9,9 +9,10 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from fdngx.system import procs
-from tests.integration.test_launch import Launcher
+from tests.integration.test_launch import Launcher, sim_ports
 
 # Ignores SIGTERM (a replica busy loading, or one that never handles it); says when it does.
 IGNORES_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); " \
@@ -29,3 +30,14 @@ def test_a_group_leader_killed_after_the_grace_is_named_once(launcher: Launcher)
     killed = procs.stop_all([(p.pid, start, "SIGTERM")], [p], 0.5, {p.pid: start})
     assert killed == [p.pid]  # before: [pid, pid] ("killed after the grace period: 8182, 8182")
     assert p.wait(10) == -signal.SIGKILL
+
+
+def test_an_inventory_path_that_is_a_directory_is_refused_before_anything_starts(launcher: Launcher) -> None:
+    launcher.inv.mkdir()  # -i /var/lib/fdngx: a directory, not the file in it
+    r = launcher.run("launch", "--engine", "sim", "-n", "2", "--detach", "--inventory", str(launcher.inv),
+                     *sim_ports(2))  # fmt: skip
+    assert r.returncode == 1, r.stderr  # before: 0, a supervisor retrying the write forever
+    [line] = r.stderr.splitlines()
+    assert line == (f"fdngx: error: {launcher.inv}: is a directory; --inventory names the inventory file (e.g. "
+                    f"{launcher.inv / 'fdngx.json'}); nothing was started")  # fmt: skip
+    assert not Path(f"{launcher.inv}.pid").exists() and not (launcher.tmp / "fdngx-logs").exists()

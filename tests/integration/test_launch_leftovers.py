@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 from fdngx.domain import Engine, Instance, Inventory, Restart
 from fdngx.engines.argv import ProcSpec
@@ -27,7 +28,7 @@ from fdngx.launch.pidfile import read_pidfile, unwritten_lines
 from fdngx.launch.plan import Plan
 from fdngx.launch.probe import foreign_listener, health
 from tests.integration.test_full_disk import fill, tmpfs
-from tests.integration.test_launch import Launcher, sim_ports
+from tests.integration.test_launch import STARTUP, Launcher, sim_ports
 from tests.integration.test_launch import health as inst_health
 from tests.integration.test_launch_robust import RUN_PLAN, replace_with_dir
 from tests.support import REPO, answering, free_ports, wait_for
@@ -192,9 +193,25 @@ def test_a_full_disk_under_the_output_holds_lines_back_then_says_what_is_missing
 
 
 def test_a_detached_launch_that_cannot_write_its_inventory_says_so_and_records_it(launcher: Launcher) -> None:
-    launcher.inv.mkdir()  # the inventory's path is taken by a directory: every write of it fails
-    r = launcher.run("launch", "--engine", "sim", "-n", "2", "--per-instance", "--detach", "--inventory",
-                     str(launcher.inv), *sim_ports(2))  # fmt: skip
+    ports = sim_ports(2)
+    p = subprocess.Popen(launcher.cmd("launch", "--engine", "sim", "-n", "2", "--per-instance", "--detach",
+                                      "--inventory", str(launcher.inv), *ports, "--", "--unhealthy"),
+                         cwd=launcher.tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    launcher.procs.append(p)
+
+    def answering_404() -> bool:
+        launcher.remember()
+        record = read_pidfile(launcher.pidfile)
+        return record is not None and set(record.instances.values()) == {"HTTP 404"}
+
+    wait_for(answering_404, timeout=STARTUP, interval=0.2, what="both replicas answering 404")
+    # The inventory's path is taken by a directory once the launch has started (a launch refuses one
+    # before): every write of it fails.
+    launcher.inv.mkdir()
+    for port in ports[3].split(","):
+        requests.post(f"http://127.0.0.1:{port}/sim/fault", json={"unhealthy": False}, timeout=10).raise_for_status()
+    _out, err = p.communicate(timeout=STARTUP)
+    r = subprocess.CompletedProcess(p.args, p.returncode, _out, err)
     assert r.returncode == 0, r.stderr
     record = read_pidfile(launcher.pidfile)
     assert record is not None

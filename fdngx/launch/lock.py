@@ -20,10 +20,13 @@ from fdngx.errors import LaunchError
 from fdngx.launch.pidfile import live_supervisor
 from fdngx.launch.probe import fd_links
 from fdngx.system import procs
+from fdngx.system.files import real_target
 
 
 def lock_path(inventory: str | Path) -> Path:
-    p = Path(inventory).absolute()
+    """Beside the file the inventory's writes land in (a symlink's target): two names of one inventory share
+    one lock, as they share its inventory lock (fdngx.inventory.lock_path) and pidfile (plan.pidfile_for)."""
+    p = real_target(Path(inventory))
     return p.with_name(f".{p.name}.launch.lock")
 
 

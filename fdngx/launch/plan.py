@@ -1,8 +1,9 @@
 """Launch planning: a LaunchRequest -> exact processes (argv, env, log) and the inventory they will serve.
 
-Pure: nothing here starts a process, binds a port or touches the file system, so `--dry-run` and the unit
-tests see exactly what a real launch runs. The engine's registry entry builds its own command lines
-(fdngx.engines.<engine>.build_launch); this module validates the request and assembles the Plan.
+Pure: nothing here starts a process, binds a port or writes to the file system (pidfile_for only reads where a
+symlinked inventory points), so `--dry-run` and the unit tests see exactly what a real launch runs. The
+engine's registry entry builds its own command lines (fdngx.engines.<engine>.build_launch); this module
+validates the request and assembles the Plan.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from fdngx.engines.argv import (
 from fdngx.errors import UsageError, check_number
 from fdngx.inventory import NAME, check_unique, parse_inventory, to_json
 from fdngx.launch.hosts import Resolver, decide, resolve_self
+from fdngx.system.files import real_target
 
 MAX_GRACE = 3600.0  # --grace: what fdngx.launch.pidfile accepts
 MAX_TIMEOUT = 86400.0  # --timeout: a day for every /health to pass (FastDeploy loads for minutes; default 1800)
@@ -50,10 +52,12 @@ class Plan:
     bind_host: str = DEFAULT_HOST
     # One line each, for stderr before anything starts (e.g. FastDeploy's router self-check would fail).
     warnings: list[str] = field(default_factory=list)
+    # The supervisor's pidfile (pidfile_for), fixed when the plan is made: an inventory symlink re-pointed
+    # while the launch runs does not move it away from where `fdngx stop` found it.
+    pidfile: str = ""
 
-    @property
-    def pidfile(self) -> str:
-        return pidfile_for(self.inventory_path)
+    def __post_init__(self) -> None:
+        self.pidfile = self.pidfile or pidfile_for(self.inventory_path)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +74,7 @@ class Plan:
             "coupled": self.coupled,
             "bind_host": self.bind_host,
             "warnings": self.warnings,
+            "pidfile": self.pidfile,
         }
 
     @classmethod
@@ -88,6 +93,7 @@ class Plan:
             coupled=bool(data.get("coupled", False)),
             bind_host=str(data.get("bind_host", DEFAULT_HOST)),
             warnings=[str(w) for w in data.get("warnings", [])],
+            pidfile=str(data.get("pidfile", "")),
         )
 
     def describe(self) -> str:
@@ -111,8 +117,10 @@ def check_grace(grace: float) -> None:
 
 
 def pidfile_for(inventory_path: str | Path) -> str:
-    """The supervisor's pidfile sits next to the inventory it serves: `fdngx.json` -> `fdngx.json.pid`."""
-    return str(inventory_path) + ".pid"
+    """The supervisor's pidfile sits next to the inventory it serves: `fdngx.json` -> `fdngx.json.pid`; for a
+    symlinked inventory, next to the file it points to, so that every name of one inventory finds it (the one
+    look at the file system here: where the link points)."""
+    return str(real_target(Path(inventory_path))) + ".pid"
 
 
 def build_plan(req: LaunchRequest, resolve: Resolver | None = None) -> Plan:

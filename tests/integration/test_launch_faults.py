@@ -41,3 +41,33 @@ def test_an_inventory_path_that_is_a_directory_is_refused_before_anything_starts
     assert line == (f"fdngx: error: {launcher.inv}: is a directory; --inventory names the inventory file (e.g. "
                     f"{launcher.inv / 'fdngx.json'}); nothing was started")  # fmt: skip
     assert not Path(f"{launcher.inv}.pid").exists() and not (launcher.tmp / "fdngx-logs").exists()
+
+
+def test_two_names_of_one_inventory_share_one_lock_and_one_pidfile(launcher: Launcher) -> None:
+    (launcher.tmp / "var").mkdir()
+    (launcher.tmp / "etc").mkdir()
+    real = launcher.tmp / "var" / "fdngx.json"
+    real.write_text('{"version": 1, "instances": []}\n')
+    link = launcher.tmp / "etc" / "fdngx.json"
+    link.symlink_to("../var/fdngx.json")
+    launcher.inv = real
+
+    def remember() -> None:
+        for pidfile in (Path(f"{link}.pid"), Path(f"{real}.pid")):  # before: one beside each name
+            launcher.pidfile = pidfile
+            launcher.remember()
+
+    first = launcher.run("launch", "--engine", "sim", "-n", "1", "--detach", "--inventory", str(link), *sim_ports(1))
+    remember()
+    assert first.returncode == 0, first.stderr
+    second = launcher.run("launch", "--engine", "sim", "-n", "1", "--detach", "--inventory", str(real),
+                          *sim_ports(1))  # fmt: skip
+    remember()
+    assert second.returncode == 1, second.stderr  # before: 0, and the first launch's replica left the inventory
+    [line] = second.stderr.splitlines()
+    assert line.startswith(f"fdngx: error: {real}.pid: replicas launched with this inventory are still supervised")
+    assert not Path(f"{link}.pid").exists()
+    stopped = launcher.run("stop", "--inventory", str(real))  # the other name finds it too
+    assert stopped.returncode == 0 and "stopped supervisor pid" in stopped.stdout, stopped.stdout + stopped.stderr
+    launcher.assert_all_gone()
+    assert link.is_symlink() and [i["status"] for i in launcher.inventory()["instances"]] == ["stopped"]

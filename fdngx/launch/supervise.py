@@ -68,8 +68,19 @@ class Supervisor(Books, Deaths):
         self.stop_signal = signum
 
     def _install_signals(self) -> dict[int, Any]:
+        """SIGTERM always stops; SIGINT and SIGHUP too, unless they were ignored when fdngx started: `nohup`
+        ignores SIGHUP and a script's `cmd &` SIGINT, so that a hang-up or a Ctrl-C meant for the shell does
+        not stop the job (the Unix convention); such a signal stays ignored, and that is said."""
         sigs = [signal.SIGINT, signal.SIGTERM] + ([] if self.detached else [signal.SIGHUP])
-        old = {s: signal.signal(s, self._on_signal) for s in sigs}
+        old = {}
+        for sig in sigs:
+            if sig != signal.SIGTERM and signal.getsignal(sig) is signal.SIG_IGN:
+                old[sig] = signal.SIG_IGN
+                self.progress.say(f"{signal.Signals(sig).name} was ignored when fdngx started (nohup, or a "
+                                  "background job): it stays ignored; SIGTERM stops the replicas (fdngx stop "
+                                  f"--inventory {self.plan.inventory_path})")
+                continue
+            old[sig] = signal.signal(sig, self._on_signal)
         if self.detached:
             # No terminal to hang up on; a stray SIGHUP must not take the replicas down.
             old[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)

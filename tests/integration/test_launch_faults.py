@@ -6,13 +6,17 @@ test learns of is killed by PID at teardown.
 
 from __future__ import annotations
 
+import functools
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fdngx.system import procs
-from tests.integration.test_launch import Launcher, sim_ports
+from tests.integration.test_launch import Launcher, health, sim_ports
 
 # Ignores SIGTERM (a replica busy loading, or one that never handles it); says when it does.
 IGNORES_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); " \
@@ -71,3 +75,35 @@ def test_two_names_of_one_inventory_share_one_lock_and_one_pidfile(launcher: Lau
     assert stopped.returncode == 0 and "stopped supervisor pid" in stopped.stdout, stopped.stdout + stopped.stderr
     launcher.assert_all_gone()
     assert link.is_symlink() and [i["status"] for i in launcher.inventory()["instances"]] == ["stopped"]
+
+
+def ignored_signals(pid: int) -> set[int]:
+    """The signals `pid` ignores (SigIgn of /proc/<pid>/status, a bit mask: bit n-1 is signal n)."""
+    mask = next(int(line.split()[1], 16) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith("SigIgn:"))  # fmt: skip
+    return {n for n in range(1, 65) if mask & (1 << (n - 1))}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT], ids=["SIGHUP", "SIGINT"])
+def test_a_signal_ignored_at_start_stays_ignored_and_stops_nothing(launcher: Launcher, sig: int) -> None:
+    """`nohup fdngx launch ... &` (SIGHUP ignored), a script's `fdngx launch ... &` (SIGINT ignored): the
+    terminal hanging up, or a Ctrl-C meant for the shell, must not stop the replicas."""
+    err = launcher.tmp / "err"
+    with open(err, "w") as fh:
+        p = subprocess.Popen(launcher.cmd("launch", "--inventory", str(launcher.inv), "--engine", "sim", "-n", "2",
+                                          "--per-instance", *sim_ports(2)),
+                             cwd=launcher.tmp, stdout=subprocess.DEVNULL, stderr=fh, text=True, start_new_session=True,
+                             preexec_fn=functools.partial(signal.signal, sig, signal.SIG_IGN))  # fmt: skip
+    launcher.procs.append(p)
+    launcher.pids[p.pid] = procs.starttime(p.pid)
+    doc = launcher.wait_ready(p, 2)
+    assert sig in ignored_signals(p.pid)  # before: its own handler replaced the ignored disposition
+    os.kill(p.pid, sig)  # the hang-up (or the Ctrl-C): discarded, since ignored
+    assert p.poll() is None and all(health(i) for i in doc["instances"])
+    os.kill(p.pid, signal.SIGTERM)
+    assert p.wait(60) == 0
+    text = err.read_text()
+    name = signal.Signals(sig).name
+    assert f"fdngx: {name} was ignored when fdngx started (nohup, or a background job): it stays ignored" in text
+    assert "fdngx: SIGTERM: stopped every replica" in text and f"{name}: stopped" not in text
+    launcher.assert_all_gone()

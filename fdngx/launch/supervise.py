@@ -314,13 +314,20 @@ class Supervisor(Books, Deaths):
         for c in running:
             if c.state is not ChildState.RUNNING:
                 continue  # stopped meanwhile with a coupled rank
-            lost = []
+            lost, back = [], []
             for name in c.spec.instances:
                 h = seen[name]
                 self._note(name, h)
                 self.refused[name] = self.refused[name] + 1 if h.state is HealthState.NOT_LISTENING else 0
                 if self.refused[name] >= REFUSED_LIMIT and name not in self.down:
                     lost.append(name)
+                elif h.ok and name in self.down:
+                    back.append(name)  # listens again (--restart no, or a rank that came back by itself)
+            if back:
+                self.down.difference_update(back)
+                changed = True
+                self.progress.say(f"{', '.join(back)} of {c.spec.name} (pid {c.pid or '?'}) is healthy again "
+                                  "(/health answers 200)")
             if not lost:
                 continue
             self.down.update(lost)

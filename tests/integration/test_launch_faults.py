@@ -14,9 +14,38 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 
 from fdngx.system import procs
-from tests.integration.test_launch import Launcher, health, sim_ports
+from tests.integration.test_launch import STARTUP, Launcher, health, sim_ports
+from tests.integration.test_launch_robust import foreground, plan_of
+from tests.support import wait_for
+
+# A replica whose API port stops listening on GET /close (its process keeps running) and listens again once
+# the file argv[2] exists.
+FLAPS = """
+import http.server, os, sys, threading, time
+port, gate = int(sys.argv[1]), sys.argv[2]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+        if self.path == "/close":
+            threading.Thread(target=close).start()
+    def log_message(self, *a):
+        pass
+def serve():
+    s = http.server.HTTPServer(("127.0.0.1", port), H)
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+    return s
+def close():
+    global srv
+    srv.shutdown(); srv.server_close()
+    while not os.path.exists(gate):
+        time.sleep(0.05)
+    srv = serve()
+srv = serve()
+threading.Event().wait()
+"""
 
 # Ignores SIGTERM (a replica busy loading, or one that never handles it); says when it does.
 IGNORES_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); " \
@@ -106,4 +135,26 @@ def test_a_signal_ignored_at_start_stays_ignored_and_stops_nothing(launcher: Lau
     name = signal.Signals(sig).name
     assert f"fdngx: {name} was ignored when fdngx started (nohup, or a background job): it stays ignored" in text
     assert "fdngx: SIGTERM: stopped every replica" in text and f"{name}: stopped" not in text
+    launcher.assert_all_gone()
+
+
+def test_a_rank_that_listens_again_is_running_again(launcher: Launcher) -> None:
+    plan = plan_of(launcher.tmp, 1, engine=FLAPS)  # --restart no: nothing restarts it
+    gate = launcher.tmp / "workers-dp0"
+    err = launcher.tmp / "err"
+    with open(err, "w") as fh:
+        p = foreground(launcher, plan, fh)
+    inst = launcher.wait_ready(p, 1)["instances"][0]
+    requests.get(f"http://127.0.0.1:{inst['port']}/close", timeout=10)
+
+    def status() -> str:
+        return str(launcher.inventory()["instances"][0]["status"])
+
+    wait_for(lambda: status() == "down", timeout=STARTUP, interval=0.2, what="dp0 down in the inventory")
+    gate.touch()  # it listens again
+    # before: "down" for good, and nothing said
+    wait_for(lambda: status() == "running", timeout=STARTUP, interval=0.2, what="dp0 running again")
+    assert f"fdngx: dp0 of dp0 (pid {inst['pid']}) is healthy again (/health answers 200)" in err.read_text()
+    os.kill(p.pid, signal.SIGTERM)
+    assert p.wait(60) == 0
     launcher.assert_all_gone()

@@ -1,30 +1,28 @@
 """`fdngx launch` and `fdngx stop`: preflight checks, health probes, the pidfile, detach, stop.
 
 The supervision loop itself (start, wait for health, watch, restart, shut down) is in
-fdngx.launch.supervise; probes in fdngx.launch.probe; process primitives (sessions, identity by start time,
-group stop) in fdngx.system.procs; command lines in fdngx.launch.plan and fdngx.engines.<engine>.
+fdngx.launch.supervise; a detached launch's hand-over to its supervisor in fdngx.launch.detach; probes in
+fdngx.launch.probe; process primitives (sessions, identity by start time, group stop) in fdngx.system.procs;
+command lines in fdngx.launch.plan and fdngx.engines.<engine>.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from fdngx import engines
 from fdngx.domain import Engine
 from fdngx.errors import LaunchError
+from fdngx.launch.detach import launch_detached
 from fdngx.launch.lock import LaunchLock
 from fdngx.launch.output import Out
-from fdngx.launch.pidfile import LaunchState, live_supervisor, read_pidfile, remove_pidfile, unwritten_lines
+from fdngx.launch.pidfile import live_supervisor, read_pidfile, remove_pidfile
 from fdngx.launch.plan import Plan, pidfile_for
 from fdngx.launch.probe import check_ports
-from fdngx.launch.progress import Progress
 from fdngx.launch.supervise import Supervisor
 from fdngx.system import procs
 
@@ -88,94 +86,10 @@ def launch(plan: Plan, detach: bool = False, out: TextIO | None = None) -> int:
         except OSError as exc:
             raise LaunchError(f"{plan.log_dir}: cannot create the log directory: {exc.strerror}") from None
         if detach:
-            return _launch_detached(plan, out, lock)
+            return launch_detached(plan, out, lock)
         return Supervisor(plan, out=out, detached=False).run()
     finally:
         lock.close()
-
-
-def _launch_detached(plan: Plan, out: TextIO, lock: LaunchLock) -> int:
-    """Hand the plan (and the launch lock) to a supervisor in its own session; follow its pidfile until ready
-    or failed."""
-    log = Path(plan.log_dir) / "supervisor.log"
-    progress = Progress([i.name for i in plan.inventory.instances], out, plan.timeout)
-    with open(log, "ab") as fh:
-        sup = subprocess.Popen(
-            [sys.executable, "-m", "fdngx.launch.supervise", "--lock-fd", str(lock.fd)],
-            stdin=subprocess.PIPE,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
-            pass_fds=(lock.fd,),
-        )
-    assert sup.stdin is not None
-    sup.stdin.write(json.dumps(plan.to_dict()).encode())
-    sup.stdin.close()
-    progress.say(f"supervisor pid {sup.pid} starting {len(plan.procs)} process(es); its log: {log}")
-    got: list[int] = []
-    old = signal.signal(signal.SIGTERM, functools.partial(_raise_interrupt, got))
-    deadline = time.monotonic() + plan.timeout + plan.grace + 30
-    try:
-        while True:
-            rc = sup.poll()
-            record = read_pidfile(plan.pidfile)
-            if record is not None and record.supervisor.pid != sup.pid:
-                record = None  # an older launch's file: not ours to follow
-            if record is not None and record.instances:
-                progress.update(record.instances)
-            if rc is None and record is not None and record.state is LaunchState.READY:
-                # Its output goes to supervisor.log, which nobody reads: what it cannot write is said here.
-                for line in unwritten_lines(record):
-                    progress.say(line)
-                inventory = f"inventory {plan.inventory_path}" + (
-                    " NOT written yet (see above)" if plan.inventory_path in record.unwritten else "")
-                progress.say(
-                    f"{len(plan.inventory.instances)} replica(s) healthy; {inventory}; "
-                    f"supervisor pid {sup.pid} (pidfile {plan.pidfile}); stop with: fdngx stop --inventory "
-                    f"{plan.inventory_path}"
-                )
-                return 0
-            if rc is not None:
-                if record is not None and record.log_tail:
-                    progress.say(f"last lines of {record.log_file or log}:")
-                    progress.text(record.log_tail)
-                remove_pidfile(plan.pidfile, sup.pid)
-                raise LaunchError((record.error if record else None)
-                                  or f"the supervisor exited with status {rc}; see {log}")
-            if time.monotonic() > deadline:
-                raise LaunchError(f"the supervisor did not report ready in time; stopped it; see {log}")
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        _stop_supervisor(sup, plan, progress)
-        signum = got[0] if got else signal.SIGINT
-        progress.say(f"{signal.Signals(signum).name}: stopped the supervisor and every replica before they were "
-                     "healthy")
-        return 128 + signum
-    except LaunchError:
-        # Failed while starting: nothing may keep running behind the user's back.
-        _stop_supervisor(sup, plan, progress)
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-def _stop_supervisor(sup: subprocess.Popen[bytes], plan: Plan, progress: Progress) -> None:
-    if sup.poll() is not None:
-        return
-    progress.say(f"stopping supervisor pid {sup.pid}")
-    sup.send_signal(signal.SIGTERM)
-    try:
-        sup.wait(plan.grace + 15)
-    except subprocess.TimeoutExpired:
-        sup.kill()
-        sup.wait()
-        stop(plan.inventory_path, progress.out)
-
-
-def _raise_interrupt(got: list[int], signum: int, frame: Any) -> None:
-    got.append(signum)
-    raise KeyboardInterrupt
 
 
 # -- stop ------------------------------------------------------------------------------------------------

@@ -117,6 +117,7 @@ class Supervisor(Books, Deaths):
             for c in self.children:
                 if (why := self._start(c)) is not None:
                     raise self._fail(c, f"cannot start {c.spec.name}: {why}")
+                self._pidfile(LaunchState.STARTING)  # at once: `fdngx stop` and a detached parent need its pid
             if self._wait_healthy():
                 ready = True
                 self._inventory()

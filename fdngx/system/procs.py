@@ -24,6 +24,7 @@ from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
 try:
     _libc: ctypes.CDLL | None = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 except OSError:  # not glibc/Linux: the safety nets below are skipped, the group signals still work
@@ -163,11 +164,16 @@ def descendants(root: int) -> dict[int, int]:
     return out
 
 
-def become_subreaper() -> None:
+def become_subreaper(on: bool = True) -> bool:
     """Orphaned grandchildren (FastDeploy's workers when an api_server dies) reparent to us, not init,
-    so they stay visible as our descendants and get stopped with the rest."""
-    if _libc is not None:
-        _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    so they stay visible as our descendants and get stopped with the rest. `on=False` undoes it. Returns
+    whether this process was a subreaper before (False where it cannot be told)."""
+    if _libc is None:
+        return False
+    was = ctypes.c_int(0)
+    _libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(was), 0, 0, 0)
+    _libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
+    return bool(was.value)
 
 
 def _child_setup(parent: int, death_signal: int) -> None:

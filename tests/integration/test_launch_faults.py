@@ -7,6 +7,7 @@ test learns of is killed by PID at teardown.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -16,10 +17,14 @@ from pathlib import Path
 import pytest
 import requests
 
+from fdngx.domain import Engine, Instance, Inventory, Restart
+from fdngx.engines.argv import ProcSpec
+from fdngx.launch.pidfile import read_pidfile
+from fdngx.launch.plan import Plan
 from fdngx.system import procs
 from tests.integration.test_launch import STARTUP, Launcher, health, sim_ports
-from tests.integration.test_launch_robust import foreground, plan_of
-from tests.support import wait_for
+from tests.integration.test_launch_robust import ENGINE, foreground, plan_of, workers
+from tests.support import REPO, free_ports, wait_for
 
 # A replica whose API port stops listening on GET /close (its process keeps running) and listens again once
 # the file argv[2] exists.
@@ -46,6 +51,45 @@ def close():
 srv = serve()
 threading.Event().wait()
 """
+
+# Never listens, and ignores SIGTERM (the parent-death signal too): a rank busy loading. Writes argv[2] once
+# it ignores it.
+HANGS = "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
+        "open(sys.argv[2], 'w').write('ignoring'); time.sleep(600)"
+
+# A detached launch of a plan, in a process of its own (the test plays the terminal).
+RUN_DETACHED = (
+    "import json, sys\n"
+    "from fdngx.errors import FdngxError\n"
+    "from fdngx.launch.plan import Plan\n"
+    "from fdngx.launch.run import launch\n"
+    "try:\n"
+    "    sys.exit(launch(Plan.from_dict(json.loads(sys.argv[1])), detach=True))\n"
+    "except FdngxError as exc:\n"
+    "    print(f'fdngx: error: {exc}', file=sys.stderr)\n"
+    "    sys.exit(1)\n"
+)
+
+
+def plan_running(tmp: Path, engines: list[str], grace: float = 1.0, timeout: float = 120.0) -> Plan:
+    """One process per replica dp<i>, running engines[i] with its port and the file argv[2]."""
+    n = len(engines)
+    ports = [int(p) for p in free_ports(2 * n)]
+    specs = [ProcSpec(f"dp{i}", [sys.executable, "-c", engine, str(ports[i]), str(tmp / f"workers-dp{i}")], {},
+                      str(tmp / "logs" / f"dp{i}.log"), [f"dp{i}"]) for i, engine in enumerate(engines)]
+    inv = Inventory([Instance(f"dp{i}", "127.0.0.1", ports[i], ports[n + i], Engine.SIM) for i in range(n)])
+    return Plan(Engine.SIM, specs, inv, str(tmp / "fdngx.json"), str(tmp / "logs"), ports[:n], timeout,
+                Restart.NO, grace, False)
+
+
+def detached(launcher: Launcher, plan: Plan) -> subprocess.Popen[str]:
+    p = subprocess.Popen([sys.executable, "-c", RUN_DETACHED, json.dumps(plan.to_dict())], cwd=REPO,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # fmt: skip
+    launcher.procs.append(p)
+    launcher.pids[p.pid] = procs.starttime(p.pid)
+    return p
+
 
 # Ignores SIGTERM (a replica busy loading, or one that never handles it); says when it does.
 IGNORES_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); " \
@@ -158,3 +202,29 @@ def test_a_rank_that_listens_again_is_running_again(launcher: Launcher) -> None:
     os.kill(p.pid, signal.SIGTERM)
     assert p.wait(60) == 0
     launcher.assert_all_gone()
+
+
+def test_a_detached_supervisor_killed_while_starting_leaves_nothing_running(launcher: Launcher) -> None:
+    """The OOM killer takes the supervisor while dp1 still loads and ignores SIGTERM (its parent-death signal):
+    the launch stops what it left (dp1, and dp0's worker in a session of its own), then fails saying so."""
+    plan = plan_running(launcher.tmp, [ENGINE, HANGS])
+    p = detached(launcher, plan)
+
+    def loading() -> int | None:
+        launcher.remember()
+        record = read_pidfile(launcher.pidfile)
+        ready = record is not None and record.instances.get("dp0") == "healthy" and all(
+            c.pid for c in record.children) and (launcher.tmp / "workers-dp1").exists()
+        return record.supervisor.pid if ready and record is not None else None
+
+    sup = wait_for(loading, timeout=STARTUP, interval=0.1, what="dp0 healthy, dp1 ignoring SIGTERM")
+    workers(launcher, 0)
+    os.kill(sup, signal.SIGKILL)
+    assert p.wait(60) == 1
+    err = p.stderr.read() if p.stderr else ""
+    [line] = [x for x in err.splitlines() if "error" in x]
+    assert line.startswith(f"fdngx: error: the supervisor (pid {sup}) was killed by SIGKILL before every replica "
+                           "was healthy; stopped the ")  # fmt: skip
+    assert "killed after the grace period" in line, err
+    launcher.assert_all_gone()  # before: dp1 outlived it, where `fdngx stop` could not find it
+    assert not launcher.pidfile.exists()

@@ -5,6 +5,8 @@ once, naming the file and why, and tried again at the supervisor's next loop unt
 is said too): the files are marked dirty, and _flush writes what is dirty. An inventory that cannot be
 written is recorded in the pidfile too (`unwritten`), for those who never read the supervisor's output
 (a detached launch: `fdngx launch --detach` returning, `fdngx status`); the record goes when it is written.
+A detached parent gets each record over its pipe too (fdngx.launch.handshake), the pidfile's own failure in
+it: it learns that the replicas are ready, or why they failed, when neither file can be written.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from fdngx import inventory as inv_mod
 from fdngx.errors import FdngxError, os_error_line
 from fdngx.launch.children import Child
+from fdngx.launch.handshake import Reporter
 from fdngx.launch.pidfile import LIVE, ChildState, LaunchState, Pidfile, ProcessRecord, write_pidfile
 from fdngx.launch.plan import Plan
 from fdngx.system import procs
@@ -38,6 +41,7 @@ class Books:
     inventory_written: bool
     lockless_said: bool
     state: LaunchState
+    reporter: Reporter
 
     def _init_books(self) -> None:
         self.dirty: set[str] = set()
@@ -64,12 +68,13 @@ class Books:
             self.dirty.discard(INVENTORY)
         if PIDFILE in self.dirty and self._attempt(self.plan.pidfile, self._write_pidfile):
             self.dirty.discard(PIDFILE)
+        self.reporter.drain()  # what a detached parent has not read yet
 
     def _attempt(self, path: str, write: Callable[[], None]) -> bool:
         try:
             write()
         except (OSError, FdngxError) as exc:
-            why = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc).removeprefix(f"{path}: ")
+            why = _why(path, exc)
             if path not in self.failing:
                 self.progress.say(f"warning: {path}: not written ({why}); the replicas keep running; fdngx tries "
                                   "again until it can")
@@ -84,15 +89,28 @@ class Books:
         return True
 
     def _write_pidfile(self) -> None:
+        """Write the pidfile; send its record to a detached parent whether or not the file could be written."""
         me = os.getpid()
         error, log_tail, log = self.failure or (None, None, None)
-        write_pidfile(self.plan.pidfile, Pidfile(
+        record = Pidfile(
             supervisor=ProcessRecord(me, procs.starttime(me)), state=self.state, detached=self.detached,
             engine=self.plan.engine, inventory=self.plan.inventory_path, grace=self.plan.grace,
             children=[c.record() for c in self.children], instances=dict(self.status),
             error=error, log_tail=log_tail, log_file=log, boot=procs.boot_id(),
             unwritten={p: why for p, why in self.failing.items() if p != self.plan.pidfile},
-        ))
+        )
+        try:
+            write_pidfile(self.plan.pidfile, record)
+        except (OSError, FdngxError) as exc:
+            self._report(record, _why(self.plan.pidfile, exc))
+            raise
+        self._report(record, None)
+
+    def _report(self, record: Pidfile, pidfile_failed: str | None) -> None:
+        doc = record.to_dict()
+        if pidfile_failed is not None:  # the parent says it: `fdngx stop` cannot find the launch until then
+            doc["unwritten"] = {**record.unwritten, self.plan.pidfile: pidfile_failed}
+        self.reporter.send({"record": doc}, last=record.state is not LaunchState.STARTING)
 
     def _write_inventory(self) -> None:
         """Atomically write the inventory with pid/log/status per instance, other edits kept, under its lock."""
@@ -145,3 +163,8 @@ class Books:
         if c.state is ChildState.RUNNING and name in self.down:
             return "down"
         return {ChildState.RUNNING: "running", ChildState.STARTING: "starting"}.get(c.state, "exited")
+
+
+def _why(path: str, exc: OSError | FdngxError) -> str:
+    """Why a write of `path` failed, in the words a line about `path` ends with."""
+    return (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc).removeprefix(f"{path}: ")

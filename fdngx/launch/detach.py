@@ -6,10 +6,15 @@ supervisor that dies without cleaning up (SIGKILL, the OOM killer) leaves its re
 and they are stopped here, with what its record names, before the launch fails. A replica that ignores its
 parent-death signal (a FastDeploy rank busy loading) would otherwise outlive it where `fdngx stop` cannot
 find it, and a new launch would start a second copy.
+
+The supervisor reports each state it records, and its last error, over a pipe (fdngx.launch.handshake), not
+only in its pidfile and supervisor.log: with no room for those (a full disk) the parent still learns that
+the replicas are ready, or why they failed, at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -22,85 +27,135 @@ from typing import Any, TextIO
 
 from fdngx.errors import LaunchError
 from fdngx.launch.children import describe_exit
+from fdngx.launch.handshake import Listener
 from fdngx.launch.lock import LaunchLock
-from fdngx.launch.pidfile import LaunchState, Pidfile, read_pidfile, remove_pidfile, unwritten_lines
+from fdngx.launch.pidfile import LaunchState, Pidfile, remove_pidfile, unwritten_lines
 from fdngx.launch.plan import Plan
 from fdngx.launch.progress import Progress
 from fdngx.system import procs
 
 
 def launch_detached(plan: Plan, out: TextIO, lock: LaunchLock) -> int:
-    """Start the supervisor (it inherits the launch lock); follow its pidfile until ready or failed."""
+    """Start the supervisor (it inherits the launch lock); follow its reports until ready or failed."""
     log = Path(plan.log_dir) / "supervisor.log"
     progress = Progress([i.name for i in plan.inventory.instances], out, plan.timeout)
     before = set(procs.descendants(os.getpid()))  # ours already: never taken for the supervisor's
     was_subreaper = procs.become_subreaper()
     try:
-        sup = _start(plan, log, lock)
-        progress.say(f"supervisor pid {sup.pid} starting {len(plan.procs)} process(es); its log: {log}")
-        return _follow(sup, plan, log, progress, before)
+        sup, listener = _start(plan, log, lock)
+        try:
+            progress.say(f"supervisor pid {sup.pid} starting {len(plan.procs)} process(es); its log: {log}")
+            return _Follow(sup, plan, log, progress, before, listener).run()
+        finally:
+            listener.close()
     finally:
         procs.become_subreaper(was_subreaper)
 
 
-def _start(plan: Plan, log: Path, lock: LaunchLock) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as fh:
-        sup = subprocess.Popen(
-            [sys.executable, "-m", "fdngx.launch.supervise", "--lock-fd", str(lock.fd)],
-            stdin=subprocess.PIPE,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
-            pass_fds=(lock.fd,),
-        )
+def _start(plan: Plan, log: Path, lock: LaunchLock) -> tuple[subprocess.Popen[bytes], Listener]:
+    r, w = os.pipe()
+    try:
+        with open(log, "ab") as fh:
+            sup = subprocess.Popen(
+                [sys.executable, "-m", "fdngx.launch.supervise", "--lock-fd", str(lock.fd), "--status-fd", str(w)],
+                stdin=subprocess.PIPE,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                pass_fds=(lock.fd, w),
+            )
+    except OSError as exc:
+        os.close(r)
+        if exc.filename != str(log):
+            raise
+        raise LaunchError(f"{log}: cannot open the supervisor's log ({exc.strerror}); nothing was started") from None
+    finally:
+        os.close(w)  # the supervisor's now: the pipe ends when it does
     assert sup.stdin is not None
     sup.stdin.write(json.dumps(plan.to_dict()).encode())
     sup.stdin.close()
-    return sup
+    return sup, Listener(r)
 
 
-def _follow(sup: subprocess.Popen[bytes], plan: Plan, log: Path, progress: Progress, before: set[int]) -> int:
-    got: list[int] = []
-    old = signal.signal(signal.SIGTERM, functools.partial(_raise_interrupt, got))
-    deadline = time.monotonic() + plan.timeout + plan.grace + 30
-    record: Pidfile | None = None
-    try:
-        while True:
-            rc = sup.poll()
-            seen = read_pidfile(plan.pidfile)
-            if seen is not None and seen.supervisor.pid == sup.pid:  # not an older launch's file
-                record = seen
-                if record.instances:
-                    progress.update(record.instances)
-            if rc is None and record is not None and record.state is LaunchState.READY:
-                _ready(sup, plan, record, progress)
-                return 0
-            if rc is not None:
-                if record is not None and record.log_tail:
-                    progress.say(f"last lines of {record.log_file or log}:")
-                    progress.text(record.log_tail)
-                why = (record.error if record else None) or f"the supervisor exited with status {rc}; see {log}"
-                if rc < 0:  # killed: it stopped nothing
-                    why = f"the supervisor (pid {sup.pid}) {describe_exit(rc)} before every replica was healthy"
-                raise LaunchError(why + _leftovers(sup, plan, record, before, progress, log))
-            if time.monotonic() > deadline:
-                raise LaunchError(f"the supervisor did not report ready in time; stopped it; see {log}")
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        _stop_supervisor(sup, plan, progress, before, record)
-        signum = got[0] if got else signal.SIGINT
-        progress.say(f"{signal.Signals(signum).name}: stopped the supervisor and every replica before they were "
-                     "healthy")
-        return 128 + signum
-    except LaunchError:
-        # Failed while starting: nothing may keep running behind the user's back (a supervisor that exited
-        # had what it left stopped above).
-        if sup.poll() is None:
-            _stop_supervisor(sup, plan, progress, before, record)
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, old)
+class _Follow:
+    """The parent's side of the hand-over: what the supervisor reports, until it is ready or gone."""
+
+    def __init__(self, sup: subprocess.Popen[bytes], plan: Plan, log: Path, progress: Progress, before: set[int],
+                 listener: Listener) -> None:
+        self.sup, self.plan, self.log, self.progress = sup, plan, log, progress
+        self.before = before
+        self.listener = listener
+        self.record: Pidfile | None = None
+        self.error: str | None = None  # its last words, when it failed before it could record them
+
+    def hear(self) -> None:
+        for msg in self.listener.poll():
+            with contextlib.suppress(LaunchError):
+                if "record" in msg:
+                    self.record = Pidfile.from_dict(msg["record"], f"supervisor pid {self.sup.pid}'s report")
+                    if self.record.instances:
+                        self.progress.update(self.record.instances)
+            if isinstance(msg.get("error"), str):
+                self.error = msg["error"]
+
+    def run(self) -> int:
+        got: list[int] = []
+        old = signal.signal(signal.SIGTERM, functools.partial(_raise_interrupt, got))
+        deadline = time.monotonic() + self.plan.timeout + self.plan.grace + 30
+        try:
+            while True:
+                rc = self.sup.poll()
+                self.hear()
+                record = self.record
+                if rc is None and record is not None and record.state is LaunchState.READY:
+                    _ready(self.sup, self.plan, record, self.progress)
+                    return 0
+                if rc is not None:
+                    self.hear()  # what it said before it went
+                    raise LaunchError(self.failed(rc))
+                if time.monotonic() > deadline:
+                    raise LaunchError(f"the supervisor did not report ready in time; stopped it; see {self.log}")
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            self.stop()
+            signum = got[0] if got else signal.SIGINT
+            self.progress.say(f"{signal.Signals(signum).name}: stopped the supervisor and every replica before "
+                              "they were healthy")
+            return 128 + signum
+        except LaunchError:
+            # Failed while starting: nothing may keep running behind the user's back (a supervisor that exited
+            # had what it left stopped in failed()).
+            if self.sup.poll() is None:
+                self.stop()
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, old)
+
+    def failed(self, rc: int) -> str:
+        """The supervisor exited before ready: say what it said, stop what it left; the error's words."""
+        record = self.record
+        if record is not None and record.log_tail:
+            self.progress.say(f"last lines of {record.log_file or self.log}:")
+            self.progress.text(record.log_tail)
+        if rc < 0:  # killed: it stopped nothing
+            why = f"the supervisor (pid {self.sup.pid}) {describe_exit(rc)} before every replica was healthy"
+        else:
+            why = ((record.error if record else None) or self.error
+                   or f"the supervisor exited with status {rc}; see {self.log}")
+        return why + _leftovers(self.sup, self.plan, record, self.before, self.progress, self.log)
+
+    def stop(self) -> None:
+        if self.sup.poll() is None:
+            self.progress.say(f"stopping supervisor pid {self.sup.pid}")
+            self.sup.send_signal(signal.SIGTERM)
+            try:
+                self.sup.wait(self.plan.grace + 15)
+            except subprocess.TimeoutExpired:
+                self.sup.kill()
+                self.sup.wait()
+        self.hear()
+        _leftovers(self.sup, self.plan, self.record, self.before, self.progress)
 
 
 def _ready(sup: subprocess.Popen[bytes], plan: Plan, record: Pidfile, progress: Progress) -> None:
@@ -109,10 +164,13 @@ def _ready(sup: subprocess.Popen[bytes], plan: Plan, record: Pidfile, progress: 
         progress.say(line)
     inventory = f"inventory {plan.inventory_path}" + (
         " NOT written yet (see above)" if plan.inventory_path in record.unwritten else "")
-    progress.say(
-        f"{len(plan.inventory.instances)} replica(s) healthy; {inventory}; supervisor pid {sup.pid} (pidfile "
-        f"{plan.pidfile}); stop with: fdngx stop --inventory {plan.inventory_path}"
-    )
+    if plan.pidfile in record.unwritten:
+        where = (f"supervisor pid {sup.pid} (pidfile {plan.pidfile} NOT written yet (see above): until it is, "
+                 f"fdngx stop cannot find it; kill -TERM {sup.pid} stops every replica)")
+    else:
+        where = (f"supervisor pid {sup.pid} (pidfile {plan.pidfile}); stop with: fdngx stop --inventory "
+                 f"{plan.inventory_path}")
+    progress.say(f"{len(plan.inventory.instances)} replica(s) healthy; {inventory}; {where}")
 
 
 def _leftovers(sup: subprocess.Popen[bytes], plan: Plan, record: Pidfile | None, before: set[int],
@@ -139,22 +197,6 @@ def _leftovers(sup: subprocess.Popen[bytes], plan: Plan, record: Pidfile | None,
                 f"--inventory {plan.inventory_path}'") + (f"; see {log}" if log else "")
     remove_pidfile(plan.pidfile, sup.pid)
     return said + (f"; see {log}" if log and said else "")
-
-
-def _stop_supervisor(sup: subprocess.Popen[bytes], plan: Plan, progress: Progress, before: set[int],
-                     record: Pidfile | None) -> None:
-    if sup.poll() is None:
-        progress.say(f"stopping supervisor pid {sup.pid}")
-        sup.send_signal(signal.SIGTERM)
-        try:
-            sup.wait(plan.grace + 15)
-        except subprocess.TimeoutExpired:
-            sup.kill()
-            sup.wait()
-    seen = read_pidfile(plan.pidfile)
-    if seen is not None and seen.supervisor.pid == sup.pid:
-        record = seen
-    _leftovers(sup, plan, record, before, progress)
 
 
 def _raise_interrupt(got: list[int], signum: int, frame: Any) -> None:

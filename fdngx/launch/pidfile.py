@@ -251,7 +251,8 @@ def unwritten_lines(record: Pidfile | None) -> list[str]:
     output (a detached `fdngx launch` returning; `fdngx status`). None from a stale or foreign-boot record."""
     if record is None or record.from_another_boot() or not record.supervisor.alive():
         return []
-    return [f"warning: {path}: the launch's supervisor (pid {record.supervisor.pid}) cannot write it ({why}): it "
+    return [f"warning: {path}: the launch's supervisor (pid {record.supervisor.pid}) cannot write it "
+            f"({why.removeprefix('cannot write it: ')}): it "
             "shows an older state, or none, until it can; the replicas keep running and it tries again every loop"
             for path, why in sorted(record.unwritten.items())]
 

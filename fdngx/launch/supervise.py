@@ -26,6 +26,7 @@ from fdngx.errors import FdngxError, LaunchError, os_error_line
 from fdngx.launch.books import INVENTORY, PIDFILE, Books
 from fdngx.launch.children import Child, describe_exit, remember_trees, stop_every
 from fdngx.launch.deaths import Deaths
+from fdngx.launch.handshake import Reporter
 from fdngx.launch.pidfile import LIVE, ChildState, LaunchState, remove_pidfile
 from fdngx.launch.plan import Plan
 from fdngx.launch.probe import Health, HealthState, foreign_listener, health_all, probe_host
@@ -40,10 +41,12 @@ REFUSED_LIMIT = 3
 
 
 class Supervisor(Books, Deaths):
-    def __init__(self, plan: Plan, out: TextIO | None = None, detached: bool = False) -> None:
+    def __init__(self, plan: Plan, out: TextIO | None = None, detached: bool = False,
+                 reporter: Reporter | None = None) -> None:
         self.plan = plan
         self.out = out or sys.stderr
         self.detached = detached
+        self.reporter = reporter or Reporter()  # a detached parent's pipe (fdngx.launch.handshake)
         self.children = [Child(s) for s in plan.procs]
         # What each instance's last probe saw, as people read it (progress, pidfile); `healthy` is the typed truth.
         self.status = {i.name: "starting" for i in plan.inventory.instances}
@@ -357,17 +360,24 @@ class Supervisor(Books, Deaths):
 
 
 def main() -> None:
-    """`python -m fdngx.launch.supervise [--lock-fd N]`: the detached supervisor; the plan arrives as JSON on
-    stdin, the launch lock (fdngx.launch.lock) as descriptor N, held until this process exits."""
-    if len(sys.argv) == 3 and sys.argv[1] == "--lock-fd":
-        os.set_inheritable(int(sys.argv[2]), False)  # kept open; never handed on to an engine
-    plan = Plan.from_dict(json.loads(sys.stdin.read()))
-    sys.stdin.close()
+    """`python -m fdngx.launch.supervise [--lock-fd N] [--status-fd M]`: the detached supervisor; the plan
+    arrives as JSON on stdin, the launch lock (fdngx.launch.lock) as descriptor N, held until this process
+    exits; what it records, and its error, go to the parent on descriptor M (fdngx.launch.handshake)."""
+    fds = dict(zip(sys.argv[1::2], map(int, sys.argv[2::2]), strict=False))
+    for fd in fds.values():
+        os.set_inheritable(fd, False)  # kept open; never handed on to an engine
+    reporter = Reporter(fds.get("--status-fd"))
     try:
-        code = Supervisor(plan, out=sys.stdout, detached=True).run()
+        plan = Plan.from_dict(json.loads(sys.stdin.read()))
+        sys.stdin.close()
+        code = Supervisor(plan, out=sys.stdout, detached=True, reporter=reporter).run()
     except FdngxError as exc:
+        reporter.send({"error": str(exc)}, last=True)
         Progress([], sys.stdout).w.line(f"fdngx: error: {exc}")
         sys.exit(exc.exit_code)
+    except Exception as exc:  # the traceback goes to supervisor.log, which may have no room: say it here too
+        reporter.send({"error": f"the supervisor failed: {type(exc).__name__}: {exc}"}, last=True)
+        raise
     sys.exit(code)
 
 

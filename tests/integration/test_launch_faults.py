@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from fdngx.engines.argv import ProcSpec
 from fdngx.launch.pidfile import read_pidfile
 from fdngx.launch.plan import Plan
 from fdngx.system import procs
+from tests.integration.test_full_disk import fill, tmpfs
 from tests.integration.test_launch import STARTUP, Launcher, health, sim_ports
 from tests.integration.test_launch_robust import ENGINE, foreground, plan_of, workers
 from tests.support import REPO, free_ports, wait_for
@@ -228,3 +230,51 @@ def test_a_detached_supervisor_killed_while_starting_leaves_nothing_running(laun
     assert "killed after the grace period" in line, err
     launcher.assert_all_gone()  # before: dp1 outlived it, where `fdngx stop` could not find it
     assert not launcher.pidfile.exists()
+
+
+def remember_supervisor(launcher: Launcher, err: str) -> None:
+    """The supervisor pid a detached launch printed, for the teardown (its pidfile may not be written)."""
+    for pid in map(int, re.findall(r"supervisor pid (\d+)", err)):
+        launcher.pids.setdefault(pid, procs.starttime(pid))
+
+
+def test_a_detached_launch_with_a_full_inventory_directory_returns_when_healthy(launcher: Launcher) -> None:
+    """No room for the pidfile or the inventory: the replicas are healthy all the same; the launch says so at
+    once, and why the files are missing, instead of stopping them after timeout + grace + 30 s."""
+    with tmpfs(launcher.tmp / "inv", "256k") as inv_dir:
+        launcher.inv, launcher.pidfile = inv_dir / "fdngx.json", inv_dir / "fdngx.json.pid"
+        filler = fill(inv_dir)
+        r = launcher.run("launch", "--engine", "sim", "-n", "2", "--per-instance", "--detach", "--timeout", "5",
+                         "--grace", "1", "--inventory", str(launcher.inv), "--log-dir", str(launcher.tmp / "logs"),
+                         *sim_ports(2))  # fmt: skip
+        remember_supervisor(launcher, r.stderr)
+        assert r.returncode == 0, r.stderr  # before: 1, "the supervisor did not report ready in time; stopped it"
+        [sup] = {int(x) for x in re.findall(r"supervisor pid (\d+)", r.stderr)}
+        for path in (launcher.inv, launcher.pidfile):
+            assert (f"fdngx: warning: {path}: the launch's supervisor (pid {sup}) cannot write it (No space left on "
+                    "device; the file is unchanged)") in r.stderr  # fmt: skip
+        assert (f"supervisor pid {sup} (pidfile {launcher.pidfile} NOT written yet (see above): until it is, fdngx "
+                f"stop cannot find it; kill -TERM {sup} stops every replica)") in r.stderr  # fmt: skip
+        filler.unlink()  # room again: both are written at the supervisor's next loop
+        doc = launcher.wait_ready(n=2)
+        assert all(health(i) for i in doc["instances"])
+        stopped = launcher.run("stop", "--inventory", str(launcher.inv))
+        assert stopped.returncode == 0, stopped.stderr
+        launcher.assert_all_gone()
+
+
+def test_a_detached_launch_whose_logs_have_no_room_says_why_it_failed(launcher: Launcher) -> None:
+    with tmpfs(launcher.tmp / "inv", "256k") as inv_dir:
+        launcher.inv, launcher.pidfile = inv_dir / "fdngx.json", inv_dir / "fdngx.json.pid"
+        (inv_dir / "fdngx-logs").mkdir()
+        fill(inv_dir)
+        r = launcher.run("launch", "--engine", "sim", "-n", "2", "--per-instance", "--detach", "--timeout", "5",
+                         "--grace", "1", "--inventory", str(launcher.inv), *sim_ports(2))  # fmt: skip
+        remember_supervisor(launcher, r.stderr)
+        assert r.returncode == 1, r.stderr
+        [line] = [x for x in r.stderr.splitlines() if "error" in x]
+        # before: "the supervisor exited with status 1; see .../supervisor.log", a log with no room, empty
+        assert line == (f"fdngx: error: cannot start dp0: No space left on device; stopped every replica; full log: "
+                        f"{inv_dir / 'fdngx-logs' / 'dp0.log'}")  # fmt: skip
+        launcher.assert_all_gone()
+        assert not launcher.pidfile.exists()

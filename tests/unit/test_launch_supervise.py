@@ -16,6 +16,7 @@ import pytest
 
 from fdngx.domain import Engine, Instance, Inventory, Restart
 from fdngx.engines.argv import ProcSpec
+from fdngx.launch.handshake import Listener, Reporter
 from fdngx.launch.pidfile import ChildState
 from fdngx.launch.plan import Plan
 from fdngx.launch.progress import Progress
@@ -143,3 +144,36 @@ def test_running_replicas_are_probed_at_once_not_one_after_another(tmp_path: Pat
             s.close()
     assert all(sup.status[n] == "no answer in 2s" for n in sup.status)
     assert took < 8.0, took  # one after another: 8 x 2 s
+
+
+def test_the_report_pipe_never_blocks_the_supervisor_and_keeps_the_newest() -> None:
+    """A detached parent that stops reading (Ctrl-Z) fills the pipe: sends return at once, the message being
+    written and the newest are kept, and the parent reads whole messages once it reads again."""
+    r, w = os.pipe()
+    reporter, listener = Reporter(w), Listener(r)
+    try:
+        big = "x" * 10000
+        for n in range(100):  # ~1 MB: far past a pipe's 64 KiB
+            reporter.send({"n": n, "pad": big})
+        assert len(reporter.queue) <= 2
+        reporter.send({"n": "last"}, last=True)
+        reporter.send({"n": "after the last"})  # nothing follows the last message
+        got: list[Any] = []
+        while reporter.fd >= 0:
+            got += [m["n"] for m in listener.poll()]
+            reporter.drain()
+        got += [m["n"] for m in listener.poll()]
+        assert listener.eof and got[-1] == "last" and "after the last" not in got
+        assert got[:-1] == sorted(got[:-1]) and len(got) < 100
+    finally:
+        reporter.close()
+        listener.close()
+
+
+def test_the_report_pipe_of_a_parent_that_has_gone_is_closed_quietly() -> None:
+    r, w = os.pipe()
+    reporter = Reporter(w)
+    os.close(r)  # the parent returned (ready) or died
+    reporter.send({"n": 1})  # EPIPE (SIGPIPE is ignored in Python): closed, never raised
+    assert reporter.fd == -1
+    reporter.send({"n": 2})

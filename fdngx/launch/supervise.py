@@ -26,7 +26,7 @@ from fdngx.errors import FdngxError, LaunchError, os_error_line
 from fdngx.launch.books import INVENTORY, PIDFILE, Books
 from fdngx.launch.children import Child, describe_exit, remember_trees, stop_every
 from fdngx.launch.deaths import Deaths
-from fdngx.launch.handshake import Reporter
+from fdngx.launch.handshake import STOP_MARGIN, Reporter, asked_grace
 from fdngx.launch.pidfile import LIVE, ChildState, LaunchState, remove_pidfile
 from fdngx.launch.plan import Plan
 from fdngx.launch.probe import Health, HealthState, foreign_listener, health_all, probe_host
@@ -344,9 +344,19 @@ class Supervisor(Books, Deaths):
 
     def _shutdown(self) -> None:
         """Stop every child group and every descendant, whatever group it moved to. Nothing said here can
-        fail (a broken stream is given up on), so the stop always runs."""
-        killed = stop_every(self.children, self.plan.grace, lambda n: self.progress.say(
-            f"stopping {n} process group(s) (grace {self.plan.grace:.0f}s)"))
+        fail (a broken stream is given up on), so the stop always runs. A `fdngx stop --grace N` that sent
+        the SIGTERM left N for it (fdngx.launch.handshake): it kills what is left after N itself, so the
+        wait here lasts STOP_MARGIN longer."""
+        live = [c for c in self.children if c.alive()]  # before the request is taken: stop may kill at once
+        grace, by = self.plan.grace, ""
+        asked = asked_grace(self.plan.pidfile) if self.stop_signal == signal.SIGTERM else None
+        if asked is not None:
+            grace, by = asked[0], f", asked by fdngx stop pid {asked[1]}"
+        killed = stop_every(self.children, grace + (STOP_MARGIN if asked else 0), lambda n: self.progress.say(
+            f"stopping {n} process group(s) (grace {grace:g}s{by})"))
+        # Killed by us, or by that `fdngx stop`: said the same way.
+        killed += [c.pid for c in live if c.popen is not None and c.popen.poll() == -signal.SIGKILL
+                   and c.pid not in killed]
         if killed:
             self.progress.say(f"killed after the grace period: {', '.join(map(str, killed))}")
         if self.inventory_written:

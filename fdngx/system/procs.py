@@ -297,10 +297,22 @@ def stop_all(
     what is left. A group whose leader is gone is never signalled as a group: its recorded members are.
     Returns the pids that needed SIGKILL, each once.
     """
-    extra = dict(extra or {})
     for pgid, start, signame in groups:
         if group_is_ours(pgid, start):
             signal_group(pgid, getattr(signal, signame))
+    return kill_after(groups, popens, grace, extra)
+
+
+def kill_after(
+    groups: list[tuple[int, int, str]],
+    popens: list[subprocess.Popen[bytes]],
+    grace: float,
+    extra: dict[int, int] | None = None,
+) -> list[int]:
+    """stop_all once the groups have had their stop signal (from us, or from whoever else stops them: `fdngx
+    stop` waits while the supervisor stops its children): wait up to `grace` seconds, then SIGKILL what is
+    left. Returns the pids that needed SIGKILL, each once."""
+    extra = dict(extra or {})
     deadline = time.monotonic() + grace
     termed = False
     while time.monotonic() < deadline:

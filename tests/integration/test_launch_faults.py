@@ -93,6 +93,19 @@ def detached(launcher: Launcher, plan: Plan) -> subprocess.Popen[str]:
     return p
 
 
+# A replica answering /health 200 on argv[1]; with a third argument "stubborn" it ignores SIGTERM.
+SERVES = """
+import http.server, signal, sys
+if sys.argv[3:] == ["stubborn"]:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
 # Ignores SIGTERM (a replica busy loading, or one that never handles it); says when it does.
 IGNORES_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); " \
                "time.sleep(600)"
@@ -278,3 +291,36 @@ def test_a_detached_launch_whose_logs_have_no_room_says_why_it_failed(launcher: 
                         f"{inv_dir / 'fdngx-logs' / 'dp0.log'}")  # fmt: skip
         launcher.assert_all_gone()
         assert not launcher.pidfile.exists()
+
+
+@pytest.mark.parametrize(("launch_grace", "stop_grace"), [(30.0, "2"), (30.0, "0"), (1.0, None)],
+                         ids=["stop-grace-2", "stop-grace-0", "launch-grace-1"])
+def test_stop_grace_is_the_grace_and_killed_replicas_are_said_killed(launcher: Launcher, launch_grace: float,
+                                                                     stop_grace: str | None) -> None:
+    """dp1 ignores SIGTERM. `fdngx stop --grace N` waited the supervisor's own grace, and with --grace 0 killed
+    the supervisor mid-stop (the inventory still said running); `fdngx stop` said "stopped dp1" of a replica
+    the supervisor had to SIGKILL."""
+    plan = plan_running(launcher.tmp, [SERVES, SERVES], grace=launch_grace)
+    plan.procs[1].argv.append("stubborn")
+    p = detached(launcher, plan)
+    assert p.wait(STARTUP) == 0, p.stderr.read() if p.stderr else ""
+    pids = {i["name"]: i["pid"] for i in launcher.wait_ready(n=2)["instances"]}
+    sup = launcher.inventory() and read_pidfile(launcher.pidfile)
+    assert sup is not None
+    r = launcher.run("stop", "--inventory", str(launcher.inv), *(["--grace", stop_grace] if stop_grace else []))
+    assert r.returncode == 0, r.stderr
+    # before: the supervisor killed after stop's grace + 15 s, its own (30 s) running; the inventory "running"
+    assert f"fdngx: stopped supervisor pid {sup.supervisor.pid}" in r.stdout, r.stdout
+    assert [i["status"] for i in launcher.inventory()["instances"]] == ["stopped", "stopped"]
+    assert f"fdngx: killed dp1 pid {pids['dp1']} serving dp1" in r.stdout  # before: "stopped", its grace being 1 s
+    dp0 = ("stopped", "killed") if stop_grace == "0" else ("stopped",)  # 0: SIGKILL as soon as it is asked
+    assert any(f"fdngx: {how} dp0 pid {pids['dp0']} serving dp0" in r.stdout for how in dp0), r.stdout
+    grace = stop_grace or f"{launch_grace:g}"
+    assert f"stopping supervisor pid {sup.supervisor.pid} (grace {grace}s)" in r.stderr
+    launcher.assert_all_gone()
+    log = (launcher.tmp / "logs" / "supervisor.log").read_text()
+    said = re.findall(r"killed after the grace period: ([\d, ]+)", log)
+    assert len(said) == 1 and str(pids["dp1"]) in said[0].split(", "), log
+    if stop_grace:
+        assert f"(grace {stop_grace}s, asked by fdngx stop pid " in log
+    assert not launcher.pidfile.exists() and not Path(f"{launcher.pidfile}.stop").exists()

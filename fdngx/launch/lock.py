@@ -44,6 +44,11 @@ class LaunchLock:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:  # O_NOFOLLOW: never through a link somebody planted
+                raise LaunchError(f"{path}: the launch lock is a symbolic link; remove it") from None
+            if not os.path.lexists(path):  # none there: nothing to remove, its directory refuses a new file
+                raise LaunchError(f"{path}: cannot create the launch lock ({exc.strerror}); nothing was "
+                                  "started") from None
             raise LaunchError(f"{path}: cannot open the launch lock ({exc.strerror}); remove it if it is not "
                               "a file of yours") from None
         try:

@@ -324,3 +324,14 @@ def test_stop_grace_is_the_grace_and_killed_replicas_are_said_killed(launcher: L
     if stop_grace:
         assert f"(grace {stop_grace}s, asked by fdngx stop pid " in log
     assert not launcher.pidfile.exists() and not Path(f"{launcher.pidfile}.stop").exists()
+
+
+def test_a_launch_lock_that_cannot_be_created_is_not_called_a_file_to_remove(launcher: Launcher) -> None:
+    with tmpfs(launcher.tmp / "ro", "64k") as ro:
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True, capture_output=True)
+        r = launcher.run("launch", "--engine", "sim", "-n", "1", "--inventory", str(ro / "fdngx.json"),
+                         *sim_ports(1))  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    # before: "cannot open the launch lock (Read-only file system); remove it if it is not a file of yours"
+    assert r.stderr.splitlines() == [f"fdngx: error: {ro / '.fdngx.json.launch.lock'}: cannot create the launch "
+                                     "lock (Read-only file system); nothing was started"]  # fmt: skip

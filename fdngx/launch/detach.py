@@ -190,11 +190,13 @@ def _leftovers(sup: subprocess.Popen[bytes], plan: Plan, record: Pidfile | None,
         killed = procs.stop_all(groups, [], plan.grace, extra)
         said = f"; stopped the {len(pids)} process(es) it left running (pid {', '.join(map(str, pids))}" + (
             f"; killed after the grace period: {', '.join(map(str, killed))})" if killed else ")")
+    procs.reap([])  # its orphans that had exited: zombies of ours
     left = sorted({g[0] for g in groups if procs.group_is_ours(g[0], g[1])}
                   | {p for p, s in extra.items() if procs.same_process(p, s)})
     if left:  # kept: `fdngx stop` finds them by it
-        return (f"{said}; pid {', '.join(map(str, left))} still run: kept {plan.pidfile}; run 'fdngx stop "
-                f"--inventory {plan.inventory_path}'") + (f"; see {log}" if log else "")
+        how = (f"kept {plan.pidfile}; run 'fdngx stop --inventory {plan.inventory_path}'"
+               if Path(plan.pidfile).exists() else f"{plan.pidfile} could not be written: stop them by pid")
+        return f"{said}; pid {', '.join(map(str, left))} still run: {how}" + (f"; see {log}" if log else "")
     remove_pidfile(plan.pidfile, sup.pid)
     return said + (f"; see {log}" if log and said else "")
 

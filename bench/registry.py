@@ -4,8 +4,8 @@ asserted.
 FastDeploy posts `/register` every 5 s per instance (`fastdeploy/engine/register_manager.py`): at the 1,024
 instances `--registry-max-instances` allows, ~200 heartbeats a second, nearly all changing nothing. This
 registers N instances (in-process, no HTTP: the registry's own work), then times unchanged heartbeats side by
-side in one run: reading the inventory files through inventory.CachedLoad (what the registry does) and with a
-plain inventory.load per read (what it did before). Nothing is contacted: /health always passes, no
+side in one run: reading the inventory files through registry.store.CachedLoad (what the registry does) and
+with a plain inventory.load per read (what it did before). Nothing is contacted: /health always passes, no
 instance has a metrics page, addresses are never resolved.
 """
 
@@ -23,6 +23,7 @@ from typing import Any
 from fdngx import inventory as inv_mod
 from fdngx.registry.core import Registry, RegistrySettings
 from fdngx.registry.rules import NameCache
+from fdngx.registry.store import CachedLoad
 from tests.support import HealthyProbe  # contacts nobody
 
 BODY = json.loads((Path(__file__).parent.parent / "tests/fixtures/upstream/fastdeploy-register-body.json").read_text())
@@ -62,7 +63,7 @@ def main() -> None:
         os.utime(path, (settled, settled))
         size = path.stat().st_size
         results = {}
-        for name, reader in (("cached (now)", inv_mod.CachedLoad()), ("plain load (before)", inv_mod.load)):
+        for name, reader in (("cached (now)", CachedLoad()), ("plain load (before)", inv_mod.load)):
             reg._load = reader  # type: ignore[assignment]
             heartbeats(reg, args.instances, 5)  # warm: the first read of each version parses
             results[name] = heartbeats(reg, args.instances, args.heartbeats)

@@ -13,8 +13,6 @@ import errno
 import json
 import os
 import re
-import threading
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -206,48 +204,21 @@ def parse_text(text: str | bytes, source: str) -> Inventory:
     return parse_inventory(data, source)
 
 
-def load(path: str | Path) -> Inventory:
-    """Read and validate one inventory file (a regular file, at most MAX_BYTES)."""
+def read(path: str | Path) -> bytes:
+    """The bytes of one inventory file (a regular file, at most MAX_BYTES), as `load` reads them; errors as
+    `load` words them."""
     p = Path(path).absolute()
     try:
-        raw = read_regular_file(p, MAX_BYTES)
+        return read_regular_file(p, MAX_BYTES)
     except FileNotFoundError:
         raise InventoryError(f"{p}: inventory file not found (run 'fdngx launch' or pass --inventory)") from None
     except OSError as exc:
         raise InventoryError(f"{p}: cannot read inventory: {exc.strerror or exc}") from None
-    return parse_text(raw, str(p))
 
 
-class CachedLoad:
-    """`load` for files read again and again (the registry reads its inventory, and every other -i file, on
-    each heartbeat: every 5 s per instance, ~200 a second at 1,024 instances): parsed once per version of the
-    file, told by (device, inode, size, mtime in ns). Every fdngx write is an atomic rename (a new inode), and
-    an edit in place changes the mtime, but only as finely as the kernel's clock tick: two edits in place of
-    the same size within one tick look alike. So a file changed in the last RACY_SECONDS is read every time
-    (git's "racy" rule). The Inventory returned is shared: callers must not change it."""
-
-    RACY_SECONDS = 2.0
-
-    def __init__(self) -> None:
-        self._mu = threading.Lock()
-        self._cache: dict[Path, tuple[tuple[int, int, int, int], Inventory]] = {}
-
-    def __call__(self, path: str | Path) -> Inventory:
-        p = Path(path).absolute()
-        try:
-            st = os.stat(p)
-        except OSError:
-            return load(p)  # the error, as load words it
-        version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        settled = time.time() - st.st_mtime_ns / 1e9 > self.RACY_SECONDS  # a clock stepped back: not settled
-        with self._mu:
-            hit = self._cache.get(p)
-        if settled and hit is not None and hit[0] == version:
-            return hit[1]
-        inv = load(p)  # read after the stat: at least as new as `version` (a newer one is read again next time)
-        with self._mu:
-            self._cache[p] = (version, inv)
-        return inv
+def load(path: str | Path) -> Inventory:
+    """Read and validate one inventory file (a regular file, at most MAX_BYTES)."""
+    return parse_text(read(path), str(Path(path).absolute()))
 
 
 def merge(inventories: list[Inventory]) -> Inventory:

@@ -29,8 +29,8 @@ from fdngx.sim.process import free_ports
 from fdngx.system.procs import stop_popen_group as stop_process_group
 
 __all__ = [
-    "NEEDS_LUAJIT", "Backends", "Nginx", "Site", "fdngx", "free_ports", "http_ok", "instances", "luajit_coprocess",
-    "luajit_script", "stop_process_group", "wait_for",
+    "NEEDS_LUAJIT", "Backends", "Nginx", "Site", "edit_in_place", "fdngx", "free_ports", "http_ok", "instances",
+    "luajit_coprocess", "luajit_script", "stop_process_group", "wait_for",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -247,6 +247,31 @@ class HealthyProbe:
 
     def close(self) -> None:
         pass
+
+
+_EDIT_IN_PLACE = """
+import os, sys
+path, old, new = sys.argv[1], sys.argv[2].encode(), sys.argv[3].encode()
+st = os.stat(path)
+with open(path, "r+b") as f:
+    data = f.read()
+    if data.count(old) != 1 or len(old) != len(new):
+        sys.exit(f"{path}: {old!r} is there {data.count(old)} times (want once), or {new!r} is not as long")
+    f.seek(0)
+    f.write(data.replace(old, new))
+os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+"""
+
+
+def edit_in_place(path: Path, old: str, new: str) -> None:
+    """Another process rewrites `path` in place, `old` -> `new` (once, the same length), and sets its mtime
+    back to the nanosecond: the same device, inode, size and mtime, as two edits within one tick of the
+    kernel's clock look. Nothing of fdngx runs in it."""
+    before = os.stat(path)
+    subprocess.run([sys.executable, "-c", _EDIT_IN_PLACE, str(path), old, new], check=True, timeout=60)
+    after = os.stat(path)
+    assert (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns) == \
+        (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns), "the stat tells the edit apart"
 
 
 def token_file(tmp: Path, name: str = "token", text: str = "t" * 32) -> Path:

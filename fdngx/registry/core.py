@@ -21,7 +21,8 @@ What one registration stores is capped (body.MAX_INFO_BYTES), so is the number o
 (`--registry-max-instances`: a new one beyond it is refused with 507, heartbeats still answer), and
 inventory.save writes no file that inventory.load would refuse for its size (507 too): the file always
 loads. Writes are atomic and under a lock; a heartbeat that changes nothing takes no lock, writes nothing
-and parses no file (inventory.CachedLoad: each file once per version; `python -m bench.registry`).
+and parses no file (store.CachedLoad: each file parsed once per content, also while it keeps changing;
+`python -m bench.registry`).
 No answer names a server path (an inventory file's): the log has the detail."""
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from fdngx.registry.liveness import Liveness
 from fdngx.registry.metrics_port import Key, MetricsPorts
 from fdngx.registry.probe import HttpProbe, Probe, keep_only
 from fdngx.registry.rules import NameCache, RegistrySettings, canonical_ip, never_registrable, reachable
+from fdngx.registry.store import CachedLoad
 
 log = logging.getLogger("fdngx.registry")
 OK = {"code": 200, "msg": "Register success"}  # register.go RegisterInstance
@@ -95,7 +97,7 @@ class Registry:
         self.path = Path(path).absolute()
         self.others = [Path(p).absolute() for p in others if Path(p).absolute() != Path(path).absolute()]
         self.settings = settings or RegistrySettings()
-        self._load = inv_mod.CachedLoad()  # read-only views of the files; every change goes through editing()
+        self._load = CachedLoad()  # read-only views of the files; every change goes through editing()
         self.probe = probe or HttpProbe()
         self.names = names or NameCache()
         self.clock = clock

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
-import time
 from pathlib import Path
 
 import pytest
@@ -133,34 +131,3 @@ def test_merge_multi_node(tmp_path: Path) -> None:
 def test_an_ipv6_host_without_a_name_gets_a_valid_default_name() -> None:
     inv = inventory.parse_inventory({"version": 1, "instances": [{"host": "::1", "port": 8001}]}, "x.json")
     assert inv.instances[0].name == "ip6-1-8001" and inv.instances[0].address == "[::1]:8001"
-
-
-def test_cached_load_parses_once_per_version_of_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The registry's reads (every heartbeat): one parse per version; a save (rename), an edit in place, a
-    file changed within RACY_SECONDS (two same-size edits in one clock tick look alike) are read again."""
-    path = tmp_path / "fdngx.json"
-    inventory.save(inventory.Inventory([]), path)
-    parsed: list[str] = []
-    real = inventory.parse_text
-    monkeypatch.setattr(inventory, "parse_text", lambda raw, where: parsed.append(where) or real(raw, where))
-    cached = inventory.CachedLoad()
-
-    def age(seconds: float) -> None:
-        os.utime(path, (time.time() - seconds, time.time() - seconds))
-
-    first = cached(path)
-    assert cached(path) is not first and len(parsed) == 2, "changed just now: read every time"
-    age(10)
-    first = cached(path)
-    assert cached(path) is first and cached(path) is first and len(parsed) == 3, "settled: one parse"
-    doc = json.loads(path.read_text())
-    doc["instances"] = [{"name": "dp0", "host": "10.0.0.7", "port": 8001}]
-    path.write_text(json.dumps(doc))  # in place: same inode, new size and mtime
-    age(10)
-    assert [i.name for i in cached(path).instances] == ["dp0"]
-    path.write_text(json.dumps(doc).replace("8001", "8002"))  # same size, in place
-    age(10)
-    assert cached(path).instances[0].port == 8002
-    path.unlink()
-    with pytest.raises(InventoryError, match="inventory file not found"):
-        cached(path)

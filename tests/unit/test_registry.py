@@ -33,6 +33,7 @@ from fdngx.registry.body import MAX_INFO_BYTES, MAX_LIST, MAX_TEXT, BodyError, p
 from fdngx.registry.core import Registry, RegistrySettings, instance_name
 from fdngx.registry.http import conn_key
 from fdngx.registry.rules import DEFAULT_MAX_INSTANCES, MetricsRule, NameCache, Networks, RateLimit, canonical_ip
+from tests.support import edit_in_place
 
 UPSTREAM = json.loads((Path(__file__).parent.parent / "fixtures/upstream/fastdeploy-register-body.json").read_text())
 OK = (200, {"code": 200, "msg": "Register success"})
@@ -266,6 +267,22 @@ def test_heartbeats_write_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert parsed == [], f"{len(parsed)} whole-file parses for 20 unchanged heartbeats"
     write_inv(other, [{"name": "dp0", "host": "10.0.0.7", "port": 7002}])  # a change is read at once
     assert env.reg.register(dict(BODY), H) == OK and parsed == [str(other)]
+
+
+def test_an_edit_by_another_process_within_one_mtime_tick_is_seen_and_kept(tmp_path: Path) -> None:
+    """Another process (a person's editor) changes the file in place and leaves its device, inode, size and
+    mtime_ns as they were: the registry's reads see the change, and its next write keeps it."""
+    path = write_inv(tmp_path / "fdngx.json", [{"name": "dp9", "host": "10.0.0.9", "port": 7001, "weight": 2}])
+    env = Env(tmp_path, rule="+1000")
+    assert env.reg.register(dict(BODY), H) == OK
+    assert [e["url"] for e in env.reg.registered()["mixed"]] == ["http://10.0.0.9:7001", f"http://{H}:8001"]
+    edit_in_place(path, '"port": 7001', '"port": 7002')
+    assert [e["url"] for e in env.reg.registered()["mixed"]] == ["http://10.0.0.9:7002", f"http://{H}:8001"]
+    edit_in_place(path, '"weight": 1', '"weight": 3')  # the registered instance
+    assert env.reg.register(dict(BODY), H) == OK  # unchanged: the edit is no reason to write
+    assert env.reg.register({**BODY, "version": "v2"}, H) == OK
+    assert [(i["port"], i["weight"], i.get("fastdeploy", {}).get("version")) for i in env.instances()] == \
+        [(7002, 2, None), (8001, 3, "v2")]
 
 
 def test_changes_are_applied_and_hand_edits_kept(tmp_path: Path) -> None:

@@ -244,14 +244,16 @@ def to_json(inv: Inventory) -> str:
     return json.dumps(inv.to_dict(), indent=2, sort_keys=False) + "\n"
 
 
-def save(inv: Inventory, path: str | Path) -> None:
-    """Write atomically (temp file in the same directory, fsync, rename; a symlinked path keeps its link).
-    A file load() would refuse for its size is not written (InventoryError; the old file stays as it was)."""
+def save(inv: Inventory, path: str | Path) -> bytes:
+    """Write atomically (temp file in the same directory, fsync, rename; a symlinked path keeps its link);
+    returns the bytes written. A file load() would refuse for its size is not written (InventoryError; the
+    old file stays as it was)."""
     data = to_json(inv).encode("utf-8")
     if len(data) > MAX_BYTES:
         raise InventoryTooLarge(f"{Path(path).absolute()}: not written: the inventory would be {len(data)} bytes, over "
                                 f"the {MAX_BYTES}-byte limit of an inventory file")
     atomic_write(Path(path), data)
+    return data
 
 
 def lock_path(path: str | Path) -> Path:

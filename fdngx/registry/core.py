@@ -21,8 +21,8 @@ What one registration stores is capped (body.MAX_INFO_BYTES), so is the number o
 (`--registry-max-instances`: a new one beyond it is refused with 507, heartbeats still answer), and
 inventory.save writes no file that inventory.load would refuse for its size (507 too): the file always
 loads. Writes are atomic and under a lock; a heartbeat that changes nothing takes no lock, writes nothing
-and parses no file (store.CachedLoad: each file parsed once per content, also while it keeps changing;
-`python -m bench.registry`).
+and parses no file, nor does a write parse what the registry itself wrote last (store.CachedLoad: each file
+parsed once per content, also while it keeps changing; `python -m bench.registry`).
 No answer names a server path (an inventory file's): the log has the detail."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from fdngx.registry.liveness import Liveness
 from fdngx.registry.metrics_port import Key, MetricsPorts
 from fdngx.registry.probe import HttpProbe, Probe, keep_only
 from fdngx.registry.rules import NameCache, RegistrySettings, canonical_ip, never_registrable, reachable
-from fdngx.registry.store import CachedLoad
+from fdngx.registry.store import CachedLoad, editing
 
 log = logging.getLogger("fdngx.registry")
 OK = {"code": 200, "msg": "Register success"}  # register.go RegisterInstance
@@ -222,7 +222,7 @@ class Registry:
         index: int | None = None
         with self._mu:
             try:
-                with inv_mod.editing(self.path) as inv:  # saved on leaving, if changed; a Refused saves nothing
+                with editing(self.path, self._load) as inv:  # saved on leaving, if changed; a Refused saves nothing
                     index = next((n for n, i in enumerate(inv.instances)
                                   if inv_mod.address_key(i.host, i.port) == key), None)
                     if index is not None:
@@ -342,7 +342,7 @@ class Registry:
     def _remove(self, gone: dict[Key, tuple[str, float | None]]) -> list[str]:
         removed = []
         try:
-            with self._mu, inv_mod.editing(self.path) as inv:  # saved on leaving, if an instance went
+            with self._mu, editing(self.path, self._load) as inv:  # saved on leaving, if an instance went
                 keep = []
                 for inst in inv.instances:
                     key = inv_mod.address_key(inst.host, inst.port)

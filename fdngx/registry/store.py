@@ -1,4 +1,4 @@
-"""The registry's inventory files, read on every heartbeat.
+"""The registry's inventory files: read on every heartbeat, written under the inventory lock.
 
 FastDeploy posts `/register` every 5 s per instance: ~200 reads a second at 1,024 instances, nearly all of
 an unchanged file. CachedLoad parses a file once per content: a file whose stat (device, inode, size, mtime
@@ -8,6 +8,11 @@ one tick of the kernel's clock keeps the mtime, and one of the same size looks a
 read again and its bytes compared with those last parsed: the same bytes are the same inventory, not parsed
 again. So a file that keeps changing (an instance flapping its version once a second, a rollout's churn of
 registrations) costs a read and a compare per heartbeat, not a parse (`python -m bench.registry`).
+
+editing is the registry's read-modify-write: under inventory.lock (the lock every writer takes: fdngx
+launch, fdngx drain, older fdngx), the file read and compared as above (an outside change is parsed, the
+registry's own last write is not), serialised once, written atomically (inventory.save: temp file, fsync,
+rename), and the cache primed with what was written.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fdngx import inventory as inv_mod
@@ -25,15 +31,15 @@ from fdngx.domain import Inventory
 
 @dataclass(frozen=True)
 class _Seen:
-    version: tuple[int, int, int, int]  # the stat before `raw` was read
+    version: tuple[int, int, int, int] | None  # the stat before `raw` was read; None: a write of ours, not read
     settled: bool  # the file had not changed for RACY_SECONDS when read: a later change shows in its stat
     raw: bytes
-    inv: Inventory  # parse_text(raw)
+    inv: Inventory  # parse_text(raw), or what the registry wrote as `raw`
 
 
 class CachedLoad:
     """inventory.load for files read again and again; the Inventory returned is shared: callers must not
-    change it."""
+    change it (editing hands out a copy)."""
 
     RACY_SECONDS = 2.0
 
@@ -60,3 +66,29 @@ class CachedLoad:
         with self._mu:
             self._seen[p] = _Seen(version, settled, raw, inv)
         return inv
+
+    def prime(self, path: str | Path, raw: bytes, inv: Inventory) -> None:
+        """`inv` was just written to `path` as `raw`: the next read compares the bytes instead of parsing."""
+        with self._mu:
+            self._seen[Path(path).absolute()] = _Seen(None, False, raw, inv)
+
+
+def _unchanged(now: Inventory, was: Inventory) -> bool:
+    return ((now.upstream, now.version, now.extra) == (was.upstream, was.version, was.extra)
+            and len(now.instances) == len(was.instances)
+            and all(a is b for a, b in zip(now.instances, was.instances, strict=True)))
+
+
+@contextmanager
+def editing(path: str | Path, cache: CachedLoad) -> Iterator[Inventory]:
+    """inventory.editing through `cache`: under the inventory lock, a copy of the file as it is now. Replace
+    instances in it (a new list, a new Instance in a slot), never change one in place: they are the cache's.
+    On a normal exit, when an instance, the upstream or a top-level field changed, it is saved atomically
+    (one serialisation) and the cache learns what was written. An exception saves nothing."""
+    p = Path(path).absolute()
+    with inv_mod.lock(p):
+        was = cache(p, verify=True)
+        inv = replace(was, instances=list(was.instances), extra=dict(was.extra))
+        yield inv
+        if not _unchanged(inv, was):
+            cache.prime(p, inv_mod.save(inv, p), inv)

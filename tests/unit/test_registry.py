@@ -269,6 +269,33 @@ def test_heartbeats_write_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert env.reg.register(dict(BODY), H) == OK and parsed == [str(other)]
 
 
+def test_heartbeats_and_writes_parse_nothing_while_the_file_keeps_changing(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """One instance changing a field once a second (a flapping version or is_paused), or a rollout's churn of
+    registrations, keeps the file changed within the last RACY_SECONDS for good. Its heartbeats, the others'
+    and the writes themselves read the file and compare its bytes with what the registry last wrote: nothing
+    is parsed (was: the whole file on every heartbeat and every write), and a change is serialised once (was:
+    three times)."""
+    env = Env(tmp_path, rule="+1000")
+    for port in (8001, 8002, 8003, 8004):
+        assert env.reg.register({**BODY, "port": port}, H) == OK
+    parsed: list[str] = []
+    serialised: list[int] = []
+    real_parse, real_to_json = inv_mod.parse_text, inv_mod.to_json
+    monkeypatch.setattr(inv_mod, "parse_text", lambda raw, where: parsed.append(where) or real_parse(raw, where))
+    monkeypatch.setattr(inv_mod, "to_json", lambda inv: serialised.append(1) or real_to_json(inv))
+    for k in range(6):
+        assert env.reg.register({**BODY, "version": f"v{k % 2}"}, H) == OK  # a change: one write
+        for port in (8002, 8003, 8004):
+            assert env.reg.register({**BODY, "port": port}, H) == OK  # unchanged heartbeats
+    assert env.reg.register({**BODY, "port": 8005}, H) == OK  # a new one
+    assert [i["fastdeploy"].get("version") for i in env.instances()] == ["v1", None, None, None, None]
+    assert parsed == [], f"{len(parsed)} whole-file parses"
+    assert len(serialised) == 7, f"{len(serialised)} serialisations for 7 writes"
+    monkeypatch.undo()
+    assert env.reg._load(env.path) == inv_mod.load(env.path), "what the registry keeps is what it wrote"
+
+
 def test_an_edit_by_another_process_within_one_mtime_tick_is_seen_and_kept(tmp_path: Path) -> None:
     """Another process (a person's editor) changes the file in place and leaves its device, inode, size and
     mtime_ns as they were: the registry's reads see the change, and its next write keeps it."""

@@ -1,9 +1,13 @@
-"""The registry's inventory reads (fdngx.registry.store): parsed once per content, an outside change
-always seen."""
+"""The registry's inventory reads and writes (fdngx.registry.store): parsed once per content, an outside
+change always seen, its own writes serialised once and never parsed back."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,8 +15,10 @@ import pytest
 from fdngx import inventory
 from fdngx.domain import Inventory
 from fdngx.errors import InventoryError
-from fdngx.registry.store import CachedLoad
+from fdngx.registry.store import CachedLoad, editing
 from tests.support import edit_in_place
+
+REPO = Path(inventory.__file__).resolve().parents[1]  # the fdngx under test, for another process
 
 
 class Counts:
@@ -118,3 +124,47 @@ def test_an_edit_in_place_within_one_mtime_tick_is_seen(tmp_path: Path) -> None:
     edit_in_place(path, '"port": 8003', '"port": 8004')  # only a writer setting the mtime back makes this
     assert cached(path).instances[0].port == 8003
     assert cached(path, verify=True).instances[0].port == 8004
+
+
+def test_editing_serialises_once_and_parses_only_what_someone_else_wrote(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry's read-modify-write under the inventory lock: its own last write is compared, not parsed;
+    a write by another process taking the same lock (as fdngx drain and fdngx launch do), or an edit in place
+    that keeps the stat, is parsed and kept; a change is serialised once; no change writes nothing; an
+    exception saves nothing and leaves the cache as it was."""
+    path = tmp_path / "fdngx.json"
+    inventory.save(inventory.parse_inventory({"instances": [one("dp0", 8001)]}, str(path)), path)
+    cached = CachedLoad()
+    n = Counts(monkeypatch)
+    with editing(path, cached) as inv:
+        inv.instances.append(inventory.parse_instance(one("dp1", 8002), "test", 1))
+    assert (n.parsed, n.serialised) == ([str(path)], 1)
+    with editing(path, cached) as inv:  # the registry's own last write: compared, not parsed
+        inv.instances[1] = replace(inv.instances[1], weight=2)
+    assert (len(n.parsed), n.serialised) == (1, 2)
+    stamp = path.stat()
+    with editing(path, cached) as inv:
+        pass
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (stamp.st_ino, stamp.st_mtime_ns) and n.serialised == 2
+
+    other = ("import sys\nfrom fdngx import inventory\nwith inventory.editing(sys.argv[1]) as inv:\n"
+             "    inv.instances[0].weight = 5\n")
+    subprocess.run([sys.executable, "-c", other, str(path)], check=True, timeout=60,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    with editing(path, cached) as inv:
+        inv.instances.append(inventory.parse_instance(one("dp2", 8003), "test", 2))
+    assert len(n.parsed) == 2
+    edit_in_place(path, '"weight": 5', '"weight": 7')  # the stat cannot tell: the bytes are read under the lock
+    with editing(path, cached) as inv:
+        inv.instances[2] = replace(inv.instances[2], weight=3)
+    assert len(n.parsed) == 3
+    assert [(i["name"], i["weight"]) for i in json.loads(path.read_text())["instances"]] == \
+        [("dp0", 7), ("dp1", 2), ("dp2", 3)]
+
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError), editing(path, cached) as inv:
+        inv.instances.clear()
+        raise RuntimeError("a refusal half-way")
+    assert path.read_bytes() == before and len(cached(path).instances) == 3
+    assert cached(path) == inventory.load(path) and inventory.to_json(cached(path)).encode() == path.read_bytes()
+    assert len(n.parsed) == 4  # the load just above; the cache parsed nothing it wrote

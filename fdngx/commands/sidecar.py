@@ -310,6 +310,9 @@ def own_listeners(opts: RenderOptions, out: Path | None, server: RegistryServer 
         own.append(("--registry-listen", server.address))
     if metrics_at is not None:
         own.append(("--metrics-listen", metrics_at))
+    # fdngx's own servers on [::] take IPv4 too (no IPV6_V6ONLY; nginx's `listen [::]` does not).
+    own += [(o, Listen("0.0.0.0", at.port)) for o, at in list(own)
+            if o in ("--registry-listen", "--metrics-listen") and at.host == "::"]
     return tuple(own)
 
 

@@ -125,8 +125,8 @@ class Registry:
             if reg.role is not Role.MIXED:
                 return answer(400, PD_REFUSED.format(role=reg.role.value))
             host, asked = self._target(reg.host_ip, peer)
-            if (why := self.settings.own_listener(host, reg.port)) is not None:
-                return answer(400, why)
+            if (own := self.settings.own_listener(host, reg.port)) is not None:
+                return answer(400, f"host_ip {hostport(host, reg.port)} is {own}, not a replica; never registrable")
             key = inv_mod.address_key(host, reg.port)
             self._check_elsewhere(key, instance_name(host, reg.port))
             inv = self._load(self.path)
@@ -295,9 +295,9 @@ class Registry:
     # -- the periodic check (health.go MonitorInstanceHealth) ------------------------------------------------
 
     def check(self, health: bool = True) -> list[str]:
-        """Remove registry-owned instances that another -i file now lists, or that liveness.Liveness.judge
-        finds gone (/health failing, or silent and not passing /health, for the grace). Returns the names
-        removed. Never raises."""
+        """Remove registry-owned instances another -i file now lists, at fdngx's own listeners (an older fdngx
+        registered them), or that liveness.Liveness.judge finds gone (/health failing, or silent and not
+        passing /health, for the grace). Returns the names removed. Never raises."""
         try:
             owned = self._owned(self._load(self.path))
         except InventoryError as exc:
@@ -315,7 +315,7 @@ class Registry:
         with self._mu:
             for inst in owned:
                 key = inv_mod.address_key(inst.host, inst.port)
-                clash = taken.get(key) or taken.get(inst.name)
+                clash = taken.get(key) or taken.get(inst.name) or self.settings.own_listener(inst.host, inst.port)
                 if clash:
                     gone[key] = clash, None
                 elif why := self.live.judge(key, inst.name, now, grace, results if health else None, inst.drain):

@@ -20,7 +20,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fdngx.domain import Listen, hostport
+from fdngx.domain import Listen
 from fdngx.errors import UsageError
 from fdngx.nginx.local import on_this_host
 from fdngx.system.files import read_regular_file
@@ -284,15 +284,14 @@ class RegistrySettings:
     own: tuple[tuple[str, Listen], ...] = ()  # fdngx's own listeners here (option, address): never a replica
 
     def own_listener(self, host: str, port: int) -> str | None:
-        """Why `host:port` can never be a replica: it is one of fdngx's own listeners on this host. They answer
-        /health too: nginx's --listen registered stopped every apply (nginx would proxy to itself) while a
-        healthy replica registered after it never took a request; the registry's or a metrics port put 404s
-        and 405s in rotation (an outside review). None: not ours."""
+        """Whose `host:port` is when it is one of fdngx's own listeners on this host ("fdngx's own --listen
+        ..."), never a replica. They answer /health too: nginx's --listen registered stopped every apply
+        (nginx would proxy to itself) while a healthy replica registered after it never took a request; the
+        registry's or a metrics port put 404s and 405s in rotation (an outside review). None: not ours."""
         there = Listen(host, port)
         for option, listen in self.own:
             if listen.overlaps(there) and on_this_host(host):
-                return (f"host_ip {hostport(host, port)} is fdngx's own {option} {listen} (not a replica: nginx "
-                        "would send requests there); it can never be registered")
+                return f"fdngx's own {option} {listen}"
         return None
 
     @classmethod

@@ -253,6 +253,20 @@ def test_fdngx_own_listeners_are_never_registered(tmp_path: Path) -> None:
             stop_process_group(sidecar)
 
 
+def test_an_instance_an_older_fdngx_registered_at_an_own_listener_is_dropped_at_start(tmp_path: Path) -> None:
+    """Registered before the refusal existed, it stayed for good: its heartbeats got 400, its /health (nginx's
+    own) passed, so the grace kept it, and every apply failed on it (a review of the refusal)."""
+    from fdngx.domain import Listen
+
+    own_port, real = free_ports(2)
+    inv = write_inventory(tmp_path / "fdngx.json", [
+        {"name": "fd-own", "host": "127.0.0.1", "port": own_port, "registered": True},
+        {"name": "fd-real", "host": "127.0.0.1", "port": real, "registered": True}])
+    settings = RegistrySettings(own=(("--listen", Listen("0.0.0.0", own_port)),))
+    Registry(inv, settings=settings, probe=HealthyProbe(), names=NameCache(lambda name: []))
+    assert [i["name"] for i in json.loads(inv.read_text())["instances"]] == ["fd-real"]
+
+
 def test_an_own_listener_is_matched_by_address_and_wildcard() -> None:
     """A wildcard --listen takes the port on every local address; a named one only its own address."""
     from fdngx.domain import Listen
@@ -545,3 +559,16 @@ def test_the_health_probe_closes_its_idle_connections_to_instances_that_left(tmp
     finally:
         reg.close()
         srv.close()
+
+
+def test_own_python_servers_on_the_ipv6_wildcard_count_for_ipv4_too() -> None:
+    """fdngx's registry and metrics servers on [::] answer on 127.0.0.1 too (no IPV6_V6ONLY): an IPv4
+    registration at their port was taken (a review of the refusal)."""
+    from fdngx.commands.sidecar import own_listeners
+    from fdngx.domain import Listen
+    from fdngx.nginx.render import RenderOptions
+
+    own = own_listeners(RenderOptions(), None, None, Listen("::", 18400))
+    settings = RegistrySettings(own=own)
+    assert settings.own_listener("127.0.0.1", 18400) is not None
+    assert settings.own_listener("::1", 18400) is not None

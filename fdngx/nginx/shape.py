@@ -9,7 +9,8 @@ openresty` (the settings file's `flavor` commented out, the option given by hand
 back in place of the Lua balancer. Now a render that changes the mode, or turns TLS, API keys or the Lua
 balancer off, over a config fdngx rendered is refused unless `--force` says it is meant. Turning them on, and
 anything else (listen address, weights, timeouts), needs no asking. A line without `flavor=` (an older fdngx
-wrote it) says nothing about the flavor: nothing about it is refused until the next apply writes it.
+wrote it) is taken for the OpenResty flavor when the file has a `balancer_by_lua` (the first run after an
+upgrade, cron's or the sidecar's, would otherwise decide it), else it refuses no flavor change.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class Front:
         if m is None or m.group(1).decode() not in Mode._value2member_map_:
             return None
         flavor = (m.group(4) or b"").decode()
+        if not flavor and data and b"balancer_by_lua" in data:  # an older fdngx's line: the body says it
+            flavor = Flavor.OPENRESTY.value
         return cls(Mode(m.group(1).decode()), m.group(2) == b"on", m.group(3) == b"on",
                    Flavor(flavor) if flavor in Flavor._value2member_map_ else None)
 
@@ -97,5 +100,5 @@ def check(path: object, old: bytes | None, new: Front | None, force: bool) -> No
     if lost:
         raise ApplyError(
             f"{path}: refusing to {' and '.join(lost)}: was an option left out of this run? Give every "
-            "run the options the config was rendered with (one settings file: fdngx --config FILE), or pass "
-            "--force to make the change")
+            "run the options the config was rendered with (one settings file: fdngx --config FILE), or run "
+            "fdngx render once with --force to make the change")

@@ -90,6 +90,11 @@ def test_a_run_without_the_openresty_flavor_is_refused_and_writes_nothing(tmp_pa
     assert b"# fdngx-front: mode=site tls=off api-keys=off flavor=nginx\n" in out.read_bytes()
     assert fdngx(*_site(inv, out, *lua)).returncode == 0, "turning the balancer on needs no --force"
 
+    # The first run after an upgrade: the line an older fdngx wrote has no flavor; the body says it.
+    out.write_bytes(out.read_bytes().replace(b" flavor=openresty\n", b"\n", 1))
+    upgraded = fdngx(*_site(inv, out))
+    assert upgraded.returncode == 1 and "refusing to turn the Lua balancer off" in upgraded.stderr, upgraded.stderr
+
 
 def test_a_config_from_an_older_fdngx_has_no_front_line_and_is_replaced(tmp_path: Path, inv: str) -> None:
     out = tmp_path / "upstream.conf"

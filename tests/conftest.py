@@ -15,10 +15,13 @@ from fdngx.system import procs
 from tests.support import Backends, Site, free_ports, stop_process_group, wait_for
 
 # A suite started in the background of a script (`make test &` in a shell without job control) inherits
-# SIGINT ignored, and so would every fdngx the tests start: the Ctrl-C tests' SIGINT would do nothing. Python
-# keeps an ignored SIGINT ignored; its own handler here makes the children's SIGINT the default again.
+# SIGINT ignored, one under `nohup` SIGHUP, and so would every fdngx the tests start: the Ctrl-C and hang-up
+# tests' signals would do nothing (fdngx launch keeps an inherited ignored signal ignored, as nohup means).
+# Their default dispositions here are what the children inherit.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 @pytest.fixture(autouse=True)

@@ -41,8 +41,9 @@ log = logging.getLogger("fdngx.sidecar")
 STATE_SAVE_EVERY = 10.0
 
 
-def _members(inv: Inventory) -> set[tuple[str, str, int]]:
-    return {(i.name, i.host, i.port) for i in inv.instances}
+def _members(inv: Inventory) -> dict[tuple[str, str, int], tuple[bool, int]]:
+    """The replicas nginx gets, by name and address, with what an admin sets on each (drain, weight)."""
+    return {(i.name, i.host, i.port): (i.drain, i.weight) for i in inv.instances}
 
 
 @dataclass(frozen=True)
@@ -247,25 +248,26 @@ class Sidecar:
         long streams piled up, 2 -> 33 workers and 15 -> 253 MB in two minutes (an outside review). Held
         meanwhile, said once; the latest file wins, and a replica back before the hold ends cancels its
         removal. nginx keeps the leaving replica meanwhile (held down by its health checks and max_fails).
-        Never held: a replica joining, an edit that keeps the members (a drain), membership pushed
-        (OpenResty), no reload. True: taken."""
+        Never held: a replica joining, an edit of a replica that stays (a drain: taken with the removal),
+        membership pushed (OpenResty), no reload. True: taken."""
         target, now = self.config.target, self.controller.clock()
         gap = 0.0 if target.pushing or not target.reload else 60.0 / self.policy.max_reloads_per_minute
         had, has = _members(self.inventory), _members(new)
-        if not had - has or has - had:  # nothing leaves, or one joins: restoring capacity never waits
-            gap = 0.0
+        if not had.keys() - has.keys() or has.keys() - had.keys() or any(has[k] != had[k] for k in has):
+            gap = 0.0  # nothing leaves, one joins (capacity), or an admin's edit (a drain): never waits
         if self._membership_at <= now < self._membership_at + gap:  # (a clock stepped back: not held)
             if self._held_inventory is None:
-                log.info("inventory change held for %.0f s: nginx reloaded for one %.0f s ago (membership changes "
-                         "take at most one reload per %.0f s, --max-reloads-per-minute)",
-                         self._membership_at + gap - now, now - self._membership_at, gap)
+                log.info("inventory change held for %.0f s: a replica leaving waits for a reload slot (one per "
+                         "%.0f s after the last membership change, --max-reloads-per-minute)",
+                         self._membership_at + gap - now, gap)
             self._held_inventory = new
             return False
-        if self._held_inventory is not None:
+        if self._held_inventory is not None and new is self._held_inventory:
             log.info("inventory change applied after its hold: %d instance(s)", len(new.instances))
         self.inventory, self._held_inventory = new, None
         self._render_pending = True
-        self._membership_at = now
+        if had.keys() != has.keys():  # the pace counts membership changes only
+            self._membership_at = now
         return True
 
     def refresh_frontends(self, strict: bool = False) -> None:

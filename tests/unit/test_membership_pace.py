@@ -87,3 +87,44 @@ def test_an_edit_that_keeps_the_members_is_never_held(tmp_path: Path) -> None:
     assert sc.reload_inventory() is True
     sc.run_once()
     assert any(ln.endswith("# dp1") and " down;" in ln for ln in written[-1].splitlines()), written[-1]
+
+
+def test_a_drain_during_a_held_removal_is_taken_at_once_with_it(tmp_path: Path) -> None:
+    """The drain was held behind the pending removal for 13 s (a review of the pace)."""
+    sc, _, clock, written = make(tmp_path, n=2, max_reloads_per_minute=4)
+    object.__setattr__(sc.config.target, "reload", True)
+    inv = tmp_path / "fdngx.json"
+    save(inv_of(3), inv)
+    sc.reload_inventory()
+    sc.run_once()
+    clock.t += 1.0
+    save(inv_of(2), inv)
+    assert sc.reload_inventory() is False  # dp2 leaves: held
+    drained = inv_of(2)
+    drained.instances[1].drain = True
+    save(drained, inv)
+    assert sc.reload_inventory() is True
+    sc.run_once()
+    assert _names(written[-1]) == ["dp0", "dp1"]
+    assert any(ln.endswith("# dp1") and " down;" in ln for ln in written[-1].splitlines()), written[-1]
+
+
+def test_only_a_membership_change_starts_the_pace(tmp_path: Path) -> None:
+    """An edit that keeps the members (here a drain) does not make the next removal wait (it did, and the
+    line said 'nginx reloaded for one' of a change nginx never saw)."""
+    sc, _, clock, written = make(tmp_path, n=3, max_reloads_per_minute=4)
+    object.__setattr__(sc.config.target, "reload", True)
+    sc.run_once()
+    inv = tmp_path / "fdngx.json"
+    drained = inv_of(3)
+    drained.instances[0].drain = True
+    save(drained, inv)
+    assert sc.reload_inventory() is True
+    sc.run_once()
+    clock.t += 1.0
+    gone = inv_of(2)
+    gone.instances[0].drain = True
+    save(gone, inv)
+    assert sc.reload_inventory() is True, "no membership change was taken before: no wait"
+    sc.run_once()
+    assert _names(written[-1]) == ["dp0", "dp1"]

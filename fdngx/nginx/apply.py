@@ -314,7 +314,7 @@ def _finish(path: Path, target: Path, old: bytes | None, diff: str, generation: 
     jpath = aside(target, "journal")
     took_new = told = False
     try:
-        guards.check_read(target, control.test(), control)
+        guards.check_read(target, control.test(), control, standalone)
         if standalone:  # is it where the system's nginx.conf reads? (a placeholder, an older fdngx's file)
             guards.check_not_in_system_conf(target, control)
         _pause("tested")

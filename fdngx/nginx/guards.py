@@ -25,6 +25,7 @@ import crossplane
 
 from fdngx.errors import ApplyError
 from fdngx.nginx.control import NginxControl
+from fdngx.nginx.escape import EscapeError, nginx_arg, nginx_string
 from fdngx.nginx.journal import aside, owners_of
 from fdngx.system.files import atomic_write, check_private, read_bytes_or_none, real_target
 
@@ -104,15 +105,27 @@ def tidy_legacy(target: Path) -> str:
     return f"moved {' and '.join(moved)} (an older fdngx's backup, which an `include` of {target.parent}/* reads)"
 
 
-def check_read(target: Path, files: frozenset[str] | None, control: NginxControl) -> None:
+def check_read(target: Path, files: frozenset[str] | None, control: NginxControl, standalone: bool = False) -> None:
     """nginx -T listed the files it read; ours must be one of them, or a reload changes nothing (no `include`
     matches it: sites-available/ without the link in sites-enabled/, a directory nginx.conf does not name).
-    No list (nginx printed none): not judged."""
+    No list (nginx printed none): not judged. The fix it names: the include line (quoted when the path needs
+    it), or for a standalone config, which is a whole nginx.conf, running nginx on it."""
     if not files or os.path.realpath(target) in files:  # `files` holds real paths too (a symlinked directory)
         return
+    if standalone:
+        fix = (f"a standalone config is a whole nginx.conf: run nginx with -c {target} (and no --nginx-conf here), "
+               "or render --mode site to include it")
+    else:
+        try:
+            shown = nginx_arg(str(target))
+        except EscapeError:  # a space, a quote...: quoted (it was said bare, which nginx reads as two arguments)
+            try:
+                shown = nginx_string(str(target))
+            except EscapeError:
+                shown = repr(str(target))
+        fix = f"add `include {shown};` inside http {{}} there"
     raise ApplyError(f"nginx does not read this file: no `include` in {control.main_conf} matches it (nginx -T lists "
-                     f"{len(files)} file(s), not this one); add `include {target};` inside http {{}} there "
-                     "and render again")
+                     f"{len(files)} file(s), not this one); {fix} and render again")
 
 
 def included_by(conf: Path, path: Path) -> bool:

@@ -13,7 +13,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -309,3 +309,21 @@ def test_the_first_apply_after_an_update_says_which_fdngx_wrote_the_previous_fil
     assert "previous file" not in result(__version__).summary
     assert "previous file" not in apply.ApplyResult(Path("/x"), True, True, "-upstream a {\n+upstream b {\n",
                                                     "abc").summary
+
+
+def test_the_include_nginx_lacks_is_said_so_that_it_works_when_followed(tmp_path: Path) -> None:
+    """'nginx does not read this file' names the fix; followed as said it must work (a review): a path with a
+    space said bare is two arguments to nginx; a standalone config is a whole nginx.conf, no include."""
+    import types
+
+    from fdngx.nginx import guards
+
+    control: Any = types.SimpleNamespace(main_conf="/etc/nginx/nginx.conf")
+    listed = frozenset({"/etc/nginx/nginx.conf"})
+    with pytest.raises(ApplyError, match=r"add `include /srv/fdngx/site\.conf;` inside http \{\} there"):
+        guards.check_read(Path("/srv/fdngx/site.conf"), listed, control)
+    with pytest.raises(ApplyError, match=r'add `include "/srv/my fdngx/site\.conf";`'):
+        guards.check_read(Path("/srv/my fdngx/site.conf"), listed, control)
+    with pytest.raises(ApplyError, match=r"run nginx with -c /srv/fdngx/nginx\.conf") as got:
+        guards.check_read(Path("/srv/fdngx/nginx.conf"), listed, control, standalone=True)
+    assert "include" not in str(got.value).split("this one);", 1)[1].split("or render")[0]

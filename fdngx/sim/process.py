@@ -69,12 +69,13 @@ def _kernel_ports(n: int, host: str) -> list[int]:
 def free_ports(n: int, host: str = "127.0.0.1", consecutive: bool = False) -> list[int]:
     """n distinct ports that were free a moment ago, below the kernel's ephemeral range (no outgoing
     connection can take one before its listener binds it) and not handed out before by this process;
-    `consecutive` makes them a run (base, base+1, ...). Where that range leaves no room: ports bound to 0."""
+    `consecutive` makes them a run (base, base+1, ...). Where that range leaves no room (a host whose
+    ephemeral range starts low): single ports bound to 0, runs from 20000-60000 as before."""
     span = _below_ephemeral()
     if len(span) < 2 * n:
-        if consecutive:
-            raise LaunchError(f"no room below the ephemeral port range ({_LOCAL_RANGE}) for {n} consecutive ports")
-        return _kernel_ports(n, host)
+        if not consecutive:
+            return _kernel_ports(n, host)
+        span = range(20000, 60000)
     if not _cursor:
         import random
 

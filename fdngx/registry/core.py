@@ -367,9 +367,9 @@ class Registry:
     def _balanced(self) -> list[Instance]:
         try:
             own = self._load(self.path).instances
-        except InventoryError as exc:
+        except InventoryError as exc:  # said, and a 500: an empty list would read as "nothing registered"
             log.error("registry: %s", exc)
-            own = []
+            raise
         return own + [i for inv in self._load_others() for i in inv.instances]
 
     def registered(self) -> dict[str, Any]:

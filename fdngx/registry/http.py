@@ -34,7 +34,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from fdngx.domain import Listen
-from fdngx.errors import UsageError, listen_error
+from fdngx.errors import InventoryError, UsageError, listen_error
 from fdngx.registry.core import Registry, answer
 from fdngx.registry.rules import DEFAULT_ALLOW, IPAddress, Networks, RateLimit, canonical_ip
 
@@ -150,7 +150,11 @@ class _Handler(BaseHTTPRequestHandler):
         routes = {"/registered": self.registry.registered, "/registered_number": self.registry.registered_number,
                   "/health_generate": self.registry.health_generate}
         if path in routes:
-            return self._send(200, routes[path]())
+            try:
+                return self._send(200, routes[path]())
+            except InventoryError:  # the log names the file; an answer never does
+                return self._send(*answer(500, "fdngx could not read the registry's file (the fdngx sidecar's "
+                                                "log says why)"))
         if path == "/health":
             return self._send(200, {"code": 200, "msg": "ok"})
         if path == "/metrics":

@@ -572,3 +572,16 @@ def test_own_python_servers_on_the_ipv6_wildcard_count_for_ipv4_too() -> None:
     settings = RegistrySettings(own=own)
     assert settings.own_listener("127.0.0.1", 18400) is not None
     assert settings.own_listener("::1", 18400) is not None
+
+
+def test_an_unreadable_registry_file_is_a_500_not_an_empty_fleet(tmp_path: Path) -> None:
+    """GET /registered answered 200 {"mixed": []} of a corrupted file (an outside review): a caller read
+    "nothing registered". Now 500, like a registration, naming no server path."""
+    with registry_server(tmp_path) as server:
+        (tmp_path / "fdngx.json").write_text("{ broken")
+        for route in ("/registered", "/registered_number"):
+            r = requests.get(f"http://127.0.0.1:{server.port}{route}", timeout=5)
+            assert r.status_code == 500 and "could not read" in r.json()["msg"], (route, r.text)
+            assert str(tmp_path) not in r.text
+        (tmp_path / "fdngx.json").write_text('{"instances": []}')
+        assert requests.get(f"http://127.0.0.1:{server.port}/registered_number", timeout=5).json()["mixed"] == 0

@@ -6,7 +6,7 @@ An instance started with `--router URL` checks its own /health and POSTs `{route
 `{"code": 200, "msg": "Register success"}`, 400 with the reason for a bad body, 503 when the instance's
 own /health is not 200, and drops instances that keep failing /health for `--registry-grace`, or that
 stop heart-beating for the grace and whose /health does not pass either (a silent instance whose /health
-passes is kept, with one WARNING: fdngx.registry.liveness); the next heartbeat adds them back. Only mixed
+passes is kept, said in a WARNING: fdngx.registry.liveness); the next heartbeat adds them back. Only mixed
 instances are taken: prefill/decode (PD disaggregation) need FastDeploy's router, which pairs them.
 
 What fdngx adds, because it writes what nginx will load: the address must be allowed
@@ -22,8 +22,8 @@ What one registration stores is capped (body.MAX_INFO_BYTES), so is the number o
 inventory.save writes no file that inventory.load would refuse for its size (507 too): the file always
 loads. Writes are atomic and under a lock; a heartbeat that changes nothing takes no lock, writes nothing
 and parses no file, nor does a write parse what the registry itself wrote last (store.CachedLoad: each file
-parsed once per content, also while it keeps changing; `python -m bench.registry`).
-No answer names a server path (an inventory file's): the log has the detail."""
+parsed once per content, also while it keeps changing; `python -m bench.registry`). No answer names a server
+path (an inventory file's): the log has the detail."""
 
 from __future__ import annotations
 
@@ -320,6 +320,7 @@ class Registry:
                     gone[key] = clash, None
                 elif why := self.live.judge(key, inst.name, now, grace, results if health else None, inst.drain):
                     gone[key] = why, self.live.seen[key]
+            self.live.say_silent()
             with contextlib.suppress(InventoryError):  # the file now, read under _mu as every registry write
                 kept = {inv_mod.address_key(i.host, i.port) for i in self._owned(self._load(self.path))}
                 self.live.keep_only(kept)
@@ -367,14 +368,13 @@ class Registry:
     def _balanced(self) -> list[Instance]:
         try:
             own = self._load(self.path).instances
-        except InventoryError as exc:  # said, and a 500: an empty list would read as "nothing registered"
+        except InventoryError as exc:  # said, and a 500 (an empty list reads as "nothing registered")
             log.error("registry: %s", exc)
             raise
         return own + [i for inv in self._load_others() for i in inv.instances]
 
     def registered(self) -> dict[str, Any]:
-        """register.go Registered: {code, msg, prefill[], decode[], mixed[]}, over every instance nginx
-        balances (all -i files)."""
+        """register.go Registered: {code, msg, prefill[], decode[], mixed[]} of what nginx balances (all -i)."""
         out: dict[str, Any] = {"code": 200, "msg": "success", "prefill": [], "decode": [], "mixed": []}
         for inst in self._balanced():
             out[inst.role.value].append(worker_info(inst))

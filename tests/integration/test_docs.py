@@ -126,11 +126,13 @@ def test_every_runnable_page_runs_in_a_sandbox(doc: Path, tmp_path: Path) -> Non
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         out, _ = runner.communicate(timeout=400)
-    except subprocess.TimeoutExpired:
+    except BaseException as exc:  # out of time, or Ctrl-C on the suite: the runner and what it started go
         os.killpg(runner.pid, signal.SIGKILL)
         runner.communicate()
         _stop_leftovers(str(sandbox))
-        pytest.fail(f"{rel(doc)}: the docs runner did not finish in time")
+        if isinstance(exc, subprocess.TimeoutExpired):
+            pytest.fail(f"{rel(doc)}: the docs runner did not finish in time")
+        raise
     text = out.decode(errors="replace")
     assert report_path.exists(), text[-4000:]
     report = json.loads(report_path.read_text())

@@ -15,26 +15,49 @@ from pathlib import Path
 
 import pytest
 
+from fdngx.domain import Inventory
 from fdngx.inventory import save
-from tests.unit.test_loop import inv_of, make
+from fdngx.weights.sidecar import Sidecar
+from tests.unit.test_loop import Clock, inv_of, make
 
 
 def _names(text: str) -> list[str]:
     return [ln.rsplit("# ", 1)[1] for ln in text.splitlines() if ln.strip().startswith("server ") and "# " in ln]
 
 
-@pytest.mark.parametrize("reloads", [True, False])
-def test_a_second_membership_change_waits_for_the_budgets_pace(tmp_path: Path, reloads: bool,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
-    sc, _, clock, written = make(tmp_path, n=2, max_reloads_per_minute=4)  # one slot per 15 s
+def _down(text: str, name: str) -> bool:
+    return any(ln.endswith(f"# {name}") and " down;" in ln for ln in text.splitlines())
+
+
+def _fleet(n: int, drained: int | None = None) -> Inventory:
+    inv = inv_of(n)
+    if drained is not None:
+        inv.instances[drained].drain = True
+    return inv
+
+
+def _paced(tmp_path: Path, n: int, reloads: bool = True) -> tuple[Sidecar, Clock, list[str], Path]:
+    """A sidecar on dp0..dp<n-1> with one reload slot per 15 s; `reloads`: nginx reloads for a change."""
+    sc, _, clock, written = make(tmp_path, n=n, max_reloads_per_minute=4)
     object.__setattr__(sc.config.target, "reload", reloads)
+    return sc, clock, written, tmp_path / "fdngx.json"
+
+
+def _joined(tmp_path: Path, reloads: bool = True) -> tuple[Sidecar, Clock, list[str], Path]:
+    """dp0, dp1, then dp2 joined and applied: the last membership change, taken just now."""
+    sc, clock, written, inv = _paced(tmp_path, 2, reloads)
     sc.run_once()
-    inv = tmp_path / "fdngx.json"
     save(inv_of(3), inv)
     assert sc.reload_inventory() is True, "a replica joining is taken at once"
     sc.run_once()
     assert _names(written[-1]) == ["dp0", "dp1", "dp2"]
+    return sc, clock, written, inv
 
+
+@pytest.mark.parametrize("reloads", [True, False])
+def test_a_second_membership_change_waits_for_the_budgets_pace(tmp_path: Path, reloads: bool,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    sc, clock, written, inv = _joined(tmp_path, reloads)
     clock.t += 2.0
     save(inv_of(2), inv)  # dp2 leaves
     caplog.set_level(logging.INFO, logger="fdngx")
@@ -57,12 +80,7 @@ def test_a_second_membership_change_waits_for_the_budgets_pace(tmp_path: Path, r
 
 def test_a_replica_back_before_the_hold_ends_cancels_its_removal(tmp_path: Path) -> None:
     """A flap (removed, registered again) costs no reload at all."""
-    sc, _, clock, written = make(tmp_path, n=2, max_reloads_per_minute=4)
-    object.__setattr__(sc.config.target, "reload", True)
-    inv = tmp_path / "fdngx.json"
-    save(inv_of(3), inv)
-    sc.reload_inventory()
-    sc.run_once()
+    sc, clock, written, inv = _joined(tmp_path)
     count = len(written)
     save(inv_of(2), inv)
     assert sc.reload_inventory() is False
@@ -75,56 +93,36 @@ def test_a_replica_back_before_the_hold_ends_cancels_its_removal(tmp_path: Path)
 
 def test_an_edit_that_keeps_the_members_is_never_held(tmp_path: Path) -> None:
     """A drain (or a weight) is an admin's deliberate edit: taken at once, right after a membership change."""
-    sc, _, _, written = make(tmp_path, n=2, max_reloads_per_minute=4)
-    object.__setattr__(sc.config.target, "reload", True)
-    inv = tmp_path / "fdngx.json"
-    save(inv_of(3), inv)
-    sc.reload_inventory()
-    sc.run_once()
-    drained = inv_of(3)
-    drained.instances[1].drain = True
-    save(drained, inv)
+    sc, _, written, inv = _joined(tmp_path)
+    save(_fleet(3, drained=1), inv)
     assert sc.reload_inventory() is True
     sc.run_once()
-    assert any(ln.endswith("# dp1") and " down;" in ln for ln in written[-1].splitlines()), written[-1]
+    assert _down(written[-1], "dp1"), written[-1]
 
 
 def test_a_drain_during_a_held_removal_is_taken_at_once_with_it(tmp_path: Path) -> None:
     """The drain was held behind the pending removal for 13 s (a review of the pace)."""
-    sc, _, clock, written = make(tmp_path, n=2, max_reloads_per_minute=4)
-    object.__setattr__(sc.config.target, "reload", True)
-    inv = tmp_path / "fdngx.json"
-    save(inv_of(3), inv)
-    sc.reload_inventory()
-    sc.run_once()
+    sc, clock, written, inv = _joined(tmp_path)
     clock.t += 1.0
     save(inv_of(2), inv)
     assert sc.reload_inventory() is False  # dp2 leaves: held
-    drained = inv_of(2)
-    drained.instances[1].drain = True
-    save(drained, inv)
+    save(_fleet(2, drained=1), inv)
     assert sc.reload_inventory() is True
     sc.run_once()
     assert _names(written[-1]) == ["dp0", "dp1"]
-    assert any(ln.endswith("# dp1") and " down;" in ln for ln in written[-1].splitlines()), written[-1]
+    assert _down(written[-1], "dp1"), written[-1]
 
 
 def test_only_a_membership_change_starts_the_pace(tmp_path: Path) -> None:
     """An edit that keeps the members (here a drain) does not make the next removal wait (it did, and the
     line said 'nginx reloaded for one' of a change nginx never saw)."""
-    sc, _, clock, written = make(tmp_path, n=3, max_reloads_per_minute=4)
-    object.__setattr__(sc.config.target, "reload", True)
+    sc, clock, written, inv = _paced(tmp_path, 3)
     sc.run_once()
-    inv = tmp_path / "fdngx.json"
-    drained = inv_of(3)
-    drained.instances[0].drain = True
-    save(drained, inv)
+    save(_fleet(3, drained=0), inv)
     assert sc.reload_inventory() is True
     sc.run_once()
     clock.t += 1.0
-    gone = inv_of(2)
-    gone.instances[0].drain = True
-    save(gone, inv)
+    save(_fleet(2, drained=0), inv)
     assert sc.reload_inventory() is True, "no membership change was taken before: no wait"
     sc.run_once()
     assert _names(written[-1]) == ["dp0", "dp1"]

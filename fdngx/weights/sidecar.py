@@ -105,7 +105,7 @@ class Sidecar:
         self.state = self.store.load()
         self._render_pending = True  # the first cycle always makes the file match the inventory
         self._held_inventory: Inventory | None = None  # read, not applied yet: membership's pace (_take)
-        self._membership_at = -math.inf  # (policy clock) when a changed inventory was last taken
+        self._membership_at = -math.inf  # (policy clock) when a membership change was last taken
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._changed_at: float | None = None

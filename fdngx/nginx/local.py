@@ -1,11 +1,12 @@
-"""Is an address this machine's own (fdngx.nginx.render: a --listen on a local replica's address)."""
+"""Is an address this machine's own; would a listener of fdngx's take a replica's address (render: a --listen on
+a local replica's port; the registry: a registration at one of fdngx's own listeners)."""
 
 from __future__ import annotations
 
 import ipaddress
 import socket
 
-from fdngx.domain import address_key, is_ip
+from fdngx.domain import Listen, address_key, is_ip
 
 
 def on_this_host(host: str) -> bool:
@@ -38,3 +39,26 @@ def on_this_host(host: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def takes(listen: Listen, host: str, port: int) -> bool:
+    """Would `listen`, on this machine, take the server at `host:port` (nginx would proxy to itself): the same
+    port, the same address or a wildcard of its family (Listen.overlaps), and an address of this machine. A
+    name on either side stands for what it resolves to, as nginx resolves a listen name at load (`--listen
+    vm:8080` with vm at 127.0.0.1 takes 127.0.0.1:8080); looked up only when the ports match."""
+    if listen.port != port:
+        return False
+    return any(Listen(a, port).overlaps(Listen(b, port)) and on_this_host(b)
+               for a in _addresses(listen.bind_host) for b in _addresses(host))
+
+
+def _addresses(host: str) -> tuple[str, ...]:
+    """`host`'s addresses: an address (or `localhost`) as it is; a name as the resolver gives it (/etc/hosts
+    first), or as it is when it does not resolve (nginx would refuse it at load)."""
+    if is_ip(host) or address_key(host, 0)[0] == "127.0.0.1":
+        return (host,)
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return (host,)
+    return tuple(dict.fromkeys(str(info[4][0]).partition("%")[0] for info in found)) or (host,)

@@ -42,7 +42,7 @@ from fdngx.nginx import frontdoor
 from fdngx.nginx.build import HASH_SAFE_UPSTREAM
 from fdngx.nginx.escape import EscapeError, lua_literal, nginx_arg, nginx_string
 from fdngx.nginx.frontdoor import LOOPBACK_ALLOW, admin_allow_list
-from fdngx.nginx.local import on_this_host
+from fdngx.nginx.local import takes
 from fdngx.nginx.shape import front_of
 
 GENERATION_TOKEN = "@@FDNGX_GENERATION@@"
@@ -356,7 +356,7 @@ def _check_listen_not_a_replica(inv: Inventory, opts: RenderOptions) -> None:
     """A --listen on a replica's own address (nginx would proxy to itself)."""
     served = opts.mode is not Mode.UPSTREAM
     for inst in inv.instances if served else ():  # a replica on another host may well use the same port
-        if opts.listen.overlaps(Listen(inst.host, inst.port)) and on_this_host(inst.host):
+        if takes(opts.listen, inst.host, inst.port):
             raise RenderError(f"instance '{inst.name}' is at {hostport(inst.host, inst.port)}, where --listen "
                               f"{opts.listen} would have nginx take its port (and proxy to itself)")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fdngx.domain import Listen
 from fdngx.errors import UsageError
-from fdngx.nginx.local import on_this_host
+from fdngx.nginx.local import takes
 from fdngx.system.files import read_regular_file
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -288,11 +288,8 @@ class RegistrySettings:
         ..."), never a replica. They answer /health too: nginx's --listen registered stopped every apply
         (nginx would proxy to itself) while a healthy replica registered after it never took a request; the
         registry's or a metrics port put 404s and 405s in rotation (an outside review). None: not ours."""
-        there = Listen(host, port)
-        for option, listen in self.own:
-            if listen.overlaps(there) and on_this_host(host):
-                return f"fdngx's own {option} {listen}"
-        return None
+        return next((f"fdngx's own {option} {listen}" for option, listen in self.own if takes(listen, host, port)),
+                    None)
 
     @classmethod
     def from_options(cls, grace: float = 30.0, targets: str = DEFAULT_ALLOW, metrics_port: str | None = None,

@@ -303,13 +303,55 @@ def test_a_local_address_is_told_by_the_routing_table_not_by_bind(tmp_path: Path
         "subprocess.run(['ip', 'addr', 'add', '10.9.9.2/24', 'dev', 'lo'], check=True)\n"
         "print(on_this_host('10.9.9.2'))\n"
     )
-    proc = subprocess.run(["unshare", "-rn", sys.executable, "-c", script], capture_output=True, text=True,
+    out = _in_namespace("-rn", script)
+    # a second address of a subnet (routed from the first: a review) is this host's too
+    assert out.split() == ["False", "True", "True", "True"], out
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or shutil.which("ip") is None, reason="needs unshare and ip")
+def test_a_listen_or_a_replica_given_as_a_name_is_taken_for_what_it_resolves_to(tmp_path: Path) -> None:
+    """A name stands for its addresses, as nginx resolves a listen name at load: `--listen vm:PORT` with vm at
+    127.0.0.1 and a replica at 127.0.0.1:PORT passed render's self-proxy check and the registry's own-listener
+    refusal (only `localhost` was known as this host: a review). In a network and mount namespace of its own,
+    with an /etc/hosts of the test's (nothing leaves it, no resolver is asked)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n127.0.0.1 vm\n10.9.8.7 far\n")
+    script = (
+        "import subprocess\n"
+        "from fdngx.domain import Instance, Inventory, Listen, Mode\n"
+        "from fdngx.errors import RenderError\n"
+        "from fdngx.nginx.local import takes\n"
+        "from fdngx.nginx.render import RenderOptions, check_renderable\n"
+        "from fdngx.registry.rules import RegistrySettings\n"
+        "subprocess.run(['ip', 'link', 'set', 'lo', 'up'], check=True)\n"
+        f"subprocess.run(['mount', '--bind', {str(hosts)!r}, '/etc/hosts'], check=True)\n"
+        f"P = {REPLICA}\n"
+        "print(takes(Listen('vm', P), '127.0.0.1', P), takes(Listen('0.0.0.0', P), 'vm', P),\n"
+        "      takes(Listen('127.0.0.1', P), 'far', P), takes(Listen('vm', P), '127.0.0.1', P + 1))\n"
+        "own = RegistrySettings(own=(('--listen', Listen('vm', P)),))\n"
+        "print(own.own_listener('127.0.0.1', P))\n"
+        "opts = RenderOptions(mode=Mode.SITE, listen=f'vm:{P}').validated()\n"
+        "try:\n"
+        "    check_renderable(Inventory([Instance('dp0', '127.0.0.1', P, P)]), opts)\n"
+        "except RenderError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = _in_namespace("-rnm", script)
+    lines = out.splitlines()
+    assert lines[0].split() == ["True", "True", "False", "False"], out
+    assert lines[1] == f"fdngx's own --listen vm:{REPLICA}", out
+    assert lines[2].startswith(f"instance 'dp0' is at 127.0.0.1:{REPLICA}, where --listen vm:{REPLICA}"), out
+
+
+def _in_namespace(flags: str, script: str) -> str:
+    """What `script` prints, run by this Python in namespaces of its own (`unshare FLAGS`); skipped where the
+    kernel or the container allows none."""
+    proc = subprocess.run(["unshare", flags, sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60, cwd=REPO)
     if proc.returncode != 0 and "unshare" in proc.stderr:
-        pytest.skip(f"no user and network namespaces here: {proc.stderr.strip()[-200:]}")
+        pytest.skip(f"no namespaces here (unshare {flags}): {proc.stderr.strip()[-200:]}")
     assert proc.returncode == 0, proc.stderr
-    # a second address of a subnet (routed from the first: a review) is this host's too
-    assert proc.stdout.split() == ["False", "True", "True", "True"], proc.stdout
+    return proc.stdout
 
 
 @pytest.mark.nginx

@@ -351,6 +351,7 @@ class Sidecar:
         if decisions.changed or time.monotonic() - self._saved_at >= STATE_SAVE_EVERY:
             self.save()
         self.telemetry.cycle(result, self.state, self.controller.clock(), time.monotonic() - started)
+        self.telemetry.inventory_held.set(0 if self._held_inventory is None else 1)
         self.cycles += 1
         if log.isEnabledFor(logging.DEBUG):
             pushes = result.pushes or ()

@@ -91,6 +91,10 @@ class Telemetry:
         self.budget_held = Gauge(
             "fdngx_budget_held", "1 while the reload budget holds weight changes back", registry=r
         )
+        self.inventory_held = Gauge(
+            "fdngx_inventory_held", "1 while an inventory change in which a replica leaves waits for a reload slot "
+            "(nginx flavor: membership is paced like weights, --max-reloads-per-minute)", registry=r
+        )
         self.apply_seconds = Histogram(
             "fdngx_apply_duration_seconds", "Write + nginx -t + reload + confirm, or a push",
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r,

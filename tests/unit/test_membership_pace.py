@@ -29,6 +29,10 @@ def _down(text: str, name: str) -> bool:
     return any(ln.endswith(f"# {name}") and " down;" in ln for ln in text.splitlines())
 
 
+def _held(sc: Sidecar) -> float | None:
+    return sc.telemetry.registry.get_sample_value("fdngx_inventory_held")
+
+
 def _fleet(n: int, drained: int | None = None) -> Inventory:
     inv = inv_of(n)
     if drained is not None:
@@ -72,9 +76,11 @@ def test_a_second_membership_change_waits_for_the_budgets_pace(tmp_path: Path, r
     clock.t += 12.0
     sc.run_once()
     assert _names(written[-1]) == ["dp0", "dp1", "dp2"]
+    assert _held(sc) == 1.0, "a held change is seen in the metrics, not only in one log line"
     clock.t += 1.0  # 15 s after the last one taken
     sc.run_once()
     assert _names(written[-1]) == ["dp0", "dp1"]
+    assert _held(sc) == 0.0
     assert "inventory change applied after its hold: 2 instance(s)" in caplog.text
 
 

@@ -249,12 +249,14 @@ class Sidecar:
         meanwhile, said once; the latest file wins, and a replica back before the hold ends cancels its
         removal. nginx keeps the leaving replica meanwhile (held down by its health checks and max_fails).
         Never held: a replica joining, an edit of a replica that stays (a drain: taken with the removal),
+        the last replica leaving (a registry's empty fleet answers 503 at once, not 502 from a replica gone),
         membership pushed (OpenResty), no reload. True: taken."""
         target, now = self.config.target, self.controller.clock()
         gap = 0.0 if target.pushing or not target.reload else 60.0 / self.policy.max_reloads_per_minute
         had, has = _members(self.inventory), _members(new)
-        if not had.keys() - has.keys() or has.keys() - had.keys() or any(has[k] != had[k] for k in has):
-            gap = 0.0  # nothing leaves, one joins (capacity), or an admin's edit (a drain): never waits
+        if (not had.keys() - has.keys() or has.keys() - had.keys() or any(has[k] != had[k] for k in has)
+                or not has):
+            gap = 0.0  # nothing leaves, one joins (capacity), an admin's edit (a drain), the last one leaves
         if self._membership_at <= now < self._membership_at + gap:  # (a clock stepped back: not held)
             if self._held_inventory is None:
                 log.info("inventory change held for %.0f s: a replica leaving waits for a reload slot (one per "

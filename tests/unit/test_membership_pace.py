@@ -11,6 +11,7 @@ The real render and file write, a fake scrape and a policy clock the test moves 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,15 @@ def test_only_a_membership_change_starts_the_pace(tmp_path: Path) -> None:
     assert sc.reload_inventory() is True, "no membership change was taken before: no wait"
     sc.run_once()
     assert _names(written[-1]) == ["dp0", "dp1"]
+
+
+def test_the_last_replica_leaving_is_never_held(tmp_path: Path) -> None:
+    """A registry's fleet going empty renders nginx's 503 (Retry-After) at once: held, nginx kept proxying to
+    replicas that were gone, 502 for up to 60/N s."""
+    sc, _, written, inv = _joined(tmp_path)
+    target = sc.config.target
+    object.__setattr__(target, "opts", replace(target.opts, allow_empty=True))  # as with --registry-listen
+    save(Inventory([]), inv)
+    assert sc.reload_inventory() is True
+    sc.run_once()
+    assert _names(written[-1]) == [] and _held(sc) == 0.0

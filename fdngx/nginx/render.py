@@ -324,26 +324,35 @@ def front_door(opts: RenderOptions) -> dict[str, Any]:
 
 def check_renderable(inv: Inventory, opts: RenderOptions) -> None:
     """What a valid inventory may still not do in this flavor; raises RenderError naming the instance."""
+    check_fleet(inv, opts)
+    if opts.api_keys_file and not opts.api_keys_map:
+        # Never render an open door for a user who asked for keys: the key map is written before the render.
+        raise RenderError("--api-keys-file: the key map was not prepared (fdngx render and sidecar write it "
+                          "beside --out)")
+    if opts.flavor is Flavor.OPENRESTY and not opts.admin_token_file:
+        raise RenderError("openresty flavor: no admin token file (fdngx render creates one beside --out)")
+
+
+def check_fleet(inv: Inventory, opts: RenderOptions, *, local: bool = True) -> None:
+    """What nginx cannot be given of this inventory in this flavor, whether rendered or pushed (a controller
+    checks a new inventory with it and keeps the one in force: one file must not empty or stop N frontends);
+    `local`: an nginx of this host serves it (its --listen must not take a replica's port). RenderError names
+    the instance."""
     if not inv.instances and not opts.allow_empty:
         where = " + ".join(inv.sources) or "inventory"
         raise RenderError(f"{where}: no instances to render (nginx needs at least one server; only a sidecar "
                           "with --registry-listen renders an empty fleet, which answers 503 until one registers)")
     if (drained := all_drained(inv)) is not None:
         raise RenderError(drained)
-    _check_listen_not_a_replica(inv, opts)
+    if local:
+        _check_listen_not_a_replica(inv, opts)
     for inst in inv.instances:
         if inst.role is not Role.MIXED:
             raise RenderError(
                 f"instance '{inst.name}': role '{inst.role}' cannot share a plain upstream with mixed instances "
                 "(a prefill- or decode-only instance must not get plain requests); see docs/fastdeploy.md"
             )
-    if opts.api_keys_file and not opts.api_keys_map:
-        # Never render an open door for a user who asked for keys: the key map is written before the render.
-        raise RenderError("--api-keys-file: the key map was not prepared (fdngx render and sidecar write it "
-                          "beside --out)")
     if opts.flavor is Flavor.OPENRESTY:
-        if not opts.admin_token_file:
-            raise RenderError("openresty flavor: no admin token file (fdngx render creates one beside --out)")
         # balancer_by_lua's set_current_peer takes addresses only; nginx resolves names at load time.
         for inst in inv.instances:
             if not is_ip(inst.host):

@@ -27,7 +27,7 @@ from fdngx.nginx.build import nginx_build
 from fdngx.nginx.control import NginxControl, find_nginx, prepare_prefix
 from fdngx.nginx.fanout import Fanout, FrontendSpec, PushOutcome
 from fdngx.nginx.guards import check_replaceable, included_by, standalone_refusal
-from fdngx.nginx.render import RenderOptions, render
+from fdngx.nginx.render import RenderOptions, check_fleet, render
 from fdngx.nginx.shape import front_of
 from fdngx.system.files import identity, read_bytes_or_none, real_target, writable_by_others
 
@@ -97,6 +97,11 @@ class Target:
     def render(self, inv: Inventory, states: Mapping[str, ServerState] | None) -> str:
         """The config text; the openresty flavor's carries no weights (they are pushed)."""
         return render(inv, self.keyed_opts(), None if self.opts.flavor is Flavor.OPENRESTY else states)
+
+    def check(self, inv: Inventory) -> None:
+        """What this target cannot give nginx of `inv` (RenderError): a sidecar keeps the inventory in force
+        rather than take it (a controller's push would empty or stop every frontend at once)."""
+        check_fleet(inv, self.opts, local=self.renders)
 
     def keyed_opts(self) -> RenderOptions:
         """The options with the key map of the --api-keys-file as it is now: a sidecar reads it again whenever

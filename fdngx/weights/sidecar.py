@@ -100,6 +100,7 @@ class Sidecar:
         self.controller = Controller(config.target, self.policy, self.session, scrape, clock, config.scrape_deadline)
         self._seen: Identity = identity(config.inventories)  # the files as last read: before the read
         self.inventory: Inventory = inv_mod.load_many(config.inventories)  # a bad one at start is fatal
+        config.target.check(self.inventory)  # and one nginx cannot be given (no instance, a name for Lua)
         self._inventory_error: str | None = None  # why the last re-read failed (said once)
         self.store = config.store
         self.state = self.store.load()
@@ -225,6 +226,7 @@ class Sidecar:
         self._seen = seen
         try:
             new = inv_mod.load_many(list(self.config.inventories))
+            self.config.target.check(new)
         except FdngxError as exc:
             if str(exc) != self._inventory_error or force:
                 log.error("inventory not reloaded, keeping the previous one: %s", exc)

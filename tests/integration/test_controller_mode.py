@@ -227,3 +227,39 @@ def test_fleet_benchmark_smoke(tmp_path: Path) -> None:
     assert agreement["peers"] == 64 and agreement["down"] == 1
     assert result["reloads"] == 0 and result["push_statuses"].get("ok", 0) > 0
     assert "| 64 (fdngx sim) | 2 |" in (tmp_path / "fleet.md").read_text()
+
+
+def test_an_inventory_nginx_cannot_be_given_keeps_the_one_in_force(fleet: tuple[Replicas, Path, Path],
+                                                                   frontends: Frontends, tmp_path: Path) -> None:
+    """An outside review: an inventory rewritten with no instance emptied every frontend at once (503 for all
+    traffic, said at INFO), though `fdngx render` refuses that file; one replica given by name (the Lua
+    balancer takes addresses) stopped every push to every frontend, down marks included. Now the controller
+    says why at ERROR and goes on pushing the inventory in force."""
+    replicas, _work, token = fleet
+    everyone = {f"dp{i}" for i in range(N)}
+    ctl = Controller(replicas, frontends.urls, tmp_path, token, interval=0.5)
+
+    def pushing_on() -> None:
+        gen = max(g for g, _t in tables(frontends))
+        wait_for(lambda: min(g for g, _t in tables(frontends)) > gen, 20, what="pushes going on")
+        assert all(set(t) == everyone for _g, t in tables(frontends)), tables(frontends)
+
+    try:
+        wait_for(lambda: all(set(t) == everyone for _g, t in tables(frontends)), 30, what="the fleet everywhere")
+        replicas.write_inventory([])
+        wait_for(lambda: "no instances to render" in ctl.log.read_text(), 20, what="the empty inventory refused")
+        pushing_on()
+        named = json.loads(replicas.inventory.read_text())
+        named["instances"] = [{"name": f"dp{i}", "host": "localhost" if i == 0 else "127.0.0.1",
+                               "port": replicas.api[i], "metrics_port": replicas.met[i], "engine": "sim"}
+                              for i in range(N)]
+        tmp = replicas.inventory.with_suffix(".tmp")
+        tmp.write_text(json.dumps(named))
+        tmp.replace(replicas.inventory)
+        wait_for(lambda: "needs an IP address, not host 'localhost'" in ctl.log.read_text(), 20,
+                 what="the named replica refused")
+        pushing_on()
+        refusals = [json.loads(ln) for ln in ctl.log.read_text().splitlines() if "inventory not reloaded" in ln]
+        assert len(refusals) == 2 and all(r["level"] == "error" for r in refusals), refusals
+    finally:
+        ctl.stop()

@@ -9,11 +9,17 @@ Mirrors `fastdeploy/golang_router/internal/manager/instance.go` (PaddlePaddle/Fa
 role means mixed, and `metrics_port` absent, null, "" or 0 means "not sent" (the Python router's default
 is 0; the Go router would refuse 0). The body of `fastdeploy/config.py` `init_cache_info` (`register_info`)
 and what `fastdeploy/engine/register_manager.py` adds (`is_paused`, `version`, `connected_decodes`) pass.
+
+What is stored is what was sent, or the registration is refused (400 naming the field): no string is cut
+short or dropped while the answer says 200.
+`version` is kept whole, as long as it is (neither router reads it, so neither limits it: refusing a long one
+would keep a healthy instance out of nginx over a field nothing uses); MAX_INFO_BYTES bounds it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +29,8 @@ from fdngx.domain import Instance, Role
 ROLES = (Role.MIXED, Role.PREFILL, Role.DECODE)  # instance.go: MIXED = iota, PREFILL, DECODE
 PROTOCOLS = ("ipc", "rdma")
 MAX_LIST = 64  # device ids / RDMA ports of one instance: one per GPU (8 or 16 per node), never hundreds
-MAX_TEXT = 128
+MAX_TEXT = 128  # characters of connector_port, engine_worker_queue_port, and of each rdma_ports/device_ids entry
+MAX_HOST = 253  # characters of an RFC 1123 host name (host_ip, after any http:// prefix)
 # What one registration stores (`info`, the JSON of the fields under "fastdeploy" in the inventory, compact,
 # as ASCII like the file): a real 8-GPU instance needs ~200 bytes. Bounds the file with
 # --registry-max-instances: 1024 of the largest entries stay far below inventory.MAX_BYTES (tested).
@@ -52,6 +59,13 @@ def _show(value: Any) -> str:
     except (TypeError, ValueError):
         text = type(value).__name__
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _text(value: str, where: str, limit: int | None = MAX_TEXT) -> str:
+    """A string field as sent, or BodyError naming it: at most `limit` characters."""
+    if limit is not None and len(value) > limit:
+        raise BodyError(f"invalid {where}: {len(value)} characters, over the limit of {limit}")
+    return value
 
 
 def parse_port(value: Any, name: str, *, required: bool = False, zero_is_none: bool = False) -> int | None:
@@ -99,8 +113,8 @@ def _string_list(value: Any, name: str) -> list[str]:
         raise BodyError(f"invalid {name}: {len(value)} entries (at most {MAX_LIST})")
     out = []
     for i, v in enumerate(value):
-        if isinstance(v, str) and len(v) <= MAX_TEXT:
-            out.append(v)
+        if isinstance(v, str):
+            out.append(_text(v, f"{name}: element {i}"))
         elif type(v) is int or (type(v) is float and v.is_integer() and abs(v) < 2**53):
             out.append(str(int(v)))
         else:
@@ -113,7 +127,9 @@ def _port_text(value: Any, name: str) -> str:
     Only their type is checked: the Go router checks their range in splitwise mode only."""
     if value is None:
         return ""
-    if type(value) is int or (isinstance(value, str) and len(value) <= MAX_TEXT):
+    if isinstance(value, str):
+        return _text(value, name)
+    if type(value) is int:
         return str(value)
     raise BodyError(f"invalid {name}: {_show(value)} (an integer or a string)")
 
@@ -126,11 +142,10 @@ def parse_body(body: Any) -> Registration:
     host = body.get("host_ip")
     if host is None or host == "":
         raise BodyError("host_ip is required")
-    if not isinstance(host, str) or len(host) > 253 + len("http://"):
-        raise BodyError(f"invalid host_ip: {_show(host)}")
+    if not isinstance(host, str):
+        raise BodyError(f"invalid host_ip: {_show(host)} (an IP address or a host name)")
     # instance.go isValidIP strips a scheme; URL() then keeps "http://host:port".
-    if host.startswith("http://"):
-        host = host[len("http://"):]
+    host = _text(host.removeprefix("http://"), "host_ip", MAX_HOST)
     port = parse_port(body.get("port"), "port", required=True)
     assert port is not None
     metrics_port = parse_port(body.get("metrics_port"), "metrics_port", zero_is_none=True)
@@ -151,8 +166,13 @@ def parse_body(body: Any) -> Registration:
         "device_ids": _string_list(body.get("device_ids"), "device_ids"),
     }
     # Newer builds: register_manager.py adds these three; config.py adds tp_size (not used by fdngx).
-    if isinstance(body.get("version"), str) and len(body["version"]) <= MAX_TEXT:
-        info["version"] = body["version"]
+    version = body.get("version")  # model_config.version: null, or what the model's config says, kept whole
+    if isinstance(version, str):
+        info["version"] = _text(version, "version", None)
+    elif type(version) is int or (type(version) is float and math.isfinite(version)):
+        info["version"] = version
+    elif version is not None:
+        raise BodyError(f"invalid version: {_show(version)} (a string or a number)")
     if type(body.get("tp_size")) is int and 1 <= body["tp_size"] <= 65536:
         info["tp_size"] = body["tp_size"]
     if isinstance(body.get("is_paused"), bool):

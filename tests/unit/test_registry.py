@@ -1025,6 +1025,45 @@ def test_hostile_info_is_stored_within_the_cap_or_refused(tmp_path: Path, ids: l
     inv_mod.load(env.path)
 
 
+# -- string fields: stored as sent, or 400 naming the field; never cut short or dropped ----------------------
+
+
+def test_a_version_of_any_length_is_stored_whole(tmp_path: Path) -> None:
+    """Neither FastDeploy router reads `version` (no field of the Go router's InstanceInfo; the Python router's
+    from_dict takes its own fields only), so neither limits it. fdngx dropped one over 128 characters and
+    answered 200 (and one that was no string too); now it is kept as sent, within the 4 KiB of FastDeploy
+    fields one registration may store."""
+    env = Env(tmp_path)
+    long = "2.5.0+" + "0123456789abcdef" * 20  # 326 characters
+    assert env.reg.register({**BODY, "version": long}, H) == OK
+    assert env.instances()[0]["fastdeploy"]["version"] == long
+    assert env.reg.register({**BODY, "version": 3}, H) == OK  # ModelConfig takes version from config.json too
+    assert env.instances()[0]["fastdeploy"]["version"] == 3
+
+
+@pytest.mark.parametrize(("change", "needles"), [
+    ({"version": "v" * MAX_INFO_BYTES}, ("version", f"{MAX_INFO_BYTES}-byte limit")),
+    ({"version": ["2.5.0"]}, ("invalid version", "a string or a number")),
+    ({"version": True}, ("invalid version", "a string or a number")),
+    ({"connector_port": "1" * (MAX_TEXT + 1)}, ("invalid connector_port", f"{MAX_TEXT + 1} characters",
+                                                f"limit of {MAX_TEXT}")),
+    ({"engine_worker_queue_port": "1" * 200}, ("invalid engine_worker_queue_port", "200 characters",
+                                               f"limit of {MAX_TEXT}")),
+    ({"device_ids": ["0", "d" * (MAX_TEXT + 1)]}, ("invalid device_ids: element 1", f"limit of {MAX_TEXT}")),
+    ({"rdma_ports": ["r" * 500]}, ("invalid rdma_ports: element 0", "500 characters", f"limit of {MAX_TEXT}")),
+    ({"host_ip": "h" * 254}, ("invalid host_ip", "254 characters", "limit of 253")),
+])
+def test_a_string_over_its_limit_is_400_naming_the_field_and_the_limit(tmp_path: Path, change: dict[str, Any],
+                                                                       needles: tuple[str, ...]) -> None:
+    """Before: a version over 128 characters (or not a string) was dropped with a 200; a device id over 128 was
+    "not an integer or a string", a long port "(an integer or a string)", a long host_ip just "invalid"."""
+    env = Env(tmp_path)
+    before = env.path.read_bytes()
+    status, doc = env.reg.register({**BODY, **change}, H)
+    assert status == 400 and all(n in doc["msg"] for n in needles) and "\n" not in doc["msg"], doc
+    assert env.path.read_bytes() == before and env.probe.calls == []
+
+
 @pytest.mark.parametrize(("name", "resolved"), [("localhost", "127.0.0.1"), ("ip6-localhost", "::1"),
                                                 ("node7.example", "127.0.1.1"), ("mapped.example", "::ffff:127.0.0.1")])
 def test_a_name_resolving_to_loopback_from_another_machine_uses_the_peer_address(tmp_path: Path, name: str,

@@ -11,7 +11,8 @@ is 0; the Go router would refuse 0). The body of `fastdeploy/config.py` `init_ca
 and what `fastdeploy/engine/register_manager.py` adds (`is_paused`, `version`, `connected_decodes`) pass.
 
 What is stored is what was sent, or the registration is refused (400 naming the field): no string is cut
-short or dropped while the answer says 200.
+short or dropped while the answer says 200, and none holds a lone surrogate (JSON's "\\ud800" decodes to
+one; no UTF-8 file can hold it, and strict JSON readers refuse the escape the inventory would carry).
 `version` is kept whole, as long as it is (neither router reads it, so neither limits it: refusing a long one
 would keep a healthy instance out of nginx over a field nothing uses); MAX_INFO_BYTES bounds it.
 """
@@ -62,7 +63,12 @@ def _show(value: Any) -> str:
 
 
 def _text(value: str, where: str, limit: int | None = MAX_TEXT) -> str:
-    """A string field as sent, or BodyError naming it: at most `limit` characters."""
+    """A string field as sent, or BodyError naming it: text UTF-8 can encode, at most `limit` characters."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BodyError(f"invalid {where}: a lone surrogate (\\u{ord(value[exc.start]):04x}) at character "
+                        f"{exc.start}: not text, UTF-8 cannot encode it") from None
     if limit is not None and len(value) > limit:
         raise BodyError(f"invalid {where}: {len(value)} characters, over the limit of {limit}")
     return value

@@ -108,6 +108,19 @@ def test_bad_json_is_400_never_a_traceback(tmp_path: Path, body: bytes, capsys: 
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("lone", [b'"2.5\\ud800"', b'"2.5\xed\xa0\x80"'])  # an escape; the same in raw bytes
+def test_a_lone_surrogate_is_400_and_never_reaches_the_file(tmp_path: Path, lone: bytes) -> None:
+    """Was: 200, and the surrogate stored (json.loads decodes both forms to one): an inventory holding
+    "\\ud800", which no UTF-8 text can carry and strict JSON readers refuse."""
+    with serving(tmp_path) as (server, reg):
+        before = reg.path.read_bytes()
+        body = json.dumps(BODY)[:-1].encode() + b', "version": ' + lone + b"}"
+        got, doc, resp = post(server.port, body, f"Content-Length: {len(body)}\r\n")
+        assert got == 400 and "invalid version" in doc["msg"] and "surrogate" in doc["msg"], doc
+        one_line_json(resp)
+        assert reg.path.read_bytes() == before
+
+
 def test_http_servers_own_errors_are_json_too(tmp_path: Path) -> None:
     with serving(tmp_path) as (server, _reg):
         got, _, resp = raw(server.port, b"PUT /register HTTP/1.1\r\nHost: r\r\nContent-Length: 0\r\n\r\n")

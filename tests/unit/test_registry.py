@@ -1025,7 +1025,25 @@ def test_hostile_info_is_stored_within_the_cap_or_refused(tmp_path: Path, ids: l
     inv_mod.load(env.path)
 
 
-# -- string fields: stored as sent, or 400 naming the field; never cut short or dropped ----------------------
+# -- string fields: stored as sent, or 400 naming the field; never cut, dropped, or unencodable in the file --
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def assert_clean_file(path: Path) -> None:
+    """The file is UTF-8 and every string in it is text UTF-8 can encode (no "\\ud800" escape either)."""
+    for text in _strings(json.loads(path.read_bytes().decode("utf-8"))):
+        text.encode("utf-8")
 
 
 def test_a_version_of_any_length_is_stored_whole(tmp_path: Path) -> None:
@@ -1062,6 +1080,65 @@ def test_a_string_over_its_limit_is_400_naming_the_field_and_the_limit(tmp_path:
     status, doc = env.reg.register({**BODY, **change}, H)
     assert status == 400 and all(n in doc["msg"] for n in needles) and "\n" not in doc["msg"], doc
     assert env.path.read_bytes() == before and env.probe.calls == []
+
+
+@pytest.mark.parametrize("field", ["version", "connector_port", "engine_worker_queue_port", "device_ids",
+                                   "rdma_ports", "host_ip"])
+@pytest.mark.parametrize("lone", ["\ud800", "2.5\udfff", "\udbff\ud7ff"])
+def test_a_lone_surrogate_in_a_string_field_is_400_naming_the_field(tmp_path: Path, field: str, lone: str) -> None:
+    """JSON's "\\ud800" decodes to a lone surrogate, which no UTF-8 file can hold: the registry stored it (the
+    file then carried an escape strict JSON readers refuse). Now: 400 naming the field, the file untouched."""
+    env = Env(tmp_path)
+    before = env.path.read_bytes()
+    status, doc = env.reg.register({**BODY, field: [lone] if field in ("device_ids", "rdma_ports") else lone}, H)
+    assert status == 400 and f"invalid {field}" in doc["msg"], doc
+    doc["msg"].encode("utf-8")  # the answer itself is text
+    assert env.path.read_bytes() == before
+    assert_clean_file(env.path)
+
+
+# Text of any character, lone surrogates included, short, or long past the limits (MAX_TEXT, and a version's
+# MAX_INFO_BYTES when astral: 12 bytes of JSON each).
+lone_or_not = st.characters(codec="utf-8") | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+hostile_texts = st.text(lone_or_not, max_size=6) | st.builds(
+    lambda head, c, n: head + c * n, st.text(lone_or_not, max_size=2), st.characters(codec="utf-8"),
+    st.integers(MAX_TEXT - 2, 400))
+
+
+def _bad(text: str, limit: int | None) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return limit is not None and len(text) > limit
+
+
+@settings(max_examples=300, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(version=hostile_texts | st.none(), connector=hostile_texts, queue=hostile_texts,
+       ids=st.lists(hostile_texts, max_size=3), ports=st.lists(hostile_texts, max_size=3))
+def test_string_fields_are_stored_as_sent_or_refused_naming_the_field(tmp_path: Path, version: str | None,
+                                                                      connector: str, queue: str, ids: list[str],
+                                                                      ports: list[str]) -> None:
+    """Property: a registration is 200 with every string field stored exactly as sent, or 400 naming a field
+    that is not text or is over its limit (or the 4 KiB cap); whatever was sent, the file holds only text."""
+    sent = {"version": [version] if version is not None else [], "connector_port": [connector],
+            "engine_worker_queue_port": [queue], "device_ids": ids, "rdma_ports": ports}
+    bad = {name for name, values in sent.items() if any(_bad(v, None if name == "version" else MAX_TEXT)
+                                                         for v in values)}
+    env = Env(tmp_path)
+    status, doc = env.reg.register(_body(8001, version=version, connector_port=connector,
+                                         engine_worker_queue_port=queue, device_ids=ids, rdma_ports=ports), H)
+    if status == 200:
+        assert not bad, doc
+        info = env.instances()[0]["fastdeploy"]
+        assert (info.get("version"), info["connector_port"], info["engine_worker_queue_port"], info["device_ids"],
+                info["rdma_ports"]) == (version, connector, queue, ids, ports)
+    else:
+        assert status == 400, doc
+        assert any(f"invalid {name}" in doc["msg"] for name in bad) or (
+            not bad and f"{MAX_INFO_BYTES}-byte limit" in doc["msg"]), (bad, doc)
+    assert_clean_file(env.path)
 
 
 @pytest.mark.parametrize(("name", "resolved"), [("localhost", "127.0.0.1"), ("ip6-localhost", "::1"),

@@ -32,7 +32,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import wait
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ from fdngx.errors import FdngxError, InventoryError, InventoryTooLarge
 from fdngx.registry.body import BodyError, Registration, parse_body, worker_info
 from fdngx.registry.liveness import Liveness
 from fdngx.registry.metrics_port import Key, MetricsPorts
-from fdngx.registry.probe import HttpProbe, Probe, keep_only
+from fdngx.registry.probe import HttpProbe, Probe, health_all, keep_only
 from fdngx.registry.rules import NameCache, RegistrySettings, canonical_ip, never_registrable, reachable
 from fdngx.registry.store import CachedLoad, editing
 
@@ -304,7 +303,7 @@ class Registry:
             log.error("registry: %s", exc)
             return []
         now, grace = self.clock(), self.settings.grace
-        results = self._health_all(owned) if health and owned else {}  # the /health answers that came in time
+        results = health_all(self.probe, owned, self.settings.check_interval + 5) if health and owned else {}
         gone: dict[Key, tuple[str, float | None]] = {}  # why, and the heartbeat it was judged on
         kept: set[Key] | None = None  # the registered instances in the file after the judgements
         taken: dict[Key | str, str] = {}  # address keys and names the other -i files use
@@ -329,16 +328,6 @@ class Registry:
         if kept is not None:  # the probe's idle connections to instances that left (this check's too) closed
             keep_only(self.probe, kept - gone.keys())
         return removed
-
-    def _health_all(self, owned: list[Instance]) -> dict[Key, str | None]:
-        pool = getattr(self.probe, "client", None)
-        keys = [inv_mod.address_key(i.host, i.port) for i in owned]
-        if pool is None or not hasattr(pool, "executor"):
-            return {k: self.probe.health(i.host, i.port) for k, i in zip(keys, owned, strict=True)}
-        submit = pool.executor().submit
-        futures = {submit(self.probe.health, i.host, i.port): k for k, i in zip(keys, owned, strict=True)}
-        done, _ = wait(futures, timeout=self.settings.check_interval + 5)
-        return {futures[f]: f.result() for f in done}
 
     def _remove(self, gone: dict[Key, tuple[str, float | None]]) -> list[str]:
         removed = []

@@ -9,10 +9,11 @@ Tests inject their own Probe, so a unit test never makes fdngx contact an addres
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from concurrent.futures import wait
 from typing import Protocol
 
-from fdngx.domain import Engine, hostport
+from fdngx.domain import Engine, Instance, hostport
 from fdngx.engines import spec
 from fdngx.inventory import address_key
 from fdngx.weights.fetch import Client, Fetch, HttpClient
@@ -58,6 +59,18 @@ def keep_only(probe: Probe, addresses: Collection[Address]) -> None:
     client = getattr(probe, "client", None)
     if isinstance(client, ProbeClient):
         client.keep_only(addresses)
+
+
+def health_all(probe: Probe, instances: Sequence[Instance], timeout: float) -> dict[Address, str | None]:
+    """Probe.health of every instance (by canonical address), at once on the probe client's pool when it has
+    one (one after the other when not: a test's probe); only the answers that came within `timeout` s."""
+    keyed = [(address_key(i.host, i.port), i) for i in instances]
+    pool = getattr(probe, "client", None)
+    if pool is None or not hasattr(pool, "executor"):
+        return {k: probe.health(i.host, i.port) for k, i in keyed}
+    futures = {pool.executor().submit(probe.health, i.host, i.port): k for k, i in keyed}
+    done, _ = wait(futures, timeout=timeout)
+    return {futures[f]: f.result() for f in done}
 
 
 class HttpProbe:

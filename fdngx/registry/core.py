@@ -39,6 +39,7 @@ from fdngx import inventory as inv_mod
 from fdngx.domain import Instance, Inventory, Role, hostport, valid_host
 from fdngx.errors import FdngxError, InventoryError, InventoryTooLarge
 from fdngx.registry.body import BodyError, Registration, parse_body, worker_info
+from fdngx.registry.changes import Changes
 from fdngx.registry.liveness import Liveness
 from fdngx.registry.metrics_port import Key, MetricsPorts
 from fdngx.registry.probe import HttpProbe, Probe, health_all, keep_only
@@ -103,6 +104,7 @@ class Registry:
         self.lock = inv_mod.lock_path(self.path)
         self._mu = threading.Lock()
         self.live = Liveness()  # heartbeats and /health answers, under _mu
+        self.changes = Changes()  # updates of registered instances, said once per check; under _mu
         self.metrics_ports = MetricsPorts()
         self._full_mu = threading.Lock()
         self._full_said = False  # the registry is full (or the file at its limit): said once until room again
@@ -234,13 +236,10 @@ class Registry:
                             return
                         inst = inv_mod.parse_instance(merged, str(self.path), index)
                         inv.instances[index] = inst
-                        log.info("registry: %s updated (metrics port %d from %s)", inst.name, metrics_port, source)
                     else:
                         self._check_room(inv)  # the authoritative check: concurrent registrations passed the early one
                         inst = inv_mod.parse_instance(new, f"registration of {hostport(host, reg.port)}", 0)
                         inv.instances.append(inst)
-                        log.info("registry: %s registered at %s (metrics port %d from %s)", inst.name, inst.address,
-                                 metrics_port, source)
                     try:
                         inv_mod.check_unique(inv.instances, str(self.path))
                         inv_mod.merge([inv, *self._load_others()])  # one upstream, no duplicate across files
@@ -257,9 +256,13 @@ class Registry:
                 self._say_full(f"registry: {exc}; registrations that would grow it are refused with {FULL}")
                 raise Refused(FULL, f"{'not updated' if index is not None else 'not registered'}: the inventory "
                                     f"would pass the {inv_mod.MAX_BYTES}-byte limit of an inventory file") from None
-            if index is None:
+            if index is None:  # said once written: one refused on the way (409) joined nothing
+                log.info("registry: %s registered at %s (metrics port %d from %s)", inst.name, inst.address,
+                         metrics_port, source)
                 with self._full_mu:
                     self._full_said = False  # there was room: say it again when full again
+            else:
+                self.changes.add(inst.name, old, merged, self.clock())  # said by check(), once for all
             self.live.heartbeat(key, self.clock())  # clears "failing since" too: its /health just passed
 
     # -- duplicates across -i files ------------------------------------------------------------------------
@@ -320,6 +323,7 @@ class Registry:
                 elif why := self.live.judge(key, inst.name, now, grace, results if health else None, inst.drain):
                     gone[key] = why, self.live.seen[key]
             self.live.say_silent()
+            self.changes.say(now)
             with contextlib.suppress(InventoryError):  # the file now, read under _mu as every registry write
                 kept = {inv_mod.address_key(i.host, i.port) for i in self._owned(self._load(self.path))}
                 self.live.keep_only(kept)
@@ -384,5 +388,7 @@ class Registry:
         return {"code": 200, "msg": "Health check complete", "unhealthy": failing}
 
     def close(self) -> None:
+        with self._mu:
+            self.changes.say(self.clock())  # the changes since the last check are not lost on stop
         self.probe.close()
         self.names.close()

@@ -388,6 +388,49 @@ def test_a_silent_instance_whose_health_passes_is_kept_and_said_once(tmp_path: P
     assert env.reg.check() == [] and env.reg.check() == [name]
 
 
+def test_updates_are_said_once_per_check_while_joins_and_leaves_keep_their_lines(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Each accepted change wrote an INFO line ("updated"): eight instances flapping is_paused at every heartbeat
+    wrote eight lines per 5 s, for as long as they flapped. Now one line per check says them all; each join and
+    each leave is still a line of its own."""
+    env = Env(tmp_path, grace=10)
+    names = [instance_name(H, 8001 + n) for n in range(8)]
+    caplog.set_level(logging.INFO, logger="fdngx.registry")
+    for n in range(8):
+        assert env.reg.register(_body(8001 + n), H) == OK
+    for beat in range(5):
+        for n in range(8):
+            assert env.reg.register(_body(8001 + n, is_paused=beat % 2 == 0), H) == OK
+    said = [r.getMessage() for r in caplog.records]
+    assert [s.split(" at ")[0] for s in said] == [f"registry: {name} registered" for name in names]
+    env.clock.t += 5
+    assert env.reg.check() == []
+    assert [r.getMessage() for r in caplog.records][8:] == [
+        f"registry: 8 registered instances updated in 5 s (40 changes: is_paused): {', '.join(names[:5])} and 3 more"]
+    caplog.clear()
+    assert env.reg.register(_body(8001, version="v9", is_paused=True), H) == OK  # one alone: its own line, in full
+    env.probe.health_of[(H, 8002)] = "HTTP 404"
+    env.clock.t += 5
+    assert env.reg.check() == []
+    env.clock.t += 6
+    assert env.reg.check() == [names[1]]
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert said[0] == f"registry: {names[0]} updated (version; metrics port 9001 from body)"
+    assert len(said) == 2 and said[1].startswith(f"registry: {names[1]} removed: "), said
+
+
+def test_a_registration_refused_under_the_lock_says_no_join(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The join's INFO line was written before the checks under the lock: a registration whose name another
+    entry of the file already uses (409, nothing written) still logged "registered at"."""
+    env = Env(tmp_path)
+    write_inv(env.path, [{"name": instance_name(H, 8001), "host": "10.0.0.9", "port": 8001}])
+    with caplog.at_level(logging.INFO, logger="fdngx.registry"):
+        status, doc = env.reg.register(dict(BODY), H)
+    assert status == 409, doc
+    assert [i["host"] for i in env.instances()] == ["10.0.0.9"]
+    assert not [r.getMessage() for r in caplog.records if "registered at" in r.getMessage()]
+
+
 def test_instance_failing_health_leaves_after_the_grace(tmp_path: Path) -> None:
     """Both routers drop an instance whose /health fails; fdngx waits for the grace (the sidecar has already
     marked it down after --fail-threshold checks), then removes it from the inventory."""

@@ -16,7 +16,7 @@ from typing import Protocol
 from fdngx.domain import Engine, Instance, hostport
 from fdngx.engines import spec
 from fdngx.inventory import address_key
-from fdngx.weights.fetch import Client, Fetch, HttpClient
+from fdngx.weights.fetch import DEADLINE, Client, Fetch, HttpClient
 from fdngx.weights.scrape import MAX_BYTES, load_from_metrics, parse_metrics, wanted_names
 
 # fastdeploy/router/utils.py check_service_health: timeout=3; the Go router's default is 5
@@ -73,6 +73,11 @@ def health_all(probe: Probe, instances: Sequence[Instance], timeout: float) -> d
     return {futures[f]: f.result() for f in done}
 
 
+def _late(error: str, timeout: float) -> str:
+    """The shared client's error in a probe's words: its total deadline is the probe's timeout, not a scrape's."""
+    return f"no answer within {timeout:g} s" if error == DEADLINE else error
+
+
 class HttpProbe:
     def __init__(self, client: Client | None = None, health_timeout: float = HEALTH_TIMEOUT,
                  metrics_timeout: float = METRICS_TIMEOUT) -> None:
@@ -90,13 +95,13 @@ class HttpProbe:
     def health(self, host: str, port: int) -> str | None:
         got = self._get(host, port, self.engine.health_path, self.health_timeout, 64 * 1024, True)
         if got.error is not None:
-            return got.error
+            return _late(got.error, self.health_timeout)
         return None if got.status == 200 else f"HTTP {got.status}"
 
     def metrics(self, host: str, port: int) -> str | None:
         got = self._get(host, port, "/metrics", self.metrics_timeout, MAX_BYTES, False)
         if got.error is not None:
-            return got.error
+            return _late(got.error, self.metrics_timeout)
         if got.status != 200:
             return f"HTTP {got.status}"
         try:

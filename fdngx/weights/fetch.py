@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 MAX_WORKERS = 64
 CHUNK = 64 * 1024
+DEADLINE = "scrape deadline exceeded"  # a GET's error when its total deadline passed
 _STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, http.client.BadStatusLine)
 
 
@@ -166,7 +167,7 @@ class HttpClient(Client):
                 connected = conn.sock is not None
                 conn.close()
                 late = isinstance(exc, TimeoutError) and time.monotonic() >= deadline - 0.01
-                why = "scrape deadline exceeded" if late else _describe(exc, connected)
+                why = DEADLINE if late else _describe(exc, connected)
                 return Fetch(None, b"", time.monotonic() - start, why)
         raise AssertionError("unreachable")
 
@@ -258,7 +259,7 @@ def _describe(exc: BaseException, connected: bool) -> str:
     if isinstance(exc, TimeoutError | socket.timeout):
         text = str(exc)
         if "deadline" in text:
-            return "scrape deadline exceeded"
+            return DEADLINE
         return "read timeout" if connected else "connect timeout"
     if isinstance(exc, _STALE):
         return "connection closed by the server"

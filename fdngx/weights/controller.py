@@ -125,6 +125,11 @@ def _kind(error: str) -> str:
     return status.group(0) if status else re.split(r"[:0-9]", error, maxsplit=1)[0].strip()
 
 
+def _shape(error: str) -> str:
+    """An error's text with its numbers left out: what tells one failure from another."""
+    return re.sub(r"[0-9]+(?:\.[0-9]+)?", "#", error)
+
+
 def fleet_outcome(pushes: tuple[PushOutcome, ...] | None) -> tuple[int | None, str | None]:
     """(peers the frontends took, or 0 when every one holds another controller's newer snapshot; the cycle's
     error, only when no frontend answered at all: then none has the change and it stays pending; a push to no
@@ -339,7 +344,10 @@ class Controller:
     def _log(self, result: CycleResult) -> None:
         """One line per change, always; the apply's outcome only with log_outcome (the sidecar)."""
         error = result.error
-        quiet = error is not None and error == self._last_error and time.monotonic() - self._last_error_at < 60
+        # The same failure (its numbers aside: a generation, a time, a byte count change every cycle) is said
+        # once a minute; a frontend refusing every push said one ERROR a cycle (an outside review).
+        quiet = (error is not None and self._last_error is not None and _shape(error) == _shape(self._last_error)
+                 and time.monotonic() - self._last_error_at < 60)
         if result.decisions is not None and not quiet:
             for d in result.decisions:
                 if d.changed:

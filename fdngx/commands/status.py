@@ -19,7 +19,7 @@ from fdngx.commands.options import InventoryOpt, inventory_paths
 from fdngx.errors import FdngxError, UsageError, check_number
 from fdngx.logs import say
 from fdngx.weights.settings import MAX_SECONDS
-from fdngx.weights.store import store_for
+from fdngx.weights.store import StateStore, controller_store, store_for
 
 MIN_INTERVAL = 0.2  # --watch --interval: the floor it always had (every frame scrapes every replica)
 MAX_TIMEOUT = 600.0  # --timeout: per read; the scrape's deadline is 1.5 times it
@@ -70,7 +70,8 @@ def status_cmd(
         "--out",
         "-o",
         help="The config file a sidecar/cron job writes: the policy state beside it gives the "
-        "current weights and the policy's memory.",
+        "current weights and the policy's memory. Without --out and --state: a controller's state beside the "
+        "inventory, when there is one (controller mode has no --out).",
     ),
     state: Path | None = typer.Option(None, help="Policy state file to read (overrides --out's)."),
     timeout: float = typer.Option(1.0, help="Per-request read timeout in seconds for the scrape (0.05 to 600)."),
@@ -91,9 +92,10 @@ def status_cmd(
     check_number("--history", history, 1, MAX_HISTORY, "frames")
     if count is not None and count < 1:
         raise UsageError(f"--count {count}: want a whole number of frames, 1 or more")
-    store = store_for(out or Path("."), state) if (out or state) else None
+    paths = inventory_paths(inventory)
+    store = store_for(out or Path("."), state) if (out or state) else _controller_beside(paths[0])
     watching = watch or count is not None
-    source = view.Source(inventory_paths(inventory), store, timeout, remember=watching)
+    source = view.Source(paths, store, timeout, remember=watching)
     try:
         if watching:
             _watch(source, as_json=as_json, interval=interval, count=count, size=history)
@@ -112,6 +114,13 @@ def status_cmd(
     view.show(console, view.table(snap))
     if line := view.summary(snap):
         typer.echo(f"\n{line}")
+
+
+def _controller_beside(inventory: Path) -> StateStore | None:
+    """With neither --out nor --state: a controller's state beside the inventory (a controller has no --out),
+    when there is one, so WEIGHT on a controller host is what it pushed, not the inventory's static weights."""
+    store = controller_store(inventory)
+    return store if store.path.is_file() else None
 
 
 def _warn(lines: tuple[str, ...]) -> None:

@@ -21,19 +21,18 @@ from pathlib import Path
 from fdngx import inventory as inv_mod
 from fdngx.domain import FailOpen, Inventory, LoadSample
 from fdngx.errors import FdngxError, check_number
-from fdngx.nginx.apply import aside, lock_waits_end_on
+from fdngx.nginx.apply import lock_waits_end_on
 from fdngx.nginx.fanout import FrontendSpec, read_push_file
 from fdngx.nginx.target import Target
 from fdngx.system.files import Identity as FileIdentity
 from fdngx.system.files import identity as file_identity
-from fdngx.system.files import real_target
 from fdngx.weights import owner
 from fdngx.weights.controller import Controller, CycleResult
 from fdngx.weights.fetch import Client
 from fdngx.weights.policy import Decisions
 from fdngx.weights.scrape import make_client, scrape_all
 from fdngx.weights.settings import MAX_SECONDS, PolicyConfig
-from fdngx.weights.store import StateStore, store_for
+from fdngx.weights.store import StateStore, controller_store, store_for
 from fdngx.weights.telemetry import Telemetry
 from fdngx.weights.watch import Identity, InventoryWatch, identity
 
@@ -66,8 +65,7 @@ class SidecarConfig:
     def store(self) -> StateStore:
         if self.target.out is None:
             # A controller with no nginx of its own keeps its state beside its (first) inventory.
-            return StateStore((self.state_path or aside(real_target(self.inventories[0]), "controller-state.json"))
-                              .absolute())
+            return StateStore(self.state_path.absolute()) if self.state_path else controller_store(self.inventories[0])
         return store_for(self.target.out, self.state_path)
 
 

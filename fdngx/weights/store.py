@@ -110,3 +110,8 @@ def store_for(out: Path, state: Path | None = None) -> StateStore:
     if state is not None:
         return StateStore(state.absolute())
     return StateStore(aside(real_target(out), "state.json"), legacy=out.absolute().with_name(out.name + ".state.json"))
+
+
+def controller_store(inventory: Path) -> StateStore:
+    """The state of a controller with no nginx of its own (no --out): a dot-file beside its first inventory."""
+    return StateStore(aside(real_target(inventory), "controller-state.json").absolute())

@@ -372,3 +372,21 @@ def test_an_empty_fleet_says_so_under_the_header(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].split()[0] == "INSTANCE" and lines[-1].startswith("no instance yet"), lines
+
+
+def test_on_a_controller_host_status_reads_the_controllers_state_beside_the_inventory(fleet: Fleet,
+                                                                                     tmp_path: Path) -> None:
+    """A controller has no --out: its state lives beside its inventory, and status without --state showed the
+    inventory's static weights there (an outside review). It reads that state when there is one."""
+    from fdngx.weights.store import controller_store
+
+    inv = tmp_path / "fdngx.json"
+    inv.write_text(fleet.inv.read_text())
+    bare = json.loads(status("-i", str(inv), "--json").stdout)
+    assert "state_age_s" not in bare, "no controller state yet: nothing to read"
+    state = controller_store(inv).path
+    state.write_text(json.dumps(PolicyState({"dp0": InstanceState(weight=7), "dp1": InstanceState(weight=13)},
+                                            updated_at=time.time()).to_dict()))
+    doc = json.loads(status("-i", str(inv), "--json").stdout)
+    assert {i["name"]: i["current_weight"] for i in doc["instances"]} == {"dp0": 7, "dp1": 13}, doc
+    assert 0 <= doc["state_age_s"] < 60, doc

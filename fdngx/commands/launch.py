@@ -32,6 +32,10 @@ STOP_EPILOG = (
     "Examples:\n\n"
     "  fdngx stop -i /etc/fdngx/fdngx.json              # the supervisor and every replica it started\n\n"
     "  fdngx stop -i /etc/fdngx/fdngx.json --grace 60   # 60 s between the stop signal and SIGKILL\n\n"
+    "The pidfile is <inventory>.pid, beside the file a symlinked inventory points to. A supervisor that is not "
+    "running any more "
+    "(killed; `fdngx status` says so): the processes it started that still run are stopped, its replicas marked "
+    "stopped (or exited) in the inventory, its pidfile removed.\n\n"
     "Exit codes: 0 stopped (or nothing to stop: no pidfile beside the inventory), 1 error (e.g. no such "
     "inventory and no pidfile), 2 usage."
 )

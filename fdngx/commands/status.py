@@ -48,8 +48,12 @@ EPILOG = (
     "decision); with --out/--state also state_age_s (seconds since the state was written, null: never) "
     "and state_note (the warning above, null: fresh); plus launch_unwritten: \\[warning lines] when a "
     "detached `fdngx launch` beside an inventory (its pidfile, INVENTORY.pid) cannot write a file now (the "
-    "inventory then shows an older state, or none): also said on stderr (--watch: above each frame's table "
-    "instead); with --watch, one such document per line (plus ts).\n\n"
+    "inventory then shows an older state, or none), and launch_supervisor_gone: \\[{inventory, pidfile, "
+    "supervisor_pid, state, error, still_running, note}] when the supervisor that pidfile names "
+    "(of any launch, foreground or detached) is not running any more (killed, a detached start that failed after "
+    "its terminal closed, a reboot): nothing supervises the replicas and the inventory's status fields are "
+    "stale; note says what to do. Both are also said on stderr (--watch: above each frame's table instead), "
+    "the exit code unchanged; with --watch, one such document per line (plus ts).\n\n"
     "--watch: redraws every --interval on a terminal (Ctrl-C, SIGTERM or SIGHUP quits, exit 0); with load and "
     "weight history "
     "per replica (x: held out, dot: no metrics). Without --out/--state the view carries the policy's memory "
@@ -102,7 +106,7 @@ def status_cmd(
             return
         snap = source.take()
     except FdngxError:
-        _warn(source.unwritten)  # an inventory that could not be loaded: this may be why
+        _warn(source.launch_lines)  # an inventory that could not be loaded: this may be why
         raise
     finally:
         source.close()
@@ -124,8 +128,8 @@ def _controller_beside(inventory: Path) -> StateStore | None:
 
 
 def _warn(lines: tuple[str, ...]) -> None:
-    """The launch's word on files it cannot write (status_view.launch_unwritten) and a stale policy state
-    (status_view.state_note), on stderr: one line each."""
+    """The launch's word on files it cannot write and on its supervisor being gone (fdngx.launch.standing),
+    and a stale policy state (status_view.state_note), on stderr: one line each."""
     for line in lines:
         say(f"fdngx: {line}", logging.WARNING)
 

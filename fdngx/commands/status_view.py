@@ -21,9 +21,7 @@ from rich.text import Text
 
 from fdngx import inventory as inv_mod
 from fdngx.domain import Inventory, LoadSample
-from fdngx.errors import FdngxError
-from fdngx.launch.pidfile import read_pidfile, unwritten_lines
-from fdngx.launch.plan import pidfile_for
+from fdngx.launch import standing
 from fdngx.weights.policy import Decisions, decide
 from fdngx.weights.scrape import make_client, scrape_all
 from fdngx.weights.settings import config_of_state
@@ -47,6 +45,8 @@ class Snapshot:
     fail_open: str | None
     # What the detached launch beside an inventory cannot write now (launch_unwritten): one warning a file.
     launch_unwritten: tuple[str, ...] = ()
+    # Launches whose supervisor is gone though its pidfile stays (fdngx.launch.standing): one warning each.
+    launch_gone: tuple[standing.Gone, ...] = ()
     # With --out/--state: seconds since a sidecar or cron run last wrote the policy state (None: never), and
     # the warning when that says nothing keeps the weights now (state_note).
     state_age: float | None = None
@@ -56,19 +56,25 @@ class Snapshot:
     def to_json(self) -> dict[str, Any]:
         """The `--json` document: {fleet_load, fail_open, instances: [one object per replica]}, with --out or
         --state also state_age_s (null: no state written yet) and state_note (null: fresh), and
-        launch_unwritten: [warning lines] when there are any."""
+        launch_unwritten: [warning lines] and launch_supervisor_gone: [one object a launch] when there are any."""
         doc: dict[str, Any] = {"fleet_load": self.fleet_load, "fail_open": self.fail_open, "instances": self.rows}
         if self.has_state:
             doc["state_age_s"] = None if self.state_age is None else round(self.state_age, 1)
             doc["state_note"] = self.state_note
         if self.launch_unwritten:
             doc["launch_unwritten"] = list(self.launch_unwritten)
+        if self.launch_gone:
+            doc["launch_supervisor_gone"] = [g.to_json() for g in self.launch_gone]
         return doc
 
     @property
     def warnings(self) -> tuple[str, ...]:
         """Lines shown above the table (and on stderr by a one-shot status)."""
-        return self.launch_unwritten + ((self.state_note,) if self.state_note else ())
+        return self.launch_lines + ((self.state_note,) if self.state_note else ())
+
+    @property
+    def launch_lines(self) -> tuple[str, ...]:
+        return self.launch_unwritten + tuple(g.line() for g in self.launch_gone)
 
 
 # A sidecar saves its state at least every 10 s (sidecar.STATE_SAVE_EVERY), cron's render --scrape every run
@@ -98,19 +104,6 @@ def _ago(seconds: float) -> str:
         return f"{minutes} min"
     hours = minutes // 60
     return f"{hours} h" if hours < 48 else f"{hours // 24} days"
-
-
-def launch_unwritten(inventories: Iterable[Path]) -> tuple[str, ...]:
-    """The warnings of the launch pidfile beside each inventory (pidfile.unwritten_lines: files its running
-    supervisor cannot write, so the inventory may be old or missing). No pidfile, or one that cannot be read:
-    nothing, never an error (status is not the launch's judge)."""
-    lines: list[str] = []
-    for path in inventories:
-        try:
-            lines += unwritten_lines(read_pidfile(pidfile_for(path)))
-        except (FdngxError, OSError, ValueError):
-            continue
-    return tuple(dict.fromkeys(lines))
 
 
 def rows_of(
@@ -185,10 +178,16 @@ class Source:
         self.memory = PolicyState()
         self.session = make_client()
         self.unwritten: tuple[str, ...] = ()
+        self.gone: tuple[standing.Gone, ...] = ()
+
+    @property
+    def launch_lines(self) -> tuple[str, ...]:
+        """The launch's warnings of the last take(), also when the inventory could not be loaded."""
+        return self.unwritten + tuple(g.line() for g in self.gone)
 
     def take(self) -> Snapshot:
         # Read first: when the inventory cannot be loaded, this may be why (status_cmd says it then too).
-        self.unwritten = launch_unwritten(self.inventories)
+        self.unwritten, self.gone = standing.notes(self.inventories)
         inv = inv_mod.load_many(self.inventories)
         pstate = self.store.load() if self.store is not None else self.memory
         samples = scrape_all(inv.instances, session=self.session, timeout=self.timeout,
@@ -204,7 +203,7 @@ class Source:
             note = state_note(self.store.path, age, self.store.path.exists(),
                               interval if isinstance(interval, int | float) else 0.0)
         return Snapshot(now, rows_of(inv, samples, decisions, pstate), decisions.fleet_load, decisions.fail_open,
-                        self.unwritten, age, note, self.store is not None)
+                        self.unwritten, self.gone, age, note, self.store is not None)
 
     def close(self) -> None:
         self.session.close()

@@ -15,9 +15,11 @@ from typing import TextIO
 from fdngx import engines
 from fdngx.domain import Engine
 from fdngx.errors import LaunchError
+from fdngx.launch import standing
 from fdngx.launch.detach import launch_detached
 from fdngx.launch.lock import LaunchLock
-from fdngx.launch.pidfile import live_supervisor, read_pidfile
+from fdngx.launch.output import Out
+from fdngx.launch.pidfile import read_pidfile
 from fdngx.launch.plan import Plan
 from fdngx.launch.probe import check_ports
 from fdngx.launch.stop import stop
@@ -42,8 +44,10 @@ def fastdeploy_installed() -> bool:
 # -- launch ----------------------------------------------------------------------------------------------
 
 
-def preflight(plan: Plan) -> LaunchLock:
-    """Checks before anything starts; returns the launch lock, which the supervisor holds for its whole life."""
+def preflight(plan: Plan, out: TextIO | None = None) -> LaunchLock:
+    """Checks before anything starts; returns the launch lock, which the supervisor holds for its whole life.
+    A pidfile whose supervisor is gone, with nothing it started still running, is replaced: how that launch
+    ended is said on `out` (nobody may have seen it: a detached start that failed with its `fdngx launch` gone)."""
     inventory = Path(plan.inventory_path)
     if not inventory.parent.is_dir():
         raise LaunchError(f"{plan.inventory_path}: the inventory's directory does not exist")
@@ -53,32 +57,41 @@ def preflight(plan: Plan) -> LaunchLock:
                           f"{inventory / 'fdngx.json'}); nothing was started")
     lock = LaunchLock.take(plan.inventory_path, plan.pidfile)
     try:
-        running = live_supervisor(plan.pidfile)
-        if running:
-            raise LaunchError(
-                f"{plan.pidfile}: replicas launched with this inventory are still supervised by pid "
-                f"{running.supervisor.pid}; run 'fdngx stop --inventory {plan.inventory_path}' first"
-            )
-        stale = read_pidfile(plan.pidfile)
-        left = stale.still_running() if stale is not None else []
-        if stale is not None and left:
-            raise LaunchError(
-                f"{plan.pidfile}: its supervisor (pid {stale.supervisor.pid}) is gone but processes it started "
-                f"still run (pid {', '.join(map(str, left))}); run 'fdngx stop --inventory {plan.inventory_path}' "
-                "first"
-            )
+        found = [standing.Found(plan.pidfile, r) for r in [read_pidfile(plan.pidfile)] if r is not None]
+        for f in found:
+            _refuse_running(plan, f)
         check_engine(plan.engine)
         check_ports(plan.bind_host, plan.ports)
+        for f in found:
+            if (line := standing.replaced_line(f)) is not None:
+                Out(out or sys.stderr).line(f"fdngx: {line}")
     except BaseException:
         lock.close()
         raise
     return lock
 
 
+def _refuse_running(plan: Plan, found: standing.Found) -> None:
+    """A LaunchError when the launch that pidfile names still runs: its supervisor, or processes it started."""
+    record = found.record
+    if not record.from_another_boot() and record.supervisor.alive():
+        raise LaunchError(
+            f"{found.path}: replicas launched with this inventory are still supervised by pid "
+            f"{record.supervisor.pid}; run 'fdngx stop --inventory {plan.inventory_path}' first"
+        )
+    left = record.still_running()
+    if left:
+        raise LaunchError(
+            f"{found.path}: its supervisor (pid {record.supervisor.pid}) is gone but processes it started "
+            f"still run (pid {', '.join(map(str, left))}); run 'fdngx stop --inventory "
+            f"{plan.inventory_path}' first"
+        )
+
+
 def launch(plan: Plan, detach: bool = False, out: TextIO | None = None) -> int:
     """Start, wait until every /health is 200, write the inventory; then supervise (foreground) or return."""
     out = out or sys.stderr
-    lock = preflight(plan)
+    lock = preflight(plan, out)
     try:
         try:
             Path(plan.log_dir).mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ With the supervisor running, `--grace N` is the grace: it is left for the superv
 before the SIGTERM, and `fdngx stop` itself SIGKILLs what the pidfile recorded that is still there N seconds
 after the supervisor took the request; the supervisor would kill only STOP_MARGIN seconds later. So it can say
 truthfully which replicas stopped and which were killed, and the supervisor, done well inside its own
-wait, still writes the inventory's "stopped" before it exits.
+wait, still writes the inventory's "stopped" before it exits. With the supervisor gone (killed), what it
+started and left running is stopped here, and its inventory's "stopped" (or "exited") written here too.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from pathlib import Path
 from typing import TextIO
 
 from fdngx.errors import LaunchError
+from fdngx.launch import standing
 from fdngx.launch.handshake import STOP_MARGIN, ask_grace, request_path, withdraw
 from fdngx.launch.output import Out
-from fdngx.launch.pidfile import Pidfile, read_pidfile, remove_pidfile
+from fdngx.launch.pidfile import Pidfile, remove_pidfile
 from fdngx.launch.plan import pidfile_for
 from fdngx.system import procs
 
@@ -35,19 +37,21 @@ def stop(inventory_path: str | Path, out: TextIO | None = None, grace: float | N
     naming a pid or group id the kernel has since handed to someone else stops nothing of theirs."""
     say = Out(out or sys.stderr).line
     inventory = Path(inventory_path).absolute()
-    pidfile = pidfile_for(inventory)
-    record = read_pidfile(pidfile)
-    if record is None:
+    found = standing.find(inventory)
+    if found is None:
+        where = pidfile_for(inventory)
         if not inventory.exists():
-            raise LaunchError(f"{inventory}: no such inventory and no pidfile {pidfile}: nothing to stop")
-        return [f"nothing to stop: no supervisor pidfile {pidfile} (a foreground launch stops with Ctrl-C)"]
+            raise LaunchError(f"{inventory}: no such inventory and no pidfile {where}: nothing to stop")
+        return [f"nothing to stop: no supervisor pidfile {where} (a foreground launch stops with Ctrl-C)"]
+    pidfile, record = found.path, found.record
+    report: list[str] = []
     sup = record.supervisor
     if record.from_another_boot():
         # Its pids and start times name processes of another boot: any match now is somebody else.
         remove_pidfile(pidfile, sup.pid, sup.start)
-        return [f"{pidfile} was written before the machine restarted: nothing it names can still run; removed it"]
+        gone = f"{pidfile} was written before the machine restarted: nothing it names can still run; removed it"
+        return [*report, gone + _marked(inventory, record, set())]
     grace = record.grace if grace is None else grace
-    report = []
     children = [c for c in record.children if c.pid is not None]
     # Which ran until now: one that exited before (not restarted: --restart no, a clean exit) was not stopped.
     running = {c.pid for c in children if c.start is not None and procs.group_is_ours(c.pid, c.start)}
@@ -58,7 +62,8 @@ def stop(inventory_path: str | Path, out: TextIO | None = None, grace: float | N
         line, killed = _stop_supervised(record, pidfile, grace, say)
         report.append(line)
     else:
-        report.append(f"supervisor pid {sup.pid} was not running (stale pidfile)")
+        report.append(f"supervisor pid {sup.pid} was not running (stale pidfile)"
+                      + (f"; the launch had failed: {record.error}" if standing.failed_start(record) else ""))
     left = [(pgid, start, sig) for pgid, start, sig in groups if procs.group_is_ours(pgid, start)]
     members = {p: s for c in children for p, s in c.members.items() if procs.same_process(p, s)}
     if left or members:
@@ -72,7 +77,17 @@ def stop(inventory_path: str | Path, out: TextIO | None = None, grace: float | N
     if members and not supervised:
         report.append(f"stopped {len(members)} recorded member process(es) of those groups")
     remove_pidfile(pidfile, sup.pid, sup.start)  # only if no new launch has replaced it meanwhile
+    if not supervised and (marked := _marked(inventory, record, running | left_pids)):
+        report.append(marked.removeprefix("; "))
     return report
+
+
+def _marked(inventory: Path, record: Pidfile, stopped: set[int]) -> str:
+    """A gone supervisor cannot write its inventory's "stopped": done here; the words to add ("" for none)."""
+    if not inventory.exists():
+        return ""
+    why = standing.mark_stopped(inventory, record, stopped)
+    return "" if why is None else f"; could not mark its replicas stopped in {inventory} ({why})"
 
 
 def _stop_supervised(record: Pidfile, pidfile: str, grace: float, say: Callable[[str], bool]) -> tuple[str, list[int]]:

@@ -1,6 +1,7 @@
 """`fdngx status` says what the detached `fdngx launch` beside an inventory cannot write (its pidfile's
-`unwritten`): a warning on stderr, `launch_unwritten` in --json, a line in each --watch frame; the exit
-code unchanged. No pidfile, or one that cannot be read: nothing said, never an error. The replicas are
+`unwritten`), and a launch whose supervisor is gone though its pidfile stays: a warning on stderr,
+`launch_unwritten` / `launch_supervisor_gone` in --json, a line in each --watch frame; the exit code
+unchanged. No pidfile, or one that cannot be read: nothing said, never an error. The replicas are
 ports nobody listens on (127.0.0.1): status shows them down and exits 0."""
 
 from __future__ import annotations
@@ -91,3 +92,34 @@ def test_nothing_is_said_without_an_unwritten_record(tmp_path: Path, pidfile: st
         shown = status("-i", str(inv), *args)
         assert shown.returncode == 0, shown.stderr
         assert "warning" not in shown.stderr and "launch_unwritten" not in shown.stdout
+
+
+@pytest.mark.parametrize("ended", ["killed", "failed", "another boot"])
+def test_a_supervisor_that_is_gone_is_said_with_how_it_ended_and_what_to_do(tmp_path: Path, ended: str) -> None:
+    """Its pidfile stays (kill -9; a detached start that failed with nobody left to say it; a reboot): nothing
+    supervises the replicas and the inventory's status fields are stale. Exit 0, as for the other warnings."""
+    inv = fleet(tmp_path)
+    path = launch_record(inv, {})
+    doc = json.loads(path.read_text())
+    doc["supervisor"]["start"] += 7  # this pid, another start time: not the process recorded
+    error = "timed out after 8s waiting for /health on dp0 (HTTP 404); stopped every replica; full log: x.log"
+    if ended == "failed":
+        doc.update(state="failed", error=error, log_tail="", log_file="x.log")
+    elif ended == "another boot":
+        doc["boot"] = "0b5e1e7e-0000-4000-8000-000000000000"
+    path.write_text(json.dumps(doc))
+    how = {"killed": f"it ended without removing {path}: killed (kill -9, the OOM killer",
+           "failed": f"the launch failed: {error}; nothing it started runs any more",
+           "another boot": f"{path} was written before the machine restarted"}[ended]
+    said = f"fdngx: warning: {inv}: the launch's supervisor (pid {os.getpid()}) is not running any more: {how}"
+    shown = status("-i", str(inv))
+    assert shown.returncode == 0, shown.stderr
+    assert said in shown.stderr, shown.stderr  # before: nothing
+    as_json = status("-i", str(inv), "--json")
+    [entry] = json.loads(as_json.stdout)["launch_supervisor_gone"]
+    assert entry["supervisor_pid"] == os.getpid() and entry["still_running"] == [] and entry["pidfile"] == str(path)
+    assert entry["state"] == ("failed" if ended == "failed" else "ready")
+    assert entry["error"] == (error if ended == "failed" else None)
+    assert f"fdngx: warning: {entry['note']}" in as_json.stderr
+    frames = status("-i", str(inv), "--watch", "--count", "1")
+    assert frames.returncode == 0 and said.removeprefix("fdngx: ") in frames.stdout, frames.stdout

@@ -1,0 +1,112 @@
+"""A launch whose supervisor is gone while its pidfile stays: a supervisor killed with kill -9. `fdngx status`
+says it, `fdngx stop` cleans up after it, and the next `fdngx launch` works. Real processes on 127.0.0.1;
+every PID a test learns of is killed by PID at teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from fdngx.launch.pidfile import LaunchState, read_pidfile
+from tests.integration.test_launch import STARTUP, Launcher, sim_ports
+from tests.integration.test_launch_faults import SERVES, detached, plan_running
+from tests.integration.test_launch_robust import ENGINE, gone, workers
+from tests.integration.test_status import status
+from tests.support import wait_for
+
+GONE = "the launch's supervisor (pid {pid}) is not running any more"
+
+
+def killed(launcher: Launcher) -> int:
+    """SIGKILL to the launch's supervisor (as the OOM killer would); its pid once it is gone."""
+    record = read_pidfile(launcher.pidfile)
+    assert record is not None and record.state is LaunchState.READY
+    sup = record.supervisor
+    os.kill(sup.pid, signal.SIGKILL)
+    wait_for(lambda: not sup.alive(), timeout=30, what=f"supervisor pid {sup.pid} gone")
+    return sup.pid
+
+
+def gone_entries(inv: Path) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
+    """`fdngx status` once as a table and once as --json; the JSON's launch_supervisor_gone."""
+    shown = status("-i", str(inv))
+    assert shown.returncode == 0, shown.stderr
+    as_json = status("-i", str(inv), "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    return shown, json.loads(as_json.stdout).get("launch_supervisor_gone", [])
+
+
+def test_a_killed_supervisor_is_said_by_status_and_a_new_launch_replaces_its_pidfile(launcher: Launcher) -> None:
+    args = ("launch", "--engine", "sim", "-n", "2", "--per-instance", "--detach", "--grace", "1", "--inventory",
+            str(launcher.inv))  # fmt: skip
+    first = launcher.run(*args, *sim_ports(2))
+    assert first.returncode == 0, first.stderr
+    launcher.wait_ready(n=2)
+    sup = killed(launcher)
+    left = read_pidfile(launcher.pidfile)
+    assert left is not None
+    wait_for(lambda: not left.still_running(), timeout=30, what="the replicas gone with their supervisor")
+    shown, [entry] = gone_entries(launcher.inv)
+    # before: nothing said, and no launch_supervisor_gone; the inventory still says "running"
+    line = f"fdngx: warning: {launcher.inv}: {GONE.format(pid=sup)}: it ended without removing {launcher.pidfile}"
+    assert line in shown.stderr, shown.stderr
+    assert f"nothing it started runs any more: 'fdngx launch' again ('fdngx stop --inventory {launcher.inv}'" \
+        in shown.stderr
+    assert {k: entry[k] for k in ("supervisor_pid", "state", "error", "still_running", "pidfile")} \
+        == {"supervisor_pid": sup, "state": "ready", "error": None, "still_running": [],
+            "pidfile": str(launcher.pidfile)}  # fmt: skip
+    assert f"fdngx: warning: {entry['note']}" in shown.stderr
+    # A new launch on the same inventory replaces the pidfile, and says whose.
+    again = launcher.run(*args, *sim_ports(2))
+    assert again.returncode == 0, again.stderr
+    assert (f"fdngx: {launcher.pidfile}: the last launch with this inventory (supervisor pid {sup}) is over: it "
+            "ended without removing") in again.stderr  # fmt: skip
+    launcher.wait_ready(n=2)
+    shown, entries = gone_entries(launcher.inv)
+    assert entries == [] and "not running any more" not in shown.stderr
+    assert launcher.run("stop", "--inventory", str(launcher.inv)).returncode == 0
+    launcher.assert_all_gone()
+
+
+def test_stop_after_a_killed_supervisor_stops_what_it_left_and_marks_the_inventory(launcher: Launcher) -> None:
+    """dp0's worker (a session of its own) and dp1 (ignores SIGTERM, its parent-death signal) outlive the
+    supervisor: status names them, a new launch is refused, stop stops them and writes what the supervisor
+    would have: dp1 stopped, dp0 exited."""
+    plan = plan_running(launcher.tmp, [ENGINE, SERVES])
+    plan.procs[1].argv.append("stubborn")
+    assert detached(launcher, plan).wait(STARTUP) == 0
+    doc = launcher.wait_ready(n=2)
+    worker = wait_for(lambda: workers(launcher, 0), timeout=STARTUP, what="dp0's worker")[0]
+
+    def recorded() -> bool:
+        record = read_pidfile(launcher.pidfile)
+        return record is not None and worker in record.children[0].members
+
+    wait_for(recorded, timeout=STARTUP, what="dp0's worker recorded in the pidfile")
+    dp = {i["name"]: i["pid"] for i in doc["instances"]}
+    sup = killed(launcher)
+    wait_for(lambda: gone(dp["dp0"], launcher.pids[dp["dp0"]]), timeout=30, what="dp0 gone with its supervisor")
+    shown, [entry] = gone_entries(launcher.inv)
+    assert entry["still_running"] == sorted([worker, dp["dp1"]])
+    assert (f"{GONE.format(pid=sup)}: it ended without removing {launcher.pidfile}: killed (kill -9, the OOM killer: "
+            "journalctl -k | grep -i oom) or crashed; the inventory's status fields still say what it last saw; "
+            f"processes it started still run, unsupervised (pid {', '.join(map(str, sorted([worker, dp['dp1']])))}):"
+            f" 'fdngx stop --inventory {launcher.inv}' stops them") in shown.stderr  # fmt: skip
+    refused = launcher.run("launch", "--engine", "sim", "-n", "1", "--inventory", str(launcher.inv), *sim_ports(1))
+    assert refused.returncode == 1 and "is gone but processes it started still run" in refused.stderr
+    assert [i["status"] for i in launcher.inventory()["instances"]] == ["running", "running"]
+    s = launcher.run("stop", "--inventory", str(launcher.inv))
+    assert s.returncode == 0, s.stderr
+    assert f"fdngx: supervisor pid {sup} was not running (stale pidfile)\n" in s.stdout
+    assert f"fdngx: killed dp1 pid {dp['dp1']} serving dp1" in s.stdout, s.stdout
+    launcher.assert_all_gone()
+    assert not launcher.pidfile.exists()
+    # before: "running", "running" for good
+    assert [i["status"] for i in launcher.inventory()["instances"]] == ["exited", "stopped"]
+    shown, entries = gone_entries(launcher.inv)
+    assert entries == [] and "not running any more" not in shown.stderr

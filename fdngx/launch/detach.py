@@ -10,6 +10,11 @@ find it, and a new launch would start a second copy.
 The supervisor reports each state it records, and its last error, over a pipe (fdngx.launch.handshake), not
 only in its pidfile and supervisor.log: with no room for those (a full disk) the parent still learns that
 the replicas are ready, or why they failed, at once.
+
+The terminal closing (SIGHUP) does not end this process: the supervisor, in a session of its own, carries on,
+and so does this one, to the end of the start, so that a supervisor killed meanwhile still has what it left
+stopped. Nobody reads the terminal any more: a failed start keeps its error in the pidfile (state failed),
+where `fdngx status`, `fdngx stop` and the next `fdngx launch` say it (fdngx.launch.standing).
 """
 
 from __future__ import annotations
@@ -29,7 +34,15 @@ from fdngx.errors import LaunchError
 from fdngx.launch.children import describe_exit
 from fdngx.launch.handshake import Listener
 from fdngx.launch.lock import LaunchLock
-from fdngx.launch.pidfile import LaunchState, Pidfile, remove_pidfile, unwritten_lines
+from fdngx.launch.pidfile import (
+    LaunchState,
+    Pidfile,
+    ProcessRecord,
+    read_pidfile,
+    remove_pidfile,
+    unwritten_lines,
+    write_pidfile,
+)
 from fdngx.launch.plan import Plan
 from fdngx.launch.progress import Progress
 from fdngx.system import procs
@@ -41,15 +54,36 @@ def launch_detached(plan: Plan, out: TextIO, lock: LaunchLock) -> int:
     progress = Progress([i.name for i in plan.inventory.instances], out, plan.timeout)
     before = set(procs.descendants(os.getpid()))  # ours already: never taken for the supervisor's
     was_subreaper = procs.become_subreaper()
+    hangup = _HangUp()
     try:
         sup, listener = _start(plan, log, lock)
         try:
             progress.say(f"supervisor pid {sup.pid} starting {len(plan.procs)} process(es); its log: {log}")
-            return _Follow(sup, plan, log, progress, before, listener).run()
+            return _Follow(sup, plan, log, progress, before, listener, hangup).run()
         finally:
             listener.close()
     finally:
+        hangup.restore()
         procs.become_subreaper(was_subreaper)
+
+
+class _HangUp:
+    """SIGHUP while following the supervisor (the terminal closed): noted, never the end of this process. One
+    ignored when fdngx started (nohup) stays ignored: the output then goes where nohup put it."""
+
+    def __init__(self) -> None:
+        self.got = False
+        self.said = False
+        self.old = signal.getsignal(signal.SIGHUP)
+        if self.old is not signal.SIG_IGN:
+            signal.signal(signal.SIGHUP, self._on)
+
+    def _on(self, signum: int, frame: Any) -> None:
+        self.got = True
+
+    def restore(self) -> None:
+        if self.old is not signal.SIG_IGN and self.old is not None:
+            signal.signal(signal.SIGHUP, self.old)
 
 
 def _start(plan: Plan, log: Path, lock: LaunchLock) -> tuple[subprocess.Popen[bytes], Listener]:
@@ -82,10 +116,12 @@ class _Follow:
     """The parent's side of the hand-over: what the supervisor reports, until it is ready or gone."""
 
     def __init__(self, sup: subprocess.Popen[bytes], plan: Plan, log: Path, progress: Progress, before: set[int],
-                 listener: Listener) -> None:
+                 listener: Listener, hangup: _HangUp) -> None:
         self.sup, self.plan, self.log, self.progress = sup, plan, log, progress
+        self.sup_start = procs.starttime(sup.pid)
         self.before = before
         self.listener = listener
+        self.hangup = hangup
         self.record: Pidfile | None = None
         self.error: str | None = None  # its last words, when it failed before it could record them
 
@@ -107,6 +143,7 @@ class _Follow:
             while True:
                 rc = self.sup.poll()
                 self.hear()
+                self.hung_up()
                 record = self.record
                 if rc is None and record is not None and record.state is LaunchState.READY:
                     _ready(self.sup, self.plan, record, self.progress)
@@ -123,11 +160,13 @@ class _Follow:
             self.progress.say(f"{signal.Signals(signum).name}: stopped the supervisor and every replica before "
                               "they were healthy")
             return 128 + signum
-        except LaunchError:
+        except LaunchError as exc:
             # Failed while starting: nothing may keep running behind the user's back (a supervisor that exited
             # had what it left stopped in failed()).
             if self.sup.poll() is None:
                 self.stop()
+            if self.hangup.got:
+                self.keep(str(exc))
             raise
         finally:
             signal.signal(signal.SIGTERM, old)
@@ -143,7 +182,8 @@ class _Follow:
         else:
             why = ((record.error if record else None) or self.error
                    or f"the supervisor exited with status {rc}; see {self.log}")
-        return why + _leftovers(self.sup, self.plan, record, self.before, self.progress, self.log)
+        return why + _leftovers(self.sup, self.plan, record, self.before, self.progress, self.log,
+                                keep=self.hangup.got)
 
     def stop(self) -> None:
         if self.sup.poll() is None:
@@ -155,7 +195,30 @@ class _Follow:
                 self.sup.kill()
                 self.sup.wait()
         self.hear()
-        _leftovers(self.sup, self.plan, self.record, self.before, self.progress)
+        _leftovers(self.sup, self.plan, self.record, self.before, self.progress, keep=self.hangup.got)
+
+    def hung_up(self) -> None:
+        if self.hangup.got and not self.hangup.said:
+            self.hangup.said = True
+            self.progress.say(f"SIGHUP (the terminal hung up): the supervisor (pid {self.sup.pid}) carries on in a "
+                              "session of its own, and so does this launch until every replica is healthy or the "
+                              f"start fails (then said by 'fdngx status --inventory {self.plan.inventory_path}')")
+
+    def keep(self, why: str) -> None:
+        """A failed start after a hang-up: nobody saw the error, so the pidfile keeps it (state failed) for
+        `fdngx status`, `fdngx stop` and the next launch. Best effort: what failed may be that very file. Only
+        while the pidfile is this supervisor's (or none): the launch lock keeps any other launch out meanwhile."""
+        with contextlib.suppress(LaunchError, OSError):
+            there = read_pidfile(self.plan.pidfile)
+            if there is not None and there.supervisor.pid != self.sup.pid:
+                return
+            record = self.record or there or Pidfile(
+                supervisor=ProcessRecord(self.sup.pid, self.sup_start), state=LaunchState.STARTING, detached=True,
+                engine=self.plan.engine, inventory=self.plan.inventory_path, grace=self.plan.grace, children=[],
+                instances={}, boot=procs.boot_id())
+            record.state, record.error = LaunchState.FAILED, why
+            record.unwritten.pop(self.plan.pidfile, None)  # written now, if at all
+            write_pidfile(self.plan.pidfile, record)
 
 
 def _ready(sup: subprocess.Popen[bytes], plan: Plan, record: Pidfile, progress: Progress) -> None:
@@ -174,9 +237,10 @@ def _ready(sup: subprocess.Popen[bytes], plan: Plan, record: Pidfile, progress: 
 
 
 def _leftovers(sup: subprocess.Popen[bytes], plan: Plan, record: Pidfile | None, before: set[int],
-               progress: Progress, log: Path | None = None) -> str:
+               progress: Progress, log: Path | None = None, keep: bool = False) -> str:
     """The supervisor is gone: stop what it started and left running (its orphans came to us; its record names
-    the groups and members). Removes its pidfile when nothing is left; the words to add to the error."""
+    the groups and members). Removes its pidfile when nothing is left, unless `keep`; the words to add to the
+    error."""
     strays = {p: s for p, s in procs.descendants(os.getpid()).items() if p not in before}
     groups = [(c.pid, c.start, c.stop_signal) for c in (record.children if record else [])
               if c.pid is not None and c.start is not None and procs.group_is_ours(c.pid, c.start)]
@@ -197,7 +261,8 @@ def _leftovers(sup: subprocess.Popen[bytes], plan: Plan, record: Pidfile | None,
         how = (f"kept {plan.pidfile}; run 'fdngx stop --inventory {plan.inventory_path}'"
                if Path(plan.pidfile).exists() else f"{plan.pidfile} could not be written: stop them by pid")
         return f"{said}; pid {', '.join(map(str, left))} still run: {how}" + (f"; see {log}" if log else "")
-    remove_pidfile(plan.pidfile, sup.pid)
+    if not keep:
+        remove_pidfile(plan.pidfile, sup.pid)
     return said + (f"; see {log}" if log and said else "")
 
 

@@ -1,18 +1,21 @@
-"""A launch whose supervisor is gone while its pidfile stays: a supervisor killed with kill -9. `fdngx status`
-says it, `fdngx stop` cleans up after it, and the next `fdngx launch` works. Real processes on 127.0.0.1;
-every PID a test learns of is killed by PID at teardown.
+"""A launch whose supervisor is gone while its pidfile stays: a supervisor killed with kill -9, a terminal
+that hangs up while a detached launch waits for its replicas. `fdngx status` says it, `fdngx stop` cleans up
+after it, and the next `fdngx launch` works. Real processes on 127.0.0.1; every PID a test learns of is
+killed by PID at teardown.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pty
 import signal
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from fdngx.launch.pidfile import LaunchState, read_pidfile
+from fdngx.system import procs
 from tests.integration.test_launch import STARTUP, Launcher, sim_ports
 from tests.integration.test_launch_faults import SERVES, detached, plan_running
 from tests.integration.test_launch_robust import ENGINE, gone, workers
@@ -110,3 +113,52 @@ def test_stop_after_a_killed_supervisor_stops_what_it_left_and_marks_the_invento
     assert [i["status"] for i in launcher.inventory()["instances"]] == ["exited", "stopped"]
     shown, entries = gone_entries(launcher.inv)
     assert entries == [] and "not running any more" not in shown.stderr
+
+
+def test_a_hang_up_while_a_detached_launch_waits_neither_ends_it_nor_hides_the_failure(launcher: Launcher) -> None:
+    """SSH drops while `fdngx launch --detach` waits for /health (SIGHUP, then a terminal that answers EIO):
+    the launch followed its supervisor to the end of the start; a failure nobody could see is kept in the
+    pidfile, said by `fdngx status` and by the next launch."""
+    reader, writer = pty.openpty()
+    p = subprocess.Popen(launcher.cmd("launch", "--detach", "--inventory", str(launcher.inv), "--engine", "sim",
+                                      "-n", "1", "--timeout", "8", "--grace", "1", *sim_ports(1), "--",
+                                      "--unhealthy"),
+                         cwd=launcher.tmp, stdin=subprocess.DEVNULL, stdout=writer, stderr=writer, text=True,
+                         start_new_session=True)  # fmt: skip
+    os.close(writer)
+    launcher.procs.append(p)  # type: ignore[arg-type]
+    launcher.pids[p.pid] = procs.starttime(p.pid)
+    def starting() -> bool:
+        launcher.remember()
+        record = read_pidfile(launcher.pidfile)
+        return record is not None and record.instances.get("dp0") == "HTTP 404"
+
+    try:
+        wait_for(starting, timeout=STARTUP, interval=0.1, what="the replica answering 404")
+    finally:
+        os.close(reader)  # the terminal is gone: the next write fails (EIO)
+    os.kill(p.pid, signal.SIGHUP)
+    sup = read_pidfile(launcher.pidfile)
+    assert sup is not None
+    assert p.wait(STARTUP) == 1  # before: -SIGHUP at once, while its supervisor went on alone
+    launcher.assert_all_gone()
+    record = read_pidfile(launcher.pidfile)  # before: its own record, which nothing showed
+    assert record is not None and record.state is LaunchState.FAILED and record.error is not None
+    assert record.error.startswith("timed out after 8s waiting for /health on dp0 (HTTP 404)")
+    said = (f"fdngx: warning: {launcher.inv}: {GONE.format(pid=sup.supervisor.pid)}: the launch failed: timed out "
+            "after 8s waiting for /health on dp0 (HTTP 404); stopped every replica; full log: ")  # fmt: skip
+    shown = status("-i", str(launcher.inv))  # no inventory: it is written once every replica is healthy
+    assert shown.returncode == 1 and shown.stderr.startswith(said), shown.stderr
+    assert shown.stderr.splitlines()[1] == f"fdngx: error: {launcher.inv}: inventory file not found (run 'fdngx " \
+        "launch' or pass --inventory)"
+    launcher.inv.write_text('{"version": 1, "instances": []}\n')  # one an earlier launch left
+    shown, [entry] = gone_entries(launcher.inv)
+    assert shown.stderr.startswith(said), shown.stderr
+    assert entry["state"] == "failed" and entry["error"] == record.error and entry["still_running"] == []
+    again = launcher.run("launch", "--engine", "sim", "-n", "1", "--detach", "--inventory", str(launcher.inv),
+                         *sim_ports(1))  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert (f"(supervisor pid {sup.supervisor.pid}) is over: the launch failed: timed out after 8s waiting for "
+            "/health on dp0 (HTTP 404)") in again.stderr  # fmt: skip
+    assert launcher.run("stop", "--inventory", str(launcher.inv)).returncode == 0
+    launcher.assert_all_gone()

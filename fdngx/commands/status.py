@@ -49,7 +49,7 @@ EPILOG = (
     "and state_note (the warning above, null: fresh); plus launch_unwritten: \\[warning lines] when a "
     "detached `fdngx launch` beside an inventory (its pidfile, INVENTORY.pid) cannot write a file now (the "
     "inventory then shows an older state, or none), and launch_supervisor_gone: \\[{inventory, pidfile, "
-    "supervisor_pid, state, error, still_running, note}] when the supervisor that pidfile names "
+    "legacy_pidfile, supervisor_pid, state, error, still_running, note}] when the supervisor that pidfile names "
     "(of any launch, foreground or detached) is not running any more (killed, a detached start that failed after "
     "its terminal closed, a reboot): nothing supervises the replicas and the inventory's status fields are "
     "stale; note says what to do. Both are also said on stderr (--watch: above each frame's table instead), "

@@ -19,7 +19,7 @@ from fdngx.launch import standing
 from fdngx.launch.detach import launch_detached
 from fdngx.launch.lock import LaunchLock
 from fdngx.launch.output import Out
-from fdngx.launch.pidfile import read_pidfile
+from fdngx.launch.pidfile import read_pidfile, remove_pidfile
 from fdngx.launch.plan import Plan
 from fdngx.launch.probe import check_ports
 from fdngx.launch.stop import stop
@@ -58,6 +58,10 @@ def preflight(plan: Plan, out: TextIO | None = None) -> LaunchLock:
     lock = LaunchLock.take(plan.inventory_path, plan.pidfile)
     try:
         found = [standing.Found(plan.pidfile, r) for r in [read_pidfile(plan.pidfile)] if r is not None]
+        old = standing.legacy_pidfile(plan.inventory_path)
+        if old is not None and old != plan.pidfile:
+            # An older fdngx's launch through this symlink: its lock was beside the link, not ours to hold.
+            found += [standing.Found(old, r, legacy=True) for r in [read_pidfile(old)] if r is not None]
         for f in found:
             _refuse_running(plan, f)
         check_engine(plan.engine)
@@ -65,6 +69,8 @@ def preflight(plan: Plan, out: TextIO | None = None) -> LaunchLock:
         for f in found:
             if (line := standing.replaced_line(f)) is not None:
                 Out(out or sys.stderr).line(f"fdngx: {line}")
+            if f.legacy:  # ours goes beside the file the link points to: the old one would outlive it
+                remove_pidfile(f.path, f.record.supervisor.pid, f.record.supervisor.start)
     except BaseException:
         lock.close()
         raise
@@ -73,17 +79,17 @@ def preflight(plan: Plan, out: TextIO | None = None) -> LaunchLock:
 
 def _refuse_running(plan: Plan, found: standing.Found) -> None:
     """A LaunchError when the launch that pidfile names still runs: its supervisor, or processes it started."""
-    record = found.record
+    record, whose = found.record, " (an older fdngx's pidfile, beside the symlink's name)" if found.legacy else ""
     if not record.from_another_boot() and record.supervisor.alive():
         raise LaunchError(
             f"{found.path}: replicas launched with this inventory are still supervised by pid "
-            f"{record.supervisor.pid}; run 'fdngx stop --inventory {plan.inventory_path}' first"
+            f"{record.supervisor.pid}{whose}; run 'fdngx stop --inventory {plan.inventory_path}' first"
         )
     left = record.still_running()
     if left:
         raise LaunchError(
             f"{found.path}: its supervisor (pid {record.supervisor.pid}) is gone but processes it started "
-            f"still run (pid {', '.join(map(str, left))}); run 'fdngx stop --inventory "
+            f"still run (pid {', '.join(map(str, left))}){whose}; run 'fdngx stop --inventory "
             f"{plan.inventory_path}' first"
         )
 

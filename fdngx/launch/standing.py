@@ -1,7 +1,9 @@
 """What the pidfile beside an inventory says about its launch, for those who were not there when it ended:
 `fdngx status`, `fdngx stop` and the next `fdngx launch`.
 
-Where the pidfile is (find): beside the file the inventory is (plan.pidfile_for: a symlink's target).
+Where the pidfile is (find): beside the file the inventory is (plan.pidfile_for: a symlink's target). An
+older fdngx kept it beside the name the launch was given (legacy_pidfile): for a launch it started through a
+symlink, that is beside the link, where it is looked for when the first is absent, and said.
 
 A supervisor that ends on its own removes its pidfile. A pidfile whose supervisor is not running any more
 (Gone) means it was killed (kill -9, the OOM killer), a detached start failed with nobody left to clean up
@@ -30,14 +32,31 @@ SUPERVISED = ("starting", "running", "down")
 class Found:
     path: str  # the pidfile
     record: Pidfile
+    legacy: bool = False  # beside a symlink's own name, where an older fdngx wrote it
+
+
+def legacy_pidfile(inventory: str | Path) -> str | None:
+    """Where an older fdngx wrote the pidfile of a launch through this name (beside the name as given, not the
+    file a symlink points to); None when that is where it is now (not a symlink)."""
+    old = str(Path(inventory).absolute()) + ".pid"
+    return None if old == pidfile_for(inventory) else old
 
 
 def find(inventory: str | Path) -> Found | None:
-    """The pidfile beside the inventory; None when there is none. An unreadable one raises LaunchError
-    (fdngx.launch.pidfile.read_pidfile)."""
+    """The pidfile beside the inventory; else an older fdngx's beside the symlink's name; None when neither is
+    there. An unreadable one raises LaunchError (fdngx.launch.pidfile.read_pidfile)."""
     current = pidfile_for(inventory)
     record = read_pidfile(current)
-    return Found(current, record) if record is not None else None
+    if record is not None:
+        return Found(current, record)
+    old = legacy_pidfile(inventory)
+    record = read_pidfile(old) if old is not None else None
+    return Found(old, record, legacy=True) if old is not None and record is not None else None
+
+
+def legacy_line(inventory: str | Path, found: Found) -> str:
+    return (f"{found.path}: an older fdngx's pidfile, beside the symlink's name (pidfiles are now kept beside the "
+            f"file it points to, {pidfile_for(inventory)})")
 
 
 def is_gone(record: Pidfile) -> bool:
@@ -74,6 +93,8 @@ class Gone:
     def line(self) -> str:
         """The one line `fdngx status` says (after "fdngx: ")."""
         pid = self.found.record.supervisor.pid
+        where = f" (its pidfile {self.found.path}: an older fdngx's, beside the symlink's name)" \
+            if self.found.legacy else ""
         stop = f"'fdngx stop --inventory {self.inventory}'"
         if self.left:
             todo = (f"processes it started still run, unsupervised (pid {', '.join(map(str, self.left))}): {stop} "
@@ -81,12 +102,12 @@ class Gone:
         else:
             todo = f"nothing it started runs any more: 'fdngx launch' again ({stop} removes its pidfile)"
         stale = "" if self.failed else "; the inventory's status fields still say what it last saw"
-        return (f"warning: {self.inventory}: the launch's supervisor (pid {pid}) is not running any more: "
+        return (f"warning: {self.inventory}: the launch's supervisor (pid {pid}) is not running any more{where}: "
                 f"{how_it_ended(self.found)}{stale}; {todo}")
 
     def to_json(self) -> dict[str, Any]:
         record = self.found.record
-        return {"inventory": self.inventory, "pidfile": self.found.path,
+        return {"inventory": self.inventory, "pidfile": self.found.path, "legacy_pidfile": self.found.legacy,
                 "supervisor_pid": record.supervisor.pid, "state": record.state.value, "error": record.error,
                 "still_running": self.left, "note": self.line().removeprefix("warning: ")}
 
@@ -141,5 +162,6 @@ def replaced_line(found: Found) -> str | None:
     runs: else the launch is refused): how that launch ended, which nobody may have seen."""
     if not is_gone(found.record):
         return None
+    then = "removing it (an older fdngx's, beside the symlink's name)" if found.legacy else "replacing its pidfile"
     return (f"{found.path}: the last launch with this inventory (supervisor pid {found.record.supervisor.pid}) is "
-            f"over: {how_it_ended(found)}; replacing its pidfile")
+            f"over: {how_it_ended(found)}; {then}")

@@ -6,6 +6,9 @@ after the supervisor took the request; the supervisor would kill only STOP_MARGI
 truthfully which replicas stopped and which were killed, and the supervisor, done well inside its own
 wait, still writes the inventory's "stopped" before it exits. With the supervisor gone (killed), what it
 started and left running is stopped here, and its inventory's "stopped" (or "exited") written here too.
+
+The pidfile is found by fdngx.launch.standing: beside the inventory's file, else where an older fdngx wrote
+it (beside a symlink's own name), which is said.
 """
 
 from __future__ import annotations
@@ -39,12 +42,13 @@ def stop(inventory_path: str | Path, out: TextIO | None = None, grace: float | N
     inventory = Path(inventory_path).absolute()
     found = standing.find(inventory)
     if found is None:
-        where = pidfile_for(inventory)
+        old = standing.legacy_pidfile(inventory)
+        where = pidfile_for(inventory) + (f" (nor {old}, where an older fdngx kept it)" if old else "")
         if not inventory.exists():
             raise LaunchError(f"{inventory}: no such inventory and no pidfile {where}: nothing to stop")
         return [f"nothing to stop: no supervisor pidfile {where} (a foreground launch stops with Ctrl-C)"]
     pidfile, record = found.path, found.record
-    report: list[str] = []
+    report = [standing.legacy_line(inventory, found) + ": stopping the launch it names"] if found.legacy else []
     sup = record.supervisor
     if record.from_another_boot():
         # Its pids and start times name processes of another boot: any match now is somebody else.

@@ -1,5 +1,6 @@
-"""A launch whose supervisor is gone while its pidfile stays: a supervisor killed with kill -9, a terminal
-that hangs up while a detached launch waits for its replicas. `fdngx status` says it, `fdngx stop` cleans up
+"""A launch whose supervisor is gone while its pidfile stays, and where an older fdngx kept that pidfile: a
+supervisor killed with kill -9, a terminal that hangs up while a detached launch waits for its replicas, a
+launch an older fdngx started through a symlinked inventory. `fdngx status` says it, `fdngx stop` cleans up
 after it, and the next `fdngx launch` works. Real processes on 127.0.0.1; every PID a test learns of is
 killed by PID at teardown.
 """
@@ -14,9 +15,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from fdngx.launch.pidfile import LaunchState, read_pidfile
 from fdngx.system import procs
-from tests.integration.test_launch import STARTUP, Launcher, sim_ports
+from tests.integration.test_launch import STARTUP, Launcher, sim_ports, standin
 from tests.integration.test_launch_faults import SERVES, detached, plan_running
 from tests.integration.test_launch_robust import ENGINE, gone, workers
 from tests.integration.test_status import status
@@ -60,8 +63,8 @@ def test_a_killed_supervisor_is_said_by_status_and_a_new_launch_replaces_its_pid
     assert line in shown.stderr, shown.stderr
     assert f"nothing it started runs any more: 'fdngx launch' again ('fdngx stop --inventory {launcher.inv}'" \
         in shown.stderr
-    assert {k: entry[k] for k in ("supervisor_pid", "state", "error", "still_running", "pidfile")} \
-        == {"supervisor_pid": sup, "state": "ready", "error": None, "still_running": [],
+    assert {k: entry[k] for k in ("supervisor_pid", "state", "error", "still_running", "pidfile", "legacy_pidfile")} \
+        == {"supervisor_pid": sup, "state": "ready", "error": None, "still_running": [], "legacy_pidfile": False,
             "pidfile": str(launcher.pidfile)}  # fmt: skip
     assert f"fdngx: warning: {entry['note']}" in shown.stderr
     # A new launch on the same inventory replaces the pidfile, and says whose.
@@ -161,4 +164,68 @@ def test_a_hang_up_while_a_detached_launch_waits_neither_ends_it_nor_hides_the_f
     assert (f"(supervisor pid {sup.supervisor.pid}) is over: the launch failed: timed out after 8s waiting for "
             "/health on dp0 (HTTP 404)") in again.stderr  # fmt: skip
     assert launcher.run("stop", "--inventory", str(launcher.inv)).returncode == 0
+    launcher.assert_all_gone()
+
+
+def symlinked(launcher: Launcher) -> tuple[Path, Path]:
+    """etc/fdngx.json -> ../var/fdngx.json; the launcher follows the older fdngx's pidfile, beside the link."""
+    (launcher.tmp / "var").mkdir()
+    (launcher.tmp / "etc").mkdir()
+    real = launcher.tmp / "var" / "fdngx.json"
+    real.write_text('{"version": 1, "instances": []}\n')
+    link = launcher.tmp / "etc" / "fdngx.json"
+    link.symlink_to("../var/fdngx.json")
+    launcher.inv, launcher.pidfile = link, Path(f"{link}.pid")
+    return link, real
+
+
+@pytest.mark.parametrize("supervisor", ["running", "killed"])
+def test_stop_and_status_find_an_older_fdngxs_pidfile_beside_the_symlink(launcher: Launcher,
+                                                                         supervisor: str) -> None:
+    link, real = symlinked(launcher)
+    plan = plan_running(launcher.tmp, [SERVES, SERVES])
+    plan.procs[1].argv.append("stubborn")  # outlives a killed supervisor
+    plan.inventory_path, plan.pidfile = str(link), f"{link}.pid"  # where an older fdngx kept it
+    assert detached(launcher, plan).wait(STARTUP) == 0
+    pids = [i["pid"] for i in launcher.wait_ready(n=2)["instances"]]
+    said = (f"fdngx: {link}.pid: an older fdngx's pidfile, beside the symlink's name (pidfiles are now kept beside "
+            f"the file it points to, {real}.pid)")  # fmt: skip
+    if supervisor == "killed":
+        sup = killed(launcher)
+        shown, [entry] = gone_entries(link)
+        assert entry["legacy_pidfile"] is True and entry["pidfile"] == f"{link}.pid"
+        assert (f"{GONE.format(pid=sup)} (its pidfile {link}.pid: an older fdngx's, beside the symlink's name)"
+                in shown.stderr)  # fmt: skip
+    s = launcher.run("stop", "--inventory", str(link))
+    assert s.returncode == 0, s.stderr
+    # before: "nothing to stop: no supervisor pidfile .../var/fdngx.json.pid", and the replicas ran on
+    assert s.stdout.startswith(f"{said}: stopping the launch it names\n"), s.stdout
+    assert f"killed dp1 pid {pids[1]} serving dp1" in s.stdout
+    launcher.assert_all_gone()
+    assert not Path(f"{link}.pid").exists()
+    assert launcher.inventory()["instances"][1]["status"] == "stopped"
+
+
+def test_a_launch_through_the_symlink_is_refused_while_an_older_fdngxs_launch_runs(launcher: Launcher) -> None:
+    """The older fdngx's launch lock was beside the link too: only its pidfile tells that it runs."""
+    link, real = symlinked(launcher)
+    old, member = standin(launcher.tmp, launcher)  # its supervisor
+    record = {"supervisor": {"pid": old, "start": procs.starttime(old)}, "state": "ready", "detached": True,
+              "engine": "sim", "inventory": str(link), "grace": 1, "children": [], "instances": {}}  # fmt: skip
+    Path(f"{link}.pid").write_text(json.dumps(record))
+    args = ("launch", "--engine", "sim", "-n", "1", "--detach", "--inventory", str(link))
+    launcher.pidfile = Path(f"{real}.pid")  # where a launch it should not have started would be recorded
+    r = launcher.run(*args, *sim_ports(1))
+    assert r.returncode == 1, r.stderr  # before: 0, a second launch writing the same inventory
+    assert r.stderr.splitlines() == [
+        f"fdngx: error: {link}.pid: replicas launched with this inventory are still supervised by pid {old} (an "
+        f"older fdngx's pidfile, beside the symlink's name); run 'fdngx stop --inventory {link}' first"]
+    for pid in (old, member):
+        os.kill(pid, signal.SIGKILL)  # the stand-in, by pid
+    next(p for p in launcher.procs if p.pid == old).wait(30)
+    r = launcher.run(*args, *sim_ports(1))
+    assert r.returncode == 0, r.stderr
+    assert f"fdngx: {link}.pid: the last launch with this inventory (supervisor pid {old}) is over" in r.stderr
+    assert not Path(f"{link}.pid").exists() and launcher.pidfile.exists()
+    assert launcher.run("stop", "--inventory", str(link)).returncode == 0
     launcher.assert_all_gone()

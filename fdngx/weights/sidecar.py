@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fdngx import inventory as inv_mod
 from fdngx.domain import FailOpen, Inventory, LoadSample
-from fdngx.errors import FdngxError, check_number
+from fdngx.errors import FdngxError, check_number, os_error_line
 from fdngx.nginx.apply import lock_waits_end_on
 from fdngx.nginx.fanout import FrontendSpec, read_push_file
 from fdngx.nginx.target import Target
@@ -116,6 +116,8 @@ class Sidecar:
         self._fail_open: FailOpen | None = None
         self._seen_healthy = False  # a replica has answered /health since this sidecar started
         self._saved_at = -math.inf
+        self._save_failing_since: float | None = None  # (monotonic) saves fail since; said once a minute
+        self._save_said_at = -math.inf
         self._push_file_seen: FileIdentity | None = None
         self._push_file_error: str | None = None
         if config.push_file is not None:
@@ -297,11 +299,24 @@ class Sidecar:
         self._push_file_seen, self._push_file_error = seen, None
 
     def save(self) -> None:
+        """Save the policy state. A failure (a full disk) is said when it starts and once a minute while it
+        lasts, not every cycle (52 lines in 100 s: an outside review), and working again is said once."""
         try:
             self.store.save(self.state)
-            self._saved_at = time.monotonic()
         except OSError as exc:
-            log.warning("%s: cannot save policy state: %s", self.store.path, exc)
+            now = time.monotonic()
+            if self._save_failing_since is None or now - self._save_said_at >= 60:
+                log.warning("cannot save the policy state (status and a restarted sidecar read it): %s",
+                            os_error_line(exc))
+                self._save_said_at = now
+            if self._save_failing_since is None:
+                self._save_failing_since = now
+            return
+        self._saved_at = time.monotonic()
+        if self._save_failing_since is not None:
+            log.info("%s: policy state saved again, after %.0f s", self.store.path,
+                     self._saved_at - self._save_failing_since)
+            self._save_failing_since = None
 
     def _note_budget(self, decisions: Decisions) -> None:
         """Say once when the reload budget starts holding changes back, and once when it lets go."""

@@ -1,16 +1,19 @@
-"""A failing apply is said once a minute, not once a cycle, even when its text holds numbers that change every
-cycle: a frontend refusing every push ("generation 1796590912345 is 400 s ahead of this frontend's clock")
-wrote one ERROR per cycle, 43,200 a day (an outside review of controller mode). A fake apply, no nginx."""
+"""A failure that lasts is said when it starts and once a minute, not once a cycle: a failing apply even when
+its text holds numbers that change every cycle (a frontend refusing every push, "generation 1796590912345 is
+400 s ahead of this frontend's clock", wrote one ERROR per cycle, 43,200 a day: an outside review of controller
+mode), and a policy state that cannot be saved (a full disk). A fake apply, no nginx; a real failing save."""
 
 from __future__ import annotations
 
 import itertools
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
 
 from fdngx.errors import ApplyError
+from fdngx.weights.store import StateStore
 from tests.unit.test_loop import FakeTarget, cycles, make
 
 
@@ -35,3 +38,26 @@ def test_the_same_failure_with_new_numbers_is_said_once_a_minute(tmp_path: Path,
     failing["on"] = False
     cycles(sc, clock, 1)
     assert "apply works again" in caplog.text
+
+
+def test_a_state_that_cannot_be_saved_is_said_once_then_saved_again(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A full disk wrote "cannot save policy state" every cycle (52 lines in 100 s, the path twice, an errno and
+    a repr: an outside review). Said when it starts, in one line naming the file; working again is said."""
+    sc, _, clock, _ = make(tmp_path)
+    where = tmp_path / "states"
+    where.mkdir()
+    sc.store = StateStore(where / "state.json")
+    cycles(sc, clock, 1)
+    assert (where / "state.json").is_file()
+    shutil.rmtree(where)
+    where.write_text("a file where the directory was: every save fails (ENOTDIR)\n")
+    caplog.set_level(logging.INFO, logger="fdngx")
+    for _ in range(6):  # a change every cycle, or a failed save tried again every 10 s: each saves
+        sc.save()
+    said = [r.getMessage() for r in caplog.records if "cannot save the policy state" in r.getMessage()]
+    assert len(said) == 1 and f"{where / 'state.json'}: " in said[0] and "Errno" not in said[0], said
+    where.unlink()
+    where.mkdir()
+    sc.save()
+    assert "policy state saved again" in caplog.text and (where / "state.json").is_file()

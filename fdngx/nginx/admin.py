@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from fdngx.domain import Listen, valid_host
 from fdngx.errors import ApplyError, FdngxError, UsageError
 from fdngx.nginx.generation import generation_in
+from fdngx.nginx.networds import in_words
 from fdngx.system.files import Identity, atomic_write, check_private, identity, read_regular_file, real_target
 
 if TYPE_CHECKING:
@@ -161,10 +162,10 @@ class Admin:
                 # A kept-alive connection that nginx closed (a reload ends idle ones): once more on a fresh
                 # one. Safe: a snapshot sent twice carries the same generation ("unchanged").
                 if attempt == 2 or isinstance(exc, requests.ConnectTimeout):
-                    raise AdminUnreachable(f"openresty admin {self.url}: {exc}") from None
+                    raise AdminUnreachable(f"openresty admin {self.url}: {in_words(exc)}") from None
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 self._check_aborted()
-                raise ApplyError(f"openresty admin {self.url}: {exc}") from None
+                raise ApplyError(f"openresty admin {self.url}: {in_words(exc)}") from None
         raise AssertionError("unreachable")
 
     def _check_aborted(self) -> None:

@@ -38,6 +38,7 @@ from pathlib import Path
 from fdngx.errors import ApplyError, Interrupted
 from fdngx.nginx import build as nb
 from fdngx.nginx.build import MasterLog, find_nginx, generation_in, nginx_message, prepare_prefix
+from fdngx.nginx.networds import refused
 from fdngx.system import procs
 from fdngx.system.files import read_regular_file
 
@@ -61,6 +62,13 @@ def _old_workers_retired(old: set[int]) -> bool:
         if "worker process" in title and "shutting down" not in title:
             return False
     return True
+
+
+def _stopping(master: int) -> bool:
+    """Every child of `master` is a worker finishing its requests (none takes new ones): nginx is stopping
+    (`nginx -s quit`, Debian's ExecStop, streams open). A reload starts its new workers before it retires the old."""
+    kids = procs.children(master)
+    return bool(kids) and _old_workers_retired(kids)
 
 
 class NginxNotRunning(ApplyError):
@@ -224,7 +232,9 @@ class NginxControl:
         return os.path.realpath(conf if os.path.isabs(conf) or prefix is None else os.path.join(prefix, conf))
 
     def running(self) -> bool:
-        return self.master_pid() is not None
+        """A master that takes new connections: one stopping is not (nothing to reload; changes wait in the file)."""
+        master = self.master_pid()
+        return master is not None and not _stopping(master)
 
     def _error_log_path(self) -> Path | None:
         """-e (relative to the prefix), else the main config's error_log file, else the build's (None: stderr)."""
@@ -246,8 +256,11 @@ class NginxControl:
         except OSError as exc:
             raise ReloadError(f"cannot signal nginx master {master}: {exc.strerror}", False) from None
 
-    def _not_running(self) -> NginxNotRunning:
+    def _not_running(self, stopping: int | None = None) -> NginxNotRunning:
         path, source = self._pid_path_and_source()
+        if stopping is not None:  # SIGHUP to it would be lost; a 15 s wait for new workers, an apply failure
+            return NginxNotRunning(f"nginx is stopping (master pid {stopping}: its workers finish the requests they "
+                                   f"have); it will read the new file when started, e.g. {shlex.join(self.argv())}")
         hint = "if it runs, say where its pid file is with --pid-file PATH"
         if self.reload_cmd:
             return NginxNotRunning(f"no live nginx master behind the pid file {path} ({source}), so "
@@ -260,8 +273,8 @@ class NginxControl:
 
         Raises NginxNotRunning, or ReloadError saying whether nginx took the new config."""
         master = self.master_pid()
-        if master is None:
-            raise self._not_running()
+        if master is None or _stopping(master):
+            raise self._not_running(master)
         t0 = time.monotonic()
         before = procs.children(master)
         log = MasterLog(self._error_log_path(), master)
@@ -361,26 +374,9 @@ class NginxControl:
                 with session.get(self.verify_url, timeout=2, stream=True) as resp:
                     body = next(resp.iter_content(4096), b"").decode("utf-8", "replace").strip()
         except requests.RequestException as exc:
-            return None, REFUSED if _refused(exc) else f"was unreachable ({type(exc).__name__})"
+            return None, REFUSED if refused(exc) else f"was unreachable ({type(exc).__name__})"
         if resp.status_code != 200:
             return None, f"answered HTTP {resp.status_code}"
         if _HEX.fullmatch(body):
             return body, f"answered generation {body}"
         return body, f"answered HTTP 200 with {body[:40]!r}"
-
-
-def _refused(exc: BaseException) -> bool:
-    """Was the connection refused (ECONNREFUSED: nothing listens), somewhere in what requests wraps (its
-    ConnectionError, urllib3's MaxRetryError.reason, NewConnectionError's cause)? A reset or a close without
-    an answer (a worker out of connections) is not."""
-    seen: set[int] = set()
-    todo: list[object] = [exc]
-    while todo:
-        e = todo.pop()
-        if not isinstance(e, BaseException) or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, ConnectionRefusedError):
-            return True
-        todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
-    return False

@@ -383,7 +383,8 @@ class Controller:
         running = result.nginx_running
         if running is False and not self._said_down:
             waits = ("the balancer reads the peers file when it starts" if self.target.opts.flavor is Flavor.OPENRESTY
-                     else "changes wait in the file until it starts")
+                     else "changes wait in the file until it starts" if error is None
+                     else "it will read the file as it is, which the failed apply left unchanged")
             log.warning("%s: nginx is not running: %s", self.target.out, waits)
         elif running and self._said_down:
             log.info("%s: nginx is running again", self.target.out)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fdngx.errors import ApplyError
-from fdngx.nginx.control import NginxControl, NginxNotRunning
+from fdngx.nginx.control import NginxControl, NginxNotRunning, generation_in
 from fdngx.system.files import (
     TEMP_SUFFIX,
     atomic_write,
@@ -147,7 +147,7 @@ def recover(target: Path, control: NginxControl | None, reload: bool) -> str:
         # Before the swap nginx never saw the new file; after a rollback's rename it may still run it (the
         # reload back was not reached): reloading on the previous file is right either way.
         return (f"recovered {what}: it stopped before the swap, or after putting the previous file back; the "
-                f"live file is the previous one{_reload_onto(control, reload)}")
+                f"live file is the previous one{_reload_onto(control, reload, live)}")
     if journal.had_old:
         check_private(backup, "apply backup")
     saved = read_bytes_or_none(backup) if journal.had_old else None
@@ -157,15 +157,20 @@ def recover(target: Path, control: NginxControl | None, reload: bool) -> str:
                          f"check the file with nginx -t and remove {jpath}")
     restore(target, saved)
     put = f"restored the previous {target}" if journal.had_old else f"removed {target} (there was none before)"
-    done = f"recovered {what}: {put}{_reload_onto(control, reload)}"
+    done = f"recovered {what}: {put}{_reload_onto(control, reload, saved)}"
     remove(jpath)
     return done
 
 
-def _reload_onto(control: NginxControl | None, reload: bool) -> str:
-    """Reload nginx on the file as it is now (recovery); what happened, to append to the message."""
+def _reload_onto(control: NginxControl | None, reload: bool, text: bytes | None) -> str:
+    """Reload nginx on the file as it is now, `text` (recovery), unless nginx serves its generation already
+    (stopped before the reload, nginx never saw the new file: a reload then only spent the reload budget, an
+    outside review); what happened, to append to the message."""
     if control is None or not reload:
         return ""
+    generation = generation_in(text.decode("utf-8", "replace")) if text is not None else None
+    if generation is not None and control.verify_url and control.served_generation() == generation:
+        return f"; nginx serves it already (generation {generation}): not reloaded"
     try:
         control.reload(None)
         return "; nginx reloaded on it"

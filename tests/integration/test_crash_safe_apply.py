@@ -104,6 +104,22 @@ def test_a_crash_after_the_rollback_put_the_previous_file_back_reloads_nginx_ont
     assert not (site.conf.parent / ".nginx.conf.fdngx-journal").exists()
 
 
+def test_a_crash_before_nginx_saw_the_new_file_is_recovered_without_a_reload(site: Site) -> None:
+    """Killed after the swap, before any reload: nginx never saw the new file. Recovery put the previous file
+    back and reloaded nginx onto the config it served all along: a reload for nothing, the reload budget spent
+    ("reload budget exhausted" the next minute; an outside day-two review)."""
+    old_gen = site.generation()
+    site.set_weights([4, 1])
+    kill_at(site, "swapped")
+    workers = site.nginx.worker_pids()
+    control = NginxControl(site.nginx.binary, site.conf, site.conf.parent, "logs/error.log", timeout=15,
+                           verify_url=f"{site.url}/fdngx/generation")  # as render's, in site and standalone mode
+    done = recover(site.conf, control, reload=True)
+    assert f"nginx serves it already (generation {old_gen}): not reloaded" in done, done
+    assert site.nginx.worker_pids() == workers, "no reload: the same workers"
+    assert site.generation() == old_gen and generation_in(site.conf.read_text()) == old_gen
+
+
 def interrupted_at(site: Site, step: str) -> str:
     """`render --reload` of the site, SIGINT when its apply reaches `step` (the test hook): what it said after,
     once it exited 130."""

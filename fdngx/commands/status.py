@@ -27,12 +27,18 @@ MAX_HISTORY = 10_000  # --history: frames kept per replica (wider than any termi
 
 EPILOG = (
     "Examples:\n\n"
-    "  fdngx status -i /etc/fdngx/fdngx.json --out /etc/nginx/fdngx/upstream.conf   # WEIGHT: what nginx has\n\n"
+    "  fdngx status -i /etc/fdngx/fdngx.json --out /etc/nginx/fdngx/upstream.conf   # WEIGHT: what that file "
+    "gives nginx\n\n"
     "  fdngx status -i /etc/fdngx/fdngx.json --out /etc/nginx/fdngx/upstream.conf --watch   # live view, Ctrl-C "
     "to quit\n\n"
     "  fdngx status -i /etc/fdngx/node-a.json -i /etc/fdngx/node-b.json --json   # one JSON document\n\n"
-    "Current weight: from the policy state of a running sidecar or cron job (--out or --state), else the "
-    "inventory's static weight. Proposed: what the next cycle would apply, with the reason, under the "
+    "Current weight: with --out, what that config file gives nginx (its server lines: a plain `render` "
+    "writes the inventory's static weights there, cron's `render --scrape` and the sidecar the policy's); the "
+    "OpenResty flavor's file holds none (they are pushed to its balancer): then, as without --out, the policy "
+    "state of a running sidecar or cron job (--out or --state), else the inventory's static weight. When the "
+    "file's weights are not the ones the policy state says fdngx applied, when it is missing or not fdngx's, or "
+    "when nginx (site/standalone: GET /fdngx/generation) does not serve it, a line above the table says so. "
+    "Proposed: what the next cycle would apply, with the reason, under the "
     "policy settings that state was written with (defaults without one). WEIGHT: the current weight, NEXT: "
     "the proposed one (draining: held out by `fdngx drain`; RUN and QUEUE then show what is still there and the "
     "reason counts it, --watch: the reason only; until nginx holds it out the reason says \"drain not applied "
@@ -46,7 +52,10 @@ EPILOG = (
     "load, current_weight, current_down, backup, share, proposed_weight, proposed_down, proposed_backup, changed, "
     "reason, ...}]} (healthy: this scrape's /health, the table's UP; up: not proposed_down, in rotation after this "
     "decision); with --out/--state also state_age_s (seconds since the state was written, null: never) "
-    "and state_note (the warning above, null: fresh); plus launch_unwritten: \\[warning lines] when a "
+    "and state_note (the warning above, null: fresh), weights_from (config, state or inventory: where WEIGHT "
+    "comes from) and per replica state_weight, state_down, state_backup (the policy state's, null: none) and "
+    "in_config (false: no server line in the file, null: not read); with --out config_notes: \\[lines said of the "
+    "config file, as above]; plus launch_unwritten: \\[warning lines] when a "
     "detached `fdngx launch` beside an inventory (its pidfile, INVENTORY.pid) cannot write a file now (the "
     "inventory then shows an older state, or none), and launch_supervisor_gone: \\[{inventory, pidfile, "
     "legacy_pidfile, supervisor_pid, state, error, still_running, note}] when the supervisor that pidfile names "
@@ -73,9 +82,9 @@ def status_cmd(
         None,
         "--out",
         "-o",
-        help="The config file a sidecar/cron job writes: the policy state beside it gives the "
-        "current weights and the policy's memory. Without --out and --state: a controller's state beside the "
-        "inventory, when there is one (controller mode has no --out).",
+        help="The config file nginx reads (a sidecar/cron job writes it): its server lines give the current "
+        "weights (nginx flavor), the policy state beside it the policy's memory. Without --out and --state: a "
+        "controller's state beside the inventory, when there is one (controller mode has no --out).",
     ),
     state: Path | None = typer.Option(None, help="Policy state file to read (overrides --out's)."),
     timeout: float = typer.Option(1.0, help="Per-request read timeout in seconds for the scrape (0.05 to 600)."),
@@ -99,7 +108,7 @@ def status_cmd(
     paths = inventory_paths(inventory)
     store = store_for(out or Path("."), state) if (out or state) else _controller_beside(paths[0])
     watching = watch or count is not None
-    source = view.Source(paths, store, timeout, remember=watching)
+    source = view.Source(paths, store, timeout, remember=watching, out=out)
     try:
         if watching:
             _watch(source, as_json=as_json, interval=interval, count=count, size=history)
@@ -118,6 +127,8 @@ def status_cmd(
     view.show(console, view.table(snap))
     if line := view.summary(snap):
         typer.echo(f"\n{line}")
+    if snap.footer:
+        typer.echo(snap.footer)
 
 
 def _controller_beside(inventory: Path) -> StateStore | None:
@@ -129,7 +140,8 @@ def _controller_beside(inventory: Path) -> StateStore | None:
 
 def _warn(lines: tuple[str, ...]) -> None:
     """The launch's word on files it cannot write and on its supervisor being gone (fdngx.launch.standing),
-    and a stale policy state (status_view.state_note), on stderr: one line each."""
+    a stale policy state (status_served.state_note) and what the config file at --out says against it
+    (status_served.notes), on stderr: one line each."""
     for line in lines:
         say(f"fdngx: {line}", logging.WARNING)
 

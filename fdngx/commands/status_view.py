@@ -20,8 +20,11 @@ from rich.table import Table
 from rich.text import Text
 
 from fdngx import inventory as inv_mod
+from fdngx.commands import status_served as served_view
+from fdngx.commands.status_served import fresh, state_note
 from fdngx.domain import Inventory, LoadSample
 from fdngx.launch import standing
+from fdngx.nginx import served as served_mod
 from fdngx.weights.policy import Decisions, decide
 from fdngx.weights.scrape import make_client, scrape_all
 from fdngx.weights.settings import config_of_state
@@ -52,15 +55,26 @@ class Snapshot:
     state_age: float | None = None
     state_note: str | None = None
     has_state: bool = False  # --out or --state was given
+    # With --out/--state: where WEIGHT comes from ("config": the file at --out, "state", "inventory"); with --out,
+    # what is said of that file: missing, not fdngx's, weights that are not the policy state's, an nginx not
+    # serving it (fdngx.commands.status_served).
+    weights_from: str | None = None
+    config_notes: tuple[str, ...] = ()
+    footer: str | None = None  # under the one-shot table: where WEIGHT comes from
+    has_config: bool = False  # --out was given
 
     def to_json(self) -> dict[str, Any]:
         """The `--json` document: {fleet_load, fail_open, instances: [one object per replica]}, with --out or
-        --state also state_age_s (null: no state written yet) and state_note (null: fresh), and
-        launch_unwritten: [warning lines] and launch_supervisor_gone: [one object a launch] when there are any."""
+        --state also state_age_s (null: no state written yet), state_note (null: fresh) and weights_from, with
+        --out also config_notes: [lines], and launch_unwritten: [warning lines] and launch_supervisor_gone: [one
+        object a launch] when there are any."""
         doc: dict[str, Any] = {"fleet_load": self.fleet_load, "fail_open": self.fail_open, "instances": self.rows}
         if self.has_state:
             doc["state_age_s"] = None if self.state_age is None else round(self.state_age, 1)
             doc["state_note"] = self.state_note
+            doc["weights_from"] = self.weights_from
+        if self.has_config:
+            doc["config_notes"] = list(self.config_notes)
         if self.launch_unwritten:
             doc["launch_unwritten"] = list(self.launch_unwritten)
         if self.launch_gone:
@@ -70,45 +84,19 @@ class Snapshot:
     @property
     def warnings(self) -> tuple[str, ...]:
         """Lines shown above the table (and on stderr by a one-shot status)."""
-        return self.launch_lines + ((self.state_note,) if self.state_note else ())
+        return self.launch_lines + ((self.state_note,) if self.state_note else ()) + self.config_notes
 
     @property
     def launch_lines(self) -> tuple[str, ...]:
         return self.launch_unwritten + tuple(g.line() for g in self.launch_gone)
 
 
-# A sidecar saves its state at least every 10 s (sidecar.STATE_SAVE_EVERY), cron's render --scrape every run
-# (a minute at most in the shipped cron file and timer): older than this (two cron runs missed), nothing is
-# keeping the weights. (It was 5 minutes: a killed sidecar's table looked current for that long.)
-STATE_STALE_S = 150.0
-
-
-def state_note(path: Path, age: float | None, exists: bool = False, interval: float = 0.0) -> str | None:
-    """Why WEIGHT may not be what anything keeps current (None: a sidecar or cron run wrote it recently).
-    `exists`: a file is there, yet no state came of it (unusable: the store said why). `interval`: the writer's
-    cycle (its state's config): a sidecar with a long --interval saves once a cycle."""
-    if age is None and exists:
-        return f"{path}: the policy state cannot be used (see above), so WEIGHT is the inventory's"
-    if age is None:
-        return (f"{path}: no policy state: no sidecar or 'render --scrape' has run for this config, so WEIGHT is "
-                "the inventory's (check --out/--state)")
-    if age > max(STATE_STALE_S, 3 * interval):
-        return (f"{path}: last written {_ago(age)} ago: no sidecar or cron run is keeping the weights now; WEIGHT "
-                "is what the last one applied (is the sidecar or the cron job running?)")
-    return None
-
-
-def _ago(seconds: float) -> str:
-    minutes = int(seconds // 60)
-    if minutes < 120:
-        return f"{minutes} min"
-    hours = minutes // 60
-    return f"{hours} h" if hours < 48 else f"{hours // 24} days"
-
-
 def rows_of(
-    inv: Inventory, samples: dict[str, LoadSample], decisions: Decisions, state: PolicyState
+    inv: Inventory, samples: dict[str, LoadSample], decisions: Decisions, state: PolicyState,
+    served: served_mod.Served | None = None, has_store: bool = False,
 ) -> list[dict[str, Any]]:
+    """One object per replica. The current weight is what the config file at --out gives nginx (`served`,
+    the nginx flavor), else the policy state's, else the inventory's (fdngx.commands.status_served)."""
     insts = {i.name: i for i in inv.instances}
     rows = []
     for d in decisions:
@@ -116,7 +104,8 @@ def rows_of(
         st = state.instances.get(d.name)
         inst = insts[d.name]
         ok = bool(s and s.ok)
-        current_down = bool(st.down) if st is not None else inst.drain
+        now = served_view.current(inst, st, served)
+        current_down = now.down
         # Drained but not applied yet (debounce, cron not run yet, a failing apply): nginx still sends it new
         # requests, so a quiet moment now says nothing about when it may be stopped.
         reason = NOT_APPLIED if inst.drain and not current_down else d.reason
@@ -138,11 +127,11 @@ def rows_of(
                 "scrape_error": s.error if s else "not scraped",
                 "health_error": s.health_error if s else None,
                 "latency_ms": round(s.latency * 1000, 1) if s else None,
-                "current_weight": st.weight if st is not None and st.weight is not None else inst.weight,
+                "current_weight": now.weight,
                 # No state: nginx has the inventory's static render, in which a drained replica is `down`.
                 "current_down": current_down,
                 # nginx's `backup`: it sends the replica nothing while another one is in rotation.
-                "backup": bool(st is not None and st.backup),
+                "backup": now.backup,
                 "proposed_weight": d.weight,
                 "proposed_down": d.down,
                 "proposed_backup": d.backup,
@@ -150,6 +139,10 @@ def rows_of(
                 "reason": reason,
             }
         )
+        if has_store:  # what the policy state says nginx got (null: nothing for this replica), and the file
+            rows[-1].update({"state_weight": st.weight if st is not None else None,
+                             "state_down": st.down if st is not None else None,
+                             "state_backup": st.backup if st is not None else None, "in_config": now.in_config})
     _shares(rows)
     return rows
 
@@ -170,9 +163,11 @@ class Source:
     (a running sidecar's view) or, without one and with `remember`, the policy's memory carried from one
     snapshot to the next (what a sidecar started now would do)."""
 
-    def __init__(self, inventories: list[Path], store: StateStore | None, timeout: float, remember: bool = False):
+    def __init__(self, inventories: list[Path], store: StateStore | None, timeout: float, remember: bool = False,
+                 out: Path | None = None):
         self.inventories = inventories
         self.store = store
+        self.out = out  # the config file nginx reads: its weights are the current ones (nginx flavor)
         self.timeout = timeout
         self.remember = remember
         self.memory = PolicyState()
@@ -196,14 +191,24 @@ class Source:
         decisions, new_state = decide(samples, inv, pstate, config_of_state(pstate), now)
         if self.remember and self.store is None:
             self.memory = new_state
+        served = served_mod.read(self.out, inv.upstream) if self.out is not None else None
+        source = served_view.weights_from(served, pstate, self.store is not None)
         age = note = None
+        interval = pstate.config.get("interval")
+        interval = interval if isinstance(interval, int | float) else 0.0
         if self.store is not None:
             age = None if pstate.updated_at is None else max(0.0, now - pstate.updated_at)
-            interval = pstate.config.get("interval")
-            note = state_note(self.store.path, age, self.store.path.exists(),
-                              interval if isinstance(interval, int | float) else 0.0)
-        return Snapshot(now, rows_of(inv, samples, decisions, pstate), decisions.fleet_load, decisions.fail_open,
-                        self.unwritten, self.gone, age, note, self.store is not None)
+            note = state_note(self.store.path, age, self.store.path.exists(), interval,
+                              served.path if source == "config" and served is not None else None)
+        nginx = None
+        if served is not None and served.verify_url is not None:
+            nginx = served_mod.served_generation(served.verify_url, self.timeout)
+        said = served_view.notes(served, inv, pstate, self.store.path if self.store else None,
+                                 age is not None and fresh(age, interval), nginx)
+        return Snapshot(now, rows_of(inv, samples, decisions, pstate, served, self.store is not None),
+                        decisions.fleet_load, decisions.fail_open, self.unwritten, self.gone, age, note,
+                        self.store is not None, source if self.store is not None else None, said,
+                        served_view.footer(served, source), served is not None)
 
     def close(self) -> None:
         self.session.close()

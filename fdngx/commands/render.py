@@ -4,6 +4,7 @@ controller cycle (what cron runs)."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,8 +47,9 @@ from fdngx.commands.options import (
     render_options,
     target_spec,
 )
+from fdngx.commands.status_served import fresh
 from fdngx.domain import Balancer, Flavor, Inventory, Mode
-from fdngx.errors import UsageError
+from fdngx.errors import FdngxError, UsageError
 from fdngx.logs import say
 from fdngx.nginx.apply import unified_diff
 from fdngx.nginx.frontdoor import AccessLogFormat
@@ -95,7 +97,9 @@ def render_cmd(
         "on failure."
     ),
     check: bool = typer.Option(
-        False, "--check", help="Only compare: exit 0 if --out is current, 1 if a render would change it."
+        False, "--check", help="Only compare: exit 0 if --out is current, 1 if a render would change it (this "
+        "render: without --scrape, the inventory's static weights; over a config whose weights a cron job or "
+        "sidecar keeps, it says so: --check --scrape compares with what their next cycle writes)."
     ),
     diff: bool = typer.Option(False, "--diff", help="Show a unified diff against --out (alone: change nothing)."),
     nginx_conf: Path | None = NginxConfOpt,
@@ -174,6 +178,9 @@ def render_cmd(
         if diff:
             typer.echo(unified_diff(old, text, out_path), nl=False)
         current = old == text.encode("utf-8")
+        if (check or diff) and not scrape and not (quiet and current) and (kept := policy_keeps(out_path, flavor)):
+            say(f"fdngx: note: compared with a render of the inventory's static weights: {kept}; --scrape compares "
+                "with what its next cycle writes")
         if check and not (quiet and current):
             say(f"{out_path}: {'current' if current else 'stale: a render would change it'}")
         if (check or diff) and not current:
@@ -182,6 +189,11 @@ def render_cmd(
     if out_path is not None and owner.held(out_path):
         say(f"fdngx: warning: a running fdngx sidecar manages {out_path}: its next cycle rewrites what this render "
             "writes (to change its options, restart it with them)", logging.WARNING, color="yellow")
+    elif out_path is not None and not scrape and (kept := policy_keeps(out_path, flavor)):
+        # A cron job's config: no sidecar lock to find, but its policy state says someone keeps the weights.
+        say(f"fdngx: warning: {kept}: this render without --scrape resets them to the inventory's static weights "
+            "(and takes `backup` off) until its next cycle; use --scrape to keep them", logging.WARNING,
+            color="yellow")
     with lock_waits_said_at(logging.DEBUG if quiet else logging.INFO):  # --quiet: a wait alone is not news
         result = apply_fresh(target, policy, store, paths, seen, inv)
     if result.error is not None:
@@ -201,6 +213,30 @@ def render_cmd(
             say(f"peers file not applied: {result.superseded}")
         else:  # openresty: the weights went to the balancer, no reload
             say(f"pushed weights to {result.pushed} peer(s)")
+
+
+def policy_keeps(out: Path, flavor: Flavor) -> str | None:
+    """Whose weights a render without --scrape over `out` would replace, for people (None: nobody's): a cron
+    job's or sidecar's, when the policy state beside it was written recently (fdngx.commands.status_served.fresh).
+    The OpenResty flavor's static render replaces none: its file holds no weights, and the balancer keeps a
+    newer pushed snapshot over its peers file."""
+    if flavor is Flavor.OPENRESTY:
+        return None
+    store = store_for(out)
+    if not store.path.is_file():
+        return None
+    try:
+        state = store.load()
+    except FdngxError:  # a state another account owns: the apply does not read it, and says nothing of it here
+        return None
+    if state.updated_at is None or not any(st.weight is not None for st in state.instances.values()):
+        return None
+    age = max(0.0, time.time() - state.updated_at)
+    interval = state.config.get("interval")
+    if not fresh(age, interval if isinstance(interval, int | float) else 0.0):
+        return None
+    return (f"a cron job or sidecar keeps the weights of {out} from the replicas' load (its policy state "
+            f"{store.path}, written {age:.0f} s ago)")
 
 
 RERUNS = 3  # a render whose inventory changed under it runs again at most this many times

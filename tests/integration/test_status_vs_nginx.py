@@ -1,7 +1,7 @@
 """`fdngx status --out` tells what the config nginx runs gives each replica, not only what the policy state says
-fdngx applied.
+fdngx applied; and a `render` without --scrape over a config whose weights a cron job keeps says it resets them.
 
-An outside review (H1): after cron's `render --scrape --reload` had put `backup`/28/28 in place, a plain
+An outside review (H1, M1): after cron's `render --scrape --reload` had put `backup`/28/28 in place, a plain
 `fdngx render --reload` ran weight=1 on all three without a word, and status went on showing backup:3/28/28 and
 shares 0/50/50 % (also with nginx stopped, and with a hand-written file at --out). Real nginx under a temp
 prefix, `fdngx sim` replicas, 127.0.0.1 only.
@@ -115,6 +115,21 @@ def test_status_shows_what_the_config_gives_nginx_after_a_plain_render(lab: Lab)
     assert again["weights_from"] == "config", again
 
 
+def test_a_plain_render_over_weights_a_cron_job_keeps_says_it_resets_them(lab: Lab) -> None:
+    """The cron case of the warning a running sidecar's config already got: one line naming the policy state
+    and --scrape; the render itself still writes (and nginx runs) the inventory's static weights."""
+    ok("render", *lab.render, "--scrape", "--reload")
+    plain = ok("render", *lab.render, "--reload")
+    warned = [ln for ln in plain.stderr.splitlines() if "keeps the weights" in ln]
+    assert len(warned) == 1 and warned[0].startswith(
+        f"fdngx: warning: a cron job or sidecar keeps the weights of {lab.conf} from the replicas' load (its "
+        f"policy state {lab.state}, written "), plain.stderr
+    assert "resets them to the inventory's static weights" in warned[0] and "use --scrape" in warned[0]
+    assert "applied and reloaded" in plain.stderr and "weight=1 " in lab.conf.read_text()
+    again = ok("render", *lab.render, "--scrape", "--reload")
+    assert "keeps the weights" not in again.stderr, again.stderr  # --scrape keeps them: nothing to warn of
+
+
 def test_status_says_when_nginx_does_not_serve_the_file(lab: Lab) -> None:
     """A render written but not loaded (no --reload): nginx serves another generation. nginx stopped: nothing
     answers. Before, status showed the same table either way."""
@@ -183,3 +198,40 @@ def test_the_openresty_flavor_keeps_the_policy_states_weights_and_says_why(tmp_p
     assert (f"WEIGHT: the policy state's (the OpenResty flavor pushes weights to its Lua balancer; {conf} holds "
             "none)") in table.stdout, table.stdout
 
+
+# -- render without --scrape over a config a cron job keeps (M1) -------------------------------------------
+
+
+def test_render_check_without_scrape_says_what_it_compares_with(tmp_path: Path) -> None:
+    inv, _ = fleet(tmp_path)
+    conf = tmp_path / "upstream.conf"
+    ok("render", "-i", inv, "--out", conf)
+    bare = run("render", "-i", inv, "--out", conf, "--check")
+    assert bare.returncode == 0 and "note:" not in bare.stderr, bare.stderr  # no policy state: nothing to say
+
+    state = write_state(store_for(conf).path, dp0=InstanceState(weight=20), dp1=InstanceState(weight=20))
+    check = run("render", "-i", inv, "--out", conf, "--check")
+    assert check.returncode == 0, check.stderr  # the exit code keeps its meaning: this render changes nothing
+    assert ("fdngx: note: compared with a render of the inventory's static weights: a cron job or sidecar keeps "
+            f"the weights of {conf} from the replicas' load (its policy state {state}, written ") in check.stderr
+    assert "--scrape compares with what its next cycle writes" in check.stderr, check.stderr
+
+    write_state(state, age=3600, dp0=InstanceState(weight=20), dp1=InstanceState(weight=20))  # nobody keeps it
+    old = ok("render", "-i", inv, "--out", conf)
+    assert "keeps the weights" not in old.stderr, old.stderr
+
+
+def test_a_static_render_warns_only_where_it_resets_kept_weights(tmp_path: Path) -> None:
+    """Written without --reload too (nginx takes it at its next reload); not with --scrape; not the OpenResty
+    flavor, whose file holds no weights and whose balancer keeps a newer pushed snapshot."""
+    inv, _ = fleet(tmp_path)
+    conf = tmp_path / "upstream.conf"
+    write_state(store_for(conf).path, dp0=InstanceState(weight=20), dp1=InstanceState(weight=20))
+    plain = ok("render", "-i", inv, "--out", conf)
+    assert plain.stderr.count("fdngx: warning: a cron job or sidecar keeps the weights") == 1, plain.stderr
+
+    lua = tmp_path / "lua" / "upstream.conf"
+    lua.parent.mkdir()
+    write_state(store_for(lua).path, dp0=InstanceState(weight=20), dp1=InstanceState(weight=20))
+    static_lua = ok("render", "-i", inv, "--flavor", "openresty", "--out", lua)
+    assert "keeps the weights" not in static_lua.stderr, static_lua.stderr

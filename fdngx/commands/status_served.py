@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fdngx.domain import Instance, Inventory
-from fdngx.nginx.served import REFUSED, Kind, Served, Server
+from fdngx.nginx.networds import REFUSED
+from fdngx.nginx.served import Kind, Served, Server
 from fdngx.weights.state import InstanceState, PolicyState
 
 # A sidecar saves its state at least every 10 s (sidecar.STATE_SAVE_EVERY), cron's render --scrape every run

@@ -38,7 +38,7 @@ from pathlib import Path
 from fdngx.errors import ApplyError, Interrupted
 from fdngx.nginx import build as nb
 from fdngx.nginx.build import MasterLog, find_nginx, generation_in, nginx_message, prepare_prefix
-from fdngx.nginx.networds import refused
+from fdngx.nginx.networds import REFUSED, get_generation
 from fdngx.system import procs
 from fdngx.system.files import read_regular_file
 
@@ -48,7 +48,6 @@ __all__ = ["MasterLog", "NginxControl", "NginxNotRunning", "ReloadError", "find_
 # nginx retries a failed bind() five times, 500 ms apart, before it gives up on a new config: a master quiet
 # for longer than this has stopped retrying.
 SETTLE_QUIET = 1.0
-REFUSED = "refused the connection"  # what _answer says when nothing listens (not a reset: a busy worker)
 _HEX = re.compile(r"[0-9a-f]{1,64}")
 
 
@@ -365,18 +364,7 @@ class NginxControl:
         """GET verify_url: (its body when it answered 200, else None; what it answered, in words)."""
         if not self.verify_url:
             return None, "no verify URL"
-        import requests  # here: a render that verifies nothing does not pay its import (fdngx.nginx.admin_http)
-
-        try:
-            # Never through a proxy from the environment (http_proxy on GPU clusters): the URL is this host's.
-            with requests.Session() as session:
-                session.trust_env = False
-                with session.get(self.verify_url, timeout=2, stream=True) as resp:
-                    body = next(resp.iter_content(4096), b"").decode("utf-8", "replace").strip()
-        except requests.RequestException as exc:
-            return None, REFUSED if refused(exc) else f"was unreachable ({type(exc).__name__})"
-        if resp.status_code != 200:
-            return None, f"answered HTTP {resp.status_code}"
-        if _HEX.fullmatch(body):
+        body, words = get_generation(self.verify_url, 2)
+        if body is not None and _HEX.fullmatch(body):
             return body, f"answered generation {body}"
-        return body, f"answered HTTP 200 with {body[:40]!r}"
+        return body, words

@@ -38,3 +38,24 @@ def in_words(exc: BaseException) -> str:
         return "timed out"
     said = next((e.strerror for e in errors if isinstance(e, OSError) and e.strerror), None)
     return said[:1].lower() + said[1:] if said else type(exc).__name__
+
+
+REFUSED = "refused the connection"  # what get_generation says when nothing listens there
+
+
+def get_generation(url: str, timeout: float) -> tuple[str | None, str]:
+    """GET `url`, nginx's /fdngx/generation on this host, never through an http_proxy from the environment
+    (GPU clusters set one): (its body, at most 4 KiB, when it answered 200, else None; what it answered, in
+    words). The reload's confirmation (fdngx.nginx.control) and `fdngx status` (fdngx.nginx.served) ask it."""
+    import requests  # here: a render that verifies nothing does not pay its import
+
+    try:
+        with requests.Session() as session:
+            session.trust_env = False
+            with session.get(url, timeout=timeout, stream=True) as resp:
+                body = next(resp.iter_content(4096), b"").decode("utf-8", "replace").strip()
+    except requests.RequestException as exc:
+        return None, REFUSED if refused(exc) else f"was unreachable ({in_words(exc)})"
+    if resp.status_code != 200:
+        return None, f"answered HTTP {resp.status_code}"
+    return body, f"answered HTTP 200 with {body[:40]!r}"

@@ -22,10 +22,10 @@ from fdngx.domain import Listen, StrEnum
 from fdngx.errors import os_error_line
 from fdngx.nginx.build import generation_in
 from fdngx.nginx.guards import fdngx_wrote
+from fdngx.nginx.networds import get_generation
 from fdngx.system.files import read_regular_file, real_target
 
 MAX_BYTES = 16 << 20  # fdngx's configs are kilobytes; a few thousand replicas stay far below this
-REFUSED = "refused the connection"  # what served_generation says when nothing listens there
 
 
 class Kind(StrEnum):
@@ -150,17 +150,7 @@ def verify_url(text: str) -> str | None:
 
 def served_generation(url: str, timeout: float) -> tuple[str | None, str]:
     """What nginx answers at `url` now: (the generation, None when it gave none; what happened, in words)."""
-    import requests  # here: reading the file needs no HTTP
-
-    try:
-        with requests.Session() as session:
-            session.trust_env = False  # never through an http_proxy from the environment: this host's own URL
-            with session.get(url, timeout=timeout, stream=True) as resp:
-                body = next(resp.iter_content(4096), b"").decode("utf-8", "replace").strip()
-    except requests.ConnectionError as exc:
-        return None, REFUSED if "refused" in str(exc).lower() else "did not answer"
-    except requests.RequestException:
-        return None, "did not answer"
-    if resp.status_code != 200:
-        return None, f"answered HTTP {resp.status_code}"
+    body, words = get_generation(url, timeout)
+    if body is None:
+        return None, words
     return body[:64], f"answered generation {body[:64]}"

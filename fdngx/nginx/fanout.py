@@ -354,8 +354,9 @@ def _push_one(f: _Frontend, text: str) -> PushOutcome:
 def _short(exc: Exception) -> str:
     """requests' long texts ("HTTPConnectionPool(...): Max retries exceeded ...") cut to what happened."""
     text = str(exc)
-    for needle, short in (("Connection refused", "connection refused"), ("timed out", "timed out"),
-                          ("Name or service not known", "name does not resolve"), ("No route to host", "no route")):
-        if needle in text:
+    for needle, short in (("connection refused", "connection refused"),
+                          ("refused the connection", "connection refused"), ("timed out", "timed out"),
+                          ("name or service not known", "name does not resolve"), ("no route to host", "no route")):
+        if needle in text.lower():
             return short
     return text[:300]

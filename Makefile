@@ -75,10 +75,11 @@ demo: setup
 # compileall first: the suite starts fdngx ~1,000 times as a real process (CLI runs, sims, sidecars), and an
 # editable install has no bytecode; where PYTHONDONTWRITEBYTECODE is set (CI images) each of those runs
 # compiled fdngx's modules from source again (0.37 -> 0.27 s a run). Stale .pyc files are checked by mtime.
+# --durations: the slowest tests are printed at the end, so a suite growing toward its 15 minutes shows where.
 test: setup
 	$(BIN)/ruff check fdngx tests bench
 	$(BIN)/python -m compileall -q fdngx >/dev/null
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
 
 # The property tests over hostile input, much longer than in `make test` (3,000 examples each).
 fuzz: setup

@@ -20,13 +20,14 @@ Generations (fdngx.nginx.generation): the pusher's wall clock in ms; a frontend 
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fdngx.domain import Instance, Inventory, LoadSample, ServerState, is_ip, natural_key
+from fdngx.domain import Instance, Inventory, LoadSample, ServerState, group_address, is_ip, natural_key
 from fdngx.errors import ApplyError
 from fdngx.nginx.generation import from_the_future, next_generation
 from fdngx.system.files import atomic_write, check_private, read_bytes_or_none, real_target
@@ -43,6 +44,18 @@ MAX_CAPACITY = 1_000_000
 # first push after a start moves no weight when the load is neutral.
 SCALE = 20
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # fdngx.inventory.NAME, checked again here
+MAX_GENERATION = 2**53 - 1  # the largest the Lua balancer reads exactly (fdngx.peers)
+
+
+def balancer_host(host: str) -> bool:
+    """Whether the Lua balancer takes `host` as a peer's (fdngx.peers.valid_host): an IP literal of a server,
+    not an unspecified ("this host": 0.0.0.0/8, ::), multicast or broadcast address."""
+    if not is_ip(host) or group_address(host) is not None:
+        return False
+    ip = ipaddress.ip_address(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not (ip.is_unspecified or (ip.version == 4 and ip.packed[0] == 0))
 
 
 def lua_modules(binary: str | None) -> tuple[str, ...]:
@@ -83,8 +96,9 @@ class Peer:
     load: float = 0.0
 
     def line(self) -> str:
-        if not _NAME.fullmatch(self.name) or not is_ip(self.host) or not 1 <= self.port <= 65535:
-            raise ApplyError(f"instance '{self.name}': cannot go to the openresty balancer (name, IP host, port)")
+        if not _NAME.fullmatch(self.name) or not balancer_host(self.host) or not 1 <= self.port <= 65535:
+            raise ApplyError(f"instance '{self.name}': cannot go to the openresty balancer (name, IP host of a "
+                             "server, port)")
         weight = int(_bounded(self.weight, 1, MAX_WEIGHT))
         capacity = int(_bounded(round(self.capacity), 1, MAX_CAPACITY))
         load = _bounded(self.load, 0.0, MAX_LOAD)
@@ -93,6 +107,8 @@ class Peer:
 
 def snapshot(generation: int, peers: list[Peer], upstream: str = "") -> str:
     """A whole snapshot: the text the peers file holds and the admin location takes."""
+    if type(generation) is not int or not 0 <= generation <= MAX_GENERATION:
+        raise ApplyError(f"generation {generation!r}: the openresty balancer takes 0..2^53-1")
     head = f"# fdngx peers{f' for upstream {upstream}' if upstream else ''}: replicas as data for the Lua balancer\n"
     # A snapshot with no peer says so: the parser refuses one that does not (a body cut short).
     return head + f"generation {generation}\n" + ("".join(p.line() for p in peers) or "empty\n")

@@ -156,9 +156,13 @@ def test_generations_the_newest_push_wins(site: LuaSite) -> None:
 def test_a_far_future_generation_is_refused_and_never_wedges_the_pool(site: LuaSite) -> None:
     # Generations are the pusher's clock in ms: accepted, 2^53 made every honest push "stale" until a restart.
     gen = site.generation()
-    rogue = site.snapshot(2**53, {"b0": (1, 0, 0), "b1": (9, 0, 0)})
-    with pytest.raises(ApplyError, match=rf"HTTP 400 generation {2**53} is \d+ s ahead of this frontend's clock"):
+    rogue = site.snapshot(2**53 - 1, {"b0": (1, 0, 0), "b1": (9, 0, 0)})
+    with pytest.raises(ApplyError, match=rf"HTTP 400 generation {2**53 - 1} is \d+ s ahead of this frontend's clock"):
         site.admin.push(rogue)
+    # Past 2^53 - 1 a number is no longer exact in Lua: 2^53 + 1 was read, and answered, as 2^53.
+    for beyond in (2**53, 2**53 + 1):
+        with pytest.raises(ApplyError, match=rf'HTTP 400 line 1: bad generation "{beyond}" \(0..2\^53-1\)'):
+            site.admin.push(site.snapshot(beyond, {"b0": (1, 0, 0), "b1": (9, 0, 0)}))
     assert site.generation() == gen
     honest = next_generation()
     assert site.admin.push(site.snapshot(honest, {"b0": (9, 0, 0), "b1": (1, 0, 0)})).status == "ok"
@@ -184,9 +188,9 @@ def test_render_says_when_a_newer_snapshot_is_in_force_and_exits_1(site: LuaSite
 
 
 def test_a_peers_file_from_a_clock_far_ahead_never_wedges_the_pool(site: LuaSite) -> None:
-    # A peers file written while this host's clock was far ahead (2^53 here), read at nginx's start.
+    # A peers file written while this host's clock was far ahead (2^53 - 1 here), read at nginx's start.
     assert site.nginx is not None
-    far = f"generation {2**53}"
+    far = f"generation {2**53 - 1}"
 
     def write_far() -> None:
         site.peers_file.write_text(re.sub(r"(?m)^generation [0-9]+$", far, site.peers_file.read_text()))
@@ -199,14 +203,14 @@ def test_a_peers_file_from_a_clock_far_ahead_never_wedges_the_pool(site: LuaSite
 
     # A first start: it is all there is, so it is in force, and the next honest push replaces it.
     restart()
-    assert site.generation() == 2**53
+    assert site.generation() == 2**53 - 1
     wait_for(lambda: "in force until the next push replaces it" in site.error_log(), 10, what="the WARN")
     honest = next_generation()
     assert site.admin.push(site.snapshot(honest, {"b0": (9, 0, 0), "b1": (1, 0, 0)})).status == "ok"
     assert site.generation() == honest and site.view()["b0"]["weight"] == "9"
     # Wedged again (a start from that file), then a reload with a sane file: the file's replaces it.
     restart()
-    assert site.generation() == 2**53
+    assert site.generation() == 2**53 - 1
     sane = next_generation()
     site.peers_file.write_text(site.peers_file.read_text().replace(far, f"generation {sane}"))
     assert site.nginx.proc is not None

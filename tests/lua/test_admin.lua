@@ -65,9 +65,9 @@ return {
         local pool = new_pool()
         local status, text = post(pool, body(MS))
         t.eq(status, 200); t.ok(text:find("^ok generation=" .. MS), text)
-        status, text = post(pool, body(2 ^ 53, 1))
+        status, text = post(pool, body(2 ^ 53 - 1, 1))
         t.eq(status, 400)
-        t.ok(text:find("generation 9007199254740992 is %d+ s ahead of this frontend's clock %(at most 300 s%)"), text)
+        t.ok(text:find("generation 9007199254740991 is %d+ s ahead of this frontend's clock %(at most 300 s%)"), text)
         t.ok(text:find("nothing applied", 1, true) and not text:find("\n"), text)
         t.eq(pool.dict:get("gen"), MS, "nothing applied")
         -- just past the window: refused too; at its edge (a clock five minutes ahead): taken
@@ -85,12 +85,12 @@ return {
     end,
 
     ["admin: a pool wedged by a far-future generation takes the next honest push, with a WARN"] = function(t)
-        local pool = wedged(2 ^ 53)
+        local pool = wedged(2 ^ 53 - 1)
         local status, text, logs = post(pool, body(MS, 9))
         t.eq(status, 200, text); t.ok(text:find("^ok generation=" .. MS), text)
         t.eq(pool.dict:get("gen"), MS)
         local warn = table.concat(logs, "\n")
-        t.ok(warn:find("warn fdngx: pool fastdeploy: generation 9007199254740992 in force was %d+ s ahead of this "
+        t.ok(warn:find("warn fdngx: pool fastdeploy: generation 9007199254740991 in force was %d+ s ahead of this "
                        .. "clock; replaced by " .. MS), warn)
         -- from then on the usual rule: older is stale, newer wins
         status = post(pool, body(MS - 1))

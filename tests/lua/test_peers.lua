@@ -27,9 +27,10 @@ return {
     end,
 
     ["hosts: IP literals only, no scope id, no leading zeros"] = function(t)
-        for _, host in ipairs({ "127.0.0.1", "0.0.0.0", "255.255.255.255", "::", "::1", "fe80::1", "1::",
+        for _, host in ipairs({ "127.0.0.1", "::1", "fe80::1", "1::",
                                 "2001:db8::8:800:200c:417a", "::ffff:10.0.0.1", "1:2:3:4:5:6:7:8",
-                                "1:2:3:4:5:6:1.2.3.4", "ABCD::ef" }) do
+                                "1:2:3:4:5:6:1.2.3.4", "ABCD::ef", "1.0.0.0", "223.255.255.255", "240.0.0.1",
+                                "255.255.255.254", "ff::1", "fe00::1" }) do
             t.ok(peers.valid_host(host), host .. " should be valid")
         end
         for _, host in ipairs({ "", "localhost", "256.0.0.1", "010.0.0.1", "1.2.3", "1.2.3.4.5", ":::", "1::2::3",
@@ -37,6 +38,36 @@ return {
                                 "::1\"..os.execute('id')..\"", "g::1", "1:2:3:4:5:6:7:1.2.3.4", "[::1]",
                                 "999", "0x7f000001" }) do
             t.ok(not peers.valid_host(host), host .. " should be refused")
+        end
+    end,
+
+    ["hosts: no address that is no server's (as fdngx's inventory refuses them), however it is spelled"] = function(t)
+        -- an outside review: 0.0.0.0 and 255.255.255.255 were taken as peers (0.0.0.0 connects to this host)
+        local cases = {
+            ["0.0.0.0"] = "unspecified", ["0.1.2.3"] = "unspecified", ["::"] = "unspecified",
+            ["0:0:0:0:0:0:0:0"] = "unspecified", ["::ffff:0.0.0.0"] = "unspecified",
+            ["224.0.0.1"] = "multicast", ["239.255.255.255"] = "multicast", ["ff02::1"] = "multicast",
+            ["FF05::1:3"] = "multicast", ["::ffff:224.0.0.251"] = "multicast",
+            ["255.255.255.255"] = "broadcast", ["::ffff:255.255.255.255"] = "broadcast",
+        }
+        for host, kind in pairs(cases) do
+            t.ok(not peers.valid_host(host), host .. " should be refused")
+            t.fails(function() return peers.parse(body("peer dp0 " .. host .. " 80 1 0 1 0")) end,
+                    "line 2: bad host " .. string.format("%q", host) .. " (", host)
+            local _, err = peers.parse(body("peer dp0 " .. host .. " 80 1 0 1 0"))
+            t.ok(err:find(kind, 1, true) and err:find("no server's", 1, true), err)
+        end
+    end,
+
+    ["generations: 0 to 2^53 - 1 exactly; a longer number is refused, never read as another"] = function(t)
+        t.eq(assert(peers.parse(body("peer a 127.0.0.1 80 1 0 1 0"))).generation, 1)
+        local top = assert(peers.parse("generation 9007199254740991\npeer a 127.0.0.1 80 1 0 1 0\n"))
+        t.eq(top.generation, 2 ^ 53 - 1)
+        t.eq(string.format("%d", top.generation), "9007199254740991")
+        -- 2^53 + 1 reads as 2^53 in a double: it was accepted and answered as that other number
+        for _, g in ipairs({ "9007199254740992", "9007199254740993", "9999999999999999", "10000000000000000" }) do
+            t.fails(function() return peers.parse("generation " .. g .. "\npeer a 127.0.0.1 80 1 0 1 0\n") end,
+                    "line 1: bad generation \"" .. g .. "\" (0..2^53-1)", g)
         end
     end,
 

@@ -50,6 +50,28 @@ def test_a_line_fdngx_would_write_for_a_non_ip_host_is_refused() -> None:
         Peer('dp0"..os.execute("id")', "127.0.0.1", 80, 1, False, 1).line()
 
 
+# The Lua parser's rule (fdngx.peers.not_a_server): fdngx never writes a line the balancer refuses.
+NO_SERVER = ["0.0.0.0", "0.1.2.3", "::", "::ffff:0.0.0.0", "224.0.0.1", "239.255.255.255", "ff02::1",
+             "::ffff:224.0.0.251", "255.255.255.255", "::ffff:255.255.255.255"]
+SERVERS = ["127.0.0.1", "1.0.0.0", "223.255.255.255", "240.0.0.1", "255.255.255.254", "::1", "fe80::1", "ff::1",
+           "::ffff:10.0.0.1"]
+
+
+def test_no_line_for_an_address_that_is_no_servers() -> None:
+    for host in NO_SERVER:
+        assert not openresty.balancer_host(host), host
+        with pytest.raises(ApplyError, match=r"dp0.*IP host of a server"):
+            Peer("dp0", host, 80, 1, False, 1).line()
+    assert all(openresty.balancer_host(h) for h in SERVERS)
+
+
+def test_a_snapshot_refuses_a_generation_the_balancer_cannot_read_exactly() -> None:
+    assert snapshot(2**53 - 1, [], "x").splitlines()[1] == "generation 9007199254740991"
+    for bad in (2**53, -1, True):
+        with pytest.raises(ApplyError, match=r"0\.\.2\^53-1"):
+            snapshot(bad, [], "x")  # type: ignore[arg-type]
+
+
 def test_the_peers_file_changes_only_with_the_replicas(tmp_path: Path) -> None:
     path = tmp_path / ".nginx.conf.fdngx-peers"
     fleet = inv(("dp0", "127.0.0.1", 1, 64, 1))
@@ -83,7 +105,7 @@ def test_every_snapshot_fdngx_writes_is_one_the_lua_parser_accepts(tmp_path: Pat
                 ("z" * 128, "::ffff:10.0.0.1", 80, 7, 3))
     samples = {"dp0": LoadSample("dp0", True, True, running=999_999.9999, queued=5.0)}
     bodies = [snapshot(1, openresty.initial_peers(fleet), "fastdeploy"),
-              snapshot(2**53, live_peers(fleet, {"dp0": ServerState(0, down=True)}, samples))]
+              snapshot(2**53 - 1, live_peers(fleet, {"dp0": ServerState(0, down=True)}, samples), "u_2")]
     for i, body in enumerate(bodies):
         (tmp_path / f"s{i}").write_text(body)
     argv = luajit_script(
@@ -98,6 +120,15 @@ def test_every_snapshot_fdngx_writes_is_one_the_lua_parser_accepts(tmp_path: Pat
     proc = subprocess.run([*argv, *[str(tmp_path / f"s{i}") for i in range(len(bodies))]],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.split() == ["3", "3"], proc.stdout + proc.stderr
+
+
+@NEEDS_LUAJIT
+def test_the_lua_parser_takes_the_hosts_fdngx_writes_and_refuses_the_others(tmp_path: Path) -> None:
+    argv = luajit_script(tmp_path / "hosts.lua", "local peers = require('fdngx.peers')\n"
+                         "for i = 2, #arg do print(arg[i], peers.valid_host(arg[i])) end\n")
+    proc = subprocess.run([*argv, *NO_SERVER, *SERVERS], capture_output=True, text=True, timeout=60)
+    said = dict(line.split("\t") for line in proc.stdout.splitlines())
+    assert said == {**dict.fromkeys(NO_SERVER, "false"), **dict.fromkeys(SERVERS, "true")}, proc.stdout
 
 
 def test_the_clock_window_is_the_balancers() -> None:

@@ -9,9 +9,11 @@
 --     generation 1733212345678
 --     peer <name> <host> <port> <weight> <down> <capacity> <load>
 --
--- generation: the pusher's monotonic number (fdngx: wall-clock ms), exactly once, before the peers.
+-- generation: the pusher's monotonic number (fdngx: wall-clock ms), exactly once, before the peers; at most
+-- 2^53 - 1 (the largest integer a Lua number holds exactly: a longer one would be read as another number).
 -- name: as the inventory allows ([A-Za-z0-9][A-Za-z0-9._:@-]*, up to 128). host: an IPv4 or IPv6 literal
--- (the openresty flavor sets peers by address). port 1..65535. weight 1..10000: the peer's share, which
+-- (the openresty flavor sets peers by address) of a server: not an unspecified ("this host": 0.0.0.0/8,
+-- ::), multicast or broadcast address, which fdngx's inventory refuses too. port 1..65535. weight 1..10000: the peer's share, which
 -- already carries its capacity (see fdngx.pick). down 0|1: the sidecar's verdict. capacity 1..1000000:
 -- slots (max_num_seqs or the scraped max_batch_size). load 0..1000000 with up to 3 decimals: running +
 -- queued requests at the last scrape. Fields are separated by exactly one space; nothing else is accepted.
@@ -38,9 +40,12 @@ local function shown(s)
     return format("%q", (s:gsub("[^%w%p ]", "?")))
 end
 
+M.MAX_GENERATION = 2 ^ 53 - 1
+
 local function integer(s, lo, hi)
     if not match(s, "^[1-9][0-9]*$") and s ~= "0" then return nil end
-    if #s > 16 then return nil end -- exact in a double
+    -- exact in a double: 2^53 + 1 reads as 2^53, and would be answered as that other number
+    if #s > 16 or (#s == 16 and s > "9007199254740991") then return nil end
     local n = tonumber(s)
     if n < lo or n > hi then return nil end
     return n
@@ -108,9 +113,27 @@ function M.address(host)
     return format("%x:%x:%x:%x:%x:%x:%x:%x", unpack(g))
 end
 
-function M.valid_host(s)
-    return M.address(s) ~= nil
+-- Why an address (M.address's spelling) can be no server's, or nil: the Python side's rule
+-- (fdngx.domain.valid_host refuses multicast and broadcast; an unspecified address connects to this host).
+function M.not_a_server(address)
+    local a = match(address, "^(%d+)%.")
+    if a then
+        a = tonumber(a)
+        if a == 0 then return "an unspecified address" end
+        if a >= 224 and a <= 239 then return "a multicast address" end
+        if address == "255.255.255.255" then return "the broadcast address" end
+        return nil
+    end
+    if address == "0:0:0:0:0:0:0:0" then return "an unspecified address" end
+    if match(address, "^ff") and #match(address, "^(%x+)") == 4 then return "a multicast address" end
+    return nil
 end
+
+function M.valid_host(s)
+    local address = M.address(s)
+    return address ~= nil and M.not_a_server(address) == nil
+end
+
 
 function M.valid_name(s)
     return #s <= 128 and match(s, "^[A-Za-z0-9][A-Za-z0-9._:@-]*$") ~= nil
@@ -133,6 +156,8 @@ local function parse_peer(rest)
     if not M.valid_name(name) then return nil, "bad name " .. shown(name) end
     local address = M.address(host)
     if not address then return nil, "bad host " .. shown(host) .. " (an IPv4 or IPv6 literal)" end
+    local why = M.not_a_server(address)
+    if why then return nil, "bad host " .. shown(host) .. " (" .. why .. ", no server's)" end
     local p = {
         name = name,
         host = host,
@@ -168,8 +193,8 @@ function M.parse(text)
         local kind = sub(line, 1, 1) == "#" and "#" or match(line, "^([a-z]*)")
         if kind == "generation" then
             if snap.generation then return nil, at .. "a second generation line" end
-            local g = sub(line, 11, 11) == " " and integer(sub(line, 12), 0, 2 ^ 53)
-            if not g then return nil, at .. "bad generation " .. shown(sub(line, 12)) end
+            local g = sub(line, 11, 11) == " " and integer(sub(line, 12), 0, M.MAX_GENERATION)
+            if not g then return nil, at .. "bad generation " .. shown(sub(line, 12)) .. " (0..2^53-1)" end
             snap.generation = g
         elseif kind == "empty" and line == "empty" then
             if not snap.generation then return nil, at .. "empty before the generation line" end

@@ -195,13 +195,14 @@ class Admin:
 
     def push(self, body: str) -> PushResult:
         """POST one whole snapshot. A refused older generation is a result (another controller is ahead),
-        not an error; anything else that is not applied raises ApplyError with the balancer's reason. A 200
+        not an error; anything else that is not applied raises ApplyError with the balancer's reason (a 409 for
+        another upstream's snapshot included: "HTTP 409 snapshot for upstream A; this frontend's pool is B"). A 200
         counts only as the balancer says it: `ok` or `unchanged`, with the generation sent."""
         resp = self._request("POST", body)
         text = resp.text.strip()
         fields = _fields(text)
         try:
-            if resp.status_code == 409:
+            if resp.status_code == 409 and text.startswith("stale "):
                 return PushResult("stale", int(fields["generation"]), current=int(fields["current"]))
             if resp.status_code == 200:
                 status, generation = text.split()[0], int(fields["generation"])

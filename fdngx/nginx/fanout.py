@@ -10,7 +10,10 @@ POSTs those exact bytes to every frontend's admin location at once, one worker t
 - the workers are daemon threads: exit (SIGTERM) never waits on a push;
 - a frontend's failure is logged once when it starts and once when it ends (not every cycle), and counted
   per frontend in the sidecar's telemetry;
-- a 409 (the frontend holds a newer generation, from a second controller running side by side) is an
+- a frontend of another upstream refuses the snapshot (409 "snapshot for upstream A; this frontend's pool is
+  B", fdngx.admin): a failure of that frontend, said with its message, as is a frontend whose older fdngx
+  cannot take the snapshot's upstream line (upgrade the frontends first);
+- a 409 stale (the frontend holds a newer generation, from a second controller running side by side) is an
   answer, not a failure: logged once per change, counted as `stale`; at WARNING when the generation in
   force there is further ahead of this host's clock than a frontend takes from any pusher (this host's
   clock is behind, fdngx.nginx.generation), at INFO otherwise; at WARNING too when every frontend that
@@ -339,12 +342,20 @@ class Fanout:
         self._workers.close()
 
 
+# A frontend whose Lua parser predates the snapshot's `upstream` line (fdngx.nginx.openresty) refuses it whole.
+_OLDER_FRONTEND = 'unknown line "upstream '
+
+
 def _push_one(f: _Frontend, text: str) -> PushOutcome:
     t0 = time.monotonic()
     try:
         result = f.admin.push(text)
-    except FdngxError as exc:  # AdminUnreachable included
-        return PushOutcome(f.label, "failed", time.monotonic() - t0, error=_short(exc))
+    except FdngxError as exc:  # AdminUnreachable included; a frontend of another upstream (409) too
+        error = _short(exc)
+        if _OLDER_FRONTEND in error:
+            error += (" (this frontend runs an fdngx older than this controller's, which cannot take the upstream "
+                      "line: upgrade the frontends first, then re-render and reload them: docs/controller.md)")
+        return PushOutcome(f.label, "failed", time.monotonic() - t0, error=error, url=f.spec.url)
     except Exception as exc:  # a bug in one push must not take the cycle down
         return PushOutcome(f.label, "failed", time.monotonic() - t0, error=_short(ApplyError(repr(exc))))
     return PushOutcome(f.label, result.status, time.monotonic() - t0, result.peers, current=result.current,

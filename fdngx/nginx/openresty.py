@@ -6,6 +6,7 @@ addresses, capacity), their weights, down states and scraped load reach the Lua 
 (templates/lua/fdngx/) as DATA, in one line format that one validating parser (fdngx.peers) reads:
 
     generation <n>
+    upstream <name>             (the frontend refuses a snapshot for another upstream: 409)
     peer <name> <host> <port> <weight> <down 0|1> <capacity> <load>
     empty                       (instead of any peer: no replica yet, nginx answers 503; registry mode)
 
@@ -16,7 +17,10 @@ addresses, capacity), their weights, down states and scraped load reach the Lua 
   loopback admin location every cycle; a whole snapshot, so a replica added or removed needs no reload.
 
 Generations (fdngx.nginx.generation): the pusher's wall clock in ms; a frontend keeps the newest.
-"""
+
+The `upstream` line is new (2026-12-07): a frontend rendered by an older fdngx (0.3.0 before it) refuses a
+snapshot carrying it (400 "unknown line"), so frontends are upgraded before their controllers
+(docs/controller.md); a snapshot without it (an older pusher's, an older peers file) is taken unchecked."""
 
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ MAX_CAPACITY = 1_000_000
 # first push after a start moves no weight when the load is neutral.
 SCALE = 20
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # fdngx.inventory.NAME, checked again here
+_UPSTREAM = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # fdngx.inventory.UPSTREAM, checked again here
 MAX_GENERATION = 2**53 - 1  # the largest the Lua balancer reads exactly (fdngx.peers)
 
 
@@ -106,12 +111,17 @@ class Peer:
 
 
 def snapshot(generation: int, peers: list[Peer], upstream: str = "") -> str:
-    """A whole snapshot: the text the peers file holds and the admin location takes."""
+    """A whole snapshot: the text the peers file holds and the admin location takes. `upstream` (the
+    inventory's) goes in as data: a frontend of another upstream refuses it (409) instead of routing its
+    traffic to these replicas."""
     if type(generation) is not int or not 0 <= generation <= MAX_GENERATION:
         raise ApplyError(f"generation {generation!r}: the openresty balancer takes 0..2^53-1")
-    head = f"# fdngx peers{f' for upstream {upstream}' if upstream else ''}: replicas as data for the Lua balancer\n"
+    if upstream and not _UPSTREAM.fullmatch(upstream):
+        raise ApplyError(f"upstream {upstream[:80]!r}: cannot go to the openresty balancer (letters, digits and _)")
+    head = "# fdngx peers: replicas as data for the Lua balancer\n" + f"generation {generation}\n"
+    head += f"upstream {upstream}\n" if upstream else ""
     # A snapshot with no peer says so: the parser refuses one that does not (a body cut short).
-    return head + f"generation {generation}\n" + ("".join(p.line() for p in peers) or "empty\n")
+    return head + ("".join(p.line() for p in peers) or "empty\n")
 
 
 def capacity_weights(inv: Inventory) -> dict[str, int]:

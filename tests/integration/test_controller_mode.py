@@ -13,6 +13,8 @@ import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
@@ -181,6 +183,44 @@ def test_two_controllers_side_by_side_the_newest_snapshot_wins(fleet: tuple[Repl
     loud = [r["msg"] for r in map(json.loads, log.splitlines()) if r["level"] in ("warning", "error")]
     assert all(m.startswith("dp3: ") for m in loud), loud  # only the unhealthy replica's news
     assert int(ahead.view()[0]["generation"]) == gen + 120_000
+
+
+def test_a_frontend_of_another_upstream_refuses_the_snapshot_and_the_controller_says_so(
+        fleet: tuple[Replicas, Path, Path], frontends: Frontends, tmp_path: Path) -> None:
+    """An outside review: a frontend rendered for upstream modelB, listed by mistake in the push file of upstream
+    fleet (one admin token for every frontend, as the docs advise), took fleet's snapshot and sent modelB's
+    traffic to fleet's replicas; nothing anywhere said so."""
+    replicas, _work, token = fleet
+    other = tmp_path / "model-b"
+    other.mkdir()
+    (other / "fdngx.json").write_text(json.dumps({"version": 1, "upstream": "modelB", "instances": [
+        {"name": "b0", "host": "127.0.0.1", "port": replicas.api[0], "metrics_port": replicas.met[0],
+         "engine": "sim"}]}))
+    model_b = Frontends(1, cast(Replicas, SimpleNamespace(inventory=other / "fdngx.json")), other, token)
+    ctl = None
+    try:
+        head, peers = model_b.admins[0].view()
+        ctl = Controller(replicas, [*frontends.urls, *model_b.urls], tmp_path, token, interval=0.5)
+        cycles = ctl.wait_cycles(4, 30)
+        label = model_b.urls[0].split("//")[1].split("/")[0]
+        for c in cycles[-2:]:
+            pushes = c["pushes"]
+            assert isinstance(pushes, dict) and pushes[label][0] == "failed", pushes
+            assert all(s == "ok" for fe, (s, _t) in pushes.items() if fe != label), pushes
+        now_head, now_peers = model_b.admins[0].view()
+        assert now_head["generation"] == head["generation"], "nothing applied"
+        assert set(now_peers) == set(peers) == {"b0"}
+        log = ctl.log.read_text()
+        said = [r["msg"] for r in map(json.loads, log.splitlines()) if "push failed" in r.get("msg", "")]
+        assert len(said) == 1, said
+        assert "HTTP 409 snapshot for upstream fleet; this frontend's pool is modelB" in said[0], said
+        assert said[0].startswith(model_b.urls[0]), said
+        assert metric(ctl.metrics(), "fdngx_frontend_up", label) == 0.0
+        assert settled(frontends, {"dp3"}), "the other frontends took every push"
+    finally:
+        if ctl is not None:
+            ctl.stop()
+        model_b.stop()
 
 
 def test_a_membership_change_reaches_every_frontend_with_no_reload(fleet: tuple[Replicas, Path, Path],

@@ -34,9 +34,9 @@ local function new_pool()
     return { name = "fastdeploy", dict = fakedict.new(), token = TOKEN, mode = "least" }
 end
 
-local function body(gen, weight)
-    return string.format("generation %d\npeer a 127.0.0.1 1 %d 0 64 0\npeer b 127.0.0.1 2 20 0 64 0\n", gen,
-                         weight or 20)
+local function body(gen, weight, upstream)
+    return string.format("generation %d\n%speer a 127.0.0.1 1 %d 0 64 0\npeer b 127.0.0.1 2 20 0 64 0\n", gen,
+                         upstream and "upstream " .. upstream .. "\n" or "", weight or 20)
 end
 
 -- POST `text` to `pool` at `now` (default NOW): status, answer text, log lines.
@@ -102,4 +102,26 @@ return {
         status, text = post(pool, body(MS))
         t.eq(status, 409, text)
     end,
+
+    ["admin: a snapshot for another upstream is refused (409), naming both; one for this pool, or none, is taken"] =
+    function(t)
+        -- An outside review: a frontend of modelB took the push of upstream fleet (a push file listing it by
+        -- mistake) and sent modelB's traffic to fleet's replicas, with nothing said anywhere.
+        local pool = new_pool()
+        local status, text = post(pool, body(MS, 20, "fleet"))
+        t.eq(status, 409)
+        t.eq(text, "snapshot for upstream fleet; this frontend's pool is fastdeploy (nothing applied): does the push "
+                   .. "file of upstream fleet list a frontend of fastdeploy?")
+        t.eq(pool.dict:get("gen"), nil, "nothing applied")
+        status, text = post(pool, body(MS, 20, "fastdeploy"))
+        t.eq(status, 200, text); t.ok(text:find("^ok generation=" .. MS), text)
+        -- an older fdngx's push names none: taken unchecked (upgrade the frontends first: docs/controller.md)
+        status, text = post(pool, body(MS + 1, 20))
+        t.eq(status, 200, text)
+        -- refused before the generation is even looked at: never "stale" for another upstream's
+        status = post(pool, body(MS - 5, 20, "fleet"))
+        t.eq(status, 409)
+        t.eq(pool.dict:get("gen"), MS + 1)
+    end,
+
 }

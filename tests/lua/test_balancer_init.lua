@@ -19,7 +19,8 @@ local function snap_text(gen, port)
     return string.format("generation %d\npeer a 127.0.0.1 %d 20 0 64 0\n", gen, port)
 end
 
--- init() with the dict `dict` and a peers file of generation `gen`; returns the log lines.
+-- init() with the dict `dict` and a peers file of generation `gen` (or text `gen`); returns the log lines, or
+-- raises init's error.
 local function init(dict, gen)
     local logs = {}
     local was = _G.ngx
@@ -34,14 +35,14 @@ local function init(dict, gen)
     for _, m in ipairs({ "fdngx.balancer", "fdngx.admin" }) do package.loaded[m] = nil end
     local token, file = os.tmpname(), os.tmpname()
     write(token, string.rep("t", 32) .. "\n")
-    write(file, snap_text(gen, 2))
+    write(file, type(gen) == "string" and gen or snap_text(gen, 2))
     local ok, err = pcall(function()
         require("fdngx.balancer").init({ pool = "fastdeploy", dict = "fdngx_fastdeploy", token_file = token,
                                          peers_file = file, mode = "least" })
     end)
     os.remove(token); os.remove(file)
     _G.ngx = was
-    assert(ok, err)
+    if not ok then error(err, 0) end
     return logs
 end
 
@@ -84,4 +85,14 @@ return {
         t.eq(dict:get("gen"), MS)
         t.eq(dict:get("ver"), 1)
     end,
+    ["a peers file for another upstream stops nginx's start, naming both"] = function(t)
+        local dict = fakedict.new()
+        local ok, err = pcall(init, dict, string.format("generation %d\nupstream modelB\nempty\n", MS))
+        t.ok(not ok)
+        t.ok(err:find(" is for upstream modelB, this config's is fastdeploy", 1, true), err)
+        t.eq(dict:get("gen"), nil)
+        init(dict, string.format("generation %d\nupstream fastdeploy\npeer a 127.0.0.1 2 20 0 64 0\n", MS))
+        t.eq(dict:get("gen"), MS)
+    end,
+
 }

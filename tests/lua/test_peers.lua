@@ -71,6 +71,32 @@ return {
         end
     end,
 
+    ["upstream: the name the snapshot is for, as data, once, before the peers; optional"] = function(t)
+        local snap = assert(peers.parse("generation 5\nupstream fleet_2\npeer a 127.0.0.1 80 1 0 1 0\n"))
+        t.eq(snap.upstream, "fleet_2"); t.eq(#snap.peers, 1)
+        t.eq(assert(peers.parse("upstream _x\ngeneration 5\nempty\n")).upstream, "_x")
+        t.eq(assert(peers.parse(body("peer a 127.0.0.1 80 1 0 1 0"))).upstream, nil, "an older fdngx's: none")
+        t.eq(assert(peers.parse("# fdngx peers for upstream b\ngeneration 1\nempty\n")).upstream, nil,
+             "a comment says nothing")
+        local long = string.rep("u", 64)
+        t.eq(assert(peers.parse("generation 1\nupstream " .. long .. "\nempty\n")).upstream, long)
+        for line, why in pairs({
+            ["upstream fleet\nupstream fleet"] = "line 3: a second upstream line",
+            ["peer a 127.0.0.1 80 1 0 1 0\nupstream fleet"] = "line 3: upstream after the peers",
+            ["empty\nupstream fleet"] = "line 3: upstream after the peers",
+            ["upstream 1fleet"] = "line 2: bad upstream",
+            ["upstream fle-et"] = "line 2: bad upstream",
+            ["upstream " .. long .. "u"] = "line 2: bad upstream",
+            ["upstream "] = "line 2: bad upstream",
+            ["upstream  fleet"] = "line 2: bad upstream",
+            ["upstream fleet "] = "line 2: bad upstream",
+            ["upstream\tfleet"] = "line 2: unknown line",
+            ["upstreams fleet"] = "line 2: unknown line",
+        }) do
+            t.fails(function() return peers.parse(body(line .. "\npeer b 127.0.0.1 81 1 0 1 0")) end, why, line)
+        end
+    end,
+
     ["hostile and malformed lines are refused with their line number"] = function(t)
         local cases = {
             { "peer a\"..os.execute('id')..\" 127.0.0.1 1 1 0 1 0", "bad name" },

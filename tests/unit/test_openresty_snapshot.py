@@ -37,6 +37,7 @@ def test_live_peers_carry_policy_weights_scraped_capacity_and_bounded_values() -
     text = snapshot(42, live_peers(fleet, states, samples), "fastdeploy")
     assert text.splitlines()[1:] == [
         "generation 42",
+        "upstream fastdeploy",  # as data: a frontend of another upstream refuses it
         "peer dp0 127.0.0.1 1 7 0 128 4.500",
         "peer dp1 ::1 2 10000 1 32 0.000",  # weight clamped; an infinite load is no load
         "peer dp10 10.0.0.1 3 2 0 8 0.000",  # no state: its capacity weight (20 * 8 / 64); after dp1
@@ -65,11 +66,16 @@ def test_no_line_for_an_address_that_is_no_servers() -> None:
     assert all(openresty.balancer_host(h) for h in SERVERS)
 
 
-def test_a_snapshot_refuses_a_generation_the_balancer_cannot_read_exactly() -> None:
+def test_a_snapshot_names_its_upstream_and_refuses_what_the_balancer_cannot_read() -> None:
+    text = snapshot(7, [Peer("dp0", "127.0.0.1", 80, 1, False, 1)], "model_b")
+    assert text.splitlines()[1:3] == ["generation 7", "upstream model_b"]
+    assert "upstream" not in snapshot(7, [], "").replace("# fdngx peers", "")  # none given: none written
     assert snapshot(2**53 - 1, [], "x").splitlines()[1] == "generation 9007199254740991"
     for bad in (2**53, -1, True):
         with pytest.raises(ApplyError, match=r"0\.\.2\^53-1"):
             snapshot(bad, [], "x")  # type: ignore[arg-type]
+    with pytest.raises(ApplyError, match="upstream"):
+        snapshot(1, [], "a\nempty")
 
 
 def test_the_peers_file_changes_only_with_the_replicas(tmp_path: Path) -> None:

@@ -57,3 +57,34 @@ def test_the_balancers_answers_are_taken(frontends: Callable[[Handler], FakeFron
             admin.push("generation 1700000000001\nempty\n")  # the balancer echoes the generation it got
     finally:
         admin.close()
+
+
+def test_a_frontend_of_another_upstream_is_a_failure_said_with_its_message(
+        frontends: Callable[[Handler], FakeFrontend], tmp_path: Path) -> None:
+    """Its 409 is not "stale" (another controller's newer snapshot, an answer): before, it was read as stale or as
+    an unexpected answer; now the frontend's own words, as a failure of that frontend."""
+    said = b"snapshot for upstream fleet; this frontend's pool is modelB (nothing applied): does the push file ...\n"
+    fe = frontends(answering(b"409 Conflict", said))
+    fan = Fanout([FrontendSpec(f"{fe.url}/fdngx/peers", token_file(tmp_path))])
+    try:
+        (outcome,) = fan.push("generation 1700000000000\nupstream fleet\nempty\n")
+        assert outcome.status == "failed" and not outcome.answered
+        assert outcome.error is not None
+        assert "HTTP 409 snapshot for upstream fleet; this frontend's pool is modelB" in outcome.error, outcome.error
+        assert outcome.url == f"{fe.url}/fdngx/peers"
+    finally:
+        fan.close()
+
+
+def test_a_frontend_too_old_for_the_upstream_line_is_told_to_be_upgraded_first(
+        frontends: Callable[[Handler], FakeFrontend], tmp_path: Path) -> None:
+    fe = frontends(answering(b"400 Bad Request", b'line 3: unknown line "upstream fleet" (nothing applied)\n'))
+    fan = Fanout([FrontendSpec(f"{fe.url}/fdngx/peers", token_file(tmp_path))])
+    try:
+        (outcome,) = fan.push("# fdngx peers\ngeneration 1700000000000\nupstream fleet\nempty\n")
+        assert outcome.status == "failed" and outcome.error is not None
+        assert 'HTTP 400 line 3: unknown line "upstream fleet"' in outcome.error
+        assert "runs an fdngx older than this controller's" in outcome.error
+        assert "upgrade the frontends first" in outcome.error and outcome.error.isprintable()
+    finally:
+        fan.close()

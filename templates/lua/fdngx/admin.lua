@@ -11,6 +11,10 @@
 --                                                        pushed a newer one): refused, nothing applied.
 --                                                        A generation in force that is itself that far ahead
 --                                                        is replaced (WARN), never a wedge.
+--   409 "snapshot for upstream A; this frontend's pool is B ..."   pushed to a frontend of another upstream
+--                                                        (a push file that lists it by mistake): nothing
+--                                                        applied. A snapshot naming no upstream (an fdngx
+--                                                        0.3.0 before 2026-12-07) is taken unchecked.
 --   507 "shared dict fdngx_<pool> is full ..."          no room for it: nothing applied, the snapshot in force
 --                                                        stays (raise lua_shared_dict's size: --lua-dict-size)
 --   403 bad or missing X-Fdngx-Token; 413 body too large; 405 other methods
@@ -71,6 +75,11 @@ local function post(pool)
     end
     local snap, err = peers.parse(body or "")
     if not snap then return 400, err .. " (nothing applied)" end
+    if snap.upstream and snap.upstream ~= pool.name then
+        return 409, format("snapshot for upstream %s; this frontend's pool is %s (nothing applied): "
+                           .. "does the push file of upstream %s list a frontend of %s?", snap.upstream, pool.name,
+                           snap.upstream, pool.name)
+    end
     local dict = pool.dict
     return locked(pool, function()
         ngx.update_time()

@@ -81,6 +81,10 @@ function M.init(cfg)
     local text = read_file(cfg.peers_file, "peers file", peers.MAX_BYTES)
     local snap, err = peers.parse(text)
     if not snap then error("fdngx: peers file " .. cfg.peers_file .. ": " .. err, 0) end
+    if snap.upstream and snap.upstream ~= cfg.pool then
+        error("fdngx: peers file " .. cfg.peers_file .. " is for upstream " .. snap.upstream .. ", this config's is "
+              .. cfg.pool .. " (render the config and its peers file from one inventory)", 0)
+    end
     local pool = { name = cfg.pool, zone = cfg.dict, dict = dict, token = token,
                    mode = cfg.mode == "p2c" and "p2c" or "least", peers = {}, by_name = {}, scratch = {} }
     -- The dict survives a reload: keep what a newer push put there, unless it is unreadable (an older

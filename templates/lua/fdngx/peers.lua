@@ -7,10 +7,14 @@
 --
 --     # comments and blank lines are ignored
 --     generation 1733212345678
+--     upstream fleet
 --     peer <name> <host> <port> <weight> <down> <capacity> <load>
 --
 -- generation: the pusher's monotonic number (fdngx: wall-clock ms), exactly once, before the peers; at most
 -- 2^53 - 1 (the largest integer a Lua number holds exactly: a longer one would be read as another number).
+-- upstream: the upstream the snapshot is for ([A-Za-z_][A-Za-z0-9_]*, up to 64, as the inventory allows), at
+-- most once, before the peers: the admin location refuses a snapshot for another upstream (fdngx.admin).
+-- Optional: fdngx 0.3.0 before 2026-12-07 wrote none (its pushes and peers files are taken unchecked).
 -- name: as the inventory allows ([A-Za-z0-9][A-Za-z0-9._:@-]*, up to 128). host: an IPv4 or IPv6 literal
 -- (the openresty flavor sets peers by address) of a server: not an unspecified ("this host": 0.0.0.0/8,
 -- ::), multicast or broadcast address, which fdngx's inventory refuses too. port 1..65535. weight 1..10000: the peer's share, which
@@ -134,6 +138,11 @@ function M.valid_host(s)
     return address ~= nil and M.not_a_server(address) == nil
 end
 
+M.UPSTREAM = "^[A-Za-z_][A-Za-z0-9_]*$"
+
+function M.valid_upstream(s)
+    return #s <= 64 and match(s, M.UPSTREAM) ~= nil
+end
 
 function M.valid_name(s)
     return #s <= 128 and match(s, "^[A-Za-z0-9][A-Za-z0-9._:@-]*$") ~= nil
@@ -179,7 +188,8 @@ local function parse_peer(rest)
 end
 
 -- parse(text) -> snapshot, or nil and "line N: reason". A snapshot is
---   { generation = number, peers = { peer, ... } (in text order), by_name = { [name] = peer } }
+--   { generation = number, upstream = name or nil, peers = { peer, ... } (in text order),
+--     by_name = { [name] = peer } }
 function M.parse(text)
     if type(text) ~= "string" then return nil, "no snapshot" end
     if #text > M.MAX_BYTES then return nil, "larger than " .. M.MAX_BYTES .. " bytes" end
@@ -196,6 +206,12 @@ function M.parse(text)
             local g = sub(line, 11, 11) == " " and integer(sub(line, 12), 0, M.MAX_GENERATION)
             if not g then return nil, at .. "bad generation " .. shown(sub(line, 12)) .. " (0..2^53-1)" end
             snap.generation = g
+        elseif kind == "upstream" and sub(line, 9, 9) == " " then
+            if snap.upstream then return nil, at .. "a second upstream line" end
+            if count > 0 or snap.empty then return nil, at .. "upstream after the peers" end
+            local name = sub(line, 10)
+            if not M.valid_upstream(name) then return nil, at .. "bad upstream " .. shown(name) end
+            snap.upstream = name
         elseif kind == "empty" and line == "empty" then
             if not snap.generation then return nil, at .. "empty before the generation line" end
             if snap.empty then return nil, at .. "a second empty line" end

@@ -16,7 +16,8 @@ addresses, capacity), their weights, down states and scraped load reach the Lua 
 - the admin push: the same lines with the policy's weights, down flags and scraped load, POSTed to the
   loopback admin location every cycle; a whole snapshot, so a replica added or removed needs no reload.
 
-Generations (fdngx.nginx.generation): the pusher's wall clock in ms; a frontend keeps the newest.
+Generations (fdngx.nginx.generation): the pusher's wall clock in ms; a frontend keeps the newest, and takes an
+older one when the newest was not pushed again for fdngx.store.SILENT_AFTER (its pusher went silent).
 
 The `upstream` line is new (2026-12-07): a frontend rendered by an older fdngx (0.3.0 before it) refuses a
 snapshot carrying it (400 "unknown line"), so frontends are upgraded before their controllers

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from fdngx.nginx.generation import next_generation
 from tests.integration.lua_site import LuaSite, needs_lua
 from tests.support import Nginx, http_ok, wait_for
 
@@ -219,11 +220,35 @@ def test_a_probe_nginx_cannot_schedule_is_tried_again_at_the_next_tick_and_warne
         site.stop()
 
 
+class Pusher:
+    """A live sidecar: the same peers, a new generation every `every` seconds, until stopped."""
+
+    def __init__(self, site: LuaSite, peers: dict[str, tuple[int, int, float]], every: float = 1.0) -> None:
+        self.site, self.peers, self.every = site, peers, every
+        self.last = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.push()
+        self._thread.start()
+
+    def push(self) -> None:
+        self.last = self.site.snapshot(next_generation(), self.peers)
+        assert self.site.admin.push(self.last).status == "ok"
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.push()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+
 def test_the_sidecars_down_wins_a_longer_disagreement(tmp_path: Path) -> None:
     site = LuaSite(tmp_path, 2, delay=0.02)
+    pusher = None
     try:
-        push_down = site.snapshot(site.generation() + 1, {"b0": (20, 0, 0), "b1": (20, 1, 0)})
-        site.admin.push(push_down)
+        pusher = Pusher(site, {"b0": (20, 0, 0), "b1": (20, 1, 0)})  # the sidecar says down, and goes on saying it
         assert site.view()["b1"]["health"] == "down" and "b1" not in site.split(20)  # no evidence against it
         site.stop_backend("b1")
         wait_for(lambda: site.view()["b1"]["health"] == "out", 5, interval=0.05, what="b1 probed and found out")
@@ -232,12 +257,18 @@ def test_the_sidecars_down_wins_a_longer_disagreement(tmp_path: Path) -> None:
         # The balancer saw it come back: it overrides the sidecar's (older) down at once...
         wait_for(lambda: site.view()["b1"]["health"] == "probe-up", 3, interval=0.05, what="b1 probe-up")
         assert "b1" in site.split(20)
+        # ...and says for how long: the log said "back in picks" while the sidecar's down won again 10 s later
+        assert ("b1 answers /health 200 again: back in picks for up to 10 s, though the last push says it is down: "
+                "unless a push says up by then, or pushes stop, that down holds it out again") in site.error_log()
         # ...for 10 s; the sidecar keeps pushing down, and then it wins.
         wait_for(lambda: site.view()["b1"]["health"] == "down", 15, interval=0.2, what="the sidecar's down")
         assert time.monotonic() - started >= 9.0
-        assert site.admin.push(push_down).status == "unchanged"
+        assert site.admin.push(pusher.last).status in ("unchanged", "stale")  # a retry, or one pushed since
         assert "b1" not in site.split(20)
+        assert "no snapshot for" not in site.error_log(), "a sidecar pushing every second is not silent"
     finally:
+        if pusher is not None:
+            pusher.stop()
         site.stop()
 
 

@@ -1,6 +1,7 @@
 -- fdngx.admin: the answers of the admin location to a push, driven through handle() with a stand-in for ngx
 -- (request body, clock, log) and a fake shared dict.
 local pool_mod = require("fdngx.pool")
+local store = require("fdngx.store")
 local fakedict = require("fakedict")
 
 local TOKEN = "0123456789abcdef-token"
@@ -124,4 +125,37 @@ return {
         t.eq(pool.dict:get("gen"), MS + 1)
     end,
 
+    ["admin: an older generation takes over once the one in force was not pushed again for 10 s, with a WARN"] =
+    function(t)
+        local pool = new_pool()
+        local ahead = MS + 60000 -- a controller whose clock is a minute ahead pushed last, then died
+        t.eq(post(pool, body(ahead, 5), NOW), 200)
+        local status, text = post(pool, body(MS + 5000, 9), NOW + 5)
+        t.eq(status, 409, "its pusher was heard 5 s ago: the newest wins"); t.ok(text:find("^stale"), text)
+        local logs
+        status, text, logs = post(pool, body(MS + 10000, 9), NOW + 10)
+        t.eq(status, 200, text); t.ok(text:find("^ok generation=" .. (MS + 10000)), text)
+        t.eq(pool.dict:get("gen"), MS + 10000)
+        local said = table.concat(logs, "\n")
+        t.ok(said:find("warn fdngx: pool fastdeploy: generation " .. ahead .. " in force was not pushed again for "
+                       .. "10 s (its pusher went silent): replaced by the older generation " .. (MS + 10000)
+                       .. ", 50.0 s older, of another pusher", 1, true), said)
+        -- from then on its own pushes are newer; the dead one's back: its generation is newer again, and wins
+        t.eq(post(pool, body(MS + 12000, 9), NOW + 12), 200)
+        t.eq(post(pool, body(ahead + 12000, 5), NOW + 12.5), 200)
+        t.eq(post(pool, body(MS + 14000, 9), NOW + 14), 409, "two live pushers: the newest wins, as before")
+    end,
+
+    ["admin: a push after a silence says that the down flags hold again"] = function(t)
+        local pool = new_pool()
+        t.eq(post(pool, body(MS, 5), NOW), 200)
+        t.near(store.went_quiet(pool.dict, NOW + 12), 12, 1e-6)
+        local status, _, logs = post(pool, body(MS + 20000, 5), NOW + 20)
+        t.eq(status, 200)
+        local said = table.concat(logs, "\n")
+        t.ok(said:find("warn fdngx: pool fastdeploy: a push again, after 20 s without one: its down flags hold "
+                       .. "replicas out again", 1, true), said)
+        local _, _, quiet = post(pool, body(MS + 22000, 5), NOW + 22)
+        t.ok(not table.concat(quiet, "\n"):find("a push again", 1, true), "said once")
+    end,
 }

@@ -85,6 +85,7 @@ return {
         t.eq(dict:get("gen"), MS)
         t.eq(dict:get("ver"), 1)
     end,
+
     ["a peers file for another upstream stops nginx's start, naming both"] = function(t)
         local dict = fakedict.new()
         local ok, err = pcall(init, dict, string.format("generation %d\nupstream modelB\nempty\n", MS))
@@ -95,4 +96,21 @@ return {
         t.eq(dict:get("gen"), MS)
     end,
 
+    ["a peers file's down flags are as old as its generation: last week's hold nothing, a fresh one's do"] =
+    function(t)
+        local dict = fakedict.new()
+        local old = MS - 7 * 86400 * 1000
+        init(dict, string.format("generation %d\npeer a 127.0.0.1 2 20 1 64 0\n", old))
+        t.eq(dict:get("snap_at"), old / 1000)
+        t.eq(dict:get("put_at"), NOW, "installed now: no push is missed yet")
+        local pool = { name = "fastdeploy", dict = dict }
+        pool_mod.sync(pool, NOW)
+        t.eq(pool_mod.silent(pool, NOW), true)
+        dict = fakedict.new()
+        init(dict, string.format("generation %d\npeer a 127.0.0.1 2 20 1 64 0\n", MS - 1000))
+        pool = { name = "fastdeploy", dict = dict }
+        pool_mod.sync(pool, NOW)
+        t.eq(pool_mod.silent(pool, NOW), false)
+        t.eq(pool_mod.silent(pool, NOW + 9), true, "its writer's view, 10 s after it was written")
+    end,
 }

@@ -114,4 +114,29 @@ return {
         local still = health.on_probe(back, true, 100.85)
         t.ok(not health.differs(still, back)); t.eq(still.ok_at, 100.85)
     end,
+
+    ["a silent sidecar's down holds a peer out no more: the balancer's own probes decide"] = function(t)
+        -- An outside review: a dead controller's down held a replica out of every frontend for good, though its
+        -- /health answered 200 again ("back in picks" for 10 s, then the old down won again, silently).
+        local h = health.new()
+        local ok, state = health.usable(h, true, 10, 30, true)
+        t.ok(not ok, "no evidence of its own yet: the down holds"); t.eq(state, "down")
+        t.ok(health.needs_probe(h, true, 30), "and it is probed")
+        local up = health.on_probe(h, true, 30.1) -- the first 200 of a record is news (written: fdngx.pool.mark)
+        t.ok(health.differs(h, up))
+        ok, state = health.usable(up, true, 10, 30.1, true)
+        t.ok(ok); t.eq(state, "own-up")
+        ok, state = health.usable(up, true, 10, 30.1 + 3600, true)
+        t.ok(ok, "for as long as no push comes and no failure is seen"); t.eq(state, "own-up")
+        t.ok(not health.usable(up, true, 10, 30.1), "heard from (not silent), the sidecar's down wins as before")
+        -- its /health fails: out, held by its probes; a lapsed hold is no evidence of health
+        local down = health.on_probe(up, false, 40)
+        ok, state = health.usable(down, true, 10, 40.1, true)
+        t.ok(not ok); t.eq(state, "out")
+        t.ok(not health.usable(down, true, 10, 50, true), "out since its last failure, until a 200")
+        ok, state = health.usable(health.on_probe(down, true, 50), true, 10, 50, true)
+        t.ok(ok); t.eq(state, "own-up")
+        -- a peer the sidecar says up is unaffected
+        t.ok(health.usable(health.new(), false, 0, 30, true))
+    end,
 }

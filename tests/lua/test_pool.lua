@@ -4,6 +4,7 @@ local peers = require("fdngx.peers")
 local health = require("fdngx.health")
 local pick = require("fdngx.pick")
 local ledger = require("fdngx.ledger")
+local store = require("fdngx.store")
 local fakedict = require("fakedict")
 
 local function snap(gen, lines)
@@ -57,6 +58,55 @@ return {
         -- a generation in force from the future (pushed before this rule) gives way to an honest one
         t.eq(pool_mod.verdict(2 ^ 53, ms, now), "ok")
         t.eq(pool_mod.verdict(2 ^ 53, ms - 10, now), "ok")
+    end,
+
+    ["verdict: an older generation takes over once the one in force was not pushed again for SILENT_AFTER"] = function(t)
+        -- An outside review: a standby controller whose clock is behind the dead one's was refused as stale
+        -- for as long as the skew (a minute of blind failover for a clock a minute ahead).
+        local now = 1733212345.678
+        local ahead = now * 1000 + 60000 -- the silent controller's clock was a minute ahead
+        t.eq(store.SILENT_AFTER, pick.STALE_AFTER)
+        t.eq(pool_mod.verdict(ahead, now * 1000, now, 2, nil), "stale", "its pusher is heard: the newest wins")
+        t.eq(pool_mod.verdict(ahead, now * 1000, now, store.SILENT_AFTER - 0.01), "stale")
+        t.eq(pool_mod.verdict(ahead, now * 1000, now, store.SILENT_AFTER), "taken")
+        t.eq(pool_mod.verdict(ahead, now * 1000, now), "stale", "no install time known: never taken")
+        t.eq(pool_mod.verdict(ahead, ahead + 1, now, 0), "ok", "a newer one is newer, silent or not")
+        t.eq(pool_mod.verdict(nil, now * 1000 + pool_mod.FUTURE_MS + 1, now, 3600), "future", "the window holds")
+        t.eq(pool_mod.verdict(ahead, ahead, now, store.SILENT_AFTER), "unchanged", "the same one again")
+    end,
+
+    ["silence: said once when nothing was pushed for SILENT_AFTER, and once when a push comes again"] = function(t)
+        local dict = fakedict.new()
+        local pool = new_pool(dict)
+        install(pool, 1, { "peer a 127.0.0.1 1 20 1 64 0" }, 100)
+        pool_mod.sync(pool, 100)
+        t.eq(pool_mod.silent(pool, 100 + store.SILENT_AFTER - 0.01), false)
+        t.eq(pool_mod.silent(pool, 100 + store.SILENT_AFTER), true)
+        t.eq(store.went_quiet(dict, 109), nil)
+        t.near(store.went_quiet(dict, 111), 11, 1e-9)
+        t.eq(store.went_quiet(dict, 112), nil, "said once (over all workers: the dict remembers)")
+        local _, _, quiet = install(pool, 2, { "peer a 127.0.0.1 1 20 1 64 0" }, 130)
+        t.near(quiet, 30, 1e-9, "the install after it says how long it lasted")
+        pool_mod.sync(pool, 130)
+        t.eq(pool_mod.silent(pool, 131), false)
+        local _, _, again = install(pool, 3, { "peer a 127.0.0.1 1 20 1 64 0" }, 132)
+        t.eq(again, nil, "no silence said: nothing to say")
+        t.near(store.went_quiet(dict, 142), 10, 1e-9, "the next silence is said again")
+    end,
+
+    ["the peers file's data is as old as its generation: an old one holds nothing down from the start"] = function(t)
+        local now = 1733212345.678
+        t.eq(store.data_at(now * 1000 - 3600000, now, false), now - 3600)
+        t.eq(store.data_at(now * 1000 + 60000, now, false), now, "a clock ahead wrote it: not in the future")
+        t.eq(store.data_at(1, now, true), now, "a push's is its install")
+        local dict = fakedict.new()
+        local pool = new_pool(dict)
+        local text, parsed = snap(math.floor(now * 1000) - 3600000, { "peer a 127.0.0.1 1 20 1 64 0" })
+        pool_mod.install(pool, text, parsed, now, store.data_at(parsed.generation, now, false))
+        pool_mod.sync(pool, now)
+        t.eq(pool_mod.silent(pool, now), true)
+        t.eq(store.went_quiet(dict, now + 1), nil, "but no push was missed yet: said SILENT_AFTER after the start")
+        t.near(store.went_quiet(dict, now + store.SILENT_AFTER), store.SILENT_AFTER, 1e-6)
     end,
 
     ["install: external load is what this nginx did not send; membership changes are reported"] = function(t)
@@ -560,7 +610,11 @@ return {
         t.eq(dict:get("h:a"), rec, "and nothing written")
         t.eq(pool_mod.sync(worker, 2), false, "no worker re-reads")
         -- a flapping peer's probe 200 before its back-off ends: only ok_at would change: nothing is written
-        -- (written unannounced it could put back an older record over another worker's newer one)
+        -- (written unannounced it could put back an older record over another worker's newer one), but for the
+        -- record's first 200, once (fdngx.health.usable reads whether there was one)
+        probe(true, 2.5)
+        t.eq(dict:get("ver"), ver + 1, "the record's first 200")
+        ver, rec = dict:get("ver"), dict:get("h:a")
         probe(true, 3)
         t.eq(dict:get("ver"), ver, "a 200 that does not bring it back")
         t.eq(dict:get("h:a"), rec, "and nothing written")

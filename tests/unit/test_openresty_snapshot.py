@@ -139,8 +139,8 @@ def test_the_lua_parser_takes_the_hosts_fdngx_writes_and_refuses_the_others(tmp_
 
 def test_the_clock_window_is_the_balancers() -> None:
     # fdngx says "this host's clock looks behind" past the window the Lua balancer refuses beyond.
-    pool = (builtin_template_dir() / "lua" / "fdngx" / "pool.lua").read_text()
-    assert f"M.FUTURE_MS = {int(generation.FUTURE_S * 1000)}\n" in pool
+    store = (builtin_template_dir() / "lua" / "fdngx" / "store.lua").read_text()
+    assert f"M.FUTURE_MS = {int(generation.FUTURE_S * 1000)}\n" in store
 
 
 def test_a_refused_push_says_how_far_ahead_the_one_in_force_is() -> None:

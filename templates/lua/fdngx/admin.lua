@@ -5,12 +5,14 @@
 --   200 "ok generation=G peers=N added=a,b removed=c"   applied (added/removed: membership changes)
 --   200 "unchanged generation=G peers=N"                 the same generation again (a retry): nothing to do
 --   400 "line K: <reason>"                               malformed: nothing applied
---   400 "generation G is S s ahead of this frontend's clock ..."   more than fdngx.pool.FUTURE_MS ahead: a
+--   400 "generation G is S s ahead of this frontend's clock ..."   more than fdngx.store.FUTURE_MS ahead: a
 --                                                        pusher's clock is wrong; refused, nothing applied
 --   409 "stale generation=G current=C"                   older than the one in force (another controller
 --                                                        pushed a newer one): refused, nothing applied.
 --                                                        A generation in force that is itself that far ahead
---                                                        is replaced (WARN), never a wedge.
+--                                                        is replaced (WARN), never a wedge; one not pushed
+--                                                        again for fdngx.store.SILENT_AFTER gives way to an
+--                                                        older one (its pusher went silent: WARN).
 --   409 "snapshot for upstream A; this frontend's pool is B ..."   pushed to a frontend of another upstream
 --                                                        (a push file that lists it by mistake): nothing
 --                                                        applied. A snapshot naming no upstream (an fdngx
@@ -19,10 +21,12 @@
 --                                                        stays (raise lua_shared_dict's size: --lua-dict-size)
 --   403 bad or missing X-Fdngx-Token; 413 body too large; 405 other methods
 -- GET: the balancer's view, key=value: the pool (generation, age, peers, mode, dict_free and dict_size: the
--- shared dict's free pages and size in bytes), then one line per peer (for tests, and operators' curl).
+-- shared dict's free pages and size in bytes, silent: 1 when no push came for fdngx.store.SILENT_AFTER), then
+-- one line per peer (health: fdngx.health.usable's state) (for tests, and operators' curl).
 
 local peers = require("fdngx.peers")
 local pool_mod = require("fdngx.pool")
+local store = require("fdngx.store")
 local pick = require("fdngx.pick")
 local health = require("fdngx.health")
 local bit = require("bit")
@@ -67,6 +71,21 @@ local function locked(pool, fn)
     return 503, "busy: another push holds the admin lock"
 end
 
+-- Why a snapshot of generation `gen` goes in although the one in force (`current`) is newer
+-- (fdngx.store.verdict), for the error log; nil for a plain newer one.
+local function why_in(verdict, pool, current, gen, now, quiet)
+    local name = "fdngx: pool " .. pool.name .. ": "
+    if verdict == "taken" then
+        return ngx.WARN, format("%sgeneration %d in force was not pushed again for %.0f s (its pusher went silent): "
+                                .. "replaced by the older generation %d, %.1f s older, of another pusher", name,
+                                current, quiet, gen, (current - gen) / 1000)
+    end
+    if current and current > gen then
+        return ngx.WARN, format("%sgeneration %d in force was %.0f s ahead of this clock; replaced by %d", name,
+                                current, current / 1000 - now, gen)
+    end
+end
+
 local function post(pool)
     ngx.req.read_body()
     local body = ngx.req.get_body_data()
@@ -85,11 +104,12 @@ local function post(pool)
         ngx.update_time()
         local now = ngx.now()
         local current = dict:get("gen")
-        local verdict = pool_mod.verdict(current, snap.generation, now)
+        local at = dict:get("snap_at")
+        local verdict = store.verdict(current, snap.generation, now, at and now - at)
         if verdict == "future" then
             return 400, format("generation %d is %.0f s ahead of this frontend's clock (at most %d s): the pusher's "
-                               .. "clock is wrong (nothing applied)", snap.generation,
-                               snap.generation / 1000 - now, pool_mod.FUTURE_MS / 1000)
+                               .. "clock, or this frontend's, is wrong (nothing applied)", snap.generation,
+                               snap.generation / 1000 - now, store.FUTURE_MS / 1000)
         end
         if verdict == "stale" then
             return 409, format("stale generation=%d current=%d (nothing applied)", snap.generation, current)
@@ -97,15 +117,16 @@ local function post(pool)
         if verdict == "unchanged" then
             return 200, format("unchanged generation=%d peers=%d", current, #snap.peers)
         end
-        if current and current > snap.generation then
-            ngx.log(ngx.WARN, "fdngx: pool ", pool.name, ": generation ", format("%d", current), " in force was ",
-                    format("%.0f", current / 1000 - now), " s ahead of this clock; replaced by ",
-                    format("%d", snap.generation))
-        end
-        local added, removed, why = pool_mod.install(pool, body, snap, now)
+        local level, why = why_in(verdict, pool, current, snap.generation, now, at and now - at)
+        local added, removed, quiet = pool_mod.install(pool, body, snap, now)
         if not added then
             ngx.log(ngx.ERR, "fdngx: pool ", pool.name, " generation ", format("%d", snap.generation), ": ", removed)
-            return why == "full" and 507 or 500, removed
+            return quiet == "full" and 507 or 500, removed
+        end
+        if why then ngx.log(level, why) end
+        if quiet then
+            ngx.log(ngx.WARN, "fdngx: pool ", pool.name, ": a push again, after ", format("%.0f", quiet), " s without ",
+                    "one: its down flags hold replicas out again")
         end
         ngx.log(ngx.INFO, "fdngx: pool ", pool.name, " generation ", format("%d", snap.generation), ": ", #snap.peers,
                 " peer(s), added ", #added, ", removed ", #removed)
@@ -122,12 +143,14 @@ local function view(pool)
     local dict = pool.dict
     local free = dict.free_space and dict:free_space() or -1
     local size = dict.capacity and dict:capacity() or -1
-    local lines = { format("generation=%d age=%.3f peers=%d mode=%s dict_free=%d dict_size=%d", pool.gen or -1,
-                           now - (pool.snap_at or now), #pool.peers, pool.mode, free, size) }
+    local silent = pool_mod.silent(pool, now)
+    local lines = { format("generation=%d age=%.3f peers=%d mode=%s dict_free=%d dict_size=%d silent=%d",
+                           pool.gen or -1, now - (pool.snap_at or now), #pool.peers, pool.mode, free, size,
+                           silent and 1 or 0) }
     for _, p in ipairs(pool.peers) do
         local inflight = pool.ledger:inflight(p.name)
         local ext = pick.faded(p.ext, pool.snap_at, now)
-        local _, state = health.usable(p.h, p.down, p.s_at, now)
+        local _, state = health.usable(p.h, p.down, p.s_at, now, silent)
         lines[#lines + 1] = format(
             "peer=%s addr=%s:%d weight=%d down=%d capacity=%d inflight=%d ext=%.3f score=%.4f per_slot=%.3f "
             .. "health=%s level=%d", p.name, p.addr, p.port, p.weight, p.down and 1 or 0, p.capacity, inflight,

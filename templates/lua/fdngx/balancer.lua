@@ -25,18 +25,15 @@ local pick = require("fdngx.pick")
 local health = require("fdngx.health")
 local ledger = require("fdngx.ledger")
 local pool_mod = require("fdngx.pool")
+local store = require("fdngx.store")
 local admin = require("fdngx.admin")
-local slots = require("fdngx.slots")
+local prober = require("fdngx.prober")
 
 pcall(ffi.cdef, "int kill(int pid, int sig);")
 
 local M = {}
 
 local TICK = 0.1 -- seconds between a worker's timer runs (sync, probes, lease, reaping)
-local PROBE_TIMEOUT_MS = 500 -- each of a probe's steps, within its whole deadline (fdngx.pool.PROBE_DEADLINE)
--- A worker's probes running at once, at most: far below lua_max_running_timers (256 by default), which the
--- balancer's own tick timer needs too (nginx drops a timer past it). Peers waiting wait for a later tick.
-local MAX_PROBES = 32
 local WARN_EVERY = 10 -- seconds between two of a worker's warnings of one kind (a probe that could not
                       -- start, a full dict, a snapshot it cannot read)
 local ESRCH = 3
@@ -48,7 +45,6 @@ local FAILS = { [502] = true, [503] = true, [504] = true }
 local pools = {} -- name -> pool: built by init() in the master, inherited by every worker
 local open = {} -- $request_id -> { pool, peer, tried }: this worker's balanced requests in flight
 local warn_at = {} -- kind -> when this worker may next warn of it
-local probing = slots.new(MAX_PROBES, pool_mod.PROBE_HOLD) -- this worker's probes running
 
 -- Log `...` at `level` unless this worker logged the same `kind` less than WARN_EVERY ago.
 local function warn_once(kind, level, now, ...)
@@ -113,7 +109,9 @@ function M.init(cfg)
     pools[cfg.pool] = pool
 end
 
--- init's part under the admin lock: install the peers file's snapshot unless the dict's is newer.
+-- init's part under the admin lock: install the peers file's snapshot unless the dict's is newer. Its data is
+-- as old as its generation (fdngx.store.data_at): a peers file of last week holds no replica down (its pusher,
+-- the render, is long gone: fdngx.health.usable), one written a moment ago (a render --reload) does.
 function M.install_file(pool, cfg, text, snap)
     local dict = pool.dict
     local current = peers.parse((pool_mod.text(dict)))
@@ -132,7 +130,7 @@ function M.install_file(pool, cfg, text, snap)
             ngx.log(ngx.WARN, said, "the peers file's generation ", gen_ahead(snap.generation), " (written by a ",
                     "clock that was wrong): in force until the next push replaces it")
         end
-        local added, ierr = pool_mod.install(pool, text, snap, now)
+        local added, ierr = pool_mod.install(pool, text, snap, now, store.data_at(snap.generation, now, false))
         if not added then error("fdngx: peers file " .. cfg.peers_file .. ": " .. ierr, 0) end
     elseif verdict == "future" then
         ngx.log(ngx.WARN, said, "the peers file's generation ", gen_ahead(snap.generation), " (written by a clock ",
@@ -161,57 +159,6 @@ local function failed(pool, name, now, why, addr, port)
     end
 end
 
--- GET /health of addr:port: true on a 200. One deadline for the whole exchange (fdngx.pool.PROBE_DEADLINE):
--- a peer that accepts and then sends nothing, or a byte at a time, ends it there (each read's own timeout
--- starts again with every byte). Only the status line's first 12 bytes are read ("HTTP/1.1 200").
-local function get_health(addr, port)
-    local sock = ngx.socket.tcp()
-    sock:settimeouts(PROBE_TIMEOUT_MS, PROBE_TIMEOUT_MS, PROBE_TIMEOUT_MS)
-    local deadline = now_of() + pool_mod.PROBE_DEADLINE
-    if not sock:connect(addr, port) then return false end
-    local got = sock:send("GET /health HTTP/1.1\r\nHost: " .. addr .. ":" .. port
-                          .. "\r\nUser-Agent: fdngx-balancer\r\nConnection: close\r\n\r\n") and ""
-    while got and #got < 12 do
-        ngx.update_time()
-        local left = deadline - now_of()
-        if left <= 0 then got = nil break end
-        sock:settimeout(min(PROBE_TIMEOUT_MS, left * 1000))
-        local data = sock:receiveany(12 - #got)
-        got = data and got .. data
-    end
-    sock:close()
-    return got ~= nil and got:match("^HTTP/%d%.%d (%d%d%d)") == "200"
-end
-
-local function probe(premature, pool, name, addr, port)
-    local slot = pool.name .. " " .. name
-    if premature then
-        probing:give(slot)
-        return pool_mod.probed(pool, name)
-    end
-    local ok, good = pcall(get_health, addr, port)
-    probing:give(slot)
-    pool_mod.probed(pool, name)
-    good = ok and good
-    -- removed or moved meanwhile: no record (pool.mark asks the snapshot in force)
-    local h, moved = pool_mod.mark(pool, name, function(rec, t) return health.on_probe(rec, good, t) end, now_of(),
-                                   addr, port)
-    if moved and not health.balancer_out(h, now_of()) then
-        ngx.log(ngx.WARN, "fdngx: ", name, " answers /health 200 again: back in picks")
-    end
-end
-
-local function start_probe(pool, p)
-    local now = now_of()
-    if probing:full(now) then
-        return nil, MAX_PROBES .. " probes of this worker still running (replicas that accept and do not answer?)"
-    end
-    local ok, err = ngx.timer.at(0, probe, pool, p.name, p.addr, p.port)
-    if not ok then return nil, err == "process exiting" and err or tostring(err) .. " (lua_max_pending_timers?)" end
-    probing:take(pool.name .. " " .. p.name, now)
-    return ok
-end
-
 -- A probe that cannot start is tried again at the next tick (fdngx.pool.probes): warn, but not 10 times a
 -- second for as long as it lasts. An exiting worker's refusal is no news.
 local function warn_unprobed(name, err, now)
@@ -225,7 +172,7 @@ local function tick(premature, pool)
     local ok, err = pool_mod.sync(pool, now)
     if ok == nil then warn_once("sync", ngx.ERR, now, "fdngx: pool ", pool.name, ": ", err, " (the copy in use stays)") end
     local dict = pool.dict
-    local missed, why = pool_mod.probes(pool, now, start_probe)
+    local missed, why = pool_mod.probes(pool, now, prober.start)
     if missed then warn_unprobed(missed, why, now) end
     if now >= pool.renew_at then
         if not pool.ledger:renew() then
@@ -243,6 +190,12 @@ local function tick(premature, pool)
                 ngx.log(ngx.WARN, "fdngx: took back ", taken, " in-flight request(s) of ", workers, " dead worker(s)")
             end
             pool_mod.sweep(pool, now, keys) -- after the reaping: a dead worker's requests no longer count
+            local quiet = store.went_quiet(dict, now) -- one worker at a time (the reaper's lock)
+            if quiet then
+                ngx.log(ngx.WARN, "fdngx: pool ", pool.name, ": no snapshot for ", string.format("%.0f", quiet),
+                        " s: the frontend's own health checks decide (the last push's down flags no longer hold ",
+                        "replicas out; its weights and membership stay; said again when a push arrives)")
+            end
         end
     end
 end
@@ -260,7 +213,7 @@ function M.init_worker()
         local synced, err = pool_mod.sync(pool, now, true)
         if synced == nil then ngx.log(ngx.ERR, "fdngx: ", err) end
         -- One closure pair per pool, reading the request's time from the pool: no allocation per request.
-        pool.usable = function(p) return (health.usable(p.h, p.down, p.s_at, pool.now)) end
+        pool.usable = function(p) return (health.usable(p.h, p.down, p.s_at, pool.now, pool.silent)) end
         local dict = pool.dict
         pool.load = function(p)
             local n = dict:get(p.ikey)
@@ -277,6 +230,7 @@ function M.balance(name)
     local now = now_of()
     pool.now = now
     pool_mod.sync(pool, now)
+    pool.silent = pool_mod.silent(pool, now)
     local rid = ngx.var.request_id
     local st = open[rid]
     if st and st.peer then

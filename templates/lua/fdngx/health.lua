@@ -19,10 +19,17 @@
 --     a probe 200) after the sidecar said down, and only for DISAGREE_FOR (10 s) from that moment; the
 --     sidecar needs 2 good checks (~4 s) to agree. If it still says down after that, the sidecar wins (it
 --     holds the peer out for a reason of its own) until either side changes its mind.
+--   * unless the sidecar went silent: a snapshot not pushed again for fdngx.store.SILENT_AFTER (10 s, five
+--     cycles) no longer holds a peer out. Its `down` is then as old as the snapshot, and the sidecar that
+--     would lift it is gone (a dead controller left every replica it held down out of every frontend for
+--     good): the balancer's own probes decide, as for a peer the sidecar says is up, except that a peer the
+--     snapshot says down comes back only on the balancer's evidence, a /health 200 (`ok_at`) with no failure
+--     since. The probes never stop for it (needs_probe: it is still the sidecar's down).
 --
 -- A record is { out = bool, level = n, till = t, changed = t, ok_at = t } (times: ngx.now() seconds);
--- it lives in the shared dict as one string (encode/decode) so every worker sees one state. ok_at (the last
--- probe 200, as of the record's last change: fdngx.pool.mark writes no change of ok_at alone) decides nothing.
+-- it lives in the shared dict as one string (encode/decode) so every worker sees one state. ok_at: the last
+-- probe 200, as of the record's last change (fdngx.pool.mark writes no change of ok_at alone, but the first
+-- 200 of a record is a change); it decides only whether a silent sidecar's down peer has answered at all.
 
 local M = {}
 
@@ -120,6 +127,7 @@ end
 -- only says when the last probe answered 200)? Only such a change needs every worker to re-read.
 function M.differs(a, b)
     return a.out ~= b.out or a.level ~= b.level or a.till ~= b.till or a.changed ~= b.changed
+        or (a.ok_at == 0) ~= (b.ok_at == 0)
 end
 
 -- Probe this peer? While the balancer holds it out, and while the sidecar says it is down (so the
@@ -130,10 +138,15 @@ end
 
 -- May this peer take new requests? Returns the answer and the state for the status view:
 -- "up", "out" (the balancer's back-off), "down" (the sidecar's), "probe-up" (the balancer's recovery
--- overrides the sidecar's down for now).
-function M.usable(h, sidecar_down, sidecar_at, now)
+-- overrides the sidecar's down for now), "own-up" (`silent`: the snapshot saying down is older than
+-- fdngx.store.SILENT_AFTER, and the balancer's own probes say up).
+function M.usable(h, sidecar_down, sidecar_at, now, silent)
     if M.balancer_out(h, now) then return false, "out" end
     if not sidecar_down then return true, "up" end
+    if silent then
+        if not h.out and h.ok_at > 0 then return true, "own-up" end
+        return false, "down"
+    end
     if not h.out and h.changed > sidecar_at and now - h.changed < M.DISAGREE_FOR then
         return true, "probe-up"
     end

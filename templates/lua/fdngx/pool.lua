@@ -5,7 +5,8 @@
 --   gen         the generation in force: a push must carry a newer one to replace it
 --   snap:<gen>  its snapshot text, exactly as validated (fdngx.peers); a key per generation, written before
 --               `gen` moves to it and the old one deleted after (M.install: a full dict refuses a push whole)
---   snap_at     when it was installed (ages the external load)
+--   snap_at     when its data is from (ages the external load; silences: fdngx.store.SILENT_AFTER)
+--   put_at, quiet  fdngx.store's
 --   ver         bumped after every install and every change of a health record the workers read (not
 --               after a probe that changes nothing); workers compare this one number per request and
 --               re-read the rest only when it moves
@@ -29,6 +30,7 @@
 local peers = require("fdngx.peers")
 local health = require("fdngx.health")
 local pick = require("fdngx.pick")
+local store = require("fdngx.store")
 
 local M = {}
 
@@ -42,47 +44,14 @@ local max, exp = math.max, math.exp
 -- one replica directly 289 -> 234 ms (oracle 226); a half-speed replica, legacy metrics, 348 -> 301 ms.
 M.SMOOTH = 2.0
 
--- A generation is the pusher's wall clock in milliseconds (fdngx.nginx.generation.next_generation). One
--- further ahead of this frontend's clock than this is refused: accepted, it would make every honest push
--- "stale" until the clock caught up with it (2^53: never; a pusher whose clock is a year ahead: a year).
--- Clocks of hosts under NTP differ by milliseconds; five minutes leave room for one that is badly set.
-M.FUTURE_MS = 300000
+-- The rules of the snapshot in force live in fdngx.store; here under their old names too.
+M.FUTURE_MS, M.SILENT_AFTER, M.verdict, M.text = store.FUTURE_MS, store.SILENT_AFTER, store.verdict, store.text
+local snap_key = store.key
 
--- What to do with a snapshot of generation `gen` when `current` (or nil) is in force, at `now` (seconds):
---   "ok"         newer: install it
---   "unchanged"  the same generation again (a retry)
---   "stale"      older than the one in force (another controller pushed a newer one)
---   "future"     more than FUTURE_MS ahead of this frontend's clock: refused
--- A generation in force that is itself that far ahead (pushed before this rule, read from a peers file a
--- clock ahead wrote, or accepted by a clock since set back) never blocks: any snapshot within the window
--- replaces it, a push (fdngx.admin, WARN) or the peers file at a reload (fdngx.balancer.init, WARN) alike.
-function M.verdict(current, gen, now)
-    local limit = now * 1000 + M.FUTURE_MS
-    if gen > limit then return "future" end
-    if current == nil or current > limit or gen > current then return "ok" end
-    if gen == current then return "unchanged" end
-    return "stale"
-end
-
-local function snap_key(gen)
-    return string.format("snap:%d", gen)
-end
-
--- The snapshot text in force and its generation, or nil (none yet). A push moving `gen` between the two
--- reads deletes the old text only after `gen` moved: a second look finds the new one. An older fdngx kept
--- every generation's text under one key, `snap` (0.3.0 before 2026-12-06): after an upgrade by reload its
--- old workers still push that way until they exit, and its text is the one in force when its generation
--- line is `gen`'s (the next install here deletes it).
-function M.text(dict)
-    for _ = 1, 3 do
-        local gen = dict:get("gen")
-        if gen == nil then return nil end
-        local text = dict:get(snap_key(gen))
-        if text ~= nil then return text, gen end
-        local legacy = dict:get("snap")
-        if legacy and tonumber(legacy:match("^generation (%d+)\n")) == gen then return legacy, gen end
-    end
-    return nil
+-- Whether this worker's copy is of a snapshot pushed more than SILENT_AFTER ago at `now`: its pusher went
+-- silent, and its `down` flags no longer hold peers out (fdngx.health.usable).
+function M.silent(pool, now)
+    return pool.snap_at ~= nil and now - pool.snap_at >= store.SILENT_AFTER
 end
 
 -- The words for a write a full dict refused (err: nginx's "no memory"), and what came of it.
@@ -111,10 +80,11 @@ local function in_force(pool, dict)
 end
 
 -- Make `snap` (parsed from `text`) the one in force. The caller holds the admin lock (or is init_by_lua,
--- with it). Returns the names added and removed, or nil, an error and "full" when the dict has no room: the
--- snapshot in force then stays, whole (its text is never overwritten: a new key per generation), and so does
--- every counter (nothing is evicted).
-function M.install(pool, text, snap, now)
+-- with it). `at`: when its data is from (fdngx.store.data_at; default `now`, a push). Returns the names added
+-- and removed, and how long the snapshot it replaces had been said to be silent (fdngx.store.heard, or nil);
+-- or nil, an error and "full" when the dict has no room: the snapshot in force then stays, whole (its text is
+-- never overwritten: a new key per generation), and so does every counter (nothing is evicted).
+function M.install(pool, text, snap, now, at)
     local dict = pool.dict
     local current = dict:get("gen")
     local old = in_force(pool, dict)
@@ -122,11 +92,13 @@ function M.install(pool, text, snap, now)
     local ok, err = put(dict, key, text)
     if not ok then return nil, M.full(pool, err), "full" end
     local written, snap_at = {}, dict:get("snap_at") -- keys of peers not in force, written below
+    local put_at = dict:get("put_at") or snap_at
     local function refused(why)
         -- what this push wrote goes (a peer in force keeps its estimate moved part-way: smoothed anyway)
         if key ~= (current and snap_key(current)) then dict:delete(key) end
         for _, k in ipairs(written) do dict:delete(k) end
         if snap_at then dict:safe_set("snap_at", snap_at) end
+        if put_at then dict:safe_set("put_at", put_at) end
         return nil, M.full(pool, why), "full"
     end
     -- the part of the previous estimate kept: none after a long gap (it faded out in the picks meanwhile)
@@ -168,7 +140,8 @@ function M.install(pool, text, snap, now)
         fresh[#fresh + 1] = name -- a record a late probe or request wrote after its removal: it starts fresh
     end
     -- numbers over numbers: in place, once they exist
-    ok, err = put(dict, "snap_at", now)
+    ok, err = put(dict, "snap_at", at or now)
+    if ok then ok, err = put(dict, "put_at", now) end
     if ok then ok, err = dict:safe_add("ver", 0) end
     if not ok and err ~= "exists" then return refused(err) end
     ok, err = put(dict, "gen", snap.generation)
@@ -182,12 +155,13 @@ function M.install(pool, text, snap, now)
     end
     if current and current ~= snap.generation then dict:delete(snap_key(current)) end
     dict:delete("snap") -- an older fdngx's one key for every generation (upgraded by a reload)
+    local quiet = store.heard(dict, now, put_at)
     -- Health records go after `gen` moves, and before `ver` does (workers re-read records when it moves): a
     -- mark (M.mark) of another worker writing meanwhile either wrote before this delete, or reads the new
     -- `gen` afterwards and takes its record back.
     for _, name in ipairs(fresh) do dict:delete("h:" .. name) end
     dict:incr("ver", 1)
-    return added, removed
+    return added, removed, quiet
 end
 
 -- A removed peer's in-flight total (i:, fdngx.ledger) is deleted once it is at 0 and the peer has been out

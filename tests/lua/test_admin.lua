@@ -125,6 +125,26 @@ return {
         t.eq(pool.dict:get("gen"), MS + 1)
     end,
 
+    ["admin: other bytes under the generation in force: every frontend keeps the same ones, whatever the order"] =
+    function(t)
+        -- An outside review: a different body under the generation in force was answered "unchanged" and not
+        -- applied, so two pushers in one millisecond left frontends with different snapshots of one generation.
+        local a, b = body(MS, 5), body(MS, 7)
+        local first, second = new_pool(), new_pool()
+        t.eq(post(first, a), 200); t.eq(post(second, b), 200)
+        local s1, t1 = post(first, b)
+        local s2, t2 = post(second, a)
+        local keep = b > a and b or a
+        t.eq(pool_mod.text(first.dict), keep); t.eq(pool_mod.text(second.dict), keep)
+        -- the bytes that sort last went in where they came second, and the others were refused as stale
+        t.eq(b > a and s1 or s2, 200); t.ok((b > a and t1 or t2):find("^ok generation=" .. MS), t1 .. t2)
+        t.eq(b > a and s2 or s1, 409)
+        t.eq(b > a and t2 or t1, string.format("stale generation=%d current=%d (nothing applied)", MS, MS))
+        -- the same bytes again: a retry
+        local status, text = post(first, keep)
+        t.eq(status, 200); t.eq(text, string.format("unchanged generation=%d peers=2", MS))
+    end,
+
     ["admin: an older generation takes over once the one in force was not pushed again for 10 s, with a WARN"] =
     function(t)
         local pool = new_pool()

@@ -3,12 +3,14 @@
 -- POST: a whole snapshot (fdngx.peers format: generation + every peer with weight, down, capacity and
 -- scraped load). All or nothing: the body is validated completely before anything is applied.
 --   200 "ok generation=G peers=N added=a,b removed=c"   applied (added/removed: membership changes)
---   200 "unchanged generation=G peers=N"                 the same generation again (a retry): nothing to do
+--   200 "unchanged generation=G peers=N"                 the same snapshot again (a retry): nothing to do
 --   400 "line K: <reason>"                               malformed: nothing applied
 --   400 "generation G is S s ahead of this frontend's clock ..."   more than fdngx.store.FUTURE_MS ahead: a
 --                                                        pusher's clock is wrong; refused, nothing applied
 --   409 "stale generation=G current=C"                   older than the one in force (another controller
---                                                        pushed a newer one): refused, nothing applied.
+--                                                        pushed a newer one), or of the same generation with
+--                                                        other bytes that sort first (fdngx.store.verdict):
+--                                                        refused, nothing applied.
 --                                                        A generation in force that is itself that far ahead
 --                                                        is replaced (WARN), never a wedge; one not pushed
 --                                                        again for fdngx.store.SILENT_AFTER gives way to an
@@ -71,10 +73,14 @@ local function locked(pool, fn)
     return 503, "busy: another push holds the admin lock"
 end
 
--- Why a snapshot of generation `gen` goes in although the one in force (`current`) is newer
--- (fdngx.store.verdict), for the error log; nil for a plain newer one.
+-- Why a snapshot of generation `gen` goes in although the one in force (`current`) is newer or of the same
+-- generation (fdngx.store.verdict), for the error log; nil for a plain newer one.
 local function why_in(verdict, pool, current, gen, now, quiet)
     local name = "fdngx: pool " .. pool.name .. ": "
+    if verdict == "tie" then
+        return ngx.INFO, format("%sgeneration %d pushed twice with other bytes (two pushers in one millisecond): "
+                                .. "the bytes that sort last are kept, on every frontend alike", name, gen)
+    end
     if verdict == "taken" then
         return ngx.WARN, format("%sgeneration %d in force was not pushed again for %.0f s (its pusher went silent): "
                                 .. "replaced by the older generation %d, %.1f s older, of another pusher", name,
@@ -104,8 +110,9 @@ local function post(pool)
         ngx.update_time()
         local now = ngx.now()
         local current = dict:get("gen")
-        local at = dict:get("snap_at")
-        local verdict = store.verdict(current, snap.generation, now, at and now - at)
+        local at, order = dict:get("snap_at"), nil
+        if current == snap.generation then order = store.order(body, (store.text(dict))) end
+        local verdict = store.verdict(current, snap.generation, now, at and now - at, order)
         if verdict == "future" then
             return 400, format("generation %d is %.0f s ahead of this frontend's clock (at most %d s): the pusher's "
                                .. "clock, or this frontend's, is wrong (nothing applied)", snap.generation,

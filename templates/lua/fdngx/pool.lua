@@ -2,11 +2,12 @@
 -- dict and the clock are passed in, so luajit tests drive it with a fake dict).
 --
 -- Shared dict layout (lua_shared_dict fdngx_<upstream>; it survives reloads, not restarts):
---   gen         the generation in force: a push must carry a newer one to replace it
---   snap:<gen>  its snapshot text, exactly as validated (fdngx.peers); a key per generation, written before
---               `gen` moves to it and the old one deleted after (M.install: a full dict refuses a push whole)
+--   gen         the generation in force: a push must carry a newer one to replace it (fdngx.store.verdict)
+--   snap:<id>   its snapshot text, exactly as validated (fdngx.peers); a key per snapshot (fdngx.store.id),
+--               written before `gen` (or `tie`) moves to it and the old one deleted after (M.install: a full
+--               dict refuses a push whole)
 --   snap_at     when its data is from (ages the external load; silences: fdngx.store.SILENT_AFTER)
---   put_at, quiet  fdngx.store's
+--   tie, quiet  fdngx.store's
 --   ver         bumped after every install and every change of a health record the workers read (not
 --               after a probe that changes nothing); workers compare this one number per request and
 --               re-read the rest only when it moves
@@ -46,7 +47,6 @@ M.SMOOTH = 2.0
 
 -- The rules of the snapshot in force live in fdngx.store; here under their old names too.
 M.FUTURE_MS, M.SILENT_AFTER, M.verdict, M.text = store.FUTURE_MS, store.SILENT_AFTER, store.verdict, store.text
-local snap_key = store.key
 
 -- Whether this worker's copy is of a snapshot pushed more than SILENT_AFTER ago at `now`: its pusher went
 -- silent, and its `down` flags no longer hold peers out (fdngx.health.usable).
@@ -73,29 +73,31 @@ end
 -- The snapshot in force, parsed: this worker's copy when it is of the generation in force (no second parse of
 -- a 1,000-peer text on every push), else parsed from the dict.
 local function in_force(pool, dict)
-    if pool.by_name and pool.gen ~= nil and pool.gen == dict:get("gen") then
+    if pool.by_name and pool.id ~= nil and pool.id == store.id(dict) then
         return { peers = pool.peers, by_name = pool.by_name }
     end
-    return peers.parse(M.text(dict))
+    return peers.parse(store.text(dict))
 end
 
 -- Make `snap` (parsed from `text`) the one in force. The caller holds the admin lock (or is init_by_lua,
 -- with it). `at`: when its data is from (fdngx.store.data_at; default `now`, a push). Returns the names added
 -- and removed, and how long the snapshot it replaces had been said to be silent (fdngx.store.heard, or nil);
 -- or nil, an error and "full" when the dict has no room: the snapshot in force then stays, whole (its text is
--- never overwritten: a new key per generation), and so does every counter (nothing is evicted).
+-- never overwritten: a new key per snapshot), and so does every counter (nothing is evicted).
+-- A snapshot of the generation in force (fdngx.store.verdict's "tie") goes in under the next tie's id.
 function M.install(pool, text, snap, now, at)
     local dict = pool.dict
-    local current = dict:get("gen")
+    local current = store.id(dict)
     local old = in_force(pool, dict)
-    local key = snap_key(snap.generation)
+    local id = store.next_id(current, snap.generation)
+    local key = store.key(id)
     local ok, err = put(dict, key, text)
     if not ok then return nil, M.full(pool, err), "full" end
     local written, snap_at = {}, dict:get("snap_at") -- keys of peers not in force, written below
     local put_at = dict:get("put_at") or snap_at
     local function refused(why)
         -- what this push wrote goes (a peer in force keeps its estimate moved part-way: smoothed anyway)
-        if key ~= (current and snap_key(current)) then dict:delete(key) end
+        if key ~= (current and store.key(current)) then dict:delete(key) end
         for _, k in ipairs(written) do dict:delete(k) end
         if snap_at then dict:safe_set("snap_at", snap_at) end
         if put_at then dict:safe_set("put_at", put_at) end
@@ -144,8 +146,10 @@ function M.install(pool, text, snap, now, at)
     if ok then ok, err = put(dict, "put_at", now) end
     if ok then ok, err = dict:safe_add("ver", 0) end
     if not ok and err ~= "exists" then return refused(err) end
-    ok, err = put(dict, "gen", snap.generation)
+    -- the commit: `gen` moves (or `tie`, within the generation in force)
+    ok, err = put(dict, type(id) == "string" and "tie" or "gen", id)
     if not ok then return refused(err) end
+    if type(id) ~= "string" then dict:delete("tie") end -- one of the generation before (ignored already)
     -- the snapshot now in force is the new one: what only the old one had goes
     for _, name in ipairs(removed) do
         dict:delete("x:" .. name)
@@ -153,7 +157,7 @@ function M.install(pool, text, snap, now, at)
         -- after those deletes (room); one the dict still refuses, the sweep marks itself (M.sweep)
         put(dict, "rm:" .. name, now)
     end
-    if current and current ~= snap.generation then dict:delete(snap_key(current)) end
+    if current and store.key(current) ~= key then dict:delete(store.key(current)) end
     dict:delete("snap") -- an older fdngx's one key for every generation (upgraded by a reload)
     local quiet = store.heard(dict, now, put_at)
     -- Health records go after `gen` moves, and before `ver` does (workers re-read records when it moves): a
@@ -172,9 +176,9 @@ end
 -- compare-and-delete).
 M.SWEEP_AFTER = 1.0
 
--- Peer `name` is not in the snapshot of generation `gen`: mark its total, or delete it (and the mark) once
+-- Peer `name` is not in the snapshot `id` (fdngx.store.id): mark its total, or delete it (and the mark) once
 -- it has been marked SWEEP_AFTER and no request is open. Returns 1 when a total went.
-local function sweep_one(dict, name, gen, now)
+local function sweep_one(dict, name, id, now)
     local total, mark = "i:" .. name, "rm:" .. name
     local n, at = dict:get(total), dict:get(mark)
     if not at then
@@ -182,8 +186,8 @@ local function sweep_one(dict, name, gen, now)
         if n then dict:safe_set(mark, now) end
         return 0
     end
-    -- a push re-adding it meanwhile moves `gen` before any worker can pick it
-    if now - at < M.SWEEP_AFTER or (n or 0) > 0 or dict:get("gen") ~= gen then return 0 end
+    -- a push re-adding it meanwhile moves the id before any worker can pick it
+    if now - at < M.SWEEP_AFTER or (n or 0) > 0 or store.id(dict) ~= id then return 0 end
     dict:delete(total)
     dict:delete(mark)
     return n and 1 or 0
@@ -194,18 +198,18 @@ end
 -- lock. Returns how many totals went.
 function M.sweep(pool, now, keys)
     local dict = pool.dict
-    local gen = dict:get("gen")
+    local id = store.id(dict)
     local cur = in_force(pool, dict)
     if not cur then return 0 end
     local swept = 0
     for _, key in ipairs(keys) do
         local kind, name = key:match("^(%a+):(.+)$")
         if (kind == "i" or kind == "rm") and not cur.by_name[name] then
-            swept = swept + sweep_one(dict, name, gen, now)
-        elseif kind == "h" and not cur.by_name[name] and dict:get("gen") == gen then
+            swept = swept + sweep_one(dict, name, id, now)
+        elseif kind == "h" and not cur.by_name[name] and store.id(dict) == id then
             -- a health record of a peer out of the snapshot (a probe that ended as a push removed it wrote
             -- it back): none is written for such a peer (M.mark), so it is left over; a push in between
-            -- (gen moved) may have re-added the peer, whose record then stays
+            -- (the id moved) may have re-added the peer, whose record then stays
             dict:delete(key)
         end
     end
@@ -218,12 +222,11 @@ function M.sync(pool, now, force)
     local dict = pool.dict
     local ver = dict:get("ver")
     if ver == pool.ver and not force then return false end
-    local gen = dict:get("gen")
-    if gen ~= pool.gen or force then
-        local text, in_gen = M.text(dict)
+    local id = store.id(dict)
+    if id ~= pool.id or force then
+        local text, gen, in_id = store.text(dict)
         local snap, err = peers.parse(text)
         if not snap then return nil, "snapshot in the shared dict: " .. err end
-        gen = in_gen
         for _, p in ipairs(snap.peers) do
             -- smoothed, fraction included; the picks count it in whole requests (fdngx.pick.external): a
             -- request of this nginx's that ended between the scrape and the push is counted there once, and
@@ -235,7 +238,7 @@ function M.sync(pool, now, force)
             p.s_at = dict:get("sa:" .. p.name) or 0
             p.ikey = "i:" .. p.name -- its in-flight counter (fdngx.ledger), read once per pick
         end
-        pool.peers, pool.by_name, pool.gen = snap.peers, snap.by_name, gen
+        pool.peers, pool.by_name, pool.gen, pool.id = snap.peers, snap.by_name, gen, in_id
         pool.snap_at = dict:get("snap_at") or now
     end
     for _, p in ipairs(pool.peers) do
@@ -317,12 +320,12 @@ end
 function M.mark(pool, name, event, now, addr, port)
     -- A peer a push removed meanwhile gets no record: re-added later, it starts fresh (a result that ends after
     -- the re-add, from the same address, is that server's own and counts). Asked of the snapshot in force, not
-    -- of this worker's copy from before the push (a probe takes up to 1.5 s). `gen` first: a push that lands
+    -- of this worker's copy from before the push (a probe takes up to 1.5 s). The id first: a push that lands
     -- after it is seen below.
     local dict = pool.dict
-    local gen = dict:get("gen")
+    local id = store.id(dict)
     -- a push whose `gen` is set and whose `ver` is not yet: its snapshot is already in the dict (set first)
-    M.sync(pool, now, gen ~= pool.gen)
+    M.sync(pool, now, id ~= pool.id)
     local function gone()
         local p = pool.by_name and pool.by_name[name]
         return (pool.by_name and not p) or (addr and p and (p.addr ~= addr or p.port ~= port)), p
@@ -338,7 +341,7 @@ function M.mark(pool, name, event, now, addr, port)
     if not health.differs(h, n) then return h, false end
     -- a full dict: the evidence is lost (fdngx.balancer says the dict is full where a counter cannot go in)
     if not put(dict, key, text) then return h, false end
-    if dict:get("gen") ~= gen then
+    if store.id(dict) ~= id then
         -- A push (another worker) came in between: what was just written may be of a server it removed or
         -- moved, after its install deleted that record. Asked again of its snapshot (`ver` may not have moved
         -- yet), and taken back if so.

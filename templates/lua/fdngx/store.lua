@@ -3,7 +3,9 @@
 --
 -- Keys (the rest of the layout: fdngx.pool):
 --   gen          the generation in force
---   snap:<gen>   the text in force
+--   tie          "<gen>/<n>" while the snapshot in force is the n-th that replaced another of the same
+--                generation (M.verdict's "tie"); ignored once `gen` has moved on
+--   snap:<id>    the text in force, under its id (M.id): "snap:<gen>", or "snap:<gen>/<n>" after a tie
 --   snap_at      when the data in force is from (a push: its install; the peers file: its generation's time)
 --   put_at       when it was installed (a push or the peers file at nginx's start or reload)
 --   quiet        put_at of the snapshot said to have gone quiet (M.went_quiet): said once
@@ -29,45 +31,79 @@ M.FUTURE_MS = 300000
 -- older than that no longer steers the picks by its load, nor holds a replica out by its health.
 M.SILENT_AFTER = pick.STALE_AFTER
 
-function M.key(gen)
-    return format("snap:%d", gen)
+-- The id of the snapshot in force: its generation, or "<gen>/<n>" after a tie (see the top); nil for none.
+-- Every "did a push come in between" check compares ids, never generations alone.
+function M.id(dict)
+    local gen = dict:get("gen")
+    if gen == nil then return nil end
+    local tie = dict:get("tie")
+    if tie and tie:match("^(%d+)/") == format("%d", gen) then return tie end
+    return gen
 end
 
--- The snapshot text in force and its generation, or nil (none yet). A push moving `gen` between the two
+function M.key(id)
+    return type(id) == "string" and "snap:" .. id or format("snap:%d", id)
+end
+
+-- The id a snapshot of generation `gen` goes in under when `current` is in force: the next tie's when it
+-- is of the same generation (M.verdict's "tie"), else its generation.
+function M.next_id(current, gen)
+    if type(current) == "number" then return current == gen and format("%d/1", gen) or gen end
+    local g, n = (current or ""):match("^(%d+)/(%d+)$")
+    if g and tonumber(g) == gen then return format("%s/%d", g, tonumber(n) + 1) end
+    return gen
+end
+
+-- The snapshot text in force, its generation and its id, or nil (none yet). A push moving `gen` between the
 -- reads deletes the old text only after `gen` moved: a second look finds the new one. An older fdngx kept
 -- every generation's text under one key, `snap` (0.3.0 before 2026-12-06): after an upgrade by reload its
 -- old workers still push that way until they exit, and its text is the one in force when its generation
 -- line is `gen`'s (the next install here deletes it).
 function M.text(dict)
     for _ = 1, 3 do
+        local id = M.id(dict)
+        if id == nil then return nil end
         local gen = dict:get("gen")
-        if gen == nil then return nil end
-        local text = dict:get(M.key(gen))
-        if text ~= nil then return text, gen end
+        local text = dict:get(M.key(id))
+        if text ~= nil then return text, gen, id end
         local legacy = dict:get("snap")
-        if legacy and tonumber(legacy:match("^generation (%d+)\n")) == gen then return legacy, gen end
+        if legacy and tonumber(legacy:match("^generation (%d+)\n")) == gen then return legacy, gen, id end
     end
     return nil
 end
 
 -- What to do with a snapshot of generation `gen` when `current` (or nil) is in force, at `now` (seconds):
 --   "ok"         newer: install it
---   "unchanged"  the same generation again (a retry)
---   "stale"      older than the one in force (another controller pushed a newer one)
+--   "unchanged"  the same generation and the same bytes again (a retry)
+--   "tie"        the same generation, other bytes that sort after the ones in force: install it (two pushers
+--                in the same millisecond: every frontend ends up holding the same one, whatever the order the
+--                two arrive in, as each keeps the bytes that sort last)
+--   "stale"      older than the one in force (another controller pushed a newer one), or the same generation
+--                with bytes that sort first
 --   "taken"      older, but the one in force has not been pushed again for SILENT_AFTER: its pusher went silent
 --                and another (whose clock is behind its) takes over: install it
 --   "future"     more than FUTURE_MS ahead of this frontend's clock: refused
--- `quiet`: seconds since the snapshot in force was installed (nil: never "taken").
+-- `quiet`: seconds since the snapshot in force was installed (nil: never "taken"); `order`: at the same
+-- generation, how the new bytes compare with those in force (M.order; nil: the same).
 -- A generation in force that is itself far ahead (pushed before this rule, read from a peers file a clock
 -- ahead wrote, or accepted by a clock since set back) never blocks: any snapshot within the window replaces
 -- it, a push (fdngx.admin, WARN) or the peers file at a reload (fdngx.balancer.init, WARN) alike.
-function M.verdict(current, gen, now, quiet)
+function M.verdict(current, gen, now, quiet, order)
     local limit = now * 1000 + M.FUTURE_MS
     if gen > limit then return "future" end
     if current == nil or current > limit or gen > current then return "ok" end
-    if gen == current then return "unchanged" end
+    if gen == current then
+        if not order or order == 0 then return "unchanged" end
+        return order > 0 and "tie" or "stale"
+    end
     if quiet and quiet >= M.SILENT_AFTER then return "taken" end
     return "stale"
+end
+
+-- How `text` compares with `in_force` (bytes): 0 the same, 1 after, -1 before.
+function M.order(text, in_force)
+    if in_force == nil or text == in_force then return 0 end
+    return text > in_force and 1 or -1
 end
 
 -- When the data of a snapshot of generation `gen` is from, installed at `now` by a push (`pushed`: now) or

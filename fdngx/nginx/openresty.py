@@ -64,6 +64,17 @@ def balancer_host(host: str) -> bool:
     return not (ip.is_unspecified or (ip.version == 4 and ip.packed[0] == 0))
 
 
+def host_refusal(name: str, host: str) -> str | None:
+    """Why the Lua balancer cannot take instance `name` at `host` (fdngx.nginx.render.check_fleet refuses the
+    inventory with it, as a controller keeps the one in force), or None."""
+    if not is_ip(host):
+        return f"instance '{name}': the openresty flavor needs an IP address, not host '{host}'"
+    if not balancer_host(host):
+        return (f"instance '{name}': host '{host}' is no server's address (unspecified, multicast or broadcast): "
+                "the openresty balancer refuses it")
+    return None
+
+
 def lua_modules(binary: str | None) -> tuple[str, ...]:
     """Debian's nginx needs the Lua modules loaded by a standalone config; OpenResty has them built in."""
     if (binary and "openresty" in binary) or not all(p.exists() for p in DEBIAN_MODULES):

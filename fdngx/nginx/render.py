@@ -38,7 +38,7 @@ from fdngx.domain import (
 )
 from fdngx.errors import RenderError, UsageError
 from fdngx.inventory import all_drained
-from fdngx.nginx import frontdoor
+from fdngx.nginx import frontdoor, openresty
 from fdngx.nginx.build import HASH_SAFE_UPSTREAM
 from fdngx.nginx.escape import EscapeError, lua_literal, nginx_arg, nginx_string
 from fdngx.nginx.frontdoor import LOOPBACK_ALLOW, admin_allow_list
@@ -355,10 +355,8 @@ def check_fleet(inv: Inventory, opts: RenderOptions, *, local: bool = True) -> N
     if opts.flavor is Flavor.OPENRESTY:
         # balancer_by_lua's set_current_peer takes addresses only; nginx resolves names at load time.
         for inst in inv.instances:
-            if not is_ip(inst.host):
-                raise RenderError(
-                    f"instance '{inst.name}': the openresty flavor needs an IP address, not host '{inst.host}'"
-                )
+            if (why := openresty.host_refusal(inst.name, inst.host)) is not None:
+                raise RenderError(why)
 
 
 def _check_listen_not_a_replica(inv: Inventory, opts: RenderOptions) -> None:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from fdngx.domain import Instance, Inventory, LoadSample, ServerState
-from fdngx.errors import ApplyError, UnsafeFileError
+from fdngx.errors import ApplyError, RenderError, UnsafeFileError
 from fdngx.nginx import generation, openresty
 from fdngx.nginx.openresty import Peer, capacity_weights, live_peers, snapshot, write_peers_file
-from fdngx.nginx.render import builtin_template_dir
+from fdngx.nginx.render import RenderOptions, builtin_template_dir, check_fleet
 from tests.support import NEEDS_LUAJIT, luajit_script
 
 
@@ -64,6 +65,18 @@ def test_no_line_for_an_address_that_is_no_servers() -> None:
         with pytest.raises(ApplyError, match=r"dp0.*IP host of a server"):
             Peer("dp0", host, 80, 1, False, 1).line()
     assert all(openresty.balancer_host(h) for h in SERVERS)
+
+
+def test_an_inventory_the_balancer_cannot_take_is_refused_before_anything_is_pushed() -> None:
+    """fdngx.nginx.render.check_fleet (a render, and a controller reading a new inventory, which keeps the one in
+    force): a host that is no server's would make every snapshot fail (Peer.line) and stop every push."""
+    opts = RenderOptions(flavor="openresty", mode="upstream")
+    check_fleet(inv(("dp0", "127.0.0.1", 1, 64, 1)), opts)
+    for host in ("0.0.0.0", "::", "224.0.0.1"):
+        with pytest.raises(RenderError, match=rf"instance 'dp1': host '{re.escape(host)}' is no server's address"):
+            check_fleet(inv(("dp0", "127.0.0.1", 1, 64, 1), ("dp1", host, 2, 64, 1)), opts)
+    with pytest.raises(RenderError, match="needs an IP address, not host 'localhost'"):
+        check_fleet(inv(("dp1", "localhost", 2, 64, 1)), opts)
 
 
 def test_a_snapshot_names_its_upstream_and_refuses_what_the_balancer_cannot_read() -> None:

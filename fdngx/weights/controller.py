@@ -34,6 +34,7 @@ from fdngx.system.files import Identity, identity, read_bytes_or_none, real_targ
 from fdngx.weights.fetch import Client
 from fdngx.weights.policy import Decisions, decide
 from fdngx.weights.scrape import scrape_all
+from fdngx.weights.seed import seeded
 from fdngx.weights.settings import PolicyConfig
 from fdngx.weights.state import PolicyState
 from fdngx.weights.store import StateStore
@@ -183,6 +184,7 @@ class Controller:
         if self.policy is not None:
             samples = self.scrape(inv.instances, session=self.session, deadline=self.scrape_deadline)
             now = self.clock()
+            state = seeded(state, inv, self.target)  # a replica with no memory starts from what nginx has
             decisions, new_state = decide(samples, inv, state, self.policy, now)
             state = state.clamped(now)[0]  # what a failed apply keeps reads the same clock (after a step back)
             _log_scrapes(state, new_state)

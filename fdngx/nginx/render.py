@@ -38,7 +38,7 @@ from fdngx.domain import (
 )
 from fdngx.errors import RenderError, UsageError
 from fdngx.inventory import all_drained
-from fdngx.nginx import frontdoor, openresty
+from fdngx.nginx import frontdoor, luacode, openresty
 from fdngx.nginx.build import HASH_SAFE_UPSTREAM
 from fdngx.nginx.escape import EscapeError, lua_literal, nginx_arg, nginx_string
 from fdngx.nginx.frontdoor import LOOPBACK_ALLOW, admin_allow_list
@@ -288,6 +288,7 @@ def context(inv: Inventory, opts: RenderOptions, states: Mapping[str, ServerStat
         "admin_token_file": opts.admin_token_file,
         "peers_file": opts.peers_file or default_peers_file(opts.admin_token_file),
         "lua_path": lua_path(opts) if opts.flavor is Flavor.OPENRESTY else [],
+        "lua_digest": luacode.digest(tuple(lua_path(opts))) if opts.flavor is Flavor.OPENRESTY else "",
         "admin_listen": str(opts.admin_listen),
         "admin_allow": list(opts.admin_allow),
         "balancer_mode": opts.balancer_mode.value,

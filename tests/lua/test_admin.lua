@@ -178,4 +178,25 @@ return {
         local _, _, quiet = post(pool, body(MS + 22000, 5), NOW + 22)
         t.ok(not table.concat(quiet, "\n"):find("a push again", 1, true), "said once")
     end,
+
+    ["admin: a pusher slower than SILENT_AFTER is not taken as gone between its pushes"] = function(t)
+        -- An outside review: at --interval 15 (or a cron `render --scrape` every minute) the down flags lapsed,
+        -- and the frontend said so twice, between every two pushes of a pusher that was alive all along.
+        local pool = new_pool()
+        t.eq(post(pool, body(MS, 5), NOW), 200)
+        t.eq(store.hold(pool.dict), store.SILENT_AFTER, "one push: no pace known yet")
+        t.eq(post(pool, body(MS + 15000, 5), NOW + 15), 200)
+        t.eq(store.hold(pool.dict), 45, "three of its intervals")
+        pool_mod.sync(pool, NOW + 29)
+        t.ok(not pool_mod.silent(pool, NOW + 29), "14 s after its last push: not silent")
+        t.eq(store.went_quiet(pool.dict, NOW + 29), nil, "and nothing said")
+        t.ok(pool_mod.silent(pool, NOW + 15 + 45), "three intervals without one: gone")
+        t.eq(post(pool, body(MS + 3600000, 5), NOW + 3600), 200)
+        t.eq(store.hold(pool.dict), store.MAX_HOLD, "at most MAX_HOLD")
+        t.eq(post(pool, body(MS + 3602000, 5), NOW + 3602), 200)
+        t.eq(store.hold(pool.dict), store.SILENT_AFTER, "back to its pace of 2 s")
+        -- a standby's older generation takes over after the hold, not after SILENT_AFTER
+        t.eq(store.verdict(MS + 60000, MS, NOW, 20, nil, 45), "stale")
+        t.eq(store.verdict(MS + 60000, MS, NOW, 45, nil, 45), "taken")
+    end,
 }

@@ -112,7 +112,7 @@ local function post(pool)
         local current = dict:get("gen")
         local at, order = dict:get("snap_at"), nil
         if current == snap.generation then order = store.order(body, (store.text(dict))) end
-        local verdict = store.verdict(current, snap.generation, now, at and now - at, order)
+        local verdict = store.verdict(current, snap.generation, now, at and now - at, order, store.hold(dict))
         if verdict == "future" then
             return 400, format("generation %d is %.0f s ahead of this frontend's clock (at most %d s): the pusher's "
                                .. "clock, or this frontend's, is wrong (nothing applied)", snap.generation,

@@ -20,7 +20,8 @@
 --     sidecar needs 2 good checks (~4 s) to agree. If it still says down after that, the sidecar wins (it
 --     holds the peer out for a reason of its own) until either side changes its mind.
 --   * unless the sidecar went silent: a snapshot not pushed again for fdngx.store.SILENT_AFTER (10 s, five
---     cycles) no longer holds a peer out. Its `down` is then as old as the snapshot, and the sidecar that
+--     cycles; three of its pusher's intervals when it pushes less often: fdngx.store.hold) no longer holds a
+--     peer out. Its `down` is then as old as the snapshot, and the sidecar that
 --     would lift it is gone (a dead controller left every replica it held down out of every frontend for
 --     good): the balancer's own probes decide, as for a peer the sidecar says is up, except that a peer the
 --     snapshot says down comes back only on the balancer's evidence, a /health 200 (`ok_at`) with no failure

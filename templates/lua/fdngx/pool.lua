@@ -51,7 +51,7 @@ M.FUTURE_MS, M.SILENT_AFTER, M.verdict, M.text = store.FUTURE_MS, store.SILENT_A
 -- Whether this worker's copy is of a snapshot pushed more than SILENT_AFTER ago at `now`: its pusher went
 -- silent, and its `down` flags no longer hold peers out (fdngx.health.usable).
 function M.silent(pool, now)
-    return pool.snap_at ~= nil and now - pool.snap_at >= store.SILENT_AFTER
+    return pool.snap_at ~= nil and now - pool.snap_at >= (pool.hold or store.SILENT_AFTER)
 end
 
 -- The words for a write a full dict refused (err: nginx's "no memory"), and what came of it.
@@ -144,6 +144,7 @@ function M.install(pool, text, snap, now, at)
     -- numbers over numbers: in place, once they exist
     ok, err = put(dict, "snap_at", at or now)
     if ok then ok, err = put(dict, "put_at", now) end
+    if ok and at == nil then store.pushed(dict, now) end -- a push (not the peers file): the pusher's pace
     if ok then ok, err = dict:safe_add("ver", 0) end
     if not ok and err ~= "exists" then return refused(err) end
     -- the commit: `gen` moves (or `tie`, within the generation in force)
@@ -239,7 +240,7 @@ function M.sync(pool, now, force)
             p.ikey = "i:" .. p.name -- its in-flight counter (fdngx.ledger), read once per pick
         end
         pool.peers, pool.by_name, pool.gen, pool.id = snap.peers, snap.by_name, gen, in_id
-        pool.snap_at = dict:get("snap_at") or now
+        pool.snap_at, pool.hold = dict:get("snap_at") or now, store.hold(dict)
     end
     for _, p in ipairs(pool.peers) do
         p.h = health.decode(dict:get("h:" .. p.name))

@@ -41,10 +41,11 @@ local function get_health(addr, port)
 end
 
 -- What a probe of `name` changed in the picks, for the error log, or nil (nothing): `was`, `now_state` are
--- fdngx.health.usable's states before and after; `age`: seconds since the snapshot in force was pushed.
+-- fdngx.health.usable's states before and after; `age`: seconds since the snapshot in force was pushed;
+-- `hold`: its silence (fdngx.store.hold: SILENT_AFTER, or three of its pusher's intervals).
 -- Each line says what will happen next, not only what just did: a peer the sidecar holds down is back only
 -- for DISAGREE_FOR while the sidecar is heard, and then its down wins again, silently.
-function M.news(name, was, now_state, age)
+function M.news(name, was, now_state, age, hold)
     local before = was == "up" or was == "probe-up" or was == "own-up"
     local after = now_state == "up" or now_state == "probe-up" or now_state == "own-up"
     if before == after then return nil end
@@ -59,7 +60,7 @@ function M.news(name, was, now_state, age)
     if now_state == "own-up" then
         return format("fdngx: %s answers /health 200 again: back in picks (the push that says it is down is %.0f s "
                       .. "old: no push for over %.0f s, this frontend's own health checks decide)", name, age,
-                      store.SILENT_AFTER)
+                      hold or store.SILENT_AFTER)
     end
     return format("fdngx: %s answers /health 200 again: back in picks", name)
 end
@@ -87,7 +88,7 @@ local function probe(premature, pool, name, addr, port)
     -- removed or moved meanwhile: no record (pool.mark asks the snapshot in force)
     local h = pool_mod.mark(pool, name, function(rec, t) return health.on_probe(rec, good, t) end, now, addr, port)
     if not h or not was then return end
-    local said = M.news(name, was, state_of(pool, name, now), now - (pool.snap_at or now))
+    local said = M.news(name, was, state_of(pool, name, now), now - (pool.snap_at or now), pool.hold)
     if said then ngx.log(ngx.WARN, said) end
 end
 

@@ -9,6 +9,7 @@
 --   snap_at      when the data in force is from (a push: its install; the peers file: its generation's time)
 --   put_at       when it was installed (a push or the peers file at nginx's start or reload)
 --   quiet        put_at of the snapshot said to have gone quiet (M.went_quiet): said once
+--   push_at      when the last push was installed; hold: the silence of the snapshot in force (M.hold)
 
 local pick = require("fdngx.pick")
 
@@ -30,6 +31,26 @@ M.FUTURE_MS = 300000
 -- It is pick.STALE_AFTER, the age at which the scraped load in a snapshot has faded to nothing: a snapshot
 -- older than that no longer steers the picks by its load, nor holds a replica out by its health.
 M.SILENT_AFTER = pick.STALE_AFTER
+
+-- A pusher slower than that (a sidecar's --interval 15, a cron `render --scrape` every minute) is alive all
+-- the same: its down flags would lapse, and the frontend say so twice, between every two of its pushes. So the
+-- silence (the `hold` of the snapshot in force) is three of the pusher's own intervals when that is longer:
+-- the time between its last two pushes here, measured at each push (a dead pusher's last one stays), at most
+-- MAX_HOLD (a cron every minute: 180 s).
+M.MAX_HOLD = 300
+
+-- The silence of the snapshot in force: SILENT_AFTER, or three of its pusher's intervals (see above).
+function M.hold(dict)
+    return dict:get("hold") or M.SILENT_AFTER
+end
+
+-- A push installs a snapshot at `now`: its interval since the pusher's previous one sets the hold.
+function M.pushed(dict, now)
+    local last, hold = dict:get("push_at"), M.SILENT_AFTER
+    if last and now > last then hold = math.min(M.MAX_HOLD, math.max(M.SILENT_AFTER, 3 * (now - last))) end
+    dict:safe_set("push_at", now)
+    dict:safe_set("hold", hold)
+end
 
 -- The id of the snapshot in force: its generation, or "<gen>/<n>" after a tie (see the top); nil for none.
 -- Every "did a push come in between" check compares ids, never generations alone.
@@ -88,7 +109,7 @@ end
 -- A generation in force that is itself far ahead (pushed before this rule, read from a peers file a clock
 -- ahead wrote, or accepted by a clock since set back) never blocks: any snapshot within the window replaces
 -- it, a push (fdngx.admin, WARN) or the peers file at a reload (fdngx.balancer.init, WARN) alike.
-function M.verdict(current, gen, now, quiet, order)
+function M.verdict(current, gen, now, quiet, order, hold)
     local limit = now * 1000 + M.FUTURE_MS
     if gen > limit then return "future" end
     if current == nil or current > limit or gen > current then return "ok" end
@@ -96,7 +117,7 @@ function M.verdict(current, gen, now, quiet, order)
         if not order or order == 0 then return "unchanged" end
         return order > 0 and "tie" or "stale"
     end
-    if quiet and quiet >= M.SILENT_AFTER then return "taken" end
+    if quiet and quiet >= (hold or M.SILENT_AFTER) then return "taken" end
     return "stale"
 end
 
@@ -119,7 +140,7 @@ end
 -- (its down flags hold nothing from the start all the same: they are as old as its generation, snap_at).
 function M.went_quiet(dict, now)
     local at = dict:get("put_at") or dict:get("snap_at")
-    if at == nil or now - at < M.SILENT_AFTER or dict:get("quiet") == at then return nil end
+    if at == nil or now - at < M.hold(dict) or dict:get("quiet") == at then return nil end
     dict:safe_set("quiet", at)
     return now - at
 end

@@ -112,7 +112,8 @@ return {
         local status, text = post(pool, body(MS, 20, "fleet"))
         t.eq(status, 409)
         t.eq(text, "snapshot for upstream fleet; this frontend's pool is fastdeploy (nothing applied): does the push "
-                   .. "file of upstream fleet list a frontend of fastdeploy?")
+                   .. "file of upstream fleet list a frontend of fastdeploy, or was this frontend rendered from an "
+                   .. "inventory with another upstream name?")
         t.eq(pool.dict:get("gen"), nil, "nothing applied")
         status, text = post(pool, body(MS, 20, "fastdeploy"))
         t.eq(status, 200, text); t.ok(text:find("^ok generation=" .. MS), text)

@@ -102,9 +102,9 @@ local function post(pool)
     if not snap then return 400, err .. " (nothing applied)" end
     if snap.upstream and snap.upstream ~= pool.name then
         return 409, format("snapshot for upstream %s; this frontend's pool is %s (nothing applied): "
-                           .. "does the push file of upstream %s list a frontend of %s, or was this frontend "
-                           .. "rendered from an inventory with another upstream name?", snap.upstream, pool.name,
-                           snap.upstream, pool.name)
+                           .. "does the push file of upstream %s list a frontend of %s"
+                           .. ", or was this frontend rendered from an inventory with another upstream name?",
+                           snap.upstream, pool.name, snap.upstream, pool.name)
     end
     local dict = pool.dict
     return locked(pool, function()

@@ -188,7 +188,9 @@ def _check_peers_data(inv: Inventory) -> None:
         return
     lines = text.splitlines()
     peers = [ln for ln in lines if ln.startswith("peer ")]
-    assert len(lines) == 2 + len(inv.instances) and len(peers) == len(inv.instances), text
+    # the comment, the generation and the upstream (as data: fdngx.peers), then one line per replica
+    assert lines[1:3] == ["generation 1", f"upstream {inv.upstream}"], text
+    assert len(lines) == 3 + len(inv.instances) and len(peers) == len(inv.instances), text
     assert all(len(ln.split()) == 8 for ln in peers), text
     assert sorted(ln.split()[1] for ln in peers) == sorted(i.name for i in inv.instances), text
 

@@ -66,8 +66,9 @@ def _old_workers_retired(old: set[int]) -> bool:
 def _stopping(master: int) -> bool:
     """Every child of `master` is a worker finishing its requests (none takes new ones): nginx is stopping
     (`nginx -s quit`, Debian's ExecStop, streams open). A reload starts its new workers before it retires the old."""
-    kids = procs.children(master)  # not _old_workers_retired: a new worker still titled as its master is not
-    return bool(kids) and all("shutting down" in procs.cmdline(k) for k in kids)  # one, nor a USR2's new master
+    # Not _old_workers_retired: a new worker still titled as its master is not one, nor a USR2's new master.
+    titles = [t for t in map(procs.cmdline, procs.children(master)) if t != "?"]  # "?": exited meanwhile
+    return bool(titles) and all("shutting down" in t for t in titles)
 
 
 class NginxNotRunning(ApplyError):

@@ -194,8 +194,25 @@ return {
         t.ok(pool_mod.silent(pool, NOW + 15 + 45), "three intervals without one: gone")
         t.eq(post(pool, body(MS + 3600000, 5), NOW + 3600), 200)
         t.eq(store.hold(pool.dict), store.MAX_HOLD, "at most MAX_HOLD")
-        t.eq(post(pool, body(MS + 3602000, 5), NOW + 3602), 200)
-        t.eq(store.hold(pool.dict), store.SILENT_AFTER, "back to its pace of 2 s")
+        local at, holds = 3600, {}
+        for i = 1, 6 do
+            at = at + 2
+            t.eq(post(pool, body(MS + at * 1000, 5), NOW + at), 200)
+            holds[i] = store.hold(pool.dict)
+        end
+        t.eq(table.concat(holds, " "), "150 75 37.5 18.75 10 10", "back to its pace of 2 s, by halves")
+        -- two live pushers taking turns, 0.5 s apart once a minute (two cron hosts): never taken as gone
+        local two, t0 = new_pool(), NOW + 7200
+        for k = 0, 5 do
+            for _, dt in ipairs({ 0, 0.5 }) do
+                local at2 = t0 + 60 * k + dt
+                t.eq(post(two, body(math.floor(at2 * 1000), 5), at2), 200)
+            end
+            if k >= 1 then
+                pool_mod.sync(two, t0 + 60 * k + 59)
+                t.ok(not pool_mod.silent(two, t0 + 60 * k + 59), "just before the next pair, minute " .. k)
+            end
+        end
         -- a standby's older generation takes over after the hold, not after SILENT_AFTER
         t.eq(store.verdict(MS + 60000, MS, NOW, 20, nil, 45), "stale")
         t.eq(store.verdict(MS + 60000, MS, NOW, 45, nil, 45), "taken")

@@ -144,13 +144,13 @@ function M.install(pool, text, snap, now, at)
     -- numbers over numbers: in place, once they exist
     ok, err = put(dict, "snap_at", at or now)
     if ok then ok, err = put(dict, "put_at", now) end
-    if ok and at == nil then store.pushed(dict, now) end -- a push (not the peers file): the pusher's pace
     if ok then ok, err = dict:safe_add("ver", 0) end
     if not ok and err ~= "exists" then return refused(err) end
     -- the commit: `gen` moves (or `tie`, within the generation in force)
     ok, err = put(dict, type(id) == "string" and "tie" or "gen", id)
     if not ok then return refused(err) end
     if type(id) ~= "string" then dict:delete("tie") end -- one of the generation before (ignored already)
+    if at == nil then store.pushed(dict, now) end -- a push (not the peers file), installed: the pusher's pace
     -- the snapshot now in force is the new one: what only the old one had goes
     for _, name in ipairs(removed) do
         dict:delete("x:" .. name)

@@ -44,10 +44,15 @@ function M.hold(dict)
     return dict:get("hold") or M.SILENT_AFTER
 end
 
--- A push installs a snapshot at `now`: its interval since the pusher's previous one sets the hold.
+-- A push installs a snapshot at `now`: its interval since the previous push sets the hold, which grows at once
+-- and shrinks by half at most per push: two live pushers taking turns (two controllers, two cron hosts) make
+-- the intervals alternate short and long, and a short one must not bring the hold under the long one (their
+-- down flags lapsed every cycle: a review); a pusher back to its pace after one pause is at it in a few pushes.
 function M.pushed(dict, now)
-    local last, hold = dict:get("push_at"), M.SILENT_AFTER
-    if last and now > last then hold = math.min(M.MAX_HOLD, math.max(M.SILENT_AFTER, 3 * (now - last))) end
+    local last, hold = dict:get("push_at"), M.hold(dict)
+    if last and now > last then
+        hold = math.min(M.MAX_HOLD, math.max(M.SILENT_AFTER, 3 * (now - last), hold / 2))
+    end
     dict:safe_set("push_at", now)
     dict:safe_set("hold", hold)
 end

@@ -44,21 +44,27 @@ def on_this_host(host: str) -> bool:
 def takes(listen: Listen, host: str, port: int) -> bool:
     """Would `listen`, on this machine, take the server at `host:port` (nginx would proxy to itself): the same
     port, the same address or a wildcard of its family (Listen.overlaps), and an address of this machine. A
-    name on either side stands for what it resolves to, as nginx resolves a listen name at load (`--listen
-    vm:8080` with vm at 127.0.0.1 takes 127.0.0.1:8080); looked up only when the ports match."""
+    name on either side stands for the addresses /etc/hosts gives it (`--listen vm:8080` with vm at 127.0.0.1
+    takes 127.0.0.1:8080; nginx resolves a listen name at load); looked up only when the ports match."""
     if listen.port != port:
         return False
     return any(Listen(a, port).overlaps(Listen(b, port)) and on_this_host(b)
                for a in _addresses(listen.bind_host) for b in _addresses(host))
 
 
-def _addresses(host: str) -> tuple[str, ...]:
-    """`host`'s addresses: an address (or `localhost`) as it is; a name as the resolver gives it (/etc/hosts
-    first), or as it is when it does not resolve (nginx would refuse it at load)."""
+def _addresses(host: str, hosts_file: str = "/etc/hosts") -> tuple[str, ...]:
+    """`host`'s addresses: an address (or `localhost`) as it is; a name as /etc/hosts lists it, else as it is.
+    Only that file, never DNS: a check of a render must not send queries off this host, nor wait on a resolver
+    (a name of this host is in /etc/hosts; one only DNS knows is another host's, as far as render can tell)."""
     if is_ip(host) or address_key(host, 0)[0] == "127.0.0.1":
         return (host,)
+    name = host.lower().rstrip(".")
     try:
-        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
+        with open(hosts_file, encoding="utf-8", errors="replace") as fh:
+            lines = fh.read(1 << 20).splitlines()
+    except OSError:
         return (host,)
-    return tuple(dict.fromkeys(str(info[4][0]).partition("%")[0] for info in found)) or (host,)
+    found = [words[0].partition("%")[0] for words in (ln.split("#", 1)[0].split() for ln in lines)
+             if len(words) >= 2 and is_ip(words[0].partition("%")[0])
+             and name in (w.lower().rstrip(".") for w in words[1:])]
+    return tuple(dict.fromkeys(found)) or (host,)

@@ -135,13 +135,19 @@ def test_an_inventory_path_that_is_a_directory_is_refused_before_anything_starts
     assert not Path(f"{launcher.inv}.pid").exists() and not (launcher.tmp / "fdngx-logs").exists()
 
 
-def test_two_names_of_one_inventory_share_one_lock_and_one_pidfile(launcher: Launcher) -> None:
+def two_names(launcher: Launcher) -> tuple[Path, Path]:
+    """One inventory under two names: etc/fdngx.json -> ../var/fdngx.json (an empty one); (link, real)."""
     (launcher.tmp / "var").mkdir()
     (launcher.tmp / "etc").mkdir()
     real = launcher.tmp / "var" / "fdngx.json"
     real.write_text('{"version": 1, "instances": []}\n')
     link = launcher.tmp / "etc" / "fdngx.json"
     link.symlink_to("../var/fdngx.json")
+    return link, real
+
+
+def test_two_names_of_one_inventory_share_one_lock_and_one_pidfile(launcher: Launcher) -> None:
+    link, real = two_names(launcher)
     launcher.inv = real
 
     def remember() -> None:

@@ -20,7 +20,7 @@ import pytest
 from fdngx.launch.pidfile import LaunchState, read_pidfile
 from fdngx.system import procs
 from tests.integration.test_launch import STARTUP, Launcher, sim_ports, standin
-from tests.integration.test_launch_faults import SERVES, detached, plan_running
+from tests.integration.test_launch_faults import SERVES, detached, plan_running, two_names
 from tests.integration.test_launch_robust import ENGINE, gone, workers
 from tests.integration.test_status import status
 from tests.support import wait_for
@@ -169,12 +169,7 @@ def test_a_hang_up_while_a_detached_launch_waits_neither_ends_it_nor_hides_the_f
 
 def symlinked(launcher: Launcher) -> tuple[Path, Path]:
     """etc/fdngx.json -> ../var/fdngx.json; the launcher follows the older fdngx's pidfile, beside the link."""
-    (launcher.tmp / "var").mkdir()
-    (launcher.tmp / "etc").mkdir()
-    real = launcher.tmp / "var" / "fdngx.json"
-    real.write_text('{"version": 1, "instances": []}\n')
-    link = launcher.tmp / "etc" / "fdngx.json"
-    link.symlink_to("../var/fdngx.json")
+    link, real = two_names(launcher)
     launcher.inv, launcher.pidfile = link, Path(f"{link}.pid")
     return link, real
 

@@ -243,7 +243,10 @@ class Controller:
             push_ended = time.monotonic()
         error = "; ".join(e for e in (apply_error, push_error) if e) or None
         # What nginx really got: the push's for the openresty flavor (its weights are pushed), else the apply's.
-        if decisions is not None and (stale or (push_error if self.target.pushing else apply_error) is not None):
+        # A push every frontend refused as older (pushed 0: another controller's snapshot is in force) gave
+        # nginx nothing of this one's either.
+        failed = (push_error is not None or pushed == 0) if self.target.pushing else apply_error is not None
+        if decisions is not None and (stale or failed):
             new_state = unapplied(new_state, state)
         if self.target.pushing and generation.last_generation():
             new_state = replace(new_state, config={**new_state.config, GENERATION_KEY: generation.last_generation()})

@@ -242,3 +242,32 @@ def test_a_rotated_admin_token_is_pushed_with_after_the_frontends_reload(tmp_pat
     target._renew_token()
     assert target.admin.token == "new-token-0002-0123456789"
     assert any("not read again" in r.getMessage() for r in caplog.records)
+
+
+class _Superseded(Balancer):
+    """Another controller's newer snapshot is in force: every push is refused as older (409 stale)."""
+
+    def push(self, body: str) -> PushResult:
+        self.bodies.append(body)
+        sent = generation_in(body) or 0
+        return PushResult("stale", sent, 0, current=sent + 5_000)
+
+
+def test_a_push_refused_as_older_is_not_recorded_as_what_the_balancer_has(tmp_path: Path) -> None:
+    """The state records only what nginx got: a controller whose every push was refused as older (another
+    controller's snapshot in force) recorded its own down flags and weights as applied, so its status, its
+    metrics and its next decisions read a change no frontend had."""
+    balancer = _Superseded()
+    opts = RenderOptions(flavor=Flavor.OPENRESTY, admin_token_file=str(token_file(tmp_path)),
+                         peers_file=str(tmp_path / "peers"))
+    target = Target(tmp_path / "site.conf", opts, None, False, balancer, tmp_path / "peers")  # type: ignore[arg-type]
+    scrape = FakeScrape()
+    scrape.unhealthy.add("dp1")
+    c = Controller(target, config_for_flavor(Flavor.OPENRESTY), scrape=scrape, clock=Clock(), log_outcome=False)
+    state = PolicyState()
+    for _ in range(4):
+        result, state = c.step(inv_of(2), state)
+        assert result.pushed == 0 and result.superseded
+    assert result.decisions is not None and result.decisions.by_name()["dp1"].down, "decided down"
+    assert "peer dp1 127.0.0.1 8001 20 1 " in balancer.bodies[-1], "pushed as down (its fifth field)"
+    assert not state.instances["dp1"].down, "no frontend took the snapshot that held dp1 down"

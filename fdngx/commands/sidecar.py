@@ -50,8 +50,9 @@ from fdngx.commands.options import (
 from fdngx.domain import Balancer, Flavor, Listen, Mode
 from fdngx.errors import UsageError, check_number
 from fdngx.nginx import admin
-from fdngx.nginx.fanout import MAX_PUSH_TIMEOUT, MIN_PUSH_TIMEOUT, FrontendSpec, frontend_specs
+from fdngx.nginx.fanout import MAX_PUSH_TIMEOUT, MIN_PUSH_TIMEOUT
 from fdngx.nginx.frontdoor import AccessLogFormat
+from fdngx.nginx.pushfile import FrontendSpec, frontend_specs
 from fdngx.nginx.render import RenderOptions
 from fdngx.nginx.target import TargetSpec, open_target
 from fdngx.registry.core import Registry, RegistrySettings

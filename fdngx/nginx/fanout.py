@@ -19,17 +19,19 @@ POSTs those exact bytes to every frontend's admin location at once, one worker t
   clock is behind, fdngx.nginx.generation), at INFO otherwise; at WARNING too when every frontend that
   answers has refused this controller's pushes for ALL_STALE_S (a clock set back here, or another
   controller's clock ahead).
+- a frontend whose answers say replicas were added or removed, FOREIGN_AFTER pushes in a row, while this
+  controller's fleet stayed the same, holds another fleet between its pushes: a second controller or a
+  sidecar reading another inventory. Said once at WARNING (the frontends flip between the two fleets: a
+  replica drained in one inventory is still picked from the other's snapshots), and when it stops.
 
-Tokens: one shared token file (`--push-token-file`, the same token on every frontend), or per frontend a
-token file named after its URL in the push file (`URL TOKEN_FILE`, relative to the push file's directory).
-Each is read like the frontends read theirs: a regular file of ours, private (0600), one word. A token
-file that changes (rotation: its inode, size or mtime) is read again before the next push.
+Tokens (which file for which frontend: fdngx.nginx.pushfile) are read like the frontends read theirs: a
+regular file of ours, private (0600), one word. A token file that changes (rotation: its inode, size or
+mtime) is read again before the next push.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -38,33 +40,18 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from fdngx.errors import ApplyError, FdngxError, UnsafeFileError, UsageError
-from fdngx.nginx.admin import Admin, TokenFile, parse_admin_url
+from fdngx.errors import ApplyError, FdngxError, UsageError
+from fdngx.nginx.admin import Admin, TokenFile
 from fdngx.nginx.generation import PushState, say_change
-from fdngx.system.files import read_regular_file
+from fdngx.nginx.pushfile import MAX_FRONTENDS, FrontendSpec
 
 log = logging.getLogger("fdngx.fanout")
-MAX_FRONTENDS = 1024
 # --push-timeout: a whole push (connect, send, answer) to one frontend. A minute is far beyond any healthy
 # push; each cycle waits up to this long, and a wait past threading.TIMEOUT_MAX (~9.2e9 s) is an OverflowError.
 MIN_PUSH_TIMEOUT, MAX_PUSH_TIMEOUT = 0.05, 60.0
-MAX_PUSH_FILE = 1 << 20
 ALL_STALE_S = 30.0  # every frontend refusing this controller's pushes as older for this long: said at WARNING
+FOREIGN_AFTER = 3  # pushes in a row a frontend took with replicas added or removed, this fleet the same
 NO_FRONTENDS = "no frontend to push to (the push file lists none?): nothing was pushed"
-
-
-@dataclass(frozen=True)
-class FrontendSpec:
-    """One frontend to push to: its admin URL and the file holding its token."""
-
-    url: str
-    token_file: Path
-
-    @property
-    def label(self) -> str:
-        """HOST:PORT, for logs and the `frontend` label."""
-        listen, _path = parse_admin_url(self.url)
-        return str(listen)
 
 
 @dataclass(frozen=True)
@@ -79,6 +66,8 @@ class PushOutcome:
     current: int | None = None  # stale: the generation in force there
     generation: int | None = None  # the generation pushed
     url: str | None = None  # the frontend's admin URL (for people: the messages that name it)
+    added: tuple[str, ...] = ()  # accepted: replicas the frontend did not have before this push
+    removed: tuple[str, ...] = ()
 
     @property
     def accepted(self) -> bool:
@@ -90,79 +79,6 @@ class PushOutcome:
         return self.accepted or self.status == "stale"
 
 
-def frontend_specs(urls: Iterable[str], token_file: Path | None, what: str = "--push-to",
-                   base: Path | None = None) -> list[FrontendSpec]:
-    """URLs (each may be `URL` or `URL TOKEN_FILE`) -> specs; every frontend needs a token file. A relative
-    TOKEN_FILE is relative to `base` (the push file's directory), else to the working directory."""
-    specs: list[FrontendSpec] = []
-    seen: set[str] = set()
-    for entry in urls:
-        parts = entry.split()
-        if not parts:
-            continue
-        if len(parts) > 2:
-            raise UsageError(f"{what} {entry!r}: want URL or URL TOKEN_FILE")
-        try:
-            listen, _path = parse_admin_url(parts[0])
-        except ValueError as exc:
-            raise UsageError(f"{what}: {exc}") from None
-        own = (base or Path.cwd()) / parts[1] if len(parts) == 2 else None
-        token = own or token_file
-        if token is None:
-            raise UsageError(f"{what} {parts[0]}: no token file (give --push-token-file, or URL TOKEN_FILE)")
-        url = listen.url("/fdngx/peers")
-        if url in seen:
-            raise UsageError(f"{what}: {parts[0]} is listed twice")
-        seen.add(url)
-        specs.append(FrontendSpec(url, token.absolute()))
-    if len(specs) > MAX_FRONTENDS:
-        raise UsageError(f"{what}: more than {MAX_FRONTENDS} frontends")
-    return specs
-
-
-def _check_push_file(path: Path) -> None:
-    """The push file says where the admin tokens go (a line `URL TOKEN_FILE` sends that file's contents to
-    URL): like the token and state files (check_private), nobody but its owner, this user or root, may
-    write it."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return  # said by the read
-    if st.st_uid not in (os.geteuid(), 0):
-        raise UnsafeFileError(f"{path}: the push file belongs to uid {st.st_uid}, neither this user (uid "
-                              f"{os.geteuid()}) nor root, and it says where the admin tokens go; chown it to this user")
-    if st.st_mode & 0o022:
-        raise UnsafeFileError(f"{path}: the push file is writable by group or others (mode {st.st_mode & 0o7777:04o}), "
-                              f"and it says where the admin tokens go; chmod go-w {path}")
-
-
-def read_push_file(path: Path, token_file: Path | None) -> list[FrontendSpec]:
-    """The push file: one admin URL per line, optionally followed by that frontend's token file (relative to
-    the push file's directory); `#` comments and blank lines ignored. A file others can write, or that
-    lists no frontend, is refused. Raises FdngxError naming the file and line."""
-    _check_push_file(path)
-    try:
-        text = read_regular_file(path, MAX_PUSH_FILE).decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read the push file ({getattr(exc, 'strerror', None) or exc})") from None
-    entries = []
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if line:
-            entries.append((n, line))
-    specs: list[FrontendSpec] = []
-    for n, line in entries:
-        specs.extend(frontend_specs([line], token_file, what=f"{path}:{n}", base=path.absolute().parent))
-    urls = [s.url for s in specs]
-    if len(urls) != len(set(urls)):
-        raise UsageError(f"{path}: a frontend is listed twice")
-    if len(specs) > MAX_FRONTENDS:
-        raise UsageError(f"{path}: more than {MAX_FRONTENDS} frontends")
-    if not specs:
-        raise UsageError(f"{path}: the push file lists no frontend (one admin URL per line)")
-    return specs
-
-
 @dataclass
 class _Frontend:
     spec: FrontendSpec
@@ -170,6 +86,8 @@ class _Frontend:
     label: str
     inflight: Future[PushOutcome] | None = None
     state: PushState | None = None  # last logged
+    members: frozenset[str] | None = None  # the replicas of the last push it took
+    foreign: int = 0  # pushes in a row it took with replicas added or removed while `members` stayed the same
 
     @property
     def busy(self) -> bool:
@@ -268,10 +186,11 @@ class Fanout:
                 old, f.admin = f.admin, Admin.from_url(f.spec.url, token, timeout=self.timeout)
                 old.close()
 
-    def push(self, text: str) -> tuple[PushOutcome, ...]:
+    def push(self, text: str, members: frozenset[str] | None = None) -> tuple[PushOutcome, ...]:
         """POST `text` to every frontend at once; returns one outcome per frontend, in list order, after at
         most `timeout` seconds: a push still running then is ended (its connection shut down) and reported
-        as `timeout`. No frontend at all: no outcome (the controller makes that the cycle's error, NO_FRONTENDS)."""
+        as `timeout`. No frontend at all: no outcome (the controller makes that the cycle's error, NO_FRONTENDS).
+        `members`: the snapshot's replica names, to tell when a frontend holds another fleet between pushes."""
         with self._lock:
             frontends = list(self._frontends.values())
         if not frontends:
@@ -298,6 +217,8 @@ class Fanout:
                 outcome = PushOutcome(f.label, "timeout", time.monotonic() - started,
                                       error=f"no whole answer within {self.timeout:g} s (--push-timeout)")
             self._note(f, outcome)
+            if members is not None and outcome.accepted:
+                _note_members(f, outcome, members)
             outcomes.append(outcome)
         self._note_all_stale(outcomes)
         return tuple(outcomes)
@@ -359,7 +280,27 @@ def _push_one(f: _Frontend, text: str) -> PushOutcome:
     except Exception as exc:  # a bug in one push must not take the cycle down
         return PushOutcome(f.label, "failed", time.monotonic() - t0, error=_short(ApplyError(repr(exc))))
     return PushOutcome(f.label, result.status, time.monotonic() - t0, result.peers, current=result.current,
-                       generation=result.generation, url=f.spec.url)
+                       generation=result.generation, url=f.spec.url, added=result.added, removed=result.removed)
+
+
+def _note_members(f: _Frontend, o: PushOutcome, members: frozenset[str]) -> None:
+    """A frontend that keeps answering "added / removed" to the same fleet is given another one in between."""
+    changed = o.added or o.removed
+    if f.members == members and changed:
+        f.foreign += 1
+        if f.foreign == FOREIGN_AFTER:
+            log.warning("%s: %d pushes in a row changed its replicas (added %s; removed %s) while this controller's "
+                        "fleet stayed the same: another pusher gives it another fleet in between (a second "
+                        "controller or a sidecar reading another inventory); every pusher of one frontend must read "
+                        "the same inventory (said again when it stops)", f.spec.url, f.foreign,
+                        ", ".join(o.added) or "none", ", ".join(o.removed) or "none")
+    elif f.members == members:
+        if f.foreign >= FOREIGN_AFTER:
+            log.info("%s: its replicas stay this controller's fleet again", f.spec.url)
+        f.foreign = 0
+    else:
+        f.foreign = 0  # this controller's own fleet changed: its added/removed are this push's
+    f.members = members
 
 
 def _short(exc: Exception) -> str:

@@ -25,8 +25,9 @@ from fdngx.nginx.admin import TokenFile
 from fdngx.nginx.apply import ApplyResult, safe_apply
 from fdngx.nginx.build import nginx_build
 from fdngx.nginx.control import NginxControl, find_nginx, prepare_prefix
-from fdngx.nginx.fanout import Fanout, FrontendSpec, PushOutcome
+from fdngx.nginx.fanout import Fanout, PushOutcome
 from fdngx.nginx.guards import check_replaceable, included_by, standalone_refusal
+from fdngx.nginx.pushfile import FrontendSpec
 from fdngx.nginx.render import RenderOptions, check_fleet, render
 from fdngx.nginx.shape import front_of
 from fdngx.system.files import identity, read_bytes_or_none, real_target, writable_by_others
@@ -204,7 +205,8 @@ class Target:
         assert self.fanout is not None
         inv = in_rotation(inv)  # as in push()
         peers = openresty.live_peers(inv, states, samples) if states is not None else openresty.initial_peers(inv)
-        return self.fanout.push(openresty.snapshot(generation.next_generation(), peers, inv.upstream))
+        return self.fanout.push(openresty.snapshot(generation.next_generation(), peers, inv.upstream),
+                                frozenset(p.name for p in peers))
 
     def set_frontends(self, specs: list[FrontendSpec]) -> None:
         """Controller mode: a new frontend list (the push file changed); this host's nginx stays in it."""

@@ -22,7 +22,7 @@ from fdngx import inventory as inv_mod
 from fdngx.domain import FailOpen, Inventory, LoadSample
 from fdngx.errors import FdngxError, check_number, os_error_line
 from fdngx.nginx.apply import lock_waits_end_on
-from fdngx.nginx.fanout import FrontendSpec, read_push_file
+from fdngx.nginx.pushfile import FrontendSpec, read_push_file
 from fdngx.nginx.target import Target
 from fdngx.system.files import Identity as FileIdentity
 from fdngx.system.files import identity as file_identity

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from fdngx.errors import ApplyError
-from fdngx.nginx.fanout import Fanout, FrontendSpec
+from fdngx.nginx.fanout import Fanout
 from fdngx.nginx.generation import next_generation
+from fdngx.nginx.pushfile import FrontendSpec
 from tests.integration.lua_site import LuaSite, needs_lua
 from tests.support import wait_for
 

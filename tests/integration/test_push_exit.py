@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import sys, threading
 from pathlib import Path
-from fdngx.nginx.fanout import Fanout, FrontendSpec
+from fdngx.nginx.fanout import Fanout
+from fdngx.nginx.pushfile import FrontendSpec
 fan = Fanout([FrontendSpec(sys.argv[1], Path(sys.argv[2]))], timeout=60.0)
 threading.Thread(target=fan.push, args=("generation 1\\nempty\\n",), daemon=True).start()  # the cycle, waiting
 sys.stdin.readline()  # the test says when the push is in flight

@@ -17,7 +17,8 @@ import pytest
 from fdngx import inventory as inv_mod
 from fdngx.errors import UsageError
 from fdngx.nginx.admin import parse_admin_url
-from fdngx.nginx.fanout import Fanout, FrontendSpec, PushOutcome, frontend_specs, read_push_file
+from fdngx.nginx.fanout import Fanout, PushOutcome
+from fdngx.nginx.pushfile import FrontendSpec, frontend_specs, read_push_file
 from fdngx.nginx.render import LOOPBACK_ALLOW, RenderOptions, admin_allow_list, render
 from fdngx.sim.process import free_ports
 from fdngx.weights.controller import fleet_outcome

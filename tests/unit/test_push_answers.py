@@ -11,7 +11,8 @@ import pytest
 
 from fdngx.errors import ApplyError
 from fdngx.nginx.admin import Admin
-from fdngx.nginx.fanout import Fanout, FrontendSpec
+from fdngx.nginx.fanout import Fanout
+from fdngx.nginx.pushfile import FrontendSpec
 from tests.support import read_request, token_file
 from tests.unit.test_push_deadline import FakeFrontend, Handler, answer, frontends
 

@@ -21,7 +21,8 @@ from fdngx.domain import Flavor, Listen, ServerState
 from fdngx.errors import ApplyError
 from fdngx.inventory import load
 from fdngx.nginx.admin import Admin
-from fdngx.nginx.fanout import Fanout, FrontendSpec
+from fdngx.nginx.fanout import Fanout
+from fdngx.nginx.pushfile import FrontendSpec
 from fdngx.nginx.render import RenderOptions
 from fdngx.nginx.target import Target
 from tests.support import REPO, RawServer, read_request, token_file, wait_for

@@ -14,7 +14,8 @@ import pytest
 from fdngx.commands.options import render_options
 from fdngx.domain import Balancer, Flavor, Mode
 from fdngx.errors import FdngxError, UnsafeFileError, UsageError
-from fdngx.nginx.fanout import NO_FRONTENDS, Fanout, PushOutcome, read_push_file
+from fdngx.nginx.fanout import NO_FRONTENDS, Fanout, PushOutcome
+from fdngx.nginx.pushfile import read_push_file
 from fdngx.nginx.target import TargetSpec, open_target
 from fdngx.weights.controller import CycleResult, fleet_outcome
 from fdngx.weights.settings import config_for_flavor

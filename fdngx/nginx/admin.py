@@ -32,7 +32,16 @@ if TYPE_CHECKING:
     import requests
 
 
-class AdminUnreachable(ApplyError):
+class AdminError(ApplyError):
+    """What an admin location did not do, said as "openresty admin URL: REASON"; `reason` alone is for a line
+    that names the frontend already (controller mode's "URL: push failed: REASON", fdngx.nginx.fanout)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"openresty admin {url}: {reason}")
+        self.reason = reason
+
+
+class AdminUnreachable(AdminError):
     """No answer from the admin location: nginx is not running, or not (yet) with this config."""
 
 
@@ -151,26 +160,26 @@ class Admin:
                     raw = resp.raw.read(MAX_ANSWER + 1, decode_content=False)
                 self._check_aborted()  # a read ended by the shutdown may look like a short answer
                 if len(raw) > MAX_ANSWER:
-                    raise ApplyError(f"openresty admin {self.url}: answer over {MAX_ANSWER} bytes")
+                    raise AdminError(self.url, f"answer over {MAX_ANSWER} bytes")
                 return _Answer(resp.status_code, raw.decode("utf-8", "replace"))
             except requests.exceptions.InvalidHeader:
                 # Its text holds the header's value: the token. (load_token and read_token refuse such a token.)
-                raise ApplyError(f"openresty admin {self.url}: the admin token is not a valid HTTP header value "
+                raise AdminError(self.url, "the admin token is not a valid HTTP header value "
                                  "(a line break or a space inside?)") from None
             except requests.ConnectionError as exc:
                 self._check_aborted()
                 # A kept-alive connection that nginx closed (a reload ends idle ones): once more on a fresh
                 # one. Safe: a snapshot sent twice carries the same generation ("unchanged").
                 if attempt == 2 or isinstance(exc, requests.ConnectTimeout):
-                    raise AdminUnreachable(f"openresty admin {self.url}: {in_words(exc)}") from None
+                    raise AdminUnreachable(self.url, f"{in_words(exc)}") from None
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 self._check_aborted()
-                raise ApplyError(f"openresty admin {self.url}: {in_words(exc)}") from None
+                raise AdminError(self.url, f"{in_words(exc)}") from None
         raise AssertionError("unreachable")
 
     def _check_aborted(self) -> None:
         if self._watch.aborted:
-            raise ApplyError(f"openresty admin {self.url}: ended at its deadline, connection closed") from None
+            raise AdminError(self.url, "ended at its deadline, connection closed") from None
 
     @contextlib.contextmanager
     def deadline(self, seconds: float) -> Iterator[None]:
@@ -212,14 +221,14 @@ class Admin:
                 return PushResult(status, generation, int(fields["peers"]),
                                   tuple(filter(None, added.split(","))), tuple(filter(None, removed.split(","))))
         except (KeyError, ValueError, IndexError):
-            raise ApplyError(f"openresty admin {self.url}: unexpected answer {text[:200]!r}") from None
-        raise ApplyError(f"openresty admin {self.url}: HTTP {resp.status_code} {_one_line(text, 300)}")
+            raise AdminError(self.url, f"unexpected answer {text[:200]!r}") from None
+        raise AdminError(self.url, f"HTTP {resp.status_code} {_one_line(text, 300)}")
 
     def view(self) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
         """The balancer's view: (pool fields, {peer name: its fields}) from GET on the admin location."""
         resp = self._request("GET")
         if resp.status_code != 200:
-            raise ApplyError(f"openresty admin {self.url}: HTTP {resp.status_code} {_one_line(resp.text, 200)}")
+            raise AdminError(self.url, f"HTTP {resp.status_code} {_one_line(resp.text, 200)}")
         lines = resp.text.strip().splitlines()
         peers = {f["peer"]: f for f in map(_fields, lines[1:]) if "peer" in f}
         return _fields(lines[0]) if lines else {}, peers

@@ -40,8 +40,8 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from fdngx.errors import ApplyError, FdngxError, UsageError
-from fdngx.nginx.admin import Admin, TokenFile
+from fdngx.errors import FdngxError, UsageError
+from fdngx.nginx.admin import Admin, AdminError, TokenFile
 from fdngx.nginx.generation import PushState, say_change
 from fdngx.nginx.pushfile import MAX_FRONTENDS, FrontendSpec
 
@@ -278,7 +278,7 @@ def _push_one(f: _Frontend, text: str) -> PushOutcome:
                       "line: upgrade the frontends first, then re-render and reload them: docs/controller.md)")
         return PushOutcome(f.label, "failed", time.monotonic() - t0, error=error, url=f.spec.url)
     except Exception as exc:  # a bug in one push must not take the cycle down
-        return PushOutcome(f.label, "failed", time.monotonic() - t0, error=_short(ApplyError(repr(exc))))
+        return PushOutcome(f.label, "failed", time.monotonic() - t0, error=f"a bug in fdngx: {exc!r}"[:300])
     return PushOutcome(f.label, result.status, time.monotonic() - t0, result.peers, current=result.current,
                        generation=result.generation, url=f.spec.url, added=result.added, removed=result.removed)
 
@@ -304,11 +304,5 @@ def _note_members(f: _Frontend, o: PushOutcome, members: frozenset[str]) -> None
 
 
 def _short(exc: Exception) -> str:
-    """requests' long texts ("HTTPConnectionPool(...): Max retries exceeded ...") cut to what happened."""
-    text = str(exc)
-    for needle, short in (("connection refused", "connection refused"),
-                          ("refused the connection", "connection refused"), ("timed out", "timed out"),
-                          ("name or service not known", "name does not resolve"), ("no route to host", "no route")):
-        if needle in text.lower():
-            return short
-    return text[:300]
+    """What went wrong, without the frontend's URL (the line that says it names the frontend already)."""
+    return exc.reason if isinstance(exc, AdminError) else str(exc)[:300]

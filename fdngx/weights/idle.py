@@ -3,9 +3,10 @@
 The replica is read as the sidecar reads it (fdngx.weights.scrape, one client and one memory for the whole
 wait, so an engine's backlog estimate works as in a cycle): running + queued, clients that bypass nginx
 included. Done when that is 0 on QUIET_READS reads in a row (a request that starts between two reads shows
-on the next), or when nothing listens at its address any more (stopped: nothing can run there). Given the
-policy state (`--out`), quiet reads count only once it holds the replica out: before that a quiet moment
-between two requests proves nothing. A page that cannot be read is waited through, saying why. Out of time:
+on the next), or when nothing listens at its address any more (stopped: nothing can run there). Given
+`applied` (`--out`: the config file's server line, or the policy state beside it: fdngx.commands.drain), quiet
+reads count only once nginx holds the replica out: before that a quiet moment between two requests proves
+nothing. A page that cannot be read is waited through, saying why. Out of time:
 an FdngxError saying what still runs and what to check; the replica stays drained either way.
 """
 
@@ -26,10 +27,10 @@ SAY_EVERY_S = 5.0
 
 
 def wait_idle(inst: Instance, timeout: float, say: Callable[[str], None], *,
-              applied: Callable[[], bool] | None = None,
+              applied: Callable[[], str | None] | None = None,
               clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
-    """Return once nothing is in flight on `inst`; raise FdngxError after `timeout` seconds. `applied`: whether
-    nginx holds the replica out yet (the policy state says so); until it does, no quiet read counts."""
+    """Return once nothing is in flight on `inst`; raise FdngxError after `timeout` seconds. `applied`: None
+    once nginx holds the replica out, else what says it does not yet; until then, no quiet read counts."""
     if no_load_signal(inst):
         raise FdngxError(f"{inst.name}: registered without a metrics port: fdngx cannot see what runs there, "
                          "so it cannot wait for it (see --registry-metrics-port)")
@@ -44,10 +45,11 @@ def wait_idle(inst: Instance, timeout: float, say: Callable[[str], None], *,
             if sample is not None and sample.refused:
                 say(f"{inst.name}: nothing listens at {inst.address} any more: nothing in flight there")
                 return
-            held = applied is None or applied()
+            pending = applied() if applied is not None else None
+            held = pending is None
             left, what = in_flight(sample)
-            if not held:
-                what = "the drain is not applied yet (the policy state does not hold it out)"
+            if pending is not None:
+                what = f"the drain is not applied yet ({pending})"
             quiet = quiet + 1 if held and left == 0 else 0
             if quiet >= QUIET_READS:
                 say(f"{inst.name}: {what}")
@@ -58,8 +60,8 @@ def wait_idle(inst: Instance, timeout: float, say: Callable[[str], None], *,
                 ask = "Is the drain applied? " if held else ""
                 raise FdngxError(
                     f"{inst.name}: {what} after {timeout:g} s; it stays drained. {ask}A running sidecar applies it "
-                    "within its --debounce seconds, else run `fdngx render --scrape --reload` (a render without "
-                    "--scrape keeps no policy state, which this wait reads); wait longer with a larger --wait")
+                    "within its --debounce seconds, else run `fdngx render --reload` with your usual options "
+                    "(--scrape too where a cron job keeps the weights); wait longer with a larger --wait")
             due = said_at is None or now - said_at >= SAY_EVERY_S or held != said_held  # or once it is applied
             if due and quiet == 0:  # a quiet read: the next one decides
                 say(f"{inst.name}: {what}; waiting ({waited:.0f} s of {timeout:g})")

@@ -15,15 +15,17 @@ import pytest
 
 from fdngx import inventory as inv_mod
 from fdngx.commands import status_view
+from fdngx.commands.drain import not_held_out
 from fdngx.commands.status_view import rows_of
-from fdngx.domain import Instance, Inventory, LoadSample, ServerState
+from fdngx.domain import Flavor, Instance, Inventory, LoadSample, ServerState
 from fdngx.errors import InventoryError, RenderError
 from fdngx.nginx import admin
 from fdngx.nginx.render import RenderOptions, render
 from fdngx.nginx.target import Target
 from fdngx.weights.policy import decide
 from fdngx.weights.settings import PolicyConfig
-from fdngx.weights.state import PolicyState
+from fdngx.weights.state import InstanceState, PolicyState
+from fdngx.weights.store import store_for
 from tests.support import NEEDS_LUAJIT, REPO, AdminDouble, luajit_script
 
 
@@ -343,3 +345,27 @@ def test_a_state_nothing_wrote_for_two_cron_minutes_is_said_stale(tmp_path: Path
     note = status_view.state_note(state, 200.0)
     assert note is not None and "no sidecar or cron run is keeping the weights now" in note, note
     assert status_view.state_note(state, 200.0, interval=300.0) is None  # a sidecar with --interval 300
+
+
+def test_wait_reads_whether_nginx_holds_the_replica_out_from_the_file_it_reads(tmp_path: Path) -> None:
+    """drain --wait --out: the nginx flavor's file says it (a plain render applies a drain and writes no policy
+    state: the wait read only the state and never counted); the OpenResty flavor's file holds no weights, so
+    the policy state beside it does (its drains are pushed)."""
+    inv = inv_mod.parse_inventory({"instances": [
+        {"name": f"dp{i}", "host": "127.0.0.1", "port": 8001 + i, "metrics_port": 9001 + i} for i in range(2)]})
+    drained = inv_mod.parse_inventory({"instances": [
+        {"name": f"dp{i}", "host": "127.0.0.1", "port": 8001 + i, "metrics_port": 9001 + i, "drain": i == 0}
+        for i in range(2)]})
+    out = tmp_path / "upstream.conf"
+    store = store_for(out, None)
+    out.write_text(render(inv, RenderOptions()))
+    assert not_held_out(out, store, "dp0", inv.upstream) == f"{out} does not hold it out"
+    out.write_text(render(drained, RenderOptions()))  # a plain render: no policy state at all
+    assert not store.path.exists() and not_held_out(out, store, "dp0", inv.upstream) is None
+    assert not_held_out(out, store, "dp1", inv.upstream) is not None
+    out.write_text(render(drained, RenderOptions(flavor=Flavor.OPENRESTY, admin_token_file=str(tmp_path / "t"),
+                                                 peers_file=str(tmp_path / "peers"))))
+    assert not_held_out(out, store, "dp0", inv.upstream) == "the policy state does not hold it out"
+    store.save(PolicyState({"dp0": InstanceState(weight=20, down=True, drained=True)}))
+    assert not_held_out(out, store, "dp0", inv.upstream) is None
+    assert not_held_out(None, store, "dp0", inv.upstream) is None  # --state alone: the state

@@ -120,7 +120,8 @@ def test_the_shipped_settings_file_drains_and_undrains(tmp_path: Path) -> None:
 
 
 def drain_params(tmp_path: Path, text: str, *argv: str) -> dict[str, object]:
-    """drain's options as click parses `argv` with the settings in `text` (out and state: absolute paths)."""
+    """drain's options as click parses `argv` with the settings in `text` (out and state: absolute paths; a
+    settings file's value is still the text here, made a Path by typer as it calls the command)."""
     conf = tmp_path / "fdngx.toml"
     conf.write_text(text)
     group = typer.main.get_command(make_app())
@@ -137,11 +138,11 @@ def test_top_level_out_and_state_reach_drain_only_with_wait(tmp_path: Path) -> N
     params = drain_params(tmp_path, text, "dp1")
     assert params["out"] is None and params["state"] is None, params
     params = drain_params(tmp_path, text, "dp1", "--wait", "60")
-    assert params["out"] == out and params["state"] == state, params
+    assert Path(params["out"]) == out and Path(params["state"]) == state, params
     params = drain_params(tmp_path, text + "[drain]\nwait = 60\n", "dp1")  # --wait from the file counts too
-    assert params["out"] == out and params["state"] == state, params
+    assert Path(params["out"]) == out and Path(params["state"]) == state, params
     params = drain_params(tmp_path, text, "dp1", "--out", "mine.conf")  # the command line still wins
-    assert params["out"] == Path("mine.conf") and params["state"] is None, params
+    assert Path(params["out"]) == Path("mine.conf") and params["state"] is None, params
 
 
 def test_fdngx_out_reaches_drain_only_with_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,7 +157,7 @@ def test_fdngx_out_reaches_drain_only_with_wait(tmp_path: Path, monkeypatch: pyt
     with ctx:
         drain = group.commands["drain"]
         assert drain.make_context("drain", ["dp1"], parent=ctx).params["out"] is None
-        assert drain.make_context("drain", ["dp1", "--wait", "9"], parent=ctx).params["out"] == out
+        assert Path(drain.make_context("drain", ["dp1", "--wait", "9"], parent=ctx).params["out"]) == out
     inv = inventory(tmp_path / "fdngx.json")
     proc = fdngx("drain", "dp1", "-i", str(inv), env={"FDNGX_OUT": str(out)}, cwd=tmp_path)
     assert proc.returncode == 0 and "dp1: drained in" in proc.stdout, proc.stderr

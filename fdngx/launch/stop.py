@@ -5,7 +5,8 @@ before the SIGTERM, and `fdngx stop` itself SIGKILLs what the pidfile recorded t
 after the supervisor took the request; the supervisor would kill only STOP_MARGIN seconds later. So it can say
 truthfully which replicas stopped and which were killed, and the supervisor, done well inside its own
 wait, still writes the inventory's "stopped" before it exits. With the supervisor gone (killed), what it
-started and left running is stopped here, and its inventory's "stopped" (or "exited") written here too.
+started and left running is stopped here, and its inventory's "stopped" (or "exited") written here too; so
+too when it must be killed here (hung: it did not exit in time).
 
 The pidfile is found by fdngx.launch.standing: beside the inventory's file, else where an older fdngx wrote
 it (beside a symlink's own name), which is said.
@@ -62,8 +63,9 @@ def stop(inventory_path: str | Path, out: TextIO | None = None, grace: float | N
     groups = [(c.pid, c.start, c.stop_signal) for c in children if c.pid is not None and c.start is not None]
     killed: list[int] = []
     supervised = sup.alive()
+    marks = not supervised  # a supervisor that exits writes its inventory's "stopped"; a killed one cannot
     if supervised:
-        line, killed = _stop_supervised(record, pidfile, grace, say)
+        line, killed, marks = _stop_supervised(record, pidfile, grace, say)
         report.append(line)
     else:
         report.append(f"supervisor pid {sup.pid} was not running (stale pidfile)"
@@ -81,7 +83,7 @@ def stop(inventory_path: str | Path, out: TextIO | None = None, grace: float | N
     if members and not supervised:
         report.append(f"stopped {len(members)} recorded member process(es) of those groups")
     remove_pidfile(pidfile, sup.pid, sup.start)  # only if no new launch has replaced it meanwhile
-    if not supervised and (marked := _marked(inventory, record, running | left_pids)):
+    if marks and (marked := _marked(inventory, record, running | left_pids)):
         report.append(marked.removeprefix("; "))
     return report
 
@@ -94,9 +96,11 @@ def _marked(inventory: Path, record: Pidfile, stopped: set[int]) -> str:
     return "" if why is None else f"; could not mark its replicas stopped in {inventory} ({why})"
 
 
-def _stop_supervised(record: Pidfile, pidfile: str, grace: float, say: Callable[[str], bool]) -> tuple[str, list[int]]:
+def _stop_supervised(record: Pidfile, pidfile: str, grace: float,
+                     say: Callable[[str], bool]) -> tuple[str, list[int], bool]:
     """SIGTERM to a live supervisor with `grace` for its replicas; SIGKILL to those of them that outlive it.
-    Returns the line for the supervisor and the pids killed."""
+    Returns the line for the supervisor, the pids killed, and whether it was killed too (then it did not
+    write its inventory's "stopped": the caller does)."""
     sup = record.supervisor
     ident = (sup.pid, sup.start)
     why_not = ask_grace(pidfile, ident, grace)
@@ -121,5 +125,5 @@ def _stop_supervised(record: Pidfile, pidfile: str, grace: float, say: Callable[
         time.sleep(0.1)
     withdraw(pidfile, ident)
     if procs.signal_pid(sup.pid, sup.start, signal.SIGKILL):
-        return f"supervisor pid {sup.pid} did not exit in time: killed (the inventory may still say running)", killed
-    return f"stopped supervisor pid {sup.pid}", killed
+        return f"supervisor pid {sup.pid} did not exit in time: killed", killed, True
+    return f"stopped supervisor pid {sup.pid}", killed, False

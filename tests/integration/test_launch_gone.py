@@ -7,23 +7,36 @@ killed by PID at teardown.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pty
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fdngx.launch.pidfile import LaunchState, read_pidfile
+from fdngx.domain import Engine
+from fdngx.launch import stop as stop_mod
+from fdngx.launch.pidfile import (
+    ChildRecord,
+    ChildState,
+    LaunchState,
+    Pidfile,
+    ProcessRecord,
+    read_pidfile,
+    write_pidfile,
+)
+from fdngx.launch.plan import pidfile_for
 from fdngx.system import procs
 from tests.integration.test_launch import STARTUP, Launcher, sim_ports, standin
 from tests.integration.test_launch_faults import SERVES, detached, plan_running, two_names
 from tests.integration.test_launch_robust import ENGINE, gone, workers
 from tests.integration.test_status import status
-from tests.support import wait_for
+from tests.support import wait_for, write_inventory
 
 GONE = "the launch's supervisor (pid {pid}) is not running any more"
 
@@ -224,3 +237,34 @@ def test_a_launch_through_the_symlink_is_refused_while_an_older_fdngxs_launch_ru
     assert not Path(f"{link}.pid").exists() and launcher.pidfile.exists()
     assert launcher.run("stop", "--inventory", str(link)).returncode == 0
     launcher.assert_all_gone()
+
+
+def test_stop_that_must_kill_the_supervisor_marks_the_inventory_itself(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A supervisor that does not exit in time (hung, SIGTERM ignored) is killed by `fdngx stop`, which then
+    writes what it would have: its replicas "stopped". Before, the inventory said "running" for good, and stop
+    said so ("the inventory may still say running"). Real processes, stopped by PID; the waits made short."""
+    monkeypatch.setattr(stop_mod, "ACK_WAIT", 0.2)
+    monkeypatch.setattr(stop_mod, "EXIT_WAIT", 0.3)
+    monkeypatch.setattr(stop_mod, "STOP_MARGIN", 0.1)
+    hung = subprocess.Popen([sys.executable, "-c", "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)"
+                             "\nprint('ready', flush=True)\ntime.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    replica = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        assert hung.stdout is not None and hung.stdout.readline() == "ready\n"  # SIGTERM ignored from here on
+        inv = write_inventory(tmp_path / "fdngx.json", [{"name": "dp0", "host": "127.0.0.1", "port": 1,
+                                                         "metrics_port": 2, "status": "running", "pid": replica.pid}])
+        child = ChildRecord("dp0", replica.pid, procs.starttime(replica.pid), "SIGTERM", ["dp0"], ChildState.RUNNING)
+        write_pidfile(pidfile_for(inv), Pidfile(
+            supervisor=ProcessRecord(hung.pid, procs.starttime(hung.pid)), state=LaunchState.READY, detached=True,
+            engine=Engine.SIM, inventory=str(inv), grace=0.2, children=[child], instances={}, boot=procs.boot_id()))
+        said = stop_mod.stop(inv, out=io.StringIO(), grace=0.2)
+        assert said[0] == f"supervisor pid {hung.pid} did not exit in time: killed", said
+        assert hung.wait(timeout=10) == -signal.SIGKILL and replica.wait(timeout=10) is not None
+        assert [i["status"] for i in json.loads(inv.read_text())["instances"]] == ["stopped"], said
+        assert not Path(pidfile_for(inv)).exists()
+    finally:
+        for p in (hung, replica):
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)

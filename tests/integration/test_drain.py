@@ -116,7 +116,7 @@ def test_drain_sends_new_requests_elsewhere_while_a_running_stream_completes(
 
         drained = fdngx("drain", busy, "-i", str(inv))
         assert drained.returncode == 0, drained.stderr
-        assert f"{busy}: drained in {inv}" in drained.stdout and "fdngx render --scrape --reload" in drained.stdout
+        assert f"{busy}: drained in {inv}" in drained.stdout and "run `fdngx render --reload`" in drained.stdout
         assert json.loads(inv.read_text())["instances"][int(busy[2:])]["drain"] is True
         fdngx("render", *common, "--reload", check=True)
 

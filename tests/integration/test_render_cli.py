@@ -54,7 +54,7 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("args", "names"), [
     (["render", "--mode", "bogus"], ["--mode", "'bogus'"]),
-    (["render", "--max-fails", "1e3"], ["--max-fails", "integer"]),
+    (["render", "--max-fails", "1e3"], ["--max-fails", "'1e3' is not a valid int"]),
     (["render", "--no-such-flag"], ["--no-such-flag"]),
     (["drain"], ["Missing argument"]),
     (["status", "--timout", "3"], ["--timout", "--timeout"]),

@@ -22,8 +22,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from fdngx.domain import Instance, Load, LoadSample
 from fdngx.engines import REGISTRY, EngineSpec, spec
 from fdngx.weights.batch import BatchClient, Job
@@ -129,6 +127,10 @@ def parse_metrics(text: str, names: frozenset[str] | None = None) -> dict[str, l
         text = relevant_lines(text, names)
     _parser_bounds(text)
     values = Gathered(_copies())
+    # Here, not at the top: the usual page takes the fast path, and a render or status that scrapes nothing
+    # does not pay the parser's import (40 ms of every start).
+    from prometheus_client.parser import text_string_to_metric_families
+
     # The parser is a generator that raises part way through bad input; consume it all here.
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

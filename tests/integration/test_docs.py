@@ -167,7 +167,7 @@ def check_walkthrough(report: dict[str, Any], home: Path) -> None:
     used = (home / "prometheus" / "fdngx.rules.yml").read_text().splitlines()
     assert len(shipped) == len(used)
     changed = [(a, b) for a, b in zip(shipped, used, strict=True) if a != b]
-    assert changed and all(re.fullmatch(r"\s+for: \S+", a) and re.fullmatch(r"\s+for: 5s", b) for a, b in changed)
+    assert changed and all(re.fullmatch(r"\s+for: \S+", a) and re.fullmatch(r"\s+for: 1s", b) for a, b in changed)
 
 
 # --- names in the docs match the code ---------------------------------------------------------------------

@@ -9,11 +9,11 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import prometheus_client.parser
 import pytest
 
 from fdngx.domain import Engine, Instance, Load, LoadSample
 from fdngx.engines import spec
-from fdngx.weights import scrape as scrape_mod
 from fdngx.weights.fetch import HttpClient
 from fdngx.weights.scrape import (
     MAX_PARSED_BYTES,
@@ -401,13 +401,13 @@ def test_a_page_that_does_not_parse_is_parsed_once_per_scrape(
     servers: Callable[[Behaviour], Instance], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    real = scrape_mod.text_string_to_metric_families
+    real = prometheus_client.parser.text_string_to_metric_families
 
     def counting(text: str) -> Iterator[object]:
         calls.append(len(text))
         return real(text)
 
-    monkeypatch.setattr(scrape_mod, "text_string_to_metric_families", counting)
+    monkeypatch.setattr(prometheus_client.parser, "text_string_to_metric_families", counting)  # scrape's import
     for session in (HttpClient(), make_client()):  # the worker pool and the batch loop
         calls.clear()
         try:

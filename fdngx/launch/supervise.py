@@ -343,20 +343,24 @@ class Supervisor(Books, Deaths):
         return changed
 
     def _shutdown(self) -> None:
-        """Stop every child group and every descendant, whatever group it moved to. Nothing said here can
-        fail (a broken stream is given up on), so the stop always runs. A `fdngx stop --grace N` that sent
-        the SIGTERM left N for it (fdngx.launch.handshake): it kills what is left after N itself, so the
-        wait here lasts STOP_MARGIN longer."""
+        """Stop every child group and every descendant, whatever group it moved to; nothing said here can fail
+        (a broken stream is given up on). A `fdngx stop --grace N` that sent the SIGTERM left N for it
+        (fdngx.launch.handshake) and kills what is left after N itself: the wait here is STOP_MARGIN longer."""
         live = [c for c in self.children if c.alive()]  # before the request is taken: stop may kill at once
         grace, by = self.plan.grace, ""
         asked = asked_grace(self.plan.pidfile) if self.stop_signal == signal.SIGTERM else None
         if asked is not None:
             grace, by = asked[0], f", asked by fdngx stop pid {asked[1]}"
-        killed = stop_every(self.children, grace + (STOP_MARGIN if asked else 0), lambda n: self.progress.say(
-            f"stopping {n} process group(s) (grace {grace:g}s{by})"))
+        announced: list[int] = []
+        def announce(n: int) -> None:
+            announced.append(n)
+            self.progress.say(f"stopping {n} process group(s) (grace {grace:g}s{by})")
+
+        killed = stop_every(self.children, grace + (STOP_MARGIN if asked else 0), announce)
+        if asked is not None and not announced:  # with --grace 0 it may have killed them all already
+            self.progress.say(f"nothing left to stop (grace {grace:g}s{by}, which stopped them)")
         # Killed by us, or by that `fdngx stop`: said the same way.
-        killed += [c.pid for c in live if c.popen is not None and c.popen.poll() == -signal.SIGKILL
-                   and c.pid not in killed]
+        killed += [c.pid for c in live if c.popen and c.popen.poll() == -signal.SIGKILL and c.pid not in killed]
         if killed:
             self.progress.say(f"killed after the grace period: {', '.join(map(str, killed))}")
         if self.inventory_written:

@@ -171,10 +171,10 @@ class Admin:
                 # A kept-alive connection that nginx closed (a reload ends idle ones): once more on a fresh
                 # one. Safe: a snapshot sent twice carries the same generation ("unchanged").
                 if attempt == 2 or isinstance(exc, requests.ConnectTimeout):
-                    raise AdminUnreachable(self.url, f"{in_words(exc)}") from None
+                    raise AdminUnreachable(self.url, in_words(exc)) from None
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 self._check_aborted()
-                raise AdminError(self.url, f"{in_words(exc)}") from None
+                raise AdminError(self.url, in_words(exc)) from None
         raise AssertionError("unreachable")
 
     def _check_aborted(self) -> None:

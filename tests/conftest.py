@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fdngx import logs
+from fdngx.sim import process as sim_process
 from fdngx.system import procs
 from tests.support import Backends, Site, free_ports, stop_process_group, wait_for
 
@@ -22,6 +24,16 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _a_share_of_the_ports() -> None:
+    """On pytest-xdist's workers (`make test`), each hands out free ports from its own share of the range
+    free_ports draws from: two tests running at once never pick the same port before either binds it."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    span = len(sim_process._below_ephemeral())
+    if worker[:2] == "gw" and worker[2:].isdigit() and count.isdigit() and int(count) > 1 and span:
+        sim_process._cursor[:] = [int(worker[2:]) * span // int(count)]
 
 
 @pytest.fixture(autouse=True)

@@ -31,7 +31,6 @@ class FrontendSpec:
         return str(listen)
 
 
-
 def frontend_specs(urls: Iterable[str], token_file: Path | None, what: str = "--push-to",
                    base: Path | None = None) -> list[FrontendSpec]:
     """URLs (each may be `URL` or `URL TOKEN_FILE`) -> specs; every frontend needs a token file. A relative

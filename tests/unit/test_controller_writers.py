@@ -57,17 +57,21 @@ class Balancer(AdminDouble):
         return PushResult("ok", generation_in(body) or 0, body.count("\npeer "))
 
 
+def _openresty_controller(tmp_path: Path, balancer: Balancer, peers: Path) -> Controller:
+    """An OpenResty-flavor controller pushing to `balancer`, its peers file at `peers`; dp1 fails /health."""
+    opts = RenderOptions(flavor=Flavor.OPENRESTY, admin_token_file=str(token_file(tmp_path)), peers_file=str(peers))
+    target = Target(tmp_path / "site.conf", opts, None, False, balancer, peers)  # type: ignore[arg-type]
+    scrape = FakeScrape()
+    scrape.unhealthy.add("dp1")
+    return Controller(target, config_for_flavor(Flavor.OPENRESTY), scrape=scrape, clock=Clock(), log_outcome=False)
+
+
 def test_a_peers_file_that_cannot_be_written_does_not_keep_the_snapshot_from_the_balancer(tmp_path: Path) -> None:
     """openresty flavor, full disk: the peers file's OSError escaped the cycle before the push, every cycle, so
     a replica failing /health stayed in the balancer's rotation (and no apply failure was counted)."""
     balancer = Balancer()
     gone = tmp_path / "gone"  # the peers file's directory is not there: its write fails as a full disk's would
-    opts = RenderOptions(flavor=Flavor.OPENRESTY, admin_token_file=str(token_file(tmp_path)),
-                         peers_file=str(gone / "peers"))
-    target = Target(tmp_path / "site.conf", opts, None, False, balancer, gone / "peers")  # type: ignore[arg-type]
-    scrape = FakeScrape()
-    scrape.unhealthy.add("dp1")
-    c = Controller(target, config_for_flavor(Flavor.OPENRESTY), scrape=scrape, clock=Clock(), log_outcome=False)
+    c = _openresty_controller(tmp_path, balancer, gone / "peers")
     state = PolicyState()
     for _ in range(4):
         result, state = c.step(inv_of(2), state)
@@ -258,12 +262,7 @@ def test_a_push_refused_as_older_is_not_recorded_as_what_the_balancer_has(tmp_pa
     controller's snapshot in force) recorded its own down flags and weights as applied, so its status, its
     metrics and its next decisions read a change no frontend had."""
     balancer = _Superseded()
-    opts = RenderOptions(flavor=Flavor.OPENRESTY, admin_token_file=str(token_file(tmp_path)),
-                         peers_file=str(tmp_path / "peers"))
-    target = Target(tmp_path / "site.conf", opts, None, False, balancer, tmp_path / "peers")  # type: ignore[arg-type]
-    scrape = FakeScrape()
-    scrape.unhealthy.add("dp1")
-    c = Controller(target, config_for_flavor(Flavor.OPENRESTY), scrape=scrape, clock=Clock(), log_outcome=False)
+    c = _openresty_controller(tmp_path, balancer, tmp_path / "peers")
     state = PolicyState()
     for _ in range(4):
         result, state = c.step(inv_of(2), state)

@@ -50,8 +50,8 @@ APP_SETTINGS: dict[str, Any] = dict(
     epilog=(
         "Settings: every option can also come from the environment, FDNGX_<COMMAND>_<OPTION> or FDNGX_<OPTION> "
         "(FDNGX_RENDER_OUT, FDNGX_INVENTORY=/a.json:/b.json), or from a TOML file (--config): top-level keys for "
-        "every command that has the option, a \\[render], \\[sidecar], ... table per command. Precedence: command "
-        "line > FDNGX_<COMMAND>_<OPTION> > FDNGX_<OPTION> > \\[command] table > top-level key > default. timeout and "
+        "every command that has the option, a [render], [sidecar], ... table per command. Precedence: command "
+        "line > FDNGX_<COMMAND>_<OPTION> > FDNGX_<OPTION> > [command] table > top-level key > default. timeout and "
         "interval mean different things to different commands: only in a table or FDNGX_<COMMAND>_<OPTION>. A "
         "top-level out or state (or FDNGX_OUT) reaches drain only with --wait."
     ),
@@ -59,6 +59,7 @@ APP_SETTINGS: dict[str, Any] = dict(
     add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 
@@ -81,7 +82,7 @@ def _root(
     ctx: typer.Context,
     config: Path | None = typer.Option(
         None, "--config", envvar="FDNGX_CONFIG", dir_okay=False,
-        help="TOML file with settings for any command: top-level keys, or a \\[render], \\[sidecar], ... table. "
+        help="TOML file with settings for any command: top-level keys, or a [render], [sidecar], ... table. "
         "Unknown keys are an error.",
     ),
     log_format: LogFormat = typer.Option(

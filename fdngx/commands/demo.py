@@ -34,4 +34,5 @@ def demo_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("demo")(demo_cmd)
+    app.command("demo",
+                short_help="Run launch -> render -> nginx -> sidecar on simulated replicas.")(demo_cmd)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from fdngx.commands.helptext import examples
 from fdngx.commands.options import InventoryOpt, inventory_paths
 from fdngx.errors import UsageError, check_number
 from fdngx.inventory import DrainResult, load, set_drain
@@ -18,11 +19,12 @@ from fdngx.weights.idle import wait_idle
 from fdngx.weights.store import StateStore, store_for
 
 EPILOG = (
-    "Examples:\n\n"
-    "  fdngx drain dp3 -i /etc/fdngx/fdngx.json           # dp3 gets no new requests; those in flight finish\n\n"
-    "  fdngx drain dp3 -i /etc/fdngx/fdngx.json --wait 600 --out /etc/nginx/fdngx/upstream.conf   # and wait "
-    "until nothing runs there\n\n"
-    "  fdngx drain dp3 -i /etc/fdngx/fdngx.json --undo    # back in rotation\n\n"
+    examples(
+        ("dp3 gets no new requests; those in flight finish", "fdngx drain dp3 -i /etc/fdngx/fdngx.json"),
+        ("and wait until nothing runs there",
+         "fdngx drain dp3 -i /etc/fdngx/fdngx.json --wait 600 \n--out /etc/nginx/fdngx/upstream.conf"),
+        ("back in rotation", "fdngx drain dp3 -i /etc/fdngx/fdngx.json --undo"),
+    ) +
     "A drained replica gets no new requests; those in flight on it finish (nginx: `down` in the upstream, so the "
     "old workers' streams end normally through the graceful reload; OpenResty: left out of the balancer's peers) "
     "once the next sidecar cycle, or without a sidecar `fdngx render --reload` (with --scrape where a cron job "
@@ -112,4 +114,5 @@ def not_held_out(out: Path | None, store: StateStore, name: str, upstream: str) 
 
 
 def register(app: typer.Typer) -> None:
-    app.command("drain", epilog=EPILOG)(drain_cmd)
+    app.command("drain", epilog=EPILOG,
+                short_help="Take one replica out for maintenance (--undo: back in).")(drain_cmd)

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from fdngx import engines
+from fdngx.commands.helptext import examples
 from fdngx.commands.options import DEFAULT_INVENTORY
 from fdngx.domain import Engine, Restart
 from fdngx.engines.argv import (
@@ -24,14 +25,18 @@ from fdngx.launch.plan import build_plan, check_grace
 
 TIMEOUTS = ", ".join(f"{e.value} {engines.spec(e).default_timeout:.0f}" for e in Engine)
 EPILOG = (
-    "Examples:  fdngx launch --engine fastdeploy --num-servers 8 --gpus 0,1,2,3,4,5,6,7 --model M -- "
-    "--max-num-seqs 64\n\n"
-    "fdngx launch --engine sim --num-servers 4 --detach   (then: fdngx render ...; fdngx stop)"
+    examples(
+        ("8 FastDeploy API servers, one per GPU; engine arguments after --",
+         "fdngx launch --engine fastdeploy --num-servers 8 --gpus 0,1,2,3,4,5,6,7 \n--model M -- --max-num-seqs 64"),
+        ("4 simulated replicas in the background (then fdngx render; fdngx stop)",
+         "fdngx launch --engine sim --num-servers 4 --detach"),
+    ).rstrip()
 )
 STOP_EPILOG = (
-    "Examples:\n\n"
-    "  fdngx stop -i /etc/fdngx/fdngx.json              # the supervisor and every replica it started\n\n"
-    "  fdngx stop -i /etc/fdngx/fdngx.json --grace 60   # 60 s between the stop signal and SIGKILL\n\n"
+    examples(
+        ("the supervisor and every replica it started", "fdngx stop -i /etc/fdngx/fdngx.json"),
+        ("60 s between the stop signal and SIGKILL", "fdngx stop -i /etc/fdngx/fdngx.json --grace 60"),
+    ) +
     "The pidfile is <inventory>.pid, beside the file a symlinked inventory points to; when there is none, the "
     "one an older fdngx wrote beside the link's own name (said). A supervisor that is not running any more "
     "(killed; `fdngx status` says so): the processes it started that still run are stopped, its replicas marked "
@@ -205,6 +210,7 @@ def register(app: typer.Typer) -> None:
     # --gpu is reported instead of being handed to the engine.
     app.command(
         "launch", context_settings={"allow_extra_args": True}, options_metavar="[OPTIONS] [-- ENGINE_ARGS...]",
-        epilog=EPILOG,
+        epilog=EPILOG, short_help="Start the replicas, wait for each /health, write the inventory.",
     )(launch_cmd)
-    app.command("stop", epilog=STOP_EPILOG)(stop_cmd)
+    app.command("stop", epilog=STOP_EPILOG,
+                short_help="Stop a launch: its supervisor and every process it started.")(stop_cmd)

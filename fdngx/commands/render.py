@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from fdngx import inventory as inv_mod
+from fdngx.commands.helptext import examples
 from fdngx.commands.options import (
     AccessLogFormatOpt,
     AccessLogOpt,
@@ -61,15 +62,17 @@ from fdngx.weights.settings import PolicyConfig, config_for_flavor
 from fdngx.weights.store import StateStore, store_for
 
 EPILOG = (
-    "Examples:\n\n"
-    "  fdngx render --out -                                   # print the upstream block\n\n"
-    "  fdngx render --out /etc/nginx/fdngx/upstream.conf      # first time: write only; then include it from "
-    "nginx.conf\n\n"
-    "  fdngx render --out /etc/nginx/fdngx/upstream.conf --reload            # safe apply\n\n"
-    "  fdngx render --out /etc/nginx/fdngx/upstream.conf --reload --scrape   # cron, weights from load\n\n"
-    "  fdngx render --mode standalone --out /srv/fdngx/nginx.conf --listen 0.0.0.0:8080\n\n"
-    "  fdngx render --out /etc/nginx/fdngx/upstream.conf --reload --scrape --quiet   # crontab: mail only "
-    "on change or failure\n\n"
+    examples(
+        ("print the upstream block", "fdngx render --out -"),
+        ("first time: write only; then include it from nginx.conf",
+         "fdngx render --out /etc/nginx/fdngx/upstream.conf"),
+        ("safe apply", "fdngx render --out /etc/nginx/fdngx/upstream.conf --reload"),
+        ("cron, weights from load", "fdngx render --out /etc/nginx/fdngx/upstream.conf --reload --scrape"),
+        ("a complete nginx.conf for a private nginx",
+         "fdngx render --mode standalone --out /srv/fdngx/nginx.conf \n--listen 0.0.0.0:8080"),
+        ("crontab: mail only on change or failure",
+         "fdngx render --out /etc/nginx/fdngx/upstream.conf --reload --scrape \n--quiet"),
+    ) +
     "upstream/site: --reload applies only a file nginx reads (`nginx -T` lists it; else it fails and a new file "
     "is removed): render a new --out once without --reload, include it from nginx.conf and reload nginx, then "
     "use --reload. "
@@ -272,4 +275,5 @@ def changed_since(paths: list[Path], seen: list[Identity | None]) -> Callable[[]
 
 
 def register(app: typer.Typer) -> None:
-    app.command("render", epilog=EPILOG)(render_cmd)
+    app.command("render", epilog=EPILOG,
+                short_help="Render the nginx config; with --reload, apply it safely.")(render_cmd)

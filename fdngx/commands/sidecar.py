@@ -11,6 +11,7 @@ from types import FrameType
 
 import typer
 
+from fdngx.commands.helptext import examples
 from fdngx.commands.options import (
     AccessLogFormatOpt,
     AccessLogOpt,
@@ -70,11 +71,14 @@ MAX_REGISTRY_GRACE = 86400.0  # --registry-grace: a day without a heartbeat is g
 ONCE_WAIT = 120.0  # a --once run waits this long for another one on the same config (cron runs take turns)
 
 EPILOG = (
-    "Examples:\n\n"
-    "  fdngx sidecar --out /etc/nginx/fdngx/upstream.conf                        # system nginx, upstream block\n\n"
-    "  fdngx sidecar --mode standalone --out /srv/fdngx/nginx.conf --listen 8080 # private nginx under /srv/fdngx\n\n"
-    "  fdngx sidecar --flavor openresty --push-to-file /etc/fdngx/frontends --push-token-file /etc/fdngx/admin-token"
-    "   # controller: one scrape, N OpenResty frontends (docs/controller.md)\n\n"
+    examples(
+        ("system nginx, upstream block", "fdngx sidecar --out /etc/nginx/fdngx/upstream.conf"),
+        ("private nginx under /srv/fdngx",
+         "fdngx sidecar --mode standalone --out /srv/fdngx/nginx.conf --listen 8080"),
+        ("controller: one scrape, N OpenResty frontends (docs/controller.md)",
+         "fdngx sidecar --flavor openresty --push-to-file /etc/fdngx/frontends \n"
+         "--push-token-file /etc/fdngx/admin-token"),
+    ) +
     "upstream/site modes: nginx.conf must include --out before the first cycle (write it once with `fdngx render` "
     "and the same options, no --reload, then add the include): an apply of a file nginx does not read fails, "
     "and the file is removed.\n\n"
@@ -369,4 +373,5 @@ def _run(sidecar: Sidecar, out: Path | None, no_reload: bool, interval: float, r
 
 
 def register(app: typer.Typer) -> None:
-    app.command("sidecar", epilog=EPILOG)(sidecar_cmd)
+    app.command("sidecar", epilog=EPILOG,
+                short_help="Keep the weights in line with each replica's real load.")(sidecar_cmd)

@@ -137,4 +137,5 @@ def sim(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("sim")(sim)
+    app.command("sim",
+                short_help="Simulated FastDeploy replicas: its endpoints, metrics and faults.")(sim)

@@ -15,6 +15,7 @@ from types import FrameType
 import typer
 
 from fdngx.commands import status_view as view
+from fdngx.commands.helptext import examples
 from fdngx.commands.options import InventoryOpt, inventory_paths
 from fdngx.errors import FdngxError, UsageError, check_number
 from fdngx.logs import say
@@ -26,12 +27,13 @@ MAX_TIMEOUT = 600.0  # --timeout: per read; the scrape's deadline is 1.5 times i
 MAX_HISTORY = 10_000  # --history: frames kept per replica (wider than any terminal)
 
 EPILOG = (
-    "Examples:\n\n"
-    "  fdngx status -i /etc/fdngx/fdngx.json --out /etc/nginx/fdngx/upstream.conf   # WEIGHT: what that file "
-    "gives nginx\n\n"
-    "  fdngx status -i /etc/fdngx/fdngx.json --out /etc/nginx/fdngx/upstream.conf --watch   # live view, Ctrl-C "
-    "to quit\n\n"
-    "  fdngx status -i /etc/fdngx/node-a.json -i /etc/fdngx/node-b.json --json   # one JSON document\n\n"
+    examples(
+        ("WEIGHT: what that file gives nginx",
+         "fdngx status -i /etc/fdngx/fdngx.json \n--out /etc/nginx/fdngx/upstream.conf"),
+        ("live view, Ctrl-C to quit",
+         "fdngx status -i /etc/fdngx/fdngx.json \n--out /etc/nginx/fdngx/upstream.conf --watch"),
+        ("one JSON document", "fdngx status -i /etc/fdngx/node-a.json -i /etc/fdngx/node-b.json --json"),
+    ) +
     "Current weight: with --out, what that config file gives nginx (its server lines: a plain `render` "
     "writes the inventory's static weights there, cron's `render --scrape` and the sidecar the policy's); the "
     "OpenResty flavor's file holds none (they are pushed to its balancer): then, as without --out, the policy "
@@ -48,16 +50,16 @@ EPILOG = (
     "per slot now (1.00 = every slot busy); UP: this scrape's /health. Read-only: "
     "the state file is not written. With --out/--state, a state no sidecar or cron run wrote in the last 2.5 "
     "minutes (or none at all) is said above the table: nothing is keeping the weights.\n\n"
-    "--json: one document {fleet_load, fail_open, instances: \\[{name, healthy, up, drain, running, queued, kv_usage, "
+    "--json: one document {fleet_load, fail_open, instances: [{name, healthy, up, drain, running, queued, kv_usage, "
     "load, current_weight, current_down, backup, share, proposed_weight, proposed_down, proposed_backup, changed, "
     "reason, ...}]} (healthy: this scrape's /health, the table's UP; up: not proposed_down, in rotation after this "
     "decision); with --out/--state also state_age_s (seconds since the state was written, null: never) "
     "and state_note (the warning above, null: fresh), weights_from (config, state or inventory: where WEIGHT "
     "comes from) and per replica state_weight, state_down, state_backup (the policy state's, null: none) and "
-    "in_config (false: no server line in the file, null: not read); with --out config_notes: \\[lines said of the "
-    "config file, as above]; plus launch_unwritten: \\[warning lines] when a "
+    "in_config (false: no server line in the file, null: not read); with --out config_notes: [lines said of the "
+    "config file, as above]; plus launch_unwritten: [warning lines] when a "
     "detached `fdngx launch` beside an inventory (its pidfile, INVENTORY.pid) cannot write a file now (the "
-    "inventory then shows an older state, or none), and launch_supervisor_gone: \\[{inventory, pidfile, "
+    "inventory then shows an older state, or none), and launch_supervisor_gone: [{inventory, pidfile, "
     "legacy_pidfile, supervisor_pid, state, error, still_running, note}] when the supervisor that pidfile names "
     "(of any launch, foreground or detached) is not running any more (killed, a detached start that failed after "
     "its terminal closed, a reboot): nothing supervises the replicas and the inventory's status fields are "
@@ -75,7 +77,7 @@ EPILOG = (
 def status_cmd(
     inventory: list[Path] | None = InventoryOpt,
     as_json: bool = typer.Option(
-        False, "--json", help="Print {fleet_load, fail_open, instances: \\[one object per replica]} instead of a "
+        False, "--json", help="Print {fleet_load, fail_open, instances: [one object per replica]} instead of a "
         "table (--watch: one such document per line)."
     ),
     out: Path | None = typer.Option(
@@ -211,4 +213,5 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("status", epilog=EPILOG)(status_cmd)
+    app.command("status", epilog=EPILOG,
+                short_help="Scrape every replica once: health, load, weight and why.")(status_cmd)

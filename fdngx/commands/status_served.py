@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fdngx.domain import Instance, Inventory
+from fdngx.nginx.journal import aside
 from fdngx.nginx.networds import REFUSED
 from fdngx.nginx.served import Kind, Served, Server
+from fdngx.system.files import real_target
 from fdngx.weights.state import InstanceState, PolicyState
 
 # A sidecar saves its state at least every 10 s (sidecar.STATE_SAVE_EVERY), cron's render --scrape every run
@@ -117,6 +119,10 @@ def notes(served: Served | None, inv: Inventory, state: PolicyState, state_path:
         why = served.error if served.kind is Kind.UNREADABLE else f"fdngx's header, but {served.error}"
         return (f"{path}: {why}: WEIGHT is {source}, not checked against what nginx has",)
     said = []
+    if served.edited:
+        said.append(f"{path}: edited by hand since fdngx wrote it (no longer its fdngx-generation stamp's text): "
+                    "nginx runs the edit once reloaded; the next sidecar, cron or render apply replaces it "
+                    f"(and keeps the edit as {aside(real_target(path), 'orig')})")
     if served.kind is Kind.WEIGHTS and (line := disagreement(served, inv, state, state_path, kept)):
         said.append(line)
     if nginx is not None and served.verify_url is not None and nginx[0] != served.generation:

@@ -21,9 +21,10 @@ exclusively, never through a symlink: `.NAME.fdngx-lock`, `.NAME.fdngx-bak`, `.N
 
 What is not fdngx's is not replaced: a live file without fdngx's header (a hand-written site, Debian's
 `sites-enabled/default`) is refused unless the caller says `replace_foreign` (`--force`), and then kept for
-good as `.NAME.fdngx-orig` (the backup holds only the last version). A file nginx does not read (no
-`include` matches it) is not applied: `nginx -T` lists what it read. A standalone config (a whole nginx.conf)
-that the system's own nginx.conf includes is taken back before it breaks that nginx's next reload
+good as `.NAME.fdngx-orig` (the backup holds only the last version); so is fdngx's own file edited by hand
+since it was rendered (its generation stamp no longer matches its text), which is replaced. A file nginx does
+not read (no `include` matches it) is not applied: `nginx -T` lists what it read. A standalone config (a whole
+nginx.conf) that the system's own nginx.conf includes is taken back before it breaks that nginx's next reload
 (fdngx.nginx.guards). The journal and the recovery from a crash: fdngx.nginx.journal.
 """
 
@@ -258,7 +259,7 @@ def _apply_recovered(path: Path, target: Path, content: str, control: NginxContr
         return _unchanged(path, control, reload, generation, recovered)
     guards.check_replaceable(path, old, how.replace_foreign)
     shape.check(path, old, Front.of(data), how.replace_foreign)  # a mode, TLS, API keys or flavor left out
-    guards.keep_original(path, target, old)  # --force: kept for good, not only until the next apply
+    guards.keep_original(path, target, old)  # --force or a hand edit: kept for good, not until the next apply
     diff = unified_diff(old, content, path)
     if control is None:
         atomic_write(target, data)

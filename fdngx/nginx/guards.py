@@ -3,7 +3,8 @@ standalone config stays out of the system's nginx.conf; and an older fdngx's vis
 
 - A live file without fdngx's header (a hand-written site, Debian's `sites-enabled/default`) is refused
   unless the caller says `replace_foreign` (`--force`); it is then kept for good as `.NAME.fdngx-orig` (the
-  backup holds only the last version, so the second apply would lose it).
+  backup holds only the last version, so the second apply would lose it). fdngx's own file edited by hand
+  since it was rendered (its generation stamp no longer matches its text) is replaced, and kept the same way.
 - `nginx -T` lists the files it read: a reload of a file no `include` matches changes nothing.
 - A standalone config (a whole nginx.conf) in a directory the system's nginx.conf includes (conf.d/) passes
   its own `nginx -t` and breaks that nginx's next reload or restart.
@@ -27,6 +28,7 @@ from fdngx.errors import ApplyError
 from fdngx.nginx.control import NginxControl
 from fdngx.nginx.escape import EscapeError, nginx_arg, nginx_string
 from fdngx.nginx.journal import aside, owners_of
+from fdngx.nginx.stamp import edited_by_hand
 from fdngx.system.files import atomic_write, check_private, read_bytes_or_none, real_target
 
 log = logging.getLogger("fdngx.apply")
@@ -63,9 +65,12 @@ def check_replaceable(path: Path, data: bytes | None, replace_foreign: bool) -> 
 
 
 def keep_original(path: Path, target: Path, old: bytes | None) -> None:
-    """--force over a file fdngx did not write: keep it as `.NAME.fdngx-orig` (a second, different hand-written
-    file as `.NAME.fdngx-orig.1`, ...): nothing hand-written is lost. A kept file must be ours (check_private)."""
-    if fdngx_wrote(old) or old is None:
+    """--force over a file fdngx did not write, or over one of fdngx's edited by hand since it was rendered (its
+    stamp no longer matches its text: fdngx.nginx.stamp): keep it as `.NAME.fdngx-orig` (a second, different
+    hand-written file as `.NAME.fdngx-orig.1`, ...): nothing hand-written is lost (the backup would hold an edit
+    only until the apply after). A kept file must be ours (check_private)."""
+    hand = edited_by_hand(old)
+    if old is None or (fdngx_wrote(old) and not hand):
         return
     kept = None
     for n in range(_ORIGINALS):
@@ -80,7 +85,11 @@ def keep_original(path: Path, target: Path, old: bytes | None) -> None:
     if kept is None:
         raise ApplyError(f"{path}: {_ORIGINALS} hand-written versions are already kept beside it "
                          f"({aside(target, 'orig')}*); remove the ones you no longer need")
-    if _has_directives(old):
+    if hand:
+        log.warning("%s: edited by hand since fdngx wrote it (its text no longer matches its fdngx-generation "
+                    "stamp); replacing it, as at every change; the edited file is kept as %s (lasting changes go in "
+                    "the inventory, a --template-dir or your own nginx.conf)", path, kept)
+    elif _has_directives(old):
         log.warning("%s: not a file fdngx wrote; replacing it (--force); the original is kept as %s", path, kept)
 
 

@@ -14,7 +14,6 @@ instead of an empty string.
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +43,8 @@ from fdngx.nginx.escape import EscapeError, lua_literal, nginx_arg, nginx_string
 from fdngx.nginx.frontdoor import LOOPBACK_ALLOW, admin_allow_list
 from fdngx.nginx.local import takes
 from fdngx.nginx.shape import front_of
+from fdngx.nginx.stamp import GENERATION_TOKEN, stamp_generation
 
-GENERATION_TOKEN = "@@FDNGX_GENERATION@@"
 MAX_WEIGHT = 10_000  # the same bound as the inventory's static weights
 DEFAULT_LISTEN = Listen("127.0.0.1", 8080)
 DEFAULT_ADMIN_LISTEN = Listen("127.0.0.1", 9401)
@@ -386,12 +385,3 @@ def render(inv: Inventory, opts: RenderOptions, states: Mapping[str, ServerState
     except EscapeError as exc:
         raise RenderError(f"template {name}: {exc}") from None
     return stamp_generation(text)
-
-
-def stamp_generation(text: str) -> str:
-    """Replace the generation placeholder by a hash of the text around it (so it is stable)."""
-    return text.replace(GENERATION_TOKEN, generation_of(text))
-
-
-def generation_of(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]

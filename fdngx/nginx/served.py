@@ -23,6 +23,7 @@ from fdngx.errors import os_error_line
 from fdngx.nginx.build import generation_in
 from fdngx.nginx.guards import fdngx_wrote
 from fdngx.nginx.networds import get_generation
+from fdngx.nginx.stamp import edited_by_hand
 from fdngx.system.files import read_regular_file, real_target
 
 MAX_BYTES = 16 << 20  # fdngx's configs are kilobytes; a few thousand replicas stay far below this
@@ -54,6 +55,7 @@ class Served:
     written_at: float | None = None  # the file's mtime: an apply replaces it whole
     verify_url: str | None = None  # site/standalone: where nginx answers GET /fdngx/generation
     error: str | None = None  # UNREADABLE, UNPARSED: why
+    edited: bool = False  # changed since fdngx rendered it (fdngx.nginx.stamp): the next apply replaces it
 
 
 def read(out: Path, upstream: str) -> Served:
@@ -75,7 +77,7 @@ def read(out: Path, upstream: str) -> Served:
         kind, servers = parse(text, upstream)
     except ValueError as exc:
         return Served(path, Kind.UNPARSED, generation=generation, written_at=written_at, error=str(exc))
-    return Served(path, kind, servers, generation, written_at, verify_url(text))
+    return Served(path, kind, servers, generation, written_at, verify_url(text), edited=edited_by_hand(data))
 
 
 def parse(text: str, upstream: str) -> tuple[Kind, dict[str, Server]]:

@@ -111,3 +111,26 @@ def test_wheel_ships_templates_and_renders_from_elsewhere(tmp_path: Path) -> Non
     )
     assert proc.returncode == 0, proc.stderr
     assert "upstream fastdeploy {" in proc.stdout and "worker_shutdown_timeout" in proc.stdout
+
+
+def test_a_hand_edit_of_fdngxs_file_is_kept_when_the_next_render_replaces_it(tmp_path: Path) -> None:
+    """The header says "do not edit", and the next change rewrites the file; the backup would hold the edit only
+    until the apply after. An edit is seen (the file no longer matches its generation stamp), said, and kept for
+    good beside the file, once; a file as fdngx wrote it is replaced with nothing kept."""
+    inv = tmp_path / "fdngx.json"
+    inv.write_text(json.dumps({"instances": [GOOD, {**GOOD, "name": "dp1", "port": 8002, "metrics_port": 9002}]}))
+    out = tmp_path / "upstream.conf"
+    fdngx("render", "-i", str(inv), "--out", str(out), check=True)
+    rendered = out.read_text()
+    edited = rendered.replace("server 127.0.0.1:8002 weight=1", "server 127.0.0.1:8002 weight=9")
+    assert edited != rendered
+    out.write_text(edited)
+    proc = fdngx("render", "-i", str(inv), "--out", str(out), check=True)
+    kept = tmp_path / ".upstream.conf.fdngx-orig"
+    assert out.read_text() == rendered and kept.read_text() == edited
+    assert "edited by hand since fdngx wrote it" in proc.stderr and str(kept) in proc.stderr, proc.stderr
+    # a render over the file as fdngx wrote it (the inventory changed) keeps nothing and says nothing of an edit
+    inv.write_text(json.dumps({"instances": [GOOD]}))
+    proc = fdngx("render", "-i", str(inv), "--out", str(out), check=True)
+    assert "edited by hand" not in proc.stderr and "dp1" not in out.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir() if "orig" in p.name) == [kept.name]

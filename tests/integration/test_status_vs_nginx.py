@@ -235,3 +235,24 @@ def test_a_static_render_warns_only_where_it_resets_kept_weights(tmp_path: Path)
     write_state(store_for(lua).path, dp0=InstanceState(weight=20), dp1=InstanceState(weight=20))
     static_lua = ok("render", "-i", inv, "--flavor", "openresty", "--out", lua)
     assert "keeps the weights" not in static_lua.stderr, static_lua.stderr
+
+
+def test_a_hand_edit_of_the_config_is_said_by_status_and_kept_when_cron_replaces_it(lab: Lab) -> None:
+    """A sysadmin changes a weight in fdngx's file by hand (its header says not to): status says so, as it says
+    of other ways the file and the policy part; the next cron cycle puts the policy's weights back and keeps
+    the edited file beside it, said on stderr."""
+    ok("render", *lab.render, "--scrape", "--reload")
+    text = lab.conf.read_text()
+    edited = text.replace("weight=20 ", "weight=5 ", 1)
+    assert edited != text
+    lab.conf.write_text(edited)
+    doc = doc_of("-i", lab.inv, "--out", lab.conf)
+    kept = lab.conf.with_name(f".{lab.conf.name}.fdngx-orig")
+    assert any(f"{lab.conf}: edited by hand since fdngx wrote it" in n and str(kept) in n
+               for n in doc["config_notes"]), doc
+    assert sorted(weights(doc).values()) == [5, 20], doc
+
+    cron = ok("render", *lab.render, "--scrape", "--reload")
+    assert "edited by hand since fdngx wrote it" in cron.stderr and kept.read_text() == edited, cron.stderr
+    again = doc_of("-i", lab.inv, "--out", lab.conf)
+    assert weights(again) == {"dp0": 20, "dp1": 20} and again["config_notes"] == [], again

@@ -22,6 +22,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
+from fdngx.commands.helptext import HelpContext
 from fdngx.config import attach_envvars, env_names, load_settings, settings_of
 from fdngx.errors import FdngxError, Interrupted, os_error_line
 from fdngx.logs import say, setup_logging
@@ -174,7 +175,16 @@ def _defaulted(ctx: typer.Context, name: str) -> bool:
 class _Group(TyperGroup):
     """fdngx's root command: a Ctrl-C in a command is said on one line. typer turns a KeyboardInterrupt into
     exit 130 and says nothing; a cron mail or a terminal should see that the run was stopped, and what it
-    left (an apply after its swap puts the previous file back: fdngx.nginx.apply)."""
+    left (an apply after its swap puts the previous file back: fdngx.nginx.apply). Its help and each
+    command's wrap at spaces only (fdngx.commands.helptext)."""
+
+    context_class = HelpContext
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            command.context_class = HelpContext
+        return command
 
     def invoke(self, ctx: typer.Context) -> Any:
         try:
@@ -254,7 +264,10 @@ def main() -> None:
         say("Aborted!", logging.ERROR)
         sys.exit(1)
     except typer.TyperException as exc:  # click's exceptions (typer carries its own click)
-        if line := click_error_line(exc):  # none: the help was shown (no arguments at all)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `fdngx` alone: its help, as --help shows it; exit 2
+            typer.echo(exc.ctx.get_help())  # type: ignore[attr-defined]
+            sys.exit(2)
+        if line := click_error_line(exc):
             say(f"fdngx: error: {line}", logging.ERROR, color="red")
         sys.exit(getattr(exc, "exit_code", 2))
     except FdngxError as exc:

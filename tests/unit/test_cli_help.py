@@ -8,11 +8,15 @@ example command stands whole on its own line(s), ready to copy.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
 
 import pytest
+import typer
+
+from fdngx import cli
 
 COMMANDS = ("launch", "stop", "render", "sidecar", "status", "drain", "sim", "demo")
 
@@ -36,6 +40,29 @@ def test_every_line_fits_80_columns_and_nothing_is_cut(helps: dict[str, str]) ->
             assert len(line) <= 80, f"fdngx {cmd} --help: {line!r}"
             assert "\u2026" not in line, f"fdngx {cmd} --help cuts text: {line!r}"
         assert "\\[" not in text, f"fdngx {cmd} --help shows a markup escape"
+
+
+def test_no_line_breaks_inside_a_flag_or_a_file_name(helps: dict[str, str]) -> None:
+    """click's wrapping broke lines after a hyphen inside a word: `--push-` / `to`, `.fdngx-` / `admin-token`
+    (20 such breaks); copied, a wrong flag."""
+    group = typer.main.get_command(cli.app)
+    commands = [group, *group.commands.values()]  # type: ignore[attr-defined]
+    source = " ".join(" ".join(str(s or "") for s in (c.help, c.epilog, *(getattr(p, "help", "") for p in c.params)))
+                      for c in commands)
+    for cmd, text in helps.items():
+        for line, after in itertools.pairwise(text.splitlines()):
+            if line.endswith("-") and line[-2:-1].isalnum() and after.split():
+                # a hyphen the text has before a space ("node1- gives") may end a line; one inside a word not
+                assert line.split()[-1] + after.split()[0] not in source, (cmd, line, after)
+    flat = helps["sidecar"]
+    assert "--push-to/--push-to-file" in flat and "--admin-token-file" in flat
+
+
+def test_fdngx_alone_prints_its_help_on_stdout_and_exits_2() -> None:
+    proc = subprocess.run([sys.executable, "-m", "fdngx"], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "80"})
+    assert proc.returncode == 2 and proc.stderr == "", proc.stderr[:300]
+    assert proc.stdout.startswith("Usage: fdngx [OPTIONS] COMMAND [ARGS]...") and "Commands:" in proc.stdout
 
 
 def test_env_var_names_are_whole(helps: dict[str, str]) -> None:

@@ -120,9 +120,11 @@ def notes(served: Served | None, inv: Inventory, state: PolicyState, state_path:
         return (f"{path}: {why}: WEIGHT is {source}, not checked against what nginx has",)
     said = []
     if served.edited:
+        runs = ("WEIGHT is the edit's, which nginx runs if it was reloaded since" if served.kind is Kind.WEIGHTS
+                else "nginx runs the edit if it was reloaded since")
         said.append(f"{path}: edited by hand since fdngx wrote it (no longer its fdngx-generation stamp's text): "
-                    "nginx runs the edit once reloaded; the next sidecar, cron or render apply replaces it "
-                    f"(and keeps the edit as {aside(real_target(path), 'orig')})")
+                    f"{runs}; the next sidecar, cron or render apply replaces it and keeps the edit beside it "
+                    f"({aside(real_target(path), 'edit')}*)")
     if served.kind is Kind.WEIGHTS and (line := disagreement(served, inv, state, state_path, kept)):
         said.append(line)
     if nginx is not None and served.verify_url is not None and nginx[0] != served.generation:

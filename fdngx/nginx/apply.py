@@ -21,11 +21,12 @@ exclusively, never through a symlink: `.NAME.fdngx-lock`, `.NAME.fdngx-bak`, `.N
 
 What is not fdngx's is not replaced: a live file without fdngx's header (a hand-written site, Debian's
 `sites-enabled/default`) is refused unless the caller says `replace_foreign` (`--force`), and then kept for
-good as `.NAME.fdngx-orig` (the backup holds only the last version); so is fdngx's own file edited by hand
-since it was rendered (its generation stamp no longer matches its text), which is replaced. A file nginx does
-not read (no `include` matches it) is not applied: `nginx -T` lists what it read. A standalone config (a whole
-nginx.conf) that the system's own nginx.conf includes is taken back before it breaks that nginx's next reload
-(fdngx.nginx.guards). The journal and the recovery from a crash: fdngx.nginx.journal.
+good as `.NAME.fdngx-orig` (the backup holds only the last version). fdngx's own file edited by hand since it
+was rendered (its generation stamp no longer matches its text) is replaced and the edit kept as
+`.NAME.fdngx-edit` (the newest 10). A file nginx does not read (no `include` matches it) is not applied:
+`nginx -T` lists what it read. A standalone config (a whole nginx.conf) that the system's own nginx.conf
+includes is taken back before it breaks that nginx's next reload (fdngx.nginx.guards). The journal and the
+recovery from a crash: fdngx.nginx.journal.
 """
 
 from __future__ import annotations
@@ -259,10 +260,12 @@ def _apply_recovered(path: Path, target: Path, content: str, control: NginxContr
         return _unchanged(path, control, reload, generation, recovered)
     guards.check_replaceable(path, old, how.replace_foreign)
     shape.check(path, old, Front.of(data), how.replace_foreign)  # a mode, TLS, API keys or flavor left out
-    guards.keep_original(path, target, old)  # --force or a hand edit: kept for good, not until the next apply
+    guards.keep_original(path, target, old)  # --force: kept for good, not only until the next apply
+    edit = guards.keep_edit(target, old)  # kept before the file goes; said once it went
     diff = unified_diff(old, content, path)
     if control is None:
         atomic_write(target, data)
+        _edit_replaced(path, edit)
         return ApplyResult(path, True, False, diff, generation, recovered=recovered)
     candidate = _write_candidate(target, data, target)
     try:
@@ -287,7 +290,16 @@ def _apply_recovered(path: Path, target: Path, content: str, control: NginxContr
         remove(candidate)
         raise
     _pause("swapped")
-    return _finish(path, target, old, diff, generation, control, reload, recovered, how.standalone)
+    result = _finish(path, target, old, diff, generation, control, reload, recovered, how.standalone)
+    _edit_replaced(path, edit)
+    return result
+
+
+def _edit_replaced(path: Path, kept: Path | None) -> None:
+    if kept is not None:
+        log.warning("%s: it was edited by hand since fdngx wrote it (its text no longer matched its fdngx-generation "
+                    "stamp) and is now replaced; the edited file is kept as %s (lasting changes go in the inventory, "
+                    "a --template-dir or your own nginx.conf)", path, kept)
 
 
 def _unchanged(path: Path, control: NginxControl | None, reload: bool, generation: str | None,

@@ -115,8 +115,9 @@ def test_wheel_ships_templates_and_renders_from_elsewhere(tmp_path: Path) -> Non
 
 def test_a_hand_edit_of_fdngxs_file_is_kept_when_the_next_render_replaces_it(tmp_path: Path) -> None:
     """The header says "do not edit", and the next change rewrites the file; the backup would hold the edit only
-    until the apply after. An edit is seen (the file no longer matches its generation stamp), said, and kept for
-    good beside the file, once; a file as fdngx wrote it is replaced with nothing kept."""
+    until the apply after. An edit is seen (the file no longer matches its generation stamp), said, and kept
+    beside the file; a file as fdngx wrote it is replaced with nothing kept; the newest 10 edits are kept and
+    the oldest goes, so an apply is never refused for an edit."""
     inv = tmp_path / "fdngx.json"
     inv.write_text(json.dumps({"instances": [GOOD, {**GOOD, "name": "dp1", "port": 8002, "metrics_port": 9002}]}))
     out = tmp_path / "upstream.conf"
@@ -126,11 +127,17 @@ def test_a_hand_edit_of_fdngxs_file_is_kept_when_the_next_render_replaces_it(tmp
     assert edited != rendered
     out.write_text(edited)
     proc = fdngx("render", "-i", str(inv), "--out", str(out), check=True)
-    kept = tmp_path / ".upstream.conf.fdngx-orig"
+    kept = tmp_path / ".upstream.conf.fdngx-edit"
     assert out.read_text() == rendered and kept.read_text() == edited
     assert "edited by hand since fdngx wrote it" in proc.stderr and str(kept) in proc.stderr, proc.stderr
     # a render over the file as fdngx wrote it (the inventory changed) keeps nothing and says nothing of an edit
     inv.write_text(json.dumps({"instances": [GOOD]}))
     proc = fdngx("render", "-i", str(inv), "--out", str(out), check=True)
     assert "edited by hand" not in proc.stderr and "dp1" not in out.read_text()
-    assert sorted(p.name for p in tmp_path.iterdir() if "orig" in p.name) == [kept.name]
+    assert sorted(p.name for p in tmp_path.iterdir() if "fdngx-edit" in p.name) == [kept.name]
+    # the stamp line deleted with the edit is an edit too
+    out.write_text("".join(ln for ln in out.read_text().splitlines(True) if "fdngx-generation" not in ln)
+                   .replace("max_fails=3", "max_fails=7"))
+    inv.write_text(json.dumps({"instances": [GOOD, {**GOOD, "name": "dp1", "port": 8002, "metrics_port": 9002}]}))
+    proc = fdngx("render", "-i", str(inv), "--out", str(out), check=True)
+    assert "edited by hand" in proc.stderr and "max_fails=7" in (tmp_path / ".upstream.conf.fdngx-edit.1").read_text()

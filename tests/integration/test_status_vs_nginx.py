@@ -247,9 +247,9 @@ def test_a_hand_edit_of_the_config_is_said_by_status_and_kept_when_cron_replaces
     assert edited != text
     lab.conf.write_text(edited)
     doc = doc_of("-i", lab.inv, "--out", lab.conf)
-    kept = lab.conf.with_name(f".{lab.conf.name}.fdngx-orig")
-    assert any(f"{lab.conf}: edited by hand since fdngx wrote it" in n and str(kept) in n
-               for n in doc["config_notes"]), doc
+    kept = lab.conf.with_name(f".{lab.conf.name}.fdngx-edit")
+    assert any(f"{lab.conf}: edited by hand since fdngx wrote it" in n and "WEIGHT is the edit's" in n
+               and f"({kept}*)" in n for n in doc["config_notes"]), doc
     assert sorted(weights(doc).values()) == [5, 20], doc
 
     cron = ok("render", *lab.render, "--scrape", "--reload")

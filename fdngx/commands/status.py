@@ -16,9 +16,11 @@ import typer
 
 from fdngx.commands import status_view as view
 from fdngx.commands.helptext import examples
-from fdngx.commands.options import InventoryOpt, inventory_paths
-from fdngx.errors import FdngxError, UsageError, check_number
+from fdngx.commands.options import InventoryOpt, NginxBinOpt, inventory_paths
+from fdngx.errors import ApplyError, FdngxError, UsageError, check_number
 from fdngx.logs import say
+from fdngx.nginx.build import find_nginx
+from fdngx.nginx.control import NginxControl
 from fdngx.weights.settings import MAX_SECONDS
 from fdngx.weights.store import StateStore, controller_store, store_for
 
@@ -100,6 +102,15 @@ def status_cmd(
     history: int = typer.Option(
         30, "--history", help="--watch: frames of load and weight history to show (1 to 10000)."
     ),
+    nginx_conf: Path | None = typer.Option(
+        None, help="--out in upstream mode: the main nginx.conf of the nginx that includes it, whose pid file says "
+        "whether it runs (default: nginx's own). site/standalone configs are asked over HTTP instead."
+    ),
+    nginx_bin: str | None = NginxBinOpt,
+    pid_file: Path | None = typer.Option(
+        None, "--pid-file", help="--out in upstream mode: that nginx master's pid file (default: the `pid` in its "
+        "main nginx.conf, else the build's)."
+    ),
 ) -> None:
     """Scrape every instance once and show health, load, current and proposed weight, and the reason."""
     check_number("--interval", interval, MIN_INTERVAL, MAX_SECONDS)
@@ -110,7 +121,8 @@ def status_cmd(
     paths = inventory_paths(inventory)
     store = store_for(out or Path("."), state) if (out or state) else _controller_beside(paths[0])
     watching = watch or count is not None
-    source = view.Source(paths, store, timeout, remember=watching, out=out)
+    control = _nginx(nginx_bin, nginx_conf, pid_file) if out is not None else None
+    source = view.Source(paths, store, timeout, remember=watching, out=out, control=control)
     try:
         if watching:
             _watch(source, as_json=as_json, interval=interval, count=count, size=history)
@@ -131,6 +143,15 @@ def status_cmd(
         typer.echo(f"\n{line}")
     if snap.footer:
         typer.echo(snap.footer)
+
+
+def _nginx(binary: str | None, conf: Path | None, pid_file: Path | None) -> NginxControl | None:
+    """The nginx whose master status looks for (an upstream-mode --out); None: no nginx on this host (a
+    controller's, a laptop's), nothing to ask. A --nginx-bin that names nothing is a usage error."""
+    try:
+        return NginxControl(find_nginx(binary), conf, pid_file=pid_file)
+    except ApplyError:
+        return None
 
 
 def _controller_beside(inventory: Path) -> StateStore | None:

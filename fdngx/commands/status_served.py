@@ -11,12 +11,15 @@ sidecar or cron job keeps it) is said here too: `render` asks it before it reset
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from fdngx.domain import Instance, Inventory
+from fdngx.errors import FdngxError
+from fdngx.nginx.control import NginxControl
 from fdngx.nginx.journal import aside
 from fdngx.nginx.networds import REFUSED
 from fdngx.nginx.served import Kind, Served, Server
@@ -130,6 +133,29 @@ def notes(served: Served | None, inv: Inventory, state: PolicyState, state_path:
     if nginx is not None and served.verify_url is not None and nginx[0] != served.generation:
         said.append(_not_served(served, *nginx))
     return tuple(said)
+
+
+def master_note(served: Served | None, control: NginxControl | None) -> str | None:
+    """upstream mode (a block another nginx.conf includes: no /fdngx/generation to ask): a line when the nginx
+    `control` names has no live master (its pid file, verified as an apply does); None when it runs, when
+    there is nothing to ask (site/standalone ask over HTTP; a file missing or not fdngx's is said already), or
+    when it cannot be told here (no nginx binary, a main config that cannot be read)."""
+    if control is None or served is None or served.verify_url is not None:
+        return None
+    if served.kind not in (Kind.WEIGHTS, Kind.OPENRESTY):
+        return None
+    try:
+        if control.running():
+            return None
+        pid = control.pid_path()
+    except (FdngxError, OSError):
+        return None
+    if os.path.lexists(pid) and not os.access(pid, os.R_OK):
+        return None  # another account's pid file: whether its master runs cannot be told from here
+    then = ("WEIGHT is what it gives nginx once nginx starts" if served.kind is Kind.WEIGHTS
+            else "nothing is balanced until nginx starts")
+    return (f"{served.path}: no nginx master runs per {pid}, so no nginx serves this file: {then} (another nginx "
+            "includes it? name it with --nginx-conf or --pid-file)")
 
 
 def _not_served(served: Served, generation: str | None, words: str) -> str:

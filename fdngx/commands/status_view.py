@@ -25,6 +25,7 @@ from fdngx.commands.status_served import fresh, state_note
 from fdngx.domain import Inventory, LoadSample
 from fdngx.launch import standing
 from fdngx.nginx import served as served_mod
+from fdngx.nginx.control import NginxControl
 from fdngx.weights.policy import Decisions, decide
 from fdngx.weights.scrape import make_client, scrape_all
 from fdngx.weights.settings import config_of_state
@@ -164,8 +165,9 @@ class Source:
     snapshot to the next (what a sidecar started now would do)."""
 
     def __init__(self, inventories: list[Path], store: StateStore | None, timeout: float, remember: bool = False,
-                 out: Path | None = None):
+                 out: Path | None = None, control: NginxControl | None = None):
         self.inventories = inventories
+        self.control = control  # the nginx that includes an upstream-mode --out: whether it runs
         self.store = store
         self.out = out  # the config file nginx reads: its weights are the current ones (nginx flavor)
         self.timeout = timeout
@@ -205,6 +207,8 @@ class Source:
             nginx = served_mod.served_generation(served.verify_url, self.timeout)
         said = served_view.notes(served, inv, pstate, self.store.path if self.store else None,
                                  age is not None and fresh(age, interval), nginx)
+        if line := served_view.master_note(served, self.control):
+            said = (*said, line)
         return Snapshot(now, rows_of(inv, samples, decisions, pstate, served, self.store is not None),
                         decisions.fleet_load, decisions.fail_open, self.unwritten, self.gone, age, note,
                         self.store is not None, source if self.store is not None else None, said,

@@ -191,9 +191,12 @@ def test_the_openresty_flavor_keeps_the_policy_states_weights_and_says_why(tmp_p
     conf = tmp_path / "upstream.conf"
     ok("render", "-i", inv, "--flavor", "openresty", "--out", conf)
     write_state(store_for(conf).path, dp0=InstanceState(weight=7), dp1=InstanceState(weight=13))
-    doc = doc_of("-i", inv, "--out", conf)
+    pid = tmp_path / "nginx.pid"  # no nginx includes the block here: the only thing said of the file
+    doc = doc_of("-i", inv, "--out", conf, "--pid-file", pid)
     assert weights(doc) == {"dp0": 7, "dp1": 13} and doc["weights_from"] == "state", doc
-    assert doc["config_notes"] == [], doc
+    assert doc["config_notes"] == [f"{conf}: no nginx master runs per {pid}, so no nginx serves this file: nothing "
+                                   "is balanced until nginx starts (another nginx includes it? name it with "
+                                   "--nginx-conf or --pid-file)"], doc
     table = ok("status", "-i", inv, "--out", conf)
     assert (f"WEIGHT: the policy state's (the OpenResty flavor pushes weights to its Lua balancer; {conf} holds "
             "none)") in table.stdout, table.stdout
@@ -256,3 +259,36 @@ def test_a_hand_edit_of_the_config_is_said_by_status_and_kept_when_cron_replaces
     assert "edited by hand since fdngx wrote it" in cron.stderr and kept.read_text() == edited, cron.stderr
     again = doc_of("-i", lab.inv, "--out", lab.conf)
     assert weights(again) == {"dp0": 20, "dp1": 20} and again["config_notes"] == [], again
+
+
+def test_upstream_mode_says_when_the_nginx_that_includes_it_does_not_run(tmp_path: Path) -> None:
+    """An upstream block has no /fdngx/generation to ask: status looks for the master of the nginx that includes
+    it (its pid file, verified as an apply does), and says when there is none; nothing while it runs. Nothing
+    listens at the replicas' ports (connection refused on 127.0.0.1)."""
+    inv, _ports = fleet(tmp_path)
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    out = prefix / "upstream.conf"
+    ok("render", "-i", inv, "--out", out)
+    listen = free_ports(1)[0]
+    pid = prefix / "logs" / "nginx.pid"
+    (prefix / "nginx.conf").write_text(
+        f"pid {pid};\nevents {{}}\nhttp {{\n    include {out};\n"
+        f"    server {{ listen 127.0.0.1:{listen}; location / {{ proxy_pass http://fastdeploy; }} }}\n}}\n")
+    args = ["-i", inv, "--out", out, "--timeout", "0.2", "--nginx-conf", prefix / "nginx.conf"]
+    nginx = Nginx(prefix).start()
+    try:
+        assert not [n for n in doc_of(*args)["config_notes"] if "no nginx master" in n]
+    finally:
+        nginx.stop()
+    wait_for(lambda: not pid.exists(), 10, what="nginx gone")
+    notes = doc_of(*args)["config_notes"]
+    assert notes == [f"{out}: no nginx master runs per {pid}, so no nginx serves this file: WEIGHT is what it gives "
+                     "nginx once nginx starts (another nginx includes it? name it with --nginx-conf or --pid-file)"]
+    table = ok("status", *args)
+    assert f"{out}: no nginx master runs per {pid}" in " ".join(table.stderr.split()), table.stderr
+    # --pid-file names another master's file: a pid file that is not an nginx master's counts as none
+    other = tmp_path / "other.pid"
+    other.write_text(f"{os.getpid()}\n")
+    assert any(f"no nginx master runs per {other}" in n
+               for n in doc_of("-i", inv, "--out", out, "--timeout", "0.2", "--pid-file", other)["config_notes"])

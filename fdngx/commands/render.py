@@ -54,6 +54,7 @@ from fdngx.errors import FdngxError, UsageError
 from fdngx.logs import say
 from fdngx.nginx.apply import unified_diff
 from fdngx.nginx.frontdoor import AccessLogFormat
+from fdngx.nginx.stamp import edited_by_hand
 from fdngx.nginx.target import Target, open_target
 from fdngx.system.files import Identity, identity, lock_waits_said_at, read_bytes_or_none, real_target
 from fdngx.weights import owner
@@ -185,7 +186,9 @@ def render_cmd(
             say(f"fdngx: note: compared with a render of the inventory's static weights: {kept}; --scrape compares "
                 "with what its next cycle writes")
         if check and not (quiet and current):
-            say(f"{out_path}: {'current' if current else 'stale: a render would change it'}")
+            edited = " (edited by hand since fdngx wrote it: an apply keeps the edit beside it)" if (
+                not current and edited_by_hand(old)) else ""
+            say(f"{out_path}: {'current' if current else 'stale: a render would change it'}{edited}")
         if (check or diff) and not current:
             raise typer.Exit(1)
         return

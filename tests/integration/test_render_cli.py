@@ -126,6 +126,9 @@ def test_a_hand_edit_of_fdngxs_file_is_kept_when_the_next_render_replaces_it(tmp
     edited = rendered.replace("server 127.0.0.1:8002 weight=1", "server 127.0.0.1:8002 weight=9")
     assert edited != rendered
     out.write_text(edited)
+    check = fdngx("render", "-i", str(inv), "--out", str(out), "--check")
+    assert check.returncode == 1 and "stale: a render would change it (edited by hand since fdngx wrote it" in (
+        check.stderr), check.stderr
     proc = fdngx("render", "-i", str(inv), "--out", str(out), check=True)
     kept = tmp_path / ".upstream.conf.fdngx-edit"
     assert out.read_text() == rendered and kept.read_text() == edited

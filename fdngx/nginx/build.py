@@ -45,7 +45,6 @@ _MAX_DUMPED = 100_000  # file names kept from one `nginx -T`
 _LOG_LINE = re.compile(rb"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[([a-z]+)\] (\d+)#\d+: ")
 _SERIOUS = (b"emerg", b"alert", b"crit")
 _GAVE_UP, _BIND_FAILED = b"still could not bind()", b": bind() to "  # ngx_open_listening_sockets' words
-_GENERATION = re.compile(r"^# fdngx-generation: ([0-9a-f]+)$", re.M)
 # What nginx puts before its words: "nginx: ", a log line's "2024/05/01 12:00:00 " and, after the level, "1234#1234: ".
 _MESSAGE_HEAD = re.compile(r"^(?:nginx: )?(?:\d{4}/\d\d/\d\d \d\d:\d\d:\d\d )?(?:(\[[a-z]+\] )(\d+#\d+: )?)?")
 
@@ -60,11 +59,6 @@ def find_nginx(binary: str | None = None) -> str:
     message = f"nginx binary {binary or 'nginx'} not found; install it (apt-get install nginx) or pass --nginx-bin"
     # --nginx-bin naming nothing is a bad option value (exit 2); no nginx on this machine is not (exit 1).
     raise UsageError(message) if binary else ApplyError(message)
-
-
-def generation_in(text: str) -> str | None:
-    m = _GENERATION.search(text)
-    return m.group(1) if m else None
 
 
 def prepare_prefix(prefix: Path) -> None:

@@ -37,8 +37,9 @@ from pathlib import Path
 
 from fdngx.errors import ApplyError, Interrupted
 from fdngx.nginx import build as nb
-from fdngx.nginx.build import MasterLog, find_nginx, generation_in, nginx_message, prepare_prefix
+from fdngx.nginx.build import MasterLog, find_nginx, nginx_message, prepare_prefix
 from fdngx.nginx.networds import REFUSED, get_generation
+from fdngx.nginx.stamp import generation_in
 from fdngx.system import procs
 from fdngx.system.files import read_regular_file
 

@@ -29,11 +29,11 @@ from fdngx.errors import ApplyError
 from fdngx.nginx.control import NginxControl
 from fdngx.nginx.escape import EscapeError, nginx_arg, nginx_string
 from fdngx.nginx.journal import aside, owners_of
-from fdngx.nginx.stamp import HEADER, edited_by_hand
+from fdngx.nginx.stamp import HEADER, STAMP_LINE, edited_by_hand
 from fdngx.system.files import atomic_write, check_private, read_bytes_or_none, real_target
 
 log = logging.getLogger("fdngx.apply")
-_MARKS = (HEADER, b"# fdngx-generation: ")  # what every file fdngx renders starts with
+_MARKS = (HEADER, STAMP_LINE.encode())  # what every file fdngx renders starts with
 # An older fdngx kept its backup (and its backup's temp copy) beside the live file under names nginx's `include
 # dir/*` matches; each goes to a dot-file of its own.
 _LEGACY_BACKUPS = (("{}.fdngx-bak", "bak-legacy"), ("{}.fdngx-bak.tmp", "bak-tmp-legacy"))

@@ -20,10 +20,9 @@ from pathlib import Path
 
 from fdngx.domain import Listen, StrEnum
 from fdngx.errors import os_error_line
-from fdngx.nginx.build import generation_in
 from fdngx.nginx.guards import fdngx_wrote
 from fdngx.nginx.networds import get_generation
-from fdngx.nginx.stamp import edited_by_hand
+from fdngx.nginx.stamp import edited_by_hand, generation_in
 from fdngx.system.files import read_regular_file, real_target
 
 MAX_BYTES = 16 << 20  # fdngx's configs are kilobytes; a few thousand replicas stay far below this

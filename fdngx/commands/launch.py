@@ -135,7 +135,8 @@ def launch_cmd(
         help="no | on-failure: restart a process that fails (killed by a signal, a non-zero exit status, a rank "
         "that stops listening), with backoff 1,2,4..60 s (a multi-server group restarts as a whole, since its "
         "ranks fail together). As systemd's on-failure: a process that exits 0 (a server stopped cleanly, e.g. "
-        "on SIGTERM) is not restarted.",
+        "on SIGTERM) is not restarted; but FastDeploy's api_server (--per-instance), which exits 0 when its "
+        "engine fails to load or its GPU worker dies, is.",
     ),
     name_prefix: str = typer.Option(
         "", "--name-prefix", help="Prepended to every instance name (node1- gives node1-dp0, node1-dp1, ...): "

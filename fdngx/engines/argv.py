@@ -88,6 +88,12 @@ class ProcSpec:
     instances: list[str]
     # multi_api_server only stops its children on SIGINT (its Ctrl-C path); everything else takes SIGTERM.
     stop_signal: str = "SIGTERM"
+    # Its ranks are child processes it never waits for (multi_api_server): a rank that exits stays a zombie,
+    # the only sign of its death, while the launcher sleeps on.
+    unreaped_ranks: bool = False
+    # It exits 0 when it fails too (FastDeploy's api_server), so --restart on-failure restarts it after any exit
+    # fdngx did not ask for.
+    exit_0_fails: bool = False
 
     def command_line(self) -> str:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())

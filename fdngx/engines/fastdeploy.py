@@ -112,7 +112,9 @@ def build_launch(req: LaunchRequest) -> Launched:
         }
         names = [f"dp{i}" for i in range(req.num_servers)]
         # It stops its ranks only on KeyboardInterrupt: SIGINT to stop it, and as its parent-death signal.
-        proc = ProcSpec("multi_api_server", argv, env, log, names, stop_signal="SIGINT")
+        # It starts each rank with subprocess.Popen and then only sleeps (multi_api_server.py, main): a rank
+        # that dies is never noticed by it.
+        proc = ProcSpec("multi_api_server", argv, env, log, names, stop_signal="SIGINT", unreaped_ranks=True)
         extra = [{"fd_log_dir": f"{fd_log_dir}/log_{i}", **_controller_extra(controller, i)}
                  for i in range(req.num_servers)]
         instances = make_instances(req, ports, max_num_seqs, [log] * req.num_servers, extra)
@@ -130,7 +132,9 @@ def build_launch(req: LaunchRequest) -> Launched:
             *(["--controller-port", str(controller[i])] if controller else []),
         ]
         env = {"CUDA_VISIBLE_DEVICES": slices[i] or "", "FD_LOG_DIR": f"{fd_log_dir}/{name}"}
-        procs.append(ProcSpec(name, argv, env, log, [name]))
+        # api_server.py's main() returns (status 0) when its engine fails to load, and its worker monitor sends
+        # the server SIGINT (a clean uvicorn shutdown) when the GPU worker dies: an exit 0 is no clean stop here.
+        procs.append(ProcSpec(name, argv, env, log, [name], exit_0_fails=True))
         logs.append(log)
     extra = [_controller_extra(controller, i) for i in range(req.num_servers)]
     return Launched(procs, make_instances(req, ports, max_num_seqs, logs, extra), queue + controller, False)

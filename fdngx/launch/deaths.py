@@ -43,8 +43,9 @@ class Deaths:
         self.progress.say(f"{c.spec.name} (pid {pid}, serving {', '.join(c.spec.instances)}) "
                           f"{why or self.status[c.spec.instances[0]]}; last lines of {c.spec.log}:")
         self.progress.text(procs.tail(c.spec.log, 10))
-        # on-failure, as in Docker/systemd: a clean exit (status 0) was asked for by someone; leave it.
-        if self.plan.restart is Restart.ON_FAILURE and (why is not None or rc != 0):
+        # on-failure, as in Docker/systemd: a clean exit (status 0) was asked for by someone; leave it (unless
+        # the engine exits 0 on a failure too).
+        if self.plan.restart is Restart.ON_FAILURE and (why is not None or rc != 0 or c.spec.exit_0_fails):
             if c.healthy_at is not None and now - c.healthy_at >= BACKOFF_RESET:
                 c.restarts = 0
             delay = self._backoff(c)

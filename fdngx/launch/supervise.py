@@ -24,7 +24,7 @@ from fdngx.engines import spec as engine_spec
 from fdngx.engines.argv import RANK_PRIVATE_ENV
 from fdngx.errors import FdngxError, LaunchError, os_error_line
 from fdngx.launch.books import INVENTORY, PIDFILE, Books
-from fdngx.launch.children import Child, describe_exit, remember_trees, stop_every
+from fdngx.launch.children import Child, remember_trees, stop_every
 from fdngx.launch.deaths import Deaths
 from fdngx.launch.handshake import STOP_MARGIN, Reporter, asked_grace
 from fdngx.launch.pidfile import LIVE, ChildState, LaunchState, remove_pidfile
@@ -199,12 +199,10 @@ class Supervisor(Books, Deaths):
         last_pidfile = 0.0
         while self.stop_signal is None:
             for c in self.children:
-                assert c.popen is not None
-                rc = c.popen.poll()
-                if rc is not None:
-                    self.status.update({n: describe_exit(rc) for n in c.spec.instances})
+                if (what := c.ended()) is not None:
+                    self.status.update({n: what for n in c.spec.instances})
                     self.progress.update(self.status)
-                    raise self._fail(c, f"{c.spec.name} (pid {c.popen.pid}) {describe_exit(rc)} before /health was 200")
+                    raise self._fail(c, f"{c.spec.name} (pid {c.pid}) {what} before /health was 200")
             foreign = self._probe(self.children)
             self.progress.update(self.status)
             if foreign:
@@ -263,11 +261,13 @@ class Supervisor(Books, Deaths):
         return 0
 
     def _check(self, c: Child, now: float) -> bool:
-        """A live child that died; a restart that is due."""
+        """A live child that died, or lost a rank as it restarts (a running one's: _check_ranks); a restart due."""
         if c.state in LIVE and c.popen is not None:
             rc = c.popen.poll()
             if rc is not None:
                 return self._died(c, rc, now)
+            if c.state is ChildState.STARTING and (what := c.ended()) is not None:
+                return self._died(c, None, now, why=what)
         if c.state is ChildState.WAITING_RESTART and now >= c.restart_at:
             if not any(o.state is ChildState.STARTING for o in self.children):
                 self.progress.begin()  # "still waiting after Ns" counts from this restart

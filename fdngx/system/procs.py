@@ -164,6 +164,11 @@ def descendants(root: int) -> dict[int, int]:
     return out
 
 
+def unreaped_children(parent: int) -> list[int]:
+    """Children of `parent` that exited and that it has not waited for (zombies), lowest pid first."""
+    return sorted(pid for pid in _all_pids() if (f := _stat(pid)) and f[0] == "Z" and int(f[1]) == parent)
+
+
 def become_subreaper(on: bool = True) -> bool:
     """Orphaned grandchildren (FastDeploy's workers when an api_server dies) reparent to us, not init,
     so they stay visible as our descendants and get stopped with the rest. `on=False` undoes it. Returns

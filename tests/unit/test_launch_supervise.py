@@ -177,3 +177,43 @@ def test_the_report_pipe_of_a_parent_that_has_gone_is_closed_quietly() -> None:
     reporter.send({"n": 1})  # EPIPE (SIGPIPE is ignored in Python): closed, never raised
     assert reporter.fd == -1
     reporter.send({"n": 2})
+
+
+def test_a_rank_exited_under_a_launcher_that_never_waits_is_seen_as_lost(tmp_path: Path) -> None:
+    """multi_api_server's ranks are children it never waits for: a dead one is a zombie under a live leader."""
+    from fdngx.launch.children import Child
+
+    # The leader starts two ranks with Popen and sleeps; rank 1 exits at once (never reaped), rank 0 lives.
+    leader_code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; "
+                   "time.sleep(60)']); r = subprocess.Popen([sys.executable, '-c', 'pass']); print(r.pid, "
+                   "flush=True); time.sleep(60)")  # fmt: skip
+    spec = ProcSpec("multi_api_server", [sys.executable, "-c", leader_code], {}, str(tmp_path / "l.log"),
+                    ["dp0", "dp1"], stop_signal="SIGINT", unreaped_ranks=True)  # fmt: skip
+    leader = procs.start(spec.argv, {}, Path(spec.log), "test")
+    try:
+        child = Child(spec, popen=leader)
+        rank1 = _wait_for_line(Path(spec.log))
+        deadline = time.monotonic() + 30
+        while child.ended() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert child.ended() == (f"lost a rank: its process {rank1} exited and multi_api_server goes on without "
+                                 "it (it never checks its ranks)")  # fmt: skip
+        assert procs.unreaped_children(leader.pid) == [rank1]
+        # The same process tree from a launcher that reaps its ranks (unreaped_ranks unset): nothing said.
+        assert Child(ProcSpec("x", [], {}, "", ["dp0"]), popen=leader).ended() is None
+    finally:
+        for pid in procs.descendants(leader.pid):
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(leader.pid, signal.SIGKILL)
+        leader.wait(10)
+    assert Child(spec, popen=leader).ended() == "was killed by SIGKILL"
+
+
+def _wait_for_line(log: Path) -> int:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        lines = [ln for ln in log.read_text().splitlines() if ln.strip().isdigit()]
+        if lines:
+            return int(lines[0])
+        time.sleep(0.05)
+    raise AssertionError(f"no pid in {log}")

@@ -67,7 +67,8 @@ def launch_cmd(
     host: str | None = typer.Option(
         None, "--host",
         help="Address the replicas listen on. Default: 127.0.0.1; with --router 0.0.0.0 (all addresses), so "
-        "FastDeploy's own pre-registration health check on this machine's resolved address passes.",
+        "FastDeploy's own pre-registration health check on this machine's resolved address passes. The "
+        "engine's own --host after -- is the same option (fdngx probes there and names it in the inventory).",
     ),
     advertise_host: str | None = typer.Option(
         None, "--advertise-host",

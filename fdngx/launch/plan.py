@@ -139,7 +139,8 @@ def build_plan(req: LaunchRequest, resolve: Resolver | None = None) -> Plan:
     if isinstance(timeout, bool) or not 1 <= timeout <= MAX_TIMEOUT:  # NaN too
         raise UsageError(f"--timeout {timeout!r}: want a number 1..{MAX_TIMEOUT:g} (seconds)")
     router = _router(req, engine.registers)
-    binding = decide(req.host, req.advertise_host, router, resolve or resolve_self)
+    # `--host` after -- is where the engine listens: where fdngx probes and what the inventory names, too.
+    binding = decide(_said_once(req, "--host", req.host), req.advertise_host, router, resolve or resolve_self)
     inventory_path = Path(req.inventory).absolute()
     log_dir = Path(req.log_dir).absolute() if req.log_dir else inventory_path.parent / "fdngx-logs"
     req = replace(req, engine=Engine(req.engine), restart=Restart(req.restart), inventory=inventory_path,
@@ -186,7 +187,13 @@ def _router(req: LaunchRequest, registers: bool) -> str | None:
             raise UsageError(f"--router: --engine {req.engine} does not register with a router (FastDeploy's "
                              "--router); put its replicas in the inventory instead")
         return None
-    user = find_flag(req.extra_args, "--router")
-    if user is not None and req.router is not None and user[1] != req.router:
-        raise UsageError(f"--router {req.router} conflicts with engine argument --router {user[1]} after --")
-    return req.router if req.router is not None else (user[1] if user else None)
+    return _said_once(req, "--router", req.router)
+
+
+def _said_once(req: LaunchRequest, flag: str, ours: str | None) -> str | None:
+    """fdngx's option `flag` or the engine's own flag of that name after --: one setting, said either way (both,
+    and different: refused)."""
+    user = find_flag(req.extra_args, flag)
+    if user is not None and ours is not None and user[1] != ours:
+        raise UsageError(f"{flag} {ours} conflicts with engine argument {flag} {user[1]} after --")
+    return ours if ours is not None else (user[1] if user else None)

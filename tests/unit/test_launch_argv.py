@@ -590,6 +590,22 @@ def test_fastdeploy_router_plan_binds_everywhere_and_names_the_resolved_address(
                                  extra_args=["--router", "b:2"]), resolve=resolver("192.168.1.20"))
 
 
+@pytest.mark.parametrize("engine", ["fastdeploy", "vllm", "sglang", "sim"])
+def test_engine_host_after_dashdash_is_where_fdngx_probes_and_what_the_inventory_names(engine: str) -> None:
+    """The engine listens where its own --host says: fdngx probes there and names it, as if given before --."""
+    kw: dict[str, object] = {} if engine == "sim" else {"model": "M", "gpus": ["0", "1"]}
+    p = plan(engine, 2, "--host", "127.0.0.2", **kw)
+    assert p.bind_host == "127.0.0.2"
+    assert [i.host for i in p.inventory.instances] == ["127.0.0.2"] * 2
+    assert all(proc.argv.count("--host") == 1 for proc in p.procs)
+    assert plan(engine, 2, "--host=127.0.0.1", host="127.0.0.1", **kw).bind_host == "127.0.0.1"
+    conflict = r"--host 127\.0\.0\.1 conflicts with engine argument --host 127\.0\.0\.2 after --"
+    with pytest.raises(UsageError, match=conflict):
+        plan(engine, 2, "--host", "127.0.0.2", host="127.0.0.1", **kw)
+    with pytest.raises(UsageError, match="--host 'a;b' is not an IP address"):
+        plan(engine, 2, "--host", "a;b", **kw)
+
+
 def test_cli_router_warning_is_one_line_on_stderr(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr("fdngx.launch.plan.resolve_self", resolver("127.0.1.1", "debian"))
     result = CliRunner().invoke(

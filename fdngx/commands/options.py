@@ -73,7 +73,8 @@ MaxFailsOpt = typer.Option(
 FailTimeoutOpt = typer.Option(
     1, help="Per-server fail_timeout in seconds: how long nginx holds out a failing replica before it tries it "
     "again, so how soon a restarted one is used (nginx counts whole seconds: 1 means 1-2 s); 1..86400.")
-KeepaliveOpt = typer.Option(64, help="Idle keepalive connections to the replicas per worker, 0..65535 (0: off).")
+KeepaliveOpt = typer.Option(64, help="Idle keepalive connections to the replicas per worker, 0..65535 (0: off); "
+                            "each kept 4 s, below the engines' own 5 s.")
 AdminListenOpt = typer.Option(
     "127.0.0.1:9401", help="openresty: ADDR:PORT of the loopback admin server that takes weight pushes; a port "
     "of its own (not --listen's)."

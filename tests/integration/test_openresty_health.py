@@ -190,25 +190,6 @@ def test_a_full_replicas_429_on_the_retry_path_does_not_take_it_out(tmp_path: Pa
         site.stop()
 
 
-def test_when_every_usable_replica_is_full_its_429_reaches_the_client_not_a_retry_onto_a_down_one(
-        tmp_path: Path) -> None:
-    """nginx counts a request's tries over the servers not down, so once each has answered 429 the last 429
-    is the answer. The balancer allowed 3 tries whatever was usable: after both full replicas, the third
-    failed open onto the one the sidecar holds down (nothing listening there: a 502 instead of the 429)."""
-    site = LuaSite(tmp_path, 3, delay=0.01)
-    try:
-        gen = site.generation() + 1
-        assert site.admin.push(site.snapshot(gen, {"b0": (1, 0, 0), "b1": (1, 0, 0), "b2": (1, 1, 0)})).status == "ok"
-        site.stop_backend("b2")  # held down by the sidecar, and nothing listens there
-        with answering(site, "b0", 429) as h0, answering(site, "b1", 429) as h1:
-            answers = [site.one(timeout=10) for _ in range(10)]
-        assert answers == ["status 429"] * 10, answers
-        assert len(h0) + len(h1) == 20, (h0, h1)  # each request tried both full replicas, then passed the 429 on
-        assert "b2 failed" not in site.error_log()
-    finally:
-        site.stop()
-
-
 def test_a_probe_nginx_cannot_schedule_is_tried_again_at_the_next_tick_and_warned_about(tmp_path: Path) -> None:
     """Over lua_max_pending_timers, ngx.timer.at refuses a /health probe. The refusal was ignored and the probe's
     lock kept: the peer went unprobed until the lock lapsed, and as the locks of a tick lapse together, a peer

@@ -169,22 +169,4 @@ return {
         local usable = function(q) return q.name == "p3" end
         for _ = 1, 20 do t.eq(pick.choose("p2c", list, {}, usable, zero, math.random, {}).name, "p3") end
     end,
-
-    ["choose says how many it chose among: the usable untried, or every untried when it fails open"] = function(t)
-        local list = peers({ 1, 1, 1 })
-        local zero = function() return 0 end
-        local usable = function(q) return q.name ~= "p3" end
-        local p, n = pick.choose("least", list, {}, usable, zero, math.random, {})
-        t.ok(p.name ~= "p3", "a usable one")
-        t.eq(n, 2)
-        p, n = pick.choose("p2c", list, { p1 = true }, usable, zero, math.random, {})
-        t.eq(p.name, "p2")
-        t.eq(n, 1)
-        p, n = pick.choose("least", list, { p1 = true }, function() return false end, zero, math.random, {})
-        t.ok(p and p.name ~= "p1", "fail open among the untried")
-        t.eq(n, 2)
-        p, n = pick.choose("least", list, { p1 = true, p2 = true, p3 = true }, usable, zero, math.random, {})
-        t.eq(p, nil)
-        t.eq(n, 0)
-    end,
 }

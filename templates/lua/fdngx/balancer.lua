@@ -251,20 +251,16 @@ function M.balance(name)
     elseif not st then
         st = { pool = pool, tried = {} }
         open[rid] = st
+        local more = min(#pool.peers - 1, 2)
+        if more > 0 then ngx_balancer.set_more_tries(more) end
     end
-    local p, among = pick.choose(pool.mode, pool.peers, st.tried, pool.usable, pool.load, math.random, pool.scratch)
+    local p = pick.choose(pool.mode, pool.peers, st.tried, pool.usable, pool.load, math.random, pool.scratch)
     if not p then
         open[rid] = nil
         -- No peer left to try, or none at all (none registered yet): NGX_BUSY, nginx's own "no live
         -- upstreams", which the site answers as 503 + Retry-After like the plain flavor (lua-nginx-module
         -- passes only NGX_ERROR, NGX_BUSY and NGX_DECLINED through from here; a status would become a 500).
         return ngx.exit(NGX_BUSY)
-    end
-    if among > 1 and next(st.tried) == nil then
-        -- The first attempt: one more try per other usable peer, 2 at most, as nginx counts tries over the
-        -- servers not down. Once every usable peer has answered 429 or 503, nginx passes the last answer
-        -- through, instead of a retry that fails open onto a peer held down or out (502, or a connect wait).
-        ngx_balancer.set_more_tries(min(among - 1, 2))
     end
     st.peer, st.addr, st.port = p.name, p.addr, p.port
     st.counted = pool.ledger:acquire(p.name)

@@ -136,15 +136,14 @@ end
 
 local function always() return true end
 
--- The peer for the next attempt of a request and how many it was chosen among, or nil when every peer has
--- been tried. If no untried peer is usable (all out or down), fail open: a guess beats a 502 for every
--- client.
+-- The peer for the next attempt of a request, or nil when every peer has been tried. If no untried peer
+-- is usable (all out or down), fail open: a guess beats a 502 for every client.
 function M.choose(mode, peers, tried, usable, load, rand, scratch)
     local n = M.candidates(peers, tried, usable, scratch)
     if n == 0 then n = M.candidates(peers, tried, always, scratch) end
-    if n == 0 then return nil, 0 end
-    if mode == "p2c" then return (M.p2c(scratch, n, load, rand)), n end
-    return (M.least(scratch, n, load, rand)), n
+    if n == 0 then return nil end
+    if mode == "p2c" then return M.p2c(scratch, n, load, rand) end
+    return M.least(scratch, n, load, rand)
 end
 
 return M

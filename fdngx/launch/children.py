@@ -44,13 +44,16 @@ class Child:
         return self.popen is not None and self.popen.poll() is None
 
     def ended(self) -> str | None:
-        """Why it can serve no more, as people read it: its process exited, or (multi_api_server) one of its
-        rank processes did, which the launcher never notices; None while both live."""
+        """Why it can serve no more, as people read it: its process exited, or lost a rank; None while both live."""
         if self.popen is None:
             return None
         if (rc := self.popen.poll()) is not None:
             return describe_exit(rc)
-        if self.spec.unreaped_ranks and (dead := procs.unreaped_children(self.popen.pid)):
+        return self.lost_rank()
+
+    def lost_rank(self) -> str | None:
+        """(multi_api_server) one of its rank processes exited, which the launcher never notices; None else."""
+        if self.spec.unreaped_ranks and self.popen is not None and (dead := procs.unreaped_children(self.popen.pid)):
             return (f"lost a rank: its process {dead[0]} exited and {self.spec.name} goes on without it "
                     "(it never checks its ranks)")
         return None

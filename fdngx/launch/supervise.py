@@ -266,7 +266,7 @@ class Supervisor(Books, Deaths):
             rc = c.popen.poll()
             if rc is not None:
                 return self._died(c, rc, now)
-            if c.state is ChildState.STARTING and (what := c.ended()) is not None:
+            if c.state is ChildState.STARTING and (what := c.lost_rank()) is not None:
                 return self._died(c, None, now, why=what)
         if c.state is ChildState.WAITING_RESTART and now >= c.restart_at:
             if not any(o.state is ChildState.STARTING for o in self.children):

@@ -22,6 +22,7 @@ from fdngx.launch.plan import Plan
 from fdngx.launch.progress import Progress
 from fdngx.launch.supervise import Supervisor
 from fdngx.system import procs
+from tests.support import wait_for
 
 
 class Broken(io.StringIO):
@@ -192,10 +193,11 @@ def test_a_rank_exited_under_a_launcher_that_never_waits_is_seen_as_lost(tmp_pat
     leader = procs.start(spec.argv, {}, Path(spec.log), "test")
     try:
         child = Child(spec, popen=leader)
-        rank1 = _wait_for_line(Path(spec.log))
-        deadline = time.monotonic() + 30
-        while child.ended() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        def pids() -> list[int]:
+            return [int(ln) for ln in Path(spec.log).read_text().splitlines() if ln.strip().isdigit()]
+
+        rank1 = wait_for(pids, timeout=30, what="the leader to print rank 1's pid")[0]
+        wait_for(child.ended, timeout=30, what="rank 1 seen as lost")
         assert child.ended() == (f"lost a rank: its process {rank1} exited and multi_api_server goes on without "
                                  "it (it never checks its ranks)")  # fmt: skip
         assert procs.unreaped_children(leader.pid) == [rank1]
@@ -208,12 +210,3 @@ def test_a_rank_exited_under_a_launcher_that_never_waits_is_seen_as_lost(tmp_pat
         leader.wait(10)
     assert Child(spec, popen=leader).ended() == "was killed by SIGKILL"
 
-
-def _wait_for_line(log: Path) -> int:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        lines = [ln for ln in log.read_text().splitlines() if ln.strip().isdigit()]
-        if lines:
-            return int(lines[0])
-        time.sleep(0.05)
-    raise AssertionError(f"no pid in {log}")

@@ -89,9 +89,11 @@ def test_a_push_a_full_dict_has_no_room_for_is_refused_and_the_snapshot_in_force
         assert site.nginx is not None
         assert "lua_shared_dict fdngx_fastdeploy 1m;" in site.conf.read_text()
         real = [f"peer {n} 127.0.0.1 {site.ports[n]} 10 0 64 0.000" for n in site.names]
+        # filler ports never a real replica's (a duplicate address is refused before the dict fills)
+        ports = [p for p in range(20000, 27000) if p not in site.ports.values()]
 
         def body(k: int) -> str:
-            fill = [f"peer f{i:05d}.{'x' * 110} 127.0.0.1 {20000 + i} 10 1 64 0.000" for i in range(k)]
+            fill = [f"peer f{i:05d}.{'x' * 110} 127.0.0.1 {ports[i]} 10 1 64 0.000" for i in range(k)]
             return "\n".join([f"generation {next_generation()}", *real, *fill]) + "\n"
 
         assert site.admin.push(body(300)).status == "ok"

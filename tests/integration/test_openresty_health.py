@@ -190,6 +190,30 @@ def test_a_full_replicas_429_on_the_retry_path_does_not_take_it_out(tmp_path: Pa
         site.stop()
 
 
+def test_when_every_usable_replica_is_full_the_client_hears_busy_not_a_retry_onto_a_down_one(
+        tmp_path: Path) -> None:
+    """nginx retries over the servers not down only. The balancer's retry after a 429 failed open onto the
+    replica the sidecar holds down once both usable ones had answered 429: a 502 (nothing listens there), or a
+    wait for the connect timeout. Now a retry after a 429 goes to a usable replica only, and with none left
+    the client hears the site's 503 + Retry-After ("every replica is busy"); a retry after a broken attempt
+    still fails open (test_openresty_moved)."""
+    site = LuaSite(tmp_path, 3, delay=0.01)
+    try:
+        gen = site.generation() + 1
+        assert site.admin.push(site.snapshot(gen, {"b0": (1, 0, 0), "b1": (1, 0, 0), "b2": (1, 1, 0)})).status == "ok"
+        site.stop_backend("b2")  # held down by the sidecar, and nothing listens there
+        with answering(site, "b0", 429) as h0, answering(site, "b1", 429) as h1:
+            answers = [site.one(timeout=10) for _ in range(9)]
+            r = requests.post(f"{site.url}/v1/completions", json={}, timeout=10)
+        assert answers == ["status 503"] * 9, answers
+        assert (r.status_code, r.headers.get("Retry-After"), r.json()["error"]["code"]) == (
+            503, "1", "service_unavailable")
+        assert len(h0) + len(h1) == 20, (h0, h1)  # each request tried both full replicas, and no other
+        assert "b2 failed" not in site.error_log()
+    finally:
+        site.stop()
+
+
 def test_a_probe_nginx_cannot_schedule_is_tried_again_at_the_next_tick_and_warned_about(tmp_path: Path) -> None:
     """Over lua_max_pending_timers, ngx.timer.at refuses a /health probe. The refusal was ignored and the probe's
     lock kept: the peer went unprobed until the lock lapsed, and as the locks of a tick lapse together, a peer

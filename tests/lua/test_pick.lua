@@ -169,4 +169,16 @@ return {
         local usable = function(q) return q.name == "p3" end
         for _ = 1, 20 do t.eq(pick.choose("p2c", list, {}, usable, zero, math.random, {}).name, "p3") end
     end,
+
+    ["after a 429 (full) a retry goes only to a usable peer: no fail open onto one held down or out"] = function(t)
+        local list = peers({ 1, 1, 1 })
+        local zero = function() return 0 end
+        local usable = function(q) return q.name ~= "p3" end
+        for _, mode in ipairs({ "least", "p2c" }) do
+            t.eq(pick.choose(mode, list, { p1 = true }, usable, zero, math.random, {}, true).name, "p2")
+            t.eq(pick.choose(mode, list, { p1 = true, p2 = true }, usable, zero, math.random, {}, true), nil)
+            -- the same retry after a broken attempt (connect error, 502/503) still fails open
+            t.eq(pick.choose(mode, list, { p1 = true, p2 = true }, usable, zero, math.random, {}, false).name, "p3")
+        end
+    end,
 }

@@ -82,7 +82,8 @@ function M.init(cfg)
               .. cfg.pool .. " (render the config and its peers file from one inventory)", 0)
     end
     local pool = { name = cfg.pool, zone = cfg.dict, dict = dict, token = token,
-                   mode = cfg.mode == "p2c" and "p2c" or "least", peers = {}, by_name = {}, scratch = {} }
+                   mode = cfg.mode == "p2c" and "p2c" or "least", busy_var = cfg.busy_var, peers = {}, by_name = {},
+                   scratch = {} }
     -- The dict survives a reload: keep what a newer push put there, unless it is unreadable (an older
     -- fdngx's layout after an upgrade). The generations' rule is a push's (fdngx.pool.verdict): one in force
     -- more than FUTURE_MS ahead of this clock gives way to the file's, and a file's that far ahead never
@@ -233,6 +234,7 @@ function M.balance(name)
     pool.silent = pool_mod.silent(pool, now)
     local rid = ngx.var.request_id
     local st = open[rid]
+    local full = false -- the attempt before was answered 429: retry only onto a usable peer (fdngx.pick.choose)
     if st and st.peer then
         -- nginx is retrying (connection error, 429/502/503/504): the previous peer no longer holds this
         -- request; its failure counts against its health unless it only said "full" (429). nginx reports
@@ -241,6 +243,7 @@ function M.balance(name)
         -- exactly what proxy_next_upstream lists (http_500 only where a hand-written location asks for it;
         -- fdngx renders error http_429 http_503); the log phase sees any last status and counts FAILS only.
         local state, code = ngx_balancer.get_last_failure()
+        full = code == 429
         if FAILS[code] or (state == "failed" and code ~= 429) then
             failed(pool, st.peer, now, FAILURE[code] or ("failed (" .. (code and "HTTP " .. code or state) .. ")"),
                    st.addr, st.port)
@@ -254,9 +257,12 @@ function M.balance(name)
         local more = min(#pool.peers - 1, 2)
         if more > 0 then ngx_balancer.set_more_tries(more) end
     end
-    local p = pick.choose(pool.mode, pool.peers, st.tried, pool.usable, pool.load, math.random, pool.scratch)
+    local p = pick.choose(pool.mode, pool.peers, st.tried, pool.usable, pool.load, math.random, pool.scratch, full)
     if not p then
         open[rid] = nil
+        -- After a 429 with no usable peer left, the site's error page makes nginx's 502 a 503 + Retry-After
+        -- ("every replica busy") through this variable; --mode upstream renders no location to set it in.
+        if full and pool.busy_var then ngx.var[pool.busy_var] = "1" end
         -- No peer left to try, or none at all (none registered yet): NGX_BUSY, nginx's own "no live
         -- upstreams", which the site answers as 503 + Retry-After like the plain flavor (lua-nginx-module
         -- passes only NGX_ERROR, NGX_BUSY and NGX_DECLINED through from here; a status would become a 500).

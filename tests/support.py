@@ -147,9 +147,10 @@ class Nginx:
     def test(self) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.argv("-t"), capture_output=True, text=True, timeout=30)
 
-    def start(self, url: str | None = None) -> Nginx:
+    def start(self, url: str | None = None, *, directives: str = "") -> Nginx:
+        """Start nginx (plus `directives`, e.g. "master_process off;") and wait for its pid file and `url`."""
         self.proc = subprocess.Popen(
-            self.argv("-g", "daemon off;"), start_new_session=True,
+            self.argv("-g", f"daemon off; {directives}".strip()), start_new_session=True,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         pid_file = self.prefix / "logs" / "nginx.pid"

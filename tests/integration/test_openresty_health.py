@@ -214,6 +214,25 @@ def test_when_every_usable_replica_is_full_the_client_hears_busy_not_a_retry_ont
         site.stop()
 
 
+def test_the_balancer_serves_with_master_process_off(tmp_path: Path) -> None:
+    """`master_process off` (nginx in one process, as some run it under a debugger or a supervisor): its one
+    process is of type "single", and init_worker set the balancer up in "worker" processes only; every
+    request then failed in balance() (a 500)."""
+    site = LuaSite(tmp_path, 2, delay=0.01)
+    try:
+        assert site.nginx is not None
+        site.nginx.stop()
+        site.nginx.start(f"{site.url}/health", directives="master_process off;")
+        assert not site.nginx.worker_pids()  # one process: no workers
+        assert site.split(20) == {"b0": 10, "b1": 10}
+        gen = site.generation() + 1  # and pushes apply without a reload
+        assert site.admin.push(site.snapshot(gen, {"b0": (1, 0, 0), "b1": (1, 1, 0)})).status == "ok"
+        assert site.split(10) == {"b0": 10}
+        assert "[error]" not in site.error_log()
+    finally:
+        site.stop()
+
+
 def test_a_probe_nginx_cannot_schedule_is_tried_again_at_the_next_tick_and_warned_about(tmp_path: Path) -> None:
     """Over lua_max_pending_timers, ngx.timer.at refuses a /health probe. The refusal was ignored and the probe's
     lock kept: the peer went unprobed until the lock lapsed, and as the locks of a tick lapse together, a peer

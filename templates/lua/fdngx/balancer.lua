@@ -203,7 +203,9 @@ end
 
 function M.init_worker()
     local ok, process = pcall(require, "ngx.process")
-    if ok and process.type() ~= "worker" then return end
+    -- A worker, or nginx's one process under `master_process off` ("single"); not a cache manager or loader.
+    local kind = ok and process.type() or "worker"
+    if kind ~= "worker" and kind ~= "single" then return end
     local now, pid = now_of(), ngx.worker.pid()
     -- Each worker its own random sequence: otherwise every worker makes the same tie-breaks and p2c draws.
     math.randomseed(floor(now * 1000) + pid)

@@ -214,6 +214,27 @@ def test_when_every_usable_replica_is_full_the_client_hears_busy_not_a_retry_ont
         site.stop()
 
 
+def test_with_every_replica_out_a_request_hears_busy_at_once_and_the_first_200_brings_one_back(
+        tmp_path: Path) -> None:
+    """Every replica failing by the balancer's own evidence (refused connections; a black-holed host would make
+    each attempt wait for the connect timeout): the balancer failed open onto them, so every request made
+    its 3 tries and got a 502 (or waited 3 connect timeouts). As nginx's own "no live upstreams", it now
+    answers 503 + Retry-After without trying them, until a probe's 200 brings one back."""
+    site = LuaSite(tmp_path, 2, delay=0.01)
+    try:
+        for name in site.names:
+            site.stop_backend(name)
+        wait_for(lambda: site.one(timeout=10) == "status 503", 10, what="every replica out")
+        tried = site.error_log().count("connect() failed")
+        answers = [requests.post(f"{site.url}/v1/completions", json={}, timeout=10) for _ in range(10)]
+        assert [(r.status_code, r.headers.get("Retry-After")) for r in answers] == [(503, "1")] * 10
+        assert site.error_log().count("connect() failed") == tried  # not one attempt on a replica out
+        site.start_backend("b1")
+        wait_for(lambda: site.one(timeout=10) == "b1", 10, what="b1 back on its first /health 200")
+    finally:
+        site.stop()
+
+
 def test_the_balancer_serves_with_master_process_off(tmp_path: Path) -> None:
     """`master_process off` (nginx in one process, as some run it under a debugger or a supervisor): its one
     process is of type "single", and init_worker set the balancer up in "worker" processes only; every

@@ -163,22 +163,32 @@ return {
         local p = pick.choose("least", list, { p1 = true, p3 = true }, yes, zero, math.random, {})
         t.eq(p.name, "p2")
         local none = function() return false end
-        p = pick.choose("least", list, { p1 = true }, none, zero, math.random, {})
+        p = pick.choose("least", list, { p1 = true }, none, zero, math.random, {}, yes)
         t.ok(p and p.name ~= "p1", "fail open among the untried")
+        t.eq(pick.choose("least", list, { p1 = true }, none, zero, math.random, {}), nil) -- no fallback
         t.eq(pick.choose("p2c", list, { p1 = true, p2 = true, p3 = true }, yes, zero, math.random, {}), nil)
         local usable = function(q) return q.name == "p3" end
         for _ = 1, 20 do t.eq(pick.choose("p2c", list, {}, usable, zero, math.random, {}).name, "p3") end
     end,
 
-    ["after a 429 (full) a retry goes only to a usable peer: no fail open onto one held down or out"] = function(t)
+    ["fail open only over what the fallback accepts: none usable after a 429, not out when broken"] = function(t)
         local list = peers({ 1, 1, 1 })
         local zero = function() return 0 end
-        local usable = function(q) return q.name ~= "p3" end
+        local usable = function(q) return q.name == "p1" or q.name == "p2" end -- p3 held down
+        local not_out = function(q) return q.name ~= "p2" end -- p2 out by the balancer's own evidence
         for _, mode in ipairs({ "least", "p2c" }) do
-            t.eq(pick.choose(mode, list, { p1 = true }, usable, zero, math.random, {}, true).name, "p2")
-            t.eq(pick.choose(mode, list, { p1 = true, p2 = true }, usable, zero, math.random, {}, true), nil)
-            -- the same retry after a broken attempt (connect error, 502/503) still fails open
-            t.eq(pick.choose(mode, list, { p1 = true, p2 = true }, usable, zero, math.random, {}, false).name, "p3")
+            -- after a 429 (no fallback): a usable one, else nothing
+            t.eq(pick.choose(mode, list, { p1 = true }, usable, zero, math.random, {}).name, "p2")
+            t.eq(pick.choose(mode, list, { p1 = true, p2 = true }, usable, zero, math.random, {}), nil)
+            -- after a broken attempt: fail open onto the one held down by the sidecar alone
+            t.eq(pick.choose(mode, list, { p1 = true, p2 = true }, usable, zero, math.random, {}, not_out).name, "p3")
+            -- but never onto one the balancer itself has out
+            local none = function() return false end
+            for _ = 1, 10 do
+                local p = pick.choose(mode, list, {}, none, zero, math.random, {}, not_out)
+                t.ok(p and p.name ~= "p2", "not the out one")
+            end
+            t.eq(pick.choose(mode, list, { p1 = true, p3 = true }, none, zero, math.random, {}, not_out), nil)
         end
     end,
 }

@@ -213,12 +213,14 @@ for i = 3, #arg do
     for _, mode in ipairs({ "least", "p2c" }) do
         for _ = 1, 50 do take(pick.choose(mode, pool.peers, {}, usable, load, math.random, {})) end
     end
-    -- every other peer failing: the balancer's fail-open guess; and a retry with every other peer tried
+    -- every other peer failing: a fail-open guess, with the broadest fallback (any untried peer in the
+    -- snapshot; the balancer's own takes none out by its evidence); and a retry with every other peer tried
     for _, p in ipairs(pool.peers) do
         if p.name ~= "dp1" then pool_mod.mark(pool, p.name, health.on_failure, now) end
     end
-    take(pick.choose("least", pool.peers, {}, usable, load, math.random, {}))
-    take(pick.choose("least", pool.peers, { dp0 = true, dp2 = true }, usable, load, math.random, {}))
+    local function any() return true end
+    take(pick.choose("least", pool.peers, {}, usable, load, math.random, {}, any))
+    take(pick.choose("least", pool.peers, { dp0 = true, dp2 = true }, usable, load, math.random, {}, any))
     print(table.concat(got, " "))
 end
 """

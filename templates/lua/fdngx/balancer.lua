@@ -217,6 +217,7 @@ function M.init_worker()
         if synced == nil then ngx.log(ngx.ERR, "fdngx: ", err) end
         -- One closure pair per pool, reading the request's time from the pool: no allocation per request.
         pool.usable = function(p) return (health.usable(p.h, p.down, p.s_at, pool.now, pool.silent)) end
+        pool.not_out = function(p) return not health.balancer_out(p.h, pool.now) end
         local dict = pool.dict
         pool.load = function(p)
             local n = dict:get(p.ikey)
@@ -236,7 +237,7 @@ function M.balance(name)
     pool.silent = pool_mod.silent(pool, now)
     local rid = ngx.var.request_id
     local st = open[rid]
-    local full = false -- the attempt before was answered 429: retry only onto a usable peer (fdngx.pick.choose)
+    local full = false -- the attempt before was answered 429: a retry goes only to a usable peer, no fail-open
     if st and st.peer then
         -- nginx is retrying (connection error, 429/502/503/504): the previous peer no longer holds this
         -- request; its failure counts against its health unless it only said "full" (429). nginx reports
@@ -259,12 +260,16 @@ function M.balance(name)
         local more = min(#pool.peers - 1, 2)
         if more > 0 then ngx_balancer.set_more_tries(more) end
     end
-    local p = pick.choose(pool.mode, pool.peers, st.tried, pool.usable, pool.load, math.random, pool.scratch, full)
+    local p = pick.choose(pool.mode, pool.peers, st.tried, pool.usable, pool.load, math.random, pool.scratch,
+                          not full and pool.not_out or nil)
     if not p then
         open[rid] = nil
-        -- After a 429 with no usable peer left, the site's error page makes nginx's 502 a 503 + Retry-After
-        -- ("every replica busy") through this variable; --mode upstream renders no location to set it in.
-        if full and pool.busy_var then ngx.var[pool.busy_var] = "1" end
+        -- Nothing to try: every peer tried, out by the balancer's own evidence (a failed request or probe:
+        -- a guess there would fail again, or wait for a connect timeout), or none usable after a 429. The
+        -- site's error page answers nginx's 502 as 503 + Retry-After ("every replica busy or failing")
+        -- through this variable, as after nginx's own "no live upstreams"; --mode upstream renders no
+        -- location to set it in (the sysadmin's location gets the 502).
+        if pool.busy_var then ngx.var[pool.busy_var] = "1" end
         -- No peer left to try, or none at all (none registered yet): NGX_BUSY, nginx's own "no live
         -- upstreams", which the site answers as 503 + Retry-After like the plain flavor (lua-nginx-module
         -- passes only NGX_ERROR, NGX_BUSY and NGX_DECLINED through from here; a status would become a 500).

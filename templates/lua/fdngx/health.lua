@@ -83,9 +83,10 @@ function M.balancer_out(h, now)
 end
 
 -- A request failed on this peer (connect error, timeout, 502/503/504). The level stops where the back-off
--- reaches MAX, and a peer already out for at least half its back-off more is left as it is: while every peer
--- is out (the balancer fails open) every request fails, and a record moved at each one would make every
--- worker re-read every record at each request (`ver`, fdngx.pool.mark). Returning `h` itself: no change.
+-- reaches MAX, and a peer already out for at least half its back-off more is left as it is: requests already
+-- on their way to a failing peer (and fail-open guesses onto one the sidecar alone holds down) keep failing,
+-- and a record moved at each one would make every worker re-read every record at each request (`ver`,
+-- fdngx.pool.mark). Returning `h` itself: no change.
 function M.on_failure(h, now)
     local level = min(h.level + 1, M.MAX_LEVEL)
     local hold = M.backoff(level)

@@ -134,16 +134,13 @@ function M.candidates(peers, tried, ok, out)
     return n
 end
 
-local function always() return true end
-
--- The peer for the next attempt of a request, or nil when every peer has been tried. If no untried peer
--- is usable (all out or down), fail open: a guess beats a 502 for every client. Not when `full`: the
--- attempt before was answered 429 (that peer is full, not broken); a retry then goes only to a usable peer,
--- as nginx retries only over servers not down, and with none left the client hears "full, try again" (nil)
--- rather than the guess's 502 or its wait for a connect timeout.
-function M.choose(mode, peers, tried, usable, load, rand, scratch, full)
+-- The peer for the next attempt of a request, or nil when there is none to try. First among the untried
+-- usable peers; when none is usable, among the untried ones `fallback(p)` accepts (fail open: a guess
+-- beats an error for every client; the balancer's fallback is "not out by its own evidence", i.e. held
+-- down by the sidecar alone, whose view may be late), unless `fallback` is nil.
+function M.choose(mode, peers, tried, usable, load, rand, scratch, fallback)
     local n = M.candidates(peers, tried, usable, scratch)
-    if n == 0 and not full then n = M.candidates(peers, tried, always, scratch) end
+    if n == 0 and fallback then n = M.candidates(peers, tried, fallback, scratch) end
     if n == 0 then return nil end
     if mode == "p2c" then return M.p2c(scratch, n, load, rand) end
     return M.least(scratch, n, load, rand)

@@ -188,6 +188,25 @@ return {
         t.eq(dict:get("x:b"), 7)
     end,
 
+    ["install: this nginx's own requests starting and ending around a scrape add no phantom load"] = function(t)
+        local dict = fakedict.new()
+        local pool = new_pool(dict)
+        dict:set("i:a", 10) -- ten requests of this nginx open on a; nothing else sends there
+        -- each scrape saw one request more or fewer than were open at the push (one ended, or one started,
+        -- in between): zero-mean noise. Clamped at 0 per push it came out as about half a request, and
+        -- counted as one in the picks more than half of the time
+        local counted = 0
+        for gen = 1, 40 do
+            install(pool, gen, { "peer a 127.0.0.1 1 20 0 64 " .. (gen % 2 == 0 and 11 or 9) }, gen)
+            local x = dict:get("x:a")
+            if gen > 10 then
+                t.ok(math.abs(x) < 0.6, "x " .. x)
+                counted = counted + pick.external(x, gen, gen)
+            end
+        end
+        t.eq(counted, 0, "phantom requests counted over 30 pushes")
+    end,
+
     ["sync: a phantom request counts as none in the picks, so idle peers tie again; a steady one counts"] = function(t)
         local dict = fakedict.new()
         local pool = new_pool(dict)

@@ -12,7 +12,7 @@
 --               after a probe that changes nothing); workers compare this one number per request and
 --               re-read the rest only when it moves
 --   x:<peer>    external load at install: the pushed load minus this nginx's own in flight then, smoothed
---               across pushes (M.SMOOTH)
+--               across pushes (M.SMOOTH), signed (below 0 counts as 0 in the picks)
 --   sa:<peer>   when the sidecar's `down` last changed for the peer (fdngx.health's disagreement rule)
 --   h:<peer>    the balancer's own health record (fdngx.health.encode)
 --   rm:<peer>   since when the peer is out of the snapshot in force: its i: total goes once no request is
@@ -109,7 +109,12 @@ function M.install(pool, text, snap, now, at)
     local fresh = {} -- names whose health record goes: a server moved, removed, or (re-)added
     for _, p in ipairs(snap.peers) do
         local inflight = max(0, dict:get("i:" .. p.name) or 0)
-        local x = max(0, p.load - inflight)
+        -- Signed: the load was scraped a moment before this push, so a request of this nginx's that ended in
+        -- between counts +1 here and one that started counts -1. Clamping each push at 0 turned that
+        -- zero-mean noise into phantom load (half a request or more per replica under steady traffic, on a
+        -- lone frontend with no external load at all), enough to make a busy replica look full. Smoothed
+        -- signed, it averages out; the picks count max(0, it) (fdngx.pick.faded).
+        local x = p.load - inflight
         local prev = old and old.by_name[p.name]
         if prev and (prev.address ~= p.address or prev.port ~= p.port) then
             -- the name now stands for another server (a replacement on a new port or host): its health and

@@ -360,12 +360,21 @@ def check_fleet(inv: Inventory, opts: RenderOptions, *, local: bool = True) -> N
 
 
 def _check_listen_not_a_replica(inv: Inventory, opts: RenderOptions) -> None:
-    """A --listen on a replica's own address (nginx would proxy to itself)."""
-    served = opts.mode is not Mode.UPSTREAM
-    for inst in inv.instances if served else ():  # a replica on another host may well use the same port
-        if takes(opts.listen, inst.host, inst.port):
-            raise RenderError(f"instance '{inst.name}' is at {hostport(inst.host, inst.port)}, where --listen "
-                              f"{opts.listen} would have nginx take its port (and proxy to itself)")
+    """A --listen (or the balancer's --admin-listen) on a replica's own address or metrics address: nginx would
+    proxy to itself, or be scraped as the replica, or one of them could not bind (the reload would fail)."""
+    ours = [("--listen", opts.listen)] if opts.mode is not Mode.UPSTREAM else []
+    if opts.flavor is Flavor.OPENRESTY:
+        ours.append(("--admin-listen", opts.admin_listen))
+    for inst in inv.instances:  # a replica on another host may well use the same port
+        # a registration's metrics port is the registry's guess (--registry-metrics-port), never a reason to
+        # stop every apply; its own port cannot be ours (the registry refuses it: RegistrySettings.own_listener)
+        metrics = () if inst.extra.get("registered") is True else (("serves metrics at", inst.metrics_port),)
+        for what, port in (("is at", inst.port), *metrics):
+            for flag, listen in ours:
+                if takes(listen, inst.host, port):
+                    itself = " (and proxy to itself)" if flag == "--listen" and port == inst.port else ""
+                    raise RenderError(f"instance '{inst.name}' {what} {hostport(inst.host, port)}, where {flag} "
+                                      f"{listen} would have nginx take its port{itself}")
 
 
 def render(inv: Inventory, opts: RenderOptions, states: Mapping[str, ServerState] | None = None) -> str:

@@ -131,6 +131,26 @@ def test_listen_on_a_replicas_own_address_is_refused(tmp_path: Path, listen: str
     _refused(proc, "--listen", "'r1'", code=1)
 
 
+@pytest.mark.parametrize("mode", ["site", "upstream"])
+@pytest.mark.parametrize("port_of", ["api", "metrics"])
+def test_the_admin_listen_on_a_replicas_port_or_metrics_port_is_refused(tmp_path: Path, mode: str,
+                                                                       port_of: str) -> None:
+    """The balancer's admin server on a port a replica of this host serves on (its API or its /metrics): nginx -t
+    passes (it binds nothing), and the reload then fails to bind, or takes the replica's scrapes."""
+    other = REPLICA + 1 if REPLICA < 65535 else 1
+    api, metrics = (REPLICA, other) if port_of == "api" else (other, REPLICA)
+    inv = write_inventory(tmp_path / "fdngx.json", [{"name": "r0", "host": "127.0.0.1", "port": api,
+                                                     "metrics_port": metrics}])
+    proc = fdngx("render", "-i", str(inv), "--mode", mode, "--flavor", "openresty", "--admin-listen",
+                 f"127.0.0.1:{REPLICA}", "--out", str(tmp_path / "out.conf"))
+    line = _refused(proc, "--admin-listen", "'r0'", f"127.0.0.1:{REPLICA}", code=1)
+    assert ("serves metrics at" in line) == (port_of == "metrics"), line
+    assert not (tmp_path / "out.conf").exists()
+    moved = fdngx("render", "-i", str(inv), "--mode", mode, "--flavor", "openresty", "--admin-listen",
+                  f"127.0.0.1:{other + 1 if other < 65535 else 2}", "--out", str(tmp_path / "out.conf"))
+    assert moved.returncode == 0, moved.stderr
+
+
 @pytest.mark.parametrize("listen", ["8000", "*:8000", "0.0.0.0:8000"])
 @pytest.mark.parametrize("host", ["192.0.2.11", "198.51.100.7", "gpu-node-1"])
 def test_a_replica_on_another_host_at_the_listen_port_is_rendered(tmp_path: Path, host: str, listen: str) -> None:

@@ -60,6 +60,28 @@ return {
         t.ok(not h.out, "and a 200 after that clears the flag")
     end,
 
+    ["a dead peer the sidecar holds down: its record changes once per HOLD_DOWN, and it stays out"] = function(t)
+        local function changes(sidecar_down)
+            local h, n = health.on_failure(health.new(), 100), 0
+            for i = 1, 160 do -- 40 s of refused probes, 4 a second
+                local now = 100 + i * 0.25
+                local nh = health.on_probe(h, false, now, sidecar_down)
+                if health.differs(h, nh) then n = n + 1 end
+                h = nh
+                t.ok(health.balancer_out(h, now), "out at " .. now) -- never a fail-open guess
+            end
+            return n
+        end
+        local up, down = changes(false), changes(true)
+        t.ok(up >= 20, "the sidecar's up: re-held every 1.5 s (" .. up .. ")")
+        t.ok(down <= 5, "the sidecar's down: every 9.5 s (" .. down .. ")")
+        -- its first 200 still brings it back at once (not flapping)
+        local h = health.on_failure(health.new(), 100)
+        h = health.on_probe(h, false, 100.25, true)
+        h = health.on_probe(h, true, 100.5, true)
+        t.ok(not h.out, "back on the first 200")
+    end,
+
     ["the balancer's failure evidence wins over the sidecar's up"] = function(t)
         local h = health.on_failure(health.new(), 100)
         for i = 1, 80 do h = health.on_probe(h, false, 100 + i * 0.25) end -- 20 s of refused probes

@@ -44,8 +44,13 @@ M.MAX_LEVEL = 5 -- the back-off's steps: BASE * 2^(level - 1) reaches MAX here (
 -- would do that at every probe (4 times a second) for as long as it is down; now once per HOLD_FOR - HOLD.
 -- The hold's length matters little: a probe's 200 brings the peer back at once (probes run while it is
 -- out), except a flapping one's (see on_probe), which waits up to HOLD_FOR after its last failed probe.
+-- A peer the sidecar holds down is held HOLD_DOWN: it takes no pick either way, and a fleet of 1,000 with 100
+-- such replicas dead would otherwise move `ver` 67 times a second (every worker re-reading 1,000 records each
+-- time) for as long as they stay dead; now 11 times. Its hold matters only for the balancer's fail-open,
+-- which must not guess onto it (fdngx.pick.choose's fallback), and for a flapping one's "probe-up".
 M.HOLD = 0.5
 M.HOLD_FOR = 2.0
+M.HOLD_DOWN = 10.0
 M.PROBE_EVERY = 0.25
 M.DISAGREE_FOR = 10.0
 
@@ -110,8 +115,9 @@ function M.on_success(h, now)
 end
 
 -- A probe finished: ok is true for a 200 on /health. `out` stays set after a back-off lapses by itself,
--- so the first 200 afterwards still counts as a recovery the balancer saw (see usable).
-function M.on_probe(h, ok, now)
+-- so the first 200 afterwards still counts as a recovery the balancer saw (see usable). `sidecar_down`: the
+-- sidecar holds the peer down (a failed probe then holds it HOLD_DOWN, not HOLD_FOR).
+function M.on_probe(h, ok, now, sidecar_down)
     local n = copy(h)
     if ok then
         n.ok_at = now
@@ -119,7 +125,7 @@ function M.on_probe(h, ok, now)
             n.out, n.till, n.changed = false, 0, now
         end
     else
-        if h.till < now + M.HOLD then n.till = now + M.HOLD_FOR end
+        if h.till < now + M.HOLD then n.till = now + (sidecar_down and M.HOLD_DOWN or M.HOLD_FOR) end
         if not M.balancer_out(h, now) then n.out, n.changed = true, now end
     end
     return n

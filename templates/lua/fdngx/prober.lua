@@ -85,8 +85,11 @@ local function probe(premature, pool, name, addr, port)
     local now = ngx.now()
     pool_mod.sync(pool, now)
     local was = state_of(pool, name, now)
+    local p = pool.by_name and pool.by_name[name]
+    local down = p ~= nil and p.down
     -- removed or moved meanwhile: no record (pool.mark asks the snapshot in force)
-    local h = pool_mod.mark(pool, name, function(rec, t) return health.on_probe(rec, good, t) end, now, addr, port)
+    local h = pool_mod.mark(pool, name, function(rec, t) return health.on_probe(rec, good, t, down) end, now, addr,
+                            port)
     if not h or not was then return end
     local said = M.news(name, was, state_of(pool, name, now), now - (pool.snap_at or now), pool.hold)
     if said then ngx.log(ngx.WARN, said) end

@@ -60,6 +60,19 @@ return {
         t.ok(not h.out, "and a 200 after that clears the flag")
     end,
 
+    ["a peer whose probes fail is down, not flapping: its first 200 brings it back, however it failed"] = function(t)
+        for _, sidecar_down in ipairs({ false, true }) do
+            local h = health.new()
+            -- killed with ten requests waiting for their headers: ten failures at once, the level at its top
+            for i = 1, 10 do h = health.on_failure(h, 100 + i * 0.001) end
+            t.eq(h.level, health.MAX_LEVEL)
+            for i = 1, 8 do h = health.on_probe(h, false, 100 + i * 0.25, sidecar_down) end -- refused: dead
+            t.ok(h.level <= health.FLAP_LEVEL, "level " .. h.level)
+            h = health.on_probe(h, true, 102.25, sidecar_down) -- restarted: its first 200
+            t.ok(not h.out, "back on its first 200 (sidecar down: " .. tostring(sidecar_down) .. ")")
+        end
+    end,
+
     ["a dead peer the sidecar holds down: its record changes once per HOLD_DOWN, and it stays out"] = function(t)
         local function changes(sidecar_down)
             local h, n = health.on_failure(health.new(), 100), 0

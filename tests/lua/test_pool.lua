@@ -654,14 +654,10 @@ return {
         local function probe(ok, at)
             return pool_mod.mark(pool, "a", function(h, n) return health.on_probe(h, ok, n) end, at)
         end
-        -- deep in a back-off (level 5: out for 8 s): a failed probe changes nothing
+        -- deep in a back-off (level 5: out for 8 s)
         for i = 1, 5 do pool_mod.mark(pool, "a", health.on_failure, 1 + i * 0.01) end
         pool_mod.sync(worker, 1.1)
         local ver, rec = dict:get("ver"), dict:get("h:a")
-        probe(false, 2)
-        t.eq(dict:get("ver"), ver, "a failed probe of a peer already held out for longer")
-        t.eq(dict:get("h:a"), rec, "and nothing written")
-        t.eq(pool_mod.sync(worker, 2), false, "no worker re-reads")
         -- a flapping peer's probe 200 before its back-off ends: only ok_at would change: nothing is written
         -- (written unannounced it could put back an older record over another worker's newer one), but for the
         -- record's first 200, once (fdngx.health.usable reads whether there was one)
@@ -671,6 +667,17 @@ return {
         probe(true, 3)
         t.eq(dict:get("ver"), ver, "a 200 that does not bring it back")
         t.eq(dict:get("h:a"), rec, "and nothing written")
+        -- a failed probe: down, not flapping; its level comes down to FLAP_LEVEL once (news: its next 200
+        -- brings it back), and the next failed probe of a peer already held out for longer changes nothing
+        probe(false, 3.2)
+        t.eq(dict:get("ver"), ver + 1, "the level down, once")
+        t.eq(pool_mod.sync(worker, 3.2), true)
+        t.eq(worker.by_name.a.h.level, health.FLAP_LEVEL)
+        ver, rec = dict:get("ver"), dict:get("h:a")
+        probe(false, 3.5)
+        t.eq(dict:get("ver"), ver, "a failed probe of a peer already held out for longer")
+        t.eq(dict:get("h:a"), rec, "and nothing written")
+        t.eq(pool_mod.sync(worker, 3.5), false, "no worker re-reads")
         -- once its back-off has ended, a 200 clears the flag (fdngx.health.usable reads it): every worker
         probe(true, 10)
         t.eq(dict:get("ver"), ver + 1)

@@ -117,6 +117,10 @@ end
 -- A probe finished: ok is true for a 200 on /health. `out` stays set after a back-off lapses by itself,
 -- so the first 200 afterwards still counts as a recovery the balancer saw (see usable). `sidecar_down`: the
 -- sidecar holds the peer down (a failed probe then holds it HOLD_DOWN, not HOLD_FOR).
+-- A failed probe also brings the level down to FLAP_LEVEL: the peer is down, not flapping (that is /health
+-- 200 while requests fail), so its first 200 brings it back at once. Without it, a replica killed with more
+-- than FLAP_LEVEL requests waiting for their headers (non-streaming ones, or several connects at once) was
+-- taken for flapping, and once restarted waited out up to a hold after its last failed probe.
 function M.on_probe(h, ok, now, sidecar_down)
     local n = copy(h)
     if ok then
@@ -125,6 +129,7 @@ function M.on_probe(h, ok, now, sidecar_down)
             n.out, n.till, n.changed = false, 0, now
         end
     else
+        n.level = min(h.level, M.FLAP_LEVEL)
         if h.till < now + M.HOLD then n.till = now + (sidecar_down and M.HOLD_DOWN or M.HOLD_FOR) end
         if not M.balancer_out(h, now) then n.out, n.changed = true, now end
     end

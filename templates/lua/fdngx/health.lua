@@ -47,7 +47,8 @@ M.MAX_LEVEL = 5 -- the back-off's steps: BASE * 2^(level - 1) reaches MAX here (
 -- A peer the sidecar holds down is held HOLD_DOWN: it takes no pick either way, and a fleet of 1,000 with 100
 -- such replicas dead would otherwise move `ver` 67 times a second (every worker re-reading 1,000 records each
 -- time) for as long as they stay dead; now 11 times. Its hold matters only for the balancer's fail-open,
--- which must not guess onto it (fdngx.pick.choose's fallback), and for a flapping one's "probe-up".
+-- which must not guess onto it (fdngx.pick.choose's fallback): a failed probe also says it is not flapping
+-- (on_probe), so its first 200 still brings it back at once.
 M.HOLD = 0.5
 M.HOLD_FOR = 2.0
 M.HOLD_DOWN = 10.0

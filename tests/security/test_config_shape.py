@@ -117,8 +117,11 @@ def _note(what: str) -> None:
 # -- the property --------------------------------------------------------------------------------------------
 
 
-def _benign(n: int) -> Inventory:
-    return Inventory([Instance(f"dp{i}", "127.0.0.1", 10_000 + i, 10_000 + i) for i in range(n)])
+def _benign(n: int, listen_port: int) -> Inventory:
+    """n plain replicas on this host, on ports clear of --listen's (a replica there is refused: nginx would
+    proxy to itself; hypothesis found --listen 127.0.0.1:10000 against the first one)."""
+    base = 10_000 if not 10_000 <= listen_port < 10_000 + n else 20_000
+    return Inventory([Instance(f"dp{i}", "127.0.0.1", base + i, base + i) for i in range(n)])
 
 
 def _states(inv: Inventory, plan: list[tuple[int, bool]]) -> dict[str, ServerState]:
@@ -129,7 +132,7 @@ def _states(inv: Inventory, plan: list[tuple[int, bool]]) -> dict[str, ServerSta
 
 @functools.lru_cache(maxsize=512)
 def _benign_shape(n: int, opts: RenderOptions, plan: tuple[tuple[int, bool], ...]) -> Any:
-    inv = _benign(n)
+    inv = _benign(n, opts.listen.port)
     return nginx_shape(render(inv, opts, _states(inv, list(plan))))
 
 

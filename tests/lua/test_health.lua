@@ -29,7 +29,7 @@ return {
     end,
 
     ["a success resets the back-off; a failed probe keeps the peer out"] = function(t)
-        local h = health.on_failure(health.on_failure(health.new(), 10), 10.1)
+        local h = health.on_failure(health.on_failure(health.new(), 10), 10.6) -- after its 0.5 s back-off
         t.eq(h.level, 2)
         local held = health.on_probe(h, false, 11.0)
         t.ok(health.balancer_out(held, 11.4), "a failed probe holds it out")
@@ -51,7 +51,14 @@ return {
 
     ["a flapping peer (probe 200, requests fail) waits out its back-off"] = function(t)
         local h = health.new()
-        for i = 1, health.FLAP_LEVEL + 1 do h = health.on_failure(h, i * 0.01) end
+        -- requests fail, its /health says 200 and brings it back each time, FLAP_LEVEL times in a row
+        for i = 1, health.FLAP_LEVEL do
+            h = health.on_failure(h, i * 0.01 - 0.005)
+            h = health.on_probe(h, true, i * 0.01)
+            t.ok(not h.out, "back on a 200 after " .. i .. " failure(s) in a row")
+        end
+        h = health.on_failure(h, 0.05)
+        t.eq(h.level, health.FLAP_LEVEL + 1)
         local till = h.till
         h = health.on_probe(h, true, 0.1)
         t.ok(not health.usable(h, false, 0, 0.1), "probe 200 alone does not bring it back")
@@ -60,12 +67,22 @@ return {
         t.ok(not h.out, "and a 200 after that clears the flag")
     end,
 
+    ["failures at once are one episode: a healthy replica is not taken for flapping"] = function(t)
+        local h = health.new()
+        -- killed with ten non-streaming requests open, or ten connects refused in a spike: ten failures at once
+        for i = 1, 10 do h = health.on_failure(h, 100 + i * 0.001) end
+        t.eq(h.level, 1)
+        t.near(h.till, 100.501, 1e-9, "out for the first back-off, 0.5 s")
+        local same = health.on_failure(h, 100.2)
+        t.ok(same == h, "a failure while out changes nothing (no write, no ver)")
+        h = health.on_probe(h, true, 100.25) -- its /health answers: back at once
+        t.ok(not h.out)
+    end,
+
     ["a peer whose probes fail is down, not flapping: its first 200 brings it back, however it failed"] = function(t)
         for _, sidecar_down in ipairs({ false, true }) do
-            local h = health.new()
-            -- killed with ten requests waiting for their headers: ten failures at once, the level at its top
-            for i = 1, 10 do h = health.on_failure(h, 100 + i * 0.001) end
-            t.eq(h.level, health.MAX_LEVEL)
+            -- flapping at its top level, then killed: its probes fail
+            local h = { out = true, level = health.MAX_LEVEL, till = 108, changed = 100, ok_at = 99 }
             for i = 1, 8 do h = health.on_probe(h, false, 100 + i * 0.25, sidecar_down) end -- refused: dead
             t.ok(h.level <= health.FLAP_LEVEL, "level " .. h.level)
             h = health.on_probe(h, true, 102.25, sidecar_down) -- restarted: its first 200

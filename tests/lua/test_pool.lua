@@ -654,8 +654,9 @@ return {
         local function probe(ok, at)
             return pool_mod.mark(pool, "a", function(h, n) return health.on_probe(h, ok, n) end, at)
         end
-        -- deep in a back-off (level 5: out for 8 s)
-        for i = 1, 5 do pool_mod.mark(pool, "a", health.on_failure, 1 + i * 0.01) end
+        -- deep in a back-off: level 5 (five episodes of failures, /health 200 between them: flapping), out
+        -- until 9, and no probe 200 seen yet
+        pool_mod.mark(pool, "a", function() return { out = true, level = 5, till = 9, changed = 1, ok_at = 0 } end, 1)
         pool_mod.sync(worker, 1.1)
         local ver, rec = dict:get("ver"), dict:get("h:a")
         -- a flapping peer's probe 200 before its back-off ends: only ok_at would change: nothing is written

@@ -3,11 +3,11 @@
 -- Two opinions meet here:
 --   * the balancer's own, first-hand: a request that could not connect (or timed out), or a 502/503/504
 --     from the peer, takes it out at once for a back-off of 0.5 s doubling per consecutive failure up to
---     8 s. While it is out, an active probe (GET /health, only 200 counts, one per peer every 0.25 s
---     across all workers) keeps it out while it fails and brings it back on its first 200, unless it is
---     flapping (more than FLAP_LEVEL request failures in a row without a success: /health says 200 but
---     requests fail), in which case only the back-off's end lets it try again. A request that succeeds
---     resets the back-off.
+--     8 s (failures while it is out are the same one). While it is out, an active probe (GET /health, only
+--     200 counts, one per peer every 0.25 s across all workers) keeps it out while it fails and brings it
+--     back on its first 200, unless it is flapping (more than FLAP_LEVEL failures in a row without a
+--     success: /health says 200 but requests fail), in which case only the back-off's end lets it try
+--     again. A request that succeeds resets the back-off; a failed probe says it is down, not flapping.
 --   * the sidecar's, pushed as `down` (K failed /health checks, 2 good ones to come back, every 2 s).
 --
 -- The rule when they disagree:
@@ -88,21 +88,19 @@ function M.balancer_out(h, now)
     return h.out and now < h.till
 end
 
--- A request failed on this peer (connect error, timeout, 502/503/504). The level stops where the back-off
--- reaches MAX, and a peer already out for at least half its back-off more is left as it is: requests already
--- on their way to a failing peer (and fail-open guesses onto one the sidecar alone holds down) keep failing,
--- and a record moved at each one would make every worker re-read every record at each request (`ver`,
+-- A request failed on this peer (connect error, timeout, 502/503/504): out at once, for the back-off of one
+-- more consecutive failure. A failure while the peer is already out belongs to the same episode (a request
+-- picked before it went out, or a fail-open guess onto it) and changes nothing: the level counts episodes,
+-- not requests. Counted per request, N requests failing at once (a replica killed with non-streaming requests
+-- open, a full accept queue in a spike) made N consecutive failures: a healthy replica was taken for
+-- flapping and held out for the 8 s back-off, its /health 200 ignored, its load poured onto the others. And
+-- a record moved at each failure would make every worker re-read every record at each one (`ver`,
 -- fdngx.pool.mark). Returning `h` itself: no change.
 function M.on_failure(h, now)
+    if M.balancer_out(h, now) then return h end
     local level = min(h.level + 1, M.MAX_LEVEL)
-    local hold = M.backoff(level)
-    local out = M.balancer_out(h, now)
-    if out and level == h.level and h.till - now >= hold / 2 then return h end
     local n = copy(h)
-    n.level, n.till = level, max(h.till, now + hold)
-    if not out then
-        n.out, n.changed = true, now
-    end
+    n.level, n.till, n.out, n.changed = level, max(h.till, now + M.backoff(level)), true, now
     return n
 end
 

@@ -34,6 +34,34 @@ return {
         t.eq(live:inflight("dp0"), 0); t.eq(live:inflight("dp1"), 0)
     end,
 
+    ["the reaper asks about a worker with its start, so a pid reused by a younger process counts as dead"] = function(t)
+        local dict = fakedict.new()
+        local dead = ledger.new(dict, ledger.worker_id(600, 1000.25)) -- up since 1000.25 s
+        dead:acquire("dp0"); dead:acquire("dp0")
+        dict.clock = 2000 -- its lease lapsed long ago; pid 600 lives, but it is another process now
+        local asked = {}
+        local function pid_alive(pid, since)
+            asked[#asked + 1] = since
+            return pid == 600 and since + ledger.REUSED_AFTER >= 1900 -- the process on pid 600 started at 1900
+        end
+        local taken = ledger.reap(dict, pid_alive)
+        t.eq(taken, 2)
+        t.eq(asked[1], 1000.25)
+        t.eq(dead:inflight("dp0"), 0)
+    end,
+
+    ["started_at reads /proc/<pid>/stat's start time, whatever the command name holds"] = function(t)
+        -- field 22 (starttime) is 12345 ticks; the command name has spaces and parentheses
+        local fields = {}
+        for i = 3, 21 do fields[#fields + 1] = tostring(i) end
+        local stat = "4242 (nginx: worker) (x)) " .. table.concat(fields, " ") .. " 12345 99 100\n"
+        t.near(ledger.started_at(stat, 1700000000, 100), 1700000123.45, 1e-6)
+        t.eq(ledger.started_at("garbage", 1700000000, 100), nil)
+        t.eq(ledger.started_at(nil, 1700000000, 100), nil)
+        t.eq(ledger.started_at(stat, nil, 100), nil)
+        t.eq(ledger.started_at("1 (init) S 0", 1700000000, 100), nil, "too few fields")
+    end,
+
     ["a worker taken for dead does not decrement twice"] = function(t)
         local dict = fakedict.new()
         local w, other = ledger.new(dict, "400.1"), ledger.new(dict, "500.1")

@@ -30,6 +30,7 @@ local admin = require("fdngx.admin")
 local prober = require("fdngx.prober")
 
 pcall(ffi.cdef, "int kill(int pid, int sig);")
+pcall(ffi.cdef, "long sysconf(int name);")
 
 local M = {}
 
@@ -61,6 +62,15 @@ local function read_file(path, what, limit)
     local data = fh:read(limit + 1) or ""
     fh:close()
     if #data > limit then error("fdngx: the " .. what .. " " .. path .. " is larger than " .. limit .. " bytes", 0) end
+    return data
+end
+
+-- Up to `limit` bytes of a small system file (/proc), or nil.
+local function read_small(path, limit)
+    local fh = io.open(path, "rb")
+    if not fh then return nil end
+    local data = fh:read(limit)
+    fh:close()
     return data
 end
 
@@ -139,10 +149,28 @@ function M.install_file(pool, cfg, text, snap)
     end
 end
 
-local function pid_alive(pid)
+local SC_CLK_TCK = 2 -- <bits/confname.h>
+
+-- The boot time (/proc/stat's btime) and clock ticks per second, read once per worker; nil where there is no
+-- /proc (the reaper then asks kill(pid, 0) alone).
+local boot = nil
+local function boot_clock()
+    if boot == nil then
+        local text = read_small("/proc/stat", 65536)
+        local btime = text and tonumber(text:match("\nbtime (%d+)"))
+        local ok, hz = pcall(function() return tonumber(ffi.C.sysconf(SC_CLK_TCK)) end)
+        boot = { btime = btime, hz = ok and hz or nil }
+    end
+    return boot.btime, boot.hz
+end
+
+-- Does worker `pid`, up since `since` (seconds since the epoch), still live? Its pid may be another
+-- process's by now (fdngx.ledger.REUSED_AFTER).
+local function pid_alive(pid, since)
     if not pid then return false end
-    if ffi.C.kill(pid, 0) == 0 then return true end
-    return ffi.errno() ~= ESRCH -- EPERM: it exists, as another user
+    if ffi.C.kill(pid, 0) ~= 0 and ffi.errno() == ESRCH then return false end -- EPERM: it exists, as another user
+    local started = since and ledger.started_at(read_small("/proc/" .. pid .. "/stat", 4096), boot_clock())
+    return not (started and started > since + ledger.REUSED_AFTER)
 end
 
 -- What nginx's last failure code says: a connection error or timeout comes as 502 / 504, like an answer.

@@ -11,8 +11,9 @@
 -- total, in the same non-yielding Lua step), and a lease `alive:<wid>` it renews every second with a
 -- 5 s expiry. wid = "<pid>.<start ms>" is unique even when the kernel reuses a pid. Every REAP_EVERY
 -- seconds one worker (a shared-dict lock) looks for shares whose worker has no lease AND whose pid no
--- longer exists (kill(pid, 0) == ESRCH): a worker draining after a reload cannot renew its lease (its
--- timers stop) but is still alive, so it is left alone and its requests still decrement when they end.
+-- longer exists (kill(pid, 0) == ESRCH), or is a younger process's (M.REUSED_AFTER): a worker draining
+-- after a reload cannot renew its lease (its timers stop) but is still alive, so it is left alone and its
+-- requests still decrement when they end.
 -- A dead worker's shares are subtracted from the totals and deleted: exact, since nobody else writes
 -- them. A share that reaches 0 is deleted by its owner, so the keys stay few; a removed peer's total goes
 -- once it is back at 0 (fdngx.pool.sweep), and nothing here brings a total that is gone back (as -1).
@@ -82,8 +83,29 @@ function Ledger:renew()
     return (self.dict:safe_set("alive:" .. self.wid, true, M.LEASE))
 end
 
--- Subtract the shares of dead workers from the totals; pid_alive(pid) -> bool; keys: the dict's keys
--- (dict:get_keys(0) when nil). Returns how many requests were taken back and from how many worker ids.
+-- When the process whose /proc/<pid>/stat reads `stat` started, in seconds since the epoch (`btime`: the
+-- boot time from /proc/stat; `hz`: clock ticks per second), or nil when the text is not such a line. The
+-- command name (field 2) may hold spaces and parentheses: the fields are counted after its last ")".
+function M.started_at(stat, btime, hz)
+    local rest = type(stat) == "string" and stat:match("^%d+ %(.*%) (.*)$")
+    if not rest or not btime or not hz or hz <= 0 then return nil end
+    local i = 2 -- the state is field 3
+    for field in rest:gmatch("%S+") do
+        i = i + 1
+        if i == 22 then return btime + (tonumber(field) or 0) / hz end
+    end
+    return nil
+end
+
+-- A pid that lives may be another process's now: a dead worker's pid reused within the few seconds before
+-- its shares were reaped would pin them for as long as that process lives. One that started more than this
+-- long after the worker it stands for came up is not that worker (the slack covers the boot time's whole
+-- seconds and a clock stepped since).
+M.REUSED_AFTER = 60
+
+-- Subtract the shares of dead workers from the totals; pid_alive(pid, since) -> bool, `since` the worker's
+-- start in seconds since the epoch (its id's ms); keys: the dict's keys (dict:get_keys(0) when nil).
+-- Returns how many requests were taken back and from how many worker ids.
 function M.reap(dict, pid_alive, keys)
     local taken, dead = 0, {}
     keys = keys or dict:get_keys(0)
@@ -92,7 +114,8 @@ function M.reap(dict, pid_alive, keys)
         if wid then
             local gone = dead[wid]
             if gone == nil then
-                gone = dict:get("alive:" .. wid) == nil and not pid_alive(tonumber(wid:match("^[0-9]+")))
+                local pid, ms = wid:match("^([0-9]+)%.([0-9]+)$")
+                gone = dict:get("alive:" .. wid) == nil and not pid_alive(tonumber(pid), tonumber(ms) / 1000)
                 dead[wid] = gone
             end
             if gone then

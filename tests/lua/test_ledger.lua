@@ -62,6 +62,17 @@ return {
         t.eq(ledger.started_at("1 (init) S 0", 1700000000, 100), nil, "too few fields")
     end,
 
+    ["started_at on this machine's /proc: the test process started a moment ago"] = function(t)
+        local ffi = require("ffi")
+        pcall(ffi.cdef, "long sysconf(int name);")
+        local fs, fself = io.open("/proc/stat", "rb"), io.open("/proc/self/stat", "rb")
+        if not (fs and fself) then return end -- no /proc: the reaper asks kill(pid, 0) alone there
+        local btime = tonumber(fs:read(65536):match("\nbtime (%d+)")); fs:close()
+        local stat = fself:read(4096); fself:close()
+        local at = ledger.started_at(stat, btime, tonumber(ffi.C.sysconf(2)))
+        t.ok(at and math.abs(at - os.time()) < 30, "started " .. tostring(at) .. ", now " .. os.time())
+    end,
+
     ["a worker taken for dead does not decrement twice"] = function(t)
         local dict = fakedict.new()
         local w, other = ledger.new(dict, "400.1"), ledger.new(dict, "500.1")

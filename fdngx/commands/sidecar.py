@@ -306,11 +306,7 @@ def own_listeners(opts: RenderOptions, out: Path | None, server: RegistryServer 
                   metrics_at: Listen | None) -> tuple[tuple[str, Listen], ...]:
     """fdngx's own listeners on this host, which the registry never takes for a replica: nginx's (a config
     this sidecar writes serves there), its admin server's, the registry's and the metrics'."""
-    own = []
-    if out is not None and opts.mode is not Mode.UPSTREAM:
-        own.append(("--listen", opts.listen))
-    if out is not None and opts.flavor is Flavor.OPENRESTY:
-        own.append(("--admin-listen", opts.admin_listen))
+    own = opts.listeners() if out is not None else []
     if server is not None:
         own.append(("--registry-listen", server.address))
     if metrics_at is not None:

@@ -155,6 +155,11 @@ class RenderOptions:
                              "the balancer's admin endpoint a port of its own")
         return self
 
+    def listeners(self) -> list[tuple[str, Listen]]:
+        """What nginx binds for this config, by option: its server (not in upstream mode), the balancer's admin."""
+        return ([("--listen", self.listen)] if self.mode is not Mode.UPSTREAM else []) + (
+            [("--admin-listen", self.admin_listen)] if self.flavor is Flavor.OPENRESTY else [])
+
     def _validate_front_door(self) -> None:
         frontdoor.check_tls(self.tls_cert, self.tls_key)
         frontdoor.check_path("--tls-cert", self.tls_cert)
@@ -362,9 +367,7 @@ def check_fleet(inv: Inventory, opts: RenderOptions, *, local: bool = True) -> N
 def _check_listen_not_a_replica(inv: Inventory, opts: RenderOptions) -> None:
     """A --listen (or the balancer's --admin-listen) on a replica's own address or metrics address: nginx would
     proxy to itself, or be scraped as the replica, or one of them could not bind (the reload would fail)."""
-    ours = [("--listen", opts.listen)] if opts.mode is not Mode.UPSTREAM else []
-    if opts.flavor is Flavor.OPENRESTY:
-        ours.append(("--admin-listen", opts.admin_listen))
+    ours = opts.listeners()
     for inst in inv.instances:  # a replica on another host may well use the same port
         # a registration's metrics port is the registry's guess (--registry-metrics-port), never a reason to
         # stop every apply; its own port cannot be ours (the registry refuses it: RegistrySettings.own_listener)

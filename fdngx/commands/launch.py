@@ -15,6 +15,7 @@ from fdngx.engines.argv import (
     DEFAULT_BASE_PORT,
     MAX_SERVERS,
     METRICS_OFFSET,
+    UNHEALTHY_AFTER,
     DpMode,
     LaunchRequest,
     parse_list,
@@ -134,10 +135,18 @@ def launch_cmd(
     restart: Restart = typer.Option(
         Restart.NO, "--restart",
         help="no | on-failure: restart a process that fails (killed by a signal, a non-zero exit status, a rank "
-        "that stops listening), with backoff 1,2,4..60 s (a multi-server group restarts as a whole, since its "
-        "ranks fail together). As systemd's on-failure: a process that exits 0 (a server stopped cleanly, e.g. "
-        "on SIGTERM) is not restarted; but FastDeploy's api_server (--per-instance), which exits 0 when its "
-        "engine fails to load or its GPU worker dies, is.",
+        "that stops listening or answers /health with an error for --unhealthy-after), with backoff 1,2,4..60 s "
+        "(a multi-server group restarts as a whole, since its ranks fail together). As systemd's on-failure: a "
+        "process that exits 0 (a server stopped cleanly, e.g. on SIGTERM) is not restarted; but FastDeploy's "
+        "api_server (--per-instance), which exits 0 when its engine fails to load or its GPU worker dies, is.",
+    ),
+    unhealthy_after: float = typer.Option(
+        UNHEALTHY_AFTER, "--unhealthy-after",
+        help="Seconds (0 to 86400; 0: never). A running replica whose /health has answered an error status "
+        "(4xx/5xx) on every probe for this long is lost: said, marked down in the inventory, and with --restart "
+        "on-failure its process restarted. FastDeploy's api_server outlives its GPU workers, answering 404 "
+        "'Worker Service Not Healthy' for ever without exiting. Not counted: 304 (weights cleared for an "
+        "update) and probes that time out (too busy to answer).",
     ),
     name_prefix: str = typer.Option(
         "", "--name-prefix", help="Prepended to every instance name (node1- gives node1-dp0, node1-dp1, ...): "
@@ -179,6 +188,7 @@ def launch_cmd(
         timeout=timeout,
         restart=restart,
         grace=grace,
+        unhealthy_after=unhealthy_after,
         name_prefix=name_prefix,
     )
     plan = build_plan(req)

@@ -44,6 +44,10 @@ class DpMode(StrEnum):
     MOE = "moe"
 
 
+# Seconds of error answers to /health (4xx/5xx) before a running instance counts as lost (fdngx.launch.ranks).
+UNHEALTHY_AFTER = 120.0
+
+
 @dataclass
 class LaunchRequest:
     """What the user asked for, already parsed (the CLI fills it, tests build it directly)."""
@@ -71,6 +75,7 @@ class LaunchRequest:
     timeout: float | None = None
     restart: Restart = Restart.NO
     grace: float = 15.0
+    unhealthy_after: float = UNHEALTHY_AFTER
     # Prepended to every instance name (dp0 -> node1-dp0): one launch per node, merged inventories stay unique.
     name_prefix: str = ""
     # The interpreter for `python -m ...` engines: the one running fdngx, so its packages are the engine's.

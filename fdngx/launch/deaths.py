@@ -10,6 +10,7 @@ from fdngx.domain import Restart
 from fdngx.launch.children import Child, describe_exit, stop_child
 from fdngx.launch.pidfile import LIVE, ChildState
 from fdngx.launch.plan import Plan
+from fdngx.launch.ranks import Watch
 from fdngx.system import procs
 
 # A process that stayed healthy this long before dying starts its backoff over.
@@ -23,7 +24,7 @@ class Deaths:
     status: dict[str, str]
     healthy: set[str]
     down: set[str]
-    refused: dict[str, int]
+    watch: dict[str, Watch]
     progress: Any  # fdngx.launch.progress.Progress
     clock: Callable[[], float]
 
@@ -39,7 +40,7 @@ class Deaths:
             self.status[name] = why or describe_exit(rc if rc is not None else -9)
             self.healthy.discard(name)
             self.down.discard(name)
-            self.refused[name] = 0
+            self.watch[name].clear()
         self.progress.say(f"{c.spec.name} (pid {pid}, serving {', '.join(c.spec.instances)}) "
                           f"{why or self.status[c.spec.instances[0]]}; last lines of {c.spec.log}:")
         self.progress.text(procs.tail(c.spec.log, 10))
@@ -82,5 +83,5 @@ class Deaths:
                 self.status[name] = f"stopped with {dead.spec.name}"
                 self.healthy.discard(name)
                 self.down.discard(name)
-                self.refused[name] = 0
+                self.watch[name].clear()
 

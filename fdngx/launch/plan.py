@@ -16,6 +16,7 @@ from fdngx import engines
 from fdngx.domain import Engine, Instance, Inventory, Restart
 from fdngx.engines.argv import (
     DEFAULT_HOST,
+    UNHEALTHY_AFTER,
     DpMode,
     LaunchRequest,
     ProcSpec,
@@ -55,6 +56,9 @@ class Plan:
     # The supervisor's pidfile (pidfile_for), fixed when the plan is made: an inventory symlink re-pointed
     # while the launch runs does not move it away from where `fdngx stop` found it.
     pidfile: str = ""
+    # A running instance whose /health answers an error status (4xx/5xx) on every probe for this long is lost
+    # (fdngx.launch.ranks); 0: never.
+    unhealthy_after: float = UNHEALTHY_AFTER
 
     def __post_init__(self) -> None:
         self.pidfile = self.pidfile or pidfile_for(self.inventory_path)
@@ -75,6 +79,7 @@ class Plan:
             "bind_host": self.bind_host,
             "warnings": self.warnings,
             "pidfile": self.pidfile,
+            "unhealthy_after": self.unhealthy_after,
         }
 
     @classmethod
@@ -94,6 +99,7 @@ class Plan:
             bind_host=str(data.get("bind_host", DEFAULT_HOST)),
             warnings=[str(w) for w in data.get("warnings", [])],
             pidfile=str(data.get("pidfile", "")),
+            unhealthy_after=float(data.get("unhealthy_after", UNHEALTHY_AFTER)),
         )
 
     def describe(self) -> str:
@@ -130,6 +136,7 @@ def build_plan(req: LaunchRequest, resolve: Resolver | None = None) -> Plan:
     registration self-check, see fdngx.launch.hosts)."""
     check_num_servers(req.num_servers)  # before any engine builds a list per replica
     check_grace(req.grace)
+    check_number("--unhealthy-after", req.unhealthy_after, 0.0, MAX_TIMEOUT)
     if req.restart not in Restart.values():
         raise UsageError(f"--restart must be one of {', '.join(Restart.values())}, got {req.restart!r}")
     if req.dp_mode is not None and req.dp_mode not in DpMode.values():
@@ -166,6 +173,7 @@ def build_plan(req: LaunchRequest, resolve: Resolver | None = None) -> Plan:
         coupled=launched.coupled,
         bind_host=binding.bind,
         warnings=list(binding.warnings),
+        unhealthy_after=req.unhealthy_after,
     )
 
 

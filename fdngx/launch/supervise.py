@@ -5,7 +5,8 @@ stdin (`--detach`). multi_api_server never polls its ranks and orphans them on S
 supervision: every process in its own session, stops by process group, and this process is the
 subreaper of everything below it so nothing escapes to init. Children and how they are stopped:
 fdngx.launch.children; what a death sets off: fdngx.launch.deaths; the inventory and pidfile writes:
-fdngx.launch.books; the pidfile record: fdngx.launch.pidfile; the lock held for its life: fdngx.launch.lock.
+fdngx.launch.books; running ranks lost or back: fdngx.launch.ranks; the pidfile record: fdngx.launch.pidfile;
+the lock held for its life: fdngx.launch.lock.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from fdngx.domain import Restart
 from fdngx.engines import spec as engine_spec
 from fdngx.engines.argv import RANK_PRIVATE_ENV
 from fdngx.errors import FdngxError, LaunchError, os_error_line
@@ -31,16 +31,13 @@ from fdngx.launch.pidfile import LIVE, ChildState, LaunchState, remove_pidfile
 from fdngx.launch.plan import Plan
 from fdngx.launch.probe import Health, HealthState, foreign_listener, health_all, probe_host
 from fdngx.launch.progress import Progress
+from fdngx.launch.ranks import PROBE_EVERY, Ranks, Watch
 from fdngx.system import procs
 
 POLL = 0.25
-# While running, each instance is probed this often; REFUSED_LIMIT refused connections in a row mean the
-# rank is gone even though its process group lives (multi_api_server never notices a dead rank).
-PROBE_EVERY = 2.0
-REFUSED_LIMIT = 3
 
 
-class Supervisor(Books, Deaths):
+class Supervisor(Books, Deaths, Ranks):
     def __init__(self, plan: Plan, out: TextIO | None = None, detached: bool = False,
                  reporter: Reporter | None = None) -> None:
         self.plan = plan
@@ -55,7 +52,7 @@ class Supervisor(Books, Deaths):
         self.health_path = engine_spec(plan.engine).health_path
         self.progress = Progress(list(self.status), self.out, plan.timeout)
         self.stop_signal: int | None = None
-        self.refused = dict.fromkeys(self.status, 0)
+        self.watch = {name: Watch() for name in self.status}
         self.down: set[str] = set()
         self.inventory_written = False
         self.lockless_said = False  # said once that the inventory was written without its lock
@@ -306,40 +303,6 @@ class Supervisor(Books, Deaths):
             elif now - c.started_at > self.plan.timeout:
                 self.progress.say(f"{c.spec.name}: not healthy after {self.plan.timeout:.0f}s; stopping it")
                 changed |= self._died(c, None, now, why=f"not healthy after {self.plan.timeout:.0f}s")
-        return changed
-
-    def _check_ranks(self, now: float) -> bool:
-        """A running process whose instance stopped listening has lost that rank: report it, mark it down,
-        and with --restart on-failure restart the whole process (its ranks fail together)."""
-        running = [c for c in self.children if c.state is ChildState.RUNNING]
-        seen = health_all(self.plan.bind_host, {n: self.by_name[n].port for c in running for n in c.spec.instances},
-                          self.health_path)
-        changed = False
-        for c in running:
-            if c.state is not ChildState.RUNNING:
-                continue  # stopped meanwhile with a coupled rank
-            lost, back = [], []
-            for name in c.spec.instances:
-                h = seen[name]
-                self._note(name, h)
-                self.refused[name] = self.refused[name] + 1 if h.state is HealthState.NOT_LISTENING else 0
-                if self.refused[name] >= REFUSED_LIMIT and name not in self.down:
-                    lost.append(name)
-                elif h.ok and name in self.down:
-                    back.append(name)  # listens again (--restart no, or a rank that came back by itself)
-            if back:
-                self.down.difference_update(back)
-                changed = True
-                self.progress.say(f"{', '.join(back)} of {c.spec.name} (pid {c.pid or '?'}) is healthy again "
-                                  "(/health answers 200)")
-            if not lost:
-                continue
-            self.down.update(lost)
-            changed = True
-            self.progress.say(f"{', '.join(lost)} of {c.spec.name} (pid {c.pid or '?'}) stopped "
-                              f"listening (connection refused {REFUSED_LIMIT} times in a row)")
-            if self.plan.restart is Restart.ON_FAILURE:
-                self._died(c, None, now, why=f"lost {', '.join(lost)}")
         return changed
 
     def _shutdown(self) -> None:

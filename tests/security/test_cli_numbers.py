@@ -116,7 +116,8 @@ FLOAT_OPTIONS = [
     ("sidecar", "--min-hold"), ("sidecar", "--ramp"), ("sidecar", "--refused-grace"), ("sidecar", "--stale-after"),
     ("sidecar", "--registry-grace"),
     ("status", "--timeout"), ("status-watch", "--interval"),
-    ("launch", "--grace"), ("launch", "--timeout"), ("stop", "--grace"), ("drain", "--wait"),
+    ("launch", "--grace"), ("launch", "--timeout"), ("launch", "--unhealthy-after"), ("stop", "--grace"),
+    ("drain", "--wait"),
 ]
 INT_OPTIONS = [
     ("launch-n", "--num-servers"), ("launch", "--base-port"), ("launch", "--metrics-base-port"),
@@ -183,8 +184,8 @@ def test_the_values_at_the_edges_of_each_range_are_taken(fleet: Fleet) -> None:
     """The ranges are not too tight: the documented extremes pass (launch prints its plan, status its table)."""
     launch = fleet.argv("launch")
     argvs = [
-        [*launch, "--grace", "3600", "--timeout", "86400"],
-        [*launch, "--grace", "0", "--timeout", "1"],
+        [*launch, "--grace", "3600", "--timeout", "86400", "--unhealthy-after", "86400"],
+        [*launch, "--grace", "0", "--timeout", "1", "--unhealthy-after", "0"],
         [*fleet.argv("launch-n"), "-n", "2", "--base-port", str(fleet.ports[2]), "--metrics-base-port", "65534"],
         [*fleet.argv("status"), "--timeout", "0.05"],
         [*fleet.argv("status-watch"), "--interval", "0.2", "--history", "10000", "--timeout", "600"],

@@ -30,6 +30,10 @@ SERVER_MODULE = "fastdeploy.entrypoints.openai.api_server"
 DEFAULT_MAX_NUM_SEQS = 8
 # Engine worker queue ports: one per rank, a fixed offset above the API ports (see _queue_ports).
 QUEUE_OFFSET = 2000
+# --per-instance: each api_server's cache queue port, a fixed offset above its API port. Older FastDeploy
+# defaults every server to the same one (fastdeploy/engine/args_utils.py, EngineArgs: `cache_queue_port: int =
+# 8003`; newer builds: "0", a free port), so a second replica with prefix caching on could not start.
+CACHE_QUEUE_OFFSET = 3000
 # Every flag fdngx reads or adds. multi_api_server finds --engine-worker-queue-port by its exact token
 # (fastdeploy/entrypoints/openai/multi_api_server.py, start_servers: `server_args[i] ==
 # "--engine-worker-queue-port"`; newer builds treat --cache-queue-port and --pd-comm-port alike), so the
@@ -72,7 +76,8 @@ def build_launch(req: LaunchRequest) -> Launched:
         _check_independent(args, dp)
     ports = plan_ports(req, metrics_on_api_port=False)
     controller = _controller_ports(req)
-    queue = _queue_ports(req, args, ports.api)
+    queue = _rank_list(req, args, "--engine-worker-queue-port") or _offset_ports(
+        ports.api, QUEUE_OFFSET, "--engine-worker-queue-port", "" if independent else ", or pass it after --")
     # FastDeploy refuses to start on CUDA without CUDA_VISIBLE_DEVICES, so fdngx never guesses.
     slices = gpu_slices(req, tp, required=True)
     fd_log_dir = str(req.log_dir / "fastdeploy")
@@ -120,6 +125,7 @@ def build_launch(req: LaunchRequest) -> Launched:
         instances = make_instances(req, ports, max_num_seqs, [log] * req.num_servers, extra)
         return Launched([proc], instances, queue + controller + more_ports, True)
 
+    cache = _offset_ports(ports.api, CACHE_QUEUE_OFFSET, "--cache-queue-port")
     procs, logs = [], []
     for i in range(req.num_servers):
         name = f"dp{i}"
@@ -129,6 +135,7 @@ def build_launch(req: LaunchRequest) -> Launched:
             "--port", str(ports.api[i]),
             "--metrics-port", str(ports.metrics[i]),
             "--engine-worker-queue-port", str(queue[i]),
+            "--cache-queue-port", str(cache[i]),
             *(["--controller-port", str(controller[i])] if controller else []),
         ]
         env = {"CUDA_VISIBLE_DEVICES": slices[i] or "", "FD_LOG_DIR": f"{fd_log_dir}/{name}"}
@@ -137,7 +144,8 @@ def build_launch(req: LaunchRequest) -> Launched:
         procs.append(ProcSpec(name, argv, env, log, [name], exit_0_fails=True))
         logs.append(log)
     extra = [_controller_extra(controller, i) for i in range(req.num_servers)]
-    return Launched(procs, make_instances(req, ports, max_num_seqs, logs, extra), queue + controller, False)
+    return Launched(procs, make_instances(req, ports, max_num_seqs, logs, extra), queue + cache + controller,
+                    False)
 
 
 def _check_independent(args: list[str], dp: int | None) -> None:
@@ -154,7 +162,8 @@ def _check_independent(args: list[str], dp: int | None) -> None:
     for flag in (*PER_RANK_PORTS, *PER_GPU_PORTS):
         if find_flag(args, flag) is not None:
             raise UsageError(f"engine argument {flag} after -- conflicts with --per-instance: every replica would "
-                             "get the same port; leave it out and each picks a free one")
+                             "get the same port; leave it out (fdngx gives each replica its own cache queue port, "
+                             "and FastDeploy picks the others)")
 
 
 def _controller_ports(req: LaunchRequest) -> list[int]:
@@ -186,19 +195,14 @@ def _rank_list(req: LaunchRequest, args: list[str], flag: str, per_rank: int = 1
     return ports
 
 
-def _queue_ports(req: LaunchRequest, args: list[str], api: list[int]) -> list[int]:
-    """Engine worker queue ports: the user's list (one per rank) or API port + QUEUE_OFFSET.
-
-    Old multi_api_server builds crash when the flag is missing, newer ones pick free ports; fdngx always
-    passes it so the ports are known, checked free beforehand, and stable across restarts.
-    """
-    user = _rank_list(req, args, "--engine-worker-queue-port")
-    if user:
-        return user
-    ports = [p + QUEUE_OFFSET for p in api]
+def _offset_ports(api: list[int], offset: int, flag: str, hint: str = "") -> list[int]:
+    """One port per replica at a fixed offset above its API port: known, checked free beforehand, and stable
+    across restarts (old multi_api_server builds crash without --engine-worker-queue-port, newer ones pick
+    free ports)."""
+    ports = [p + offset for p in api]
     for p in ports:
         if p > 65535:
-            raise UsageError(f"engine worker queue port {p} is out of range: pass --engine-worker-queue-port after --")
+            raise UsageError(f"{flag} {p} (API port + {offset}) is out of range: lower --ports/--base-port{hint}")
     return ports
 
 

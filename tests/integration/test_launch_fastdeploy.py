@@ -12,7 +12,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from fdngx.engines.fastdeploy import QUEUE_OFFSET
+from fdngx.engines.fastdeploy import CACHE_QUEUE_OFFSET, QUEUE_OFFSET
 from tests.integration.test_launch import STARTUP, Launcher, health, ports_free
 from tests.support import free_ports, http_ok, wait_for
 
@@ -30,11 +30,13 @@ def csv(xs: range | list[int]) -> str:
 
 def fastdeploy_args(n: int, *more: str) -> tuple[list[int], list[str]]:
     """(API ports, launch arguments) for n ranks on free ports, the engine worker queue ports too (given after
-    -- for multi_api_server; with --per-instance fdngx takes API port + 2000, so those must be free)."""
+    -- for multi_api_server; with --per-instance fdngx takes API port + 2000 and, for the cache queue, + 3000,
+    so those must be free)."""
     for _ in range(20):
         ports = free_ports(3 * n)
         api, metrics, queue = ports[:n], ports[n : 2 * n], ports[2 * n :]
-        if all(p + QUEUE_OFFSET < 65536 for p in api) and ports_free([p + QUEUE_OFFSET for p in api]):
+        mine = [p + off for p in api for off in (QUEUE_OFFSET, CACHE_QUEUE_OFFSET)]
+        if all(p < 65536 for p in mine) and ports_free(mine):
             break
     tail = [] if "--per-instance" in more else ["--", "--engine-worker-queue-port", csv(queue)]
     return api, ["--engine", "fastdeploy", "-n", str(n), "--gpus", csv(range(n)), "--model", "stub-model",

@@ -113,6 +113,7 @@ def test_fastdeploy_per_instance_slices_gpus_by_tensor_parallel_size() -> None:
     assert p.procs[1].argv == [
         *FD_ONE, "--tensor-parallel-size", "2", "--max-num-seqs", "32", "--model", "M", "--host", "127.0.0.1",
         "--port", "8002", "--metrics-port", "9002", "--engine-worker-queue-port", "10002",
+        "--cache-queue-port", "11002",
     ]  # fmt: skip
     assert [c.env for c in p.procs] == [
         {"CUDA_VISIBLE_DEVICES": "0,1", "FD_LOG_DIR": f"{LOGS}/fastdeploy/dp0"},
@@ -155,6 +156,24 @@ def test_fastdeploy_conflicts_are_clear_usage_errors(extra: list[str], kw: dict,
         plan("fastdeploy", 8, *extra, **args)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_per_instance_gives_each_api_server_its_own_cache_queue_port() -> None:
+    """Older FastDeploy defaults every api_server to cache queue port 8003 (fastdeploy/engine/args_utils.py,
+    EngineArgs.cache_queue_port): with prefix caching on, the second replica could not start. Each gets its
+    API port + 3000, checked free with the other planned ports; a port past 65535 is refused at once."""
+    p = plan("fastdeploy", 3, model="M", gpus=["0", "1", "2"], per_instance=True)
+    cache = [c.argv[c.argv.index("--cache-queue-port") + 1] for c in p.procs]
+    assert cache == ["11001", "11002", "11003"]
+    assert {11001, 11002, 11003} <= set(p.ports)
+    assert all(c.argv.count("--cache-queue-port") == 1 for c in p.procs)
+    with pytest.raises(UsageError) as err:
+        plan("fastdeploy", 2, model="M", gpus=["0", "1"], per_instance=True, ports=[62000, 62536])
+    assert str(err.value) == ("--cache-queue-port 65536 (API port + 3000) is out of range: lower --ports/--base-port")
+    with pytest.raises(UsageError, match="port 11001 is planned twice"):
+        plan("fastdeploy", 2, model="M", gpus=["0", "1"], per_instance=True, metrics_base_port=11001)
+    # multi_api_server (newer builds) fills its per-rank list with free ports: fdngx adds none there.
+    assert "--cache-queue-port" not in one(plan("fastdeploy", 2, model="M", gpus=["0", "1"]))[0]
 
 
 def test_per_instance_refuses_dp_size_and_queue_ports() -> None:

@@ -28,7 +28,7 @@ MULTI_MODULE = "fastdeploy.entrypoints.openai.multi_api_server"
 SERVER_MODULE = "fastdeploy.entrypoints.openai.api_server"
 # FastDeploy's own default when --max-num-seqs is not given.
 DEFAULT_MAX_NUM_SEQS = 8
-# Engine worker queue ports: one per rank, a fixed offset above the API ports (see _queue_ports).
+# Engine worker queue ports: one per rank, a fixed offset above the API ports (see _offset_ports).
 QUEUE_OFFSET = 2000
 # --per-instance: each api_server's cache queue port, a fixed offset above its API port. Older FastDeploy
 # defaults every server to the same one (fastdeploy/engine/args_utils.py, EngineArgs: `cache_queue_port: int =

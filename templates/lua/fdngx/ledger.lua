@@ -110,11 +110,10 @@ function M.reap(dict, pid_alive, keys)
     local taken, dead = 0, {}
     keys = keys or dict:get_keys(0)
     for _, key in ipairs(keys) do
-        local wid, name = key:match("^o:([0-9]+%.[0-9]+):(.+)$")
+        local wid, pid, ms, name = key:match("^o:(([0-9]+)%.([0-9]+)):(.+)$")
         if wid then
             local gone = dead[wid]
             if gone == nil then
-                local pid, ms = wid:match("^([0-9]+)%.([0-9]+)$")
                 gone = dict:get("alive:" .. wid) == nil and not pid_alive(tonumber(pid), tonumber(ms) / 1000)
                 dead[wid] = gone
             end

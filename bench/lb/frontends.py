@@ -198,10 +198,13 @@ class FdngxController(Frontend):
     name = "fdngx-controller"
     extra_warmup = 5.0
 
-    def __init__(self, name: str = "fdngx-controller") -> None:
+    def __init__(self, name: str = "fdngx-controller", render_args: tuple[str, ...] = (),
+                 interval: str = "1") -> None:
         super().__init__()
         self.name = name
         self.metrics_url = ""
+        self.render_args = render_args
+        self.interval = interval
 
     def start(self, cluster: Cluster, workdir: Path, count: int) -> list[str]:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -218,7 +221,7 @@ class FdngxController(Frontend):
             fdngx_cli("render", "-i", str(inv), "--mode", "standalone", "--listen", f"127.0.0.1:{port}",
                       "--out", str(prefix / "nginx.conf"), "--flavor", "openresty", "--admin-listen",
                       f"127.0.0.1:{aport}", "--admin-token-file", str(token), "--access-log", "off",
-                      log=prefix / "render.log")
+                      *self.render_args, log=prefix / "render.log")
             self.procs.append(start_nginx(prefix, port))
             urls.append(f"http://127.0.0.1:{port}")
             admins.append(f"http://127.0.0.1:{aport}")
@@ -226,7 +229,7 @@ class FdngxController(Frontend):
         push_file.write_text("".join(f"{a}\n" for a in admins))
         mport = free_ports(1)[0]
         argv = [sys.executable, "-m", "fdngx", "sidecar", "-i", str(inv), "--flavor", "openresty",
-                "--push-to-file", str(push_file), "--push-token-file", str(token), "--interval", "1",
+                "--push-to-file", str(push_file), "--push-token-file", str(token), "--interval", self.interval,
                 "--metrics-listen", f"127.0.0.1:{mport}", "--state", str(workdir / f"{self.name}.state")]
         proc = procs.spawn(argv, workdir / f"{self.name}.sidecar.log")
         self.procs.append(proc)
@@ -333,6 +336,10 @@ FRONTENDS: dict[str, Callable[[], Frontend]] = {
     # The OpenResty flavor with one controller-mode sidecar for all frontends, in one-frontend scenarios too
     # (not in the default grid).
     "fdngx-controller": FdngxController,
+    # The controller layout with the balancer's p2c pick (two weight-drawn replicas, the less loaded wins) and
+    # with a 0.5 s push interval: against herding of several frontends on one snapshot (not in the grid).
+    "fdngx-controller-p2c": lambda: FdngxController("fdngx-controller-p2c", render_args=("--balancer", "p2c")),
+    "fdngx-controller-fast": lambda: FdngxController("fdngx-controller-fast", interval="0.5"),
     "sglang-rr": lambda: SglangGateway("round_robin"),
     "sglang-p2": lambda: SglangGateway("power_of_two"),
     "sglang-ca": lambda: SglangGateway("cache_aware"),

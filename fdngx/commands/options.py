@@ -91,7 +91,8 @@ AdminTokenFileOpt = typer.Option(
 )
 BalancerOpt = typer.Option(
     Balancer.LEAST, help="openresty: least = least (in-flight + scraped external load) / weight over all replicas; "
-    "p2c = the better of two random replicas (less herding with several frontends)."
+    "p2c = the better of two weight-drawn random replicas (measured: no better than least with 2 frontends, "
+    "worse with 4; docs/benchmarks.md)."
 )
 SpeedAwareOpt = typer.Option(
     None,

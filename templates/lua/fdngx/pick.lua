@@ -32,8 +32,9 @@
 -- ties (an idle pool, or equal loads) go round in nginx's smooth weighted round robin, as nginx's least_conn
 -- spreads them: in proportion to weight, and the peer picked least recently first, so two requests in a row
 -- do not land on one replica while another equal one waits (each worker keeps its own rotation, p.cw).
--- p2c: two distinct peers drawn with probability proportional to weight, the lower score wins; against
--- herding when several frontends act on the same snapshot.
+-- p2c: two distinct peers drawn with probability proportional to weight, the lower score wins (meant
+-- against herding when several frontends act on the same snapshot; measured worse than least there:
+-- docs/benchmarks.md).
 
 local M = {}
 

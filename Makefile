@@ -101,6 +101,7 @@ bench: setup
 	$(BIN)/python -m bench.render
 	$(BIN)/python -m bench.sim_overhead
 	$(BIN)/python -m bench.sidecar_overhead
+	$(BIN)/python -m bench.pick
 	$(BIN)/python -m bench.overhead
 	$(BIN)/python -m bench.lb
 

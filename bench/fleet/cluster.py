@@ -156,12 +156,14 @@ class StaticReplicas(Replicas):
 class Frontends:
     """`count` standalone OpenResty frontends rendered from the inventory, sharing one admin token."""
 
-    def __init__(self, count: int, replicas: Replicas, workdir: Path, token_file: Path) -> None:
+    def __init__(self, count: int, replicas: Replicas, workdir: Path, token_file: Path,
+                 render_args: tuple[str, ...] = ()) -> None:
         if not lua_modules(None):
             raise SystemExit("bench.fleet needs nginx with the Lua module (make nginx)")
         self.procs: list[subprocess.Popen[bytes]] = []
         self.admins: list[Admin] = []
         self.urls: list[str] = []
+        self.site_urls: list[str] = []
         self.dirs: list[Path] = []
         binary = find_nginx()
         try:
@@ -173,7 +175,7 @@ class Frontends:
                 argv = [sys.executable, "-m", "fdngx", "render", "-i", str(replicas.inventory), "--mode",
                         "standalone", "--flavor", "openresty", "--listen", f"127.0.0.1:{port}", "--admin-listen",
                         f"127.0.0.1:{admin_port}", "--admin-token-file", str(token_file), "--access-log", "off",
-                        "--out", str(conf)]
+                        "--out", str(conf), *render_args]
                 run = subprocess.run(argv, capture_output=True, text=True, timeout=120)
                 if run.returncode != 0:
                     raise RuntimeError(f"fdngx render for frontend {j}: {run.stderr.strip()}")
@@ -185,6 +187,7 @@ class Frontends:
                 admin = Admin.from_url(f"http://127.0.0.1:{admin_port}", token_file.read_text().strip(), timeout=10)
                 self.admins.append(admin)
                 self.urls.append(admin.url)
+                self.site_urls.append(f"http://127.0.0.1:{port}")
                 self.dirs.append(d)
         except BaseException:
             self.stop()

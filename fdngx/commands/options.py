@@ -90,7 +90,8 @@ AdminTokenFileOpt = typer.Option(
     "--out).",
 )
 BalancerOpt = typer.Option(
-    Balancer.LEAST, help="openresty: least = least (in-flight + scraped external load) / weight over all replicas; "
+    Balancer.LEAST, help="openresty: least = least (in-flight + scraped external load) / weight over all replicas "
+    "(over 16 drawn at random when more than 64 are usable); "
     "p2c = the better of two weight-drawn random replicas (measured: no better than least with 2 frontends, "
     "worse with 4; docs/benchmarks.md)."
 )

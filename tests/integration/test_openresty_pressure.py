@@ -7,6 +7,7 @@ probe every 0.25 s until lua_max_running_timers dropped the balancer's own timer
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import socket
@@ -19,7 +20,7 @@ import requests
 from fdngx.errors import ApplyError
 from fdngx.nginx.generation import next_generation
 from tests.integration.lua_site import LuaSite, needs_lua
-from tests.support import free_ports, wait_for
+from tests.support import Backends, free_ports, wait_for
 
 pytestmark = needs_lua
 
@@ -223,3 +224,25 @@ def test_a_reload_onto_the_older_layout_keeps_the_snapshot_in_force(tmp_path: Pa
     finally:
         site.stop()
 
+
+
+def test_a_pool_over_64_replicas_picks_among_a_sample_and_serves_every_replica(tmp_path: Path) -> None:
+    """Above fdngx.pick.SAMPLE_ABOVE usable replicas a pick reads 16 drawn at random, not every replica's count
+    (the rule and its spread: tests/lua/test_pick.lua; the cost: python -m bench.pick). In the real nginx: 80
+    replicas pushed, every request answered by one of them, the draws reaching nearly all."""
+    site = LuaSite(tmp_path, 2, delay=0.0)
+    extra = Backends(free_ports(78), [f"x{i}" for i in range(78)])
+    try:
+        names = [*site.names, *extra.names]
+        ports = [*(site.ports[n] for n in site.names), *extra.ports]
+        body = "\n".join([f"generation {next_generation()}",
+                          *(f"peer {n} 127.0.0.1 {p} 10 0 64 0.000" for n, p in zip(names, ports, strict=True))])
+        assert site.admin.push(body + "\n").status == "ok"
+        wait_for(lambda: site.one() in extra.names, 10, what="the pushed replicas in the picks")
+        got = collections.Counter(site.one() for _ in range(400))
+        assert set(got) <= set(names), got  # no error, no 503
+        assert len(got) >= 70, f"{len(got)} of 80 replicas answered 400 sequential requests"
+        assert "[error]" not in site.error_log() and "[crit]" not in site.error_log()
+    finally:
+        extra.stop()
+        site.stop()

@@ -191,4 +191,59 @@ return {
             t.eq(pick.choose(mode, list, { p1 = true, p3 = true }, none, zero, math.random, {}, not_out), nil)
         end
     end,
+
+    ["a large pool: least among 16 drawn, each drawn once; up to 64 every load is read"] = function(t)
+        math.randomseed(7)
+        t.eq(pick.SAMPLE_ABOVE, 64)
+        t.eq(pick.SAMPLE, 16)
+        for _, n in ipairs({ 3, 64, 65, 1000, 5000 }) do
+            local list = peers({})
+            for i = 1, n do list[i] = { name = "p" .. i, weight = 20, ext = 0 } end
+            local reads, seen = 0, {}
+            local function load(p)
+                reads = reads + 1
+                t.ok(not seen[p.name], "each candidate read once")
+                seen[p.name] = true
+                return 1
+            end
+            t.ok(pick.choose("least", list, {}, yes, load, math.random, {}) ~= nil, "a pick")
+            t.eq(reads, n > 64 and 16 or n)
+        end
+    end,
+
+    ["sample: d distinct candidates in front, the rest kept (a permutation), any of them drawable"] = function(t)
+        math.randomseed(3)
+        local drawn = {}
+        for _ = 1, 400 do
+            local cands = {}
+            for i = 1, 100 do cands[i] = { name = i } end
+            t.eq(pick.sample(cands, 100, 16, math.random), 16)
+            local names = {}
+            for i = 1, 100 do
+                t.ok(not names[cands[i].name], "no candidate twice")
+                names[cands[i].name] = true
+            end
+            for i = 1, 16 do drawn[cands[i].name] = true end
+        end
+        for i = 1, 100 do t.ok(drawn[i], "candidate " .. i .. " drawn at least once in 400 picks") end
+        -- the float edge: a rand() of just below 1 still lands inside
+        local cands = { { name = 1 }, { name = 2 }, { name = 3 } }
+        pick.sample(cands, 3, 3, function() return 0.9999999999999999 end)
+        t.ok(cands[1] and cands[2] and cands[3], "no hole")
+    end,
+
+    ["a large pool stays balanced, by weight: requests that never end, least of 16 drawn"] = function(t)
+        -- 1,000 peers, the odd ones of twice the weight; 15,000 requests (10 per unit of weight share)
+        local list = {}
+        for i = 1, 1000 do list[i] = { name = "p" .. i, weight = i % 2 == 1 and 20 or 10, ext = 0 } end
+        local counts = fill("least", list, 15000, 11)
+        local lo, hi = { math.huge, math.huge }, { 0, 0 }
+        for i = 1, 1000 do
+            local c, k = counts["p" .. i] or 0, i % 2 + 1 -- k 2: odd (weight 20), 1: even (weight 10)
+            lo[k], hi[k] = math.min(lo[k], c), math.max(hi[k], c)
+        end
+        -- all of them: weight 20 -> 20 each, weight 10 -> 10 each; the least of all gives exactly that
+        t.ok(lo[2] >= 19 and hi[2] <= 21, "weight 20: " .. lo[2] .. ".." .. hi[2])
+        t.ok(lo[1] >= 9 and hi[1] <= 11, "weight 10: " .. lo[1] .. ".." .. hi[1])
+    end,
 }

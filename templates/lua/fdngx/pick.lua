@@ -28,10 +28,17 @@
 -- External load counts in whole requests (M.external), like the in-flight count: a fraction is scrape
 -- timing (a request that ended between the scrape and the push), and it would break every tie.
 --
--- least: the lowest score over every usable peer (nginx's weighted least_conn, plus the external load);
+-- least: the lowest score over every usable peer (nginx's weighted least_conn, plus the external load;
+-- over SAMPLE of them in a large pool, below);
 -- ties (an idle pool, or equal loads) go round in nginx's smooth weighted round robin, as nginx's least_conn
 -- spreads them: in proportion to weight, and the peer picked least recently first, so two requests in a row
 -- do not land on one replica while another equal one waits (each worker keeps its own rotation, p.cw).
+-- A large pool (more than SAMPLE_ABOVE usable candidates): least among SAMPLE of them drawn at random, not
+-- over all. Every candidate's load is a shared-dict read, so a pick over all of them cost a request about
+-- 1 ms more at 1,000 replicas and 7 ms at 5,000 (docs/controller.md); the least of 16 random ones is as good
+-- as the least of all for a large fleet ("power of d choices": with d = 16 a full replica is picked only
+-- when all 16 drawn are fuller) and costs the same at any size. Uniform draws: the score divides by weight,
+-- so a replica with twice the weight still takes twice the requests.
 -- p2c: two distinct peers drawn with probability proportional to weight, the lower score wins (meant
 -- against herding when several frontends act on the same snapshot; measured worse than least there:
 -- docs/benchmarks.md).
@@ -41,6 +48,8 @@ local M = {}
 local floor = math.floor
 
 M.STALE_AFTER = 10.0
+M.SAMPLE_ABOVE = 64
+M.SAMPLE = 16
 M.FULL = 1e7
 local EPS = 1e-9
 
@@ -122,6 +131,17 @@ function M.p2c(cands, n, load, rand)
     return pb, sb
 end
 
+-- Move `d` of the first `n` candidates, drawn uniformly without replacement, to the front (a partial
+-- Fisher-Yates shuffle); returns d.
+function M.sample(cands, n, d, rand)
+    for i = 1, d do
+        local j = i + floor(rand() * (n - i + 1))
+        if j > n then j = n end -- rand() is below 1; guard the float edge anyway
+        cands[i], cands[j] = cands[j], cands[i]
+    end
+    return d
+end
+
 -- Copy into `out` the peers not yet tried by this request for which ok(p) holds; returns how many.
 function M.candidates(peers, tried, ok, out)
     local n = 0
@@ -144,6 +164,7 @@ function M.choose(mode, peers, tried, usable, load, rand, scratch, fallback)
     if n == 0 and fallback then n = M.candidates(peers, tried, fallback, scratch) end
     if n == 0 then return nil end
     if mode == "p2c" then return M.p2c(scratch, n, load, rand) end
+    if n > M.SAMPLE_ABOVE then n = M.sample(scratch, n, M.SAMPLE, rand) end
     return M.least(scratch, n, load, rand)
 end
 

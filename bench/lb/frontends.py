@@ -337,7 +337,8 @@ FRONTENDS: dict[str, Callable[[], Frontend]] = {
     # (not in the default grid).
     "fdngx-controller": FdngxController,
     # The controller layout with the balancer's p2c pick (two weight-drawn replicas, the less loaded wins) and
-    # with a 0.5 s push interval: against herding of several frontends on one snapshot (not in the grid).
+    # with a 0.5 s push interval: tried against herding of several frontends on one snapshot, and neither helps
+    # (docs/benchmarks.md, "Several frontends at 5 repeats"; not in the grid).
     "fdngx-controller-p2c": lambda: FdngxController("fdngx-controller-p2c", render_args=("--balancer", "p2c")),
     "fdngx-controller-fast": lambda: FdngxController("fdngx-controller-fast", interval="0.5"),
     "sglang-rr": lambda: SglangGateway("round_robin"),

@@ -57,6 +57,7 @@ def nginx_version() -> str:
     return run.stderr.strip().removeprefix("nginx version: ")
 
 
+MAX_SIZE = 3000  # 2 listening ports per replica in one nginx (bench.fleet.STATIC_CONF: 8192 connections)
 BLOCK = 250  # requests to one frontend before the other takes its turn
 
 
@@ -80,13 +81,14 @@ def cell(n: int, variants: dict[str, tuple[str, ...]], count: int, workdir: Path
     token = make_token(d / "token")
     replicas = StaticReplicas(n, d)
     running: dict[str, Frontends] = {}
+    sessions: dict[str, requests.Session] = {}
     rows = []
     try:
         for label, args in variants.items():
             fd = d / re.sub(r"\W+", "-", label)
             fd.mkdir()
             running[label] = Frontends(1, replicas, fd, token, render_args=args)
-        sessions = {label: requests.Session() for label in running}
+        sessions.update((label, requests.Session()) for label in running)
         urls = {label: f.site_urls[0] + "/v1/models" for label, f in running.items()}
         times: dict[str, list[float]] = {label: [] for label in running}
         for label in running:
@@ -95,13 +97,14 @@ def cell(n: int, variants: dict[str, tuple[str, ...]], count: int, workdir: Path
             for label in running:
                 times[label] += timed(sessions[label], urls[label], min(BLOCK, count - len(times[label])))
         for label, t in times.items():
-            sessions[label].close()
             q = statistics.quantiles(t, n=100)
             rows.append({"replicas": n, "balancer": label, "requests": count,
                          "p50_ms": statistics.median(t) * 1000, "p99_ms": q[98] * 1000})
             print(f"{n:5d} replicas, {label:20s}: p50 {rows[-1]['p50_ms']:.3f} ms, p99 {rows[-1]['p99_ms']:.3f} ms",
                   flush=True)
     finally:
+        for s in sessions.values():
+            s.close()
         for f in running.values():
             f.stop()
         replicas.stop()
@@ -114,7 +117,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=5000, help="measured requests per cell (default %(default)s)")
     ap.add_argument("--out", type=Path, default=Path("bench/results"), help="where pick.json goes")
     args = ap.parse_args(argv)
-    sizes = [int(x) for x in args.sizes.split(",")]
+    try:
+        sizes = [int(x) for x in args.sizes.split(",")]
+    except ValueError:
+        ap.error(f"--sizes {args.sizes!r}: replica counts, comma-separated (e.g. 2,1000)")
+    if not sizes or min(sizes) < 1 or max(sizes) > MAX_SIZE:
+        ap.error(f"--sizes {args.sizes!r}: each from 1 to {MAX_SIZE} (the static replicas' nginx listens on 2 ports "
+                 "per replica)")
+    if args.requests < 100:
+        ap.error(f"--requests {args.requests}: at least 100")
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     workdir = Path(tempfile.mkdtemp(prefix="fdngx-bench-pick-"))
     try:

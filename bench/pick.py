@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results"), help="where pick.json goes")
     args = ap.parse_args(argv)
     try:
-        sizes = [int(x) for x in args.sizes.split(",")]
+        sizes = sorted({int(x) for x in args.sizes.split(",")})
     except ValueError:
         ap.error(f"--sizes {args.sizes!r}: replica counts, comma-separated (e.g. 2,1000)")
     if not sizes or min(sizes) < 1 or max(sizes) > MAX_SIZE:

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +32,7 @@ from typing import Any
 import requests
 
 from bench.fleet.cluster import Frontends, StaticReplicas, make_token
-from fdngx.nginx.control import find_nginx
+from bench.lb import procs
 from fdngx.nginx.render import builtin_template_dir
 
 SHIPPED, FULL = "sampled (as shipped)", "every replica read"
@@ -50,11 +48,6 @@ def full_scan_templates(root: Path) -> Path:
     (d / "lua" / "fdngx").mkdir(parents=True)
     (d / "lua" / "fdngx" / "pick.lua").write_text(patched)
     return d
-
-
-def nginx_version() -> str:
-    run = subprocess.run([find_nginx(), "-v"], capture_output=True, text=True, timeout=10)
-    return run.stderr.strip().removeprefix("nginx version: ")
 
 
 MAX_SIZE = 3000  # 2 listening ports per replica in one nginx (bench.fleet.STATIC_CONF: 8192 connections)
@@ -143,8 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {n:5d} replicas: sampled / every replica read = {by[SHIPPED] / by[FULL]:.2f}")
     args.out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python -m bench.pick", *(argv if argv is not None else sys.argv[1:])])
-    meta = {"started": started, "command": command,
-            "cpus": os.cpu_count(), "nginx": nginx_version()}
+    meta = {"started": started, "command": command, "machine": procs.machine()}
     (args.out / "pick.json").write_text(json.dumps({"meta": meta, "rows": rows, "sizes": sizes}, indent=1) + "\n")
 
 

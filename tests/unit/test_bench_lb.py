@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -242,3 +243,42 @@ def test_targets_say_how_sure_a_ratio_is_when_given_resamples() -> None:
     assert lines["p99 TTFT vs nginx-lc"]["verdict"] == "undecided"
     assert "verdict" not in lines["throughput vs nginx-lc"]
     assert all("verdict" not in t for t in report.targets(agg)), "without resamples, the medians alone"
+
+
+def _run(frontend: str, rep: int, rows: list[list]) -> dict:
+    ttfts = [r[4] for r in rows if r[1] >= 0 and r[4] is not None]
+    return {"scenario": "external", "frontend": frontend, "rep": rep, "records": {"rows": rows},
+            "frontend_summary": {"ttft_p99": percentile(ttfts, 99)}}
+
+
+def test_compare_pairs_the_cells_and_says_where_a_tail_was_served(tmp_path) -> None:
+    # "b" is sent the same requests as "a" and answers each 1.2x slower; its slowest requests are the ones it
+    # sent to replica 2 (every 10th of a second's 30), a's are spread. Client requests (route -1) count nowhere.
+    from bench.lb import compare
+
+    runs = []
+    for rep in range(3):
+        a = _rows(random.Random(rep), 20, slow_every=7)
+        for i, row in enumerate(a):
+            row[6] = i % 3
+        b = [[*row[:4], row[4] * 1.2 + (5.0 if row[6] == 2 and i % 10 == 0 else 0.0), *row[5:]]
+             for i, row in enumerate(a)]
+        client = [[0.5, -1, 200, "", 60.0, 60.0, 0]]
+        runs += [_run("a", rep, a + client), _run("b", rep, b + client)]
+    text = compare.compare(runs, ["a"], with_where=True)
+    lines = {line.split()[0]: line for line in text.splitlines()[1:]}
+    assert text.splitlines()[0] == "## external" and list(lines) == ["a", "b"], text
+    assert "vs a" in lines["b"] and "vs a" not in lines["a"]
+    ratio = float(lines["b"].split("vs a ")[1].split()[0])
+    assert ratio > 1.2, lines["b"]
+    share, tail = compare.where([r for r in runs if r["frontend"] == "b"])
+    assert share == pytest.approx([1 / 3] * 3, abs=0.01)
+    assert tail[2] == sum(tail) == len([1 for r in runs for row in r["records"]["rows"]
+                                        if r["frontend"] == "b" and row[1] >= 0]) // 100
+    # a run directory as bench.lb writes it, and one with no runs
+    (tmp_path / "runs").mkdir()
+    for r in runs:
+        (tmp_path / "runs" / f"{r['scenario']}__{r['frontend']}__r{r['rep']}.json").write_text(json.dumps(r))
+    assert len(compare.load_runs(tmp_path)) == len(compare.load_runs(tmp_path / "runs")) == 6
+    with pytest.raises(SystemExit, match="no run files"):
+        compare.load_runs(tmp_path / "empty")

@@ -1,0 +1,84 @@
+"""Frontends side by side in one run: the numbers a results README cites, from the run's own records.
+
+    python -m bench.lb.compare bench/results/external-variants/margin --against oracle,fdngx-recommended
+
+DIR is a `python -m bench.lb --out` directory (or its runs/). Per scenario, one line per frontend, lowest
+pooled p99 first: p99 TTFT as the median of the repeats, pooled (all repeats' requests together) and per
+window; the pooled ratio to each --against frontend with its 95 % interval (the same paired block resamples
+as the report's targets, so cells sent the same requests stay paired); with --where, the frontend's share of
+its requests per replica and how many of its slowest 1 % each replica served (where a tail comes from: the
+replica clients load directly, or the others).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from bench.lb.report import _blocks, _group
+from bench.lb.stats import bootstrap_tails, median_spread, percentile, ratio_interval
+
+
+def load_runs(path: Path) -> list[dict[str, Any]]:
+    """Every run file of a bench.lb output directory (or of its runs/ directory itself)."""
+    runs = path / "runs" if (path / "runs").is_dir() else path
+    files = sorted(runs.glob("*__*__r*.json"))
+    if not files:
+        raise SystemExit(f"{path}: no run files (<scenario>__<frontend>__r<rep>.json) here or in runs/")
+    return [json.loads(f.read_text()) for f in files]
+
+
+def where(runs: list[dict[str, Any]], top: float = 0.01) -> tuple[list[float], list[int]]:
+    """The frontend's completed requests over all repeats: its share per replica, and per replica how many of
+    the slowest `top` of them it served."""
+    rows = [r for run in runs for r in run["records"]["rows"] if r[1] >= 0 and not r[3] and r[4] is not None]
+    if not rows:
+        return [], []
+    n_replicas = max(int(r[6]) for r in rows) + 1
+    rows.sort(key=lambda r: r[4])
+    slow = rows[int(len(rows) * (1 - top)):]
+    served, tail = Counter(int(r[6]) for r in rows), Counter(int(r[6]) for r in slow)
+    return [served[i] / len(rows) for i in range(n_replicas)], [tail[i] for i in range(n_replicas)]
+
+
+def compare(results: list[dict[str, Any]], against: list[str], with_where: bool = False) -> str:
+    """The comparison as text, one block per scenario."""
+    out: list[str] = []
+    for scenario, fes in _group(results).items():
+        cells = {f: _blocks(runs) for f, runs in fes.items()}
+        boots = bootstrap_tails(cells)
+        pooled = {f: percentile([x for b in blocks.values() for x in b], 99) * 1000 for f, blocks in cells.items()}
+        out.append(f"## {scenario}")
+        for f in sorted(fes, key=lambda f: (pooled[f], f)):
+            runs = sorted(fes[f], key=lambda r: r.get("rep", 0))
+            med = median_spread(r["frontend_summary"]["ttft_p99"] for r in runs)[0] * 1000
+            windows = " ".join(f"{r['frontend_summary']['ttft_p99'] * 1000:.0f}" for r in runs)
+            parts = [f"{f:28s} n={len(runs)} median {med:5.0f} pooled {pooled[f]:5.0f} ms | windows {windows}"]
+            for ref in against:
+                if ref in cells and ref != f:
+                    lo, hi = ratio_interval(boots[f], boots[ref])
+                    parts.append(f"vs {ref} {pooled[f] / pooled[ref]:.2f} [{lo:.2f}-{hi:.2f}]")
+            if with_where:
+                share, tail = where(runs)
+                parts.append("share " + " ".join(f"{s:.3f}" for s in share) + " | slowest 1 % "
+                             + " ".join(str(t) for t in tail))
+            out.append(" | ".join(parts))
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.lb.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("dir", type=Path, help="a bench.lb --out directory, or its runs/")
+    p.add_argument("--against", default="oracle,nginx-lc,sglang-ca",
+                   help="frontends every other one is compared with (comma list; those not in the run are skipped)")
+    p.add_argument("--where", action="store_true",
+                   help="also each frontend's share per replica and where its slowest 1 %% of requests were served")
+    args = p.parse_args()
+    print(compare(load_runs(args.dir), [a for a in args.against.split(",") if a], args.where))
+
+
+if __name__ == "__main__":
+    main()

@@ -38,6 +38,7 @@ FOREIGN_OPTIONS = {
     "--metrics-port", "--splitwise", "--router", "--max-num-seqs", "--port",  # FastDeploy's own flags
     "--engine-worker-queue-port",  # FastDeploy's too (the guide's port planning)
     "--all-cells", "--keep-logs", "--quick", "--scenario", "--frontend", "--reps",  # python -m bench.lb
+    "--against", "--where",  # python -m bench.lb.compare
     "--dp-size", "--enable-dp-attention", "--enable-metrics-for-all-schedulers", "--pp-size",  # SGLang (server_args.py)
     "--enable-priority-scheduling",  # SGLang too
 }

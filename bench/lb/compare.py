@@ -18,8 +18,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.lb.report import _blocks, _group
-from bench.lb.stats import bootstrap_tails, median_spread, percentile, ratio_interval
+from bench.lb.report import _group, aggregate, tails
+from bench.lb.stats import ratio, ratio_interval
 
 
 def load_runs(path: Path) -> list[dict[str, Any]]:
@@ -45,22 +45,22 @@ def where(runs: list[dict[str, Any]], top: float = 0.01) -> tuple[list[float], l
 
 
 def compare(results: list[dict[str, Any]], against: list[str], with_where: bool = False) -> str:
-    """The comparison as text, one block per scenario."""
+    """The comparison as text, one block per scenario: the report's own aggregates (median and pooled p99) and
+    paired resamples (report.tails), side by side."""
+    agg, boots, groups = aggregate(results), tails(results), _group(results)
     out: list[str] = []
-    for scenario, fes in _group(results).items():
-        cells = {f: _blocks(runs) for f, runs in fes.items()}
-        boots = bootstrap_tails(cells)
-        pooled = {f: percentile([x for b in blocks.values() for x in b], 99) * 1000 for f, blocks in cells.items()}
+    for scenario, row in agg.items():
         out.append(f"## {scenario}")
-        for f in sorted(fes, key=lambda f: (pooled[f], f)):
-            runs = sorted(fes[f], key=lambda r: r.get("rep", 0))
-            med = median_spread(r["frontend_summary"]["ttft_p99"] for r in runs)[0] * 1000
+        for f in sorted(row, key=lambda f: (row[f]["ttft_p99_pooled"], f)):
+            runs = sorted(groups[scenario][f], key=lambda r: r.get("rep", 0))
+            pooled = row[f]["ttft_p99_pooled"]
             windows = " ".join(f"{r['frontend_summary']['ttft_p99'] * 1000:.0f}" for r in runs)
-            parts = [f"{f:28s} n={len(runs)} median {med:5.0f} pooled {pooled[f]:5.0f} ms | windows {windows}"]
+            parts = [f"{f:28s} n={len(runs)} median {row[f]['ttft_p99'][0] * 1000:5.0f} pooled {pooled * 1000:5.0f} ms"
+                     f" | windows {windows}"]
             for ref in against:
-                if ref in cells and ref != f:
-                    lo, hi = ratio_interval(boots[f], boots[ref])
-                    parts.append(f"vs {ref} {pooled[f] / pooled[ref]:.2f} [{lo:.2f}-{hi:.2f}]")
+                if ref in row and ref != f:
+                    lo, hi = ratio_interval(boots[scenario][f], boots[scenario][ref])
+                    parts.append(f"vs {ref} {ratio(pooled, row[ref]['ttft_p99_pooled']):.2f} [{lo:.2f}-{hi:.2f}]")
             if with_where:
                 share, tail = where(runs)
                 parts.append("share " + " ".join(f"{s:.3f}" for s in share) + " | slowest 1 % "

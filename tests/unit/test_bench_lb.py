@@ -246,9 +246,12 @@ def test_targets_say_how_sure_a_ratio_is_when_given_resamples() -> None:
 
 
 def _run(frontend: str, rep: int, rows: list[list]) -> dict:
+    # the fields bench.lb.report.aggregate reads, as runner.py writes them
     ttfts = [r[4] for r in rows if r[1] >= 0 and r[4] is not None]
+    summary = {"ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99), "e2e_p99": 1.0,
+               "throughput": 30.0, "errors": 0, "unexpected_errors": 0, "share": [1 / 3] * 3}
     return {"scenario": "external", "frontend": frontend, "rep": rep, "records": {"rows": rows},
-            "frontend_summary": {"ttft_p99": percentile(ttfts, 99)}}
+            "frontend_summary": summary, "all_summary": {"share": [1 / 3] * 3}, "cpu": {}, "saturation": []}
 
 
 def test_compare_pairs_the_cells_and_says_where_a_tail_was_served(tmp_path) -> None:

@@ -187,6 +187,9 @@ def test_files_it_cannot_write_are_said_once_and_retried_and_stop_nothing(launch
     launcher.inv.unlink()  # the link: the inventory was retried at every loop meanwhile, and can be written now
     wait_for(lambda: [i["status"] for i in launcher.inventory()["instances"]] == ["exited", "running"], timeout=30,
              what="the inventory written again")  # fmt: skip
+    # the file is in place a moment before the launcher says so (books.py: written, then said)
+    again = (f"fdngx: {launcher.inv}: written again", f"fdngx: {launcher.pidfile}: written again")
+    wait_for(lambda: all(line in err.read_text() for line in again), timeout=10, what="'written again' said for both")
     text = err.read_text()
     assert text.count(f"warning: {launcher.inv}: not written") == 1, text
     assert text.count(f"warning: {launcher.pidfile}: not written") == 1, text

@@ -2,7 +2,9 @@
 
     python -m bench.lb.compare bench/results/external-variants/margin --against oracle,fdngx-recommended
 
-DIR is a `python -m bench.lb --out` directory (or its runs/). Per scenario, one line per frontend, lowest
+DIR is a `python -m bench.lb --out` directory (or its runs/); several DIRs (whole runs of the same code, e.g.
+two full grids) are pooled as one run with more repeats, each directory's repeats numbered after the last's,
+so their blocks stay apart in the resamples. Per scenario, one line per frontend, lowest
 pooled p99 first: p99 TTFT as the median of the repeats, pooled (all repeats' requests together) and per
 window; the pooled ratio to each --against frontend with its 95 % interval (the same paired block resamples
 as the report's targets, so cells sent the same requests stay paired); with --where, the frontend's share of
@@ -29,6 +31,17 @@ def load_runs(path: Path) -> list[dict[str, Any]]:
     if not files:
         raise SystemExit(f"{path}: no run files (<scenario>__<frontend>__r<rep>.json) here or in runs/")
     return [json.loads(f.read_text()) for f in files]
+
+
+def load_dirs(paths: list[Path]) -> list[dict[str, Any]]:
+    """The runs of several directories as one: each directory's repeats renumbered after the previous one's
+    highest, so no two windows share a repeat number (the resamples draw whole seconds of one repeat)."""
+    out: list[dict[str, Any]] = []
+    for path in paths:
+        runs = load_runs(path)
+        base = max((r.get("rep", 0) for r in out), default=-1) + 1
+        out += [r | {"rep": base + r.get("rep", 0)} for r in runs]
+    return out
 
 
 def where(runs: list[dict[str, Any]], top: float = 0.01) -> tuple[list[float], list[int]]:
@@ -71,13 +84,14 @@ def compare(results: list[dict[str, Any]], against: list[str], with_where: bool 
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.lb.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("dir", type=Path, help="a bench.lb --out directory, or its runs/")
+    p.add_argument("dirs", type=Path, nargs="+", metavar="DIR",
+                   help="a bench.lb --out directory, or its runs/; several are pooled as one run")
     p.add_argument("--against", default="oracle,nginx-lc,sglang-ca",
                    help="frontends every other one is compared with (comma list; those not in the run are skipped)")
     p.add_argument("--where", action="store_true",
                    help="also each frontend's share per replica and where its slowest 1 %% of requests were served")
     args = p.parse_args()
-    print(compare(load_runs(args.dir), [a for a in args.against.split(",") if a], args.where))
+    print(compare(load_dirs(args.dirs), [a for a in args.against.split(",") if a], args.where))
 
 
 if __name__ == "__main__":

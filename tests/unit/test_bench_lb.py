@@ -285,3 +285,7 @@ def test_compare_pairs_the_cells_and_says_where_a_tail_was_served(tmp_path) -> N
     assert len(compare.load_runs(tmp_path)) == len(compare.load_runs(tmp_path / "runs")) == 6
     with pytest.raises(SystemExit, match="no run files"):
         compare.load_runs(tmp_path / "empty")
+    # two directories pooled: the second one's repeats numbered after the first's, so six windows, not three
+    pooled = compare.load_dirs([tmp_path, tmp_path / "runs"])
+    assert sorted(r["rep"] for r in pooled if r["frontend"] == "a") == [0, 1, 2, 3, 4, 5]
+    assert " n=6 " in compare.compare(pooled, ["a"]).splitlines()[1]

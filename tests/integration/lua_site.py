@@ -4,6 +4,7 @@ in front of tiny backends: one process per backend, so a test can kill and resta
 from __future__ import annotations
 
 import collections
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import requests
 from fdngx.domain import Listen
 from fdngx.nginx.admin import Admin
 from fdngx.nginx.openresty import lua_modules
-from tests.support import Backends, Nginx, fdngx, free_ports, write_inventory
+from tests.support import Backends, Nginx, fdngx, free_ports, stop_process_group, write_inventory
 
 needs_lua = [
     pytest.mark.nginx,
@@ -97,6 +98,11 @@ http {{
 
     def stop_backend(self, name: str) -> None:
         self.backends.pop(name).stop()
+
+    def kill_backend(self, name: str) -> None:
+        """SIGKILL: the process and its open connections go at once. A SIGTERM waits for the backend's handler,
+        which on a loaded machine can run after the requests it was to cut have been answered."""
+        stop_process_group(self.backends.pop(name).proc, sig=signal.SIGKILL)
 
     # -- traffic and the balancer's view -------------------------------------------------------------------
 

@@ -244,7 +244,7 @@ def test_a_replica_killed_with_requests_waiting_is_back_on_its_first_200_after_t
         with ThreadPoolExecutor(10) as pool:
             answers = [pool.submit(site.one, 30) for _ in range(10)]
             wait_for(lambda: site.inflight()["b1"] >= 4, 10, what="requests waiting on b1")
-            site.stop_backend("b1")
+            site.kill_backend("b1")  # while they wait (2 s): each of them fails
             wait_for(lambda: site.view()["b1"]["health"] == "out", 10, what="b1 out")
             assert {a.result() for a in answers} == {"b0"}  # each retried on b0
         assert site.view()["b1"]["level"] == "1"  # one episode, however many requests failed in it

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -121,8 +122,8 @@ class Backends:
             self.stop()
             raise
 
-    def stop(self) -> None:
-        stop_process_group(self.proc)
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        stop_process_group(self.proc, sig=sig)
 
     def __enter__(self) -> Backends:
         return self

@@ -14,7 +14,7 @@ import requests
 from fdngx.domain import Listen
 from fdngx.nginx.admin import Admin
 from fdngx.nginx.openresty import lua_modules
-from tests.support import Backends, Nginx, fdngx, free_ports, stop_process_group, write_inventory
+from tests.support import Backends, Nginx, fdngx, free_ports, write_inventory
 
 needs_lua = [
     pytest.mark.nginx,
@@ -102,7 +102,7 @@ http {{
     def kill_backend(self, name: str) -> None:
         """SIGKILL: the process and its open connections go at once. A SIGTERM waits for the backend's handler,
         which on a loaded machine can run after the requests it was to cut have been answered."""
-        stop_process_group(self.backends.pop(name).proc, sig=signal.SIGKILL)
+        self.backends.pop(name).stop(signal.SIGKILL)
 
     # -- traffic and the balancer's view -------------------------------------------------------------------
 

@@ -263,8 +263,9 @@ class Fanout:
         self._workers.close()
 
 
-# A frontend whose Lua parser predates the snapshot's `upstream` line (fdngx.nginx.openresty) refuses it whole.
-_OLDER_FRONTEND = 'unknown line "upstream '
+# A frontend whose Lua parser predates the snapshot's `upstream` or `frontends` line (fdngx.nginx.openresty)
+# refuses it whole, naming the line.
+_NEWER_LINES = ("upstream", "frontends")
 
 
 def _push_one(f: _Frontend, text: str) -> PushOutcome:
@@ -273,8 +274,8 @@ def _push_one(f: _Frontend, text: str) -> PushOutcome:
         result = f.admin.push(text)
     except FdngxError as exc:  # AdminUnreachable included; a frontend of another upstream (409) too
         error = _short(exc)
-        if _OLDER_FRONTEND in error:
-            error += (" (this frontend runs an fdngx older than this controller's, which cannot take the upstream "
+        if (line := next((w for w in _NEWER_LINES if f'unknown line "{w} ' in error), None)) is not None:
+            error += (f" (this frontend runs an fdngx older than this controller's, which cannot take the {line} "
                       "line: upgrade the frontends first, then re-render and reload them: docs/controller.md)")
         return PushOutcome(f.label, "failed", time.monotonic() - t0, error=error, url=f.spec.url)
     except Exception as exc:  # a bug in one push must not take the cycle down

@@ -7,6 +7,7 @@ addresses, capacity), their weights, down states and scraped load reach the Lua 
 
     generation <n>
     upstream <name>             (the frontend refuses a snapshot for another upstream: 409)
+    frontends <n>               (a controller's: how many frontends take this snapshot; 1 when not said)
     peer <name> <host> <port> <weight> <down 0|1> <capacity> <load>
     empty                       (instead of any peer: no replica yet, nginx answers 503; registry mode)
 
@@ -21,7 +22,8 @@ older one when the newest was not pushed again for fdngx.store.SILENT_AFTER (its
 
 The `upstream` line is new (2026-12-07): a frontend rendered by an older fdngx (0.3.0 before it) refuses a
 snapshot carrying it (400 "unknown line"), so frontends are upgraded before their controllers
-(docs/controller.md); a snapshot without it (an older pusher's, an older peers file) is taken unchecked."""
+(docs/controller.md); a snapshot without it (an older pusher's, an older peers file) is taken unchecked. So
+is the `frontends` line (2026-12-07, written only by a controller pushing to more than one frontend)."""
 
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from pathlib import Path
 from fdngx.domain import Instance, Inventory, LoadSample, ServerState, group_address, is_ip, natural_key
 from fdngx.errors import ApplyError
 from fdngx.nginx.generation import from_the_future, next_generation
+from fdngx.nginx.pushfile import MAX_FRONTENDS  # fdngx.peers' MAX_FRONTENDS too
 from fdngx.system.files import atomic_write, check_private, read_bytes_or_none, real_target
 
 DEBIAN_MODULES = (
@@ -122,16 +125,21 @@ class Peer:
         return f"peer {self.name} {self.host} {self.port} {weight} {1 if self.down else 0} {capacity} {load:.3f}\n"
 
 
-def snapshot(generation: int, peers: list[Peer], upstream: str = "") -> str:
+def snapshot(generation: int, peers: list[Peer], upstream: str = "", frontends: int = 1) -> str:
     """A whole snapshot: the text the peers file holds and the admin location takes. `upstream` (the
     inventory's) goes in as data: a frontend of another upstream refuses it (409) instead of routing its
-    traffic to these replicas."""
+    traffic to these replicas. `frontends`: how many frontends this same snapshot goes to (a controller's
+    list); each counts the others' requests since the push from its own (fdngx.pick.others). Said only
+    when more than one, so a single frontend's snapshot reads as before."""
     if type(generation) is not int or not 0 <= generation <= MAX_GENERATION:
         raise ApplyError(f"generation {generation!r}: the openresty balancer takes 0..2^53-1")
     if upstream and not _UPSTREAM.fullmatch(upstream):
         raise ApplyError(f"upstream {upstream[:80]!r}: cannot go to the openresty balancer (letters, digits and _)")
+    if type(frontends) is not int or not 1 <= frontends <= MAX_FRONTENDS:
+        raise ApplyError(f"frontends {frontends!r}: the openresty balancer takes 1..{MAX_FRONTENDS}")
     head = "# fdngx peers: replicas as data for the Lua balancer\n" + f"generation {generation}\n"
     head += f"upstream {upstream}\n" if upstream else ""
+    head += f"frontends {frontends}\n" if frontends > 1 else ""
     # A snapshot with no peer says so: the parser refuses one that does not (a body cut short).
     return head + ("".join(p.line() for p in peers) or "empty\n")
 

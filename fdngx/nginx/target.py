@@ -205,8 +205,8 @@ class Target:
         assert self.fanout is not None
         inv = in_rotation(inv)  # as in push()
         peers = openresty.live_peers(inv, states, samples) if states is not None else openresty.initial_peers(inv)
-        return self.fanout.push(openresty.snapshot(generation.next_generation(), peers, inv.upstream),
-                                frozenset(p.name for p in peers))
+        text = openresty.snapshot(generation.next_generation(), peers, inv.upstream, len(self.fanout.labels))
+        return self.fanout.push(text, frozenset(p.name for p in peers))
 
     def set_frontends(self, specs: list[FrontendSpec]) -> None:
         """Controller mode: a new frontend list (the push file changed); this host's nginx stays in it."""

@@ -80,6 +80,8 @@ def test_one_scrape_the_same_snapshot_on_every_frontend(fleet: tuple[Replicas, P
         views = wait_for(lambda: settled(frontends, {"dp3"}), 30, interval=0.2, what="dp3 down everywhere")
         (_gen, table), *others = views
         assert all(t == table for _g, t in others), views
+        # each frontend knows it is one of three (the others' requests since a push: fdngx.pick.others)
+        assert [head["frontends"] for head, _p in frontends.views()] == ["3"] * 3
         # Capacity weights from the scrape (slots 16/32/48/64 -> 5/10/15/20), the same bytes everywhere.
         assert {n: w for n, (w, _d) in table.items()} == {f"dp{i}": str(20 * SLOTS[i % 4] // 64) for i in range(N)}
         cycles = ctl.wait_cycles(6, 30)

@@ -128,6 +128,35 @@ def test_admin_body_is_all_or_nothing_and_hostile_bodies_change_nothing(site: Lu
     assert sum(site.split(10).values()) == 10
 
 
+def test_a_controllers_frontends_count_the_others_requests_since_the_push(tmp_path: Path) -> None:
+    """A snapshot a controller pushes to 4 frontends: this nginx's own request since the push counts 4 times
+    (its own and the 3 others', who act on the same snapshot), so the replica it went to looks as loaded as
+    4 requests, not 1 (fdngx.pick.others); a snapshot of a sidecar of its own (no `frontends` line): 1."""
+    site = LuaSite(tmp_path, 2, delay=4.0)
+    try:
+        def push(gen: int, frontends: int) -> None:
+            body = site.snapshot(gen, {"b0": (1, 0, 0), "b1": (1, 0, 0)})
+            if frontends > 1:
+                body = body.replace("\n", f"\nfrontends {frontends}\n", 1)
+            assert site.admin.push(body).status == "ok"
+
+        gen = site.generation()
+        push(gen + 1, 4)
+        assert site.admin.view()[0]["frontends"] == "4"
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(site.one)  # open for 4 s on one replica
+            busy = wait_for(lambda: [n for n, k in site.inflight().items() if k == 1], 10, what="a request open")[0]
+            idle = "b1" if busy == "b0" else "b0"
+            scores = {n: float(p["score"]) for n, p in site.view().items()}
+            assert scores == {busy: 4.0, idle: 0.0}, scores
+            push(gen + 2, 1)  # the request is this nginx's at the push: nothing since, and nobody else's
+            head, view = site.admin.view()
+            assert head["frontends"] == "1" and float(view[busy]["score"]) == 1.0, view
+            assert held.result(timeout=30) == busy
+    finally:
+        site.stop()
+
+
 def test_unknown_and_removed_peers_are_reported(site: LuaSite) -> None:
     gen = site.generation()
     body = (f"generation {gen + 1}\npeer b0 127.0.0.1 {site.ports['b0']} 5 0 64 0\n"

@@ -36,7 +36,7 @@ end
 
 return {
     ["a push the dict has no room for keeps the snapshot in force (a new worker still has every peer)"] = function(t)
-        local pool, dict = pool_of(60000)
+        local pool, dict = pool_of(74000)
         t.ok(install(pool, text_of(1, 100, 100), 0))
         local before = keys_of(dict)
         local added, err, why = install(pool, text_of(2, 200, 100), 1) -- the fleet grew: no room for it

@@ -97,6 +97,30 @@ return {
         end
     end,
 
+    ["frontends: how many frontends take the snapshot, once, before the peers; 1 when not said"] = function(t)
+        t.eq(assert(peers.parse("generation 5\nupstream u\nfrontends 4\npeer a 127.0.0.1 80 1 0 1 0\n")).frontends, 4)
+        t.eq(assert(peers.parse("frontends 1024\ngeneration 5\nempty\n")).frontends, 1024)
+        t.eq(assert(peers.parse(body("peer a 127.0.0.1 80 1 0 1 0"))).frontends, 1, "an older fdngx's: one")
+        for line, why in pairs({
+            ["frontends 2\nfrontends 2"] = "line 3: a second frontends line",
+            ["peer a 127.0.0.1 80 1 0 1 0\nfrontends 2"] = "line 3: frontends after the peers",
+            ["empty\nfrontends 2"] = "line 3: frontends after the peers",
+            ["frontends 0"] = "line 2: bad frontends \"0\" (1..1024)",
+            ["frontends 1025"] = "line 2: bad frontends \"1025\" (1..1024)",
+            ["frontends 02"] = "line 2: bad frontends",
+            ["frontends -1"] = "line 2: bad frontends",
+            ["frontends 2.0"] = "line 2: bad frontends",
+            ["frontends 1e3"] = "line 2: bad frontends",
+            ["frontends "] = "line 2: bad frontends",
+            ["frontends  2"] = "line 2: bad frontends",
+            ["frontends 2 "] = "line 2: bad frontends",
+            ["frontends\t2"] = "line 2: unknown line",
+            ["frontend 2"] = "line 2: unknown line",
+        }) do
+            t.fails(function() return peers.parse(body(line .. "\npeer b 127.0.0.1 81 1 0 1 0")) end, why, line)
+        end
+    end,
+
     ["hostile and malformed lines are refused with their line number"] = function(t)
         local cases = {
             { "peer a\"..os.execute('id')..\" 127.0.0.1 1 1 0 1 0", "bad name" },

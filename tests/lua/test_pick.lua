@@ -135,6 +135,57 @@ return {
         t.eq(p.name, "p2")
     end,
 
+    ["others: the external load, plus F - 1 times this nginx's own change since the push"] = function(t)
+        t.eq(pick.others(2.4, 5, 3, 1, 100, 100.5), 2, "one frontend: the external load alone")
+        t.eq(pick.others(2.4, 5, 3, 4, 100, 100.5), 8, "three others moved by +2 each")
+        t.eq(pick.others(2.4, 3, 5, 4, 100, 100.5), 0, "they ended as many: never below 0")
+        t.eq(pick.others(9, 3, 5, 2, 100, 100), 7)
+        t.eq(pick.others(0, 4, nil, 4, 100, 100), 0, "no count at the push: no change")
+        t.eq(pick.others(0, 4, 1, nil, 100, 100), 0, "no frontends said: one")
+        -- the external load fades as before; the others' change counts whole until the snapshot is
+        -- STALE_AFTER old (pushes stopped), then not at all
+        t.eq(pick.others(4, 5, 3, 4, 100, 100 + pick.STALE_AFTER / 2), 8)
+        t.eq(pick.others(4, 5, 3, 4, 100, 100 + pick.STALE_AFTER - 0.01), 6)
+        t.eq(pick.others(4, 5, 3, 4, 100, 100 + pick.STALE_AFTER), 0)
+    end,
+
+    ["four frontends acting on one snapshot spread their requests instead of herding"] = function(t)
+        -- One push: p1 idle, p2..p4 at 4 each (every frontend's requests included). Then 4 frontends take
+        -- 4 requests each, in turns, none ending before the next push. Each frontend counts its own in
+        -- flight and the pushed load; the others' requests since the push it can only infer.
+        local function run(frontends)
+            local pushed = { p1 = 0, p2 = 4, p3 = 4, p4 = 4 }
+            local own, total, scratch = {}, { p1 = 0, p2 = 4, p3 = 4, p4 = 4 }, {}
+            local lists = {}
+            for f = 1, 4 do
+                own[f] = { p1 = 0, p2 = 1, p3 = 1, p4 = 1 } -- at the push, each had one on p2..p4
+                lists[f] = peers({ 20, 20, 20, 20 })
+                for _, p in ipairs(lists[f]) do
+                    p.ext, p.at_push = pushed[p.name] - own[f][p.name], own[f][p.name]
+                end
+            end
+            math.randomseed(7)
+            for _ = 1, 4 do
+                for f = 1, 4 do
+                    local mine = own[f]
+                    local function load(p)
+                        return mine[p.name] + pick.others(p.ext, mine[p.name], p.at_push, frontends, 100, 100.5)
+                    end
+                    local p = pick.choose("least", lists[f], {}, yes, load, math.random, scratch)
+                    mine[p.name] = mine[p.name] + 1
+                    total[p.name] = total[p.name] + 1
+                end
+            end
+            return total
+        end
+        local herd, spread = run(1), run(4)
+        t.eq(herd.p1, 16, "without the frontends count every frontend sends all four to p1")
+        -- with it each sends one to p1, which then looks as loaded as the rest (its own +1 counted 4 times),
+        -- and the other three to three different peers (each then counts +4): no peer past 8 (7 is level),
+        -- whatever the tie-breaks
+        for name, n in pairs(spread) do t.ok(n >= 4 and n <= 8, name .. ": " .. n) end
+    end,
+
     ["p2c: never the worse of its two draws, and spreads over many peers"] = function(t)
         local list = peers({ 20, 20, 20, 20 })
         local counts = fill("p2c", list, 400, 3)

@@ -162,6 +162,22 @@ return {
         t.eq(dict:get("gen"), 2); t.eq(dict:get("snap_at"), later)
     end,
 
+    ["install: this nginx's own in flight at the push, and the frontends count, reach every worker"] = function(t)
+        local dict = fakedict.new()
+        local pool, worker = new_pool(dict), new_pool(dict)
+        dict:set("i:a", 3)
+        local text = "generation 1\nfrontends 4\npeer a 127.0.0.1 1 20 0 64 5\npeer b 127.0.0.1 2 20 0 64 0\n"
+        pool_mod.install(pool, text, assert(peers.parse(text)), 0)
+        t.eq(dict:get("ip:a"), 3); t.eq(dict:get("ip:b"), 0)
+        pool_mod.sync(worker, 0)
+        t.eq(worker.frontends, 4)
+        t.eq(worker.by_name.a.at_push, 3); t.eq(worker.by_name.b.at_push, 0)
+        -- a push without the line (a sidecar of its own) says one; a removed peer's count goes with it
+        install(pool, 2, { "peer b 127.0.0.1 2 20 0 64 0" }, 1)
+        pool_mod.sync(worker, 1)
+        t.eq(worker.frontends, 1); t.eq(dict:get("ip:a"), nil)
+    end,
+
     ["install: external load is smoothed across pushes: a swing shrinks, a steady load comes through"] = function(t)
         local dict = fakedict.new()
         local pool = new_pool(dict)
@@ -533,6 +549,7 @@ return {
         pool_mod.sync(worker, now)
         local totals = 0
         for _, k in ipairs(dict:get_keys(0)) do
+            t.ok(not k:match("^ip:(.+)$") or worker.by_name[k:sub(4)], "left: " .. k)
             local name = k:match("^i:(.+)$") or k:match("^rm:(.+)$")
             if name then
                 t.ok(worker.by_name[name] and k:sub(1, 2) == "i:", "left: " .. k)

@@ -89,6 +89,12 @@ def test_a_snapshot_names_its_upstream_and_refuses_what_the_balancer_cannot_read
             snapshot(bad, [], "x")  # type: ignore[arg-type]
     with pytest.raises(ApplyError, match="upstream"):
         snapshot(1, [], "a\nempty")
+    # a controller's: how many frontends take it, said when more than one (a lone frontend's reads as before)
+    assert snapshot(7, [], "u", 4).splitlines()[1:4] == ["generation 7", "upstream u", "frontends 4"]
+    assert "frontends" not in snapshot(7, [], "u", 1)
+    for bad_count in (0, 1025, True, 2.0):
+        with pytest.raises(ApplyError, match=r"frontends .*1\.\.1024"):
+            snapshot(1, [], "x", bad_count)  # type: ignore[arg-type]
 
 
 def test_the_peers_file_changes_only_with_the_replicas(tmp_path: Path) -> None:

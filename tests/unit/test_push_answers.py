@@ -77,15 +77,17 @@ def test_a_frontend_of_another_upstream_is_a_failure_said_with_its_message(
         fan.close()
 
 
-def test_a_frontend_too_old_for_the_upstream_line_is_told_to_be_upgraded_first(
-        frontends: Callable[[Handler], FakeFrontend], tmp_path: Path) -> None:
-    fe = frontends(answering(b"400 Bad Request", b'line 3: unknown line "upstream fleet" (nothing applied)\n'))
+@pytest.mark.parametrize("line", ["upstream fleet", "frontends 4"])
+def test_a_frontend_too_old_for_a_newer_line_is_told_to_be_upgraded_first(
+        frontends: Callable[[Handler], FakeFrontend], tmp_path: Path, line: str) -> None:
+    fe = frontends(answering(b"400 Bad Request", f'line 3: unknown line "{line}" (nothing applied)\n'.encode()))
     fan = Fanout([FrontendSpec(f"{fe.url}/fdngx/peers", token_file(tmp_path))])
     try:
-        (outcome,) = fan.push("# fdngx peers\ngeneration 1700000000000\nupstream fleet\nempty\n")
+        (outcome,) = fan.push(f"# fdngx peers\ngeneration 1700000000000\n{line}\nempty\n")
         assert outcome.status == "failed" and outcome.error is not None
-        assert 'HTTP 400 line 3: unknown line "upstream fleet"' in outcome.error
-        assert "runs an fdngx older than this controller's" in outcome.error
+        assert f'HTTP 400 line 3: unknown line "{line}"' in outcome.error
+        word = line.split()[0]
+        assert f"runs an fdngx older than this controller's, which cannot take the {word} line" in outcome.error
         assert "upgrade the frontends first" in outcome.error and outcome.error.isprintable()
     finally:
         fan.close()

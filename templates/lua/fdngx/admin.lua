@@ -152,9 +152,9 @@ local function view(pool)
     local free = dict.free_space and dict:free_space() or -1
     local size = dict.capacity and dict:capacity() or -1
     local silent = pool_mod.silent(pool, now)
-    local lines = { format("generation=%d age=%.3f peers=%d mode=%s dict_free=%d dict_size=%d silent=%d",
+    local lines = { format("generation=%d age=%.3f peers=%d mode=%s dict_free=%d dict_size=%d silent=%d frontends=%d",
                            pool.gen or -1, now - (pool.snap_at or now), #pool.peers, pool.mode, free, size,
-                           silent and 1 or 0) }
+                           silent and 1 or 0, pool.frontends or 1) }
     for _, p in ipairs(pool.peers) do
         local inflight = pool.ledger:inflight(p.name)
         local ext = pick.faded(p.ext, pool.snap_at, now)

@@ -249,7 +249,8 @@ function M.init_worker()
         local dict = pool.dict
         pool.load = function(p)
             local n = dict:get(p.ikey)
-            return (n and n > 0 and n or 0) + pick.external(p.ext, pool.snap_at, pool.now)
+            n = n and n > 0 and n or 0
+            return n + pick.others(p.ext, n, p.at_push, pool.frontends, pool.snap_at, pool.now)
         end
         local started, terr = ngx.timer.every(TICK, tick, pool)
         if not started then ngx.log(ngx.ERR, "fdngx: cannot start the balancer timer: ", terr) end

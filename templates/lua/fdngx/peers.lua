@@ -8,6 +8,7 @@
 --     # comments and blank lines are ignored
 --     generation 1733212345678
 --     upstream fleet
+--     frontends 4
 --     peer <name> <host> <port> <weight> <down> <capacity> <load>
 --
 -- generation: the pusher's monotonic number (fdngx: wall-clock ms), exactly once, before the peers; at most
@@ -15,6 +16,9 @@
 -- upstream: the upstream the snapshot is for ([A-Za-z_][A-Za-z0-9_]*, up to 64, as the inventory allows), at
 -- most once, before the peers: the admin location refuses a snapshot for another upstream (fdngx.admin).
 -- Optional: fdngx 0.3.0 before 2026-12-07 wrote none (its pushes and peers files are taken unchecked).
+-- frontends: how many frontends the pusher sends this same snapshot to (a controller's --push-to list),
+-- 1..MAX_FRONTENDS, at most once, before the peers; none means 1 (a sidecar of its own, a peers file).
+-- fdngx.pick counts the other frontends' requests since the push from it.
 -- name: as the inventory allows ([A-Za-z0-9][A-Za-z0-9._:@-]*, up to 128). host: an IPv4 or IPv6 literal
 -- (the openresty flavor sets peers by address) of a server: not an unspecified ("this host": 0.0.0.0/8,
 -- ::), multicast or broadcast address, which fdngx's inventory refuses too. port 1..65535. weight 1..10000: the peer's share, which
@@ -33,6 +37,7 @@ M.MAX_LINE = 400
 M.MAX_WEIGHT = 10000
 M.MAX_CAPACITY = 1000000
 M.MAX_LOAD = 1000000
+M.MAX_FRONTENDS = 1024 -- a controller's most (fdngx.nginx.pushfile)
 
 local tonumber, sub, find, match, format, floor = tonumber, string.sub, string.find, string.match, string.format,
     math.floor
@@ -188,8 +193,8 @@ local function parse_peer(rest)
 end
 
 -- parse(text) -> snapshot, or nil and "line N: reason". A snapshot is
---   { generation = number, upstream = name or nil, peers = { peer, ... } (in text order),
---     by_name = { [name] = peer } }
+--   { generation = number, upstream = name or nil, frontends = number (1 when not said),
+--     peers = { peer, ... } (in text order), by_name = { [name] = peer } }
 function M.parse(text)
     if type(text) ~= "string" then return nil, "no snapshot" end
     if #text > M.MAX_BYTES then return nil, "larger than " .. M.MAX_BYTES .. " bytes" end
@@ -212,6 +217,14 @@ function M.parse(text)
             local name = sub(line, 10)
             if not M.valid_upstream(name) then return nil, at .. "bad upstream " .. shown(name) end
             snap.upstream = name
+        elseif kind == "frontends" and sub(line, 10, 10) == " " then
+            if snap.frontends then return nil, at .. "a second frontends line" end
+            if count > 0 or snap.empty then return nil, at .. "frontends after the peers" end
+            local n = integer(sub(line, 11), 1, M.MAX_FRONTENDS)
+            if not n then
+                return nil, at .. "bad frontends " .. shown(sub(line, 11)) .. " (1.." .. M.MAX_FRONTENDS .. ")"
+            end
+            snap.frontends = n
         elseif kind == "empty" and line == "empty" then
             if not snap.generation then return nil, at .. "empty before the generation line" end
             if snap.empty then return nil, at .. "a second empty line" end
@@ -237,6 +250,7 @@ function M.parse(text)
         return nil, "no peers (a snapshot must list every peer, or say empty; refusing to empty the pool)"
     end
     if count > 0 and snap.empty then return nil, "peers in a snapshot that says empty" end
+    snap.frontends = snap.frontends or 1
     return snap
 end
 

@@ -9,6 +9,13 @@
 -- * external load: what the sidecar last scraped there (running + queued) minus what this nginx had in
 --   flight at that moment, i.e. load from other frontends and clients, smoothed across pushes
 --   (fdngx.pool); it fades linearly to 0 over STALE_AFTER seconds, so an old scrape cannot steer for long.
+-- * the other frontends' requests since that push (M.others): one controller pushes the same snapshot to F
+--   frontends (the snapshot's `frontends`), and between pushes each knows only its own requests. F - 1 times
+--   this nginx's own change on the peer since the push (in flight now minus in flight at the push) counts as
+--   theirs: they see the same snapshot and take the same share of the traffic, so they moved as this one
+--   did. Without it every frontend turned to the peer the snapshot shows least loaded and F of them sent it
+--   F times what each meant to (measured: docs/benchmarks.md, "Several frontends: the others' requests since
+--   the push"). F = 1 (a sidecar of its own, a peers file) adds nothing.
 -- * weight: the peer's share, and it ALREADY carries capacity: fdngx writes weight = 20 * slots * static
 --   weight / the largest (slots * static weight) into the peers file, and the sidecar pushes the policy's
 --   weights, which are the same capacity weights times speed (and recovery ramp). So a replica with half
@@ -73,6 +80,18 @@ end
 -- External load `ext` pushed at `pushed_at`, in whole requests at `now` (half a request or more is one).
 function M.external(ext, pushed_at, now)
     return floor(M.faded(ext, pushed_at, now) + 0.5)
+end
+
+-- What the others (other frontends, clients going direct) have on a peer at `now`, in whole requests, never
+-- below 0: the pushed external load `ext` (M.external) plus `frontends` - 1 times this nginx's own change
+-- since the push (`own` in flight now, `own_at_push` then), the latter while the snapshot is younger than
+-- STALE_AFTER (after that, pushes stopped: this nginx balances its own requests, as least_conn does).
+function M.others(ext, own, own_at_push, frontends, pushed_at, now)
+    local x = M.external(ext, pushed_at, now)
+    if (frontends or 1) > 1 and now - pushed_at < M.STALE_AFTER then
+        x = x + (frontends - 1) * (own - (own_at_push or own))
+    end
+    return x > 0 and x or 0
 end
 
 function M.least(cands, n, load, rand)

@@ -13,6 +13,8 @@
 --               re-read the rest only when it moves
 --   x:<peer>    external load at install: the pushed load minus this nginx's own in flight then, smoothed
 --               across pushes (M.SMOOTH), signed (below 0 counts as 0 in the picks)
+--   ip:<peer>   this nginx's own in flight on the peer at install: its change since counts F - 1 times for
+--               the other frontends of the snapshot's `frontends` (fdngx.pick.others)
 --   sa:<peer>   when the sidecar's `down` last changed for the peer (fdngx.health's disagreement rule)
 --   h:<peer>    the balancer's own health record (fdngx.health.encode)
 --   rm:<peer>   since when the peer is out of the snapshot in force: its i: total goes once no request is
@@ -129,6 +131,10 @@ function M.install(pool, text, snap, now, at)
         local new = not (old and old.by_name[p.name])
         ok, err = put(dict, "x:" .. p.name, x)
         if ok and new then written[#written + 1] = "x:" .. p.name end
+        if ok then
+            ok, err = put(dict, "ip:" .. p.name, inflight)
+            if ok and new then written[#written + 1] = "ip:" .. p.name end
+        end
         if ok and (not prev or prev.down ~= p.down) then
             ok, err = put(dict, "sa:" .. p.name, now)
             if ok and new then written[#written + 1] = "sa:" .. p.name end
@@ -159,6 +165,7 @@ function M.install(pool, text, snap, now, at)
     -- the snapshot now in force is the new one: what only the old one had goes
     for _, name in ipairs(removed) do
         dict:delete("x:" .. name)
+        dict:delete("ip:" .. name)
         dict:delete("sa:" .. name)
         -- after those deletes (room); one the dict still refuses, the sweep marks itself (M.sweep)
         put(dict, "rm:" .. name, now)
@@ -242,9 +249,11 @@ function M.sync(pool, now, force)
             local was = pool.by_name and pool.by_name[p.name]
             p.cw = was and was.cw -- its place in the tie rotation (fdngx.pick.least) outlives a push
             p.s_at = dict:get("sa:" .. p.name) or 0
+            p.at_push = dict:get("ip:" .. p.name) -- nil: none recorded (fdngx.pick.others counts no change)
             p.ikey = "i:" .. p.name -- its in-flight counter (fdngx.ledger), read once per pick
         end
         pool.peers, pool.by_name, pool.gen, pool.id = snap.peers, snap.by_name, gen, in_id
+        pool.frontends = snap.frontends
         pool.snap_at, pool.hold = dict:get("snap_at") or now, store.hold(dict)
     end
     for _, p in ipairs(pool.peers) do

@@ -146,6 +146,15 @@ class Fanout:
     def labels(self) -> list[str]:
         return [f.label for f in self._frontends.values()]
 
+    @property
+    def serving(self) -> int:
+        """How many frontends a snapshot tells each frontend there are (`frontends N`, fdngx.pick.others): those
+        whose last push did not fail (one that is dead or cut off takes no traffic either, as far as this
+        controller can tell), every one before its first push; at least 1."""
+        with self._lock:
+            frontends = list(self._frontends.values())
+        return max(1, sum(1 for f in frontends if f.state is not PushState.FAILED))
+
     def set_frontends(self, specs: Iterable[FrontendSpec]) -> None:
         """Replace the list; a frontend whose URL, token file and token stay keeps its connection. Tokens are
         read now: a missing or unsafe token file raises (FdngxError) and nothing changes."""

@@ -205,7 +205,7 @@ class Target:
         assert self.fanout is not None
         inv = in_rotation(inv)  # as in push()
         peers = openresty.live_peers(inv, states, samples) if states is not None else openresty.initial_peers(inv)
-        text = openresty.snapshot(generation.next_generation(), peers, inv.upstream, len(self.fanout.labels))
+        text = openresty.snapshot(generation.next_generation(), peers, inv.upstream, self.fanout.serving)
         return self.fanout.push(text, frozenset(p.name for p in peers))
 
     def set_frontends(self, specs: list[FrontendSpec]) -> None:

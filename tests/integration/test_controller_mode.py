@@ -126,10 +126,13 @@ def test_a_dead_or_silent_frontend_never_holds_the_others(fleet: tuple[Replicas,
         # The healthy frontends' own pushes are as quick as ever.
         oks = [t for c in cycles[-4:] for u, (s, t) in c["pushes"].items() if s == "ok"]  # type: ignore[union-attr]
         assert max(oks) < 0.3, oks
+        # Each frontend is told how many take the snapshot: the three that answer, not the five listed.
+        assert [a.view()[0]["frontends"] for a in frontends.admins] == ["3"] * 3
         # One frontend of three killed mid-run (its whole process group: master and workers): the others go on.
         stop_process_group(frontends.procs[2], grace=1.0, sig=signal.SIGKILL)
         gen0 = int(frontends.admins[0].view()[0]["generation"])
         wait_for(lambda: int(frontends.admins[1].view()[0]["generation"]) > gen0 + 1, 10, what="newer pushes")
+        wait_for(lambda: frontends.admins[1].view()[0]["frontends"] == "2", 10, what="two frontends said")
         log = ctl.log.read_text()
         # Said once when a frontend starts failing (not every cycle), counted in telemetry every time.
         assert log.count(f"{dead}/fdngx/peers: push failed") == 1, log[-3000:]

@@ -192,6 +192,12 @@ local function parse_peer(rest)
     return p
 end
 
+-- Why a header line (`upstream`, `frontends`: at most once, before the peers) cannot stand here, or nil.
+local function misplaced(snap, kind, count)
+    if snap[kind] then return "a second " .. kind .. " line" end
+    if count > 0 or snap.empty then return kind .. " after the peers" end
+end
+
 -- parse(text) -> snapshot, or nil and "line N: reason". A snapshot is
 --   { generation = number, upstream = name or nil, frontends = number (1 when not said),
 --     peers = { peer, ... } (in text order), by_name = { [name] = peer } }
@@ -212,14 +218,14 @@ function M.parse(text)
             if not g then return nil, at .. "bad generation " .. shown(sub(line, 12)) .. " (0..2^53-1)" end
             snap.generation = g
         elseif kind == "upstream" and sub(line, 9, 9) == " " then
-            if snap.upstream then return nil, at .. "a second upstream line" end
-            if count > 0 or snap.empty then return nil, at .. "upstream after the peers" end
+            local why = misplaced(snap, kind, count)
+            if why then return nil, at .. why end
             local name = sub(line, 10)
             if not M.valid_upstream(name) then return nil, at .. "bad upstream " .. shown(name) end
             snap.upstream = name
         elseif kind == "frontends" and sub(line, 10, 10) == " " then
-            if snap.frontends then return nil, at .. "a second frontends line" end
-            if count > 0 or snap.empty then return nil, at .. "frontends after the peers" end
+            local why = misplaced(snap, kind, count)
+            if why then return nil, at .. why end
             local n = integer(sub(line, 11), 1, M.MAX_FRONTENDS)
             if not n then
                 return nil, at .. "bad frontends " .. shown(sub(line, 11)) .. " (1.." .. M.MAX_FRONTENDS .. ")"

@@ -147,11 +147,17 @@ def test_a_controllers_frontends_count_the_others_requests_since_the_push(tmp_pa
             held = pool.submit(site.one)  # open for 4 s on one replica
             busy = wait_for(lambda: [n for n, k in site.inflight().items() if k == 1], 10, what="a request open")[0]
             idle = "b1" if busy == "b0" else "b0"
-            scores = {n: float(p["score"]) for n, p in site.view().items()}
+            view = site.view()
+            scores = {n: float(p["score"]) for n, p in view.items()}
             assert scores == {busy: 4.0, idle: 0.0}, scores
+            # the view's columns say the same: 1 own, 3 the others', 4 per slot of capacity
+            cap = site.capacities[busy]
+            assert (view[busy]["inflight"], view[busy]["others"]) == ("1", "3"), view
+            assert abs(float(view[busy]["per_slot"]) - 4 / cap) < 0.001, view
             push(gen + 2, 1)  # the request is this nginx's at the push: nothing since, and nobody else's
             head, view = site.admin.view()
             assert head["frontends"] == "1" and float(view[busy]["score"]) == 1.0, view
+            assert view[busy]["others"] == "0" and abs(float(view[busy]["per_slot"]) - 1 / cap) < 0.001, view
             assert held.result(timeout=30) == busy
     finally:
         site.stop()

@@ -146,7 +146,6 @@ end
 local function view(pool)
     local now = ngx.now()
     pool_mod.sync(pool, now)
-    pool.now = now -- the time pool.load reads the external load at, as a pick does
     -- the shared dict's room (--lua-dict-size): bytes of free pages, and the zone's size
     local dict = pool.dict
     local free = dict.free_space and dict:free_space() or -1
@@ -159,10 +158,13 @@ local function view(pool)
         local inflight = pool.ledger:inflight(p.name)
         local ext = pick.faded(p.ext, pool.snap_at, now)
         local _, state = health.usable(p.h, p.down, p.s_at, now, silent)
+        -- what a pick counts: this nginx's own plus the others' (pick.others: the pushed external load, whole,
+        -- and with `frontends N` the other frontends' requests since the push)
+        local load = inflight + pick.others(p.ext, inflight, p.at_push, pool.frontends, pool.snap_at, now)
         lines[#lines + 1] = format(
-            "peer=%s addr=%s:%d weight=%d down=%d capacity=%d inflight=%d ext=%.3f score=%.4f per_slot=%.3f "
-            .. "health=%s level=%d", p.name, p.addr, p.port, p.weight, p.down and 1 or 0, p.capacity, inflight,
-            ext, pick.score(p, pool.load(p)), (inflight + ext) / p.capacity, state, p.h.level)
+            "peer=%s addr=%s:%d weight=%d down=%d capacity=%d inflight=%d ext=%.3f others=%d score=%.4f "
+            .. "per_slot=%.3f health=%s level=%d", p.name, p.addr, p.port, p.weight, p.down and 1 or 0, p.capacity,
+            inflight, ext, load - inflight, pick.score(p, load), load / p.capacity, state, p.h.level)
     end
     return 200, concat(lines, "\n")
 end

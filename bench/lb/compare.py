@@ -15,22 +15,12 @@ replica clients load directly, or the others).
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.lb.report import _group, aggregate, tails
+from bench.lb.report import _group, aggregate, load_runs, tails
 from bench.lb.stats import ratio, ratio_interval
-
-
-def load_runs(path: Path) -> list[dict[str, Any]]:
-    """Every run file of a bench.lb output directory (or of its runs/ directory itself)."""
-    runs = path / "runs" if (path / "runs").is_dir() else path
-    files = sorted(runs.glob("*__*__r*.json"))
-    if not files:
-        raise SystemExit(f"{path}: no run files (<scenario>__<frontend>__r<rep>.json) here or in runs/")
-    return [json.loads(f.read_text()) for f in files]
 
 
 def load_dirs(paths: list[Path]) -> list[dict[str, Any]]:

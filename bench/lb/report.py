@@ -330,6 +330,15 @@ def write_all(results: list[dict[str, Any]], meta: dict[str, Any], outdir: Path)
     return md
 
 
+def load_runs(path: Path) -> list[dict[str, Any]]:
+    """Every run file of a bench.lb output directory (or of its runs/ directory itself)."""
+    runs = path / "runs" if (path / "runs").is_dir() else path
+    files = sorted(runs.glob("*__*__r*.json"))
+    if not files:
+        raise SystemExit(f"{path}: no run files (<scenario>__<frontend>__r<rep>.json) here or in runs/")
+    return [json.loads(f.read_text()) for f in files]
+
+
 def _cells(runs: Path) -> dict[Path, tuple[str, str]]:
     """Each run file's (scenario, frontend), from its name: <scenario>__<frontend>__r<rep>.json."""
     return {f: (f.name.split("__")[0], f.name.split("__")[1]) for f in sorted(runs.glob("*.json"))}
@@ -364,8 +373,7 @@ def main() -> None:
         if not args.why:
             raise SystemExit("--merge needs --why: the report says what the rerun changed")
         merge(args.out, args.merge, args.why, meta)
-    results = [json.loads(f.read_text()) for f in sorted((args.out / "runs").glob("*.json"))]
-    print(write_all(results, meta, args.out))
+    print(write_all(load_runs(args.out), meta, args.out))
 
 
 if __name__ == "__main__":

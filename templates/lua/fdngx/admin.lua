@@ -158,9 +158,7 @@ local function view(pool)
         local inflight = pool.ledger:inflight(p.name)
         local ext = pick.faded(p.ext, pool.snap_at, now)
         local _, state = health.usable(p.h, p.down, p.s_at, now, silent)
-        -- what a pick counts: this nginx's own plus the others' (pick.others: the pushed external load, whole,
-        -- and with `frontends N` the other frontends' requests since the push)
-        local load = inflight + pick.others(p.ext, inflight, p.at_push, pool.frontends, pool.snap_at, now)
+        local load = pool_mod.load(pool, p, inflight, now) -- what a pick counts: own + others'
         lines[#lines + 1] = format(
             "peer=%s addr=%s:%d weight=%d down=%d capacity=%d inflight=%d ext=%.3f others=%d score=%.4f "
             .. "per_slot=%.3f health=%s level=%d", p.name, p.addr, p.port, p.weight, p.down and 1 or 0, p.capacity,

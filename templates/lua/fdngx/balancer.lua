@@ -250,7 +250,7 @@ function M.init_worker()
         pool.load = function(p)
             local n = dict:get(p.ikey)
             n = n and n > 0 and n or 0
-            return n + pick.others(p.ext, n, p.at_push, pool.frontends, pool.snap_at, pool.now)
+            return pool_mod.load(pool, p, n, pool.now)
         end
         local started, terr = ngx.timer.every(TICK, tick, pool)
         if not started then ngx.log(ngx.ERR, "fdngx: cannot start the balancer timer: ", terr) end

@@ -50,6 +50,13 @@ M.SMOOTH = 2.0
 -- The rules of the snapshot in force live in fdngx.store; here under their old names too.
 M.FUTURE_MS, M.SILENT_AFTER, M.verdict, M.text = store.FUTURE_MS, store.SILENT_AFTER, store.verdict, store.text
 
+-- What a pick counts on peer p at `now`, given this nginx's own in flight there (`own`, all workers): the own
+-- plus the others' (fdngx.pick.others: the pushed external load, and with `frontends N` the other frontends'
+-- requests since the push). The balancer ranks by it; the admin view shows it.
+function M.load(pool, p, own, now)
+    return own + pick.others(p.ext, own, p.at_push, pool.frontends, pool.snap_at, now)
+end
+
 -- Whether this worker's copy is of a snapshot pushed more than SILENT_AFTER ago at `now`: its pusher went
 -- silent, and its `down` flags no longer hold peers out (fdngx.health.usable).
 function M.silent(pool, now)

@@ -44,7 +44,8 @@ def update_corrections(
         want_i     = max(0, U * b_i - external_i) + soft * b_i
         f_i        = want_i / b_i / (sum(want) / sum(b))      1 when nothing is external
 
-    with b_i = slots x static weight x speed (the effective slots) and U = sum(L) / sum(b).
+    with b_i = slots x static weight x speed (the effective slots) and U = sum(L) / sum(b). A `backup` replica
+    gets none of nginx's requests while the others are up (w_i counts as 0, and it is left out of c).
 
     One step to the estimate, not an integral: nothing winds up while a weight waits for its reload, and a
     replica whose backlog drains gets its weight back as its load falls."""
@@ -64,9 +65,14 @@ def update_corrections(
     load = {n: (states[n].load or 0.0) * caps[n] for n in active}
     fleet = sum(load[n] for n in active) / sum(caps[n] * states[n].speed for n in active)
     want: dict[str, float] = {}
+    idle: set[str] = set()
     if len(model) > 1:
-        applied = {n: float(states[n].weight or 1) for n in model}
-        ratios = {n: load[n] / applied[n] for n in model}
+        # nginx sends a `backup` replica nothing while the others are up, whatever its weight: all its load came
+        # from elsewhere, and it says nothing of nginx's share per weight (with none of the others here to
+        # say so, nginx may be using it: counted as before).
+        idle = {n for n in model if states[n].backup} if any(not states[n].backup for n in model) else set()
+        applied = {n: 0.0 if n in idle else float(states[n].weight or 1) for n in model}
+        ratios = {n: load[n] / applied[n] for n in model if applied[n] > 0}
         # nginx's share per weight unit: the least loaded replica's, ignoring one far below the others
         # (nginx is not sending it its share: passive failure, ...; its weight cannot fix that).
         typical = statistics.median(ratios.values())
@@ -90,7 +96,9 @@ def update_corrections(
         if name in want:
             target = math.log(want[name] / slots[name] / mean) if want[name] > 0 else lo
             target = 0.0 if abs(target) <= config.tolerance else min(hi, max(lo, target))
-            st.log_gain += config.gain * (target - st.log_gain)
+            # In backup the whole step: nothing nginx does moves its load, so there is no loop to damp, and its
+            # weight when it leaves backup is what its room then calls for.
+            st.log_gain += (1.0 if name in idle else config.gain) * (target - st.log_gain)
         elif name in active and (len(model) < 2 or st.weight is None):
             st.log_gain, st.overflow = 0.0, False  # alone, or new: nothing to compare with
         elif name in active:

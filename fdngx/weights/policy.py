@@ -366,10 +366,9 @@ def _plan(
         return _Plan(old_w, False, why, False, False, old_w, what, backup=True)
     if st.overflow != old_backup:
         if not st.overflow:
-            # Exempt: giving nginx a replica back is restoring capacity, which never waits for the budget. From
-            # neutral, as after `down`: the correction that led to backup describes traffic that has gone.
-            st.log_gain = 0.0
-            wanted = _quantise(base * st.speed * frac, config)
+            # Exempt: giving nginx a replica back is restoring capacity, which never waits for the budget. At the
+            # weight its room calls for: in backup its whole load is from elsewhere, and the correction follows
+            # it all the way (fdngx.weights.model), so traffic that has gone leaves it neutral.
             why = f"{what}; back from backup, weight {old_w}->{wanted}"
             return _Plan(wanted, False, why, True, True, wanted, what)
         since = now - old.last_change_at if old and old.last_change_at is not None else math.inf
@@ -381,9 +380,10 @@ def _plan(
             why = (f"{what}; backup (traffic from elsewhere fills it: nginx sends it none while the others are "
                    f"up); weight {old_w}->{wanted}")
             return _Plan(wanted, False, why, True, False, wanted, what, backup=True)
-    if wanted == old_w:
-        return _Plan(old_w, False, f"{ramp}{what}; weight {old_w}", False, False, wanted, f"{ramp}{what}",
-                     backup=old_backup)
+    if wanted == old_w or old_backup:
+        # Still backup: nginx sends it nothing while the others are up, whatever its weight; worth no reload.
+        say = f"{'backup, ' if old_backup else ''}weight {old_w}{f' (wanted {wanted})' if wanted != old_w else ''}"
+        return _Plan(old_w, False, f"{ramp}{what}; {say}", False, False, wanted, f"{ramp}{what}", backup=old_backup)
     if step is None and not skipped:  # a ramp step, or its early end, is not held back
         if abs(wanted - old_w) < max(config.deadband_abs, config.deadband_rel * old_w):
             reason = f"{what}; weight {old_w} (wanted {wanted}: within dead-band)"

@@ -768,12 +768,12 @@ def _in_backup(total: float) -> tuple[LeastConn, Inventory, PolicyState, float]:
 
 
 def test_a_lull_shorter_than_the_hold_does_not_bring_a_replica_back_from_backup() -> None:
-    """The other client pauses for 8 s (its requests drain, dp0 looks free) and comes back: dp0 stays
-    `backup` throughout, instead of being flooded at full weight by nginx until it is seen full again."""
+    """The other client pauses for 12 s (its requests drain, dp0 looks free from the 10th) and comes back:
+    dp0 stays `backup` throughout, instead of being flooded by nginx until it is seen full again."""
     loop, inv, state, t = _in_backup(total=120.0)
     external = loop.external
     loop.external = {}
-    ds, state, t = run(inv, loop, 4, state=state, start=t)
+    ds, state, t = run(inv, loop, 6, state=state, start=t)
     loop.external = external
     later, _, _ = run(inv, loop, 6, state=state, start=t)
     reasons = [d.by_name()["dp0"].reason for d in ds + later]
@@ -803,7 +803,7 @@ def test_a_replica_leaves_backup_when_the_traffic_from_elsewhere_stops() -> None
     ds, _, _ = run(inv, loop, 8, cfg=PolicyConfig(max_reloads_per_minute=1), state=state, start=t)
     back = next(d.by_name()["dp0"] for d in ds if not d.by_name()["dp0"].backup)
     assert back.changed and "back from backup" in back.reason and not back.budget_held, back
-    assert back.weight == 20, "from neutral: the correction that led to backup described traffic now gone"
+    assert back.weight >= 18, "its room is a whole share again: (about) full weight, not its backup weight"
 
 
 def _after_a_lull(external_after: float, total: float) -> list[Decisions]:

@@ -26,13 +26,19 @@ import pytest
 import requests
 
 from fdngx.nginx.control import find_nginx, prepare_prefix
-from fdngx.sim.process import free_ports
+from fdngx.sim.process import _FLOOR, free_ports
 from fdngx.system.procs import stop_popen_group as stop_process_group
 
 __all__ = [
-    "NEEDS_LUAJIT", "Backends", "Nginx", "Site", "edit_in_place", "fdngx", "free_ports", "http_ok", "instances",
-    "luajit_coprocess", "luajit_script", "stop_process_group", "wait_for",
+    "NEEDS_LUAJIT", "UNUSED_PORT", "Backends", "Nginx", "Site", "edit_in_place", "fdngx", "free_ports", "http_ok",
+    "instances", "luajit_coprocess", "luajit_script", "stop_process_group", "wait_for",
 ]
+
+# A replica port in a test's inventory that nothing connects to and nothing listens on: below the ports
+# free_ports hands out, so no later free_ports call in the process can return it (the cursor wraps around
+# after about 22,000 ports, and a module-level free_ports(1) once came back as a test's --admin-listen:
+# test_listen_values, render refusing "would have nginx take its port"). It and the next one are used.
+UNUSED_PORT = _FLOOR - 10
 
 REPO = Path(__file__).resolve().parent.parent
 BACKEND = Path(__file__).resolve().parent / "fixtures" / "echo_backend.py"

@@ -32,9 +32,9 @@ from fdngx.nginx.control import NginxControl
 from fdngx.nginx.frontdoor import admin_allow_list
 from fdngx.nginx.render import RenderOptions, render
 from tests.security.conftest import scaled
-from tests.support import REPO, Nginx, Site, fdngx, find_nginx, free_ports, prepare_prefix, write_inventory
+from tests.support import REPO, UNUSED_PORT, Nginx, Site, fdngx, find_nginx, free_ports, prepare_prefix, write_inventory
 
-REPLICA = free_ports(1)[0]  # in the inventories; nothing connects to it
+REPLICA = UNUSED_PORT  # in the inventories; nothing connects to it
 
 
 def _inv(tmp: Path, hosts: list[tuple[str, int]], upstream: str = "fastdeploy") -> Path:

@@ -29,12 +29,12 @@ from fdngx.domain import Instance, Inventory, Mode
 from fdngx.errors import UsageError
 from fdngx.nginx.render import RenderOptions, render
 from tests.security.conftest import scaled
-from tests.support import Nginx, fdngx, free_ports, write_inventory
+from tests.support import UNUSED_PORT, Nginx, fdngx, free_ports, write_inventory
 
 MAX_MSEC = 24 * 86_400_000  # 24d: within what every nginx takes (2^31-1 ms on 32-bit and older builds)
 MSEC = {"w": 604_800_000, "d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1_000, "ms": 1}
 MAX_INT = (1 << 63) - 1
-REPLICA = free_ports(1)[0]  # in the inventory; nothing connects to it
+REPLICA = UNUSED_PORT  # in the inventory; nothing connects to it
 
 
 # -- the reviewer's values, through the real CLI -------------------------------------------------------------
